@@ -1,0 +1,540 @@
+//! The audit event and the fields it is made of.
+//!
+//! Every field is a validated type, and none of them can carry a secret: attribute keys that name
+//! a secret are refused unless they are explicitly masked, and values that look like connection
+//! URLs, credentials or bearer tokens are refused. The error never echoes the refused value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use time::OffsetDateTime;
+
+use crate::ids::{ResourceId, TeamId};
+use crate::kind::AuditKind;
+
+/// Longest accepted actor or request id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest accepted attribute key, in bytes.
+pub const MAX_ATTR_KEY_LEN: usize = 64;
+/// Longest accepted attribute value, in bytes.
+pub const MAX_ATTR_VALUE_LEN: usize = 1024;
+/// Most attributes on one event.
+pub const MAX_ATTRS: usize = 32;
+
+/// Why a field of an audit event was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuditFieldError {
+    /// The actor is empty, too long, or uses characters outside `[a-z0-9._:-]`.
+    #[error(
+        "invalid audit actor: use 1 to {MAX_ID_LEN} characters of [a-z0-9._:-], e.g. \
+         \"system\" or \"operator:alice\""
+    )]
+    InvalidActor,
+    /// The request id is empty, too long, or uses characters outside `[A-Za-z0-9._:-]`.
+    #[error("invalid request id: use 1 to {MAX_ID_LEN} characters of [A-Za-z0-9._:-]")]
+    InvalidRequestId,
+    /// The attribute key is not lower snake case of a sensible length.
+    #[error(
+        "invalid audit attribute key {0:?}: use 1 to {MAX_ATTR_KEY_LEN} characters of [a-z0-9_]"
+    )]
+    InvalidAttributeKey(String),
+    /// The attribute key names a secret (password, token, connection URL…).
+    #[error(
+        "audit attribute {0:?} names a secret; audit rows never hold secrets: store a masked \
+         form under a key ending in `_masked` (see keel_audit::mask) or leave it out"
+    )]
+    SecretAttributeKey(String),
+    /// The attribute value looks like a secret. The value itself is not shown.
+    #[error(
+        "the value of audit attribute {0:?} looks like a secret (a connection URL, credentials \
+         or a bearer token) and was refused; the value is not shown"
+    )]
+    SecretAttributeValue(String),
+    /// A `_masked` attribute whose value was not produced by [`mask`].
+    #[error("audit attribute {0:?} must hold a masked value produced by keel_audit::mask")]
+    UnmaskedValue(String),
+    /// The attribute value is longer than [`MAX_ATTR_VALUE_LEN`].
+    #[error("the value of audit attribute {0:?} is longer than {MAX_ATTR_VALUE_LEN} bytes")]
+    AttributeValueTooLong(String),
+    /// More than [`MAX_ATTRS`] attributes.
+    #[error("an audit event holds at most {MAX_ATTRS} attributes")]
+    TooManyAttributes,
+}
+
+/// Who caused the event: `system`, a service name, or `operator:<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct Actor(String);
+
+impl Actor {
+    /// The platform itself, acting on its own schedule.
+    pub fn system() -> Self {
+        Self("system".to_owned())
+    }
+
+    /// Parses an actor name; see [`AuditFieldError::InvalidActor`] for the rules.
+    pub fn parse(s: &str) -> Result<Self, AuditFieldError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ID_LEN
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b':' | b'-')
+            });
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(AuditFieldError::InvalidActor)
+        }
+    }
+
+    /// The actor's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Actor {
+    type Err = AuditFieldError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id of the request that caused the event, for correlating with logs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// Parses a request id; see [`AuditFieldError::InvalidRequestId`] for the rules.
+    pub fn parse(s: &str) -> Result<Self, AuditFieldError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ID_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(AuditFieldError::InvalidRequestId)
+        }
+    }
+
+    /// The request id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = AuditFieldError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The marker [`mask`] appends; a `_masked` attribute must end with it.
+pub const MASK_SUFFIX: char = '…';
+
+/// Masks a secret for logs and audit rows: at most its first 4 characters, then `…`.
+///
+/// ```
+/// assert_eq!(keel_audit::mask("tok_9f8e7d6c"), "tok_…");
+/// assert_eq!(keel_audit::mask("ab"), "ab…");
+/// ```
+pub fn mask(secret: &str) -> String {
+    let mut masked: String = secret.chars().take(4).collect();
+    masked.push(MASK_SUFFIX);
+    masked
+}
+
+/// Words that make an attribute key name a secret.
+const SECRET_KEY_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "dsn",
+    "credential",
+    "credentials",
+    "apikey",
+    "authorization",
+    "cookie",
+];
+/// Multi-word key fragments that name a secret.
+const SECRET_KEY_FRAGMENTS: &[&str] = &[
+    "connection_url",
+    "database_url",
+    "api_key",
+    "private_key",
+    "conn_url",
+];
+/// URL schemes whose URLs are connection strings (secrets even without a password).
+const CONNECTION_SCHEMES: &[&str] = &[
+    "postgres://",
+    "postgresql://",
+    "redis://",
+    "rediss://",
+    "mysql://",
+    "mongodb://",
+    "mongodb+srv://",
+    "amqp://",
+    "amqps://",
+];
+
+fn key_names_a_secret(key: &str) -> bool {
+    SECRET_KEY_FRAGMENTS.iter().any(|f| key.contains(f))
+        || key.split('_').any(|word| SECRET_KEY_WORDS.contains(&word))
+}
+
+fn value_looks_secret(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    if CONNECTION_SCHEMES.iter().any(|s| lower.contains(s)) {
+        return true;
+    }
+    if lower.contains("password=") || lower.contains("bearer ") || lower.contains("-----begin") {
+        return true;
+    }
+    // Any URL that carries credentials in its authority: scheme://user:pass@host.
+    lower.match_indices("://").any(|(at, sep)| {
+        let authority = lower[at + sep.len()..]
+            .split(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        authority.contains('@')
+    })
+}
+
+/// String attributes of an event, keyed by lower-snake names, screened for secrets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Attributes(BTreeMap<String, String>);
+
+impl Attributes {
+    /// No attributes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) one attribute after screening it for secrets.
+    pub fn insert(&mut self, key: &str, value: impl Into<String>) -> Result<(), AuditFieldError> {
+        let value = value.into();
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_ATTR_KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            return Err(AuditFieldError::InvalidAttributeKey(
+                key.chars().take(MAX_ATTR_KEY_LEN).collect(),
+            ));
+        }
+        let explicitly_masked = key.ends_with("_masked");
+        if explicitly_masked {
+            if !value.ends_with(MASK_SUFFIX) || value.chars().count() > 5 {
+                return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
+            }
+        } else if key_names_a_secret(key) && !key.ends_with("_fingerprint") {
+            return Err(AuditFieldError::SecretAttributeKey(key.to_owned()));
+        }
+        if value.len() > MAX_ATTR_VALUE_LEN {
+            return Err(AuditFieldError::AttributeValueTooLong(key.to_owned()));
+        }
+        if value_looks_secret(&value) {
+            return Err(AuditFieldError::SecretAttributeValue(key.to_owned()));
+        }
+        if !self.0.contains_key(key) && self.0.len() >= MAX_ATTRS {
+            return Err(AuditFieldError::TooManyAttributes);
+        }
+        self.0.insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    /// The value of one attribute.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// All attributes in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many attributes there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One audit row: what happened, who did it, to what, and when.
+///
+/// Built with [`AuditEvent::new`] and the chaining setters. `occurred_at` is always a parameter
+/// (never read from a clock here) and is normalized to UTC with microsecond precision, the
+/// precision Postgres stores, so an event read back equals the event written.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[must_use = "an audit event does nothing until it is recorded"]
+pub struct AuditEvent {
+    kind: AuditKind,
+    actor: Actor,
+    team_id: Option<TeamId>,
+    resource_id: Option<ResourceId>,
+    request_id: Option<RequestId>,
+    attributes: Attributes,
+    #[serde(with = "time::serde::rfc3339")]
+    occurred_at: OffsetDateTime,
+}
+
+/// Truncates to whole microseconds in UTC.
+fn normalize(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let micros = at.nanosecond() / 1_000 * 1_000;
+    at.replace_nanosecond(micros).unwrap_or(at)
+}
+
+impl AuditEvent {
+    /// An event of `kind` caused by `actor` at `occurred_at`, with no ids or attributes yet.
+    pub fn new(kind: AuditKind, actor: Actor, occurred_at: OffsetDateTime) -> Self {
+        Self {
+            kind,
+            actor,
+            team_id: None,
+            resource_id: None,
+            request_id: None,
+            attributes: Attributes::new(),
+            occurred_at: normalize(occurred_at),
+        }
+    }
+
+    /// Sets the team the event concerns.
+    pub fn team(mut self, team_id: TeamId) -> Self {
+        self.team_id = Some(team_id);
+        self
+    }
+
+    /// Sets the resource the event concerns.
+    pub fn resource(mut self, resource_id: ResourceId) -> Self {
+        self.resource_id = Some(resource_id);
+        self
+    }
+
+    /// Sets the request that caused the event.
+    pub fn request(mut self, request_id: RequestId) -> Self {
+        self.request_id = Some(request_id);
+        self
+    }
+
+    /// Adds one attribute, refusing secrets (see [`Attributes::insert`]).
+    pub fn attr(mut self, key: &str, value: impl Into<String>) -> Result<Self, AuditFieldError> {
+        self.attributes.insert(key, value)?;
+        Ok(self)
+    }
+
+    /// Replaces all attributes.
+    pub fn with_attributes(mut self, attributes: Attributes) -> Self {
+        self.attributes = attributes;
+        self
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> AuditKind {
+        self.kind
+    }
+    /// Who caused it.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+    /// The team it concerns, if any.
+    pub fn team_id(&self) -> Option<TeamId> {
+        self.team_id
+    }
+    /// The resource it concerns, if any.
+    pub fn resource_id(&self) -> Option<ResourceId> {
+        self.resource_id
+    }
+    /// The request that caused it, if any.
+    pub fn request_id(&self) -> Option<&RequestId> {
+        self.request_id.as_ref()
+    }
+    /// Its string attributes.
+    pub fn attributes(&self) -> &Attributes {
+        &self.attributes
+    }
+    /// When it happened (UTC, microsecond precision).
+    pub fn occurred_at(&self) -> OffsetDateTime {
+        self.occurred_at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_attr(key: &str, value: &str, expected: Result<(), AuditFieldError>) {
+        let mut attrs = Attributes::new();
+        assert_eq!(attrs.insert(key, value), expected, "{key} = {value:?}");
+        if expected.is_ok() {
+            assert_eq!(attrs.get(key), Some(value));
+        } else {
+            assert!(attrs.is_empty(), "a refused attribute must not be stored");
+        }
+    }
+
+    #[test]
+    fn attributes_refuse_secret_keys_and_secret_looking_values() {
+        use AuditFieldError::*;
+        let cases: &[(&str, &str, Result<(), AuditFieldError>)] = &[
+            ("tier", "pro", Ok(())),
+            ("resource_type", "postgres", Ok(())),
+            ("provider_resource_id", "instant-customer-ab12", Ok(())),
+            ("docs", "https://keel.dev/docs/errors", Ok(())),
+            (
+                "password",
+                "hunter2",
+                Err(SecretAttributeKey("password".into())),
+            ),
+            (
+                "db_password",
+                "hunter2",
+                Err(SecretAttributeKey("db_password".into())),
+            ),
+            (
+                "token",
+                "tok_abcdef",
+                Err(SecretAttributeKey("token".into())),
+            ),
+            (
+                "connection_url",
+                "x",
+                Err(SecretAttributeKey("connection_url".into())),
+            ),
+            ("api_key", "x", Err(SecretAttributeKey("api_key".into()))),
+            ("token_masked", "tok_…", Ok(())),
+            (
+                "token_masked",
+                "tok_abcdef",
+                Err(UnmaskedValue("token_masked".into())),
+            ),
+            ("token_fingerprint", "hmac:9a8b7c", Ok(())),
+            (
+                "note",
+                "postgres://app@db:5432/x",
+                Err(SecretAttributeValue("note".into())),
+            ),
+            (
+                "note",
+                "see REDIS://cache",
+                Err(SecretAttributeValue("note".into())),
+            ),
+            (
+                "target",
+                "https://u:p@host/x",
+                Err(SecretAttributeValue("target".into())),
+            ),
+            (
+                "conninfo",
+                "host=db password=pw",
+                Err(SecretAttributeValue("conninfo".into())),
+            ),
+            (
+                "header",
+                "Bearer eyJhbGciOi",
+                Err(SecretAttributeValue("header".into())),
+            ),
+            ("Tier", "pro", Err(InvalidAttributeKey("Tier".into()))),
+            ("", "pro", Err(InvalidAttributeKey(String::new()))),
+        ];
+        for (key, value, expected) in cases {
+            check_attr(key, value, expected.clone());
+        }
+    }
+
+    #[test]
+    fn refusal_messages_never_echo_the_secret_value() {
+        let err = Attributes::new()
+            .insert("note", "postgres://app:s3cr3t@db/x")
+            .unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
+    }
+
+    #[test]
+    fn masked_values_show_at_most_four_characters() {
+        assert_eq!(mask("tok_9f8e7d6c5b4a"), "tok_…");
+        assert_eq!(mask("é漢字x-rest"), "é漢字x…");
+        assert_eq!(mask(""), "…");
+        let mut attrs = Attributes::new();
+        attrs
+            .insert("token_masked", mask("tok_9f8e7d6c5b4a"))
+            .unwrap();
+    }
+
+    #[test]
+    fn actors_and_request_ids_are_validated() {
+        assert!(Actor::parse("operator:alice").is_ok());
+        assert!(Actor::parse("keel-orphan-sweep").is_ok());
+        assert_eq!(Actor::parse(""), Err(AuditFieldError::InvalidActor));
+        assert_eq!(
+            Actor::parse("Alice Smith"),
+            Err(AuditFieldError::InvalidActor)
+        );
+        assert_eq!(
+            Actor::parse(&"a".repeat(129)),
+            Err(AuditFieldError::InvalidActor)
+        );
+        assert!(RequestId::parse("req_01HZX-9.a:b").is_ok());
+        assert_eq!(
+            RequestId::parse("a b"),
+            Err(AuditFieldError::InvalidRequestId)
+        );
+    }
+
+    #[test]
+    fn attribute_count_and_length_are_bounded() {
+        let mut attrs = Attributes::new();
+        for i in 0..MAX_ATTRS {
+            attrs.insert(&format!("k{i}"), "v").unwrap();
+        }
+        assert_eq!(
+            attrs.insert("one_more", "v"),
+            Err(AuditFieldError::TooManyAttributes)
+        );
+        assert_eq!(
+            attrs.insert("k0", "replaced"),
+            Ok(()),
+            "replacing is not adding"
+        );
+        assert_eq!(
+            Attributes::new().insert("long", "x".repeat(MAX_ATTR_VALUE_LEN + 1)),
+            Err(AuditFieldError::AttributeValueTooLong("long".into()))
+        );
+    }
+
+    #[test]
+    fn occurred_at_is_normalized_to_utc_microseconds() {
+        let at = time::macros::datetime!(2026-11-22 10:00:00.123456789 +02:00);
+        let event = AuditEvent::new(AuditKind::ProvisionCreated, Actor::system(), at);
+        assert_eq!(
+            event.occurred_at(),
+            time::macros::datetime!(2026-11-22 08:00:00.123456 UTC)
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! Audit kinds and the consumer each one declares.
+
+use std::fmt;
+use std::str::FromStr;
+
+use strum::VariantArray;
+
+/// What happened, as a closed set with stable wire names (`<domain>.<event>`, lower snake case).
+///
+/// The wire name ([`AuditKind::as_str`]) is what lands in `audit_events.kind`; operators and other
+/// services query it, so a name never changes once released.
+///
+/// # Adding a kind
+///
+/// Every kind must declare who consumes it ([`AuditKind::consumer`]). That declaration is an
+/// exhaustive `match` with no wildcard arm, so **adding a variant without deciding its consumer
+/// does not compile**. This replaces a test that greps for unconsumed kinds: an event kind that
+/// nobody reads is exactly the silent failure this crate exists to prevent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, VariantArray)]
+pub enum AuditKind {
+    /// A team's tier changed; the propagation machinery must carry it to every resource.
+    TeamTierChanged,
+    /// A propagation reached its target (for example a tier regrade landed).
+    PropagationApplied,
+    /// A propagation attempt failed with an error and is scheduled to retry.
+    PropagationRetrying,
+    /// An applier skipped with a reason that is not a legitimate no-op; the row retries.
+    PropagationUnexpectedSkip,
+    /// A propagation exhausted its attempts and was dead-lettered.
+    PropagationDeadLettered,
+    /// An operator re-armed a dead-lettered propagation.
+    PropagationRequeued,
+    /// A resource was provisioned and is addressable.
+    ProvisionCreated,
+    /// The backend object was created but the resource row could not be finalized; the backend
+    /// object was torn down (or its teardown failure recorded) and the caller got a 503.
+    ProvisionPersistenceFailed,
+    /// A live resource's backend object was torn down through the deprovision chokepoint.
+    ResourceDeprovisioned,
+    /// The orphan sweep reclaimed an orphaned backend object through the deprovision chokepoint.
+    OrphanSweepReclaimed,
+    /// A billing charge could not be delivered to the billing provider.
+    BillingChargeUndeliverable,
+    /// A rater run deleted a previously rated (billed) usage row while reconciling.
+    RaterReconcileDeleted,
+}
+
+/// How urgently an operator alert needs a human.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AlertSeverity {
+    /// Wake someone up: money, data or a customer's service is at stake now.
+    Page,
+    /// Look at it during working hours.
+    Ticket,
+}
+
+/// Who reads an audit kind, declared per kind by [`AuditKind::consumer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Consumer {
+    /// The customer-notification forwarder sends the customer a message from this template.
+    CustomerNotification {
+        /// Name of the notification template.
+        template: &'static str,
+    },
+    /// Operators are alerted on this kind.
+    OperatorAlert {
+        /// Name of the alert rule that fires on this kind.
+        alert: &'static str,
+        /// How urgent the alert is.
+        severity: AlertSeverity,
+    },
+    /// The propagation machinery reacts to this kind.
+    PropagationWiring {
+        /// The propagation kind that this event causes to be enqueued.
+        propagation_kind: &'static str,
+    },
+    /// Deliberately nobody consumes this kind; the audit trail itself is the purpose.
+    IntentionallyNone {
+        /// Why no consumer is needed.
+        reason: &'static str,
+    },
+}
+
+impl AuditKind {
+    /// Every kind, in declaration order.
+    pub const ALL: &'static [AuditKind] = Self::VARIANTS;
+
+    /// The stable wire name stored in `audit_events.kind`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::TeamTierChanged => "team.tier_changed",
+            AuditKind::PropagationApplied => "propagation.applied",
+            AuditKind::PropagationRetrying => "propagation.retrying",
+            AuditKind::PropagationUnexpectedSkip => "propagation.unexpected_skip",
+            AuditKind::PropagationDeadLettered => "propagation.dead_lettered",
+            AuditKind::PropagationRequeued => "propagation.requeued",
+            AuditKind::ProvisionCreated => "provision.created",
+            AuditKind::ProvisionPersistenceFailed => "provision.persistence_failed",
+            AuditKind::ResourceDeprovisioned => "resource.deprovisioned",
+            AuditKind::OrphanSweepReclaimed => "orphan_sweep.reclaimed",
+            AuditKind::BillingChargeUndeliverable => "billing.charge_undeliverable",
+            AuditKind::RaterReconcileDeleted => "rater.reconcile_deleted",
+        }
+    }
+
+    /// The consumer this kind declares.
+    ///
+    /// This `match` is exhaustive and has no wildcard arm on purpose: a new kind must decide here
+    /// who reads it, or the crate does not compile.
+    pub const fn consumer(self) -> Consumer {
+        match self {
+            AuditKind::TeamTierChanged => Consumer::PropagationWiring {
+                propagation_kind: "tier_elevation",
+            },
+            AuditKind::PropagationApplied => Consumer::CustomerNotification {
+                template: "tier_change_applied",
+            },
+            AuditKind::PropagationRetrying => Consumer::IntentionallyNone {
+                reason: "routine retry on the backoff schedule; the terminal case is \
+                         propagation.dead_lettered, which pages",
+            },
+            AuditKind::PropagationUnexpectedSkip => Consumer::OperatorAlert {
+                alert: "propagation_unexpected_skip",
+                severity: AlertSeverity::Ticket,
+            },
+            AuditKind::PropagationDeadLettered => Consumer::OperatorAlert {
+                alert: "propagation_dead_lettered",
+                severity: AlertSeverity::Page,
+            },
+            AuditKind::PropagationRequeued => Consumer::IntentionallyNone {
+                reason: "an operator's own action; the trail records who re-armed which row",
+            },
+            AuditKind::ProvisionCreated => Consumer::CustomerNotification {
+                template: "resource_ready",
+            },
+            AuditKind::ProvisionPersistenceFailed => Consumer::OperatorAlert {
+                alert: "provision_persistence_failed",
+                severity: AlertSeverity::Page,
+            },
+            AuditKind::ResourceDeprovisioned => Consumer::CustomerNotification {
+                template: "resource_deleted",
+            },
+            AuditKind::OrphanSweepReclaimed => Consumer::OperatorAlert {
+                alert: "orphan_sweep_reclaimed",
+                severity: AlertSeverity::Ticket,
+            },
+            AuditKind::BillingChargeUndeliverable => Consumer::OperatorAlert {
+                alert: "billing_charge_undeliverable",
+                severity: AlertSeverity::Page,
+            },
+            AuditKind::RaterReconcileDeleted => Consumer::OperatorAlert {
+                alert: "rater_reconcile_deleted",
+                severity: AlertSeverity::Page,
+            },
+        }
+    }
+}
+
+impl fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A wire name that is not a known [`AuditKind`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown audit kind {0:?}: expected one of the `<domain>.<event>` names in AuditKind::ALL")]
+pub struct UnknownAuditKind(pub String);
+
+impl FromStr for AuditKind {
+    type Err = UnknownAuditKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AuditKind::ALL
+            .iter()
+            .copied()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| UnknownAuditKind(s.chars().take(64).collect()))
+    }
+}
+
+impl serde::Serialize for AuditKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_wire_name() {
+        for &kind in AuditKind::ALL {
+            assert_eq!(kind.as_str().parse::<AuditKind>(), Ok(kind), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn wire_names_are_unique_lower_snake_domain_dot_event() {
+        let mut seen = std::collections::BTreeSet::new();
+        for &kind in AuditKind::ALL {
+            let name = kind.as_str();
+            assert!(seen.insert(name), "duplicate wire name {name}");
+            let (domain, event) = name.split_once('.').expect("domain.event");
+            for part in [domain, event] {
+                assert!(!part.is_empty(), "{name}");
+                assert!(
+                    part.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                    "{name} is not lower snake case"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kind_declares_a_consumer_with_its_details_filled_in() {
+        for &kind in AuditKind::ALL {
+            match kind.consumer() {
+                Consumer::CustomerNotification { template } => assert!(!template.is_empty()),
+                Consumer::OperatorAlert { alert, .. } => assert!(!alert.is_empty()),
+                Consumer::PropagationWiring { propagation_kind } => {
+                    assert!(!propagation_kind.is_empty())
+                }
+                Consumer::IntentionallyNone { reason } => {
+                    assert!(reason.len() > 20, "{kind}: give a real reason")
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn operator_facing_failures_alert_and_never_email_the_customer() {
+        // The seeds are explicit: these are internal alerts, not customer notifications.
+        for kind in [
+            AuditKind::ProvisionPersistenceFailed,
+            AuditKind::PropagationDeadLettered,
+            AuditKind::BillingChargeUndeliverable,
+            AuditKind::PropagationUnexpectedSkip,
+        ] {
+            assert!(
+                matches!(kind.consumer(), Consumer::OperatorAlert { .. }),
+                "{kind} must be an operator alert"
+            );
+        }
+    }
+
+    #[test]
+    fn the_issue_listed_kinds_exist_under_their_contract_names() {
+        for name in [
+            "propagation.applied",
+            "propagation.retrying",
+            "propagation.unexpected_skip",
+            "propagation.dead_lettered",
+            "propagation.requeued",
+            "provision.created",
+            "provision.persistence_failed",
+            "resource.deprovisioned",
+            "orphan_sweep.reclaimed",
+            "billing.charge_undeliverable",
+            "rater.reconcile_deleted",
+        ] {
+            assert!(name.parse::<AuditKind>().is_ok(), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn unknown_names_are_rejected_not_guessed() {
+        for bad in [
+            "",
+            "propagation",
+            "propagation.Applied",
+            "propagation.applied ",
+            "x.y",
+        ] {
+            assert!(bad.parse::<AuditKind>().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The Postgres adapter (feature `postgres`) over the append-only `audit_events` table.
+//!
+//! [`insert`] and [`insert_batch`] take the caller's connection, so when the caller passes its
+//! open transaction the audit row commits or rolls back together with the state change it
+//! describes. [`PgAuditSink`] implements the [`AuditSink`] port for callers without a
+//! transaction: each call is its own transaction.
+
+use std::collections::BTreeMap;
+
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::event::{Actor, Attributes, AuditEvent, RequestId};
+use crate::ids::{ResourceId, TeamId};
+use crate::kind::AuditKind;
+use crate::sink::{AuditSink, AuditSinkError};
+
+/// `audit_events.id` of a stored event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuditEventId(pub i64);
+
+/// An event as stored, with its row id and the time the database recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAuditEvent {
+    /// The row id (increasing in insertion order on one server).
+    pub id: AuditEventId,
+    /// The event.
+    pub event: AuditEvent,
+    /// When the row was inserted (the database's clock).
+    pub recorded_at: OffsetDateTime,
+}
+
+fn store_error(operation: &'static str) -> impl FnOnce(sqlx::Error) -> AuditSinkError {
+    move |e| AuditSinkError::store(operation, e)
+}
+
+fn attributes_json(event: &AuditEvent) -> Result<String, AuditSinkError> {
+    serde_json::to_string(event.attributes())
+        .map_err(|e| AuditSinkError::store("encode audit attributes", e))
+}
+
+/// Inserts one event on `conn`. Pass an open transaction to commit it with the state change.
+pub async fn insert(
+    conn: &mut PgConnection,
+    event: &AuditEvent,
+) -> Result<AuditEventId, AuditSinkError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_events \
+           (kind, actor, team_id, resource_id, request_id, attributes, occurred_at) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) \
+         RETURNING id",
+    )
+    .bind(event.kind().as_str())
+    .bind(event.actor().as_str())
+    .bind(event.team_id().map(|id| id.as_uuid()))
+    .bind(event.resource_id().map(|id| id.as_uuid()))
+    .bind(event.request_id().map(RequestId::as_str))
+    .bind(attributes_json(event)?)
+    .bind(event.occurred_at())
+    .fetch_one(conn)
+    .await
+    .map_err(store_error("insert an audit event"))?;
+    Ok(AuditEventId(id))
+}
+
+/// Inserts several events on `conn` in one statement, in order; returns how many were written.
+pub async fn insert_batch(
+    conn: &mut PgConnection,
+    events: &[AuditEvent],
+) -> Result<u64, AuditSinkError> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let n = events.len();
+    let (mut kinds, mut actors, mut teams, mut resources, mut requests, mut attrs, mut times) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for event in events {
+        kinds.push(event.kind().as_str());
+        actors.push(event.actor().as_str().to_owned());
+        teams.push(event.team_id().map(|id| id.as_uuid()));
+        resources.push(event.resource_id().map(|id| id.as_uuid()));
+        requests.push(event.request_id().map(|r| r.as_str().to_owned()));
+        attrs.push(attributes_json(event)?);
+        times.push(event.occurred_at());
+    }
+    let done = sqlx::query(
+        "INSERT INTO audit_events \
+           (kind, actor, team_id, resource_id, request_id, attributes, occurred_at) \
+         SELECT kind, actor, team_id, resource_id, request_id, attributes::jsonb, occurred_at \
+         FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], \
+                     $7::timestamptz[]) WITH ORDINALITY \
+              AS e(kind, actor, team_id, resource_id, request_id, attributes, occurred_at, ord) \
+         ORDER BY ord",
+    )
+    .bind(kinds)
+    .bind(actors)
+    .bind(teams)
+    .bind(resources)
+    .bind(requests)
+    .bind(attrs)
+    .bind(times)
+    .execute(conn)
+    .await
+    .map_err(store_error("insert a batch of audit events"))?;
+    Ok(done.rows_affected())
+}
+
+/// Which stored events to read back; every set field must match.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// Only events about this resource.
+    pub resource_id: Option<ResourceId>,
+    /// Only events about this team.
+    pub team_id: Option<TeamId>,
+    /// Only events of this kind.
+    pub kind: Option<AuditKind>,
+    /// Only events with a row id above this one (for paging forward).
+    pub after: Option<AuditEventId>,
+    /// At most this many (default 1000).
+    pub limit: Option<u32>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    kind: String,
+    actor: String,
+    team_id: Option<Uuid>,
+    resource_id: Option<Uuid>,
+    request_id: Option<String>,
+    attributes: Json<BTreeMap<String, String>>,
+    occurred_at: OffsetDateTime,
+    recorded_at: OffsetDateTime,
+}
+
+impl AuditRow {
+    fn into_domain(self) -> Result<StoredAuditEvent, AuditSinkError> {
+        let corrupt = |reason: String| AuditSinkError::Corrupt {
+            id: self.id,
+            reason,
+        };
+        let kind: AuditKind = self.kind.parse().map_err(|e| corrupt(format!("{e}")))?;
+        let actor = Actor::parse(&self.actor).map_err(|e| corrupt(e.to_string()))?;
+        let mut attributes = Attributes::new();
+        for (key, value) in self.attributes.0 {
+            attributes
+                .insert(&key, value)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        let mut event = AuditEvent::new(kind, actor, self.occurred_at).with_attributes(attributes);
+        if let Some(team) = self.team_id {
+            event = event.team(TeamId::from_uuid(team));
+        }
+        if let Some(resource) = self.resource_id {
+            event = event.resource(ResourceId::from_uuid(resource));
+        }
+        if let Some(request) = self.request_id {
+            event = event.request(RequestId::parse(&request).map_err(|e| corrupt(e.to_string()))?);
+        }
+        Ok(StoredAuditEvent {
+            id: AuditEventId(self.id),
+            event,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+/// Reads stored events matching `filter`, oldest first.
+pub async fn fetch(
+    conn: &mut PgConnection,
+    filter: &AuditFilter,
+) -> Result<Vec<StoredAuditEvent>, AuditSinkError> {
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT id, kind, actor, team_id, resource_id, request_id, attributes, occurred_at, \
+                recorded_at \
+         FROM audit_events \
+         WHERE ($1::uuid IS NULL OR resource_id = $1) \
+           AND ($2::uuid IS NULL OR team_id = $2) \
+           AND ($3::text IS NULL OR kind = $3) \
+           AND ($4::bigint IS NULL OR id > $4) \
+         ORDER BY id \
+         LIMIT $5",
+    )
+    .bind(filter.resource_id.map(|id| id.as_uuid()))
+    .bind(filter.team_id.map(|id| id.as_uuid()))
+    .bind(filter.kind.map(AuditKind::as_str))
+    .bind(filter.after.map(|id| id.0))
+    .bind(i64::from(filter.limit.unwrap_or(1000)))
+    .fetch_all(conn)
+    .await
+    .map_err(store_error("read audit events"))?;
+    rows.into_iter().map(AuditRow::into_domain).collect()
+}
+
+/// The [`AuditSink`] port over a pool: each call commits in its own transaction.
+#[derive(Clone, Debug)]
+pub struct PgAuditSink {
+    pool: PgPool,
+}
+
+impl PgAuditSink {
+    /// A sink writing through `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+impl AuditSink for PgAuditSink {
+    async fn record(&self, event: &AuditEvent) -> Result<(), AuditSinkError> {
+        self.record_batch(std::slice::from_ref(event)).await
+    }
+
+    async fn record_batch(&self, events: &[AuditEvent]) -> Result<(), AuditSinkError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(store_error("begin a transaction"))?;
+        insert_batch(&mut tx, events).await?;
+        tx.commit()
+            .await
+            .map_err(store_error("commit audit events"))
+    }
+}
