@@ -1,0 +1,4 @@
+DROP TABLE IF EXISTS rater_runs;
+DROP TABLE IF EXISTS rated_usage;
+DROP TABLE IF EXISTS prices;
+DROP TABLE IF EXISTS billing_event;
