@@ -1,0 +1,483 @@
+//! Starting a throwaway PostgreSQL server, or adopting the one `DATABASE_URL` names.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection};
+
+use crate::HarnessError;
+
+/// How long a fresh server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The unprivileged account the server runs as when the caller is root.
+const UNPRIVILEGED_USER: &str = "postgres";
+
+/// Runs the server in the foreground of a small shell that also watches its standard input: when
+/// the process that started it exits (for any reason, even SIGKILL) the pipe closes, the watcher
+/// stops the server and removes its directory. Nothing is left running after a test run.
+///
+/// Arguments: $1 postgres binary, $2 data dir, $3 port, $4 run dir (socket, log; removed at the end).
+const SUPERVISOR: &str = r#"
+exec 3<&0
+"$1" -D "$2" -p "$3" -k "$4" -h 127.0.0.1 \
+    -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+    -c max_connections=300 -c log_min_messages=warning \
+    </dev/null >"$4/server.log" 2>&1 3<&- &
+pid=$!
+(
+    cat <&3 >/dev/null
+    kill -INT "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    rm -rf "$4"
+) &
+exec 3<&-
+wait "$pid"
+"#;
+
+/// A PostgreSQL server the harness may create databases on.
+///
+/// Either a throwaway server started from the machine's own binaries (stopped and deleted when
+/// this process exits), or the server `DATABASE_URL` points at.
+#[derive(Debug)]
+pub struct PgServer {
+    admin: PgConnectOptions,
+    origin: Origin,
+}
+
+#[derive(Debug)]
+enum Origin {
+    Throwaway {
+        run_dir: PathBuf,
+        port: u16,
+        version: String,
+        // Held open for the life of the process: closing it stops the server.
+        _lifeline: Mutex<ChildStdin>,
+        _supervisor: Mutex<Child>,
+    },
+    External,
+}
+
+impl PgServer {
+    /// Uses `DATABASE_URL` when it is set, otherwise starts a throwaway server.
+    pub fn from_env() -> Result<Self, HarnessError> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => Self::external(&url),
+            _ => Self::start_throwaway(),
+        }
+    }
+
+    /// Adopts an existing server. The role in `url` must be allowed to `CREATE DATABASE`.
+    pub fn external(url: &str) -> Result<Self, HarnessError> {
+        let admin = PgConnectOptions::from_str(url).map_err(|_| HarnessError::BadDatabaseUrl)?;
+        Ok(Self {
+            admin,
+            origin: Origin::External,
+        })
+    }
+
+    /// Starts a fresh server in a temporary directory from the machine's PostgreSQL binaries.
+    ///
+    /// As root, the server runs as the unprivileged `postgres` account (PostgreSQL refuses to
+    /// run as root). The server stops and its directory is removed when this process exits.
+    pub fn start_throwaway() -> Result<Self, HarnessError> {
+        let bin_dir = find_bin_dir()?;
+        let run_as = RunAs::detect()?;
+        let run_dir = make_run_dir(&run_as)?;
+        let data_dir = run_dir.join("data");
+
+        let initdb = run_as
+            .command(&bin_dir.join("initdb"))
+            .args(["-D"])
+            .arg(&data_dir)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .current_dir(&run_dir)
+            .output()
+            .map_err(|e| HarnessError::io("run initdb", e))?;
+        if !initdb.status.success() {
+            let _ = fs::remove_dir_all(&run_dir);
+            return Err(HarnessError::Initdb(tail(&String::from_utf8_lossy(
+                &initdb.stderr,
+            ))));
+        }
+        let version = fs::read_to_string(data_dir.join("PG_VERSION"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default();
+
+        let port = free_port()?;
+        let mut supervisor = run_as
+            .command(Path::new("sh"))
+            .args(["-c", SUPERVISOR, "keel-postgres"])
+            .arg(bin_dir.join("postgres"))
+            .arg(&data_dir)
+            .arg(port.to_string())
+            .arg(&run_dir)
+            .current_dir(&run_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| HarnessError::io("start postgres", e))?;
+        let lifeline = supervisor.stdin.take().ok_or_else(|| {
+            HarnessError::io("start postgres", std::io::Error::other("no stdin pipe"))
+        })?;
+
+        let admin = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username("postgres")
+            .database("postgres");
+        let server = Self {
+            admin,
+            origin: Origin::Throwaway {
+                run_dir,
+                port,
+                version,
+                _lifeline: Mutex::new(lifeline),
+                _supervisor: Mutex::new(supervisor),
+            },
+        };
+        server.wait_until_ready()?;
+        Ok(server)
+    }
+
+    fn wait_until_ready(&self) -> Result<(), HarnessError> {
+        let Origin::Throwaway {
+            run_dir,
+            _supervisor,
+            ..
+        } = &self.origin
+        else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let options = &self.admin;
+        loop {
+            let connected =
+                crate::block_on(async { PgConnection::connect_with(options).await?.close().await });
+            if connected.is_ok() {
+                return Ok(());
+            }
+            let exited = _supervisor
+                .lock()
+                .map(|mut child| matches!(child.try_wait(), Ok(Some(_))))
+                .unwrap_or(false);
+            let log = read_log(run_dir);
+            if exited {
+                return Err(HarnessError::ServerExited(log));
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::StartTimeout(log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Connection options for the server's administrative database.
+    pub fn admin_options(&self) -> PgConnectOptions {
+        self.admin.clone()
+    }
+
+    /// Connection options for database `name` on this server.
+    pub fn options_for(&self, name: &str) -> PgConnectOptions {
+        self.admin.clone().database(name)
+    }
+
+    /// A `postgres://` URL for database `name` (what a binary's `--database-url` takes).
+    ///
+    /// For an external server this carries the password from `DATABASE_URL`: do not log it.
+    pub fn url_for(&self, name: &str) -> String {
+        self.options_for(name).to_url_lossy().to_string()
+    }
+
+    /// Whether this is a throwaway server this process started.
+    pub fn is_throwaway(&self) -> bool {
+        matches!(self.origin, Origin::Throwaway { .. })
+    }
+
+    /// A one-line description without secrets, e.g. for the demo's output.
+    pub fn describe(&self) -> String {
+        match &self.origin {
+            Origin::Throwaway {
+                run_dir,
+                port,
+                version,
+                ..
+            } => format!(
+                "throwaway PostgreSQL {version} on 127.0.0.1:{port} (data in {})",
+                run_dir.display()
+            ),
+            Origin::External => format!(
+                "PostgreSQL from DATABASE_URL at {}:{}",
+                self.admin.get_host(),
+                self.admin.get_port()
+            ),
+        }
+    }
+
+    /// Creates database `name`, optionally as a copy of `template`.
+    pub async fn create_database(
+        &self,
+        name: &str,
+        template: Option<&str>,
+    ) -> Result<(), HarnessError> {
+        let mut admin = self.connect_admin().await?;
+        let sql = match template {
+            Some(template) => format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_ident(name),
+                quote_ident(template)
+            ),
+            None => format!("CREATE DATABASE {}", quote_ident(name)),
+        };
+        admin
+            .execute(sqlx::AssertSqlSafe(sql))
+            .await
+            .map_err(|e| HarnessError::database("create a test database", e))?;
+        Ok(())
+    }
+
+    /// Drops database `name`, disconnecting anyone still using it.
+    pub async fn drop_database(&self, name: &str) -> Result<(), HarnessError> {
+        let mut admin = self.connect_admin().await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(name)
+            )))
+            .await
+            .map_err(|e| HarnessError::database("drop a test database", e))?;
+        Ok(())
+    }
+
+    /// A connection to the administrative database.
+    pub async fn connect_admin(&self) -> Result<PgConnection, HarnessError> {
+        PgConnection::connect_with(&self.admin)
+            .await
+            .map_err(|e| HarnessError::database("connect to the server", e))
+    }
+}
+
+/// Quotes an SQL identifier (doubling embedded quotes).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn read_log(run_dir: &Path) -> String {
+    let mut log = String::new();
+    if let Ok(mut file) = fs::File::open(run_dir.join("server.log")) {
+        let _ = file.read_to_string(&mut log);
+    }
+    tail(&log)
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn free_port() -> Result<u16, HarnessError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("find a free port", e))?;
+    listener
+        .local_addr()
+        .map(|addr| addr.port())
+        .map_err(|e| HarnessError::io("find a free port", e))
+}
+
+/// Where the server binaries are: `$KEEL_PG_BINDIR`, the directory `initdb` on `PATH` really
+/// lives in, or the newest `/usr/lib/postgresql/<version>/bin` (Debian keeps them off `PATH`).
+pub fn find_bin_dir() -> Result<PathBuf, HarnessError> {
+    find_bin_dir_in(
+        std::env::var_os("KEEL_PG_BINDIR").map(PathBuf::from),
+        std::env::var_os("PATH"),
+        Path::new("/usr/lib/postgresql"),
+    )
+}
+
+/// [`find_bin_dir`] over explicit inputs: an override directory, a `PATH` value, and the root
+/// of Debian's versioned installs.
+fn find_bin_dir_in(
+    override_dir: Option<PathBuf>,
+    path: Option<std::ffi::OsString>,
+    versioned_root: &Path,
+) -> Result<PathBuf, HarnessError> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = override_dir {
+        return if has_server(&dir) {
+            Ok(dir)
+        } else {
+            Err(HarnessError::NoBinaries)
+        };
+    }
+    for dir in path.iter().flat_map(std::env::split_paths) {
+        // Follow a symlinked `initdb` to the directory that holds the whole server.
+        if let Ok(real) = fs::canonicalize(dir.join("initdb"))
+            && let Some(real_dir) = real.parent()
+            && has_server(real_dir)
+        {
+            return Ok(real_dir.to_path_buf());
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(versioned_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_server(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or(HarnessError::NoBinaries)
+}
+
+/// Whom to run the server as: ourselves, or (as root) the unprivileged `postgres` account.
+enum RunAs {
+    Me,
+    Unprivileged { uid: u32, gid: u32 },
+}
+
+impl RunAs {
+    fn detect() -> Result<Self, HarnessError> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(Self::Me);
+        }
+        match nix::unistd::User::from_name(UNPRIVILEGED_USER) {
+            Ok(Some(user)) => Ok(Self::Unprivileged {
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            }),
+            _ => Err(HarnessError::NoUnprivilegedUser),
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        match self {
+            Self::Me => Command::new(program),
+            Self::Unprivileged { .. } => {
+                let mut cmd = Command::new("runuser");
+                cmd.args(["-u", UNPRIVILEGED_USER, "--"]).arg(program);
+                cmd
+            }
+        }
+    }
+}
+
+fn make_run_dir(run_as: &RunAs) -> Result<PathBuf, HarnessError> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("keel-pg-{}-{nanos:x}", std::process::id()));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| HarnessError::io("create the server directory", e))?;
+    if let RunAs::Unprivileged { uid, gid } = run_as {
+        std::os::unix::fs::chown(&dir, Some(*uid), Some(*gid)).map_err(|e| {
+            HarnessError::io("hand the server directory to the postgres account", e)
+        })?;
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("keel-testkit-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn server_dir(&self, rel: &str) -> PathBuf {
+            let dir = self.0.join(rel);
+            fs::create_dir_all(&dir).unwrap();
+            for bin in ["initdb", "postgres"] {
+                fs::write(dir.join(bin), "").unwrap();
+            }
+            dir
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn without_server_binaries_the_error_says_how_to_install_them() {
+        let scratch = Scratch::new("none");
+        let err = find_bin_dir_in(None, Some(scratch.0.clone().into_os_string()), &scratch.0)
+            .unwrap_err();
+        assert!(matches!(err, HarnessError::NoBinaries));
+        assert!(
+            err.to_string().contains("apt-get install postgresql"),
+            "{err}"
+        );
+        let err = find_bin_dir_in(Some(scratch.0.join("nowhere")), None, &scratch.0).unwrap_err();
+        assert!(matches!(err, HarnessError::NoBinaries));
+    }
+
+    #[test]
+    fn debian_versioned_dirs_off_path_are_found_newest_first() {
+        let scratch = Scratch::new("debian");
+        scratch.server_dir("lib/13/bin");
+        let newest = scratch.server_dir("lib/16/bin");
+        fs::create_dir_all(scratch.0.join("lib/17/bin")).unwrap(); // client only: no server
+        let found = find_bin_dir_in(None, None, &scratch.0.join("lib")).unwrap();
+        assert_eq!(found, newest);
+    }
+
+    #[test]
+    fn a_symlinked_initdb_on_path_leads_to_the_whole_server_dir() {
+        let scratch = Scratch::new("path");
+        let real = scratch.server_dir("real/bin");
+        let on_path = scratch.0.join("usr-local-bin");
+        fs::create_dir_all(&on_path).unwrap();
+        std::os::unix::fs::symlink(real.join("initdb"), on_path.join("initdb")).unwrap();
+        let found = find_bin_dir_in(None, Some(on_path.into_os_string()), &scratch.0).unwrap();
+        assert_eq!(
+            fs::canonicalize(found).unwrap(),
+            fs::canonicalize(real).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_override_dir_wins_when_it_holds_a_server() {
+        let scratch = Scratch::new("override");
+        let chosen = scratch.server_dir("custom");
+        scratch.server_dir("lib/16/bin");
+        let found = find_bin_dir_in(Some(chosen.clone()), None, &scratch.0.join("lib")).unwrap();
+        assert_eq!(found, chosen);
+    }
+}
