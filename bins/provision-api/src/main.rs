@@ -1,0 +1,33 @@
+//! `keel-provision-api`: Provisions customer resources atomically: no 201 for a resource the platform cannot address.
+//!
+//! Today it applies the schema (`migrate`); its main loop arrives with its crate's issue.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keel_service::cli::{DatabaseArgs, LogArgs};
+
+/// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
+#[derive(Parser)]
+#[command(name = "keel-provision-api", version, after_help = keel_service::cli::EXIT_CODES_HELP)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the embedded database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = keel_service::cli::parse();
+    keel_service::run(&cli.log, async move {
+        match cli.command {
+            Command::Migrate(db) => keel_service::migrate(&db).await,
+        }
+    })
+}

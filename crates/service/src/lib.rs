@@ -1,0 +1,157 @@
+//! Shared glue for Keel's binaries, kept in one place so no binary copies it.
+//!
+//! - [`cli`]: clap parsing with Keel's exit codes (usage errors exit 64, never 2), the flags every
+//!   binary takes (`--database-url`/`DATABASE_URL`, `--log-format text|json`), and a
+//!   [`DatabaseUrl`] that never prints its password.
+//! - [`telemetry`]: tracing initialisation from `RUST_LOG`, text or JSON.
+//! - [`http`]: the `/metrics` (OpenMetrics text) and `/healthz` listener.
+//! - [`shutdown`]: a token cancelled on SIGTERM or SIGINT.
+//! - [`migrate`]: the `migrate` subcommand.
+//! - [`run`]: runs a binary's async main, logging an error and exiting 1 if it fails.
+//!
+//! A binary's `main` is a few lines:
+//!
+//! ```no_run
+//! use clap::{Parser, Subcommand};
+//! use keel_service::cli::{DatabaseArgs, LogArgs};
+//!
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     log: LogArgs,
+//!     #[command(subcommand)]
+//!     command: Command,
+//! }
+//!
+//! #[derive(Subcommand)]
+//! enum Command {
+//!     /// Apply the embedded migrations.
+//!     Migrate(DatabaseArgs),
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let cli: Cli = keel_service::cli::parse();
+//!     keel_service::run(&cli.log, async move {
+//!         match cli.command {
+//!             Command::Migrate(db) => keel_service::migrate(&db).await,
+//!         }
+//!     })
+//! }
+//! ```
+
+pub mod cli;
+pub mod http;
+pub mod shutdown;
+pub mod telemetry;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs, LogFormat};
+
+/// Exit code for an error (configuration, database, I/O).
+pub const EXIT_ERROR: u8 = 1;
+
+/// Initialises tracing, runs `main` on a multi-threaded Tokio runtime, and turns its outcome into
+/// the process exit code: `Ok(code)` as is, `Err` logged at ERROR with its causes and exit 1.
+pub fn run<F>(log: &LogArgs, main: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<ExitCode>>,
+{
+    if let Err(e) = telemetry::init(log.log_format) {
+        eprintln!("could not initialise logging: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start the async runtime");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "failed");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Connects a pool to the database, naming the application in `pg_stat_activity`.
+pub async fn connect(
+    db: &DatabaseArgs,
+    application_name: &str,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
+    let options = db
+        .database_url
+        .connect_options()?
+        .application_name(application_name);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("could not connect to the database (check --database-url / DATABASE_URL)")
+}
+
+/// The `migrate` subcommand: applies every embedded migration that is not applied yet.
+pub async fn migrate(db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
+    let pool = connect(db, "keel-migrate", 1).await?;
+    keel_schema::migrate(&pool)
+        .await
+        .context("could not apply the migrations")?;
+    tracing::info!(
+        version = keel_schema::latest_version(),
+        "schema is up to date"
+    );
+    pool.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrate_applies_the_schema_and_is_idempotent() {
+        let db = keel_testkit::empty_database().await;
+        let args = DatabaseArgs {
+            database_url: DatabaseUrl::new(db.url()),
+        };
+        migrate(&args).await.unwrap();
+        migrate(&args).await.unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        for table in keel_schema::CONTRACT_TABLES {
+            assert!(
+                tables.iter().any(|t| t == table),
+                "{table} missing after migrate"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_database_url_fails_without_showing_it() {
+        let args = DatabaseArgs {
+            database_url: DatabaseUrl::new("postgres://app:s3cr3t@127.0.0.1:1/none"),
+        };
+        let err = migrate(&args).await.unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("could not connect"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+}
