@@ -1,4 +1,4 @@
-//! Identifiers shared by every Keel crate.
+//! Identifiers and vocabulary shared by every Keel crate.
 //!
 //! Each id is its own type so that, say, a team id cannot be passed where a resource id is
 //! expected. They are parsed at the edge with [`FromStr`](std::str::FromStr).
@@ -66,6 +66,177 @@ pub struct InvalidId {
     what: &'static str,
 }
 
+/// What kind of backend object a resource is. Closed, so it can label metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+pub enum ResourceType {
+    /// A database and role on the shared Postgres cluster.
+    Postgres,
+    /// A namespace on the shared Redis.
+    Redis,
+    /// A Kubernetes namespace of the customer's own.
+    Namespace,
+}
+
+impl ResourceType {
+    /// Every resource type.
+    pub const ALL: &'static [ResourceType] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The wire name stored in `resources.resource_type`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResourceType::Postgres => "postgres",
+            ResourceType::Redis => "redis",
+            ResourceType::Namespace => "namespace",
+        }
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a known [`ResourceType`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown resource type {0:?}: expected postgres, redis or namespace")]
+pub struct UnknownResourceType(pub String);
+
+impl FromStr for ResourceType {
+    type Err = UnknownResourceType;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownResourceType(s.chars().take(32).collect()))
+    }
+}
+
+/// A plan tier such as `free` or `pro`: 1 to 32 characters of `[a-z0-9_-]`.
+///
+/// Tiers are data (each platform names its own); what a tier means for a backend is configured
+/// where it is applied.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Tier(String);
+
+/// A string that is not a valid [`Tier`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid tier {0:?}: use 1 to 32 characters of [a-z0-9_-], e.g. \"pro\"")]
+pub struct InvalidTier(pub String);
+
+impl Tier {
+    /// Parses a tier name.
+    pub fn parse(s: &str) -> Result<Self, InvalidTier> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidTier(s.chars().take(32).collect()))
+        }
+    }
+
+    /// The tier's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Tier {
+    type Err = InvalidTier;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for Tier {
+    type Error = InvalidTier;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Tier> for String {
+    fn from(tier: Tier) -> String {
+        tier.0
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Shortest accepted customer token.
+pub const TOKEN_MIN_LEN: usize = 8;
+/// Longest accepted customer token (so `instant-customer-<token>` fits a Kubernetes name).
+pub const TOKEN_MAX_LEN: usize = 40;
+
+/// A customer token: the secret from which backend names are derived.
+///
+/// 8 to 40 characters of `[a-z0-9]`, valid as is in a Kubernetes name and a Postgres
+/// identifier. `Debug` and `Display` show only a masked form (see [`crate::mask`]); the token
+/// itself is only reachable through [`Token::expose`].
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+/// A string that is not a valid [`Token`]. The value is not shown.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid customer token (value not shown): use {TOKEN_MIN_LEN} to {TOKEN_MAX_LEN} characters of [a-z0-9]"
+)]
+pub struct InvalidToken;
+
+impl Token {
+    /// Parses a token.
+    pub fn parse(s: &str) -> Result<Self, InvalidToken> {
+        let ok = (TOKEN_MIN_LEN..=TOKEN_MAX_LEN).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidToken)
+        }
+    }
+
+    /// The token itself. Never log it; use `Display` (masked) instead.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The masked form: at most the first 4 characters, then `…`.
+    pub fn masked(&self) -> String {
+        crate::event::mask(&self.0)
+    }
+}
+
+impl FromStr for Token {
+    type Err = InvalidToken;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({})", self.masked())
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +251,42 @@ mod tests {
             err.to_string(),
             "invalid resource id: expected a UUID such as 3f2504e0-4f89-11d3-9a0c-0305e82c3301"
         );
+    }
+
+    #[test]
+    fn resource_types_round_trip_through_their_wire_names() {
+        for &t in ResourceType::ALL {
+            assert_eq!(t.as_str().parse::<ResourceType>(), Ok(t));
+        }
+        assert!("mysql".parse::<ResourceType>().is_err());
+    }
+
+    #[test]
+    fn tiers_are_validated_names() {
+        assert_eq!(Tier::parse("pro").unwrap().as_str(), "pro");
+        assert!(Tier::parse("team-2").is_ok());
+        for bad in ["", "Pro", "a b", &"x".repeat(33)] {
+            assert!(Tier::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_strict_and_never_displayed_whole() {
+        let token = Token::parse("a1b2c3d4e5f6").unwrap();
+        assert_eq!(token.expose(), "a1b2c3d4e5f6");
+        for shown in [token.to_string(), format!("{token:?}")] {
+            assert!(!shown.contains("a1b2c3d4e5f6"), "{shown}");
+            assert!(shown.contains("a1b2…"), "{shown}");
+        }
+        for bad in [
+            "short",
+            "UPPERCASE1",
+            "with_underscore",
+            "dash-ed-token",
+            &"a".repeat(41),
+        ] {
+            let err = Token::parse(bad).unwrap_err();
+            assert!(!err.to_string().contains(bad), "{err}");
+        }
     }
 }

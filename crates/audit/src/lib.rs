@@ -40,7 +40,10 @@ pub use event::{
     Actor, Attributes, AuditEvent, AuditFieldError, MASK_SUFFIX, MAX_ATTR_KEY_LEN,
     MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, mask,
 };
-pub use ids::{InvalidId, ResourceId, TeamId};
+pub use ids::{
+    InvalidId, InvalidTier, InvalidToken, ResourceId, ResourceType, TOKEN_MAX_LEN, TOKEN_MIN_LEN,
+    TeamId, Tier, Token, UnknownResourceType,
+};
 pub use kind::{AlertSeverity, AuditKind, Consumer, UnknownAuditKind};
 #[cfg(feature = "testing")]
 pub use memory::MemoryAuditSink;

@@ -1,6 +1,38 @@
 //! The propagation state machine and a multi-replica runner: applied, retrying, dead-lettered.
+//! An unexpected skip is never success.
 //!
-//! **Status: skeleton.** This crate will hold the pure decision function over applier outcomes
-//! (an unexpected skip retries with `propagation.unexpected_skip` and is never marked applied),
-//! the bounded skip-reason classification, the runner, and its Postgres and Kubernetes adapters.
-//! It depends on `keel-audit` for the kinds it emits.
+//! A *propagation* carries a decision (a team's new tier) to a backend object (a customer's
+//! Postgres role, a Kubernetes namespace's quota). An [`Applier`] reports each attempt as
+//! [`ApplyOutcome::Applied`], [`ApplyOutcome::Skipped`] or an [`ApplyError`]; [`decide`] turns
+//! that into a [`Transition`] — and a skip is success only when its reason is one of the closed
+//! set of [`LegitimateSkip`]s:
+//!
+//! | outcome | transition | audit kind |
+//! |---|---|---|
+//! | applied, or a legitimate skip | mark applied | `propagation.applied` |
+//! | unexpected skip | retry on the schedule | `propagation.unexpected_skip` |
+//! | error | retry on the schedule | `propagation.retrying` |
+//! | either, at the last attempt | dead-letter | `propagation.dead_lettered` |
+//!
+//! The match in [`Transition::audit_kind`] is exhaustive, so there is no path by which an
+//! unexpected skip writes `propagation.applied` or stamps `applied_at`.
+//!
+//! The default build is pure (no database, no async runtime). Features: `postgres` (the
+//! `pending_propagations` store, the role applier, the runner) and `kube` (the ResourceQuota
+//! applier).
+
+mod applier;
+mod decide;
+mod metrics;
+mod model;
+mod outcome;
+mod policy;
+
+pub use applier::Applier;
+pub use decide::{ClaimDecision, RetryCause, Transition, decide, on_claim};
+pub use metrics::{KindLabels, Metrics, QueueLabels, SkipLabels};
+pub use model::{
+    Backend, Payload, Propagation, PropagationId, PropagationKind, UnknownPropagationKind,
+};
+pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
+pub use policy::{PolicyError, RetryPolicies, RetryPolicy};

@@ -1,0 +1,376 @@
+//! The one decision: what an attempt's outcome does to its propagation.
+
+use keel_audit::{Actor, AuditEvent, AuditKind};
+use time::OffsetDateTime;
+
+use crate::model::Propagation;
+use crate::outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
+use crate::policy::RetryPolicy;
+
+/// Why a propagation is not done yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryCause {
+    /// The applier skipped with a reason that is not a legitimate no-op.
+    UnexpectedSkip {
+        /// Bounded bucket.
+        bucket: ReasonBucket,
+        /// The applier's words.
+        detail: String,
+    },
+    /// The applier failed.
+    Error {
+        /// Bounded bucket.
+        bucket: ReasonBucket,
+        /// The error message.
+        message: String,
+    },
+    /// Every attempt's worker vanished before finishing (its lease expired each time).
+    Abandoned,
+}
+
+impl RetryCause {
+    /// Text for `pending_propagations.last_error`.
+    pub fn describe(&self) -> String {
+        match self {
+            RetryCause::UnexpectedSkip { bucket, detail } => {
+                format!("unexpected skip ({bucket}): {detail}")
+            }
+            RetryCause::Error { bucket, message } => format!("error ({bucket}): {message}"),
+            RetryCause::Abandoned => "abandoned: the lease expired on the last attempt".to_owned(),
+        }
+    }
+
+    /// Bounded bucket, for metrics.
+    pub fn bucket(&self) -> ReasonBucket {
+        match self {
+            RetryCause::UnexpectedSkip { bucket, .. } | RetryCause::Error { bucket, .. } => *bucket,
+            RetryCause::Abandoned => ReasonBucket::Other,
+        }
+    }
+}
+
+/// What happens to a propagation after an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// Done: stamp `applied_at` (and the resource's applied tier).
+    Applied {
+        /// Set when success was a legitimate no-op rather than a change.
+        skipped: Option<LegitimateSkip>,
+    },
+    /// Not done: try again at `next_attempt_at`.
+    Retry {
+        /// Why.
+        cause: RetryCause,
+        /// When the next attempt may run.
+        next_attempt_at: OffsetDateTime,
+    },
+    /// Out of attempts: dead-letter, for operators to look at and requeue.
+    DeadLetter {
+        /// Why the last attempt failed.
+        cause: RetryCause,
+    },
+}
+
+impl Transition {
+    /// The audit kind this transition writes. Exhaustive: an unexpected skip can only ever
+    /// produce `propagation.unexpected_skip` (while retrying) or `propagation.dead_lettered`,
+    /// never `propagation.applied`.
+    pub fn audit_kind(&self) -> AuditKind {
+        match self {
+            Transition::Applied { .. } => AuditKind::PropagationApplied,
+            Transition::Retry {
+                cause: RetryCause::UnexpectedSkip { .. },
+                ..
+            } => AuditKind::PropagationUnexpectedSkip,
+            Transition::Retry {
+                cause: RetryCause::Error { .. } | RetryCause::Abandoned,
+                ..
+            } => AuditKind::PropagationRetrying,
+            Transition::DeadLetter { .. } => AuditKind::PropagationDeadLettered,
+        }
+    }
+
+    /// Text for `last_error`, if the propagation is not done.
+    pub fn last_error(&self) -> Option<String> {
+        match self {
+            Transition::Applied { .. } => None,
+            Transition::Retry { cause, .. } | Transition::DeadLetter { cause } => {
+                Some(cause.describe())
+            }
+        }
+    }
+
+    /// The audit event recording this transition of `propagation`.
+    ///
+    /// Free text that looks like a secret (a connection URL in an error message, say) is
+    /// withheld from the attributes rather than recorded.
+    pub fn audit_event(
+        &self,
+        propagation: &Propagation,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> AuditEvent {
+        let mut event = AuditEvent::new(self.audit_kind(), actor.clone(), now)
+            .team(propagation.team_id)
+            .resource(propagation.resource_id);
+        let mut add = |key: &str, value: String| {
+            let withheld = "[withheld: looked like a secret]";
+            event = match event.clone().attr(key, value) {
+                Ok(with) => with,
+                Err(_) => event
+                    .clone()
+                    .attr(key, withheld)
+                    .unwrap_or_else(|_| event.clone()),
+            };
+        };
+        add("propagation_id", propagation.id.to_string());
+        add("propagation_kind", propagation.kind().as_str().to_owned());
+        add(
+            "resource_type",
+            propagation.resource_type.as_str().to_owned(),
+        );
+        add("attempt", propagation.attempt.to_string());
+        add(
+            "target_tier",
+            propagation.payload.target_tier().as_str().to_owned(),
+        );
+        match self {
+            Transition::Applied { skipped } => {
+                if let Some(skip) = skipped {
+                    add("skip_reason", skip.as_str().to_owned());
+                }
+            }
+            Transition::Retry {
+                cause,
+                next_attempt_at,
+            } => {
+                add("reason_bucket", cause.bucket().as_str().to_owned());
+                add("detail", truncate(&cause.describe()));
+                add("next_attempt_at", next_attempt_at.to_string());
+            }
+            Transition::DeadLetter { cause } => {
+                add("reason_bucket", cause.bucket().as_str().to_owned());
+                add("detail", truncate(&cause.describe()));
+            }
+        }
+        event
+    }
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(512).collect()
+}
+
+/// Decides what attempt `attempt` (from 1) with `outcome` does, under `policy`, at `now`.
+///
+/// - applied, or a legitimate skip → [`Transition::Applied`];
+/// - an unexpected skip or an error → [`Transition::Retry`] after the schedule's delay,
+///   or [`Transition::DeadLetter`] when this was the last attempt.
+pub fn decide(
+    attempt: u32,
+    outcome: &Result<ApplyOutcome, ApplyError>,
+    policy: &RetryPolicy,
+    now: OffsetDateTime,
+) -> Transition {
+    let cause = match outcome {
+        Ok(ApplyOutcome::Applied) => return Transition::Applied { skipped: None },
+        Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(skip))) => {
+            return Transition::Applied {
+                skipped: Some(*skip),
+            };
+        }
+        Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail })) => {
+            RetryCause::UnexpectedSkip {
+                bucket: *bucket,
+                detail: detail.clone(),
+            }
+        }
+        Err(ApplyError { bucket, message }) => RetryCause::Error {
+            bucket: *bucket,
+            message: message.clone(),
+        },
+    };
+    retry_or_dead_letter(attempt, cause, policy, now)
+}
+
+fn retry_or_dead_letter(
+    attempt: u32,
+    cause: RetryCause,
+    policy: &RetryPolicy,
+    now: OffsetDateTime,
+) -> Transition {
+    if attempt >= policy.max_attempts() {
+        Transition::DeadLetter { cause }
+    } else {
+        Transition::Retry {
+            cause,
+            next_attempt_at: now + policy.delay_after(attempt),
+        }
+    }
+}
+
+/// What to do with a freshly claimed attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimDecision {
+    /// Run the applier.
+    Apply,
+    /// Don't: the budget was spent by attempts whose workers vanished. Record this transition.
+    Settle(Transition),
+}
+
+/// Checks a claimed attempt against the budget before applying. Attempts are counted at claim
+/// time, so a row whose worker keeps dying is dead-lettered instead of looping forever.
+pub fn on_claim(attempt: u32, policy: &RetryPolicy) -> ClaimDecision {
+    if attempt > policy.max_attempts() {
+        ClaimDecision::Settle(Transition::DeadLetter {
+            cause: RetryCause::Abandoned,
+        })
+    } else {
+        ClaimDecision::Apply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+
+    fn unexpected(bucket: ReasonBucket) -> Result<ApplyOutcome, ApplyError> {
+        Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+            bucket,
+            detail: format!("skipped: {bucket}"),
+        }))
+    }
+
+    #[test]
+    fn every_legitimate_skip_marks_applied() {
+        for &skip in LegitimateSkip::ALL {
+            let outcome = Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(skip)));
+            let transition = decide(1, &outcome, &RetryPolicy::standard(), NOW);
+            assert_eq!(
+                transition,
+                Transition::Applied {
+                    skipped: Some(skip)
+                }
+            );
+            assert_eq!(transition.audit_kind(), AuditKind::PropagationApplied);
+        }
+    }
+
+    #[test]
+    fn every_unexpected_skip_bucket_retries_and_never_marks_applied() {
+        let policy = RetryPolicy::standard();
+        for &bucket in ReasonBucket::ALL {
+            for attempt in 1..policy.max_attempts() {
+                let transition = decide(attempt, &unexpected(bucket), &policy, NOW);
+                assert_eq!(
+                    transition.audit_kind(),
+                    AuditKind::PropagationUnexpectedSkip,
+                    "{bucket}"
+                );
+                let Transition::Retry {
+                    next_attempt_at,
+                    cause,
+                } = &transition
+                else {
+                    panic!("{bucket} at attempt {attempt} did not retry: {transition:?}");
+                };
+                assert_eq!(*next_attempt_at, NOW + policy.delay_after(attempt));
+                assert_eq!(cause.bucket(), bucket);
+            }
+        }
+    }
+
+    #[test]
+    fn unexpected_skip_at_the_last_attempt_dead_letters_through_the_ordinary_path() {
+        let policy = RetryPolicy::standard();
+        for &bucket in ReasonBucket::ALL {
+            let transition = decide(10, &unexpected(bucket), &policy, NOW);
+            assert!(
+                matches!(transition, Transition::DeadLetter { .. }),
+                "{transition:?}"
+            );
+            assert_eq!(transition.audit_kind(), AuditKind::PropagationDeadLettered);
+        }
+    }
+
+    #[test]
+    fn errors_retry_with_propagation_retrying_then_dead_letter() {
+        let policy = RetryPolicy::standard();
+        let failed = Err(ApplyError::new("connection refused"));
+        let transition = decide(3, &failed, &policy, NOW);
+        assert_eq!(transition.audit_kind(), AuditKind::PropagationRetrying);
+        assert_eq!(
+            transition,
+            Transition::Retry {
+                cause: RetryCause::Error {
+                    bucket: ReasonBucket::ResourceNotReachable,
+                    message: "connection refused".into()
+                },
+                next_attempt_at: NOW + Duration::minutes(15),
+            }
+        );
+        assert_eq!(
+            decide(10, &failed, &policy, NOW).audit_kind(),
+            AuditKind::PropagationDeadLettered
+        );
+    }
+
+    #[test]
+    fn applied_marks_applied_at_every_attempt() {
+        for attempt in 1..=10 {
+            let transition = decide(
+                attempt,
+                &Ok(ApplyOutcome::Applied),
+                &RetryPolicy::standard(),
+                NOW,
+            );
+            assert_eq!(transition, Transition::Applied { skipped: None });
+        }
+    }
+
+    #[test]
+    fn a_claim_past_the_budget_dead_letters_without_applying() {
+        let policy = RetryPolicy::standard();
+        assert_eq!(on_claim(10, &policy), ClaimDecision::Apply);
+        let ClaimDecision::Settle(transition) = on_claim(11, &policy) else {
+            panic!("an attempt past the budget was applied");
+        };
+        assert_eq!(transition.audit_kind(), AuditKind::PropagationDeadLettered);
+    }
+
+    #[test]
+    fn audit_events_withhold_secret_looking_details() {
+        use crate::model::{Backend, Payload, PropagationId};
+        use keel_audit::{ResourceId, ResourceType, TeamId, Tier};
+        let propagation = Propagation {
+            id: PropagationId(7),
+            team_id: TeamId::new_random(),
+            resource_id: ResourceId::new_random(),
+            resource_type: ResourceType::Postgres,
+            payload: Payload::TierElevation {
+                target_tier: Tier::parse("pro").unwrap(),
+            },
+            attempt: 2,
+            backend: Backend::default(),
+        };
+        let failed = Err(ApplyError::new(
+            "could not connect to postgres://admin:s3cr3t@db/x",
+        ));
+        let event = decide(2, &failed, &RetryPolicy::standard(), NOW).audit_event(
+            &propagation,
+            &Actor::system(),
+            NOW,
+        );
+        assert_eq!(event.kind(), AuditKind::PropagationRetrying);
+        assert_eq!(
+            event.attributes().get("detail"),
+            Some("[withheld: looked like a secret]")
+        );
+        assert_eq!(event.attributes().get("attempt"), Some("2"));
+        assert_eq!(event.attributes().get("reason_bucket"), Some("other"));
+    }
+}

@@ -1,0 +1,123 @@
+//! What a propagation is.
+
+use std::fmt;
+use std::str::FromStr;
+
+use keel_audit::{ResourceId, ResourceType, TeamId, Tier, Token};
+
+/// `pending_propagations.id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PropagationId(pub i64);
+
+impl fmt::Display for PropagationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a propagation carries to a backend. Closed, so it can label metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+pub enum PropagationKind {
+    /// Bring a resource's backend to its team's tier (up or down): the seed's regrade.
+    TierElevation,
+}
+
+impl PropagationKind {
+    /// Every kind.
+    pub const ALL: &'static [PropagationKind] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The wire name stored in `pending_propagations.kind`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PropagationKind::TierElevation => "tier_elevation",
+        }
+    }
+}
+
+impl fmt::Display for PropagationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a known [`PropagationKind`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown propagation kind {0:?}: expected tier_elevation")]
+pub struct UnknownPropagationKind(pub String);
+
+impl FromStr for PropagationKind {
+    type Err = UnknownPropagationKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownPropagationKind(s.chars().take(32).collect()))
+    }
+}
+
+/// The target a propagation carries. Its variant fixes the kind, so a kind and a payload can
+/// never disagree.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Payload {
+    /// Apply `target_tier` to the resource's backend.
+    TierElevation {
+        /// The tier to apply.
+        target_tier: Tier,
+    },
+}
+
+impl Payload {
+    /// The kind this payload belongs to.
+    pub fn kind(&self) -> PropagationKind {
+        match self {
+            Payload::TierElevation { .. } => PropagationKind::TierElevation,
+        }
+    }
+
+    /// The tier this payload brings the resource to.
+    pub fn target_tier(&self) -> &Tier {
+        match self {
+            Payload::TierElevation { target_tier } => target_tier,
+        }
+    }
+}
+
+/// What an applier needs to find a resource's backend object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// The customer token backend names derive from (masked whenever displayed).
+    pub token: Option<Token>,
+    /// The backend's own id for the object (for Postgres, the role and database name).
+    pub provider_resource_id: Option<String>,
+    /// The resource's status (`active`, `deleted`, …), if the resource row exists.
+    pub status: Option<String>,
+}
+
+/// A claimed propagation: one attempt at carrying its payload to a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Propagation {
+    /// Row id.
+    pub id: PropagationId,
+    /// The team whose entitlement this carries.
+    pub team_id: TeamId,
+    /// The resource it applies to.
+    pub resource_id: ResourceId,
+    /// The resource's type.
+    pub resource_type: ResourceType,
+    /// What to apply.
+    pub payload: Payload,
+    /// Which attempt this is, from 1. Counted when the row is claimed, so a row whose worker
+    /// dies mid-attempt still uses up its budget and cannot loop forever.
+    pub attempt: u32,
+    /// Where the backend object is.
+    pub backend: Backend,
+}
+
+impl Propagation {
+    /// The propagation's kind.
+    pub fn kind(&self) -> PropagationKind {
+        self.payload.kind()
+    }
+}
