@@ -23,10 +23,17 @@
 
 mod applier;
 mod decide;
+#[cfg(feature = "kube")]
+pub mod kube;
 mod metrics;
 mod model;
 mod outcome;
 mod policy;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod runner;
+mod store;
 
 pub use applier::Applier;
 pub use decide::{ClaimDecision, RetryCause, Transition, decide, on_claim};
@@ -36,3 +43,6 @@ pub use model::{
 };
 pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
 pub use policy::{PolicyError, RetryPolicies, RetryPolicy};
+pub use store::{
+    Completion, CompletionReport, InvalidWorkerId, PropagationStore, StoreError, WorkerId,
+};

@@ -77,9 +77,9 @@ impl ReasonBucket {
         ]
         .iter()
         .any(|m| raw.contains(m));
-        if raw.contains("postgres-admin") || raw.contains("postgres_admin") {
+        if (raw.contains("postgres-admin") || raw.contains("postgres_admin")) && missing {
             ReasonBucket::PostgresAdminSecretMissing
-        } else if raw.contains("redis-auth") || raw.contains("redis_auth") {
+        } else if (raw.contains("redis-auth") || raw.contains("redis_auth")) && missing {
             ReasonBucket::RedisAuthSecretMissing
         } else if raw.contains("namespace") && missing {
             ReasonBucket::NamespaceNotFound

@@ -1,0 +1,956 @@
+//! The Kubernetes adapter: carries a tier to a customer namespace as a `ResourceQuota`.
+//!
+//! [`KubeQuotaApplier`] finds the namespace `instant-customer-<token>`, checks that the
+//! resource's own Secret is there (`postgres-admin` for Postgres, `redis-auth` for Redis), and
+//! server-side applies a `ResourceQuota` named [`QUOTA_NAME`] whose `spec.hard` comes from the
+//! target tier's [`QuotaLimits`]. A missing namespace or Secret is an *unexpected* skip (it
+//! retries, then dead-letters), never success.
+//!
+//! The customer token is secret: it is exposed only to build the namespace name for the API
+//! call. Logs, skip details and error messages name the namespace with the token masked, and
+//! text that comes back from the API server is redacted before it is kept.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, ResourceQuotaSpec, Secret};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use keel_audit::{ResourceType, Tier, Token};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+
+use crate::applier::Applier;
+use crate::model::Propagation;
+use crate::outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
+
+/// Customer namespaces are named this prefix followed by the customer token.
+pub const NAMESPACE_PREFIX: &str = "instant-customer-";
+
+/// The name of the `ResourceQuota` Keel owns in each customer namespace.
+pub const QUOTA_NAME: &str = "keel-tier";
+
+/// The server-side apply field manager [`KubeQuotaApplier::new`] uses.
+pub const DEFAULT_FIELD_MANAGER: &str = "keel";
+
+/// The resource status that means the resource was deprovisioned on purpose.
+const DELETED_STATUS: &str = "deleted";
+
+/// Longest accepted quantity string.
+const QUANTITY_MAX_LEN: usize = 32;
+
+/// Suffixes a Kubernetes quantity may end with (binary SI, decimal SI, none). Exponent forms
+/// such as `1e3` are deliberately not accepted.
+const QUANTITY_SUFFIXES: &[&str] = &[
+    "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
+];
+
+/// A quota limit that is not a plain Kubernetes quantity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {field} quantity {value:?}: use a non-negative number with an optional suffix \
+     (m, k, M, G, Ki, Mi, Gi, …), e.g. \"500m\" or \"8Gi\""
+)]
+pub struct InvalidQuantity {
+    /// Which limit (`cpu` or `memory`).
+    pub field: &'static str,
+    /// The rejected value (at most 32 characters of it).
+    pub value: String,
+}
+
+/// Checks that `value` looks like a Kubernetes quantity: digits with at most one decimal
+/// point, then one of [`QUANTITY_SUFFIXES`]. Minimal on purpose; the API server has the
+/// final word.
+fn validate_quantity(field: &'static str, value: &str) -> Result<String, InvalidQuantity> {
+    let invalid = || InvalidQuantity {
+        field,
+        value: value.chars().take(QUANTITY_MAX_LEN).collect(),
+    };
+    if value.len() > QUANTITY_MAX_LEN {
+        return Err(invalid());
+    }
+    let number_len = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(number_len);
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    let points = number.len() - digits;
+    if digits == 0 || points > 1 || !QUANTITY_SUFFIXES.contains(&suffix) {
+        return Err(invalid());
+    }
+    Ok(value.to_owned())
+}
+
+/// What a tier allows inside a customer namespace: the `ResourceQuota`'s `spec.hard`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaLimits {
+    cpu: String,
+    memory: String,
+    pods: u32,
+}
+
+impl QuotaLimits {
+    /// Limits from Kubernetes quantities: `cpu` such as `"500m"` or `"4"`, `memory` such as
+    /// `"512Mi"` or `"8Gi"`, and a pod count.
+    pub fn new(cpu: &str, memory: &str, pods: u32) -> Result<Self, InvalidQuantity> {
+        Ok(Self {
+            cpu: validate_quantity("cpu", cpu)?,
+            memory: validate_quantity("memory", memory)?,
+            pods,
+        })
+    }
+
+    /// The CPU limit (`spec.hard.cpu`).
+    pub fn cpu(&self) -> &str {
+        &self.cpu
+    }
+
+    /// The memory limit (`spec.hard.memory`).
+    pub fn memory(&self) -> &str {
+        &self.memory
+    }
+
+    /// The pod count limit (`spec.hard.pods`).
+    pub fn pods(&self) -> u32 {
+        self.pods
+    }
+
+    /// The `spec.hard` map.
+    fn hard(&self) -> BTreeMap<String, Quantity> {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(self.cpu.clone())),
+            ("memory".to_owned(), Quantity(self.memory.clone())),
+            ("pods".to_owned(), Quantity(self.pods.to_string())),
+        ])
+    }
+}
+
+/// Which [`QuotaLimits`] each tier gets. A tier with no entry cannot be applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierQuotas {
+    by_tier: BTreeMap<Tier, QuotaLimits>,
+}
+
+impl TierQuotas {
+    /// No tiers at all.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// The standard tiers: `free` (500m CPU, 512Mi, 2 pods), `hobby` (1, 1Gi, 4), `pro`
+    /// (4, 8Gi, 20) and `team` (16, 32Gi, 100).
+    pub fn standard() -> Self {
+        const STANDARD: &[(&str, &str, &str, u32)] = &[
+            ("free", "500m", "512Mi", 2),
+            ("hobby", "1", "1Gi", 4),
+            ("pro", "4", "8Gi", 20),
+            ("team", "16", "32Gi", 100),
+        ];
+        // Every entry is a valid constant (pinned by a test), so nothing is dropped here.
+        let by_tier = STANDARD
+            .iter()
+            .filter_map(|&(tier, cpu, memory, pods)| {
+                Some((
+                    Tier::parse(tier).ok()?,
+                    QuotaLimits::new(cpu, memory, pods).ok()?,
+                ))
+            })
+            .collect();
+        Self { by_tier }
+    }
+
+    /// Adds or replaces `tier`'s limits.
+    #[must_use]
+    pub fn with(mut self, tier: Tier, limits: QuotaLimits) -> Self {
+        self.insert(tier, limits);
+        self
+    }
+
+    /// Adds or replaces `tier`'s limits, returning the ones replaced.
+    pub fn insert(&mut self, tier: Tier, limits: QuotaLimits) -> Option<QuotaLimits> {
+        self.by_tier.insert(tier, limits)
+    }
+
+    /// `tier`'s limits, if configured.
+    pub fn get(&self, tier: &Tier) -> Option<&QuotaLimits> {
+        self.by_tier.get(tier)
+    }
+
+    /// The configured tiers, in order.
+    pub fn tiers(&self) -> impl Iterator<Item = &Tier> {
+        self.by_tier.keys()
+    }
+}
+
+/// The Secret a resource type keeps in its namespace, and the bucket for its absence.
+const fn required_secret(resource_type: ResourceType) -> Option<(&'static str, ReasonBucket)> {
+    match resource_type {
+        ResourceType::Postgres => {
+            Some(("postgres-admin", ReasonBucket::PostgresAdminSecretMissing))
+        }
+        ResourceType::Redis => Some(("redis-auth", ReasonBucket::RedisAuthSecretMissing)),
+        ResourceType::Namespace => None,
+    }
+}
+
+/// A customer namespace: the real name for API calls, and a masked one for everything else.
+struct CustomerNamespace<'a> {
+    token: &'a Token,
+    name: String,
+    masked: String,
+}
+
+impl<'a> CustomerNamespace<'a> {
+    fn of(token: &'a Token) -> Self {
+        Self {
+            token,
+            name: format!("{NAMESPACE_PREFIX}{}", token.expose()),
+            masked: format!("{NAMESPACE_PREFIX}{}", token.masked()),
+        }
+    }
+
+    /// An error for a failed step, with the API's words redacted.
+    fn error(&self, step: fmt::Arguments<'_>, err: &kube::Error) -> ApplyError {
+        let detail = if let kube::Error::Api(status) = err {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        } else {
+            err.to_string()
+        };
+        ApplyError::new(self.redact(&format!("{step}: {detail}")))
+    }
+
+    /// `text` with every occurrence of the token masked.
+    fn redact(&self, text: &str) -> String {
+        text.replace(self.token.expose(), &self.token.masked())
+    }
+}
+
+fn unexpected(bucket: ReasonBucket, detail: String) -> ApplyOutcome {
+    ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail })
+}
+
+/// Applies a propagation's target tier to the customer namespace as a `ResourceQuota`, by
+/// server-side apply (idempotent, so at-least-once delivery is harmless).
+#[derive(Clone)]
+pub struct KubeQuotaApplier {
+    client: kube::Client,
+    quotas: TierQuotas,
+    field_manager: String,
+}
+
+impl fmt::Debug for KubeQuotaApplier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeQuotaApplier")
+            .field("quotas", &self.quotas)
+            .field("field_manager", &self.field_manager)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeQuotaApplier {
+    /// An applier that talks to `client` and applies `quotas`, as field manager
+    /// [`DEFAULT_FIELD_MANAGER`].
+    pub fn new(client: kube::Client, quotas: TierQuotas) -> Self {
+        Self {
+            client,
+            quotas,
+            field_manager: DEFAULT_FIELD_MANAGER.to_owned(),
+        }
+    }
+
+    /// Uses `field_manager` for server-side apply instead (at most 128 characters; the API
+    /// call fails otherwise).
+    #[must_use]
+    pub fn with_field_manager(mut self, field_manager: impl Into<String>) -> Self {
+        self.field_manager = field_manager.into();
+        self
+    }
+
+    /// The quota the applier writes for `tier`.
+    fn quota(tier: &Tier, limits: &QuotaLimits) -> ResourceQuota {
+        ResourceQuota {
+            metadata: ObjectMeta {
+                name: Some(QUOTA_NAME.to_owned()),
+                labels: Some(BTreeMap::from([
+                    ("app.kubernetes.io/managed-by".to_owned(), "keel".to_owned()),
+                    ("keel.dev/tier".to_owned(), tier.as_str().to_owned()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ResourceQuotaSpec {
+                hard: Some(limits.hard()),
+                ..ResourceQuotaSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+impl Applier for KubeQuotaApplier {
+    async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
+        let backend = &propagation.backend;
+        if backend.status.as_deref() == Some(DELETED_STATUS) {
+            return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                LegitimateSkip::ResourceDeprovisioned,
+            )));
+        }
+        let Some(token) = backend.token.as_ref() else {
+            return Ok(unexpected(
+                ReasonBucket::LegacyResource,
+                format!(
+                    "resource {} has no customer token, so it has no namespace",
+                    propagation.resource_id
+                ),
+            ));
+        };
+        let tier = propagation.payload.target_tier();
+        let Some(limits) = self.quotas.get(tier) else {
+            let configured: Vec<&str> = self.quotas.tiers().map(Tier::as_str).collect();
+            return Err(ApplyError::new(format!(
+                "tier {tier} has no ResourceQuota limits configured (configured: {}); add it to \
+                 the applier's TierQuotas",
+                configured.join(", ")
+            )));
+        };
+        let ns = CustomerNamespace::of(token);
+
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let found = namespaces
+            .get_opt(&ns.name)
+            .await
+            .map_err(|e| ns.error(format_args!("could not read namespace {}", ns.masked), &e))?;
+        if found.is_none() {
+            tracing::warn!(%token, namespace = %ns.masked, "customer namespace not found");
+            return Ok(unexpected(
+                ReasonBucket::NamespaceNotFound,
+                format!("namespace {} not found", ns.masked),
+            ));
+        }
+
+        if let Some((secret, bucket)) = required_secret(propagation.resource_type) {
+            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns.name);
+            let found = secrets.get_opt(secret).await.map_err(|e| {
+                ns.error(
+                    format_args!("could not read Secret {secret} in namespace {}", ns.masked),
+                    &e,
+                )
+            })?;
+            if found.is_none() {
+                tracing::warn!(%token, namespace = %ns.masked, secret, "customer secret not found");
+                return Ok(unexpected(
+                    bucket,
+                    format!("Secret {secret} not found in namespace {}", ns.masked),
+                ));
+            }
+        }
+
+        let quotas: Api<ResourceQuota> = Api::namespaced(self.client.clone(), &ns.name);
+        let params = PatchParams::apply(&self.field_manager).force();
+        quotas
+            .patch(QUOTA_NAME, &params, &Patch::Apply(Self::quota(tier, limits)))
+            .await
+            .map_err(|e| {
+                ns.error(
+                    format_args!(
+                        "could not apply ResourceQuota {QUOTA_NAME} for tier {tier} in namespace {}",
+                        ns.masked
+                    ),
+                    &e,
+                )
+            })?;
+        tracing::info!(%token, namespace = %ns.masked, %tier, "applied tier ResourceQuota");
+        Ok(ApplyOutcome::Applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Method, Request, Response, StatusCode};
+    use keel_audit::{ResourceId, TeamId};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::model::{Backend, Payload, PropagationId};
+
+    const TOKEN: &str = "a1b2c3d4e5f6";
+    const NS: &str = "instant-customer-a1b2c3d4e5f6";
+    const SSA_URI: &str = "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/resourcequotas/keel-tier?&force=true&fieldManager=keel";
+
+    fn propagation(resource_type: ResourceType, tier: &str) -> Propagation {
+        Propagation {
+            id: PropagationId(1),
+            team_id: TeamId::new_random(),
+            resource_id: ResourceId::new_random(),
+            resource_type,
+            payload: Payload::TierElevation {
+                target_tier: Tier::parse(tier).unwrap(),
+            },
+            attempt: 1,
+            backend: Backend {
+                token: Some(Token::parse(TOKEN).unwrap()),
+                provider_resource_id: None,
+                status: Some("active".into()),
+            },
+        }
+    }
+
+    fn pro_postgres() -> Propagation {
+        propagation(ResourceType::Postgres, "pro")
+    }
+
+    /// What the fake API server expects next, and how it answers.
+    struct Step {
+        method: Method,
+        uri: &'static str,
+        reply: Reply,
+    }
+
+    enum Reply {
+        /// 200 with this object.
+        Object(Value),
+        /// An error `Status` with this code.
+        Status(StatusCode, Value),
+        /// Check the apply request's body equals this, then echo it back as the server would.
+        Applied { expected_body: Value },
+    }
+
+    fn get(uri: &'static str, reply: Reply) -> Step {
+        Step {
+            method: Method::GET,
+            uri,
+            reply,
+        }
+    }
+
+    fn ssa(reply: Reply) -> Step {
+        Step {
+            method: Method::PATCH,
+            uri: SSA_URI,
+            reply,
+        }
+    }
+
+    fn get_namespace() -> Step {
+        get(
+            "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
+            Reply::Object(namespace()),
+        )
+    }
+
+    fn get_postgres_admin() -> Step {
+        get(
+            "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+            Reply::Object(secret("postgres-admin")),
+        )
+    }
+
+    fn namespace() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": NS,
+                "uid": "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a11",
+                "resourceVersion": "4711",
+                "creationTimestamp": "2026-01-12T09:30:00Z",
+                "labels": { "kubernetes.io/metadata.name": NS }
+            },
+            "spec": { "finalizers": ["kubernetes"] },
+            "status": { "phase": "Active" }
+        })
+    }
+
+    fn secret(name: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "uid": "0b7e9a8c-1d2f-4e3a-8b5c-6d7e8f9a0b1c",
+                "resourceVersion": "4712",
+                "creationTimestamp": "2026-01-12T09:30:05Z"
+            },
+            "type": "Opaque",
+            "data": { "password": "aHVudGVyMg==" }
+        })
+    }
+
+    fn not_found(kind: &str, name: &str) -> Reply {
+        Reply::Status(
+            StatusCode::NOT_FOUND,
+            json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": format!("{kind} \"{name}\" not found"),
+                "reason": "NotFound",
+                "details": { "name": name, "kind": kind },
+                "code": 404
+            }),
+        )
+    }
+
+    fn pro_quota_body() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {
+                "name": "keel-tier",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "keel",
+                    "keel.dev/tier": "pro"
+                }
+            },
+            "spec": { "hard": { "cpu": "4", "memory": "8Gi", "pods": "20" } }
+        })
+    }
+
+    fn respond(status: StatusCode, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    /// Plays the API server for `steps` in order, asserting each request, then asserts no
+    /// further request arrives before the client is dropped.
+    async fn serve(
+        mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        steps: Vec<Step>,
+    ) {
+        for (i, step) in steps.into_iter().enumerate() {
+            let (request, send) = handle
+                .next_request()
+                .await
+                .unwrap_or_else(|| panic!("step {i}: expected {} {}", step.method, step.uri));
+            assert_eq!(request.method(), step.method, "step {i}");
+            assert_eq!(request.uri().to_string(), step.uri, "step {i}");
+            let response = match step.reply {
+                Reply::Object(body) => respond(StatusCode::OK, &body),
+                Reply::Status(status, body) => respond(status, &body),
+                Reply::Applied { expected_body } => {
+                    assert_eq!(
+                        request.headers().get(http::header::CONTENT_TYPE).unwrap(),
+                        "application/apply-patch+yaml",
+                        "step {i}"
+                    );
+                    let bytes = request.into_body().collect_bytes().await.unwrap();
+                    let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(body, expected_body, "step {i}: apply body");
+                    let meta = &mut body["metadata"];
+                    meta["namespace"] = json!(NS);
+                    meta["uid"] = json!("9d8c7b6a-5f4e-4d3c-8b2a-1a0b9c8d7e6f");
+                    meta["resourceVersion"] = json!("4713");
+                    meta["creationTimestamp"] = json!("2026-01-12T09:31:00Z");
+                    meta["managedFields"] = json!([{
+                        "manager": "keel",
+                        "operation": "Apply",
+                        "apiVersion": "v1",
+                        "time": "2026-01-12T09:31:00Z",
+                        "fieldsType": "FieldsV1",
+                        "fieldsV1": { "f:spec": { "f:hard": {} } }
+                    }]);
+                    body["status"] = json!({ "hard": body["spec"]["hard"].clone(), "used": {} });
+                    respond(StatusCode::OK, &body)
+                }
+            };
+            send.send_response(response);
+        }
+        if let Some((request, _)) = handle.next_request().await {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+
+    /// Runs one attempt against a fake API server that expects exactly `steps`.
+    async fn run(
+        quotas: TierQuotas,
+        propagation: &Propagation,
+        steps: Vec<Step>,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(serve(handle, steps));
+        let applier = KubeQuotaApplier::new(kube::Client::new(service, "default"), quotas);
+        let outcome = applier.apply(propagation).await;
+        drop(applier);
+        server.await.unwrap();
+        assert_token_hidden(&outcome);
+        outcome
+    }
+
+    fn assert_token_hidden(outcome: &Result<ApplyOutcome, ApplyError>) {
+        let text = match outcome {
+            Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { detail, .. })) => detail.clone(),
+            Ok(ApplyOutcome::Applied | ApplyOutcome::Skipped(SkipReason::Legitimate(_))) => {
+                String::new()
+            }
+            Err(e) => format!("{e} {e:?}"),
+        };
+        assert!(!text.contains(TOKEN), "full token leaked: {text}");
+    }
+
+    fn skipped(bucket: ReasonBucket, detail: &str) -> Result<ApplyOutcome, ApplyError> {
+        Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+            bucket,
+            detail: detail.to_owned(),
+        }))
+    }
+
+    #[tokio::test]
+    async fn applies_the_tier_quota_by_server_side_apply() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_postgres(),
+            vec![
+                get_namespace(),
+                get_postgres_admin(),
+                ssa(Reply::Applied {
+                    expected_body: pro_quota_body(),
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(outcome, Ok(ApplyOutcome::Applied));
+    }
+
+    #[tokio::test]
+    async fn redis_needs_redis_auth_and_a_namespace_resource_needs_no_secret() {
+        let redis = propagation(ResourceType::Redis, "pro");
+        let missing = run(
+            TierQuotas::standard(),
+            &redis,
+            vec![
+                get_namespace(),
+                get(
+                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/redis-auth",
+                    not_found("secrets", "redis-auth"),
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(
+            missing,
+            skipped(
+                ReasonBucket::RedisAuthSecretMissing,
+                "Secret redis-auth not found in namespace instant-customer-a1b2…"
+            )
+        );
+
+        let namespace = propagation(ResourceType::Namespace, "pro");
+        let applied = run(
+            TierQuotas::standard(),
+            &namespace,
+            vec![
+                get_namespace(),
+                ssa(Reply::Applied {
+                    expected_body: pro_quota_body(),
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(applied, Ok(ApplyOutcome::Applied));
+    }
+
+    #[tokio::test]
+    async fn missing_namespace_is_an_unexpected_skip_not_success() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_postgres(),
+            vec![get(
+                "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
+                not_found("namespaces", NS),
+            )],
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            skipped(
+                ReasonBucket::NamespaceNotFound,
+                "namespace instant-customer-a1b2… not found"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_postgres_admin_secret_is_an_unexpected_skip() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_postgres(),
+            vec![
+                get_namespace(),
+                get(
+                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+                    not_found("secrets", "postgres-admin"),
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            skipped(
+                ReasonBucket::PostgresAdminSecretMissing,
+                "Secret postgres-admin not found in namespace instant-customer-a1b2…"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn deleted_resource_is_a_legitimate_skip_without_api_calls() {
+        let mut deleted = pro_postgres();
+        deleted.backend.status = Some("deleted".into());
+        let outcome = run(TierQuotas::standard(), &deleted, vec![]).await;
+        assert_eq!(
+            outcome,
+            Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                LegitimateSkip::ResourceDeprovisioned
+            )))
+        );
+    }
+
+    #[tokio::test]
+    async fn resource_without_a_token_is_an_unexpected_skip_without_api_calls() {
+        let mut legacy = pro_postgres();
+        legacy.backend.token = None;
+        let outcome = run(TierQuotas::standard(), &legacy, vec![]).await;
+        let Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail })) = outcome else {
+            panic!("expected an unexpected skip, got {outcome:?}");
+        };
+        assert_eq!(bucket, ReasonBucket::LegacyResource);
+        assert!(detail.contains("has no customer token"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn unknown_tier_is_an_error_that_retries() {
+        let enterprise = propagation(ResourceType::Postgres, "enterprise");
+        let outcome = run(TierQuotas::standard(), &enterprise, vec![]).await;
+        let Err(error) = &outcome else {
+            panic!("expected an error, got {outcome:?}");
+        };
+        assert!(error.message.contains("tier enterprise"), "{error}");
+        assert!(error.message.contains("free, hobby, pro, team"), "{error}");
+        let transition = crate::decide(
+            1,
+            &outcome,
+            &crate::RetryPolicy::standard(),
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        assert!(
+            matches!(transition, crate::Transition::Retry { .. }),
+            "{transition:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn api_error_on_apply_is_an_error_with_the_step_and_the_api_words() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_postgres(),
+            vec![
+                get_namespace(),
+                get_postgres_admin(),
+                ssa(Reply::Status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": format!(
+                            "Internal error occurred: resourcequotas \"keel-tier\" in namespace \
+                             {NS}: etcdserver: request timed out"
+                        ),
+                        "reason": "InternalError",
+                        "details": { "name": "keel-tier", "kind": "resourcequotas" },
+                        "code": 500
+                    }),
+                )),
+            ],
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            Err(ApplyError {
+                bucket: ReasonBucket::ResourceNotReachable,
+                message: "could not apply ResourceQuota keel-tier for tier pro in namespace \
+                          instant-customer-a1b2…: 500 InternalError: Internal error occurred: \
+                          resourcequotas \"keel-tier\" in namespace instant-customer-a1b2…: \
+                          etcdserver: request timed out"
+                    .to_owned(),
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn forbidden_secret_read_is_an_error_not_a_skip() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_postgres(),
+            vec![
+                get_namespace(),
+                get(
+                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+                    Reply::Status(
+                        StatusCode::FORBIDDEN,
+                        json!({
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "metadata": {},
+                            "status": "Failure",
+                            "message": format!(
+                                "secrets \"postgres-admin\" is forbidden: User \
+                                 \"system:serviceaccount:keel:keel\" cannot get resource \
+                                 \"secrets\" in API group \"\" in the namespace \"{NS}\""
+                            ),
+                            "reason": "Forbidden",
+                            "details": { "name": "postgres-admin", "kind": "secrets" },
+                            "code": 403
+                        }),
+                    ),
+                ),
+            ],
+        )
+        .await;
+        let Err(error) = &outcome else {
+            panic!("expected an error, got {outcome:?}");
+        };
+        assert!(
+            error
+                .message
+                .starts_with("could not read Secret postgres-admin in namespace instant-customer-a1b2…: 403 Forbidden:"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_outcome_text_contains_the_full_token() {
+        let leaky_status = |code: StatusCode| {
+            Reply::Status(
+                code,
+                json!({
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": format!("namespaces \"{NS}\" is unavailable ({TOKEN})"),
+                    "reason": "ServiceUnavailable",
+                    "details": { "name": NS, "kind": "namespaces" },
+                    "code": code.as_u16()
+                }),
+            )
+        };
+        let cases: Vec<(Propagation, Vec<Step>)> = vec![
+            (
+                pro_postgres(),
+                vec![get(
+                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
+                    not_found("namespaces", NS),
+                )],
+            ),
+            (
+                pro_postgres(),
+                vec![get(
+                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
+                    leaky_status(StatusCode::SERVICE_UNAVAILABLE),
+                )],
+            ),
+            (
+                pro_postgres(),
+                vec![
+                    get_namespace(),
+                    get(
+                        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+                        leaky_status(StatusCode::INTERNAL_SERVER_ERROR),
+                    ),
+                ],
+            ),
+            (
+                pro_postgres(),
+                vec![
+                    get_namespace(),
+                    get_postgres_admin(),
+                    ssa(leaky_status(StatusCode::INTERNAL_SERVER_ERROR)),
+                ],
+            ),
+            (propagation(ResourceType::Postgres, "enterprise"), vec![]),
+        ];
+        for (propagation, steps) in cases {
+            let outcome = run(TierQuotas::standard(), &propagation, steps).await;
+            assert!(!matches!(outcome, Ok(ApplyOutcome::Applied)), "{outcome:?}");
+            // `run` asserts the token is hidden; check the masked form is what is shown.
+            let text = match &outcome {
+                Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { detail, .. })) => detail.clone(),
+                Ok(other) => panic!("expected a failure, got {other:?}"),
+                Err(e) => e.message.clone(),
+            };
+            assert!(!text.contains(TOKEN), "{text}");
+            if !text.contains("tier enterprise") {
+                assert!(text.contains("instant-customer-a1b2…"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn standard_quotas_cover_the_four_tiers() {
+        let quotas = TierQuotas::standard();
+        let got: Vec<(&str, &str, &str, u32)> = quotas
+            .tiers()
+            .map(|tier| {
+                let l = quotas.get(tier).unwrap();
+                (tier.as_str(), l.cpu(), l.memory(), l.pods())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("free", "500m", "512Mi", 2),
+                ("hobby", "1", "1Gi", 4),
+                ("pro", "4", "8Gi", 20),
+                ("team", "16", "32Gi", 100),
+            ]
+        );
+    }
+
+    #[test]
+    fn tier_quotas_can_be_added_and_overridden() {
+        let pro = Tier::parse("pro").unwrap();
+        let enterprise = Tier::parse("enterprise").unwrap();
+        let bigger = QuotaLimits::new("8", "16Gi", 40).unwrap();
+        let quotas = TierQuotas::standard()
+            .with(pro.clone(), bigger.clone())
+            .with(
+                enterprise.clone(),
+                QuotaLimits::new("64", "128Gi", 500).unwrap(),
+            );
+        assert_eq!(quotas.get(&pro), Some(&bigger));
+        assert_eq!(quotas.get(&enterprise).map(QuotaLimits::cpu), Some("64"));
+        assert_eq!(quotas.tiers().count(), 5);
+        assert_eq!(TierQuotas::empty().get(&pro), None);
+    }
+
+    #[test]
+    fn quota_quantities_are_validated_minimally() {
+        for ok in ["500m", "1", "0", "1.5", "512Mi", "8Gi", "1k", "2G", "0.25"] {
+            assert!(QuotaLimits::new(ok, ok, 1).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "m",
+            "-1",
+            "1.2.3",
+            "8 Gi",
+            "8gi",
+            "1e3",
+            "lots",
+            ".",
+            &"9".repeat(33),
+        ] {
+            let err = QuotaLimits::new(bad, "1Gi", 1).unwrap_err();
+            assert_eq!(err.field, "cpu", "{bad:?}");
+            let err = QuotaLimits::new("1", bad, 1).unwrap_err();
+            assert_eq!(err.field, "memory", "{bad:?}");
+        }
+    }
+}

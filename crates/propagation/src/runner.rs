@@ -1,0 +1,321 @@
+//! The runner (feature `postgres`): claims due propagations in batches, applies them with
+//! bounded concurrency, and records every transition with its audit row.
+
+use std::collections::BTreeMap;
+use std::ops::AddAssign;
+use std::sync::Arc;
+
+use keel_audit::Actor;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::applier::Applier;
+use crate::decide::{ClaimDecision, Transition, decide, on_claim};
+use crate::metrics::Metrics;
+use crate::model::{Propagation, PropagationId};
+use crate::outcome::{ApplyError, ApplyOutcome};
+use crate::policy::RetryPolicies;
+use crate::store::{Completion, PropagationStore, StoreError, WorkerId};
+
+/// How a runner behaves.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// This replica's id, recorded in `claimed_by`.
+    pub worker: WorkerId,
+    /// Who the audit rows say acted.
+    pub actor: Actor,
+    /// Rows claimed per batch; also the number of applies in flight at once.
+    pub batch_size: u32,
+    /// How long a claim is held before another replica may take the row over.
+    pub lease: time::Duration,
+    /// How long one apply may take before it counts as a failure.
+    pub apply_timeout: std::time::Duration,
+    /// How often to look for due rows when no notification arrives.
+    pub poll_interval: std::time::Duration,
+    /// On shutdown, how long in-flight applies may take before their rows are released.
+    pub shutdown_grace: std::time::Duration,
+    /// Retry budgets and schedules.
+    pub policies: RetryPolicies,
+}
+
+impl RunnerConfig {
+    /// Defaults: batches of 32, 5-minute leases, 60 s apply timeout, 5 s polling, 20 s grace,
+    /// the standard retry policy.
+    pub fn new(worker: WorkerId) -> Self {
+        let actor = Actor::parse(&format!("runner:{}", worker.as_str().to_ascii_lowercase()))
+            .unwrap_or_else(|_| Actor::system());
+        Self {
+            worker,
+            actor,
+            batch_size: 32,
+            lease: time::Duration::minutes(5),
+            apply_timeout: std::time::Duration::from_secs(60),
+            poll_interval: std::time::Duration::from_secs(5),
+            shutdown_grace: std::time::Duration::from_secs(20),
+            policies: RetryPolicies::default(),
+        }
+    }
+}
+
+/// What one or more batches did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Marked applied (including legitimate skips).
+    pub applied: usize,
+    /// Scheduled to retry after an error.
+    pub retried: usize,
+    /// Scheduled to retry after an unexpected skip.
+    pub unexpected_skips: usize,
+    /// Dead-lettered.
+    pub dead_lettered: usize,
+    /// Refused by the fence (another worker had the row).
+    pub stale: usize,
+    /// Given back unattempted at shutdown.
+    pub released: usize,
+}
+
+impl AddAssign for BatchReport {
+    fn add_assign(&mut self, other: Self) {
+        self.claimed += other.claimed;
+        self.applied += other.applied;
+        self.retried += other.retried;
+        self.unexpected_skips += other.unexpected_skips;
+        self.dead_lettered += other.dead_lettered;
+        self.stale += other.stale;
+        self.released += other.released;
+    }
+}
+
+/// Claims, applies and records propagations.
+#[derive(Debug)]
+pub struct Runner<S, A> {
+    store: Arc<S>,
+    applier: Arc<A>,
+    metrics: Metrics,
+    config: RunnerConfig,
+}
+
+type Attempt = (
+    Propagation,
+    Result<ApplyOutcome, ApplyError>,
+    std::time::Duration,
+);
+
+impl<S, A> Runner<S, A>
+where
+    S: PropagationStore + 'static,
+    A: Applier + 'static,
+{
+    /// A runner over `store`, applying with `applier`.
+    pub fn new(store: Arc<S>, applier: Arc<A>, metrics: Metrics, config: RunnerConfig) -> Self {
+        Self {
+            store,
+            applier,
+            metrics,
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    /// Claims one batch due at `now`, applies it, and records the outcomes.
+    ///
+    /// If `shutdown` fires meanwhile, in-flight applies get `shutdown_grace` to finish; rows
+    /// still unfinished then are released unattempted.
+    pub async fn run_batch(
+        &self,
+        now: OffsetDateTime,
+        shutdown: &CancellationToken,
+    ) -> Result<BatchReport, StoreError> {
+        let config = &self.config;
+        let claimed = self
+            .store
+            .claim(&config.worker, config.batch_size, config.lease, now)
+            .await?;
+        let mut report = BatchReport {
+            claimed: claimed.len(),
+            ..BatchReport::default()
+        };
+        let mut completions = Vec::with_capacity(claimed.len());
+        let mut in_flight: BTreeMap<tokio::task::Id, Propagation> = BTreeMap::new();
+        let mut tasks: JoinSet<Attempt> = JoinSet::new();
+        for propagation in claimed {
+            match on_claim(
+                propagation.attempt,
+                config.policies.for_kind(propagation.kind()),
+            ) {
+                ClaimDecision::Settle(transition) => completions.push(Completion {
+                    propagation,
+                    transition,
+                }),
+                ClaimDecision::Apply => {
+                    let applier = Arc::clone(&self.applier);
+                    let timeout = config.apply_timeout;
+                    let attempt = propagation.clone();
+                    let handle = tasks.spawn(async move {
+                        let started = Instant::now();
+                        let outcome =
+                            match tokio::time::timeout(timeout, applier.apply(&attempt)).await {
+                                Ok(outcome) => outcome,
+                                Err(_) => Err(ApplyError::new(format!(
+                                    "the applier timed out after {} s",
+                                    timeout.as_secs_f64()
+                                ))),
+                            };
+                        (attempt, outcome, started.elapsed())
+                    });
+                    in_flight.insert(handle.id(), propagation);
+                }
+            }
+        }
+
+        let mut deadline: Option<Instant> = None;
+        while !tasks.is_empty() {
+            let grace_over = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                joined = tasks.join_next_with_id() => {
+                    let (propagation, outcome) = match joined {
+                        Some(Ok((id, (propagation, outcome, took)))) => {
+                            in_flight.remove(&id);
+                            self.metrics.observe_apply(&propagation, took.as_secs_f64());
+                            (propagation, outcome)
+                        }
+                        Some(Err(failed)) => {
+                            let Some(propagation) = in_flight.remove(&failed.id()) else { continue };
+                            (propagation, Err(ApplyError::new("the applier panicked")))
+                        }
+                        None => break,
+                    };
+                    let policy = config.policies.for_kind(propagation.kind());
+                    let transition = decide(propagation.attempt, &outcome, policy, now);
+                    completions.push(Completion { propagation, transition });
+                }
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(Instant::now() + config.shutdown_grace);
+                }
+                _ = grace_over => {
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+
+        if !in_flight.is_empty() {
+            let unfinished: Vec<Propagation> = in_flight.into_values().collect();
+            report.released =
+                usize::try_from(self.store.release(&config.worker, &unfinished, now).await?)
+                    .unwrap_or(usize::MAX);
+            tracing::warn!(
+                released = report.released,
+                "shutdown: released unfinished propagations"
+            );
+        }
+
+        let recorded = self
+            .store
+            .complete(&config.worker, &completions, &config.actor, now)
+            .await?;
+        let stale: std::collections::BTreeSet<PropagationId> =
+            recorded.stale.iter().copied().collect();
+        for completion in &completions {
+            let propagation = &completion.propagation;
+            if stale.contains(&propagation.id) {
+                report.stale += 1;
+                self.metrics.stale_completion(propagation.kind());
+                tracing::info!(propagation_id = %propagation.id, "another worker owns this propagation now; result discarded");
+                continue;
+            }
+            self.metrics.record(propagation, &completion.transition);
+            log_transition(propagation, &completion.transition);
+            match &completion.transition {
+                Transition::Applied { .. } => report.applied += 1,
+                Transition::Retry { .. }
+                    if completion.transition.audit_kind()
+                        == keel_audit::AuditKind::PropagationUnexpectedSkip =>
+                {
+                    report.unexpected_skips += 1
+                }
+                Transition::Retry { .. } => report.retried += 1,
+                Transition::DeadLetter { .. } => report.dead_lettered += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs batches until nothing is due (the `--once` mode), or until `shutdown`.
+    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
+        let mut total = BatchReport::default();
+        while !shutdown.is_cancelled() {
+            let report = self.run_batch(OffsetDateTime::now_utc(), shutdown).await?;
+            total += report;
+            if report.claimed == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Runs until `shutdown`: a batch whenever `wake` is notified or `poll_interval` passes,
+    /// and straight away again while full batches keep coming. Store errors are logged and
+    /// retried on the next poll; they never stop the runner.
+    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match self.run_batch(OffsetDateTime::now_utc(), &shutdown).await {
+                Ok(report)
+                    if report.claimed > 0
+                        && report.claimed as u64 >= u64::from(self.config.batch_size) =>
+                {
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "propagation batch failed; retrying on the next poll")
+                }
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+fn log_transition(propagation: &Propagation, transition: &Transition) {
+    let (id, kind, resource) = (
+        propagation.id,
+        propagation.kind().as_str(),
+        propagation.resource_id,
+    );
+    match transition {
+        Transition::Applied { skipped } => tracing::info!(
+            propagation_id = %id, kind, resource_id = %resource, attempt = propagation.attempt,
+            skipped = skipped.map(|s| s.as_str()), "propagation applied"
+        ),
+        Transition::Retry {
+            cause,
+            next_attempt_at,
+        } => tracing::warn!(
+            propagation_id = %id, kind, resource_id = %resource, attempt = propagation.attempt,
+            reason_bucket = cause.bucket().as_str(), next_attempt_at = %next_attempt_at,
+            audit_kind = transition.audit_kind().as_str(), "propagation not applied; will retry"
+        ),
+        Transition::DeadLetter { cause } => tracing::error!(
+            propagation_id = %id, kind, resource_id = %resource, attempt = propagation.attempt,
+            reason_bucket = cause.bucket().as_str(), "propagation dead-lettered"
+        ),
+    }
+}

@@ -1,0 +1,122 @@
+//! The `PropagationStore` port: where propagations wait, get claimed and record transitions.
+
+use std::fmt;
+use std::future::Future;
+
+use keel_audit::Actor;
+use time::{Duration, OffsetDateTime};
+
+use crate::decide::Transition;
+use crate::model::{Propagation, PropagationId};
+
+/// Identifies one runner process (a replica) in `claimed_by`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkerId(String);
+
+/// A worker id that is empty, too long or has odd characters.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid worker id: use 1 to 64 characters of [A-Za-z0-9._:-]")]
+pub struct InvalidWorkerId;
+
+impl WorkerId {
+    /// Parses a worker id (e.g. the pod name).
+    pub fn parse(s: &str) -> Result<Self, InvalidWorkerId> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidWorkerId)
+        }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One attempt's result, ready to be recorded.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The claimed propagation (its `attempt` is the fence).
+    pub propagation: Propagation,
+    /// What the attempt decided.
+    pub transition: Transition,
+}
+
+/// What recording a batch of completions did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompletionReport {
+    /// Rows whose transition was recorded (with its audit row).
+    pub recorded: Vec<PropagationId>,
+    /// Rows refused by the fence: another worker (or a newer enqueue) had taken them over, so
+    /// this worker's late result changed nothing.
+    pub stale: Vec<PropagationId>,
+}
+
+/// Why the store failed. Nothing was recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed the operation.
+    #[error("the propagation store failed to {operation}: {source}")]
+    Database {
+        /// What was being attempted.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: keel_audit::BoxError,
+    },
+    /// Writing the audit rows failed, so the transitions were rolled back with them.
+    #[error("could not write the audit rows, so no transition was recorded: {0}")]
+    Audit(#[from] keel_audit::AuditSinkError),
+    /// A stored row could not be read as a propagation.
+    #[error("propagation {id} cannot be read: {reason}")]
+    Corrupt {
+        /// Row id.
+        id: i64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where propagations wait and how their attempts are recorded.
+///
+/// Delivery is at least once: a claim holds a lease; a row whose lease expires is claimable
+/// again. Every completion is fenced on (row, worker, attempt), so a stale worker's late result
+/// changes nothing, and it commits together with its audit row or not at all.
+pub trait PropagationStore: Send + Sync {
+    /// Claims up to `limit` due rows for `worker` for `lease`, counting an attempt on each.
+    fn claim(
+        &self,
+        worker: &WorkerId,
+        limit: u32,
+        lease: Duration,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Vec<Propagation>, StoreError>> + Send;
+
+    /// Records `completions` and their audit rows (attributed to `actor`) in one transaction.
+    fn complete(
+        &self,
+        worker: &WorkerId,
+        completions: &[Completion],
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<CompletionReport, StoreError>> + Send;
+
+    /// Gives claimed rows back unattempted (their attempt is not counted), e.g. at shutdown.
+    fn release(
+        &self,
+        worker: &WorkerId,
+        propagations: &[Propagation],
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}

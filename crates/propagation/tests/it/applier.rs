@@ -1,0 +1,145 @@
+//! The Postgres role applier against a real cluster.
+
+use keel_propagation::postgres::{PgRoleApplier, TierRoleSettings};
+use keel_propagation::{Applier, ApplyOutcome, Backend, LegitimateSkip, ReasonBucket, SkipReason};
+
+use crate::*;
+
+fn propagation(role: Option<&str>, to: &str) -> Propagation {
+    Propagation {
+        id: PropagationId(1),
+        team_id: TeamId::new_random(),
+        resource_id: ResourceId::new_random(),
+        resource_type: ResourceType::Postgres,
+        payload: Payload::TierElevation {
+            target_tier: tier(to),
+        },
+        attempt: 1,
+        backend: Backend {
+            token: None,
+            provider_resource_id: role.map(str::to_owned),
+            status: Some("active".into()),
+        },
+    }
+}
+
+async fn role_settings(pool: &PgPool, role: &str) -> (i32, Vec<String>) {
+    let (limit, config): (i32, Option<Vec<String>>) =
+        sqlx::query_as("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = $1")
+            .bind(role)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    (limit, config.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_postgres_applier_changes_the_role_and_then_reports_already_at_target() {
+    let db = keel_testkit::database().await;
+    let role = format!("cust_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 5"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
+
+    let outcome = applier
+        .apply(&propagation(Some(&role), "pro"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ApplyOutcome::Applied);
+    assert_eq!(
+        role_settings(db.pool(), &role).await,
+        (50, vec!["statement_timeout=300000ms".to_owned()])
+    );
+
+    let again = applier
+        .apply(&propagation(Some(&role), "pro"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        ApplyOutcome::Skipped(SkipReason::Legitimate(LegitimateSkip::AlreadyAtTarget))
+    );
+
+    let down = applier
+        .apply(&propagation(Some(&role), "free"))
+        .await
+        .unwrap();
+    assert_eq!(down, ApplyOutcome::Applied);
+    assert_eq!(
+        role_settings(db.pool(), &role).await,
+        (5, vec!["statement_timeout=30000ms".to_owned()])
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_customer_role_is_an_unexpected_skip_not_success() {
+    let db = keel_testkit::database().await;
+    let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
+    let outcome = applier
+        .apply(&propagation(Some("cust_doesnotexist"), "pro"))
+        .await
+        .unwrap();
+    let ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail }) = outcome else {
+        panic!("a missing role must be an unexpected skip, got {outcome:?}");
+    };
+    assert_eq!(bucket, ReasonBucket::ResourceNotReachable);
+    assert!(
+        !detail.contains("cust_doesnotexist"),
+        "the role name derives from the token: {detail}"
+    );
+}
+
+#[tokio::test]
+async fn role_names_are_validated_before_they_reach_sql() {
+    let db = keel_testkit::database().await;
+    let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
+    for bad in [
+        "x\"; DROP ROLE postgres; --",
+        "Upper",
+        "1starts_with_digit",
+        "",
+    ] {
+        let outcome = applier.apply(&propagation(Some(bad), "pro")).await.unwrap();
+        assert!(
+            matches!(
+                outcome,
+                ApplyOutcome::Skipped(SkipReason::Unexpected {
+                    bucket: ReasonBucket::LegacyResource,
+                    ..
+                })
+            ),
+            "{bad:?}: {outcome:?}"
+        );
+    }
+    let unknown_tier = applier
+        .apply(&propagation(Some("cust_x"), "platinum"))
+        .await
+        .unwrap_err();
+    assert!(
+        unknown_tier
+            .message
+            .contains("no role settings are configured for tier platinum")
+    );
+}
+
+#[tokio::test]
+async fn a_deprovisioned_resource_is_a_legitimate_skip() {
+    let db = keel_testkit::database().await;
+    let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
+    let mut gone = propagation(Some("cust_x"), "pro");
+    gone.backend.status = Some("deleted".into());
+    assert_eq!(
+        applier.apply(&gone).await.unwrap(),
+        ApplyOutcome::Skipped(SkipReason::Legitimate(
+            LegitimateSkip::ResourceDeprovisioned
+        ))
+    );
+}

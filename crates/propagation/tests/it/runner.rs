@@ -1,0 +1,288 @@
+//! The runner end to end against Postgres, with scripted appliers.
+
+use std::sync::Arc;
+
+use keel_audit::AuditKind;
+use keel_propagation::runner::{Runner, RunnerConfig};
+use keel_propagation::{
+    ApplyOutcome, LegitimateSkip, Metrics, PropagationKind, ReasonBucket, RetryPolicy, SkipReason,
+};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::*;
+
+fn runner(
+    pool: &PgPool,
+    applier: Arc<Recording>,
+    name: &str,
+) -> (Runner<PgPropagationStore, Recording>, Metrics) {
+    let metrics = Metrics::register(&mut Registry::default());
+    let config = RunnerConfig::new(worker(name));
+    (
+        Runner::new(Arc::new(store(pool)), applier, metrics.clone(), config),
+        metrics,
+    )
+}
+
+#[tokio::test]
+async fn unexpected_skip_never_marks_applied() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let skip =
+        SkipReason::unexpected("secret postgres-admin not found in namespace instant-customer-…");
+    let applier = Arc::new(Recording::answering(Ok(ApplyOutcome::Skipped(skip))));
+    let (runner, metrics) = runner(db.pool(), applier.clone(), "runner-1");
+    let never = CancellationToken::new();
+    let policy = RetryPolicy::standard();
+
+    let mut now = T0;
+    for attempt in 1..=policy.max_attempts() {
+        let report = runner.run_batch(now, &never).await.unwrap();
+        assert_eq!(
+            report.claimed, 1,
+            "attempt {attempt} was not due on schedule"
+        );
+        assert!(
+            runner.run_batch(now, &never).await.unwrap().claimed == 0,
+            "attempt {attempt}: the row was claimable again before its backoff"
+        );
+        let state = row(db.pool(), id).await;
+        assert_eq!(
+            state.applied_at, None,
+            "attempt {attempt} stamped applied_at"
+        );
+        assert_eq!(state.attempts, attempt as i32);
+        assert!(
+            state
+                .last_error
+                .unwrap()
+                .contains("postgres_admin_secret_missing")
+        );
+        if attempt < policy.max_attempts() {
+            assert_eq!(state.status, "pending");
+            assert_eq!(state.next_attempt_at, now + policy.delay_after(attempt));
+            now = state.next_attempt_at;
+        } else {
+            assert_eq!(
+                state.status, "dead_lettered",
+                "the 10th attempt dead-letters"
+            );
+        }
+    }
+    assert_eq!(
+        now - T0,
+        time::Duration::hours(24) + time::Duration::minutes(33)
+    );
+
+    let kinds = audit_kinds(db.pool(), resource).await;
+    let mut expected = vec![AuditKind::PropagationUnexpectedSkip.as_str().to_owned(); 9];
+    expected.push(AuditKind::PropagationDeadLettered.as_str().to_owned());
+    assert_eq!(kinds, expected, "never propagation.applied");
+    assert_eq!(
+        metrics.unexpected_skips(
+            PropagationKind::TierElevation,
+            ResourceType::Postgres,
+            ReasonBucket::PostgresAdminSecretMissing
+        ),
+        10
+    );
+    assert_eq!(
+        metrics.applied(PropagationKind::TierElevation, ResourceType::Postgres),
+        0
+    );
+    assert_eq!(
+        metrics.dead_lettered(PropagationKind::TierElevation, ResourceType::Postgres),
+        1
+    );
+    assert_eq!(
+        resource_tier(db.pool(), resource).await,
+        "free",
+        "the regrade never landed"
+    );
+}
+
+#[tokio::test]
+async fn an_applied_propagation_stamps_applied_at_moves_the_tier_and_audits_applied() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let (runner, metrics) = runner(db.pool(), Arc::new(Recording::default()), "runner-1");
+    let report = runner
+        .run_batch(T0, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    let state = row(db.pool(), id).await;
+    assert_eq!(
+        (state.status.as_str(), state.applied_at),
+        ("applied", Some(T0))
+    );
+    assert_eq!(resource_tier(db.pool(), resource).await, "pro");
+    assert_eq!(
+        audit_kinds(db.pool(), resource).await,
+        vec!["propagation.applied"]
+    );
+    assert_eq!(
+        metrics.applied(PropagationKind::TierElevation, ResourceType::Postgres),
+        1
+    );
+}
+
+#[tokio::test]
+async fn every_legitimate_skip_marks_applied_against_the_database() {
+    for &skip in LegitimateSkip::ALL {
+        let db = keel_testkit::database().await;
+        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+        let id = store(db.pool())
+            .enqueue(&elevation(team, resource, "pro"), T0)
+            .await
+            .unwrap()
+            .id();
+        let applier = Arc::new(Recording::answering(Ok(ApplyOutcome::Skipped(
+            SkipReason::Legitimate(skip),
+        ))));
+        let (runner, _) = runner(db.pool(), applier, "runner-1");
+        runner
+            .run_batch(T0, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(row(db.pool(), id).await.status, "applied", "{skip:?}");
+        assert_eq!(
+            audit_kinds(db.pool(), resource).await,
+            vec!["propagation.applied"],
+            "{skip:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_runners_over_thousands_of_rows_never_apply_one_row_concurrently() {
+    let db = keel_testkit::database().await;
+    let rows = 2_000;
+    let team = TeamId::new_random();
+    sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, 'pro')")
+        .bind(team.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
+         SELECT 'tier_elevation', $1, gen_random_uuid(), 'postgres', '{\"target_tier\": \"pro\"}', $2 \
+         FROM generate_series(1, $3)",
+    )
+    .bind(team.as_uuid())
+    .bind(OffsetDateTime::now_utc() - time::Duration::minutes(1)) // drain() runs on the real clock
+    .bind(rows)
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let applier = Arc::new(Recording::default());
+    let (a, _) = runner(db.pool(), applier.clone(), "runner-a");
+    let (b, _) = runner(db.pool(), applier.clone(), "runner-b");
+    let never = CancellationToken::new();
+    let drain = |r: Runner<PgPropagationStore, Recording>| {
+        let never = never.clone();
+        tokio::spawn(async move { r.drain(&never).await.unwrap() })
+    };
+    let (ra, rb) = (drain(a), drain(b));
+    let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
+
+    assert!(
+        applier.overlaps().is_empty(),
+        "rows applied concurrently: {:?}",
+        applier.overlaps()
+    );
+    let applies = applier.applies();
+    assert_eq!(applies.len(), rows as usize);
+    assert!(applies.values().all(|&n| n == 1), "a row was applied twice");
+    assert_eq!(ra.applied + rb.applied, rows as usize);
+    assert!(
+        ra.applied > 0 && rb.applied > 0,
+        "both runners should take part: {ra:?} {rb:?}"
+    );
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_propagations WHERE status = 'applied'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(applied, rows);
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind = 'propagation.applied'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(audit, rows, "one audit row per transition");
+}
+
+#[tokio::test]
+async fn shutdown_releases_rows_whose_apply_outlives_the_grace_period() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let applier = Arc::new(Recording {
+        delay: Some(std::time::Duration::from_secs(30)),
+        ..Recording::default()
+    });
+    let mut config = RunnerConfig::new(worker("runner-1"));
+    config.shutdown_grace = std::time::Duration::from_millis(100);
+    let runner = Runner::new(
+        Arc::new(store(db.pool())),
+        applier,
+        Metrics::register(&mut Registry::default()),
+        config,
+    );
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let report = runner.run_batch(T0, &shutdown).await.unwrap();
+    assert_eq!((report.claimed, report.released, report.applied), (1, 1, 0));
+    let state = row(db.pool(), id).await;
+    assert_eq!(
+        (state.attempts, state.claimed_by, state.status.as_str()),
+        (0, None, "pending")
+    );
+    assert!(audit_kinds(db.pool(), resource).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_applier_error_retries_with_propagation_retrying_and_records_the_error() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let applier = Arc::new(Recording::answering(Err(
+        keel_propagation::ApplyError::new("connection refused"),
+    )));
+    let (runner, _) = runner(db.pool(), applier, "runner-1");
+    let report = runner
+        .run_batch(T0, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.retried, 1);
+    let state = row(db.pool(), id).await;
+    assert_eq!(
+        state.last_error.as_deref(),
+        Some("error (resource_not_reachable): connection refused")
+    );
+    assert_eq!(
+        audit_kinds(db.pool(), resource).await,
+        vec!["propagation.retrying"]
+    );
+}

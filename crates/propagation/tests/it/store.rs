@@ -1,0 +1,378 @@
+//! The Postgres store: coalescing, claims and leases, fences, audit atomicity, the reconciler
+//! and dead letters.
+
+use keel_audit::{Actor, AuditKind};
+use keel_propagation::postgres::{Enqueued, RequeueTarget};
+use keel_propagation::{
+    ApplyOutcome, Completion, PropagationKind, PropagationStore, RetryPolicy, StoreError,
+    Transition, decide,
+};
+use time::Duration;
+
+use crate::*;
+
+#[tokio::test]
+async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+
+    let first = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap();
+    assert!(matches!(first, Enqueued::Inserted(_)), "{first:?}");
+    let claimed = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let same = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        same,
+        Enqueued::Unchanged(first.id()),
+        "the same target changes nothing"
+    );
+    assert_eq!(row(db.pool(), first.id()).await.attempts, 1);
+
+    let newer = store
+        .enqueue(&elevation(team, resource, "team"), T0)
+        .await
+        .unwrap();
+    assert_eq!(newer, Enqueued::Replaced(first.id()));
+    let replaced = row(db.pool(), first.id()).await;
+    assert_eq!(replaced.attempts, 0, "a new target gets a full budget");
+    assert_eq!(
+        replaced.claimed_by, None,
+        "a new target is claimable at once"
+    );
+
+    // The worker still holding the old target finds its completion refused.
+    let transition = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
+    let report = store
+        .complete(
+            &worker("a"),
+            &[Completion {
+                propagation: claimed[0].clone(),
+                transition,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.stale, vec![first.id()]);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale_completion_is_rejected()
+ {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let lease = Duration::minutes(1);
+
+    let by_a = store.claim(&worker("a"), 10, lease, T0).await.unwrap();
+    assert_eq!(by_a.len(), 1);
+    assert_eq!(by_a[0].attempt, 1);
+    assert!(
+        store
+            .claim(&worker("b"), 10, lease, T0 + Duration::seconds(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let by_b = store
+        .claim(&worker("b"), 10, lease, T0 + Duration::seconds(61))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_b.len(),
+        1,
+        "an expired lease makes the row claimable again"
+    );
+    assert_eq!(by_b[0].attempt, 2, "the abandoned attempt counts");
+
+    // A finishes late: the fence refuses it and nothing changes, no audit row either.
+    let applied = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
+    let late = store
+        .complete(
+            &worker("a"),
+            &[Completion {
+                propagation: by_a[0].clone(),
+                transition: applied.clone(),
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(late.stale, vec![id]);
+    assert!(late.recorded.is_empty());
+    let after = row(db.pool(), id).await;
+    assert_eq!(
+        (after.status.as_str(), after.claimed_by.as_deref()),
+        ("pending", Some("b"))
+    );
+    assert!(audit_kinds(db.pool(), resource).await.is_empty());
+
+    // B's completion is the one that lands.
+    let done = store
+        .complete(
+            &worker("b"),
+            &[Completion {
+                propagation: by_b[0].clone(),
+                transition: applied,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.recorded, vec![id]);
+    assert_eq!(row(db.pool(), id).await.status, "applied");
+    assert_eq!(resource_tier(db.pool(), resource).await, "pro");
+}
+
+#[tokio::test]
+async fn a_transition_whose_audit_insert_fails_leaves_the_row_unchanged() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let claimed = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+    let before = row(db.pool(), id).await;
+    sqlx::query(
+        "ALTER TABLE audit_events ADD CONSTRAINT test_refuse CHECK (kind <> 'propagation.applied')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let applied = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
+    let err = store
+        .complete(
+            &worker("a"),
+            &[Completion {
+                propagation: claimed[0].clone(),
+                transition: applied,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Audit(_)), "{err}");
+    let after = row(db.pool(), id).await;
+    assert_eq!(after.status, before.status);
+    assert_eq!(after.attempts, before.attempts);
+    assert_eq!(after.applied_at, None);
+    assert_eq!(after.claimed_by, before.claimed_by);
+    assert_eq!(
+        resource_tier(db.pool(), resource).await,
+        "free",
+        "the tier moved without its audit row"
+    );
+}
+
+#[tokio::test]
+async fn releasing_a_claim_gives_the_attempt_back() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let claimed = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.release(&worker("b"), &claimed, T0).await.unwrap(),
+        0,
+        "only the owner can release"
+    );
+    assert_eq!(store.release(&worker("a"), &claimed, T0).await.unwrap(), 1);
+    let after = row(db.pool(), id).await;
+    assert_eq!((after.attempts, after.claimed_by), (0, None));
+    assert_eq!(
+        store
+            .claim(&worker("b"), 10, Duration::minutes(5), T0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_reconciler_enqueues_on_drift_and_not_while_a_propagation_is_pending() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (_, drifted) = seed(db.pool(), "pro", "free", None).await;
+    let (_, in_step) = seed(db.pool(), "pro", "pro", None).await;
+
+    let first = store.reconcile(T0).await.unwrap();
+    assert_eq!(
+        first.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        vec![drifted]
+    );
+    assert!(!first.iter().any(|(_, r)| *r == in_step));
+    assert!(
+        store.reconcile(T0).await.unwrap().is_empty(),
+        "enqueued again while one is pending"
+    );
+
+    // Once it dead-letters, the same drift is left to operators instead of looping.
+    sqlx::query(
+        "UPDATE pending_propagations SET status = 'dead_lettered', dead_lettered_at = now()",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    assert!(store.reconcile(T0).await.unwrap().is_empty());
+    // A new target for the team is new drift.
+    sqlx::query("UPDATE teams SET tier = 'team'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let again = store.reconcile(T0).await.unwrap();
+    assert_eq!(again.len(), 2, "both resources now drift from the new tier");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_requeued_with_an_audit_row_and_a_fresh_budget() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let claimed = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+    let dead = Transition::DeadLetter {
+        cause: keel_propagation::RetryCause::Abandoned,
+    };
+    store
+        .complete(
+            &worker("a"),
+            &[Completion {
+                propagation: claimed[0].clone(),
+                transition: dead,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+
+    let listed = store
+        .dead_letters(Some(PropagationKind::TierElevation), 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].id,
+            listed[0].attempts,
+            listed[0].target_tier.as_deref()
+        ),
+        (id.0, 1, Some("pro"))
+    );
+
+    let operator = Actor::parse("operator:alice").unwrap();
+    let report = store
+        .requeue(RequeueTarget::One(id), &operator, T0)
+        .await
+        .unwrap();
+    assert_eq!(report.requeued, vec![id]);
+    let after = row(db.pool(), id).await;
+    assert_eq!((after.status.as_str(), after.attempts), ("pending", 0));
+    assert_eq!(after.next_attempt_at, T0);
+    let kinds = audit_kinds(db.pool(), resource).await;
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some(AuditKind::PropagationRequeued.as_str())
+    );
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn requeue_leaves_a_dead_letter_alone_when_its_resource_already_has_a_pending_row() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let old = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    sqlx::query(
+        "UPDATE pending_propagations SET status = 'dead_lettered', dead_lettered_at = now()",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    store
+        .enqueue(&elevation(team, resource, "team"), T0)
+        .await
+        .unwrap();
+    let report = store
+        .requeue(
+            RequeueTarget::AllOfKind(PropagationKind::TierElevation),
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(report.requeued.is_empty());
+    assert_eq!(report.skipped_open, vec![old]);
+}
+
+#[tokio::test]
+async fn queue_stats_report_due_rows_and_the_oldest_wait() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    for _ in 0..3 {
+        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+        store
+            .enqueue(&elevation(team, resource, "pro"), T0)
+            .await
+            .unwrap();
+    }
+    let stats = store.queue_stats(T0 + Duration::seconds(90)).await.unwrap();
+    assert_eq!(stats.len(), PropagationKind::ALL.len());
+    assert_eq!(stats[0].due, 3);
+    assert!(
+        (stats[0].oldest_due_age_seconds - 90.0).abs() < 0.001,
+        "{stats:?}"
+    );
+}
