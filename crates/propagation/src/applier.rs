@@ -23,3 +23,107 @@ pub trait Applier: Send + Sync {
         propagation: &Propagation,
     ) -> impl Future<Output = Result<ApplyOutcome, ApplyError>> + Send;
 }
+
+/// Applies with `first`, then `second`; done only when both are.
+///
+/// The first outcome that is not success (an unexpected skip or an error) is the result, so a
+/// propagation is marked applied only when every backend has the target. When both report a
+/// legitimate skip, the first one's reason stands.
+#[derive(Clone, Debug)]
+pub struct AllOf<A, B> {
+    /// Applied first.
+    pub first: A,
+    /// Applied second, only if the first succeeded.
+    pub second: B,
+}
+
+fn is_success(outcome: &ApplyOutcome) -> bool {
+    match outcome {
+        ApplyOutcome::Applied | ApplyOutcome::Skipped(crate::SkipReason::Legitimate(_)) => true,
+        ApplyOutcome::Skipped(crate::SkipReason::Unexpected { .. }) => false,
+    }
+}
+
+impl<A: Applier, B: Applier> Applier for AllOf<A, B> {
+    async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
+        let first = self.first.apply(propagation).await?;
+        if !is_success(&first) {
+            return Ok(first);
+        }
+        let second = self.second.apply(propagation).await?;
+        Ok(match (&first, &second) {
+            (_, ApplyOutcome::Skipped(crate::SkipReason::Unexpected { .. })) => second,
+            (ApplyOutcome::Applied, _) | (_, ApplyOutcome::Applied) => ApplyOutcome::Applied,
+            (ApplyOutcome::Skipped(_), ApplyOutcome::Skipped(_)) => first,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, Payload, PropagationId};
+    use crate::{LegitimateSkip, ReasonBucket, SkipReason};
+    use keel_audit::{ResourceId, ResourceType, TeamId, Tier};
+
+    struct Fixed(Result<ApplyOutcome, ApplyError>);
+
+    impl Applier for Fixed {
+        async fn apply(&self, _: &Propagation) -> Result<ApplyOutcome, ApplyError> {
+            self.0.clone()
+        }
+    }
+
+    fn outcome(
+        first: Result<ApplyOutcome, ApplyError>,
+        second: Result<ApplyOutcome, ApplyError>,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        let propagation = Propagation {
+            id: PropagationId(1),
+            team_id: TeamId::new_random(),
+            resource_id: ResourceId::new_random(),
+            resource_type: ResourceType::Postgres,
+            payload: Payload::TierElevation {
+                target_tier: Tier::parse("pro").unwrap(),
+            },
+            attempt: 1,
+            backend: Backend::default(),
+        };
+        let both = AllOf {
+            first: Fixed(first),
+            second: Fixed(second),
+        };
+        // A tiny executor: these futures never wait.
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(both.apply(&propagation));
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => Err(ApplyError::new("pending")),
+        }
+    }
+
+    #[test]
+    fn all_of_is_success_only_when_every_applier_succeeds() {
+        let applied = || Ok(ApplyOutcome::Applied);
+        let at_target = || {
+            Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                LegitimateSkip::AlreadyAtTarget,
+            )))
+        };
+        let missing = || {
+            Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+                bucket: ReasonBucket::NamespaceNotFound,
+                detail: "x".into(),
+            }))
+        };
+        let failed = || Err(ApplyError::new("connection refused"));
+        assert_eq!(outcome(applied(), applied()), applied());
+        assert_eq!(outcome(at_target(), applied()), applied());
+        assert_eq!(outcome(at_target(), at_target()), at_target());
+        assert_eq!(outcome(applied(), missing()), missing());
+        assert_eq!(outcome(missing(), applied()), missing());
+        assert_eq!(outcome(applied(), failed()), failed());
+        assert_eq!(outcome(failed(), applied()), failed());
+    }
+}

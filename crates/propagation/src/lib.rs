@@ -35,7 +35,7 @@ pub mod postgres;
 pub mod runner;
 mod store;
 
-pub use applier::Applier;
+pub use applier::{AllOf, Applier};
 pub use decide::{ClaimDecision, RetryCause, Transition, decide, on_claim};
 pub use metrics::{KindLabels, Metrics, QueueLabels, SkipLabels};
 pub use model::{
