@@ -1,62 +1,13 @@
-//! `cargo xtask demo`: Keel's scenario end to end on a throwaway local Postgres.
-//!
-//! The scenario today is the audit trail: state changes and their audit rows commit together, a
-//! failed change leaves no audit row behind, the trail is append-only and refuses secrets. Each
-//! concern adds its own act as it lands.
+//! The audit act: state changes and their audit rows commit together, a failed change leaves no
+//! audit row behind, the trail is append-only and refuses secrets.
 
 use anyhow::{Context, ensure};
 use keel_audit::postgres::{AuditFilter, fetch, insert};
 use keel_audit::{Actor, AuditEvent, AuditKind, Consumer, ResourceId, TeamId, mask};
-use keel_testkit::PgServer;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use time::OffsetDateTime;
 
-/// Runs the demo, printing a readable account.
-pub fn run() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("could not start the async runtime")?;
-    runtime.block_on(scenario())
-}
-
-fn step(title: &str) {
-    println!("\n== {title}");
-}
-
-async fn scenario() -> anyhow::Result<()> {
-    println!("Keel demo: reliability core for a multi-tenant resource platform");
-
-    step("A throwaway Postgres");
-    let server = tokio::task::spawn_blocking(PgServer::start_throwaway)
-        .await?
-        .context("could not start a throwaway Postgres")?;
-    println!("started {}", server.describe());
-    server.create_database("keel_demo", None).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(server.options_for("keel_demo"))
-        .await
-        .context("could not connect to the demo database")?;
-    keel_schema::migrate(&pool)
-        .await
-        .context("could not apply the migrations")?;
-    println!(
-        "applied the migrations: schema version {} ({} tables: {})",
-        keel_schema::latest_version(),
-        keel_schema::CONTRACT_TABLES.len(),
-        keel_schema::CONTRACT_TABLES.join(", ")
-    );
-
-    audit_trail(&pool).await?;
-
-    pool.close().await;
-    println!(
-        "\nDone. The throwaway Postgres stops and its files are removed as this process exits."
-    );
-    Ok(())
-}
+use super::step;
 
 async fn count_audit(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM audit_events")
@@ -64,12 +15,13 @@ async fn count_audit(pool: &PgPool) -> anyhow::Result<i64> {
         .await?)
 }
 
-async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
+/// Runs the audit act.
+pub async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     let operator = Actor::parse("operator:demo")?;
     let team = TeamId::new_random();
     let resource = ResourceId::new_random();
-    let token = "tok_demo_7f3a9c2e";
+    let token = "demo7f3a9c2e";
 
     step("Audit: a state change and its audit row commit together");
     let mut tx = pool.begin().await?;
@@ -125,7 +77,7 @@ async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
     .await?;
     let refused = sqlx::query(
         "INSERT INTO resources (id, token, team_id, resource_type, tier, status) \
-         VALUES ($1, 'tok_demo_unaddressable', $2, 'postgres', 'pro', 'active')",
+         VALUES ($1, 'demounaddressable', $2, 'postgres', 'pro', 'active')",
     )
     .bind(ResourceId::new_random().as_uuid())
     .bind(team.as_uuid())
@@ -195,11 +147,13 @@ async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn first_line(text: &str) -> &str {
+/// The first line of a (database) error message.
+pub fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or(text)
 }
 
-fn describe(consumer: Consumer) -> String {
+/// One line describing a kind's consumer.
+pub fn describe(consumer: Consumer) -> String {
     match consumer {
         Consumer::CustomerNotification { template } => {
             format!("customer notification (template {template})")
