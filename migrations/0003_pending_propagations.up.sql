@@ -22,13 +22,13 @@ CREATE TABLE pending_propagations (
         CHECK ((status = 'applied') = (applied_at IS NOT NULL)),
     CONSTRAINT pending_propagations_dead_lettered_has_time
         CHECK ((status = 'dead_lettered') = (dead_lettered_at IS NOT NULL))
-);
+) WITH (fillfactor = 50); -- room on each page for the claim's in-place (HOT) updates
 
 -- At most one non-terminal propagation per (kind, resource): enqueue coalesces onto it.
 CREATE UNIQUE INDEX pending_propagations_one_open_ix
     ON pending_propagations (kind, resource_id) WHERE status = 'pending';
--- Due rows, for claiming.
+-- Due rows, in claim order (the claim's ORDER BY must match it, or every claim sorts the queue).
 CREATE INDEX pending_propagations_due_ix
-    ON pending_propagations (next_attempt_at) WHERE status = 'pending';
+    ON pending_propagations (next_attempt_at, id) WHERE status = 'pending';
 CREATE INDEX pending_propagations_dead_letter_ix
     ON pending_propagations (kind, dead_lettered_at) WHERE status = 'dead_lettered';

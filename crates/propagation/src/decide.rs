@@ -110,18 +110,12 @@ impl Transition {
         actor: &Actor,
         now: OffsetDateTime,
     ) -> AuditEvent {
-        let mut event = AuditEvent::new(self.audit_kind(), actor.clone(), now)
-            .team(propagation.team_id)
-            .resource(propagation.resource_id);
+        let mut attributes = keel_audit::Attributes::new();
         let mut add = |key: &str, value: String| {
-            let withheld = "[withheld: looked like a secret]";
-            event = match event.clone().attr(key, value) {
-                Ok(with) => with,
-                Err(_) => event
-                    .clone()
-                    .attr(key, withheld)
-                    .unwrap_or_else(|_| event.clone()),
-            };
+            if attributes.insert(key, value).is_err() {
+                // Free text that looks like a secret is withheld, never recorded.
+                let _ = attributes.insert(key, "[withheld: looked like a secret]");
+            }
         };
         add("propagation_id", propagation.id.to_string());
         add("propagation_kind", propagation.kind().as_str().to_owned());
@@ -153,7 +147,10 @@ impl Transition {
                 add("detail", truncate(&cause.describe()));
             }
         }
-        event
+        AuditEvent::new(self.audit_kind(), actor.clone(), now)
+            .team(propagation.team_id)
+            .resource(propagation.resource_id)
+            .with_attributes(attributes)
     }
 }
 

@@ -17,6 +17,10 @@
 //! same row; a claim stamps `claimed_by`, `lease_expires_at`, and counts the attempt. A row whose
 //! lease expired is claimable again: delivery is at least once, so appliers must be idempotent.
 //! Every transition is fenced on `id`, `claimed_by` and `attempts` and commits with its audit row.
+//!
+//! The statements select their rows through `id = ANY(…)` so the planner looks them up by primary
+//! key instead of hash-joining against the whole table: a claim or a completion costs the same
+//! whether the table holds a thousand rows or a million.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -537,18 +541,17 @@ impl PropagationStore for PgPropagationStore {
         now: OffsetDateTime,
     ) -> Result<Vec<Propagation>, StoreError> {
         let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH due AS ( \
-               SELECT id FROM pending_propagations \
-               WHERE status = 'pending' AND next_attempt_at <= $1 \
-                 AND (lease_expires_at IS NULL OR lease_expires_at <= $1) \
-               ORDER BY next_attempt_at, id \
-               LIMIT $2 \
-               FOR UPDATE SKIP LOCKED \
-             ), claimed AS ( \
+            "WITH claimed AS ( \
                UPDATE pending_propagations p \
                SET claimed_by = $3, attempts = p.attempts + 1, updated_at = $1, \
                    lease_expires_at = $1 + make_interval(secs => $4::float8 / 1000.0) \
-               FROM due WHERE p.id = due.id \
+               WHERE p.id = ANY(ARRAY( \
+                 SELECT id FROM pending_propagations \
+                 WHERE status = 'pending' AND next_attempt_at <= $1 \
+                   AND (lease_expires_at IS NULL OR lease_expires_at <= $1) \
+                 ORDER BY next_attempt_at, id \
+                 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)) \
                RETURNING p.id, p.kind, p.team_id, p.resource_id, p.resource_type, p.payload, p.attempts \
              ) \
              SELECT c.id, c.kind, c.team_id, c.resource_id, c.resource_type, c.payload, c.attempts, \
@@ -610,6 +613,13 @@ impl PropagationStore for PgPropagationStore {
             errors.push(c.transition.last_error());
         }
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        // The fence filter (claimed_by) makes the planner expect about one matching row and
+        // choose a nested loop that rescans the UNNEST once per row: quadratic in the batch.
+        // A hash join over the primary-key lookup is right for any batch size.
+        sqlx::query("SET LOCAL enable_nestloop = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("set the plan for recording transitions"))?;
         let recorded: Vec<i64> = sqlx::query_scalar(
             "UPDATE pending_propagations p SET \
                status = u.status, \
@@ -620,7 +630,8 @@ impl PropagationStore for PgPropagationStore {
                claimed_by = NULL, lease_expires_at = NULL, updated_at = $6 \
              FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[]) \
                   AS u(id, attempt, status, next_attempt_at, last_error) \
-             WHERE p.id = u.id AND p.attempts = u.attempt AND p.claimed_by = $7 AND p.status = 'pending' \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
+               AND p.claimed_by = $7 AND p.status = 'pending' \
              RETURNING p.id",
         )
         .bind(&ids)
@@ -692,19 +703,27 @@ impl PropagationStore for PgPropagationStore {
             .iter()
             .map(|p| i32::try_from(p.attempt).unwrap_or(i32::MAX))
             .collect();
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        // As in `complete`: keep the planner off a per-row rescan of the UNNEST.
+        sqlx::query("SET LOCAL enable_nestloop = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("set the plan for releasing claims"))?;
         let done = sqlx::query(
             "UPDATE pending_propagations p SET claimed_by = NULL, lease_expires_at = NULL, \
                     attempts = p.attempts - 1, updated_at = $4 \
              FROM UNNEST($1::bigint[], $2::int[]) AS u(id, attempt) \
-             WHERE p.id = u.id AND p.attempts = u.attempt AND p.claimed_by = $3 AND p.status = 'pending'",
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
+               AND p.claimed_by = $3 AND p.status = 'pending'",
         )
         .bind(&ids)
         .bind(&attempts)
         .bind(worker.as_str())
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("release claims"))?;
+        tx.commit().await.map_err(db("commit a release"))?;
         Ok(done.rows_affected())
     }
 }

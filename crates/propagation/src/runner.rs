@@ -135,6 +135,25 @@ where
         now: OffsetDateTime,
         shutdown: &CancellationToken,
     ) -> Result<BatchReport, StoreError> {
+        let attempted = self.attempt(now, shutdown).await?;
+        self.recorder().record(attempted).await
+    }
+
+    fn recorder(&self) -> Recorder<S> {
+        Recorder {
+            store: Arc::clone(&self.store),
+            metrics: self.metrics.clone(),
+            worker: self.config.worker.clone(),
+            actor: self.config.actor.clone(),
+        }
+    }
+
+    /// Claims and applies one batch; its outcomes still need recording.
+    async fn attempt(
+        &self,
+        now: OffsetDateTime,
+        shutdown: &CancellationToken,
+    ) -> Result<Attempted, StoreError> {
         let config = &self.config;
         let claimed = self
             .store
@@ -224,9 +243,110 @@ where
             );
         }
 
+        Ok(Attempted {
+            now,
+            completions,
+            report,
+        })
+    }
+
+    /// Runs batches until nothing is due (the `--once` mode), or until `shutdown`.
+    ///
+    /// Pipelined: the next batch is claimed and applied while the previous batch's outcomes are
+    /// being recorded on another connection. The fences make this safe: a batch's rows stay
+    /// leased to this worker until its recording commits, so the next claim takes other rows.
+    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
+        let mut total = BatchReport::default();
+        let mut recording: Option<tokio::task::JoinHandle<Result<BatchReport, StoreError>>> = None;
+        while !shutdown.is_cancelled() {
+            let attempted = self.attempt(OffsetDateTime::now_utc(), shutdown).await?;
+            if let Some(previous) = recording.take() {
+                total += join_recording(previous).await?;
+            }
+            if attempted.report.claimed == 0 {
+                break;
+            }
+            let recorder = self.recorder();
+            recording = Some(tokio::spawn(
+                async move { recorder.record(attempted).await },
+            ));
+        }
+        if let Some(previous) = recording.take() {
+            total += join_recording(previous).await?;
+        }
+        Ok(total)
+    }
+
+    /// Runs until `shutdown`: a batch whenever `wake` is notified or `poll_interval` passes,
+    /// and straight away again while full batches keep coming (pipelined as in [`Runner::drain`]).
+    /// Store errors are logged and retried on the next poll; they never stop the runner.
+    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut recording: Option<tokio::task::JoinHandle<Result<BatchReport, StoreError>>> = None;
+        while !shutdown.is_cancelled() {
+            let full = match self.attempt(OffsetDateTime::now_utc(), &shutdown).await {
+                Ok(attempted) => {
+                    let full = attempted.report.claimed as u64 >= u64::from(self.config.batch_size);
+                    if let Some(previous) = recording.take()
+                        && let Err(e) = join_recording(previous).await
+                    {
+                        tracing::error!(error = %e, "recording a propagation batch failed; its rows are retried after their lease");
+                    }
+                    if attempted.report.claimed > 0 {
+                        let recorder = self.recorder();
+                        recording = Some(tokio::spawn(
+                            async move { recorder.record(attempted).await },
+                        ));
+                    }
+                    full
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming propagations failed; retrying on the next poll");
+                    false
+                }
+            };
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        if let Some(previous) = recording.take()
+            && let Err(e) = join_recording(previous).await
+        {
+            tracing::error!(error = %e, "recording the last propagation batch failed; its rows are retried after their lease");
+        }
+    }
+}
+
+/// A batch whose applies are done and whose outcomes are not recorded yet.
+struct Attempted {
+    now: OffsetDateTime,
+    completions: Vec<Completion>,
+    report: BatchReport,
+}
+
+/// Records attempted batches. It owns what it needs, so a recording can run while the next batch
+/// is being claimed and applied.
+struct Recorder<S> {
+    store: Arc<S>,
+    metrics: Metrics,
+    worker: WorkerId,
+    actor: Actor,
+}
+
+impl<S: PropagationStore> Recorder<S> {
+    async fn record(&self, attempted: Attempted) -> Result<BatchReport, StoreError> {
+        let Attempted {
+            now,
+            completions,
+            mut report,
+        } = attempted;
         let recorded = self
             .store
-            .complete(&config.worker, &completions, &config.actor, now)
+            .complete(&self.worker, &completions, &self.actor, now)
             .await?;
         let stale: std::collections::BTreeSet<PropagationId> =
             recorded.stale.iter().copied().collect();
@@ -254,44 +374,17 @@ where
         }
         Ok(report)
     }
+}
 
-    /// Runs batches until nothing is due (the `--once` mode), or until `shutdown`.
-    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
-        let mut total = BatchReport::default();
-        while !shutdown.is_cancelled() {
-            let report = self.run_batch(OffsetDateTime::now_utc(), shutdown).await?;
-            total += report;
-            if report.claimed == 0 {
-                break;
-            }
-        }
-        Ok(total)
-    }
-
-    /// Runs until `shutdown`: a batch whenever `wake` is notified or `poll_interval` passes,
-    /// and straight away again while full batches keep coming. Store errors are logged and
-    /// retried on the next poll; they never stop the runner.
-    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            match self.run_batch(OffsetDateTime::now_utc(), &shutdown).await {
-                Ok(report)
-                    if report.claimed > 0
-                        && report.claimed as u64 >= u64::from(self.config.batch_size) =>
-                {
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "propagation batch failed; retrying on the next poll")
-                }
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        }
-    }
+async fn join_recording(
+    handle: tokio::task::JoinHandle<Result<BatchReport, StoreError>>,
+) -> Result<BatchReport, StoreError> {
+    handle.await.unwrap_or_else(|e| {
+        Err(StoreError::Database {
+            operation: "record a batch (the recording task failed)",
+            source: Box::new(e),
+        })
+    })
 }
 
 fn log_transition(propagation: &Propagation, transition: &Transition) {
