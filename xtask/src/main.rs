@@ -4,7 +4,9 @@
 //!   `cargo test --workspace` (which includes the tidy test in this crate).
 //! - `cargo xtask demo`: starts a throwaway Postgres, applies the migrations and runs Keel's
 //!   scenario end to end, printing what happened.
+//! - `cargo xtask bench <target>`: benchmarks that print figures, optimised, with peers.
 
+mod bench;
 mod demo;
 #[cfg(test)]
 mod tidy;
@@ -20,6 +22,7 @@ usage: cargo xtask <task>
 tasks:
   ci      cargo fmt --check, cargo clippy -D warnings (all targets), cargo test --workspace
   demo    run Keel's scenario end to end on a throwaway local Postgres
+  bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation [--rows N]`
 ";
 
 fn main() -> ExitCode {
@@ -27,6 +30,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo::run(),
+        Some("bench") => bench::run(&args[1..]),
+        Some("__propagation-bench-worker") => bench::worker(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,87 @@
+//! `cargo xtask bench <target>`: benchmarks that print figures, with a peer measured side by side
+//! in the same run where there is one. Never timed assertions.
+//!
+//! Benchmarks run optimised: a debug build of xtask re-runs itself with
+//! `cargo run --release --features bench`, which also brings in the peers (kept out of ordinary
+//! builds and of `cargo test --workspace`).
+
+#[cfg(feature = "bench")]
+mod propagation;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N]";
+
+/// Runs `cargo xtask bench …`.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) || !cfg!(feature = "bench") {
+        return reexec_optimised(args);
+    }
+    dispatch(args)
+}
+
+fn reexec_optimised(args: &[String]) -> anyhow::Result<()> {
+    eprintln!("building the benchmarks optimised (cargo run --release --features bench)…");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--features",
+            "bench",
+            "--",
+            "bench",
+        ])
+        .args(args)
+        .current_dir(crate::workspace_root())
+        .status()
+        .context("could not run cargo")?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
+fn rows_flag(args: &[String], default: u64) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == "--rows") {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .with_context(|| format!("--rows takes a positive whole number\n{USAGE}")),
+    }
+}
+
+#[cfg(feature = "bench")]
+fn dispatch(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("propagation") => propagation::bench(rows_flag(&args[1..], 100_000)?),
+        Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
+        None => bail!("{USAGE}"),
+    }
+}
+
+#[cfg(not(feature = "bench"))]
+fn dispatch(args: &[String]) -> anyhow::Result<()> {
+    let _ = rows_flag(args, 0)?;
+    bail!("benchmarks need the `bench` feature: {USAGE}")
+}
+
+/// The hidden worker entry point the propagation benchmark spawns as separate processes.
+pub fn worker(args: &[String]) -> anyhow::Result<()> {
+    #[cfg(feature = "bench")]
+    {
+        propagation::worker(args)
+    }
+    #[cfg(not(feature = "bench"))]
+    {
+        bail!(
+            "benchmark workers need the `bench` feature (got {} arguments)",
+            args.len()
+        )
+    }
+}
