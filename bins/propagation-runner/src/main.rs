@@ -15,7 +15,7 @@ use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
     EnqueueRequest, PgPropagationStore, PgRoleApplier, RequeueTarget, TierRoleSettings,
-    spawn_wakeups,
+    listen_for_wakeups,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -265,7 +265,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let wakeups = spawn_wakeups(store.pool().clone(), Arc::clone(&wake));
+    let wakeups = listen_for_wakeups(store.pool().clone(), Arc::clone(&wake)).await?;
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&store),
         metrics,

@@ -728,30 +728,47 @@ impl PropagationStore for PgPropagationStore {
     }
 }
 
-/// Wakes `notify` whenever a propagation is enqueued or requeued (`LISTEN keel_propagation`),
-/// reconnecting after errors. Runners also poll, so a lost notification only delays work.
-pub fn spawn_wakeups(
+/// Wakes `notify` whenever a propagation is enqueued or requeued (`LISTEN keel_propagation`).
+///
+/// Returns once the first listener is listening (so a notification sent after it returns is not
+/// lost), then keeps listening in a background task that reconnects after errors. Runners also
+/// poll, so a notification lost while reconnecting only delays work.
+pub async fn listen_for_wakeups(
     pool: PgPool,
     notify: Arc<tokio::sync::Notify>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let connect = |pool: PgPool| async move {
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok::<PgListener, sqlx::Error>(listener)
+    };
+    let mut listener = connect(pool.clone())
+        .await
+        .map_err(db("listen for wake-ups"))?;
+    Ok(tokio::spawn(async move {
         loop {
-            let listened = async {
-                let mut listener = PgListener::connect_with(&pool).await?;
-                listener.listen(NOTIFY_CHANNEL).await?;
-                loop {
-                    listener.recv().await?;
-                    notify.notify_one();
+            match listener.recv().await {
+                Ok(_) => notify.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the propagation wake-up listener; polling until it reconnects");
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        match connect(pool.clone()).await {
+                            Ok(fresh) => {
+                                listener = fresh;
+                                // Anything enqueued while disconnected: look now.
+                                notify.notify_one();
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not reconnect the wake-up listener")
+                            }
+                        }
+                    }
                 }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
-            };
-            if let Err(e) = listened.await {
-                tracing::warn!(error = %e, "lost the propagation wake-up listener; polling until it reconnects");
             }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
-    })
+    }))
 }
 
 /// Role settings a tier maps to on the shared Postgres cluster.

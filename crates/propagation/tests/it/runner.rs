@@ -286,3 +286,53 @@ async fn an_applier_error_retries_with_propagation_retrying_and_records_the_erro
         vec!["propagation.retrying"]
     );
 }
+
+#[tokio::test]
+async fn a_running_runner_wakes_on_notify_and_stops_on_shutdown() {
+    let db = keel_testkit::database().await;
+    let mut config = RunnerConfig::new(worker("runner-1"));
+    // Polling so rare that only the notification can explain a prompt pick-up.
+    config.poll_interval = std::time::Duration::from_secs(3600);
+    let runner = Runner::new(
+        Arc::new(store(db.pool())),
+        Arc::new(Recording::default()),
+        Metrics::register(&mut Registry::default()),
+        config,
+    );
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let listener =
+        keel_propagation::postgres::listen_for_wakeups(db.pool().clone(), Arc::clone(&wake))
+            .await
+            .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { runner.run(wake, shutdown).await })
+    };
+
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .id();
+    let mut status = String::new();
+    for _ in 0..200 {
+        status = row(db.pool(), id).await.status;
+        if status == "applied" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status, "applied",
+        "the enqueue's NOTIFY did not wake the runner"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(30), running)
+        .await
+        .expect("the runner did not stop on shutdown")
+        .unwrap();
+    listener.abort();
+}
