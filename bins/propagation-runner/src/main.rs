@@ -113,13 +113,13 @@ enum DeadLetters {
         #[command(flatten)]
         db: DatabaseArgs,
         /// Only this kind.
-        #[arg(long, value_parser = parse_kind)]
+        #[arg(long, env = "KEEL_PROPAGATION_KIND", value_parser = parse_kind)]
         kind: Option<PropagationKind>,
         /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100)]
         limit: u32,
         /// One JSON document instead of a table.
-        #[arg(long)]
+        #[arg(long, env = "KEEL_JSON")]
         json: bool,
     },
     /// Make dead letters pending again with a fresh budget (writes propagation.requeued).
@@ -127,10 +127,10 @@ enum DeadLetters {
         #[command(flatten)]
         db: DatabaseArgs,
         /// One dead letter, by id.
-        #[arg(long, conflicts_with = "kind", required_unless_present = "kind")]
+        #[arg(long, env = "KEEL_PROPAGATION_ID", conflicts_with = "kind", required_unless_present = "kind")]
         id: Option<i64>,
         /// Every dead letter of this kind.
-        #[arg(long, value_parser = parse_kind)]
+        #[arg(long, env = "KEEL_PROPAGATION_KIND", value_parser = parse_kind)]
         kind: Option<PropagationKind>,
         /// Who is requeueing, for the audit trail (e.g. operator:alice).
         #[arg(long, env = "KEEL_ACTOR", value_parser = parse_actor)]
@@ -143,16 +143,16 @@ struct EnqueueArgs {
     #[command(flatten)]
     db: DatabaseArgs,
     /// The team whose entitlement this carries.
-    #[arg(long, value_parser = parse_id::<TeamId>)]
+    #[arg(long, env = "KEEL_TEAM_ID", value_parser = parse_id::<TeamId>)]
     team_id: TeamId,
     /// The resource to apply it to.
-    #[arg(long, value_parser = parse_id::<ResourceId>)]
+    #[arg(long, env = "KEEL_RESOURCE_ID", value_parser = parse_id::<ResourceId>)]
     resource_id: ResourceId,
     /// The resource's type.
-    #[arg(long, value_parser = parse_resource_type)]
+    #[arg(long, env = "KEEL_RESOURCE_TYPE", value_parser = parse_resource_type)]
     resource_type: ResourceType,
     /// The tier to apply.
-    #[arg(long, value_parser = parse_tier)]
+    #[arg(long, env = "KEEL_TARGET_TIER", value_parser = parse_tier)]
     target_tier: Tier,
 }
 
@@ -448,4 +448,30 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         .await?;
     println!("{enqueued:?}");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    fn flags_without_env(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !arg.is_positional() && !builtin && arg.get_env().is_none() {
+                missing.push(format!("{path} --{}", arg.get_long().unwrap_or(arg.get_id().as_str())));
+            }
+        }
+        for sub in command.get_subcommands() {
+            flags_without_env(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let mut missing = Vec::new();
+        flags_without_env(&Cli::command(), "keel-propagation-runner", &mut missing);
+        assert!(missing.is_empty(), "flags without an env equivalent:\n{}", missing.join("\n"));
+    }
 }
