@@ -30,5 +30,8 @@ CREATE UNIQUE INDEX pending_propagations_one_open_ix
 -- Due rows, in claim order (the claim's ORDER BY must match it, or every claim sorts the queue).
 CREATE INDEX pending_propagations_due_ix
     ON pending_propagations (next_attempt_at, id) WHERE status = 'pending';
+-- Per-resource history, for the reconciler and requeue.
+CREATE INDEX pending_propagations_resource_ix
+    ON pending_propagations (resource_id, kind, status);
 CREATE INDEX pending_propagations_dead_letter_ix
     ON pending_propagations (kind, dead_lettered_at) WHERE status = 'dead_lettered';

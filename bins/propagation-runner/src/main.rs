@@ -127,7 +127,12 @@ enum DeadLetters {
         #[command(flatten)]
         db: DatabaseArgs,
         /// One dead letter, by id.
-        #[arg(long, env = "KEEL_PROPAGATION_ID", conflicts_with = "kind", required_unless_present = "kind")]
+        #[arg(
+            long,
+            env = "KEEL_PROPAGATION_ID",
+            conflicts_with = "kind",
+            required_unless_present = "kind"
+        )]
         id: Option<i64>,
         /// Every dead letter of this kind.
         #[arg(long, env = "KEEL_PROPAGATION_KIND", value_parser = parse_kind)]
@@ -231,8 +236,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("keel-runner-{}", std::process::id()));
-    let worker = WorkerId::parse(&worker)
-        .context("--worker-id / KEEL_WORKER_ID / HOSTNAME is not a valid worker id")?;
+    // A per-process suffix keeps two processes in one pod (a `kubectl exec … run --once` beside
+    // the running replica) from sharing an identity, which the completion fence relies on.
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let worker = WorkerId::parse(&format!("{worker}-{suffix}")).context(
+        "--worker-id / KEEL_WORKER_ID / HOSTNAME is not a valid worker id \
+         (1 to 57 characters of [A-Za-z0-9._:-])",
+    )?;
     let store = Arc::new(store(&args.db, 8).await?);
     let applier = Arc::new(build_applier(&args, &store).await?);
 
@@ -244,6 +254,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
     config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
     config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
+    config.check()?;
     let runner = Runner::new(Arc::clone(&store), applier, metrics.clone(), config);
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
@@ -265,7 +276,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let wakeups = listen_for_wakeups(store.pool().clone(), Arc::clone(&wake)).await?;
+    let wakeups = match listen_for_wakeups(store.pool().clone(), Arc::clone(&wake)).await {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            // E.g. behind a transaction-pooling proxy, where LISTEN does not work: poll instead.
+            tracing::warn!(error = %e, poll_seconds = args.poll_seconds, "no LISTEN/NOTIFY wake-ups; polling only");
+            None
+        }
+    };
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&store),
         metrics,
@@ -274,7 +292,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     ));
 
     runner.run(wake, shutdown.clone()).await;
-    wakeups.abort();
+    if let Some(wakeups) = wakeups {
+        wakeups.abort();
+    }
     housekeeping.abort();
     let _ = http.await;
     tracing::info!("propagation runner stopped");
@@ -285,16 +305,18 @@ async fn build_applier(args: &RunArgs, store: &PgPropagationStore) -> anyhow::Re
     let role = || async {
         let cluster = match &args.cluster_database_url {
             Some(url) => {
-                keel_service::connect(
-                    &DatabaseArgs {
-                        database_url: url.clone(),
-                    },
-                    "keel-propagation-runner",
-                    8,
-                )
-                .await?
+                let cluster = DatabaseArgs {
+                    database_url: url.clone(),
+                };
+                keel_service::connect(&cluster, "keel-propagation-runner", 8).await?
             }
-            None => store.pool().clone(),
+            None => {
+                tracing::info!(
+                    "the role applier acts on the platform database's server \
+                     (set KEEL_CLUSTER_DATABASE_URL for a separate customer cluster)"
+                );
+                store.pool().clone()
+            }
         };
         anyhow::Ok(PgRoleApplier::new(cluster, TierRoleSettings::standard()))
     };
@@ -423,10 +445,13 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
                     "left propagation {id} dead-lettered: its resource already has a pending propagation"
                 );
             }
+            for id in &report.skipped_superseded {
+                println!("left propagation {id} dead-lettered: a newer target superseded it");
+            }
             println!(
                 "{} requeued, {} left alone",
                 report.requeued.len(),
-                report.skipped_open.len()
+                report.skipped_open.len() + report.skipped_superseded.len()
             );
         }
     }
@@ -460,7 +485,10 @@ mod tests {
         for arg in command.get_arguments() {
             let builtin = matches!(arg.get_id().as_str(), "help" | "version");
             if !arg.is_positional() && !builtin && arg.get_env().is_none() {
-                missing.push(format!("{path} --{}", arg.get_long().unwrap_or(arg.get_id().as_str())));
+                missing.push(format!(
+                    "{path} --{}",
+                    arg.get_long().unwrap_or(arg.get_id().as_str())
+                ));
             }
         }
         for sub in command.get_subcommands() {
@@ -472,6 +500,10 @@ mod tests {
     fn every_flag_has_an_environment_variable() {
         let mut missing = Vec::new();
         flags_without_env(&Cli::command(), "keel-propagation-runner", &mut missing);
-        assert!(missing.is_empty(), "flags without an env equivalent:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "flags without an env equivalent:\n{}",
+            missing.join("\n")
+        );
     }
 }

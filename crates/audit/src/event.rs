@@ -201,6 +201,13 @@ fn key_names_a_secret(key: &str) -> bool {
         || key.split('_').any(|word| SECRET_KEY_WORDS.contains(&word))
 }
 
+/// Whether free text looks like it holds a secret: a connection URL, a URL with credentials, a
+/// libpq `password=`, a bearer token or a PEM block. The screen audit attributes go through;
+/// use it for any free text that is stored or shown (error messages, say).
+pub fn looks_secret(value: &str) -> bool {
+    value_looks_secret(value)
+}
+
 fn value_looks_secret(value: &str) -> bool {
     let lower = value.to_ascii_lowercase();
     if CONNECTION_SCHEMES.iter().any(|s| lower.contains(s)) {

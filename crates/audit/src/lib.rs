@@ -38,7 +38,7 @@ mod sink;
 
 pub use event::{
     Actor, Attributes, AuditEvent, AuditFieldError, MASK_SUFFIX, MAX_ATTR_KEY_LEN,
-    MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, mask,
+    MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, looks_secret, mask,
 };
 pub use ids::{
     InvalidId, InvalidTier, InvalidToken, ResourceId, ResourceType, TOKEN_MAX_LEN, TOKEN_MIN_LEN,

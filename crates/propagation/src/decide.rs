@@ -90,12 +90,18 @@ impl Transition {
         }
     }
 
-    /// Text for `last_error`, if the propagation is not done.
+    /// Text for `last_error`, if the propagation is not done. Text that looks like a secret is
+    /// withheld (only its bucket is kept), since `last_error` is stored and shown to operators.
     pub fn last_error(&self) -> Option<String> {
         match self {
             Transition::Applied { .. } => None,
             Transition::Retry { cause, .. } | Transition::DeadLetter { cause } => {
-                Some(cause.describe())
+                let text = cause.describe();
+                Some(if keel_audit::looks_secret(&text) {
+                    format!("{}: [withheld: looked like a secret]", cause.bucket())
+                } else {
+                    text
+                })
             }
         }
     }
@@ -369,5 +375,10 @@ mod tests {
         );
         assert_eq!(event.attributes().get("attempt"), Some("2"));
         assert_eq!(event.attributes().get("reason_bucket"), Some("other"));
+        let transition = decide(2, &failed, &RetryPolicy::standard(), NOW);
+        assert_eq!(
+            transition.last_error().as_deref(),
+            Some("other: [withheld: looked like a secret]")
+        );
     }
 }

@@ -6,6 +6,9 @@
 //! target tier's [`QuotaLimits`]. A missing namespace or Secret is an *unexpected* skip (it
 //! retries, then dead-letters), never success.
 //!
+//! Both existence checks are metadata-only reads (`PartialObjectMetadata`), so the applier
+//! never downloads a Secret's data (customer credentials) or a namespace's spec.
+//!
 //! The customer token is secret: it is exposed only to build the namespace name for the API
 //! call. Logs, skip details and error messages name the namespace with the token masked, and
 //! text that comes back from the API server is redacted before it is kept.
@@ -289,7 +292,8 @@ impl KubeQuotaApplier {
 impl Applier for KubeQuotaApplier {
     async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
         let backend = &propagation.backend;
-        if backend.status.as_deref() == Some(DELETED_STATUS) {
+        // No resource row (hard-deleted) or a deleted one: nothing left to change.
+        if matches!(backend.status.as_deref(), None | Some(DELETED_STATUS)) {
             return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
                 LegitimateSkip::ResourceDeprovisioned,
             )));
@@ -315,8 +319,9 @@ impl Applier for KubeQuotaApplier {
         let ns = CustomerNamespace::of(token);
 
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        // Metadata only: existence is all that matters here.
         let found = namespaces
-            .get_opt(&ns.name)
+            .get_metadata_opt(&ns.name)
             .await
             .map_err(|e| ns.error(format_args!("could not read namespace {}", ns.masked), &e))?;
         if found.is_none() {
@@ -329,7 +334,8 @@ impl Applier for KubeQuotaApplier {
 
         if let Some((secret, bucket)) = required_secret(propagation.resource_type) {
             let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns.name);
-            let found = secrets.get_opt(secret).await.map_err(|e| {
+            // Metadata only: a full GET would download the customer's credentials.
+            let found = secrets.get_metadata_opt(secret).await.map_err(|e| {
                 ns.error(
                     format_args!("could not read Secret {secret} in namespace {}", ns.masked),
                     &e,
@@ -376,6 +382,16 @@ mod tests {
     const TOKEN: &str = "a1b2c3d4e5f6";
     const NS: &str = "instant-customer-a1b2c3d4e5f6";
     const SSA_URI: &str = "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/resourcequotas/keel-tier?&force=true&fieldManager=keel";
+    const NAMESPACE_URI: &str = "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6";
+    const POSTGRES_ADMIN_URI: &str =
+        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin";
+    const REDIS_AUTH_URI: &str =
+        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/redis-auth";
+    /// The `Accept` header of a metadata-only request: the API server answers with a
+    /// `PartialObjectMetadata` (no spec, no Secret data).
+    const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+    /// The `Accept` header kube sends with a server-side apply.
+    const JSON_ACCEPT: &str = "application/json";
 
     fn propagation(resource_type: ResourceType, tier: &str) -> Propagation {
         Propagation {
@@ -403,7 +419,17 @@ mod tests {
     struct Step {
         method: Method,
         uri: &'static str,
+        /// The exact `Accept` header expected; `None` leaves it to the test to check.
+        accept: Option<&'static str>,
         reply: Reply,
+    }
+
+    /// A request the fake API server received.
+    #[derive(Debug)]
+    struct Seen {
+        method: Method,
+        uri: String,
+        accept: Option<String>,
     }
 
     enum Reply {
@@ -415,10 +441,12 @@ mod tests {
         Applied { expected_body: Value },
     }
 
-    fn get(uri: &'static str, reply: Reply) -> Step {
+    /// A metadata-only GET (`Api::get_metadata_opt`).
+    fn get_metadata(uri: &'static str, reply: Reply) -> Step {
         Step {
             method: Method::GET,
             uri,
+            accept: Some(METADATA_ACCEPT),
             reply,
         }
     }
@@ -427,53 +455,49 @@ mod tests {
         Step {
             method: Method::PATCH,
             uri: SSA_URI,
+            accept: Some(JSON_ACCEPT),
             reply,
         }
     }
 
     fn get_namespace() -> Step {
-        get(
-            "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
-            Reply::Object(namespace()),
-        )
+        get_metadata(NAMESPACE_URI, Reply::Object(namespace_metadata()))
     }
 
     fn get_postgres_admin() -> Step {
-        get(
-            "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
-            Reply::Object(secret("postgres-admin")),
+        get_metadata(
+            POSTGRES_ADMIN_URI,
+            Reply::Object(secret_metadata("postgres-admin")),
         )
     }
 
-    fn namespace() -> Value {
+    /// What the API server returns for a metadata-only GET of the customer namespace.
+    fn namespace_metadata() -> Value {
         json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
             "metadata": {
                 "name": NS,
                 "uid": "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a11",
                 "resourceVersion": "4711",
                 "creationTimestamp": "2026-01-12T09:30:00Z",
                 "labels": { "kubernetes.io/metadata.name": NS }
-            },
-            "spec": { "finalizers": ["kubernetes"] },
-            "status": { "phase": "Active" }
+            }
         })
     }
 
-    fn secret(name: &str) -> Value {
+    /// What the API server returns for a metadata-only GET of a Secret: no `type`, no `data`.
+    fn secret_metadata(name: &str) -> Value {
         json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
             "metadata": {
                 "name": name,
                 "namespace": NS,
                 "uid": "0b7e9a8c-1d2f-4e3a-8b5c-6d7e8f9a0b1c",
                 "resourceVersion": "4712",
                 "creationTimestamp": "2026-01-12T09:30:05Z"
-            },
-            "type": "Opaque",
-            "data": { "password": "aHVudGVyMg==" }
+            }
         })
     }
 
@@ -516,19 +540,33 @@ mod tests {
             .unwrap()
     }
 
-    /// Plays the API server for `steps` in order, asserting each request, then asserts no
-    /// further request arrives before the client is dropped.
+    /// Plays the API server for `steps` in order, asserting each request (method, URI and
+    /// `Accept` header), then asserts no further request arrives before the client is
+    /// dropped. Returns the requests received.
     async fn serve(
         mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
         steps: Vec<Step>,
-    ) {
+    ) -> Vec<Seen> {
+        let mut seen = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
             let (request, send) = handle
                 .next_request()
                 .await
                 .unwrap_or_else(|| panic!("step {i}: expected {} {}", step.method, step.uri));
+            let accept = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.push(Seen {
+                method: request.method().clone(),
+                uri: request.uri().to_string(),
+                accept: accept.clone(),
+            });
             assert_eq!(request.method(), step.method, "step {i}");
             assert_eq!(request.uri().to_string(), step.uri, "step {i}");
+            if let Some(expected) = step.accept {
+                assert_eq!(accept.as_deref(), Some(expected), "step {i}: Accept header");
+            }
             let response = match step.reply {
                 Reply::Object(body) => respond(StatusCode::OK, &body),
                 Reply::Status(status, body) => respond(status, &body),
@@ -563,6 +601,7 @@ mod tests {
         if let Some((request, _)) = handle.next_request().await {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
+        seen
     }
 
     /// Runs one attempt against a fake API server that expects exactly `steps`.
@@ -571,14 +610,23 @@ mod tests {
         propagation: &Propagation,
         steps: Vec<Step>,
     ) -> Result<ApplyOutcome, ApplyError> {
+        run_recording(quotas, propagation, steps).await.0
+    }
+
+    /// [`run`], also returning the requests the fake API server received.
+    async fn run_recording(
+        quotas: TierQuotas,
+        propagation: &Propagation,
+        steps: Vec<Step>,
+    ) -> (Result<ApplyOutcome, ApplyError>, Vec<Seen>) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let server = tokio::spawn(serve(handle, steps));
         let applier = KubeQuotaApplier::new(kube::Client::new(service, "default"), quotas);
         let outcome = applier.apply(propagation).await;
         drop(applier);
-        server.await.unwrap();
+        let seen = server.await.unwrap();
         assert_token_hidden(&outcome);
-        outcome
+        (outcome, seen)
     }
 
     fn assert_token_hidden(outcome: &Result<ApplyOutcome, ApplyError>) {
@@ -624,10 +672,7 @@ mod tests {
             &redis,
             vec![
                 get_namespace(),
-                get(
-                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/redis-auth",
-                    not_found("secrets", "redis-auth"),
-                ),
+                get_metadata(REDIS_AUTH_URI, not_found("secrets", "redis-auth")),
             ],
         )
         .await;
@@ -659,10 +704,7 @@ mod tests {
         let outcome = run(
             TierQuotas::standard(),
             &pro_postgres(),
-            vec![get(
-                "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
-                not_found("namespaces", NS),
-            )],
+            vec![get_metadata(NAMESPACE_URI, not_found("namespaces", NS))],
         )
         .await;
         assert_eq!(
@@ -681,10 +723,7 @@ mod tests {
             &pro_postgres(),
             vec![
                 get_namespace(),
-                get(
-                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
-                    not_found("secrets", "postgres-admin"),
-                ),
+                get_metadata(POSTGRES_ADMIN_URI, not_found("secrets", "postgres-admin")),
             ],
         )
         .await;
@@ -695,6 +734,62 @@ mod tests {
                 "Secret postgres-admin not found in namespace instant-customer-a1b2…"
             )
         );
+    }
+
+    #[tokio::test]
+    async fn the_secret_check_never_downloads_secret_data() {
+        let cases = [
+            (
+                pro_postgres(),
+                POSTGRES_ADMIN_URI,
+                Reply::Object(secret_metadata("postgres-admin")),
+            ),
+            (
+                propagation(ResourceType::Redis, "pro"),
+                REDIS_AUTH_URI,
+                Reply::Object(secret_metadata("redis-auth")),
+            ),
+            (
+                pro_postgres(),
+                POSTGRES_ADMIN_URI,
+                not_found("secrets", "postgres-admin"),
+            ),
+        ];
+        for (propagation, secret_uri, reply) in cases {
+            let found = matches!(reply, Reply::Object(_));
+            // The fake server accepts any Accept header here, so this test's own assertion
+            // below is the one that catches a full GET.
+            let secret_step = Step {
+                accept: None,
+                ..get_metadata(secret_uri, reply)
+            };
+            let mut steps = vec![get_namespace(), secret_step];
+            if found {
+                steps.push(ssa(Reply::Applied {
+                    expected_body: pro_quota_body(),
+                }));
+            }
+            let (outcome, seen) = run_recording(TierQuotas::standard(), &propagation, steps).await;
+            let secret_requests: Vec<&Seen> = seen
+                .iter()
+                .filter(|request| request.uri.contains("/secrets/"))
+                .collect();
+            assert_eq!(secret_requests.len(), 1, "{seen:?}");
+            let request = secret_requests[0];
+            assert_eq!(request.method, Method::GET, "{request:?}");
+            assert_eq!(request.uri, secret_uri, "{request:?}");
+            // A full GET (no Accept header, or plain JSON) would return the Secret's data.
+            assert_eq!(
+                request.accept.as_deref(),
+                Some(METADATA_ACCEPT),
+                "the Secret must be read as PartialObjectMetadata: {request:?}"
+            );
+            assert_eq!(
+                matches!(outcome, Ok(ApplyOutcome::Applied)),
+                found,
+                "{outcome:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -790,8 +885,8 @@ mod tests {
             &pro_postgres(),
             vec![
                 get_namespace(),
-                get(
-                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+                get_metadata(
+                    POSTGRES_ADMIN_URI,
                     Reply::Status(
                         StatusCode::FORBIDDEN,
                         json!({
@@ -844,15 +939,12 @@ mod tests {
         let cases: Vec<(Propagation, Vec<Step>)> = vec![
             (
                 pro_postgres(),
-                vec![get(
-                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
-                    not_found("namespaces", NS),
-                )],
+                vec![get_metadata(NAMESPACE_URI, not_found("namespaces", NS))],
             ),
             (
                 pro_postgres(),
-                vec![get(
-                    "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6",
+                vec![get_metadata(
+                    NAMESPACE_URI,
                     leaky_status(StatusCode::SERVICE_UNAVAILABLE),
                 )],
             ),
@@ -860,8 +952,8 @@ mod tests {
                 pro_postgres(),
                 vec![
                     get_namespace(),
-                    get(
-                        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin",
+                    get_metadata(
+                        POSTGRES_ADMIN_URI,
                         leaky_status(StatusCode::INTERNAL_SERVER_ERROR),
                     ),
                 ],

@@ -57,9 +57,8 @@ impl FromStr for PropagationKind {
 }
 
 /// The target a propagation carries. Its variant fixes the kind, so a kind and a payload can
-/// never disagree.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
+/// never disagree. Stored as JSON in `pending_propagations.payload`, decoded by the row's kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Payload {
     /// Apply `target_tier` to the resource's backend.
     TierElevation {
@@ -73,6 +72,29 @@ impl Payload {
     pub fn kind(&self) -> PropagationKind {
         match self {
             Payload::TierElevation { .. } => PropagationKind::TierElevation,
+        }
+    }
+
+    /// The JSON stored in `pending_propagations.payload`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Payload::TierElevation { target_tier } => {
+                serde_json::json!({ "target_tier": target_tier.as_str() })
+            }
+        }
+    }
+
+    /// Decodes the JSON stored for a propagation of `kind`.
+    pub fn from_json(kind: PropagationKind, json: &serde_json::Value) -> Result<Self, String> {
+        match kind {
+            PropagationKind::TierElevation => {
+                let tier = json
+                    .get("target_tier")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or("a tier_elevation payload needs a string target_tier")?;
+                let target_tier = Tier::parse(tier).map_err(|e| e.to_string())?;
+                Ok(Payload::TierElevation { target_tier })
+            }
         }
     }
 
@@ -119,5 +141,33 @@ impl Propagation {
     /// The propagation's kind.
     pub fn kind(&self) -> PropagationKind {
         self.payload.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_through_json_by_kind() {
+        let payload = Payload::TierElevation {
+            target_tier: Tier::parse("pro").unwrap(),
+        };
+        let json = payload.to_json();
+        assert_eq!(json, serde_json::json!({ "target_tier": "pro" }));
+        assert_eq!(
+            Payload::from_json(PropagationKind::TierElevation, &json),
+            Ok(payload)
+        );
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({ "target_tier": 3 }),
+            serde_json::json!({ "target_tier": "Pro!" }),
+        ] {
+            assert!(
+                Payload::from_json(PropagationKind::TierElevation, &bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

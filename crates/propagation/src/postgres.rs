@@ -6,10 +6,13 @@
 //!
 //! At most one non-terminal row exists per (kind, resource) — a partial unique index enforces it.
 //! Enqueueing a new target for a resource that already has a pending row replaces that row's
-//! payload, **resets its attempts to 0** (a new target deserves a full budget), makes it due now,
-//! and clears any claim; a worker still applying the old target then finds its completion
-//! refused by the fence (counted as stale) and the new target is applied next. Enqueueing the
-//! same target again changes nothing.
+//! payload and makes it due now; enqueueing the same target again changes nothing.
+//!
+//! A new target deserves a full budget, so attempts restart from 0 — except while a worker holds
+//! a live claim on the row: the claim stays (no second worker can take the row and race the
+//! first one to the backend), and the worker's completion is refused by the fence because it
+//! carries the old target. That refusal hands the row back at once with a fresh budget, and the
+//! new target is applied by the next claim.
 //!
 //! # Claims and leases
 //!
@@ -135,6 +138,9 @@ pub struct RequeueReport {
     pub requeued: Vec<PropagationId>,
     /// Dead letters left alone because their resource already has a pending propagation.
     pub skipped_open: Vec<PropagationId>,
+    /// Dead letters left alone because a newer one for the same resource exists, or because the
+    /// team has moved to another tier since: requeueing them would re-apply an old target.
+    pub skipped_superseded: Vec<PropagationId>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -178,11 +184,8 @@ impl ClaimedRow {
             .resource_type
             .parse()
             .map_err(|e| corrupt(format!("{e}")))?;
-        let payload: Payload = serde_json::from_value(self.payload.0.clone())
+        let payload = Payload::from_json(kind, &self.payload.0)
             .map_err(|e| corrupt(format!("bad payload: {e}")))?;
-        if payload.kind() != kind {
-            return Err(corrupt(format!("payload is not a {kind} payload")));
-        }
         Ok(Propagation {
             id: PropagationId(self.id),
             team_id: TeamId::from_uuid(self.team_id),
@@ -208,18 +211,16 @@ pub async fn enqueue_in(
     now: OffsetDateTime,
 ) -> Result<Enqueued, StoreError> {
     let kind = request.payload.kind();
-    let payload = serde_json::to_value(&request.payload).map_err(|e| StoreError::Database {
-        operation: "encode a payload",
-        source: Box::new(e),
-    })?;
+    let payload = request.payload.to_json();
     let changed: Option<(i64, bool)> = sqlx::query_as(
         "INSERT INTO pending_propagations \
            (kind, team_id, resource_id, resource_type, payload, next_attempt_at, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $6, $6) \
          ON CONFLICT (kind, resource_id) WHERE status = 'pending' DO UPDATE SET \
-           payload = EXCLUDED.payload, team_id = EXCLUDED.team_id, attempts = 0, \
-           next_attempt_at = EXCLUDED.next_attempt_at, claimed_by = NULL, lease_expires_at = NULL, \
-           updated_at = EXCLUDED.updated_at \
+           payload = EXCLUDED.payload, team_id = EXCLUDED.team_id, \
+           attempts = CASE WHEN pending_propagations.lease_expires_at > EXCLUDED.updated_at \
+                           THEN pending_propagations.attempts ELSE 0 END, \
+           next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at \
          WHERE pending_propagations.payload IS DISTINCT FROM EXCLUDED.payload \
          RETURNING id, (xmax = 0) AS inserted",
     )
@@ -307,7 +308,9 @@ impl PgPropagationStore {
     ///
     /// Because an unexpected skip never marks a propagation applied, a regrade that did not land
     /// stays visible here as drift. Drift towards a target whose propagation already
-    /// dead-lettered is left to operators (`dead-letters requeue`) rather than retried forever.
+    /// dead-lettered is left to operators (`dead-letters requeue`) rather than retried forever —
+    /// until a later propagation for the resource is applied, after which that old dead letter
+    /// no longer holds the backstop back.
     pub async fn reconcile(
         &self,
         now: OffsetDateTime,
@@ -327,7 +330,12 @@ impl PgPropagationStore {
                AND NOT EXISTS (SELECT 1 FROM pending_propagations d \
                                WHERE d.resource_id = r.id AND d.kind = 'tier_elevation' \
                                  AND d.status = 'dead_lettered' \
-                                 AND d.payload->>'target_tier' = t.tier) \
+                                 AND d.payload->>'target_tier' = t.tier \
+                                 AND NOT EXISTS (SELECT 1 FROM pending_propagations a \
+                                                 WHERE a.resource_id = r.id \
+                                                   AND a.kind = 'tier_elevation' \
+                                                   AND a.status = 'applied' \
+                                                   AND a.applied_at > d.dead_lettered_at)) \
              ON CONFLICT DO NOTHING \
              RETURNING id, resource_id",
         )
@@ -397,22 +405,42 @@ impl PgPropagationStore {
             RequeueTarget::AllOfKind(kind) => (None, Some(kind.as_str())),
         };
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
-        let candidates: Vec<(i64, bool)> = sqlx::query_as(
-            "SELECT d.id, EXISTS (SELECT 1 FROM pending_propagations p \
-                                  WHERE p.kind = d.kind AND p.resource_id = d.resource_id \
-                                    AND p.status = 'pending') \
+        // For each dead letter: is its resource already pending, is a newer dead letter for the
+        // same resource waiting, and (tier elevations) has the team moved to another tier since?
+        let candidates: Vec<(i64, bool, bool, bool)> = sqlx::query_as(
+            "SELECT d.id, \
+                    EXISTS (SELECT 1 FROM pending_propagations p \
+                            WHERE p.kind = d.kind AND p.resource_id = d.resource_id \
+                              AND p.status = 'pending'), \
+                    EXISTS (SELECT 1 FROM pending_propagations n \
+                            WHERE n.kind = d.kind AND n.resource_id = d.resource_id \
+                              AND n.status = 'dead_lettered' AND n.id > d.id), \
+                    (d.kind = 'tier_elevation' AND d.payload->>'target_tier' IS DISTINCT FROM \
+                       (SELECT t.tier FROM teams t WHERE t.id = d.team_id)) \
              FROM pending_propagations d \
              WHERE d.status = 'dead_lettered' \
                AND ($1::bigint IS NULL OR d.id = $1) AND ($2::text IS NULL OR d.kind = $2) \
-             ORDER BY d.id FOR UPDATE",
+             ORDER BY d.id FOR UPDATE OF d",
         )
         .bind(id)
         .bind(kind)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("find dead letters"))?;
-        let (open, free): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, open)| *open);
-        let ids: Vec<i64> = free.iter().map(|(id, _)| *id).collect();
+        if let (RequeueTarget::One(wanted), true) = (target, candidates.is_empty()) {
+            return Err(StoreError::NotDeadLettered(wanted));
+        }
+        let mut report = RequeueReport::default();
+        let mut ids = Vec::new();
+        for (id, open, newer, moved_on) in candidates {
+            if open {
+                report.skipped_open.push(PropagationId(id));
+            } else if newer || moved_on {
+                report.skipped_superseded.push(PropagationId(id));
+            } else {
+                ids.push(id);
+            }
+        }
         let rows: Vec<(i64, String, Uuid, Uuid, i32)> = sqlx::query_as(
             "UPDATE pending_propagations p SET status = 'pending', attempts = 0, next_attempt_at = $2, \
                     dead_lettered_at = NULL, claimed_by = NULL, lease_expires_at = NULL, updated_at = $2 \
@@ -448,10 +476,8 @@ impl PgPropagationStore {
                 .map_err(db("notify runners"))?;
         }
         tx.commit().await.map_err(db("commit a requeue"))?;
-        Ok(RequeueReport {
-            requeued: rows.iter().map(|r| PropagationId(r.0)).collect(),
-            skipped_open: open.into_iter().map(|(id, _)| PropagationId(id)).collect(),
-        })
+        report.requeued = rows.iter().map(|r| PropagationId(r.0)).collect();
+        Ok(report)
     }
 
     /// Due rows per kind, for the queue gauges.
@@ -577,7 +603,12 @@ impl PropagationStore for PgPropagationStore {
         if !corrupt.is_empty() {
             let actor = Actor::parse(&format!("runner:{}", worker.as_str().to_ascii_lowercase()))
                 .unwrap_or_else(|_| Actor::system());
-            self.quarantine(corrupt, &actor, now).await?;
+            let count = corrupt.len();
+            if let Err(e) = self.quarantine(corrupt, &actor, now).await {
+                // The unreadable rows keep their lease and are retried after it; the readable
+                // ones just claimed must not be dropped because of them.
+                tracing::error!(error = %e, count, "could not dead-letter unreadable propagations");
+            }
         }
         Ok(claimed)
     }
@@ -593,6 +624,7 @@ impl PropagationStore for PgPropagationStore {
             return Ok(CompletionReport::default());
         }
         let n = completions.len();
+        let mut payloads = Vec::with_capacity(n);
         let (mut ids, mut attempts, mut statuses, mut next, mut errors) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -611,6 +643,7 @@ impl PropagationStore for PgPropagationStore {
                 Transition::Applied { .. } | Transition::DeadLetter { .. } => None,
             });
             errors.push(c.transition.last_error());
+            payloads.push(c.propagation.payload.to_json().to_string());
         }
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         // The fence filter (claimed_by) makes the planner expect about one matching row and
@@ -628,10 +661,11 @@ impl PropagationStore for PgPropagationStore {
                applied_at = CASE WHEN u.status = 'applied' THEN $6 END, \
                dead_lettered_at = CASE WHEN u.status = 'dead_lettered' THEN $6 END, \
                claimed_by = NULL, lease_expires_at = NULL, updated_at = $6 \
-             FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[]) \
-                  AS u(id, attempt, status, next_attempt_at, last_error) \
+             FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], \
+                         $8::text[]) \
+                  AS u(id, attempt, status, next_attempt_at, last_error, payload) \
              WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
-               AND p.claimed_by = $7 AND p.status = 'pending' \
+               AND p.claimed_by = $7 AND p.status = 'pending' AND p.payload = u.payload::jsonb \
              RETURNING p.id",
         )
         .bind(&ids)
@@ -641,9 +675,26 @@ impl PropagationStore for PgPropagationStore {
         .bind(&errors)
         .bind(now)
         .bind(worker.as_str())
+        .bind(&payloads)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("record transitions"))?;
+        // Rows still held by this very claim whose target was replaced meanwhile: hand them
+        // back, due now, with a fresh budget for the new target.
+        sqlx::query(
+            "UPDATE pending_propagations p SET claimed_by = NULL, lease_expires_at = NULL, \
+                    attempts = 0, next_attempt_at = LEAST(p.next_attempt_at, $4), updated_at = $4 \
+             FROM UNNEST($1::bigint[], $2::int[]) AS u(id, attempt) \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
+               AND p.claimed_by = $3 AND p.status = 'pending'",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(worker.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("hand back retargeted propagations"))?;
 
         let recorded_set: std::collections::BTreeSet<i64> = recorded.iter().copied().collect();
         let accepted: Vec<&Completion> = completions
@@ -703,6 +754,10 @@ impl PropagationStore for PgPropagationStore {
             .iter()
             .map(|p| i32::try_from(p.attempt).unwrap_or(i32::MAX))
             .collect();
+        let payloads: Vec<String> = propagations
+            .iter()
+            .map(|p| p.payload.to_json().to_string())
+            .collect();
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         // As in `complete`: keep the planner off a per-row rescan of the UNNEST.
         sqlx::query("SET LOCAL enable_nestloop = off")
@@ -711,8 +766,9 @@ impl PropagationStore for PgPropagationStore {
             .map_err(db("set the plan for releasing claims"))?;
         let done = sqlx::query(
             "UPDATE pending_propagations p SET claimed_by = NULL, lease_expires_at = NULL, \
-                    attempts = p.attempts - 1, updated_at = $4 \
-             FROM UNNEST($1::bigint[], $2::int[]) AS u(id, attempt) \
+                    attempts = CASE WHEN p.payload = u.payload::jsonb THEN p.attempts - 1 ELSE 0 END, \
+                    updated_at = $4 \
+             FROM UNNEST($1::bigint[], $2::int[], $5::text[]) AS u(id, attempt, payload) \
              WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
                AND p.claimed_by = $3 AND p.status = 'pending'",
         )
@@ -720,6 +776,7 @@ impl PropagationStore for PgPropagationStore {
         .bind(&attempts)
         .bind(worker.as_str())
         .bind(now)
+        .bind(&payloads)
         .execute(&mut *tx)
         .await
         .map_err(db("release claims"))?;
@@ -849,9 +906,37 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// The customer role disappeared or never existed: an unexpected skip, never success.
+fn role_missing(detail: &str) -> ApplyOutcome {
+    ApplyOutcome::Skipped(SkipReason::Unexpected {
+        bucket: ReasonBucket::Other,
+        detail: detail.to_owned(),
+    })
+}
+
+/// Turns a database error into an outcome. The role name derives from the customer's token, so
+/// it is masked wherever the server's message repeats it.
+fn role_error(step: &str, role: &str, e: sqlx::Error) -> Result<ApplyOutcome, ApplyError> {
+    let undefined_object = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "42704");
+    if undefined_object {
+        return Ok(role_missing(
+            "the customer role disappeared while it was being changed",
+        ));
+    }
+    let message = e.to_string().replace(role, &keel_audit::mask(role));
+    Err(ApplyError::new(format!("could not {step}: {message}")))
+}
+
 impl Applier for PgRoleApplier {
     async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
-        if propagation.backend.status.as_deref() == Some("deleted") {
+        // No resource row (hard-deleted) or a deleted one: there is nothing left to change.
+        if matches!(
+            propagation.backend.status.as_deref(),
+            None | Some("deleted")
+        ) {
             return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
                 LegitimateSkip::ResourceDeprovisioned,
             )));
@@ -873,16 +958,18 @@ impl Applier for PgRoleApplier {
             ApplyError::new(format!("no role settings are configured for tier {tier}"))
         })?;
         let current: Option<(i32, Option<Vec<String>>)> =
-            sqlx::query_as("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = $1")
+            match sqlx::query_as("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = $1")
                 .bind(role)
                 .fetch_optional(&self.cluster)
                 .await
-                .map_err(|e| ApplyError::new(format!("could not read the customer role: {e}")))?;
+            {
+                Ok(current) => current,
+                Err(e) => return role_error("read the customer role", role, e),
+            };
         let Some((connection_limit, config)) = current else {
-            return Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
-                bucket: ReasonBucket::ResourceNotReachable,
-                detail: "the customer role does not exist on the shared cluster".into(),
-            }));
+            return Ok(role_missing(
+                "the customer role does not exist on the shared cluster",
+            ));
         };
         let wanted_timeout = format!("statement_timeout={}ms", settings.statement_timeout_ms);
         let timeout_set = config.unwrap_or_default().contains(&wanted_timeout);
@@ -891,30 +978,62 @@ impl Applier for PgRoleApplier {
                 LegitimateSkip::AlreadyAtTarget,
             )));
         }
-        let role = quote_ident(role);
-        let mut tx =
-            self.cluster.begin().await.map_err(|e| {
-                ApplyError::new(format!("could not begin on the shared cluster: {e}"))
-            })?;
+        let quoted = quote_ident(role);
+        let mut tx = match self.cluster.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return role_error("begin on the shared cluster", role, e),
+        };
         // Both values are integers formatted here; the role is validated and quoted.
         for statement in [
             format!(
-                "ALTER ROLE {role} CONNECTION LIMIT {}",
+                "ALTER ROLE {quoted} CONNECTION LIMIT {}",
                 settings.connection_limit
             ),
             format!(
-                "ALTER ROLE {role} SET statement_timeout = '{}ms'",
+                "ALTER ROLE {quoted} SET statement_timeout = '{}ms'",
                 settings.statement_timeout_ms
             ),
         ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement))
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(statement))
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| ApplyError::new(format!("could not alter the customer role: {e}")))?;
+            {
+                return role_error("alter the customer role", role, e);
+            }
         }
-        tx.commit()
-            .await
-            .map_err(|e| ApplyError::new(format!("could not commit the role change: {e}")))?;
-        Ok(ApplyOutcome::Applied)
+        match tx.commit().await {
+            Ok(()) => Ok(ApplyOutcome::Applied),
+            Err(e) => role_error("commit the role change", role, e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_errors_mask_the_role_name_the_server_repeats() {
+        let role = "cust_a1b2c3d4e5f6";
+        let err = role_error(
+            "alter the customer role",
+            role,
+            sqlx::Error::Protocol(format!("role \"{role}\" cannot be altered right now")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "could not alter the customer role: encountered unexpected or invalid data: role \"cust…\" cannot be altered right now"
+        );
+    }
+
+    #[test]
+    fn role_names_must_be_plain_lowercase_identifiers() {
+        for good in ["cust_a1b2c3d4", "_x", "a"] {
+            assert!(valid_role_name(good), "{good}");
+        }
+        for bad in ["", "Cust", "1abc", "a-b", "a\"b", &"a".repeat(64)] {
+            assert!(!valid_role_name(bad), "{bad}");
+        }
     }
 }

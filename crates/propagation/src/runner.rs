@@ -60,6 +60,38 @@ impl RunnerConfig {
     }
 }
 
+/// A runner configuration that would let two workers apply one row at once.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the lease ({lease_seconds} s) must outlast an apply and the shutdown grace \
+     ({apply_timeout_seconds} s + {grace_seconds} s + 10 s margin), or another replica takes rows \
+     over while they are still being applied"
+)]
+pub struct LeaseTooShort {
+    /// The configured lease.
+    pub lease_seconds: i64,
+    /// The configured apply timeout.
+    pub apply_timeout_seconds: u64,
+    /// The configured shutdown grace.
+    pub grace_seconds: u64,
+}
+
+impl RunnerConfig {
+    /// Checks that a claim's lease outlasts the longest time a worker can hold it unfinished.
+    pub fn check(&self) -> Result<(), LeaseTooShort> {
+        let needed = self.apply_timeout + self.shutdown_grace + std::time::Duration::from_secs(10);
+        if self.lease.as_seconds_f64() > needed.as_secs_f64() {
+            Ok(())
+        } else {
+            Err(LeaseTooShort {
+                lease_seconds: self.lease.whole_seconds(),
+                apply_timeout_seconds: self.apply_timeout.as_secs(),
+                grace_seconds: self.shutdown_grace.as_secs(),
+            })
+        }
+    }
+}
+
 /// What one or more batches did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchReport {
@@ -111,7 +143,8 @@ where
     S: PropagationStore + 'static,
     A: Applier + 'static,
 {
-    /// A runner over `store`, applying with `applier`.
+    /// A runner over `store`, applying with `applier`. Check the configuration first with
+    /// [`RunnerConfig::check`].
     pub fn new(store: Arc<S>, applier: Arc<A>, metrics: Metrics, config: RunnerConfig) -> Self {
         Self {
             store,
@@ -234,13 +267,22 @@ where
 
         if !in_flight.is_empty() {
             let unfinished: Vec<Propagation> = in_flight.into_values().collect();
-            report.released =
-                usize::try_from(self.store.release(&config.worker, &unfinished, now).await?)
-                    .unwrap_or(usize::MAX);
-            tracing::warn!(
-                released = report.released,
-                "shutdown: released unfinished propagations"
-            );
+            match self.store.release(&config.worker, &unfinished, now).await {
+                Ok(released) => {
+                    report.released = usize::try_from(released).unwrap_or(usize::MAX);
+                    tracing::warn!(
+                        released = report.released,
+                        "shutdown: released unfinished propagations"
+                    );
+                }
+                // Not fatal: the finished attempts of this batch must still be recorded, and the
+                // unreleased rows come back when their lease expires.
+                Err(e) => tracing::error!(
+                    error = %e,
+                    unfinished = unfinished.len(),
+                    "could not release unfinished propagations; they are retried after their lease"
+                ),
+            }
         }
 
         Ok(Attempted {
@@ -258,23 +300,50 @@ where
     pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
         let mut total = BatchReport::default();
         let mut recording: Option<tokio::task::JoinHandle<Result<BatchReport, StoreError>>> = None;
-        while !shutdown.is_cancelled() {
-            let attempted = self.attempt(OffsetDateTime::now_utc(), shutdown).await?;
-            if let Some(previous) = recording.take() {
-                total += join_recording(previous).await?;
+        let mut failure: Option<StoreError> = None;
+        while !shutdown.is_cancelled() && failure.is_none() {
+            let attempted = match self.attempt(OffsetDateTime::now_utc(), shutdown).await {
+                Ok(attempted) => attempted,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            // Start recording this batch before looking at the previous one's result, so an
+            // error there never drops work that is already done.
+            let previous = recording.take();
+            let claimed = attempted.report.claimed;
+            if claimed > 0 {
+                let recorder = self.recorder();
+                recording = Some(tokio::spawn(
+                    async move { recorder.record(attempted).await },
+                ));
             }
-            if attempted.report.claimed == 0 {
+            if let Some(previous) = previous {
+                match join_recording(previous).await {
+                    Ok(report) => total += report,
+                    Err(e) => failure = Some(e),
+                }
+            }
+            if claimed == 0 {
                 break;
             }
-            let recorder = self.recorder();
-            recording = Some(tokio::spawn(
-                async move { recorder.record(attempted).await },
-            ));
         }
-        if let Some(previous) = recording.take() {
-            total += join_recording(previous).await?;
+        // Always wait for the last recording: exiting would cut its commit short.
+        if let Some(last) = recording.take() {
+            match join_recording(last).await {
+                Ok(report) => total += report,
+                Err(e) => {
+                    if let Some(earlier) = failure.replace(e) {
+                        tracing::error!(error = %earlier, "recording a propagation batch failed");
+                    }
+                }
+            }
         }
-        Ok(total)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
     }
 
     /// Runs until `shutdown`: a batch whenever `wake` is notified or `poll_interval` passes,
@@ -410,5 +479,29 @@ fn log_transition(propagation: &Propagation, transition: &Transition) {
             propagation_id = %id, kind, resource_id = %resource, attempt = propagation.attempt,
             reason_bucket = cause.bucket().as_str(), "propagation dead-lettered"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_shorter_than_an_apply_is_refused() {
+        let mut config = RunnerConfig::new(WorkerId::parse("w").unwrap());
+        assert_eq!(config.check(), Ok(()), "the defaults must be consistent");
+        config.lease = time::Duration::seconds(30);
+        let err = config.check().unwrap_err();
+        assert_eq!(
+            (
+                err.lease_seconds,
+                err.apply_timeout_seconds,
+                err.grace_seconds
+            ),
+            (30, 60, 20)
+        );
+        config.apply_timeout = std::time::Duration::from_secs(5);
+        config.shutdown_grace = std::time::Duration::from_secs(5);
+        assert_eq!(config.check(), Ok(()));
     }
 }

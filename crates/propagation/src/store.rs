@@ -78,6 +78,9 @@ pub enum StoreError {
     /// Writing the audit rows failed, so the transitions were rolled back with them.
     #[error("could not write the audit rows, so no transition was recorded: {0}")]
     Audit(#[from] keel_audit::AuditSinkError),
+    /// The propagation asked for is not dead-lettered (or does not exist).
+    #[error("propagation {0} is not dead-lettered; `dead-letters list` shows the ones that are")]
+    NotDeadLettered(crate::model::PropagationId),
     /// A stored row could not be read as a propagation.
     #[error("propagation {id} cannot be read: {reason}")]
     Corrupt {

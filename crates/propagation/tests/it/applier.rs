@@ -90,7 +90,7 @@ async fn a_missing_customer_role_is_an_unexpected_skip_not_success() {
     let ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail }) = outcome else {
         panic!("a missing role must be an unexpected skip, got {outcome:?}");
     };
-    assert_eq!(bucket, ReasonBucket::ResourceNotReachable);
+    assert_eq!(bucket, ReasonBucket::Other);
     assert!(
         !detail.contains("cust_doesnotexist"),
         "the role name derives from the token: {detail}"
@@ -131,15 +131,66 @@ async fn role_names_are_validated_before_they_reach_sql() {
 }
 
 #[tokio::test]
-async fn a_deprovisioned_resource_is_a_legitimate_skip() {
+async fn a_deleted_or_vanished_resource_is_a_legitimate_skip() {
     let db = keel_testkit::database().await;
     let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
-    let mut gone = propagation(Some("cust_x"), "pro");
-    gone.backend.status = Some("deleted".into());
-    assert_eq!(
-        applier.apply(&gone).await.unwrap(),
-        ApplyOutcome::Skipped(SkipReason::Legitimate(
-            LegitimateSkip::ResourceDeprovisioned
-        ))
+    for status in [Some("deleted"), None] {
+        let mut gone = propagation(Some("cust_x"), "pro");
+        gone.backend.status = status.map(str::to_owned);
+        assert_eq!(
+            applier.apply(&gone).await.unwrap(),
+            ApplyOutcome::Skipped(SkipReason::Legitimate(
+                LegitimateSkip::ResourceDeprovisioned
+            )),
+            "{status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refused_alter_is_an_error_that_retries_and_does_not_name_the_role() {
+    let db = keel_testkit::database().await;
+    let role = format!("cust_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // A role the applier may not alter: a superuser, changed by a non-superuser session.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} SUPERUSER")))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let limited = format!(
+        "keel_limited_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {limited} LOGIN CREATEROLE"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.connect_options().username(&limited))
+        .await
+        .unwrap();
+    let applier = PgRoleApplier::new(pool.clone(), TierRoleSettings::standard());
+    let err = applier
+        .apply(&propagation(Some(&role), "pro"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.starts_with("could not alter the customer role"),
+        "{}",
+        err.message
+    );
+    assert!(
+        !err.message.contains(&role),
+        "the role name leaked: {}",
+        err.message
+    );
+    pool.close().await;
+    for r in [&role, &limited] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {r}")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
 }

@@ -22,12 +22,6 @@ async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
         .await
         .unwrap();
     assert!(matches!(first, Enqueued::Inserted(_)), "{first:?}");
-    let claimed = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 1);
-
     let same = store
         .enqueue(&elevation(team, resource, "pro"), T0)
         .await
@@ -37,40 +31,108 @@ async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
         Enqueued::Unchanged(first.id()),
         "the same target changes nothing"
     );
-    assert_eq!(row(db.pool(), first.id()).await.attempts, 1);
-
     let newer = store
         .enqueue(&elevation(team, resource, "team"), T0)
         .await
         .unwrap();
     assert_eq!(newer, Enqueued::Replaced(first.id()));
-    let replaced = row(db.pool(), first.id()).await;
-    assert_eq!(replaced.attempts, 0, "a new target gets a full budget");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    let claimed = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].payload.target_tier().as_str(), "team");
+}
+
+#[tokio::test]
+async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let by_a = store
+        .claim(&worker("a"), 10, Duration::minutes(5), T0)
+        .await
+        .unwrap();
+
+    // The team changes its mind while A is still applying "pro".
+    store
+        .enqueue(&elevation(team, resource, "team"), T0)
+        .await
+        .unwrap();
+    let kept = row(db.pool(), id).await;
     assert_eq!(
-        replaced.claimed_by, None,
-        "a new target is claimable at once"
+        (kept.claimed_by.as_deref(), kept.attempts),
+        (Some("a"), 1),
+        "the live claim stays"
+    );
+    assert!(
+        store
+            .claim(&worker("b"), 10, Duration::minutes(5), T0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a second worker must not race the first to the backend"
     );
 
-    // The worker still holding the old target finds its completion refused.
-    let transition = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
+    // A's result is for the old target: refused, and the row is handed back at once.
+    let applied = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
     let report = store
         .complete(
             &worker("a"),
             &[Completion {
-                propagation: claimed[0].clone(),
-                transition,
+                propagation: by_a[0].clone(),
+                transition: applied.clone(),
             }],
             &Actor::system(),
             T0,
         )
         .await
         .unwrap();
-    assert_eq!(report.stale, vec![first.id()]);
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
-        .fetch_one(db.pool())
+    assert_eq!(report.stale, vec![id]);
+    let handed_back = row(db.pool(), id).await;
+    assert_eq!(
+        (
+            handed_back.status.as_str(),
+            handed_back.claimed_by,
+            handed_back.attempts
+        ),
+        ("pending", None, 0)
+    );
+    assert_eq!(
+        resource_tier(db.pool(), resource).await,
+        "free",
+        "the old target must not be recorded"
+    );
+    assert!(audit_kinds(db.pool(), resource).await.is_empty());
+
+    let by_b = store
+        .claim(&worker("b"), 10, Duration::minutes(5), T0)
         .await
         .unwrap();
-    assert_eq!(count, 1);
+    assert_eq!(by_b[0].payload.target_tier().as_str(), "team");
+    let done = store
+        .complete(
+            &worker("b"),
+            &[Completion {
+                propagation: by_b[0].clone(),
+                transition: applied,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.recorded, vec![id]);
+    assert_eq!(resource_tier(db.pool(), resource).await, "team");
 }
 
 #[tokio::test]
@@ -255,6 +317,26 @@ async fn the_reconciler_enqueues_on_drift_and_not_while_a_propagation_is_pending
     .await
     .unwrap();
     assert!(store.reconcile(T0).await.unwrap().is_empty());
+    // Once a later propagation for the resource is applied, the old dead letter no longer
+    // holds the backstop back.
+    sqlx::query(
+        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, status, applied_at) \
+         SELECT 'tier_elevation', team_id, resource_id, resource_type, '{\"target_tier\": \"free\"}', 'applied', now() + interval '1 minute' \
+         FROM pending_propagations WHERE resource_id = $1",
+    )
+    .bind(drifted.as_uuid())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        store.reconcile(T0).await.unwrap().len(),
+        1,
+        "the hold outlived a later applied propagation"
+    );
+    sqlx::query("DELETE FROM pending_propagations WHERE status = 'pending'")
+        .execute(db.pool())
+        .await
+        .unwrap();
     // A new target for the team is new drift.
     sqlx::query("UPDATE teams SET tier = 'team'")
         .execute(db.pool())
@@ -374,5 +456,57 @@ async fn queue_stats_report_due_rows_and_the_oldest_wait() {
     assert!(
         (stats[0].oldest_due_age_seconds - 90.0).abs() < 0.001,
         "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn requeue_takes_only_the_newest_dead_letter_and_never_an_abandoned_target() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "team", "free", None).await;
+    let dead = "UPDATE pending_propagations SET status = 'dead_lettered', dead_lettered_at = now() WHERE status = 'pending'";
+    let old = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    sqlx::query(dead).execute(db.pool()).await.unwrap();
+    let newest = store
+        .enqueue(&elevation(team, resource, "team"), T0)
+        .await
+        .unwrap()
+        .id();
+    sqlx::query(dead).execute(db.pool()).await.unwrap();
+
+    let report = store
+        .requeue(
+            RequeueTarget::AllOfKind(PropagationKind::TierElevation),
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.requeued, vec![newest]);
+    assert_eq!(report.skipped_superseded, vec![old]);
+
+    // The team moves back to "pro": the remaining "pro" dead letter is current again, but the
+    // resource now has a pending row, so it is left alone rather than violating coalescing.
+    sqlx::query("UPDATE teams SET tier = 'pro'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let again = store
+        .requeue(RequeueTarget::One(old), &Actor::system(), T0)
+        .await
+        .unwrap();
+    assert_eq!(again.skipped_open, vec![old]);
+
+    let err = store
+        .requeue(RequeueTarget::One(newest), &Actor::system(), T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotDeadLettered(id) if id == newest),
+        "{err}"
     );
 }
