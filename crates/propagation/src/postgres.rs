@@ -653,20 +653,30 @@ impl PropagationStore for PgPropagationStore {
             .execute(&mut *tx)
             .await
             .map_err(db("set the plan for recording transitions"))?;
-        let recorded: Vec<i64> = sqlx::query_scalar(
+        // One statement for the batch. Rows still held by this very claim (id, worker,
+        // attempt) take their transition when their target is unchanged; when the target was
+        // replaced meanwhile, the result is for the old target: the row is handed back instead,
+        // due now, with a fresh budget.
+        let fenced: Vec<(i64, bool)> = sqlx::query_as(
             "UPDATE pending_propagations p SET \
-               status = u.status, \
-               next_attempt_at = COALESCE(u.next_attempt_at, p.next_attempt_at), \
-               last_error = COALESCE(u.last_error, p.last_error), \
-               applied_at = CASE WHEN u.status = 'applied' THEN $6 END, \
-               dead_lettered_at = CASE WHEN u.status = 'dead_lettered' THEN $6 END, \
+               status = CASE WHEN p.payload = u.payload::jsonb THEN u.status ELSE 'pending' END, \
+               next_attempt_at = CASE WHEN p.payload = u.payload::jsonb \
+                                      THEN COALESCE(u.next_attempt_at, p.next_attempt_at) \
+                                      ELSE LEAST(p.next_attempt_at, $6) END, \
+               last_error = CASE WHEN p.payload = u.payload::jsonb \
+                                 THEN COALESCE(u.last_error, p.last_error) ELSE p.last_error END, \
+               attempts = CASE WHEN p.payload = u.payload::jsonb THEN p.attempts ELSE 0 END, \
+               applied_at = CASE WHEN p.payload = u.payload::jsonb AND u.status = 'applied' \
+                                 THEN $6 END, \
+               dead_lettered_at = CASE WHEN p.payload = u.payload::jsonb \
+                                        AND u.status = 'dead_lettered' THEN $6 END, \
                claimed_by = NULL, lease_expires_at = NULL, updated_at = $6 \
              FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], \
                          $8::text[]) \
                   AS u(id, attempt, status, next_attempt_at, last_error, payload) \
              WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
-               AND p.claimed_by = $7 AND p.status = 'pending' AND p.payload = u.payload::jsonb \
-             RETURNING p.id",
+               AND p.claimed_by = $7 AND p.status = 'pending' \
+             RETURNING p.id, p.payload = u.payload::jsonb",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -679,22 +689,11 @@ impl PropagationStore for PgPropagationStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db("record transitions"))?;
-        // Rows still held by this very claim whose target was replaced meanwhile: hand them
-        // back, due now, with a fresh budget for the new target.
-        sqlx::query(
-            "UPDATE pending_propagations p SET claimed_by = NULL, lease_expires_at = NULL, \
-                    attempts = 0, next_attempt_at = LEAST(p.next_attempt_at, $4), updated_at = $4 \
-             FROM UNNEST($1::bigint[], $2::int[]) AS u(id, attempt) \
-             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
-               AND p.claimed_by = $3 AND p.status = 'pending'",
-        )
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(worker.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("hand back retargeted propagations"))?;
+        let recorded: Vec<i64> = fenced
+            .iter()
+            .filter(|(_, same)| *same)
+            .map(|(id, _)| *id)
+            .collect();
 
         let recorded_set: std::collections::BTreeSet<i64> = recorded.iter().copied().collect();
         let accepted: Vec<&Completion> = completions
