@@ -13,6 +13,8 @@ CREATE TABLE billing_event (
 
 -- Rating aggregates a window of occurred_at per (auth_id, meter, hour).
 CREATE INDEX billing_event_occurred_at_ix ON billing_event (occurred_at, auth_id, meter);
+-- The reconcile's anti-join asks "any event left for this (auth_id, meter, hour)?".
+CREATE INDEX billing_event_auth_meter_ix ON billing_event (auth_id, meter, occurred_at);
 
 CREATE TABLE prices (
     meter           text        NOT NULL,

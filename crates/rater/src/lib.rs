@@ -1,6 +1,25 @@
 //! Hourly usage rating with reconcile, an exit-code contract, single-flight, and request-body
 //! capture.
 //!
-//! **Status: skeleton.** This crate will hold window resolution, idempotent ingest, effective-dated
-//! exact pricing, the rating and reconcile SQL, the exit-code contract (0 clean, 1 error,
-//! 2 anomaly or routine reconcile deletion, 3 another rater holds the lock) and io_log capture.
+//! A rating run aggregates `billing_event` per (auth id, meter, UTC hour) over a window, prices
+//! it with the effective-dated `prices`, upserts `rated_usage`, and deletes rated rows whose
+//! events are gone (the reconcile). Deleting a previously billed row is a revenue change:
+//! on a routine run (the default trailing window) it means events vanished, so the run logs
+//! ERROR and exits 2; on an explicit `--since/--until` backfill it is the convergence the
+//! operator asked for, so it logs INFO and exits 0 — see [`exit_code`].
+//!
+//! The default build is pure; feature `postgres` adds the adapters.
+
+mod capture;
+mod exit;
+mod ingest;
+#[cfg(feature = "postgres")]
+pub mod io_log;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+mod window;
+
+pub use capture::{Captured, capture};
+pub use exit::{DeletionSeverity, RaterExit, deletion_severity, exit_code};
+pub use ingest::{BillingEvent, IngestError, MAX_FUTURE_SKEW};
+pub use window::{MAX_SPAN_DAYS, Window, WindowError, resolve_window};

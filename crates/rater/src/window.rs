@@ -1,0 +1,297 @@
+//! The rating window: which closed UTC hours a run rates.
+
+use std::fmt;
+
+use time::{Duration, OffsetDateTime, UtcOffset};
+
+/// Longest explicit window accepted without `--allow-long-span`, in days.
+pub const MAX_SPAN_DAYS: i64 = 31;
+
+/// Hours a routine (default) run re-rates.
+const DEFAULT_HOURS: i64 = 24;
+
+/// A half-open span of whole UTC hours, `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+}
+
+impl Window {
+    /// The first instant in the window (on the hour, UTC).
+    pub fn start(&self) -> OffsetDateTime {
+        self.start
+    }
+
+    /// The first instant after the window (on the hour, UTC).
+    pub fn end(&self) -> OffsetDateTime {
+        self.end
+    }
+
+    /// How many hours the window covers.
+    pub fn hours(&self) -> i64 {
+        (self.end - self.start).whole_hours()
+    }
+
+    /// The window cut into consecutive spans of at most one day, for per-day transactions.
+    pub fn days(&self) -> Vec<Window> {
+        let mut days = Vec::new();
+        let mut start = self.start;
+        while start < self.end {
+            let end = (start + Duration::DAY).min(self.end);
+            days.push(Window { start, end });
+            start = end;
+        }
+        days
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rfc3339 =
+            |at: OffsetDateTime| at.format(&time::format_description::well_known::Rfc3339);
+        let (start, end) = (
+            rfc3339(self.start).map_err(|_| fmt::Error)?,
+            rfc3339(self.end).map_err(|_| fmt::Error)?,
+        );
+        write!(f, "[{start}, {end})")
+    }
+}
+
+/// Why a window was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    /// `since` is not before `until`.
+    #[error("--since ({since}) must be before --until ({until})")]
+    Empty {
+        /// The start asked for.
+        since: OffsetDateTime,
+        /// The end asked for.
+        until: OffsetDateTime,
+    },
+    /// A bound is not on a whole UTC hour.
+    #[error("--{flag} ({at}) must be on a whole hour in UTC, e.g. 2026-11-22T10:00:00Z")]
+    NotOnTheHour {
+        /// `since` or `until`.
+        flag: &'static str,
+        /// The bound given.
+        at: OffsetDateTime,
+    },
+    /// The window reaches into the hour still open, or the future.
+    #[error(
+        "--until ({until}) reaches into the open hour or the future; the last closed hour ends at \
+         {last_closed}"
+    )]
+    NotClosed {
+        /// The end asked for.
+        until: OffsetDateTime,
+        /// The end of the last closed hour.
+        last_closed: OffsetDateTime,
+    },
+    /// The window is longer than [`MAX_SPAN_DAYS`] and `--allow-long-span` was not given.
+    #[error(
+        "the window spans {days} days, more than {MAX_SPAN_DAYS}; pass --allow-long-span if you \
+         mean it"
+    )]
+    TooLong {
+        /// The span asked for, in whole days.
+        days: i64,
+    },
+}
+
+/// The start of the hour `at` falls in, in UTC.
+fn floor_hour(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(UtcOffset::UTC);
+    at.replace_minute(0)
+        .and_then(|t| t.replace_second(0))
+        .and_then(|t| t.replace_nanosecond(0))
+        .unwrap_or(at)
+}
+
+fn on_the_hour(flag: &'static str, at: OffsetDateTime) -> Result<OffsetDateTime, WindowError> {
+    let utc = at.to_offset(UtcOffset::UTC);
+    if floor_hour(utc) == utc {
+        Ok(utc)
+    } else {
+        Err(WindowError::NotOnTheHour { flag, at })
+    }
+}
+
+/// Resolves the window a run rates, and whether it was chosen explicitly.
+///
+/// With neither bound, the trailing 24 closed UTC hours ending at the start of the current hour
+/// (a routine run). With either bound the window is explicit (a backfill); a missing side takes
+/// its default (`until`: the start of the current hour; `since`: 24 hours before `until`).
+/// Hours are UTC whatever offset the bounds are written in.
+pub fn resolve_window(
+    since: Option<OffsetDateTime>,
+    until: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+    allow_long_span: bool,
+) -> Result<(Window, bool), WindowError> {
+    let explicit = since.is_some() || until.is_some();
+    let last_closed = floor_hour(now);
+    let end = match until {
+        Some(until) => on_the_hour("until", until)?,
+        None => last_closed,
+    };
+    let start = match since {
+        Some(since) => on_the_hour("since", since)?,
+        None => end - Duration::hours(DEFAULT_HOURS),
+    };
+    if start >= end {
+        return Err(WindowError::Empty {
+            since: start,
+            until: end,
+        });
+    }
+    if end > last_closed {
+        return Err(WindowError::NotClosed {
+            until: end,
+            last_closed,
+        });
+    }
+    let days = (end - start).whole_days();
+    if end - start > Duration::days(MAX_SPAN_DAYS) && !allow_long_span {
+        return Err(WindowError::TooLong { days });
+    }
+    Ok((Window { start, end }, explicit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:17:33 UTC);
+
+    fn check(
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        expected: Result<(OffsetDateTime, OffsetDateTime, bool), WindowError>,
+    ) {
+        let got = resolve_window(since, until, NOW, false)
+            .map(|(w, explicit)| (w.start(), w.end(), explicit));
+        assert_eq!(got, expected, "since {since:?}, until {until:?}");
+    }
+
+    #[test]
+    fn the_default_is_the_trailing_24_closed_hours_and_routine() {
+        check(
+            None,
+            None,
+            Ok((
+                datetime!(2026-11-21 10:00 UTC),
+                datetime!(2026-11-22 10:00 UTC),
+                false,
+            )),
+        );
+    }
+
+    #[test]
+    fn a_single_flag_is_explicit_and_the_other_side_takes_its_default() {
+        check(
+            Some(datetime!(2026-11-22 03:00 UTC)),
+            None,
+            Ok((
+                datetime!(2026-11-22 03:00 UTC),
+                datetime!(2026-11-22 10:00 UTC),
+                true,
+            )),
+        );
+        check(
+            None,
+            Some(datetime!(2026-11-20 00:00 UTC)),
+            Ok((
+                datetime!(2026-11-19 00:00 UTC),
+                datetime!(2026-11-20 00:00 UTC),
+                true,
+            )),
+        );
+    }
+
+    #[test]
+    fn hours_are_utc_whatever_the_offset_they_are_written_in() {
+        check(
+            Some(datetime!(2026-11-22 08:30 +05:30)),
+            Some(datetime!(2026-11-22 05:00 -02:00)),
+            Ok((
+                datetime!(2026-11-22 03:00 UTC),
+                datetime!(2026-11-22 07:00 UTC),
+                true,
+            )),
+        );
+        check(
+            Some(datetime!(2026-11-22 08:00 +05:30)),
+            None,
+            Err(WindowError::NotOnTheHour {
+                flag: "since",
+                at: datetime!(2026-11-22 08:00 +05:30),
+            }),
+        );
+    }
+
+    #[test]
+    fn bad_windows_are_refused_with_the_reason() {
+        let at = datetime!(2026-11-22 04:00 UTC);
+        check(
+            Some(at),
+            Some(at),
+            Err(WindowError::Empty {
+                since: at,
+                until: at,
+            }),
+        );
+        check(
+            Some(datetime!(2026-11-22 05:00 UTC)),
+            Some(at),
+            Err(WindowError::Empty {
+                since: datetime!(2026-11-22 05:00 UTC),
+                until: at,
+            }),
+        );
+        check(
+            None,
+            Some(datetime!(2026-11-22 04:30 UTC)),
+            Err(WindowError::NotOnTheHour {
+                flag: "until",
+                at: datetime!(2026-11-22 04:30 UTC),
+            }),
+        );
+        check(
+            None,
+            Some(datetime!(2026-11-22 11:00 UTC)),
+            Err(WindowError::NotClosed {
+                until: datetime!(2026-11-22 11:00 UTC),
+                last_closed: datetime!(2026-11-22 10:00 UTC),
+            }),
+        );
+        check(
+            Some(datetime!(2026-10-01 00:00 UTC)),
+            None,
+            Err(WindowError::TooLong { days: 52 }),
+        );
+    }
+
+    #[test]
+    fn windows_display_as_half_open_rfc3339_ranges() {
+        let (window, _) = resolve_window(None, None, NOW, false).unwrap();
+        assert_eq!(
+            window.to_string(),
+            "[2026-11-21T10:00:00Z, 2026-11-22T10:00:00Z)"
+        );
+    }
+
+    #[test]
+    fn a_long_span_needs_the_flag_and_is_cut_into_days() {
+        let since = Some(datetime!(2026-10-01 00:00 UTC));
+        let (window, explicit) = resolve_window(since, None, NOW, true).unwrap();
+        assert!(explicit);
+        let days = window.days();
+        assert_eq!(days.len(), 53);
+        assert_eq!(days[0].start(), window.start());
+        assert_eq!(days.last().unwrap().end(), window.end());
+        assert!(days.windows(2).all(|pair| pair[0].end() == pair[1].start()));
+        assert_eq!(days.iter().map(Window::hours).sum::<i64>(), window.hours());
+    }
+}

@@ -1,0 +1,4 @@
+//! keel-rater against a real Postgres (a fresh migrated database per test).
+
+mod io_log;
+mod rating;
