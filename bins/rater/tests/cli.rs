@@ -14,13 +14,15 @@ fn keel_rater(args: &[&str], database_url: Option<&str>) -> Output {
 }
 
 #[test]
-fn usage_errors_exit_64_and_help_exits_0() {
-    for args in [
-        &["--bogus"][..],
+fn usage_errors_exit_64_and_help_lists_the_exit_codes() {
+    let cases: &[&[&str]] = &[
+        &["--bogus"],
         &["migrate"],
         &[],
         &["migrate", "--log-format", "xml"],
-    ] {
+        &["--since", "yesterday"],
+    ];
+    for args in cases {
         let out = keel_rater(args, None);
         assert_eq!(
             out.status.code(),
@@ -29,9 +31,40 @@ fn usage_errors_exit_64_and_help_exits_0() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let off_the_hour = keel_rater(
+        &["--since", "2026-11-20T00:30:00Z"],
+        Some("postgres://x@127.0.0.1:1/none"),
+    );
+    assert_eq!(off_the_hour.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&off_the_hour.stderr).contains("must be on a whole hour"));
     let help = keel_rater(&["--help"], None);
     assert_eq!(help.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&help.stdout).contains("64  usage error"));
+    let help = String::from_utf8_lossy(&help.stdout);
+    for code in [
+        "0   clean",
+        "1   error",
+        "2   attention",
+        "3   skipped",
+        "64  usage error",
+    ] {
+        assert!(help.contains(code), "--help lacks {code:?}:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn a_routine_run_on_an_empty_database_exits_0_and_prints_json() {
+    let db = keel_testkit::database().await;
+    let out = keel_rater(&["--output", "json"], Some(&db.url()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["explicit"], false);
+    assert_eq!(doc["exit_code"], 0);
+    assert_eq!(doc["report"]["unchanged"], 0);
 }
 
 #[tokio::test]
