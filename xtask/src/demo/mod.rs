@@ -4,6 +4,7 @@
 
 mod audit;
 mod propagation;
+mod rater;
 
 use anyhow::Context;
 use keel_testkit::PgServer;
@@ -49,6 +50,7 @@ async fn scenario() -> anyhow::Result<()> {
 
     audit::audit_trail(&pool).await?;
     propagation::tier_elevations(&pool).await?;
+    rater::rating(&server, "keel_demo", &pool).await?;
 
     pool.close().await;
     println!(
