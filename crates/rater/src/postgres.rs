@@ -182,9 +182,13 @@ fn change(row: RatingRow) -> Option<(String, RatedChange)> {
 }
 
 /// Rates `window` on `conn` (pass a transaction): aggregates `billing_event` per (auth id,
-/// meter, UTC hour) once, prices it with the newest effective price at the hour's start, upserts
-/// `rated_usage` in (auth_id, meter, window_start) order without rewriting unchanged rows, then
-/// deletes rated rows in the window whose events are gone.
+/// meter, UTC hour) once, prices it with the newest effective price at the hour's start (looked
+/// up once per meter and hour), upserts `rated_usage` in (auth_id, meter, window_start) order,
+/// then deletes rated rows in the window whose events are gone.
+///
+/// Only rows that differ from what is stored reach the upsert: `ON CONFLICT DO UPDATE … WHERE`
+/// would still lock (and so write) every conflicting row, and an unchanged re-run must write
+/// nothing.
 pub async fn rate_window(
     conn: &mut PgConnection,
     window: Window,
@@ -197,19 +201,31 @@ pub async fn rate_window(
                   sum(quantity) AS quantity, count(*) AS event_count \
            FROM billing_event WHERE occurred_at >= $1 AND occurred_at < $2 \
            GROUP BY 1, 2, 3 \
-         ), priced AS MATERIALIZED ( \
-           SELECT a.*, p.unit_price, p.currency \
-           FROM agg a LEFT JOIN LATERAL ( \
+         ), hour_prices AS ( \
+           SELECT h.meter, h.window_start, p.unit_price, p.currency \
+           FROM (SELECT DISTINCT meter, window_start FROM agg) h \
+           LEFT JOIN LATERAL ( \
              SELECT unit_price, currency FROM prices \
-             WHERE prices.meter = a.meter AND prices.effective_from <= a.window_start \
+             WHERE prices.meter = h.meter AND prices.effective_from <= h.window_start \
              ORDER BY effective_from DESC LIMIT 1 \
            ) p ON true \
+         ), priced AS MATERIALIZED ( \
+           SELECT a.auth_id, a.meter, a.window_start, a.quantity, a.event_count, \
+                  hp.unit_price, hp.currency, a.quantity * hp.unit_price AS amount \
+           FROM agg a JOIN hour_prices hp USING (meter, window_start) \
+         ), changed AS ( \
+           SELECT p.* FROM priced p \
+           LEFT JOIN rated_usage r \
+             ON r.auth_id = p.auth_id AND r.meter = p.meter AND r.window_start = p.window_start \
+           WHERE p.unit_price IS NOT NULL \
+             AND (r.id IS NULL \
+                  OR (r.quantity, r.unit_price, r.amount, r.currency, r.event_count) \
+                     IS DISTINCT FROM (p.quantity, p.unit_price, p.amount, p.currency, p.event_count)) \
          ), upserted AS ( \
            INSERT INTO rated_usage AS r \
              (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
-           SELECT auth_id, meter, window_start, quantity, unit_price, quantity * unit_price, currency, \
-                  event_count, $3 \
-           FROM priced WHERE unit_price IS NOT NULL \
+           SELECT auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, $3 \
+           FROM changed \
            ORDER BY auth_id, meter, window_start \
            ON CONFLICT (auth_id, meter, window_start) DO UPDATE SET \
              quantity = EXCLUDED.quantity, unit_price = EXCLUDED.unit_price, amount = EXCLUDED.amount, \

@@ -7,10 +7,12 @@
 
 #[cfg(feature = "bench")]
 mod propagation;
+#[cfg(feature = "bench")]
+mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -45,21 +47,22 @@ fn reexec_optimised(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rows_flag(args: &[String], default: u64) -> anyhow::Result<u64> {
-    match args.iter().position(|a| a == "--rows") {
+fn count_flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == flag) {
         None => Ok(default),
         Some(i) => args
             .get(i + 1)
             .and_then(|n| n.parse().ok())
             .filter(|&n| n > 0)
-            .with_context(|| format!("--rows takes a positive whole number\n{USAGE}")),
+            .with_context(|| format!("{flag} takes a positive whole number\n{USAGE}")),
     }
 }
 
 #[cfg(feature = "bench")]
 fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
-        Some("propagation") => propagation::bench(rows_flag(&args[1..], 100_000)?),
+        Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
+        Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
         Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
         None => bail!("{USAGE}"),
     }
@@ -67,7 +70,7 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "bench"))]
 fn dispatch(args: &[String]) -> anyhow::Result<()> {
-    let _ = rows_flag(args, 0)?;
+    let _ = count_flag(args, "--rows", 0)?;
     bail!("benchmarks need the `bench` feature: {USAGE}")
 }
 
