@@ -420,3 +420,57 @@ async fn the_reconcile_delete_uses_the_window_start_index_and_would_not_without_
         "{without}"
     );
 }
+
+#[tokio::test]
+async fn two_concurrent_raters_exactly_one_writes_and_the_other_exits_3() {
+    let db = keel_testkit::database().await;
+    fixture(db.pool()).await;
+    // Hold the first rater inside its rating statement: it has taken the single-flight lock and
+    // is waiting on `prices`.
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE prices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let request = RunRequest {
+        window: window(3),
+        explicit: false,
+        dry_run: false,
+        now: NOW,
+    };
+    let first = {
+        let (pool, options) = (db.pool().clone(), db.connect_options());
+        tokio::spawn(async move { run(&pool, &options, request).await.unwrap() })
+    };
+    // Wait until the first rater holds the lock (it is in pg_locks) before starting the second.
+    let mut held = false;
+    for _ in 0..400 {
+        held = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if held {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(held, "the first rater never took the single-flight lock");
+
+    let second = run(db.pool(), &db.connect_options(), request)
+        .await
+        .unwrap();
+    assert_eq!(second.exit, RaterExit::Locked);
+    assert!(second.report.is_none());
+
+    blocker.rollback().await.unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.exit, RaterExit::Clean);
+    assert_eq!(first.report.unwrap().inserted.len(), 3);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(runs, 1, "exactly one rater wrote");
+}
