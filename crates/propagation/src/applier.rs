@@ -62,9 +62,7 @@ impl<A: Applier, B: Applier> Applier for AllOf<A, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Payload, PropagationId};
     use crate::{LegitimateSkip, ReasonBucket, SkipReason};
-    use keel_audit::{ResourceId, ResourceType, TeamId, Tier};
 
     struct Fixed(Result<ApplyOutcome, ApplyError>);
 
@@ -78,17 +76,7 @@ mod tests {
         first: Result<ApplyOutcome, ApplyError>,
         second: Result<ApplyOutcome, ApplyError>,
     ) -> Result<ApplyOutcome, ApplyError> {
-        let propagation = Propagation {
-            id: PropagationId(1),
-            team_id: TeamId::new_random(),
-            resource_id: ResourceId::new_random(),
-            resource_type: ResourceType::Postgres,
-            payload: Payload::TierElevation {
-                target_tier: Tier::parse("pro").unwrap(),
-            },
-            attempt: 1,
-            backend: Backend::default(),
-        };
+        let propagation = crate::model::sample_propagation();
         let both = AllOf {
             first: Fixed(first),
             second: Fixed(second),

@@ -347,19 +347,10 @@ mod tests {
 
     #[test]
     fn audit_events_withhold_secret_looking_details() {
-        use crate::model::{Backend, Payload, PropagationId};
-        use keel_audit::{ResourceId, ResourceType, TeamId, Tier};
-        let propagation = Propagation {
-            id: PropagationId(7),
-            team_id: TeamId::new_random(),
-            resource_id: ResourceId::new_random(),
-            resource_type: ResourceType::Postgres,
-            payload: Payload::TierElevation {
-                target_tier: Tier::parse("pro").unwrap(),
-            },
-            attempt: 2,
-            backend: Backend::default(),
-        };
+        use crate::model::PropagationId;
+        let mut propagation = crate::model::sample_propagation();
+        propagation.id = PropagationId(7);
+        propagation.attempt = 2;
         let failed = Err(ApplyError::new(
             "could not connect to postgres://admin:s3cr3t@db/x",
         ));

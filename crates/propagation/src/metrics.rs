@@ -169,44 +169,38 @@ impl Metrics {
         metrics
     }
 
-    /// Counts one transition of `propagation`.
+    /// Counts one transition of `propagation`. An unexpected skip counts under its bucket
+    /// whether it retries or dead-letters: the leading indicator and the dead-letter alert agree.
     pub fn record(&self, propagation: &Propagation, transition: &Transition) {
+        use crate::decide::RetryCause;
         let labels = KindLabels {
             kind: propagation.kind(),
             resource_type: propagation.resource_type,
         };
-        match transition {
+        let cause = match transition {
             Transition::Applied { .. } => {
                 self.applied.get_or_create(&labels).inc();
+                return;
             }
-            Transition::Retry { cause, .. } => match cause {
-                crate::decide::RetryCause::UnexpectedSkip { bucket, .. } => {
-                    self.unexpected_skip
-                        .get_or_create(&SkipLabels {
-                            kind: labels.kind,
-                            resource_type: labels.resource_type,
-                            skip_reason: *bucket,
-                        })
-                        .inc();
-                }
-                crate::decide::RetryCause::Error { .. } | crate::decide::RetryCause::Abandoned => {
+            Transition::Retry { cause, .. } => {
+                if !matches!(cause, RetryCause::UnexpectedSkip { .. }) {
                     self.retrying.get_or_create(&labels).inc();
                 }
-            },
-            Transition::DeadLetter { cause } => {
-                // The unexpected skip on the last attempt still counts as one: the leading
-                // indicator and the dead-letter alert must agree.
-                if let crate::decide::RetryCause::UnexpectedSkip { bucket, .. } = cause {
-                    self.unexpected_skip
-                        .get_or_create(&SkipLabels {
-                            kind: labels.kind,
-                            resource_type: labels.resource_type,
-                            skip_reason: *bucket,
-                        })
-                        .inc();
-                }
-                self.dead_lettered.get_or_create(&labels).inc();
+                cause
             }
+            Transition::DeadLetter { cause } => {
+                self.dead_lettered.get_or_create(&labels).inc();
+                cause
+            }
+        };
+        if let RetryCause::UnexpectedSkip { bucket, .. } = cause {
+            self.unexpected_skip
+                .get_or_create(&SkipLabels {
+                    kind: labels.kind,
+                    resource_type: labels.resource_type,
+                    skip_reason: *bucket,
+                })
+                .inc();
         }
     }
 
@@ -278,10 +272,8 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::decide::decide;
-    use crate::model::{Backend, Payload, PropagationId};
     use crate::outcome::{ApplyOutcome, SkipReason};
     use crate::policy::RetryPolicy;
-    use keel_audit::{ResourceId, TeamId, Tier};
 
     fn encode(registry: &Registry) -> String {
         let mut text = String::new();
@@ -345,17 +337,7 @@ mod tests {
     fn an_unexpected_skip_counts_under_its_bucket_and_never_as_applied() {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let propagation = Propagation {
-            id: PropagationId(1),
-            team_id: TeamId::new_random(),
-            resource_id: ResourceId::new_random(),
-            resource_type: ResourceType::Postgres,
-            payload: Payload::TierElevation {
-                target_tier: Tier::parse("pro").unwrap(),
-            },
-            attempt: 1,
-            backend: Backend::default(),
-        };
+        let propagation = crate::model::sample_propagation();
         let outcome = Ok(ApplyOutcome::Skipped(SkipReason::unexpected(
             "secret postgres-admin not found",
         )));

@@ -144,6 +144,22 @@ impl Propagation {
     }
 }
 
+/// A sample propagation for unit tests: a tier elevation to `pro` of a Postgres resource.
+#[cfg(test)]
+pub(crate) fn sample_propagation() -> Propagation {
+    Propagation {
+        id: PropagationId(1),
+        team_id: TeamId::new_random(),
+        resource_id: ResourceId::new_random(),
+        resource_type: ResourceType::Postgres,
+        payload: Payload::TierElevation {
+            target_tier: Tier::parse("pro").unwrap_or_else(|e| panic!("{e}")),
+        },
+        attempt: 1,
+        backend: Backend::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,27 @@ use time::Duration;
 
 use crate::*;
 
+/// Records one attempt's transition as worker `name`, at `T0`.
+async fn complete_one(
+    store: &PgPropagationStore,
+    name: &str,
+    propagation: keel_propagation::Propagation,
+    transition: Transition,
+) -> keel_propagation::CompletionReport {
+    store
+        .complete(
+            &worker(name),
+            &[Completion {
+                propagation,
+                transition,
+            }],
+            &Actor::system(),
+            T0,
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
     let db = keel_testkit::database().await;
@@ -85,18 +106,7 @@ async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next(
 
     // A's result is for the old target: refused, and the row is handed back at once.
     let applied = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
-    let report = store
-        .complete(
-            &worker("a"),
-            &[Completion {
-                propagation: by_a[0].clone(),
-                transition: applied.clone(),
-            }],
-            &Actor::system(),
-            T0,
-        )
-        .await
-        .unwrap();
+    let report = complete_one(&store, "a", by_a[0].clone(), applied.clone()).await;
     assert_eq!(report.stale, vec![id]);
     let handed_back = row(db.pool(), id).await;
     assert_eq!(
@@ -119,18 +129,7 @@ async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next(
         .await
         .unwrap();
     assert_eq!(by_b[0].payload.target_tier().as_str(), "team");
-    let done = store
-        .complete(
-            &worker("b"),
-            &[Completion {
-                propagation: by_b[0].clone(),
-                transition: applied,
-            }],
-            &Actor::system(),
-            T0,
-        )
-        .await
-        .unwrap();
+    let done = complete_one(&store, "b", by_b[0].clone(), applied).await;
     assert_eq!(done.recorded, vec![id]);
     assert_eq!(resource_tier(db.pool(), resource).await, "team");
 }
@@ -172,18 +171,7 @@ async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale
 
     // A finishes late: the fence refuses it and nothing changes, no audit row either.
     let applied = decide(1, &Ok(ApplyOutcome::Applied), &RetryPolicy::standard(), T0);
-    let late = store
-        .complete(
-            &worker("a"),
-            &[Completion {
-                propagation: by_a[0].clone(),
-                transition: applied.clone(),
-            }],
-            &Actor::system(),
-            T0,
-        )
-        .await
-        .unwrap();
+    let late = complete_one(&store, "a", by_a[0].clone(), applied.clone()).await;
     assert_eq!(late.stale, vec![id]);
     assert!(late.recorded.is_empty());
     let after = row(db.pool(), id).await;
@@ -194,18 +182,7 @@ async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale
     assert!(audit_kinds(db.pool(), resource).await.is_empty());
 
     // B's completion is the one that lands.
-    let done = store
-        .complete(
-            &worker("b"),
-            &[Completion {
-                propagation: by_b[0].clone(),
-                transition: applied,
-            }],
-            &Actor::system(),
-            T0,
-        )
-        .await
-        .unwrap();
+    let done = complete_one(&store, "b", by_b[0].clone(), applied).await;
     assert_eq!(done.recorded, vec![id]);
     assert_eq!(row(db.pool(), id).await.status, "applied");
     assert_eq!(resource_tier(db.pool(), resource).await, "pro");
@@ -363,18 +340,7 @@ async fn dead_letters_are_listed_and_requeued_with_an_audit_row_and_a_fresh_budg
     let dead = Transition::DeadLetter {
         cause: keel_propagation::RetryCause::Abandoned,
     };
-    store
-        .complete(
-            &worker("a"),
-            &[Completion {
-                propagation: claimed[0].clone(),
-                transition: dead,
-            }],
-            &Actor::system(),
-            T0,
-        )
-        .await
-        .unwrap();
+    complete_one(&store, "a", claimed[0].clone(), dead).await;
 
     let listed = store
         .dead_letters(Some(PropagationKind::TierElevation), 10)
