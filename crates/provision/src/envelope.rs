@@ -1,0 +1,349 @@
+//! Error envelopes that tell a caller — often an AI agent acting for a user — what to do next.
+//!
+//! Every error is a closed [`ErrorCode`]. The registry ([`ErrorCode::agent_action`]) maps a code to
+//! the action the agent should take; every registered action obeys one contract, checked by a
+//! test over all codes: it opens with "Tell the user", names the reason, names the action,
+//! carries a full `https://` URL, and stays under 280 characters. Plumbing errors are
+//! deliberately unregistered (see [`UNREGISTERED`]) and fall back to contacting support.
+
+use std::fmt;
+
+/// Most characters an agent action may have.
+pub const MAX_AGENT_ACTION_CHARS: usize = 280;
+
+/// Every error a provisioning API answers with. Closed: a new code must decide its action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+pub enum ErrorCode {
+    /// The request body is not valid JSON or lacks a field.
+    InvalidRequest,
+    /// The resource type is not one the platform provisions.
+    UnknownResourceType,
+    /// The tier does not exist.
+    UnknownTier,
+    /// The team does not exist.
+    TeamNotFound,
+    /// The resource does not exist (or was deprovisioned).
+    ResourceNotFound,
+    /// The backend object could not be created or its row could not be finalized; nothing was
+    /// left behind and nothing is billed.
+    ProvisionFailed,
+    /// The backend is temporarily unavailable.
+    BackendUnavailable,
+    /// A database operation failed (plumbing; unregistered).
+    DbError,
+    /// An unexpected internal failure (plumbing; unregistered).
+    Internal,
+}
+
+/// Codes deliberately without an agent action of their own: plumbing failures whose only honest
+/// advice is to contact support with the request id. This is the one place they are listed.
+pub const UNREGISTERED: &[ErrorCode] = &[ErrorCode::DbError, ErrorCode::Internal];
+
+/// The base of the platform's error documentation, e.g. `https://docs.example.com/errors`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocsBase(String);
+
+/// A docs base that is not a short `https://` URL.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the error docs base must be an https:// URL of at most 60 characters without a trailing slash"
+)]
+pub struct InvalidDocsBase;
+
+impl DocsBase {
+    /// Parses the base; short enough that every action stays under the length limit.
+    pub fn parse(url: &str) -> Result<Self, InvalidDocsBase> {
+        let ok = url.starts_with("https://")
+            && url.len() > "https://".len()
+            && url.len() <= 60
+            && !url.ends_with('/')
+            && !url.chars().any(char::is_whitespace);
+        if ok {
+            Ok(Self(url.to_owned()))
+        } else {
+            Err(InvalidDocsBase)
+        }
+    }
+
+    fn page(&self, code: ErrorCode) -> String {
+        format!("{}/{}", self.0, code.as_str())
+    }
+}
+
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: &'static [ErrorCode] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The wire name (`error` in the envelope).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownResourceType => "unknown_resource_type",
+            ErrorCode::UnknownTier => "unknown_tier",
+            ErrorCode::TeamNotFound => "team_not_found",
+            ErrorCode::ResourceNotFound => "resource_not_found",
+            ErrorCode::ProvisionFailed => "provision_failed",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::DbError => "db_error",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status.
+    pub const fn status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::UnknownResourceType | ErrorCode::UnknownTier => {
+                400
+            }
+            ErrorCode::TeamNotFound | ErrorCode::ResourceNotFound => 404,
+            ErrorCode::ProvisionFailed | ErrorCode::BackendUnavailable => 503,
+            ErrorCode::DbError | ErrorCode::Internal => 500,
+        }
+    }
+
+    /// A short title (RFC 9457 `title`).
+    pub const fn title(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "Invalid request",
+            ErrorCode::UnknownResourceType => "Unknown resource type",
+            ErrorCode::UnknownTier => "Unknown tier",
+            ErrorCode::TeamNotFound => "Team not found",
+            ErrorCode::ResourceNotFound => "Resource not found",
+            ErrorCode::ProvisionFailed => "Provisioning failed",
+            ErrorCode::BackendUnavailable => "Backend unavailable",
+            ErrorCode::DbError => "Database error",
+            ErrorCode::Internal => "Internal error",
+        }
+    }
+
+    /// Seconds a caller should wait before retrying, when retrying is the advice (503s).
+    pub const fn retry_after_seconds(self) -> Option<u32> {
+        match self {
+            ErrorCode::ProvisionFailed => Some(5),
+            ErrorCode::BackendUnavailable => Some(30),
+            ErrorCode::InvalidRequest
+            | ErrorCode::UnknownResourceType
+            | ErrorCode::UnknownTier
+            | ErrorCode::TeamNotFound
+            | ErrorCode::ResourceNotFound
+            | ErrorCode::DbError
+            | ErrorCode::Internal => None,
+        }
+    }
+
+    /// The registered action template (`{url}` is the code's docs page), or `None` for the
+    /// codes in [`UNREGISTERED`]. Exhaustive: a new code must be registered or listed there.
+    const fn registered(self) -> Option<&'static str> {
+        match self {
+            ErrorCode::InvalidRequest => Some(
+                "Tell the user the request was malformed (invalid JSON or a missing field); fix \
+                 the body to match the documented schema and send it again. See {url}",
+            ),
+            ErrorCode::UnknownResourceType => Some(
+                "Tell the user that resource type is not offered; choose one of postgres, redis \
+                 or namespace and send the request again. See {url}",
+            ),
+            ErrorCode::UnknownTier => Some(
+                "Tell the user that tier does not exist; pick one of the tiers listed in the \
+                 docs and send the request again. See {url}",
+            ),
+            ErrorCode::TeamNotFound => Some(
+                "Tell the user the team was not found; check the team id (or create the team) \
+                 before retrying. See {url}",
+            ),
+            ErrorCode::ResourceNotFound => Some(
+                "Tell the user the resource was not found or was deleted; list the team's \
+                 resources to find the right id. See {url}",
+            ),
+            ErrorCode::ProvisionFailed => Some(
+                "Tell the user the resource could not be created and nothing was left behind or \
+                 billed; retry the same request with exponential backoff, starting at 5 seconds. \
+                 See {url}",
+            ),
+            ErrorCode::BackendUnavailable => Some(
+                "Tell the user the platform's backend is briefly unavailable; wait for the \
+                 Retry-After delay, then retry with exponential backoff. See {url}",
+            ),
+            ErrorCode::DbError | ErrorCode::Internal => None,
+        }
+    }
+
+    /// The action an agent should take for this code, with its docs link.
+    pub fn agent_action(self, docs: &DocsBase) -> String {
+        let template = self.registered().unwrap_or(
+            "Tell the user the platform hit an internal error it could not recover from; \
+             contact support with the request id and do not retry in a loop. See {url}",
+        );
+        template.replace("{url}", &docs.page(self))
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The JSON error body: Keel's fields plus the RFC 9457 problem-details members.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ErrorEnvelope {
+    /// Always `false`.
+    pub ok: bool,
+    /// The error code's wire name.
+    pub error: &'static str,
+    /// What went wrong, for humans.
+    pub message: String,
+    /// What the caller should do next.
+    pub agent_action: String,
+    /// Seconds to wait before retrying, on 503s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u32>,
+    /// The request id, for support.
+    pub request_id: String,
+    /// RFC 9457 `type`: the code's docs page.
+    #[serde(rename = "type")]
+    pub type_url: String,
+    /// RFC 9457 `title`.
+    pub title: &'static str,
+    /// RFC 9457 `status`.
+    pub status: u16,
+    /// RFC 9457 `detail` (the message).
+    pub detail: String,
+}
+
+impl ErrorEnvelope {
+    /// The envelope for `code`.
+    pub fn new(
+        code: ErrorCode,
+        message: impl Into<String>,
+        request_id: impl Into<String>,
+        docs: &DocsBase,
+    ) -> Self {
+        let message = message.into();
+        Self {
+            ok: false,
+            error: code.as_str(),
+            agent_action: code.agent_action(docs),
+            retry_after_seconds: code.retry_after_seconds(),
+            request_id: request_id.into(),
+            type_url: docs.page(code),
+            title: code.title(),
+            status: code.status(),
+            detail: message.clone(),
+            message,
+        }
+    }
+
+    /// The `Retry-After` header value, on 503s.
+    pub fn retry_after_header(&self) -> Option<String> {
+        (self.status == 503).then(|| self.retry_after_seconds.unwrap_or(5).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs() -> DocsBase {
+        // As long as a base may be, so the length check is the worst case.
+        DocsBase::parse(&format!("https://{}", "d".repeat(52))).unwrap()
+    }
+
+    #[test]
+    fn every_agent_action_obeys_the_contract() {
+        let docs = docs();
+        for &code in ErrorCode::ALL {
+            let action = code.agent_action(&docs);
+            assert!(action.starts_with("Tell the user"), "{code}: {action}");
+            assert!(
+                action.chars().count() < MAX_AGENT_ACTION_CHARS,
+                "{code}: {} chars",
+                action.chars().count()
+            );
+            let url = docs.page(code);
+            assert!(
+                action.contains(&url) && url.starts_with("https://"),
+                "{code}: no full URL"
+            );
+            // Names the reason and the action: a clause after "Tell the user", then what to do.
+            let (reason, todo) = action
+                .split_once(';')
+                .unwrap_or_else(|| panic!("{code}: no reason;action: {action}"));
+            assert!(
+                reason.len() > "Tell the user ".len() + 10,
+                "{code}: no reason"
+            );
+            assert!(todo.trim().len() > 10, "{code}: no action");
+        }
+    }
+
+    #[test]
+    fn provision_failed_says_retry_with_backoff_not_contact_support() {
+        let action = ErrorCode::ProvisionFailed.agent_action(&docs());
+        assert!(
+            action.contains("retry") && action.contains("exponential backoff"),
+            "{action}"
+        );
+        assert!(!action.to_lowercase().contains("support"), "{action}");
+    }
+
+    #[test]
+    fn only_the_listed_plumbing_codes_are_unregistered_and_they_fall_back_to_support() {
+        for &code in ErrorCode::ALL {
+            let unregistered = code.registered().is_none();
+            assert_eq!(unregistered, UNREGISTERED.contains(&code), "{code}");
+            if unregistered {
+                assert!(code.status() >= 500, "{code}: only 5xx may fall back");
+                assert!(code.agent_action(&docs()).contains("contact support"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_envelope_carries_keel_and_rfc9457_members_and_retry_after_on_503() {
+        let envelope = ErrorEnvelope::new(
+            ErrorCode::ProvisionFailed,
+            "could not finalize",
+            "req-1",
+            &docs(),
+        );
+        let json = serde_json::to_value(&envelope).unwrap();
+        for key in [
+            "ok",
+            "error",
+            "message",
+            "agent_action",
+            "retry_after_seconds",
+            "request_id",
+            "type",
+            "title",
+            "status",
+            "detail",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}: {json}");
+        }
+        assert_eq!(json["ok"], false);
+        assert_eq!(json["status"], 503);
+        assert_eq!(envelope.retry_after_header().as_deref(), Some("5"));
+        let not_found = ErrorEnvelope::new(ErrorCode::ResourceNotFound, "gone", "req-2", &docs());
+        assert_eq!(not_found.retry_after_header(), None);
+        assert!(
+            serde_json::to_value(&not_found)
+                .unwrap()
+                .get("retry_after_seconds")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn docs_bases_must_be_short_https_urls() {
+        for bad in [
+            "http://x.test/errors",
+            "https://",
+            "https://x.test/errors/",
+            &format!("https://{}", "d".repeat(60)),
+        ] {
+            assert_eq!(DocsBase::parse(bad), Err(InvalidDocsBase), "{bad}");
+        }
+    }
+}
