@@ -56,6 +56,26 @@ async fn seed(
     (team, resource)
 }
 
+/// A team on `pro` with an active resource still on `free`, and its elevation enqueued at `T0`.
+async fn drifted_and_enqueued(pool: &PgPool) -> (TeamId, ResourceId, PropagationId) {
+    let (team, resource) = seed(pool, "pro", "free", None).await;
+    let id = store(pool)
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    (team, resource, id)
+}
+
+/// Claims up to 10 due rows as worker `name` at `T0` with a 5-minute lease.
+async fn claim_as(store: &PgPropagationStore, name: &str) -> Vec<Propagation> {
+    use keel_propagation::PropagationStore;
+    store
+        .claim(&worker(name), 10, time::Duration::minutes(5), T0)
+        .await
+        .unwrap()
+}
+
 fn elevation(team: TeamId, resource: ResourceId, to: &str) -> EnqueueRequest {
     EnqueueRequest {
         team_id: team,

@@ -28,12 +28,7 @@ fn runner(
 #[tokio::test]
 async fn unexpected_skip_never_marks_applied() {
     let db = keel_testkit::database().await;
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let skip =
         SkipReason::unexpected("secret postgres-admin not found in namespace instant-customer-…");
     let applier = Arc::new(Recording::answering(Ok(ApplyOutcome::Skipped(skip))));
@@ -110,12 +105,7 @@ async fn unexpected_skip_never_marks_applied() {
 #[tokio::test]
 async fn an_applied_propagation_stamps_applied_at_moves_the_tier_and_audits_applied() {
     let db = keel_testkit::database().await;
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let (runner, metrics) = runner(db.pool(), Arc::new(Recording::default()), "runner-1");
     let report = runner
         .run_batch(T0, &CancellationToken::new())
@@ -142,12 +132,7 @@ async fn an_applied_propagation_stamps_applied_at_moves_the_tier_and_audits_appl
 async fn every_legitimate_skip_marks_applied_against_the_database() {
     for &skip in LegitimateSkip::ALL {
         let db = keel_testkit::database().await;
-        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-        let id = store(db.pool())
-            .enqueue(&elevation(team, resource, "pro"), T0)
-            .await
-            .unwrap()
-            .id();
+        let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
         let applier = Arc::new(Recording::answering(Ok(ApplyOutcome::Skipped(
             SkipReason::Legitimate(skip),
         ))));
@@ -228,12 +213,7 @@ async fn two_runners_over_thousands_of_rows_never_apply_one_row_concurrently() {
 #[tokio::test]
 async fn shutdown_releases_rows_whose_apply_outlives_the_grace_period() {
     let db = keel_testkit::database().await;
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let applier = Arc::new(Recording {
         delay: Some(std::time::Duration::from_secs(30)),
         ..Recording::default()
@@ -261,12 +241,7 @@ async fn shutdown_releases_rows_whose_apply_outlives_the_grace_period() {
 #[tokio::test]
 async fn an_applier_error_retries_with_propagation_retrying_and_records_the_error() {
     let db = keel_testkit::database().await;
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let applier = Arc::new(Recording::answering(Err(
         keel_propagation::ApplyError::new("connection refused"),
     )));

@@ -62,10 +62,7 @@ async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
         .await
         .unwrap();
     assert_eq!(count, 1);
-    let claimed = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let claimed = claim_as(&store, "a").await;
     assert_eq!(claimed[0].payload.target_tier().as_str(), "team");
 }
 
@@ -73,16 +70,8 @@ async fn enqueue_coalesces_to_one_pending_row_per_kind_and_resource() {
 async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next() {
     let db = keel_testkit::database().await;
     let store = store(db.pool());
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
-    let by_a = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let (team, resource, id) = drifted_and_enqueued(db.pool()).await;
+    let by_a = claim_as(&store, "a").await;
 
     // The team changes its mind while A is still applying "pro".
     store
@@ -96,11 +85,7 @@ async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next(
         "the live claim stays"
     );
     assert!(
-        store
-            .claim(&worker("b"), 10, Duration::minutes(5), T0)
-            .await
-            .unwrap()
-            .is_empty(),
+        claim_as(&store, "b").await.is_empty(),
         "a second worker must not race the first to the backend"
     );
 
@@ -124,10 +109,7 @@ async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next(
     );
     assert!(audit_kinds(db.pool(), resource).await.is_empty());
 
-    let by_b = store
-        .claim(&worker("b"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let by_b = claim_as(&store, "b").await;
     assert_eq!(by_b[0].payload.target_tier().as_str(), "team");
     let done = complete_one(&store, "b", by_b[0].clone(), applied).await;
     assert_eq!(done.recorded, vec![id]);
@@ -139,12 +121,7 @@ async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale
  {
     let db = keel_testkit::database().await;
     let store = store(db.pool());
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let lease = Duration::minutes(1);
 
     let by_a = store.claim(&worker("a"), 10, lease, T0).await.unwrap();
@@ -192,16 +169,8 @@ async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale
 async fn a_transition_whose_audit_insert_fails_leaves_the_row_unchanged() {
     let db = keel_testkit::database().await;
     let store = store(db.pool());
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
-    let claimed = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
+    let claimed = claim_as(&store, "a").await;
     let before = row(db.pool(), id).await;
     sqlx::query(
         "ALTER TABLE audit_events ADD CONSTRAINT test_refuse CHECK (kind <> 'propagation.applied')",
@@ -240,16 +209,8 @@ async fn a_transition_whose_audit_insert_fails_leaves_the_row_unchanged() {
 async fn releasing_a_claim_gives_the_attempt_back() {
     let db = keel_testkit::database().await;
     let store = store(db.pool());
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
-    let claimed = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let (_, _, id) = drifted_and_enqueued(db.pool()).await;
+    let claimed = claim_as(&store, "a").await;
     assert_eq!(
         store.release(&worker("b"), &claimed, T0).await.unwrap(),
         0,
@@ -258,14 +219,7 @@ async fn releasing_a_claim_gives_the_attempt_back() {
     assert_eq!(store.release(&worker("a"), &claimed, T0).await.unwrap(), 1);
     let after = row(db.pool(), id).await;
     assert_eq!((after.attempts, after.claimed_by), (0, None));
-    assert_eq!(
-        store
-            .claim(&worker("b"), 10, Duration::minutes(5), T0)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(claim_as(&store, "b").await.len(), 1);
 }
 
 #[tokio::test]
@@ -327,16 +281,8 @@ async fn the_reconciler_enqueues_on_drift_and_not_while_a_propagation_is_pending
 async fn dead_letters_are_listed_and_requeued_with_an_audit_row_and_a_fresh_budget() {
     let db = keel_testkit::database().await;
     let store = store(db.pool());
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
-    let claimed = store
-        .claim(&worker("a"), 10, Duration::minutes(5), T0)
-        .await
-        .unwrap();
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
+    let claimed = claim_as(&store, "a").await;
     let dead = Transition::DeadLetter {
         cause: keel_propagation::RetryCause::Abandoned,
     };
