@@ -480,24 +480,24 @@ fn reconcile_event(
         .collect();
     let mut keys = keys.join(" ");
     keys.truncate(keel_audit::MAX_ATTR_VALUE_LEN);
-    let base = AuditEvent::new(
-        AuditKind::RaterReconcileDeleted,
-        Actor::parse("keel-rater").unwrap_or_else(|_| Actor::system()),
-        now,
-    );
-    let attrs = [
+    let mut attributes = keel_audit::Attributes::new();
+    for (key, value) in [
         ("deleted_count", report.deleted.len().to_string()),
         ("window_start", day.start().to_string()),
         ("window_end", day.end().to_string()),
         ("explicit_window", explicit.to_string()),
         ("deleted_keys", keys),
-    ];
-    attrs.into_iter().fold(base, |event, (key, value)| {
-        match event.clone().attr(key, value) {
-            Ok(with) => with,
-            Err(_) => event,
-        }
-    })
+    ] {
+        // Every value is built here from validated ids and numbers; one refused would only
+        // thin the attributes, never lose the audit row.
+        let _ = attributes.insert(key, value);
+    }
+    AuditEvent::new(
+        AuditKind::RaterReconcileDeleted,
+        Actor::parse("keel-rater").unwrap_or_else(|_| Actor::system()),
+        now,
+    )
+    .with_attributes(attributes)
 }
 
 fn log_day(report: &RateReport, day: Window, explicit: bool, dry_run: bool) {

@@ -48,12 +48,9 @@ pub fn parse<P: Parser>() -> P {
     match try_parse_from(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(exit) => {
-            if exit.code == 0 {
-                print!("{}", exit.message);
-            } else {
-                eprint!("{}", exit.message);
-            }
-            std::process::exit(i32::from(exit.code))
+            let code = i32::from(exit.code);
+            report(exit);
+            std::process::exit(code)
         }
     }
 }
