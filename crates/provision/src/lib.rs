@@ -1,21 +1,62 @@
 //! Atomic two-phase provisioning: no 201 for a resource the platform cannot address.
 //!
-//! **Status: the pure foundation.** Today this crate holds the backend names derived from a
-//! customer token ([`NamespaceName`], [`DatabaseName`], [`RoleName`]: a function that deletes a
-//! namespace cannot be handed a resource id), the secrets that only display redacted
-//! ([`ConnectionUrl`], [`Password`]), and the error envelopes with their agent-action registry
-//! ([`ErrorCode`], [`ErrorEnvelope`]). The reserve → create → finalize typestate, compensating
-//! teardown with `provision.persistence_failed`, the audited deprovision chokepoint, the
-//! backends and `keel-provision-api` follow.
+//! - **Intent first, then the side effect.** [`Provisioner::reserve`] writes a `pending` row with
+//!   the resource's deterministic backend name; [`Provisioner::create`] creates the backend object
+//!   (create-if-absent, so a retry is safe); [`Provisioner::finalize`] marks the row `active` with
+//!   its provider id and connection URL and records `provision.created` in the same transaction.
+//! - **Typestate.** A [`Reservation`] can only be consumed by `create` or `abort`; a [`Created`]
+//!   only by `finalize` or `abort_created`; a [`Provisioned`] is built only by `finalize`; the
+//!   201 body ([`ProvisionedBody`]) only from a `Provisioned`. A handler that skips finalize does
+//!   not compile (the compile-fail tests in `crates/provision-compile-tests` show it).
+//! - **Compensation.** When finalize fails, the backend object is torn down (a failed teardown is
+//!   logged, counted and audited), the row is soft-deleted, `provision.persistence_failed` is
+//!   recorded, and the error maps to `provision_failed` (503, retry with backoff). A reservation
+//!   that cannot be compensated stays `pending` under its deterministic name, where a retry and
+//!   the orphan sweep find it.
+//! - **One deprovision chokepoint.** [`Provisioner::deprovision`] is the only code path that tears
+//!   down a live resource's backend object: `resource.deprovisioned` (reason, actor) commits with
+//!   the soft delete before anything is destroyed; it is idempotent and touches only names inside
+//!   the platform's prefixes.
+//! - **Names and secrets.** [`NamespaceName`], [`DatabaseName`] and [`RoleName`] are built only from
+//!   a token; [`ConnectionUrl`] and [`Password`] only display redacted.
+//! - **Error envelopes.** [`ErrorCode`] is closed; each registered code carries an agent action
+//!   checked against one contract ([`ErrorEnvelope`]).
+//!
+//! Ports: [`ResourceStore`] and [`Backend`]. Adapters: `postgres` (feature `postgres`: the
+//! resource store and the shared-cluster database backend) and `kube` (feature `kube`: customer
+//! namespaces). Fault-injection wrappers for tests: `fault` (feature `testing`).
+//!
+//! The default build is pure: no database driver, no Kubernetes client, no async runtime.
 
 mod envelope;
+#[cfg(feature = "testing")]
+pub mod fault;
+mod flow;
+#[cfg(feature = "kube")]
+pub mod kube;
+mod metrics;
+mod model;
 mod names;
+mod ports;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod secret;
 
 pub use envelope::{
     DocsBase, ErrorCode, ErrorEnvelope, InvalidDocsBase, MAX_AGENT_ACTION_CHARS, UNREGISTERED,
 };
+pub use flow::{
+    Compensation, Created, DeprovisionCause, DeprovisionError, DeprovisionTarget, Deprovisioned,
+    FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation, RowResult,
+    StepError, TeardownResult,
+};
+pub use metrics::{Outcome, ProvisionMetrics, TeardownStage};
+pub use model::{
+    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord,
+    ResourceStatus, new_token,
+};
 pub use names::{
     DATABASE_PREFIX, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName, RoleName,
 };
+pub use ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
 pub use secret::{ConnectionUrl, Password};

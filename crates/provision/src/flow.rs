@@ -1,0 +1,709 @@
+//! The provisioning flow as typestate: reserve → create → finalize → [`Provisioned`], and the one
+//! audited deprovision chokepoint.
+//!
+//! - A [`Reservation`] (the `pending` row) can only be consumed by [`Provisioner::create`] or
+//!   [`Provisioner::abort`].
+//! - A [`Created`] (the backend object exists) can only be consumed by [`Provisioner::finalize`] or
+//!   [`Provisioner::abort_created`].
+//! - A [`Provisioned`] can only be built by `finalize`, after the row is `active` with its provider
+//!   id and connection URL and its `provision.created` audit row committed.
+//! - The 201 body, [`ProvisionedBody`], can only be built from a `Provisioned`.
+//!
+//! Rust cannot forbid dropping a value, so a dropped `Reservation` leaves its `pending` row behind
+//! (with its deterministic name, which is how a retry or the orphan sweep finds it); both types
+//! are `#[must_use]`, so ignoring one is a warning (an error under `deny(unused_must_use)`).
+
+use keel_audit::{
+    Actor, AuditEvent, AuditFieldError, AuditKind, RequestId, ResourceId, ResourceType, TeamId,
+    Tier, Token,
+};
+use time::OffsetDateTime;
+
+use crate::envelope::ErrorCode;
+use crate::metrics::{Outcome, ProvisionMetrics, TeardownStage};
+use crate::model::{
+    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord, new_token,
+};
+use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+use crate::secret::ConnectionUrl;
+
+/// A reserved resource: its `pending` row is written, its backend object not created yet.
+#[derive(Debug)]
+#[must_use = "a reservation must be created and finalized, or aborted; dropping it leaves a pending row"]
+pub struct Reservation {
+    id: ResourceId,
+    team_id: TeamId,
+    tier: Tier,
+    name: BackendName,
+    request_id: RequestId,
+    actor: Actor,
+}
+
+impl Reservation {
+    /// The reserved resource's id.
+    pub fn id(&self) -> ResourceId {
+        self.id
+    }
+
+    /// The backend object it names (deterministic from its token).
+    pub fn backend_name(&self) -> &BackendName {
+        &self.name
+    }
+}
+
+/// A reservation whose backend object exists; the row is still `pending`.
+#[derive(Debug)]
+#[must_use = "a created backend object must be finalized or aborted; dropping it leaves an unaddressable object"]
+pub struct Created {
+    reservation: Reservation,
+    object: BackendObject,
+}
+
+impl Created {
+    /// The resource's id.
+    pub fn id(&self) -> ResourceId {
+        self.reservation.id
+    }
+}
+
+/// A resource that is addressable: the row is `active` with its provider id and connection URL,
+/// and its `provision.created` audit row is committed. Only [`Provisioner::finalize`] builds one.
+#[derive(Debug)]
+pub struct Provisioned {
+    id: ResourceId,
+    team_id: TeamId,
+    resource_type: ResourceType,
+    tier: Tier,
+    token: Token,
+    connection_url: ConnectionUrl,
+    request_id: RequestId,
+}
+
+impl Provisioned {
+    /// The resource id.
+    pub fn id(&self) -> ResourceId {
+        self.id
+    }
+
+    /// The token (displays masked).
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    /// How the customer connects.
+    pub fn connection_url(&self) -> &ConnectionUrl {
+        &self.connection_url
+    }
+}
+
+/// The body of the 201: the one response that shows the connection URL. Only built from a
+/// [`Provisioned`].
+#[derive(Debug, serde::Serialize)]
+pub struct ProvisionedBody {
+    ok: bool,
+    id: String,
+    team_id: String,
+    resource_type: &'static str,
+    tier: String,
+    status: &'static str,
+    connection_url: String,
+    request_id: String,
+}
+
+impl From<Provisioned> for ProvisionedBody {
+    fn from(provisioned: Provisioned) -> Self {
+        Self {
+            ok: true,
+            id: provisioned.id.to_string(),
+            team_id: provisioned.team_id.to_string(),
+            resource_type: provisioned.resource_type.as_str(),
+            tier: provisioned.tier.as_str().to_owned(),
+            status: "active",
+            connection_url: provisioned.connection_url.expose().to_owned(),
+            request_id: provisioned.request_id.as_str().to_owned(),
+        }
+    }
+}
+
+/// Whether a compensating teardown removed the backend object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TeardownResult {
+    /// The object is gone (or was never there).
+    TornDown,
+    /// The teardown failed: the object may be left behind. Logged, counted and audited.
+    Failed,
+}
+
+/// What happened to the row when a provisioning was compensated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowResult {
+    /// Soft-deleted (status `failed`).
+    SoftDeleted,
+    /// The store failed too: the row stays `pending` under its deterministic name, where a retry
+    /// and the orphan sweep find it.
+    LeftPending,
+}
+
+/// What compensating a failed provisioning did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compensation {
+    /// The backend object.
+    pub teardown: TeardownResult,
+    /// The row.
+    pub row: RowResult,
+    /// Whether `provision.persistence_failed` was recorded.
+    pub audited: bool,
+}
+
+impl std::fmt::Display for Compensation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let object = match self.teardown {
+            TeardownResult::TornDown => "the backend object was torn down",
+            TeardownResult::Failed => "the backend object could not be torn down (recorded)",
+        };
+        let row = match self.row {
+            RowResult::SoftDeleted => "the reservation was soft-deleted",
+            RowResult::LeftPending => "the reservation stays pending",
+        };
+        write!(f, "{object} and {row}")
+    }
+}
+
+/// The step a provisioning failed at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailedStep {
+    /// Creating the backend object.
+    Create,
+    /// Finalizing the row (including its audit row).
+    Finalize,
+}
+
+impl FailedStep {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Finalize => "finalize",
+        }
+    }
+}
+
+/// Why a provisioning did not produce a [`Provisioned`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The team does not exist; nothing was written.
+    #[error("the team does not exist")]
+    TeamNotFound,
+    /// No backend for this resource type is configured here; nothing was written.
+    #[error("{0} resources are not offered here")]
+    Unsupported(ResourceType),
+    /// The reservation could not be written; nothing was created.
+    #[error("could not reserve the resource")]
+    Reserve(#[source] StoreError),
+    /// A step after the reservation failed and the flow was compensated.
+    #[error("could not {} the resource; {compensation}", step.as_str())]
+    Failed {
+        /// The step that failed.
+        step: FailedStep,
+        /// What the compensation did.
+        compensation: Compensation,
+        /// The failure.
+        #[source]
+        source: StepError,
+    },
+}
+
+/// The failure behind [`ProvisionError::Failed`].
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(BackendError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// An audit row could not be built.
+    #[error(transparent)]
+    Audit(AuditFieldError),
+}
+
+impl ProvisionError {
+    /// The error code the API answers with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TeamNotFound => ErrorCode::TeamNotFound,
+            Self::Unsupported(_) => ErrorCode::UnknownResourceType,
+            Self::Reserve(_) | Self::Failed { .. } => ErrorCode::ProvisionFailed,
+        }
+    }
+}
+
+/// What the deprovision chokepoint tears down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeprovisionTarget {
+    /// A resource (live or already soft-deleted).
+    Resource(ResourceId),
+    /// A backend object no live resource owns (the orphan sweep's reclaim).
+    Orphan(BackendName),
+}
+
+/// What the chokepoint did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deprovisioned {
+    /// The resource was live: audited, soft-deleted, and its object torn down.
+    Retired,
+    /// The resource was already soft-deleted: nothing was audited again; its object was torn
+    /// down if it was still there (which finishes a teardown that failed before).
+    AlreadyRetired,
+    /// An orphan was audited and torn down.
+    OrphanReclaimed,
+    /// The orphan was already gone: nothing was done.
+    OrphanAbsent,
+}
+
+/// Why the chokepoint refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeprovisionError {
+    /// No such resource.
+    #[error("the resource does not exist")]
+    NotFound,
+    /// The row's provider id is not the platform's name for its token: nothing was touched.
+    #[error("the resource's provider id is not one of the platform's names; nothing was touched")]
+    ForeignName,
+    /// The orphan's token has a live resource: nothing was touched.
+    #[error("a live resource ({status}) owns this backend object; nothing was touched")]
+    Live {
+        /// The live resource's status.
+        status: &'static str,
+    },
+    /// The store failed before anything was torn down.
+    #[error("could not record the deprovision; nothing was torn down")]
+    Store(#[source] StoreError),
+    /// An audit row could not be built; nothing was touched.
+    #[error(transparent)]
+    Audit(AuditFieldError),
+    /// The deprovision is audited (and the row soft-deleted) but the teardown failed; calling the
+    /// chokepoint again retries it, and the orphan sweep finds the object too.
+    #[error("deprovision audited but the teardown failed")]
+    Teardown(#[source] BackendError),
+}
+
+impl DeprovisionError {
+    /// The error code the API answers with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotFound => ErrorCode::ResourceNotFound,
+            Self::Store(_) | Self::Teardown(_) => ErrorCode::BackendUnavailable,
+            Self::ForeignName | Self::Live { .. } | Self::Audit(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Who deprovisions, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeprovisionCause {
+    /// Why.
+    pub reason: DeprovisionReason,
+    /// Who.
+    pub actor: Actor,
+    /// The request, when there is one.
+    pub request_id: Option<RequestId>,
+}
+
+/// Drives the flow over a resource store and a backend.
+#[derive(Debug)]
+pub struct Provisioner<S, B> {
+    store: S,
+    backend: B,
+    metrics: ProvisionMetrics,
+}
+
+impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
+    /// A provisioner over `store` and `backend`, counting into `metrics`.
+    pub fn new(store: S, backend: B, metrics: ProvisionMetrics) -> Self {
+        Self {
+            store,
+            backend,
+            metrics,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &ProvisionMetrics {
+        &self.metrics
+    }
+
+    /// Reserve, create and finalize: the whole flow. On any failure after the reservation the
+    /// flow is compensated before this returns.
+    pub async fn provision(
+        &self,
+        request: ProvisionRequest,
+        now: OffsetDateTime,
+    ) -> Result<Provisioned, ProvisionError> {
+        let reservation = self.reserve(request, now).await?;
+        let created = self.create(reservation, now).await?;
+        self.finalize(created, now).await
+    }
+
+    /// Writes the intent: a `pending` row with a fresh token and its deterministic backend name.
+    pub async fn reserve(
+        &self,
+        request: ProvisionRequest,
+        now: OffsetDateTime,
+    ) -> Result<Reservation, ProvisionError> {
+        let resource_type = request.resource_type;
+        if !self.backend.supports(resource_type) {
+            self.metrics.outcome(resource_type, Outcome::Refused);
+            return Err(ProvisionError::Unsupported(resource_type));
+        }
+        let token = new_token();
+        let new = NewReservation {
+            id: ResourceId::new_random(),
+            token: token.clone(),
+            team_id: request.team_id,
+            resource_type,
+            tier: request.tier.clone(),
+            now,
+        };
+        match self.store.reserve(&new).await {
+            Ok(()) => Ok(Reservation {
+                id: new.id,
+                team_id: request.team_id,
+                tier: request.tier,
+                name: BackendName::for_resource(resource_type, &token),
+                request_id: request.request_id,
+                actor: request.actor,
+            }),
+            Err(StoreError::TeamNotFound) => {
+                self.metrics.outcome(resource_type, Outcome::Refused);
+                Err(ProvisionError::TeamNotFound)
+            }
+            Err(e) => {
+                tracing::error!(resource_type = %resource_type, error = %e, "could not reserve a resource; nothing was created");
+                self.metrics.outcome(resource_type, Outcome::ReserveFailed);
+                Err(ProvisionError::Reserve(e))
+            }
+        }
+    }
+
+    /// Creates the backend object (create-if-absent). On failure the reservation is compensated.
+    pub async fn create(
+        &self,
+        reservation: Reservation,
+        now: OffsetDateTime,
+    ) -> Result<Created, ProvisionError> {
+        match self
+            .backend
+            .create(&reservation.name, &reservation.tier)
+            .await
+        {
+            Ok(object) => Ok(Created {
+                reservation,
+                object,
+            }),
+            Err(e) => {
+                let compensation = self.compensate(&reservation, FailedStep::Create, now).await;
+                self.metrics
+                    .outcome(reservation.name.resource_type(), Outcome::CreateFailed);
+                Err(ProvisionError::Failed {
+                    step: FailedStep::Create,
+                    compensation,
+                    source: StepError::Backend(e),
+                })
+            }
+        }
+    }
+
+    /// Marks the row `active` with its provider id and connection URL and records
+    /// `provision.created`, in one transaction. On failure the backend object is torn down, the
+    /// row soft-deleted and `provision.persistence_failed` recorded; the error maps to a 503.
+    pub async fn finalize(
+        &self,
+        created: Created,
+        now: OffsetDateTime,
+    ) -> Result<Provisioned, ProvisionError> {
+        let Created {
+            reservation,
+            object,
+        } = created;
+        let resource_type = reservation.name.resource_type();
+        let activated = match self.audit_for(AuditKind::ProvisionCreated, &reservation, now) {
+            Ok(audit) => self
+                .store
+                .activate(reservation.id, &object, &audit, now)
+                .await
+                .map_err(StepError::Store),
+            Err(e) => Err(StepError::Audit(e)),
+        };
+        match activated {
+            Ok(()) => {
+                self.metrics.outcome(resource_type, Outcome::Provisioned);
+                Ok(Provisioned {
+                    id: reservation.id,
+                    team_id: reservation.team_id,
+                    resource_type,
+                    tier: reservation.tier,
+                    token: reservation.name.token().clone(),
+                    connection_url: object.connection_url,
+                    request_id: reservation.request_id,
+                })
+            }
+            Err(source) => {
+                tracing::error!(
+                    resource_id = %reservation.id,
+                    resource_type = %resource_type,
+                    error = %source,
+                    "could not finalize a provisioned resource; compensating"
+                );
+                let compensation = self
+                    .compensate(&reservation, FailedStep::Finalize, now)
+                    .await;
+                self.metrics.outcome(resource_type, Outcome::FinalizeFailed);
+                Err(ProvisionError::Failed {
+                    step: FailedStep::Finalize,
+                    compensation,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Gives up on a reservation before its backend object is created: soft-deletes the row
+    /// (tearing down anything a partial create may have left).
+    pub async fn abort(&self, reservation: Reservation, now: OffsetDateTime) -> Compensation {
+        self.compensate(&reservation, FailedStep::Create, now).await
+    }
+
+    /// Gives up on a created backend object: tears it down, soft-deletes the row and records
+    /// `provision.persistence_failed`.
+    pub async fn abort_created(&self, created: Created, now: OffsetDateTime) -> Compensation {
+        self.compensate(&created.reservation, FailedStep::Finalize, now)
+            .await
+    }
+
+    fn audit_for(
+        &self,
+        kind: AuditKind,
+        reservation: &Reservation,
+        now: OffsetDateTime,
+    ) -> Result<AuditEvent, AuditFieldError> {
+        AuditEvent::new(kind, reservation.actor.clone(), now)
+            .team(reservation.team_id)
+            .resource(reservation.id)
+            .request(reservation.request_id.clone())
+            .attr("resource_type", reservation.name.resource_type().as_str())?
+            .attr("tier", reservation.tier.as_str())?
+            .attr("provider_id", reservation.name.masked())
+    }
+
+    /// Tears the backend object down (best effort), soft-deletes the row and records
+    /// `provision.persistence_failed` when the object had been created or may be left behind.
+    async fn compensate(
+        &self,
+        reservation: &Reservation,
+        step: FailedStep,
+        now: OffsetDateTime,
+    ) -> Compensation {
+        let resource_type = reservation.name.resource_type();
+        let teardown = match self.backend.teardown(&reservation.name).await {
+            Ok(()) => TeardownResult::TornDown,
+            Err(e) => {
+                tracing::error!(
+                    resource_id = %reservation.id,
+                    name = %reservation.name,
+                    error = %e,
+                    "compensating teardown failed: the backend object may be left behind"
+                );
+                self.metrics
+                    .teardown_failed(resource_type, TeardownStage::Compensation);
+                TeardownResult::Failed
+            }
+        };
+        let needs_audit = step == FailedStep::Finalize || teardown == TeardownResult::Failed;
+        let audit = if needs_audit {
+            let teardown_attr = match teardown {
+                TeardownResult::TornDown => "torn_down",
+                TeardownResult::Failed => "failed",
+            };
+            self.audit_for(AuditKind::ProvisionPersistenceFailed, reservation, now)
+                .and_then(|event| event.attr("failed_step", step.as_str()))
+                .and_then(|event| event.attr("teardown", teardown_attr))
+                .map_err(|e| tracing::error!(error = %e, "could not build the persistence_failed audit row"))
+                .ok()
+        } else {
+            None
+        };
+        let (row, audited) = match self
+            .store
+            .abandon(reservation.id, audit.as_ref(), now)
+            .await
+        {
+            Ok(()) => (RowResult::SoftDeleted, audit.is_some()),
+            Err(e) if audit.is_some() => {
+                tracing::error!(resource_id = %reservation.id, error = %e, "could not record provision.persistence_failed; soft-deleting without it");
+                match self.store.abandon(reservation.id, None, now).await {
+                    Ok(()) => (RowResult::SoftDeleted, false),
+                    Err(_) => (RowResult::LeftPending, false),
+                }
+            }
+            Err(_) => (RowResult::LeftPending, false),
+        };
+        if row == RowResult::LeftPending {
+            tracing::error!(
+                resource_id = %reservation.id,
+                name = %reservation.name,
+                "could not soft-delete a failed reservation: it stays pending under its deterministic name"
+            );
+            self.metrics.uncompensated(resource_type);
+        }
+        Compensation {
+            teardown,
+            row,
+            audited,
+        }
+    }
+
+    /// The one code path that tears down a live resource's backend object.
+    ///
+    /// For a resource: records `resource.deprovisioned` (reason, actor) and soft-deletes the row in
+    /// one transaction, then tears the object down. The audit row commits before anything is
+    /// destroyed, so no object is ever dropped without one; if the teardown then fails, the
+    /// error says so, and calling again (the resource is already retired, so nothing is audited
+    /// twice) retries it. For an orphan: refuses when the token has a live resource, records
+    /// `resource.deprovisioned`, then tears down; an absent orphan is left alone.
+    ///
+    /// Every name it touches carries the platform's prefix: names are derived from tokens, and a
+    /// row whose provider id is not that name is refused.
+    pub async fn deprovision(
+        &self,
+        target: DeprovisionTarget,
+        cause: &DeprovisionCause,
+        now: OffsetDateTime,
+    ) -> Result<Deprovisioned, DeprovisionError> {
+        match target {
+            DeprovisionTarget::Resource(id) => self.deprovision_resource(id, cause, now).await,
+            DeprovisionTarget::Orphan(name) => self.reclaim_orphan(&name, cause, now).await,
+        }
+    }
+
+    fn deprovision_audit(
+        &self,
+        name: &BackendName,
+        cause: &DeprovisionCause,
+        now: OffsetDateTime,
+    ) -> Result<AuditEvent, AuditFieldError> {
+        let mut event = AuditEvent::new(AuditKind::ResourceDeprovisioned, cause.actor.clone(), now)
+            .attr("reason", cause.reason.as_str())?
+            .attr("resource_type", name.resource_type().as_str())?
+            .attr("provider_id", name.masked())?;
+        if let Some(request_id) = &cause.request_id {
+            event = event.request(request_id.clone());
+        }
+        Ok(event)
+    }
+
+    async fn deprovision_resource(
+        &self,
+        id: ResourceId,
+        cause: &DeprovisionCause,
+        now: OffsetDateTime,
+    ) -> Result<Deprovisioned, DeprovisionError> {
+        let record: ResourceRecord = self
+            .store
+            .get(id)
+            .await
+            .map_err(DeprovisionError::Store)?
+            .ok_or(DeprovisionError::NotFound)?;
+        let name = record.backend_name();
+        if let Some(provider_id) = &record.provider_resource_id {
+            match BackendName::parse_provider_id(record.resource_type, provider_id) {
+                Ok(stored) if stored == name => {}
+                Ok(_) | Err(_) => {
+                    tracing::error!(resource_id = %id, "refusing to deprovision: the provider id is not the platform's name for the token");
+                    return Err(DeprovisionError::ForeignName);
+                }
+            }
+        }
+        let outcome = if record.status.is_live() {
+            let audit = self
+                .deprovision_audit(&name, cause, now)
+                .map_err(DeprovisionError::Audit)?
+                .team(record.team_id)
+                .resource(id);
+            let retired = self
+                .store
+                .retire(id, &audit, now)
+                .await
+                .map_err(DeprovisionError::Store)?;
+            if retired {
+                self.metrics
+                    .deprovisioned(record.resource_type, cause.reason);
+                Deprovisioned::Retired
+            } else {
+                Deprovisioned::AlreadyRetired
+            }
+        } else {
+            Deprovisioned::AlreadyRetired
+        };
+        self.teardown_after_audit(&name, id.to_string().as_str())
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn reclaim_orphan(
+        &self,
+        name: &BackendName,
+        cause: &DeprovisionCause,
+        now: OffsetDateTime,
+    ) -> Result<Deprovisioned, DeprovisionError> {
+        if let Some((_, status)) = self
+            .store
+            .live_for_token(name.token())
+            .await
+            .map_err(DeprovisionError::Store)?
+        {
+            tracing::warn!(name = %name, status = status.as_str(), "refusing to reclaim: a live resource owns it");
+            return Err(DeprovisionError::Live {
+                status: status.as_str(),
+            });
+        }
+        match self.backend.exists(name).await {
+            Ok(false) => return Ok(Deprovisioned::OrphanAbsent),
+            Ok(true) => {}
+            Err(e) => return Err(DeprovisionError::Teardown(e)),
+        }
+        let audit = self
+            .deprovision_audit(name, cause, now)
+            .map_err(DeprovisionError::Audit)?;
+        self.store
+            .record(&audit)
+            .await
+            .map_err(DeprovisionError::Store)?;
+        self.metrics
+            .deprovisioned(name.resource_type(), cause.reason);
+        self.teardown_after_audit(name, "orphan").await?;
+        Ok(Deprovisioned::OrphanReclaimed)
+    }
+
+    async fn teardown_after_audit(
+        &self,
+        name: &BackendName,
+        what: &str,
+    ) -> Result<(), DeprovisionError> {
+        self.backend.teardown(name).await.map_err(|e| {
+            tracing::error!(target_resource = what, name = %name, error = %e, "deprovision is audited but the teardown failed; call it again to retry");
+            self.metrics
+                .teardown_failed(name.resource_type(), TeardownStage::Deprovision);
+            DeprovisionError::Teardown(e)
+        })
+    }
+}

@@ -1,0 +1,185 @@
+//! The ports a provisioning flow drives: the resource store and the backends. Both are owned
+//! here, with domain errors; adapters live behind the `postgres` and `kube` features.
+
+use std::future::Future;
+
+use keel_audit::{AuditEvent, BoxError, ResourceId, ResourceType, TeamId, Tier, Token};
+use time::OffsetDateTime;
+
+use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
+
+/// Why the resource store could not do what was asked. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The team does not exist.
+    #[error("the team does not exist")]
+    TeamNotFound,
+    /// The resource does not exist.
+    #[error("the resource does not exist")]
+    ResourceNotFound,
+    /// The row is not in the state the step expects (for example finalizing a row that is no
+    /// longer pending).
+    #[error("the resource is {actual}, not {expected}")]
+    WrongStatus {
+        /// The status the step needs.
+        expected: &'static str,
+        /// The status found.
+        actual: &'static str,
+    },
+    /// The store failed; nothing was changed.
+    #[error("the resource store failed to {operation}")]
+    Unavailable {
+        /// What was being attempted.
+        operation: &'static str,
+        /// The adapter's error (never contains a secret).
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// A store failure.
+    pub fn unavailable(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            operation,
+            source: source.into(),
+        }
+    }
+}
+
+/// A new `pending` row: the intent, written before any side effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReservation {
+    /// The resource id.
+    pub id: ResourceId,
+    /// The token its backend name derives from.
+    pub token: Token,
+    /// The owning team.
+    pub team_id: TeamId,
+    /// What it is.
+    pub resource_type: ResourceType,
+    /// Its tier.
+    pub tier: Tier,
+    /// When it was reserved.
+    pub now: OffsetDateTime,
+}
+
+/// The `resources` table, as a provisioning flow needs it.
+///
+/// Every method that takes an [`AuditEvent`] commits the event together with its state change,
+/// or neither.
+pub trait ResourceStore: Send + Sync {
+    /// Inserts a `pending` row (refusing an unknown team with [`StoreError::TeamNotFound`]).
+    fn reserve(
+        &self,
+        reservation: &NewReservation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Turns a `pending` row `active` with its provider id and connection URL, and records
+    /// `audit` (`provision.created`) in the same transaction.
+    fn activate(
+        &self,
+        id: ResourceId,
+        object: &BackendObject,
+        audit: &AuditEvent,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Soft-deletes a row that never became addressable (status `failed`, `deleted_at` set, no
+    /// connection URL), recording `audit` in the same transaction when given.
+    fn abandon(
+        &self,
+        id: ResourceId,
+        audit: Option<&AuditEvent>,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Soft-deletes a live row for the deprovision chokepoint (status `deleted`, `deleted_at`
+    /// set, connection URL cleared) and records `audit` (`resource.deprovisioned`) in the same
+    /// transaction. Returns `false`, writing nothing, when the row was already soft-deleted.
+    fn retire(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Records an audit event on its own (for a backend object no row owns).
+    fn record(&self, audit: &AuditEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads a resource (soft-deleted ones included), without its secret.
+    fn get(
+        &self,
+        id: ResourceId,
+    ) -> impl Future<Output = Result<Option<ResourceRecord>, StoreError>> + Send;
+
+    /// The live resource holding `token`, if any (statuses for which
+    /// [`ResourceStatus::is_live`] holds).
+    fn live_for_token(
+        &self,
+        token: &Token,
+    ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send;
+}
+
+/// Why a backend could not create or tear down an object.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// This backend does not serve that resource type.
+    #[error("no backend for {0} resources is configured")]
+    Unsupported(ResourceType),
+    /// An object with the platform's name exists but was not made by the platform (its labels
+    /// or owner say otherwise); it is left alone.
+    #[error("{name} exists but was not created by the platform; it was left alone")]
+    Foreign {
+        /// The masked name.
+        name: String,
+    },
+    /// The backend failed.
+    #[error("the backend failed to {operation} {name}")]
+    Unavailable {
+        /// What was being attempted.
+        operation: &'static str,
+        /// The masked name.
+        name: String,
+        /// The backend's error, with any token masked.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl BackendError {
+    /// A backend failure on `name`.
+    pub fn unavailable(
+        operation: &'static str,
+        name: &BackendName,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Unavailable {
+            operation,
+            name: name.masked(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Creates and tears down backend objects.
+pub trait Backend: Send + Sync {
+    /// Whether this backend provisions `resource_type` (checked before anything is reserved).
+    fn supports(&self, resource_type: ResourceType) -> bool;
+
+    /// Creates the object if it is absent (so a retry is safe) and answers how it is addressed.
+    /// Creating an object that already exists resets its credentials.
+    fn create(
+        &self,
+        name: &BackendName,
+        tier: &Tier,
+    ) -> impl Future<Output = Result<BackendObject, BackendError>> + Send;
+
+    /// Tears the object down; an absent object is success (so a retry is safe).
+    fn teardown(&self, name: &BackendName)
+    -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Whether the object exists.
+    fn exists(&self, name: &BackendName)
+    -> impl Future<Output = Result<bool, BackendError>> + Send;
+}

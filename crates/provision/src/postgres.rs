@@ -1,0 +1,521 @@
+//! Postgres adapters (feature `postgres`): the resource store on `resources`, and the backend
+//! that creates customer databases on a shared Postgres cluster.
+//!
+//! [`PgResourceStore`] commits every audit row in the same transaction as the state change it
+//! describes. [`PgClusterBackend`] creates a role `cust_<token>` with a generated password and a
+//! database of the same name owned by it, and tears both down with `DROP DATABASE … WITH (FORCE)`
+//! and `DROP ROLE`. Identifiers are built only from [`DatabaseName`]/[`RoleName`] (prefix plus a
+//! token of `[a-z0-9]`) and quoted; the password is 64 hex digits. Statement logging is off on
+//! the backend's connections, so a `CREATE ROLE … PASSWORD` never reaches a log, and database
+//! errors are kept with the token masked.
+
+use std::fmt;
+
+use keel_audit::{AuditEvent, ResourceId, ResourceType, TeamId, Tier, Token};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, PgPool, Row as _};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
+use crate::names::{DatabaseName, RoleName};
+use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+use crate::secret::{ConnectionUrl, Password};
+
+/// The statuses that own a backend object, as SQL.
+const LIVE_STATUSES: &str = "('pending', 'active', 'paused', 'suspended')";
+
+/// The `resources` table as a [`ResourceStore`].
+#[derive(Clone, Debug)]
+pub struct PgResourceStore {
+    pool: PgPool,
+}
+
+impl PgResourceStore {
+    /// A store over `pool` (a migrated Keel schema).
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn status_of(&self, id: ResourceId) -> Result<Option<ResourceStatus>, StoreError> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM resources WHERE id = $1")
+                .bind(id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| StoreError::unavailable("read a resource's status", e))?;
+        Ok(status.and_then(|s| ResourceStatus::parse(&s)))
+    }
+
+    async fn wrong_status(&self, id: ResourceId, expected: &'static str) -> StoreError {
+        match self.status_of(id).await {
+            Ok(Some(actual)) => StoreError::WrongStatus {
+                expected,
+                actual: actual.as_str(),
+            },
+            Ok(None) => StoreError::ResourceNotFound,
+            Err(e) => e,
+        }
+    }
+}
+
+/// A stored row that does not parse back into a [`ResourceRecord`].
+#[derive(Debug, thiserror::Error)]
+#[error("resource row {id} is corrupt: {what}")]
+struct CorruptRow {
+    id: uuid::Uuid,
+    what: &'static str,
+}
+
+fn audit_error(e: keel_audit::AuditSinkError) -> StoreError {
+    StoreError::unavailable("record the audit row", e)
+}
+
+impl ResourceStore for PgResourceStore {
+    async fn reserve(&self, reservation: &NewReservation) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO resources \
+               (id, token, team_id, resource_type, tier, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)",
+        )
+        .bind(reservation.id.as_uuid())
+        .bind(reservation.token.expose())
+        .bind(reservation.team_id.as_uuid())
+        .bind(reservation.resource_type.as_str())
+        .bind(reservation.tier.as_str())
+        .bind(reservation.now)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23503") => {
+                Err(StoreError::TeamNotFound)
+            }
+            // The token is unique; the database's message would quote it, so it is not kept.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Err(
+                StoreError::unavailable("reserve a resource", "the token is already taken"),
+            ),
+            Err(e) => Err(StoreError::unavailable("reserve a resource", e)),
+        }
+    }
+
+    async fn activate(
+        &self,
+        id: ResourceId,
+        object: &BackendObject,
+        audit: &AuditEvent,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let op = "finalize a resource";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        let updated = sqlx::query(
+            "UPDATE resources \
+                SET status = 'active', provider_resource_id = $2, connection_url = $3, \
+                    updated_at = $4 \
+              WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(id.as_uuid())
+        .bind(&object.provider_id)
+        .bind(object.connection_url.expose())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        if updated.rows_affected() != 1 {
+            drop(tx);
+            return Err(self.wrong_status(id, "pending").await);
+        }
+        keel_audit::postgres::insert(&mut tx, audit)
+            .await
+            .map_err(audit_error)?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))
+    }
+
+    async fn abandon(
+        &self,
+        id: ResourceId,
+        audit: Option<&AuditEvent>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let op = "soft-delete a failed resource";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        let updated = sqlx::query(
+            "UPDATE resources \
+                SET status = 'failed', deleted_at = $2, connection_url = NULL, updated_at = $2 \
+              WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(id.as_uuid())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        if updated.rows_affected() != 1 {
+            drop(tx);
+            return match self.status_of(id).await? {
+                // Already compensated: nothing to do.
+                Some(ResourceStatus::Failed) => Ok(()),
+                Some(other) => Err(StoreError::WrongStatus {
+                    expected: "pending",
+                    actual: other.as_str(),
+                }),
+                None => Err(StoreError::ResourceNotFound),
+            };
+        }
+        if let Some(audit) = audit {
+            keel_audit::postgres::insert(&mut tx, audit)
+                .await
+                .map_err(audit_error)?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))
+    }
+
+    async fn retire(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let op = "soft-delete a deprovisioned resource";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE resources \
+                SET status = 'deleted', deleted_at = $2, connection_url = NULL, updated_at = $2 \
+              WHERE id = $1 AND status IN {LIVE_STATUSES}"
+        )))
+        .bind(id.as_uuid())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        if updated.rows_affected() != 1 {
+            return Ok(false);
+        }
+        keel_audit::postgres::insert(&mut tx, audit)
+            .await
+            .map_err(audit_error)?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        Ok(true)
+    }
+
+    async fn record(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| StoreError::unavailable("record an audit row", e))?;
+        keel_audit::postgres::insert(&mut conn, audit)
+            .await
+            .map(|_| ())
+            .map_err(audit_error)
+    }
+
+    async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
+                    created_at, deleted_at \
+               FROM resources WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable("read a resource", e))?;
+        row.map(|row| record_from_row(&row)).transpose()
+    }
+
+    async fn live_for_token(
+        &self,
+        token: &Token,
+    ) -> Result<Option<(ResourceId, ResourceStatus)>, StoreError> {
+        let row: Option<(uuid::Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, status FROM resources WHERE token = $1 AND status IN {LIVE_STATUSES}"
+        )))
+        .bind(token.expose())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable("read a token's liveness", e))?;
+        Ok(row.and_then(|(id, status)| {
+            ResourceStatus::parse(&status).map(|status| (ResourceId::from_uuid(id), status))
+        }))
+    }
+}
+
+fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreError> {
+    let read = |e| StoreError::unavailable("read a resource", e);
+    let id: uuid::Uuid = row.try_get("id").map_err(read)?;
+    let corrupt = |what| StoreError::unavailable("read a resource", CorruptRow { id, what });
+    let token: String = row.try_get("token").map_err(read)?;
+    let resource_type: String = row.try_get("resource_type").map_err(read)?;
+    let tier: String = row.try_get("tier").map_err(read)?;
+    let status: String = row.try_get("status").map_err(read)?;
+    Ok(ResourceRecord {
+        id: ResourceId::from_uuid(id),
+        token: Token::parse(&token).map_err(|_| corrupt("token"))?,
+        team_id: TeamId::from_uuid(row.try_get("team_id").map_err(read)?),
+        resource_type: resource_type
+            .parse::<ResourceType>()
+            .map_err(|_| corrupt("resource_type"))?,
+        tier: Tier::parse(&tier).map_err(|_| corrupt("tier"))?,
+        status: ResourceStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
+        provider_resource_id: row.try_get("provider_resource_id").map_err(read)?,
+        created_at: row.try_get("created_at").map_err(read)?,
+        deleted_at: row.try_get("deleted_at").map_err(read)?,
+    })
+}
+
+/// A database error's text with the customer's name masked.
+#[derive(Debug)]
+struct Redacted(String);
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
+
+fn redacted(e: &sqlx::Error, name: &DatabaseName) -> Redacted {
+    Redacted(e.to_string().replace(name.expose(), &name.masked()))
+}
+
+/// Where customers reach the shared cluster (the host and port in their connection URLs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicAddress {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// Label and annotation keys written on each customer database (as its `COMMENT`, a JSON
+/// document), so an inventory can tell the platform's databases, their kind and their age.
+pub mod comment_keys {
+    /// Label: who manages the object (`keel`).
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// Label: the resource type.
+    pub const RESOURCE_TYPE: &str = "keel.dev/resource-type";
+    /// Annotation: when the platform created it (RFC 3339).
+    pub const CREATED_AT: &str = "keel.dev/created-at";
+    /// Annotation: `true` means never reclaim it.
+    pub const PROTECT: &str = "keel.dev/protect";
+}
+
+/// Creates customer databases on a shared Postgres cluster.
+#[derive(Clone, Debug)]
+pub struct PgClusterBackend {
+    admin: PgPool,
+    public: PublicAddress,
+}
+
+impl PgClusterBackend {
+    /// A backend administering the cluster through `admin` (a role with `CREATEROLE` and
+    /// `CREATEDB`), handing out URLs for `public` (default: the admin connection's host and
+    /// port). Connections are opened lazily; statement logging is off on them.
+    pub fn new(
+        admin: PgConnectOptions,
+        public: Option<PublicAddress>,
+        max_connections: u32,
+    ) -> Self {
+        let public = public.unwrap_or_else(|| PublicAddress {
+            host: admin.get_host().to_owned(),
+            port: admin.get_port(),
+        });
+        let admin = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_lazy_with(
+                admin
+                    .disable_statement_logging()
+                    .application_name("keel-provision-backend"),
+            );
+        Self { admin, public }
+    }
+
+    /// The admin pool (for inventories that read the cluster's catalogue).
+    pub fn admin_pool(&self) -> &PgPool {
+        &self.admin
+    }
+
+    fn connection_url(&self, name: &DatabaseName, password: &Password) -> ConnectionUrl {
+        let host = &self.public.host;
+        let port = self.public.port;
+        let db = name.expose();
+        let url = if host.starts_with('/') {
+            // A Unix socket directory: libpq and sqlx take it as the `host` query parameter.
+            format!(
+                "postgres://{db}:{}@localhost:{port}/{db}?host={host}",
+                password.expose()
+            )
+        } else {
+            format!("postgres://{db}:{}@{host}:{port}/{db}", password.expose())
+        };
+        ConnectionUrl::new(url)
+    }
+
+    async fn create_database(
+        &self,
+        name: &DatabaseName,
+        tier: &Tier,
+    ) -> Result<BackendObject, BackendError> {
+        let backend_name = BackendName::Database(name.clone());
+        let fail = |operation, e: &sqlx::Error| {
+            BackendError::unavailable(operation, &backend_name, redacted(e, name))
+        };
+        let role = RoleName::for_token(name.token());
+        let password = generate_password();
+        // Identifiers are prefix + [a-z0-9]; quoting keeps them exact. The password is hex.
+        let role_ident = format!("\"{}\"", role.expose());
+        let db_ident = format!("\"{}\"", name.expose());
+        let role_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+                .bind(role.expose())
+                .fetch_one(&self.admin)
+                .await
+                .map_err(|e| fail("look up the role of", &e))?;
+        let verb = if role_exists { "ALTER" } else { "CREATE" };
+        let set_role = format!(
+            "{verb} ROLE {role_ident} WITH LOGIN PASSWORD '{}'",
+            password.expose()
+        );
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set_role))
+            .execute(&self.admin)
+            .await
+        {
+            return Err(fail("create the role of", &e));
+        }
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+        )
+        .bind(name.expose())
+        .fetch_optional(&self.admin)
+        .await
+        .map_err(|e| fail("look up", &e))?;
+        match owner {
+            Some(owner) if owner == role.expose() => {}
+            Some(_) => {
+                return Err(BackendError::Foreign {
+                    name: name.masked(),
+                });
+            }
+            None => {
+                let create = format!("CREATE DATABASE {db_ident} OWNER {role_ident}");
+                match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                    .execute(&self.admin)
+                    .await
+                {
+                    Ok(_) => {}
+                    // Created concurrently by a retry of the same reservation: fine.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                    Err(e) => return Err(fail("create", &e)),
+                }
+            }
+        }
+        let comment = database_comment(tier);
+        let set_comment = format!(
+            "COMMENT ON DATABASE {db_ident} IS '{}'",
+            comment.replace('\'', "''")
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(set_comment))
+            .execute(&self.admin)
+            .await
+            .map_err(|e| fail("label", &e))?;
+        Ok(BackendObject {
+            provider_id: name.expose().to_owned(),
+            connection_url: self.connection_url(name, &password),
+        })
+    }
+}
+
+/// 64 hex digits from the operating system's random source.
+fn generate_password() -> Password {
+    Password::new(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+fn database_comment(tier: &Tier) -> String {
+    let created_at = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    // Tiers are [a-z0-9_-]; the timestamp is RFC 3339: no JSON escaping is needed.
+    format!(
+        "{{\"labels\":{{\"{}\":\"keel\",\"{}\":\"postgres\",\"keel.dev/tier\":\"{}\"}},\
+          \"annotations\":{{\"{}\":\"{created_at}\"}}}}",
+        comment_keys::MANAGED_BY,
+        comment_keys::RESOURCE_TYPE,
+        tier.as_str(),
+        comment_keys::CREATED_AT,
+    )
+}
+
+fn database_of(name: &BackendName) -> Result<&DatabaseName, BackendError> {
+    match name {
+        BackendName::Database(db) => Ok(db),
+        BackendName::Namespace { resource_type, .. } => {
+            Err(BackendError::Unsupported(*resource_type))
+        }
+    }
+}
+
+impl Backend for PgClusterBackend {
+    fn supports(&self, resource_type: ResourceType) -> bool {
+        match resource_type {
+            ResourceType::Postgres => true,
+            ResourceType::Redis | ResourceType::Namespace => false,
+        }
+    }
+
+    async fn create(&self, name: &BackendName, tier: &Tier) -> Result<BackendObject, BackendError> {
+        let db = database_of(name)?;
+        self.create_database(db, tier).await
+    }
+
+    async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
+        let db = database_of(name)?;
+        let role = RoleName::for_token(db.token());
+        let drop_db = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.expose());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
+            .execute(&self.admin)
+            .await
+            .map_err(|e| BackendError::unavailable("drop", name, redacted(&e, db)))?;
+        let drop_role = format!("DROP ROLE IF EXISTS \"{}\"", role.expose());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_role))
+            .execute(&self.admin)
+            .await
+            .map_err(|e| BackendError::unavailable("drop the role of", name, redacted(&e, db)))?;
+        Ok(())
+    }
+
+    async fn exists(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let db = database_of(name)?;
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(db.expose())
+            .fetch_one(&self.admin)
+            .await
+            .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))
+    }
+}

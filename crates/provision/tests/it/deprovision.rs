@@ -1,0 +1,176 @@
+//! The deprovision chokepoint against real Postgres: audited before anything is destroyed,
+//! idempotent, and confined to the platform's names.
+
+use keel_audit::{Actor, AuditKind, RequestId, ResourceType, Token};
+use keel_provision::fault::BackendStep;
+use keel_provision::{
+    Backend as _, BackendName, DeprovisionCause, DeprovisionError, DeprovisionReason,
+    DeprovisionTarget, Deprovisioned, TeardownStage, new_token,
+};
+
+use super::{NOW, harness};
+
+fn cause(reason: DeprovisionReason) -> DeprovisionCause {
+    DeprovisionCause {
+        reason,
+        actor: Actor::parse("operator:ana").unwrap(),
+        request_id: Some(RequestId::parse("req-del").unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn deprovision_audits_soft_deletes_tears_down_and_is_idempotent() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let id = provisioned.id();
+    let target = DeprovisionTarget::Resource(id);
+    let cause = cause(DeprovisionReason::CustomerRequest);
+    let first = h.provisioner.deprovision(target.clone(), &cause, NOW).await;
+    assert_eq!(first.unwrap(), Deprovisioned::Retired);
+    let rows = h.rows().await;
+    assert_eq!(rows[0].status, "deleted");
+    assert!(rows[0].soft_deleted && !rows[0].has_url);
+    assert!(!h.object_exists(&rows[0].name).await);
+    assert!(!h.role_exists(&rows[0].name).await);
+    let second = h.provisioner.deprovision(target, &cause, NOW).await;
+    assert_eq!(second.unwrap(), Deprovisioned::AlreadyRetired);
+    let audit = h.audit().await;
+    let deprovisioned: Vec<_> = audit
+        .iter()
+        .filter(|e| e.kind() == AuditKind::ResourceDeprovisioned)
+        .collect();
+    assert_eq!(deprovisioned.len(), 1, "audited once");
+    let event = deprovisioned[0];
+    assert_eq!(event.resource_id(), Some(id));
+    assert_eq!(event.actor().as_str(), "operator:ana");
+    assert_eq!(event.attributes().get("reason"), Some("customer_request"));
+    assert_eq!(event.request_id().map(|r| r.as_str()), Some("req-del"));
+    h.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_failed_deprovision_teardown_is_already_audited_and_a_second_call_finishes_it() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let target = DeprovisionTarget::Resource(provisioned.id());
+    let cause = cause(DeprovisionReason::Expired);
+    h.provisioner.backend().fail(BackendStep::Teardown, 1);
+    let err = h
+        .provisioner
+        .deprovision(target.clone(), &cause, NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeprovisionError::Teardown(_)), "{err}");
+    assert_eq!(err.code().status(), 503);
+    let rows = h.rows().await;
+    assert!(h.object_exists(&rows[0].name).await);
+    assert!(
+        h.audit_kinds()
+            .await
+            .contains(&AuditKind::ResourceDeprovisioned),
+        "the audit row commits before anything is destroyed"
+    );
+    assert_eq!(
+        h.provisioner
+            .metrics()
+            .teardown_failures(ResourceType::Postgres, TeardownStage::Deprovision),
+        1
+    );
+    let again = h.provisioner.deprovision(target, &cause, NOW).await;
+    assert_eq!(again.unwrap(), Deprovisioned::AlreadyRetired);
+    assert!(
+        !h.object_exists(&rows[0].name).await,
+        "the retry finished it"
+    );
+}
+
+#[tokio::test]
+async fn deprovision_refuses_a_row_whose_provider_id_is_not_the_platforms_name() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    sqlx::query("UPDATE resources SET provider_resource_id = 'postgres' WHERE id = $1")
+        .bind(provisioned.id().as_uuid())
+        .execute(h.db.pool())
+        .await
+        .unwrap();
+    let err = h
+        .provisioner
+        .deprovision(
+            DeprovisionTarget::Resource(provisioned.id()),
+            &cause(DeprovisionReason::Operator),
+            NOW,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeprovisionError::ForeignName), "{err}");
+    let rows = h.rows().await;
+    assert_eq!(rows[0].status, "active", "nothing was touched");
+    assert!(h.object_exists(&rows[0].name).await);
+    assert!(
+        !h.audit_kinds()
+            .await
+            .contains(&AuditKind::ResourceDeprovisioned)
+    );
+}
+
+#[tokio::test]
+async fn a_missing_resource_is_not_found() {
+    let h = harness().await;
+    let err = h
+        .provisioner
+        .deprovision(
+            DeprovisionTarget::Resource(keel_audit::ResourceId::new_random()),
+            &cause(DeprovisionReason::CustomerRequest),
+            NOW,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeprovisionError::NotFound));
+    assert_eq!(err.code().status(), 404);
+}
+
+#[tokio::test]
+async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
+    let h = harness().await;
+    let backend = h.provisioner.backend().inner();
+    let tier = keel_audit::Tier::parse("pro").unwrap();
+    // An orphan: a database with no row at all.
+    let orphan = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    backend.create(&orphan, &tier).await.unwrap();
+    let reclaim = cause(DeprovisionReason::Orphan);
+    let reclaimed = h
+        .provisioner
+        .deprovision(DeprovisionTarget::Orphan(orphan.clone()), &reclaim, NOW)
+        .await;
+    assert_eq!(reclaimed.unwrap(), Deprovisioned::OrphanReclaimed);
+    assert!(!h.object_exists(&orphan).await);
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].kind(), AuditKind::ResourceDeprovisioned);
+    assert_eq!(audit[0].attributes().get("reason"), Some("orphan"));
+    assert_eq!(
+        audit[0].attributes().get("provider_id"),
+        Some(orphan.masked().as_str())
+    );
+    let again = h
+        .provisioner
+        .deprovision(DeprovisionTarget::Orphan(orphan), &reclaim, NOW)
+        .await;
+    assert_eq!(again.unwrap(), Deprovisioned::OrphanAbsent);
+    assert_eq!(h.audit().await.len(), 1, "nothing to audit the second time");
+
+    // A live resource's database, presented as an orphan, is refused.
+    let live = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let live_name = BackendName::for_resource(ResourceType::Postgres, live.token());
+    let err = h
+        .provisioner
+        .deprovision(DeprovisionTarget::Orphan(live_name.clone()), &reclaim, NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DeprovisionError::Live { status: "active" }),
+        "{err}"
+    );
+    assert!(h.object_exists(&live_name).await);
+    let _: &Token = live.token();
+}
