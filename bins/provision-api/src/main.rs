@@ -1,11 +1,30 @@
-//! `keel-provision-api`: Provisions customer resources atomically: no 201 for a resource the platform cannot address.
+//! `keel-provision-api`: provisions customer resources atomically. No 201 for a resource the
+//! platform cannot address; every error tells the caller (often an AI agent) what to do next;
+//! deletes go through the one audited deprovision chokepoint.
 //!
-//! Today it applies the schema (`migrate`); its main loop arrives with its crate's issue.
+//! `serve` answers `POST /v1/resources`, `GET /v1/resources/{id}` and
+//! `DELETE /v1/resources/{id}`, with `/metrics` and `/healthz` on the same listener. Postgres
+//! resources are databases on a shared cluster (`--cluster-database-url`, default: the platform
+//! database's server); `namespace` and `redis` resources are Kubernetes namespaces when
+//! `--kube-namespaces` is set.
 
+mod api;
+mod backends;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
-use keel_service::cli::{DatabaseArgs, LogArgs};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use keel_provision::postgres::{PgClusterBackend, PgResourceStore, PublicAddress};
+use keel_provision::{DocsBase, ProvisionMetrics, Provisioner};
+use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
+use prometheus_client::registry::Registry;
+
+use crate::api::AppState;
+use crate::backends::Backends;
 
 /// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
 #[derive(Parser)]
@@ -19,8 +38,76 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the provisioning API, /metrics and /healthz until SIGTERM.
+    Serve(ServeArgs),
     /// Apply the embedded database migrations and exit.
     Migrate(DatabaseArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Address for the API, /metrics and /healthz.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    listen: SocketAddr,
+    /// Admin URL of the shared Postgres cluster customer databases are created on (a role with
+    /// CREATEROLE and CREATEDB). Default: the platform database's server. Never logged.
+    #[arg(
+        long,
+        env = "KEEL_CLUSTER_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    cluster_database_url: Option<DatabaseUrl>,
+    /// Host customers connect to (default: the cluster URL's host).
+    #[arg(long, env = "KEEL_PROVISION_PUBLIC_HOST", value_name = "HOST")]
+    public_host: Option<String>,
+    /// Port customers connect to (default: the cluster URL's port).
+    #[arg(long, env = "KEEL_PROVISION_PUBLIC_PORT", value_name = "PORT")]
+    public_port: Option<u16>,
+    /// Also provision `namespace` and `redis` resources as Kubernetes namespaces (in-cluster
+    /// config or KUBECONFIG).
+    #[arg(long, env = "KEEL_PROVISION_KUBE_NAMESPACES")]
+    kube_namespaces: bool,
+    /// Base of the Kubernetes API URL handed out for namespaces.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_KUBE_CONNECTION_BASE",
+        default_value = "https://kubernetes.default.svc",
+        value_name = "URL"
+    )]
+    kube_connection_base: String,
+    /// Base of the error documentation linked from agent actions (https, at most 60 characters).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_DOCS_BASE",
+        default_value = "https://keel.dev/docs/errors",
+        value_name = "URL"
+    )]
+    docs_base: String,
+    /// The tiers this platform sells.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_TIERS",
+        value_delimiter = ',',
+        default_value = "free,hobby,pro,team",
+        value_name = "TIER,…"
+    )]
+    tiers: Vec<String>,
+    /// Connections to the platform database.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_MAX_CONNECTIONS",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    max_connections: u32,
 }
 
 fn main() -> ExitCode {
@@ -28,6 +115,59 @@ fn main() -> ExitCode {
     keel_service::run(&cli.log, async move {
         match cli.command {
             Command::Migrate(db) => keel_service::migrate(&db).await,
+            Command::Serve(args) => serve(args).await,
         }
     })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let docs = DocsBase::parse(&args.docs_base).context("invalid --docs-base")?;
+    let pool = keel_service::connect(&args.db, "keel-provision-api", args.max_connections).await?;
+    let cluster = args
+        .cluster_database_url
+        .as_ref()
+        .unwrap_or(&args.db.database_url)
+        .connect_options()?;
+    let public = match (args.public_host, args.public_port) {
+        (None, None) => None,
+        (host, port) => Some(PublicAddress {
+            host: host.unwrap_or_else(|| cluster.get_host().to_owned()),
+            port: port.unwrap_or_else(|| cluster.get_port()),
+        }),
+    };
+    let namespaces = if args.kube_namespaces {
+        let client = kube::Client::try_default()
+            .await
+            .context("could not configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+        Some(keel_provision::kube::KubeNamespaceBackend::new(
+            client,
+            args.kube_connection_base,
+        ))
+    } else {
+        None
+    };
+    let backends = Backends {
+        postgres: Some(PgClusterBackend::new(cluster, public, 8)),
+        namespaces,
+    };
+    let mut registry = Registry::default();
+    let metrics = ProvisionMetrics::register(&mut registry);
+    let state = Arc::new(AppState {
+        provisioner: Provisioner::new(PgResourceStore::new(pool.clone()), backends, metrics),
+        docs,
+        tiers: args.tiers.into_iter().collect::<BTreeSet<_>>(),
+    });
+    let shutdown =
+        keel_service::shutdown::on_signal().context("could not install signal handlers")?;
+    let listener = keel_service::http::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "serving the provisioning API");
+    axum::serve(listener, api::router(state, Arc::new(registry)))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("the API listener failed")?;
+    pool.close().await;
+    tracing::info!("provisioning API stopped");
+    Ok(ExitCode::SUCCESS)
 }
