@@ -8,11 +8,13 @@
 #[cfg(feature = "bench")]
 mod propagation;
 #[cfg(feature = "bench")]
+mod provision;
+#[cfg(feature = "bench")]
 mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -63,6 +65,10 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
         Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
+        Some("provision") => provision::bench(
+            count_flag(&args[1..], "--resources", 2_000)?,
+            count_flag(&args[1..], "--concurrent", 200)?,
+        ),
         Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
         None => bail!("{USAGE}"),
     }

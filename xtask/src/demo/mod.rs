@@ -4,6 +4,7 @@
 
 mod audit;
 mod propagation;
+mod provision;
 mod rater;
 
 use anyhow::Context;
@@ -50,6 +51,7 @@ async fn scenario() -> anyhow::Result<()> {
 
     audit::audit_trail(&pool).await?;
     propagation::tier_elevations(&pool).await?;
+    provision::provisioning(&server, &pool).await?;
     rater::rating(&server, "keel_demo", &pool).await?;
 
     pool.close().await;
