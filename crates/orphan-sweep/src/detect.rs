@@ -1,0 +1,351 @@
+//! Pure detection: which inventory items are orphans, of what kind, and whether they may ever be
+//! reclaimed. No I/O; `now` and the grace window are parameters.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use keel_audit::{ResourceType, Token};
+use keel_provision::{BackendName, DatabaseName, NamespaceName};
+use time::OffsetDateTime;
+
+use crate::ports::{InventoryItem, InventorySource};
+
+/// The label naming a namespace's resource type.
+pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
+/// The annotation that protects an object from any reclaim when it is `true`.
+pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
+
+/// What an orphan is. Closed: it labels metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+pub enum OrphanKind {
+    /// A customer's Kubernetes namespace.
+    CustomerNamespace,
+    /// A Redis resource's namespace.
+    RedisNamespace,
+    /// A customer database on the shared Postgres cluster.
+    CustomerDatabase,
+    /// Something under the prefix whose kind cannot be proven: reported, never reclaimed.
+    Generic,
+}
+
+impl OrphanKind {
+    /// Every kind.
+    pub const ALL: &'static [OrphanKind] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::CustomerNamespace => "customer_namespace",
+            Self::RedisNamespace => "redis_namespace",
+            Self::CustomerDatabase => "customer_database",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+impl fmt::Display for OrphanKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An item with its kind and, when it has one, its backend name (and so its token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Classified {
+    /// The kind.
+    pub kind: OrphanKind,
+    /// The platform's name for it; `None` for [`OrphanKind::Generic`] items without a token.
+    pub backend: Option<BackendName>,
+}
+
+/// Classifies an item from `source`.
+///
+/// Namespaces: the resource-type label decides (`redis` or `namespace`); without the label, the
+/// name pattern `instant-customer-<token>` makes a customer namespace; any other label value is
+/// generic. Databases: `cust_<token>` is a customer database. A name that does not parse is
+/// generic and carries no backend name, so it can never be handed to the reclaimer.
+pub fn classify(item: &InventoryItem, source: InventorySource) -> Classified {
+    match source {
+        InventorySource::Kubernetes => {
+            let Ok(name) = NamespaceName::parse(&item.name) else {
+                return generic();
+            };
+            let resource_type = match item.labels.get(RESOURCE_TYPE_LABEL).map(String::as_str) {
+                None | Some("namespace") => ResourceType::Namespace,
+                Some("redis") => ResourceType::Redis,
+                Some(_) => {
+                    return Classified {
+                        kind: OrphanKind::Generic,
+                        backend: None,
+                    };
+                }
+            };
+            let kind = match resource_type {
+                ResourceType::Redis => OrphanKind::RedisNamespace,
+                ResourceType::Namespace | ResourceType::Postgres => OrphanKind::CustomerNamespace,
+            };
+            Classified {
+                kind,
+                backend: Some(BackendName::Namespace {
+                    name,
+                    resource_type,
+                }),
+            }
+        }
+        InventorySource::Postgres => match DatabaseName::parse(&item.name) {
+            Ok(name) => Classified {
+                kind: OrphanKind::CustomerDatabase,
+                backend: Some(BackendName::Database(name)),
+            },
+            Err(_) => generic(),
+        },
+    }
+}
+
+fn generic() -> Classified {
+    Classified {
+        kind: OrphanKind::Generic,
+        backend: None,
+    }
+}
+
+/// Whether an item carries `keel.dev/protect=true`.
+pub fn is_protected(item: &InventoryItem) -> bool {
+    item.annotations
+        .get(PROTECT_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// An orphan candidate: no live resource owns it and it is older than the grace window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its kind.
+    pub kind: OrphanKind,
+    /// Its name as listed (secret: it carries the token).
+    pub name: String,
+    /// The platform's name for it (`None` for generic items).
+    pub backend: Option<BackendName>,
+    /// How old it is.
+    pub age: Duration,
+    /// Annotated `keel.dev/protect=true`: reported, never reclaimed.
+    pub protected: bool,
+}
+
+impl Candidate {
+    /// The token, when the item has one.
+    pub fn token(&self) -> Option<&Token> {
+        self.backend.as_ref().map(BackendName::token)
+    }
+
+    /// Whether the reclaim arm may ever touch it: a proven kind and not protected.
+    pub fn reclaimable(&self) -> bool {
+        let proven = match self.kind {
+            OrphanKind::CustomerNamespace
+            | OrphanKind::RedisNamespace
+            | OrphanKind::CustomerDatabase => true,
+            OrphanKind::Generic => false,
+        };
+        proven && !self.protected && self.backend.is_some()
+    }
+}
+
+/// The tokens of the items that have one, for the one set-based liveness read.
+pub fn tokens_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token> {
+    items
+        .iter()
+        .filter_map(|item| classify(item, source).backend)
+        .map(|name| name.token().clone())
+        .collect()
+}
+
+/// The candidates among `items`: items whose token has no live resource and which are older than
+/// `grace`. Generic items under the prefix (no token to prove ownership) are candidates once
+/// older than `grace`; they are reported and never reclaimed. An item whose age is unknown is
+/// never a candidate: nothing proves it is past the grace window.
+pub fn detect(
+    items: &[InventoryItem],
+    source: InventorySource,
+    live: &HashSet<Token>,
+    now: OffsetDateTime,
+    grace: Duration,
+) -> Vec<Candidate> {
+    items
+        .iter()
+        .filter_map(|item| {
+            let classified = classify(item, source);
+            if let Some(name) = &classified.backend
+                && live.contains(name.token())
+            {
+                return None;
+            }
+            let age = item
+                .created_at
+                .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
+            (age > grace).then(|| Candidate {
+                kind: classified.kind,
+                name: item.name.clone(),
+                backend: classified.backend,
+                age,
+                protected: is_protected(item),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn item(name: &str, age_minutes: i64, labels: &[(&str, &str)], protect: bool) -> InventoryItem {
+        let mut annotations = BTreeMap::new();
+        if protect {
+            annotations.insert(PROTECT_ANNOTATION.to_owned(), "true".to_owned());
+        }
+        InventoryItem {
+            name: name.to_owned(),
+            created_at: Some(NOW - time::Duration::minutes(age_minutes)),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            annotations,
+        }
+    }
+
+    /// (case, item, source, expected: None = not a candidate, Some((kind, reclaimable))).
+    type Case = (
+        &'static str,
+        InventoryItem,
+        InventorySource,
+        Option<(OrphanKind, bool)>,
+    );
+
+    #[test]
+    fn detection_table_orphan_live_pending_grace_protected_generic() {
+        let live: HashSet<Token> = ["live00000001", "pend00000001"]
+            .iter()
+            .map(|t| Token::parse(t).unwrap())
+            .collect();
+        let redis = [(RESOURCE_TYPE_LABEL, "redis")];
+        let ns = [(RESOURCE_TYPE_LABEL, "namespace")];
+        let mongo = [(RESOURCE_TYPE_LABEL, "mongo")];
+        let k8s = InventorySource::Kubernetes;
+        let pg = InventorySource::Postgres;
+        let cases: Vec<Case> = vec![
+            (
+                "orphan namespace, by name pattern",
+                item("instant-customer-orph00000001", 120, &[], false),
+                k8s,
+                Some((OrphanKind::CustomerNamespace, true)),
+            ),
+            (
+                "orphan namespace, by label",
+                item("instant-customer-orph00000002", 120, &ns, false),
+                k8s,
+                Some((OrphanKind::CustomerNamespace, true)),
+            ),
+            (
+                "orphan redis namespace, by label",
+                item("instant-customer-orph00000003", 120, &redis, false),
+                k8s,
+                Some((OrphanKind::RedisNamespace, true)),
+            ),
+            (
+                "orphan database",
+                item("cust_orph00000004", 120, &[], false),
+                pg,
+                Some((OrphanKind::CustomerDatabase, true)),
+            ),
+            (
+                "live (active) token",
+                item("instant-customer-live00000001", 120, &[], false),
+                k8s,
+                None,
+            ),
+            (
+                "pending token is live too",
+                item("cust_pend00000001", 120, &[], false),
+                pg,
+                None,
+            ),
+            (
+                "within the grace window",
+                item("instant-customer-orph00000005", 59, &[], false),
+                k8s,
+                None,
+            ),
+            (
+                "protected orphan: reported, never reclaimed",
+                item("cust_orph00000006", 120, &[], true),
+                pg,
+                Some((OrphanKind::CustomerDatabase, false)),
+            ),
+            (
+                "unknown resource-type label: generic",
+                item("instant-customer-orph00000007", 120, &mongo, false),
+                k8s,
+                Some((OrphanKind::Generic, false)),
+            ),
+            (
+                "name under the prefix without a valid token: generic",
+                item("instant-customer-NOT_A_TOKEN", 120, &[], false),
+                k8s,
+                Some((OrphanKind::Generic, false)),
+            ),
+            (
+                "database name that does not parse: generic",
+                item("cust_x", 120, &[], false),
+                pg,
+                Some((OrphanKind::Generic, false)),
+            ),
+        ];
+        for (case, item, source, expected) in cases {
+            let found = detect(std::slice::from_ref(&item), source, &live, NOW, HOUR);
+            let got = found.first().map(|c| (c.kind, c.reclaimable()));
+            assert_eq!(got, expected, "{case}");
+            if let Some(candidate) = found.first() {
+                assert_eq!(candidate.name, item.name);
+                assert!(candidate.age >= HOUR);
+            }
+        }
+    }
+
+    #[test]
+    fn an_item_without_a_known_age_is_never_a_candidate() {
+        let mut unknown = item("cust_orph00000008", 0, &[], false);
+        unknown.created_at = None;
+        let found = detect(
+            &[unknown],
+            InventorySource::Postgres,
+            &HashSet::new(),
+            NOW,
+            HOUR,
+        );
+        assert!(found.is_empty());
+    }
+
+    #[test]
+    fn only_items_with_tokens_go_to_the_liveness_read() {
+        let items = [
+            item("instant-customer-abcd00000001", 120, &[], false),
+            item("instant-customer-BAD", 120, &[], false),
+            item(
+                "instant-customer-abcd00000002",
+                120,
+                &[(RESOURCE_TYPE_LABEL, "redis")],
+                false,
+            ),
+        ];
+        let tokens = tokens_of(&items, InventorySource::Kubernetes);
+        let exposed: Vec<&str> = tokens.iter().map(Token::expose).collect();
+        assert_eq!(exposed, ["abcd00000001", "abcd00000002"]);
+    }
+}

@@ -1,0 +1,80 @@
+//! How logs name a token without showing it: a masked form (at most its first 4 characters) and a
+//! keyed HMAC-SHA256 fingerprint, so operators can correlate lines without seeing the token.
+
+use std::fmt;
+
+use hmac::{Hmac, KeyInit, Mac};
+use keel_audit::Token;
+use sha2::Sha256;
+
+/// The key fingerprints are computed with. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct FingerprintKey(Vec<u8>);
+
+/// A fingerprint key shorter than 16 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the fingerprint key must be at least 16 bytes (its value is not shown)")]
+pub struct WeakKey;
+
+impl FingerprintKey {
+    /// A key from configuration (for example `ORPHAN_SWEEP_FINGERPRINT_KEY`).
+    pub fn new(key: impl Into<Vec<u8>>) -> Result<Self, WeakKey> {
+        let key = key.into();
+        if key.len() < 16 {
+            return Err(WeakKey);
+        }
+        Ok(Self(key))
+    }
+
+    /// A random key for this process only: fingerprints correlate within one process's lines.
+    pub fn ephemeral() -> Self {
+        let mut key = Vec::with_capacity(32);
+        key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        Self(key)
+    }
+
+    /// The first 12 hex digits of HMAC-SHA256(key, token).
+    pub fn fingerprint(&self, token: &Token) -> String {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC-SHA256 takes a key of any length");
+        mac.update(token.expose().as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// How a log line names `token`: `abcd… (fp 0123456789ab)`.
+    pub fn describe(&self, token: &Token) -> String {
+        format!("{} (fp {})", token.masked(), self.fingerprint(token))
+    }
+}
+
+impl fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FingerprintKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_keyed_stable_and_never_show_the_token() {
+        let token = Token::parse("a1b2c3d4e5f6a7b8").unwrap();
+        let key = FingerprintKey::new(*b"0123456789abcdef").unwrap();
+        let other = FingerprintKey::new(*b"fedcba9876543210").unwrap();
+        assert_eq!(key.fingerprint(&token), key.fingerprint(&token));
+        assert_ne!(key.fingerprint(&token), other.fingerprint(&token));
+        assert_eq!(key.fingerprint(&token).len(), 12);
+        let shown = key.describe(&token);
+        assert!(shown.starts_with("a1b2…"), "{shown}");
+        assert!(!shown.contains(token.expose()));
+        assert!(!format!("{key:?}").contains("0123"));
+        assert_eq!(FingerprintKey::new(*b"short").unwrap_err(), WeakKey);
+    }
+}
