@@ -1,20 +1,54 @@
-//! `keel-orphan-sweep`: Detects orphaned customer backends (audit-only by default) and reclaims them only through the audited chokepoint.
+//! `keel-orphan-sweep`: measures the orphan backlog (customer namespaces and databases no live
+//! resource owns) and, only behind a second gate, reclaims orphans through keel-provision's
+//! audited deprovision chokepoint.
 //!
-//! Today it applies the schema (`migrate`); its main loop arrives with its crate's issue.
+//! Both gates default off: `ORPHAN_DB_SWEEP_ENABLED` (off: every tick is a DEBUG no-op) and
+//! `ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED`. Hourly by default; no tick at start-up unless
+//! `--run-on-start`; `--once` for a CronJob. Replicas take a Postgres advisory lock per tick, so
+//! a tick runs once however many replicas there are.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use keel_service::cli::{DatabaseArgs, LogArgs};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, TickLock};
+use keel_orphan_sweep::{
+    FingerprintKey, Inventory, Reclaimer, SweepConfig, SweepMetrics, Sweeper, TickReport,
+};
+use keel_provision::kube::KubeNamespaceBackend;
+use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
+use keel_provision::{Backend, ProvisionMetrics, Provisioner};
+use keel_service::cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs};
+use prometheus_client::registry::Registry;
+use sqlx::postgres::PgConnectOptions;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
-/// Detects orphaned customer backends (audit-only by default) and reclaims them only through the audited chokepoint.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success (with --once: the tick ran, was disabled, or another replica held the lock)
+  1   error (configuration, database; with --once: the tick failed and found zero candidates)
+  64  usage error";
+
+/// Detects orphaned customer backends (audit-only by default); reclaims only through the audited
+/// deprovision chokepoint.
 #[derive(Parser)]
-#[command(name = "keel-orphan-sweep", version, after_help = keel_service::cli::EXIT_CODES_HELP)]
+#[command(
+    name = "keel-orphan-sweep",
+    version,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    sweep: SweepArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -23,11 +57,343 @@ enum Command {
     Migrate(DatabaseArgs),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum InventoryKind {
+    /// Customer namespaces (`instant-customer-*`) on Kubernetes.
+    Kubernetes,
+    /// Customer databases (`cust_*`) on the shared Postgres cluster.
+    Postgres,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Log lines only.
+    Text,
+    /// Also print each tick's review list as one JSON document on stdout.
+    Json,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// Postgres connection URL of the platform database. Never logged.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    database_url: Option<DatabaseUrl>,
+    /// Master gate: off makes every tick a DEBUG no-op (no list, no database read, no metric).
+    #[arg(long, env = "ORPHAN_DB_SWEEP_ENABLED")]
+    enabled: bool,
+    /// Destructive gate: reclaim confirmed orphans through the audited chokepoint. Meaningless
+    /// unless --enabled is on too.
+    #[arg(long, env = "ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED")]
+    destructive: bool,
+    /// Which inventory to sweep.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_INVENTORY", value_enum, default_value_t = InventoryKind::Kubernetes)]
+    inventory: InventoryKind,
+    /// Time between ticks, e.g. 1h, 30m, 90s.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    interval: Duration,
+    /// Run a tick at start-up instead of waiting one interval.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_RUN_ON_START")]
+    run_on_start: bool,
+    /// Run one tick and exit (for a CronJob).
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_ONCE")]
+    once: bool,
+    /// How old an object must be before it can be a candidate, e.g. 1h.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_GRACE", default_value = "1h", value_parser = parse_duration)]
+    grace: Duration,
+    /// Consecutive ticks a candidate must be seen in before it may be reclaimed.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_CONFIRM_TICKS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    confirm_ticks: u32,
+    /// Most reclaims per tick; more aborts every reclaim of the tick.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_RECLAIMS", default_value_t = 5)]
+    max_reclaims: usize,
+    /// Most reclaims per tick as a fraction of the inventory (0 to 1, rounded up).
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_FRACTION", default_value_t = 0.10, value_parser = parse_fraction)]
+    max_fraction: f64,
+    /// Admin URL of the shared Postgres cluster (the `postgres` inventory and its reclaims).
+    /// Default: the platform database's server. Never logged.
+    #[arg(
+        long,
+        env = "KEEL_CLUSTER_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    cluster_database_url: Option<DatabaseUrl>,
+    /// Key for the token fingerprints in logs (at least 16 bytes). Without it, a random key per
+    /// process is used and fingerprints only correlate within one process.
+    #[arg(
+        long,
+        env = "ORPHAN_SWEEP_FINGERPRINT_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    fingerprint_key: Option<String>,
+    /// Print each tick's review list.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_OUTPUT", value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Address for /metrics and /healthz (not served with --once).
+    #[arg(
+        long,
+        env = "KEEL_LISTEN",
+        default_value = "0.0.0.0:9090",
+        value_name = "ADDR"
+    )]
+    listen: SocketAddr,
+}
+
+/// Parses `90s`, `30m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |at| s.split_at(at));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| "expected a duration such as 90s, 30m or 1h".to_owned())?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err("expected a duration such as 90s, 30m or 1h".to_owned()),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        Ok(_) | Err(_) => Err("expected a fraction between 0 and 1, e.g. 0.1".to_owned()),
+    }
+}
+
+impl SweepArgs {
+    fn config(&self) -> SweepConfig {
+        SweepConfig {
+            enabled: self.enabled,
+            destructive: self.destructive,
+            grace: self.grace,
+            confirm_ticks: self.confirm_ticks,
+            max_reclaims: self.max_reclaims,
+            max_fraction: self.max_fraction,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli: Cli = keel_service::cli::parse();
-    keel_service::run(&cli.log, async move {
-        match cli.command {
-            Command::Migrate(db) => keel_service::migrate(&db).await,
+    if let Some(Command::Migrate(db)) = cli.command {
+        return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
+    }
+    let args = cli.sweep;
+    let Some(database_url) = args.database_url.clone() else {
+        eprintln!("error: no database: pass --database-url or set DATABASE_URL\n\n{EXIT_CODES}");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let key = match args.fingerprint_key.as_deref().map(FingerprintKey::new) {
+        Some(Ok(key)) => key,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
         }
-    })
+        None => FingerprintKey::ephemeral(),
+    };
+    keel_service::run(
+        &cli.log,
+        async move { sweep(args, database_url, key).await },
+    )
+}
+
+async fn sweep(
+    args: SweepArgs,
+    database_url: DatabaseUrl,
+    key: FingerprintKey,
+) -> anyhow::Result<ExitCode> {
+    if args.fingerprint_key.is_none() {
+        tracing::warn!(
+            "ORPHAN_SWEEP_FINGERPRINT_KEY is not set: token fingerprints only correlate within this process"
+        );
+    }
+    let db = DatabaseArgs { database_url };
+    let lock_options = db.database_url.connect_options()?;
+    let pool = keel_service::connect(&db, "keel-orphan-sweep", 4).await?;
+    let cluster = args
+        .cluster_database_url
+        .as_ref()
+        .unwrap_or(&db.database_url)
+        .connect_options()?;
+    let mut registry = Registry::default();
+    let metrics = SweepMetrics::register(&mut registry);
+    let live = PgLiveTokens::new(pool.clone());
+    let store = PgResourceStore::new(pool.clone());
+    let provision_metrics = ProvisionMetrics::register(&mut registry);
+    let config = args.config();
+    let registry = Arc::new(registry);
+    match args.inventory {
+        InventoryKind::Postgres => {
+            let backend = PgClusterBackend::new(cluster, None, 2);
+            let inventory = PgDatabaseInventory::new(backend.admin_pool().clone());
+            let reclaimer = reclaimer(&config, store, backend, provision_metrics);
+            let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
+            drive(sweeper, &args, &lock_options, registry).await
+        }
+        InventoryKind::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("could not configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+            let inventory = keel_orphan_sweep::kube::KubeNamespaceInventory::new(client.clone());
+            let backend = KubeNamespaceBackend::new(client, "https://kubernetes.default.svc");
+            let reclaimer = reclaimer(&config, store, backend, provision_metrics);
+            let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
+            drive(sweeper, &args, &lock_options, registry).await
+        }
+    }
+}
+
+/// The chokepoint, wired only when both gates are on.
+fn reclaimer<B: Backend>(
+    config: &SweepConfig,
+    store: PgResourceStore,
+    backend: B,
+    metrics: ProvisionMetrics,
+) -> Option<Provisioner<PgResourceStore, B>> {
+    (config.enabled && config.destructive).then(|| Provisioner::new(store, backend, metrics))
+}
+
+async fn drive<I: Inventory, R: Reclaimer>(
+    mut sweeper: Sweeper<I, PgLiveTokens, R>,
+    args: &SweepArgs,
+    lock_options: &PgConnectOptions,
+    registry: Arc<Registry>,
+) -> anyhow::Result<ExitCode> {
+    tracing::info!(
+        enabled = args.enabled,
+        destructive = args.destructive,
+        armed = sweeper.armed(),
+        inventory = ?args.inventory,
+        "orphan sweep starting"
+    );
+    if args.once {
+        let report = tick(&mut sweeper, args, lock_options).await?;
+        return Ok(match report {
+            Some(TickReport::Failed { .. }) => ExitCode::FAILURE,
+            Some(TickReport::Swept { .. } | TickReport::Disabled) | None => ExitCode::SUCCESS,
+        });
+    }
+    let shutdown =
+        keel_service::shutdown::on_signal().context("could not install signal handlers")?;
+    let listener = keel_service::http::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    let ops = tokio::spawn(keel_service::http::serve(
+        listener,
+        registry,
+        shutdown.clone(),
+    ));
+    run_loop(&mut sweeper, args, lock_options, &shutdown).await?;
+    ops.await.context("the metrics listener panicked")??;
+    tracing::info!("orphan sweep stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_loop<I: Inventory, R: Reclaimer>(
+    sweeper: &mut Sweeper<I, PgLiveTokens, R>,
+    args: &SweepArgs,
+    lock_options: &PgConnectOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let start = if args.run_on_start {
+        tokio::time::Instant::now()
+    } else {
+        tokio::time::Instant::now() + args.interval
+    };
+    let mut ticks = tokio::time::interval_at(start, args.interval.max(Duration::from_secs(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = ticks.tick() => {
+                if let Err(e) = tick(sweeper, args, lock_options).await {
+                    tracing::warn!(error = format!("{e:#}"), "orphan sweep tick could not run");
+                }
+            }
+        }
+    }
+}
+
+/// One tick under the single-flight lock; `None` when skipped (another replica holds the lock).
+async fn tick<I: Inventory, R: Reclaimer>(
+    sweeper: &mut Sweeper<I, PgLiveTokens, R>,
+    args: &SweepArgs,
+    lock_options: &PgConnectOptions,
+) -> anyhow::Result<Option<TickReport>> {
+    if !args.enabled {
+        // No lock either: with the master gate off a tick reads nothing at all.
+        let report = sweeper.tick(OffsetDateTime::now_utc()).await;
+        return Ok(Some(report));
+    }
+    let Some(lock) = TickLock::try_acquire(lock_options)
+        .await
+        .context("could not take the single-flight lock")?
+    else {
+        tracing::debug!("another replica holds the orphan sweep lock: tick skipped");
+        return Ok(None);
+    };
+    let report = sweeper.tick(OffsetDateTime::now_utc()).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not release the single-flight lock (it goes with the connection)");
+    }
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(Some(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn both_gates_default_off_and_every_flag_has_an_env_var() {
+        let cli: Cli = keel_service::cli::try_parse_from(["keel-orphan-sweep"]).unwrap();
+        let config = cli.sweep.config();
+        assert!(!config.enabled && !config.destructive);
+        assert_eq!(config, SweepConfig::default());
+        assert_eq!(cli.sweep.interval, Duration::from_secs(3600));
+        assert!(!cli.sweep.run_on_start && !cli.sweep.once);
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_env().is_some(), "--{id} has no env var");
+        }
+    }
+
+    #[test]
+    fn durations_and_fractions_parse_or_fail_with_a_usage_error() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_fraction("1.5").is_err());
+        let err = keel_service::cli::try_parse_from::<Cli, _, _>([
+            "keel-orphan-sweep",
+            "--interval",
+            "soon",
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(err.code, EXIT_USAGE);
+        let err = keel_service::cli::try_parse_from::<Cli, _, _>([
+            "keel-orphan-sweep",
+            "--confirm-ticks",
+            "0",
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(err.code, EXIT_USAGE);
+    }
 }
