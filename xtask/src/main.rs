@@ -22,7 +22,7 @@ usage: cargo xtask <task>
 tasks:
   ci      cargo fmt --check, cargo clippy -D warnings (all targets), cargo test --workspace
   demo    run Keel's scenario end to end on a throwaway local Postgres
-  bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation|rater|provision`
+  bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation|rater|provision|orphan-sweep`
 ";
 
 fn main() -> ExitCode {

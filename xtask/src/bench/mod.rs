@@ -6,6 +6,8 @@
 //! builds and of `cargo test --workspace`).
 
 #[cfg(feature = "bench")]
+mod orphan_sweep;
+#[cfg(feature = "bench")]
 mod propagation;
 #[cfg(feature = "bench")]
 mod provision;
@@ -14,7 +16,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -65,6 +67,10 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
         Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
+        Some("orphan-sweep") => orphan_sweep::bench(
+            count_flag(&args[1..], "--items", 100_000)?,
+            count_flag(&args[1..], "--rows", 1_000_000)?,
+        ),
         Some("provision") => provision::bench(
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,

@@ -3,6 +3,7 @@
 //! Each concern adds its act in a module of its own.
 
 mod audit;
+mod orphan_sweep;
 mod propagation;
 mod provision;
 mod rater;
@@ -52,6 +53,7 @@ async fn scenario() -> anyhow::Result<()> {
     audit::audit_trail(&pool).await?;
     propagation::tier_elevations(&pool).await?;
     provision::provisioning(&server, &pool).await?;
+    orphan_sweep::orphan_sweep(&server, &pool).await?;
     rater::rating(&server, "keel_demo", &pool).await?;
 
     pool.close().await;
