@@ -140,7 +140,10 @@ struct SweepArgs {
     listen: SocketAddr,
 }
 
-/// Parses `90s`, `30m`, `1h` or plain seconds.
+/// Longest accepted interval or grace window (30 days).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses `90s`, `30m`, `1h` or plain seconds, up to 30 days.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
         .find(|c: char| !c.is_ascii_digit())
@@ -154,7 +157,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n.saturating_mul(3600),
         _ => return Err("expected a duration such as 90s, 30m or 1h".to_owned()),
     };
-    Ok(Duration::from_secs(seconds))
+    let duration = Duration::from_secs(seconds);
+    if duration > MAX_DURATION {
+        return Err("at most 30 days (720h)".to_owned());
+    }
+    Ok(duration)
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -377,6 +384,11 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert!(parse_duration("1d").is_err());
+        assert!(
+            parse_duration("18446744073709551615").is_err(),
+            "never an overflow"
+        );
+        assert!(parse_duration("721h").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_fraction("1.5").is_err());
         let err = keel_service::cli::try_parse_from::<Cli, _, _>([

@@ -122,7 +122,7 @@ struct CreateBody {
     tier: String,
 }
 
-async fn create<S: ResourceStore, B: Backend>(
+async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     State(state): State<Arc<AppState<S, B>>>,
     headers: HeaderMap,
     body: Bytes,
@@ -170,13 +170,24 @@ async fn create<S: ResourceStore, B: Backend>(
         request_id: request_id.clone(),
         actor: actor(&headers),
     };
-    match state
-        .provisioner
-        .provision(request, OffsetDateTime::now_utc())
-        .await
-    {
-        Ok(provisioned) => created(provisioned),
-        Err(e) => fail(e.code(), &e.to_string()),
+    // Its own task: a client that disconnects mid-flow must not cut provisioning short between
+    // create and finalize (dropping the handler's future would leave the object unfinalized).
+    let flow = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            state
+                .provisioner
+                .provision(request, OffsetDateTime::now_utc())
+                .await
+        })
+    };
+    match flow.await {
+        Ok(Ok(provisioned)) => created(provisioned),
+        Ok(Err(e)) => fail(e.code(), &e.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "the provisioning task failed");
+            fail(ErrorCode::Internal, "the provisioning task failed")
+        }
     }
 }
 

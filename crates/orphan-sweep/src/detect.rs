@@ -13,6 +13,10 @@ use crate::ports::{InventoryItem, InventorySource};
 
 /// The label naming a namespace's resource type.
 pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
+/// The label that proves the platform created an object; only such objects are ever reclaimed.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`] on the platform's objects.
+pub const MANAGED_BY: &str = "keel";
 /// The annotation that protects an object from any reclaim when it is `true`.
 pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 
@@ -117,6 +121,11 @@ pub fn is_protected(item: &InventoryItem) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
+/// Whether an item carries `app.kubernetes.io/managed-by=keel`.
+pub fn is_managed(item: &InventoryItem) -> bool {
+    item.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+}
+
 /// An orphan candidate: no live resource owns it and it is older than the grace window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
@@ -130,6 +139,9 @@ pub struct Candidate {
     pub age: Duration,
     /// Annotated `keel.dev/protect=true`: reported, never reclaimed.
     pub protected: bool,
+    /// Labelled `app.kubernetes.io/managed-by=keel`: proof the platform created it. An object
+    /// without it (made by hand, or by an older platform) is reported, never reclaimed.
+    pub managed: bool,
 }
 
 impl Candidate {
@@ -138,7 +150,8 @@ impl Candidate {
         self.backend.as_ref().map(BackendName::token)
     }
 
-    /// Whether the reclaim arm may ever touch it: a proven kind and not protected.
+    /// Whether the reclaim arm may ever touch it: a proven kind, made by the platform, not
+    /// protected.
     pub fn reclaimable(&self) -> bool {
         let proven = match self.kind {
             OrphanKind::CustomerNamespace
@@ -146,7 +159,7 @@ impl Candidate {
             | OrphanKind::CustomerDatabase => true,
             OrphanKind::Generic => false,
         };
-        proven && !self.protected && self.backend.is_some()
+        proven && self.managed && !self.protected && self.backend.is_some()
     }
 }
 
@@ -188,6 +201,7 @@ pub fn detect(
                 backend: classified.backend,
                 age,
                 protected: is_protected(item),
+                managed: is_managed(item),
             })
         })
         .collect()
@@ -204,20 +218,29 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// An item labelled as the platform's (`managed-by=keel`) plus `labels`.
     fn item(name: &str, age_minutes: i64, labels: &[(&str, &str)], protect: bool) -> InventoryItem {
         let mut annotations = BTreeMap::new();
         if protect {
             annotations.insert(PROTECT_ANNOTATION.to_owned(), "true".to_owned());
         }
+        let mut all: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        all.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
         InventoryItem {
             name: name.to_owned(),
             created_at: Some(NOW - time::Duration::minutes(age_minutes)),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            labels: all,
             annotations,
         }
+    }
+
+    fn unmanaged(name: &str) -> InventoryItem {
+        let mut item = item(name, 120, &[], false);
+        item.labels.clear();
+        item
     }
 
     /// (case, item, source, expected: None = not a candidate, Some((kind, reclaimable))).
@@ -287,6 +310,18 @@ mod tests {
                 item("cust_orph00000006", 120, &[], true),
                 pg,
                 Some((OrphanKind::CustomerDatabase, false)),
+            ),
+            (
+                "not made by the platform (no managed-by=keel): reported, never reclaimed",
+                unmanaged("cust_hand00000001"),
+                pg,
+                Some((OrphanKind::CustomerDatabase, false)),
+            ),
+            (
+                "unlabelled namespace: reported, never reclaimed",
+                unmanaged("instant-customer-hand00000002"),
+                k8s,
+                Some((OrphanKind::CustomerNamespace, false)),
             ),
             (
                 "unknown resource-type label: generic",

@@ -2,7 +2,9 @@
 //!
 //! - **Pure detection** ([`detect`], [`classify`]): inventory items whose token has no live
 //!   resource row (pending, active, paused, suspended) and which are older than the grace window.
-//!   Kinds are closed ([`OrphanKind`]); anything unrecognised is generic and never reclaimed.
+//!   Kinds are closed ([`OrphanKind`]); anything unrecognised is generic and never reclaimed, and
+//!   so is anything not labelled `app.kubernetes.io/managed-by=keel` (made by hand or by an older
+//!   platform): it is reported for review only.
 //! - **Ports** ([`Inventory`], [`LiveTokens`], [`Reclaimer`]): an inventory answers a complete
 //!   list or an error, never a partial list; live tokens are read in one set-based query per
 //!   tick; the only reclaimer is keel-provision's audited deprovision chokepoint.
@@ -31,8 +33,8 @@ mod sweep;
 
 pub use chokepoint::SWEEP_ACTOR;
 pub use detect::{
-    Candidate, Classified, OrphanKind, PROTECT_ANNOTATION, RESOURCE_TYPE_LABEL, classify, detect,
-    is_protected, tokens_of,
+    Candidate, Classified, MANAGED_BY, MANAGED_BY_LABEL, OrphanKind, PROTECT_ANNOTATION,
+    RESOURCE_TYPE_LABEL, classify, detect, is_managed, is_protected, tokens_of,
 };
 pub use fingerprint::{FingerprintKey, WeakKey};
 pub use metrics::{Stage, SweepMetrics};

@@ -427,7 +427,7 @@ mod tests {
         InventoryItem {
             name: format!("cust_{token}"),
             created_at: Some(NOW - time::Duration::hours(3)),
-            labels: BTreeMap::new(),
+            labels: BTreeMap::from([(crate::MANAGED_BY_LABEL.into(), crate::MANAGED_BY.into())]),
             annotations: BTreeMap::new(),
         }
     }

@@ -10,8 +10,10 @@
 //! - The 201 body, [`ProvisionedBody`], can only be built from a `Provisioned`.
 //!
 //! Rust cannot forbid dropping a value, so a dropped `Reservation` leaves its `pending` row behind
-//! (with its deterministic name, which is how a retry or the orphan sweep finds it); both types
-//! are `#[must_use]`, so ignoring one is a warning (an error under `deny(unused_must_use)`).
+//! (with its deterministic name, which is how an operator finds it: the sweep counts `pending` as
+//! live); both types are `#[must_use]`, so ignoring one is a warning (an error under
+//! `deny(unused_must_use)`). The API runs each provisioning in a task of its own, so a client
+//! that disconnects mid-flow does not cut it short.
 
 use keel_audit::{
     Actor, AuditEvent, AuditFieldError, AuditKind, RequestId, ResourceId, ResourceType, TeamId,
@@ -22,7 +24,8 @@ use time::OffsetDateTime;
 use crate::envelope::ErrorCode;
 use crate::metrics::{Outcome, ProvisionMetrics, TeardownStage};
 use crate::model::{
-    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord, new_token,
+    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord,
+    ResourceStatus, new_token,
 };
 use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
 use crate::secret::ConnectionUrl;
@@ -97,8 +100,8 @@ impl Provisioned {
 }
 
 /// The body of the 201: the one response that shows the connection URL. Only built from a
-/// [`Provisioned`].
-#[derive(Debug, serde::Serialize)]
+/// [`Provisioned`]. Its `Debug` redacts the URL.
+#[derive(serde::Serialize)]
 pub struct ProvisionedBody {
     ok: bool,
     id: String,
@@ -108,6 +111,17 @@ pub struct ProvisionedBody {
     status: &'static str,
     connection_url: String,
     request_id: String,
+}
+
+impl std::fmt::Debug for ProvisionedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProvisionedBody")
+            .field("id", &self.id)
+            .field("resource_type", &self.resource_type)
+            .field("tier", &self.tier)
+            .field("connection_url", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<Provisioned> for ProvisionedBody {
@@ -132,6 +146,9 @@ pub enum TeardownResult {
     TornDown,
     /// The teardown failed: the object may be left behind. Logged, counted and audited.
     Failed,
+    /// The backend said an object under the platform's name is not the platform's: it was left
+    /// alone (never torn down by a compensation).
+    LeftAlone,
 }
 
 /// What happened to the row when a provisioning was compensated.
@@ -139,8 +156,9 @@ pub enum TeardownResult {
 pub enum RowResult {
     /// Soft-deleted (status `failed`).
     SoftDeleted,
-    /// The store failed too: the row stays `pending` under its deterministic name, where a retry
-    /// and the orphan sweep find it.
+    /// The store failed too: the row stays `pending` under its deterministic name (and the
+    /// ERROR log, `instant_provision_uncompensated_total`); the orphan sweep treats `pending` as
+    /// live, so an operator settles it.
     LeftPending,
 }
 
@@ -160,6 +178,7 @@ impl std::fmt::Display for Compensation {
         let object = match self.teardown {
             TeardownResult::TornDown => "the backend object was torn down",
             TeardownResult::Failed => "the backend object could not be torn down (recorded)",
+            TeardownResult::LeftAlone => "an object that is not the platform's was left alone",
         };
         let row = match self.row {
             RowResult::SoftDeleted => "the reservation was soft-deleted",
@@ -411,7 +430,13 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 object,
             }),
             Err(e) => {
-                let compensation = self.compensate(&reservation, FailedStep::Create, now).await;
+                let foreign = match &e {
+                    BackendError::Foreign { .. } => true,
+                    BackendError::Unsupported(_) | BackendError::Unavailable { .. } => false,
+                };
+                let compensation = self
+                    .compensate(&reservation, FailedStep::Create, !foreign, now)
+                    .await;
                 self.metrics
                     .outcome(reservation.name.resource_type(), Outcome::CreateFailed);
                 Err(ProvisionError::Failed {
@@ -465,7 +490,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                     "could not finalize a provisioned resource; compensating"
                 );
                 let compensation = self
-                    .compensate(&reservation, FailedStep::Finalize, now)
+                    .compensate(&reservation, FailedStep::Finalize, true, now)
                     .await;
                 self.metrics.outcome(resource_type, Outcome::FinalizeFailed);
                 Err(ProvisionError::Failed {
@@ -480,13 +505,14 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
     /// Gives up on a reservation before its backend object is created: soft-deletes the row
     /// (tearing down anything a partial create may have left).
     pub async fn abort(&self, reservation: Reservation, now: OffsetDateTime) -> Compensation {
-        self.compensate(&reservation, FailedStep::Create, now).await
+        self.compensate(&reservation, FailedStep::Create, true, now)
+            .await
     }
 
     /// Gives up on a created backend object: tears it down, soft-deletes the row and records
     /// `provision.persistence_failed`.
     pub async fn abort_created(&self, created: Created, now: OffsetDateTime) -> Compensation {
-        self.compensate(&created.reservation, FailedStep::Finalize, now)
+        self.compensate(&created.reservation, FailedStep::Finalize, true, now)
             .await
     }
 
@@ -505,17 +531,28 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             .attr("provider_id", reservation.name.masked())
     }
 
-    /// Tears the backend object down (best effort), soft-deletes the row and records
-    /// `provision.persistence_failed` when the object had been created or may be left behind.
+    /// Tears the backend object down (best effort; skipped when `tear_down` is false because the
+    /// object is not the platform's), then soft-deletes the row and records
+    /// `provision.persistence_failed` (with the failed step and the teardown's result) in the
+    /// same transaction, so no compensating teardown goes unaudited.
     async fn compensate(
         &self,
         reservation: &Reservation,
         step: FailedStep,
+        tear_down: bool,
         now: OffsetDateTime,
     ) -> Compensation {
         let resource_type = reservation.name.resource_type();
-        let teardown = match self.backend.teardown(&reservation.name).await {
-            Ok(()) => TeardownResult::TornDown,
+        let teardown = match tear_down {
+            false => Ok(TeardownResult::LeftAlone),
+            true => self
+                .backend
+                .teardown(&reservation.name)
+                .await
+                .map(|()| TeardownResult::TornDown),
+        };
+        let teardown = match teardown {
+            Ok(result) => result,
             Err(e) => {
                 tracing::error!(
                     resource_id = %reservation.id,
@@ -528,20 +565,19 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 TeardownResult::Failed
             }
         };
-        let needs_audit = step == FailedStep::Finalize || teardown == TeardownResult::Failed;
-        let audit = if needs_audit {
-            let teardown_attr = match teardown {
-                TeardownResult::TornDown => "torn_down",
-                TeardownResult::Failed => "failed",
-            };
-            self.audit_for(AuditKind::ProvisionPersistenceFailed, reservation, now)
-                .and_then(|event| event.attr("failed_step", step.as_str()))
-                .and_then(|event| event.attr("teardown", teardown_attr))
-                .map_err(|e| tracing::error!(error = %e, "could not build the persistence_failed audit row"))
-                .ok()
-        } else {
-            None
+        let teardown_attr = match teardown {
+            TeardownResult::TornDown => "torn_down",
+            TeardownResult::Failed => "failed",
+            TeardownResult::LeftAlone => "left_alone",
         };
+        let audit = self
+            .audit_for(AuditKind::ProvisionPersistenceFailed, reservation, now)
+            .and_then(|event| event.attr("failed_step", step.as_str()))
+            .and_then(|event| event.attr("teardown", teardown_attr))
+            .map_err(
+                |e| tracing::error!(error = %e, "could not build the persistence_failed audit row"),
+            )
+            .ok();
         let (row, audited) = match self
             .store
             .abandon(reservation.id, audit.as_ref(), now)
@@ -652,6 +688,35 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 Deprovisioned::AlreadyRetired
             }
         } else {
+            // A failed provisioning's object may have outlived its compensation; it was never
+            // deprovisioned, so it is audited before it is torn down.
+            let failed = match record.status {
+                ResourceStatus::Failed => true,
+                ResourceStatus::Pending
+                | ResourceStatus::Active
+                | ResourceStatus::Paused
+                | ResourceStatus::Suspended
+                | ResourceStatus::Deleted => false,
+            };
+            let left_behind = failed
+                && self
+                    .backend
+                    .exists(&name)
+                    .await
+                    .map_err(DeprovisionError::Teardown)?;
+            if left_behind {
+                let audit = self
+                    .deprovision_audit(&name, cause, now)
+                    .map_err(DeprovisionError::Audit)?
+                    .team(record.team_id)
+                    .resource(id);
+                self.store
+                    .record(&audit)
+                    .await
+                    .map_err(DeprovisionError::Store)?;
+                self.metrics
+                    .deprovisioned(record.resource_type, cause.reason);
+            }
             Deprovisioned::AlreadyRetired
         };
         self.teardown_after_audit(&name, id.to_string().as_str())

@@ -11,8 +11,9 @@
 //! - **Compensation.** When finalize fails, the backend object is torn down (a failed teardown is
 //!   logged, counted and audited), the row is soft-deleted, `provision.persistence_failed` is
 //!   recorded, and the error maps to `provision_failed` (503, retry with backoff). A reservation
-//!   that cannot be compensated stays `pending` under its deterministic name, where a retry and
-//!   the orphan sweep find it.
+//!   that cannot be compensated stays `pending` under its deterministic name, logged at ERROR
+//!   and counted (`instant_provision_uncompensated_total`) for an operator to settle; the orphan
+//!   sweep counts `pending` as live and leaves it alone.
 //! - **One deprovision chokepoint.** [`Provisioner::deprovision`] is the only code path that tears
 //!   down a live resource's backend object: `resource.deprovisioned` (reason, actor) commits with
 //!   the soft delete before anything is destroyed; it is idempotent and touches only names inside

@@ -114,13 +114,23 @@ impl fmt::Display for BackendName {
     }
 }
 
-/// What a backend answers once the object exists: how the platform addresses it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a backend answers once the object exists: how the platform addresses it. Its `Debug`
+/// shows neither the provider id (it carries the token) nor the URL.
+#[derive(Clone, PartialEq, Eq)]
 pub struct BackendObject {
     /// The provider's id for the object (the backend name for Keel's backends).
     pub provider_id: String,
     /// How the customer connects. Shown once, in the 201.
     pub connection_url: ConnectionUrl,
+}
+
+impl fmt::Debug for BackendObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendObject")
+            .field("provider_id", &keel_audit::mask(&self.provider_id))
+            .field("connection_url", &self.connection_url)
+            .finish()
+    }
 }
 
 /// A resource row's lifecycle status.

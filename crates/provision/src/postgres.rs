@@ -497,6 +497,17 @@ impl Backend for PgClusterBackend {
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
         let db = database_of(name)?;
         let role = RoleName::for_token(db.token());
+        // Never drop a database under the platform's name that its customer role does not own.
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+        )
+        .bind(db.expose())
+        .fetch_optional(&self.admin)
+        .await
+        .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
+        if owner.is_some_and(|owner| owner != role.expose()) {
+            return Err(BackendError::Foreign { name: db.masked() });
+        }
         let drop_db = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.expose());
         sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
             .execute(&self.admin)

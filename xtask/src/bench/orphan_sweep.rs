@@ -166,7 +166,10 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
                 InventoryItem {
                     name: format!("cust_t{n:011}"),
                     created_at: Some(created),
-                    labels: BTreeMap::new(),
+                    labels: BTreeMap::from([(
+                        keel_orphan_sweep::MANAGED_BY_LABEL.to_owned(),
+                        keel_orphan_sweep::MANAGED_BY.to_owned(),
+                    )]),
                     annotations: BTreeMap::new(),
                 }
             })

@@ -174,3 +174,72 @@ async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
     assert!(h.object_exists(&live_name).await);
     let _: &Token = live.token();
 }
+
+#[tokio::test]
+async fn deleting_a_failed_resource_whose_database_outlived_it_audits_before_dropping() {
+    let h = harness().await;
+    h.provisioner
+        .store()
+        .fail(keel_provision::fault::StoreStep::Activate, 1);
+    h.provisioner.backend().fail(BackendStep::Teardown, 1);
+    h.provisioner
+        .provision(h.request(), NOW)
+        .await
+        .expect_err("finalize fails and its teardown too");
+    let rows = h.rows().await;
+    assert_eq!(rows[0].status, "failed");
+    assert!(h.object_exists(&rows[0].name).await, "left behind");
+    let done = h
+        .provisioner
+        .deprovision(
+            DeprovisionTarget::Resource(rows[0].id),
+            &cause(DeprovisionReason::Operator),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, Deprovisioned::AlreadyRetired);
+    assert!(!h.object_exists(&rows[0].name).await);
+    let audit = h.audit_kinds().await;
+    assert_eq!(
+        audit,
+        [
+            AuditKind::ProvisionPersistenceFailed,
+            AuditKind::ResourceDeprovisioned
+        ],
+        "the drop is audited"
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_backend_never_drops_a_database_its_customer_role_does_not_own() {
+    let h = harness().await;
+    let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    // Made by hand under the platform's name, owned by the admin role.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE \"{}\"",
+        name.expose()
+    )))
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+    let err = h
+        .provisioner
+        .backend()
+        .inner()
+        .teardown(&name)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, keel_provision::BackendError::Foreign { .. }),
+        "{err}"
+    );
+    assert!(h.object_exists(&name).await);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{}\"",
+        name.expose()
+    )))
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+}
