@@ -27,8 +27,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use keel_audit::BoxError;
-use keel_provision::NAMESPACE_PREFIX;
+use keel_provision::{NAMESPACE_PREFIX, RedactedError};
 use kube::Api;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
@@ -168,7 +167,7 @@ fn page_error(page: u32, pages_read: u32, err: &kube::Error) -> InventoryError {
     };
     InventoryError::Page {
         page,
-        source: RedactedError::new(&detail).boxed(),
+        source: Box::new(RedactedError::new(redact(&detail))),
     }
 }
 
@@ -176,7 +175,7 @@ fn page_error(page: u32, pages_read: u32, err: &kube::Error) -> InventoryError {
 fn endless(page: u32, why: &str) -> InventoryError {
     InventoryError::Page {
         page,
-        source: RedactedError::new(why).boxed(),
+        source: Box::new(RedactedError::new(redact(why))),
     }
 }
 
@@ -201,33 +200,6 @@ fn redact(text: &str) -> String {
     out.push_str(rest);
     out
 }
-
-/// An API server's words, kept only after [`redact`]: no source, nothing else attached.
-struct RedactedError(String);
-
-impl RedactedError {
-    fn new(text: &str) -> Self {
-        Self(redact(text))
-    }
-
-    fn boxed(self) -> BoxError {
-        Box::new(self)
-    }
-}
-
-impl fmt::Display for RedactedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for RedactedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RedactedError").field(&self.0).finish()
-    }
-}
-
-impl std::error::Error for RedactedError {}
 
 #[cfg(test)]
 mod tests {
@@ -467,7 +439,7 @@ mod tests {
                 Reply::Text(code, text) => {
                     send.send_response(respond(code, "text/plain", text.into_bytes()));
                 }
-                Reply::Transport(message) => send.send_error(RedactedError(message)),
+                Reply::Transport(message) => send.send_error(RedactedError::new(message)),
             }
         }
         if let Some((request, _)) = handle.next_request().await {

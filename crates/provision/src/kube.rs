@@ -38,7 +38,7 @@ use kube::api::{DeleteParams, PostParams, Preconditions};
 
 use crate::model::{BackendName, BackendObject};
 use crate::names::NamespaceName;
-use crate::ports::{Backend, BackendError};
+use crate::ports::{Backend, BackendError, RedactedError};
 use crate::secret::ConnectionUrl;
 
 /// The label that marks a namespace as the platform's own.
@@ -52,44 +52,30 @@ pub const TIER_LABEL: &str = "keel.dev/tier";
 /// The field manager [`KubeNamespaceBackend::new`] creates namespaces as.
 pub const DEFAULT_FIELD_MANAGER: &str = "keel";
 
-/// Why a Kubernetes call failed, kept only as text with the customer token masked. It has no
-/// source: the original error (whose text names the namespace in full) is dropped.
-#[derive(Debug)]
-struct RedactedError(String);
-
-impl RedactedError {
-    /// The text of `err` (and its causes) with every occurrence of `token` masked.
-    fn of(err: &kube::Error, token: &Token) -> Self {
-        let text = if let kube::Error::Api(status) = err {
-            format!("{} {}: {}", status.code, status.reason, status.message)
-        } else {
-            let mut text = err.to_string();
-            let mut cause = err.source();
-            while let Some(inner) = cause {
-                let inner_text = inner.to_string();
-                if !text.contains(&inner_text) {
-                    text.push_str(": ");
-                    text.push_str(&inner_text);
-                }
-                cause = inner.source();
+/// The text of a Kubernetes error (and its causes) with every occurrence of `token` masked. The
+/// original error, whose text names the namespace in full, is dropped.
+fn redacted(err: &kube::Error, token: &Token) -> RedactedError {
+    let text = if let kube::Error::Api(status) = err {
+        format!("{} {}: {}", status.code, status.reason, status.message)
+    } else {
+        let mut text = err.to_string();
+        let mut cause = err.source();
+        while let Some(inner) = cause {
+            let inner_text = inner.to_string();
+            if !text.contains(&inner_text) {
+                text.push_str(": ");
+                text.push_str(&inner_text);
             }
-            text
-        };
-        Self(text.replace(token.expose(), &token.masked()))
-    }
+            cause = inner.source();
+        }
+        text
+    };
+    RedactedError::masking(&text, token)
 }
-
-impl fmt::Display for RedactedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl StdError for RedactedError {}
 
 /// A backend failure on `name` caused by `err`, with the token masked.
 fn unavailable(operation: &'static str, name: &BackendName, err: &kube::Error) -> BackendError {
-    BackendError::unavailable(operation, name, RedactedError::of(err, name.token()))
+    BackendError::unavailable(operation, name, redacted(err, name.token()))
 }
 
 /// Whether `err` is the API server's 409 `AlreadyExists`.
@@ -261,9 +247,7 @@ impl Backend for KubeNamespaceBackend {
             return Err(BackendError::unavailable(
                 "create namespace",
                 name,
-                RedactedError(
-                    "the namespace is still being deleted; retry once it is gone".to_owned(),
-                ),
+                RedactedError::new("the namespace is still being deleted; retry once it is gone"),
             ));
         }
         tracing::info!(namespace = %name, "customer namespace already exists; reusing it");

@@ -59,5 +59,5 @@ pub use model::{
 pub use names::{
     DATABASE_PREFIX, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName, RoleName,
 };
-pub use ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+pub use ports::{Backend, BackendError, NewReservation, RedactedError, ResourceStore, StoreError};
 pub use secret::{ConnectionUrl, Password};

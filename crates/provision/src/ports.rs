@@ -1,6 +1,7 @@
 //! The ports a provisioning flow drives: the resource store and the backends. Both are owned
 //! here, with domain errors; adapters live behind the `postgres` and `kube` features.
 
+use std::fmt;
 use std::future::Future;
 
 use keel_audit::{AuditEvent, BoxError, ResourceId, ResourceType, TeamId, Tier, Token};
@@ -183,3 +184,34 @@ pub trait Backend: Send + Sync {
     fn exists(&self, name: &BackendName)
     -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
+
+/// An adapter's error kept only as text, with the customer token masked and no source attached
+/// (the original error, whose text may name the object in full, is dropped). Adapters wrap
+/// backend and database errors in it before they reach a port's error type.
+pub struct RedactedError(String);
+
+impl RedactedError {
+    /// `text` with every occurrence of `token` masked.
+    pub fn masking(text: &str, token: &Token) -> Self {
+        Self(text.replace(token.expose(), &token.masked()))
+    }
+
+    /// Text that is already free of tokens.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+}
+
+impl fmt::Display for RedactedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RedactedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RedactedError").field(&self.0).finish()
+    }
+}
+
+impl std::error::Error for RedactedError {}

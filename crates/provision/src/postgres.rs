@@ -9,8 +9,6 @@
 //! the backend's connections, so a `CREATE ROLE … PASSWORD` never reaches a log, and database
 //! errors are kept with the token masked.
 
-use std::fmt;
-
 use keel_audit::{AuditEvent, ResourceId, ResourceType, TeamId, Tier, Token};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, PgPool, Row as _};
@@ -19,7 +17,9 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::{DatabaseName, RoleName};
-use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+use crate::ports::{
+    Backend, BackendError, NewReservation, RedactedError, ResourceStore, StoreError,
+};
 use crate::secret::{ConnectionUrl, Password};
 
 /// The statuses that own a backend object, as SQL.
@@ -286,19 +286,8 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreE
 }
 
 /// A database error's text with the customer's name masked.
-#[derive(Debug)]
-struct Redacted(String);
-
-impl fmt::Display for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Redacted {}
-
-fn redacted(e: &sqlx::Error, name: &DatabaseName) -> Redacted {
-    Redacted(e.to_string().replace(name.expose(), &name.masked()))
+fn redacted(e: &sqlx::Error, name: &DatabaseName) -> RedactedError {
+    RedactedError::masking(&e.to_string(), name.token())
 }
 
 /// Where customers reach the shared cluster (the host and port in their connection URLs).
