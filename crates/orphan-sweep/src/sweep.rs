@@ -217,17 +217,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         self.seen = seen;
 
         let armed = self.armed();
-        let eligible: Vec<usize> = candidates
+        // One flag per candidate (indexed like `candidates`): a lookup per candidate stays O(1).
+        let eligible: Vec<bool> = candidates
             .iter()
-            .enumerate()
-            .filter(|(_, c)| c.reclaimable() && self.seen[&c.name] >= self.config.confirm_ticks)
-            .map(|(i, _)| i)
+            .map(|c| c.reclaimable() && self.seen[&c.name] >= self.config.confirm_ticks)
             .collect();
+        let eligible_count = eligible.iter().filter(|&&e| e).count();
         let cap = self.config.cap(items.len());
-        let capped = armed && eligible.len() > cap;
+        let capped = armed && eligible_count > cap;
         if capped {
             tracing::error!(
-                eligible = eligible.len(),
+                eligible = eligible_count,
                 cap,
                 inventory = items.len(),
                 "orphan sweep blast-radius cap exceeded: every reclaim of this tick is aborted"
@@ -239,7 +239,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         for (i, candidate) in candidates.iter().enumerate() {
             let (name_masked, fingerprint) = self.name_for_logs(candidate);
             let seen_ticks = self.seen.get(&candidate.name).copied().unwrap_or(0);
-            let action = if !armed || !eligible.contains(&i) {
+            let action = if !armed || !eligible[i] {
                 Action::Reported
             } else if capped {
                 Action::AbortedByCap
