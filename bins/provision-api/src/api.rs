@@ -350,12 +350,7 @@ mod tests {
 
     async fn api() -> Api {
         let db = keel_testkit::database().await;
-        let team = TeamId::new_random();
-        sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, 'pro')")
-            .bind(team.as_uuid())
-            .execute(db.pool())
-            .await
-            .unwrap();
+        let team = TeamId::from_uuid(db.team("pro").await);
         let mut registry = Registry::default();
         let metrics = ProvisionMetrics::register(&mut registry);
         let backends = Backends {

@@ -220,6 +220,21 @@ impl TestDatabase {
     pub fn server(&self) -> &'static PgServer {
         self.server
     }
+
+    /// Inserts a team at `tier` and returns its id (most provisioning tests need one).
+    ///
+    /// # Panics
+    ///
+    /// When the insert fails: the test fails loudly.
+    pub async fn team(&self, tier: &str) -> sqlx::types::Uuid {
+        sqlx::query_scalar(
+            "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), $1) RETURNING id",
+        )
+        .bind(tier)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or_else(|e| panic!("keel-testkit: could not insert a team: {e}"))
+    }
 }
 
 impl Drop for TestDatabase {

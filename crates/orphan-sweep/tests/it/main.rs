@@ -55,12 +55,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let db = keel_testkit::database().await;
-    let team = TeamId::new_random();
-    sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, 'pro')")
-        .bind(team.as_uuid())
-        .execute(db.pool())
-        .await
-        .unwrap();
+    let team = TeamId::from_uuid(db.team("pro").await);
     let provisioner = Provisioner::new(
         PgResourceStore::new(db.pool().clone()),
         PgClusterBackend::new(db.server().admin_options(), None, 4),
@@ -278,12 +273,7 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovision
 #[tokio::test]
 async fn live_tokens_are_the_non_terminal_statuses_read_in_one_query() {
     let db = keel_testkit::database().await;
-    let team = TeamId::new_random();
-    sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, 'pro')")
-        .bind(team.as_uuid())
-        .execute(db.pool())
-        .await
-        .unwrap();
+    let team = TeamId::from_uuid(db.team("pro").await);
     let mut tokens = Vec::new();
     for status in [
         "pending",

@@ -34,12 +34,7 @@ const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
 
 async fn harness() -> Harness {
     let db = keel_testkit::database().await;
-    let team = TeamId::new_random();
-    sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, 'pro')")
-        .bind(team.as_uuid())
-        .execute(db.pool())
-        .await
-        .unwrap();
+    let team = TeamId::from_uuid(db.team("pro").await);
     let store = FaultyStore::new(PgResourceStore::new(db.pool().clone()));
     let backend = FaultyBackend::new(PgClusterBackend::new(db.server().admin_options(), None, 4));
     let metrics = ProvisionMetrics::register(&mut Registry::default());
