@@ -35,6 +35,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod sink;
+mod tier;
 
 pub use event::{
     Actor, Attributes, AuditEvent, AuditFieldError, MASK_SUFFIX, MAX_ATTR_KEY_LEN,
@@ -48,3 +49,4 @@ pub use kind::{AlertSeverity, AuditKind, Consumer, UnknownAuditKind};
 #[cfg(feature = "testing")]
 pub use memory::MemoryAuditSink;
 pub use sink::{AuditSink, AuditSinkError, BoxError};
+pub use tier::{RoleSettings, TierRoleSettings};
