@@ -233,13 +233,14 @@ async fn sweep(
     let provision_metrics = ProvisionMetrics::register(&mut registry);
     let config = args.config();
     let registry = Arc::new(registry);
+    let readiness = keel_service::http::Readiness::new(pool.clone());
     match args.inventory {
         InventoryKind::Postgres => {
             let backend = PgClusterBackend::new(cluster, None, 2);
             let inventory = PgDatabaseInventory::new(backend.admin_pool().clone());
             let reclaimer = reclaimer(&config, store, backend, provision_metrics);
             let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
-            drive(sweeper, &args, &lock_options, registry).await
+            drive(sweeper, &args, &lock_options, registry, readiness).await
         }
         InventoryKind::Kubernetes => {
             let client = kube::Client::try_default()
@@ -249,7 +250,7 @@ async fn sweep(
             let backend = KubeNamespaceBackend::new(client, "https://kubernetes.default.svc");
             let reclaimer = reclaimer(&config, store, backend, provision_metrics);
             let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
-            drive(sweeper, &args, &lock_options, registry).await
+            drive(sweeper, &args, &lock_options, registry, readiness).await
         }
     }
 }
@@ -269,6 +270,7 @@ async fn drive<I: Inventory, R: Reclaimer>(
     args: &SweepArgs,
     lock_options: &PgConnectOptions,
     registry: Arc<Registry>,
+    readiness: keel_service::http::Readiness,
 ) -> anyhow::Result<ExitCode> {
     tracing::info!(
         enabled = args.enabled,
@@ -289,9 +291,10 @@ async fn drive<I: Inventory, R: Reclaimer>(
     let listener = keel_service::http::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
-    let ops = tokio::spawn(keel_service::http::serve(
+    let ops = tokio::spawn(keel_service::http::serve_with_readiness(
         listener,
         registry,
+        readiness,
         shutdown.clone(),
     ));
     run_loop(&mut sweeper, args, lock_options, &shutdown).await?;

@@ -270,9 +270,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.http.listen))?;
     tracing::info!(listen = %args.http.listen, worker = %runner.config().worker, "propagation runner started");
-    let http = tokio::spawn(keel_service::http::serve(
+    let http = tokio::spawn(keel_service::http::serve_with_readiness(
         listener,
         Arc::new(registry),
+        keel_service::http::Readiness::new(store.pool().clone()),
         shutdown.clone(),
     ));
     let wake = Arc::new(tokio::sync::Notify::new());

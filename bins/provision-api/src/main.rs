@@ -21,6 +21,7 @@ use clap::{Args, Parser, Subcommand};
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore, PublicAddress};
 use keel_provision::{DocsBase, ProvisionMetrics, Provisioner};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
+use keel_service::http::Readiness;
 use prometheus_client::registry::Registry;
 
 use crate::api::AppState;
@@ -163,10 +164,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "serving the provisioning API");
-    axum::serve(listener, api::router(state, Arc::new(registry)))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("the API listener failed")?;
+    let readyz = keel_service::http::readiness_router(Readiness::new(pool.clone()));
+    axum::serve(
+        listener,
+        api::router(state, Arc::new(registry)).merge(readyz),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+    .context("the API listener failed")?;
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)

@@ -1,11 +1,14 @@
 //! Command-line and environment configuration shared by every binary.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::str::FromStr;
 
-use clap::Parser;
+use clap::builder::{BoolishValueParser, StyledStr};
+use clap::error::ErrorKind;
+use clap::{ArgAction, Command, Parser};
 use sqlx::postgres::PgConnectOptions;
 
 /// Exit code for a usage error (bad flag, missing value). Never 2: for `keel-rater`, 2 means
@@ -16,30 +19,119 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_CODES_HELP: &str =
     "Exit codes:\n  0   success\n  1   error (configuration, database, I/O)\n  64  usage error";
 
+/// The version every binary prints for `--version`: the package version and the commit it was
+/// built from (`KEEL_COMMIT` at build time, else `git rev-parse HEAD`, else `unknown`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEEL_COMMIT"),
+    ")"
+);
+
+/// The commit the binaries were built from, as embedded at build time (`unknown` without git).
+pub const COMMIT: &str = env!("KEEL_COMMIT");
+
 /// A command line that could not be parsed, or a request for help or the version.
 #[derive(Debug)]
 pub struct UsageExit {
-    /// What to print (help text, version, or the error with its usage line).
+    /// What to print, as plain text (help text, version, or the error with its usage line).
     pub message: String,
+    /// The same message with clap's styling, printed only to a terminal that allows colour.
+    pub styled: StyledStr,
     /// The exit code: 0 for `--help`/`--version`, [`EXIT_USAGE`] for errors.
     pub code: u8,
 }
 
+/// Whether output to a stream may carry ANSI colour: only when the stream is a terminal,
+/// `NO_COLOR` is unset or empty (<https://no-color.org>), and `TERM` is not `dumb`.
+pub fn color_allowed(is_terminal: bool, no_color: Option<&OsStr>, term: Option<&OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(OsStr::is_empty) && term.is_none_or(|term| term != "dumb")
+}
+
+/// The output streams a binary writes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output (help, `--version`, reports).
+    Stdout,
+    /// Standard error (usage errors, logs).
+    Stderr,
+}
+
+impl Stream {
+    /// [`color_allowed`] for this stream and the process environment.
+    pub fn color_allowed(self) -> bool {
+        let is_terminal = match self {
+            Stream::Stdout => std::io::stdout().is_terminal(),
+            Stream::Stderr => std::io::stderr().is_terminal(),
+        };
+        color_allowed(
+            is_terminal,
+            std::env::var_os("NO_COLOR").as_deref(),
+            std::env::var_os("TERM").as_deref(),
+        )
+    }
+}
+
+/// The command as every binary shares it: `--version` carries [`VERSION`], and boolean flags
+/// read from the environment accept the usual spellings (`1`/`0`, `yes`/`no`, `on`/`off`,
+/// `true`/`false`, any case), on every subcommand.
+pub fn command<P: Parser>() -> Command {
+    let command = P::command();
+    let command = if command.get_version().is_some() {
+        command.version(VERSION)
+    } else {
+        command
+    };
+    boolish_env_flags(command)
+}
+
+fn boolish_env_flags(command: Command) -> Command {
+    command
+        .mut_args(|arg| {
+            if matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse)
+                && arg.get_env().is_some()
+            {
+                arg.value_parser(BoolishValueParser::new())
+            } else {
+                arg
+            }
+        })
+        .mut_subcommands(boolish_env_flags)
+}
+
 /// Parses `args` (the first being the program name) into `P`, mapping clap's outcomes onto
-/// Keel's exit codes.
+/// Keel's exit codes. Every usage error starts with `error:`.
 pub fn try_parse_from<P, I, T>(args: I) -> Result<P, UsageExit>
 where
     P: Parser,
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    P::try_parse_from(args).map_err(|err| {
-        let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
-        UsageExit {
-            message: err.render().ansi().to_string(),
-            code,
-        }
-    })
+    let mut command = command::<P>();
+    command
+        .try_get_matches_from_mut(args)
+        .and_then(|matches| P::from_arg_matches(&matches))
+        .map_err(|err| {
+            let err = err.format(&mut command);
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            let mut styled = err.render();
+            if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let name = command.get_name().to_owned();
+                let mut prefixed = StyledStr::new();
+                use std::fmt::Write as _;
+                let _ = write!(
+                    prefixed,
+                    "error: '{name}' requires a subcommand or arguments\n\n{}",
+                    styled.ansi()
+                );
+                styled = prefixed;
+            }
+            UsageExit {
+                message: styled.to_string(),
+                styled,
+                code,
+            }
+        })
 }
 
 /// Parses the process's command line into `P`; on `--help`/`--version` prints and exits 0, on a
@@ -55,12 +147,22 @@ pub fn parse<P: Parser>() -> P {
     }
 }
 
-/// Converts a usage exit into the process exit code, printing its message.
+/// Converts a usage exit into the process exit code, printing its message: help and the
+/// version to stdout, errors to stderr, each coloured only if [`Stream::color_allowed`].
 pub fn report(exit: UsageExit) -> ExitCode {
-    if exit.code == 0 {
-        print!("{}", exit.message);
+    let stream = if exit.code == 0 {
+        Stream::Stdout
     } else {
-        eprint!("{}", exit.message);
+        Stream::Stderr
+    };
+    let text = if stream.color_allowed() {
+        exit.styled.ansi().to_string()
+    } else {
+        exit.message
+    };
+    match stream {
+        Stream::Stdout => print!("{text}"),
+        Stream::Stderr => eprint!("{text}"),
     }
     ExitCode::from(exit.code)
 }
@@ -178,6 +280,147 @@ mod tests {
         assert_eq!(exit.code, 0);
         assert!(exit.message.contains("--database-url"));
         assert!(exit.message.contains("--log-format"));
+    }
+
+    /// OPS-11: the plain message never carries ANSI escapes; only `styled` does, and it is
+    /// printed only where colour is allowed.
+    #[test]
+    fn help_and_usage_errors_are_plain_text_unless_a_terminal_allows_colour() {
+        for args in [
+            vec!["keel-test", "--help"],
+            vec!["keel-test", "--bogus"],
+            vec!["keel-test", "--database-url", "x", "--log-format", "xml"],
+        ] {
+            let exit = try_parse_from::<TestCli, _, _>(&args).unwrap_err();
+            assert!(
+                !exit.message.contains('\x1b'),
+                "{args:?}: {:?}",
+                exit.message
+            );
+            assert_eq!(
+                exit.message,
+                exit.styled.to_string(),
+                "the plain message is the styled one without escapes"
+            );
+        }
+        let help = try_parse_from::<TestCli, _, _>(["keel-test", "--help"]).unwrap_err();
+        assert!(help.styled.ansi().to_string().contains('\x1b'));
+    }
+
+    #[test]
+    fn colour_needs_a_terminal_no_no_color_and_a_capable_term() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        for (is_terminal, no_color, term, expected) in [
+            (true, None, os("xterm-256color"), true),
+            (true, None, None, true),
+            (true, os(""), os("xterm"), true),
+            (false, None, os("xterm"), false),
+            (true, os("1"), os("xterm"), false),
+            (true, os("anything"), None, false),
+            (true, None, os("dumb"), false),
+            (false, os("1"), os("dumb"), false),
+        ] {
+            assert_eq!(
+                color_allowed(is_terminal, no_color, term),
+                expected,
+                "terminal={is_terminal} NO_COLOR={no_color:?} TERM={term:?}"
+            );
+        }
+    }
+
+    #[derive(Debug, Parser)]
+    #[command(name = "keel-versioned", version)]
+    struct VersionedCli {
+        #[arg(long, env = "KEEL_SERVICE_TEST_FLAG")]
+        flag: bool,
+        #[command(subcommand)]
+        command: Option<VersionedCommand>,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum VersionedCommand {
+        /// A subcommand with its own boolean.
+        Sub {
+            #[arg(long, env = "KEEL_SERVICE_TEST_SUB_FLAG")]
+            deep: bool,
+        },
+    }
+
+    /// OPS-17: `--version` names the commit the binary was built from.
+    #[test]
+    fn version_carries_the_commit() {
+        let exit =
+            try_parse_from::<VersionedCli, _, _>(["keel-versioned", "--version"]).unwrap_err();
+        assert_eq!(exit.code, 0);
+        assert_eq!(exit.message.trim_end(), format!("keel-versioned {VERSION}"));
+        assert!(exit.message.contains(COMMIT), "{}", exit.message);
+        assert!(!COMMIT.is_empty());
+    }
+
+    /// OPS-14: a missing subcommand is a usage error that says so on its first line.
+    #[test]
+    fn a_missing_subcommand_is_an_error_line_then_the_help() {
+        #[derive(Debug, Parser)]
+        #[command(name = "keel-sub", arg_required_else_help = true)]
+        struct NeedsSub {
+            #[command(subcommand)]
+            command: VersionedCommand,
+        }
+        let exit = try_parse_from::<NeedsSub, _, _>(["keel-sub"]).unwrap_err();
+        assert_eq!(exit.code, EXIT_USAGE);
+        assert!(exit.message.starts_with("error: "), "{}", exit.message);
+        assert!(exit.message.contains("Usage:"), "{}", exit.message);
+    }
+
+    /// The child half of `boolean_env_flags_accept_the_usual_spellings`: run in a subprocess
+    /// with the variables set, it checks what the parent expects; run alone, nothing is set and
+    /// both flags are off.
+    #[test]
+    fn boolean_env_child() {
+        let expect = |name: &str| std::env::var(name).is_ok_and(|v| v == "true");
+        let cli = try_parse_from::<VersionedCli, _, _>(["keel-versioned", "sub"]).unwrap();
+        assert_eq!(cli.flag, expect("KEEL_SERVICE_TEST_EXPECT"));
+        let Some(VersionedCommand::Sub { deep }) = cli.command else {
+            panic!("the subcommand was not parsed")
+        };
+        assert_eq!(deep, expect("KEEL_SERVICE_TEST_EXPECT"));
+    }
+
+    /// OPS-16: `1`, `yes`, `ON`, `True` and friends are accepted from the environment, on the
+    /// root command and on subcommands alike; anything else is still a usage error.
+    #[test]
+    fn boolean_env_flags_accept_the_usual_spellings() {
+        let run = |value: &str, expect: &str| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "cli::tests::boolean_env_child",
+                    "--test-threads=1",
+                ])
+                .env("KEEL_SERVICE_TEST_FLAG", value)
+                .env("KEEL_SERVICE_TEST_SUB_FLAG", value)
+                .env("KEEL_SERVICE_TEST_EXPECT", expect)
+                .output()
+                .unwrap()
+        };
+        for (value, expect) in [
+            ("1", "true"),
+            ("yes", "true"),
+            ("ON", "true"),
+            ("True", "true"),
+            ("true", "true"),
+            ("0", "false"),
+            ("no", "false"),
+            ("off", "false"),
+            ("FALSE", "false"),
+        ] {
+            let out = run(value, expect);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{value}: {stdout}");
+            assert!(stdout.contains("1 passed"), "{value}: {stdout}");
+        }
+        let out = run("maybe", "false");
+        assert!(!out.status.success(), "'maybe' was accepted as a boolean");
     }
 
     #[test]

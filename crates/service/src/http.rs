@@ -1,14 +1,26 @@
-//! The operations listener: `/metrics` (OpenMetrics text) and `/healthz`.
+//! The operations listener: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness).
+//!
+//! `/metrics` speaks both exposition formats: OpenMetrics text to a client that asks for it
+//! (Prometheus does, in its `Accept` header), and the Prometheus text format 0.0.4 otherwise
+//! (`curl`, `promtool check metrics`, older scrapers). The two differ for counters: OpenMetrics
+//! names the family `x` and its sample `x_total`, text 0.0.4 names both `x_total`, so tools that
+//! look HELP up by series name find it. Every scrape also carries `keel_build_info` and the
+//! `process_*` families (see [`crate::process`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -16,10 +28,13 @@ use tokio_util::sync::CancellationToken;
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The content type of the Prometheus text exposition format 0.0.4.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Flags for the operations listener.
 #[derive(Clone, Debug, clap::Args)]
 pub struct HttpArgs {
-    /// Address for /metrics and /healthz.
+    /// Address for /metrics, /healthz and /readyz.
     #[arg(
         long,
         env = "KEEL_LISTEN",
@@ -29,24 +44,277 @@ pub struct HttpArgs {
     pub listen: SocketAddr,
 }
 
-/// The router serving `/metrics` from `registry` and `/healthz`.
+/// The readiness check behind `/readyz`: the database answers within the timeout and its
+/// schema is at the version this binary embeds (`keel_schema::latest_version`).
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    pool: PgPool,
+    expected_version: i64,
+    timeout: Duration,
+}
+
+/// Why a binary is not ready. The text names no host, user or URL.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The database did not answer (refused, timed out, authentication failed).
+    #[error("the database is not reachable")]
+    DatabaseUnreachable,
+    /// The database answered but has no applied migrations.
+    #[error("the schema is not migrated (expected version {expected}); run `migrate`")]
+    NotMigrated {
+        /// The version this binary needs.
+        expected: i64,
+    },
+    /// The schema is at another version than the one this binary embeds.
+    #[error("the schema is at version {found}, this binary expects {expected}; run `migrate`")]
+    WrongVersion {
+        /// The latest applied migration.
+        found: i64,
+        /// The version this binary needs.
+        expected: i64,
+    },
+}
+
+impl Readiness {
+    /// Readiness over `pool`, expecting the schema this binary embeds, answering within 2 s.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            expected_version: keel_schema::latest_version(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Expects another schema version (tests, or a binary that embeds its own).
+    pub fn expecting_version(mut self, version: i64) -> Self {
+        self.expected_version = version;
+        self
+    }
+
+    /// Checks the database and the schema version once.
+    pub async fn check(&self) -> Result<(), NotReady> {
+        let query = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT max(version) FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_one(&self.pool);
+        let found = match tokio::time::timeout(self.timeout, query).await {
+            Ok(Ok(found)) => found,
+            // A database without the migrations table answers "undefined table" (42P01).
+            Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42P01") => None,
+            Ok(Err(_)) | Err(_) => return Err(NotReady::DatabaseUnreachable),
+        };
+        let expected = self.expected_version;
+        match found {
+            None => Err(NotReady::NotMigrated { expected }),
+            Some(found) if found == expected => Ok(()),
+            Some(found) => Err(NotReady::WrongVersion { found, expected }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+/// The families every binary exports beside its own: `keel_build_info{version,commit} 1` and
+/// the `process_*` families.
+fn service_registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut registry = Registry::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: crate::cli::COMMIT,
+            })
+            .set(1);
+        registry.register(
+            "keel_build_info",
+            "The Keel version and commit this binary was built from (always 1)",
+            build_info,
+        );
+        registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
+        registry
+    })
+}
+
+#[derive(Clone)]
+struct Ops {
+    registry: Arc<Registry>,
+    readiness: Option<Readiness>,
+}
+
+/// The router serving `/metrics` from `registry` and `/healthz`, for a binary without a
+/// database to check; [`router_with_readiness`] adds `/readyz`.
 ///
 /// The registry is shared read-only (`Arc`, no lock): metrics update themselves atomically.
 pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(registry)
+    ops_router(Ops {
+        registry,
+        readiness: None,
+    })
 }
 
-async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+/// [`router`] plus `/readyz`: 200 `ready` while [`Readiness::check`] passes, else 503 with the
+/// reason. `/healthz` stays a liveness probe that only says the process answers.
+pub fn router_with_readiness(registry: Arc<Registry>, readiness: Readiness) -> Router {
+    ops_router(Ops {
+        registry,
+        readiness: Some(readiness),
+    })
+}
+
+/// Only `/readyz`, for a binary whose router already serves [`router`]'s routes (merge it in).
+pub fn readiness_router(readiness: Readiness) -> Router {
+    Router::new().route("/readyz", get(ready)).with_state(Ops {
+        registry: Arc::new(Registry::default()),
+        readiness: Some(readiness),
+    })
+}
+
+fn ops_router(ops: Ops) -> Router {
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }));
+    let router = if ops.readiness.is_some() {
+        router.route("/readyz", get(ready))
+    } else {
+        router
+    };
+    router.with_state(ops)
+}
+
+async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
+    let outcome = match &ops.readiness {
+        Some(readiness) => readiness.check().await,
+        None => Ok(()),
+    };
+    match outcome {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => {
+            tracing::warn!(reason = %why, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+        }
+    }
+}
+
+/// Which exposition format a client asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics text 1.0.0.
+    OpenMetrics,
+    /// Prometheus text format 0.0.4.
+    PrometheusText,
+}
+
+impl Format {
+    /// Negotiates from an `Accept` header: OpenMetrics when the client ranks it at least as
+    /// high as the text format (by `q`), the text format otherwise and when nothing is asked.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Format::PrometheusText;
+        };
+        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::PrometheusText
+        }
+    }
+}
+
+/// Encodes `registry` and the shared families in `format`.
+pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    use prometheus_client::encoding::text;
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            body,
-        ),
+    text::encode_registry(&mut body, registry)?;
+    text::encode_registry(&mut body, service_registry())?;
+    text::encode_eof(&mut body)?;
+    Ok(match format {
+        Format::OpenMetrics => body,
+        Format::PrometheusText => openmetrics_to_text(&body),
+    })
+}
+
+/// Rewrites an OpenMetrics exposition as Prometheus text format 0.0.4: counter families are
+/// named after their `_total` series, `info` becomes a gauge named `x_info`, `unknown` becomes
+/// `untyped`, and `# UNIT`, `# EOF` and exemplars are dropped.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    use std::collections::HashMap;
+    let mut types: HashMap<&str, &str> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            types.insert(name, kind.trim());
+        }
+    }
+    let renamed = |name: &str| -> (String, &'static str) {
+        match types.get(name).copied() {
+            Some("counter") => (format!("{name}_total"), "counter"),
+            Some("info") => (format!("{name}_info"), "gauge"),
+            Some("gauge") => (name.to_owned(), "gauge"),
+            Some("histogram") => (name.to_owned(), "histogram"),
+            Some("summary") => (name.to_owned(), "summary"),
+            _ => (name.to_owned(), "untyped"),
+        }
+    };
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            // Text 0.0.4 escapes only backslash and newline in HELP.
+            let help = help.replace("\\\"", "\"");
+            out.push_str(&format!("# HELP {} {help}\n", renamed(name).0));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map_or(rest, |(name, _)| name);
+            let (name, kind) = renamed(name);
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if line.starts_with('#') || line.is_empty() {
+            continue;
+        } else {
+            // An exemplar follows the value after " # ".
+            let sample = line.split_once(" # ").map_or(line, |(sample, _)| sample);
+            out.push_str(sample);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn metrics(State(ops): State<Ops>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = Format::negotiate(accept);
+    let content_type = match format {
+        Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+        Format::PrometheusText => PROMETHEUS_TEXT_CONTENT_TYPE,
+    };
+    match encode(&ops.registry, format) {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -60,13 +328,36 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves the operations endpoints on `listener` until `shutdown` is cancelled.
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
+    serve_router(listener, router(registry), shutdown).await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` is cancelled.
+pub async fn serve_with_readiness(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_router(
+        listener,
+        router_with_readiness(registry, readiness),
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -75,44 +366,245 @@ pub async fn serve(
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::histogram::Histogram;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
+    async fn get_with(addr: SocketAddr, path: &str, accept: Option<&str>) -> String {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
+        let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: keel\r\n{accept}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         response
     }
 
-    #[tokio::test]
-    async fn serves_openmetrics_and_health_until_shutdown() {
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        get_with(addr, path, None).await
+    }
+
+    const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+    fn sample_registry() -> Registry {
         let mut registry = Registry::default();
         let ticks = Counter::<u64>::default();
         registry.register("keel_test_ticks", "Ticks seen by the test", ticks.clone());
         ticks.inc_by(3);
+        let seconds = Histogram::new([0.5, 1.0]);
+        registry.register(
+            "keel_test_seconds",
+            "A \"quoted\" histogram",
+            seconds.clone(),
+        );
+        seconds.observe(0.7);
+        registry
+    }
 
+    #[tokio::test]
+    async fn serves_both_formats_and_health_until_shutdown() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::new(registry), shutdown.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(sample_registry()),
+            shutdown.clone(),
+        ));
 
-        let metrics = get(addr, "/metrics").await;
+        let metrics = get_with(addr, "/metrics", Some(PROMETHEUS_ACCEPT)).await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
         assert!(metrics.contains(OPENMETRICS_CONTENT_TYPE), "{metrics}");
+        assert!(
+            metrics.contains("# HELP keel_test_ticks Ticks"),
+            "{metrics}"
+        );
         assert!(metrics.contains("keel_test_ticks_total 3"), "{metrics}");
         assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
 
+        let text = get(addr, "/metrics").await;
+        assert!(text.contains(PROMETHEUS_TEXT_CONTENT_TYPE), "{text}");
+        assert!(
+            text.contains("# HELP keel_test_ticks_total Ticks"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE keel_test_ticks_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("keel_test_ticks_total 3"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+
         let health = get(addr, "/healthz").await;
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
 
         shutdown.cancel();
-        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        tokio::time::timeout(Duration::from_secs(10), server)
             .await
             .expect("the listener did not stop on shutdown")
             .unwrap()
             .unwrap();
+    }
+
+    /// OPS-5: every family in the text format has HELP and TYPE under the name its samples
+    /// carry, so `promtool check metrics` finds help text for counters.
+    #[test]
+    fn text_format_names_every_family_after_its_samples() {
+        let text = encode(&sample_registry(), Format::PrometheusText).unwrap();
+        let mut helped = std::collections::HashSet::new();
+        let mut typed = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                typed.insert(name.to_owned(), kind.to_owned());
+            } else {
+                assert!(!line.starts_with('#'), "unexpected comment: {line}");
+                let series = line.split(['{', ' ']).next().unwrap();
+                let family = typed
+                    .keys()
+                    .find(|family| {
+                        series == family.as_str()
+                            || (typed[family.as_str()] == "histogram"
+                                && ["_bucket", "_sum", "_count"]
+                                    .iter()
+                                    .any(|s| series == format!("{family}{s}")))
+                    })
+                    .unwrap_or_else(|| panic!("{series} has no TYPE line:\n{text}"));
+                assert!(helped.contains(family), "{family} has no HELP:\n{text}");
+            }
+        }
+        assert_eq!(typed["keel_test_ticks_total"], "counter");
+        assert_eq!(typed["keel_test_seconds"], "histogram");
+        assert_eq!(typed["keel_build_info"], "gauge");
+        assert_eq!(typed["process_cpu_seconds_total"], "counter");
+        assert!(
+            text.contains("# HELP keel_test_seconds A \"quoted\" histogram"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn info_unknown_units_and_exemplars_are_rewritten_for_the_text_format() {
+        let openmetrics = "# HELP up_since Start.\n# TYPE up_since gauge\n# UNIT up_since seconds\nup_since 5\n# HELP v Version.\n# TYPE v info\nv_info{version=\"1\"} 1\n# HELP odd Odd.\n# TYPE odd unknown\nodd 1\n# HELP c Count.\n# TYPE c counter\nc_total 2 # {trace_id=\"x\"} 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(openmetrics),
+            "# HELP up_since Start.\n# TYPE up_since gauge\nup_since 5\n# HELP v_info Version.\n# TYPE v_info gauge\nv_info{version=\"1\"} 1\n# HELP odd Odd.\n# TYPE odd untyped\nodd 1\n# HELP c_total Count.\n# TYPE c_total counter\nc_total 2\n"
+        );
+    }
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        for (accept, expected) in [
+            (None, Format::PrometheusText),
+            (Some("*/*"), Format::PrometheusText),
+            (Some("text/plain"), Format::PrometheusText),
+            (Some(PROMETHEUS_ACCEPT), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (
+                Some("application/openmetrics-text;q=0.2,text/plain;q=0.9"),
+                Format::PrometheusText,
+            ),
+            (
+                Some("application/openmetrics-text;q=0"),
+                Format::PrometheusText,
+            ),
+        ] {
+            assert_eq!(Format::negotiate(accept), expected, "{accept:?}");
+        }
+    }
+
+    /// OPS-9: every scrape carries the build info and the process families.
+    #[test]
+    fn every_scrape_carries_build_info_and_process_metrics() {
+        let text = encode(&Registry::default(), Format::OpenMetrics).unwrap();
+        let build = format!(
+            "keel_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            crate::cli::COMMIT
+        );
+        assert!(text.contains(&build), "{text}");
+        for family in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(family)),
+                "{family}missing:\n{text}"
+            );
+        }
+    }
+
+    /// OPS-6: `/readyz` is 200 on a migrated database, 503 naming the cause on a database at
+    /// another schema version and on one that cannot be reached.
+    #[tokio::test]
+    async fn readyz_reflects_the_database_and_the_schema_version() {
+        let db = keel_testkit::database().await;
+        let ready = Readiness::new(db.pool().clone());
+        assert_eq!(ready.check().await, Ok(()));
+
+        let expected = keel_schema::latest_version() + 1;
+        let ahead = Readiness::new(db.pool().clone()).expecting_version(expected);
+        assert_eq!(
+            ahead.check().await,
+            Err(NotReady::WrongVersion {
+                found: keel_schema::latest_version(),
+                expected
+            })
+        );
+
+        let empty = keel_testkit::empty_database().await;
+        assert_eq!(
+            Readiness::new(empty.pool().clone()).check().await,
+            Err(NotReady::NotMigrated {
+                expected: keel_schema::latest_version()
+            })
+        );
+
+        let gone = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy("postgres://keel:pw@127.0.0.1:1/none")
+            .unwrap();
+        assert_eq!(
+            Readiness::new(gone).check().await,
+            Err(NotReady::DatabaseUnreachable)
+        );
+
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_with_readiness(
+            listener,
+            Arc::new(Registry::default()),
+            ahead,
+            shutdown.clone(),
+        ));
+        let answer = get(addr, "/readyz").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("run `migrate`"), "{answer}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_with_readiness(
+            listener,
+            Arc::new(Registry::default()),
+            ready,
+            shutdown.clone(),
+        ));
+        let answer = get(addr, "/readyz").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 }

@@ -4,7 +4,8 @@
 //!   binary takes (`--database-url`/`DATABASE_URL`, `--log-format text|json`), and a
 //!   [`DatabaseUrl`] that never prints its password.
 //! - [`telemetry`]: tracing initialisation from `RUST_LOG`, text or JSON.
-//! - [`http`]: the `/metrics` (OpenMetrics text) and `/healthz` listener.
+//! - [`http`]: the `/metrics` (OpenMetrics or Prometheus text), `/healthz` and `/readyz`
+//!   listener, with `keel_build_info` and the [`process`] families on every scrape.
 //! - [`shutdown`]: a token cancelled on SIGTERM or SIGINT.
 //! - [`migrate`]: the `migrate` subcommand.
 //! - [`run`]: runs a binary's async main, logging an error and exiting 1 if it fails.
@@ -41,6 +42,7 @@
 
 pub mod cli;
 pub mod http;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;
 
@@ -49,8 +51,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
 
 pub use cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs, LogFormat};
 
@@ -80,28 +82,59 @@ where
     match runtime.block_on(main) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "failed");
+            tracing::error!(error = error_chain(&e), "failed");
             ExitCode::from(EXIT_ERROR)
         }
     }
 }
 
+/// An error and its causes on one line, `outer: cause: root`, leaving out a cause whose text
+/// its parent already shows (drivers often repeat their source in their own message).
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut shown = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !previous.is_empty() && previous.contains(&text) {
+            continue;
+        }
+        if !shown.is_empty() {
+            shown.push_str(": ");
+        }
+        shown.push_str(&text);
+        previous = text;
+    }
+    shown
+}
+
 /// Connects a pool to the database, naming the application in `pg_stat_activity`.
+///
+/// The first connection is made directly, not through the pool, so a refused connection, a
+/// failed login or a missing database is reported at once with its cause instead of as a pool
+/// timeout.
 pub async fn connect(
     db: &DatabaseArgs,
     application_name: &str,
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
+    const CONTEXT: &str = "could not connect to the database (check --database-url / DATABASE_URL)";
     let options = db
         .database_url
         .connect_options()?
         .application_name(application_name);
-    PgPoolOptions::new()
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
+    .context(CONTEXT)?
+    .context(CONTEXT)?;
+    first.close().await.context(CONTEXT)?;
+    Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .context("could not connect to the database (check --database-url / DATABASE_URL)")
+        .connect_lazy_with(options))
 }
 
 /// The `migrate` subcommand: applies every embedded migration that is not applied yet.
@@ -153,5 +186,68 @@ mod tests {
         let shown = format!("{err:#}");
         assert!(shown.contains("could not connect"), "{shown}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    /// OPS-13: a refused connection names its cause (not "pool timed out").
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause() {
+        let args = DatabaseArgs {
+            database_url: DatabaseUrl::new("postgres://app:s3cr3t@127.0.0.1:1/none"),
+        };
+        let err = connect(&args, "keel-test", 1).await.unwrap_err();
+        let shown = error_chain(&err);
+        assert!(shown.to_lowercase().contains("refused"), "{shown}");
+        assert!(!shown.contains("timed out"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    /// OPS-13: a failed login and a missing database say so once, not twice.
+    #[tokio::test]
+    async fn login_and_missing_database_errors_are_shown_once() {
+        let db = keel_testkit::empty_database().await;
+        let mut url = db.url();
+        let slash = url.rfind('/').unwrap();
+        url.replace_range(slash + 1.., "no_such_database");
+        let args = DatabaseArgs {
+            database_url: DatabaseUrl::new(url),
+        };
+        let err = connect(&args, "keel-test", 1).await.unwrap_err();
+        let shown = error_chain(&err);
+        assert_eq!(
+            shown.matches("no_such_database").count(),
+            1,
+            "the cause is repeated: {shown}"
+        );
+    }
+
+    #[test]
+    fn the_error_chain_skips_causes_their_parent_repeats() {
+        #[derive(Debug)]
+        struct Inner;
+        impl std::fmt::Display for Inner {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("password authentication failed")
+            }
+        }
+        impl std::error::Error for Inner {}
+        #[derive(Debug)]
+        struct Outer(Inner);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "error returned from database: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = anyhow::Error::new(Outer(Inner)).context("could not connect");
+        assert_eq!(
+            error_chain(&err),
+            "could not connect: error returned from database: password authentication failed"
+        );
+        let plain = anyhow::anyhow!("root").context("middle").context("top");
+        assert_eq!(error_chain(&plain), "top: middle: root");
     }
 }

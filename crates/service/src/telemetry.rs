@@ -1,17 +1,110 @@
 //! Tracing initialisation: levels from `RUST_LOG` (default `info`), text or JSON lines on stderr.
+//!
+//! Text lines are coloured only when stderr is a terminal and `NO_COLOR` is unset
+//! ([`crate::cli::Stream::color_allowed`]). JSON lines carry the fields of the span they were
+//! logged in (for example a request's `request_id`) under `span`.
 
+use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
-use crate::cli::LogFormat;
+use crate::cli::{LogFormat, Stream};
 
 /// Installs the global tracing subscriber. Fails if one is already installed.
 pub fn init(format: LogFormat) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = subscriber(
+        format,
+        filter,
+        Stream::Stderr.color_allowed(),
+        std::io::stderr,
+    );
+    tracing::subscriber::set_global_default(subscriber)?;
+    Ok(())
+}
+
+/// The subscriber [`init`] installs, writing to `writer`, with ANSI colour only if `ansi`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> MakeWriter<'w> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'w self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    fn capture(format: LogFormat, ansi: bool) -> String {
+        let out = Captured::default();
+        let subscriber = subscriber(format, EnvFilter::new("info"), ansi, out.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "req-42", route = "/v1");
+            let _entered = span.enter();
+            tracing::info!(status = 201, "handled");
+        });
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// OPS-12: text logs carry no ANSI escapes when colour is not allowed.
+    #[test]
+    fn text_logs_are_plain_unless_colour_is_allowed() {
+        let plain = capture(LogFormat::Text, false);
+        assert!(plain.contains("handled"), "{plain}");
+        assert!(!plain.contains('\x1b'), "{plain:?}");
+        assert!(capture(LogFormat::Text, true).contains('\x1b'));
+    }
+
+    /// OPS-18: a JSON line carries the fields of its span, such as `request_id`.
+    #[test]
+    fn json_logs_carry_span_fields() {
+        let line = capture(LogFormat::Json, true);
+        let value: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(value["message"], "handled", "{line}");
+        assert_eq!(value["status"], 201, "{line}");
+        assert_eq!(value["span"]["request_id"], "req-42", "{line}");
+        assert_eq!(value["span"]["name"], "request", "{line}");
+        assert!(!line.contains('\x1b'), "{line:?}");
     }
 }
