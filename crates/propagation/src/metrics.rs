@@ -157,6 +157,7 @@ impl Metrics {
                 drop(metrics.applied.get_or_create(&labels));
                 drop(metrics.retrying.get_or_create(&labels));
                 drop(metrics.dead_lettered.get_or_create(&labels));
+                drop(metrics.apply_duration_seconds.get_or_create(&labels));
                 for &skip_reason in ReasonBucket::ALL {
                     drop(metrics.unexpected_skip.get_or_create(&SkipLabels {
                         kind,
@@ -316,6 +317,25 @@ mod tests {
                 other => panic!("unexpected label {other}"),
             };
             assert!(allowed.contains(&value.as_str()), "{key}={value}");
+        }
+    }
+
+    /// OPS-9: the apply-duration histogram is in the first scrape, before any apply, so
+    /// `histogram_quantile` panels have series from the start.
+    #[test]
+    fn apply_duration_is_exposed_before_the_first_apply() {
+        let mut registry = Registry::default();
+        Metrics::register(&mut registry);
+        let text = encode(&registry);
+        for &kind in PropagationKind::ALL {
+            for &resource_type in ResourceType::ALL {
+                let line = format!(
+                    "instant_propagation_apply_duration_seconds_count{{kind=\"{}\",resource_type=\"{}\"}} 0",
+                    kind.as_str(),
+                    resource_type.as_str()
+                );
+                assert!(text.contains(&line), "missing {line}");
+            }
         }
     }
 
