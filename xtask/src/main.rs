@@ -4,10 +4,13 @@
 //!   `cargo test --workspace` (which includes the tidy test in this crate).
 //! - `cargo xtask demo`: starts a throwaway Postgres, applies the migrations and runs Keel's
 //!   scenario end to end, printing what happened.
+//! - `cargo xtask scrape`: every serving binary on a throwaway Postgres; `/readyz` must turn 200
+//!   and `promtool check metrics` must pass on each `/metrics`.
 //! - `cargo xtask bench <target>`: benchmarks that print figures, optimised, with peers.
 
 mod bench;
 mod demo;
+mod scrape;
 #[cfg(test)]
 mod tidy;
 
@@ -22,6 +25,8 @@ usage: cargo xtask <task>
 tasks:
   ci      cargo fmt --check, cargo clippy -D warnings (all targets), cargo test --workspace
   demo    run Keel's scenario end to end on a throwaway local Postgres
+  scrape  start each serving binary on a throwaway Postgres; /readyz must turn 200 and
+          `promtool check metrics` must pass on every /metrics
   bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation|rater|provision|orphan-sweep`
 ";
 
@@ -31,6 +36,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("scrape") => scrape::run(),
         Some("__propagation-bench-worker") => bench::worker(&args[1..]),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
