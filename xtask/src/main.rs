@@ -10,6 +10,8 @@
 
 mod bench;
 mod demo;
+#[cfg(test)]
+mod rbac;
 mod scrape;
 #[cfg(test)]
 mod tidy;
