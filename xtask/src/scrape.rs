@@ -172,7 +172,11 @@ fn check(
         bail!("/metrics answered {status} {content_type}");
     }
     std::fs::write(out_dir.join(format!("{name}.prom")), &text)?;
-    for family in ["keel_build_info", "process_start_time_seconds"] {
+    for family in [
+        "keel_build_info",
+        "keel_ready 1",
+        "process_start_time_seconds",
+    ] {
         if !text.lines().any(|l| l.starts_with(family)) {
             bail!("/metrics has no {family}");
         }

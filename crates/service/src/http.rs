@@ -5,7 +5,8 @@
 //! (`curl`, `promtool check metrics`, older scrapers). The two differ for counters: OpenMetrics
 //! names the family `x` and its sample `x_total`, text 0.0.4 names both `x_total`, so tools that
 //! look HELP up by series name find it. Every scrape also carries `keel_build_info` and the
-//! `process_*` families (see [`crate::process`]).
+//! `process_*` families (see [`crate::process`]), and, on a binary with a readiness check,
+//! `keel_ready` (1 while `/readyz` would answer 200).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -244,9 +245,20 @@ impl Format {
 
 /// Encodes `registry` and the shared families in `format`.
 pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    encode_with(registry, None, format)
+}
+
+fn encode_with(
+    registry: &Registry,
+    extra: Option<&Registry>,
+    format: Format,
+) -> Result<String, std::fmt::Error> {
     use prometheus_client::encoding::text;
     let mut body = String::new();
     text::encode_registry(&mut body, registry)?;
+    if let Some(extra) = extra {
+        text::encode_registry(&mut body, extra)?;
+    }
     text::encode_registry(&mut body, service_registry())?;
     text::encode_eof(&mut body)?;
     Ok(match format {
@@ -304,6 +316,20 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
     out
 }
 
+/// `keel_ready`: 1 while the readiness check passes, 0 otherwise, checked on each scrape so
+/// an alert can see what the kubelet sees.
+async fn readiness_registry(readiness: &Readiness) -> Registry {
+    let mut registry = Registry::default();
+    let ready = Gauge::<i64>::default();
+    ready.set(i64::from(readiness.check().await.is_ok()));
+    registry.register(
+        "keel_ready",
+        "1 while /readyz passes (database reachable, schema at the expected version), else 0",
+        ready,
+    );
+    registry
+}
+
 async fn metrics(State(ops): State<Ops>, headers: HeaderMap) -> impl IntoResponse {
     let accept = headers
         .get(header::ACCEPT)
@@ -313,7 +339,11 @@ async fn metrics(State(ops): State<Ops>, headers: HeaderMap) -> impl IntoRespons
         Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
         Format::PrometheusText => PROMETHEUS_TEXT_CONTENT_TYPE,
     };
-    match encode(&ops.registry, format) {
+    let extra = match &ops.readiness {
+        Some(readiness) => Some(readiness_registry(readiness).await),
+        None => None,
+    };
+    match encode_with(&ops.registry, extra.as_ref(), format) {
         Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -589,6 +619,8 @@ mod tests {
         let answer = get(addr, "/readyz").await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("run `migrate`"), "{answer}");
+        let scrape = get(addr, "/metrics").await;
+        assert!(scrape.contains("\nkeel_ready 0\n"), "{scrape}");
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         shutdown.cancel();
         server.await.unwrap().unwrap();
@@ -604,6 +636,8 @@ mod tests {
         ));
         let answer = get(addr, "/readyz").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let scrape = get(addr, "/metrics").await;
+        assert!(scrape.contains("\nkeel_ready 1\n"), "{scrape}");
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }
