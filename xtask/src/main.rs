@@ -11,6 +11,8 @@
 mod bench;
 mod demo;
 #[cfg(test)]
+mod monitoring;
+#[cfg(test)]
 mod rbac;
 mod scrape;
 #[cfg(test)]
