@@ -94,7 +94,7 @@ pub enum ReclaimError {
 }
 
 /// Tears down an orphan. The only implementation that matters is keel-provision's audited
-/// deprovision chokepoint (see [`crate::chokepoint`]).
+/// deprovision chokepoint, `keel_provision::Provisioner::deprovision`.
 pub trait Reclaimer: Send + Sync {
     /// Reclaims the object `name`.
     fn reclaim(
