@@ -40,6 +40,11 @@
 //! }
 //! ```
 
+/// The README's code, compiled as doctests so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod cli;
 pub mod http;
 pub mod process;
