@@ -164,8 +164,13 @@ struct EnqueueArgs {
 fn parse_kind(s: &str) -> Result<PropagationKind, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
+/// An operator actor, `operator:NAME`: a requeue is an operator's act, so the audit row must
+/// not name the API, the system or a bare string.
 fn parse_actor(s: &str) -> Result<Actor, String> {
-    Actor::parse(s).map_err(|e| e.to_string())
+    match s.strip_prefix("operator:") {
+        Some(name) if !name.is_empty() => Actor::parse(s).map_err(|e| e.to_string()),
+        _ => Err("expected operator:NAME (the person requeueing, e.g. operator:alice)".to_owned()),
+    }
 }
 fn parse_tier(s: &str) -> Result<Tier, String> {
     Tier::parse(s).map_err(|e| e.to_string())
@@ -261,7 +266,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     if args.once {
         let report = runner.drain(&shutdown).await?;
-        tracing::info!(?report, "drained due propagations");
+        tracing::info!(
+            claimed = report.claimed,
+            applied = report.applied,
+            retried = report.retried,
+            unexpected_skips = report.unexpected_skips,
+            dead_lettered = report.dead_lettered,
+            stale = report.stale,
+            released = report.released,
+            "drained due propagations"
+        );
         println!("{}", serde_json::to_string(&report_json(&report))?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -495,6 +509,30 @@ mod tests {
         for sub in command.get_subcommands() {
             flags_without_env(sub, &format!("{path} {}", sub.get_name()), missing);
         }
+    }
+
+    /// OPS-15: a requeue's actor is an operator, never the API, the system or a bare name.
+    #[test]
+    fn requeue_actor_must_be_an_operator() {
+        assert!(super::parse_actor("operator:alice").is_ok());
+        for bad in ["api", "alice", "operator:", "system", "api:operator:alice"] {
+            let err = super::parse_actor(bad).unwrap_err();
+            assert!(err.contains("operator:NAME"), "{bad}: {err}");
+        }
+        let exit = keel_service::cli::try_parse_from::<Cli, _, _>([
+            "keel-propagation-runner",
+            "dead-letters",
+            "requeue",
+            "--database-url",
+            "postgres://u@h/db",
+            "--id",
+            "1",
+            "--actor",
+            "api",
+        ])
+        .err()
+        .expect("--actor api was accepted");
+        assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
     }
 
     #[test]
