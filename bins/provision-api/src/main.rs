@@ -89,9 +89,10 @@ struct ServeArgs {
         long,
         env = "KEEL_PROVISION_DOCS_BASE",
         default_value = "https://keel.dev/docs/errors",
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = parse_docs_base
     )]
-    docs_base: String,
+    docs_base: DocsBase,
     /// The tiers this platform sells.
     #[arg(
         long,
@@ -122,7 +123,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let docs = DocsBase::parse(&args.docs_base).context("invalid --docs-base")?;
+    let docs = args.docs_base.clone();
     let pool = keel_service::connect(&args.db, "keel-provision-api", args.max_connections).await?;
     let cluster = args
         .cluster_database_url
@@ -175,4 +176,43 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--docs-base` is checked while parsing, so a bad value is a usage error (exit 64).
+fn parse_docs_base(s: &str) -> Result<DocsBase, String> {
+    DocsBase::parse(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+
+    /// OPS-14: a bad `--docs-base` is a usage error (exit 64 with `error:`), not a runtime
+    /// failure (exit 1).
+    #[test]
+    fn a_bad_docs_base_is_a_usage_error() {
+        let exit = keel_service::cli::try_parse_from::<Cli, _, _>([
+            "keel-provision-api",
+            "serve",
+            "--database-url",
+            "postgres://u@h/db",
+            "--docs-base",
+            "http://x",
+        ])
+        .err()
+        .expect("--docs-base http://x was accepted");
+        assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
+        assert!(exit.message.starts_with("error: "), "{}", exit.message);
+        assert!(exit.message.contains("--docs-base"), "{}", exit.message);
+    }
+
+    /// OPS-14: no subcommand is a usage error whose first line says so.
+    #[test]
+    fn no_subcommand_is_an_error_line_then_the_help() {
+        let exit = keel_service::cli::try_parse_from::<Cli, _, _>(["keel-provision-api"])
+            .err()
+            .expect("no subcommand was accepted");
+        assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
+        assert!(exit.message.starts_with("error: "), "{}", exit.message);
+    }
 }
