@@ -21,7 +21,6 @@ use keel_provision::{
     ErrorCode, ErrorEnvelope, ProvisionRequest, Provisioned, ProvisionedBody, Provisioner,
     ResourceStore,
 };
-use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -35,8 +34,8 @@ pub struct AppState<S, B> {
     pub tiers: BTreeSet<String>,
 }
 
-/// The API router with `/metrics` (from `registry`) and `/healthz`.
-pub fn router<S, B>(state: Arc<AppState<S, B>>, registry: Arc<Registry>) -> Router
+/// The API router merged with an operations router (`/metrics`, `/healthz`, `/readyz`).
+pub fn router_with_ops<S, B>(state: Arc<AppState<S, B>>, ops: Router) -> Router
 where
     S: ResourceStore + 'static,
     B: Backend + 'static,
@@ -48,7 +47,7 @@ where
             get(read::<S, B>).delete(delete::<S, B>),
         )
         .with_state(state)
-        .merge(keel_service::http::router(registry))
+        .merge(ops)
 }
 
 /// The request id from `X-Request-Id` when it is a valid one, else a fresh one.
@@ -324,6 +323,7 @@ mod tests {
     use keel_provision::fault::{FaultyStore, StoreStep};
     use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
     use keel_testkit::TestDatabase;
+    use prometheus_client::registry::Registry;
     use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_util::sync::CancellationToken;
@@ -369,7 +369,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let app = router(state.clone(), Arc::new(registry));
+        let app = router_with_ops(
+            state.clone(),
+            keel_service::http::router(Arc::new(registry)),
+        );
         let until = stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)

@@ -165,14 +165,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "serving the provisioning API");
-    let readyz = keel_service::http::readiness_router(Readiness::new(pool.clone()));
-    axum::serve(
-        listener,
-        api::router(state, Arc::new(registry)).merge(readyz),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
-    .context("the API listener failed")?;
+    let ops =
+        keel_service::http::router_with_readiness(Arc::new(registry), Readiness::new(pool.clone()));
+    axum::serve(listener, api::router_with_ops(state, ops))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("the API listener failed")?;
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)

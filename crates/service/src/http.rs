@@ -168,14 +168,6 @@ pub fn router_with_readiness(registry: Arc<Registry>, readiness: Readiness) -> R
     })
 }
 
-/// Only `/readyz`, for a binary whose router already serves [`router`]'s routes (merge it in).
-pub fn readiness_router(readiness: Readiness) -> Router {
-    Router::new().route("/readyz", get(ready)).with_state(Ops {
-        registry: Arc::new(Registry::default()),
-        readiness: Some(readiness),
-    })
-}
-
 fn ops_router(ops: Ops) -> Router {
     let router = Router::new()
         .route("/metrics", get(metrics))
