@@ -167,7 +167,7 @@ fn grants(body: &str, helpers: &BTreeMap<String, String>) -> BTreeSet<Grant> {
     }
     for (method, verb) in VERBS {
         for (index, _) in body.match_indices(&format!(".{method}(")) {
-            tokens.push((index, Token::Call(*verb)));
+            tokens.push((index, Token::Call(verb)));
         }
     }
     tokens.sort_by_key(|(index, _)| *index);
