@@ -49,7 +49,7 @@ enum Command {
 struct ServeArgs {
     #[command(flatten)]
     db: DatabaseArgs,
-    /// Address for the API, /metrics and /healthz.
+    /// Address for the API (and for /metrics, /healthz and /readyz unless --ops-listen is set).
     #[arg(
         long,
         env = "KEEL_PROVISION_LISTEN",
@@ -57,6 +57,10 @@ struct ServeArgs {
         value_name = "ADDR"
     )]
     listen: SocketAddr,
+    /// A separate address for /metrics, /healthz and /readyz, so they are not served on the
+    /// public API listener.
+    #[arg(long, env = "KEEL_PROVISION_OPS_LISTEN", value_name = "ADDR")]
+    ops_listen: Option<SocketAddr>,
     /// Admin URL of the shared Postgres cluster customer databases are created on (a role with
     /// CREATEROLE and CREATEDB). Default: the platform database's server. Never logged.
     #[arg(
@@ -164,13 +168,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = keel_service::http::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "serving the provisioning API");
-    let ops =
-        keel_service::http::router_with_readiness(Arc::new(registry), Readiness::new(pool.clone()));
-    axum::serve(listener, api::router_with_ops(state, ops))
+    tracing::info!(listen = %args.listen, ops_listen = ?args.ops_listen, "serving the provisioning API");
+    let registry = Arc::new(registry);
+    let readiness = Readiness::new(pool.clone());
+    let (app, ops) = match args.ops_listen {
+        None => (
+            api::router_with_ops(
+                state,
+                keel_service::http::router_with_readiness(registry, readiness),
+            ),
+            None,
+        ),
+        Some(addr) => {
+            let ops_listener = keel_service::http::bind(addr)
+                .await
+                .with_context(|| format!("could not listen on {addr}"))?;
+            let ops = tokio::spawn(keel_service::http::serve_with_readiness(
+                ops_listener,
+                registry,
+                readiness,
+                shutdown.clone(),
+            ));
+            (api::router_with_ops(state, axum::Router::new()), Some(ops))
+        }
+    };
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("the API listener failed")?;
+    if let Some(ops) = ops {
+        ops.await
+            .context("the operations listener panicked")?
+            .context("the operations listener failed")?;
+    }
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)
@@ -202,6 +232,72 @@ mod tests {
         assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
         assert!(exit.message.starts_with("error: "), "{}", exit.message);
         assert!(exit.message.contains("--docs-base"), "{}", exit.message);
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for _ in 0..100 {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+                let request =
+                    format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
+                stream.write_all(request.as_bytes()).await.unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).await.unwrap();
+                return response;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("nothing listens on {addr}");
+    }
+
+    fn free_address() -> std::net::SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// OPS-10: with --ops-listen, /metrics, /healthz and /readyz are served there and not on
+    /// the public API listener.
+    #[tokio::test]
+    async fn ops_listen_keeps_metrics_off_the_public_listener() {
+        let db = keel_testkit::database().await;
+        let (public, ops) = (free_address(), free_address());
+        let cli = keel_service::cli::try_parse_from::<Cli, _, _>([
+            "keel-provision-api".to_owned(),
+            "serve".to_owned(),
+            "--database-url".to_owned(),
+            db.url(),
+            "--listen".to_owned(),
+            public.to_string(),
+            "--ops-listen".to_owned(),
+            ops.to_string(),
+        ])
+        .unwrap();
+        let super::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let server = tokio::spawn(super::serve(args));
+
+        let scrape = get(ops, "/metrics").await;
+        assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+        assert!(
+            scrape.contains("instant_provision_outcomes_total"),
+            "{scrape}"
+        );
+        assert!(scrape.contains("keel_ready 1"), "{scrape}");
+        assert!(get(ops, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(ops, "/healthz").await.starts_with("HTTP/1.1 200"));
+        for path in ["/metrics", "/readyz", "/healthz"] {
+            let answer = get(public, path).await;
+            assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        }
+        let api = get(public, "/v1/resources/00000000-0000-0000-0000-000000000000").await;
+        assert!(
+            api.contains("resource_not_found"),
+            "the API still answers: {api}"
+        );
+        server.abort();
     }
 
     /// OPS-14: no subcommand is a usage error whose first line says so.
