@@ -130,11 +130,12 @@ struct SweepArgs {
     /// Print each tick's review list.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_OUTPUT", value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Address for /metrics and /healthz (not served with --once).
+    /// Address for /metrics, /healthz and /readyz (not served with --once). Its own variable
+    /// and default, so the sweep and the runner can share a pod or an environment.
     #[arg(
         long,
-        env = "KEEL_LISTEN",
-        default_value = "0.0.0.0:9090",
+        env = "KEEL_ORPHAN_SWEEP_LISTEN",
+        default_value = "0.0.0.0:9091",
         value_name = "ADDR"
     )]
     listen: SocketAddr,
@@ -361,6 +362,32 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    /// OPS-16: the sweep's listen address has its own variable and default, unlike the runner's
+    /// (`keel_service::http::HttpArgs`), so the two never collide in one pod or environment.
+    #[test]
+    fn the_sweep_and_the_runner_listen_apart() {
+        use clap::Args as _;
+        let listen_of = |command: &clap::Command| {
+            let find = |c: &clap::Command| {
+                c.get_arguments().find(|a| a.get_id() == "listen").map(|a| {
+                    (
+                        a.get_env().map(ToOwned::to_owned),
+                        a.get_default_values().to_vec(),
+                    )
+                })
+            };
+            find(command)
+                .or_else(|| command.get_subcommands().find_map(find))
+                .expect("no --listen")
+        };
+        let runner = listen_of(&keel_service::http::HttpArgs::augment_args(
+            clap::Command::new("runner"),
+        ));
+        let sweep = listen_of(&Cli::command());
+        assert_ne!(runner.0, sweep.0, "the same listen variable");
+        assert_ne!(runner.1, sweep.1, "the same default address");
+    }
 
     #[test]
     fn both_gates_default_off_and_every_flag_has_an_env_var() {
