@@ -32,7 +32,7 @@ fn usage_errors_exit_64_and_help_lists_the_exit_codes() {
         );
     }
     let off_the_hour = keel_rater(
-        &["--since", "2026-11-20T00:30:00Z"],
+        &["--backfill", "--since", "2026-11-20T00:30:00Z"],
         Some("postgres://x@127.0.0.1:1/none"),
     );
     assert_eq!(off_the_hour.status.code(), Some(64));
@@ -96,5 +96,36 @@ fn an_unreachable_database_exits_1_without_showing_the_password() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+}
+
+/// RATER-L6: a leftover `KEEL_RATER_SINCE` used to turn a routine run into a quiet backfill.
+#[test]
+fn a_window_without_backfill_is_a_usage_error_naming_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .env("KEEL_RATER_SINCE", "2026-11-20T00:00:00Z")
+        .env("DATABASE_URL", "postgres://x@127.0.0.1:1/none")
+        .output()
+        .expect("run keel-rater");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--backfill"), "{stderr}");
+}
+
+/// RATER-L8: a bad `--since` with no database was reported as "no database", and an
+/// unreachable database as "pool timed out".
+#[test]
+fn window_errors_come_first_and_an_unreachable_database_names_its_cause() {
+    let out = keel_rater(&["--backfill", "--since", "2026-11-20T00:30:00Z"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("must be on a whole hour"), "{stderr}");
+    assert!(!stderr.contains("no database"), "{stderr}");
+
+    let out = keel_rater(&[], Some("postgres://app:s3cr3t@127.0.0.1:1/keel"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(!stderr.contains("timed out"), "{stderr}");
     assert!(!stderr.contains("s3cr3t"), "{stderr}");
 }

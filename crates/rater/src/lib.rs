@@ -16,10 +16,18 @@ mod ingest;
 #[cfg(feature = "postgres")]
 pub mod io_log;
 #[cfg(feature = "postgres")]
+pub mod metrics;
+pub mod money;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+mod report;
 mod window;
 
 pub use capture::{Captured, capture};
 pub use exit::{DeletionSeverity, RaterExit, deletion_severity, exit_code};
-pub use ingest::{BillingEvent, IngestError, MAX_FUTURE_SKEW};
+pub use ingest::{BillingEvent, DEFAULT_SOURCE, IngestError, MAX_FUTURE_SKEW};
+pub use report::{
+    Changes, DETAIL_CAP, LateUsage, RateReport, Rated, RatedChange, UsageKey, loss_attributes,
+    truncate_on_char_boundary,
+};
 pub use window::{MAX_SPAN_DAYS, Window, WindowError, resolve_window};

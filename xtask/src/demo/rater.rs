@@ -72,8 +72,8 @@ pub async fn rating(server: &PgServer, db: &str, pool: &PgPool) -> anyhow::Resul
     println!(
         "exit {}: {} hours rated ({} inserted), nothing deleted",
         outcome.exit.code(),
-        report.inserted.len(),
-        report.inserted.len()
+        report.inserted.count,
+        report.inserted.count
     );
     ensure!(
         outcome.exit == RaterExit::Clean,
@@ -104,7 +104,7 @@ pub async fn rating(server: &PgServer, db: &str, pool: &PgPool) -> anyhow::Resul
     println!(
         "exit {}: {} deleted on an explicit --since/--until window is the convergence asked for",
         outcome.exit.code(),
-        outcome.report.map(|r| r.deleted.len()).unwrap_or(0)
+        outcome.report.map(|r| r.deleted.count).unwrap_or(0)
     );
     ensure!(
         outcome.exit == RaterExit::Clean,
