@@ -129,3 +129,71 @@ fn window_errors_come_first_and_an_unreachable_database_names_its_cause() {
     assert!(!stderr.contains("timed out"), "{stderr}");
     assert!(!stderr.contains("s3cr3t"), "{stderr}");
 }
+
+/// A one-shot HTTP server: answers 200 to the first request and returns what it received.
+fn one_request_server() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            received.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&received).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&received).into_owned()
+    });
+    (port, handle)
+}
+
+/// The agreed rater metrics are pushed, as job `keel-rater`, at the end of a run.
+#[tokio::test]
+async fn a_run_pushes_the_agreed_metrics_to_the_gateway() {
+    let db = keel_testkit::database().await;
+    let (port, server) = one_request_server();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = keel_rater(&["--push-metrics-url", &url], Some(&db.url()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = server.join().unwrap();
+    assert!(
+        request.starts_with("PUT /metrics/job/keel-rater HTTP/1.1"),
+        "{request}"
+    );
+    for line in [
+        "instant_rater_last_exit_code 0",
+        "instant_rater_runs_total{outcome=\"clean\"} 1",
+        "instant_rater_runs_total{outcome=\"error\"} 0",
+        "instant_rater_runs_total{outcome=\"attention\"} 0",
+        "instant_rater_runs_total{outcome=\"skipped_locked\"} 0",
+        "instant_rater_rated_rows_total 0",
+        "instant_rater_late_events_total 0",
+        "# TYPE instant_rater_last_success_timestamp_seconds gauge",
+        "# TYPE instant_rater_last_run_timestamp_seconds gauge",
+    ] {
+        assert!(request.contains(line), "missing {line:?} in:\n{request}");
+    }
+}

@@ -2,4 +2,5 @@
 
 mod hardening;
 mod io_log;
+mod pgbouncer;
 mod rating;
