@@ -4,7 +4,6 @@
 use std::fmt;
 
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::window::Window;
 
@@ -25,7 +24,7 @@ pub struct UsageKey {
 
 impl fmt::Display for UsageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hour = self.window_start.format(&Rfc3339).map_err(|_| fmt::Error)?;
+        let hour = crate::window::rfc3339(self.window_start);
         write!(f, "{}/{}@{hour}", self.auth_id, self.meter)
     }
 }
@@ -128,7 +127,7 @@ pub struct LateUsage {
 impl LateUsage {
     /// The command that rates the late usage.
     pub fn backfill_command(&self) -> String {
-        let at = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
+        let at = crate::window::rfc3339;
         format!(
             "keel-rater --backfill --since {} --until {}",
             at(self.since),
@@ -219,7 +218,7 @@ pub fn loss_attributes(
     explicit: bool,
     run_id: Option<i64>,
 ) -> Result<keel_audit::Attributes, keel_audit::AuditFieldError> {
-    let at = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
+    let at = crate::window::rfc3339;
     let changes = |c: &Changes| {
         let mut text = c
             .details
