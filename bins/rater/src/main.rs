@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_rater::postgres::{RunOutcome, RunRequest, run_until};
 use keel_rater::{Changes, RaterExit, Window, resolve_window};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs};
-use sqlx::Connection;
+use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -135,7 +135,9 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     };
     keel_service::run(&cli.log, async move {
-        let options = database_url.connect_options()?;
+        // No per-statement logging: sqlx's "slow statement" WARN would print the whole rating
+        // statement on every large, healthy run; each day's duration is logged at INFO instead.
+        let options = database_url.connect_options()?.disable_statement_logging();
         // One direct connection first, so an unreachable database reports its cause at once.
         PgConnectionProbe::check(&options).await?;
         let pool = sqlx::postgres::PgPoolOptions::new()

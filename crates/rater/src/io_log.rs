@@ -40,8 +40,8 @@ pub struct IoLogId(pub i64);
 pub enum IoLogError {
     /// Storing a captured body failed; nothing was stored.
     #[error(
-        "could not store the captured body of request {request_id:?} in io_log: {step} failed; \
-         nothing was stored — check that the database is reachable and migrated"
+        "could not store the captured body of request {request_id:?} in io_log: {step} failed \
+         ({source}); nothing was stored"
     )]
     Insert {
         /// The request whose body was being stored.
@@ -102,17 +102,17 @@ impl SearchVector {
             SearchVector::Whole => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, to_tsvector('simple', $2), $3, $4, false) RETURNING id"
+                 VALUES ($1, $2, to_tsvector('simple', $2), $3, $4, $5) RETURNING id"
             }
             SearchVector::Prefix => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, to_tsvector('simple', left($2, $5)), $3, $4, true) RETURNING id"
+                 VALUES ($1, $2, to_tsvector('simple', left($2, $6)), $3, $4, true OR $5) RETURNING id"
             }
             SearchVector::Absent => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, NULL, $3, $4, true) RETURNING id"
+                 VALUES ($1, $2, NULL, $3, $4, true OR $5) RETURNING id"
             }
         }
     }
@@ -131,8 +131,11 @@ impl SearchVector {
 /// Stores `captured.body`, `original_len`, `truncated` and `body_tsv =
 /// to_tsvector('simple', body)`. When that vector is over Postgres's size limit, the row is
 /// stored with a bounded vector (the first [`TSV_PREFIX_CHARS`] characters, or none) and
-/// `tsv_truncated = true`, and one `WARN` says so — see the [module docs](self). The body must
-/// come from [`capture`](crate::capture), which removes the NULs Postgres `text` cannot hold.
+/// `tsv_truncated = true`, and one `WARN` says so — see the [module docs](self). A body holding
+/// words PostgreSQL does not index (over 2047 bytes) is stored with `tsv_truncated = true` and
+/// one `WARN` (PostgreSQL's per-word notices are silenced). The body comes from
+/// [`capture`](crate::capture), which removes the NULs Postgres `text` cannot hold; the request
+/// id is sanitized the same way ([`sanitize_request_id`](crate::sanitize_request_id)).
 ///
 /// Runs inside a savepoint when `conn` is already in a transaction (which then stays usable
 /// whatever happens here), or in a transaction of its own otherwise. That transaction must be
@@ -160,10 +163,11 @@ async fn insert_with_prefix(
     captured: &Captured,
     prefix_chars: i32,
 ) -> Result<IoLogId, IoLogError> {
+    let request_id = &crate::sanitize_request_id(request_id);
     let original_len =
-        i64::try_from(captured.original_len).map_err(|_| IoLogError::OriginalLenOutOfRange {
+        i64::try_from(captured.original_len()).map_err(|_| IoLogError::OriginalLenOutOfRange {
             request_id: request_id.to_owned(),
-            original_len: captured.original_len,
+            original_len: captured.original_len(),
         })?;
     let failed = |step: &'static str| {
         move |source: sqlx::Error| IoLogError::Insert {
@@ -174,13 +178,30 @@ async fn insert_with_prefix(
     };
 
     let mut vector = SearchVector::Whole;
+    let mut long_words = None;
     loop {
         let mut attempt = conn.begin().await.map_err(failed("open a savepoint"))?;
+        // One summary instead of PostgreSQL's NOTICE per word too long to index.
+        sqlx::query("SET LOCAL client_min_messages = warning")
+            .execute(&mut *attempt)
+            .await
+            .map_err(failed("quiet the per-word notices"))?;
+        let dropped = match long_words {
+            Some(n) => n,
+            None => {
+                let n = count_long_words(&mut attempt, captured.body())
+                    .await
+                    .map_err(failed("look for words too long to index"))?;
+                long_words = Some(n);
+                n
+            }
+        };
         let query = sqlx::query_scalar::<_, i64>(vector.sql())
             .bind(request_id)
-            .bind(&captured.body)
+            .bind(captured.body())
             .bind(original_len)
-            .bind(captured.truncated);
+            .bind(captured.truncated())
+            .bind(dropped > 0);
         let query = match vector {
             SearchVector::Prefix => query.bind(prefix_chars),
             SearchVector::Whole | SearchVector::Absent => query,
@@ -192,10 +213,18 @@ async fn insert_with_prefix(
                     .commit()
                     .await
                     .map_err(failed("commit the insert (or release its savepoint)"))?;
+                if dropped > 0 {
+                    tracing::warn!(
+                        request_id,
+                        words = dropped,
+                        "captured body stored; words over PostgreSQL's 2047-byte lexeme limit \
+                         are not searchable (tsv_truncated = true)"
+                    );
+                }
                 if vector != SearchVector::Whole {
                     tracing::warn!(
                         request_id,
-                        body_len = captured.body.len(),
+                        body_len = captured.body().len(),
                         search_vector = vector.describe(),
                         tsv_prefix_chars = prefix_chars,
                         "captured body stored with a bounded search vector: the whole body's \
@@ -221,6 +250,19 @@ async fn insert_with_prefix(
             }
         }
     }
+}
+
+/// How many words of `body` PostgreSQL will not index (over 2047 bytes). Words are runs of
+/// letters and digits; runs of 255 characters or more (a 683-character run may already exceed 2047 bytes) are
+/// measured.
+async fn count_long_words(conn: &mut PgConnection, body: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM regexp_matches($1, '([[:alnum:]]{255}[[:alnum:]]*)', 'g') AS m(w) \
+         WHERE octet_length(m.w[1]) > 2047",
+    )
+    .bind(body)
+    .fetch_one(conn)
+    .await
 }
 
 fn is_program_limit_exceeded(error: &sqlx::Error) -> bool {

@@ -23,7 +23,7 @@ pub mod postgres;
 mod report;
 mod window;
 
-pub use capture::{Captured, capture};
+pub use capture::{Captured, MAX_REQUEST_ID_LEN, capture, sanitize_request_id};
 pub use exit::{DeletionSeverity, RaterExit, deletion_severity, exit_code};
 pub use ingest::{BillingEvent, DEFAULT_SOURCE, IngestError, MAX_FUTURE_SKEW};
 pub use report::{

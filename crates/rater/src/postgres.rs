@@ -733,6 +733,7 @@ async fn locked_work(
     let days = request.window.days();
     let mut total = RateReport::default();
     for (i, day) in days.iter().enumerate() {
+        let started = std::time::Instant::now();
         let conn = lock.connection();
         let mut tx = conn
             .begin()
@@ -777,9 +778,14 @@ async fn locked_work(
             .await
             .map_err(db("commit a rating transaction"))?;
         *days_committed += 1;
-        if days.len() > 1 {
-            tracing::info!(day = i + 1, of = days.len(), window = %day, "rated");
-        }
+        tracing::info!(
+            day = i + 1,
+            of = days.len(),
+            window = %day,
+            seconds = started.elapsed().as_secs_f64(),
+            written = report.rows_written(),
+            "rated"
+        );
         log_day(&report, *day, request.explicit, false);
         total.absorb(report);
     }

@@ -57,9 +57,12 @@ proptest! {
         cap in 0usize..5000,
     ) {
         let captured = capture(&id, &body, cap);
-        prop_assert!(captured.body.len() <= cap);
-        prop_assert!(!captured.body.contains('\0'));
-        prop_assert_eq!(captured.original_len, body.len());
+        prop_assert!(captured.body().len() <= cap);
+        prop_assert!(!captured.body().contains('\0'));
+        prop_assert_eq!(captured.original_len(), body.len());
+        let stored_id = keel_rater::sanitize_request_id(&id);
+        prop_assert!(stored_id.len() <= keel_rater::MAX_REQUEST_ID_LEN);
+        prop_assert!(!stored_id.contains('\0'));
     }
 
     #[test]
