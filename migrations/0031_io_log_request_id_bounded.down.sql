@@ -1,1 +1,1 @@
-ALTER TABLE io_log DROP CONSTRAINT IF EXISTS io_log_request_id_bounded;
+ALTER TABLE IF EXISTS io_log DROP CONSTRAINT IF EXISTS io_log_request_id_bounded;

@@ -873,12 +873,16 @@ fn log_day(report: &RateReport, day: Window, explicit: bool, dry_run: bool) {
     if losses == 0 {
         return;
     }
-    let details = format!(
-        "deleted: {}; lowered: {}; price lost: {}",
-        sample(&report.deleted),
-        sample(&report.lowered),
-        sample(&report.price_lost)
-    );
+    let details = [
+        ("deleted", &report.deleted),
+        ("lowered", &report.lowered),
+        ("price lost", &report.price_lost),
+    ]
+    .into_iter()
+    .filter(|(_, changes)| !changes.is_empty())
+    .map(|(label, changes)| format!("{label}: {}", sample(changes)))
+    .collect::<Vec<_>>()
+    .join(" | ");
     let (deleted, lowered) = (report.deleted.count, report.lowered.count);
     match (deletion_severity(explicit), dry_run) {
         (DeletionSeverity::Error, false) => tracing::error!(
