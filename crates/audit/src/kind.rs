@@ -272,6 +272,29 @@ mod tests {
         }
     }
 
+    /// RATER-L3: one kind declared Page for every deletion, backfills included.
+    #[test]
+    fn a_backfill_reconciliation_never_pages_and_a_routine_loss_does() {
+        assert!(matches!(
+            AuditKind::RaterReconcileDeleted.consumer(),
+            Consumer::OperatorAlert {
+                severity: AlertSeverity::Page,
+                ..
+            }
+        ));
+        assert!(!matches!(
+            AuditKind::RaterBackfillReconciled.consumer(),
+            Consumer::OperatorAlert {
+                severity: AlertSeverity::Page,
+                ..
+            }
+        ));
+        assert_eq!(
+            "rater.backfill_reconciled".parse::<AuditKind>().ok(),
+            Some(AuditKind::RaterBackfillReconciled)
+        );
+    }
+
     #[test]
     fn unknown_names_are_rejected_not_guessed() {
         for bad in [

@@ -645,7 +645,14 @@ pub async fn run_until(
     if request.dry_run {
         return dry_run(pool, request).await;
     }
-    let Some(lock) = SingleFlight::try_acquire(lock_options).await? else {
+    let acquired = match SingleFlight::try_acquire(lock_options).await {
+        Ok(acquired) => acquired,
+        Err(e) => {
+            record_failed_start(pool, request, &e).await;
+            return Err(e);
+        }
+    };
+    let Some(lock) = acquired else {
         tracing::warn!("another rater holds the single-flight lock; nothing rated");
         let run_id = record_skipped(pool, request).await?;
         return Ok(RunOutcome {
@@ -705,6 +712,26 @@ pub async fn run_until(
         report: Some(report),
         run_id: Some(run_id),
     })
+}
+
+/// Records a run that failed before it could take the lock (exit 1). Best effort: the same
+/// database may be what failed, and the run's own error is the one to report.
+async fn record_failed_start(pool: &PgPool, request: RunRequest, error: &RaterError) {
+    let recorded = sqlx::query(
+        "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, \
+                                 explicit_window, dry_run, exit_code, error) \
+         VALUES ($1, now(), $2, $3, $4, false, 1, $5)",
+    )
+    .bind(request.now)
+    .bind(request.window.start())
+    .bind(request.window.end())
+    .bind(request.explicit)
+    .bind(error.to_string())
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, "could not record the failed run in rater_runs");
+    }
 }
 
 async fn record_skipped(pool: &PgPool, request: RunRequest) -> Result<i64, RaterError> {

@@ -575,3 +575,58 @@ async fn a_dry_run_is_a_read_only_diff_with_old_and_new_values() {
         .unwrap();
     assert_eq!(runs, 1, "the dry run wrote a ledger row");
 }
+
+/// RATER-M4: a run that failed before taking the lock left no ledger row, so the ledger (and the
+/// metrics built from it) missed the failure.
+#[tokio::test]
+async fn a_run_that_cannot_take_the_lock_records_its_failure() {
+    let db = keel_testkit::database().await;
+    let unreachable = db
+        .connect_options()
+        .database("no_such_database_for_the_rater");
+    let err = run(db.pool(), &unreachable, request(3, false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RaterError::Database { .. }), "{err}");
+    let row: (i16, bool, String) =
+        sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL, error FROM rater_runs")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!((row.0, row.1), (1, true));
+    assert!(row.2.contains("single-flight connection"), "{}", row.2);
+}
+
+/// RATER-M3: every changed row was fetched and kept, and every deleted key joined into one log
+/// line; now a report holds complete counts and at most DETAIL_CAP rows per kind.
+#[tokio::test]
+async fn reports_stay_bounded_whatever_the_window_holds() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    // 3 000 auth ids in one hour: 3 000 rated rows.
+    sqlx::query(
+        "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) \
+         SELECT 'bulk-' || g, 'auth-' || g, 'requests', 1, $1 FROM generate_series(1, 3000) g",
+    )
+    .bind(H0 + Duration::minutes(1))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let first = go(&db, 1, true).await.report.unwrap();
+    assert_eq!(first.inserted.count, 3000);
+    assert_eq!(first.inserted.details.len(), keel_rater::DETAIL_CAP);
+    exec(db.pool(), "DELETE FROM billing_event").await.unwrap();
+    let second = go(&db, 1, true).await.report.unwrap();
+    assert_eq!(second.deleted.count, 3000);
+    assert_eq!(second.deleted.details.len(), keel_rater::DETAIL_CAP);
+    let json = serde_json::to_string(&second).unwrap();
+    assert!(
+        json.len() < 64 * 1024,
+        "the report grew with the window: {} bytes",
+        json.len()
+    );
+    let audit = audit_rows(db.pool()).await;
+    let deleted = audit[0].1["deleted"].as_str().unwrap();
+    assert!(deleted.len() <= keel_audit::MAX_ATTR_VALUE_LEN);
+    assert_eq!(audit[0].1["deleted_count"], "3000");
+}
