@@ -197,3 +197,65 @@ async fn a_run_pushes_the_agreed_metrics_to_the_gateway() {
         assert!(request.contains(line), "missing {line:?} in:\n{request}");
     }
 }
+
+/// RATER-M4: SIGTERM (a Kubernetes deadline or drain) left the ledger row open forever.
+#[tokio::test]
+async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
+    let db = keel_testkit::database().await;
+    sqlx::query(
+        "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) \
+         VALUES ('e1', 'acme', 'requests', 1, date_trunc('hour', now()) - interval '2 hours')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    // Hold the rater inside its rating statement.
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE prices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .env("DATABASE_URL", db.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run keel-rater");
+    let mut open = false;
+    for _ in 0..400 {
+        open = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM rater_runs WHERE finished_at IS NULL) \
+                AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                            AND application_name = 'keel-rater-lock')",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if open {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(open, "the rater never reached its rating statement");
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = child.wait_with_output().unwrap();
+    blocker.rollback().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("termination signal"), "{stderr}");
+    let row: (Option<i16>, bool) =
+        sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(row, (Some(1), true));
+    let rated: i64 = sqlx::query_scalar("SELECT count(*) FROM rated_usage")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rated, 0);
+}
