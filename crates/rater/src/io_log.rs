@@ -8,7 +8,7 @@
 //! captured must still be stored, so [`insert`] tries, each inside its own savepoint:
 //!
 //! 1. the vector of the whole body (`tsv_truncated = false`);
-//! 2. on 54000, the vector of its first [`TSV_PREFIX_CHARS`] characters
+//! 2. on 54000, the vector of its first 8, 4, 2, then 1 times [`TSV_PREFIX_CHARS`] characters
 //!    (`tsv_truncated = true`);
 //! 3. on 54000 again, no vector at all (`body_tsv = NULL`, `tsv_truncated = true`).
 //!
@@ -76,13 +76,21 @@ pub enum IoLogError {
     },
 }
 
+/// How many times [`TSV_PREFIX_CHARS`] the first bounded vector covers: the prefixes tried are
+/// 8, 4, 2 and 1 times it, so a body just over the limit keeps most of its words searchable
+/// instead of falling straight to 64 Ki characters (RATER-L7).
+const PREFIX_STEPS: u32 = 3;
+
 /// Which search vector an insert attempt stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SearchVector {
     /// The whole body's.
     Whole,
-    /// The first `prefix_chars` characters' ([`TSV_PREFIX_CHARS`]).
-    Prefix,
+    /// The first `prefix_chars << shift` characters'.
+    Prefix {
+        /// How many times to double the smallest prefix.
+        shift: u32,
+    },
     /// None (`NULL`).
     Absent,
 }
@@ -91,8 +99,11 @@ impl SearchVector {
     /// The attempt to make when this one's vector is over the limit, if any.
     fn fallback(self) -> Option<Self> {
         match self {
-            SearchVector::Whole => Some(SearchVector::Prefix),
-            SearchVector::Prefix => Some(SearchVector::Absent),
+            SearchVector::Whole => Some(SearchVector::Prefix {
+                shift: PREFIX_STEPS,
+            }),
+            SearchVector::Prefix { shift: 0 } => Some(SearchVector::Absent),
+            SearchVector::Prefix { shift } => Some(SearchVector::Prefix { shift: shift - 1 }),
             SearchVector::Absent => None,
         }
     }
@@ -104,7 +115,7 @@ impl SearchVector {
                  tsv_truncated) \
                  VALUES ($1, $2, to_tsvector('simple', $2), $3, $4, $5) RETURNING id"
             }
-            SearchVector::Prefix => {
+            SearchVector::Prefix { .. } => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
                  VALUES ($1, $2, to_tsvector('simple', left($2, $6)), $3, $4, true OR $5) RETURNING id"
@@ -120,7 +131,7 @@ impl SearchVector {
     fn describe(self) -> &'static str {
         match self {
             SearchVector::Whole => "whole body",
-            SearchVector::Prefix => "body prefix",
+            SearchVector::Prefix { .. } => "body prefix",
             SearchVector::Absent => "none",
         }
     }
@@ -130,7 +141,8 @@ impl SearchVector {
 ///
 /// Stores `captured.body`, `original_len`, `truncated` and `body_tsv =
 /// to_tsvector('simple', body)`. When that vector is over Postgres's size limit, the row is
-/// stored with a bounded vector (the first [`TSV_PREFIX_CHARS`] characters, or none) and
+/// stored with a bounded vector (the longest of 8, 4, 2 or 1 times [`TSV_PREFIX_CHARS`]
+/// characters that fits, or none) and
 /// `tsv_truncated = true`, and one `WARN` says so — see the [module docs](self). A body holding
 /// words PostgreSQL does not index (over 2047 bytes) is stored with `tsv_truncated = true` and
 /// one `WARN` (PostgreSQL's per-word notices are silenced). The body comes from
@@ -203,7 +215,7 @@ async fn insert_with_prefix(
             .bind(captured.truncated())
             .bind(dropped > 0);
         let query = match vector {
-            SearchVector::Prefix => query.bind(prefix_chars),
+            SearchVector::Prefix { shift } => query.bind(prefix_chars.saturating_mul(1 << shift)),
             SearchVector::Whole | SearchVector::Absent => query,
         };
         let inserted = query.fetch_one(&mut *attempt).await;
@@ -226,7 +238,11 @@ async fn insert_with_prefix(
                         request_id,
                         body_len = captured.body().len(),
                         search_vector = vector.describe(),
-                        tsv_prefix_chars = prefix_chars,
+                        tsv_prefix_chars = match vector {
+                            SearchVector::Prefix { shift } =>
+                                prefix_chars.saturating_mul(1 << shift),
+                            SearchVector::Whole | SearchVector::Absent => 0,
+                        },
                         "captured body stored with a bounded search vector: the whole body's \
                          is over Postgres's tsvector limit"
                     );
@@ -277,7 +293,8 @@ fn is_program_limit_exceeded(error: &sqlx::Error) -> bool {
 /// The query is parsed with `plainto_tsquery('simple', …)`: it is plain words, and operator
 /// characters such as `&`, `|`, `!` or parentheses are ignored rather than interpreted, so any
 /// text is a valid query. A query without words matches nothing. Bodies stored with a bounded
-/// vector are only found by words within their first [`TSV_PREFIX_CHARS`] characters.
+/// vector are only found by words within the prefix their vector covers (at least the first
+/// [`TSV_PREFIX_CHARS`] characters).
 ///
 /// # Errors
 ///

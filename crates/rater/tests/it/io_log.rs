@@ -72,7 +72,12 @@ async fn a_body_over_the_tsvector_limit_is_stored_with_a_bounded_vector() {
         let hits = io_log::search(&mut conn, word, 10).await.unwrap();
         assert_eq!(hits, vec![(id, "req-huge".to_owned())], "{word}");
     }
-    // ...and one past it is not: the vector really is bounded.
+    // RATER-L7: the fallback is no cliff at 64 Ki characters: a word at 256 Ki characters,
+    // four times further, is still searchable.
+    let further = format!("w{:07x}", 4 * prefix_words);
+    let hits = io_log::search(&mut conn, &further, 10).await.unwrap();
+    assert_eq!(hits, vec![(id, "req-huge".to_owned())], "{further}");
+    // ...and the last word is not: the vector really is bounded.
     let beyond = format!("w{:07x}", words - 1);
     assert_eq!(io_log::search(&mut conn, &beyond, 10).await.unwrap(), []);
 }
