@@ -226,7 +226,8 @@ async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
         open = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM rater_runs WHERE finished_at IS NULL) \
                 AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                            AND application_name = 'keel-rater-lock')",
+                            AND application_name = 'keel-rater-lock' \
+                            AND datname = current_database())",
         )
         .fetch_one(db.pool())
         .await

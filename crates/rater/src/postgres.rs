@@ -521,6 +521,16 @@ impl SingleFlight {
         &mut self.conn
     }
 
+    /// The server backend that holds the lock.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// This holder's fence token (`rater_lease.fence` when it took the lock).
+    pub fn fence(&self) -> i64 {
+        self.fence
+    }
+
     /// Checks, inside `conn`'s open transaction, that this run still holds single flight: the
     /// fence is its own (read `FOR UPDATE`, so no later rater can take over until commit), and
     /// the lock is held by the backend that took it, which is the one running the transaction.

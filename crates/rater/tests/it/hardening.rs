@@ -296,7 +296,8 @@ async fn a_rater_that_loses_its_lock_commits_nothing() {
     let mut lock_pid = None;
     for _ in 0..400 {
         lock_pid = sqlx::query_scalar(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1",
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = $1 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .bind(0x7261_7465_i64)
         .fetch_optional(db.pool())
@@ -629,4 +630,33 @@ async fn reports_stay_bounded_whatever_the_window_holds() {
     let deleted = audit[0].1["deleted"].as_str().unwrap();
     assert!(deleted.len() <= keel_audit::MAX_ATTR_VALUE_LEN);
     assert_eq!(audit[0].1["deleted_count"], "3000");
+}
+
+/// RATER-H5: behind a pooler a second session can be granted the same re-entrant lock; the
+/// rater that takes over bumps the fence, so the first fails its next check instead of
+/// committing alongside it. The fence row is read FOR UPDATE inside each day's transaction, so a
+/// takeover waits for the day in progress and the two never write at the same time.
+#[tokio::test]
+async fn a_rater_whose_fence_was_taken_over_fails_its_next_check() {
+    let db = keel_testkit::database().await;
+    let mut lock = keel_rater::postgres::SingleFlight::try_acquire(&db.connect_options())
+        .await
+        .unwrap()
+        .unwrap();
+    let (pid, fence) = (lock.pid(), lock.fence());
+    {
+        let mut tx = sqlx::Connection::begin(lock.connection()).await.unwrap();
+        keel_rater::postgres::SingleFlight::verify(&mut tx, pid, fence)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    exec(db.pool(), "UPDATE rater_lease SET fence = fence + 1")
+        .await
+        .unwrap();
+    let mut tx = sqlx::Connection::begin(lock.connection()).await.unwrap();
+    let checked = keel_rater::postgres::SingleFlight::verify(&mut tx, pid, fence).await;
+    assert!(matches!(checked, Err(RaterError::Fenced)), "{checked:?}");
+    tx.rollback().await.unwrap();
+    lock.release().await.unwrap();
 }

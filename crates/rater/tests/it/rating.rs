@@ -454,7 +454,8 @@ async fn two_concurrent_raters_exactly_one_writes_and_the_other_exits_3() {
     let mut held = false;
     for _ in 0..400 {
         held = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         )
         .fetch_one(db.pool())
         .await
