@@ -106,7 +106,7 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
         applier,
         metrics.clone(),
         RunnerConfig::new(WorkerId::parse("demo-runner")?),
-    );
+    )?;
     let never = CancellationToken::new();
     let report = runner.run_batch(start, &never).await?;
     println!(
