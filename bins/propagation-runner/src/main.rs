@@ -17,12 +17,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
-    EnqueueRequest, PgPropagationStore, PgRoleApplier, RequeueTarget, Retention, TierRoleSettings,
-    listen_for_wakeups,
+    EnqueueRequest, Housekeeping, PgPropagationStore, PgRoleApplier, RequeueTarget, Retention,
+    TierRoleSettings, listen_for_wakeups,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
-    ByResourceType, Metrics, Payload, PropagationId, PropagationKind, PrunedStatus, WorkerId,
+    ByResourceType, Metrics, Payload, PropagationId, PropagationKind, WorkerId,
 };
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
 use keel_service::http::HttpArgs;
@@ -341,10 +341,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&store),
         metrics,
+        args.reconcile_seconds,
         Housekeeping {
-            reconcile_seconds: args.reconcile_seconds,
             unsupported_grace: time::Duration::seconds(i64::from(args.unsupported_grace_seconds)),
             retention: args.retention.retention(),
+            prune_batch: 1000,
             actor: runner.config().actor.clone(),
         },
         shutdown.clone(),
@@ -401,32 +402,25 @@ async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {
     })
 }
 
-/// What the housekeeping loop does besides the gauges.
-struct Housekeeping {
-    reconcile_seconds: u32,
-    unsupported_grace: time::Duration,
-    retention: Retention,
-    actor: Actor,
-}
-
-/// Every 15 s: the queue and deferral gauges, dead-lettering rows no runner could read within
-/// the grace, and a bounded retention batch; and, if enabled, the entitlement reconciler. The
-/// passes that change rows are single-flight across replicas; times come from the database.
+/// Every 15 s a housekeeping pass (gauges, unsupported rows, retention) and, if enabled, the
+/// entitlement reconciler.
 async fn housekeeping(
     store: Arc<PgPropagationStore>,
     metrics: Metrics,
+    reconcile_seconds: u32,
     plan: Housekeeping,
     shutdown: CancellationToken,
 ) {
     let mut gauges = tokio::time::interval(Duration::from_secs(15));
-    let mut reconcile = tokio::time::interval(Duration::from_secs(u64::from(
-        plan.reconcile_seconds.max(1),
-    )));
+    let mut reconcile =
+        tokio::time::interval(Duration::from_secs(u64::from(reconcile_seconds.max(1))));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = gauges.tick() => maintain(&store, &metrics, &plan).await,
-            _ = reconcile.tick(), if plan.reconcile_seconds > 0 => {
+            _ = gauges.tick() => if let Err(e) = store.housekeeping(&metrics, &plan).await {
+                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges are stale");
+            },
+            _ = reconcile.tick(), if reconcile_seconds > 0 => {
                 let pass = async { store.reconcile(store.db_now().await?).await };
                 match pass.await {
                     Ok(enqueued) if !enqueued.is_empty() => tracing::info!(enqueued = enqueued.len(), "reconciler enqueued drifted resources"),
@@ -434,37 +428,6 @@ async fn housekeeping(
                     Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
                 }
             }
-        }
-    }
-}
-
-async fn maintain(store: &PgPropagationStore, metrics: &Metrics, plan: &Housekeeping) {
-    let pass = async {
-        let now = store.db_now().await?;
-        for stat in store.queue_stats(now).await? {
-            metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
-        }
-        for (reason, rows) in store.deferred_counts().await? {
-            metrics.set_deferred(reason, rows);
-        }
-        for (id, reason) in store
-            .settle_unsupported(plan.unsupported_grace, &plan.actor, now)
-            .await?
-        {
-            tracing::error!(propagation_id = %id, reason = reason.as_str(), "dead-lettered a propagation no runner could run within the grace period");
-            metrics.unsupported_dead_lettered(reason);
-        }
-        let pruned = store.prune(&plan.retention, 1000, now).await?;
-        metrics.pruned(PrunedStatus::Applied, pruned.applied);
-        metrics.pruned(PrunedStatus::DeadLettered, pruned.dead_lettered);
-        Ok::<(), keel_propagation::StoreError>(())
-    };
-    match pass.await {
-        Ok(()) => metrics.set_maintenance_up(true),
-        Err(e) => {
-            // The gauges keep their last value; this one says they are stale.
-            metrics.set_maintenance_up(false);
-            tracing::warn!(error = %e, "housekeeping pass failed; queue gauges are stale");
         }
     }
 }

@@ -137,6 +137,19 @@ impl Default for Retention {
     }
 }
 
+/// What [`PgPropagationStore::housekeeping`] does besides the gauges.
+#[derive(Clone, Debug)]
+pub struct Housekeeping {
+    /// How long a row no runner can read may wait before it is dead-lettered as unsupported.
+    pub unsupported_grace: Duration,
+    /// How long finished rows are kept.
+    pub retention: Retention,
+    /// Rows deleted per pass and status.
+    pub prune_batch: u32,
+    /// Who the audit rows say acted.
+    pub actor: Actor,
+}
+
 /// What a prune deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -1050,6 +1063,42 @@ impl PgPropagationStore {
             applied,
             dead_lettered,
         })
+    }
+
+    /// One housekeeping pass at the database's clock: the queue and deferral gauges, the rows
+    /// no runner could run within the grace dead-lettered (each counted in
+    /// `instant_propagation_unsupported_dead_lettered_total` and audited), and one bounded
+    /// retention batch. The passes that change rows are single-flight across replicas.
+    /// `instant_propagation_maintenance_up` says whether it worked (the gauges are stale when
+    /// it did not).
+    pub async fn housekeeping(
+        &self,
+        metrics: &crate::Metrics,
+        plan: &Housekeeping,
+    ) -> Result<(), StoreError> {
+        let pass = async {
+            let now = self.db_now().await?;
+            for stat in self.queue_stats(now).await? {
+                metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
+            }
+            for (reason, rows) in self.deferred_counts().await? {
+                metrics.set_deferred(reason, rows);
+            }
+            for (id, reason) in self
+                .settle_unsupported(plan.unsupported_grace, &plan.actor, now)
+                .await?
+            {
+                tracing::error!(propagation_id = %id, reason = reason.as_str(), "dead-lettered a propagation no runner could run within the grace period");
+                metrics.unsupported_dead_lettered(reason);
+            }
+            let pruned = self.prune(&plan.retention, plan.prune_batch, now).await?;
+            metrics.pruned(crate::PrunedStatus::Applied, pruned.applied);
+            metrics.pruned(crate::PrunedStatus::DeadLettered, pruned.dead_lettered);
+            Ok(())
+        };
+        let result = pass.await;
+        metrics.set_maintenance_up(result.is_ok());
+        result
     }
 
     /// Leaves claimed rows that cannot be read for a runner that can: the claim is undone
