@@ -2,6 +2,7 @@
 
 mod applier;
 mod regressions;
+mod routing;
 mod runner;
 mod store;
 
