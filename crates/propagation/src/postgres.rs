@@ -6,20 +6,21 @@
 //!
 //! At most one non-terminal row exists per (kind, resource) — a partial unique index enforces it.
 //! Enqueueing a new target for a resource that already has a pending row replaces that row's
-//! payload and makes it due now; enqueueing the same target again changes nothing.
+//! payload, bumps its `target_version`, gives it a full budget (attempts back to 0) and makes it
+//! due now; enqueueing a target the row already carries changes nothing.
 //!
-//! A new target deserves a full budget, so attempts restart from 0 — except while a worker holds
-//! a live claim on the row: the claim stays (no second worker can take the row and race the
-//! first one to the backend), and the worker's completion is refused by the fence because it
-//! carries the old target. That refusal hands the row back at once with a fresh budget, and the
-//! new target is applied by the next claim.
+//! While a worker holds a live claim on the row the claim stays (no second worker can take the
+//! row and race the first one to the backend), and the worker's completion is handed back by the
+//! fence because it carries the old target version: the new target is applied by the next claim.
 //!
-//! # Claims and leases
+//! # Claims, leases and the fence
 //!
 //! Due rows are claimed in batches with `FOR UPDATE SKIP LOCKED`, so replicas never claim the
-//! same row; a claim stamps `claimed_by`, `lease_expires_at`, and counts the attempt. A row whose
-//! lease expired is claimable again: delivery is at least once, so appliers must be idempotent.
-//! Every transition is fenced on `id`, `claimed_by` and `attempts` and commits with its audit row.
+//! same row; a claim stamps `claimed_by`, `lease_expires_at`, a fresh `claim_token` from a
+//! sequence, and counts the attempt. A row whose lease expired is rescued (its claim undone, the
+//! counted attempt kept) and claimed again: delivery is at least once, so appliers must be
+//! idempotent. Every transition is fenced on the claim token (never repeated) and the target
+//! version, and commits with its audit row.
 //!
 //! The statements select their rows through `id = ANY(…)` so the planner looks them up by primary
 //! key instead of hash-joining against the whole table: a claim or a completion costs the same
