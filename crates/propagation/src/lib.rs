@@ -34,6 +34,8 @@ pub mod postgres;
 #[cfg(feature = "postgres")]
 pub mod runner;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use applier::{AllOf, Applier, ByResourceType};
 pub use decide::{
