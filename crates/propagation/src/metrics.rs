@@ -88,6 +88,8 @@ pub struct Metrics {
     unsupported_dead_lettered: Family<ReasonLabels, Counter>,
     maintenance_up: Gauge,
     pruned: Family<PrunedLabels, Counter>,
+    last_claim: Gauge<f64, AtomicU64>,
+    last_record: Gauge<f64, AtomicU64>,
 }
 
 /// Why a pending row is left for another runner (the `reason` label). Closed, so it can
@@ -184,7 +186,19 @@ impl Metrics {
             unsupported_dead_lettered: Family::default(),
             maintenance_up: Gauge::default(),
             pruned: Family::default(),
+            last_claim: Gauge::default(),
+            last_record: Gauge::default(),
         };
+        registry.register(
+            "instant_propagation_last_successful_claim_timestamp_seconds",
+            "Database time of this runner's last successful claim (a readiness signal: it stops moving while the database is unreachable)",
+            metrics.last_claim.clone(),
+        );
+        registry.register(
+            "instant_propagation_last_successful_record_timestamp_seconds",
+            "Database time of this runner's last successfully recorded batch",
+            metrics.last_record.clone(),
+        );
         registry.register(
             "instant_propagation_claim_errors",
             "Claims that failed (the store could not be reached or refused the claim)",
@@ -367,6 +381,21 @@ impl Metrics {
         self.oldest_due_age_seconds
             .get_or_create(&QueueLabels { kind })
             .set(oldest_due_age_seconds);
+    }
+
+    /// Notes a successful claim at `at` (the store's clock).
+    pub fn claim_succeeded(&self, at: time::OffsetDateTime) {
+        self.last_claim.set(at.unix_timestamp_nanos() as f64 / 1e9);
+    }
+
+    /// Notes a successfully recorded batch at `at` (the store's clock).
+    pub fn record_succeeded(&self, at: time::OffsetDateTime) {
+        self.last_record.set(at.unix_timestamp_nanos() as f64 / 1e9);
+    }
+
+    /// Unix seconds of the last successful claim (0 before the first).
+    pub fn last_successful_claim(&self) -> f64 {
+        self.last_claim.get()
     }
 
     /// Counts a failed claim.

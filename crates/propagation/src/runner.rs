@@ -241,7 +241,10 @@ where
             )
             .await
         {
-            Ok(claimed) => claimed,
+            Ok(claimed) => {
+                self.metrics.claim_succeeded(now);
+                claimed
+            }
             Err(e) => {
                 self.metrics.claim_error();
                 return Err(e);
@@ -598,8 +601,9 @@ where
             ))
         }
         .await;
-        if result.is_err() {
-            self.metrics.claim_error();
+        match &result {
+            Ok((_, clock)) => self.metrics.claim_succeeded(clock.at_claim),
+            Err(_) => self.metrics.claim_error(),
         }
         result
     }
@@ -671,7 +675,10 @@ impl<S: PropagationStore> Recorder<S> {
             .complete(&self.worker, &completions, &self.actor, now)
             .await
         {
-            Ok(recorded) => recorded,
+            Ok(recorded) => {
+                self.metrics.record_succeeded(now);
+                recorded
+            }
             Err(e) => {
                 self.metrics.record_error();
                 return Err(e);

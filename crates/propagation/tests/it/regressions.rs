@@ -767,8 +767,20 @@ async fn claim_and_record_failures_are_counted() {
     .unwrap();
     assert!(runner.run_batch(T0, &never()).await.is_err());
     assert_eq!(metrics.record_errors(), 1);
-    assert!(runner.run_batch(T0, &never()).await.is_err());
+    let claimed_at = metrics.last_successful_claim();
+    assert_eq!(claimed_at, T0.unix_timestamp() as f64);
+    assert!(
+        runner
+            .run_batch(T0 + time::Duration::minutes(1), &never())
+            .await
+            .is_err()
+    );
     assert_eq!(metrics.claim_errors(), 1);
+    assert_eq!(
+        metrics.last_successful_claim(),
+        claimed_at,
+        "the readiness signal stops moving while the database is unreachable"
+    );
 }
 
 /// PROP-17(b): a runner cannot be built with a lease that an apply can outlive.
