@@ -34,6 +34,20 @@ $$;
 CREATE TRIGGER teams_tier_epoch BEFORE UPDATE OF tier ON teams
     FOR EACH ROW EXECUTE FUNCTION teams_bump_tier_epoch();
 
+-- A row inserted without an epoch (by another service writing the contract table) takes its
+-- team's current one, so its dead letter, too, holds the reconciler back only for that change.
+CREATE FUNCTION pending_propagations_default_tier_epoch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.tier_epoch IS NULL THEN
+        SELECT tier_epoch INTO NEW.tier_epoch FROM teams WHERE id = NEW.team_id;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER pending_propagations_tier_epoch BEFORE INSERT ON pending_propagations
+    FOR EACH ROW EXECUTE FUNCTION pending_propagations_default_tier_epoch();
+
 -- Unclaimed due rows, in claim order: leased rows no longer sit at the head of the index.
 CREATE INDEX pending_propagations_unclaimed_due_ix
     ON pending_propagations (next_attempt_at, id) WHERE status = 'pending' AND claimed_by IS NULL;
