@@ -198,3 +198,64 @@ async fn sqlx_exec(db: &keel_testkit::TestDatabase, sql: &str) {
         .await
         .unwrap();
 }
+
+/// PROP-8 as operators see it: a row a newer build wrote is listed by `deferred list` with its
+/// reason, left pending by `run --once`, and `prune` keeps everything still open.
+#[tokio::test]
+async fn rows_this_build_cannot_run_are_listed_for_operators_and_left_pending() {
+    let db = keel_testkit::database().await;
+    let team = uuid::Uuid::new_v4();
+    let resource = uuid::Uuid::new_v4();
+    sqlx_exec(
+        &db,
+        &format!(
+            "INSERT INTO teams (id, tier) VALUES ('{team}', 'pro'); \
+             INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload) \
+             VALUES ('quota_resize', '{team}', '{resource}', 'postgres', '{{\"cpu\": \"4\"}}')"
+        ),
+    )
+    .await;
+    let url = db.url();
+    let drained = runner(&["run", "--once"], &url);
+    assert_eq!(
+        drained.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&drained).trim()).unwrap();
+    assert_eq!(
+        (report["claimed"].as_u64(), report["dead_lettered"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    let listed = runner(&["deferred", "list", "--json"], &url);
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert_eq!(rows[0]["reason"], "unknown_kind");
+    assert_eq!(rows[0]["kind"], "quota_resize");
+
+    let pruned = runner(&["prune"], &url);
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(
+        stdout(&pruned).contains("pruned 0 applied and 0 dead-lettered"),
+        "{}",
+        stdout(&pruned)
+    );
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_propagations WHERE status = 'pending'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(open, 1);
+}
