@@ -439,6 +439,31 @@ mod tests {
         assert_eq!(transition.audit_kind(), AuditKind::PropagationDeadLettered);
     }
 
+    /// PROP-17(a): whatever a backend says, `last_error` and the audit detail are storable
+    /// (no NUL or control characters) and bounded.
+    #[test]
+    fn last_error_is_storable_and_capped() {
+        let garbage = format!("backend said: \u{0}\u{1}\n{}", "x".repeat(10_000));
+        let transition = decide(
+            1,
+            &Err(ApplyError::new(garbage)),
+            &RetryPolicy::standard(),
+            NOW,
+        );
+        let stored = transition.last_error().unwrap();
+        assert!(!stored.chars().any(char::is_control), "{stored:?}");
+        assert!(stored.chars().count() <= MAX_ERROR_CHARS + 1);
+        assert!(
+            stored.starts_with("error (other): backend said:"),
+            "{stored:?}"
+        );
+        let event =
+            transition.audit_event(&crate::model::sample_propagation(), &Actor::system(), NOW);
+        let detail = event.attributes().get("detail").unwrap();
+        assert!(!detail.chars().any(char::is_control));
+        assert!(detail.chars().count() <= MAX_ERROR_CHARS + 1);
+    }
+
     #[test]
     fn audit_events_withhold_secret_looking_details() {
         use crate::model::PropagationId;
