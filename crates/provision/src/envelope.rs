@@ -24,9 +24,22 @@ pub enum ErrorCode {
     TeamNotFound,
     /// The resource does not exist (or was deprovisioned).
     ResourceNotFound,
-    /// The backend object could not be created or its row could not be finalized; nothing was
-    /// left behind and nothing is billed.
+    /// The backend object could not be created or its row could not be finalized; the attempt was
+    /// fully compensated: nothing was left behind and nothing is billed.
     ProvisionFailed,
+    /// The attempt failed and its compensation is not finished (a teardown failed, or the row
+    /// could not be settled yet): the platform cleans it up; nothing is billed.
+    ProvisionIncomplete,
+    /// The resource is protected against deletion (`keel.dev/protect`).
+    ResourceProtected,
+    /// No route has this path.
+    RouteNotFound,
+    /// The route does not answer this method.
+    MethodNotAllowed,
+    /// The body is larger than the limit.
+    PayloadTooLarge,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
     /// The backend is temporarily unavailable.
     BackendUnavailable,
     /// A database operation failed (plumbing; unregistered).
@@ -83,6 +96,12 @@ impl ErrorCode {
             ErrorCode::TeamNotFound => "team_not_found",
             ErrorCode::ResourceNotFound => "resource_not_found",
             ErrorCode::ProvisionFailed => "provision_failed",
+            ErrorCode::ProvisionIncomplete => "provision_incomplete",
+            ErrorCode::ResourceProtected => "resource_protected",
+            ErrorCode::RouteNotFound => "route_not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::DbError => "db_error",
             ErrorCode::Internal => "internal",
@@ -95,8 +114,16 @@ impl ErrorCode {
             ErrorCode::InvalidRequest | ErrorCode::UnknownResourceType | ErrorCode::UnknownTier => {
                 400
             }
-            ErrorCode::TeamNotFound | ErrorCode::ResourceNotFound => 404,
-            ErrorCode::ProvisionFailed | ErrorCode::BackendUnavailable => 503,
+            ErrorCode::ResourceNotFound | ErrorCode::RouteNotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::ResourceProtected => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            // The request is well formed but names a team that does not exist.
+            ErrorCode::TeamNotFound => 422,
+            ErrorCode::ProvisionFailed
+            | ErrorCode::ProvisionIncomplete
+            | ErrorCode::BackendUnavailable => 503,
             ErrorCode::DbError | ErrorCode::Internal => 500,
         }
     }
@@ -110,6 +137,12 @@ impl ErrorCode {
             ErrorCode::TeamNotFound => "Team not found",
             ErrorCode::ResourceNotFound => "Resource not found",
             ErrorCode::ProvisionFailed => "Provisioning failed",
+            ErrorCode::ProvisionIncomplete => "Provisioning failed; cleanup pending",
+            ErrorCode::ResourceProtected => "Resource protected",
+            ErrorCode::RouteNotFound => "Not found",
+            ErrorCode::MethodNotAllowed => "Method not allowed",
+            ErrorCode::PayloadTooLarge => "Payload too large",
+            ErrorCode::UnsupportedMediaType => "Unsupported media type",
             ErrorCode::BackendUnavailable => "Backend unavailable",
             ErrorCode::DbError => "Database error",
             ErrorCode::Internal => "Internal error",
@@ -120,8 +153,13 @@ impl ErrorCode {
     pub const fn retry_after_seconds(self) -> Option<u32> {
         match self {
             ErrorCode::ProvisionFailed => Some(5),
-            ErrorCode::BackendUnavailable => Some(30),
-            ErrorCode::InvalidRequest
+            ErrorCode::ProvisionIncomplete | ErrorCode::BackendUnavailable => Some(30),
+            ErrorCode::ResourceProtected
+            | ErrorCode::RouteNotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::InvalidRequest
             | ErrorCode::UnknownResourceType
             | ErrorCode::UnknownTier
             | ErrorCode::TeamNotFound
@@ -136,29 +174,53 @@ impl ErrorCode {
     const fn registered(self) -> Option<&'static str> {
         match self {
             ErrorCode::InvalidRequest => Some(
-                "Tell the user the request was malformed (invalid JSON or a missing field); fix \
-                 the body to match the documented schema and send it again. See {url}",
+                "Tell the user the request was malformed (the message names the field, id or \
+                 parameter); correct that value and send the request again. See {url}",
             ),
             ErrorCode::UnknownResourceType => Some(
-                "Tell the user that resource type is not offered; choose one of postgres, redis \
-                 or namespace and send the request again. See {url}",
+                "Tell the user that resource type is not offered here; pick one of the types the \
+                 message lists and send the request again. See {url}",
             ),
             ErrorCode::UnknownTier => Some(
-                "Tell the user that tier does not exist; pick one of the tiers listed in the \
-                 docs and send the request again. See {url}",
+                "Tell the user that tier does not exist; pick one of the tiers the message lists \
+                 and send the request again. See {url}",
             ),
             ErrorCode::TeamNotFound => Some(
-                "Tell the user the team was not found; check the team id (or create the team) \
-                 before retrying. See {url}",
+                "Tell the user the team was not found; check the team id with the user before \
+                 sending the request again. See {url}",
             ),
             ErrorCode::ResourceNotFound => Some(
-                "Tell the user the resource was not found or was deleted; list the team's \
-                 resources to find the right id. See {url}",
+                "Tell the user the resource was not found or was deleted; check the id returned \
+                 when it was created, and do not retry with the same id. See {url}",
             ),
             ErrorCode::ProvisionFailed => Some(
                 "Tell the user the resource could not be created and nothing was left behind or \
-                 billed; retry the same request with exponential backoff, starting at 5 seconds. \
-                 See {url}",
+                 billed; retry with exponential backoff, starting at 5 seconds. See {url}",
+            ),
+            ErrorCode::ProvisionIncomplete => Some(
+                "Tell the user the resource could not be created and the platform is still \
+                 cleaning up the attempt (nothing is billed); retry with exponential backoff, \
+                 starting at 30 seconds. See {url}",
+            ),
+            ErrorCode::ResourceProtected => Some(
+                "Tell the user the resource is protected against deletion; ask them to remove \
+                 the protection first, and do not retry until they have. See {url}",
+            ),
+            ErrorCode::RouteNotFound => Some(
+                "Tell the user the path does not exist; use POST /v1/resources or GET or DELETE \
+                 /v1/resources/{id} exactly. See {url}",
+            ),
+            ErrorCode::MethodNotAllowed => Some(
+                "Tell the user the method is not allowed on this path; use POST on \
+                 /v1/resources, GET or DELETE on /v1/resources/{id}. See {url}",
+            ),
+            ErrorCode::PayloadTooLarge => Some(
+                "Tell the user the request body is too large; send only the documented fields, \
+                 which fit in a few hundred bytes. See {url}",
+            ),
+            ErrorCode::UnsupportedMediaType => Some(
+                "Tell the user the body must be JSON; send it with Content-Type: \
+                 application/json. See {url}",
             ),
             ErrorCode::BackendUnavailable => Some(
                 "Tell the user the platform's backend is briefly unavailable; wait for the \
@@ -209,7 +271,16 @@ pub struct ErrorEnvelope {
     pub status: u16,
     /// RFC 9457 `detail` (the message).
     pub detail: String,
+    /// RFC 9457 `instance`: this occurrence, `urn:keel:request:<request id>`.
+    pub instance: String,
+    /// The resource the error concerns, when one was reserved (a failed provisioning's row can
+    /// be read with `GET /v1/resources/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
 }
+
+/// The media type of every error body (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
 
 impl ErrorEnvelope {
     /// The envelope for `code`.
@@ -220,18 +291,27 @@ impl ErrorEnvelope {
         docs: &DocsBase,
     ) -> Self {
         let message = message.into();
+        let request_id = request_id.into();
         Self {
+            instance: format!("urn:keel:request:{request_id}"),
+            resource_id: None,
             ok: false,
             error: code.as_str(),
             agent_action: code.agent_action(docs),
             retry_after_seconds: code.retry_after_seconds(),
-            request_id: request_id.into(),
+            request_id,
             type_url: docs.page(code),
             title: code.title(),
             status: code.status(),
             detail: message.clone(),
             message,
         }
+    }
+
+    /// The same envelope naming the resource it concerns.
+    pub fn with_resource(mut self, id: impl std::fmt::Display) -> Self {
+        self.resource_id = Some(id.to_string());
+        self
     }
 
     /// The `Retry-After` header value, on 503s.
@@ -319,6 +399,7 @@ mod tests {
             "title",
             "status",
             "detail",
+            "instance",
         ] {
             assert!(json.get(key).is_some(), "missing {key}: {json}");
         }

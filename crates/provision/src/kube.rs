@@ -49,6 +49,8 @@ pub const MANAGED_BY: &str = "keel";
 pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
 /// The label recording the tier a namespace was provisioned at.
 pub const TIER_LABEL: &str = "keel.dev/tier";
+/// The annotation that protects a namespace from every teardown when it is `true`.
+pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 /// The field manager [`KubeNamespaceBackend::new`] creates namespaces as.
 pub const DEFAULT_FIELD_MANAGER: &str = "keel";
 
@@ -310,6 +312,22 @@ impl Backend for KubeNamespaceBackend {
             .await
             .map_err(|e| unavailable("read namespace", name, &e))?;
         Ok(found.is_some())
+    }
+
+    async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let (ns, _) = namespace_of(name)?;
+        let found = self
+            .namespaces()
+            .get_metadata_opt(ns.expose())
+            .await
+            .map_err(|e| unavailable("read namespace", name, &e))?;
+        Ok(found.is_some_and(|ns| {
+            ns.metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
+                .is_some_and(|value| value == "true")
+        }))
     }
 }
 

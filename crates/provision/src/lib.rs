@@ -41,15 +41,18 @@ mod names;
 mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod scram;
 mod secret;
 
 pub use envelope::{
-    DocsBase, ErrorCode, ErrorEnvelope, InvalidDocsBase, MAX_AGENT_ACTION_CHARS, UNREGISTERED,
+    DocsBase, ErrorCode, ErrorEnvelope, InvalidDocsBase, MAX_AGENT_ACTION_CHARS, PROBLEM_JSON,
+    UNREGISTERED,
 };
 pub use flow::{
     Compensation, Created, DeprovisionCause, DeprovisionError, DeprovisionTarget, Deprovisioned,
-    FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation, RowResult,
-    StepError, TeardownResult,
+    ErrorChain, FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation,
+    RowResult, StepError, TeardownResult,
 };
 pub use metrics::{Outcome, ProvisionMetrics, TeardownStage};
 pub use model::{
@@ -59,5 +62,7 @@ pub use model::{
 pub use names::{
     DATABASE_PREFIX, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName, RoleName,
 };
-pub use ports::{Backend, BackendError, NewReservation, RedactedError, ResourceStore, StoreError};
+pub use ports::{
+    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
+};
 pub use secret::{ConnectionUrl, Password};

@@ -130,7 +130,7 @@ impl ProvisionMetrics {
         );
         registry.register(
             "instant_provision_uncompensated",
-            "Failed provisionings whose row could not be soft-deleted (left pending)",
+            "Failed provisionings whose row could not be flipped to failed (left pending for the reconciler; nothing torn down)",
             metrics.uncompensated.clone(),
         );
         registry.register(
@@ -204,6 +204,13 @@ impl ProvisionMetrics {
                 resource_type,
                 outcome,
             })
+            .get()
+    }
+
+    /// How many failed provisionings of `resource_type` were left `pending` for the reconciler.
+    pub fn uncompensated_total(&self, resource_type: ResourceType) -> u64 {
+        self.uncompensated
+            .get_or_create(&TypeLabels { resource_type })
             .get()
     }
 

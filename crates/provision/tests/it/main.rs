@@ -2,6 +2,8 @@
 //! shared-cluster backend creating real databases, and a failure injected at every step.
 
 mod deprovision;
+mod hardening;
+mod secrets;
 mod steps;
 
 use std::str::FromStr as _;
@@ -129,7 +131,7 @@ impl Harness {
             if exists && row.status != "active" && row.status != "pending" {
                 let audited = audit.iter().any(|e| {
                     e.resource_id() == Some(row.id)
-                        && e.attributes().get("teardown") == Some("failed")
+                        && e.kind() == AuditKind::ProvisionTeardownFailed
                 });
                 assert!(
                     audited,
