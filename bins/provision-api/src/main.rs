@@ -10,15 +10,19 @@
 
 mod api;
 mod backends;
+mod reconcile;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use keel_provision::postgres::{PgClusterBackend, PgResourceStore, PublicAddress};
+use keel_provision::postgres::{
+    PgClusterBackend, PgResourceStore, PublicAddress, SslMode, isolate_platform_database,
+};
 use keel_provision::{DocsBase, ProvisionMetrics, Provisioner};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
 use prometheus_client::registry::Registry;
@@ -71,6 +75,41 @@ struct ServeArgs {
     /// Port customers connect to (default: the cluster URL's port).
     #[arg(long, env = "KEEL_PROVISION_PUBLIC_PORT", value_name = "PORT")]
     public_port: Option<u16>,
+    /// The `sslmode` written into issued connection URLs (disable, prefer, require, verify-ca,
+    /// verify-full).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_SSLMODE",
+        default_value = "require",
+        value_parser = parse_sslmode,
+        value_name = "MODE"
+    )]
+    sslmode: SslMode,
+    /// Seconds after which a `pending` reservation is settled by the reconciler (it must exceed
+    /// the longest provisioning).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_RECONCILE_PENDING_AFTER_SECS",
+        default_value_t = 900,
+        value_name = "SECONDS"
+    )]
+    reconcile_pending_after_secs: u64,
+    /// Seconds between reconciler ticks (one replica at a time runs a tick).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_RECONCILE_INTERVAL_SECS",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    reconcile_interval_secs: u64,
+    /// Seconds to wait on SIGTERM for provisionings in flight.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_SHUTDOWN_DRAIN_SECS",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    shutdown_drain_secs: u64,
     /// Also provision `namespace` and `redis` resources as Kubernetes namespaces (in-cluster
     /// config or KUBECONFIG).
     #[arg(long, env = "KEEL_PROVISION_KUBE_NAMESPACES")]
@@ -110,6 +149,13 @@ struct ServeArgs {
     max_connections: u32,
 }
 
+fn parse_sslmode(s: &str) -> Result<SslMode, String> {
+    SslMode::parse(s).ok_or_else(|| {
+        let modes: Vec<&str> = SslMode::ALL.iter().map(|m| m.as_str()).collect();
+        format!("expected one of {}", modes.join(", "))
+    })
+}
+
 fn main() -> ExitCode {
     let cli: Cli = keel_service::cli::parse();
     keel_service::run(&cli.log, async move {
@@ -146,16 +192,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let cluster_backend = PgClusterBackend::new(cluster, public, 8).with_sslmode(args.sslmode);
+    // Say at start-up, not at the first POST, what the cluster admin lacks.
+    cluster_backend
+        .check_privileges()
+        .await
+        .context("the cluster admin role cannot provision")?;
+    // Customer roles live on a cluster that, by default, hosts the platform database too.
+    isolate_platform_database(&pool)
+        .await
+        .context("the platform database is reachable by every role on its server")?;
     let backends = Backends {
-        postgres: Some(PgClusterBackend::new(cluster, public, 8)),
+        postgres: Some(cluster_backend),
         namespaces,
     };
     let mut registry = Registry::default();
     let metrics = ProvisionMetrics::register(&mut registry);
+    let tracker = tokio_util::task::TaskTracker::new();
     let state = Arc::new(AppState {
         provisioner: Provisioner::new(PgResourceStore::new(pool.clone()), backends, metrics),
         docs,
         tiers: args.tiers.into_iter().collect::<BTreeSet<_>>(),
+        tracker: tracker.clone(),
     });
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
@@ -163,10 +221,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "serving the provisioning API");
-    axum::serve(listener, api::router(state, Arc::new(registry)))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("the API listener failed")?;
+    let reconciler = {
+        let state = Arc::clone(&state);
+        let pool = pool.clone();
+        let stop = shutdown.clone();
+        let config = reconcile::ReconcileConfig {
+            older_than: Duration::from_secs(args.reconcile_pending_after_secs),
+            interval: Duration::from_secs(args.reconcile_interval_secs.max(1)),
+        };
+        tokio::spawn(async move { reconcile::run(pool, &state.provisioner, config, stop).await })
+    };
+    api::serve(
+        listener,
+        api::router(Arc::clone(&state), Arc::new(registry)),
+        tracker,
+        shutdown.clone(),
+        Duration::from_secs(args.shutdown_drain_secs),
+    )
+    .await
+    .context("the API listener failed")?;
+    shutdown.cancel();
+    if let Err(e) = reconciler.await {
+        tracing::error!(error = %e, "the reconciler task failed");
+    }
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)

@@ -480,16 +480,27 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         &self.metrics
     }
 
-    /// Reserve, create and finalize: the whole flow. On any failure after the reservation the
-    /// flow is compensated before this returns.
+    /// Reserve, create and finalize: the whole flow, every step at `now`. On any failure after
+    /// the reservation the flow is compensated before this returns.
     pub async fn provision(
         &self,
         request: ProvisionRequest,
         now: OffsetDateTime,
     ) -> Result<Provisioned, ProvisionError> {
-        let reservation = self.reserve(request, now).await?;
-        let created = self.create(reservation, now).await?;
-        self.finalize(created, now).await
+        self.provision_at(request, || now).await
+    }
+
+    /// [`Provisioner::provision`] reading `clock` once per step, so each row change and audit
+    /// row carries the time it happened (a finalize that fails a minute in is not recorded at
+    /// the request's start).
+    pub async fn provision_at(
+        &self,
+        request: ProvisionRequest,
+        clock: impl Fn() -> OffsetDateTime + Send + Sync,
+    ) -> Result<Provisioned, ProvisionError> {
+        let reservation = self.reserve(request, clock()).await?;
+        let created = self.create(reservation, clock()).await?;
+        self.finalize(created, clock()).await
     }
 
     /// Writes the intent: a `pending` row with a fresh token and its deterministic backend name.
