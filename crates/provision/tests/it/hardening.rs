@@ -331,3 +331,20 @@ async fn a_tenant_role_cannot_connect_to_another_tenants_database_or_the_platfor
     let wrong = b_options.clone().password("not-the-password");
     assert!(PgConnection::connect_with(&wrong).await.is_err());
 }
+
+/// PROV-10: every call to the cluster has a deadline: a few seconds to get a connection, a
+/// minute per statement; and the admin connections take no notices below WARNING (OPS-4).
+#[tokio::test]
+async fn the_cluster_backend_bounds_every_call_with_a_deadline() {
+    let h = harness().await;
+    let admin = h.provisioner.backend().inner().admin_pool();
+    assert!(admin.options().get_acquire_timeout() <= Duration::from_secs(5));
+    let (statement_timeout, client_min_messages): (String, String) = sqlx::query_as(
+        "SELECT current_setting('statement_timeout'), current_setting('client_min_messages')",
+    )
+    .fetch_one(admin)
+    .await
+    .unwrap();
+    assert_eq!(statement_timeout, "1min");
+    assert_eq!(client_min_messages, "warning");
+}

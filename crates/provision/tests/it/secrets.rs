@@ -177,6 +177,17 @@ async fn no_log_at_any_level_and_no_stored_row_contains_a_password_or_a_full_tok
         "the capture sees this flow's output, sqlx's statements included ({} bytes)",
         own.len()
     );
+    // OPS-3, PROV-14: a create failure is logged at ERROR with its cause chain; successes and
+    // deprovisions leave an INFO line.
+    let create_failure = own
+        .lines()
+        .find(|l| l.contains("could not create a backend object"))
+        .expect("the create-step failure is logged");
+    assert!(create_failure.contains("ERROR"), "{create_failure}");
+    assert!(
+        create_failure.contains("injected fault at backend.create"),
+        "the cause is kept: {create_failure}"
+    );
     let log_path = server.log_path().unwrap();
     let server_log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
