@@ -348,3 +348,55 @@ async fn the_cluster_backend_bounds_every_call_with_a_deadline() {
     assert_eq!(statement_timeout, "1min");
     assert_eq!(client_min_messages, "warning");
 }
+
+/// PROV-9: a URL stored with its password before the address-only rule is scrubbed by the
+/// migration; the migration keeps everything but the password.
+#[tokio::test]
+async fn the_migration_removes_passwords_already_stored_in_connection_urls() {
+    let db = keel_testkit::empty_database().await;
+    let migrator = &keel_schema::MIGRATOR;
+    let mut conn = db.pool().acquire().await.unwrap();
+    for migration in migrator.iter().filter(|m| {
+        m.version < 10 && matches!(m.migration_type, sqlx::migrate::MigrationType::ReversibleUp)
+    }) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql.as_str().to_owned()))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let team: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                provider_resource_id, connection_url) \
+         VALUES (gen_random_uuid(), 'tok1', $1, 'postgres', 'pro', 'active', 'cust_tok1', \
+                 'postgres://cust_tok1:s3cr3t@db:5432/cust_tok1?sslmode=require')",
+    )
+    .bind(team)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let up = migrator
+        .iter()
+        .find(|m| {
+            m.version == 10
+                && matches!(m.migration_type, sqlx::migrate::MigrationType::ReversibleUp)
+        })
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(up.sql.as_str().to_owned()))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let url: String = sqlx::query_scalar("SELECT connection_url FROM resources")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        url,
+        "postgres://cust_tok1@db:5432/cust_tok1?sslmode=require"
+    );
+}
