@@ -400,3 +400,31 @@ async fn the_migration_removes_passwords_already_stored_in_connection_urls() {
         "postgres://cust_tok1@db:5432/cust_tok1?sslmode=require"
     );
 }
+
+/// PROV-17: each step is recorded at the time it happened, not at the request's start.
+#[tokio::test]
+async fn each_step_of_a_provisioning_is_recorded_at_its_own_time() {
+    let h = harness().await;
+    let ticks = std::sync::atomic::AtomicI64::new(0);
+    let clock =
+        || NOW + time::Duration::minutes(ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let provisioned = h
+        .provisioner
+        .provision_at(h.request(), clock)
+        .await
+        .unwrap();
+    let (created_at, updated_at): (time::OffsetDateTime, time::OffsetDateTime) =
+        sqlx::query_as("SELECT created_at, updated_at FROM resources WHERE id = $1")
+            .bind(provisioned.id().as_uuid())
+            .fetch_one(h.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(created_at, NOW, "reserved at the first reading");
+    assert_eq!(
+        updated_at,
+        NOW + time::Duration::minutes(2),
+        "finalized at the third"
+    );
+    let audit = h.audit().await;
+    assert_eq!(audit[0].occurred_at(), NOW + time::Duration::minutes(2));
+}
