@@ -800,6 +800,24 @@ mod tests {
         }
     }
 
+    /// PROV-11: the chokepoint's protection check reads the namespace's annotation.
+    #[tokio::test]
+    async fn protection_is_read_from_the_namespace_annotation() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut protected = keel_metadata();
+        protected["metadata"]["annotations"] = json!({ PROTECT_ANNOTATION: "true" });
+        let cases = [
+            (get_metadata(StatusCode::OK, protected), true),
+            (get_metadata(StatusCode::OK, keel_metadata()), false),
+            (get_metadata(StatusCode::NOT_FOUND, not_found()), false),
+        ];
+        for (step, expected) in cases {
+            let found =
+                with_backend(vec![step], async |backend| backend.protected(&name).await).await;
+            assert_eq!(found.unwrap(), expected);
+        }
+    }
+
     #[tokio::test]
     async fn exists_reports_presence_from_a_metadata_read() {
         let name = namespace_name(ResourceType::Namespace);
