@@ -50,6 +50,10 @@ pub struct AppState<S, B> {
     pub tiers: BTreeSet<String>,
     /// The provisioning tasks in flight (drained on shutdown).
     pub tracker: TaskTracker,
+    /// How long a GET or DELETE may wait on the store and backend before answering 503. (A POST
+    /// waits for its flow, whose every call has its own deadline: answering before the flow
+    /// ends would tell the caller "failed" about a resource that may yet become live.)
+    pub deadline: Duration,
 }
 
 impl<S: ResourceStore, B: Backend> AppState<S, B> {
@@ -399,7 +403,14 @@ async fn read<S: ResourceStore, B: Backend>(
     let Some(id) = parse_id(id) else {
         return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
-    match state.provisioner.get(id).await {
+    let Ok(found) = tokio::time::timeout(state.deadline, state.provisioner.get(id)).await else {
+        tracing::error!(resource_id = %id, "reading a resource exceeded the request deadline");
+        return fail(
+            ErrorCode::BackendUnavailable,
+            "reading the resource took too long",
+        );
+    };
+    match found {
         Ok(Some(record)) => json_response(
             StatusCode::OK,
             "application/json",
@@ -467,15 +478,30 @@ async fn delete<S: ResourceStore, B: Backend>(
         actor: actor(&headers),
         request_id: Some(request_id.clone()),
     };
-    match state
-        .provisioner
-        .deprovision(
+    // Cut short at the deadline, the chokepoint leaves an audited, retryable state at worst
+    // (every step is idempotent; a retry finishes it).
+    let deprovisioned = tokio::time::timeout(
+        state.deadline,
+        state.provisioner.deprovision(
             DeprovisionTarget::Resource(id),
             &cause,
             OffsetDateTime::now_utc(),
-        )
-        .await
-    {
+        ),
+    )
+    .await;
+    let Ok(deprovisioned) = deprovisioned else {
+        tracing::error!(resource_id = %id, "a deprovision exceeded the request deadline");
+        return envelope_response(
+            &ErrorEnvelope::new(
+                ErrorCode::BackendUnavailable,
+                "the deprovision took too long; send the same DELETE again to finish it",
+                request_id.as_str(),
+                &state.docs,
+            )
+            .with_resource(id),
+        );
+    };
+    match deprovisioned {
         Ok(done) => {
             let outcome = match done {
                 Deprovisioned::Retired => "deprovisioned",
@@ -558,6 +584,7 @@ mod tests {
             docs: DocsBase::parse("https://keel.dev/docs/errors").unwrap(),
             tiers: ["free", "pro"].into_iter().map(String::from).collect(),
             tracker: TaskTracker::new(),
+            deadline: std::time::Duration::from_secs(2),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1123,5 +1150,29 @@ mod tests {
             "the flow in flight was drained, not cut short"
         );
         assert!(api.database_exists(&name).await);
+    }
+
+    /// PROV-10: a GET or DELETE stuck behind the store answers 503 at the request deadline
+    /// instead of hanging; the DELETE names the resource so it can be sent again.
+    #[tokio::test]
+    async fn a_request_stuck_behind_the_store_answers_503_at_its_deadline() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let mut blocker = api.db.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_envelope(&read, 503, "backend_unavailable");
+        let delete = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_envelope(&delete, 503, "backend_unavailable");
+        assert_eq!(delete.json()["resource_id"], id.as_str());
+        blocker.rollback().await.unwrap();
+        let again = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(again.status, 200, "{}", again.body);
     }
 }

@@ -102,6 +102,14 @@ struct ServeArgs {
         value_name = "SECONDS"
     )]
     reconcile_interval_secs: u64,
+    /// Seconds a GET or DELETE may wait on the store and backend before answering 503.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_REQUEST_DEADLINE_SECS",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    request_deadline_secs: u64,
     /// Seconds to wait on SIGTERM for provisionings in flight.
     #[arg(
         long,
@@ -214,6 +222,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         docs,
         tiers: args.tiers.into_iter().collect::<BTreeSet<_>>(),
         tracker: tracker.clone(),
+        deadline: Duration::from_secs(args.request_deadline_secs.max(1)),
     });
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
