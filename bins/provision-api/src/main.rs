@@ -200,7 +200,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let cluster_backend = PgClusterBackend::new(cluster, public, 8).with_sslmode(args.sslmode);
+    // Every tier sold must have its role settings (the one table shared with propagation), or
+    // every POST at that tier would fail.
+    let tier_settings = keel_audit::TierRoleSettings::standard();
+    for tier in &args.tiers {
+        let known = keel_audit::Tier::parse(tier)
+            .ok()
+            .and_then(|t| tier_settings.get(&t));
+        anyhow::ensure!(
+            known.is_some(),
+            "--tiers names {tier:?}, which has no role settings (connection limit, statement_timeout); \
+             sell only tiers defined in keel_audit::TierRoleSettings"
+        );
+    }
+    let cluster_backend = PgClusterBackend::new(cluster, public, 8)
+        .with_sslmode(args.sslmode)
+        .with_tier_settings(tier_settings);
     // Say at start-up, not at the first POST, what the cluster admin lacks.
     cluster_backend
         .check_privileges()

@@ -39,3 +39,27 @@ async fn serve_names_the_missing_cluster_privilege_at_start_up() {
         .await
         .unwrap();
 }
+
+/// PROV-12: a tier sold without role settings is refused at start-up, not at its first POST.
+#[tokio::test]
+async fn serve_refuses_a_tier_without_role_settings() {
+    let db = keel_testkit::database().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tiers",
+            "free,platinum",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run keel-provision-api");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("platinum") && stderr.contains("no role settings"),
+        "{stderr}"
+    );
+}
