@@ -76,8 +76,9 @@ pub trait ResourceStore: Send + Sync {
         reservation: &NewReservation,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Turns a `pending` row `active` with its provider id and connection URL, and records
-    /// `audit` (`provision.created`) in the same transaction.
+    /// Turns a `pending` row `active` with its provider id and connection address (the URL
+    /// without its password, [`crate::ConnectionUrl::address`]), and records `audit`
+    /// (`provision.created`) in the same transaction.
     fn activate(
         &self,
         id: ResourceId,
