@@ -11,6 +11,13 @@
 //! Each provisioning runs in a task of its own, tracked by the state's [`TaskTracker`]: a
 //! client that disconnects does not cut it short, and [`serve`] drains the tracker on shutdown
 //! within a deadline.
+//!
+//! **Admission and deadlines.** At most [`AppState::admission`]'s permits of provisionings run at
+//! once; past that a POST answers `too_many_provisions` (503, `Retry-After`) before anything is
+//! reserved. Every request is answered by [`AppState::deadline`]: a GET or DELETE that is still
+//! waiting answers `backend_unavailable`; a POST whose flow is still running answers
+//! `provision_pending` naming the reserved resource (GET it until `active` or `failed`) — never
+//! "failed", since the flow goes on in its task and may yet finalize.
 
 use std::any::Any;
 use std::collections::BTreeSet;
@@ -50,10 +57,13 @@ pub struct AppState<S, B> {
     pub tiers: BTreeSet<String>,
     /// The provisioning tasks in flight (drained on shutdown).
     pub tracker: TaskTracker,
-    /// How long a GET or DELETE may wait on the store and backend before answering 503. (A POST
-    /// waits for its flow, whose every call has its own deadline: answering before the flow
-    /// ends would tell the caller "failed" about a resource that may yet become live.)
+    /// How long a request may wait before it is answered: a GET or DELETE then answers 503
+    /// `backend_unavailable`, a POST whose flow goes on answers 503 `provision_pending` with the
+    /// reserved resource's id.
     pub deadline: Duration,
+    /// One permit per provisioning in flight; a POST that finds none is refused before anything
+    /// is reserved.
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: ResourceStore, B: Backend> AppState<S, B> {
@@ -342,18 +352,61 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         request_id: request_id.clone(),
         actor: actor(&headers),
     };
-    // Its own tracked task: a client that disconnects mid-flow must not cut provisioning short
-    // between create and finalize, and shutdown waits for it. Each step reads the clock anew.
-    let flow = {
+    let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
+        state.provisioner.metrics().shed(resource_type);
+        tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
+        return fail(
+            ErrorCode::TooManyProvisions,
+            "too many provisionings are in flight; nothing was reserved",
+        );
+    };
+    let deadline = tokio::time::Instant::now() + state.deadline;
+    // Its own tracked task, holding its admission permit to the end: a client that disconnects
+    // (or a deadline answer) must not cut provisioning short between create and finalize, and
+    // shutdown waits for it. Each step reads the clock anew. The reserved id is sent out as soon
+    // as the intent is written, so a deadline answer can name it.
+    let (reserved_tx, reserved_rx) = tokio::sync::oneshot::channel();
+    let mut flow = {
         let state = Arc::clone(&state);
         state.tracker.clone().spawn(async move {
-            state
-                .provisioner
-                .provision_at(request, OffsetDateTime::now_utc)
+            let _permit = permit;
+            let provisioner = &state.provisioner;
+            let reservation = provisioner
+                .reserve(request, OffsetDateTime::now_utc())
+                .await?;
+            let _ = reserved_tx.send(reservation.id());
+            let created = provisioner
+                .create(reservation, OffsetDateTime::now_utc())
+                .await?;
+            provisioner
+                .finalize(created, OffsetDateTime::now_utc())
                 .await
         })
     };
-    match flow.await {
+    let finished = match tokio::time::timeout_at(deadline, &mut flow).await {
+        Ok(finished) => finished,
+        // Past the deadline. Reserving is bounded by the store's own deadline, so waiting for
+        // its outcome is bounded too: either a reserved id to name, or the flow's own error.
+        Err(_) => match reserved_rx.await {
+            Ok(id) => {
+                state.provisioner.metrics().answered_pending(resource_type);
+                tracing::warn!(resource_id = %id, "a provisioning outlived the request deadline; it goes on");
+                return envelope_response(
+                    &ErrorEnvelope::new(
+                        ErrorCode::ProvisionPending,
+                        "the resource is still being created; GET it until its status is active \
+                         or failed. Its connection URL is shown only in a 201: once it is active, \
+                         DELETE it and create another if its credentials are needed",
+                        request_id.as_str(),
+                        &state.docs,
+                    )
+                    .with_resource(id),
+                );
+            }
+            Err(_) => flow.await,
+        },
+    };
+    match finished {
         Ok(Ok(provisioned)) => created(provisioned),
         Ok(Err(e)) => {
             let mut envelope =
@@ -547,8 +600,9 @@ mod tests {
 
     use super::*;
     use crate::backends::Backends;
+    use crate::bounded::BoundedStore;
 
-    type Store = FaultyStore<PgResourceStore>;
+    type Store = FaultyStore<BoundedStore<PgResourceStore>>;
 
     /// A running API on a fresh migrated database with one team.
     struct Api {
@@ -577,7 +631,10 @@ mod tests {
         };
         let state = Arc::new(AppState {
             provisioner: Provisioner::new(
-                FaultyStore::new(PgResourceStore::new(db.pool().clone())),
+                FaultyStore::new(BoundedStore::new(
+                    PgResourceStore::new(db.pool().clone()),
+                    std::time::Duration::from_secs(5),
+                )),
                 backends,
                 metrics,
             ),
@@ -585,6 +642,7 @@ mod tests {
             tiers: ["free", "pro"].into_iter().map(String::from).collect(),
             tracker: TaskTracker::new(),
             deadline: std::time::Duration::from_secs(2),
+            admission: Arc::new(tokio::sync::Semaphore::new(8)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1174,5 +1232,111 @@ mod tests {
         blocker.rollback().await.unwrap();
         let again = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
         assert_eq!(again.status, 200, "{}", again.body);
+    }
+
+    /// PROV-10: admission control. Past the in-flight limit a POST is refused with 503 and
+    /// `Retry-After` before anything is reserved, counted as `shed`; once a permit frees up the
+    /// same POST provisions.
+    #[tokio::test]
+    async fn past_the_in_flight_limit_a_post_is_refused_before_anything_is_reserved() {
+        let api = api().await;
+        let all = Arc::clone(&api.state.admission)
+            .acquire_many_owned(8)
+            .await
+            .unwrap();
+        let refused = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&refused, 503, "too_many_provisions");
+        assert!(
+            refused.head.to_lowercase().contains("retry-after: 5"),
+            "{}",
+            refused.head
+        );
+        assert!(refused.json().get("resource_id").is_none());
+        assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+        assert_eq!(
+            api.state
+                .provisioner
+                .metrics()
+                .outcomes(ResourceType::Postgres, keel_provision::Outcome::Shed),
+            1
+        );
+        let metrics = api.call("GET", "/metrics", "").await;
+        assert!(
+            metrics.body.contains(
+                "instant_provision_outcomes_total{resource_type=\"postgres\",outcome=\"shed\"} 1"
+            ),
+            "{}",
+            metrics.body
+        );
+        drop(all);
+        let admitted = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_eq!(admitted.status, 201, "{}", admitted.body);
+        assert_eq!(
+            api.state.admission.available_permits(),
+            8,
+            "the permit came back"
+        );
+    }
+
+    /// PROV-10: a POST whose flow outlives the request deadline is answered with the reserved
+    /// resource's id and "still being created" (never "failed"); the flow goes on in its own task
+    /// and the resource GET names becomes active.
+    #[tokio::test]
+    async fn a_post_past_its_deadline_names_the_reserved_resource_and_never_says_failed() {
+        let api = api().await;
+        // The finalize outlasts the request deadline (2 s) but not the store deadline (5 s).
+        sqlx::raw_sql(
+            "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
+               WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();",
+        )
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let answer = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&answer, 503, "provision_pending");
+        let body = answer.json();
+        let text = format!("{} {}", body["message"], body["agent_action"]);
+        // "failed" appears only as one of the statuses to wait for.
+        let claims = text.replace("active or failed", "");
+        for untrue in [
+            "failed",
+            "could not be created",
+            "nothing was left",
+            "retry",
+        ] {
+            assert!(!claims.contains(untrue), "{text}");
+        }
+        assert!(text.contains("GET"), "{text}");
+        assert!(!text.contains("postgres://"), "{text}");
+        let id = body["resource_id"].as_str().unwrap().to_owned();
+        let first = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(first.json()["status"], "pending", "{}", first.body);
+        // The flow was not cut short: the resource it reserved becomes active.
+        let status = loop {
+            let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+            let status = read.json()["status"].as_str().unwrap().to_owned();
+            if status != "pending" {
+                break status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(status, "active");
+        let name = api.provider_ids().await.remove(0);
+        assert!(api.database_exists(&name).await);
+        assert_eq!(
+            api.state
+                .provisioner
+                .metrics()
+                .answered_pending_total(ResourceType::Postgres),
+            1
+        );
     }
 }

@@ -10,6 +10,7 @@
 
 mod api;
 mod backends;
+mod bounded;
 mod reconcile;
 
 use std::collections::BTreeSet;
@@ -29,6 +30,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::AppState;
 use crate::backends::Backends;
+use crate::bounded::BoundedStore;
 
 /// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
 #[derive(Parser)]
@@ -43,7 +45,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the provisioning API, /metrics and /healthz until SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the embedded database migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -102,7 +104,9 @@ struct ServeArgs {
         value_name = "SECONDS"
     )]
     reconcile_interval_secs: u64,
-    /// Seconds a GET or DELETE may wait on the store and backend before answering 503.
+    /// Seconds before a request is answered: a GET or DELETE still waiting answers 503
+    /// backend_unavailable; a POST whose provisioning still runs answers 503 provision_pending
+    /// with the reserved resource's id (the provisioning goes on).
     #[arg(
         long,
         env = "KEEL_PROVISION_REQUEST_DEADLINE_SECS",
@@ -110,6 +114,24 @@ struct ServeArgs {
         value_name = "SECONDS"
     )]
     request_deadline_secs: u64,
+    /// Seconds any one call to the platform database may take before it is given up as failed.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_STORE_DEADLINE_SECS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    store_deadline_secs: u64,
+    /// Provisionings in flight at once on this instance; past it a POST answers 503
+    /// too_many_provisions before anything is reserved.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_MAX_IN_FLIGHT",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N"
+    )]
+    max_in_flight: u32,
     /// Seconds to wait on SIGTERM for provisionings in flight.
     #[arg(
         long,
@@ -169,7 +191,7 @@ fn main() -> ExitCode {
     keel_service::run(&cli.log, async move {
         match cli.command {
             Command::Migrate(db) => keel_service::migrate(&db).await,
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
         }
     })
 }
@@ -233,11 +255,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let metrics = ProvisionMetrics::register(&mut registry);
     let tracker = tokio_util::task::TaskTracker::new();
     let state = Arc::new(AppState {
-        provisioner: Provisioner::new(PgResourceStore::new(pool.clone()), backends, metrics),
+        provisioner: Provisioner::new(
+            BoundedStore::new(
+                PgResourceStore::new(pool.clone()),
+                Duration::from_secs(args.store_deadline_secs.max(1)),
+            ),
+            backends,
+            metrics,
+        ),
         docs,
         tiers: args.tiers.into_iter().collect::<BTreeSet<_>>(),
         tracker: tracker.clone(),
         deadline: Duration::from_secs(args.request_deadline_secs.max(1)),
+        admission: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight as usize)),
     });
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;

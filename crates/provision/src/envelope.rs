@@ -42,6 +42,11 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// The backend is temporarily unavailable.
     BackendUnavailable,
+    /// Too many provisionings are in flight on this instance; nothing was reserved.
+    TooManyProvisions,
+    /// The provisioning outlived the request deadline and is still running: the reserved
+    /// resource may yet become active or fail. Never "failed".
+    ProvisionPending,
     /// A database operation failed (plumbing; unregistered).
     DbError,
     /// An unexpected internal failure (plumbing; unregistered).
@@ -103,6 +108,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::TooManyProvisions => "too_many_provisions",
+            ErrorCode::ProvisionPending => "provision_pending",
             ErrorCode::DbError => "db_error",
             ErrorCode::Internal => "internal",
         }
@@ -123,7 +130,9 @@ impl ErrorCode {
             ErrorCode::TeamNotFound => 422,
             ErrorCode::ProvisionFailed
             | ErrorCode::ProvisionIncomplete
-            | ErrorCode::BackendUnavailable => 503,
+            | ErrorCode::BackendUnavailable
+            | ErrorCode::TooManyProvisions
+            | ErrorCode::ProvisionPending => 503,
             ErrorCode::DbError | ErrorCode::Internal => 500,
         }
     }
@@ -144,6 +153,8 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "Payload too large",
             ErrorCode::UnsupportedMediaType => "Unsupported media type",
             ErrorCode::BackendUnavailable => "Backend unavailable",
+            ErrorCode::TooManyProvisions => "Too many provisionings in flight",
+            ErrorCode::ProvisionPending => "Provisioning still in progress",
             ErrorCode::DbError => "Database error",
             ErrorCode::Internal => "Internal error",
         }
@@ -152,7 +163,9 @@ impl ErrorCode {
     /// Seconds a caller should wait before retrying, when retrying is the advice (503s).
     pub const fn retry_after_seconds(self) -> Option<u32> {
         match self {
-            ErrorCode::ProvisionFailed => Some(5),
+            ErrorCode::ProvisionFailed
+            | ErrorCode::TooManyProvisions
+            | ErrorCode::ProvisionPending => Some(5),
             ErrorCode::ProvisionIncomplete | ErrorCode::BackendUnavailable => Some(30),
             ErrorCode::ResourceProtected
             | ErrorCode::RouteNotFound
@@ -225,6 +238,16 @@ impl ErrorCode {
             ErrorCode::BackendUnavailable => Some(
                 "Tell the user the platform's backend is briefly unavailable; wait for the \
                  Retry-After delay, then retry with exponential backoff. See {url}",
+            ),
+            ErrorCode::TooManyProvisions => Some(
+                "Tell the user the platform is busy creating other resources and nothing was \
+                 reserved; wait for the Retry-After delay, then retry with exponential backoff. \
+                 See {url}",
+            ),
+            ErrorCode::ProvisionPending => Some(
+                "Tell the user the resource is still being created; do not POST again: GET \
+                 /v1/resources/{id} with the resource_id given, every Retry-After seconds, until \
+                 its status is active or failed. See {url}",
             ),
             ErrorCode::DbError | ErrorCode::Internal => None,
         }
