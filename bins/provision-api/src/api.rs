@@ -442,8 +442,47 @@ struct ResourceView {
     tier: String,
     status: &'static str,
     created_at: String,
+    updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     deleted_at: Option<String>,
+}
+
+impl ResourceView {
+    fn of(record: &keel_provision::ResourceRecord) -> Self {
+        Self {
+            ok: true,
+            id: record.id.to_string(),
+            team_id: record.team_id.to_string(),
+            resource_type: record.resource_type.as_str(),
+            tier: record.tier.as_str().to_owned(),
+            status: record.status.as_str(),
+            created_at: record.created_at.format(&Rfc3339).unwrap_or_default(),
+            updated_at: record.updated_at.format(&Rfc3339).unwrap_or_default(),
+            deleted_at: record.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
+        }
+    }
+
+    /// A strong entity tag of this representation: 64-bit FNV-1a of its JSON, the same on every
+    /// replica, so any change a GET can see (status, tier, `updated_at`) changes it.
+    fn etag(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("\"{hash:016x}\"")
+    }
+}
+
+/// Whether an `If-Match` value admits `current` (RFC 9110 strong comparison: `*` matches any
+/// current representation; weak tags never match).
+fn if_match_admits(if_match: &str, current: Option<&str>) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    if_match
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag == current)
 }
 
 async fn read<S: ResourceStore, B: Backend>(
@@ -464,20 +503,14 @@ async fn read<S: ResourceStore, B: Backend>(
         );
     };
     match found {
-        Ok(Some(record)) => json_response(
-            StatusCode::OK,
-            "application/json",
-            &ResourceView {
-                ok: true,
-                id: record.id.to_string(),
-                team_id: record.team_id.to_string(),
-                resource_type: record.resource_type.as_str(),
-                tier: record.tier.as_str().to_owned(),
-                status: record.status.as_str(),
-                created_at: record.created_at.format(&Rfc3339).unwrap_or_default(),
-                deleted_at: record.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
-            },
-        ),
+        Ok(Some(record)) => {
+            let view = ResourceView::of(&record);
+            let mut response = json_response(StatusCode::OK, "application/json", &view);
+            if let Ok(etag) = HeaderValue::from_str(&view.etag()) {
+                response.headers_mut().insert(header::ETAG, etag);
+            }
+            response
+        }
         Ok(None) => fail(ErrorCode::ResourceNotFound, "no resource has this id"),
         Err(e) => {
             tracing::error!(error = %ErrorChain(&e), "could not read a resource");
@@ -531,10 +564,53 @@ async fn delete<S: ResourceStore, B: Backend>(
         actor: actor(&headers),
         request_id: Some(request_id.clone()),
     };
+    let deadline = tokio::time::Instant::now() + state.deadline;
+    let too_long = || {
+        envelope_response(
+            &ErrorEnvelope::new(
+                ErrorCode::BackendUnavailable,
+                "the deprovision took too long; send the same DELETE again to finish it",
+                request_id.as_str(),
+                &state.docs,
+            )
+            .with_resource(id),
+        )
+    };
+    // `If-Match`: only the version the caller last read is deleted.
+    if let Some(if_match) = headers.get(header::IF_MATCH) {
+        let Ok(if_match) = if_match.to_str() else {
+            return fail(
+                ErrorCode::InvalidRequest,
+                "If-Match must be a list of entity tags",
+            );
+        };
+        let current = match tokio::time::timeout_at(deadline, state.provisioner.get(id)).await {
+            Err(_) => {
+                tracing::error!(resource_id = %id, "checking If-Match exceeded the request deadline");
+                return too_long();
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %ErrorChain(&e), "could not read a resource for If-Match");
+                return fail(ErrorCode::BackendUnavailable, "could not read the resource");
+            }
+            Ok(Ok(record)) => record.map(|record| ResourceView::of(&record).etag()),
+        };
+        if !if_match_admits(if_match, current.as_deref()) {
+            return envelope_response(
+                &ErrorEnvelope::new(
+                    ErrorCode::PreconditionFailed,
+                    "If-Match does not name the resource's current version; nothing was deleted",
+                    request_id.as_str(),
+                    &state.docs,
+                )
+                .with_resource(id),
+            );
+        }
+    }
     // Cut short at the deadline, the chokepoint leaves an audited, retryable state at worst
     // (every step is idempotent; a retry finishes it).
-    let deprovisioned = tokio::time::timeout(
-        state.deadline,
+    let deprovisioned = tokio::time::timeout_at(
+        deadline,
         state.provisioner.deprovision(
             DeprovisionTarget::Resource(id),
             &cause,
@@ -544,15 +620,7 @@ async fn delete<S: ResourceStore, B: Backend>(
     .await;
     let Ok(deprovisioned) = deprovisioned else {
         tracing::error!(resource_id = %id, "a deprovision exceeded the request deadline");
-        return envelope_response(
-            &ErrorEnvelope::new(
-                ErrorCode::BackendUnavailable,
-                "the deprovision took too long; send the same DELETE again to finish it",
-                request_id.as_str(),
-                &state.docs,
-            )
-            .with_resource(id),
-        );
+        return too_long();
     };
     match deprovisioned {
         Ok(done) => {
@@ -692,10 +760,21 @@ mod tests {
             content_type: Option<&str>,
             body: &str,
         ) -> Answer {
-            let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
             let content_type = content_type
                 .map(|c| format!("Content-Type: {c}\r\n"))
                 .unwrap_or_default();
+            self.call_raw(method, path, &content_type, body).await
+        }
+
+        /// A bodiless call with one extra header.
+        async fn call_with(&self, method: &str, path: &str, name: &str, value: &str) -> Answer {
+            self.call_raw(method, path, &format!("{name}: {value}\r\n"), "")
+                .await
+        }
+
+        async fn call_raw(&self, method: &str, path: &str, extra: &str, body: &str) -> Answer {
+            let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+            let content_type = extra;
             let request = format!(
                 "{method} {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
                  X-Request-Id: req-test-1\r\nX-Keel-Actor: agent:test\r\n\
@@ -1338,5 +1417,81 @@ mod tests {
                 .answered_pending_total(ResourceType::Postgres),
             1
         );
+    }
+
+    fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {
+        answer.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// PROV-18: GET shows `updated_at` and an `ETag` that changes with the row; DELETE honours
+    /// `If-Match` and, on a version that is not the current one, answers 412 in the envelope and
+    /// deletes nothing.
+    #[tokio::test]
+    async fn delete_with_a_stale_if_match_answers_412_and_deletes_nothing() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let path = format!("/v1/resources/{id}");
+        let first = api.call("GET", &path, "").await;
+        let first_tag = header(&first, "etag").unwrap().to_owned();
+        assert!(
+            first_tag.starts_with('"') && first_tag.ends_with('"'),
+            "{first_tag}"
+        );
+        let first_updated = first.json()["updated_at"].as_str().unwrap().to_owned();
+        let again = api.call("GET", &path, "").await;
+        assert_eq!(
+            header(&again, "etag"),
+            Some(first_tag.as_str()),
+            "the same version has the same tag"
+        );
+        // The row changes (as a tier change by propagation would).
+        sqlx::query(
+            "UPDATE resources SET tier = 'free', updated_at = updated_at + interval '1 second' \
+              WHERE id = $1",
+        )
+        .bind(uuid::Uuid::parse_str(&id).unwrap())
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let second = api.call("GET", &path, "").await;
+        let second_tag = header(&second, "etag").unwrap().to_owned();
+        assert_ne!(first_tag, second_tag);
+        assert_ne!(second.json()["updated_at"].as_str().unwrap(), first_updated);
+
+        let name = api.provider_ids().await.remove(0);
+        for stale in [first_tag.clone(), format!("W/{second_tag}"), "\"x\"".into()] {
+            let refused = api.call_with("DELETE", &path, "If-Match", &stale).await;
+            assert_envelope(&refused, 412, "precondition_failed");
+            assert_eq!(refused.json()["resource_id"], id.as_str());
+            assert!(api.database_exists(&name).await, "nothing was deleted");
+        }
+        assert_eq!(api.call("GET", &path, "").await.json()["status"], "active");
+        let mut conn = api.db.pool().acquire().await.unwrap();
+        let kinds: Vec<AuditKind> = fetch(&mut conn, &AuditFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|stored| stored.event.kind())
+            .collect();
+        assert_eq!(
+            kinds,
+            [AuditKind::ProvisionCreated],
+            "no deprovision recorded"
+        );
+
+        let deleted = api
+            .call_with("DELETE", &path, "If-Match", &format!("\"x\", {second_tag}"))
+            .await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(!api.database_exists(&name).await);
+        let missing = format!("/v1/resources/{}", ResourceId::new_random());
+        let absent = api.call_with("DELETE", &missing, "If-Match", "*").await;
+        assert_envelope(&absent, 412, "precondition_failed");
     }
 }

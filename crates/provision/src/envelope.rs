@@ -32,6 +32,8 @@ pub enum ErrorCode {
     ProvisionIncomplete,
     /// The resource is protected against deletion (`keel.dev/protect`).
     ResourceProtected,
+    /// `If-Match` names a version of the resource that is not its current one.
+    PreconditionFailed,
     /// No route has this path.
     RouteNotFound,
     /// The route does not answer this method.
@@ -103,6 +105,7 @@ impl ErrorCode {
             ErrorCode::ProvisionFailed => "provision_failed",
             ErrorCode::ProvisionIncomplete => "provision_incomplete",
             ErrorCode::ResourceProtected => "resource_protected",
+            ErrorCode::PreconditionFailed => "precondition_failed",
             ErrorCode::RouteNotFound => "route_not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
@@ -124,6 +127,7 @@ impl ErrorCode {
             ErrorCode::ResourceNotFound | ErrorCode::RouteNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ResourceProtected => 409,
+            ErrorCode::PreconditionFailed => 412,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             // The request is well formed but names a team that does not exist.
@@ -148,6 +152,7 @@ impl ErrorCode {
             ErrorCode::ProvisionFailed => "Provisioning failed",
             ErrorCode::ProvisionIncomplete => "Provisioning failed; cleanup pending",
             ErrorCode::ResourceProtected => "Resource protected",
+            ErrorCode::PreconditionFailed => "Precondition failed",
             ErrorCode::RouteNotFound => "Not found",
             ErrorCode::MethodNotAllowed => "Method not allowed",
             ErrorCode::PayloadTooLarge => "Payload too large",
@@ -168,6 +173,7 @@ impl ErrorCode {
             | ErrorCode::ProvisionPending => Some(5),
             ErrorCode::ProvisionIncomplete | ErrorCode::BackendUnavailable => Some(30),
             ErrorCode::ResourceProtected
+            | ErrorCode::PreconditionFailed
             | ErrorCode::RouteNotFound
             | ErrorCode::MethodNotAllowed
             | ErrorCode::PayloadTooLarge
@@ -218,6 +224,11 @@ impl ErrorCode {
             ErrorCode::ResourceProtected => Some(
                 "Tell the user the resource is protected against deletion; ask them to remove \
                  the protection first, and do not retry until they have. See {url}",
+            ),
+            ErrorCode::PreconditionFailed => Some(
+                "Tell the user the resource changed since it was last read; GET it again, check \
+                 it is still the one meant, and send the request with its new ETag in If-Match. \
+                 See {url}",
             ),
             ErrorCode::RouteNotFound => Some(
                 "Tell the user the path does not exist; use POST /v1/resources or GET or DELETE \

@@ -210,7 +210,7 @@ impl ResourceStore for PgResourceStore {
     ) -> Result<Vec<ResourceRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
-                    created_at, deleted_at \
+                    created_at, updated_at, deleted_at \
                FROM resources \
               WHERE status = 'pending' \
                 AND created_at < now() - make_interval(secs => $1) \
@@ -274,7 +274,7 @@ impl ResourceStore for PgResourceStore {
     async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
-                    created_at, deleted_at \
+                    created_at, updated_at, deleted_at \
                FROM resources WHERE id = $1",
         )
         .bind(id.as_uuid())
@@ -320,6 +320,7 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreE
         status: ResourceStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
         provider_resource_id: row.try_get("provider_resource_id").map_err(read)?,
         created_at: row.try_get("created_at").map_err(read)?,
+        updated_at: row.try_get("updated_at").map_err(read)?,
         deleted_at: row.try_get("deleted_at").map_err(read)?,
     })
 }
