@@ -205,6 +205,21 @@ async fn no_log_at_any_level_and_no_stored_row_contains_a_password_or_a_full_tok
     for token in &tokens {
         assert!(!own.contains(token.as_str()), "our log holds a full token");
     }
+    // OPS-4: at TRACE, sqlx did log the statements of the failed provisions' flips and of the
+    // deprovisions (so the check above saw them), and no sqlx line - statement or notice - holds
+    // a full token.
+    let sqlx_lines: Vec<&str> = own.lines().filter(|l| l.contains("sqlx")).collect();
+    for statement in ["status = 'failed'", "status = 'deleted'"] {
+        assert!(
+            sqlx_lines.iter().any(|l| l.contains(statement)),
+            "sqlx logged the statement setting {statement}"
+        );
+    }
+    for line in &sqlx_lines {
+        for token in &tokens {
+            assert!(!line.contains(token.as_str()), "sqlx logged a full token");
+        }
+    }
 }
 
 async fn token_of(db: &keel_testkit::TestDatabase, id: keel_audit::ResourceId) -> String {
