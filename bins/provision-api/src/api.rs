@@ -807,7 +807,7 @@ mod tests {
         }
 
         async fn provider_ids(&self) -> Vec<String> {
-            sqlx::query_scalar("SELECT 'cust_' || token FROM resources ORDER BY created_at")
+            sqlx::query_scalar("SELECT 'cust_' || token_digest FROM resources ORDER BY created_at")
                 .fetch_all(self.db.pool())
                 .await
                 .unwrap()
@@ -1278,7 +1278,7 @@ mod tests {
         api.stop.cancel();
         api.served.take().unwrap().await.unwrap();
         let (status, name): (String, String) =
-            sqlx::query_as("SELECT status, 'cust_' || token FROM resources")
+            sqlx::query_as("SELECT status, 'cust_' || token_digest FROM resources")
                 .fetch_one(api.db.pool())
                 .await
                 .unwrap();
