@@ -68,7 +68,7 @@ impl fmt::Display for TokenDigest {
 /// A name that does not carry the platform's prefix and a valid token. The value is not shown
 /// (it may contain a token).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{what} is not one of the platform's names ({prefix}<token>); the value is not shown")]
+#[error("{what} is not one of the platform's names ({prefix}…); the value is not shown")]
 pub struct ForeignName {
     what: &'static str,
     prefix: &'static str,
@@ -306,7 +306,7 @@ mod tests {
             let err = NamespaceName::parse(foreign).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                "namespace is not one of the platform's names (instant-customer-<token>); the value is not shown"
+                "namespace is not one of the platform's names (instant-customer-…); the value is not shown"
             );
         }
         assert!(DatabaseName::parse("postgres").is_err());
