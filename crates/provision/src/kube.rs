@@ -32,7 +32,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use keel_audit::{ResourceType, Tier, Token};
+use keel_audit::{ResourceType, Tier};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams, Preconditions};
 
@@ -49,12 +49,14 @@ pub const MANAGED_BY: &str = "keel";
 pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
 /// The label recording the tier a namespace was provisioned at.
 pub const TIER_LABEL: &str = "keel.dev/tier";
+/// The annotation that protects a namespace from every teardown when it is `true`.
+pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 /// The field manager [`KubeNamespaceBackend::new`] creates namespaces as.
 pub const DEFAULT_FIELD_MANAGER: &str = "keel";
 
 /// The text of a Kubernetes error (and its causes) with every occurrence of `token` masked. The
 /// original error, whose text names the namespace in full, is dropped.
-fn redacted(err: &kube::Error, token: &Token) -> RedactedError {
+fn redacted(err: &kube::Error, name: &BackendName) -> RedactedError {
     let text = if let kube::Error::Api(status) = err {
         format!("{} {}: {}", status.code, status.reason, status.message)
     } else {
@@ -70,12 +72,12 @@ fn redacted(err: &kube::Error, token: &Token) -> RedactedError {
         }
         text
     };
-    RedactedError::masking(&text, token)
+    RedactedError::new(name.mask_in(&text))
 }
 
 /// A backend failure on `name` caused by `err`, with the token masked.
 fn unavailable(operation: &'static str, name: &BackendName, err: &kube::Error) -> BackendError {
-    BackendError::unavailable(operation, name, redacted(err, name.token()))
+    BackendError::unavailable(operation, name, redacted(err, name))
 }
 
 /// Whether `err` is the API server's 409 `AlreadyExists`.
@@ -311,11 +313,28 @@ impl Backend for KubeNamespaceBackend {
             .map_err(|e| unavailable("read namespace", name, &e))?;
         Ok(found.is_some())
     }
+
+    async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let (ns, _) = namespace_of(name)?;
+        let found = self
+            .namespaces()
+            .get_metadata_opt(ns.expose())
+            .await
+            .map_err(|e| unavailable("read namespace", name, &e))?;
+        Ok(found.is_some_and(|ns| {
+            ns.metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
+                .is_some_and(|value| value == "true")
+        }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use http::{Method, Request, Response, StatusCode};
+    use keel_audit::Token;
     use kube::client::Body;
     use serde_json::{Value, json};
 
@@ -779,6 +798,24 @@ mod tests {
             )
             .await;
             assert_foreign(result);
+        }
+    }
+
+    /// PROV-11: the chokepoint's protection check reads the namespace's annotation.
+    #[tokio::test]
+    async fn protection_is_read_from_the_namespace_annotation() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut protected = keel_metadata();
+        protected["metadata"]["annotations"] = json!({ PROTECT_ANNOTATION: "true" });
+        let cases = [
+            (get_metadata(StatusCode::OK, protected), true),
+            (get_metadata(StatusCode::OK, keel_metadata()), false),
+            (get_metadata(StatusCode::NOT_FOUND, not_found()), false),
+        ];
+        for (step, expected) in cases {
+            let found =
+                with_backend(vec![step], async |backend| backend.protected(&name).await).await;
+            assert_eq!(found.unwrap(), expected);
         }
     }
 

@@ -8,6 +8,7 @@ use keel_audit::{AuditEvent, BoxError, ResourceId, ResourceType, TeamId, Tier, T
 use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
+use crate::names::TokenDigest;
 
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +54,6 @@ impl StoreError {
 pub struct NewReservation {
     /// The resource id.
     pub id: ResourceId,
-    /// The token its backend name derives from.
-    pub token: Token,
     /// The owning team.
     pub team_id: TeamId,
     /// What it is.
@@ -70,14 +69,17 @@ pub struct NewReservation {
 /// Every method that takes an [`AuditEvent`] commits the event together with its state change,
 /// or neither.
 pub trait ResourceStore: Send + Sync {
-    /// Inserts a `pending` row (refusing an unknown team with [`StoreError::TeamNotFound`]).
+    /// Inserts a `pending` row (refusing an unknown team with [`StoreError::TeamNotFound`]) with
+    /// a fresh token, and answers the token. The store draws the token itself, so it is never
+    /// sent to the store (where a statement log would write it down).
     fn reserve(
         &self,
         reservation: &NewReservation,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Token, StoreError>> + Send;
 
-    /// Turns a `pending` row `active` with its provider id and connection URL, and records
-    /// `audit` (`provision.created`) in the same transaction.
+    /// Turns a `pending` row `active` with its provider id and connection address (the URL
+    /// without its password, [`crate::ConnectionUrl::address`]), and records `audit`
+    /// (`provision.created`) in the same transaction.
     fn activate(
         &self,
         id: ResourceId,
@@ -86,14 +88,25 @@ pub trait ResourceStore: Send + Sync {
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Soft-deletes a row that never became addressable (status `failed`, `deleted_at` set, no
-    /// connection URL), recording `audit` in the same transaction when given.
+    /// The compensation's state flip: `pending → failed` (`deleted_at` set, no connection URL),
+    /// conditional on the row still being `pending`, recording `audit` in the same transaction
+    /// when given. Answers [`Flip::Flipped`] only when this call made the change; otherwise
+    /// [`Flip::Found`] with the status the row already had (and nothing written). A compensation
+    /// tears down only what the flip proves is its own.
     fn abandon(
         &self,
         id: ResourceId,
         audit: Option<&AuditEvent>,
         now: OffsetDateTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Flip, StoreError>> + Send;
+
+    /// `pending` rows reserved more than `older_than` ago by the store's own clock (so replicas
+    /// agree), oldest first, at most `limit`: provisionings that a crash or a shutdown cut short.
+    fn stale_pending(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ResourceRecord>, StoreError>> + Send;
 
     /// Soft-deletes a live row for the deprovision chokepoint (status `deleted`, `deleted_at`
     /// set, connection URL cleared) and records `audit` (`resource.deprovisioned`) in the same
@@ -114,12 +127,21 @@ pub trait ResourceStore: Send + Sync {
         id: ResourceId,
     ) -> impl Future<Output = Result<Option<ResourceRecord>, StoreError>> + Send;
 
-    /// The live resource holding `token`, if any (statuses for which
-    /// [`ResourceStatus::is_live`] holds).
-    fn live_for_token(
+    /// The live resource whose token has `digest`, if any (statuses for which
+    /// [`ResourceStatus::is_live`] holds). Looked up by digest, so no token is sent.
+    fn live_for_digest(
         &self,
-        token: &Token,
+        digest: &TokenDigest,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send;
+}
+
+/// What [`ResourceStore::abandon`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flip {
+    /// This call flipped the row from `pending` to `failed`.
+    Flipped,
+    /// The row was not `pending`; nothing was written.
+    Found(ResourceStatus),
 }
 
 /// Why a backend could not create or tear down an object.
@@ -183,6 +205,13 @@ pub trait Backend: Send + Sync {
     /// Whether the object exists.
     fn exists(&self, name: &BackendName)
     -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Whether the object carries the protection mark (`keel.dev/protect=true`): the deprovision
+    /// chokepoint never tears down a protected object. An absent object is not protected.
+    fn protected(
+        &self,
+        name: &BackendName,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
 /// An adapter's error kept only as text, with the customer token masked and no source attached
