@@ -311,7 +311,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 readiness,
                 shutdown.clone(),
             ));
-            (api::router_with_ops(Arc::clone(&state), axum::Router::new()), Some(ops))
+            (
+                api::router_with_ops(Arc::clone(&state), axum::Router::new()),
+                Some(ops),
+            )
         }
     };
     api::serve(
@@ -408,7 +411,7 @@ mod tests {
         let super::Command::Serve(args) = cli.command else {
             panic!("not serve")
         };
-        let server = tokio::spawn(super::serve(args));
+        let server = tokio::spawn(super::serve(*args));
 
         let scrape = get(ops, "/metrics").await;
         assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");

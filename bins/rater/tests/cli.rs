@@ -260,3 +260,30 @@ async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
         .unwrap();
     assert_eq!(rated, 0);
 }
+
+/// RATER-L5: a healthy run logs none of its SQL statements at any level, so sqlx's
+/// "slow statement" WARN (which prints the whole rating statement) cannot fire on a large run;
+/// each day's duration is logged at INFO instead.
+#[tokio::test]
+async fn a_run_logs_no_sql_statement_at_any_level() {
+    let db = keel_testkit::database().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "trace")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run keel-rater");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("keel_rater"),
+        "the run logged nothing of its own at TRACE: {stderr}"
+    );
+    for statement_log in ["sqlx::query", "slow statement"] {
+        assert!(
+            !stderr.contains(statement_log),
+            "a statement reached the log ({statement_log:?}):\n{stderr}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use keel_audit::Token;
 use keel_orphan_sweep::{InventoryItem, InventorySource, MANAGED_BY, MANAGED_BY_LABEL, detect};
+use keel_provision::TokenDigest;
 use time::macros::datetime;
 
 fn main() -> Result<(), keel_audit::InvalidToken> {
@@ -31,7 +32,10 @@ fn main() -> Result<(), keel_audit::InvalidToken> {
         item("instant-customer-newb00000001", 10, true),
         item("instant-customer-hand00000001", 180, false),
     ];
-    let live: HashSet<Token> = [Token::parse("live00000001")?].into_iter().collect();
+    // Liveness is looked up by the token's digest, the only form of it the sweep ever handles.
+    let live: HashSet<TokenDigest> = [TokenDigest::of(&Token::parse("live00000001")?)]
+        .into_iter()
+        .collect();
 
     let candidates = detect(
         &inventory,

@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let token = Token::parse("abcd00000001")?;
     let namespace = NamespaceName::for_token(&token);
     let database = DatabaseName::for_token(&token);
-    let role = RoleName::for_token(&token);
+    let role = RoleName::for_database(&database);
     println!(
         "namespace {:<40} logged as {}",
         namespace.expose(),
