@@ -1,26 +1,29 @@
 //! `keel-rater`: rates hourly usage with reconcile, single-flight, and an exit-code contract that
-//! pages when a routine run rewrites a prior bill.
+//! pages when a routine run lowers or removes a prior bill, or finds usage it cannot rate.
 //!
 //! Run it from a CronJob (`concurrencyPolicy: Forbid`); it also takes a single-flight lock of its
-//! own. With no `--since/--until` it re-rates the trailing 24 closed UTC hours (a routine run);
-//! either flag makes the window explicit (a backfill).
+//! own, on the connection that does the work. With no flags it re-rates the trailing 24 closed
+//! UTC hours (a routine run). `--backfill` makes the run an explicit backfill (quiet about
+//! losses), optionally over `--since/--until`.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keel_rater::postgres::{RunOutcome, RunRequest, run};
-use keel_rater::{RaterExit, Window, resolve_window};
+use keel_rater::postgres::{RunOutcome, RunRequest, run_until};
+use keel_rater::{Changes, RaterExit, Window, resolve_window};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs};
+use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0   clean
-  1   error (configuration, database)
-  2   attention: an anomaly, or a routine run deleted previously rated usage (page someone)
-  3   skipped: another rater holds the single-flight lock; nothing was written
+  0   clean (a dry run that succeeded)
+  1   error (configuration, database, lost single-flight lock, stopped by a signal)
+  2   attention: an anomaly (unpriced or out-of-range hours, late usage), or a routine run
+      lowered or removed previously rated usage (page someone)
+  3   skipped: another rater holds the single-flight lock; nothing was rated
   64  usage error";
 
 /// Rates hourly usage with reconcile, single-flight, and an exit-code contract.
@@ -50,7 +53,7 @@ enum Command {
 enum Output {
     /// A readable summary.
     Text,
-    /// One JSON document (the full diff).
+    /// One JSON document (counts plus the first changes of each kind, with old and new values).
     Json,
 }
 
@@ -59,21 +62,44 @@ struct RateArgs {
     /// Postgres connection URL (postgres://user:password@host:port/database). Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     database_url: Option<DatabaseUrl>,
-    /// Start of an explicit window (RFC 3339, on the hour), e.g. 2026-11-20T00:00:00Z.
-    #[arg(long, env = "KEEL_RATER_SINCE", value_parser = parse_time)]
+    /// A direct URL to PostgreSQL (or a session-mode pool) for the rater, used instead of
+    /// DATABASE_URL when that goes through a transaction-pooling proxy. Never logged.
+    #[arg(
+        long,
+        env = "KEEL_RATER_DIRECT_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    direct_database_url: Option<DatabaseUrl>,
+    /// An explicit backfill: losses are the convergence asked for (INFO, exit 0). Required
+    /// with --since/--until, so a leftover variable never silences a routine run.
+    #[arg(long, env = "KEEL_RATER_BACKFILL")]
+    backfill: bool,
+    /// Start of a backfill window (RFC 3339, on the hour), e.g. 2026-11-20T00:00:00Z.
+    #[arg(long, env = "KEEL_RATER_SINCE", value_parser = parse_time, requires = "backfill")]
     since: Option<OffsetDateTime>,
-    /// End of an explicit window (RFC 3339, on the hour, exclusive).
-    #[arg(long, env = "KEEL_RATER_UNTIL", value_parser = parse_time)]
+    /// End of a backfill window (RFC 3339, on the hour, exclusive).
+    #[arg(long, env = "KEEL_RATER_UNTIL", value_parser = parse_time, requires = "backfill")]
     until: Option<OffsetDateTime>,
-    /// Accept an explicit window longer than 31 days.
+    /// Accept a backfill window longer than 31 days.
     #[arg(long, env = "KEEL_RATER_ALLOW_LONG_SPAN")]
     allow_long_span: bool,
-    /// Show the full diff (inserted, updated, deleted keys and amounts) without writing.
+    /// Show the diff (counts, and old and new values of the first changes) with SELECTs only:
+    /// no lock, no ledger row, nothing written. Exits 0 and says how a real run would exit.
     #[arg(long, env = "KEEL_RATER_DRY_RUN")]
     dry_run: bool,
     /// How to print the result.
     #[arg(long, env = "KEEL_RATER_OUTPUT", value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Push the run's metrics to this Prometheus Pushgateway URL (http://host:port) at the end
+    /// of every run, as job `keel-rater`. Never logged.
+    #[arg(
+        long,
+        env = "KEEL_RATER_PUSH_METRICS_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    push_metrics_url: Option<String>,
 }
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
@@ -87,26 +113,38 @@ fn main() -> ExitCode {
         return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
     }
     let args = cli.rate;
-    let Some(database_url) = args.database_url.clone() else {
-        eprintln!("error: no database: pass --database-url or set DATABASE_URL\n\n{EXIT_CODES}");
-        return ExitCode::from(EXIT_USAGE);
-    };
     let now = OffsetDateTime::now_utc();
-    let (window, explicit) = match resolve_window(args.since, args.until, now, args.allow_long_span)
-    {
+    // The window first: a bad --since is reported as such whatever else is missing.
+    let (window, _) = match resolve_window(args.since, args.until, now, args.allow_long_span) {
         Ok(resolved) => resolved,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let explicit = args.backfill;
+    let Some(database_url) = args
+        .direct_database_url
+        .clone()
+        .or_else(|| args.database_url.clone())
+    else {
+        eprintln!(
+            "error: no database: pass --database-url or set DATABASE_URL \
+             (or KEEL_RATER_DIRECT_URL)\n\n{EXIT_CODES}"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
     keel_service::run(&cli.log, async move {
-        let db = DatabaseArgs { database_url };
-        let pool = keel_service::connect(&db, "keel-rater", 4).await?;
-        let lock_options = db
-            .database_url
-            .connect_options()?
-            .application_name("keel-rater-lock");
+        // No per-statement logging: sqlx's "slow statement" WARN would print the whole rating
+        // statement on every large, healthy run; each day's duration is logged at INFO instead.
+        let options = database_url.connect_options()?.disable_statement_logging();
+        // One direct connection first, so an unreachable database reports its cause at once.
+        PgConnectionProbe::check(&options).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(options.clone().application_name("keel-rater"));
+        let lock_options = options.application_name("keel-rater-lock");
         let request = RunRequest {
             window,
             explicit,
@@ -114,12 +152,62 @@ fn main() -> ExitCode {
             now,
         };
         tracing::info!(window = %window, explicit, dry_run = args.dry_run, "rating");
-        let outcome = run(&pool, &lock_options, request)
-            .await
-            .context("the rating run failed")?;
+        let result = run_until(&pool, &lock_options, request, stop_signal()).await;
+        if let Some(url) = &args.push_metrics_url {
+            push_metrics(&pool, url).await;
+        }
+        let outcome = result.context("the rating run failed")?;
         print(&outcome, window, explicit, args.dry_run, args.output)?;
         Ok(ExitCode::from(outcome.exit.code()))
     })
+}
+
+struct PgConnectionProbe;
+
+impl PgConnectionProbe {
+    async fn check(options: &sqlx::postgres::PgConnectOptions) -> anyhow::Result<()> {
+        let conn = sqlx::PgConnection::connect_with(options)
+            .await
+            .context("could not connect to the database")?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM (a Kubernetes deadline or drain) or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn push_metrics(pool: &sqlx::PgPool, url: &str) {
+    let body = match keel_rater::metrics::render(pool).await {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "could not read the metrics from the run ledger");
+            return;
+        }
+    };
+    if let Err(e) = keel_rater::metrics::push(url, &body).await {
+        tracing::error!(error = %e, "could not push the rater's metrics");
+    }
 }
 
 fn print(
@@ -137,6 +225,8 @@ fn print(
                 "explicit": explicit,
                 "dry_run": dry_run,
                 "exit_code": outcome.exit.code(),
+                "would_exit_code": outcome.would_exit.code(),
+                "run_id": outcome.run_id,
                 "report": outcome.report,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -151,21 +241,50 @@ fn print(
                     ""
                 }
             );
-            match (&outcome.report, outcome.exit) {
-                (None, _) => println!("skipped: another rater holds the single-flight lock"),
-                (Some(report), exit) => {
+            match &outcome.report {
+                None => println!("skipped: another rater holds the single-flight lock"),
+                Some(report) => {
                     println!(
-                        "inserted {}, updated {}, unchanged {}, deleted {}, unpriced {}",
-                        report.inserted.len(),
-                        report.updated.len(),
+                        "inserted {}, updated {}, lowered {}, unchanged {}, deleted {}, price lost {}, unpriced {}, out of range {}",
+                        report.inserted.count,
+                        report.updated.count,
+                        report.lowered.count,
                         report.unchanged,
-                        report.deleted.len(),
-                        report.unpriced.len()
+                        report.deleted.count,
+                        report.price_lost.count,
+                        report.unpriced.count,
+                        report.out_of_range.count,
                     );
-                    for change in &report.deleted {
-                        println!("  deleted {} (was {})", change.key, change.amount);
+                    let show = |label: &str, changes: &Changes| {
+                        for change in &changes.details {
+                            println!("  {label} {change}");
+                        }
+                        let shown = changes.details.len() as u64;
+                        if changes.count > shown {
+                            println!("  … and {} more {label}", changes.count - shown);
+                        }
+                    };
+                    show("lowered", &report.lowered);
+                    show("deleted", &report.deleted);
+                    show("price lost", &report.price_lost);
+                    show("unpriced", &report.unpriced);
+                    show("out of range", &report.out_of_range);
+                    if dry_run {
+                        show("inserted", &report.inserted);
+                        show("updated", &report.updated);
                     }
-                    if exit == RaterExit::Attention {
+                    if let Some(late) = &report.late {
+                        println!(
+                            "late usage: {} events in {} hours outside the window are not rated; run: {}",
+                            late.events,
+                            late.hours,
+                            late.backfill_command()
+                        );
+                    }
+                    if dry_run && outcome.would_exit != RaterExit::Clean {
+                        println!("a real run would exit {}", outcome.would_exit.code());
+                    }
+                    if outcome.exit == RaterExit::Attention {
                         println!("attention: see the ERROR lines above");
                     }
                 }

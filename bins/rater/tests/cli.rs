@@ -32,7 +32,7 @@ fn usage_errors_exit_64_and_help_lists_the_exit_codes() {
         );
     }
     let off_the_hour = keel_rater(
-        &["--since", "2026-11-20T00:30:00Z"],
+        &["--backfill", "--since", "2026-11-20T00:30:00Z"],
         Some("postgres://x@127.0.0.1:1/none"),
     );
     assert_eq!(off_the_hour.status.code(), Some(64));
@@ -97,4 +97,166 @@ fn an_unreachable_database_exits_1_without_showing_the_password() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("could not connect"), "{stderr}");
     assert!(!stderr.contains("s3cr3t"), "{stderr}");
+}
+
+/// RATER-L6: a leftover `KEEL_RATER_SINCE` used to turn a routine run into a quiet backfill.
+#[test]
+fn a_window_without_backfill_is_a_usage_error_naming_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .env("KEEL_RATER_SINCE", "2026-11-20T00:00:00Z")
+        .env("DATABASE_URL", "postgres://x@127.0.0.1:1/none")
+        .output()
+        .expect("run keel-rater");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--backfill"), "{stderr}");
+}
+
+/// RATER-L8: a bad `--since` with no database was reported as "no database", and an
+/// unreachable database as "pool timed out".
+#[test]
+fn window_errors_come_first_and_an_unreachable_database_names_its_cause() {
+    let out = keel_rater(&["--backfill", "--since", "2026-11-20T00:30:00Z"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("must be on a whole hour"), "{stderr}");
+    assert!(!stderr.contains("no database"), "{stderr}");
+
+    let out = keel_rater(&[], Some("postgres://app:s3cr3t@127.0.0.1:1/keel"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("could not connect"), "{stderr}");
+    assert!(!stderr.contains("timed out"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+}
+
+/// A one-shot HTTP server: answers 200 to the first request and returns what it received.
+fn one_request_server() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            received.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&received).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&received).into_owned()
+    });
+    (port, handle)
+}
+
+/// The agreed rater metrics are pushed, as job `keel-rater`, at the end of a run.
+#[tokio::test]
+async fn a_run_pushes_the_agreed_metrics_to_the_gateway() {
+    let db = keel_testkit::database().await;
+    let (port, server) = one_request_server();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = keel_rater(&["--push-metrics-url", &url], Some(&db.url()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = server.join().unwrap();
+    assert!(
+        request.starts_with("PUT /metrics/job/keel-rater HTTP/1.1"),
+        "{request}"
+    );
+    for line in [
+        "instant_rater_last_exit_code 0",
+        "instant_rater_runs_total{outcome=\"clean\"} 1",
+        "instant_rater_runs_total{outcome=\"error\"} 0",
+        "instant_rater_runs_total{outcome=\"attention\"} 0",
+        "instant_rater_runs_total{outcome=\"skipped_locked\"} 0",
+        "instant_rater_rated_rows_total 0",
+        "instant_rater_late_events_total 0",
+        "# TYPE instant_rater_last_success_timestamp_seconds gauge",
+        "# TYPE instant_rater_last_run_timestamp_seconds gauge",
+    ] {
+        assert!(request.contains(line), "missing {line:?} in:\n{request}");
+    }
+}
+
+/// RATER-M4: SIGTERM (a Kubernetes deadline or drain) left the ledger row open forever.
+#[tokio::test]
+async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
+    let db = keel_testkit::database().await;
+    sqlx::query(
+        "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) \
+         VALUES ('e1', 'acme', 'requests', 1, date_trunc('hour', now()) - interval '2 hours')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    // Hold the rater inside its rating statement.
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE prices IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .env("DATABASE_URL", db.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run keel-rater");
+    let mut open = false;
+    for _ in 0..400 {
+        open = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM rater_runs WHERE finished_at IS NULL) \
+                AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                            AND application_name = 'keel-rater-lock' \
+                            AND datname = current_database())",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if open {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(open, "the rater never reached its rating statement");
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = child.wait_with_output().unwrap();
+    blocker.rollback().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("termination signal"), "{stderr}");
+    let row: (Option<i16>, bool) =
+        sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(row, (Some(1), true));
+    let rated: i64 = sqlx::query_scalar("SELECT count(*) FROM rated_usage")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rated, 0);
 }

@@ -41,8 +41,12 @@ pub enum AuditKind {
     OrphanSweepReclaimed,
     /// A billing charge could not be delivered to the billing provider.
     BillingChargeUndeliverable,
-    /// A rater run deleted a previously rated (billed) usage row while reconciling.
+    /// A routine rater run lowered or removed previously rated (billed) usage: events vanished,
+    /// or an hour lost its price. Recorded with old -> new values.
     RaterReconcileDeleted,
+    /// An explicit rater backfill lowered or removed previously rated usage: the convergence the
+    /// operator asked for, recorded with old -> new values.
+    RaterBackfillReconciled,
 }
 
 /// How urgently an operator alert needs a human.
@@ -100,6 +104,7 @@ impl AuditKind {
             AuditKind::OrphanSweepReclaimed => "orphan_sweep.reclaimed",
             AuditKind::BillingChargeUndeliverable => "billing.charge_undeliverable",
             AuditKind::RaterReconcileDeleted => "rater.reconcile_deleted",
+            AuditKind::RaterBackfillReconciled => "rater.backfill_reconciled",
         }
     }
 
@@ -151,6 +156,9 @@ impl AuditKind {
             AuditKind::RaterReconcileDeleted => Consumer::OperatorAlert {
                 alert: "rater_reconcile_deleted",
                 severity: AlertSeverity::Page,
+            },
+            AuditKind::RaterBackfillReconciled => Consumer::IntentionallyNone {
+                reason: "an operator asked for the backfill; the row is its trail of old -> new values",
             },
         }
     }
@@ -262,6 +270,29 @@ mod tests {
         ] {
             assert!(name.parse::<AuditKind>().is_ok(), "{name} missing");
         }
+    }
+
+    /// RATER-L3: one kind declared Page for every deletion, backfills included.
+    #[test]
+    fn a_backfill_reconciliation_never_pages_and_a_routine_loss_does() {
+        assert!(matches!(
+            AuditKind::RaterReconcileDeleted.consumer(),
+            Consumer::OperatorAlert {
+                severity: AlertSeverity::Page,
+                ..
+            }
+        ));
+        assert!(!matches!(
+            AuditKind::RaterBackfillReconciled.consumer(),
+            Consumer::OperatorAlert {
+                severity: AlertSeverity::Page,
+                ..
+            }
+        ));
+        assert_eq!(
+            "rater.backfill_reconciled".parse::<AuditKind>().ok(),
+            Some(AuditKind::RaterBackfillReconciled)
+        );
     }
 
     #[test]

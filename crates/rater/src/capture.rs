@@ -3,17 +3,41 @@
 //! Pure: no I/O, no allocation beyond the stored body, and the forwarded request is never
 //! touched — [`capture`] borrows the body and returns a new `String`.
 
-/// What [`capture`] keeps of a request body for storage.
+/// What [`capture`] keeps of a request body for storage. Only [`capture`] makes one, so a
+/// stored body is always sanitized (RATER-M7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Captured {
+    body: String,
+    original_len: usize,
+    truncated: bool,
+}
+
+impl Captured {
     /// The body to store: valid UTF-8 without NUL characters, at most the cap in bytes.
-    pub body: String,
+    pub fn body(&self) -> &str {
+        &self.body
+    }
+
     /// The byte length of the body as received, before any sanitizing or cutting.
-    pub original_len: usize,
+    pub fn original_len(&self) -> usize {
+        self.original_len
+    }
+
     /// Whether [`body`](Self::body) is a cut of the sanitized body, i.e. the sanitized body was
     /// longer than the cap. Sanitizing alone (replacing invalid UTF-8, dropping NULs) is not
     /// truncation.
-    pub truncated: bool,
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+}
+
+/// Longest request id stored, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+/// A caller-supplied request id made storable: invalid UTF-8 and NULs handled as for the body,
+/// and cut to [`MAX_REQUEST_ID_LEN`] bytes on a character boundary. Never panics.
+pub fn sanitize_request_id(request_id: &str) -> String {
+    sanitize_and_cut(request_id.as_bytes(), MAX_REQUEST_ID_LEN).0
 }
 
 /// Captures a request body for storage, keeping at most `cap` bytes.
@@ -38,19 +62,19 @@ pub struct Captured {
 /// # Example
 ///
 /// ```
-/// use keel_rater::{Captured, capture};
+/// use keel_rater::capture;
 ///
 /// // "é" is two bytes: a cap of 4 cannot split it, so the cut falls before it.
 /// let captured = capture("req-1", "abcé\0".as_bytes(), 4);
 /// assert_eq!(
-///     captured,
-///     Captured { body: "abc".to_owned(), original_len: 6, truncated: true }
+///     (captured.body(), captured.original_len(), captured.truncated()),
+///     ("abc", 6, true)
 /// );
 ///
 /// // Only a NUL was dropped: not truncated.
 /// let captured = capture("req-2", b"ok\0", 2);
-/// assert_eq!(captured.body, "ok");
-/// assert!(!captured.truncated);
+/// assert_eq!(captured.body(), "ok");
+/// assert!(!captured.truncated());
 /// ```
 pub fn capture(request_id: &str, body: &[u8], cap: usize) -> Captured {
     let original_len = body.len();

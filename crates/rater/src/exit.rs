@@ -6,8 +6,8 @@
 /// |---|---|
 /// | 0 | clean |
 /// | 1 | error (configuration, database) |
-/// | 2 | attention: an anomaly, or a routine run that deleted previously rated rows — page someone |
-/// | 3 | skipped: another rater holds the single-flight lock; nothing was written |
+/// | 2 | attention: an anomaly (unpriced or out-of-range hours, late usage), or a routine run that lowered or removed previously rated usage — page someone |
+/// | 3 | skipped: another rater holds the single-flight lock; only the ledger row was written |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RaterExit {
     /// Nothing needs anyone.
@@ -34,15 +34,12 @@ impl RaterExit {
 
 /// The exit of a run that rated its window.
 ///
-/// Deliberately not folded into an anomaly check: deletions on an explicit backfill are the
-/// convergence the operator asked for and exit 0, while the same deletions on a routine run mean
-/// billed usage vanished and exit 2. An anomaly exits 2 either way.
-pub const fn exit_code(
-    reconciled_deletions: u64,
-    window_explicit: bool,
-    has_anomaly: bool,
-) -> RaterExit {
-    if has_anomaly || (reconciled_deletions > 0 && !window_explicit) {
+/// `losses` counts rated hours whose billed value went down or away (deleted, lowered, or that
+/// lost their price). Deliberately not folded into an anomaly check: losses on an explicit
+/// backfill are the convergence the operator asked for and exit 0, while the same losses on a
+/// routine run mean billed usage vanished and exit 2. An anomaly exits 2 either way.
+pub const fn exit_code(losses: u64, window_explicit: bool, has_anomaly: bool) -> RaterExit {
+    if has_anomaly || (losses > 0 && !window_explicit) {
         RaterExit::Attention
     } else {
         RaterExit::Clean

@@ -3,12 +3,18 @@
 use rust_decimal::Decimal;
 use time::{Duration, OffsetDateTime};
 
+use crate::money;
+
+/// The source of events recorded without [`BillingEvent::with_source`].
+pub const DEFAULT_SOURCE: &str = "default";
+
 /// How far in the future an event's time may be (clock skew between producers).
 pub const MAX_FUTURE_SKEW: Duration = Duration::minutes(5);
 
 /// One usage event, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BillingEvent {
+    source: String,
     event_id: String,
     auth_id: String,
     meter: String,
@@ -30,6 +36,12 @@ pub enum IngestError {
     /// A negative quantity.
     #[error("quantity {0} is negative; usage is never negative")]
     NegativeQuantity(Decimal),
+    /// A quantity outside the money model: 10^15 or more, or more than 6 decimal places.
+    #[error(
+        "quantity {0} is out of range: use less than 10^15 with at most 6 decimal places \
+         (aggregate finer usage before sending it)"
+    )]
+    QuantityOutOfRange(Decimal),
     /// An event time more than five minutes ahead of now.
     #[error(
         "occurred_at {occurred_at} is more than 5 minutes ahead of now ({now}); check the producer's clock"
@@ -62,6 +74,7 @@ impl BillingEvent {
         now: OffsetDateTime,
     ) -> Result<Self, IngestError> {
         let event = Self {
+            source: DEFAULT_SOURCE.to_owned(),
             event_id: field("event_id", event_id, 128)?,
             auth_id: field("auth_id", auth_id, 128)?,
             meter: field("meter", meter, 64)?,
@@ -71,13 +84,26 @@ impl BillingEvent {
         if quantity.is_sign_negative() && !quantity.is_zero() {
             return Err(IngestError::NegativeQuantity(quantity));
         }
+        if !money::quantity_in_range(quantity) {
+            return Err(IngestError::QuantityOutOfRange(quantity));
+        }
         if occurred_at > now + MAX_FUTURE_SKEW {
             return Err(IngestError::InTheFuture { occurred_at, now });
         }
         Ok(event)
     }
 
-    /// The producer's id: the permanent dedupe key.
+    /// The same event from producer `source` (event ids are unique per source).
+    pub fn with_source(mut self, source: &str) -> Result<Self, IngestError> {
+        self.source = field("source", source, 64)?;
+        Ok(self)
+    }
+
+    /// The producing system; event ids are deduplicated within it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    /// The producer's id: the dedupe key within [`BillingEvent::source`].
     pub fn event_id(&self) -> &str {
         &self.event_id
     }
@@ -143,6 +169,20 @@ mod tests {
                 max: 128
             })
         );
+        let fine = "0.0000000000000000000000000001".parse().unwrap();
+        assert_eq!(
+            BillingEvent::new("e", "a", "m", fine, NOW, NOW),
+            Err(IngestError::QuantityOutOfRange(fine))
+        );
+        assert!(matches!(
+            BillingEvent::new("e", "a", "m", Decimal::ONE, NOW, NOW)
+                .unwrap()
+                .with_source("two words"),
+            Err(IngestError::InvalidField {
+                field: "source",
+                ..
+            })
+        ));
         assert_eq!(
             BillingEvent::new("e", "a b", "m", Decimal::ONE, NOW, NOW),
             Err(IngestError::InvalidField {

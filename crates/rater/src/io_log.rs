@@ -8,7 +8,7 @@
 //! captured must still be stored, so [`insert`] tries, each inside its own savepoint:
 //!
 //! 1. the vector of the whole body (`tsv_truncated = false`);
-//! 2. on 54000, the vector of its first [`TSV_PREFIX_CHARS`] characters
+//! 2. on 54000, the vector of its first 8, 4, 2, then 1 times [`TSV_PREFIX_CHARS`] characters
 //!    (`tsv_truncated = true`);
 //! 3. on 54000 again, no vector at all (`body_tsv = NULL`, `tsv_truncated = true`).
 //!
@@ -40,8 +40,8 @@ pub struct IoLogId(pub i64);
 pub enum IoLogError {
     /// Storing a captured body failed; nothing was stored.
     #[error(
-        "could not store the captured body of request {request_id:?} in io_log: {step} failed; \
-         nothing was stored — check that the database is reachable and migrated"
+        "could not store the captured body of request {request_id:?} in io_log: {step} failed \
+         ({source}); nothing was stored"
     )]
     Insert {
         /// The request whose body was being stored.
@@ -76,13 +76,21 @@ pub enum IoLogError {
     },
 }
 
+/// How many times [`TSV_PREFIX_CHARS`] the first bounded vector covers: the prefixes tried are
+/// 8, 4, 2 and 1 times it, so a body just over the limit keeps most of its words searchable
+/// instead of falling straight to 64 Ki characters (RATER-L7).
+const PREFIX_STEPS: u32 = 3;
+
 /// Which search vector an insert attempt stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SearchVector {
     /// The whole body's.
     Whole,
-    /// The first `prefix_chars` characters' ([`TSV_PREFIX_CHARS`]).
-    Prefix,
+    /// The first `prefix_chars << shift` characters'.
+    Prefix {
+        /// How many times to double the smallest prefix.
+        shift: u32,
+    },
     /// None (`NULL`).
     Absent,
 }
@@ -91,8 +99,11 @@ impl SearchVector {
     /// The attempt to make when this one's vector is over the limit, if any.
     fn fallback(self) -> Option<Self> {
         match self {
-            SearchVector::Whole => Some(SearchVector::Prefix),
-            SearchVector::Prefix => Some(SearchVector::Absent),
+            SearchVector::Whole => Some(SearchVector::Prefix {
+                shift: PREFIX_STEPS,
+            }),
+            SearchVector::Prefix { shift: 0 } => Some(SearchVector::Absent),
+            SearchVector::Prefix { shift } => Some(SearchVector::Prefix { shift: shift - 1 }),
             SearchVector::Absent => None,
         }
     }
@@ -102,17 +113,17 @@ impl SearchVector {
             SearchVector::Whole => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, to_tsvector('simple', $2), $3, $4, false) RETURNING id"
+                 VALUES ($1, $2, to_tsvector('simple', $2), $3, $4, $5) RETURNING id"
             }
-            SearchVector::Prefix => {
+            SearchVector::Prefix { .. } => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, to_tsvector('simple', left($2, $5)), $3, $4, true) RETURNING id"
+                 VALUES ($1, $2, to_tsvector('simple', left($2, $6)), $3, $4, true OR $5) RETURNING id"
             }
             SearchVector::Absent => {
                 "INSERT INTO io_log (request_id, body, body_tsv, original_len, truncated, \
                  tsv_truncated) \
-                 VALUES ($1, $2, NULL, $3, $4, true) RETURNING id"
+                 VALUES ($1, $2, NULL, $3, $4, true OR $5) RETURNING id"
             }
         }
     }
@@ -120,7 +131,7 @@ impl SearchVector {
     fn describe(self) -> &'static str {
         match self {
             SearchVector::Whole => "whole body",
-            SearchVector::Prefix => "body prefix",
+            SearchVector::Prefix { .. } => "body prefix",
             SearchVector::Absent => "none",
         }
     }
@@ -130,9 +141,13 @@ impl SearchVector {
 ///
 /// Stores `captured.body`, `original_len`, `truncated` and `body_tsv =
 /// to_tsvector('simple', body)`. When that vector is over Postgres's size limit, the row is
-/// stored with a bounded vector (the first [`TSV_PREFIX_CHARS`] characters, or none) and
-/// `tsv_truncated = true`, and one `WARN` says so — see the [module docs](self). The body must
-/// come from [`capture`](crate::capture), which removes the NULs Postgres `text` cannot hold.
+/// stored with a bounded vector (the longest of 8, 4, 2 or 1 times [`TSV_PREFIX_CHARS`]
+/// characters that fits, or none) and
+/// `tsv_truncated = true`, and one `WARN` says so — see the [module docs](self). A body holding
+/// words PostgreSQL does not index (over 2047 bytes) is stored with `tsv_truncated = true` and
+/// one `WARN` (PostgreSQL's per-word notices are silenced). The body comes from
+/// [`capture`](crate::capture), which removes the NULs Postgres `text` cannot hold; the request
+/// id is sanitized the same way ([`sanitize_request_id`](crate::sanitize_request_id)).
 ///
 /// Runs inside a savepoint when `conn` is already in a transaction (which then stays usable
 /// whatever happens here), or in a transaction of its own otherwise. That transaction must be
@@ -160,10 +175,11 @@ async fn insert_with_prefix(
     captured: &Captured,
     prefix_chars: i32,
 ) -> Result<IoLogId, IoLogError> {
+    let request_id = &crate::sanitize_request_id(request_id);
     let original_len =
-        i64::try_from(captured.original_len).map_err(|_| IoLogError::OriginalLenOutOfRange {
+        i64::try_from(captured.original_len()).map_err(|_| IoLogError::OriginalLenOutOfRange {
             request_id: request_id.to_owned(),
-            original_len: captured.original_len,
+            original_len: captured.original_len(),
         })?;
     let failed = |step: &'static str| {
         move |source: sqlx::Error| IoLogError::Insert {
@@ -174,15 +190,32 @@ async fn insert_with_prefix(
     };
 
     let mut vector = SearchVector::Whole;
+    let mut long_words = None;
     loop {
         let mut attempt = conn.begin().await.map_err(failed("open a savepoint"))?;
+        // One summary instead of PostgreSQL's NOTICE per word too long to index.
+        sqlx::query("SET LOCAL client_min_messages = warning")
+            .execute(&mut *attempt)
+            .await
+            .map_err(failed("quiet the per-word notices"))?;
+        let dropped = match long_words {
+            Some(n) => n,
+            None => {
+                let n = count_long_words(&mut attempt, captured.body())
+                    .await
+                    .map_err(failed("look for words too long to index"))?;
+                long_words = Some(n);
+                n
+            }
+        };
         let query = sqlx::query_scalar::<_, i64>(vector.sql())
             .bind(request_id)
-            .bind(&captured.body)
+            .bind(captured.body())
             .bind(original_len)
-            .bind(captured.truncated);
+            .bind(captured.truncated())
+            .bind(dropped > 0);
         let query = match vector {
-            SearchVector::Prefix => query.bind(prefix_chars),
+            SearchVector::Prefix { shift } => query.bind(prefix_chars.saturating_mul(1 << shift)),
             SearchVector::Whole | SearchVector::Absent => query,
         };
         let inserted = query.fetch_one(&mut *attempt).await;
@@ -192,12 +225,24 @@ async fn insert_with_prefix(
                     .commit()
                     .await
                     .map_err(failed("commit the insert (or release its savepoint)"))?;
+                if dropped > 0 {
+                    tracing::warn!(
+                        request_id,
+                        words = dropped,
+                        "captured body stored; words over PostgreSQL's 2047-byte lexeme limit \
+                         are not searchable (tsv_truncated = true)"
+                    );
+                }
                 if vector != SearchVector::Whole {
                     tracing::warn!(
                         request_id,
-                        body_len = captured.body.len(),
+                        body_len = captured.body().len(),
                         search_vector = vector.describe(),
-                        tsv_prefix_chars = prefix_chars,
+                        tsv_prefix_chars = match vector {
+                            SearchVector::Prefix { shift } =>
+                                prefix_chars.saturating_mul(1 << shift),
+                            SearchVector::Whole | SearchVector::Absent => 0,
+                        },
                         "captured body stored with a bounded search vector: the whole body's \
                          is over Postgres's tsvector limit"
                     );
@@ -223,6 +268,19 @@ async fn insert_with_prefix(
     }
 }
 
+/// How many words of `body` PostgreSQL will not index (over 2047 bytes). Words are runs of
+/// letters and digits; runs of 255 characters or more (a 683-character run may already exceed 2047 bytes) are
+/// measured.
+async fn count_long_words(conn: &mut PgConnection, body: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM regexp_matches($1, '([[:alnum:]]{255}[[:alnum:]]*)', 'g') AS m(w) \
+         WHERE octet_length(m.w[1]) > 2047",
+    )
+    .bind(body)
+    .fetch_one(conn)
+    .await
+}
+
 fn is_program_limit_exceeded(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
@@ -235,7 +293,8 @@ fn is_program_limit_exceeded(error: &sqlx::Error) -> bool {
 /// The query is parsed with `plainto_tsquery('simple', …)`: it is plain words, and operator
 /// characters such as `&`, `|`, `!` or parentheses are ignored rather than interpreted, so any
 /// text is a valid query. A query without words matches nothing. Bodies stored with a bounded
-/// vector are only found by words within their first [`TSV_PREFIX_CHARS`] characters.
+/// vector are only found by words within the prefix their vector covers (at least the first
+/// [`TSV_PREFIX_CHARS`] characters).
 ///
 /// # Errors
 ///

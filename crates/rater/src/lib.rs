@@ -2,11 +2,13 @@
 //! capture.
 //!
 //! A rating run aggregates `billing_event` per (auth id, meter, UTC hour) over a window, prices
-//! it with the effective-dated `prices`, upserts `rated_usage`, and deletes rated rows whose
-//! events are gone (the reconcile). Deleting a previously billed row is a revenue change:
-//! on a routine run (the default trailing window) it means events vanished, so the run logs
-//! ERROR and exits 2; on an explicit `--since/--until` backfill it is the convergence the
-//! operator asked for, so it logs INFO and exits 0 — see [`exit_code`].
+//! it with the effective-dated `prices`, and compares the result with `rated_usage` hour by
+//! hour: new hours are inserted, changed hours updated, and hours whose events are gone, whose
+//! quantity or event count went down, or that lost their price are losses. A loss is a revenue
+//! change: on a routine run (the default trailing window) it means billed events vanished, so
+//! the run logs ERROR and exits 2; on an explicit `--backfill` it is the convergence the
+//! operator asked for, so it logs INFO and exits 0 — see [`exit_code`]. Amounts follow the
+//! [`money`] model, so no stored value can fail a run.
 //!
 //! The default build is pure; feature `postgres` adds the adapters.
 
@@ -16,10 +18,18 @@ mod ingest;
 #[cfg(feature = "postgres")]
 pub mod io_log;
 #[cfg(feature = "postgres")]
+pub mod metrics;
+pub mod money;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+mod report;
 mod window;
 
-pub use capture::{Captured, capture};
+pub use capture::{Captured, MAX_REQUEST_ID_LEN, capture, sanitize_request_id};
 pub use exit::{DeletionSeverity, RaterExit, deletion_severity, exit_code};
-pub use ingest::{BillingEvent, IngestError, MAX_FUTURE_SKEW};
+pub use ingest::{BillingEvent, DEFAULT_SOURCE, IngestError, MAX_FUTURE_SKEW};
+pub use report::{
+    Changes, DETAIL_CAP, LateUsage, RateReport, Rated, RatedChange, UsageKey, loss_attributes,
+    truncate_on_char_boundary,
+};
 pub use window::{MAX_SPAN_DAYS, Window, WindowError, resolve_window};

@@ -1,28 +1,42 @@
-//! Postgres adapters (feature `postgres`): idempotent ingest, rating and reconcile, the
-//! single-flight lock, the run ledger, and a whole run.
+//! Postgres adapters (feature `postgres`): idempotent ingest (one event or a batch), rating and
+//! reconcile, the single-flight lock, the run ledger, the late-usage check, and a whole run.
 //!
 //! # Single flight
 //!
-//! The reconcile DELETE and the ordered upsert are deadlock-free only when no two raters work on
-//! overlapping windows at once. The scheduler should forbid concurrency (`concurrencyPolicy:
-//! Forbid`), and the rater enforces it too: a session advisory lock held on a dedicated
-//! connection for the whole run (never a pooled one, so a transaction-pooling proxy cannot hand
-//! the lock to someone else). A rater that cannot take the lock exits 3 without writing.
+//! The reconcile and the ordered upsert are deadlock-free only when no two raters work on
+//! overlapping windows at once, so a run holds a session advisory lock and does all its rating
+//! work on that same connection. Losing the connection (killed backend, idle timeout, failover)
+//! aborts the open transaction: nothing of that day commits. Each day's transaction also reads
+//! the `rater_lease` fence row `FOR UPDATE` and checks that it still holds the lock on the very
+//! backend that took it before it writes and again before it commits; a rater that took the lock
+//! after this one bumped the fence, so this one aborts. An unlock that returns `false` is an
+//! error.
+//!
+//! A transaction-pooling proxy (PgBouncer `pool_mode = transaction`) cannot hold a session lock
+//! for one client: at start the rater opens a second connection and, if it lands on the backend
+//! holding the lock, refuses with [`RaterError::PoolerDetected`], naming the fix (a direct URL).
+//! If the proxy moves the work to another backend later, the per-transaction check aborts it.
+//! A rater that cannot take the lock exits 3 and writes only its ledger row.
 
-use std::fmt;
+use std::future::Future;
 
 use keel_audit::{Actor, AuditEvent, AuditKind};
-use rust_decimal::Decimal;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 
 use crate::exit::{DeletionSeverity, RaterExit, deletion_severity, exit_code};
 use crate::ingest::BillingEvent;
+use crate::report::{
+    Changes, LateUsage, RateReport, Rated, RatedChange, UsageKey, loss_attributes,
+};
 use crate::window::Window;
 
 /// The advisory lock key every rater takes ("keelrate" in ASCII).
 pub const SINGLE_FLIGHT_KEY: i64 = 0x6b65_656c_7261_7465;
+
+/// Most conflicting event ids an error names.
+const CONFLICTS_SHOWN: i64 = 20;
 
 /// Why a rater operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +50,49 @@ pub enum RaterError {
         #[source]
         source: sqlx::Error,
     },
-    /// The audit row for a reconcile deletion could not be written, so the run rolled back.
-    #[error("could not write the reconcile audit row: {0}")]
+    /// The audit row for a loss could not be written, so the day rolled back.
+    #[error("could not write the rater's audit row: {0}")]
     Audit(#[from] keel_audit::AuditSinkError),
+    /// An audit attribute was refused, so the day rolled back rather than lose it.
+    #[error("could not build the rater's audit row: {0}")]
+    AuditField(#[from] keel_audit::AuditFieldError),
+    /// An event id was reused by its source for a different event. Nothing was recorded.
+    #[error(
+        "{count} event id(s) were already recorded by the same source with a different payload \
+         (first: {first}); event ids must be unique per source. Nothing of this batch was recorded"
+    )]
+    EventIdConflict {
+        /// How many events conflict.
+        count: u64,
+        /// The first conflicting `source/event_id` pairs.
+        first: String,
+    },
+    /// The run no longer holds single flight: the day in progress rolled back.
+    #[error(
+        "the single-flight lock was lost (its connection moved to another backend, or another \
+         rater took over); this day's work rolled back and the run stopped"
+    )]
+    Fenced,
+    /// The rater sits behind a transaction-pooling proxy; it refused to run.
+    #[error(
+        "keel-rater is connected through a transaction-pooling proxy (e.g. PgBouncer with \
+         pool_mode = transaction): two of its sessions share one server backend, so the \
+         single-flight lock cannot hold. Nothing was written. Give the rater a direct URL to \
+         PostgreSQL (or to a session-mode pool) with --direct-database-url / KEEL_RATER_DIRECT_URL"
+    )]
+    PoolerDetected,
+    /// `pg_advisory_unlock` returned false: the lock was not held by this session.
+    #[error(
+        "releasing the single-flight lock returned false: this session did not hold it, so \
+         single flight was not guaranteed for this run"
+    )]
+    UnlockFailed,
+    /// A signal stopped the run; days already committed stay, the day in progress rolled back.
+    #[error("stopped by a termination signal; {days} day(s) had committed")]
+    Terminated {
+        /// Days committed before the signal.
+        days: u32,
+    },
 }
 
 fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> RaterError {
@@ -50,151 +104,112 @@ fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> RaterError {
 pub enum Ingested {
     /// A new event.
     Recorded,
-    /// This event id was recorded before; nothing changed (the dedupe is permanent).
+    /// This source recorded this very event before; nothing changed.
     Duplicate,
 }
 
-/// Records one billing event; a duplicate event id is reported, never counted twice.
+/// Records one billing event. Recording the same event again is a [`Ingested::Duplicate`];
+/// the same `(source, event_id)` with a different payload is [`RaterError::EventIdConflict`].
 pub async fn record_event(
     conn: &mut PgConnection,
     event: &BillingEvent,
 ) -> Result<Ingested, RaterError> {
-    let inserted = sqlx::query(
-        "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.event_id())
-    .bind(event.auth_id())
-    .bind(event.meter())
-    .bind(event.quantity())
-    .bind(event.occurred_at())
-    .execute(conn)
-    .await
-    .map_err(db("record a billing event"))?
-    .rows_affected();
-    Ok(if inserted == 1 {
+    let recorded = record_events(conn, std::slice::from_ref(event)).await?;
+    Ok(if recorded.recorded == 1 {
         Ingested::Recorded
     } else {
         Ingested::Duplicate
     })
 }
 
-/// The reconcile: delete rated rows in `[$1, $2)` whose (auth_id, meter, hour) has no events
-/// left. It filters `rated_usage` on `window_start` alone, which is what
-/// `rated_usage_window_start_ix` exists for (every other index leads with `auth_id`).
-pub const RECONCILE_DELETE: &str = "WITH deleted AS ( \
-       DELETE FROM rated_usage r \
-       WHERE r.window_start >= $1 AND r.window_start < $2 \
-         AND NOT EXISTS ( \
-           SELECT 1 FROM billing_event e \
-           WHERE e.auth_id = r.auth_id AND e.meter = r.meter \
-             AND e.occurred_at >= r.window_start \
-             AND e.occurred_at < r.window_start + interval '1 hour') \
-       RETURNING r.auth_id, r.meter, r.window_start, r.amount \
-     ) \
-     SELECT 'deleted' AS what, auth_id, meter, window_start, amount FROM deleted \
-     ORDER BY auth_id, meter, window_start";
-
-/// One rated hour of one meter for one auth id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub struct UsageKey {
-    /// Whose usage.
-    pub auth_id: String,
-    /// Which meter.
-    pub meter: String,
-    /// The hour.
-    #[serde(with = "time::serde::rfc3339")]
-    pub window_start: OffsetDateTime,
+/// What recording a batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BatchIngested {
+    /// New events.
+    pub recorded: u64,
+    /// Events recorded before, identical; nothing changed.
+    pub duplicates: u64,
 }
 
-impl fmt::Display for UsageKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hour = self
-            .window_start
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|_| fmt::Error)?;
-        write!(f, "{}/{}@{hour}", self.auth_id, self.meter)
-    }
-}
-
-/// A rated row the run inserted, updated or deleted, with its amount.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RatedChange {
-    /// Which row.
-    #[serde(flatten)]
-    pub key: UsageKey,
-    /// Its amount (for a deletion: the amount that was billed).
-    #[serde(with = "rust_decimal::serde::str")]
-    pub amount: Decimal,
-}
-
-/// What rating a window did (or, in a dry run, would do).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RateReport {
-    /// New rated rows.
-    pub inserted: Vec<RatedChange>,
-    /// Rated rows whose quantity, price or amount changed.
-    pub updated: Vec<RatedChange>,
-    /// Rated rows already right, left untouched.
-    pub unchanged: u64,
-    /// Previously rated rows whose events are gone: the reconcile deletions.
-    pub deleted: Vec<RatedChange>,
-    /// Hours with events but no effective price: not rated, an anomaly.
-    pub unpriced: Vec<UsageKey>,
-}
-
-impl RateReport {
-    /// Whether something is wrong enough to page for, whatever the window.
-    pub fn has_anomaly(&self) -> bool {
-        !self.unpriced.is_empty()
-    }
-
-    fn absorb(&mut self, other: RateReport) {
-        self.inserted.extend(other.inserted);
-        self.updated.extend(other.updated);
-        self.unchanged += other.unchanged;
-        self.deleted.extend(other.deleted);
-        self.unpriced.extend(other.unpriced);
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct RatingRow {
-    what: String,
-    auth_id: Option<String>,
-    meter: Option<String>,
-    window_start: Option<OffsetDateTime>,
-    amount: Option<Decimal>,
-}
-
-fn change(row: RatingRow) -> Option<(String, RatedChange)> {
-    Some((
-        row.what,
-        RatedChange {
-            key: UsageKey {
-                auth_id: row.auth_id?,
-                meter: row.meter?,
-                window_start: row.window_start?,
-            },
-            amount: row.amount.unwrap_or(Decimal::ZERO),
-        },
-    ))
-}
-
-/// Rates `window` on `conn` (pass a transaction): aggregates `billing_event` per (auth id,
-/// meter, UTC hour) once, prices it with the newest effective price at the hour's start (looked
-/// up once per meter and hour), upserts `rated_usage` in (auth_id, meter, window_start) order,
-/// then deletes rated rows in the window whose events are gone.
-///
-/// Only rows that differ from what is stored reach the upsert: `ON CONFLICT DO UPDATE … WHERE`
-/// would still lock (and so write) every conflicting row, and an unchanged re-run must write
-/// nothing.
-pub async fn rate_window(
+/// Records a batch of events in one statement (thousands per call are fine), all or nothing:
+/// if any `(source, event_id)` was recorded with a different payload (or appears twice in the
+/// batch with different payloads) nothing is recorded and the conflicting ids are named.
+pub async fn record_events(
     conn: &mut PgConnection,
-    window: Window,
-    rated_at: OffsetDateTime,
-) -> Result<RateReport, RaterError> {
-    let rows: Vec<RatingRow> = sqlx::query_as(
+    events: &[BillingEvent],
+) -> Result<BatchIngested, RaterError> {
+    let mut sources = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut auths = Vec::with_capacity(events.len());
+    let mut meters = Vec::with_capacity(events.len());
+    let mut quantities = Vec::with_capacity(events.len());
+    let mut times = Vec::with_capacity(events.len());
+    for e in events {
+        sources.push(e.source());
+        ids.push(e.event_id());
+        auths.push(e.auth_id());
+        meters.push(e.meter());
+        quantities.push(e.quantity());
+        times.push(e.occurred_at());
+    }
+    let mut tx = conn.begin().await.map_err(db("begin an ingest"))?;
+    let recorded = sqlx::query(
+        "INSERT INTO billing_event (source, event_id, auth_id, meter, quantity, occurred_at) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[], \
+                              $6::timestamptz[]) \
+         ON CONFLICT (source, event_id) DO NOTHING",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .bind(&auths)
+    .bind(&meters)
+    .bind(&quantities)
+    .bind(&times)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("record billing events"))?
+    .rows_affected();
+    let conflicts: (i64, Option<String>) = sqlx::query_as(
+        "WITH c AS ( \
+           SELECT DISTINCT u.source, u.event_id \
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[], \
+                       $6::timestamptz[]) AS u(source, event_id, auth_id, meter, quantity, occurred_at) \
+           JOIN billing_event e USING (source, event_id) \
+           WHERE (e.auth_id, e.meter, e.quantity, e.occurred_at) \
+                 IS DISTINCT FROM (u.auth_id, u.meter, u.quantity, u.occurred_at)) \
+         SELECT count(*), (SELECT string_agg(source || '/' || event_id, ', ') \
+                           FROM (SELECT * FROM c ORDER BY 1, 2 LIMIT $7) f) FROM c",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .bind(&auths)
+    .bind(&meters)
+    .bind(&quantities)
+    .bind(&times)
+    .bind(CONFLICTS_SHOWN)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db("compare billing events with those recorded"))?;
+    if conflicts.0 > 0 {
+        tx.rollback().await.map_err(db("roll back an ingest"))?;
+        return Err(RaterError::EventIdConflict {
+            count: conflicts.0.unsigned_abs(),
+            first: conflicts.1.unwrap_or_default(),
+        });
+    }
+    tx.commit().await.map_err(db("commit an ingest"))?;
+    Ok(BatchIngested {
+        recorded,
+        duplicates: (events.len() as u64).saturating_sub(recorded),
+    })
+}
+
+/// The diff between what the events of `[$1, $2)` say and what `rated_usage` holds, one row per
+/// (auth id, meter, hour): `what` is inserted, updated, lowered, unchanged, deleted (events
+/// gone), price_lost (rated, now unpriced), unpriced or out_of_range. Amounts are
+/// `round(quantity * unit_price, 9)` in SQL.
+macro_rules! diff_ctes {
+    () => {
         "WITH agg AS ( \
            SELECT auth_id, meter, \
                   date_bin('1 hour', occurred_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS window_start, \
@@ -211,118 +226,374 @@ pub async fn rate_window(
            ) p ON true \
          ), priced AS MATERIALIZED ( \
            SELECT a.auth_id, a.meter, a.window_start, a.quantity, a.event_count, \
-                  hp.unit_price, hp.currency, a.quantity * hp.unit_price AS amount \
+                  hp.unit_price, hp.currency, \
+                  trim_scale(round(a.quantity * hp.unit_price, 9)) AS amount \
            FROM agg a JOIN hour_prices hp USING (meter, window_start) \
-         ), changed AS ( \
-           SELECT p.* FROM priced p \
-           LEFT JOIN rated_usage r \
-             ON r.auth_id = p.auth_id AND r.meter = p.meter AND r.window_start = p.window_start \
-           WHERE p.unit_price IS NOT NULL \
-             AND (r.id IS NULL \
-                  OR (r.quantity, r.unit_price, r.amount, r.currency, r.event_count) \
-                     IS DISTINCT FROM (p.quantity, p.unit_price, p.amount, p.currency, p.event_count)) \
-         ), upserted AS ( \
-           INSERT INTO rated_usage AS r \
-             (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
-           SELECT auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, $3 \
-           FROM changed \
-           ORDER BY auth_id, meter, window_start \
-           ON CONFLICT (auth_id, meter, window_start) DO UPDATE SET \
-             quantity = EXCLUDED.quantity, unit_price = EXCLUDED.unit_price, amount = EXCLUDED.amount, \
-             currency = EXCLUDED.currency, event_count = EXCLUDED.event_count, rated_at = EXCLUDED.rated_at \
-           WHERE (r.quantity, r.unit_price, r.amount, r.currency, r.event_count) \
-                 IS DISTINCT FROM (EXCLUDED.quantity, EXCLUDED.unit_price, EXCLUDED.amount, \
-                                   EXCLUDED.currency, EXCLUDED.event_count) \
-           RETURNING r.auth_id, r.meter, r.window_start, r.amount, (r.xmax = 0) AS inserted \
-         ) \
-         SELECT CASE WHEN inserted THEN 'inserted' ELSE 'updated' END AS what, \
-                auth_id, meter, window_start, amount FROM upserted \
-         UNION ALL \
-         SELECT 'unpriced', auth_id, meter, window_start, NULL FROM priced WHERE unit_price IS NULL \
-         UNION ALL \
-         SELECT 'priced', NULL, NULL, NULL, count(*)::numeric FROM priced WHERE unit_price IS NOT NULL",
-    )
-    .bind(window.start())
-    .bind(window.end())
-    .bind(rated_at)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db("rate the window"))?;
+         ), current AS MATERIALIZED ( \
+           SELECT id, auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count \
+           FROM rated_usage WHERE window_start >= $1 AND window_start < $2 \
+         ), diff AS MATERIALIZED ( \
+           SELECT CASE \
+               WHEN p.auth_id IS NULL THEN 'deleted' \
+               WHEN p.unit_price IS NULL THEN CASE WHEN c.id IS NULL THEN 'unpriced' ELSE 'price_lost' END \
+               WHEN p.quantity >= 1e18 OR p.amount >= 1e18 THEN 'out_of_range' \
+               WHEN c.id IS NULL THEN 'inserted' \
+               WHEN p.event_count < c.event_count OR p.quantity < c.quantity THEN 'lowered' \
+               WHEN (c.quantity, c.unit_price, c.amount, c.currency, c.event_count) \
+                    IS DISTINCT FROM (p.quantity, p.unit_price, p.amount, p.currency, p.event_count) \
+                 THEN 'updated' \
+               ELSE 'unchanged' END AS what, \
+             coalesce(p.auth_id, c.auth_id) AS auth_id, coalesce(p.meter, c.meter) AS meter, \
+             coalesce(p.window_start, c.window_start) AS window_start, \
+             c.id AS old_id, c.quantity AS old_quantity, c.event_count AS old_event_count, \
+             c.unit_price AS old_unit_price, c.amount AS old_amount, c.currency AS old_currency, \
+             p.quantity AS new_quantity, p.event_count AS new_event_count, \
+             p.unit_price AS new_unit_price, p.amount AS new_amount, p.currency AS new_currency \
+           FROM priced p FULL JOIN current c \
+             ON c.auth_id = p.auth_id AND c.meter = p.meter AND c.window_start = p.window_start \
+         )"
+    };
+}
 
+/// The bounded report over `diff`: one count row per kind, then at most `$cap` detail rows per
+/// kind. Values travel as text, so no stored or computed value can fail decoding.
+macro_rules! report_select {
+    ($cap:literal) => {
+        concat!(
+            " SELECT 'count' AS row_kind, what, count(*)::bigint AS n, NULL::text AS auth_id, \
+                NULL::text AS meter, NULL::timestamptz AS window_start, \
+                NULL::text AS old_quantity, NULL::bigint AS old_event_count, \
+                NULL::text AS old_unit_price, NULL::text AS old_amount, NULL::text AS old_currency, \
+                NULL::text AS new_quantity, NULL::bigint AS new_event_count, \
+                NULL::text AS new_unit_price, NULL::text AS new_amount, NULL::text AS new_currency \
+             FROM diff GROUP BY what \
+             UNION ALL \
+             SELECT 'detail', what, NULL, auth_id, meter, window_start, \
+                    old_quantity::text, old_event_count, old_unit_price::text, old_amount::text, \
+                    old_currency, new_quantity::text, new_event_count, new_unit_price::text, \
+                    new_amount::text, new_currency \
+             FROM (SELECT d.*, row_number() OVER (PARTITION BY what \
+                                                  ORDER BY auth_id, meter, window_start) AS rn \
+                   FROM diff d WHERE what <> 'unchanged') x \
+             WHERE rn <= ",
+            $cap
+        )
+    };
+}
+
+/// Computes the diff for a window without writing anything (the dry run). `$1`, `$2`: window.
+pub const RATE_PREVIEW: &str = concat!(diff_ctes!(), report_select!("50"));
+
+/// Rates a window: upserts inserted, updated and lowered hours in (auth_id, meter, window_start)
+/// order; deletes rated hours whose events are gone, that lost their price, or that left the
+/// money model's range; and returns the bounded report. `$1`, `$2`: window; `$3`: rated_at.
+///
+/// Only rows that differ from what is stored are written: an unchanged re-run writes nothing.
+/// `current` filters `rated_usage` on `window_start` alone, which is what
+/// `rated_usage_window_start_ix` exists for (every other index leads with `auth_id`).
+pub const RATE_APPLY: &str = concat!(
+    diff_ctes!(),
+    ", upserted AS ( \
+       INSERT INTO rated_usage AS r \
+         (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
+       SELECT auth_id, meter, window_start, new_quantity, new_unit_price, new_amount, new_currency, \
+              new_event_count, $3 \
+       FROM diff WHERE what IN ('inserted', 'updated', 'lowered') \
+       ORDER BY auth_id, meter, window_start \
+       ON CONFLICT (auth_id, meter, window_start) DO UPDATE SET \
+         quantity = EXCLUDED.quantity, unit_price = EXCLUDED.unit_price, amount = EXCLUDED.amount, \
+         currency = EXCLUDED.currency, event_count = EXCLUDED.event_count, rated_at = EXCLUDED.rated_at \
+       RETURNING 1 \
+     ), removed AS ( \
+       DELETE FROM rated_usage r USING diff d \
+       WHERE r.id = d.old_id AND d.what IN ('deleted', 'price_lost', 'out_of_range') \
+       RETURNING 1 \
+     )",
+    report_select!("50")
+);
+
+fn text(row: &PgRow, column: &str) -> Result<Option<String>, sqlx::Error> {
+    row.try_get(column)
+}
+
+fn rated(row: &PgRow, side: &str) -> Result<Option<Rated>, sqlx::Error> {
+    let quantity = text(row, &format!("{side}_quantity"))?;
+    let count: Option<i64> = row.try_get(format!("{side}_event_count").as_str())?;
+    Ok(match (quantity, count) {
+        (Some(quantity), Some(event_count)) => Some(Rated {
+            quantity,
+            event_count,
+            unit_price: text(row, &format!("{side}_unit_price"))?,
+            amount: text(row, &format!("{side}_amount"))?,
+            currency: text(row, &format!("{side}_currency"))?,
+        }),
+        _ => None,
+    })
+}
+
+fn report_from_rows(rows: Vec<PgRow>) -> Result<RateReport, sqlx::Error> {
     let mut report = RateReport::default();
-    let mut priced = 0u64;
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    let mut details: Vec<(String, RatedChange)> = Vec::new();
     for row in rows {
-        if row.what == "priced" {
-            priced = row.amount.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        let kind: String = row.try_get("row_kind")?;
+        let what: String = row.try_get("what")?;
+        if kind == "count" {
+            let n: Option<i64> = row.try_get("n")?;
+            counts.push((what, n.unwrap_or(0).unsigned_abs()));
             continue;
         }
-        let Some((what, change)) = change(row) else {
+        let (Some(auth_id), Some(meter), Some(window_start)) = (
+            text(&row, "auth_id")?,
+            text(&row, "meter")?,
+            row.try_get::<Option<OffsetDateTime>, _>("window_start")?,
+        ) else {
             continue;
         };
-        match what.as_str() {
-            "inserted" => report.inserted.push(change),
-            "updated" => report.updated.push(change),
-            "unpriced" => report.unpriced.push(change.key),
-            other => tracing::error!(what = other, "unexpected row from the rating statement"),
-        }
+        details.push((
+            what,
+            RatedChange {
+                key: UsageKey {
+                    auth_id,
+                    meter,
+                    window_start,
+                },
+                old: rated(&row, "old")?,
+                new: rated(&row, "new")?,
+            },
+        ));
     }
-    report.unchanged = priced.saturating_sub((report.inserted.len() + report.updated.len()) as u64);
+    details.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    for (what, count) in counts {
+        let mine = details
+            .iter()
+            .filter(|(w, _)| *w == what)
+            .map(|(_, c)| c.clone());
+        let target: &mut Changes = match what.as_str() {
+            "inserted" => &mut report.inserted,
+            "updated" => &mut report.updated,
+            "lowered" => &mut report.lowered,
+            "deleted" => &mut report.deleted,
+            "price_lost" => &mut report.price_lost,
+            "unpriced" => &mut report.unpriced,
+            "out_of_range" => &mut report.out_of_range,
+            "unchanged" => {
+                report.unchanged = count;
+                continue;
+            }
+            other => {
+                tracing::error!(what = other, "unexpected row from the rating statement");
+                continue;
+            }
+        };
+        target.add(count, mine);
+    }
+    Ok(report)
+}
 
-    let deleted: Vec<RatingRow> = sqlx::query_as(RECONCILE_DELETE)
+/// Rates `window` on `conn` (pass a transaction) with [`RATE_APPLY`].
+pub async fn rate_window(
+    conn: &mut PgConnection,
+    window: Window,
+    rated_at: OffsetDateTime,
+) -> Result<RateReport, RaterError> {
+    let rows = sqlx::query(RATE_APPLY)
+        .bind(window.start())
+        .bind(window.end())
+        .bind(rated_at)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("rate the window"))?;
+    report_from_rows(rows).map_err(db("read the rating report"))
+}
+
+/// What rating `window` would do, computed with SELECTs only ([`RATE_PREVIEW`]).
+pub async fn preview_window(
+    conn: &mut PgConnection,
+    window: Window,
+) -> Result<RateReport, RaterError> {
+    let rows = sqlx::query(RATE_PREVIEW)
         .bind(window.start())
         .bind(window.end())
         .fetch_all(&mut *conn)
         .await
-        .map_err(db("reconcile rated usage"))?;
-    report.deleted = deleted
-        .into_iter()
-        .filter_map(change)
-        .map(|(_, c)| c)
-        .collect();
-    for list in [&mut report.inserted, &mut report.updated] {
-        list.sort_by(|a, b| a.key.cmp(&b.key));
-    }
-    report.unpriced.sort();
-    Ok(report)
+        .map_err(db("compute the window's diff"))?;
+    report_from_rows(rows).map_err(db("read the rating report"))
 }
 
-/// The single-flight lock, held on a dedicated connection for the whole run.
+/// Finds late usage: events before `before` ingested since the last run that found none
+/// (or, with no such run, in the 49 hours before `now`) whose hours' rating disagrees with
+/// their events (quantity or count differs, or no rated row).
+pub async fn find_late_usage(
+    conn: &mut PgConnection,
+    before: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Result<Option<LateUsage>, RaterError> {
+    let row: (i64, i64, Option<OffsetDateTime>, Option<OffsetDateTime>) = sqlx::query_as(
+        "WITH mark AS ( \
+           SELECT coalesce((SELECT max(started_at) FROM rater_runs \
+                            WHERE finished_at IS NOT NULL AND exit_code IN (0, 2) \
+                              AND late_events = 0 AND NOT dry_run), \
+                           $2 - interval '48 hours') - interval '1 hour' AS since \
+         ), late_hours AS ( \
+           SELECT DISTINCT e.auth_id, e.meter, \
+                  date_bin('1 hour', e.occurred_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS window_start \
+           FROM billing_event e, mark WHERE e.ingested_at >= mark.since AND e.occurred_at < $1 \
+         ), agg AS ( \
+           SELECT h.auth_id, h.meter, h.window_start, count(*) AS event_count, \
+                  sum(e.quantity) AS quantity, \
+                  count(*) FILTER (WHERE e.ingested_at >= mark.since) AS late_events \
+           FROM late_hours h CROSS JOIN mark \
+           JOIN billing_event e ON e.auth_id = h.auth_id AND e.meter = h.meter \
+             AND e.occurred_at >= h.window_start AND e.occurred_at < h.window_start + interval '1 hour' \
+           GROUP BY 1, 2, 3 \
+         ), stale AS ( \
+           SELECT a.* FROM agg a LEFT JOIN rated_usage r \
+             ON r.auth_id = a.auth_id AND r.meter = a.meter AND r.window_start = a.window_start \
+           WHERE r.id IS NULL OR (r.quantity, r.event_count) IS DISTINCT FROM (a.quantity, a.event_count) \
+         ) \
+         SELECT count(*), coalesce(sum(late_events), 0)::bigint, min(window_start), \
+                max(window_start) + interval '1 hour' FROM stale",
+    )
+    .bind(before)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("look for late usage"))?;
+    Ok(match row {
+        (hours, events, Some(since), Some(until)) if hours > 0 => Some(LateUsage {
+            events: events.unsigned_abs(),
+            hours: hours.unsigned_abs(),
+            since,
+            until,
+        }),
+        _ => None,
+    })
+}
+
+/// The single-flight lock, held on the connection that does the run's work.
 #[derive(Debug)]
 pub struct SingleFlight {
     conn: PgConnection,
+    pid: i32,
+    fence: i64,
 }
 
 impl SingleFlight {
-    /// Takes the lock, or returns `None` at once if another rater holds it.
+    /// Takes the lock, or returns `None` at once if another rater holds it. Refuses with
+    /// [`RaterError::PoolerDetected`] when a second session lands on the lock's backend.
     pub async fn try_acquire(options: &PgConnectOptions) -> Result<Option<Self>, RaterError> {
         let mut conn = PgConnection::connect_with(options)
             .await
             .map_err(db("open the single-flight connection"))?;
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SINGLE_FLIGHT_KEY)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(db("take the single-flight lock"))?;
-        if taken {
-            Ok(Some(Self { conn }))
-        } else {
+        // Plain (unprepared) statements until the pooler probe passed: a transaction pooler
+        // would mix up prepared statements before the probe could say why.
+        let row = sqlx::raw_sql(AssertSqlSafe(format!(
+            "SELECT pg_try_advisory_lock({SINGLE_FLIGHT_KEY}), pg_backend_pid()"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db("take the single-flight lock"))?;
+        let (taken, pid): (bool, i32) = (
+            row.try_get(0).map_err(db("take the single-flight lock"))?,
+            row.try_get(1).map_err(db("take the single-flight lock"))?,
+        );
+        if !taken {
             let _ = conn.close().await;
-            Ok(None)
+            return Ok(None);
+        }
+        if shares_backend(options, pid).await? {
+            let _ = conn.close().await;
+            return Err(RaterError::PoolerDetected);
+        }
+        let fence: i64 = sqlx::query_scalar(
+            "UPDATE rater_lease SET fence = fence + 1, holder_pid = pg_backend_pid(), \
+                    taken_at = now() RETURNING fence",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db("take the single-flight fence"))?;
+        Ok(Some(Self { conn, pid, fence }))
+    }
+
+    /// The connection the run's work must use.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// The server backend that holds the lock.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// This holder's fence token (`rater_lease.fence` when it took the lock).
+    pub fn fence(&self) -> i64 {
+        self.fence
+    }
+
+    /// Checks, inside `conn`'s open transaction, that this run still holds single flight: the
+    /// fence is its own (read `FOR UPDATE`, so no later rater can take over until commit), and
+    /// the lock is held by the backend that took it, which is the one running the transaction.
+    pub async fn verify(conn: &mut PgConnection, pid: i32, fence: i64) -> Result<(), RaterError> {
+        let held: bool = sqlx::query_scalar(
+            "SELECT l.fence = $1 AND pg_backend_pid() = $2 AND l.holder_pid = $2 \
+                    AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                                AND pid = pg_backend_pid() AND classid::bigint = $3 \
+                                AND objid::bigint = $4 AND objsubid = 1) \
+             FROM rater_lease l FOR UPDATE",
+        )
+        .bind(fence)
+        .bind(pid)
+        .bind(SINGLE_FLIGHT_KEY >> 32)
+        .bind(SINGLE_FLIGHT_KEY & 0xffff_ffff)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("check the single-flight lock"))?;
+        if held {
+            Ok(())
+        } else {
+            Err(RaterError::Fenced)
         }
     }
 
-    /// Releases the lock and closes its connection (closing alone would release it too).
+    /// Releases the lock and closes its connection; an unlock returning `false` is an error.
     pub async fn release(mut self) -> Result<(), RaterError> {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
+        let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
             .bind(SINGLE_FLIGHT_KEY)
-            .execute(&mut self.conn)
+            .fetch_one(&mut self.conn)
             .await
             .map_err(db("release the single-flight lock"))?;
-        self.conn
+        let closed = self
+            .conn
             .close()
             .await
-            .map_err(db("close the single-flight connection"))
+            .map_err(db("close the single-flight connection"));
+        if !released {
+            return Err(RaterError::UnlockFailed);
+        }
+        closed
     }
+}
+
+/// Whether a fresh session lands on backend `pid` (which holds the lock): only a
+/// transaction-pooling proxy does that. If it does, the lock is released there, in the same
+/// statement, so the refused run leaves nothing held behind the proxy.
+async fn shares_backend(options: &PgConnectOptions, pid: i32) -> Result<bool, RaterError> {
+    let mut probe = PgConnection::connect_with(options)
+        .await
+        .map_err(db("open the pooler probe connection"))?;
+    let row = sqlx::raw_sql(AssertSqlSafe(format!(
+        "SELECT pg_backend_pid() = {pid}, \
+                CASE WHEN pg_backend_pid() = {pid} THEN pg_advisory_unlock({SINGLE_FLIGHT_KEY}) END"
+    )))
+    .fetch_one(&mut probe)
+    .await
+    .map_err(db("probe for a transaction-pooling proxy"))?;
+    let shared: bool = row
+        .try_get(0)
+        .map_err(db("probe for a transaction-pooling proxy"))?;
+    let _ = probe.close().await;
+    Ok(shared)
 }
 
 /// How a run was asked for.
@@ -330,9 +601,9 @@ impl SingleFlight {
 pub struct RunRequest {
     /// The window to rate.
     pub window: Window,
-    /// Whether the window was given explicitly (a backfill) rather than defaulted (routine).
+    /// Whether the run is an explicit backfill (`--backfill`) rather than routine.
     pub explicit: bool,
-    /// Compute the diff without writing anything.
+    /// Compute the diff with SELECTs only: no lock, no ledger row, nothing written.
     pub dry_run: bool,
     /// The run's clock.
     pub now: OffsetDateTime,
@@ -341,187 +612,352 @@ pub struct RunRequest {
 /// What a run did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RunOutcome {
-    /// How the process should exit.
+    /// How the process should exit (a dry run that succeeds exits 0).
     #[serde(serialize_with = "exit_as_code")]
     pub exit: RaterExit,
+    /// How a real run would have exited, for a dry run; the same as `exit` otherwise.
+    #[serde(serialize_with = "exit_as_code")]
+    pub would_exit: RaterExit,
     /// What was rated; `None` when the lock was held elsewhere.
     pub report: Option<RateReport>,
+    /// The `rater_runs` row, for a run that wrote one.
+    pub run_id: Option<i64>,
 }
 
 fn exit_as_code<S: serde::Serializer>(exit: &RaterExit, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u8(exit.code())
 }
 
-/// One rater run: take the single-flight lock (or exit 3 without writing), record the run in
-/// `rater_runs`, rate the window one day per transaction (each day's reconcile deletions commit
-/// with a `rater.reconcile_deleted` audit row), log and decide the exit, and record the outcome.
+/// [`run_until`] with no stop signal.
 pub async fn run(
     pool: &PgPool,
     lock_options: &PgConnectOptions,
     request: RunRequest,
 ) -> Result<RunOutcome, RaterError> {
-    let Some(lock) = SingleFlight::try_acquire(lock_options).await? else {
-        tracing::warn!("another rater holds the single-flight lock; nothing written");
+    run_until(pool, lock_options, request, std::future::pending()).await
+}
+
+/// One rater run.
+///
+/// A dry run computes the diff with SELECTs in a read-only transaction, without the lock or a
+/// ledger row. A real run takes the single-flight lock (or records a skipped run and exits 3),
+/// opens its `rater_runs` row, rates the window one day per transaction on the lock's own
+/// connection (each day's counts and loss audit row commit with it), looks for late usage,
+/// releases the lock, and closes the ledger row with the exit code the process will use.
+/// When `stop` completes first the day in progress rolls back and the row is closed as
+/// [`RaterError::Terminated`].
+pub async fn run_until(
+    pool: &PgPool,
+    lock_options: &PgConnectOptions,
+    request: RunRequest,
+    stop: impl Future<Output = ()>,
+) -> Result<RunOutcome, RaterError> {
+    if request.dry_run {
+        return dry_run(pool, request).await;
+    }
+    let acquired = match SingleFlight::try_acquire(lock_options).await {
+        Ok(acquired) => acquired,
+        Err(e) => {
+            record_failed_start(pool, request, &e).await;
+            return Err(e);
+        }
+    };
+    let Some(lock) = acquired else {
+        tracing::warn!("another rater holds the single-flight lock; nothing rated");
+        let run_id = record_skipped(pool, request).await?;
         return Ok(RunOutcome {
             exit: RaterExit::Locked,
+            would_exit: RaterExit::Locked,
             report: None,
+            run_id: Some(run_id),
         });
     };
-    let result = run_locked(pool, request).await;
-    let released = lock.release().await;
-    let outcome = result?;
-    released?;
-    Ok(outcome)
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO rater_runs (started_at, window_start, window_end, explicit_window, dry_run) \
+         VALUES ($1, $2, $3, $4, false) RETURNING id",
+    )
+    .bind(request.now)
+    .bind(request.window.start())
+    .bind(request.window.end())
+    .bind(request.explicit)
+    .fetch_one(pool)
+    .await
+    .map_err(db("record the run"))?;
+
+    let mut days_committed = 0u32;
+    let work = locked_work(lock, request, run_id, &mut days_committed);
+    let result = tokio::select! {
+        result = work => result,
+        () = stop => Err(RaterError::Terminated { days: 0 }),
+    };
+    let result = match result {
+        Err(RaterError::Terminated { .. }) => Err(RaterError::Terminated {
+            days: days_committed,
+        }),
+        other => other,
+    };
+    let (exit, error, late) = match &result {
+        Ok(report) => (
+            exit_code(report.losses(), request.explicit, report.has_anomaly()),
+            None,
+            report.late.as_ref().map_or(0, |l| l.events),
+        ),
+        Err(e) => (RaterExit::Error, Some(e.to_string()), 0),
+    };
+    sqlx::query(
+        "UPDATE rater_runs SET finished_at = now(), exit_code = $2, error = $3, late_events = $4 \
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(i16::from(exit.code()))
+    .bind(error)
+    .bind(i64::try_from(late).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await
+    .map_err(db("record the run's outcome"))?;
+    let report = result?;
+    Ok(RunOutcome {
+        exit,
+        would_exit: exit,
+        report: Some(report),
+        run_id: Some(run_id),
+    })
 }
 
-async fn run_locked(pool: &PgPool, request: RunRequest) -> Result<RunOutcome, RaterError> {
-    let RunRequest {
-        window,
-        explicit,
-        dry_run,
-        now,
-    } = request;
-    let run_id: Option<i64> = if dry_run {
-        None
-    } else {
-        Some(
-            sqlx::query_scalar(
-                "INSERT INTO rater_runs (started_at, window_start, window_end, explicit_window, dry_run) \
-                 VALUES ($1, $2, $3, $4, false) RETURNING id",
-            )
-            .bind(now)
-            .bind(window.start())
-            .bind(window.end())
-            .bind(explicit)
-            .fetch_one(pool)
-            .await
-            .map_err(db("record the run"))?,
-        )
-    };
-    let rated = rate_days(pool, window, explicit, dry_run, now).await;
-    let (report, exit, error) = match rated {
-        Ok(report) => {
-            let exit = exit_code(report.deleted.len() as u64, explicit, report.has_anomaly());
-            (Some(report), exit, None)
-        }
-        Err(e) => (None, RaterExit::Error, Some(e)),
-    };
-    if let Some(id) = run_id {
-        let counts = report.as_ref();
-        sqlx::query(
-            "UPDATE rater_runs SET finished_at = $2, inserted = $3, updated = $4, unchanged = $5, \
-                    deleted = $6, anomalies = $7, exit_code = $8, error = $9 WHERE id = $1",
-        )
-        .bind(id)
-        .bind(OffsetDateTime::now_utc())
-        .bind(counts.map_or(0, |r| r.inserted.len() as i64))
-        .bind(counts.map_or(0, |r| r.updated.len() as i64))
-        .bind(counts.map_or(0, |r| r.unchanged as i64))
-        .bind(counts.map_or(0, |r| r.deleted.len() as i64))
-        .bind(counts.map_or(0, |r| r.unpriced.len() as i64))
-        .bind(i16::from(exit.code()))
-        .bind(error.as_ref().map(ToString::to_string))
-        .execute(pool)
-        .await
-        .map_err(db("record the run's outcome"))?;
-    }
-    match error {
-        Some(e) => Err(e),
-        None => Ok(RunOutcome { exit, report }),
+/// Records a run that failed before it could take the lock (exit 1). Best effort: the same
+/// database may be what failed, and the run's own error is the one to report.
+async fn record_failed_start(pool: &PgPool, request: RunRequest, error: &RaterError) {
+    let recorded = sqlx::query(
+        "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, \
+                                 explicit_window, dry_run, exit_code, error) \
+         VALUES ($1, now(), $2, $3, $4, false, 1, $5)",
+    )
+    .bind(request.now)
+    .bind(request.window.start())
+    .bind(request.window.end())
+    .bind(request.explicit)
+    .bind(error.to_string())
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, "could not record the failed run in rater_runs");
     }
 }
 
-async fn rate_days(
-    pool: &PgPool,
-    window: Window,
-    explicit: bool,
-    dry_run: bool,
-    now: OffsetDateTime,
+async fn record_skipped(pool: &PgPool, request: RunRequest) -> Result<i64, RaterError> {
+    sqlx::query_scalar(
+        "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, \
+                                 explicit_window, dry_run, exit_code, error) \
+         VALUES ($1, now(), $2, $3, $4, false, 3, 'another rater holds the single-flight lock') \
+         RETURNING id",
+    )
+    .bind(request.now)
+    .bind(request.window.start())
+    .bind(request.window.end())
+    .bind(request.explicit)
+    .fetch_one(pool)
+    .await
+    .map_err(db("record the skipped run"))
+}
+
+async fn locked_work(
+    mut lock: SingleFlight,
+    request: RunRequest,
+    run_id: i64,
+    days_committed: &mut u32,
 ) -> Result<RateReport, RaterError> {
-    let days = window.days();
+    let (pid, fence) = (lock.pid, lock.fence);
+    let days = request.window.days();
     let mut total = RateReport::default();
     for (i, day) in days.iter().enumerate() {
-        let mut tx = pool
+        let started = std::time::Instant::now();
+        let conn = lock.connection();
+        let mut tx = conn
             .begin()
             .await
             .map_err(db("begin a rating transaction"))?;
-        let report = rate_window(&mut tx, *day, now).await?;
-        if !report.deleted.is_empty() && !dry_run {
-            keel_audit::postgres::insert(&mut tx, &reconcile_event(&report, *day, explicit, now))
-                .await?;
+        SingleFlight::verify(&mut tx, pid, fence).await?;
+        let report = rate_window(&mut tx, *day, request.now).await?;
+        if report.losses() > 0 {
+            let kind = if request.explicit {
+                AuditKind::RaterBackfillReconciled
+            } else {
+                AuditKind::RaterReconcileDeleted
+            };
+            let attributes = loss_attributes(&report, *day, request.explicit, Some(run_id))?;
+            let event = AuditEvent::new(
+                kind,
+                Actor::parse("keel-rater").unwrap_or_else(|_| Actor::system()),
+                request.now,
+            )
+            .with_attributes(attributes);
+            keel_audit::postgres::insert(&mut tx, &event).await?;
         }
-        if dry_run {
-            tx.rollback().await.map_err(db("roll back a dry run"))?;
-        } else {
-            tx.commit()
-                .await
-                .map_err(db("commit a rating transaction"))?;
-        }
-        if days.len() > 1 {
-            tracing::info!(day = i + 1, of = days.len(), window = %day, "rated");
-        }
-        log_day(&report, *day, explicit, dry_run);
+        sqlx::query(
+            "UPDATE rater_runs SET inserted = inserted + $2, updated = updated + $3, \
+                    unchanged = unchanged + $4, deleted = deleted + $5, anomalies = anomalies + $6, \
+                    lowered = lowered + $7, days_committed = days_committed + 1 WHERE id = $1",
+        )
+        .bind(run_id)
+        .bind(count(report.inserted.count))
+        .bind(count(report.updated.count))
+        .bind(count(report.unchanged))
+        .bind(count(report.deleted.count + report.price_lost.count))
+        .bind(count(
+            report.unpriced.count + report.price_lost.count + report.out_of_range.count,
+        ))
+        .bind(count(report.lowered.count))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("record the day's counts"))?;
+        SingleFlight::verify(&mut tx, pid, fence).await?;
+        tx.commit()
+            .await
+            .map_err(db("commit a rating transaction"))?;
+        *days_committed += 1;
+        tracing::info!(
+            day = i + 1,
+            of = days.len(),
+            window = %day,
+            seconds = started.elapsed().as_secs_f64(),
+            written = report.rows_written(),
+            "rated"
+        );
+        log_day(&report, *day, request.explicit, false);
         total.absorb(report);
     }
+    total.late = find_late_usage(lock.connection(), request.window.start(), request.now).await?;
+    log_late(total.late.as_ref(), false);
+    lock.release().await?;
     Ok(total)
 }
 
-fn reconcile_event(
-    report: &RateReport,
-    day: Window,
-    explicit: bool,
-    now: OffsetDateTime,
-) -> AuditEvent {
-    let keys: Vec<String> = report
-        .deleted
-        .iter()
-        .take(20)
-        .map(|c| c.key.to_string())
-        .collect();
-    let mut keys = keys.join(" ");
-    keys.truncate(keel_audit::MAX_ATTR_VALUE_LEN);
-    let mut attributes = keel_audit::Attributes::new();
-    for (key, value) in [
-        ("deleted_count", report.deleted.len().to_string()),
-        ("window_start", day.start().to_string()),
-        ("window_end", day.end().to_string()),
-        ("explicit_window", explicit.to_string()),
-        ("deleted_keys", keys),
-    ] {
-        // Every value is built here from validated ids and numbers; one refused would only
-        // thin the attributes, never lose the audit row.
-        let _ = attributes.insert(key, value);
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+async fn dry_run(pool: &PgPool, request: RunRequest) -> Result<RunOutcome, RaterError> {
+    let mut conn = pool.acquire().await.map_err(db("open a connection"))?;
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(db("begin a read-only transaction"))?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("make the dry run read-only"))?;
+    let mut total = RateReport::default();
+    for day in request.window.days() {
+        let report = preview_window(&mut tx, day).await?;
+        log_day(&report, day, request.explicit, true);
+        total.absorb(report);
     }
-    AuditEvent::new(
-        AuditKind::RaterReconcileDeleted,
-        Actor::parse("keel-rater").unwrap_or_else(|_| Actor::system()),
-        now,
-    )
-    .with_attributes(attributes)
+    total.late = find_late_usage(&mut tx, request.window.start(), request.now).await?;
+    log_late(total.late.as_ref(), true);
+    tx.rollback().await.map_err(db("end the dry run"))?;
+    let would_exit = exit_code(total.losses(), request.explicit, total.has_anomaly());
+    Ok(RunOutcome {
+        exit: RaterExit::Clean,
+        would_exit,
+        report: Some(total),
+        run_id: None,
+    })
+}
+
+/// The first few changes of a kind, for one bounded log field.
+fn sample(changes: &Changes) -> String {
+    let mut shown = changes
+        .details
+        .iter()
+        .take(10)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if changes.count > 10 {
+        shown.push_str(&format!("; and {} more", changes.count - 10));
+    }
+    shown
 }
 
 fn log_day(report: &RateReport, day: Window, explicit: bool, dry_run: bool) {
-    for key in &report.unpriced {
-        tracing::error!(key = %key, "events with no effective price: not rated (anomaly)");
+    let (verb, lost_verb) = if dry_run {
+        ("would not rate", "would lower or remove")
+    } else {
+        ("not rated", "lowered or removed")
+    };
+    for (changes, what) in [
+        (&report.unpriced, "events with no effective price"),
+        (
+            &report.price_lost,
+            "rated hours lost their effective price; the stale rated rows",
+        ),
+        (
+            &report.out_of_range,
+            "hours beyond the money model's range (quantity or amount >= 10^18)",
+        ),
+    ] {
+        if !changes.is_empty() {
+            if dry_run {
+                tracing::warn!(window = %day, count = changes.count, hours = %sample(changes),
+                    "dry run: {what}: {verb} (a real run pages)");
+            } else {
+                tracing::error!(window = %day, count = changes.count, hours = %sample(changes),
+                    "{what}: {verb} (anomaly)");
+            }
+        }
     }
-    if report.deleted.is_empty() {
+    let losses = report.losses();
+    if losses == 0 {
         return;
     }
-    let keys: Vec<String> = report
-        .deleted
-        .iter()
-        .map(|c| format!("{} ({})", c.key, c.amount))
-        .collect();
-    let keys = keys.join(", ");
-    let count = report.deleted.len();
-    match deletion_severity(explicit) {
-        DeletionSeverity::Error => tracing::error!(
-            window = %day, count, dry_run, deleted = %keys,
-            "routine run deleted previously rated usage: billed events vanished or an upstream regression dropped them"
+    let details = [
+        ("deleted", &report.deleted),
+        ("lowered", &report.lowered),
+        ("price lost", &report.price_lost),
+    ]
+    .into_iter()
+    .filter(|(_, changes)| !changes.is_empty())
+    .map(|(label, changes)| format!("{label}: {}", sample(changes)))
+    .collect::<Vec<_>>()
+    .join(" | ");
+    let (deleted, lowered) = (report.deleted.count, report.lowered.count);
+    match (deletion_severity(explicit), dry_run) {
+        (DeletionSeverity::Error, false) => tracing::error!(
+            window = %day, count = losses, deleted, lowered, changes = %details,
+            "routine run {lost_verb} previously rated usage: billed events vanished or an upstream regression dropped them"
         ),
-        DeletionSeverity::Info => tracing::info!(
-            window = %day, count, dry_run, deleted = %keys,
+        (DeletionSeverity::Error, true) => tracing::warn!(
+            window = %day, count = losses, deleted, lowered, changes = %details,
+            "dry run: a routine run {lost_verb} previously rated usage (it would page)"
+        ),
+        (DeletionSeverity::Info, _) => tracing::info!(
+            window = %day, count = losses, deleted, lowered, dry_run, changes = %details,
             "backfill reconciled previously rated usage"
         ),
+    }
+}
+
+fn log_late(late: Option<&LateUsage>, dry_run: bool) {
+    let Some(late) = late else { return };
+    let command = late.backfill_command();
+    if dry_run {
+        tracing::warn!(events = late.events, hours = late.hours, command = %command,
+            "dry run: late usage outside the window is not rated yet");
+    } else {
+        tracing::error!(events = late.events, hours = late.hours, command = %command,
+            "late usage: events arrived after their hours left the routine window and are not rated (anomaly); run the backfill command");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_statements_cap_details_at_detail_cap() {
+        let tail = format!("WHERE rn <= {}", crate::DETAIL_CAP);
+        assert!(RATE_APPLY.trim_end().ends_with(&tail));
+        assert!(RATE_PREVIEW.trim_end().ends_with(&tail));
+        assert!(!RATE_PREVIEW.contains("INSERT") && !RATE_PREVIEW.contains("DELETE"));
     }
 }

@@ -48,13 +48,23 @@ impl Window {
 
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rfc3339 =
-            |at: OffsetDateTime| at.format(&time::format_description::well_known::Rfc3339);
-        let (start, end) = (
-            rfc3339(self.start).map_err(|_| fmt::Error)?,
-            rfc3339(self.end).map_err(|_| fmt::Error)?,
-        );
-        write!(f, "[{start}, {end})")
+        write!(f, "[{}, {})", rfc3339(self.start), rfc3339(self.end))
+    }
+}
+
+/// `at` in RFC 3339 (`2026-11-22T10:00:00Z`); an instant RFC 3339 cannot express (a year
+/// outside 0000-9999) falls back to `time`'s own format, so formatting never fails.
+pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.to_string())
+}
+
+/// An instant in a message: RFC 3339 where possible.
+struct Rfc3339(OffsetDateTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&rfc3339(self.0))
     }
 }
 
@@ -62,7 +72,12 @@ impl fmt::Display for Window {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
     /// `since` is not before `until`.
-    #[error("--since ({since}) must be before --until ({until})")]
+    #[error(
+        "--since ({}) must be before the window's end ({}: --until, or the start of the current \
+         hour without it)",
+        Rfc3339(*.since),
+        Rfc3339(*.until)
+    )]
     Empty {
         /// The start asked for.
         since: OffsetDateTime,
@@ -70,7 +85,10 @@ pub enum WindowError {
         until: OffsetDateTime,
     },
     /// A bound is not on a whole UTC hour.
-    #[error("--{flag} ({at}) must be on a whole hour in UTC, e.g. 2026-11-22T10:00:00Z")]
+    #[error(
+        "--{flag} ({}) must be on a whole hour in UTC, e.g. 2026-11-22T10:00:00Z",
+        Rfc3339(*.at)
+    )]
     NotOnTheHour {
         /// `since` or `until`.
         flag: &'static str,
@@ -79,8 +97,9 @@ pub enum WindowError {
     },
     /// The window reaches into the hour still open, or the future.
     #[error(
-        "--until ({until}) reaches into the open hour or the future; the last closed hour ends at \
-         {last_closed}"
+        "--until ({}) reaches into the open hour or the future; the last closed hour ends at {}",
+        Rfc3339(*.until),
+        Rfc3339(*.last_closed)
     )]
     NotClosed {
         /// The end asked for.
@@ -90,12 +109,13 @@ pub enum WindowError {
     },
     /// The window is longer than [`MAX_SPAN_DAYS`] and `--allow-long-span` was not given.
     #[error(
-        "the window spans {days} days, more than {MAX_SPAN_DAYS}; pass --allow-long-span if you \
-         mean it"
+        "the window spans {hours} hours, more than {MAX_SPAN_DAYS} days ({} hours); pass \
+         --allow-long-span if you mean it",
+        MAX_SPAN_DAYS * 24
     )]
     TooLong {
-        /// The span asked for, in whole days.
-        days: i64,
+        /// The span asked for, in hours.
+        hours: i64,
     },
 }
 
@@ -151,9 +171,10 @@ pub fn resolve_window(
             last_closed,
         });
     }
-    let days = (end - start).whole_days();
     if end - start > Duration::days(MAX_SPAN_DAYS) && !allow_long_span {
-        return Err(WindowError::TooLong { days });
+        return Err(WindowError::TooLong {
+            hours: (end - start).whole_hours(),
+        });
     }
     Ok((Window { start, end }, explicit))
 }
@@ -162,6 +183,34 @@ pub fn resolve_window(
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    /// RATER-L1: messages printed `time`'s own format, named a flag the user did not pass,
+    /// and said "spans 31 days, more than 31" for 31 days and an hour.
+    #[test]
+    fn window_errors_speak_rfc3339_and_name_only_what_was_given() {
+        let now = datetime!(2026-11-22 10:17:33 UTC);
+        let future = resolve_window(Some(datetime!(2026-11-22 12:00 UTC)), None, now, false)
+            .unwrap_err()
+            .to_string();
+        assert!(future.contains("2026-11-22T12:00:00Z"), "{future}");
+        assert!(future.contains("the start of the current hour"), "{future}");
+        let long = resolve_window(
+            Some(datetime!(2026-10-01 09:00 UTC)),
+            Some(datetime!(2026-11-01 10:00 UTC)),
+            now,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            long.contains("745 hours, more than 31 days (744 hours)"),
+            "{long}"
+        );
+        let off = resolve_window(Some(datetime!(2026-11-20 00:30 UTC)), None, now, false)
+            .unwrap_err()
+            .to_string();
+        assert!(off.contains("--since (2026-11-20T00:30:00Z)"), "{off}");
+    }
 
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:17:33 UTC);
 
@@ -269,7 +318,7 @@ mod tests {
         check(
             Some(datetime!(2026-10-01 00:00 UTC)),
             None,
-            Err(WindowError::TooLong { days: 52 }),
+            Err(WindowError::TooLong { hours: 1258 }),
         );
     }
 

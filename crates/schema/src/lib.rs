@@ -26,6 +26,7 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "prices",
     "rated_usage",
     "rater_runs",
+    "rater_lease",
     "io_log",
 ];
 

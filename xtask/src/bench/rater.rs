@@ -75,7 +75,7 @@ pub fn bench(events: u64) -> anyhow::Result<()> {
         let full = run(&pool, &lock, request).await?;
         let full_time = started.elapsed();
         ensure!(full.exit == RaterExit::Clean, "the full run did not exit clean: {:?}", full.exit);
-        let inserted = full.report.map(|r| r.inserted.len()).unwrap_or(0);
+        let inserted = full.report.map(|r| r.inserted.count).unwrap_or(0);
         ensure!(inserted as i64 == groups, "rated {inserted} rows for {groups} groups");
 
         let started = Instant::now();
@@ -83,7 +83,7 @@ pub fn bench(events: u64) -> anyhow::Result<()> {
         let rerun_time = started.elapsed();
         let rerun_report = rerun.report.unwrap_or_default();
         ensure!(
-            rerun_report.inserted.is_empty() && rerun_report.updated.is_empty() && rerun_report.deleted.is_empty(),
+            rerun_report.inserted.is_empty() && rerun_report.updated.is_empty() && rerun_report.losses() == 0,
             "the unchanged re-run wrote rows"
         );
 

@@ -72,8 +72,8 @@ pub async fn rating(server: &PgServer, db: &str, pool: &PgPool) -> anyhow::Resul
     println!(
         "exit {}: {} hours rated ({} inserted), nothing deleted",
         outcome.exit.code(),
-        report.inserted.len(),
-        report.inserted.len()
+        report.inserted.count,
+        report.inserted.count
     );
     ensure!(
         outcome.exit == RaterExit::Clean,
@@ -81,15 +81,21 @@ pub async fn rating(server: &PgServer, db: &str, pool: &PgPool) -> anyhow::Resul
     );
 
     step(
-        "Rater: an event vanishes upstream; the next routine run rewrites a billed hour and pages",
+        "Rater: one of an hour's two events vanishes upstream; the next routine run lowers a billed hour and pages",
     );
     delete_event(pool, "evt-1").await?;
-    delete_event(pool, "evt-2").await?;
     let outcome = run(pool, &lock, request(None, None)?).await?;
     println!("exit {} (attention: page someone)", outcome.exit.code());
+    if let Some(change) = outcome
+        .report
+        .as_ref()
+        .and_then(|r| r.lowered.details.first())
+    {
+        println!("lowered {change}");
+    }
     ensure!(
         outcome.exit == RaterExit::Attention,
-        "a routine reconcile deletion must exit 2"
+        "a routine run that lowers a rated hour must exit 2"
     );
 
     step("Rater: an explicit backfill over the next hour converges quietly");
@@ -102,18 +108,19 @@ pub async fn rating(server: &PgServer, db: &str, pool: &PgPool) -> anyhow::Resul
     )
     .await?;
     println!(
-        "exit {}: {} deleted on an explicit --since/--until window is the convergence asked for",
+        "exit {}: {} deleted on an explicit --backfill window is the convergence asked for",
         outcome.exit.code(),
-        outcome.report.map(|r| r.deleted.len()).unwrap_or(0)
+        outcome.report.map(|r| r.deleted.count).unwrap_or(0)
     );
     ensure!(
         outcome.exit == RaterExit::Clean,
         "a backfill reconcile deletion must exit 0"
     );
-    let runs: Vec<(bool, i64, i16)> =
-        sqlx::query_as("SELECT explicit_window, deleted, exit_code FROM rater_runs ORDER BY id")
-            .fetch_all(pool)
-            .await?;
-    println!("run ledger (explicit, deleted, exit): {runs:?}");
+    let runs: Vec<(bool, i64, i64, i16)> = sqlx::query_as(
+        "SELECT explicit_window, lowered, deleted, exit_code FROM rater_runs ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    println!("run ledger (explicit, lowered, deleted, exit): {runs:?}");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `io_log` against a real Postgres: bodies are stored whole, searchable, and an oversized search
 //! vector never fails the insert.
 
+use keel_rater::capture;
 use keel_rater::io_log::{self, IoLogId, TSV_PREFIX_CHARS};
-use keel_rater::{Captured, capture};
 use sqlx::{Connection, PgConnection};
 
 /// A stored row, read back.
@@ -53,7 +53,7 @@ async fn a_body_over_the_tsvector_limit_is_stored_with_a_bounded_vector() {
     assert_eq!(code.as_deref(), Some("54000"), "{whole}");
 
     let captured = capture("req-huge", body.as_bytes(), 2 * 1024 * 1024);
-    assert!(!captured.truncated);
+    assert!(!captured.truncated());
     let id = io_log::insert(&mut conn, "req-huge", &captured)
         .await
         .unwrap();
@@ -72,7 +72,12 @@ async fn a_body_over_the_tsvector_limit_is_stored_with_a_bounded_vector() {
         let hits = io_log::search(&mut conn, word, 10).await.unwrap();
         assert_eq!(hits, vec![(id, "req-huge".to_owned())], "{word}");
     }
-    // ...and one past it is not: the vector really is bounded.
+    // RATER-L7: the fallback is no cliff at 64 Ki characters: a word at 256 Ki characters,
+    // four times further, is still searchable.
+    let further = format!("w{:07x}", 4 * prefix_words);
+    let hits = io_log::search(&mut conn, &further, 10).await.unwrap();
+    assert_eq!(hits, vec![(id, "req-huge".to_owned())], "{further}");
+    // ...and the last word is not: the vector really is bounded.
     let beyond = format!("w{:07x}", words - 1);
     assert_eq!(io_log::search(&mut conn, &beyond, 10).await.unwrap(), []);
 }
@@ -154,12 +159,12 @@ async fn a_truncated_capture_records_its_original_length() {
     body.resize(10_000, b'z');
     let captured = capture("req-cut", &body, 15);
     assert_eq!(
-        captured,
-        Captured {
-            body: "alphabeta gamm".to_owned(),
-            original_len: 10_000,
-            truncated: true,
-        }
+        (
+            captured.body(),
+            captured.original_len(),
+            captured.truncated()
+        ),
+        ("alphabeta gamm", 10_000, true)
     );
     let id = io_log::insert(&mut conn, "req-cut", &captured)
         .await
@@ -172,4 +177,72 @@ async fn a_truncated_capture_records_its_original_length() {
     assert!(!stored.tsv_truncated);
     let hits = io_log::search(&mut conn, "gamm", 10).await.unwrap();
     assert_eq!(hits, vec![(id, "req-cut".to_owned())]);
+}
+
+/// RATER-M7: a NUL in a caller-supplied request id failed the insert (SQLSTATE 22021) with
+/// advice about reachability.
+#[tokio::test]
+async fn a_nul_in_the_request_id_is_stored_sanitized() {
+    let db = keel_testkit::database().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let captured = capture("req\0-1", b"hello", 100);
+    let id = io_log::insert(&mut conn, "req\0-1", &captured)
+        .await
+        .unwrap();
+    assert_eq!(row(&mut conn, id).await.request_id, "req-1");
+    let long = "é".repeat(1000);
+    let id = io_log::insert(&mut conn, &long, &captured).await.unwrap();
+    assert!(row(&mut conn, id).await.request_id.len() <= keel_rater::MAX_REQUEST_ID_LEN);
+}
+
+/// RATER-M7 and RATER-L7: 300 words over the lexeme limit logged 300 notices, and the row
+/// claimed a complete vector although no word was indexed.
+#[tokio::test]
+async fn words_too_long_to_index_mark_the_vector_truncated_with_one_warning() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let db = keel_testkit::database().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let body: String = (0..300)
+        .map(|i| format!("{}{i:04} ", "x".repeat(3000)))
+        .collect();
+    let captured = capture("req-long", body.as_bytes(), 2 * 1024 * 1024);
+    let id = io_log::insert(&mut conn, "req-long", &captured)
+        .await
+        .unwrap();
+    let stored = row(&mut conn, id).await;
+    assert!(
+        stored.tsv_truncated,
+        "no word was indexed, yet the row claims completeness"
+    );
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert_eq!(
+        text.matches("too long to be indexed").count(),
+        0,
+        "per-word notices reached the log:\n{text}"
+    );
+    assert_eq!(
+        text.matches("words over PostgreSQL's 2047-byte").count(),
+        1,
+        "{text}"
+    );
 }

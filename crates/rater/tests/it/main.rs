@@ -1,4 +1,6 @@
 //! keel-rater against a real Postgres (a fresh migrated database per test).
 
+mod hardening;
 mod io_log;
+mod pgbouncer;
 mod rating;

@@ -4,8 +4,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use keel_rater::postgres::{
-    Ingested, RECONCILE_DELETE, RunOutcome, RunRequest, SingleFlight, rate_window, record_event,
-    run,
+    Ingested, RATE_APPLY, RunOutcome, RunRequest, SingleFlight, rate_window, record_event, run,
 };
 use keel_rater::{BillingEvent, RaterExit, resolve_window};
 use rust_decimal::Decimal;
@@ -103,7 +102,7 @@ async fn rated(pool: &PgPool) -> Vec<(String, OffsetDateTime, Decimal)> {
     .unwrap()
 }
 
-async fn rate(pool: &PgPool, hours: i64) -> keel_rater::postgres::RateReport {
+async fn rate(pool: &PgPool, hours: i64) -> keel_rater::RateReport {
     let mut tx = pool.begin().await.unwrap();
     let report = rate_window(&mut tx, window(hours), NOW).await.unwrap();
     tx.commit().await.unwrap();
@@ -115,7 +114,7 @@ async fn hours_are_priced_with_the_price_effective_at_their_start() {
     let db = keel_testkit::database().await;
     fixture(db.pool()).await;
     let report = rate(db.pool(), 3).await;
-    assert_eq!(report.inserted.len(), 3);
+    assert_eq!(report.inserted.count, 3);
     assert_eq!(
         rated(db.pool()).await,
         vec![
@@ -142,7 +141,7 @@ async fn an_unchanged_rerun_writes_zero_rows() {
     let before = versions().await;
     let report = rate(db.pool(), 3).await;
     assert!(
-        report.inserted.is_empty() && report.updated.is_empty() && report.deleted.is_empty(),
+        report.inserted.is_empty() && report.updated.is_empty() && report.losses() == 0,
         "{report:?}"
     );
     assert_eq!(report.unchanged, 3);
@@ -188,8 +187,9 @@ async fn a_late_event_inside_the_window_is_rated_by_the_next_run() {
     )
     .await;
     let report = rate(db.pool(), 3).await;
-    assert_eq!(report.updated.len(), 1);
-    assert_eq!(report.updated[0].amount, dec("0.010"));
+    assert_eq!(report.updated.count, 1);
+    let new = report.updated.details[0].new.clone().unwrap();
+    assert_eq!(new.amount.as_deref(), Some("0.01"));
 }
 
 #[tokio::test]
@@ -290,7 +290,7 @@ async fn backfill_reconcile_delete_exits_0_with_info_and_no_error_line() {
     delete_event(db.pool(), "e4").await;
     let (outcome, logs) = rate_run(&db, true).await;
     assert_eq!(outcome.exit, RaterExit::Clean);
-    assert_eq!(outcome.report.unwrap().deleted.len(), 1);
+    assert_eq!(outcome.report.unwrap().deleted.count, 1);
     assert!(
         !logs.contains("ERROR"),
         "a backfill logged an ERROR:\n{logs}"
@@ -317,7 +317,7 @@ async fn an_anomaly_during_a_backfill_still_exits_nonzero() {
     .await;
     let (outcome, logs) = rate_run(&db, true).await;
     assert_eq!(outcome.exit, RaterExit::Attention);
-    assert_eq!(outcome.report.unwrap().unpriced.len(), 1);
+    assert_eq!(outcome.report.unwrap().unpriced.count, 1);
     assert!(logs.contains("no effective price"), "{logs}");
 }
 
@@ -334,19 +334,25 @@ async fn a_second_concurrent_rater_exits_3_and_writes_nothing() {
     assert_eq!(outcome.exit, RaterExit::Locked);
     assert_eq!(outcome.exit.code(), 3);
     assert!(rated(db.pool()).await.is_empty());
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-    assert_eq!(runs, 0, "a locked-out rater wrote to the ledger");
+    let skipped: Vec<(Option<i16>, bool)> =
+        sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        skipped,
+        vec![(Some(3), true)],
+        "RATER-M4: a skipped run is recorded, closed, with exit 3"
+    );
 
     other.release().await.unwrap();
     let (outcome, _) = rate_run(&db, false).await;
     assert_eq!(outcome.exit, RaterExit::Clean);
-    let (exit, inserted): (i16, i64) = sqlx::query_as("SELECT exit_code, inserted FROM rater_runs")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let (exit, inserted): (i16, i64) =
+        sqlx::query_as("SELECT exit_code, inserted FROM rater_runs WHERE exit_code <> 3")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!((exit, inserted), (0, 3), "the run ledger records the run");
 }
 
@@ -364,8 +370,9 @@ async fn a_dry_run_reports_the_diff_and_writes_nothing() {
         .await
         .unwrap();
     let report = outcome.report.unwrap();
-    assert_eq!(report.inserted.len(), 3);
-    assert_eq!(report.inserted[0].amount, dec("0.015"));
+    assert_eq!(report.inserted.count, 3);
+    let first = report.inserted.details[0].new.clone().unwrap();
+    assert_eq!(first.amount.as_deref(), Some("0.015"));
     assert!(rated(db.pool()).await.is_empty());
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs")
         .fetch_one(db.pool())
@@ -375,11 +382,12 @@ async fn a_dry_run_reports_the_diff_and_writes_nothing() {
 }
 
 async fn reconcile_plan(pool: &PgPool) -> String {
-    let sql = format!("EXPLAIN {RECONCILE_DELETE}");
+    let sql = format!("EXPLAIN {RATE_APPLY}");
     let mut tx = pool.begin().await.unwrap();
     let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(H0 + Duration::hours(100))
         .bind(H0 + Duration::hours(124))
+        .bind(NOW)
         .fetch_all(&mut *tx)
         .await
         .unwrap();
@@ -446,7 +454,8 @@ async fn two_concurrent_raters_exactly_one_writes_and_the_other_exits_3() {
     let mut held = false;
     for _ in 0..400 {
         held = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         )
         .fetch_one(db.pool())
         .await
@@ -467,8 +476,8 @@ async fn two_concurrent_raters_exactly_one_writes_and_the_other_exits_3() {
     blocker.rollback().await.unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.exit, RaterExit::Clean);
-    assert_eq!(first.report.unwrap().inserted.len(), 3);
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs")
+    assert_eq!(first.report.unwrap().inserted.count, 3);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs WHERE exit_code <> 3")
         .fetch_one(db.pool())
         .await
         .unwrap();

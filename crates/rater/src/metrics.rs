@@ -1,0 +1,163 @@
+//! The rater's metrics, read from the `rater_runs` ledger and pushed to a Prometheus
+//! Pushgateway-compatible URL at the end of each run (job `keel-rater`).
+//!
+//! The ledger is the source, so the counters survive process restarts (every run is a new
+//! process) and SQL sees the same facts:
+//!
+//! - `instant_rater_last_success_timestamp_seconds`: end of the last run that exited 0
+//! - `instant_rater_last_run_timestamp_seconds`: end of the last run
+//! - `instant_rater_last_exit_code`: that run's exit code (0, 1, 2 or 3)
+//! - `instant_rater_runs_total{outcome}`: runs by outcome (clean, error, attention, skipped_locked)
+//! - `instant_rater_rated_rows_total`: rated rows written (inserted, updated, lowered)
+//! - `instant_rater_late_events_total`: late events found
+//!
+//! Alert "rater failed" on `instant_rater_last_exit_code > 0`, and "rater not run" on
+//! `time() - instant_rater_last_success_timestamp_seconds` beyond the schedule plus slack.
+
+use std::fmt::Write as _;
+
+use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::RaterExit;
+
+/// The metrics in the Prometheus text exposition format, from the ledger.
+pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
+    let (last_success, last_run, last_exit): (Option<f64>, Option<f64>, Option<i16>) =
+        sqlx::query_as(
+            "SELECT (SELECT extract(epoch FROM max(finished_at))::float8 FROM rater_runs \
+                     WHERE exit_code = 0 AND NOT dry_run), \
+                    (SELECT extract(epoch FROM max(finished_at))::float8 FROM rater_runs \
+                     WHERE exit_code IS NOT NULL), \
+                    (SELECT exit_code FROM rater_runs WHERE exit_code IS NOT NULL \
+                     ORDER BY finished_at DESC, id DESC LIMIT 1)",
+        )
+        .fetch_one(pool)
+        .await?;
+    let by_code: Vec<(i16, i64)> = sqlx::query_as(
+        "SELECT exit_code, count(*) FROM rater_runs WHERE exit_code IS NOT NULL GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let (rated, late): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(inserted + updated + lowered), 0)::bigint, \
+                coalesce(sum(late_events), 0)::bigint FROM rater_runs",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+    };
+    gauge(
+        "instant_rater_last_success_timestamp_seconds",
+        "Unix time the last rater run that exited 0 finished.",
+        last_success,
+    );
+    gauge(
+        "instant_rater_last_run_timestamp_seconds",
+        "Unix time the last rater run finished.",
+        last_run,
+    );
+    gauge(
+        "instant_rater_last_exit_code",
+        "Exit code of the last rater run (0 clean, 1 error, 2 attention, 3 skipped).",
+        last_exit.map(f64::from),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP instant_rater_runs_total Rater runs by outcome.\n# TYPE instant_rater_runs_total counter"
+    );
+    for exit in [
+        RaterExit::Clean,
+        RaterExit::Error,
+        RaterExit::Attention,
+        RaterExit::Locked,
+    ] {
+        let outcome = match exit {
+            RaterExit::Clean => "clean",
+            RaterExit::Error => "error",
+            RaterExit::Attention => "attention",
+            RaterExit::Locked => "skipped_locked",
+        };
+        let n = by_code
+            .iter()
+            .find(|(code, _)| *code == i16::from(exit.code()))
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "instant_rater_runs_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP instant_rater_rated_rows_total Rated rows written (inserted, updated, lowered).\n\
+         # TYPE instant_rater_rated_rows_total counter\ninstant_rater_rated_rows_total {rated}\n\
+         # HELP instant_rater_late_events_total Late events found outside the routine window.\n\
+         # TYPE instant_rater_late_events_total counter\ninstant_rater_late_events_total {late}"
+    );
+    Ok(out)
+}
+
+/// Why a push failed. Never shows the URL (it may hold credentials).
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// Not an `http://host[:port][/path]` URL.
+    #[error("the push-metrics URL is not http://host[:port][/path] (its value is not shown)")]
+    BadUrl,
+    /// The gateway could not be reached or the exchange failed.
+    #[error("could not push metrics: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gateway answered with a non-2xx status.
+    #[error("the metrics gateway answered {0}")]
+    Status(String),
+}
+
+/// PUTs `body` to `<url>/metrics/job/keel-rater` (Pushgateway protocol, plain HTTP/1.1).
+pub async fn push(url: &str, body: &str) -> Result<(), PushError> {
+    let rest = url.strip_prefix("http://").ok_or(PushError::BadUrl)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace) {
+        return Err(PushError::BadUrl);
+    }
+    let address = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let request = format!(
+        "PUT {path}/metrics/job/keel-rater HTTP/1.1\r\nHost: {authority}\r\n\
+         Content-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while response.len() < 4096 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+        if response.windows(2).any(|w| w == b"\r\n") {
+            break;
+        }
+    }
+    let status_line = String::from_utf8_lossy(&response)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(80)
+        .collect::<String>();
+    match status_line.split_whitespace().nth(1) {
+        Some(code) if code.starts_with('2') => Ok(()),
+        _ => Err(PushError::Status(status_line)),
+    }
+}
