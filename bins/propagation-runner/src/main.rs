@@ -2,8 +2,11 @@
 //! dead-lettered, never silently skipped.
 //!
 //! Subcommands: `run` (the default; `--once` drains what is due and exits), `reconcile` (one
-//! entitlement-reconciler pass), `dead-letters list|requeue`, `enqueue`, and `migrate`. While
-//! running it serves `/metrics` and `/healthz`. Every flag has an environment variable.
+//! entitlement-reconciler pass), `dead-letters list|requeue`, `deferred list`, `enqueue`,
+//! `prune`, and `migrate`. While running it serves `/metrics` and `/healthz`, and its
+//! housekeeping (single-flight across replicas) keeps the queue and deferral gauges, runs the
+//! reconciler, dead-letters rows no runner could read within the grace, and prunes finished
+//! rows. Every flag has an environment variable.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,18 +17,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
-    EnqueueRequest, PgPropagationStore, PgRoleApplier, RequeueTarget, TierRoleSettings,
-    listen_for_wakeups,
+    EnqueueRequest, Housekeeping, PgPropagationStore, PgRoleApplier, RequeueTarget, Retention,
+    TierRoleSettings, listen_for_wakeups,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
-    AllOf, Applier, ApplyError, ApplyOutcome, Metrics, Payload, Propagation, PropagationId,
-    PropagationKind, WorkerId,
+    ByResourceType, Metrics, Payload, PropagationId, PropagationKind, WorkerId,
 };
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
 use keel_service::http::HttpArgs;
 use prometheus_client::registry::Registry;
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 /// Runs due propagations across replicas: applied, retrying or dead-lettered, never silently skipped.
@@ -47,20 +48,76 @@ enum Command {
     /// Inspect or requeue dead-lettered propagations.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
-    /// Enqueue (or coalesce) one tier elevation.
+    /// Enqueue (or coalesce) one tier elevation, validated and audited (propagation.enqueued).
     Enqueue(EnqueueArgs),
+    /// Inspect rows this build cannot run (unknown kind, resource type or payload version).
+    #[command(subcommand)]
+    Deferred(Deferred),
+    /// Delete finished rows past their retention, in bounded batches (audit rows are kept).
+    Prune(PruneArgs),
     /// Apply the embedded database migrations and exit.
     Migrate(DatabaseArgs),
 }
 
+/// Whether this runner applies `namespace` and `redis` resources (through Kubernetes).
+/// `postgres` resources always go to the role applier: each row is routed by its own
+/// resource type, never by a deployment-wide choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Appliers {
-    /// ALTER ROLE on the shared Postgres cluster.
-    Role,
-    /// A ResourceQuota in the customer's Kubernetes namespace.
-    Quota,
-    /// Both: the role, then the quota.
-    RoleAndQuota,
+enum Kubernetes {
+    /// Use Kubernetes when a client can be configured (in-cluster or KUBECONFIG); otherwise
+    /// warn, and namespace/redis rows retry as unexpected skips until a runner that has it
+    /// takes them.
+    Auto,
+    /// Require a Kubernetes client; refuse to start without one.
+    Required,
+    /// Never use Kubernetes (namespace/redis rows retry as unexpected skips, loudly).
+    Disabled,
+}
+
+#[derive(Args)]
+struct RetentionArgs {
+    /// Days applied rows are kept.
+    #[arg(long, env = "KEEL_RETAIN_APPLIED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    retain_applied_days: u32,
+    /// Days dead-lettered rows are kept (while kept, they hold the reconciler back for their
+    /// tier change).
+    #[arg(long, env = "KEEL_RETAIN_DEAD_LETTERED_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    retain_dead_lettered_days: u32,
+}
+
+impl RetentionArgs {
+    fn retention(&self) -> Retention {
+        Retention {
+            applied: time::Duration::days(i64::from(self.retain_applied_days)),
+            dead_lettered: time::Duration::days(i64::from(self.retain_dead_lettered_days)),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    #[command(flatten)]
+    retention: RetentionArgs,
+    /// Rows deleted per statement.
+    #[arg(long, env = "KEEL_PRUNE_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+}
+
+#[derive(Subcommand)]
+enum Deferred {
+    /// List rows left for a newer runner, oldest first.
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// At most this many.
+        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100)]
+        limit: u32,
+        /// One JSON document instead of a table.
+        #[arg(long, env = "KEEL_JSON")]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -75,10 +132,11 @@ struct RunArgs {
     /// This replica's id in claimed_by (defaults to $HOSTNAME, the pod name).
     #[arg(long, env = "KEEL_WORKER_ID")]
     worker_id: Option<String>,
-    /// Which backends to apply to.
-    #[arg(long, env = "KEEL_APPLIERS", value_enum, default_value_t = Appliers::Role)]
-    appliers: Appliers,
-    /// The shared customer Postgres cluster for the role applier (defaults to --database-url).
+    /// Whether namespace and redis resources are applied through Kubernetes.
+    #[arg(long, env = "KEEL_KUBERNETES", value_enum, default_value_t = Kubernetes::Auto)]
+    kubernetes: Kubernetes,
+    /// The shared customer Postgres cluster for the role applier (defaults to --database-url;
+    /// either way the applier gets its own pool, sized to --batch-size).
     #[arg(
         long,
         env = "KEEL_CLUSTER_DATABASE_URL",
@@ -104,6 +162,12 @@ struct RunArgs {
     /// Seconds between entitlement-reconciler passes while running (0: never).
     #[arg(long, env = "KEEL_RECONCILE_SECONDS", default_value_t = 300)]
     reconcile_seconds: u32,
+    /// Seconds a row no runner can read (unknown kind, resource type or payload version) may
+    /// wait before it is dead-lettered as unsupported.
+    #[arg(long, env = "KEEL_UNSUPPORTED_GRACE_SECONDS", default_value_t = 6 * 3600, value_parser = clap::value_parser!(u32).range(60..))]
+    unsupported_grace_seconds: u32,
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 #[derive(Subcommand)]
@@ -156,9 +220,12 @@ struct EnqueueArgs {
     /// The resource's type.
     #[arg(long, env = "KEEL_RESOURCE_TYPE", value_parser = parse_resource_type)]
     resource_type: ResourceType,
-    /// The tier to apply.
+    /// The tier to apply (must be the team's current tier).
     #[arg(long, env = "KEEL_TARGET_TIER", value_parser = parse_tier)]
     target_tier: Tier,
+    /// Who is enqueueing, for the audit trail (e.g. operator:alice).
+    #[arg(long, env = "KEEL_ACTOR", value_parser = parse_actor)]
+    actor: Actor,
 }
 
 fn parse_kind(s: &str) -> Result<PropagationKind, String> {
@@ -182,22 +249,8 @@ fn parse_id<T: std::str::FromStr<Err = keel_audit::InvalidId>>(s: &str) -> Resul
     s.parse().map_err(|e: keel_audit::InvalidId| e.to_string())
 }
 
-/// The appliers this deployment runs, chosen at start-up.
-enum Chosen {
-    Role(PgRoleApplier),
-    Quota(KubeQuotaApplier),
-    Both(AllOf<PgRoleApplier, KubeQuotaApplier>),
-}
-
-impl Applier for Chosen {
-    async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
-        match self {
-            Chosen::Role(a) => a.apply(propagation).await,
-            Chosen::Quota(a) => a.apply(propagation).await,
-            Chosen::Both(a) => a.apply(propagation).await,
-        }
-    }
-}
+/// The appliers: each row goes to the one for its own resource type.
+type Routed = ByResourceType<PgRoleApplier, KubeQuotaApplier>;
 
 fn main() -> ExitCode {
     let cli: Cli = keel_service::cli::parse();
@@ -217,6 +270,8 @@ fn main() -> ExitCode {
             Command::Reconcile(db) => reconcile(db).await,
             Command::DeadLetters(cmd) => dead_letters(cmd).await,
             Command::Enqueue(args) => enqueue(args).await,
+            Command::Deferred(cmd) => deferred(cmd).await,
+            Command::Prune(args) => prune(args).await,
             Command::Migrate(db) => keel_service::migrate(&db).await,
         }
     })
@@ -249,7 +304,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
          (1 to 57 characters of [A-Za-z0-9._:-])",
     )?;
     let store = Arc::new(store(&args.db, 8).await?);
-    let applier = Arc::new(build_applier(&args, &store).await?);
+    let applier = Arc::new(build_applier(&args).await?);
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -259,8 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
     config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
     config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
-    config.check()?;
-    let runner = Runner::new(Arc::clone(&store), applier, metrics.clone(), config);
+    let runner = Runner::new(Arc::clone(&store), applier, metrics.clone(), config)?;
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
 
@@ -303,6 +357,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Arc::clone(&store),
         metrics,
         args.reconcile_seconds,
+        Housekeeping {
+            unsupported_grace: time::Duration::seconds(i64::from(args.unsupported_grace_seconds)),
+            retention: args.retention.retention(),
+            prune_batch: 1000,
+            actor: runner.config().actor.clone(),
+        },
         shutdown.clone(),
     ));
 
@@ -316,46 +376,54 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn build_applier(args: &RunArgs, store: &PgPropagationStore) -> anyhow::Result<Chosen> {
-    let role = || async {
-        let cluster = match &args.cluster_database_url {
-            Some(url) => {
-                let cluster = DatabaseArgs {
-                    database_url: url.clone(),
-                };
-                keel_service::connect(&cluster, "keel-propagation-runner", 8).await?
+async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {
+    // The role applier never shares the store's pool, and has a connection for every apply
+    // that can be in flight; waiting for one is bounded well inside the apply timeout, and an
+    // apply that could not get one is given back uncharged.
+    let cluster_url = args
+        .cluster_database_url
+        .as_ref()
+        .unwrap_or(&args.db.database_url);
+    let acquire =
+        Duration::from_secs(u64::from(args.apply_timeout_seconds.div_ceil(2)).clamp(1, 10));
+    let cluster = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.batch_size.max(2))
+        .min_connections(0)
+        .acquire_timeout(acquire)
+        .connect_lazy_with(
+            cluster_url
+                .connect_options()?
+                .application_name("keel-propagation-runner-applier"),
+        );
+    let role = PgRoleApplier::new(cluster, TierRoleSettings::standard());
+    let kubernetes = match args.kubernetes {
+        Kubernetes::Disabled => None,
+        Kubernetes::Auto | Kubernetes::Required => match kube::Client::try_default().await {
+            Ok(client) => Some(KubeQuotaApplier::new(client, TierQuotas::standard())),
+            Err(e) if args.kubernetes == Kubernetes::Auto => {
+                tracing::warn!(error = %e, "no Kubernetes client: namespace and redis propagations retry as unexpected skips on this runner");
+                None
             }
-            None => {
-                tracing::info!(
-                    "the role applier acts on the platform database's server \
-                     (set KEEL_CLUSTER_DATABASE_URL for a separate customer cluster)"
-                );
-                store.pool().clone()
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(
+                    "could not configure a Kubernetes client (in-cluster or KUBECONFIG)",
+                ));
             }
-        };
-        anyhow::Ok(PgRoleApplier::new(cluster, TierRoleSettings::standard()))
+        },
     };
-    let quota = || async {
-        let client = kube::Client::try_default()
-            .await
-            .context("could not configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
-        anyhow::Ok(KubeQuotaApplier::new(client, TierQuotas::standard()))
-    };
-    Ok(match args.appliers {
-        Appliers::Role => Chosen::Role(role().await?),
-        Appliers::Quota => Chosen::Quota(quota().await?),
-        Appliers::RoleAndQuota => Chosen::Both(AllOf {
-            first: role().await?,
-            second: quota().await?,
-        }),
+    Ok(ByResourceType {
+        postgres: Some(role),
+        kubernetes,
     })
 }
 
-/// Queue gauges every 15 s and, if enabled, the entitlement reconciler.
+/// Every 15 s a housekeeping pass (gauges, unsupported rows, retention) and, if enabled, the
+/// entitlement reconciler.
 async fn housekeeping(
     store: Arc<PgPropagationStore>,
     metrics: Metrics,
     reconcile_seconds: u32,
+    plan: Housekeeping,
     shutdown: CancellationToken,
 ) {
     let mut gauges = tokio::time::interval(Duration::from_secs(15));
@@ -364,17 +432,17 @@ async fn housekeeping(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = gauges.tick() => match store.queue_stats(OffsetDateTime::now_utc()).await {
-                Ok(stats) => for stat in stats {
-                    metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
-                },
-                Err(e) => tracing::warn!(error = %e, "could not read the queue depth"),
+            _ = gauges.tick() => if let Err(e) = store.housekeeping(&metrics, &plan).await {
+                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges are stale");
             },
-            _ = reconcile.tick(), if reconcile_seconds > 0 => match store.reconcile(OffsetDateTime::now_utc()).await {
-                Ok(enqueued) if !enqueued.is_empty() => tracing::info!(enqueued = enqueued.len(), "reconciler enqueued drifted resources"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
-            },
+            _ = reconcile.tick(), if reconcile_seconds > 0 => {
+                let pass = async { store.reconcile(store.db_now().await?).await };
+                match pass.await {
+                    Ok(enqueued) if !enqueued.is_empty() => tracing::info!(enqueued = enqueued.len(), "reconciler enqueued drifted resources"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
+                }
+            }
         }
     }
 }
@@ -388,14 +456,14 @@ fn report_json(report: &keel_propagation::runner::BatchReport) -> serde_json::Va
         "dead_lettered": report.dead_lettered,
         "stale": report.stale,
         "released": report.released,
+        "not_attempted": report.not_attempted,
+        "unrecorded": report.unrecorded,
     })
 }
 
 async fn reconcile(db: DatabaseArgs) -> anyhow::Result<ExitCode> {
-    let enqueued = store(&db, 2)
-        .await?
-        .reconcile(OffsetDateTime::now_utc())
-        .await?;
+    let store = store(&db, 2).await?;
+    let enqueued = store.reconcile(store.db_now().await?).await?;
     for (id, resource) in &enqueued {
         println!("enqueued propagation {id} for resource {resource}");
     }
@@ -448,10 +516,8 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
                 (None, Some(kind)) => RequeueTarget::AllOfKind(kind),
                 (None, None) => bail!("give --id or --kind"),
             };
-            let report = store(&db, 2)
-                .await?
-                .requeue(target, &actor, OffsetDateTime::now_utc())
-                .await?;
+            let store = store(&db, 2).await?;
+            let report = store.requeue(target, &actor, store.db_now().await?).await?;
             for id in &report.requeued {
                 println!("requeued propagation {id}");
             }
@@ -482,11 +548,73 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
             target_tier: args.target_tier,
         },
     };
-    let enqueued = store(&args.db, 2)
-        .await?
-        .enqueue(&request, OffsetDateTime::now_utc())
-        .await?;
-    println!("{enqueued:?}");
+    let store = store(&args.db, 2).await?;
+    match store
+        .enqueue_audited(&request, &args.actor, store.db_now().await?)
+        .await
+    {
+        Ok(enqueued) => {
+            println!("{enqueued:?}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(keel_propagation::StoreError::Rejected(why)) => {
+            eprintln!("error: enqueue refused, nothing was written: {why}");
+            Ok(ExitCode::from(64))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn deferred(cmd: Deferred) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Deferred::List { db, limit, json } => {
+            let rows = store(&db, 2).await?.deferred(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no deferred propagations");
+            } else {
+                println!(
+                    "{:<8} {:<24} {:<16} {:<36} {:<10} {:<4} {:<20} LAST ERROR",
+                    "ID", "REASON", "KIND", "RESOURCE", "TYPE", "VER", "ENQUEUED"
+                );
+                for r in rows {
+                    println!(
+                        "{:<8} {:<24} {:<16} {:<36} {:<10} {:<4} {:<20} {}",
+                        r.id,
+                        r.reason.as_str(),
+                        r.kind,
+                        r.resource_id,
+                        r.resource_type,
+                        r.payload_version,
+                        r.created_at.date().to_string() + " " + &r.created_at.time().to_string(),
+                        r.last_error.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let store = store(&args.db, 2).await?;
+    let retention = args.retention.retention();
+    let mut total = keel_propagation::postgres::Pruned::default();
+    loop {
+        let pruned = store
+            .prune(&retention, args.batch, store.db_now().await?)
+            .await?;
+        total.applied += pruned.applied;
+        total.dead_lettered += pruned.dead_lettered;
+        if pruned.applied < u64::from(args.batch) && pruned.dead_lettered < u64::from(args.batch) {
+            break;
+        }
+    }
+    println!(
+        "pruned {} applied and {} dead-lettered propagation(s)",
+        total.applied, total.dead_lettered
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -46,7 +46,7 @@ async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() 
         &db,
         &format!(
             "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
-             VALUES ('{resource}', 'clitoken01', '{team}', 'postgres', 'free', 'active', 'cust_missing_role', 'postgres://x')"
+             VALUES ('{resource}', 'clitoken01', '{team}', 'postgres', 'free', 'active', 'cust_clitoken01', 'postgres://x')"
         ),
     )
     .await;
@@ -90,20 +90,56 @@ async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() 
         serde_json::json!([])
     );
 
-    let enqueued = runner(
-        &[
-            "enqueue",
-            "--team-id",
-            &team.to_string(),
-            "--resource-id",
-            &resource.to_string(),
-            "--resource-type",
-            "postgres",
-            "--target-tier",
-            "team",
-        ],
-        &url,
+    // PROP-15: the operator path goes through the same funnel. A target other than the team's
+    // tier is refused (the reconciler would revert it) and nothing is written.
+    let enqueue = |tier: &str| {
+        runner(
+            &[
+                "enqueue",
+                "--team-id",
+                &team.to_string(),
+                "--resource-id",
+                &resource.to_string(),
+                "--resource-type",
+                "postgres",
+                "--target-tier",
+                tier,
+                "--actor",
+                "operator:alice",
+            ],
+            &url,
+        )
+    };
+    let refused = enqueue("team");
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("team") && stderr.contains("nothing was written"),
+        "{stderr}"
     );
+    assert_eq!(audited(&db, "propagation.enqueued").await, 0);
+
+    // Re-sending the target the pending row already has changes nothing: no budget re-armed.
+    let same = enqueue("pro");
+    assert_eq!(
+        same.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    assert!(stdout(&same).starts_with("Unchanged("), "{}", stdout(&same));
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM pending_propagations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "the spent attempt must stay spent");
+
+    sqlx_exec(
+        &db,
+        &format!("UPDATE teams SET tier = 'team' WHERE id = '{team}'"),
+    )
+    .await;
+    let enqueued = enqueue("team");
     assert_eq!(
         enqueued.status.code(),
         Some(0),
@@ -115,6 +151,45 @@ async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() 
         "a new target coalesces: {}",
         stdout(&enqueued)
     );
+    assert_eq!(
+        audited(&db, "propagation.enqueued").await,
+        2,
+        "every operator enqueue is audited"
+    );
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM audit_events WHERE kind = 'propagation.enqueued' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(actor, "operator:alice");
+
+    // A resource that does not exist is refused, never "deprovisioned".
+    let missing = runner(
+        &[
+            "enqueue",
+            "--team-id",
+            &team.to_string(),
+            "--resource-id",
+            &uuid::Uuid::new_v4().to_string(),
+            "--resource-type",
+            "postgres",
+            "--target-tier",
+            "team",
+            "--actor",
+            "operator:alice",
+        ],
+        &url,
+    );
+    assert_eq!(missing.status.code(), Some(64));
+}
+
+async fn audited(db: &keel_testkit::TestDatabase, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
 }
 
 async fn sqlx_exec(db: &keel_testkit::TestDatabase, sql: &str) {
@@ -122,4 +197,65 @@ async fn sqlx_exec(db: &keel_testkit::TestDatabase, sql: &str) {
         .execute(db.pool())
         .await
         .unwrap();
+}
+
+/// PROP-8 as operators see it: a row a newer build wrote is listed by `deferred list` with its
+/// reason, left pending by `run --once`, and `prune` keeps everything still open.
+#[tokio::test]
+async fn rows_this_build_cannot_run_are_listed_for_operators_and_left_pending() {
+    let db = keel_testkit::database().await;
+    let team = uuid::Uuid::new_v4();
+    let resource = uuid::Uuid::new_v4();
+    sqlx_exec(
+        &db,
+        &format!(
+            "INSERT INTO teams (id, tier) VALUES ('{team}', 'pro'); \
+             INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload) \
+             VALUES ('quota_resize', '{team}', '{resource}', 'postgres', '{{\"cpu\": \"4\"}}')"
+        ),
+    )
+    .await;
+    let url = db.url();
+    let drained = runner(&["run", "--once"], &url);
+    assert_eq!(
+        drained.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout(&drained).trim()).unwrap();
+    assert_eq!(
+        (report["claimed"].as_u64(), report["dead_lettered"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    let listed = runner(&["deferred", "list", "--json"], &url);
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert_eq!(rows[0]["reason"], "unknown_kind");
+    assert_eq!(rows[0]["kind"], "quota_resize");
+
+    let pruned = runner(&["prune"], &url);
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(
+        stdout(&pruned).contains("pruned 0 applied and 0 dead-lettered"),
+        "{}",
+        stdout(&pruned)
+    );
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_propagations WHERE status = 'pending'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(open, 1);
 }

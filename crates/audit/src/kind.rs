@@ -30,6 +30,8 @@ pub enum AuditKind {
     PropagationDeadLettered,
     /// An operator re-armed a dead-lettered propagation.
     PropagationRequeued,
+    /// An operator enqueued a propagation by hand (validated against the resource and team).
+    PropagationEnqueued,
     /// A resource was provisioned and is addressable.
     ProvisionCreated,
     /// The backend object was created but the resource row could not be finalized; the backend
@@ -98,6 +100,7 @@ impl AuditKind {
             AuditKind::PropagationUnexpectedSkip => "propagation.unexpected_skip",
             AuditKind::PropagationDeadLettered => "propagation.dead_lettered",
             AuditKind::PropagationRequeued => "propagation.requeued",
+            AuditKind::PropagationEnqueued => "propagation.enqueued",
             AuditKind::ProvisionCreated => "provision.created",
             AuditKind::ProvisionPersistenceFailed => "provision.persistence_failed",
             AuditKind::ResourceDeprovisioned => "resource.deprovisioned",
@@ -134,6 +137,10 @@ impl AuditKind {
             },
             AuditKind::PropagationRequeued => Consumer::IntentionallyNone {
                 reason: "an operator's own action; the trail records who re-armed which row",
+            },
+            AuditKind::PropagationEnqueued => Consumer::IntentionallyNone {
+                reason: "an operator's own action; the trail records who enqueued which row, \
+                         and the row's own transitions write the audit rows that are consumed",
             },
             AuditKind::ProvisionCreated => Consumer::CustomerNotification {
                 template: "resource_ready",

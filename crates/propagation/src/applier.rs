@@ -37,6 +37,46 @@ pub struct AllOf<A, B> {
     pub second: B,
 }
 
+/// Routes each propagation to the applier for its resource type: `postgres` to the role
+/// applier, `namespace` and `redis` to the Kubernetes namespace applier (the backends
+/// keel-provision creates for them). The match is exhaustive, so a new resource type must be
+/// routed before the crate compiles; a type whose applier this runner lacks (`None`) is an
+/// unexpected skip — it retries and dead-letters, it is never silently applied.
+#[derive(Clone, Debug)]
+pub struct ByResourceType<P, K> {
+    /// Applies `postgres` resources (the customer role on the shared cluster).
+    pub postgres: Option<P>,
+    /// Applies `namespace` and `redis` resources (the customer namespace).
+    pub kubernetes: Option<K>,
+}
+
+fn no_applier(propagation: &Propagation) -> ApplyOutcome {
+    ApplyOutcome::Skipped(crate::SkipReason::Unexpected {
+        bucket: crate::ReasonBucket::Other,
+        detail: format!(
+            "this runner has no applier for {} resources",
+            propagation.resource_type
+        ),
+    })
+}
+
+impl<P: Applier, K: Applier> Applier for ByResourceType<P, K> {
+    async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
+        match propagation.resource_type {
+            keel_audit::ResourceType::Postgres => match &self.postgres {
+                Some(applier) => applier.apply(propagation).await,
+                None => Ok(no_applier(propagation)),
+            },
+            keel_audit::ResourceType::Namespace | keel_audit::ResourceType::Redis => {
+                match &self.kubernetes {
+                    Some(applier) => applier.apply(propagation).await,
+                    None => Ok(no_applier(propagation)),
+                }
+            }
+        }
+    }
+}
+
 fn is_success(outcome: &ApplyOutcome) -> bool {
     match outcome {
         ApplyOutcome::Applied | ApplyOutcome::Skipped(crate::SkipReason::Legitimate(_)) => true,
@@ -89,6 +129,59 @@ mod tests {
             std::task::Poll::Ready(result) => result,
             std::task::Poll::Pending => Err(ApplyError::new("pending")),
         }
+    }
+
+    fn routed(
+        resource_type: keel_audit::ResourceType,
+        postgres: Option<Fixed>,
+        kubernetes: Option<Fixed>,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        let mut propagation = crate::model::sample_propagation();
+        propagation.resource_type = resource_type;
+        let router = ByResourceType {
+            postgres,
+            kubernetes,
+        };
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut fut = std::pin::pin!(router.apply(&propagation));
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => Err(ApplyError::new("pending")),
+        }
+    }
+
+    /// PROP-2: each resource type reaches the applier for its backend, and a type without one
+    /// is never success.
+    #[test]
+    fn every_resource_type_is_routed_to_its_own_applier() {
+        use keel_audit::ResourceType;
+        let role = || Some(Fixed(Ok(ApplyOutcome::Applied)));
+        let quota = || {
+            Some(Fixed(Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                LegitimateSkip::AlreadyAtTarget,
+            )))))
+        };
+        assert_eq!(
+            routed(ResourceType::Postgres, role(), quota()),
+            Ok(ApplyOutcome::Applied)
+        );
+        for t in [ResourceType::Namespace, ResourceType::Redis] {
+            assert_eq!(
+                routed(t, role(), quota()),
+                Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                    LegitimateSkip::AlreadyAtTarget
+                )))
+            );
+            assert!(matches!(
+                routed(t, role(), None),
+                Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { .. }))
+            ));
+        }
+        assert!(matches!(
+            routed(ResourceType::Postgres, None, quota()),
+            Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { .. }))
+        ));
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Transition {
         match self {
             Transition::Applied { .. } => None,
             Transition::Retry { cause, .. } | Transition::DeadLetter { cause } => {
-                let text = cause.describe();
+                let text = storable(&cause.describe());
                 Some(if keel_audit::looks_secret(&text) {
                     format!("{}: [withheld: looked like a secret]", cause.bucket())
                 } else {
@@ -161,7 +161,7 @@ impl Transition {
 }
 
 fn truncate(text: &str) -> String {
-    text.chars().take(512).collect()
+    storable(text)
 }
 
 /// Decides what attempt `attempt` (from 1) with `outcome` does, under `policy`, at `now`.
@@ -188,17 +188,92 @@ pub fn decide(
                 detail: detail.clone(),
             }
         }
-        Err(ApplyError { bucket, message }) => RetryCause::Error {
+        Err(ApplyError {
+            bucket, message, ..
+        }) => RetryCause::Error {
             bucket: *bucket,
             message: message.clone(),
         },
     };
-    retry_or_dead_letter(attempt, cause, policy, now)
+    retry_or_dead_letter(attempt, cause, policy.delay_after(attempt), policy, now)
+}
+
+/// What the claim alone settles, before any applier runs:
+///
+/// - no `resources` row at all (a wrong id, a hard delete by another service): an unexpected
+///   skip, never success — Keel soft-deletes, so absence is not "deprovisioned";
+/// - a resource owned by another team than the propagation names: an unexpected skip (its
+///   audit rows and notifications would go to the wrong team);
+/// - a resource deleted on purpose (`status = 'deleted'`): the legitimate skip
+///   `resource_deprovisioned`, with no backend call.
+pub fn precheck(propagation: &Propagation) -> Option<Result<ApplyOutcome, ApplyError>> {
+    let unexpected = |detail: &str| {
+        Some(Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+            bucket: ReasonBucket::Other,
+            detail: detail.to_owned(),
+        })))
+    };
+    let backend = &propagation.backend;
+    match backend.status.as_deref() {
+        None => unexpected("the resource has no resources row (wrong id or hard-deleted)"),
+        Some(_) if backend.team_id != Some(propagation.team_id) => {
+            unexpected("the resource belongs to another team than the propagation names")
+        }
+        Some("deleted") => Some(Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+            LegitimateSkip::ResourceDeprovisioned,
+        )))),
+        Some(_) => None,
+    }
+}
+
+/// [`decide`] for one claimed propagation, with the policy's jitter applied to the retry delay
+/// (seeded by the row, so it is deterministic and rows that failed together spread out), and
+/// the outcome checked against what the claim knows of the resource:
+///
+/// - a legitimate skip that leaves the backend behind (`resource_deprovisioned`, `superseded`)
+///   is success only for a resource that is really deleted; on any other resource it is an
+///   unexpected skip, because the drift it leaves would otherwise never be corrected.
+pub fn decide_attempt(
+    propagation: &Propagation,
+    outcome: &Result<ApplyOutcome, ApplyError>,
+    policy: &RetryPolicy,
+    now: OffsetDateTime,
+) -> Transition {
+    let deleted = propagation.backend.status.as_deref() == Some("deleted");
+    let checked;
+    let outcome = match outcome {
+        Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+            skip @ (LegitimateSkip::ResourceDeprovisioned | LegitimateSkip::Superseded),
+        ))) if !deleted => {
+            checked = Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+                bucket: ReasonBucket::Other,
+                detail: format!(
+                    "the applier reported {} but the resource is {}; its tier did not land",
+                    skip.as_str(),
+                    propagation.backend.status.as_deref().unwrap_or("missing")
+                ),
+            }));
+            &checked
+        }
+        Ok(ApplyOutcome::Applied) | Ok(ApplyOutcome::Skipped(_)) | Err(_) => outcome,
+    };
+    let attempt = propagation.attempt;
+    match decide(attempt, outcome, policy, now) {
+        Transition::Retry { cause, .. } => retry_or_dead_letter(
+            attempt,
+            cause,
+            policy.delay_for(attempt, propagation.id.0.unsigned_abs()),
+            policy,
+            now,
+        ),
+        other @ (Transition::Applied { .. } | Transition::DeadLetter { .. }) => other,
+    }
 }
 
 fn retry_or_dead_letter(
     attempt: u32,
     cause: RetryCause,
+    delay: time::Duration,
     policy: &RetryPolicy,
     now: OffsetDateTime,
 ) -> Transition {
@@ -207,9 +282,28 @@ fn retry_or_dead_letter(
     } else {
         Transition::Retry {
             cause,
-            next_attempt_at: now + policy.delay_after(attempt),
+            next_attempt_at: now + delay,
         }
     }
+}
+
+/// Longest text kept in `last_error` (and an audit row's `detail`).
+pub const MAX_ERROR_CHARS: usize = 512;
+
+/// Text safe to store: NUL and other control characters (which PostgreSQL `text` or `jsonb`
+/// refuse, or which garble an operator's terminal) become spaces, and it is cut to
+/// [`MAX_ERROR_CHARS`] characters. A backend's error can then never make a completion
+/// unstorable.
+pub fn storable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_ERROR_CHARS)
+        .collect();
+    if text.chars().count() > MAX_ERROR_CHARS {
+        out.push('…');
+    }
+    out
 }
 
 /// What to do with a freshly claimed attempt.

@@ -1,13 +1,19 @@
 //! The Kubernetes adapter: carries a tier to a customer namespace as a `ResourceQuota`.
 //!
-//! [`KubeQuotaApplier`] finds the namespace `instant-customer-<token>`, checks that the
-//! resource's own Secret is there (`postgres-admin` for Postgres, `redis-auth` for Redis), and
-//! server-side applies a `ResourceQuota` named [`QUOTA_NAME`] whose `spec.hard` comes from the
-//! target tier's [`QuotaLimits`]. A missing namespace or Secret is an *unexpected* skip (it
-//! retries, then dead-letters), never success.
+//! [`KubeQuotaApplier`] serves the resource types keel-provision backs with a namespace
+//! (`namespace` and `redis`) and checks exactly what provisioning creates: the resource's
+//! `provider_resource_id` is parsed with the newtype that named it
+//! ([`keel_provision::BackendName`], `instant-customer-<token>`) and must carry the resource's
+//! own token; the namespace must exist and carry the platform's ownership label
+//! (`app.kubernetes.io/managed-by=keel`) and, when present, the matching
+//! `keel.dev/resource-type` label. Only then does it server-side apply a `ResourceQuota` named
+//! [`QUOTA_NAME`] whose `spec.hard` comes from the target tier's [`QuotaLimits`]. Anything else
+//! — a missing namespace, one the platform did not label, a provider id outside the prefix, a
+//! `postgres` resource (it has no namespace) — is an *unexpected* skip (it retries, then
+//! dead-letters), never success, and no object is changed.
 //!
-//! Both existence checks are metadata-only reads (`PartialObjectMetadata`), so the applier
-//! never downloads a Secret's data (customer credentials) or a namespace's spec.
+//! The existence check is a metadata-only read (`PartialObjectMetadata`), so the applier never
+//! downloads a namespace's spec.
 //!
 //! The customer token is secret: it is exposed only to build the namespace name for the API
 //! call. Logs, skip details and error messages name the namespace with the token masked, and
@@ -16,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, ResourceQuotaSpec, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ResourceQuota, ResourceQuotaSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use keel_audit::{ResourceType, Tier, Token};
@@ -185,17 +191,6 @@ impl TierQuotas {
     }
 }
 
-/// The Secret a resource type keeps in its namespace, and the bucket for its absence.
-const fn required_secret(resource_type: ResourceType) -> Option<(&'static str, ReasonBucket)> {
-    match resource_type {
-        ResourceType::Postgres => {
-            Some(("postgres-admin", ReasonBucket::PostgresAdminSecretMissing))
-        }
-        ResourceType::Redis => Some(("redis-auth", ReasonBucket::RedisAuthSecretMissing)),
-        ResourceType::Namespace => None,
-    }
-}
-
 /// A customer namespace: the real name for API calls, and a masked one for everything else.
 struct CustomerNamespace<'a> {
     token: &'a Token,
@@ -204,11 +199,11 @@ struct CustomerNamespace<'a> {
 }
 
 impl<'a> CustomerNamespace<'a> {
-    fn of(token: &'a Token) -> Self {
+    fn of(token: &'a Token, name: &keel_provision::NamespaceName) -> Self {
         Self {
             token,
-            name: format!("{NAMESPACE_PREFIX}{}", token.expose()),
-            masked: format!("{NAMESPACE_PREFIX}{}", token.masked()),
+            name: name.expose().to_owned(),
+            masked: name.masked(),
         }
     }
 
@@ -292,11 +287,32 @@ impl KubeQuotaApplier {
 impl Applier for KubeQuotaApplier {
     async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
         let backend = &propagation.backend;
-        // No resource row (hard-deleted) or a deleted one: nothing left to change.
-        if matches!(backend.status.as_deref(), None | Some(DELETED_STATUS)) {
-            return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
-                LegitimateSkip::ResourceDeprovisioned,
-            )));
+        match backend.status.as_deref() {
+            // Deprovisioned on purpose: nothing left to change.
+            Some(DELETED_STATUS) => {
+                return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                    LegitimateSkip::ResourceDeprovisioned,
+                )));
+            }
+            // No resources row at all: a wrong id or a hard delete, never success.
+            None => {
+                return Ok(unexpected(
+                    ReasonBucket::Other,
+                    "the resource has no resources row".to_owned(),
+                ));
+            }
+            Some(_) => {}
+        }
+        match propagation.resource_type {
+            ResourceType::Namespace | ResourceType::Redis => {}
+            ResourceType::Postgres => {
+                return Ok(unexpected(
+                    ReasonBucket::Other,
+                    "a postgres resource has no customer namespace; it is routed to the wrong \
+                     applier"
+                        .to_owned(),
+                ));
+            }
         }
         let Some(token) = backend.token.as_ref() else {
             return Ok(unexpected(
@@ -307,6 +323,31 @@ impl Applier for KubeQuotaApplier {
                 ),
             ));
         };
+        let parsed = backend.provider_resource_id.as_deref().map(|id| {
+            keel_provision::BackendName::parse_provider_id(propagation.resource_type, id)
+        });
+        let name = match parsed {
+            Some(Ok(keel_provision::BackendName::Namespace { name, .. }))
+                if name.token() == token =>
+            {
+                name
+            }
+            Some(Ok(_)) => {
+                return Ok(unexpected(
+                    ReasonBucket::Other,
+                    "the resource's provider resource id names another customer's namespace"
+                        .to_owned(),
+                ));
+            }
+            Some(Err(_)) | None => {
+                return Ok(unexpected(
+                    ReasonBucket::LegacyResource,
+                    "the resource's provider resource id is not a customer namespace \
+                     (instant-customer-<token>); other namespaces are never changed"
+                        .to_owned(),
+                ));
+            }
+        };
         let tier = propagation.payload.target_tier();
         let Some(limits) = self.quotas.get(tier) else {
             let configured: Vec<&str> = self.quotas.tiers().map(Tier::as_str).collect();
@@ -316,38 +357,46 @@ impl Applier for KubeQuotaApplier {
                 configured.join(", ")
             )));
         };
-        let ns = CustomerNamespace::of(token);
+        let ns = CustomerNamespace::of(token, &name);
 
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        // Metadata only: existence is all that matters here.
+        // Metadata only: existence and ownership labels are all that matter here.
         let found = namespaces
             .get_metadata_opt(&ns.name)
             .await
             .map_err(|e| ns.error(format_args!("could not read namespace {}", ns.masked), &e))?;
-        if found.is_none() {
+        let Some(found) = found else {
             tracing::warn!(%token, namespace = %ns.masked, "customer namespace not found");
             return Ok(unexpected(
                 ReasonBucket::NamespaceNotFound,
                 format!("namespace {} not found", ns.masked),
             ));
+        };
+        let labels = found.metadata.labels.unwrap_or_default();
+        if labels
+            .get(keel_provision::kube::MANAGED_BY_LABEL)
+            .map(String::as_str)
+            != Some(keel_provision::kube::MANAGED_BY)
+        {
+            tracing::warn!(%token, namespace = %ns.masked, "namespace not managed by the platform; left alone");
+            return Ok(unexpected(
+                ReasonBucket::Other,
+                format!(
+                    "namespace {} is not labelled as the platform's own; it is never changed",
+                    ns.masked
+                ),
+            ));
         }
-
-        if let Some((secret, bucket)) = required_secret(propagation.resource_type) {
-            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns.name);
-            // Metadata only: a full GET would download the customer's credentials.
-            let found = secrets.get_metadata_opt(secret).await.map_err(|e| {
-                ns.error(
-                    format_args!("could not read Secret {secret} in namespace {}", ns.masked),
-                    &e,
-                )
-            })?;
-            if found.is_none() {
-                tracing::warn!(%token, namespace = %ns.masked, secret, "customer secret not found");
-                return Ok(unexpected(
-                    bucket,
-                    format!("Secret {secret} not found in namespace {}", ns.masked),
-                ));
-            }
+        if let Some(labelled) = labels.get(keel_provision::kube::RESOURCE_TYPE_LABEL)
+            && labelled != propagation.resource_type.as_str()
+        {
+            return Ok(unexpected(
+                ReasonBucket::Other,
+                format!(
+                    "namespace {} backs another resource type than {}",
+                    ns.masked, propagation.resource_type
+                ),
+            ));
         }
 
         let quotas: Api<ResourceQuota> = Api::namespaced(self.client.clone(), &ns.name);
@@ -383,10 +432,6 @@ mod tests {
     const NS: &str = "instant-customer-a1b2c3d4e5f6";
     const SSA_URI: &str = "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/resourcequotas/keel-tier?&force=true&fieldManager=keel";
     const NAMESPACE_URI: &str = "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6";
-    const POSTGRES_ADMIN_URI: &str =
-        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/postgres-admin";
-    const REDIS_AUTH_URI: &str =
-        "/api/v1/namespaces/instant-customer-a1b2c3d4e5f6/secrets/redis-auth";
     /// The `Accept` header of a metadata-only request: the API server answers with a
     /// `PartialObjectMetadata` (no spec, no Secret data).
     const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
@@ -405,14 +450,19 @@ mod tests {
             attempt: 1,
             backend: Backend {
                 token: Some(Token::parse(TOKEN).unwrap()),
-                provider_resource_id: None,
+                provider_resource_id: Some(NS.into()),
                 status: Some("active".into()),
+                team_id: None,
+            },
+            fence: crate::Fence {
+                claim: crate::ClaimToken(1),
+                target: crate::TargetVersion(1),
             },
         }
     }
 
-    fn pro_postgres() -> Propagation {
-        propagation(ResourceType::Postgres, "pro")
+    fn pro_namespace() -> Propagation {
+        propagation(ResourceType::Namespace, "pro")
     }
 
     /// What the fake API server expects next, and how it answers.
@@ -461,18 +511,23 @@ mod tests {
     }
 
     fn get_namespace() -> Step {
-        get_metadata(NAMESPACE_URI, Reply::Object(namespace_metadata()))
-    }
-
-    fn get_postgres_admin() -> Step {
         get_metadata(
-            POSTGRES_ADMIN_URI,
-            Reply::Object(secret_metadata("postgres-admin")),
+            NAMESPACE_URI,
+            Reply::Object(namespace_metadata(Some("namespace"))),
         )
     }
 
-    /// What the API server returns for a metadata-only GET of the customer namespace.
-    fn namespace_metadata() -> Value {
+    /// What the API server returns for a metadata-only GET of a customer namespace that
+    /// keel-provision created: its three labels (`resource_type` `None` leaves that one out).
+    fn namespace_metadata(resource_type: Option<&str>) -> Value {
+        let mut labels = json!({
+            "kubernetes.io/metadata.name": NS,
+            "app.kubernetes.io/managed-by": "keel",
+            "keel.dev/tier": "free"
+        });
+        if let Some(resource_type) = resource_type {
+            labels["keel.dev/resource-type"] = json!(resource_type);
+        }
         json!({
             "kind": "PartialObjectMetadata",
             "apiVersion": "meta.k8s.io/v1",
@@ -481,22 +536,22 @@ mod tests {
                 "uid": "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a11",
                 "resourceVersion": "4711",
                 "creationTimestamp": "2026-01-12T09:30:00Z",
-                "labels": { "kubernetes.io/metadata.name": NS }
+                "labels": labels
             }
         })
     }
 
-    /// What the API server returns for a metadata-only GET of a Secret: no `type`, no `data`.
-    fn secret_metadata(name: &str) -> Value {
+    /// A namespace someone else created under the platform's name: no ownership label.
+    fn foreign_namespace_metadata() -> Value {
         json!({
             "kind": "PartialObjectMetadata",
             "apiVersion": "meta.k8s.io/v1",
             "metadata": {
-                "name": name,
-                "namespace": NS,
-                "uid": "0b7e9a8c-1d2f-4e3a-8b5c-6d7e8f9a0b1c",
-                "resourceVersion": "4712",
-                "creationTimestamp": "2026-01-12T09:30:05Z"
+                "name": NS,
+                "uid": "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a12",
+                "resourceVersion": "4711",
+                "creationTimestamp": "2026-01-12T09:30:00Z",
+                "labels": { "kubernetes.io/metadata.name": NS }
             }
         })
     }
@@ -649,12 +704,11 @@ mod tests {
 
     #[tokio::test]
     async fn applies_the_tier_quota_by_server_side_apply() {
-        let outcome = run(
+        let (outcome, seen) = run_recording(
             TierQuotas::standard(),
-            &pro_postgres(),
+            &pro_namespace(),
             vec![
                 get_namespace(),
-                get_postgres_admin(),
                 ssa(Reply::Applied {
                     expected_body: pro_quota_body(),
                 }),
@@ -662,48 +716,125 @@ mod tests {
         )
         .await;
         assert_eq!(outcome, Ok(ApplyOutcome::Applied));
+        let requests: Vec<(Method, &str, Option<&str>)> = seen
+            .iter()
+            .map(|s| (s.method.clone(), s.uri.as_str(), s.accept.as_deref()))
+            .collect();
+        assert_eq!(
+            requests,
+            [
+                (Method::GET, NAMESPACE_URI, Some(METADATA_ACCEPT)),
+                (Method::PATCH, SSA_URI, Some(JSON_ACCEPT)),
+            ],
+            "only the namespace's metadata is read, and only the quota is written"
+        );
+    }
+
+    /// PROP-2: a redis resource is shaped by keel-provision as a labelled namespace and no
+    /// Secret; the applier lands it with exactly the namespace read and the quota apply.
+    #[tokio::test]
+    async fn redis_and_namespace_resources_land_with_only_what_provisioning_creates() {
+        for (resource_type, label) in [
+            (ResourceType::Redis, Some("redis")),
+            (ResourceType::Namespace, Some("namespace")),
+            (ResourceType::Redis, None),
+        ] {
+            let outcome = run(
+                TierQuotas::standard(),
+                &propagation(resource_type, "pro"),
+                vec![
+                    get_metadata(NAMESPACE_URI, Reply::Object(namespace_metadata(label))),
+                    ssa(Reply::Applied {
+                        expected_body: pro_quota_body(),
+                    }),
+                ],
+            )
+            .await;
+            assert_eq!(
+                outcome,
+                Ok(ApplyOutcome::Applied),
+                "{resource_type} {label:?}"
+            );
+        }
+    }
+
+    /// PROP-7's class in the Kubernetes applier: only the platform's own namespaces change.
+    #[tokio::test]
+    async fn the_quota_applier_changes_only_namespaces_the_platform_labelled() {
+        let foreign = run(
+            TierQuotas::standard(),
+            &pro_namespace(),
+            vec![get_metadata(
+                NAMESPACE_URI,
+                Reply::Object(foreign_namespace_metadata()),
+            )],
+        )
+        .await;
+        let Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { detail, .. })) = &foreign else {
+            panic!("a foreign namespace was changed: {foreign:?}");
+        };
+        assert!(
+            detail.contains("not labelled as the platform's own"),
+            "{detail}"
+        );
+
+        let wrong_type = run(
+            TierQuotas::standard(),
+            &propagation(ResourceType::Redis, "pro"),
+            vec![get_metadata(
+                NAMESPACE_URI,
+                Reply::Object(namespace_metadata(Some("namespace"))),
+            )],
+        )
+        .await;
+        assert!(
+            matches!(
+                wrong_type,
+                Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { .. }))
+            ),
+            "{wrong_type:?}"
+        );
+
+        for provider_id in [
+            "kube-system",
+            "instant-customer-ffff0000",
+            "cust_a1b2c3d4e5f6",
+        ] {
+            let mut named = pro_namespace();
+            named.backend.provider_resource_id = Some(provider_id.into());
+            let outcome = run(TierQuotas::standard(), &named, vec![]).await;
+            assert!(
+                matches!(
+                    outcome,
+                    Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { .. }))
+                ),
+                "{provider_id}: {outcome:?}"
+            );
+        }
     }
 
     #[tokio::test]
-    async fn redis_needs_redis_auth_and_a_namespace_resource_needs_no_secret() {
-        let redis = propagation(ResourceType::Redis, "pro");
-        let missing = run(
+    async fn a_postgres_resource_is_never_applied_as_a_namespace() {
+        let outcome = run(
             TierQuotas::standard(),
-            &redis,
-            vec![
-                get_namespace(),
-                get_metadata(REDIS_AUTH_URI, not_found("secrets", "redis-auth")),
-            ],
+            &propagation(ResourceType::Postgres, "pro"),
+            vec![],
         )
         .await;
-        assert_eq!(
-            missing,
-            skipped(
-                ReasonBucket::RedisAuthSecretMissing,
-                "Secret redis-auth not found in namespace instant-customer-a1b2…"
-            )
+        assert!(
+            matches!(
+                outcome,
+                Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { .. }))
+            ),
+            "{outcome:?}"
         );
-
-        let namespace = propagation(ResourceType::Namespace, "pro");
-        let applied = run(
-            TierQuotas::standard(),
-            &namespace,
-            vec![
-                get_namespace(),
-                ssa(Reply::Applied {
-                    expected_body: pro_quota_body(),
-                }),
-            ],
-        )
-        .await;
-        assert_eq!(applied, Ok(ApplyOutcome::Applied));
     }
 
     #[tokio::test]
     async fn missing_namespace_is_an_unexpected_skip_not_success() {
         let outcome = run(
             TierQuotas::standard(),
-            &pro_postgres(),
+            &pro_namespace(),
             vec![get_metadata(NAMESPACE_URI, not_found("namespaces", NS))],
         )
         .await;
@@ -717,84 +848,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn missing_postgres_admin_secret_is_an_unexpected_skip() {
-        let outcome = run(
-            TierQuotas::standard(),
-            &pro_postgres(),
-            vec![
-                get_namespace(),
-                get_metadata(POSTGRES_ADMIN_URI, not_found("secrets", "postgres-admin")),
-            ],
-        )
-        .await;
-        assert_eq!(
-            outcome,
-            skipped(
-                ReasonBucket::PostgresAdminSecretMissing,
-                "Secret postgres-admin not found in namespace instant-customer-a1b2…"
-            )
-        );
-    }
-
-    #[tokio::test]
-    async fn the_secret_check_never_downloads_secret_data() {
-        let cases = [
-            (
-                pro_postgres(),
-                POSTGRES_ADMIN_URI,
-                Reply::Object(secret_metadata("postgres-admin")),
-            ),
-            (
-                propagation(ResourceType::Redis, "pro"),
-                REDIS_AUTH_URI,
-                Reply::Object(secret_metadata("redis-auth")),
-            ),
-            (
-                pro_postgres(),
-                POSTGRES_ADMIN_URI,
-                not_found("secrets", "postgres-admin"),
-            ),
-        ];
-        for (propagation, secret_uri, reply) in cases {
-            let found = matches!(reply, Reply::Object(_));
-            // The fake server accepts any Accept header here, so this test's own assertion
-            // below is the one that catches a full GET.
-            let secret_step = Step {
-                accept: None,
-                ..get_metadata(secret_uri, reply)
-            };
-            let mut steps = vec![get_namespace(), secret_step];
-            if found {
-                steps.push(ssa(Reply::Applied {
-                    expected_body: pro_quota_body(),
-                }));
-            }
-            let (outcome, seen) = run_recording(TierQuotas::standard(), &propagation, steps).await;
-            let secret_requests: Vec<&Seen> = seen
-                .iter()
-                .filter(|request| request.uri.contains("/secrets/"))
-                .collect();
-            assert_eq!(secret_requests.len(), 1, "{seen:?}");
-            let request = secret_requests[0];
-            assert_eq!(request.method, Method::GET, "{request:?}");
-            assert_eq!(request.uri, secret_uri, "{request:?}");
-            // A full GET (no Accept header, or plain JSON) would return the Secret's data.
-            assert_eq!(
-                request.accept.as_deref(),
-                Some(METADATA_ACCEPT),
-                "the Secret must be read as PartialObjectMetadata: {request:?}"
-            );
-            assert_eq!(
-                matches!(outcome, Ok(ApplyOutcome::Applied)),
-                found,
-                "{outcome:?}"
-            );
-        }
-    }
-
-    #[tokio::test]
     async fn deleted_resource_is_a_legitimate_skip_without_api_calls() {
-        let mut deleted = pro_postgres();
+        let mut deleted = pro_namespace();
         deleted.backend.status = Some("deleted".into());
         let outcome = run(TierQuotas::standard(), &deleted, vec![]).await;
         assert_eq!(
@@ -807,7 +862,7 @@ mod tests {
 
     #[tokio::test]
     async fn resource_without_a_token_is_an_unexpected_skip_without_api_calls() {
-        let mut legacy = pro_postgres();
+        let mut legacy = pro_namespace();
         legacy.backend.token = None;
         let outcome = run(TierQuotas::standard(), &legacy, vec![]).await;
         let Ok(ApplyOutcome::Skipped(SkipReason::Unexpected { bucket, detail })) = outcome else {
@@ -819,7 +874,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_tier_is_an_error_that_retries() {
-        let enterprise = propagation(ResourceType::Postgres, "enterprise");
+        let enterprise = propagation(ResourceType::Namespace, "enterprise");
         let outcome = run(TierQuotas::standard(), &enterprise, vec![]).await;
         let Err(error) = &outcome else {
             panic!("expected an error, got {outcome:?}");
@@ -842,10 +897,9 @@ mod tests {
     async fn api_error_on_apply_is_an_error_with_the_step_and_the_api_words() {
         let outcome = run(
             TierQuotas::standard(),
-            &pro_postgres(),
+            &pro_namespace(),
             vec![
                 get_namespace(),
-                get_postgres_admin(),
                 ssa(Reply::Status(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     json!({
@@ -874,48 +928,8 @@ mod tests {
                           resourcequotas \"keel-tier\" in namespace instant-customer-a1b2…: \
                           etcdserver: request timed out"
                     .to_owned(),
+                reached_backend: true,
             })
-        );
-    }
-
-    #[tokio::test]
-    async fn forbidden_secret_read_is_an_error_not_a_skip() {
-        let outcome = run(
-            TierQuotas::standard(),
-            &pro_postgres(),
-            vec![
-                get_namespace(),
-                get_metadata(
-                    POSTGRES_ADMIN_URI,
-                    Reply::Status(
-                        StatusCode::FORBIDDEN,
-                        json!({
-                            "kind": "Status",
-                            "apiVersion": "v1",
-                            "metadata": {},
-                            "status": "Failure",
-                            "message": format!(
-                                "secrets \"postgres-admin\" is forbidden: User \
-                                 \"system:serviceaccount:keel:keel\" cannot get resource \
-                                 \"secrets\" in API group \"\" in the namespace \"{NS}\""
-                            ),
-                            "reason": "Forbidden",
-                            "details": { "name": "postgres-admin", "kind": "secrets" },
-                            "code": 403
-                        }),
-                    ),
-                ),
-            ],
-        )
-        .await;
-        let Err(error) = &outcome else {
-            panic!("expected an error, got {outcome:?}");
-        };
-        assert!(
-            error
-                .message
-                .starts_with("could not read Secret postgres-admin in namespace instant-customer-a1b2…: 403 Forbidden:"),
-            "{error}"
         );
     }
 
@@ -938,35 +952,24 @@ mod tests {
         };
         let cases: Vec<(Propagation, Vec<Step>)> = vec![
             (
-                pro_postgres(),
+                pro_namespace(),
                 vec![get_metadata(NAMESPACE_URI, not_found("namespaces", NS))],
             ),
             (
-                pro_postgres(),
+                pro_namespace(),
                 vec![get_metadata(
                     NAMESPACE_URI,
                     leaky_status(StatusCode::SERVICE_UNAVAILABLE),
                 )],
             ),
             (
-                pro_postgres(),
+                pro_namespace(),
                 vec![
                     get_namespace(),
-                    get_metadata(
-                        POSTGRES_ADMIN_URI,
-                        leaky_status(StatusCode::INTERNAL_SERVER_ERROR),
-                    ),
-                ],
-            ),
-            (
-                pro_postgres(),
-                vec![
-                    get_namespace(),
-                    get_postgres_admin(),
                     ssa(leaky_status(StatusCode::INTERNAL_SERVER_ERROR)),
                 ],
             ),
-            (propagation(ResourceType::Postgres, "enterprise"), vec![]),
+            (propagation(ResourceType::Namespace, "enterprise"), vec![]),
         ];
         for (propagation, steps) in cases {
             let outcome = run(TierQuotas::standard(), &propagation, steps).await;

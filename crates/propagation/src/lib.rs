@@ -34,12 +34,21 @@ pub mod postgres;
 #[cfg(feature = "postgres")]
 pub mod runner;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use applier::{AllOf, Applier};
-pub use decide::{ClaimDecision, RetryCause, Transition, decide, on_claim};
-pub use metrics::{KindLabels, Metrics, QueueLabels, SkipLabels};
+pub use applier::{AllOf, Applier, ByResourceType};
+pub use decide::{
+    ClaimDecision, MAX_ERROR_CHARS, RetryCause, Transition, decide, decide_attempt, on_claim,
+    precheck, storable,
+};
+pub use metrics::{
+    DeferReason, KindLabels, Metrics, PrunedLabels, PrunedStatus, QueueLabels, ReasonLabels,
+    SkipLabels,
+};
 pub use model::{
-    Backend, Payload, Propagation, PropagationId, PropagationKind, UnknownPropagationKind,
+    Backend, ClaimToken, Fence, Payload, Propagation, PropagationId, PropagationKind,
+    TargetVersion, UnknownPropagationKind,
 };
 pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
 pub use policy::{PolicyError, RetryPolicies, RetryPolicy};

@@ -81,6 +81,89 @@ pub struct Metrics {
     due_rows: Family<QueueLabels, Gauge>,
     oldest_due_age_seconds: Family<QueueLabels, Gauge<f64, AtomicU64>>,
     apply_duration_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
+    claim_errors: Counter,
+    record_errors: Counter,
+    released: Counter,
+    deferred_rows: Family<ReasonLabels, Gauge>,
+    unsupported_dead_lettered: Family<ReasonLabels, Counter>,
+    maintenance_up: Gauge,
+    pruned: Family<PrunedLabels, Counter>,
+    last_claim: Gauge<f64, AtomicU64>,
+    last_record: Gauge<f64, AtomicU64>,
+}
+
+/// Why a pending row is left for another runner (the `reason` label). Closed, so it can
+/// label metrics.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, strum::VariantArray)]
+pub enum DeferReason {
+    /// A kind this build does not know.
+    UnknownKind,
+    /// A resource type this build does not know.
+    UnknownResourceType,
+    /// A payload version newer than this build reads.
+    UnknownPayloadVersion,
+    /// A payload that did not decode.
+    UnreadablePayload,
+}
+
+impl DeferReason {
+    /// Every label value.
+    pub const ALL: &'static [DeferReason] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::UnknownKind => "unknown_kind",
+            DeferReason::UnknownResourceType => "unknown_resource_type",
+            DeferReason::UnknownPayloadVersion => "unknown_payload_version",
+            DeferReason::UnreadablePayload => "unreadable_payload",
+        }
+    }
+}
+
+/// Labels `{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: DeferReason,
+}
+
+impl EncodeLabelSet for ReasonLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("reason", self.reason.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// Which finished rows retention deleted (`status`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, strum::VariantArray)]
+pub enum PrunedStatus {
+    /// Applied rows.
+    Applied,
+    /// Dead-lettered rows.
+    DeadLettered,
+}
+
+impl PrunedStatus {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PrunedStatus::Applied => "applied",
+            PrunedStatus::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Labels `{status}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PrunedLabels {
+    /// Which rows.
+    pub status: PrunedStatus,
+}
+
+impl EncodeLabelSet for PrunedLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("status", self.status.as_str()).encode(encoder.encode_label())
+    }
 }
 
 impl Metrics {
@@ -96,7 +179,76 @@ impl Metrics {
             due_rows: Family::default(),
             oldest_due_age_seconds: Family::default(),
             apply_duration_seconds: Family::new_with_constructor(apply_histogram),
+            claim_errors: Counter::default(),
+            record_errors: Counter::default(),
+            released: Counter::default(),
+            deferred_rows: Family::default(),
+            unsupported_dead_lettered: Family::default(),
+            maintenance_up: Gauge::default(),
+            pruned: Family::default(),
+            last_claim: Gauge::default(),
+            last_record: Gauge::default(),
         };
+        registry.register(
+            "instant_propagation_last_successful_claim_timestamp_seconds",
+            "Database time of this runner's last successful claim (a readiness signal: it stops moving while the database is unreachable)",
+            metrics.last_claim.clone(),
+        );
+        registry.register(
+            "instant_propagation_last_successful_record_timestamp_seconds",
+            "Database time of this runner's last successfully recorded batch",
+            metrics.last_record.clone(),
+        );
+        registry.register(
+            "instant_propagation_claim_errors",
+            "Claims that failed (the store could not be reached or refused the claim)",
+            metrics.claim_errors.clone(),
+        );
+        registry.register(
+            "instant_propagation_record_errors",
+            "Completions or releases that could not be stored (their rows come back after the lease)",
+            metrics.record_errors.clone(),
+        );
+        registry.register(
+            "instant_propagation_released",
+            "Claimed rows given back without charging an attempt (shutdown, or the apply never reached its backend)",
+            metrics.released.clone(),
+        );
+        registry.register(
+            "instant_propagation_deferred_rows",
+            "Pending rows this runner cannot run and leaves for a newer one, by reason",
+            metrics.deferred_rows.clone(),
+        );
+        registry.register(
+            "instant_propagation_unsupported_dead_lettered",
+            "Rows dead-lettered because no runner could run them within the grace period",
+            metrics.unsupported_dead_lettered.clone(),
+        );
+        registry.register(
+            "instant_propagation_maintenance_up",
+            "1 when the last queue and deferral reads succeeded, 0 when they failed (the queue gauges are stale)",
+            metrics.maintenance_up.clone(),
+        );
+        registry.register(
+            "instant_propagation_pruned",
+            "Finished rows deleted by retention",
+            metrics.pruned.clone(),
+        );
+        for &reason in DeferReason::ALL {
+            drop(
+                metrics
+                    .deferred_rows
+                    .get_or_create(&ReasonLabels { reason }),
+            );
+            drop(
+                metrics
+                    .unsupported_dead_lettered
+                    .get_or_create(&ReasonLabels { reason }),
+            );
+        }
+        for &status in <PrunedStatus as strum::VariantArray>::VARIANTS {
+            drop(metrics.pruned.get_or_create(&PrunedLabels { status }));
+        }
         registry.register(
             "instant_propagation_unexpected_skip",
             "Attempts whose applier skipped for a reason that is not a legitimate no-op (they retry)",
@@ -232,6 +384,79 @@ impl Metrics {
             .set(oldest_due_age_seconds);
     }
 
+    /// Notes a successful claim at `at` (the store's clock).
+    pub fn claim_succeeded(&self, at: time::OffsetDateTime) {
+        self.last_claim.set(at.unix_timestamp_nanos() as f64 / 1e9);
+    }
+
+    /// Notes a successfully recorded batch at `at` (the store's clock).
+    pub fn record_succeeded(&self, at: time::OffsetDateTime) {
+        self.last_record.set(at.unix_timestamp_nanos() as f64 / 1e9);
+    }
+
+    /// Unix seconds of the last successful claim (0 before the first).
+    pub fn last_successful_claim(&self) -> f64 {
+        self.last_claim.get()
+    }
+
+    /// Counts a failed claim.
+    pub fn claim_error(&self) {
+        self.claim_errors.inc();
+    }
+
+    /// Counts a completion or release that could not be stored.
+    pub fn record_error(&self) {
+        self.record_errors.inc();
+    }
+
+    /// Counts rows given back uncharged.
+    pub fn released(&self, rows: u64) {
+        self.released.inc_by(rows);
+    }
+
+    /// Sets the deferred-rows gauge for `reason`.
+    pub fn set_deferred(&self, reason: DeferReason, rows: i64) {
+        self.deferred_rows
+            .get_or_create(&ReasonLabels { reason })
+            .set(rows);
+    }
+
+    /// Counts a row dead-lettered as unsupported.
+    pub fn unsupported_dead_lettered(&self, reason: DeferReason) {
+        self.unsupported_dead_lettered
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Marks whether the last maintenance reads succeeded.
+    pub fn set_maintenance_up(&self, up: bool) {
+        self.maintenance_up.set(i64::from(up));
+    }
+
+    /// Counts rows deleted by retention.
+    pub fn pruned(&self, status: PrunedStatus, rows: u64) {
+        self.pruned
+            .get_or_create(&PrunedLabels { status })
+            .inc_by(rows);
+    }
+
+    /// The current value of `instant_propagation_claim_errors_total`.
+    pub fn claim_errors(&self) -> u64 {
+        self.claim_errors.get()
+    }
+
+    /// The current value of `instant_propagation_record_errors_total`.
+    pub fn record_errors(&self) -> u64 {
+        self.record_errors.get()
+    }
+
+    /// The current value of `instant_propagation_unsupported_dead_lettered_total{reason}`.
+    pub fn unsupported_dead_letters(&self, reason: DeferReason) -> u64 {
+        self.unsupported_dead_lettered
+            .get_or_create(&ReasonLabels { reason })
+            .get()
+    }
+
     /// The current value of `instant_propagation_unexpected_skip_total` for one label set.
     pub fn unexpected_skips(
         &self,
@@ -306,6 +531,8 @@ mod tests {
         let kinds: Vec<&str> = PropagationKind::ALL.iter().map(|k| k.as_str()).collect();
         let types: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
         let buckets: Vec<&str> = ReasonBucket::ALL.iter().map(|b| b.as_str()).collect();
+        let reasons: Vec<&str> = DeferReason::ALL.iter().map(|r| r.as_str()).collect();
+        let statuses = ["applied", "dead_lettered"];
         let pairs = label_pairs(&text);
         assert!(!pairs.is_empty());
         for (key, value) in pairs {
@@ -313,6 +540,8 @@ mod tests {
                 "kind" => &kinds,
                 "resource_type" => &types,
                 "skip_reason" => &buckets,
+                "reason" => &reasons,
+                "status" => &statuses,
                 "le" => continue,
                 other => panic!("unexpected label {other}"),
             };

@@ -56,6 +56,27 @@ impl FromStr for PropagationKind {
     }
 }
 
+/// The token a claim hands out (`pending_propagations.claim_token`). Drawn from a sequence, so
+/// it never repeats: a completion carrying an earlier claim's token can never match a later claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClaimToken(pub i64);
+
+/// The version of a row's target (`pending_propagations.target_version`), bumped by every enqueue
+/// that replaces the target. A result for an older version is for a replaced target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetVersion(pub i64);
+
+/// What a completion is fenced on: the claim that produced it and the target it applied.
+/// Never derived from the payload's data, so no re-serialization can make two targets look
+/// alike or different.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The claim.
+    pub claim: ClaimToken,
+    /// The target version the claim saw.
+    pub target: TargetVersion,
+}
+
 /// The target a propagation carries. Its variant fixes the kind, so a kind and a payload can
 /// never disagree. Stored as JSON in `pending_propagations.payload`, decoded by the row's kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +89,10 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// The newest payload version this build reads (`pending_propagations.payload_version`).
+    /// Rows with a newer version are left for a runner that knows it.
+    pub const CURRENT_VERSION: i32 = 1;
+
     /// The kind this payload belongs to.
     pub fn kind(&self) -> PropagationKind {
         match self {
@@ -84,7 +109,9 @@ impl Payload {
         }
     }
 
-    /// Decodes the JSON stored for a propagation of `kind`.
+    /// Decodes the JSON stored for a propagation of `kind`. Keys this version does not know are
+    /// ignored (a newer writer may add optional fields); completions are fenced on
+    /// [`Fence`], never on this decoding, so extra keys cannot change which result counts.
     pub fn from_json(kind: PropagationKind, json: &serde_json::Value) -> Result<Self, String> {
         match kind {
             PropagationKind::TierElevation => {
@@ -115,6 +142,8 @@ pub struct Backend {
     pub provider_resource_id: Option<String>,
     /// The resource's status (`active`, `deleted`, …), if the resource row exists.
     pub status: Option<String>,
+    /// The team that owns the resource, if the resource row exists.
+    pub team_id: Option<TeamId>,
 }
 
 /// A claimed propagation: one attempt at carrying its payload to a backend.
@@ -135,6 +164,8 @@ pub struct Propagation {
     pub attempt: u32,
     /// Where the backend object is.
     pub backend: Backend,
+    /// What the completion is fenced on.
+    pub fence: Fence,
 }
 
 impl Propagation {
@@ -157,6 +188,10 @@ pub(crate) fn sample_propagation() -> Propagation {
         },
         attempt: 1,
         backend: Backend::default(),
+        fence: Fence {
+            claim: ClaimToken(1),
+            target: TargetVersion(1),
+        },
     }
 }
 

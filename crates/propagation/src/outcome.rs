@@ -157,7 +157,8 @@ pub enum ApplyOutcome {
     Skipped(SkipReason),
 }
 
-/// An applier's failure: retried on the schedule, dead-lettered when the budget is spent.
+/// An applier's failure: retried on the schedule, dead-lettered when the budget is spent —
+/// unless the attempt never reached the backend ([`ApplyError::not_attempted`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ApplyError {
@@ -165,6 +166,10 @@ pub struct ApplyError {
     pub bucket: ReasonBucket,
     /// What went wrong (kept for `last_error`; never a metric label).
     pub message: String,
+    /// Whether the attempt reached the backend. An attempt that never did (it waited for a
+    /// connection or a concurrency slot the applier shares with other rows) is given back
+    /// uncharged: one slow customer backend must not cost other rows their attempts.
+    pub reached_backend: bool,
 }
 
 impl ApplyError {
@@ -174,6 +179,16 @@ impl ApplyError {
         Self {
             bucket: ReasonBucket::classify(&message),
             message,
+            reached_backend: true,
+        }
+    }
+
+    /// The applier could not even start on the backend (no free connection or slot): the row
+    /// is released with its attempt given back, and retried shortly.
+    pub fn not_attempted(message: impl Into<String>) -> Self {
+        Self {
+            reached_backend: false,
+            ..Self::new(message)
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::model::PropagationKind;
 pub struct RetryPolicy {
     schedule: Vec<Duration>,
     max_attempts: u32,
+    jitter_percent: u8,
 }
 
 /// A retry policy that cannot work.
@@ -50,6 +51,7 @@ impl RetryPolicy {
         Ok(Self {
             schedule,
             max_attempts,
+            jitter_percent: 0,
         })
     }
 
@@ -61,7 +63,45 @@ impl RetryPolicy {
         Self {
             schedule: minutes.iter().map(|&m| Duration::minutes(m)).collect(),
             max_attempts: 10,
+            jitter_percent: 10,
         }
+    }
+
+    /// Spreads each delay by up to ± `percent` % (at most 50), so rows that failed together do
+    /// not retry in lockstep. [`RetryPolicy::standard`] uses 10 %.
+    #[must_use]
+    pub fn with_jitter(mut self, percent: u8) -> Self {
+        self.jitter_percent = percent.min(50);
+        self
+    }
+
+    /// The jitter, in percent of each delay.
+    pub fn jitter_percent(&self) -> u8 {
+        self.jitter_percent
+    }
+
+    /// The delay after failed attempt `attempt` for the row `seed` identifies: the nominal
+    /// [`RetryPolicy::delay_after`] moved by a deterministic fraction of the jitter (the same
+    /// row and attempt always get the same delay; different rows spread out). Always within
+    /// `delay_after(attempt) × (1 ± jitter)`, and never below one second.
+    pub fn delay_for(&self, attempt: u32, seed: u64) -> Duration {
+        let nominal = self.delay_after(attempt);
+        if self.jitter_percent == 0 {
+            return nominal;
+        }
+        // splitmix64: a well-mixed value from (seed, attempt), with no global state.
+        let mut z = seed
+            .wrapping_add(u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // A fraction in [-1, 1].
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        let spread = nominal.as_seconds_f64() * f64::from(self.jitter_percent) / 100.0 * unit;
+        // Whole milliseconds: the database keeps microseconds, so the stored due time is exact.
+        let spread = Duration::milliseconds((spread * 1000.0).round() as i64);
+        (nominal + spread).max(Duration::SECOND)
     }
 
     /// The attempt budget.
@@ -134,6 +174,38 @@ mod tests {
             policy.offset_of_attempt(10),
             Duration::hours(24) + Duration::minutes(33)
         );
+    }
+
+    #[test]
+    fn jitter_spreads_rows_within_its_bounds_and_keeps_the_24h33m_figure() {
+        let policy = RetryPolicy::standard();
+        assert_eq!(policy.jitter_percent(), 10);
+        let mut distinct = std::collections::BTreeSet::new();
+        for seed in 0..200u64 {
+            let mut total = Duration::ZERO;
+            for attempt in 1..policy.max_attempts() {
+                let nominal = policy.delay_after(attempt);
+                let delay = policy.delay_for(attempt, seed);
+                assert_eq!(delay, policy.delay_for(attempt, seed), "deterministic");
+                assert!(
+                    delay >= nominal * 0.9 && delay <= nominal * 1.1,
+                    "{seed} {attempt}"
+                );
+                total += delay;
+            }
+            let pinned = Duration::hours(24) + Duration::minutes(33);
+            assert!(
+                total >= pinned * 0.9 && total <= pinned * 1.1,
+                "{seed}: {total}"
+            );
+            distinct.insert(policy.delay_for(1, seed).whole_milliseconds());
+        }
+        assert!(
+            distinct.len() > 100,
+            "rows failing together must not retry in lockstep"
+        );
+        let exact = RetryPolicy::new(vec![Duration::minutes(1)], 3).unwrap();
+        assert_eq!(exact.delay_for(1, 42), Duration::minutes(1));
     }
 
     #[test]

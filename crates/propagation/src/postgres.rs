@@ -6,20 +6,21 @@
 //!
 //! At most one non-terminal row exists per (kind, resource) — a partial unique index enforces it.
 //! Enqueueing a new target for a resource that already has a pending row replaces that row's
-//! payload and makes it due now; enqueueing the same target again changes nothing.
+//! payload, bumps its `target_version`, gives it a full budget (attempts back to 0) and makes it
+//! due now; enqueueing a target the row already carries changes nothing.
 //!
-//! A new target deserves a full budget, so attempts restart from 0 — except while a worker holds
-//! a live claim on the row: the claim stays (no second worker can take the row and race the
-//! first one to the backend), and the worker's completion is refused by the fence because it
-//! carries the old target. That refusal hands the row back at once with a fresh budget, and the
-//! new target is applied by the next claim.
+//! While a worker holds a live claim on the row the claim stays (no second worker can take the
+//! row and race the first one to the backend), and the worker's completion is handed back by the
+//! fence because it carries the old target version: the new target is applied by the next claim.
 //!
-//! # Claims and leases
+//! # Claims, leases and the fence
 //!
 //! Due rows are claimed in batches with `FOR UPDATE SKIP LOCKED`, so replicas never claim the
-//! same row; a claim stamps `claimed_by`, `lease_expires_at`, and counts the attempt. A row whose
-//! lease expired is claimable again: delivery is at least once, so appliers must be idempotent.
-//! Every transition is fenced on `id`, `claimed_by` and `attempts` and commits with its audit row.
+//! same row; a claim stamps `claimed_by`, `lease_expires_at`, a fresh `claim_token` from a
+//! sequence, and counts the attempt. A row whose lease expired is rescued (its claim undone, the
+//! counted attempt kept) and claimed again: delivery is at least once, so appliers must be
+//! idempotent. Every transition is fenced on the claim token (never repeated) and the target
+//! version, and commits with its audit row.
 //!
 //! The statements select their rows through `id = ANY(…)` so the planner looks them up by primary
 //! key instead of hash-joining against the whole table: a claim or a completion costs the same
@@ -28,26 +29,147 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use keel_audit::{Actor, AuditEvent, AuditKind, ResourceId, ResourceType, TeamId, Token};
+use keel_audit::{Actor, AuditEvent, AuditKind, ResourceId, ResourceType, TeamId, Tier, Token};
 use sqlx::postgres::PgListener;
 use sqlx::types::{Json, Uuid};
 use sqlx::{PgConnection, PgPool};
 use time::{Duration, OffsetDateTime};
 
 use crate::applier::Applier;
-use crate::decide::Transition;
-use crate::model::{Backend, Payload, Propagation, PropagationId, PropagationKind};
+use crate::decide::{Transition, storable};
+pub use crate::metrics::DeferReason;
+use crate::model::{
+    Backend, ClaimToken, Fence, Payload, Propagation, PropagationId, PropagationKind, TargetVersion,
+};
 use crate::outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
 use crate::store::{Completion, CompletionReport, PropagationStore, StoreError, WorkerId};
 
 /// The `NOTIFY` channel an enqueue signals on.
 pub const NOTIFY_CHANNEL: &str = "keel_propagation";
 
+/// How long recording (or releasing) waits for a row lock held by someone else (a caller's
+/// open `enqueue_in` transaction) before it gives up on the batch and records row by row.
+pub const RECORD_LOCK_TIMEOUT: Duration = Duration::seconds(2);
+
+/// How long a row this build cannot read waits before it is offered to a runner again.
+pub const DEFER_RETRY: Duration = Duration::minutes(5);
+
+/// Advisory-lock keys for the single-flight maintenance passes.
+const RECONCILE_LOCK: i64 = 0x6b65_656c_7072_0001;
+const SETTLE_LOCK: i64 = 0x6b65_656c_7072_0002;
+const PRUNE_LOCK: i64 = 0x6b65_656c_7072_0003;
+
+fn defer_reason(s: &str) -> DeferReason {
+    DeferReason::ALL
+        .iter()
+        .copied()
+        .find(|r| r.as_str() == s)
+        .unwrap_or(DeferReason::UnreadablePayload)
+}
+
+impl serde::Serialize for DeferReason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// A pending row this build leaves for another runner, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeferredRow {
+    /// Row id.
+    pub id: i64,
+    /// Why it is left.
+    pub reason: DeferReason,
+    /// Kind as stored (at most 64 characters).
+    pub kind: String,
+    /// Team.
+    pub team_id: TeamId,
+    /// Resource.
+    pub resource_id: ResourceId,
+    /// Resource type as stored (at most 64 characters).
+    pub resource_type: String,
+    /// Payload version as stored.
+    pub payload_version: i32,
+    /// When it was enqueued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it is next due.
+    #[serde(with = "time::serde::rfc3339")]
+    pub next_attempt_at: OffsetDateTime,
+    /// When a runner first found it unreadable.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub deferred_since: Option<OffsetDateTime>,
+    /// The last error recorded on it.
+    pub last_error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DeferredDbRow {
+    id: i64,
+    kind: String,
+    team_id: Uuid,
+    resource_id: Uuid,
+    resource_type: String,
+    payload_version: i32,
+    created_at: OffsetDateTime,
+    next_attempt_at: OffsetDateTime,
+    deferred_since: Option<OffsetDateTime>,
+    last_error: Option<String>,
+    reason: String,
+}
+
+/// How long finished rows are kept before [`PgPropagationStore::prune`] deletes them. Audit
+/// rows are never pruned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Applied rows (default 7 days).
+    pub applied: Duration,
+    /// Dead-lettered rows (default 30 days: an unresolved dead letter suppresses the
+    /// reconciler for its tier change until then).
+    pub dead_lettered: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            applied: Duration::days(7),
+            dead_lettered: Duration::days(30),
+        }
+    }
+}
+
+/// What [`PgPropagationStore::housekeeping`] does besides the gauges.
+#[derive(Clone, Debug)]
+pub struct Housekeeping {
+    /// How long a row no runner can read may wait before it is dead-lettered as unsupported.
+    pub unsupported_grace: Duration,
+    /// How long finished rows are kept.
+    pub retention: Retention,
+    /// Rows deleted per pass and status.
+    pub prune_batch: u32,
+    /// Who the audit rows say acted.
+    pub actor: Actor,
+}
+
+/// What a prune deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Applied rows.
+    pub applied: u64,
+    /// Dead-lettered rows.
+    pub dead_lettered: u64,
+}
+
 fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError::Database {
         operation,
         source: Box::new(e),
     }
+}
+
+/// At most `n` characters of a stored string, for messages.
+fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
 }
 
 fn millis(d: Duration) -> f64 {
@@ -171,14 +293,17 @@ struct ClaimedRow {
     resource_type: String,
     payload: Json<serde_json::Value>,
     attempts: i32,
+    claim_token: i64,
+    target_version: i64,
     token: Option<String>,
     provider_resource_id: Option<String>,
     status: Option<String>,
+    owner: Option<Uuid>,
 }
 
 impl ClaimedRow {
-    fn into_domain(self) -> Result<Propagation, (i64, Uuid, Uuid, String)> {
-        let corrupt = |reason: String| (self.id, self.team_id, self.resource_id, reason);
+    fn into_domain(self) -> Result<Propagation, (i64, i64, String)> {
+        let corrupt = |reason: String| (self.id, self.claim_token, reason);
         let kind: PropagationKind = self.kind.parse().map_err(|e| corrupt(format!("{e}")))?;
         let resource_type: ResourceType = self
             .resource_type
@@ -198,13 +323,43 @@ impl ClaimedRow {
                 token: self.token.as_deref().and_then(|t| Token::parse(t).ok()),
                 provider_resource_id: self.provider_resource_id,
                 status: self.status,
+                team_id: self.owner.map(TeamId::from_uuid),
+            },
+            fence: Fence {
+                claim: ClaimToken(self.claim_token),
+                target: TargetVersion(self.target_version),
             },
         })
     }
 }
 
+/// The wire names of every kind and resource type this build knows: a runner claims only rows
+/// it can read, and leaves the rest for a newer runner (see [`PgPropagationStore::deferred`]).
+fn known() -> (Vec<&'static str>, Vec<&'static str>) {
+    (
+        PropagationKind::ALL.iter().map(|k| k.as_str()).collect(),
+        ResourceType::ALL.iter().map(|t| t.as_str()).collect(),
+    )
+}
+
 /// Inserts or coalesces one propagation on `conn` (pass a transaction to enqueue atomically with
 /// the change that caused it), and signals waiting runners when the transaction commits.
+///
+/// A new target replaces a pending row's target, bumps its target version (so a result for the
+/// old target can never be recorded for the new one) and gives it a full attempt budget. While
+/// a worker holds a live claim on the row the claim stays (no second worker races it to the
+/// backend); its completion is then refused and the row handed back at once. A request whose
+/// target the pending row already carries changes nothing (so re-sending it cannot re-arm a
+/// failing row's budget).
+///
+/// `now` must come from the database clock ([`PgPropagationStore::db_now`]): it is compared
+/// with leases other replicas wrote.
+///
+/// The statement locks the pending row until the caller's transaction ends; recording of that
+/// row waits at most the recorder's lock timeout and is then retried, so keep such
+/// transactions short. Each enqueue that changes something sends a `NOTIFY`, which takes
+/// PostgreSQL's notification-queue lock at commit: fine at tier-change rates, but not a call
+/// for a hot path with thousands of concurrent writers.
 pub async fn enqueue_in(
     conn: &mut PgConnection,
     request: &EnqueueRequest,
@@ -214,14 +369,25 @@ pub async fn enqueue_in(
     let payload = request.payload.to_json();
     let changed: Option<(i64, bool)> = sqlx::query_as(
         "INSERT INTO pending_propagations \
-           (kind, team_id, resource_id, resource_type, payload, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $6, $6) \
+           (kind, team_id, resource_id, resource_type, payload, payload_version, tier_epoch, \
+            next_attempt_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $7, (SELECT tier_epoch FROM teams WHERE id = $2), $6, $6, $6) \
          ON CONFLICT (kind, resource_id) WHERE status = 'pending' DO UPDATE SET \
-           payload = EXCLUDED.payload, team_id = EXCLUDED.team_id, \
-           attempts = CASE WHEN pending_propagations.lease_expires_at > EXCLUDED.updated_at \
-                           THEN pending_propagations.attempts ELSE 0 END, \
+           payload = EXCLUDED.payload, payload_version = EXCLUDED.payload_version, \
+           team_id = EXCLUDED.team_id, tier_epoch = EXCLUDED.tier_epoch, \
+           resource_type = EXCLUDED.resource_type, \
+           target_version = nextval('pending_propagations_fence_seq'), attempts = 0, \
+           deferred_since = NULL, \
+           claimed_by = CASE WHEN pending_propagations.lease_expires_at > EXCLUDED.updated_at \
+                             THEN pending_propagations.claimed_by END, \
+           claim_token = CASE WHEN pending_propagations.lease_expires_at > EXCLUDED.updated_at \
+                              THEN pending_propagations.claim_token END, \
+           lease_expires_at = CASE WHEN pending_propagations.lease_expires_at > EXCLUDED.updated_at \
+                                   THEN pending_propagations.lease_expires_at END, \
            next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at \
-         WHERE pending_propagations.payload IS DISTINCT FROM EXCLUDED.payload \
+         WHERE NOT (pending_propagations.payload @> EXCLUDED.payload \
+                    AND pending_propagations.payload_version = EXCLUDED.payload_version \
+                    AND pending_propagations.team_id = EXCLUDED.team_id) \
          RETURNING id, (xmax = 0) AS inserted",
     )
     .bind(kind.as_str())
@@ -230,6 +396,7 @@ pub async fn enqueue_in(
     .bind(request.resource_type.as_str())
     .bind(Json(&payload))
     .bind(now)
+    .bind(Payload::CURRENT_VERSION)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db("enqueue a propagation"))?;
@@ -255,6 +422,95 @@ pub async fn enqueue_in(
         .await
         .map_err(db("notify runners"))?;
     Ok(enqueued)
+}
+
+/// What [`change_team_tier`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TierChange {
+    /// The team was already on that tier: nothing written, nothing enqueued.
+    Unchanged,
+    /// The tier changed, `team.tier_changed` was written, and each active resource of the team
+    /// got its propagation.
+    Changed {
+        /// The tier before.
+        from: Tier,
+        /// One enqueue per active resource.
+        enqueued: Vec<(ResourceId, Enqueued)>,
+    },
+}
+
+/// Changes a team's tier on `conn` — pass the transaction of the business change (a billing
+/// webhook, an operator action) — writing `team.tier_changed` (attributed to `actor`) and
+/// enqueueing a tier elevation for every active resource of the team, all in that transaction:
+/// either the change, its audit row and its propagations commit together, or none does. The
+/// entitlement reconciler is then only the backstop.
+///
+/// `now` must come from the database clock ([`PgPropagationStore::db_now`]).
+pub async fn change_team_tier(
+    conn: &mut PgConnection,
+    team: TeamId,
+    tier: &Tier,
+    actor: &Actor,
+    now: OffsetDateTime,
+) -> Result<TierChange, StoreError> {
+    let previous: Option<String> =
+        sqlx::query_scalar("SELECT tier FROM teams WHERE id = $1 FOR UPDATE")
+            .bind(team.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("read the team's tier"))?;
+    let Some(previous) = previous else {
+        return Err(StoreError::Rejected(format!("team {team} does not exist")));
+    };
+    if previous == tier.as_str() {
+        return Ok(TierChange::Unchanged);
+    }
+    let from = Tier::parse(&previous).map_err(|e| StoreError::Corrupt {
+        id: 0,
+        reason: format!("team {team} has an unreadable tier: {e}"),
+    })?;
+    sqlx::query("UPDATE teams SET tier = $2, updated_at = $3 WHERE id = $1")
+        .bind(team.as_uuid())
+        .bind(tier.as_str())
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("change the team's tier"))?;
+    let event = AuditEvent::new(AuditKind::TeamTierChanged, actor.clone(), now)
+        .team(team)
+        .attr("from_tier", from.as_str())
+        .and_then(|e| e.attr("to_tier", tier.as_str()))
+        .map_err(|e| StoreError::Corrupt {
+            id: 0,
+            reason: e.to_string(),
+        })?;
+    keel_audit::postgres::insert(&mut *conn, &event).await?;
+    let resources: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, resource_type FROM resources WHERE team_id = $1 AND status = 'active' ORDER BY id",
+    )
+    .bind(team.as_uuid())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("list the team's resources"))?;
+    let mut enqueued = Vec::with_capacity(resources.len());
+    for (resource, resource_type) in resources {
+        let resource_type: ResourceType =
+            resource_type.parse().map_err(|e| StoreError::Corrupt {
+                id: 0,
+                reason: format!("resource {resource} has an unknown type: {e}"),
+            })?;
+        let resource = ResourceId::from_uuid(resource);
+        let request = EnqueueRequest {
+            team_id: team,
+            resource_id: resource,
+            resource_type,
+            payload: Payload::TierElevation {
+                target_tier: tier.clone(),
+            },
+        };
+        enqueued.push((resource, enqueue_in(&mut *conn, &request, now).await?));
+    }
+    Ok(TierChange::Changed { from, enqueued })
 }
 
 fn status_of(transition: &Transition) -> &'static str {
@@ -303,24 +559,127 @@ impl PgPropagationStore {
         Ok(enqueued)
     }
 
+    /// The database's clock: the one time every replica agrees on. Pass it as `now` wherever a
+    /// time is compared with one another replica wrote (leases, due times).
+    pub async fn db_now(&self) -> Result<OffsetDateTime, StoreError> {
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("read the database clock"))
+    }
+
+    /// Enqueues one tier elevation on an operator's behalf, through the same checks as the
+    /// platform's own path, writing `propagation.enqueued` (attributed to `actor`) in the same
+    /// transaction.
+    ///
+    /// Refused ([`StoreError::Rejected`], nothing written) unless the resource exists and is
+    /// active, belongs to `request.team_id`, has `request.resource_type`, and the target is the
+    /// team's current tier (any other target would be reverted by the reconciler). A request the
+    /// pending row already carries is [`Enqueued::Unchanged`] and leaves its budget alone:
+    /// only `dead-letters requeue` re-arms a spent budget.
+    pub async fn enqueue_audited(
+        &self,
+        request: &EnqueueRequest,
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<Enqueued, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let found: Option<(Uuid, String, String, String)> = sqlx::query_as(
+            "SELECT r.team_id, r.resource_type, r.status, t.tier \
+             FROM resources r JOIN teams t ON t.id = r.team_id WHERE r.id = $1 FOR SHARE OF r, t",
+        )
+        .bind(request.resource_id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("look up the resource"))?;
+        let Some((owner, resource_type, status, team_tier)) = found else {
+            return Err(StoreError::Rejected(format!(
+                "resource {} does not exist",
+                request.resource_id
+            )));
+        };
+        let wanted = request.payload.target_tier();
+        let problem = if owner != request.team_id.as_uuid() {
+            Some(format!(
+                "resource {} belongs to another team, not {}",
+                request.resource_id, request.team_id
+            ))
+        } else if resource_type != request.resource_type.as_str() {
+            Some(format!(
+                "resource {} is a {} resource, not {}",
+                request.resource_id,
+                clip(&resource_type, 32),
+                request.resource_type
+            ))
+        } else if status != "active" {
+            Some(format!(
+                "resource {} is {}, not active",
+                request.resource_id,
+                clip(&status, 32)
+            ))
+        } else if team_tier != wanted.as_str() {
+            Some(format!(
+                "team {} is on tier {}, not {wanted}; change the team's tier instead",
+                request.team_id,
+                clip(&team_tier, 32)
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(StoreError::Rejected(problem));
+        }
+        let enqueued = enqueue_in(&mut tx, request, now).await?;
+        let outcome = match enqueued {
+            Enqueued::Inserted(_) => "inserted",
+            Enqueued::Replaced(_) => "replaced",
+            Enqueued::Unchanged(_) => "unchanged",
+        };
+        let event = AuditEvent::new(AuditKind::PropagationEnqueued, actor.clone(), now)
+            .team(request.team_id)
+            .resource(request.resource_id)
+            .attr("propagation_id", enqueued.id().to_string())
+            .and_then(|e| e.attr("propagation_kind", request.payload.kind().as_str()))
+            .and_then(|e| e.attr("target_tier", wanted.as_str()))
+            .and_then(|e| e.attr("outcome", outcome))
+            .map_err(|e| StoreError::Corrupt {
+                id: enqueued.id().0,
+                reason: e.to_string(),
+            })?;
+        keel_audit::postgres::insert(&mut tx, &event).await?;
+        tx.commit().await.map_err(db("commit an enqueue"))?;
+        Ok(enqueued)
+    }
+
     /// The entitlement reconciler's pass: enqueues a tier elevation for every active resource
     /// whose applied tier differs from its team's tier and that has no pending propagation.
+    /// Single-flight: while one replica runs a pass, the others' passes return at once.
     ///
     /// Because an unexpected skip never marks a propagation applied, a regrade that did not land
-    /// stays visible here as drift. Drift towards a target whose propagation already
-    /// dead-lettered is left to operators (`dead-letters requeue`) rather than retried forever —
-    /// until a later propagation for the resource is applied, after which that old dead letter
-    /// no longer holds the backstop back.
+    /// stays visible here as drift. Drift towards a target whose propagation dead-lettered
+    /// *under the team's current tier change* (the same `teams.tier_epoch`) is left to
+    /// operators (`dead-letters requeue`) rather than retried forever; any later tier change
+    /// starts a new epoch, so an old dead letter never mutes a genuine change.
     pub async fn reconcile(
         &self,
         now: OffsetDateTime,
     ) -> Result<Vec<(PropagationId, ResourceId)>, StoreError> {
         let types: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RECONCILE_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("take the reconciler lock"))?;
+        if !leader {
+            return Ok(Vec::new());
+        }
         let rows: Vec<(i64, Uuid)> = sqlx::query_as(
             "INSERT INTO pending_propagations \
-               (kind, team_id, resource_id, resource_type, payload, next_attempt_at, created_at, updated_at) \
+               (kind, team_id, resource_id, resource_type, payload, payload_version, tier_epoch, \
+                next_attempt_at, created_at, updated_at) \
              SELECT 'tier_elevation', r.team_id, r.id, r.resource_type, \
-                    jsonb_build_object('target_tier', t.tier), $1, $1, $1 \
+                    jsonb_build_object('target_tier', t.tier), $3, t.tier_epoch, $1, $1, $1 \
              FROM resources r JOIN teams t ON t.id = r.team_id \
              WHERE r.status = 'active' AND r.tier IS DISTINCT FROM t.tier \
                AND r.resource_type = ANY($2) \
@@ -330,27 +689,25 @@ impl PgPropagationStore {
                AND NOT EXISTS (SELECT 1 FROM pending_propagations d \
                                WHERE d.resource_id = r.id AND d.kind = 'tier_elevation' \
                                  AND d.status = 'dead_lettered' \
-                                 AND d.payload->>'target_tier' = t.tier \
-                                 AND NOT EXISTS (SELECT 1 FROM pending_propagations a \
-                                                 WHERE a.resource_id = r.id \
-                                                   AND a.kind = 'tier_elevation' \
-                                                   AND a.status = 'applied' \
-                                                   AND a.applied_at > d.dead_lettered_at)) \
+                                 AND d.tier_epoch = t.tier_epoch \
+                                 AND d.payload->>'target_tier' = t.tier) \
              ON CONFLICT DO NOTHING \
              RETURNING id, resource_id",
         )
         .bind(now)
         .bind(&types)
-        .fetch_all(&self.pool)
+        .bind(Payload::CURRENT_VERSION)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("reconcile entitlements"))?;
         if !rows.is_empty() {
             sqlx::query("SELECT pg_notify($1, 'tier_elevation')")
                 .bind(NOTIFY_CHANNEL)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(db("notify runners"))?;
         }
+        tx.commit().await.map_err(db("commit a reconciler pass"))?;
         Ok(rows
             .into_iter()
             .map(|(id, resource)| (PropagationId(id), ResourceId::from_uuid(resource)))
@@ -480,12 +837,13 @@ impl PgPropagationStore {
         Ok(report)
     }
 
-    /// Due rows per kind, for the queue gauges.
+    /// Due, unclaimed rows per kind, for the queue gauges.
     pub async fn queue_stats(&self, now: OffsetDateTime) -> Result<Vec<QueueStat>, StoreError> {
         let rows: Vec<(String, i64, Option<f64>)> = sqlx::query_as(
             "SELECT kind, count(*), max(extract(epoch FROM ($1 - next_attempt_at)))::float8 \
              FROM pending_propagations \
-             WHERE status = 'pending' AND next_attempt_at <= $1 GROUP BY kind",
+             WHERE status = 'pending' AND claimed_by IS NULL AND next_attempt_at <= $1 \
+             GROUP BY kind",
         )
         .bind(now)
         .fetch_all(&self.pool)
@@ -519,122 +877,290 @@ impl PgPropagationStore {
         Ok(by_kind.into_values().collect())
     }
 
-    /// Dead-letters rows that cannot be read as propagations, so one bad row cannot block the
-    /// queue, each with a `propagation.dead_lettered` audit row.
-    async fn quarantine(
+    /// Pending rows this build cannot run, for operators: unknown kind, resource type or
+    /// payload version (left for a newer runner), or a payload no runner could read so far
+    /// (deferred). Oldest first.
+    pub async fn deferred(&self, limit: u32) -> Result<Vec<DeferredRow>, StoreError> {
+        let (kinds, types) = known();
+        let rows: Vec<DeferredDbRow> = sqlx::query_as(
+            "SELECT id, kind, team_id, resource_id, resource_type, payload_version, created_at, \
+                    next_attempt_at, deferred_since, last_error, \
+                    CASE WHEN kind <> ALL($1) THEN 'unknown_kind' \
+                         WHEN resource_type <> ALL($2) THEN 'unknown_resource_type' \
+                         WHEN payload_version > $3 THEN 'unknown_payload_version' \
+                         ELSE 'unreadable_payload' END AS reason \
+             FROM pending_propagations \
+             WHERE status = 'pending' AND (kind <> ALL($1) OR resource_type <> ALL($2) \
+                   OR payload_version > $3 OR deferred_since IS NOT NULL) \
+             ORDER BY created_at, id LIMIT $4",
+        )
+        .bind(&kinds)
+        .bind(&types)
+        .bind(Payload::CURRENT_VERSION)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list deferred propagations"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| DeferredRow {
+                id: row.id,
+                reason: defer_reason(&row.reason),
+                kind: clip(&row.kind, 64),
+                team_id: TeamId::from_uuid(row.team_id),
+                resource_id: ResourceId::from_uuid(row.resource_id),
+                resource_type: clip(&row.resource_type, 64),
+                payload_version: row.payload_version,
+                created_at: row.created_at,
+                next_attempt_at: row.next_attempt_at,
+                deferred_since: row.deferred_since,
+                last_error: row.last_error,
+            })
+            .collect())
+    }
+
+    /// How many pending rows this build defers, by reason (for the deferred gauge).
+    pub async fn deferred_counts(&self) -> Result<BTreeMap<DeferReason, i64>, StoreError> {
+        let (kinds, types) = known();
+        let (kind, resource_type, version, unreadable): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE kind <> ALL($1)), \
+                    count(*) FILTER (WHERE kind = ANY($1) AND resource_type <> ALL($2)), \
+                    count(*) FILTER (WHERE kind = ANY($1) AND resource_type = ANY($2) \
+                                       AND payload_version > $3), \
+                    count(*) FILTER (WHERE kind = ANY($1) AND resource_type = ANY($2) \
+                                       AND payload_version <= $3 AND deferred_since IS NOT NULL) \
+             FROM pending_propagations WHERE status = 'pending' \
+               AND (kind <> ALL($1) OR resource_type <> ALL($2) OR payload_version > $3 \
+                    OR deferred_since IS NOT NULL)",
+        )
+        .bind(&kinds)
+        .bind(&types)
+        .bind(Payload::CURRENT_VERSION)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("count deferred propagations"))?;
+        Ok(BTreeMap::from([
+            (DeferReason::UnknownKind, kind),
+            (DeferReason::UnknownResourceType, resource_type),
+            (DeferReason::UnknownPayloadVersion, version),
+            (DeferReason::UnreadablePayload, unreadable),
+        ]))
+    }
+
+    /// Dead-letters rows no runner has been able to run for `grace`: of an unknown kind,
+    /// resource type or payload version and due (unclaimed) since at least `grace` ago, or
+    /// deferred as unreadable for at least `grace`. Each gets `propagation.dead_lettered` with
+    /// reason bucket `other` and its own detail (`unsupported: …`), in one transaction.
+    /// Single-flight across replicas.
+    pub async fn settle_unsupported(
         &self,
-        corrupt: Vec<(i64, Uuid, Uuid, String)>,
+        grace: Duration,
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(PropagationId, DeferReason)>, StoreError> {
+        let (kinds, types) = known();
+        let cutoff = now - grace;
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
-        let mut events = Vec::new();
-        for (id, team, resource, reason) in corrupt {
-            sqlx::query(
-                "UPDATE pending_propagations SET status = 'dead_lettered', dead_lettered_at = $2, \
-                        last_error = $3, claimed_by = NULL, lease_expires_at = NULL, updated_at = $2 \
-                 WHERE id = $1 AND status = 'pending'",
-            )
-            .bind(id)
-            .bind(now)
-            .bind(format!("unreadable row: {reason}"))
-            .execute(&mut *tx)
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(SETTLE_LOCK)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(db("quarantine an unreadable row"))?;
+            .map_err(db("take the settle lock"))?;
+        if !leader {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, Uuid, Uuid, String)> = sqlx::query_as(
+            "WITH gone AS ( \
+               SELECT id, CASE WHEN kind <> ALL($1) THEN 'unknown_kind' \
+                               WHEN resource_type <> ALL($2) THEN 'unknown_resource_type' \
+                               WHEN payload_version > $3 THEN 'unknown_payload_version' \
+                               ELSE 'unreadable_payload' END AS reason \
+               FROM pending_propagations \
+               WHERE status = 'pending' AND claimed_by IS NULL AND ( \
+                     ((kind <> ALL($1) OR resource_type <> ALL($2) OR payload_version > $3) \
+                      AND next_attempt_at <= $4) \
+                  OR deferred_since <= $4) \
+               ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED) \
+             UPDATE pending_propagations p SET status = 'dead_lettered', dead_lettered_at = $5, \
+                    last_error = 'unsupported (' || gone.reason || '): no runner could run it within the grace period', \
+                    updated_at = $5 \
+             FROM gone WHERE p.id = gone.id \
+             RETURNING p.id, p.team_id, p.resource_id, gone.reason",
+        )
+        .bind(&kinds)
+        .bind(&types)
+        .bind(Payload::CURRENT_VERSION)
+        .bind(cutoff)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("dead-letter unsupported propagations"))?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut settled = Vec::with_capacity(rows.len());
+        for (id, team, resource, reason) in rows {
+            let reason = defer_reason(&reason);
             let event = AuditEvent::new(AuditKind::PropagationDeadLettered, actor.clone(), now)
                 .team(TeamId::from_uuid(team))
                 .resource(ResourceId::from_uuid(resource))
                 .attr("propagation_id", id.to_string())
                 .and_then(|e| e.attr("reason_bucket", ReasonBucket::Other.as_str()))
-                .and_then(|e| e.attr("detail", "unreadable row"))
+                .and_then(|e| e.attr("detail", format!("unsupported ({})", reason.as_str())))
                 .map_err(|e| StoreError::Corrupt {
                     id,
                     reason: e.to_string(),
                 })?;
             events.push(event);
+            settled.push((PropagationId(id), reason));
         }
         keel_audit::postgres::insert_batch(&mut tx, &events).await?;
-        tx.commit().await.map_err(db("commit a quarantine"))
+        tx.commit().await.map_err(db("commit dead letters"))?;
+        Ok(settled)
     }
-}
 
-impl PropagationStore for PgPropagationStore {
-    async fn claim(
+    /// Retention: deletes at most `batch` applied rows finished before `now - applied_for`
+    /// and at most `batch` dead letters finished before `now - dead_lettered_for`. Pending rows
+    /// and audit rows are never touched. Single-flight: while one replica prunes, the others'
+    /// calls return zeros at once. Call repeatedly until it returns fewer than `batch`.
+    pub async fn prune(
         &self,
-        worker: &WorkerId,
-        limit: u32,
-        lease: Duration,
+        retention: &Retention,
+        batch: u32,
         now: OffsetDateTime,
-    ) -> Result<Vec<Propagation>, StoreError> {
-        let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH claimed AS ( \
-               UPDATE pending_propagations p \
-               SET claimed_by = $3, attempts = p.attempts + 1, updated_at = $1, \
-                   lease_expires_at = $1 + make_interval(secs => $4::float8 / 1000.0) \
-               WHERE p.id = ANY(ARRAY( \
-                 SELECT id FROM pending_propagations \
-                 WHERE status = 'pending' AND next_attempt_at <= $1 \
-                   AND (lease_expires_at IS NULL OR lease_expires_at <= $1) \
-                 ORDER BY next_attempt_at, id \
-                 LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED)) \
-               RETURNING p.id, p.kind, p.team_id, p.resource_id, p.resource_type, p.payload, p.attempts \
-             ) \
-             SELECT c.id, c.kind, c.team_id, c.resource_id, c.resource_type, c.payload, c.attempts, \
-                    r.token, r.provider_resource_id, r.status \
-             FROM claimed c LEFT JOIN resources r ON r.id = c.resource_id \
-             ORDER BY c.id",
+    ) -> Result<Pruned, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(PRUNE_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("take the retention lock"))?;
+        if !leader {
+            return Ok(Pruned::default());
+        }
+        let applied = sqlx::query(
+            "DELETE FROM pending_propagations WHERE id = ANY(ARRAY( \
+               SELECT id FROM pending_propagations WHERE status = 'applied' AND applied_at < $1 \
+               ORDER BY applied_at LIMIT $2))",
         )
-        .bind(now)
-        .bind(i64::from(limit))
-        .bind(worker.as_str())
-        .bind(millis(lease))
-        .fetch_all(&self.pool)
+        .bind(now - retention.applied)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
         .await
-        .map_err(db("claim due propagations"))?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        let mut corrupt = Vec::new();
-        for row in rows {
-            match row.into_domain() {
-                Ok(propagation) => claimed.push(propagation),
-                Err(bad) => corrupt.push(bad),
-            }
-        }
-        if !corrupt.is_empty() {
-            let actor = Actor::parse(&format!("runner:{}", worker.as_str().to_ascii_lowercase()))
-                .unwrap_or_else(|_| Actor::system());
-            let count = corrupt.len();
-            if let Err(e) = self.quarantine(corrupt, &actor, now).await {
-                // The unreadable rows keep their lease and are retried after it; the readable
-                // ones just claimed must not be dropped because of them.
-                tracing::error!(error = %e, count, "could not dead-letter unreadable propagations");
-            }
-        }
-        Ok(claimed)
+        .map_err(db("prune applied propagations"))?
+        .rows_affected();
+        let dead_lettered = sqlx::query(
+            "DELETE FROM pending_propagations WHERE id = ANY(ARRAY( \
+               SELECT id FROM pending_propagations \
+               WHERE status = 'dead_lettered' AND dead_lettered_at < $1 \
+               ORDER BY dead_lettered_at LIMIT $2))",
+        )
+        .bind(now - retention.dead_lettered)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("prune dead-lettered propagations"))?
+        .rows_affected();
+        tx.commit().await.map_err(db("commit a prune"))?;
+        Ok(Pruned {
+            applied,
+            dead_lettered,
+        })
     }
 
-    async fn complete(
+    /// One housekeeping pass at the database's clock: the queue and deferral gauges, the rows
+    /// no runner could run within the grace dead-lettered (each counted in
+    /// `instant_propagation_unsupported_dead_lettered_total` and audited), and one bounded
+    /// retention batch. The passes that change rows are single-flight across replicas.
+    /// `instant_propagation_maintenance_up` says whether it worked (the gauges are stale when
+    /// it did not).
+    pub async fn housekeeping(
+        &self,
+        metrics: &crate::Metrics,
+        plan: &Housekeeping,
+    ) -> Result<(), StoreError> {
+        let pass = async {
+            let now = self.db_now().await?;
+            for stat in self.queue_stats(now).await? {
+                metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
+            }
+            for (reason, rows) in self.deferred_counts().await? {
+                metrics.set_deferred(reason, rows);
+            }
+            for (id, reason) in self
+                .settle_unsupported(plan.unsupported_grace, &plan.actor, now)
+                .await?
+            {
+                tracing::error!(propagation_id = %id, reason = reason.as_str(), "dead-lettered a propagation no runner could run within the grace period");
+                metrics.unsupported_dead_lettered(reason);
+            }
+            let pruned = self.prune(&plan.retention, plan.prune_batch, now).await?;
+            metrics.pruned(crate::PrunedStatus::Applied, pruned.applied);
+            metrics.pruned(crate::PrunedStatus::DeadLettered, pruned.dead_lettered);
+            Ok(())
+        };
+        let result = pass.await;
+        metrics.set_maintenance_up(result.is_ok());
+        result
+    }
+
+    /// Leaves claimed rows that cannot be read for a runner that can: the claim is undone
+    /// (the attempt given back) and the row is due again after [`DEFER_RETRY`]; the first
+    /// deferral stamps `deferred_since`, from which the grace of
+    /// [`PgPropagationStore::settle_unsupported`] runs.
+    async fn defer(
+        &self,
+        unreadable: Vec<(i64, i64, String)>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let (ids, tokens, reasons): (Vec<i64>, Vec<i64>, Vec<String>) = unreadable
+            .into_iter()
+            .map(|(id, token, reason)| (id, token, storable(&format!("deferred: {reason}"))))
+            .fold(
+                (Vec::new(), Vec::new(), Vec::new()),
+                |(mut a, mut b, mut c), (x, y, z)| {
+                    a.push(x);
+                    b.push(y);
+                    c.push(z);
+                    (a, b, c)
+                },
+            );
+        sqlx::query(
+            "UPDATE pending_propagations p SET claimed_by = NULL, claim_token = NULL, \
+                    lease_expires_at = NULL, attempts = GREATEST(p.attempts - 1, 0), \
+                    next_attempt_at = $4, deferred_since = COALESCE(p.deferred_since, $5), \
+                    last_error = u.reason, updated_at = $5 \
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) AS u(id, token, reason) \
+             WHERE p.id = u.id AND p.claim_token = u.token AND p.status = 'pending'",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&reasons)
+        .bind(now + DEFER_RETRY)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("defer unreadable propagations"))?;
+        Ok(())
+    }
+
+    /// Records `completions` in one transaction, under the recording lock timeout.
+    async fn complete_in_one(
         &self,
         worker: &WorkerId,
-        completions: &[Completion],
+        completions: &[&Completion],
         actor: &Actor,
         now: OffsetDateTime,
-    ) -> Result<CompletionReport, StoreError> {
-        if completions.is_empty() {
-            return Ok(CompletionReport::default());
-        }
+    ) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
         let n = completions.len();
-        let mut payloads = Vec::with_capacity(n);
-        let (mut ids, mut attempts, mut statuses, mut next, mut errors) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let mut ids = Vec::with_capacity(n);
+        let mut tokens = Vec::with_capacity(n);
+        let mut targets = Vec::with_capacity(n);
+        let mut statuses = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        let mut errors = Vec::with_capacity(n);
         for c in completions {
             ids.push(c.propagation.id.0);
-            attempts.push(i32::try_from(c.propagation.attempt).unwrap_or(i32::MAX));
+            tokens.push(c.propagation.fence.claim.0);
+            targets.push(c.propagation.fence.target.0);
             statuses.push(status_of(&c.transition));
             next.push(match &c.transition {
                 Transition::Retry {
@@ -643,49 +1169,56 @@ impl PropagationStore for PgPropagationStore {
                 Transition::Applied { .. } | Transition::DeadLetter { .. } => None,
             });
             errors.push(c.transition.last_error());
-            payloads.push(c.propagation.payload.to_json().to_string());
         }
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
-        // The fence filter (claimed_by) makes the planner expect about one matching row and
-        // choose a nested loop that rescans the UNNEST once per row: quadratic in the batch.
-        // A hash join over the primary-key lookup is right for any batch size.
+        // A caller's open transaction holding a row lock (an enqueue_in not yet committed) must
+        // not hold the recording: wait at most this long, then record row by row.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            RECORD_LOCK_TIMEOUT.whole_milliseconds()
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("set the recording lock timeout"))?;
+        // The fence filter makes the planner expect about one matching row and choose a nested
+        // loop that rescans the UNNEST once per row: quadratic in the batch. A hash join over
+        // the primary-key lookup is right for any batch size.
         sqlx::query("SET LOCAL enable_nestloop = off")
             .execute(&mut *tx)
             .await
             .map_err(db("set the plan for recording transitions"))?;
-        // One statement for the batch. Rows still held by this very claim (id, worker,
-        // attempt) take their transition when their target is unchanged; when the target was
-        // replaced meanwhile, the result is for the old target: the row is handed back instead,
-        // due now, with a fresh budget.
+        // Rows still held by this very claim (its token) take their transition when their target
+        // version is unchanged; when the target was replaced meanwhile, the result is for the
+        // old target: the row is handed back instead, due now, keeping the fresh budget the
+        // replacing enqueue gave it.
         let fenced: Vec<(i64, bool)> = sqlx::query_as(
             "UPDATE pending_propagations p SET \
-               status = CASE WHEN p.payload = u.payload::jsonb THEN u.status ELSE 'pending' END, \
-               next_attempt_at = CASE WHEN p.payload = u.payload::jsonb \
+               status = CASE WHEN p.target_version = u.target THEN u.status ELSE 'pending' END, \
+               next_attempt_at = CASE WHEN p.target_version = u.target \
                                       THEN COALESCE(u.next_attempt_at, p.next_attempt_at) \
-                                      ELSE LEAST(p.next_attempt_at, $6) END, \
-               last_error = CASE WHEN p.payload = u.payload::jsonb \
+                                      ELSE LEAST(p.next_attempt_at, $7) END, \
+               last_error = CASE WHEN p.target_version = u.target \
                                  THEN COALESCE(u.last_error, p.last_error) ELSE p.last_error END, \
-               attempts = CASE WHEN p.payload = u.payload::jsonb THEN p.attempts ELSE 0 END, \
-               applied_at = CASE WHEN p.payload = u.payload::jsonb AND u.status = 'applied' \
-                                 THEN $6 END, \
-               dead_lettered_at = CASE WHEN p.payload = u.payload::jsonb \
-                                        AND u.status = 'dead_lettered' THEN $6 END, \
-               claimed_by = NULL, lease_expires_at = NULL, updated_at = $6 \
-             FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], \
-                         $8::text[]) \
-                  AS u(id, attempt, status, next_attempt_at, last_error, payload) \
-             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
-               AND p.claimed_by = $7 AND p.status = 'pending' \
-             RETURNING p.id, p.payload = u.payload::jsonb",
+               applied_at = CASE WHEN p.target_version = u.target AND u.status = 'applied' \
+                                 THEN $7 END, \
+               dead_lettered_at = CASE WHEN p.target_version = u.target \
+                                        AND u.status = 'dead_lettered' THEN $7 END, \
+               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated_at = $7 \
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
+                         $5::timestamptz[], $6::text[]) \
+                  AS u(id, token, target, status, next_attempt_at, last_error) \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
+               AND p.claimed_by = $8 AND p.status = 'pending' \
+             RETURNING p.id, p.target_version = u.target",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&tokens)
+        .bind(&targets)
         .bind(&statuses)
         .bind(&next)
         .bind(&errors)
         .bind(now)
         .bind(worker.as_str())
-        .bind(&payloads)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("record transitions"))?;
@@ -694,10 +1227,16 @@ impl PropagationStore for PgPropagationStore {
             .filter(|(_, same)| *same)
             .map(|(id, _)| *id)
             .collect();
+        let refused: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !recorded.contains(id))
+            .collect();
 
         let recorded_set: std::collections::BTreeSet<i64> = recorded.iter().copied().collect();
         let accepted: Vec<&Completion> = completions
             .iter()
+            .copied()
             .filter(|c| recorded_set.contains(&c.propagation.id.0))
             .collect();
         let events: Vec<AuditEvent> = accepted
@@ -729,53 +1268,193 @@ impl PropagationStore for PgPropagationStore {
             .map_err(db("record applied tiers"))?;
         }
         tx.commit().await.map_err(db("commit transitions"))?;
-        Ok(CompletionReport {
-            recorded: recorded.into_iter().map(PropagationId).collect(),
-            stale: completions
-                .iter()
-                .map(|c| c.propagation.id)
-                .filter(|id| !recorded_set.contains(&id.0))
-                .collect(),
-        })
+        Ok((recorded, refused))
+    }
+}
+
+impl PropagationStore for PgPropagationStore {
+    async fn now(&self) -> Result<OffsetDateTime, StoreError> {
+        self.db_now().await
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        limit: u32,
+        lease: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Propagation>, StoreError> {
+        let (kinds, types) = known();
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        // Rescue: a claim whose lease expired is undone, keeping its counted attempt, so the
+        // claim below takes it like any due row. Its token is gone, so the vanished worker's
+        // late completion can never be recorded.
+        sqlx::query(
+            "UPDATE pending_propagations SET claimed_by = NULL, claim_token = NULL, \
+                    lease_expires_at = NULL, updated_at = $1 \
+             WHERE id = ANY(ARRAY( \
+               SELECT id FROM pending_propagations \
+               WHERE status = 'pending' AND claimed_by IS NOT NULL AND lease_expires_at <= $1 \
+               ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("rescue abandoned claims"))?;
+        // Only rows this build can read: other kinds, resource types and payload versions wait
+        // for a runner that knows them.
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            "WITH claimed AS ( \
+               UPDATE pending_propagations p \
+               SET claimed_by = $3, claim_token = nextval('pending_propagations_fence_seq'), \
+                   attempts = p.attempts + 1, updated_at = $1, \
+                   lease_expires_at = $1 + make_interval(secs => $4::float8 / 1000.0) \
+               WHERE p.id = ANY(ARRAY( \
+                 SELECT id FROM pending_propagations \
+                 WHERE status = 'pending' AND claimed_by IS NULL AND next_attempt_at <= $1 \
+                   AND kind = ANY($5) AND resource_type = ANY($6) AND payload_version <= $7 \
+                 ORDER BY next_attempt_at, id \
+                 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)) \
+               RETURNING p.id, p.kind, p.team_id, p.resource_id, p.resource_type, p.payload, \
+                         p.attempts, p.claim_token, p.target_version \
+             ) \
+             SELECT c.id, c.kind, c.team_id, c.resource_id, c.resource_type, c.payload, c.attempts, \
+                    c.claim_token, c.target_version, \
+                    r.token, r.provider_resource_id, r.status, r.team_id AS owner \
+             FROM claimed c LEFT JOIN resources r ON r.id = c.resource_id \
+             ORDER BY c.id",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(worker.as_str())
+        .bind(millis(lease))
+        .bind(&kinds)
+        .bind(&types)
+        .bind(Payload::CURRENT_VERSION)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("claim due propagations"))?;
+        tx.commit().await.map_err(db("commit a claim"))?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in rows {
+            match row.into_domain() {
+                Ok(propagation) => claimed.push(propagation),
+                Err(bad) => unreadable.push(bad),
+            }
+        }
+        if !unreadable.is_empty() {
+            let count = unreadable.len();
+            tracing::warn!(
+                count,
+                "left unreadable propagations for a newer runner (see `deferred list`)"
+            );
+            if let Err(e) = self.defer(unreadable, now).await {
+                // The unreadable rows keep their lease and come back after it; the readable
+                // ones just claimed must not be dropped because of them.
+                tracing::error!(error = %e, count, "could not defer unreadable propagations");
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        completions: &[Completion],
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<CompletionReport, StoreError> {
+        if completions.is_empty() {
+            return Ok(CompletionReport::default());
+        }
+        let all: Vec<&Completion> = completions.iter().collect();
+        let batch_error = match self.complete_in_one(worker, &all, actor, now).await {
+            Ok((recorded, stale)) => {
+                return Ok(CompletionReport {
+                    recorded: recorded.into_iter().map(PropagationId).collect(),
+                    stale: stale.into_iter().map(PropagationId).collect(),
+                    unrecorded: Vec::new(),
+                });
+            }
+            Err(e) => e,
+        };
+        if completions.len() == 1 {
+            return Err(batch_error);
+        }
+        // One row must not cost the others their results: record each on its own.
+        tracing::warn!(error = %batch_error, rows = completions.len(), "recording the batch failed; recording its rows one by one");
+        let mut report = CompletionReport::default();
+        let mut last_error = None;
+        for completion in completions {
+            let id = completion.propagation.id;
+            match self
+                .complete_in_one(worker, &[completion], actor, now)
+                .await
+            {
+                Ok((recorded, _)) if recorded.is_empty() => report.stale.push(id),
+                Ok(_) => report.recorded.push(id),
+                Err(e) => {
+                    tracing::error!(propagation_id = %id, error = %e, "could not record a propagation's transition; it is retried after its lease");
+                    report.unrecorded.push(id);
+                    last_error = Some(e);
+                }
+            }
+        }
+        match last_error {
+            Some(e) if report.recorded.is_empty() && report.stale.is_empty() => Err(e),
+            Some(_) | None => Ok(report),
+        }
     }
 
     async fn release(
         &self,
         worker: &WorkerId,
         propagations: &[Propagation],
+        due_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<u64, StoreError> {
         if propagations.is_empty() {
             return Ok(0);
         }
         let ids: Vec<i64> = propagations.iter().map(|p| p.id.0).collect();
-        let attempts: Vec<i32> = propagations
-            .iter()
-            .map(|p| i32::try_from(p.attempt).unwrap_or(i32::MAX))
-            .collect();
-        let payloads: Vec<String> = propagations
-            .iter()
-            .map(|p| p.payload.to_json().to_string())
-            .collect();
+        let tokens: Vec<i64> = propagations.iter().map(|p| p.fence.claim.0).collect();
+        let targets: Vec<i64> = propagations.iter().map(|p| p.fence.target.0).collect();
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            RECORD_LOCK_TIMEOUT.whole_milliseconds()
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("set the release lock timeout"))?;
         // As in `complete`: keep the planner off a per-row rescan of the UNNEST.
         sqlx::query("SET LOCAL enable_nestloop = off")
             .execute(&mut *tx)
             .await
             .map_err(db("set the plan for releasing claims"))?;
+        // The attempt is given back only when the target is the one claimed: a replacing
+        // enqueue already reset the budget for the new target.
         let done = sqlx::query(
-            "UPDATE pending_propagations p SET claimed_by = NULL, lease_expires_at = NULL, \
-                    attempts = CASE WHEN p.payload = u.payload::jsonb THEN p.attempts - 1 ELSE 0 END, \
+            "UPDATE pending_propagations p SET claimed_by = NULL, claim_token = NULL, \
+                    lease_expires_at = NULL, \
+                    attempts = CASE WHEN p.target_version = u.target \
+                                    THEN GREATEST(p.attempts - 1, 0) ELSE p.attempts END, \
+                    next_attempt_at = CASE WHEN p.target_version = u.target THEN $5 \
+                                           ELSE LEAST(p.next_attempt_at, $4) END, \
                     updated_at = $4 \
-             FROM UNNEST($1::bigint[], $2::int[], $5::text[]) AS u(id, attempt, payload) \
-             WHERE p.id = ANY($1) AND p.id = u.id AND p.attempts = u.attempt \
+             FROM UNNEST($1::bigint[], $2::bigint[], $6::bigint[]) AS u(id, token, target) \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
                AND p.claimed_by = $3 AND p.status = 'pending'",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&tokens)
         .bind(worker.as_str())
         .bind(now)
-        .bind(&payloads)
+        .bind(due_at)
+        .bind(&targets)
         .execute(&mut *tx)
         .await
         .map_err(db("release claims"))?;
@@ -831,8 +1510,17 @@ pub use keel_audit::{RoleSettings, TierRoleSettings};
 
 /// Applies a tier to a customer's role on the shared Postgres cluster with `ALTER ROLE`.
 ///
-/// The role is the resource's `provider_resource_id`. Identifiers are validated and quoted, never
-/// interpolated raw; the role name (derived from the customer's token) never appears in errors.
+/// The role is the resource's `provider_resource_id`, parsed with the newtype provisioning
+/// created it with ([`keel_provision::RoleName`], `cust_<token>`) and checked against the
+/// resource's token: a platform role (`keel_app`, `postgres`, a replication role) can never be
+/// named, and a role with `SUPERUSER`, `REPLICATION`, `CREATEROLE` or `BYPASSRLS` is refused
+/// even inside the prefix. The role name (derived from the customer's token) never appears in
+/// errors.
+///
+/// An attempt that cannot get a connection to the cluster within the pool's acquire timeout
+/// never reached the backend: it is reported [`ApplyError::not_attempted`], so a few slow
+/// customer roles holding connections never cost other rows an attempt. Give the applier its
+/// own pool, at least as large as the runner's concurrency.
 #[derive(Clone, Debug)]
 pub struct PgRoleApplier {
     cluster: PgPool,
@@ -844,13 +1532,6 @@ impl PgRoleApplier {
     pub fn new(cluster: PgPool, settings: TierRoleSettings) -> Self {
         Self { cluster, settings }
     }
-}
-
-fn valid_role_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_lowercase() || b == b'_')
-        && name.len() <= 63
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn quote_ident(name: &str) -> String {
@@ -881,47 +1562,107 @@ fn role_error(step: &str, role: &str, e: sqlx::Error) -> Result<ApplyOutcome, Ap
     Err(ApplyError::new(format!("could not {step}: {message}")))
 }
 
+/// The customer role a propagation may change, or the unexpected skip that explains why none.
+fn customer_role(propagation: &Propagation) -> Result<keel_provision::RoleName, ApplyOutcome> {
+    let legacy = |detail: &str| {
+        ApplyOutcome::Skipped(SkipReason::Unexpected {
+            bucket: ReasonBucket::LegacyResource,
+            detail: detail.to_owned(),
+        })
+    };
+    match propagation.resource_type {
+        ResourceType::Postgres => {}
+        ResourceType::Redis | ResourceType::Namespace => {
+            return Err(ApplyOutcome::Skipped(SkipReason::Unexpected {
+                bucket: ReasonBucket::Other,
+                detail: format!(
+                    "a {} resource has no customer role; it is routed to the wrong applier",
+                    propagation.resource_type
+                ),
+            }));
+        }
+    }
+    let Some(id) = propagation.backend.provider_resource_id.as_deref() else {
+        return Err(legacy(
+            "the resource has no provider resource id (customer role) recorded",
+        ));
+    };
+    let Ok(role) = keel_provision::RoleName::parse(id) else {
+        return Err(legacy(
+            "the resource's provider resource id is not a customer role (cust_<token>); \
+             platform roles are never changed",
+        ));
+    };
+    if propagation.backend.token.as_ref() != Some(role.token()) {
+        return Err(ApplyOutcome::Skipped(SkipReason::Unexpected {
+            bucket: ReasonBucket::Other,
+            detail: "the resource's provider resource id names another customer's role".into(),
+        }));
+    }
+    Ok(role)
+}
+
 impl Applier for PgRoleApplier {
     async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
-        // No resource row (hard-deleted) or a deleted one: there is nothing left to change.
-        if matches!(
-            propagation.backend.status.as_deref(),
-            None | Some("deleted")
-        ) {
-            return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
-                LegitimateSkip::ResourceDeprovisioned,
-            )));
+        match propagation.backend.status.as_deref() {
+            // Deprovisioned on purpose: there is nothing left to change.
+            Some("deleted") => {
+                return Ok(ApplyOutcome::Skipped(SkipReason::Legitimate(
+                    LegitimateSkip::ResourceDeprovisioned,
+                )));
+            }
+            // No resources row at all: a wrong id or a hard delete, never success.
+            None => {
+                return Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+                    bucket: ReasonBucket::Other,
+                    detail: "the resource has no resources row".into(),
+                }));
+            }
+            Some(_) => {}
         }
-        let Some(role) = propagation.backend.provider_resource_id.as_deref() else {
-            return Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
-                bucket: ReasonBucket::LegacyResource,
-                detail: "the resource has no provider resource id (customer role) recorded".into(),
-            }));
+        let role = match customer_role(propagation) {
+            Ok(role) => role,
+            Err(skip) => return Ok(skip),
         };
-        if !valid_role_name(role) {
-            return Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
-                bucket: ReasonBucket::LegacyResource,
-                detail: "the resource's provider resource id is not a valid role name".into(),
-            }));
-        }
+        let role = role.expose();
         let tier = propagation.payload.target_tier();
         let settings = self.settings.get(tier).ok_or_else(|| {
             ApplyError::new(format!("no role settings are configured for tier {tier}"))
         })?;
-        let current: Option<(i32, Option<Vec<String>>)> =
-            match sqlx::query_as("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = $1")
-                .bind(role)
-                .fetch_optional(&self.cluster)
-                .await
-            {
-                Ok(current) => current,
-                Err(e) => return role_error("read the customer role", role, e),
-            };
-        let Some((connection_limit, config)) = current else {
+        // Waiting for a connection is not an attempt on the customer's role.
+        let mut conn = match self.cluster.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                return Err(ApplyError::not_attempted(format!(
+                    "no free connection to the shared cluster: {e}"
+                )));
+            }
+        };
+        let current: Option<(i32, Option<Vec<String>>, bool)> = match sqlx::query_as(
+            "SELECT rolconnlimit, rolconfig, \
+                    (rolsuper OR rolreplication OR rolcreaterole OR rolbypassrls) \
+             FROM pg_roles WHERE rolname = $1",
+        )
+        .bind(role)
+        .fetch_optional(&mut *conn)
+        .await
+        {
+            Ok(current) => current,
+            Err(e) => return role_error("read the customer role", role, e),
+        };
+        let Some((connection_limit, config, privileged)) = current else {
             return Ok(role_missing(
                 "the customer role does not exist on the shared cluster",
             ));
         };
+        if privileged {
+            return Ok(ApplyOutcome::Skipped(SkipReason::Unexpected {
+                bucket: ReasonBucket::Other,
+                detail: "refusing to change a privileged role (superuser, replication, \
+                         createrole or bypassrls)"
+                    .into(),
+            }));
+        }
         let wanted_timeout = format!("statement_timeout={}ms", settings.statement_timeout_ms);
         let timeout_set = config.unwrap_or_default().contains(&wanted_timeout);
         if connection_limit == settings.connection_limit && timeout_set {
@@ -930,11 +1671,11 @@ impl Applier for PgRoleApplier {
             )));
         }
         let quoted = quote_ident(role);
-        let mut tx = match self.cluster.begin().await {
+        let mut tx = match sqlx::Connection::begin(&mut *conn).await {
             Ok(tx) => tx,
             Err(e) => return role_error("begin on the shared cluster", role, e),
         };
-        // Both values are integers formatted here; the role is validated and quoted.
+        // Both values are integers formatted here; the role is parsed and quoted.
         for statement in [
             format!(
                 "ALTER ROLE {quoted} CONNECTION LIMIT {}",
@@ -979,12 +1720,25 @@ mod tests {
     }
 
     #[test]
-    fn role_names_must_be_plain_lowercase_identifiers() {
-        for good in ["cust_a1b2c3d4", "_x", "a"] {
-            assert!(valid_role_name(good), "{good}");
+    fn the_role_applier_refuses_roles_outside_the_customer_prefix() {
+        let mut propagation = crate::model::sample_propagation();
+        propagation.backend.token = Some(Token::parse("a1b2c3d4").unwrap());
+        propagation.backend.status = Some("active".into());
+        for (id, accepted) in [
+            ("cust_a1b2c3d4", true),
+            ("cust_ffff0000", false),
+            ("keel_app", false),
+            ("postgres", false),
+            ("replicator", false),
+            ("cust_", false),
+            ("Cust_a1b2c3d4", false),
+            ("instant-customer-a1b2c3d4", false),
+        ] {
+            propagation.backend.provider_resource_id = Some(id.into());
+            assert_eq!(customer_role(&propagation).is_ok(), accepted, "{id}");
         }
-        for bad in ["", "Cust", "1abc", "a-b", "a\"b", &"a".repeat(64)] {
-            assert!(!valid_role_name(bad), "{bad}");
-        }
+        propagation.backend.provider_resource_id = Some("cust_a1b2c3d4".into());
+        propagation.resource_type = ResourceType::Redis;
+        assert!(customer_role(&propagation).is_err());
     }
 }

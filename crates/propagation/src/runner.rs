@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
-use crate::decide::{ClaimDecision, Transition, decide, on_claim};
+use crate::decide::{ClaimDecision, Transition, decide_attempt, on_claim, precheck};
 use crate::metrics::Metrics;
 use crate::model::{Propagation, PropagationId};
 use crate::outcome::{ApplyError, ApplyOutcome};
@@ -105,10 +105,14 @@ pub struct BatchReport {
     pub unexpected_skips: usize,
     /// Dead-lettered.
     pub dead_lettered: usize,
-    /// Refused by the fence (another worker had the row).
+    /// Refused by the fence (another claim had the row, or its target was replaced).
     pub stale: usize,
     /// Given back unattempted at shutdown.
     pub released: usize,
+    /// Given back uncharged because the apply never reached its backend.
+    pub not_attempted: usize,
+    /// Completions that could not be stored (the rows come back after their lease).
+    pub unrecorded: usize,
 }
 
 impl AddAssign for BatchReport {
@@ -120,8 +124,13 @@ impl AddAssign for BatchReport {
         self.dead_lettered += other.dead_lettered;
         self.stale += other.stale;
         self.released += other.released;
+        self.not_attempted += other.not_attempted;
+        self.unrecorded += other.unrecorded;
     }
 }
+
+/// How long a row whose apply never reached its backend waits before it is offered again.
+pub const NOT_ATTEMPTED_RETRY: time::Duration = time::Duration::seconds(5);
 
 /// Claims, applies and records propagations.
 #[derive(Debug)]
@@ -132,26 +141,79 @@ pub struct Runner<S, A> {
     config: RunnerConfig,
 }
 
-type Attempt = (
-    Propagation,
-    Result<ApplyOutcome, ApplyError>,
-    std::time::Duration,
-);
+/// What one apply task produced.
+enum Finished {
+    /// Record this transition.
+    Done(Completion),
+    /// The apply never reached its backend: give the row back uncharged.
+    NotAttempted(Propagation),
+}
+
+/// The shared clock of one claim: the store's time at the claim, and the local monotonic
+/// instant it was read at. A completion's time is that plus the monotonic time since, so it
+/// is the store's clock (which every replica shares) at the moment the apply finished.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    at_claim: OffsetDateTime,
+    read_at: Instant,
+}
+
+impl Clock {
+    fn fixed(now: OffsetDateTime) -> Self {
+        Self {
+            at_claim: now,
+            read_at: Instant::now(),
+        }
+    }
+
+    fn now(&self, fixed: bool) -> OffsetDateTime {
+        if fixed {
+            self.at_claim
+        } else {
+            self.at_claim
+                + time::Duration::try_from(self.read_at.elapsed()).unwrap_or(time::Duration::ZERO)
+        }
+    }
+}
+
+/// Runs one claimed propagation: the pre-checks, then the applier under the timeout.
+async fn apply_one<A: Applier>(
+    applier: &A,
+    propagation: &Propagation,
+    timeout: std::time::Duration,
+) -> Result<ApplyOutcome, ApplyError> {
+    if let Some(outcome) = precheck(propagation) {
+        return outcome;
+    }
+    match tokio::time::timeout(timeout, applier.apply(propagation)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(ApplyError::new(format!(
+            "the applier timed out after {} s",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
 
 impl<S, A> Runner<S, A>
 where
     S: PropagationStore + 'static,
     A: Applier + 'static,
 {
-    /// A runner over `store`, applying with `applier`. Check the configuration first with
-    /// [`RunnerConfig::check`].
-    pub fn new(store: Arc<S>, applier: Arc<A>, metrics: Metrics, config: RunnerConfig) -> Self {
-        Self {
+    /// A runner over `store`, applying with `applier`. Refuses a configuration whose lease
+    /// does not outlast an apply ([`RunnerConfig::check`]).
+    pub fn new(
+        store: Arc<S>,
+        applier: Arc<A>,
+        metrics: Metrics,
+        config: RunnerConfig,
+    ) -> Result<Self, LeaseTooShort> {
+        config.check()?;
+        Ok(Self {
             store,
             applier,
             metrics,
             config,
-        }
+        })
     }
 
     /// The configuration.
@@ -159,7 +221,8 @@ where
         &self.config
     }
 
-    /// Claims one batch due at `now`, applies it, and records the outcomes.
+    /// Claims one batch due at `now`, applies it, and records the outcomes, all at `now` (a
+    /// fixed clock, for tests and tools that drive time themselves).
     ///
     /// If `shutdown` fires meanwhile, in-flight applies get `shutdown_grace` to finish; rows
     /// still unfinished then are released unattempted.
@@ -168,8 +231,171 @@ where
         now: OffsetDateTime,
         shutdown: &CancellationToken,
     ) -> Result<BatchReport, StoreError> {
-        let attempted = self.attempt(now, shutdown).await?;
-        self.recorder().record(attempted).await
+        let claimed = match self
+            .store
+            .claim(
+                &self.config.worker,
+                self.config.batch_size,
+                self.config.lease,
+                now,
+            )
+            .await
+        {
+            Ok(claimed) => {
+                self.metrics.claim_succeeded(now);
+                claimed
+            }
+            Err(e) => {
+                self.metrics.claim_error();
+                return Err(e);
+            }
+        };
+        let mut report = BatchReport {
+            claimed: claimed.len(),
+            ..BatchReport::default()
+        };
+        let clock = Clock::fixed(now);
+        let mut completions = Vec::with_capacity(claimed.len());
+        let mut not_attempted = Vec::new();
+        let mut in_flight: BTreeMap<tokio::task::Id, Propagation> = BTreeMap::new();
+        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        for propagation in claimed {
+            match self.start(propagation, clock, true, &mut tasks) {
+                Ok((id, propagation)) => {
+                    in_flight.insert(id, propagation);
+                }
+                Err(settled) => completions.push(*settled),
+            }
+        }
+        let mut deadline: Option<Instant> = None;
+        while !tasks.is_empty() {
+            let grace_over = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                joined = tasks.join_next_with_id() => match joined {
+                    Some(Ok((id, finished))) => {
+                        in_flight.remove(&id);
+                        match finished {
+                            Finished::Done(c) => completions.push(c),
+                            Finished::NotAttempted(p) => not_attempted.push(p),
+                        }
+                    }
+                    Some(Err(failed)) => {
+                        let Some(propagation) = in_flight.remove(&failed.id()) else { continue };
+                        completions.push(self.panicked(propagation, clock, true));
+                    }
+                    None => break,
+                },
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(Instant::now() + config_grace(&self.config));
+                }
+                _ = grace_over => {
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        if !not_attempted.is_empty() {
+            report.not_attempted += self
+                .give_back(&not_attempted, now + NOT_ATTEMPTED_RETRY, now)
+                .await;
+        }
+        if !in_flight.is_empty() {
+            let unfinished: Vec<Propagation> = in_flight.into_values().collect();
+            report.released += self.give_back(&unfinished, now, now).await;
+        }
+        let recorded = self.recorder().record(completions, now).await?;
+        report += recorded;
+        Ok(report)
+    }
+
+    /// Starts one claimed propagation: a task applying it, or (past its budget) the
+    /// completion that settles it without applying.
+    fn start(
+        &self,
+        propagation: Propagation,
+        clock: Clock,
+        fixed: bool,
+        tasks: &mut JoinSet<Finished>,
+    ) -> Result<(tokio::task::Id, Propagation), Box<Completion>> {
+        let policy = self.config.policies.for_kind(propagation.kind()).clone();
+        match on_claim(propagation.attempt, &policy) {
+            ClaimDecision::Settle(transition) => Err(Box::new(Completion {
+                propagation,
+                transition,
+            })),
+            ClaimDecision::Apply => {
+                let applier = Arc::clone(&self.applier);
+                let metrics = self.metrics.clone();
+                let timeout = self.config.apply_timeout;
+                let attempt = propagation.clone();
+                let handle = tasks.spawn(async move {
+                    let started = Instant::now();
+                    let outcome = apply_one(&*applier, &attempt, timeout).await;
+                    metrics.observe_apply(&attempt, started.elapsed().as_secs_f64());
+                    if let Err(e) = &outcome
+                        && !e.reached_backend
+                    {
+                        return Finished::NotAttempted(attempt);
+                    }
+                    let transition = decide_attempt(&attempt, &outcome, &policy, clock.now(fixed));
+                    Finished::Done(Completion {
+                        propagation: attempt,
+                        transition,
+                    })
+                });
+                Ok((handle.id(), propagation))
+            }
+        }
+    }
+
+    fn panicked(&self, propagation: Propagation, clock: Clock, fixed: bool) -> Completion {
+        let policy = self.config.policies.for_kind(propagation.kind());
+        let transition = decide_attempt(
+            &propagation,
+            &Err(ApplyError::new("the applier panicked")),
+            policy,
+            clock.now(fixed),
+        );
+        Completion {
+            propagation,
+            transition,
+        }
+    }
+
+    /// Releases rows unattempted, due at `due_at`; returns how many were released.
+    async fn give_back(
+        &self,
+        propagations: &[Propagation],
+        due_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> usize {
+        match self
+            .store
+            .release(&self.config.worker, propagations, due_at, now)
+            .await
+        {
+            Ok(released) => {
+                let released = usize::try_from(released).unwrap_or(usize::MAX);
+                self.metrics.released(released as u64);
+                tracing::info!(released, "gave back propagations unattempted");
+                released
+            }
+            // Not fatal: the rows come back when their lease expires.
+            Err(e) => {
+                self.metrics.record_error();
+                tracing::error!(
+                    error = %e,
+                    unfinished = propagations.len(),
+                    "could not release propagations; they are retried after their lease"
+                );
+                0
+            }
+        }
     }
 
     fn recorder(&self) -> Recorder<S> {
@@ -181,224 +407,214 @@ where
         }
     }
 
-    /// Claims and applies one batch; its outcomes still need recording.
-    async fn attempt(
+    /// Runs until nothing is due (the `--once` mode), or until `shutdown`. Returns the first
+    /// store error, after everything already applied has been recorded.
+    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
+        self.pump(None, shutdown.clone(), true).await
+    }
+
+    /// Runs until `shutdown`, keeping up to `batch_size` applies in flight: whenever slots
+    /// free up (an apply finished), it claims that many more rows at once, so one slow apply
+    /// holds only its own slot and never stops new claims. Finished applies are recorded in
+    /// batches by a separate task as they come in. Store errors are logged, counted and retried
+    /// on the next poll; they never stop the runner.
+    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        // In this mode errors are counted and logged where they happen.
+        let _ = self.pump(Some(wake), shutdown, false).await;
+    }
+
+    /// The slot-refilling loop behind [`Runner::run`] and [`Runner::drain`]. With
+    /// `until_empty`, it stops once a claim finds nothing and nothing is in flight.
+    async fn pump(
         &self,
-        now: OffsetDateTime,
-        shutdown: &CancellationToken,
-    ) -> Result<Attempted, StoreError> {
+        wake: Option<Arc<Notify>>,
+        shutdown: CancellationToken,
+        until_empty: bool,
+    ) -> Result<BatchReport, StoreError> {
         let config = &self.config;
-        let claimed = self
-            .store
-            .claim(&config.worker, config.batch_size, config.lease, now)
-            .await?;
-        let mut report = BatchReport {
-            claimed: claimed.len(),
-            ..BatchReport::default()
-        };
-        let mut completions = Vec::with_capacity(claimed.len());
+        let slots = usize::try_from(config.batch_size).unwrap_or(1).max(1);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Completion>();
+        let recorder = self.recorder();
+        let record_batch = slots;
+        let recording = tokio::spawn(async move { recorder.run(receiver, record_batch).await });
+
+        let mut report = BatchReport::default();
+        let mut failure: Option<StoreError> = None;
         let mut in_flight: BTreeMap<tokio::task::Id, Propagation> = BTreeMap::new();
-        let mut tasks: JoinSet<Attempt> = JoinSet::new();
-        for propagation in claimed {
-            match on_claim(
-                propagation.attempt,
-                config.policies.for_kind(propagation.kind()),
-            ) {
-                ClaimDecision::Settle(transition) => completions.push(Completion {
-                    propagation,
-                    transition,
-                }),
-                ClaimDecision::Apply => {
-                    let applier = Arc::clone(&self.applier);
-                    let timeout = config.apply_timeout;
-                    let attempt = propagation.clone();
-                    let handle = tasks.spawn(async move {
-                        let started = Instant::now();
-                        let outcome =
-                            match tokio::time::timeout(timeout, applier.apply(&attempt)).await {
-                                Ok(outcome) => outcome,
-                                Err(_) => Err(ApplyError::new(format!(
-                                    "the applier timed out after {} s",
-                                    timeout.as_secs_f64()
-                                ))),
-                            };
-                        (attempt, outcome, started.elapsed())
-                    });
-                    in_flight.insert(handle.id(), propagation);
+        let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut clock = Clock::fixed(OffsetDateTime::now_utc());
+        // `look`: claim at the next chance; `more`: the last claim filled every free slot, so
+        // more rows may be due as soon as a slot frees up.
+        let mut look = true;
+        let mut more = false;
+        while !shutdown.is_cancelled() {
+            let free = slots.saturating_sub(tasks.len());
+            if look && free > 0 {
+                look = false;
+                match self.claim_some(free).await {
+                    Ok((claimed, at)) => {
+                        clock = at;
+                        report.claimed += claimed.len();
+                        more = claimed.len() == free;
+                        let found = !claimed.is_empty();
+                        for propagation in claimed {
+                            match self.start(propagation, clock, false, &mut tasks) {
+                                Ok((id, propagation)) => {
+                                    in_flight.insert(id, propagation);
+                                }
+                                Err(settled) => {
+                                    let _ = sender.send(*settled);
+                                }
+                            }
+                        }
+                        if until_empty && !found && tasks.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        more = false;
+                        if until_empty {
+                            failure = Some(e);
+                            break;
+                        }
+                        tracing::error!(error = %e, "claiming propagations failed; retrying on the next poll");
+                    }
                 }
             }
-        }
-
-        let mut deadline: Option<Instant> = None;
-        while !tasks.is_empty() {
-            let grace_over = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
+            let idle = tasks.is_empty();
+            let poll = async {
+                match &wake {
+                    Some(wake) => {
+                        tokio::select! {
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep(config.poll_interval) => {}
+                        }
+                    }
+                    // Draining: look again once nothing is in flight.
+                    None if idle => {}
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                joined = tasks.join_next_with_id() => {
-                    let (propagation, outcome) = match joined {
-                        Some(Ok((id, (propagation, outcome, took)))) => {
+                joined = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    match joined {
+                        Some(Ok((id, finished))) => {
                             in_flight.remove(&id);
-                            self.metrics.observe_apply(&propagation, took.as_secs_f64());
-                            (propagation, outcome)
+                            match finished {
+                                Finished::Done(c) => { let _ = sender.send(c); }
+                                Finished::NotAttempted(p) => {
+                                    let now = clock.now(false);
+                                    report.not_attempted += self.give_back(&[p], now + NOT_ATTEMPTED_RETRY, now).await;
+                                }
+                            }
                         }
                         Some(Err(failed)) => {
-                            let Some(propagation) = in_flight.remove(&failed.id()) else { continue };
-                            (propagation, Err(ApplyError::new("the applier panicked")))
+                            if let Some(propagation) = in_flight.remove(&failed.id()) {
+                                let _ = sender.send(self.panicked(propagation, clock, false));
+                            }
                         }
-                        None => break,
-                    };
-                    let policy = config.policies.for_kind(propagation.kind());
-                    let transition = decide(propagation.attempt, &outcome, policy, now);
-                    completions.push(Completion { propagation, transition });
-                }
-                _ = shutdown.cancelled(), if deadline.is_none() => {
-                    deadline = Some(Instant::now() + config.shutdown_grace);
-                }
-                _ = grace_over => {
-                    tasks.abort_all();
-                    break;
-                }
-            }
-        }
-
-        if !in_flight.is_empty() {
-            let unfinished: Vec<Propagation> = in_flight.into_values().collect();
-            match self.store.release(&config.worker, &unfinished, now).await {
-                Ok(released) => {
-                    report.released = usize::try_from(released).unwrap_or(usize::MAX);
-                    tracing::warn!(
-                        released = report.released,
-                        "shutdown: released unfinished propagations"
-                    );
-                }
-                // Not fatal: the finished attempts of this batch must still be recorded, and the
-                // unreleased rows come back when their lease expires.
-                Err(e) => tracing::error!(
-                    error = %e,
-                    unfinished = unfinished.len(),
-                    "could not release unfinished propagations; they are retried after their lease"
-                ),
-            }
-        }
-
-        Ok(Attempted {
-            now,
-            completions,
-            report,
-        })
-    }
-
-    /// Runs batches until nothing is due (the `--once` mode), or until `shutdown`.
-    ///
-    /// Pipelined: the next batch is claimed and applied while the previous batch's outcomes are
-    /// being recorded on another connection. The fences make this safe: a batch's rows stay
-    /// leased to this worker until its recording commits, so the next claim takes other rows.
-    pub async fn drain(&self, shutdown: &CancellationToken) -> Result<BatchReport, StoreError> {
-        let mut total = BatchReport::default();
-        let mut recording: Option<tokio::task::JoinHandle<Result<BatchReport, StoreError>>> = None;
-        let mut failure: Option<StoreError> = None;
-        while !shutdown.is_cancelled() && failure.is_none() {
-            let attempted = match self.attempt(OffsetDateTime::now_utc(), shutdown).await {
-                Ok(attempted) => attempted,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            };
-            // Start recording this batch before looking at the previous one's result, so an
-            // error there never drops work that is already done.
-            let previous = recording.take();
-            let claimed = attempted.report.claimed;
-            if claimed > 0 {
-                let recorder = self.recorder();
-                recording = Some(tokio::spawn(
-                    async move { recorder.record(attempted).await },
-                ));
-            }
-            if let Some(previous) = previous {
-                match join_recording(previous).await {
-                    Ok(report) => total += report,
-                    Err(e) => failure = Some(e),
-                }
-            }
-            if claimed == 0 {
-                break;
-            }
-        }
-        // Always wait for the last recording: exiting would cut its commit short.
-        if let Some(last) = recording.take() {
-            match join_recording(last).await {
-                Ok(report) => total += report,
-                Err(e) => {
-                    if let Some(earlier) = failure.replace(e) {
-                        tracing::error!(error = %earlier, "recording a propagation batch failed");
+                        None => {}
                     }
+                    // A slot is free: refill it at once if more rows may be due.
+                    look = look || more;
                 }
-            }
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
-    }
-
-    /// Runs until `shutdown`: a batch whenever `wake` is notified or `poll_interval` passes,
-    /// and straight away again while full batches keep coming (pipelined as in [`Runner::drain`]).
-    /// Store errors are logged and retried on the next poll; they never stop the runner.
-    pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
-        let mut recording: Option<tokio::task::JoinHandle<Result<BatchReport, StoreError>>> = None;
-        while !shutdown.is_cancelled() {
-            let full = match self.attempt(OffsetDateTime::now_utc(), &shutdown).await {
-                Ok(attempted) => {
-                    let full = attempted.report.claimed as u64 >= u64::from(self.config.batch_size);
-                    if let Some(previous) = recording.take()
-                        && let Err(e) = join_recording(previous).await
-                    {
-                        tracing::error!(error = %e, "recording a propagation batch failed; its rows are retried after their lease");
-                    }
-                    if attempted.report.claimed > 0 {
-                        let recorder = self.recorder();
-                        recording = Some(tokio::spawn(
-                            async move { recorder.record(attempted).await },
-                        ));
-                    }
-                    full
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "claiming propagations failed; retrying on the next poll");
-                    false
-                }
-            };
-            if full {
-                continue;
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = poll, if !look => { look = true; }
                 _ = shutdown.cancelled() => {}
             }
         }
-        if let Some(previous) = recording.take()
-            && let Err(e) = join_recording(previous).await
-        {
-            tracing::error!(error = %e, "recording the last propagation batch failed; its rows are retried after their lease");
+        // Shutdown (or the end of a drain): in-flight applies get the grace period.
+        if !tasks.is_empty() {
+            let deadline = Instant::now() + config.shutdown_grace;
+            while !tasks.is_empty() {
+                tokio::select! {
+                    joined = tasks.join_next_with_id() => match joined {
+                        Some(Ok((id, finished))) => {
+                            in_flight.remove(&id);
+                            match finished {
+                                Finished::Done(c) => { let _ = sender.send(c); }
+                                Finished::NotAttempted(p) => {
+                                    let now = clock.now(false);
+                                    report.not_attempted += self.give_back(&[p], now, now).await;
+                                }
+                            }
+                        }
+                        Some(Err(failed)) => {
+                            if let Some(propagation) = in_flight.remove(&failed.id()) {
+                                let _ = sender.send(self.panicked(propagation, clock, false));
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tasks.abort_all();
+                        break;
+                    }
+                }
+            }
         }
+        if !in_flight.is_empty() {
+            let unfinished: Vec<Propagation> = in_flight.into_values().collect();
+            let now = clock.now(false);
+            report.released += self.give_back(&unfinished, now, now).await;
+            tracing::warn!(
+                released = report.released,
+                "shutdown: released unfinished propagations"
+            );
+        }
+        drop(sender);
+        match recording.await {
+            Ok((recorded, error)) => {
+                report += recorded;
+                if failure.is_none() {
+                    failure = error;
+                }
+            }
+            Err(e) => {
+                failure = Some(StoreError::Database {
+                    operation: "record propagations (the recording task failed)",
+                    source: Box::new(e),
+                });
+            }
+        }
+        match failure {
+            Some(e) if until_empty => Err(e),
+            Some(_) | None => Ok(report),
+        }
+    }
+
+    /// Claims up to `limit` rows at the store's clock.
+    async fn claim_some(&self, limit: usize) -> Result<(Vec<Propagation>, Clock), StoreError> {
+        let result = async {
+            let now = self.store.now().await?;
+            let read_at = Instant::now();
+            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+            let claimed = self
+                .store
+                .claim(&self.config.worker, limit, self.config.lease, now)
+                .await?;
+            Ok((
+                claimed,
+                Clock {
+                    at_claim: now,
+                    read_at,
+                },
+            ))
+        }
+        .await;
+        match &result {
+            Ok((_, clock)) => self.metrics.claim_succeeded(clock.at_claim),
+            Err(_) => self.metrics.claim_error(),
+        }
+        result
     }
 }
 
-/// A batch whose applies are done and whose outcomes are not recorded yet.
-struct Attempted {
-    now: OffsetDateTime,
-    completions: Vec<Completion>,
-    report: BatchReport,
+fn config_grace(config: &RunnerConfig) -> std::time::Duration {
+    config.shutdown_grace
 }
 
-/// Records attempted batches. It owns what it needs, so a recording can run while the next batch
-/// is being claimed and applied.
+/// Records finished attempts. It owns what it needs, so recording runs beside claiming and
+/// applying.
 struct Recorder<S> {
     store: Arc<S>,
     metrics: Metrics,
@@ -407,24 +623,103 @@ struct Recorder<S> {
 }
 
 impl<S: PropagationStore> Recorder<S> {
-    async fn record(&self, attempted: Attempted) -> Result<BatchReport, StoreError> {
-        let Attempted {
-            now,
-            completions,
-            mut report,
-        } = attempted;
-        let recorded = self
+    /// Records completions as they arrive, up to `batch` at a time, until the channel closes.
+    /// Returns what was recorded and the last store error, if any.
+    async fn run(
+        &self,
+        mut receiver: tokio::sync::mpsc::UnboundedReceiver<Completion>,
+        batch: usize,
+    ) -> (BatchReport, Option<StoreError>) {
+        let mut report = BatchReport::default();
+        let mut error = None;
+        let mut pending: Vec<Completion> = Vec::with_capacity(batch);
+        while let Some(first) = receiver.recv().await {
+            pending.push(first);
+            while pending.len() < batch {
+                match receiver.try_recv() {
+                    Ok(next) => pending.push(next),
+                    Err(_) => break,
+                }
+            }
+            let now = match self.store.now().await {
+                Ok(now) => now,
+                Err(e) => {
+                    // Without the shared clock, keep the decision's own time.
+                    self.metrics.record_error();
+                    tracing::error!(error = %e, "could not read the store's clock");
+                    OffsetDateTime::now_utc()
+                }
+            };
+            match self.record(std::mem::take(&mut pending), now).await {
+                Ok(recorded) => report += recorded,
+                Err(e) => {
+                    tracing::error!(error = %e, "recording propagations failed; their rows are retried after their lease");
+                    error = Some(e);
+                }
+            }
+        }
+        (report, error)
+    }
+
+    async fn record(
+        &self,
+        completions: Vec<Completion>,
+        now: OffsetDateTime,
+    ) -> Result<BatchReport, StoreError> {
+        let mut report = BatchReport::default();
+        if completions.is_empty() {
+            return Ok(report);
+        }
+        let mut recorded = match self
             .store
             .complete(&self.worker, &completions, &self.actor, now)
-            .await?;
+            .await
+        {
+            Ok(recorded) => {
+                self.metrics.record_succeeded(now);
+                recorded
+            }
+            Err(e) => {
+                self.metrics.record_error();
+                return Err(e);
+            }
+        };
+        // Rows that could not be stored because of a lock held elsewhere get a second chance
+        // once the batch's other rows are safe.
+        if !recorded.unrecorded.is_empty() {
+            let retry: Vec<Completion> = completions
+                .iter()
+                .filter(|c| recorded.unrecorded.contains(&c.propagation.id))
+                .cloned()
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if let Ok(again) = self
+                .store
+                .complete(&self.worker, &retry, &self.actor, now)
+                .await
+            {
+                recorded
+                    .unrecorded
+                    .retain(|id| !again.recorded.contains(id) && !again.stale.contains(id));
+                recorded.recorded.extend(again.recorded);
+                recorded.stale.extend(again.stale);
+            }
+        }
         let stale: std::collections::BTreeSet<PropagationId> =
             recorded.stale.iter().copied().collect();
+        let unrecorded: std::collections::BTreeSet<PropagationId> =
+            recorded.unrecorded.iter().copied().collect();
         for completion in &completions {
             let propagation = &completion.propagation;
+            if unrecorded.contains(&propagation.id) {
+                report.unrecorded += 1;
+                self.metrics.record_error();
+                continue;
+            }
             if stale.contains(&propagation.id) {
                 report.stale += 1;
                 self.metrics.stale_completion(propagation.kind());
-                tracing::info!(propagation_id = %propagation.id, "another worker owns this propagation now; result discarded");
+                tracing::info!(propagation_id = %propagation.id, "another claim owns this propagation now, or its target was replaced; result discarded");
                 continue;
             }
             self.metrics.record(propagation, &completion.transition);
@@ -443,17 +738,6 @@ impl<S: PropagationStore> Recorder<S> {
         }
         Ok(report)
     }
-}
-
-async fn join_recording(
-    handle: tokio::task::JoinHandle<Result<BatchReport, StoreError>>,
-) -> Result<BatchReport, StoreError> {
-    handle.await.unwrap_or_else(|e| {
-        Err(StoreError::Database {
-            operation: "record a batch (the recording task failed)",
-            source: Box::new(e),
-        })
-    })
 }
 
 fn log_transition(propagation: &Propagation, transition: &Transition) {

@@ -58,9 +58,14 @@ pub struct Completion {
 pub struct CompletionReport {
     /// Rows whose transition was recorded (with its audit row).
     pub recorded: Vec<PropagationId>,
-    /// Rows refused by the fence: another worker (or a newer enqueue) had taken them over, so
-    /// this worker's late result changed nothing.
+    /// Rows refused by the fence: another claim (or a newer enqueue) had taken them over, so
+    /// this worker's late result changed nothing. A row whose target was replaced while this
+    /// claim held it is handed back at once, due now, with the new target's full budget.
     pub stale: Vec<PropagationId>,
+    /// Rows whose completion could not be stored even on its own (the database refused it or
+    /// a lock was held past the recording's lock timeout). They stay claimed and come back
+    /// after their lease; every other row of the batch was still recorded.
+    pub unrecorded: Vec<PropagationId>,
 }
 
 /// Why the store failed. Nothing was recorded.
@@ -81,6 +86,10 @@ pub enum StoreError {
     /// The propagation asked for is not dead-lettered (or does not exist).
     #[error("propagation {0} is not dead-lettered; `dead-letters list` shows the ones that are")]
     NotDeadLettered(crate::model::PropagationId),
+    /// The request was refused: it names a resource or team that does not exist or disagrees
+    /// with what the database holds. Nothing was written.
+    #[error("refused: {0}")]
+    Rejected(String),
     /// A stored row could not be read as a propagation.
     #[error("propagation {id} cannot be read: {reason}")]
     Corrupt {
@@ -94,9 +103,15 @@ pub enum StoreError {
 /// Where propagations wait and how their attempts are recorded.
 ///
 /// Delivery is at least once: a claim holds a lease; a row whose lease expires is claimable
-/// again. Every completion is fenced on (row, worker, attempt), so a stale worker's late result
+/// again. Every completion is fenced on the claim's [`Fence`](crate::Fence) (a token no other
+/// claim ever gets, and the target version the claim saw), so a stale worker's late result
 /// changes nothing, and it commits together with its audit row or not at all.
+///
+/// Times passed as `now` must come from one clock all replicas share: [`PropagationStore::now`].
 pub trait PropagationStore: Send + Sync {
+    /// The store's clock (the database's `now()`), which every replica reads alike.
+    fn now(&self) -> impl Future<Output = Result<OffsetDateTime, StoreError>> + Send;
+
     /// Claims up to `limit` due rows for `worker` for `lease`, counting an attempt on each.
     fn claim(
         &self,
@@ -106,7 +121,9 @@ pub trait PropagationStore: Send + Sync {
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<Vec<Propagation>, StoreError>> + Send;
 
-    /// Records `completions` and their audit rows (attributed to `actor`) in one transaction.
+    /// Records `completions` and their audit rows (attributed to `actor`): the batch in one
+    /// transaction, or, if that fails, each row in its own, so one unstorable completion never
+    /// costs the others theirs.
     fn complete(
         &self,
         worker: &WorkerId,
@@ -115,11 +132,13 @@ pub trait PropagationStore: Send + Sync {
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<CompletionReport, StoreError>> + Send;
 
-    /// Gives claimed rows back unattempted (their attempt is not counted), e.g. at shutdown.
+    /// Gives claimed rows back unattempted (their attempt is not counted), due again at
+    /// `due_at`: at shutdown, or when an apply never reached its backend.
     fn release(
         &self,
         worker: &WorkerId,
         propagations: &[Propagation],
+        due_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

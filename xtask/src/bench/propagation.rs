@@ -89,13 +89,24 @@ async fn keel_run(
     server.create_database(db, None).await?;
     let pool = pool(server, db, 4).await?;
     keel_schema::migrate(&pool).await?;
+    // Each row names a real resource of its team: a propagation for a missing resources row
+    // is never applied.
     sqlx::query(
-        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
-         SELECT 'tier_elevation', gen_random_uuid(), gen_random_uuid(), 'postgres', \
-                '{\"target_tier\": \"pro\"}', now() - interval '1 minute' \
-         FROM generate_series(1, $1)",
+        "WITH team AS (INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id) \
+         INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
+         SELECT gen_random_uuid(), 'bench' || lpad(g::text, 12, '0'), team.id, 'postgres', 'free', 'active', \
+                'cust_bench' || lpad(g::text, 12, '0'), 'postgres://bench@127.0.0.1/x' \
+         FROM generate_series(1, $1) g, team",
     )
     .bind(i64::try_from(rows)?)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
+         SELECT 'tier_elevation', team_id, id, 'postgres', \
+                '{\"target_tier\": \"pro\"}', now() - interval '1 minute' \
+         FROM resources",
+    )
     .execute(&pool)
     .await?;
     sqlx::query("VACUUM ANALYZE pending_propagations")
@@ -169,7 +180,7 @@ pub fn worker(args: &[String]) -> anyhow::Result<()> {
             Arc::new(NoOp),
             Metrics::register(&mut Registry::default()),
             config,
-        );
+        )?;
         runner.drain(&CancellationToken::new()).await?;
         anyhow::Ok(())
     })

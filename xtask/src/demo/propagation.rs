@@ -1,15 +1,18 @@
-//! The propagation act: a team's upgrade reaches one database and not the other, and the one it
-//! could not reach retries loudly — `propagation.unexpected_skip`, never `propagation.applied` —
-//! until it dead-letters.
+//! The propagation act: a team's upgrade is enqueued in the same transaction as the tier change,
+//! reaches one database and a Redis namespace (through its own applier, against a tower-test
+//! Kubernetes API), and the database it could not reach retries loudly —
+//! `propagation.unexpected_skip`, never `propagation.applied` — until it dead-letters.
 
 use std::sync::Arc;
 
 use anyhow::{Context, ensure};
-use keel_audit::postgres::insert;
-use keel_audit::{Actor, AuditEvent, AuditKind, ResourceId, TeamId};
-use keel_propagation::postgres::{PgPropagationStore, PgRoleApplier, TierRoleSettings};
+use keel_audit::{Actor, ResourceId, TeamId, Tier};
+use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
+use keel_propagation::postgres::{
+    PgPropagationStore, PgRoleApplier, TierChange, TierRoleSettings, change_team_tier,
+};
 use keel_propagation::runner::{Runner, RunnerConfig};
-use keel_propagation::{Metrics, RetryPolicy, WorkerId};
+use keel_propagation::{ByResourceType, Metrics, RetryPolicy, WorkerId};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use time::OffsetDateTime;
@@ -46,6 +49,80 @@ async fn create_resource(
     Ok(resource)
 }
 
+/// A Redis resource as keel-provision creates it: a labelled namespace, no Secret.
+async fn create_redis(pool: &PgPool, team: TeamId, token: &str) -> anyhow::Result<ResourceId> {
+    let resource = ResourceId::new_random();
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
+         VALUES ($1, $2, $3, 'redis', 'hobby', 'active', $4, 'https://k8s.example.com:6443/api/v1/namespaces/x')",
+    )
+    .bind(resource.as_uuid())
+    .bind(token)
+    .bind(team.as_uuid())
+    .bind(format!("instant-customer-{token}"))
+    .execute(pool)
+    .await?;
+    Ok(resource)
+}
+
+/// Plays the Kubernetes API server (no cluster is available here): the customer namespace's
+/// metadata as keel-provision labelled it, and the quota's server-side apply echoed back.
+/// Returns the requests it answered.
+async fn kubernetes_api(
+    mut handle: tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Some((request, send)) = handle.next_request().await {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let name = path.split('/').nth(4).unwrap_or_default().to_owned();
+        let body = if method == http::Method::GET {
+            serde_json::json!({
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": {
+                    "name": name,
+                    "uid": "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a11",
+                    "resourceVersion": "4711",
+                    "labels": {
+                        "app.kubernetes.io/managed-by": "keel",
+                        "keel.dev/resource-type": "redis",
+                        "keel.dev/tier": "hobby"
+                    }
+                }
+            })
+        } else {
+            let bytes = request
+                .into_body()
+                .collect_bytes()
+                .await
+                .unwrap_or_default();
+            let mut quota: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            quota["metadata"]["namespace"] = serde_json::json!(name);
+            quota
+        };
+        seen.push(format!(
+            "{method} {}",
+            path.replace(&name, "instant-customer-demo…")
+        ));
+        let response = http::Response::builder()
+            .status(200)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&body).unwrap_or_default(),
+            ));
+        match response {
+            Ok(response) => send.send_response(response),
+            Err(_) => return seen,
+        }
+    }
+    seen
+}
+
 async fn kinds(pool: &PgPool, resource: ResourceId) -> anyhow::Result<Vec<String>> {
     Ok(
         sqlx::query_scalar("SELECT kind FROM audit_events WHERE resource_id = $1 ORDER BY id")
@@ -68,45 +145,64 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
     let reachable = create_resource(pool, team, "demoreach01", true).await?;
     let missing_role = create_resource(pool, team, "demomissing1", false).await?;
 
-    step("Propagation: a team upgrades hobby -> pro");
+    let redis = create_redis(pool, team, "demoredis01").await?;
+
+    step("Propagation: a team upgrades hobby -> pro, and its propagations commit with it");
+    let store = Arc::new(PgPropagationStore::new(pool.clone()));
     let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE teams SET tier = 'pro' WHERE id = $1")
-        .bind(team.as_uuid())
-        .execute(&mut *tx)
-        .await?;
-    insert(
+    let change = change_team_tier(
         &mut tx,
-        &AuditEvent::new(
-            AuditKind::TeamTierChanged,
-            Actor::parse("operator:demo")?,
-            start,
-        )
-        .team(team)
-        .attr("to_tier", "pro")?,
+        team,
+        &Tier::parse("pro")?,
+        &Actor::parse("operator:demo")?,
+        start,
     )
     .await?;
+    let TierChange::Changed { from, enqueued } = change else {
+        anyhow::bail!("the tier did not change");
+    };
     tx.commit().await?;
-    let store = Arc::new(PgPropagationStore::new(pool.clone()));
-    let enqueued = store.reconcile(start).await?;
     println!(
-        "the entitlement reconciler found {} drifted databases and enqueued a tier_elevation for each;",
+        "change_team_tier: {from} -> pro, team.tier_changed and {} tier_elevation(s) in one transaction:",
         enqueued.len()
+    );
+    for (resource, enqueued) in &enqueued {
+        println!("  resource {resource}: {enqueued:?}");
+    }
+    ensure!(
+        enqueued.len() == 3,
+        "expected three propagations: {enqueued:?}"
+    );
+    println!(
+        "the 5-minute reconciler is only the backstop: it finds {} more to enqueue",
+        store.reconcile(start).await?.len()
     );
     println!("one database's customer role exists, the other's was lost in a deprovisioning race");
 
-    step("Propagation: the runner applies what it can and retries what it cannot");
+    step("Propagation: each row goes to the applier for its resource type");
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let applier = Arc::new(PgRoleApplier::new(
-        pool.clone(),
-        TierRoleSettings::standard(),
-    ));
+    let (service, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let api = tokio::spawn(kubernetes_api(handle));
+    let applier = Arc::new(ByResourceType {
+        postgres: Some(PgRoleApplier::new(
+            pool.clone(),
+            TierRoleSettings::standard(),
+        )),
+        kubernetes: Some(KubeQuotaApplier::new(
+            kube::Client::new(service, "default"),
+            TierQuotas::standard(),
+        )),
+    });
     let runner = Runner::new(
         Arc::clone(&store),
         applier,
         metrics.clone(),
         RunnerConfig::new(WorkerId::parse("demo-runner")?),
-    );
+    )?;
     let never = CancellationToken::new();
     let report = runner.run_batch(start, &never).await?;
     println!(
@@ -114,7 +210,7 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
         report.claimed, report.applied, report.unexpected_skips
     );
     ensure!(
-        report.applied == 1 && report.unexpected_skips == 1,
+        report.applied == 2 && report.unexpected_skips == 1,
         "unexpected batch: {report:?}"
     );
 
@@ -147,6 +243,15 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
     println!(
         "               audit: {:?}",
         kinds(pool, missing_role).await?
+    );
+    let redis_tier: String = sqlx::query_scalar("SELECT tier FROM resources WHERE id = $1")
+        .bind(redis.as_uuid())
+        .fetch_one(pool)
+        .await?;
+    ensure!(redis_tier == "pro", "the redis quota did not land");
+    println!(
+        "redis namespace: ResourceQuota keel-tier applied for pro (tier now {redis_tier}); audit: {:?}",
+        kinds(pool, redis).await?
     );
     let mut exposition = String::new();
     prometheus_client::encoding::text::encode(&mut exposition, &registry)?;
@@ -209,5 +314,9 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
     println!(
         "its applied tier is still {tier}: the drift stays visible, and the dead-letter alert pages"
     );
+    drop(runner);
+    for request in api.await? {
+        println!("kubernetes api (tower-test): {request}");
+    }
     Ok(())
 }

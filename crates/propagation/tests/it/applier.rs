@@ -16,9 +16,17 @@ fn propagation(role: Option<&str>, to: &str) -> Propagation {
         },
         attempt: 1,
         backend: Backend {
-            token: None,
+            // The token the role was named from, as keel-provision names it.
+            token: role
+                .and_then(|r| r.strip_prefix("cust_"))
+                .and_then(|t| keel_audit::Token::parse(t).ok()),
             provider_resource_id: role.map(str::to_owned),
             status: Some("active".into()),
+            team_id: None,
+        },
+        fence: keel_propagation::Fence {
+            claim: keel_propagation::ClaimToken(1),
+            target: keel_propagation::TargetVersion(1),
         },
     }
 }
@@ -120,7 +128,7 @@ async fn role_names_are_validated_before_they_reach_sql() {
         );
     }
     let unknown_tier = applier
-        .apply(&propagation(Some("cust_x"), "platinum"))
+        .apply(&propagation(Some("cust_a1b2c3d4e5f6"), "platinum"))
         .await
         .unwrap_err();
     assert!(
@@ -130,19 +138,66 @@ async fn role_names_are_validated_before_they_reach_sql() {
     );
 }
 
+/// PROP-5: only a resource deleted on purpose is a legitimate skip; a missing resources row
+/// (wrong id, hard delete) never is.
 #[tokio::test]
-async fn a_deleted_or_vanished_resource_is_a_legitimate_skip() {
+async fn a_deleted_resource_is_a_legitimate_skip_and_a_missing_row_never_is() {
     let db = keel_testkit::database().await;
     let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
-    for status in [Some("deleted"), None] {
-        let mut gone = propagation(Some("cust_x"), "pro");
-        gone.backend.status = status.map(str::to_owned);
-        assert_eq!(
+    let mut gone = propagation(Some("cust_a1b2c3d4e5f6"), "pro");
+    gone.backend.status = Some("deleted".into());
+    assert_eq!(
+        applier.apply(&gone).await.unwrap(),
+        ApplyOutcome::Skipped(SkipReason::Legitimate(
+            LegitimateSkip::ResourceDeprovisioned
+        )),
+    );
+    gone.backend.status = None;
+    assert!(
+        matches!(
             applier.apply(&gone).await.unwrap(),
-            ApplyOutcome::Skipped(SkipReason::Legitimate(
-                LegitimateSkip::ResourceDeprovisioned
-            )),
-            "{status:?}"
+            ApplyOutcome::Skipped(SkipReason::Unexpected { .. })
+        ),
+        "a missing resources row must never count as deprovisioned"
+    );
+}
+
+/// PROP-7: the role applier changes only customer roles named `cust_<the resource's token>`,
+/// never a platform role, and never a privileged role even inside the prefix.
+#[tokio::test]
+async fn the_role_applier_never_changes_a_platform_or_privileged_role() {
+    let db = keel_testkit::database().await;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let platform = format!("keel_app_{suffix}");
+    let privileged = format!("cust_{suffix}");
+    for statement in [
+        format!("CREATE ROLE {platform} CONNECTION LIMIT 50"),
+        format!("CREATE ROLE {privileged} REPLICATION CONNECTION LIMIT 50"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    let applier = PgRoleApplier::new(db.pool().clone(), TierRoleSettings::standard());
+    for role in [&platform, &privileged] {
+        let mut named = propagation(Some(role), "free");
+        if role == &platform {
+            // Even when the row's token is one of the customer's.
+            named.backend.token = Some(keel_audit::Token::parse(suffix).unwrap());
+        }
+        let outcome = applier.apply(&named).await.unwrap();
+        assert!(
+            matches!(
+                outcome,
+                ApplyOutcome::Skipped(SkipReason::Unexpected { .. })
+            ),
+            "{role}: {outcome:?}"
+        );
+        assert_eq!(
+            role_settings(db.pool(), role).await,
+            (50, vec![]),
+            "{role} was changed"
         );
     }
 }
@@ -151,8 +206,8 @@ async fn a_deleted_or_vanished_resource_is_a_legitimate_skip() {
 async fn a_refused_alter_is_an_error_that_retries_and_does_not_name_the_role() {
     let db = keel_testkit::database().await;
     let role = format!("cust_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    // A role the applier may not alter: a superuser, changed by a non-superuser session.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} SUPERUSER")))
+    // A role the applier may not alter: changed by a session without CREATEROLE.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role}")))
         .execute(db.pool())
         .await
         .unwrap();
@@ -160,12 +215,10 @@ async fn a_refused_alter_is_an_error_that_retries_and_does_not_name_the_role() {
         "keel_limited_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {limited} LOGIN CREATEROLE"
-    )))
-    .execute(db.pool())
-    .await
-    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {limited} LOGIN")))
+        .execute(db.pool())
+        .await
+        .unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(db.connect_options().username(&limited))

@@ -1,6 +1,9 @@
 //! keel-propagation against a real Postgres (a fresh migrated database per test).
 
 mod applier;
+mod contract;
+mod regressions;
+mod routing;
 mod runner;
 mod store;
 

@@ -20,7 +20,7 @@ fn runner(
     let metrics = Metrics::register(&mut Registry::default());
     let config = RunnerConfig::new(worker(name));
     (
-        Runner::new(Arc::new(store(pool)), applier, metrics.clone(), config),
+        Runner::new(Arc::new(store(pool)), applier, metrics.clone(), config).unwrap(),
         metrics,
     )
 }
@@ -61,7 +61,11 @@ async fn unexpected_skip_never_marks_applied() {
         );
         if attempt < policy.max_attempts() {
             assert_eq!(state.status, "pending");
-            assert_eq!(state.next_attempt_at, now + policy.delay_after(attempt));
+            // The schedule with this row's jitter: deterministic, within ±10 % of nominal.
+            let delay = policy.delay_for(attempt, id.0.unsigned_abs());
+            assert_eq!(state.next_attempt_at, now + delay);
+            let nominal = policy.delay_after(attempt);
+            assert!(delay >= nominal * 0.9 && delay <= nominal * 1.1);
             now = state.next_attempt_at;
         } else {
             assert_eq!(
@@ -70,9 +74,11 @@ async fn unexpected_skip_never_marks_applied() {
             );
         }
     }
-    assert_eq!(
-        now - T0,
-        time::Duration::hours(24) + time::Duration::minutes(33)
+    let pinned = time::Duration::hours(24) + time::Duration::minutes(33);
+    assert!(
+        now - T0 >= pinned * 0.9 && now - T0 <= pinned * 1.1,
+        "dead-lettered {} after the first attempt",
+        now - T0
     );
 
     let kinds = audit_kinds(db.pool(), resource).await;
@@ -128,8 +134,12 @@ async fn an_applied_propagation_stamps_applied_at_moves_the_tier_and_audits_appl
     );
 }
 
+/// PROP-9: a legitimate skip is success only where it is true. On an active resource only
+/// `already_at_target` marks applied; `resource_deprovisioned` and `superseded` would leave
+/// the drift in place (and the reconciler re-enqueueing, notifying the customer each pass),
+/// so they retry as unexpected skips. On a deleted resource the row settles as deprovisioned.
 #[tokio::test]
-async fn every_legitimate_skip_marks_applied_against_the_database() {
+async fn every_legitimate_skip_marks_applied_only_where_it_is_true() {
     for &skip in LegitimateSkip::ALL {
         let db = keel_testkit::database().await;
         let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
@@ -141,13 +151,70 @@ async fn every_legitimate_skip_marks_applied_against_the_database() {
             .run_batch(T0, &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!(row(db.pool(), id).await.status, "applied", "{skip:?}");
+        let expected = match skip {
+            LegitimateSkip::AlreadyAtTarget => ("applied", "propagation.applied"),
+            LegitimateSkip::ResourceDeprovisioned | LegitimateSkip::Superseded => {
+                ("pending", "propagation.unexpected_skip")
+            }
+        };
+        assert_eq!(row(db.pool(), id).await.status, expected.0, "{skip:?}");
         assert_eq!(
             audit_kinds(db.pool(), resource).await,
-            vec!["propagation.applied"],
+            vec![expected.1],
             "{skip:?}"
         );
     }
+    let db = keel_testkit::database().await;
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
+    sqlx::query("UPDATE resources SET status = 'deleted', deleted_at = now() WHERE id = $1")
+        .bind(resource.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let applier = Arc::new(Recording::default());
+    let (runner, _) = runner(db.pool(), applier.clone(), "runner-1");
+    runner
+        .run_batch(T0, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(row(db.pool(), id).await.status, "applied");
+    assert!(
+        applier.applies().is_empty(),
+        "no backend call for a deleted resource"
+    );
+    assert_eq!(resource_tier(db.pool(), resource).await, "free");
+}
+
+/// PROP-9 end to end: a skip that does not move the tier on an active resource never makes
+/// the reconciler re-enqueue (and re-notify) every pass.
+#[tokio::test]
+async fn a_non_landing_skip_on_an_active_resource_does_not_reenqueue() {
+    let db = keel_testkit::database().await;
+    let (_, resource) = seed(db.pool(), "pro", "free", None).await;
+    let applier = Arc::new(Recording::answering(Ok(ApplyOutcome::Skipped(
+        SkipReason::Legitimate(LegitimateSkip::Superseded),
+    ))));
+    let (runner, _) = runner(db.pool(), applier, "runner-1");
+    let store = store(db.pool());
+    let mut now = T0;
+    for _ in 0..4 {
+        store.reconcile(now).await.unwrap();
+        runner
+            .run_batch(now, &CancellationToken::new())
+            .await
+            .unwrap();
+        now += time::Duration::minutes(5);
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "the reconciler re-enqueued a settled row");
+    let kinds = audit_kinds(db.pool(), resource).await;
+    assert!(
+        !kinds.iter().any(|k| k == "propagation.applied"),
+        "a customer notification for a tier that did not land: {kinds:?}"
+    );
 }
 
 #[tokio::test]
@@ -161,13 +228,22 @@ async fn two_runners_over_thousands_of_rows_never_apply_one_row_concurrently() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
-         SELECT 'tier_elevation', $1, gen_random_uuid(), 'postgres', '{\"target_tier\": \"pro\"}', $2 \
-         FROM generate_series(1, $3)",
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
+         SELECT gen_random_uuid(), 'tok' || lpad(g::text, 12, '0'), $1, 'postgres', 'free', 'active', \
+                'cust_tok' || lpad(g::text, 12, '0'), 'postgres://customer@db/x' \
+         FROM generate_series(1, $2) g",
     )
     .bind(team.as_uuid())
-    .bind(OffsetDateTime::now_utc() - time::Duration::minutes(1)) // drain() runs on the real clock
     .bind(rows)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
+         SELECT 'tier_elevation', $1, id, 'postgres', '{\"target_tier\": \"pro\"}', $2 FROM resources",
+    )
+    .bind(team.as_uuid())
+    .bind(OffsetDateTime::now_utc() - time::Duration::minutes(1)) // drain() runs on the database clock
     .execute(db.pool())
     .await
     .unwrap();
@@ -225,7 +301,8 @@ async fn shutdown_releases_rows_whose_apply_outlives_the_grace_period() {
         applier,
         Metrics::register(&mut Registry::default()),
         config,
-    );
+    )
+    .unwrap();
     let shutdown = CancellationToken::new();
     shutdown.cancel();
     let report = runner.run_batch(T0, &shutdown).await.unwrap();
@@ -273,7 +350,8 @@ async fn a_running_runner_wakes_on_notify_and_stops_on_shutdown() {
         Arc::new(Recording::default()),
         Metrics::register(&mut Registry::default()),
         config,
-    );
+    )
+    .unwrap();
     let wake = Arc::new(tokio::sync::Notify::new());
     let listener =
         keel_propagation::postgres::listen_for_wakeups(db.pool().clone(), Arc::clone(&wake))

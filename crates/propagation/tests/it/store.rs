@@ -81,8 +81,8 @@ async fn a_new_target_for_a_claimed_row_waits_for_the_claim_and_is_applied_next(
     let kept = row(db.pool(), id).await;
     assert_eq!(
         (kept.claimed_by.as_deref(), kept.attempts),
-        (Some("a"), 1),
-        "the live claim stays"
+        (Some("a"), 0),
+        "the live claim stays, and the new target has a full budget"
     );
     assert!(
         claim_as(&store, "b").await.is_empty(),
@@ -212,11 +212,14 @@ async fn releasing_a_claim_gives_the_attempt_back() {
     let (_, _, id) = drifted_and_enqueued(db.pool()).await;
     let claimed = claim_as(&store, "a").await;
     assert_eq!(
-        store.release(&worker("b"), &claimed, T0).await.unwrap(),
+        store.release(&worker("b"), &claimed, T0, T0).await.unwrap(),
         0,
         "only the owner can release"
     );
-    assert_eq!(store.release(&worker("a"), &claimed, T0).await.unwrap(), 1);
+    assert_eq!(
+        store.release(&worker("a"), &claimed, T0, T0).await.unwrap(),
+        1
+    );
     let after = row(db.pool(), id).await;
     assert_eq!((after.attempts, after.claimed_by), (0, None));
     assert_eq!(claim_as(&store, "b").await.len(), 1);
@@ -248,22 +251,6 @@ async fn the_reconciler_enqueues_on_drift_and_not_while_a_propagation_is_pending
     .await
     .unwrap();
     assert!(store.reconcile(T0).await.unwrap().is_empty());
-    // Once a later propagation for the resource is applied, the old dead letter no longer
-    // holds the backstop back.
-    sqlx::query(
-        "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, status, applied_at) \
-         SELECT 'tier_elevation', team_id, resource_id, resource_type, '{\"target_tier\": \"free\"}', 'applied', now() + interval '1 minute' \
-         FROM pending_propagations WHERE resource_id = $1",
-    )
-    .bind(drifted.as_uuid())
-    .execute(db.pool())
-    .await
-    .unwrap();
-    assert_eq!(
-        store.reconcile(T0).await.unwrap().len(),
-        1,
-        "the hold outlived a later applied propagation"
-    );
     sqlx::query("DELETE FROM pending_propagations WHERE status = 'pending'")
         .execute(db.pool())
         .await
