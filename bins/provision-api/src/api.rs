@@ -1,29 +1,51 @@
 //! The HTTP API: `POST /v1/resources`, `GET /v1/resources/{id}`, `DELETE /v1/resources/{id}`,
 //! plus `/metrics` and `/healthz` on the same listener.
 //!
-//! Every error is an [`ErrorEnvelope`] with its agent action; a 503 carries `Retry-After`. The
-//! 201 is built only from a [`keel_provision::Provisioned`] (through [`ProvisionedBody`]), and is
-//! the one response that shows the connection URL.
+//! Every error — the handlers' own, the framework's (404, 405, 413, 415, a malformed path) and
+//! a panic — is one [`ErrorEnvelope`] served as `application/problem+json`, with its agent
+//! action and `instance`; a 503 carries `Retry-After`. The 201 is built only from a
+//! [`keel_provision::Provisioned`] (through [`ProvisionedBody`]), carries `Location`, and is the
+//! one response that shows the connection URL (its password is stored nowhere). Bodies are
+//! limited to [`BODY_LIMIT`] bytes and must be `application/json`.
+//!
+//! Each provisioning runs in a task of its own, tracked by the state's [`TaskTracker`]: a
+//! client that disconnects does not cut it short, and [`serve`] drains the tracker on shutdown
+//! within a deadline.
+//!
+//! **Admission and deadlines.** At most [`AppState::admission`]'s permits of provisionings run at
+//! once; past that a POST answers `too_many_provisions` (503, `Retry-After`) before anything is
+//! reserved. Every request is answered by [`AppState::deadline`]: a GET or DELETE that is still
+//! waiting answers `backend_unavailable`; a POST whose flow is still running answers
+//! `provision_pending` naming the reserved resource (GET it until `active` or `failed`) — never
+//! "failed", since the flow goes on in its task and may yet finalize.
 
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::str::FromStr as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_audit::{Actor, RequestId, ResourceId, ResourceType, TeamId, Tier};
 use keel_provision::{
     Backend, DeprovisionCause, DeprovisionReason, DeprovisionTarget, Deprovisioned, DocsBase,
-    ErrorCode, ErrorEnvelope, ProvisionRequest, Provisioned, ProvisionedBody, Provisioner,
-    ResourceStore,
+    ErrorChain, ErrorCode, ErrorEnvelope, PROBLEM_JSON, ProvisionRequest, Provisioned,
+    ProvisionedBody, Provisioner, ResourceStore,
 };
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The largest request body accepted: the create body is three short fields.
+pub const BODY_LIMIT: usize = 4 * 1024;
 
 /// What the handlers share.
 pub struct AppState<S, B> {
@@ -33,22 +55,128 @@ pub struct AppState<S, B> {
     pub docs: DocsBase,
     /// The tiers this platform sells.
     pub tiers: BTreeSet<String>,
+    /// The provisioning tasks in flight (drained on shutdown).
+    pub tracker: TaskTracker,
+    /// How long a request may wait before it is answered: a GET or DELETE then answers 503
+    /// `backend_unavailable`, a POST whose flow goes on answers 503 `provision_pending` with the
+    /// reserved resource's id.
+    pub deadline: Duration,
+    /// One permit per provisioning in flight; a POST that finds none is refused before anything
+    /// is reserved.
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
-/// The API router with `/metrics` (from `registry`) and `/healthz`.
+impl<S: ResourceStore, B: Backend> AppState<S, B> {
+    /// The resource types this deployment offers, comma-separated.
+    fn offered_types(&self) -> String {
+        ResourceType::ALL
+            .iter()
+            .filter(|t| self.provisioner.backend().supports(**t))
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The API router with `/metrics` (from `registry`) and `/healthz`, every error an envelope.
 pub fn router<S, B>(state: Arc<AppState<S, B>>, registry: Arc<Registry>) -> Router
 where
     S: ResourceStore + 'static,
     B: Backend + 'static,
 {
-    Router::new()
+    let docs = state.docs.clone();
+    let api = Router::new()
         .route("/v1/resources", post(create::<S, B>))
         .route(
             "/v1/resources/{id}",
             get(read::<S, B>).delete(delete::<S, B>),
         )
         .with_state(state)
-        .merge(keel_service::http::router(registry))
+        .merge(keel_service::http::router(registry));
+    with_envelopes(api, docs)
+}
+
+/// Wraps `router` so that unknown paths, wrong methods, oversized bodies and panics answer with
+/// the envelope too.
+fn with_envelopes(router: Router, docs: DocsBase) -> Router {
+    let not_found = {
+        let docs = docs.clone();
+        move |headers: HeaderMap| {
+            let docs = docs.clone();
+            async move {
+                error_response(
+                    ErrorCode::RouteNotFound,
+                    "no route has this path",
+                    &request_id(&headers),
+                    &docs,
+                )
+            }
+        }
+    };
+    let not_allowed = {
+        let docs = docs.clone();
+        move |headers: HeaderMap| {
+            let docs = docs.clone();
+            async move {
+                error_response(
+                    ErrorCode::MethodNotAllowed,
+                    "this path does not answer this method",
+                    &request_id(&headers),
+                    &docs,
+                )
+            }
+        }
+    };
+    let panicked = move |_: Box<dyn Any + Send + 'static>| {
+        tracing::error!("a request handler panicked");
+        error_response(
+            ErrorCode::Internal,
+            "the request failed unexpectedly",
+            &fresh_request_id(),
+            &docs,
+        )
+    };
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then waits up to `drain` for the
+/// provisionings still in flight in `tracker` (a client that gave up does not keep its
+/// connection open, so the listener alone would not wait for it). What outlives the deadline is
+/// logged; its `pending` row is settled by the reconciler.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    tracker.close();
+    let in_flight = tracker.len();
+    if in_flight > 0 {
+        tracing::info!(
+            in_flight,
+            "waiting for provisionings in flight before stopping"
+        );
+    }
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::error!(
+            in_flight = tracker.len(),
+            "provisionings still in flight at the shutdown deadline; their pending rows are left to the reconciler"
+        );
+    }
+    Ok(())
+}
+
+fn fresh_request_id() -> RequestId {
+    RequestId::parse(&format!("req-{}", uuid::Uuid::new_v4().simple()))
+        .expect("req- and 32 hex digits is a valid request id")
 }
 
 /// The request id from `X-Request-Id` when it is a valid one, else a fresh one.
@@ -57,10 +185,7 @@ fn request_id(headers: &HeaderMap) -> RequestId {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| RequestId::parse(v).ok())
-        .unwrap_or_else(|| {
-            RequestId::parse(&format!("req-{}", uuid::Uuid::new_v4().simple()))
-                .expect("req- and 32 hex digits is a valid request id")
-        })
+        .unwrap_or_else(fresh_request_id)
 }
 
 fn actor(headers: &HeaderMap) -> Actor {
@@ -71,15 +196,16 @@ fn actor(headers: &HeaderMap) -> Actor {
         .unwrap_or_else(|| Actor::parse("api").expect("`api` is a valid actor"))
 }
 
-fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+fn json_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: &impl serde::Serialize,
+) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (
             status,
             [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                ),
+                (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
             ],
             bytes,
@@ -89,15 +215,9 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
     }
 }
 
-fn error_response(
-    code: ErrorCode,
-    message: impl Into<String>,
-    request_id: &RequestId,
-    docs: &DocsBase,
-) -> Response {
-    let envelope = ErrorEnvelope::new(code, message, request_id.as_str(), docs);
+fn envelope_response(envelope: &ErrorEnvelope) -> Response {
     let status = StatusCode::from_u16(envelope.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = json_response(status, &envelope);
+    let mut response = json_response(status, PROBLEM_JSON, envelope);
     if let Some(retry_after) = envelope
         .retry_after_header()
         .and_then(|v| HeaderValue::from_str(&v).ok())
@@ -109,9 +229,32 @@ fn error_response(
     response
 }
 
+fn error_response(
+    code: ErrorCode,
+    message: impl Into<String>,
+    request_id: &RequestId,
+    docs: &DocsBase,
+) -> Response {
+    envelope_response(&ErrorEnvelope::new(
+        code,
+        message,
+        request_id.as_str(),
+        docs,
+    ))
+}
+
 /// The only place a 201 is built, and it takes a [`Provisioned`].
 fn created(provisioned: Provisioned) -> Response {
-    json_response(StatusCode::CREATED, &ProvisionedBody::from(provisioned))
+    let location = HeaderValue::from_str(&format!("/v1/resources/{}", provisioned.id()));
+    let mut response = json_response(
+        StatusCode::CREATED,
+        "application/json",
+        &ProvisionedBody::from(provisioned),
+    );
+    if let Ok(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
 }
 
 #[derive(serde::Deserialize)]
@@ -122,24 +265,60 @@ struct CreateBody {
     tier: String,
 }
 
+/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A body rejection as the envelope's code and message.
+fn body_rejection(rejection: &BytesRejection) -> (ErrorCode, String) {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        (
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {BODY_LIMIT} bytes"),
+        )
+    } else {
+        (
+            ErrorCode::InvalidRequest,
+            "the body could not be read".to_owned(),
+        )
+    }
+}
+
 async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     State(state): State<Arc<AppState<S, B>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let request_id = request_id(&headers);
     let fail = |code, message: &str| error_response(code, message, &request_id, &state.docs);
+    if !is_json(&headers) {
+        return fail(
+            ErrorCode::UnsupportedMediaType,
+            "the body must be sent as Content-Type: application/json",
+        );
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let (code, message) = body_rejection(&rejection);
+            return fail(code, &message);
+        }
+    };
     let body: CreateBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
-        // The parser's message can quote the input, so only its position is shown.
+        // serde names the field (`unknown field `x``, `missing field `tier``); field names and
+        // the caller's own short values are not secret. Capped, so an echo stays small.
         Err(e) => {
+            let detail: String = e.to_string().chars().take(200).collect();
             return fail(
                 ErrorCode::InvalidRequest,
                 &format!(
-                    "the body is not a JSON object {{team_id, resource_type, tier}} ({:?} error at line {}, column {})",
-                    e.classify(),
-                    e.line(),
-                    e.column()
+                    "the body must be a JSON object {{team_id, resource_type, tier}}: {detail}"
                 ),
             );
         }
@@ -147,11 +326,14 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     let Ok(team_id) = TeamId::from_str(&body.team_id) else {
         return fail(ErrorCode::InvalidRequest, "team_id must be a UUID");
     };
-    let Ok(resource_type) = ResourceType::from_str(&body.resource_type) else {
-        return fail(
-            ErrorCode::UnknownResourceType,
-            "resource_type must be postgres, redis or namespace",
-        );
+    let resource_type = match ResourceType::from_str(&body.resource_type) {
+        Ok(t) if state.provisioner.backend().supports(t) => t,
+        Ok(_) | Err(_) => {
+            return fail(
+                ErrorCode::UnknownResourceType,
+                &format!("resource_type must be one of: {}", state.offered_types()),
+            );
+        }
     };
     let tier = match Tier::parse(&body.tier) {
         Ok(tier) if state.tiers.contains(tier.as_str()) => tier,
@@ -159,7 +341,7 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             let known: Vec<&str> = state.tiers.iter().map(String::as_str).collect();
             return fail(
                 ErrorCode::UnknownTier,
-                &format!("tier must be one of {}", known.join(", ")),
+                &format!("tier must be one of: {}", known.join(", ")),
             );
         }
     };
@@ -170,30 +352,86 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         request_id: request_id.clone(),
         actor: actor(&headers),
     };
-    // Its own task: a client that disconnects mid-flow must not cut provisioning short between
-    // create and finalize (dropping the handler's future would leave the object unfinalized).
-    let flow = {
+    let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
+        state.provisioner.metrics().shed(resource_type);
+        tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
+        return fail(
+            ErrorCode::TooManyProvisions,
+            "too many provisionings are in flight; nothing was reserved",
+        );
+    };
+    let deadline = tokio::time::Instant::now() + state.deadline;
+    // Its own tracked task, holding its admission permit to the end: a client that disconnects
+    // (or a deadline answer) must not cut provisioning short between create and finalize, and
+    // shutdown waits for it. Each step reads the clock anew. The reserved id is sent out as soon
+    // as the intent is written, so a deadline answer can name it.
+    let (reserved_tx, reserved_rx) = tokio::sync::oneshot::channel();
+    let mut flow = {
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            state
-                .provisioner
-                .provision(request, OffsetDateTime::now_utc())
+        state.tracker.clone().spawn(async move {
+            let _permit = permit;
+            let provisioner = &state.provisioner;
+            let reservation = provisioner
+                .reserve(request, OffsetDateTime::now_utc())
+                .await?;
+            let _ = reserved_tx.send(reservation.id());
+            let created = provisioner
+                .create(reservation, OffsetDateTime::now_utc())
+                .await?;
+            provisioner
+                .finalize(created, OffsetDateTime::now_utc())
                 .await
         })
     };
-    match flow.await {
+    let finished = match tokio::time::timeout_at(deadline, &mut flow).await {
+        Ok(finished) => finished,
+        // Past the deadline. Reserving is bounded by the store's own deadline, so waiting for
+        // its outcome is bounded too: either a reserved id to name, or the flow's own error.
+        Err(_) => match reserved_rx.await {
+            Ok(id) => {
+                state.provisioner.metrics().answered_pending(resource_type);
+                tracing::warn!(resource_id = %id, "a provisioning outlived the request deadline; it goes on");
+                return envelope_response(
+                    &ErrorEnvelope::new(
+                        ErrorCode::ProvisionPending,
+                        "the resource is still being created; GET it until its status is active \
+                         or failed. Its connection URL is shown only in a 201: once it is active, \
+                         DELETE it and create another if its credentials are needed",
+                        request_id.as_str(),
+                        &state.docs,
+                    )
+                    .with_resource(id),
+                );
+            }
+            Err(_) => flow.await,
+        },
+    };
+    match finished {
         Ok(Ok(provisioned)) => created(provisioned),
-        Ok(Err(e)) => fail(e.code(), &e.to_string()),
+        Ok(Err(e)) => {
+            let mut envelope =
+                ErrorEnvelope::new(e.code(), e.to_string(), request_id.as_str(), &state.docs);
+            if let Some(id) = e.resource_id() {
+                envelope = envelope.with_resource(id);
+            }
+            envelope_response(&envelope)
+        }
         Err(e) => {
-            tracing::error!(error = %e, "the provisioning task failed");
+            tracing::error!(error = %ErrorChain(&e), "the provisioning task failed");
             fail(ErrorCode::Internal, "the provisioning task failed")
         }
     }
 }
 
-fn parse_id(id: &str) -> Option<ResourceId> {
-    ResourceId::from_str(id).ok()
+/// A resource id in its one canonical form (lowercase, hyphenated).
+fn parse_id(id: Result<Path<String>, PathRejection>) -> Option<ResourceId> {
+    let Path(id) = id.ok()?;
+    ResourceId::from_str(&id)
+        .ok()
+        .filter(|parsed| parsed.to_string() == id)
 }
+
+const BAD_ID: &str = "the resource id must be a UUID in lowercase hyphenated form";
 
 #[derive(serde::Serialize)]
 struct ResourceView {
@@ -204,38 +442,80 @@ struct ResourceView {
     tier: String,
     status: &'static str,
     created_at: String,
+    updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     deleted_at: Option<String>,
 }
 
+impl ResourceView {
+    fn of(record: &keel_provision::ResourceRecord) -> Self {
+        Self {
+            ok: true,
+            id: record.id.to_string(),
+            team_id: record.team_id.to_string(),
+            resource_type: record.resource_type.as_str(),
+            tier: record.tier.as_str().to_owned(),
+            status: record.status.as_str(),
+            created_at: record.created_at.format(&Rfc3339).unwrap_or_default(),
+            updated_at: record.updated_at.format(&Rfc3339).unwrap_or_default(),
+            deleted_at: record.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
+        }
+    }
+
+    /// A strong entity tag of this representation: 64-bit FNV-1a of its JSON, the same on every
+    /// replica, so any change a GET can see (status, tier, `updated_at`) changes it.
+    fn etag(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("\"{hash:016x}\"")
+    }
+}
+
+/// Whether an `If-Match` value admits `current` (RFC 9110 strong comparison: `*` matches any
+/// current representation; weak tags never match).
+fn if_match_admits(if_match: &str, current: Option<&str>) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    if_match
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag == current)
+}
+
 async fn read<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
     let request_id = request_id(&headers);
     let fail = |code, message: &str| error_response(code, message, &request_id, &state.docs);
-    let Some(id) = parse_id(&id) else {
-        return fail(ErrorCode::InvalidRequest, "the resource id must be a UUID");
+    let Some(id) = parse_id(id) else {
+        return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
-    match state.provisioner.store().get(id).await {
-        Ok(Some(record)) => json_response(
-            StatusCode::OK,
-            &ResourceView {
-                ok: true,
-                id: record.id.to_string(),
-                team_id: record.team_id.to_string(),
-                resource_type: record.resource_type.as_str(),
-                tier: record.tier.as_str().to_owned(),
-                status: record.status.as_str(),
-                created_at: record.created_at.format(&Rfc3339).unwrap_or_default(),
-                deleted_at: record.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
-            },
-        ),
+    let Ok(found) = tokio::time::timeout(state.deadline, state.provisioner.get(id)).await else {
+        tracing::error!(resource_id = %id, "reading a resource exceeded the request deadline");
+        return fail(
+            ErrorCode::BackendUnavailable,
+            "reading the resource took too long",
+        );
+    };
+    match found {
+        Ok(Some(record)) => {
+            let view = ResourceView::of(&record);
+            let mut response = json_response(StatusCode::OK, "application/json", &view);
+            if let Ok(etag) = HeaderValue::from_str(&view.etag()) {
+                response.headers_mut().insert(header::ETAG, etag);
+            }
+            response
+        }
         Ok(None) => fail(ErrorCode::ResourceNotFound, "no resource has this id"),
         Err(e) => {
-            tracing::error!(error = %e, "could not read a resource");
-            fail(ErrorCode::DbError, "could not read the resource")
+            tracing::error!(error = %ErrorChain(&e), "could not read a resource");
+            // The same answer as POST and DELETE give during an outage.
+            fail(ErrorCode::BackendUnavailable, "could not read the resource")
         }
     }
 }
@@ -257,14 +537,14 @@ struct DeletedView {
 
 async fn delete<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let request_id = request_id(&headers);
     let fail = |code, message: &str| error_response(code, message, &request_id, &state.docs);
-    let Some(id) = parse_id(&id) else {
-        return fail(ErrorCode::InvalidRequest, "the resource id must be a UUID");
+    let Some(id) = parse_id(id) else {
+        return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
     let reason = match reason_param(query.as_deref()) {
         None => DeprovisionReason::CustomerRequest,
@@ -273,7 +553,7 @@ async fn delete<S: ResourceStore, B: Backend>(
             Some(DeprovisionReason::Orphan) | None => {
                 return fail(
                     ErrorCode::InvalidRequest,
-                    "reason must be customer_request, expired or operator",
+                    "the reason parameter must be customer_request, expired or operator",
                 );
             }
             Some(reason) => reason,
@@ -284,15 +564,65 @@ async fn delete<S: ResourceStore, B: Backend>(
         actor: actor(&headers),
         request_id: Some(request_id.clone()),
     };
-    match state
-        .provisioner
-        .deprovision(
+    let deadline = tokio::time::Instant::now() + state.deadline;
+    let too_long = || {
+        envelope_response(
+            &ErrorEnvelope::new(
+                ErrorCode::BackendUnavailable,
+                "the deprovision took too long; send the same DELETE again to finish it",
+                request_id.as_str(),
+                &state.docs,
+            )
+            .with_resource(id),
+        )
+    };
+    // `If-Match`: only the version the caller last read is deleted.
+    if let Some(if_match) = headers.get(header::IF_MATCH) {
+        let Ok(if_match) = if_match.to_str() else {
+            return fail(
+                ErrorCode::InvalidRequest,
+                "If-Match must be a list of entity tags",
+            );
+        };
+        let current = match tokio::time::timeout_at(deadline, state.provisioner.get(id)).await {
+            Err(_) => {
+                tracing::error!(resource_id = %id, "checking If-Match exceeded the request deadline");
+                return too_long();
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %ErrorChain(&e), "could not read a resource for If-Match");
+                return fail(ErrorCode::BackendUnavailable, "could not read the resource");
+            }
+            Ok(Ok(record)) => record.map(|record| ResourceView::of(&record).etag()),
+        };
+        if !if_match_admits(if_match, current.as_deref()) {
+            return envelope_response(
+                &ErrorEnvelope::new(
+                    ErrorCode::PreconditionFailed,
+                    "If-Match does not name the resource's current version; nothing was deleted",
+                    request_id.as_str(),
+                    &state.docs,
+                )
+                .with_resource(id),
+            );
+        }
+    }
+    // Cut short at the deadline, the chokepoint leaves an audited, retryable state at worst
+    // (every step is idempotent; a retry finishes it).
+    let deprovisioned = tokio::time::timeout_at(
+        deadline,
+        state.provisioner.deprovision(
             DeprovisionTarget::Resource(id),
             &cause,
             OffsetDateTime::now_utc(),
-        )
-        .await
-    {
+        ),
+    )
+    .await;
+    let Ok(deprovisioned) = deprovisioned else {
+        tracing::error!(resource_id = %id, "a deprovision exceeded the request deadline");
+        return too_long();
+    };
+    match deprovisioned {
         Ok(done) => {
             let outcome = match done {
                 Deprovisioned::Retired => "deprovisioned",
@@ -300,8 +630,10 @@ async fn delete<S: ResourceStore, B: Backend>(
                 | Deprovisioned::OrphanReclaimed
                 | Deprovisioned::OrphanAbsent => "already_deprovisioned",
             };
+            tracing::info!(resource_id = %id, outcome, "deprovisioned a resource");
             json_response(
                 StatusCode::OK,
+                "application/json",
                 &DeletedView {
                     ok: true,
                     id: id.to_string(),
@@ -310,7 +642,13 @@ async fn delete<S: ResourceStore, B: Backend>(
                 },
             )
         }
-        Err(e) => fail(e.code(), &e.to_string()),
+        Err(e) => {
+            tracing::warn!(resource_id = %id, error = %ErrorChain(&e), "a deprovision did not complete");
+            envelope_response(
+                &ErrorEnvelope::new(e.code(), e.to_string(), request_id.as_str(), &state.docs)
+                    .with_resource(id),
+            )
+        }
     }
 }
 
@@ -330,8 +668,9 @@ mod tests {
 
     use super::*;
     use crate::backends::Backends;
+    use crate::bounded::BoundedStore;
 
-    type Store = FaultyStore<PgResourceStore>;
+    type Store = FaultyStore<BoundedStore<PgResourceStore>>;
 
     /// A running API on a fresh migrated database with one team.
     struct Api {
@@ -340,6 +679,7 @@ mod tests {
         team: TeamId,
         state: Arc<AppState<Store, Backends>>,
         stop: CancellationToken,
+        served: Option<tokio::task::JoinHandle<()>>,
     }
 
     impl Drop for Api {
@@ -359,30 +699,38 @@ mod tests {
         };
         let state = Arc::new(AppState {
             provisioner: Provisioner::new(
-                FaultyStore::new(PgResourceStore::new(db.pool().clone())),
+                FaultyStore::new(BoundedStore::new(
+                    PgResourceStore::new(db.pool().clone()),
+                    std::time::Duration::from_secs(5),
+                )),
                 backends,
                 metrics,
             ),
             docs: DocsBase::parse("https://keel.dev/docs/errors").unwrap(),
             tiers: ["free", "pro"].into_iter().map(String::from).collect(),
+            tracker: TaskTracker::new(),
+            deadline: std::time::Duration::from_secs(2),
+            admission: Arc::new(tokio::sync::Semaphore::new(8)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let app = router(state.clone(), Arc::new(registry));
-        let until = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { until.cancelled().await })
-                .await
-                .unwrap();
-        });
+        let served = tokio::spawn(serve(
+            listener,
+            app,
+            state.tracker.clone(),
+            stop.clone(),
+            std::time::Duration::from_secs(30),
+        ));
+        let served = Some(tokio::spawn(async move { served.await.unwrap().unwrap() }));
         Api {
             addr,
             db,
             team,
             state,
             stop,
+            served,
         }
     }
 
@@ -401,11 +749,36 @@ mod tests {
 
     impl Api {
         async fn call(&self, method: &str, path: &str, body: &str) -> Answer {
+            self.call_as(method, path, Some("application/json"), body)
+                .await
+        }
+
+        async fn call_as(
+            &self,
+            method: &str,
+            path: &str,
+            content_type: Option<&str>,
+            body: &str,
+        ) -> Answer {
+            let content_type = content_type
+                .map(|c| format!("Content-Type: {c}\r\n"))
+                .unwrap_or_default();
+            self.call_raw(method, path, &content_type, body).await
+        }
+
+        /// A bodiless call with one extra header.
+        async fn call_with(&self, method: &str, path: &str, name: &str, value: &str) -> Answer {
+            self.call_raw(method, path, &format!("{name}: {value}\r\n"), "")
+                .await
+        }
+
+        async fn call_raw(&self, method: &str, path: &str, extra: &str, body: &str) -> Answer {
             let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+            let content_type = extra;
             let request = format!(
                 "{method} {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
                  X-Request-Id: req-test-1\r\nX-Keel-Actor: agent:test\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                 {content_type}Content-Length: {}\r\n\r\n{body}",
                 body.len()
             );
             stream.write_all(request.as_bytes()).await.unwrap();
@@ -456,6 +829,21 @@ mod tests {
             "{body}"
         );
         assert!(body["type"].as_str().unwrap().starts_with("https://"));
+        assert!(
+            answer
+                .head
+                .to_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{}",
+            answer.head
+        );
+        assert!(
+            body["instance"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:keel:request:"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
@@ -578,7 +966,7 @@ mod tests {
                 "/v1/resources".into(),
                 json!({"team_id": TeamId::new_random().to_string(), "resource_type": "postgres", "tier": "pro"})
                     .to_string(),
-                404,
+                422,
                 "team_not_found",
             ),
             ("GET", "/v1/resources/not-a-uuid".into(), "".into(), 400, "invalid_request"),
@@ -635,5 +1023,475 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, "failed");
+    }
+
+    /// PROV-7: framework errors and panics are the same envelope as handler errors.
+    #[tokio::test]
+    async fn every_response_with_status_4xx_or_5xx_is_an_envelope() {
+        let api = api().await;
+        let big = format!(
+            "{{\"team_id\":\"{}\",\"resource_type\":\"postgres\",\"tier\":\"pro\"}}{}",
+            api.team,
+            " ".repeat(BODY_LIMIT * 2)
+        );
+        let cases: Vec<(&str, &str, String, u16, &str)> = vec![
+            ("POST", "/v1/resources", big, 413, "payload_too_large"),
+            (
+                "GET",
+                "/v1/resources/%ff%fe",
+                String::new(),
+                400,
+                "invalid_request",
+            ),
+            ("GET", "/nowhere", String::new(), 404, "route_not_found"),
+            (
+                "GET",
+                "/v1/resources/",
+                String::new(),
+                404,
+                "route_not_found",
+            ),
+            (
+                "PUT",
+                "/v1/resources",
+                String::new(),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                "PATCH",
+                "/v1/resources",
+                String::new(),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                "GET",
+                "/v1/resources",
+                String::new(),
+                405,
+                "method_not_allowed",
+            ),
+        ];
+        for (method, path, body, status, code) in cases {
+            let answer = api.call(method, path, &body).await;
+            assert_envelope(&answer, status, code);
+        }
+        assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+        let unknown = api
+            .call(
+                "POST",
+                "/v1/resources",
+                &json!({"team_id": api.team.to_string(), "resource_type": "postgres", "tier": "pro", "colour": 1}).to_string(),
+            )
+            .await;
+        assert_envelope(&unknown, 400, "invalid_request");
+        assert!(
+            unknown.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("colour"),
+            "the field is named"
+        );
+
+        // A panicking handler behind the same layers answers 500 with the envelope.
+        let docs = DocsBase::parse("https://keel.dev/docs/errors").unwrap();
+        let panicking = with_envelopes(
+            Router::new().route(
+                "/panic",
+                get(|| async {
+                    let v: Vec<u8> = Vec::new();
+                    v[1].to_string()
+                }),
+            ),
+            docs,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, panicking).await.unwrap() });
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /panic HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        assert!(raw.starts_with("HTTP/1.1 500"), "{raw}");
+        assert!(
+            raw.to_lowercase().contains("application/problem+json"),
+            "{raw}"
+        );
+        assert!(raw.contains("\"error\":\"internal\""), "{raw}");
+    }
+
+    /// PROV-8: only a JSON body creates anything; a cross-site "simple request" cannot.
+    #[tokio::test]
+    async fn a_body_that_is_not_declared_json_is_refused_with_415_before_anything_is_written() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        for content_type in [
+            Some("text/plain"),
+            None,
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            let answer = api
+                .call_as("POST", "/v1/resources", content_type, &body)
+                .await;
+            assert_envelope(&answer, 415, "unsupported_media_type");
+        }
+        let ok = api
+            .call_as(
+                "POST",
+                "/v1/resources",
+                Some("application/json; charset=utf-8"),
+                &body,
+            )
+            .await;
+        assert_eq!(ok.status, 201, "{}", ok.body);
+        assert_eq!(api.provider_ids().await.len(), 1);
+    }
+
+    /// PROV-6: actions name only what this deployment offers, and follow the compensation.
+    #[tokio::test]
+    async fn every_agent_action_names_only_endpoints_and_types_this_deployment_offers() {
+        let api = api().await;
+        let answer = api
+            .call("POST", "/v1/resources", &api.create_body("redis", "pro"))
+            .await;
+        assert_envelope(&answer, 400, "unknown_resource_type");
+        let body = answer.json();
+        let text = format!("{} {}", body["message"], body["agent_action"]);
+        assert!(
+            body["message"].as_str().unwrap().ends_with("postgres"),
+            "{text}"
+        );
+        for absent in ["redis", "namespace", "list the team"] {
+            assert!(!text.contains(absent), "{absent}: {text}");
+        }
+        for &code in ErrorCode::ALL {
+            let action = code.agent_action(&api.state.docs);
+            for absent in ["redis", "namespace", "list the", "create the team"] {
+                assert!(!action.contains(absent), "{code}: {action}");
+            }
+        }
+    }
+
+    /// PROV-6, PROV-18: a failure whose cleanup is unfinished never says "nothing was left
+    /// behind"; the 503 names the reserved resource, whose row GET can read.
+    #[tokio::test]
+    async fn every_agent_action_is_consistent_with_the_compensation_outcome() {
+        let api = api().await;
+        api.state.provisioner.store().fail(StoreStep::Activate, 1);
+        api.state.provisioner.store().fail(StoreStep::Abandon, 2);
+        let answer = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&answer, 503, "provision_incomplete");
+        let body = answer.json();
+        assert!(
+            !body["agent_action"]
+                .as_str()
+                .unwrap()
+                .contains("nothing was left"),
+            "{body}"
+        );
+        assert!(
+            !body["message"].as_str().unwrap().contains("(recorded"),
+            "{body}"
+        );
+        let id = body["resource_id"].as_str().unwrap().to_owned();
+        let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(read.status, 200);
+        assert_eq!(read.json()["status"], "pending");
+    }
+
+    /// PROV-18, PROV-6: a Location on the 201, one canonical id form, and an outage answered
+    /// alike by GET, POST and DELETE.
+    #[tokio::test]
+    async fn http_details_location_canonical_ids_and_outage_answers() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        assert!(
+            created
+                .head
+                .to_lowercase()
+                .contains(&format!("location: /v1/resources/{id}")),
+            "{}",
+            created.head
+        );
+        for other_form in [
+            id.to_uppercase(),
+            format!("{{{id}}}"),
+            id.replace('-', ""),
+            format!("urn:uuid:{id}"),
+        ] {
+            let answer = api
+                .call("GET", &format!("/v1/resources/{other_form}"), "")
+                .await;
+            assert_envelope(&answer, 400, "invalid_request");
+        }
+        api.state.provisioner.store().fail(StoreStep::Get, 1);
+        let outage = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_envelope(&outage, 503, "backend_unavailable");
+    }
+
+    /// PROV-5 (the SIGTERM variant of the fault matrix): a client gives up mid-flow and the
+    /// process is told to stop; the provisioning in flight still finishes before the server
+    /// returns, so no `pending` row and no unowned database are left.
+    #[tokio::test]
+    async fn shutdown_waits_for_in_flight_provisioning() {
+        let mut api = api().await;
+        // The finalize takes a while: shutdown arrives while it runs.
+        sqlx::raw_sql(
+            "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
+               WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();",
+        )
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let body = api.create_body("postgres", "pro");
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/resources HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Wait until the flow has reached its finalize (the database exists), then the client
+        // disconnects and the process is told to stop.
+        loop {
+            let names = api.provider_ids().await;
+            if let Some(name) = names.first()
+                && api.database_exists(name).await
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(stream);
+        api.stop.cancel();
+        api.served.take().unwrap().await.unwrap();
+        let (status, name): (String, String) =
+            sqlx::query_as("SELECT status, 'cust_' || token FROM resources")
+                .fetch_one(api.db.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            status, "active",
+            "the flow in flight was drained, not cut short"
+        );
+        assert!(api.database_exists(&name).await);
+    }
+
+    /// PROV-10: a GET or DELETE stuck behind the store answers 503 at the request deadline
+    /// instead of hanging; the DELETE names the resource so it can be sent again.
+    #[tokio::test]
+    async fn a_request_stuck_behind_the_store_answers_503_at_its_deadline() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let mut blocker = api.db.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE resources IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_envelope(&read, 503, "backend_unavailable");
+        let delete = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_envelope(&delete, 503, "backend_unavailable");
+        assert_eq!(delete.json()["resource_id"], id.as_str());
+        blocker.rollback().await.unwrap();
+        let again = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(again.status, 200, "{}", again.body);
+    }
+
+    /// PROV-10: admission control. Past the in-flight limit a POST is refused with 503 and
+    /// `Retry-After` before anything is reserved, counted as `shed`; once a permit frees up the
+    /// same POST provisions.
+    #[tokio::test]
+    async fn past_the_in_flight_limit_a_post_is_refused_before_anything_is_reserved() {
+        let api = api().await;
+        let all = Arc::clone(&api.state.admission)
+            .acquire_many_owned(8)
+            .await
+            .unwrap();
+        let refused = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&refused, 503, "too_many_provisions");
+        assert!(
+            refused.head.to_lowercase().contains("retry-after: 5"),
+            "{}",
+            refused.head
+        );
+        assert!(refused.json().get("resource_id").is_none());
+        assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+        assert_eq!(
+            api.state
+                .provisioner
+                .metrics()
+                .outcomes(ResourceType::Postgres, keel_provision::Outcome::Shed),
+            1
+        );
+        let metrics = api.call("GET", "/metrics", "").await;
+        assert!(
+            metrics.body.contains(
+                "instant_provision_outcomes_total{resource_type=\"postgres\",outcome=\"shed\"} 1"
+            ),
+            "{}",
+            metrics.body
+        );
+        drop(all);
+        let admitted = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_eq!(admitted.status, 201, "{}", admitted.body);
+        assert_eq!(
+            api.state.admission.available_permits(),
+            8,
+            "the permit came back"
+        );
+    }
+
+    /// PROV-10: a POST whose flow outlives the request deadline is answered with the reserved
+    /// resource's id and "still being created" (never "failed"); the flow goes on in its own task
+    /// and the resource GET names becomes active.
+    #[tokio::test]
+    async fn a_post_past_its_deadline_names_the_reserved_resource_and_never_says_failed() {
+        let api = api().await;
+        // The finalize outlasts the request deadline (2 s) but not the store deadline (5 s).
+        sqlx::raw_sql(
+            "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
+               WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();",
+        )
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let answer = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&answer, 503, "provision_pending");
+        let body = answer.json();
+        let text = format!("{} {}", body["message"], body["agent_action"]);
+        // "failed" appears only as one of the statuses to wait for.
+        let claims = text.replace("active or failed", "");
+        for untrue in [
+            "failed",
+            "could not be created",
+            "nothing was left",
+            "retry",
+        ] {
+            assert!(!claims.contains(untrue), "{text}");
+        }
+        assert!(text.contains("GET"), "{text}");
+        assert!(!text.contains("postgres://"), "{text}");
+        let id = body["resource_id"].as_str().unwrap().to_owned();
+        let first = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(first.json()["status"], "pending", "{}", first.body);
+        // The flow was not cut short: the resource it reserved becomes active.
+        let status = loop {
+            let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
+            let status = read.json()["status"].as_str().unwrap().to_owned();
+            if status != "pending" {
+                break status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(status, "active");
+        let name = api.provider_ids().await.remove(0);
+        assert!(api.database_exists(&name).await);
+        assert_eq!(
+            api.state
+                .provisioner
+                .metrics()
+                .answered_pending_total(ResourceType::Postgres),
+            1
+        );
+    }
+
+    fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {
+        answer.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// PROV-18: GET shows `updated_at` and an `ETag` that changes with the row; DELETE honours
+    /// `If-Match` and, on a version that is not the current one, answers 412 in the envelope and
+    /// deletes nothing.
+    #[tokio::test]
+    async fn delete_with_a_stale_if_match_answers_412_and_deletes_nothing() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let path = format!("/v1/resources/{id}");
+        let first = api.call("GET", &path, "").await;
+        let first_tag = header(&first, "etag").unwrap().to_owned();
+        assert!(
+            first_tag.starts_with('"') && first_tag.ends_with('"'),
+            "{first_tag}"
+        );
+        let first_updated = first.json()["updated_at"].as_str().unwrap().to_owned();
+        let again = api.call("GET", &path, "").await;
+        assert_eq!(
+            header(&again, "etag"),
+            Some(first_tag.as_str()),
+            "the same version has the same tag"
+        );
+        // The row changes (as a tier change by propagation would).
+        sqlx::query(
+            "UPDATE resources SET tier = 'free', updated_at = updated_at + interval '1 second' \
+              WHERE id = $1",
+        )
+        .bind(uuid::Uuid::parse_str(&id).unwrap())
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let second = api.call("GET", &path, "").await;
+        let second_tag = header(&second, "etag").unwrap().to_owned();
+        assert_ne!(first_tag, second_tag);
+        assert_ne!(second.json()["updated_at"].as_str().unwrap(), first_updated);
+
+        let name = api.provider_ids().await.remove(0);
+        for stale in [first_tag.clone(), format!("W/{second_tag}"), "\"x\"".into()] {
+            let refused = api.call_with("DELETE", &path, "If-Match", &stale).await;
+            assert_envelope(&refused, 412, "precondition_failed");
+            assert_eq!(refused.json()["resource_id"], id.as_str());
+            assert!(api.database_exists(&name).await, "nothing was deleted");
+        }
+        assert_eq!(api.call("GET", &path, "").await.json()["status"], "active");
+        let mut conn = api.db.pool().acquire().await.unwrap();
+        let kinds: Vec<AuditKind> = fetch(&mut conn, &AuditFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|stored| stored.event.kind())
+            .collect();
+        assert_eq!(
+            kinds,
+            [AuditKind::ProvisionCreated],
+            "no deprovision recorded"
+        );
+
+        let deleted = api
+            .call_with("DELETE", &path, "If-Match", &format!("\"x\", {second_tag}"))
+            .await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(!api.database_exists(&name).await);
+        let missing = format!("/v1/resources/{}", ResourceId::new_random());
+        let absent = api.call_with("DELETE", &missing, "If-Match", "*").await;
+        assert_envelope(&absent, 412, "precondition_failed");
     }
 }

@@ -68,4 +68,14 @@ impl Backend for Backends {
             }
         }
     }
+
+    async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let resource_type = name.resource_type();
+        match resource_type {
+            ResourceType::Postgres => self.postgres(resource_type)?.protected(name).await,
+            ResourceType::Redis | ResourceType::Namespace => {
+                self.namespaces(resource_type)?.protected(name).await
+            }
+        }
+    }
 }

@@ -10,15 +10,20 @@
 
 mod api;
 mod backends;
+mod bounded;
+mod reconcile;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use keel_provision::postgres::{PgClusterBackend, PgResourceStore, PublicAddress};
+use keel_provision::postgres::{
+    PgClusterBackend, PgResourceStore, PublicAddress, SslMode, isolate_platform_database,
+};
 use keel_provision::{DocsBase, ProvisionMetrics, Provisioner};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
 use keel_service::http::Readiness;
@@ -26,6 +31,7 @@ use prometheus_client::registry::Registry;
 
 use crate::api::AppState;
 use crate::backends::Backends;
+use crate::bounded::BoundedStore;
 
 /// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
 #[derive(Parser)]
@@ -40,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the provisioning API, /metrics and /healthz until SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the embedded database migrations and exit.
     Migrate(DatabaseArgs),
 }
@@ -72,6 +78,69 @@ struct ServeArgs {
     /// Port customers connect to (default: the cluster URL's port).
     #[arg(long, env = "KEEL_PROVISION_PUBLIC_PORT", value_name = "PORT")]
     public_port: Option<u16>,
+    /// The `sslmode` written into issued connection URLs (disable, prefer, require, verify-ca,
+    /// verify-full).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_SSLMODE",
+        default_value = "require",
+        value_parser = parse_sslmode,
+        value_name = "MODE"
+    )]
+    sslmode: SslMode,
+    /// Seconds after which a `pending` reservation is settled by the reconciler (it must exceed
+    /// the longest provisioning).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_RECONCILE_PENDING_AFTER_SECS",
+        default_value_t = 900,
+        value_name = "SECONDS"
+    )]
+    reconcile_pending_after_secs: u64,
+    /// Seconds between reconciler ticks (one replica at a time runs a tick).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_RECONCILE_INTERVAL_SECS",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    reconcile_interval_secs: u64,
+    /// Seconds before a request is answered: a GET or DELETE still waiting answers 503
+    /// backend_unavailable; a POST whose provisioning still runs answers 503 provision_pending
+    /// with the reserved resource's id (the provisioning goes on).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_REQUEST_DEADLINE_SECS",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    request_deadline_secs: u64,
+    /// Seconds any one call to the platform database may take before it is given up as failed.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_STORE_DEADLINE_SECS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    store_deadline_secs: u64,
+    /// Provisionings in flight at once on this instance; past it a POST answers 503
+    /// too_many_provisions before anything is reserved.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_MAX_IN_FLIGHT",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N"
+    )]
+    max_in_flight: u32,
+    /// Seconds to wait on SIGTERM for provisionings in flight.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_SHUTDOWN_DRAIN_SECS",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    shutdown_drain_secs: u64,
     /// Also provision `namespace` and `redis` resources as Kubernetes namespaces (in-cluster
     /// config or KUBECONFIG).
     #[arg(long, env = "KEEL_PROVISION_KUBE_NAMESPACES")]
@@ -112,12 +181,19 @@ struct ServeArgs {
     max_connections: u32,
 }
 
+fn parse_sslmode(s: &str) -> Result<SslMode, String> {
+    SslMode::parse(s).ok_or_else(|| {
+        let modes: Vec<&str> = SslMode::ALL.iter().map(|m| m.as_str()).collect();
+        format!("expected one of {}", modes.join(", "))
+    })
+}
+
 fn main() -> ExitCode {
     let cli: Cli = keel_service::cli::parse();
     keel_service::run(&cli.log, async move {
         match cli.command {
             Command::Migrate(db) => keel_service::migrate(&db).await,
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
         }
     })
 }
@@ -148,16 +224,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    // Every tier sold must have its role settings (the one table shared with propagation), or
+    // every POST at that tier would fail.
+    let tier_settings = keel_audit::TierRoleSettings::standard();
+    for tier in &args.tiers {
+        let known = keel_audit::Tier::parse(tier)
+            .ok()
+            .and_then(|t| tier_settings.get(&t));
+        anyhow::ensure!(
+            known.is_some(),
+            "--tiers names {tier:?}, which has no role settings (connection limit, statement_timeout); \
+             sell only tiers defined in keel_audit::TierRoleSettings"
+        );
+    }
+    let cluster_backend = PgClusterBackend::new(cluster, public, 8)
+        .with_sslmode(args.sslmode)
+        .with_tier_settings(tier_settings);
+    // Say at start-up, not at the first POST, what the cluster admin lacks.
+    cluster_backend
+        .check_privileges()
+        .await
+        .context("the cluster admin role cannot provision")?;
+    // Customer roles live on a cluster that, by default, hosts the platform database too.
+    isolate_platform_database(&pool)
+        .await
+        .context("the platform database is reachable by every role on its server")?;
     let backends = Backends {
-        postgres: Some(PgClusterBackend::new(cluster, public, 8)),
+        postgres: Some(cluster_backend),
         namespaces,
     };
     let mut registry = Registry::default();
     let metrics = ProvisionMetrics::register(&mut registry);
+    let tracker = tokio_util::task::TaskTracker::new();
     let state = Arc::new(AppState {
-        provisioner: Provisioner::new(PgResourceStore::new(pool.clone()), backends, metrics),
+        provisioner: Provisioner::new(
+            BoundedStore::new(
+                PgResourceStore::new(pool.clone()),
+                Duration::from_secs(args.store_deadline_secs.max(1)),
+            ),
+            backends,
+            metrics,
+        ),
         docs,
         tiers: args.tiers.into_iter().collect::<BTreeSet<_>>(),
+        tracker: tracker.clone(),
+        deadline: Duration::from_secs(args.request_deadline_secs.max(1)),
+        admission: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight as usize)),
     });
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
@@ -165,14 +277,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, "serving the provisioning API");
+    let reconciler = {
+        let state = Arc::clone(&state);
+        let pool = pool.clone();
+        let stop = shutdown.clone();
+        let config = reconcile::ReconcileConfig {
+            older_than: Duration::from_secs(args.reconcile_pending_after_secs),
+            interval: Duration::from_secs(args.reconcile_interval_secs.max(1)),
+        };
+        tokio::spawn(async move { reconcile::run(pool, &state.provisioner, config, stop).await })
+    };
     let readyz = keel_service::http::readiness_router(Readiness::new(pool.clone()));
-    axum::serve(
+    api::serve(
         listener,
-        api::router(state, Arc::new(registry)).merge(readyz),
+        api::router(Arc::clone(&state), Arc::new(registry)).merge(readyz),
+        tracker,
+        shutdown.clone(),
+        Duration::from_secs(args.shutdown_drain_secs),
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await
     .context("the API listener failed")?;
+    shutdown.cancel();
+    if let Err(e) = reconciler.await {
+        tracing::error!(error = %e, "the reconciler task failed");
+    }
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)

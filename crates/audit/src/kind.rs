@@ -37,6 +37,16 @@ pub enum AuditKind {
     /// The backend object was created but the resource row could not be finalized; the backend
     /// object was torn down (or its teardown failure recorded) and the caller got a 503.
     ProvisionPersistenceFailed,
+    /// Creating the backend object failed (for example the cluster was unreachable); the
+    /// reservation was compensated. Not a persistence failure: nothing was created after the
+    /// row was written, so it does not page.
+    ProvisionCreateFailed,
+    /// A compensating teardown (after a failed create or finalize, or by the reconciler) failed:
+    /// the backend object may be left behind under its deterministic name.
+    ProvisionTeardownFailed,
+    /// The reconciler compensated a reservation left `pending` longer than its age limit (a
+    /// provisioning cut short by a crash or a shutdown deadline).
+    ProvisionReconciled,
     /// A live resource's backend object was torn down through the deprovision chokepoint.
     ResourceDeprovisioned,
     /// The orphan sweep reclaimed an orphaned backend object through the deprovision chokepoint.
@@ -103,6 +113,9 @@ impl AuditKind {
             AuditKind::PropagationEnqueued => "propagation.enqueued",
             AuditKind::ProvisionCreated => "provision.created",
             AuditKind::ProvisionPersistenceFailed => "provision.persistence_failed",
+            AuditKind::ProvisionCreateFailed => "provision.create_failed",
+            AuditKind::ProvisionTeardownFailed => "provision.teardown_failed",
+            AuditKind::ProvisionReconciled => "provision.reconciled",
             AuditKind::ResourceDeprovisioned => "resource.deprovisioned",
             AuditKind::OrphanSweepReclaimed => "orphan_sweep.reclaimed",
             AuditKind::BillingChargeUndeliverable => "billing.charge_undeliverable",
@@ -148,6 +161,18 @@ impl AuditKind {
             AuditKind::ProvisionPersistenceFailed => Consumer::OperatorAlert {
                 alert: "provision_persistence_failed",
                 severity: AlertSeverity::Page,
+            },
+            AuditKind::ProvisionCreateFailed => Consumer::OperatorAlert {
+                alert: "provision_create_failed",
+                severity: AlertSeverity::Ticket,
+            },
+            AuditKind::ProvisionTeardownFailed => Consumer::OperatorAlert {
+                alert: "provision_teardown_failed",
+                severity: AlertSeverity::Page,
+            },
+            AuditKind::ProvisionReconciled => Consumer::OperatorAlert {
+                alert: "provision_reconciled",
+                severity: AlertSeverity::Ticket,
             },
             AuditKind::ResourceDeprovisioned => Consumer::CustomerNotification {
                 template: "resource_deleted",

@@ -24,11 +24,31 @@ pub enum ErrorCode {
     TeamNotFound,
     /// The resource does not exist (or was deprovisioned).
     ResourceNotFound,
-    /// The backend object could not be created or its row could not be finalized; nothing was
-    /// left behind and nothing is billed.
+    /// The backend object could not be created or its row could not be finalized; the attempt was
+    /// fully compensated: nothing was left behind and nothing is billed.
     ProvisionFailed,
+    /// The attempt failed and its compensation is not finished (a teardown failed, or the row
+    /// could not be settled yet): the platform cleans it up; nothing is billed.
+    ProvisionIncomplete,
+    /// The resource is protected against deletion (`keel.dev/protect`).
+    ResourceProtected,
+    /// `If-Match` names a version of the resource that is not its current one.
+    PreconditionFailed,
+    /// No route has this path.
+    RouteNotFound,
+    /// The route does not answer this method.
+    MethodNotAllowed,
+    /// The body is larger than the limit.
+    PayloadTooLarge,
+    /// The body is not `application/json`.
+    UnsupportedMediaType,
     /// The backend is temporarily unavailable.
     BackendUnavailable,
+    /// Too many provisionings are in flight on this instance; nothing was reserved.
+    TooManyProvisions,
+    /// The provisioning outlived the request deadline and is still running: the reserved
+    /// resource may yet become active or fail. Never "failed".
+    ProvisionPending,
     /// A database operation failed (plumbing; unregistered).
     DbError,
     /// An unexpected internal failure (plumbing; unregistered).
@@ -83,7 +103,16 @@ impl ErrorCode {
             ErrorCode::TeamNotFound => "team_not_found",
             ErrorCode::ResourceNotFound => "resource_not_found",
             ErrorCode::ProvisionFailed => "provision_failed",
+            ErrorCode::ProvisionIncomplete => "provision_incomplete",
+            ErrorCode::ResourceProtected => "resource_protected",
+            ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::RouteNotFound => "route_not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::TooManyProvisions => "too_many_provisions",
+            ErrorCode::ProvisionPending => "provision_pending",
             ErrorCode::DbError => "db_error",
             ErrorCode::Internal => "internal",
         }
@@ -95,8 +124,19 @@ impl ErrorCode {
             ErrorCode::InvalidRequest | ErrorCode::UnknownResourceType | ErrorCode::UnknownTier => {
                 400
             }
-            ErrorCode::TeamNotFound | ErrorCode::ResourceNotFound => 404,
-            ErrorCode::ProvisionFailed | ErrorCode::BackendUnavailable => 503,
+            ErrorCode::ResourceNotFound | ErrorCode::RouteNotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::ResourceProtected => 409,
+            ErrorCode::PreconditionFailed => 412,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            // The request is well formed but names a team that does not exist.
+            ErrorCode::TeamNotFound => 422,
+            ErrorCode::ProvisionFailed
+            | ErrorCode::ProvisionIncomplete
+            | ErrorCode::BackendUnavailable
+            | ErrorCode::TooManyProvisions
+            | ErrorCode::ProvisionPending => 503,
             ErrorCode::DbError | ErrorCode::Internal => 500,
         }
     }
@@ -110,7 +150,16 @@ impl ErrorCode {
             ErrorCode::TeamNotFound => "Team not found",
             ErrorCode::ResourceNotFound => "Resource not found",
             ErrorCode::ProvisionFailed => "Provisioning failed",
+            ErrorCode::ProvisionIncomplete => "Provisioning failed; cleanup pending",
+            ErrorCode::ResourceProtected => "Resource protected",
+            ErrorCode::PreconditionFailed => "Precondition failed",
+            ErrorCode::RouteNotFound => "Not found",
+            ErrorCode::MethodNotAllowed => "Method not allowed",
+            ErrorCode::PayloadTooLarge => "Payload too large",
+            ErrorCode::UnsupportedMediaType => "Unsupported media type",
             ErrorCode::BackendUnavailable => "Backend unavailable",
+            ErrorCode::TooManyProvisions => "Too many provisionings in flight",
+            ErrorCode::ProvisionPending => "Provisioning still in progress",
             ErrorCode::DbError => "Database error",
             ErrorCode::Internal => "Internal error",
         }
@@ -119,9 +168,17 @@ impl ErrorCode {
     /// Seconds a caller should wait before retrying, when retrying is the advice (503s).
     pub const fn retry_after_seconds(self) -> Option<u32> {
         match self {
-            ErrorCode::ProvisionFailed => Some(5),
-            ErrorCode::BackendUnavailable => Some(30),
-            ErrorCode::InvalidRequest
+            ErrorCode::ProvisionFailed
+            | ErrorCode::TooManyProvisions
+            | ErrorCode::ProvisionPending => Some(5),
+            ErrorCode::ProvisionIncomplete | ErrorCode::BackendUnavailable => Some(30),
+            ErrorCode::ResourceProtected
+            | ErrorCode::PreconditionFailed
+            | ErrorCode::RouteNotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::InvalidRequest
             | ErrorCode::UnknownResourceType
             | ErrorCode::UnknownTier
             | ErrorCode::TeamNotFound
@@ -136,33 +193,72 @@ impl ErrorCode {
     const fn registered(self) -> Option<&'static str> {
         match self {
             ErrorCode::InvalidRequest => Some(
-                "Tell the user the request was malformed (invalid JSON or a missing field); fix \
-                 the body to match the documented schema and send it again. See {url}",
+                "Tell the user the request was malformed (the message names the field, id or \
+                 parameter); correct that value and send the request again. See {url}",
             ),
             ErrorCode::UnknownResourceType => Some(
-                "Tell the user that resource type is not offered; choose one of postgres, redis \
-                 or namespace and send the request again. See {url}",
+                "Tell the user that resource type is not offered here; pick one of the types the \
+                 message lists and send the request again. See {url}",
             ),
             ErrorCode::UnknownTier => Some(
-                "Tell the user that tier does not exist; pick one of the tiers listed in the \
-                 docs and send the request again. See {url}",
+                "Tell the user that tier does not exist; pick one of the tiers the message lists \
+                 and send the request again. See {url}",
             ),
             ErrorCode::TeamNotFound => Some(
-                "Tell the user the team was not found; check the team id (or create the team) \
-                 before retrying. See {url}",
+                "Tell the user the team was not found; check the team id with the user before \
+                 sending the request again. See {url}",
             ),
             ErrorCode::ResourceNotFound => Some(
-                "Tell the user the resource was not found or was deleted; list the team's \
-                 resources to find the right id. See {url}",
+                "Tell the user the resource was not found or was deleted; check the id returned \
+                 when it was created, and do not retry with the same id. See {url}",
             ),
             ErrorCode::ProvisionFailed => Some(
                 "Tell the user the resource could not be created and nothing was left behind or \
-                 billed; retry the same request with exponential backoff, starting at 5 seconds. \
+                 billed; retry with exponential backoff, starting at 5 seconds. See {url}",
+            ),
+            ErrorCode::ProvisionIncomplete => Some(
+                "Tell the user the resource could not be created and the platform is still \
+                 cleaning up the attempt (nothing is billed); retry with exponential backoff, \
+                 starting at 30 seconds. See {url}",
+            ),
+            ErrorCode::ResourceProtected => Some(
+                "Tell the user the resource is protected against deletion; ask them to remove \
+                 the protection first, and do not retry until they have. See {url}",
+            ),
+            ErrorCode::PreconditionFailed => Some(
+                "Tell the user the resource changed since it was last read; GET it again, check \
+                 it is still the one meant, and send the request with its new ETag in If-Match. \
                  See {url}",
+            ),
+            ErrorCode::RouteNotFound => Some(
+                "Tell the user the path does not exist; use POST /v1/resources or GET or DELETE \
+                 /v1/resources/{id} exactly. See {url}",
+            ),
+            ErrorCode::MethodNotAllowed => Some(
+                "Tell the user the method is not allowed on this path; use POST on \
+                 /v1/resources, GET or DELETE on /v1/resources/{id}. See {url}",
+            ),
+            ErrorCode::PayloadTooLarge => Some(
+                "Tell the user the request body is too large; send only the documented fields, \
+                 which fit in a few hundred bytes. See {url}",
+            ),
+            ErrorCode::UnsupportedMediaType => Some(
+                "Tell the user the body must be JSON; send it with Content-Type: \
+                 application/json. See {url}",
             ),
             ErrorCode::BackendUnavailable => Some(
                 "Tell the user the platform's backend is briefly unavailable; wait for the \
                  Retry-After delay, then retry with exponential backoff. See {url}",
+            ),
+            ErrorCode::TooManyProvisions => Some(
+                "Tell the user the platform is busy creating other resources and nothing was \
+                 reserved; wait for the Retry-After delay, then retry with exponential backoff. \
+                 See {url}",
+            ),
+            ErrorCode::ProvisionPending => Some(
+                "Tell the user the resource is still being created; do not POST again: GET \
+                 /v1/resources/{id} with the resource_id given, every Retry-After seconds, until \
+                 its status is active or failed. See {url}",
             ),
             ErrorCode::DbError | ErrorCode::Internal => None,
         }
@@ -209,7 +305,16 @@ pub struct ErrorEnvelope {
     pub status: u16,
     /// RFC 9457 `detail` (the message).
     pub detail: String,
+    /// RFC 9457 `instance`: this occurrence, `urn:keel:request:<request id>`.
+    pub instance: String,
+    /// The resource the error concerns, when one was reserved (a failed provisioning's row can
+    /// be read with `GET /v1/resources/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
 }
+
+/// The media type of every error body (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
 
 impl ErrorEnvelope {
     /// The envelope for `code`.
@@ -220,18 +325,27 @@ impl ErrorEnvelope {
         docs: &DocsBase,
     ) -> Self {
         let message = message.into();
+        let request_id = request_id.into();
         Self {
+            instance: format!("urn:keel:request:{request_id}"),
+            resource_id: None,
             ok: false,
             error: code.as_str(),
             agent_action: code.agent_action(docs),
             retry_after_seconds: code.retry_after_seconds(),
-            request_id: request_id.into(),
+            request_id,
             type_url: docs.page(code),
             title: code.title(),
             status: code.status(),
             detail: message.clone(),
             message,
         }
+    }
+
+    /// The same envelope naming the resource it concerns.
+    pub fn with_resource(mut self, id: impl std::fmt::Display) -> Self {
+        self.resource_id = Some(id.to_string());
+        self
     }
 
     /// The `Retry-After` header value, on 503s.
@@ -319,6 +433,7 @@ mod tests {
             "title",
             "status",
             "detail",
+            "instance",
         ] {
             assert!(json.get(key).is_some(), "missing {key}: {json}");
         }

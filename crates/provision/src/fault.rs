@@ -1,6 +1,11 @@
 //! Fault injection for tests (feature `testing`): wrappers that make a store or a backend fail
 //! at a chosen step, a chosen number of times, and otherwise pass through to the real adapter.
 //!
+//! A fault fires either **before** the real call (nothing reached the store or backend) or
+//! **after** it (the real call ran to completion and its answer is replaced by an error: a
+//! commit that happened but whose reply was lost, a teardown that happened but was reported as
+//! failed). Every step has both variants ([`When`]).
+//!
 //! ```
 //! use keel_provision::fault::{BackendStep, FaultyBackend};
 //! # struct Nothing;
@@ -18,28 +23,37 @@ use keel_audit::{AuditEvent, ResourceId, ResourceType, Tier, Token};
 use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
-use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
 
 /// The error an injected fault returns.
 #[derive(Debug, thiserror::Error)]
 #[error("injected fault at {0}")]
 pub struct InjectedFault(pub &'static str);
 
-#[derive(Debug, Default)]
-struct Faults<K>(Mutex<HashMap<K, usize>>);
+/// When an injected fault fires relative to the real call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+pub enum When {
+    /// Instead of the real call: nothing happened.
+    Before,
+    /// After the real call succeeded: it happened, but the caller hears an error.
+    After,
+}
 
-impl<K: Hash + Eq> Faults<K> {
-    fn set(&self, step: K, times: usize) {
+#[derive(Debug, Default)]
+struct Faults<K>(Mutex<HashMap<(K, When), usize>>);
+
+impl<K: Hash + Eq + Copy> Faults<K> {
+    fn set(&self, step: K, when: When, times: usize) {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(step, times);
+            .insert((step, when), times);
     }
 
-    /// Whether this call at `step` fails (consuming one planned failure).
-    fn take(&self, step: K) -> bool {
+    /// Whether this call at `step` fails at `when` (consuming one planned failure).
+    fn take(&self, step: K, when: When) -> bool {
         let mut faults = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match faults.get_mut(&step) {
+        match faults.get_mut(&(step, when)) {
             Some(left) if *left > 0 => {
                 *left -= 1;
                 true
@@ -50,7 +64,7 @@ impl<K: Hash + Eq> Faults<K> {
 }
 
 /// A [`ResourceStore`] step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
 pub enum StoreStep {
     /// [`ResourceStore::reserve`].
     Reserve,
@@ -66,6 +80,8 @@ pub enum StoreStep {
     Get,
     /// [`ResourceStore::live_for_token`].
     LiveForToken,
+    /// [`ResourceStore::stale_pending`].
+    StalePending,
 }
 
 impl StoreStep {
@@ -78,6 +94,7 @@ impl StoreStep {
             Self::Record => "store.record",
             Self::Get => "store.get",
             Self::LiveForToken => "store.live_for_token",
+            Self::StalePending => "store.stale_pending",
         }
     }
 }
@@ -100,7 +117,18 @@ impl<S> FaultyStore<S> {
 
     /// Makes the next `times` calls at `step` fail without reaching the real store.
     pub fn fail(&self, step: StoreStep, times: usize) {
-        self.faults.set(step, times);
+        self.faults.set(step, When::Before, times);
+    }
+
+    /// Makes the next `times` calls at `step` reach the real store and then report an error
+    /// (the change is made, the reply is lost).
+    pub fn fail_after(&self, step: StoreStep, times: usize) {
+        self.faults.set(step, When::After, times);
+    }
+
+    /// [`FaultyStore::fail`] or [`FaultyStore::fail_after`].
+    pub fn fail_at(&self, step: StoreStep, when: When, times: usize) {
+        self.faults.set(step, when, times);
     }
 
     /// The wrapped store.
@@ -108,8 +136,8 @@ impl<S> FaultyStore<S> {
         &self.inner
     }
 
-    fn check(&self, step: StoreStep) -> Result<(), StoreError> {
-        if self.faults.take(step) {
+    fn check(&self, step: StoreStep, when: When) -> Result<(), StoreError> {
+        if self.faults.take(step, when) {
             Err(StoreError::unavailable(
                 step.as_str(),
                 InjectedFault(step.as_str()),
@@ -125,11 +153,7 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         &self,
         reservation: &NewReservation,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let fault = self.check(StoreStep::Reserve);
-        async move {
-            fault?;
-            self.inner.reserve(reservation).await
-        }
+        self.around(StoreStep::Reserve, self.inner.reserve(reservation))
     }
 
     fn activate(
@@ -139,11 +163,10 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         audit: &AuditEvent,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let fault = self.check(StoreStep::Activate);
-        async move {
-            fault?;
-            self.inner.activate(id, object, audit, now).await
-        }
+        self.around(
+            StoreStep::Activate,
+            self.inner.activate(id, object, audit, now),
+        )
     }
 
     fn abandon(
@@ -151,12 +174,19 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         id: ResourceId,
         audit: Option<&AuditEvent>,
         now: OffsetDateTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let fault = self.check(StoreStep::Abandon);
-        async move {
-            fault?;
-            self.inner.abandon(id, audit, now).await
-        }
+    ) -> impl Future<Output = Result<Flip, StoreError>> + Send {
+        self.around(StoreStep::Abandon, self.inner.abandon(id, audit, now))
+    }
+
+    fn stale_pending(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ResourceRecord>, StoreError>> + Send {
+        self.around(
+            StoreStep::StalePending,
+            self.inner.stale_pending(older_than, limit),
+        )
     }
 
     fn retire(
@@ -165,46 +195,45 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         audit: &AuditEvent,
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let fault = self.check(StoreStep::Retire);
-        async move {
-            fault?;
-            self.inner.retire(id, audit, now).await
-        }
+        self.around(StoreStep::Retire, self.inner.retire(id, audit, now))
     }
 
     fn record(&self, audit: &AuditEvent) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let fault = self.check(StoreStep::Record);
-        async move {
-            fault?;
-            self.inner.record(audit).await
-        }
+        self.around(StoreStep::Record, self.inner.record(audit))
     }
 
     fn get(
         &self,
         id: ResourceId,
     ) -> impl Future<Output = Result<Option<ResourceRecord>, StoreError>> + Send {
-        let fault = self.check(StoreStep::Get);
-        async move {
-            fault?;
-            self.inner.get(id).await
-        }
+        self.around(StoreStep::Get, self.inner.get(id))
     }
 
     fn live_for_token(
         &self,
         token: &Token,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send {
-        let fault = self.check(StoreStep::LiveForToken);
-        async move {
-            fault?;
-            self.inner.live_for_token(token).await
-        }
+        self.around(StoreStep::LiveForToken, self.inner.live_for_token(token))
+    }
+}
+
+impl<S> FaultyStore<S> {
+    /// Runs `call` unless a fault fires before it; replaces its success with an error when a
+    /// fault fires after it.
+    async fn around<T>(
+        &self,
+        step: StoreStep,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.check(step, When::Before)?;
+        let value = call.await?;
+        self.check(step, When::After)?;
+        Ok(value)
     }
 }
 
 /// A [`Backend`] step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
 pub enum BackendStep {
     /// [`Backend::create`].
     Create,
@@ -212,6 +241,8 @@ pub enum BackendStep {
     Teardown,
     /// [`Backend::exists`].
     Exists,
+    /// [`Backend::protected`].
+    Protected,
 }
 
 impl BackendStep {
@@ -220,6 +251,7 @@ impl BackendStep {
             Self::Create => "backend.create",
             Self::Teardown => "backend.teardown",
             Self::Exists => "backend.exists",
+            Self::Protected => "backend.protected",
         }
     }
 }
@@ -242,7 +274,18 @@ impl<B> FaultyBackend<B> {
 
     /// Makes the next `times` calls at `step` fail without reaching the real backend.
     pub fn fail(&self, step: BackendStep, times: usize) {
-        self.faults.set(step, times);
+        self.faults.set(step, When::Before, times);
+    }
+
+    /// Makes the next `times` calls at `step` reach the real backend and then report an error
+    /// (the object was created or torn down, the caller hears a failure).
+    pub fn fail_after(&self, step: BackendStep, times: usize) {
+        self.faults.set(step, When::After, times);
+    }
+
+    /// [`FaultyBackend::fail`] or [`FaultyBackend::fail_after`].
+    pub fn fail_at(&self, step: BackendStep, when: When, times: usize) {
+        self.faults.set(step, when, times);
     }
 
     /// The wrapped backend.
@@ -250,8 +293,8 @@ impl<B> FaultyBackend<B> {
         &self.inner
     }
 
-    fn check(&self, step: BackendStep, name: &BackendName) -> Result<(), BackendError> {
-        if self.faults.take(step) {
+    fn check(&self, step: BackendStep, when: When, name: &BackendName) -> Result<(), BackendError> {
+        if self.faults.take(step, when) {
             Err(BackendError::unavailable(
                 step.as_str(),
                 name,
@@ -273,32 +316,43 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         name: &BackendName,
         tier: &Tier,
     ) -> impl Future<Output = Result<BackendObject, BackendError>> + Send {
-        let fault = self.check(BackendStep::Create, name);
-        async move {
-            fault?;
-            self.inner.create(name, tier).await
-        }
+        self.around(BackendStep::Create, name, self.inner.create(name, tier))
     }
 
     fn teardown(
         &self,
         name: &BackendName,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let fault = self.check(BackendStep::Teardown, name);
-        async move {
-            fault?;
-            self.inner.teardown(name).await
-        }
+        self.around(BackendStep::Teardown, name, self.inner.teardown(name))
     }
 
     fn exists(
         &self,
         name: &BackendName,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let fault = self.check(BackendStep::Exists, name);
-        async move {
-            fault?;
-            self.inner.exists(name).await
-        }
+        self.around(BackendStep::Exists, name, self.inner.exists(name))
+    }
+
+    fn protected(
+        &self,
+        name: &BackendName,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.around(BackendStep::Protected, name, self.inner.protected(name))
+    }
+}
+
+impl<B> FaultyBackend<B> {
+    /// Runs `call` unless a fault fires before it; replaces its success with an error when a
+    /// fault fires after it.
+    async fn around<T>(
+        &self,
+        step: BackendStep,
+        name: &BackendName,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        self.check(step, When::Before, name)?;
+        let value = call.await?;
+        self.check(step, When::After, name)?;
+        Ok(value)
     }
 }

@@ -27,7 +27,7 @@ use crate::model::{
     BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord,
     ResourceStatus, new_token,
 };
-use crate::ports::{Backend, BackendError, NewReservation, ResourceStore, StoreError};
+use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
 use crate::secret::ConnectionUrl;
 
 /// A reserved resource: its `pending` row is written, its backend object not created yet.
@@ -38,7 +38,7 @@ pub struct Reservation {
     team_id: TeamId,
     tier: Tier,
     name: BackendName,
-    request_id: RequestId,
+    request_id: Option<RequestId>,
     actor: Actor,
 }
 
@@ -79,7 +79,7 @@ pub struct Provisioned {
     tier: Tier,
     token: Token,
     connection_url: ConnectionUrl,
-    request_id: RequestId,
+    request_id: Option<RequestId>,
 }
 
 impl Provisioned {
@@ -134,7 +134,10 @@ impl From<Provisioned> for ProvisionedBody {
             tier: provisioned.tier.as_str().to_owned(),
             status: "active",
             connection_url: provisioned.connection_url.expose().to_owned(),
-            request_id: provisioned.request_id.as_str().to_owned(),
+            request_id: provisioned
+                .request_id
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -144,21 +147,32 @@ impl From<Provisioned> for ProvisionedBody {
 pub enum TeardownResult {
     /// The object is gone (or was never there).
     TornDown,
-    /// The teardown failed: the object may be left behind. Logged, counted and audited.
+    /// The teardown failed: the object may be left behind. Logged, counted and audited
+    /// (`provision.teardown_failed`).
     Failed,
     /// The backend said an object under the platform's name is not the platform's: it was left
     /// alone (never torn down by a compensation).
     LeftAlone,
+    /// Nothing was torn down because the state flip did not prove the object is the
+    /// compensation's to destroy: the row is live (its finalize committed) or the store could not
+    /// be reached (the reconciler settles the row later).
+    NotAttempted,
 }
 
-/// What happened to the row when a provisioning was compensated.
+/// What the compensation's `pending → failed` flip found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowResult {
-    /// Soft-deleted (status `failed`).
+    /// This compensation flipped the row to `failed` (soft-deleted), with its audit row.
     SoftDeleted,
-    /// The store failed too: the row stays `pending` under its deterministic name (and the
-    /// ERROR log, `instant_provision_uncompensated_total`); the orphan sweep treats `pending` as
-    /// live, so an operator settles it.
+    /// The row was already settled (`failed` by another compensation, or `deleted` by the
+    /// deprovision chokepoint); nothing was written again.
+    AlreadySettled,
+    /// The row is live (`active`, `paused` or `suspended`): a finalize committed even though its
+    /// caller heard an error. It is the truth, never torn down.
+    Live,
+    /// The store failed: the row stays `pending` (ERROR log,
+    /// `instant_provision_uncompensated_total`) and the reconciler settles it once it is older
+    /// than its age limit.
     LeftPending,
 }
 
@@ -169,20 +183,44 @@ pub struct Compensation {
     pub teardown: TeardownResult,
     /// The row.
     pub row: RowResult,
-    /// Whether `provision.persistence_failed` was recorded.
+    /// Whether this compensation recorded its audit row (with its state flip).
     pub audited: bool,
+}
+
+impl Compensation {
+    /// Whether nothing of the attempt is left to clean up: the row is settled and no object of
+    /// the platform's is left behind.
+    pub fn is_clean(&self) -> bool {
+        let row_settled = match self.row {
+            RowResult::SoftDeleted | RowResult::AlreadySettled => true,
+            RowResult::Live | RowResult::LeftPending => false,
+        };
+        let object_gone = match self.teardown {
+            TeardownResult::TornDown | TeardownResult::LeftAlone => true,
+            TeardownResult::Failed | TeardownResult::NotAttempted => false,
+        };
+        row_settled && object_gone
+    }
 }
 
 impl std::fmt::Display for Compensation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let object = match self.teardown {
-            TeardownResult::TornDown => "the backend object was torn down",
-            TeardownResult::Failed => "the backend object could not be torn down (recorded)",
-            TeardownResult::LeftAlone => "an object that is not the platform's was left alone",
+        let object = match (self.teardown, self.audited) {
+            (TeardownResult::TornDown, _) => "the backend object was torn down",
+            (TeardownResult::Failed, true) => {
+                "the backend object could not be torn down (recorded for cleanup)"
+            }
+            (TeardownResult::Failed, false) => "the backend object could not be torn down",
+            (TeardownResult::LeftAlone, _) => "an object that is not the platform's was left alone",
+            (TeardownResult::NotAttempted, _) => "nothing was torn down",
         };
         let row = match self.row {
-            RowResult::SoftDeleted => "the reservation was soft-deleted",
-            RowResult::LeftPending => "the reservation stays pending",
+            RowResult::SoftDeleted => "the reservation was marked failed",
+            RowResult::AlreadySettled => "the reservation was already settled",
+            RowResult::Live => "the resource is live",
+            RowResult::LeftPending => {
+                "the reservation stays pending until the reconciler settles it"
+            }
         };
         write!(f, "{object} and {row}")
     }
@@ -195,6 +233,9 @@ pub enum FailedStep {
     Create,
     /// Finalizing the row (including its audit row).
     Finalize,
+    /// Nothing failed in this process: the reservation stayed `pending` past the reconciler's
+    /// age limit (a provisioning cut short by a crash or a shutdown deadline).
+    Stale,
 }
 
 impl FailedStep {
@@ -202,6 +243,17 @@ impl FailedStep {
         match self {
             Self::Create => "create",
             Self::Finalize => "finalize",
+            Self::Stale => "stale",
+        }
+    }
+
+    /// The audit kind its compensation records: only a failure after a successful create is a
+    /// persistence failure (which pages).
+    const fn audit_kind(self) -> AuditKind {
+        match self {
+            Self::Create => AuditKind::ProvisionCreateFailed,
+            Self::Finalize => AuditKind::ProvisionPersistenceFailed,
+            Self::Stale => AuditKind::ProvisionReconciled,
         }
     }
 }
@@ -221,6 +273,8 @@ pub enum ProvisionError {
     /// A step after the reservation failed and the flow was compensated.
     #[error("could not {} the resource; {compensation}", step.as_str())]
     Failed {
+        /// The reserved resource (its row tells what became of it).
+        resource_id: ResourceId,
         /// The step that failed.
         step: FailedStep,
         /// What the compensation did.
@@ -246,13 +300,58 @@ pub enum StepError {
 }
 
 impl ProvisionError {
-    /// The error code the API answers with.
+    /// The error code the API answers with. A failed attempt whose compensation left something
+    /// to clean up answers `provision_incomplete`, never "nothing was left behind".
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::TeamNotFound => ErrorCode::TeamNotFound,
             Self::Unsupported(_) => ErrorCode::UnknownResourceType,
-            Self::Reserve(_) | Self::Failed { .. } => ErrorCode::ProvisionFailed,
+            Self::Reserve(_) => ErrorCode::ProvisionFailed,
+            Self::Failed { compensation, .. } if compensation.is_clean() => {
+                ErrorCode::ProvisionFailed
+            }
+            Self::Failed { .. } => ErrorCode::ProvisionIncomplete,
         }
+    }
+
+    /// The reserved resource's id, when a reservation was written.
+    pub fn resource_id(&self) -> Option<ResourceId> {
+        match self {
+            Self::Failed { resource_id, .. } => Some(*resource_id),
+            Self::TeamNotFound | Self::Unsupported(_) | Self::Reserve(_) => None,
+        }
+    }
+}
+
+/// A closed bucket for why a step failed, recorded as the `reason` attribute of the
+/// compensation's audit row (never the error text, which may name a customer object).
+fn reason_of(error: &StepError) -> &'static str {
+    match error {
+        StepError::Backend(BackendError::Unsupported(_)) => "backend_unsupported",
+        StepError::Backend(BackendError::Foreign { .. }) => "foreign_object",
+        StepError::Backend(BackendError::Unavailable { .. }) => "backend_unavailable",
+        StepError::Store(StoreError::WrongStatus { .. }) => "row_not_pending",
+        StepError::Store(
+            StoreError::TeamNotFound
+            | StoreError::ResourceNotFound
+            | StoreError::Unavailable { .. },
+        ) => "store_unavailable",
+        StepError::Audit(_) => "audit_row_invalid",
+    }
+}
+
+/// An error with its whole `source()` chain, for logs (each adapter error is already redacted).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
@@ -294,8 +393,18 @@ pub enum DeprovisionError {
         /// The live resource's status.
         status: &'static str,
     },
-    /// The store failed before anything was torn down.
-    #[error("could not record the deprovision; nothing was torn down")]
+    /// No backend for the resource's type is configured in this deployment: a permanent
+    /// configuration error, found before anything was written or torn down.
+    #[error("{0} resources are not served by this deployment; nothing was touched")]
+    Unsupported(ResourceType),
+    /// The backend object carries `keel.dev/protect=true`: nothing was torn down. (When the
+    /// mark appeared between the audit and the teardown, the row is already retired and the
+    /// object is kept.)
+    #[error("the backend object is protected (keel.dev/protect); it was not torn down")]
+    Protected,
+    /// The store failed (the deprovision may or may not have been recorded); nothing was torn
+    /// down. Calling the chokepoint again finishes it either way.
+    #[error("the store failed; nothing was torn down; call again to finish the deprovision")]
     Store(#[source] StoreError),
     /// An audit row could not be built; nothing was touched.
     #[error(transparent)]
@@ -311,8 +420,11 @@ impl DeprovisionError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NotFound => ErrorCode::ResourceNotFound,
+            Self::Protected => ErrorCode::ResourceProtected,
             Self::Store(_) | Self::Teardown(_) => ErrorCode::BackendUnavailable,
-            Self::ForeignName | Self::Live { .. } | Self::Audit(_) => ErrorCode::Internal,
+            Self::Unsupported(_) | Self::ForeignName | Self::Live { .. } | Self::Audit(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -346,9 +458,16 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         }
     }
 
-    /// The store.
+    /// The store, for tests that inject faults into it (feature `testing`). Outside tests the
+    /// store is reachable only through the flow, so no caller can activate a row by hand.
+    #[cfg(feature = "testing")]
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// Reads a resource (soft-deleted ones included), without its secret.
+    pub async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
+        self.store.get(id).await
     }
 
     /// The backend.
@@ -361,16 +480,27 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         &self.metrics
     }
 
-    /// Reserve, create and finalize: the whole flow. On any failure after the reservation the
-    /// flow is compensated before this returns.
+    /// Reserve, create and finalize: the whole flow, every step at `now`. On any failure after
+    /// the reservation the flow is compensated before this returns.
     pub async fn provision(
         &self,
         request: ProvisionRequest,
         now: OffsetDateTime,
     ) -> Result<Provisioned, ProvisionError> {
-        let reservation = self.reserve(request, now).await?;
-        let created = self.create(reservation, now).await?;
-        self.finalize(created, now).await
+        self.provision_at(request, || now).await
+    }
+
+    /// [`Provisioner::provision`] reading `clock` once per step, so each row change and audit
+    /// row carries the time it happened (a finalize that fails a minute in is not recorded at
+    /// the request's start).
+    pub async fn provision_at(
+        &self,
+        request: ProvisionRequest,
+        clock: impl Fn() -> OffsetDateTime + Send + Sync,
+    ) -> Result<Provisioned, ProvisionError> {
+        let reservation = self.reserve(request, clock()).await?;
+        let created = self.create(reservation, clock()).await?;
+        self.finalize(created, clock()).await
     }
 
     /// Writes the intent: a `pending` row with a fresh token and its deterministic backend name.
@@ -399,7 +529,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 team_id: request.team_id,
                 tier: request.tier,
                 name: BackendName::for_resource(resource_type, &token),
-                request_id: request.request_id,
+                request_id: Some(request.request_id),
                 actor: request.actor,
             }),
             Err(StoreError::TeamNotFound) => {
@@ -407,7 +537,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 Err(ProvisionError::TeamNotFound)
             }
             Err(e) => {
-                tracing::error!(resource_type = %resource_type, error = %e, "could not reserve a resource; nothing was created");
+                tracing::error!(resource_type = %resource_type, error = %ErrorChain(&e), "could not reserve a resource; nothing was created");
                 self.metrics.outcome(resource_type, Outcome::ReserveFailed);
                 Err(ProvisionError::Reserve(e))
             }
@@ -434,23 +564,40 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                     BackendError::Foreign { .. } => true,
                     BackendError::Unsupported(_) | BackendError::Unavailable { .. } => false,
                 };
+                let source = StepError::Backend(e);
+                tracing::error!(
+                    resource_id = %reservation.id,
+                    name = %reservation.name,
+                    error = %ErrorChain(&source),
+                    "could not create a backend object; compensating"
+                );
                 let compensation = self
-                    .compensate(&reservation, FailedStep::Create, !foreign, now)
+                    .compensate(
+                        &reservation,
+                        FailedStep::Create,
+                        reason_of(&source),
+                        !foreign,
+                        now,
+                    )
                     .await;
                 self.metrics
                     .outcome(reservation.name.resource_type(), Outcome::CreateFailed);
                 Err(ProvisionError::Failed {
+                    resource_id: reservation.id,
                     step: FailedStep::Create,
                     compensation,
-                    source: StepError::Backend(e),
+                    source,
                 })
             }
         }
     }
 
-    /// Marks the row `active` with its provider id and connection URL and records
-    /// `provision.created`, in one transaction. On failure the backend object is torn down, the
-    /// row soft-deleted and `provision.persistence_failed` recorded; the error maps to a 503.
+    /// Marks the row `active` with its provider id and connection address and records
+    /// `provision.created`, in one transaction. On failure the compensation first wins the
+    /// `pending → failed` flip, then tears the backend object down and records
+    /// `provision.persistence_failed`; the error maps to a 503. When the flip finds the row
+    /// already `active`, the activation committed although its reply was lost: that is the
+    /// truth, and the resource is returned as provisioned.
     pub async fn finalize(
         &self,
         created: Created,
@@ -469,31 +616,48 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 .map_err(StepError::Store),
             Err(e) => Err(StepError::Audit(e)),
         };
+        let provisioned = |reservation: Reservation, object: BackendObject| Provisioned {
+            id: reservation.id,
+            team_id: reservation.team_id,
+            resource_type,
+            tier: reservation.tier,
+            token: reservation.name.token().clone(),
+            connection_url: object.connection_url,
+            request_id: reservation.request_id,
+        };
         match activated {
             Ok(()) => {
                 self.metrics.outcome(resource_type, Outcome::Provisioned);
-                Ok(Provisioned {
-                    id: reservation.id,
-                    team_id: reservation.team_id,
-                    resource_type,
-                    tier: reservation.tier,
-                    token: reservation.name.token().clone(),
-                    connection_url: object.connection_url,
-                    request_id: reservation.request_id,
-                })
+                tracing::info!(resource_id = %reservation.id, name = %reservation.name, "provisioned a resource");
+                Ok(provisioned(reservation, object))
             }
             Err(source) => {
                 tracing::error!(
                     resource_id = %reservation.id,
                     resource_type = %resource_type,
-                    error = %source,
+                    error = %ErrorChain(&source),
                     "could not finalize a provisioned resource; compensating"
                 );
                 let compensation = self
-                    .compensate(&reservation, FailedStep::Finalize, true, now)
+                    .compensate(
+                        &reservation,
+                        FailedStep::Finalize,
+                        reason_of(&source),
+                        true,
+                        now,
+                    )
                     .await;
+                if compensation.row == RowResult::Live {
+                    tracing::warn!(
+                        resource_id = %reservation.id,
+                        "the finalize committed although its reply was lost; the resource is live"
+                    );
+                    self.metrics.outcome(resource_type, Outcome::Provisioned);
+                    return Ok(provisioned(reservation, object));
+                }
                 self.metrics.outcome(resource_type, Outcome::FinalizeFailed);
                 Err(ProvisionError::Failed {
+                    resource_id: reservation.id,
                     step: FailedStep::Finalize,
                     compensation,
                     source,
@@ -502,18 +666,60 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         }
     }
 
-    /// Gives up on a reservation before its backend object is created: soft-deletes the row
-    /// (tearing down anything a partial create may have left).
+    /// Gives up on a reservation before its backend object is created: flips the row to `failed`
+    /// and tears down anything a partial create may have left.
     pub async fn abort(&self, reservation: Reservation, now: OffsetDateTime) -> Compensation {
-        self.compensate(&reservation, FailedStep::Create, true, now)
+        self.compensate(&reservation, FailedStep::Create, "aborted", true, now)
             .await
     }
 
-    /// Gives up on a created backend object: tears it down, soft-deletes the row and records
-    /// `provision.persistence_failed`.
+    /// Gives up on a created backend object: flips the row to `failed`, records
+    /// `provision.persistence_failed`, then tears the object down.
     pub async fn abort_created(&self, created: Created, now: OffsetDateTime) -> Compensation {
-        self.compensate(&created.reservation, FailedStep::Finalize, true, now)
-            .await
+        self.compensate(
+            &created.reservation,
+            FailedStep::Finalize,
+            "aborted",
+            true,
+            now,
+        )
+        .await
+    }
+
+    /// Settles `pending` rows reserved more than `older_than` ago (by the store's clock): each is
+    /// compensated like a failed provisioning (flip to `failed` with `provision.reconciled`, then
+    /// teardown). A row whose provisioning is still running loses the flip race harmlessly: the
+    /// flow's own finalize then finds it `failed` and tears its object down. A row whose
+    /// finalize commits first is left alone (the flip finds it `active`).
+    pub async fn reconcile_pending(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(ResourceId, Compensation)>, StoreError> {
+        let stale = self.store.stale_pending(older_than, limit).await?;
+        let mut settled = Vec::with_capacity(stale.len());
+        for record in stale {
+            let reservation = Reservation {
+                id: record.id,
+                team_id: record.team_id,
+                tier: record.tier.clone(),
+                name: record.backend_name(),
+                request_id: None,
+                actor: Actor::system(),
+            };
+            let compensation = self
+                .compensate(&reservation, FailedStep::Stale, "stale_pending", true, now)
+                .await;
+            tracing::warn!(
+                resource_id = %record.id,
+                name = %reservation.name,
+                %compensation,
+                "reconciled a stale pending reservation"
+            );
+            settled.push((record.id, compensation));
+        }
+        Ok(settled)
     }
 
     fn audit_for(
@@ -522,90 +728,120 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         reservation: &Reservation,
         now: OffsetDateTime,
     ) -> Result<AuditEvent, AuditFieldError> {
-        AuditEvent::new(kind, reservation.actor.clone(), now)
+        let mut event = AuditEvent::new(kind, reservation.actor.clone(), now)
             .team(reservation.team_id)
-            .resource(reservation.id)
-            .request(reservation.request_id.clone())
+            .resource(reservation.id);
+        if let Some(request_id) = &reservation.request_id {
+            event = event.request(request_id.clone());
+        }
+        event
             .attr("resource_type", reservation.name.resource_type().as_str())?
             .attr("tier", reservation.tier.as_str())?
             .attr("provider_id", reservation.name.masked())
     }
 
-    /// Tears the backend object down (best effort; skipped when `tear_down` is false because the
-    /// object is not the platform's), then soft-deletes the row and records
-    /// `provision.persistence_failed` (with the failed step and the teardown's result) in the
-    /// same transaction, so no compensating teardown goes unaudited.
+    /// Compensates a reservation. **The state flip comes first**: `pending → failed`,
+    /// conditional, with the step's audit row in the same transaction. Only what that flip
+    /// proves is the compensation's own is torn down (the flip happened, or the row was already
+    /// `failed`/`deleted` so no one will make it live again); a live row (an ambiguous finalize
+    /// that did commit) and an unreachable store tear nothing down. A teardown that fails is
+    /// recorded as `provision.teardown_failed`, logged and counted.
     async fn compensate(
         &self,
         reservation: &Reservation,
         step: FailedStep,
+        reason: &'static str,
         tear_down: bool,
         now: OffsetDateTime,
     ) -> Compensation {
         let resource_type = reservation.name.resource_type();
-        let teardown = match tear_down {
-            false => Ok(TeardownResult::LeftAlone),
-            true => self
-                .backend
-                .teardown(&reservation.name)
-                .await
-                .map(|()| TeardownResult::TornDown),
-        };
-        let teardown = match teardown {
-            Ok(result) => result,
-            Err(e) => {
-                tracing::error!(
-                    resource_id = %reservation.id,
-                    name = %reservation.name,
-                    error = %e,
-                    "compensating teardown failed: the backend object may be left behind"
-                );
-                self.metrics
-                    .teardown_failed(resource_type, TeardownStage::Compensation);
-                TeardownResult::Failed
-            }
-        };
-        let teardown_attr = match teardown {
-            TeardownResult::TornDown => "torn_down",
-            TeardownResult::Failed => "failed",
-            TeardownResult::LeftAlone => "left_alone",
-        };
         let audit = self
-            .audit_for(AuditKind::ProvisionPersistenceFailed, reservation, now)
+            .audit_for(step.audit_kind(), reservation, now)
             .and_then(|event| event.attr("failed_step", step.as_str()))
-            .and_then(|event| event.attr("teardown", teardown_attr))
+            .and_then(|event| event.attr("reason", reason))
+            .and_then(|event| {
+                event.attr(
+                    "compensation",
+                    if tear_down { "teardown" } else { "left_alone" },
+                )
+            })
             .map_err(
-                |e| tracing::error!(error = %e, "could not build the persistence_failed audit row"),
+                |e| tracing::error!(error = %e, "could not build the compensation's audit row"),
             )
             .ok();
-        let (row, audited) = match self
+        // One retry: a flip whose reply was lost is found `failed` by the second attempt.
+        let mut flip = self
             .store
             .abandon(reservation.id, audit.as_ref(), now)
-            .await
-        {
-            Ok(()) => (RowResult::SoftDeleted, audit.is_some()),
-            Err(e) if audit.is_some() => {
-                tracing::error!(resource_id = %reservation.id, error = %e, "could not record provision.persistence_failed; soft-deleting without it");
-                match self.store.abandon(reservation.id, None, now).await {
-                    Ok(()) => (RowResult::SoftDeleted, false),
-                    Err(_) => (RowResult::LeftPending, false),
-                }
+            .await;
+        if let Err(e) = &flip {
+            tracing::warn!(resource_id = %reservation.id, error = %ErrorChain(e), "the compensation's state flip failed; retrying once");
+            flip = self
+                .store
+                .abandon(reservation.id, audit.as_ref(), now)
+                .await;
+        }
+        let (row, audited, owned) = match flip {
+            Ok(Flip::Flipped) => (RowResult::SoftDeleted, audit.is_some(), true),
+            Ok(Flip::Found(ResourceStatus::Failed | ResourceStatus::Deleted)) => {
+                (RowResult::AlreadySettled, false, true)
             }
-            Err(_) => (RowResult::LeftPending, false),
+            Ok(Flip::Found(
+                ResourceStatus::Active | ResourceStatus::Paused | ResourceStatus::Suspended,
+            )) => (RowResult::Live, false, false),
+            Ok(Flip::Found(ResourceStatus::Pending)) => (RowResult::LeftPending, false, false),
+            Err(e) => {
+                tracing::error!(resource_id = %reservation.id, error = %ErrorChain(&e), "could not flip the reservation to failed");
+                (RowResult::LeftPending, false, false)
+            }
         };
         if row == RowResult::LeftPending {
             tracing::error!(
                 resource_id = %reservation.id,
                 name = %reservation.name,
-                "could not soft-delete a failed reservation: it stays pending under its deterministic name"
+                "a failed reservation stays pending: nothing was torn down; the reconciler settles it"
             );
             self.metrics.uncompensated(resource_type);
         }
-        Compensation {
+        let teardown = match (owned, tear_down) {
+            (false, _) => TeardownResult::NotAttempted,
+            (true, false) => TeardownResult::LeftAlone,
+            (true, true) => match self.backend.teardown(&reservation.name).await {
+                Ok(()) => TeardownResult::TornDown,
+                Err(e) => {
+                    tracing::error!(
+                        resource_id = %reservation.id,
+                        name = %reservation.name,
+                        error = %ErrorChain(&e),
+                        "compensating teardown failed: the backend object may be left behind"
+                    );
+                    self.metrics
+                        .teardown_failed(resource_type, TeardownStage::Compensation);
+                    TeardownResult::Failed
+                }
+            },
+        };
+        let mut compensation = Compensation {
             teardown,
             row,
             audited,
+        };
+        if teardown == TeardownResult::Failed {
+            let recorded = match self
+                .audit_for(AuditKind::ProvisionTeardownFailed, reservation, now)
+                .and_then(|event| event.attr("failed_step", step.as_str()))
+            {
+                Ok(event) => self.store.record(&event).await.map_err(|e| {
+                    tracing::error!(resource_id = %reservation.id, error = %ErrorChain(&e), "could not record provision.teardown_failed");
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not build the teardown_failed audit row");
+                    Err(())
+                }
+            };
+            compensation.audited = compensation.audited && recorded.is_ok();
         }
+        compensation
     }
 
     /// The one code path that tears down a live resource's backend object.
@@ -659,6 +895,11 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             .await
             .map_err(DeprovisionError::Store)?
             .ok_or(DeprovisionError::NotFound)?;
+        // A deployment that cannot tear this type down must not retire the row (and notify the
+        // customer) first.
+        if !self.backend.supports(record.resource_type) {
+            return Err(DeprovisionError::Unsupported(record.resource_type));
+        }
         let name = record.backend_name();
         if let Some(provider_id) = &record.provider_resource_id {
             match BackendName::parse_provider_id(record.resource_type, provider_id) {
@@ -669,6 +910,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 }
             }
         }
+        self.refuse_protected(&name).await?;
         let outcome = if record.status.is_live() {
             let audit = self
                 .deprovision_audit(&name, cause, now)
@@ -746,6 +988,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             Ok(true) => {}
             Err(e) => return Err(DeprovisionError::Teardown(e)),
         }
+        self.refuse_protected(name).await?;
         let audit = self
             .deprovision_audit(name, cause, now)
             .map_err(DeprovisionError::Audit)?;
@@ -759,13 +1002,27 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         Ok(Deprovisioned::OrphanReclaimed)
     }
 
+    /// The chokepoint's own protection check: every path that tears down asks it, immediately
+    /// before the teardown (and before retiring a row).
+    async fn refuse_protected(&self, name: &BackendName) -> Result<(), DeprovisionError> {
+        match self.backend.protected(name).await {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                tracing::warn!(name = %name, "refusing to tear down a protected backend object");
+                Err(DeprovisionError::Protected)
+            }
+            Err(e) => Err(DeprovisionError::Teardown(e)),
+        }
+    }
+
     async fn teardown_after_audit(
         &self,
         name: &BackendName,
         what: &str,
     ) -> Result<(), DeprovisionError> {
+        self.refuse_protected(name).await?;
         self.backend.teardown(name).await.map_err(|e| {
-            tracing::error!(target_resource = what, name = %name, error = %e, "deprovision is audited but the teardown failed; call it again to retry");
+            tracing::error!(target_resource = what, name = %name, error = %ErrorChain(&e), "deprovision is audited but the teardown failed; call it again to retry");
             self.metrics
                 .teardown_failed(name.resource_type(), TeardownStage::Deprovision);
             DeprovisionError::Teardown(e)

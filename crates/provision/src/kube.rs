@@ -49,6 +49,8 @@ pub const MANAGED_BY: &str = "keel";
 pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
 /// The label recording the tier a namespace was provisioned at.
 pub const TIER_LABEL: &str = "keel.dev/tier";
+/// The annotation that protects a namespace from every teardown when it is `true`.
+pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 /// The field manager [`KubeNamespaceBackend::new`] creates namespaces as.
 pub const DEFAULT_FIELD_MANAGER: &str = "keel";
 
@@ -310,6 +312,22 @@ impl Backend for KubeNamespaceBackend {
             .await
             .map_err(|e| unavailable("read namespace", name, &e))?;
         Ok(found.is_some())
+    }
+
+    async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let (ns, _) = namespace_of(name)?;
+        let found = self
+            .namespaces()
+            .get_metadata_opt(ns.expose())
+            .await
+            .map_err(|e| unavailable("read namespace", name, &e))?;
+        Ok(found.is_some_and(|ns| {
+            ns.metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
+                .is_some_and(|value| value == "true")
+        }))
     }
 }
 
@@ -779,6 +797,24 @@ mod tests {
             )
             .await;
             assert_foreign(result);
+        }
+    }
+
+    /// PROV-11: the chokepoint's protection check reads the namespace's annotation.
+    #[tokio::test]
+    async fn protection_is_read_from_the_namespace_annotation() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut protected = keel_metadata();
+        protected["metadata"]["annotations"] = json!({ PROTECT_ANNOTATION: "true" });
+        let cases = [
+            (get_metadata(StatusCode::OK, protected), true),
+            (get_metadata(StatusCode::OK, keel_metadata()), false),
+            (get_metadata(StatusCode::NOT_FOUND, not_found()), false),
+        ];
+        for (step, expected) in cases {
+            let found =
+                with_backend(vec![step], async |backend| backend.protected(&name).await).await;
+            assert_eq!(found.unwrap(), expected);
         }
     }
 

@@ -8,16 +8,20 @@
 //!   only by `finalize` or `abort_created`; a [`Provisioned`] is built only by `finalize`; the
 //!   201 body ([`ProvisionedBody`]) only from a `Provisioned`. A handler that skips finalize does
 //!   not compile (the compile-fail tests in `crates/provision-compile-tests` show it).
-//! - **Compensation.** When finalize fails, the backend object is torn down (a failed teardown is
-//!   logged, counted and audited), the row is soft-deleted, `provision.persistence_failed` is
-//!   recorded, and the error maps to `provision_failed` (503, retry with backoff). A reservation
-//!   that cannot be compensated stays `pending` under its deterministic name, logged at ERROR
-//!   and counted (`instant_provision_uncompensated_total`) for an operator to settle; the orphan
-//!   sweep counts `pending` as live and leaves it alone.
+//! - **Compensation wins the state flip before it destroys.** When a step fails, the row is
+//!   flipped `pending → failed` (conditionally, with the step's audit row in the same
+//!   transaction: `provision.create_failed` or `provision.persistence_failed`) and only then is
+//!   the backend object torn down (a failed teardown is logged, counted and recorded as
+//!   `provision.teardown_failed`). A row found `active` means an ambiguous finalize did commit:
+//!   the resource is returned, never torn down. A store that cannot be reached tears nothing
+//!   down: the row stays `pending` (ERROR log, `instant_provision_uncompensated_total`) and
+//!   [`Provisioner::reconcile_pending`] settles it once it is older than its age limit.
+//!   The error maps to `provision_failed` (503, retry with backoff) only when the compensation
+//!   is clean, otherwise to `provision_incomplete`.
 //! - **One deprovision chokepoint.** [`Provisioner::deprovision`] is the only code path that tears
 //!   down a live resource's backend object: `resource.deprovisioned` (reason, actor) commits with
-//!   the soft delete before anything is destroyed; it is idempotent and touches only names inside
-//!   the platform's prefixes.
+//!   the soft delete before anything is destroyed; it is idempotent, touches only names inside
+//!   the platform's prefixes, and refuses protected objects (`keel.dev/protect=true`).
 //! - **Names and secrets.** [`NamespaceName`], [`DatabaseName`] and [`RoleName`] are built only from
 //!   a token; [`ConnectionUrl`] and [`Password`] only display redacted.
 //! - **Error envelopes.** [`ErrorCode`] is closed; each registered code carries an agent action
@@ -41,15 +45,18 @@ mod names;
 mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod scram;
 mod secret;
 
 pub use envelope::{
-    DocsBase, ErrorCode, ErrorEnvelope, InvalidDocsBase, MAX_AGENT_ACTION_CHARS, UNREGISTERED,
+    DocsBase, ErrorCode, ErrorEnvelope, InvalidDocsBase, MAX_AGENT_ACTION_CHARS, PROBLEM_JSON,
+    UNREGISTERED,
 };
 pub use flow::{
     Compensation, Created, DeprovisionCause, DeprovisionError, DeprovisionTarget, Deprovisioned,
-    FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation, RowResult,
-    StepError, TeardownResult,
+    ErrorChain, FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation,
+    RowResult, StepError, TeardownResult,
 };
 pub use metrics::{Outcome, ProvisionMetrics, TeardownStage};
 pub use model::{
@@ -59,5 +66,7 @@ pub use model::{
 pub use names::{
     DATABASE_PREFIX, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName, RoleName,
 };
-pub use ports::{Backend, BackendError, NewReservation, RedactedError, ResourceStore, StoreError};
+pub use ports::{
+    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
+};
 pub use secret::{ConnectionUrl, Password};

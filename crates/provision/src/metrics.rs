@@ -21,6 +21,8 @@ pub enum Outcome {
     CreateFailed,
     /// The row could not be finalized; compensated (the seed's 503).
     FinalizeFailed,
+    /// Refused by admission control (too many provisionings in flight); nothing was reserved.
+    Shed,
 }
 
 impl Outcome {
@@ -32,6 +34,7 @@ impl Outcome {
             Self::ReserveFailed => "reserve_failed",
             Self::CreateFailed => "create_failed",
             Self::FinalizeFailed => "finalize_failed",
+            Self::Shed => "shed",
         }
     }
 }
@@ -112,6 +115,7 @@ pub struct ProvisionMetrics {
     teardown_failures: Family<TeardownLabels, Counter>,
     uncompensated: Family<TypeLabels, Counter>,
     deprovisions: Family<DeprovisionLabels, Counter>,
+    answered_pending: Family<TypeLabels, Counter>,
 }
 
 impl ProvisionMetrics {
@@ -130,13 +134,18 @@ impl ProvisionMetrics {
         );
         registry.register(
             "instant_provision_uncompensated",
-            "Failed provisionings whose row could not be soft-deleted (left pending)",
+            "Failed provisionings whose row could not be flipped to failed (left pending for the reconciler; nothing torn down)",
             metrics.uncompensated.clone(),
         );
         registry.register(
             "instant_provision_deprovisions",
             "Live resources and orphans torn down through the deprovision chokepoint",
             metrics.deprovisions.clone(),
+        );
+        registry.register(
+            "instant_provision_answered_pending",
+            "Provisionings still running at the request deadline, answered provision_pending (their own outcome is counted when they end)",
+            metrics.answered_pending.clone(),
         );
         for &resource_type in ResourceType::ALL {
             for &outcome in <Outcome as strum::VariantArray>::VARIANTS {
@@ -153,6 +162,9 @@ impl ProvisionMetrics {
             }
             let _ = metrics
                 .uncompensated
+                .get_or_create(&TypeLabels { resource_type });
+            let _ = metrics
+                .answered_pending
                 .get_or_create(&TypeLabels { resource_type });
             for &reason in DeprovisionReason::ALL {
                 let _ = metrics.deprovisions.get_or_create(&DeprovisionLabels {
@@ -197,6 +209,26 @@ impl ProvisionMetrics {
             .inc();
     }
 
+    /// Counts a provisioning request of `resource_type` refused by admission control.
+    pub fn shed(&self, resource_type: ResourceType) {
+        self.outcome(resource_type, Outcome::Shed);
+    }
+
+    /// Counts a provisioning of `resource_type` answered `provision_pending` at the request
+    /// deadline (the flow goes on; its outcome is counted when it ends).
+    pub fn answered_pending(&self, resource_type: ResourceType) {
+        self.answered_pending
+            .get_or_create(&TypeLabels { resource_type })
+            .inc();
+    }
+
+    /// How many provisionings of `resource_type` were answered `provision_pending`.
+    pub fn answered_pending_total(&self, resource_type: ResourceType) -> u64 {
+        self.answered_pending
+            .get_or_create(&TypeLabels { resource_type })
+            .get()
+    }
+
     /// How many attempts of `resource_type` ended with `outcome`.
     pub fn outcomes(&self, resource_type: ResourceType, outcome: Outcome) -> u64 {
         self.outcomes
@@ -204,6 +236,13 @@ impl ProvisionMetrics {
                 resource_type,
                 outcome,
             })
+            .get()
+    }
+
+    /// How many failed provisionings of `resource_type` were left `pending` for the reconciler.
+    pub fn uncompensated_total(&self, resource_type: ResourceType) -> u64 {
+        self.uncompensated
+            .get_or_create(&TypeLabels { resource_type })
             .get()
     }
 
@@ -236,7 +275,11 @@ mod tests {
                 .filter(|l| l.starts_with(&format!("{name}_total{{")))
                 .count()
         };
-        assert_eq!(count("instant_provision_outcomes"), types * 5);
+        assert_eq!(
+            count("instant_provision_outcomes"),
+            types * <Outcome as strum::VariantArray>::VARIANTS.len()
+        );
+        assert_eq!(count("instant_provision_answered_pending"), types);
         assert_eq!(count("instant_provision_teardown_failures"), types * 2);
         assert_eq!(count("instant_provision_uncompensated"), types);
         assert_eq!(

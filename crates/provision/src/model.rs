@@ -202,6 +202,8 @@ pub struct ResourceRecord {
     pub provider_resource_id: Option<String>,
     /// When it was reserved.
     pub created_at: OffsetDateTime,
+    /// When its row last changed.
+    pub updated_at: OffsetDateTime,
     /// When it was soft-deleted.
     pub deleted_at: Option<OffsetDateTime>,
 }

@@ -76,8 +76,9 @@ pub trait ResourceStore: Send + Sync {
         reservation: &NewReservation,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Turns a `pending` row `active` with its provider id and connection URL, and records
-    /// `audit` (`provision.created`) in the same transaction.
+    /// Turns a `pending` row `active` with its provider id and connection address (the URL
+    /// without its password, [`crate::ConnectionUrl::address`]), and records `audit`
+    /// (`provision.created`) in the same transaction.
     fn activate(
         &self,
         id: ResourceId,
@@ -86,14 +87,25 @@ pub trait ResourceStore: Send + Sync {
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Soft-deletes a row that never became addressable (status `failed`, `deleted_at` set, no
-    /// connection URL), recording `audit` in the same transaction when given.
+    /// The compensation's state flip: `pending → failed` (`deleted_at` set, no connection URL),
+    /// conditional on the row still being `pending`, recording `audit` in the same transaction
+    /// when given. Answers [`Flip::Flipped`] only when this call made the change; otherwise
+    /// [`Flip::Found`] with the status the row already had (and nothing written). A compensation
+    /// tears down only what the flip proves is its own.
     fn abandon(
         &self,
         id: ResourceId,
         audit: Option<&AuditEvent>,
         now: OffsetDateTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Flip, StoreError>> + Send;
+
+    /// `pending` rows reserved more than `older_than` ago by the store's own clock (so replicas
+    /// agree), oldest first, at most `limit`: provisionings that a crash or a shutdown cut short.
+    fn stale_pending(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ResourceRecord>, StoreError>> + Send;
 
     /// Soft-deletes a live row for the deprovision chokepoint (status `deleted`, `deleted_at`
     /// set, connection URL cleared) and records `audit` (`resource.deprovisioned`) in the same
@@ -120,6 +132,15 @@ pub trait ResourceStore: Send + Sync {
         &self,
         token: &Token,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send;
+}
+
+/// What [`ResourceStore::abandon`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flip {
+    /// This call flipped the row from `pending` to `failed`.
+    Flipped,
+    /// The row was not `pending`; nothing was written.
+    Found(ResourceStatus),
 }
 
 /// Why a backend could not create or tear down an object.
@@ -183,6 +204,13 @@ pub trait Backend: Send + Sync {
     /// Whether the object exists.
     fn exists(&self, name: &BackendName)
     -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Whether the object carries the protection mark (`keel.dev/protect=true`): the deprovision
+    /// chokepoint never tears down a protected object. An absent object is not protected.
+    fn protected(
+        &self,
+        name: &BackendName,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
 /// An adapter's error kept only as text, with the customer token masked and no source attached

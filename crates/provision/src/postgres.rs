@@ -2,14 +2,32 @@
 //! that creates customer databases on a shared Postgres cluster.
 //!
 //! [`PgResourceStore`] commits every audit row in the same transaction as the state change it
-//! describes. [`PgClusterBackend`] creates a role `cust_<token>` with a generated password and a
-//! database of the same name owned by it, and tears both down with `DROP DATABASE … WITH (FORCE)`
-//! and `DROP ROLE`. Identifiers are built only from [`DatabaseName`]/[`RoleName`] (prefix plus a
-//! token of `[a-z0-9]`) and quoted; the password is 64 hex digits. Statement logging is off on
-//! the backend's connections, so a `CREATE ROLE … PASSWORD` never reaches a log, and database
-//! errors are kept with the token masked.
+//! describes, and keeps only the connection *address* (no password) of a resource.
+//! [`PgClusterBackend`] creates a role `cust_<token>` with a generated password and a database of
+//! the same name owned by it, and tears both down with `DROP DATABASE … WITH (FORCE)` and
+//! `DROP ROLE`. Identifiers are built only from [`DatabaseName`]/[`RoleName`] (prefix plus a
+//! token of `[a-z0-9]`) and quoted.
+//!
+//! **Secrets.** The password (64 hex digits from the operating system's random source) never
+//! reaches the server: the role is given a SCRAM-SHA-256 verifier computed here
+//! ([`crate::scram`]), so a server that logs every statement (`log_statement = all`) or the
+//! statement of an error (`log_min_error_statement`) logs only the verifier. sqlx's own
+//! statement logging is off on the backend's connections, and they ask the server for no
+//! notices below WARNING (`client_min_messages`), so sqlx never forwards a notice naming a
+//! customer object to the log. Database errors are kept with the token masked.
+//!
+//! **Isolation.** Each customer database refuses `CONNECT` and `TEMPORARY` to `PUBLIC` (only its
+//! owner role may connect), each role gets its tier's connection limit and `statement_timeout`
+//! ([`keel_audit::TierRoleSettings`]), and [`isolate_platform_database`] removes `PUBLIC`'s
+//! access to the platform database, so a customer role reaches nothing but its own database.
+//!
+//! **Privileges.** The admin role needs `CREATEROLE` and `CREATEDB` (or superuser). On
+//! PostgreSQL 15 and older `CREATE DATABASE … OWNER` also needs membership in the owner role; the
+//! backend grants the admin role membership in each role it creates (a `CREATEROLE` role may)
+//! before creating the database. [`PgClusterBackend::check_privileges`] says at start-up
+//! exactly which privilege is missing.
 
-use keel_audit::{AuditEvent, ResourceId, ResourceType, TeamId, Tier, Token};
+use keel_audit::{AuditEvent, ResourceId, ResourceType, TeamId, Tier, TierRoleSettings, Token};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, PgPool, Row as _};
 use time::OffsetDateTime;
@@ -18,8 +36,9 @@ use time::format_description::well_known::Rfc3339;
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::{DatabaseName, RoleName};
 use crate::ports::{
-    Backend, BackendError, NewReservation, RedactedError, ResourceStore, StoreError,
+    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
 };
+use crate::scram::{ITERATIONS, Verifier};
 use crate::secret::{ConnectionUrl, Password};
 
 /// The statuses that own a backend object, as SQL.
@@ -125,7 +144,8 @@ impl ResourceStore for PgResourceStore {
         )
         .bind(id.as_uuid())
         .bind(&object.provider_id)
-        .bind(object.connection_url.expose())
+        // The address only: the password is shown once, in the 201, and stored nowhere.
+        .bind(object.connection_url.address())
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -147,32 +167,28 @@ impl ResourceStore for PgResourceStore {
         id: ResourceId,
         audit: Option<&AuditEvent>,
         now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let op = "soft-delete a failed resource";
+    ) -> Result<Flip, StoreError> {
+        let op = "mark a failed resource";
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(|e| StoreError::unavailable(op, e))?;
-        let updated = sqlx::query(
+        let flipped: Option<uuid::Uuid> = sqlx::query_scalar(
             "UPDATE resources \
                 SET status = 'failed', deleted_at = $2, connection_url = NULL, updated_at = $2 \
-              WHERE id = $1 AND status = 'pending'",
+              WHERE id = $1 AND status = 'pending' \
+             RETURNING id",
         )
         .bind(id.as_uuid())
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(|e| StoreError::unavailable(op, e))?;
-        if updated.rows_affected() != 1 {
+        if flipped.is_none() {
             drop(tx);
             return match self.status_of(id).await? {
-                // Already compensated: nothing to do.
-                Some(ResourceStatus::Failed) => Ok(()),
-                Some(other) => Err(StoreError::WrongStatus {
-                    expected: "pending",
-                    actual: other.as_str(),
-                }),
+                Some(status) => Ok(Flip::Found(status)),
                 None => Err(StoreError::ResourceNotFound),
             };
         }
@@ -183,7 +199,30 @@ impl ResourceStore for PgResourceStore {
         }
         tx.commit()
             .await
-            .map_err(|e| StoreError::unavailable(op, e))
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        Ok(Flip::Flipped)
+    }
+
+    async fn stale_pending(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<ResourceRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
+                    created_at, updated_at, deleted_at \
+               FROM resources \
+              WHERE status = 'pending' \
+                AND created_at < now() - make_interval(secs => $1) \
+              ORDER BY created_at \
+              LIMIT $2",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable("list stale pending resources", e))?;
+        rows.iter().map(record_from_row).collect()
     }
 
     async fn retire(
@@ -235,7 +274,7 @@ impl ResourceStore for PgResourceStore {
     async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
-                    created_at, deleted_at \
+                    created_at, updated_at, deleted_at \
                FROM resources WHERE id = $1",
         )
         .bind(id.as_uuid())
@@ -281,6 +320,7 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreE
         status: ResourceStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
         provider_resource_id: row.try_get("provider_resource_id").map_err(read)?,
         created_at: row.try_get("created_at").map_err(read)?,
+        updated_at: row.try_get("updated_at").map_err(read)?,
         deleted_at: row.try_get("deleted_at").map_err(read)?,
     })
 }
@@ -312,17 +352,135 @@ pub mod comment_keys {
     pub const PROTECT: &str = "keel.dev/protect";
 }
 
+/// The `sslmode` written into every issued connection URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+pub enum SslMode {
+    /// `disable`.
+    Disable,
+    /// `prefer` (libpq's default: TLS when the server offers it, without verification).
+    Prefer,
+    /// `require`: TLS, without verifying the server's certificate.
+    Require,
+    /// `verify-ca`.
+    VerifyCa,
+    /// `verify-full`: TLS with the certificate and host name verified.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Every mode.
+    pub const ALL: &'static [SslMode] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The libpq spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Parses the libpq spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|mode| mode.as_str() == s)
+    }
+}
+
+/// A privilege the cluster admin role lacks (from [`PgClusterBackend::check_privileges`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    /// The role lacks `CREATEROLE` and/or `CREATEDB`.
+    #[error(
+        "the cluster admin role {role:?} lacks {missing}; grant it with `ALTER ROLE {role} {missing}` \
+         (provisioning needs CREATEROLE and CREATEDB)"
+    )]
+    Missing {
+        /// The admin role.
+        role: String,
+        /// The missing attributes, e.g. `CREATEROLE CREATEDB`.
+        missing: String,
+    },
+    /// The check itself could not run.
+    #[error("could not check the cluster admin role's privileges")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+/// The platform database still lets `PUBLIC` connect (from [`isolate_platform_database`]).
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    /// `PUBLIC` keeps `CONNECT` or `TEMPORARY` on the platform database.
+    #[error(
+        "the platform database {database:?} still grants CONNECT or TEMPORARY to PUBLIC, so every \
+         customer role could connect to it; run `REVOKE CONNECT, TEMPORARY ON DATABASE {database} \
+         FROM PUBLIC` as its owner (and GRANT CONNECT to the platform's own roles)"
+    )]
+    PublicCanConnect {
+        /// The platform database.
+        database: String,
+    },
+    /// The statements could not run.
+    #[error("could not restrict access to the platform database")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+/// Removes `PUBLIC`'s `CONNECT` and `TEMPORARY` on the platform database `pool` connects to,
+/// after granting `CONNECT` and `TEMPORARY` to the role `pool` connects as (so the platform
+/// keeps its own access), and verifies the result: customer roles, which live on the same
+/// cluster by default, cannot reach the platform database. Run at start-up; it needs the
+/// database's owner (or a superuser) the first time and is a no-op check afterwards.
+pub async fn isolate_platform_database(pool: &PgPool) -> Result<(), IsolationError> {
+    let public_can_connect = || async {
+        sqlx::query_as::<_, (String, bool)>(
+            "SELECT current_database()::text, \
+                    has_database_privilege('public', current_database(), 'CONNECT') \
+                    OR has_database_privilege('public', current_database(), 'TEMPORARY')",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(IsolationError::Unavailable)
+    };
+    let (database, open) = public_can_connect().await?;
+    if !open {
+        return Ok(());
+    }
+    // Warnings only (no privilege change) when the role is not the owner: the check below says so.
+    sqlx::raw_sql(
+        "DO $$ BEGIN \
+           EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I', current_database(), current_user); \
+           EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database()); \
+         END $$",
+    )
+    .execute(pool)
+    .await
+    .map_err(IsolationError::Unavailable)?;
+    match public_can_connect().await? {
+        (_, false) => Ok(()),
+        (_, true) => Err(IsolationError::PublicCanConnect { database }),
+    }
+}
+
 /// Creates customer databases on a shared Postgres cluster.
 #[derive(Clone, Debug)]
 pub struct PgClusterBackend {
     admin: PgPool,
     public: PublicAddress,
+    tiers: TierRoleSettings,
+    sslmode: SslMode,
 }
+
+/// How long the backend waits for an admin connection before failing the step.
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PgClusterBackend {
     /// A backend administering the cluster through `admin` (a role with `CREATEROLE` and
     /// `CREATEDB`), handing out URLs for `public` (default: the admin connection's host and
-    /// port). Connections are opened lazily; statement logging is off on them.
+    /// port) with `sslmode=prefer` and the standard tier settings (see
+    /// [`PgClusterBackend::with_sslmode`] and [`PgClusterBackend::with_tier_settings`]).
+    /// Connections are opened lazily (call [`PgClusterBackend::check_privileges`] at start-up),
+    /// wait at most 5 s for a free connection, and run statements for at most 60 s; statement
+    /// logging is off on them and they receive no notices below WARNING.
     pub fn new(
         admin: PgConnectOptions,
         public: Option<PublicAddress>,
@@ -334,12 +492,34 @@ impl PgClusterBackend {
         });
         let admin = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(
                 admin
                     .disable_statement_logging()
+                    .options([
+                        ("client_min_messages", "warning"),
+                        ("statement_timeout", "60s"),
+                    ])
                     .application_name("keel-provision-backend"),
             );
-        Self { admin, public }
+        Self {
+            admin,
+            public,
+            tiers: TierRoleSettings::standard(),
+            sslmode: SslMode::Prefer,
+        }
+    }
+
+    /// The same backend applying `tiers` to the roles it creates.
+    pub fn with_tier_settings(mut self, tiers: TierRoleSettings) -> Self {
+        self.tiers = tiers;
+        self
+    }
+
+    /// The same backend writing `sslmode` into the URLs it issues.
+    pub fn with_sslmode(mut self, sslmode: SslMode) -> Self {
+        self.sslmode = sslmode;
+        self
     }
 
     /// The admin pool (for inventories that read the cluster's catalogue).
@@ -347,18 +527,50 @@ impl PgClusterBackend {
         &self.admin
     }
 
+    /// Checks that the admin role may provision: superuser, or `CREATEROLE` and `CREATEDB`.
+    /// The error names the role and exactly what to grant.
+    pub async fn check_privileges(&self) -> Result<(), PrivilegeError> {
+        let (role, superuser, createrole, createdb): (String, bool, bool, bool) = sqlx::query_as(
+            "SELECT rolname::text, rolsuper, rolcreaterole, rolcreatedb \
+               FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&self.admin)
+        .await
+        .map_err(PrivilegeError::Unavailable)?;
+        if superuser {
+            return Ok(());
+        }
+        let missing: Vec<&str> = [(createrole, "CREATEROLE"), (createdb, "CREATEDB")]
+            .into_iter()
+            .filter(|(has, _)| !has)
+            .map(|(_, name)| name)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(PrivilegeError::Missing {
+                role,
+                missing: missing.join(" "),
+            })
+        }
+    }
+
     fn connection_url(&self, name: &DatabaseName, password: &Password) -> ConnectionUrl {
         let host = &self.public.host;
         let port = self.public.port;
         let db = name.expose();
+        let sslmode = self.sslmode.as_str();
         let url = if host.starts_with('/') {
             // A Unix socket directory: libpq and sqlx take it as the `host` query parameter.
             format!(
-                "postgres://{db}:{}@localhost:{port}/{db}?host={host}",
+                "postgres://{db}:{}@localhost:{port}/{db}?host={host}&sslmode={sslmode}",
                 password.expose()
             )
         } else {
-            format!("postgres://{db}:{}@{host}:{port}/{db}", password.expose())
+            format!(
+                "postgres://{db}:{}@{host}:{port}/{db}?sslmode={sslmode}",
+                password.expose()
+            )
         };
         ConnectionUrl::new(url)
     }
@@ -372,9 +584,18 @@ impl PgClusterBackend {
         let fail = |operation, e: &sqlx::Error| {
             BackendError::unavailable(operation, &backend_name, redacted(e, name))
         };
+        let settings = self.tiers.get(tier).ok_or_else(|| {
+            BackendError::unavailable(
+                "apply the tier to",
+                &backend_name,
+                RedactedError::new(format!("no role settings are defined for tier {tier}")),
+            )
+        })?;
         let role = RoleName::for_token(name.token());
         let password = generate_password();
-        // Identifiers are prefix + [a-z0-9]; quoting keeps them exact. The password is hex.
+        let verifier = Verifier::compute(&password, &random_bytes::<16>(), ITERATIONS);
+        // Identifiers are prefix + [a-z0-9]; quoting keeps them exact. The verifier is base64
+        // and `$`/`:`, never a quote.
         let role_ident = format!("\"{}\"", role.expose());
         let db_ident = format!("\"{}\"", name.expose());
         let role_exists: bool =
@@ -383,10 +604,25 @@ impl PgClusterBackend {
                 .fetch_one(&self.admin)
                 .await
                 .map_err(|e| fail("look up the role of", &e))?;
+        // A role the platform creates is never privileged; an existing one (a retried create)
+        // keeps its attributes and gets a new password (naming SUPERUSER & co. in an ALTER
+        // needs a superuser on PostgreSQL 15).
         let verb = if role_exists { "ALTER" } else { "CREATE" };
+        let attributes = if role_exists {
+            ""
+        } else {
+            "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "
+        };
+        let limit = settings.connection_limit;
+        let timeout_ms = settings.statement_timeout_ms;
+        // Everything about the role in one simple-query batch (implicitly one transaction): a
+        // role never exists without its limits. Only the verifier crosses the wire.
         let set_role = format!(
-            "{verb} ROLE {role_ident} WITH LOGIN PASSWORD '{}'",
-            password.expose()
+            "{verb} ROLE {role_ident} WITH LOGIN {attributes}CONNECTION LIMIT {limit} \
+             PASSWORD '{}'; \
+             ALTER ROLE {role_ident} SET statement_timeout = {timeout_ms}; \
+             GRANT {role_ident} TO CURRENT_USER",
+            verifier.expose()
         );
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set_role))
             .execute(&self.admin)
@@ -422,14 +658,17 @@ impl PgClusterBackend {
             }
         }
         let comment = database_comment(tier);
-        let set_comment = format!(
-            "COMMENT ON DATABASE {db_ident} IS '{}'",
+        // Only the owner role may connect or create temporary tables: no other tenant.
+        let finish = format!(
+            "REVOKE ALL ON DATABASE {db_ident} FROM PUBLIC; \
+             GRANT CONNECT, TEMPORARY ON DATABASE {db_ident} TO {role_ident}; \
+             COMMENT ON DATABASE {db_ident} IS '{}'",
             comment.replace('\'', "''")
         );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(set_comment))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
             .execute(&self.admin)
             .await
-            .map_err(|e| fail("label", &e))?;
+            .map_err(|e| fail("isolate and label", &e))?;
         Ok(BackendObject {
             provider_id: name.expose().to_owned(),
             connection_url: self.connection_url(name, &password),
@@ -437,13 +676,20 @@ impl PgClusterBackend {
     }
 }
 
-/// 64 hex digits from the operating system's random source.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
+    bytes
+}
+
+/// 64 hex digits (256 bits) from the operating system's random source.
 fn generate_password() -> Password {
-    Password::new(format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    ))
+    use std::fmt::Write as _;
+    let mut hex = String::with_capacity(64);
+    for byte in random_bytes::<32>() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    Password::new(hex)
 }
 
 fn database_comment(tier: &Tier) -> String {
@@ -459,6 +705,20 @@ fn database_comment(tier: &Tier) -> String {
         tier.as_str(),
         comment_keys::CREATED_AT,
     )
+}
+
+/// Whether a database `COMMENT` (a JSON document) carries `keel.dev/protect: "true"` among its
+/// annotations (or labels). Anything unparsable is not protected by this mark.
+fn is_protected(comment: &str) -> bool {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(comment) else {
+        return false;
+    };
+    ["annotations", "labels"].iter().any(|section| {
+        doc.get(section)
+            .and_then(|s| s.get(comment_keys::PROTECT))
+            .and_then(|v| v.as_str())
+            == Some("true")
+    })
 }
 
 fn database_of(name: &BackendName) -> Result<&DatabaseName, BackendError> {
@@ -508,6 +768,18 @@ impl Backend for PgClusterBackend {
             .await
             .map_err(|e| BackendError::unavailable("drop the role of", name, redacted(&e, db)))?;
         Ok(())
+    }
+
+    async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
+        let db = database_of(name)?;
+        let comment: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(db.expose())
+        .fetch_optional(&self.admin)
+        .await
+        .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
+        Ok(comment.flatten().is_some_and(|text| is_protected(&text)))
     }
 
     async fn exists(&self, name: &BackendName) -> Result<bool, BackendError> {

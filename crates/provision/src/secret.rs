@@ -17,6 +17,25 @@ impl ConnectionUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The URL without its password (`scheme://user@host/…`): the address the platform keeps.
+    /// The password is shown once, in the 201, and stored nowhere.
+    pub fn address(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let (authority, tail) = match rest.find(['/', '?', '#']) {
+            Some(at) => rest.split_at(at),
+            None => (rest, ""),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+            None => self.0.clone(),
+        }
+    }
 }
 
 impl fmt::Debug for ConnectionUrl {
@@ -76,5 +95,25 @@ mod tests {
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
         assert_eq!(pw.expose(), "s3cr3t");
+    }
+
+    #[test]
+    fn the_stored_address_never_carries_the_password() {
+        for (url, address) in [
+            (
+                "postgres://cust_a:s3cr3t@db:5432/cust_a?sslmode=require",
+                "postgres://cust_a@db:5432/cust_a?sslmode=require",
+            ),
+            (
+                "postgres://cust_a:s3cr3t@localhost:5432/cust_a?host=/run/pg",
+                "postgres://cust_a@localhost:5432/cust_a?host=/run/pg",
+            ),
+            (
+                "https://kube.test/api/v1/namespaces/x",
+                "https://kube.test/api/v1/namespaces/x",
+            ),
+        ] {
+            assert_eq!(ConnectionUrl::new(url).address(), address);
+        }
     }
 }

@@ -36,7 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
-pub use server::{PgServer, find_bin_dir, quote_ident};
+pub use server::{PgServer, ThrowawayOptions, find_bin_dir, quote_ident};
 
 /// Why the harness could not give a test its database.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +287,31 @@ pub async fn database() -> TestDatabase {
     try_database()
         .await
         .unwrap_or_else(|e| panic!("keel-testkit: no Postgres for this test: {e}"))
+}
+
+/// A fresh database with every migration applied, on `server` (for example one started with
+/// [`PgServer::start_throwaway_with`] to test what a server logs). The migrations run directly
+/// (no shared template).
+///
+/// # Panics
+///
+/// As [`database`].
+pub async fn database_on(server: &'static PgServer) -> TestDatabase {
+    let name = unique_name();
+    let opened = async {
+        server.create_database(&name, None).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(server.options_for(&name))
+            .await
+            .map_err(|e| HarnessError::database("connect to the test database", e))?;
+        keel_schema::migrate(&pool).await?;
+        Ok::<_, HarnessError>(pool)
+    };
+    let pool = opened
+        .await
+        .unwrap_or_else(|e| panic!("keel-testkit: no Postgres for this test: {e}"));
+    TestDatabase { name, pool, server }
 }
 
 /// A fresh, empty database (no migrations), e.g. to test the migrations themselves.

@@ -25,23 +25,37 @@ const UNPRIVILEGED_USER: &str = "postgres";
 /// the process that started it exits (for any reason, even SIGKILL) the pipe closes, the watcher
 /// stops the server and removes its directory. Nothing is left running after a test run.
 ///
-/// Arguments: $1 postgres binary, $2 data dir, $3 port, $4 run dir (socket, log; removed at the end).
+/// Arguments: $1 postgres binary, $2 data dir, $3 port, $4 run dir (socket, log; removed at the
+/// end), then extra server arguments (`-c name=value` pairs, which come last and so win).
 const SUPERVISOR: &str = r#"
 exec 3<&0
-"$1" -D "$2" -p "$3" -k "$4" -h 127.0.0.1 \
+bin="$1"; data="$2"; port="$3"; run="$4"; shift 4
+"$bin" -D "$data" -p "$port" -k "$run" -h 127.0.0.1 \
     -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-    -c max_connections=300 -c log_min_messages=warning \
-    </dev/null >"$4/server.log" 2>&1 3<&- &
+    -c max_connections=300 -c log_min_messages=warning "$@" \
+    </dev/null >"$run/server.log" 2>&1 3<&- &
 pid=$!
 (
     cat <&3 >/dev/null
     kill -INT "$pid" 2>/dev/null
     while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-    rm -rf "$4"
+    rm -rf "$run"
 ) &
 exec 3<&-
 wait "$pid"
 "#;
+
+/// How to configure a throwaway server beyond the defaults (for tests of what a server logs, or
+/// of password authentication).
+#[derive(Clone, Debug, Default)]
+pub struct ThrowawayOptions {
+    /// Extra server settings (`-c name=value`), e.g. `("log_statement", "all")`.
+    pub settings: Vec<(String, String)>,
+    /// Require SCRAM-SHA-256 password authentication over TCP for every role but the `postgres`
+    /// superuser the harness administers with (by default every connection is trusted, so a
+    /// wrong password would go unnoticed).
+    pub password_auth: bool,
+}
 
 /// A PostgreSQL server the harness may create databases on.
 ///
@@ -89,6 +103,12 @@ impl PgServer {
     /// As root, the server runs as the unprivileged `postgres` account (PostgreSQL refuses to
     /// run as root). The server stops and its directory is removed when this process exits.
     pub fn start_throwaway() -> Result<Self, HarnessError> {
+        Self::start_throwaway_with(&ThrowawayOptions::default())
+    }
+
+    /// [`PgServer::start_throwaway`] with extra settings and, optionally, password
+    /// authentication. The server is this value's own: it stops when the process exits.
+    pub fn start_throwaway_with(options: &ThrowawayOptions) -> Result<Self, HarnessError> {
         let bin_dir = find_bin_dir()?;
         let run_as = RunAs::detect()?;
         let run_dir = make_run_dir(&run_as)?;
@@ -117,6 +137,13 @@ impl PgServer {
                 &initdb.stderr,
             ))));
         }
+        if options.password_auth {
+            let hba = "local all all trust\n\
+                       host all postgres 127.0.0.1/32 trust\n\
+                       host all all 127.0.0.1/32 scram-sha-256\n";
+            fs::write(data_dir.join("pg_hba.conf"), hba)
+                .map_err(|e| HarnessError::io("write pg_hba.conf", e))?;
+        }
         let version = fs::read_to_string(data_dir.join("PG_VERSION"))
             .map(|v| v.trim().to_owned())
             .unwrap_or_default();
@@ -129,6 +156,12 @@ impl PgServer {
             .arg(&data_dir)
             .arg(port.to_string())
             .arg(&run_dir)
+            .args(
+                options
+                    .settings
+                    .iter()
+                    .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
+            )
             .current_dir(&run_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -205,6 +238,14 @@ impl PgServer {
     /// For an external server this carries the password from `DATABASE_URL`: do not log it.
     pub fn url_for(&self, name: &str) -> String {
         self.options_for(name).to_url_lossy().to_string()
+    }
+
+    /// The server's log file, for a throwaway server.
+    pub fn log_path(&self) -> Option<PathBuf> {
+        match &self.origin {
+            Origin::Throwaway { run_dir, .. } => Some(run_dir.join("server.log")),
+            Origin::External => None,
+        }
     }
 
     /// Whether this is a throwaway server this process started.

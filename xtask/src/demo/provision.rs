@@ -63,15 +63,17 @@ pub async fn provisioning(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
         mask(&database),
         mask(&url)
     );
-    let (status, has_url): (String, bool) =
-        sqlx::query_as("SELECT status, connection_url IS NOT NULL FROM resources WHERE id = $1")
+    let (status, stored): (String, String) =
+        sqlx::query_as("SELECT status, connection_url FROM resources WHERE id = $1")
             .bind(provisioned.id().as_uuid())
             .fetch_one(pool)
             .await?;
-    println!("row: status {status}, connection URL stored: {has_url}");
+    let password = options_password(&url);
+    let stored_password = stored.contains(password);
+    println!("row: status {status}, address stored, password stored: {stored_password}");
     ensure!(
-        status == "active" && has_url,
-        "the row must be active and addressable"
+        status == "active" && !stored_password,
+        "the row must be active and addressable, without the password"
     );
 
     step("Provision: finalize fails → teardown, soft delete, provision.persistence_failed, 503");
@@ -101,6 +103,23 @@ pub async fn provisioning(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
     let left_behind = provisioner.backend().exists(&name).await?;
     println!("row {failed_id}: status {status}; database {name} left behind: {left_behind}");
     ensure!(envelope.status == 503 && !left_behind && status == "failed");
+
+    step(
+        "Provision: finalize commits but its reply is lost → the resource is live, nothing torn down",
+    );
+    provisioner.store().fail_after(StoreStep::Activate, 1);
+    let ambiguous = provisioner
+        .provision(request("req-demo-4")?, OffsetDateTime::now_utc())
+        .await
+        .context("a committed finalize is the truth: the resource must be provisioned")?;
+    let ambiguous_name =
+        keel_provision::BackendName::for_resource(ResourceType::Postgres, ambiguous.token());
+    let exists = provisioner.backend().exists(&ambiguous_name).await?;
+    println!(
+        "201 for resource {}: database {ambiguous_name} exists: {exists}",
+        ambiguous.id()
+    );
+    ensure!(exists, "an active resource's database is never torn down");
 
     step("Deprovision through the chokepoint: audited first, then torn down, soft-deleted");
     let cause = DeprovisionCause {
@@ -159,9 +178,18 @@ pub async fn provisioning(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
             == [
                 AuditKind::ProvisionCreated,
                 AuditKind::ProvisionPersistenceFailed,
+                AuditKind::ProvisionCreated,
                 AuditKind::ResourceDeprovisioned
             ],
         "unexpected audit trail {kinds:?}"
     );
     Ok(())
+}
+
+/// The password part of a `scheme://user:password@host/…` URL.
+fn options_password(url: &str) -> &str {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map_or("", |(_, password)| password)
 }

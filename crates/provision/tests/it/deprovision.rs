@@ -205,6 +205,7 @@ async fn deleting_a_failed_resource_whose_database_outlived_it_audits_before_dro
         audit,
         [
             AuditKind::ProvisionPersistenceFailed,
+            AuditKind::ProvisionTeardownFailed,
             AuditKind::ResourceDeprovisioned
         ],
         "the drop is audited"

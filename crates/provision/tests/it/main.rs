@@ -2,6 +2,9 @@
 //! shared-cluster backend creating real databases, and a failure injected at every step.
 
 mod deprovision;
+mod hardening;
+mod matrix;
+mod secrets;
 mod steps;
 
 use std::str::FromStr as _;
@@ -127,9 +130,15 @@ impl Harness {
                 );
             }
             if exists && row.status != "active" && row.status != "pending" {
+                // A failed compensating teardown is recorded as such; a deprovision records
+                // its intent before it tears down (and its caller heard the failure).
                 let audited = audit.iter().any(|e| {
                     e.resource_id() == Some(row.id)
-                        && e.attributes().get("teardown") == Some("failed")
+                        && match row.status.as_str() {
+                            "failed" => e.kind() == AuditKind::ProvisionTeardownFailed,
+                            "deleted" => e.kind() == AuditKind::ResourceDeprovisioned,
+                            _ => false,
+                        }
                 });
                 assert!(
                     audited,

@@ -147,7 +147,9 @@ async fn finalize_failure_tears_down_soft_deletes_and_audits_persistence_failed(
         attrs.get("provider_id"),
         Some(rows[0].name.masked().as_str())
     );
-    assert_eq!(attrs.get("teardown"), Some("torn_down"));
+    assert_eq!(attrs.get("compensation"), Some("teardown"));
+    assert_eq!(attrs.get("failed_step"), Some("finalize"));
+    assert_eq!(attrs.get("reason"), Some("store_unavailable"));
     assert_eq!(outcomes(&h, Outcome::FinalizeFailed), 1);
     h.assert_invariants().await;
 }
@@ -186,7 +188,7 @@ async fn a_failed_teardown_is_the_only_way_a_database_outlives_its_row_and_is_co
     h.provisioner.store().fail(StoreStep::Activate, 1);
     h.provisioner.backend().fail(BackendStep::Teardown, 1);
     let err = provision_err(&h).await;
-    assert_503_retry_with_backoff(&err);
+    assert_eq!(envelope(&err).status, 503);
     let compensation = compensation(&err, FailedStep::Finalize);
     assert_eq!(compensation.teardown, TeardownResult::Failed);
     assert!(compensation.audited);
@@ -194,8 +196,15 @@ async fn a_failed_teardown_is_the_only_way_a_database_outlives_its_row_and_is_co
     assert_eq!(rows[0].status, "failed");
     assert!(h.object_exists(&rows[0].name).await, "the teardown failed");
     let audit = h.audit().await;
-    assert_eq!(audit[0].kind(), AuditKind::ProvisionPersistenceFailed);
-    assert_eq!(audit[0].attributes().get("teardown"), Some("failed"));
+    let kinds: Vec<_> = audit.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            AuditKind::ProvisionPersistenceFailed,
+            AuditKind::ProvisionTeardownFailed
+        ]
+    );
+    assert_eq!(err.code(), ErrorCode::ProvisionIncomplete);
     assert_eq!(
         h.provisioner
             .metrics()
@@ -215,26 +224,31 @@ async fn a_create_failure_whose_teardown_also_fails_is_audited_too() {
     assert_eq!(compensation.teardown, TeardownResult::Failed);
     assert!(compensation.audited);
     let audit = h.audit().await;
+    assert_eq!(audit[0].kind(), AuditKind::ProvisionCreateFailed);
     assert_eq!(audit[0].attributes().get("failed_step"), Some("create"));
+    assert_eq!(audit[1].kind(), AuditKind::ProvisionTeardownFailed);
     h.assert_invariants().await;
 }
 
+/// PROV-1 class: a compensation that cannot win its state flip destroys nothing; the row stays
+/// `pending` (owned by the reconciler) and the answer says cleanup is pending.
 #[tokio::test]
-async fn a_reservation_that_cannot_be_compensated_stays_pending_under_its_deterministic_name() {
+async fn a_reservation_that_cannot_be_flipped_stays_pending_and_nothing_is_torn_down() {
     let h = harness().await;
     h.provisioner.store().fail(StoreStep::Activate, 1);
     h.provisioner.store().fail(StoreStep::Abandon, 2);
     let err = provision_err(&h).await;
-    assert_503_retry_with_backoff(&err);
+    assert_eq!(err.code(), ErrorCode::ProvisionIncomplete);
     let compensation = compensation(&err, FailedStep::Finalize);
     assert_eq!(compensation.row, RowResult::LeftPending);
+    assert_eq!(compensation.teardown, TeardownResult::NotAttempted);
     assert!(!compensation.audited);
     let rows = h.rows().await;
     assert_eq!(rows[0].status, "pending");
     assert!(!rows[0].has_url);
     assert!(
-        !h.object_exists(&rows[0].name).await,
-        "torn down all the same"
+        h.object_exists(&rows[0].name).await,
+        "nothing is destroyed without winning the flip"
     );
     h.assert_invariants().await;
 }
@@ -245,7 +259,7 @@ async fn an_unknown_team_is_refused_before_anything_is_written() {
     h.team = keel_audit::TeamId::new_random();
     let err = provision_err(&h).await;
     assert!(matches!(err, ProvisionError::TeamNotFound), "{err}");
-    assert_eq!(envelope(&err).status, 404);
+    assert_eq!(envelope(&err).status, 422);
     assert!(h.rows().await.is_empty());
 }
 
