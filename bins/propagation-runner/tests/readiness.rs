@@ -1,7 +1,8 @@
 //! PROP-16: the running `keel-propagation-runner` says when it cannot work. With its database
-//! stopped, `/readyz` answers 503 (so a load balancer or rollout stops counting on it) and the
-//! maintenance gauge marks the queue gauges stale, while `/healthz` stays 200 (the process is
-//! alive and reconnects by itself); with the database back, both recover without a restart.
+//! stopped, `/readyz` answers 503 (so a load balancer or rollout stops counting on it), the
+//! maintenance gauge goes to 0 and the queue gauges are cleared rather than left at their last
+//! value, while `/healthz` stays 200 (the process is alive and reconnects by itself); with the
+//! database back, all of them recover without a restart.
 //!
 //! The test runs its own PostgreSQL cluster, which it stops and starts.
 
@@ -122,6 +123,12 @@ async fn readyz_fails_while_the_database_is_down_and_recovers_when_it_is_back() 
     )
     .await;
 
+    let (_, text) = get(port, "/metrics").await.expect("the runner answers");
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 0"),
+        "{text}"
+    );
+
     cluster.stop();
     eventually("/readyz fails with the database down", || async {
         matches!(get(port, "/readyz").await, Some((503, _)))
@@ -144,6 +151,11 @@ async fn readyz_fails_while_the_database_is_down_and_recovers_when_it_is_back() 
         || async { gauge(port, "instant_propagation_maintenance_up").await == Some(0.0) },
     )
     .await;
+    let (_, text) = get(port, "/metrics").await.expect("the runner answers");
+    assert!(
+        !text.contains("instant_propagation_due_rows{"),
+        "a queue gauge kept a value it could not refresh: {text}"
+    );
     assert_eq!(
         gauge(port, "keel_ready").await,
         Some(0.0),
@@ -160,5 +172,10 @@ async fn readyz_fails_while_the_database_is_down_and_recovers_when_it_is_back() 
         gauge(port, "instant_propagation_maintenance_up").await == Some(1.0)
     })
     .await;
+    let (_, text) = get(port, "/metrics").await.expect("the runner answers");
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 0"),
+        "the queue gauges are back: {text}"
+    );
     drop(runner);
 }

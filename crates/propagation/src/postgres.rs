@@ -1039,21 +1039,36 @@ impl PgPropagationStore {
     /// no runner could run within the grace dead-lettered (each counted in
     /// `instant_propagation_unsupported_dead_lettered_total` and audited), and one bounded
     /// retention batch. The passes that change rows are single-flight across replicas.
-    /// `instant_propagation_maintenance_up` says whether it worked (the gauges are stale when
-    /// it did not).
+    /// `instant_propagation_maintenance_up` says whether it worked; when the reads fail, the
+    /// queue and deferral gauges are cleared rather than left at their last value.
     pub async fn housekeeping(
         &self,
         metrics: &crate::Metrics,
         plan: &Housekeeping,
     ) -> Result<(), StoreError> {
-        let pass = async {
+        let reads = async {
             let now = self.db_now().await?;
-            for stat in self.queue_stats(now).await? {
-                metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
+            let queue = self.queue_stats(now).await?;
+            let deferred = self.deferred_counts().await?;
+            Ok::<_, StoreError>((now, queue, deferred))
+        };
+        let now = match reads.await {
+            Ok((now, queue, deferred)) => {
+                for stat in queue {
+                    metrics.set_queue(stat.kind, stat.due, stat.oldest_due_age_seconds);
+                }
+                for (reason, rows) in deferred {
+                    metrics.set_deferred(reason, rows);
+                }
+                now
             }
-            for (reason, rows) in self.deferred_counts().await? {
-                metrics.set_deferred(reason, rows);
+            Err(e) => {
+                metrics.queue_unknown();
+                metrics.set_maintenance_up(false);
+                return Err(e);
             }
+        };
+        let pass = async {
             for (id, reason) in self
                 .settle_unsupported(plan.unsupported_grace, &plan.actor, now)
                 .await?
