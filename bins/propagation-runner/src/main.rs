@@ -433,7 +433,7 @@ async fn housekeeping(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = gauges.tick() => if let Err(e) = store.housekeeping(&metrics, &plan).await {
-                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges are stale");
+                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges cleared until the next successful read");
             },
             _ = reconcile.tick(), if reconcile_seconds > 0 => {
                 let pass = async { store.reconcile(store.db_now().await?).await };

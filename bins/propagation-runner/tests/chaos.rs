@@ -9,134 +9,19 @@
 //! tests), started with `pg_ctl` from the machine's binaries and removed at the end.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use keel_audit::{Actor, TeamId, Tier};
 use keel_propagation::postgres::{TierRoleSettings, change_team_tier};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+
+use cluster::{Cluster, connect};
+
+mod cluster;
 
 const TEAMS_WITH_ROLES: usize = 7;
 const PER_TEAM: usize = 100;
-
-/// A throwaway cluster the test may stop and start.
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-    as_postgres: bool,
-}
-
-impl Cluster {
-    fn command(&self, program: &str) -> Command {
-        let bin = keel_testkit::find_bin_dir().expect("PostgreSQL binaries");
-        let program = bin.join(program);
-        if self.as_postgres {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        }
-    }
-
-    fn start_new() -> Self {
-        let uid = Command::new("id").arg("-u").output().expect("id -u");
-        let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("keel-chaos-{nanos}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        if as_postgres {
-            let chown = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(chown.success());
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cluster = Self {
-            dir,
-            port,
-            as_postgres,
-        };
-        let initdb = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(cluster.dir.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            initdb.status.success(),
-            "{}",
-            String::from_utf8_lossy(&initdb.stderr)
-        );
-        cluster.pg_ctl(&["start", "-w"]);
-        cluster
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let options = format!(
-            "-p {} -k {} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=250",
-            self.port,
-            self.dir.display()
-        );
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-l"])
-            .arg(self.dir.join("server.log"))
-            .args(["-o", &options])
-            .args(args)
-            .stdout(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn restart(&self) {
-        self.pg_ctl(&["restart", "-m", "fast", "-w"]);
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/keel", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["stop", "-m", "immediate"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// One runner process, with its own metrics port.
 struct RunnerProcess {
@@ -204,16 +89,6 @@ async fn wait_until(what: &str, pool: &PgPool, sql: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("gave up waiting until {what}");
-}
-
-async fn connect(url: &str) -> PgPool {
-    for _ in 0..100 {
-        if let Ok(pool) = PgPoolOptions::new().max_connections(4).connect(url).await {
-            return pool;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("could not connect to {url}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,7 +227,8 @@ async fn two_runners_survive_sigkills_and_a_database_restart_without_a_silent_ro
         }
         if round == 5 {
             pool.close().await;
-            cluster.restart();
+            cluster.stop();
+            cluster.start();
             pool = connect(&url).await;
         }
     }

@@ -226,7 +226,7 @@ impl Metrics {
         );
         registry.register(
             "instant_propagation_maintenance_up",
-            "1 when the last queue and deferral reads succeeded, 0 when they failed (the queue gauges are stale)",
+            "1 when the last housekeeping pass succeeded, 0 when it failed (when its reads failed, the queue and deferral gauges are absent until they succeed again)",
             metrics.maintenance_up.clone(),
         );
         registry.register(
@@ -426,6 +426,15 @@ impl Metrics {
         self.unsupported_dead_lettered
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Forgets the queue and deferral gauges after a failed read: their series disappear until
+    /// the next successful read sets them again, so an old value never looks current (a frozen
+    /// `oldest_due_age_seconds` would hide a growing backlog).
+    pub fn queue_unknown(&self) {
+        self.due_rows.clear();
+        self.oldest_due_age_seconds.clear();
+        self.deferred_rows.clear();
     }
 
     /// Marks whether the last maintenance reads succeeded.

@@ -949,3 +949,74 @@ async fn a_tier_change_enqueues_its_propagations_in_the_same_transaction() {
         "{missing:?}"
     );
 }
+
+/// The `/metrics` text of `registry`.
+fn scrape(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+/// PROP-16: when the queue cannot be read, its gauges do not keep the last value they had (a
+/// frozen `oldest_due_age_seconds` would hide a growing backlog): their series disappear until
+/// the next successful read, and `instant_propagation_maintenance_up` says the pass failed.
+#[tokio::test]
+async fn queue_gauges_never_keep_a_value_their_read_failed_to_refresh() {
+    let db = keel_testkit::database().await;
+    drifted_and_enqueued(db.pool()).await;
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(db.connect_options())
+        .await
+        .unwrap();
+    let store = store(&own);
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let plan = Housekeeping {
+        unsupported_grace: time::Duration::hours(1),
+        retention: Retention::default(),
+        prune_batch: 100,
+        actor: Actor::system(),
+    };
+    store.housekeeping(&metrics, &plan).await.unwrap();
+    let text = scrape(&registry);
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("instant_propagation_maintenance_up 1\n"),
+        "{text}"
+    );
+
+    own.close().await;
+    assert!(store.housekeeping(&metrics, &plan).await.is_err());
+    let text = scrape(&registry);
+    for family in [
+        "instant_propagation_due_rows{",
+        "instant_propagation_oldest_due_age_seconds{",
+        "instant_propagation_deferred_rows{",
+    ] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(family)),
+            "{family} kept a value it could not refresh:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("instant_propagation_maintenance_up 0\n"),
+        "{text}"
+    );
+
+    // Readable again: the series come back with current values.
+    let store = super::store(db.pool());
+    store.housekeeping(&metrics, &plan).await.unwrap();
+    let text = scrape(&registry);
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("instant_propagation_maintenance_up 1\n"),
+        "{text}"
+    );
+}
