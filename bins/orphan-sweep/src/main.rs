@@ -119,10 +119,11 @@ struct SweepArgs {
     )]
     cluster_database_url: Option<DatabaseUrl>,
     /// Key for the token fingerprints in logs (at least 16 bytes). Without it, a random key per
-    /// process is used and fingerprints only correlate within one process.
+    /// process is used and fingerprints only correlate within one process. The former variable
+    /// ORPHAN_SWEEP_FINGERPRINT_KEY is still read when this one is unset.
     #[arg(
         long,
-        env = "ORPHAN_SWEEP_FINGERPRINT_KEY",
+        env = FINGERPRINT_KEY_ENV,
         hide_env_values = true,
         value_name = "KEY"
     )]
@@ -139,6 +140,29 @@ struct SweepArgs {
         value_name = "ADDR"
     )]
     listen: SocketAddr,
+}
+
+/// The fingerprint key's variable.
+const FINGERPRINT_KEY_ENV: &str = "KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY";
+
+/// The fingerprint key's former variable, still read as an alias of [`FINGERPRINT_KEY_ENV`].
+const LEGACY_FINGERPRINT_KEY_ENV: &str = "ORPHAN_SWEEP_FINGERPRINT_KEY";
+
+/// The fingerprint key: `--fingerprint-key` or `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY` (`parsed`)
+/// win; else the former variable's value (`legacy`). A legacy value that is not UTF-8 is an
+/// error naming the variable, never its value.
+fn resolve_fingerprint_key(
+    parsed: Option<String>,
+    legacy: Option<std::ffi::OsString>,
+) -> Result<Option<String>, String> {
+    match (parsed, legacy) {
+        (Some(key), _) => Ok(Some(key)),
+        (None, None) => Ok(None),
+        (None, Some(legacy)) => legacy
+            .into_string()
+            .map(Some)
+            .map_err(|_| format!("{LEGACY_FINGERPRINT_KEY_ENV} is not valid UTF-8")),
+    }
 }
 
 /// Longest accepted interval or grace window (30 days).
@@ -190,7 +214,17 @@ fn main() -> ExitCode {
     if let Some(Command::Migrate(db)) = cli.command {
         return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
     }
-    let args = cli.sweep;
+    let mut args = cli.sweep;
+    args.fingerprint_key = match resolve_fingerprint_key(
+        args.fingerprint_key.take(),
+        std::env::var_os(LEGACY_FINGERPRINT_KEY_ENV),
+    ) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let Some(database_url) = args.database_url.clone() else {
         eprintln!("error: no database: pass --database-url or set DATABASE_URL\n\n{EXIT_CODES}");
         return ExitCode::from(EXIT_USAGE);
@@ -216,7 +250,7 @@ async fn sweep(
 ) -> anyhow::Result<ExitCode> {
     if args.fingerprint_key.is_none() {
         tracing::warn!(
-            "ORPHAN_SWEEP_FINGERPRINT_KEY is not set: token fingerprints only correlate within this process"
+            "KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY is not set: token fingerprints only correlate within this process"
         );
     }
     let db = DatabaseArgs { database_url };
@@ -362,6 +396,43 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    /// OPS-16: the fingerprint key is read from `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY`; the former
+    /// `ORPHAN_SWEEP_FINGERPRINT_KEY` is an alias the new name (or the flag) wins over.
+    #[test]
+    fn the_new_fingerprint_key_variable_wins_over_its_former_alias() {
+        let arg = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "fingerprint_key")
+            .map(|a| a.get_env().map(ToOwned::to_owned))
+            .expect("no --fingerprint-key");
+        assert_eq!(
+            arg.as_deref(),
+            Some(std::ffi::OsStr::new(FINGERPRINT_KEY_ENV))
+        );
+        let some = |s: &str| Some(s.to_owned());
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            resolve_fingerprint_key(some("new-key-0123456789"), os("old-key-0123456789")),
+            Ok(some("new-key-0123456789"))
+        );
+        assert_eq!(
+            resolve_fingerprint_key(None, os("old-key-0123456789")),
+            Ok(some("old-key-0123456789"))
+        );
+        assert_eq!(
+            resolve_fingerprint_key(some("new-key-0123456789"), None),
+            Ok(some("new-key-0123456789"))
+        );
+        assert_eq!(resolve_fingerprint_key(None, None), Ok(None));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt as _;
+            let bad = std::ffi::OsString::from_vec(vec![0x73, 0xff, 0x65]);
+            let err = resolve_fingerprint_key(None, Some(bad)).unwrap_err();
+            assert!(err.contains(LEGACY_FINGERPRINT_KEY_ENV), "{err}");
+        }
+    }
 
     /// OPS-16: the sweep's listen address has its own variable and default, unlike the runner's
     /// (`keel_service::http::HttpArgs`), so the two never collide in one pod or environment.
