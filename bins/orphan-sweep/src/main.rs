@@ -88,7 +88,7 @@ struct SweepArgs {
     /// Which inventory to sweep.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INVENTORY", value_enum, default_value_t = InventoryKind::Kubernetes)]
     inventory: InventoryKind,
-    /// Time between ticks, e.g. 1h, 30m, 90s.
+    /// Time between ticks, e.g. 1h, 30m, 90s, 1h30m, 1d (at most 30 days).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     interval: Duration,
     /// Run a tick at start-up instead of waiting one interval.
@@ -97,7 +97,7 @@ struct SweepArgs {
     /// Run one tick and exit (for a CronJob).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_ONCE")]
     once: bool,
-    /// How old an object must be before it can be a candidate, e.g. 1h.
+    /// How old an object must be before it can be a candidate, e.g. 1h, 1d (at most 30 days).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_GRACE", default_value = "1h", value_parser = parse_duration)]
     grace: Duration,
     /// Consecutive ticks a candidate must be seen in before it may be reclaimed.
@@ -168,21 +168,24 @@ fn resolve_fingerprint_key(
 /// Longest accepted interval or grace window (30 days).
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Parses `90s`, `30m`, `1h` or plain seconds, up to 30 days.
+/// What a duration flag accepts, for its error message.
+const DURATION_FORMS: &str =
+    "expected a duration such as 90s, 30m, 1h30m, 1d or plain seconds (days are 24 hours)";
+
+/// Parses a duration up to 30 days: plain seconds (`3600`), or units from seconds to weeks,
+/// combined as in `1h30m`, `1d 12h` or `P1DT2H` (the friendly and ISO 8601 forms `jiff` reads),
+/// a day being 24 hours. Months and years, negative or zero-less garbage are refused.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |at| s.split_at(at));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| "expected a duration such as 90s, 30m or 1h".to_owned())?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        _ => return Err("expected a duration such as 90s, 30m or 1h".to_owned()),
+    let s = s.trim();
+    let duration = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(s.parse().map_err(|_| "at most 30 days (720h)".to_owned())?)
+    } else {
+        let span: jiff::Span = s.parse().map_err(|_| DURATION_FORMS.to_owned())?;
+        let signed = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|_| DURATION_FORMS.to_owned())?;
+        Duration::try_from(signed).map_err(|_| "a duration cannot be negative".to_owned())?
     };
-    let duration = Duration::from_secs(seconds);
     if duration > MAX_DURATION {
         return Err("at most 30 days (720h)".to_owned());
     }
@@ -397,6 +400,39 @@ mod tests {
 
     use super::*;
 
+    /// OPS-24: durations take days and combined units, a day being 24 hours, and keep the
+    /// 30-day cap; anything else is refused with the accepted forms named.
+    #[test]
+    fn durations_accept_days_and_combined_units_up_to_thirty_days() {
+        let secs = Duration::from_secs;
+        for (text, expected) in [
+            ("90s", secs(90)),
+            ("30m", secs(1800)),
+            ("1h", secs(3600)),
+            ("1h30m", secs(5400)),
+            ("1h 30m", secs(5400)),
+            ("1d", secs(86_400)),
+            ("1d12h", secs(129_600)),
+            ("2w", secs(1_209_600)),
+            ("P1DT2H", secs(93_600)),
+            ("3600", secs(3600)),
+            ("0", secs(0)),
+            ("30d", MAX_DURATION),
+            ("720h", MAX_DURATION),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for too_long in ["31d", "30d1s", "721h", "2592001", "99999999999999999999999"] {
+            let err = parse_duration(too_long).unwrap_err();
+            assert!(err.contains("30 days"), "{too_long}: {err}");
+        }
+        for bad in ["", "1x", "h", "1 month", "1y", "-1h", "1h-", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        let err = parse_duration("1 month").unwrap_err();
+        assert!(err.contains("1h30m"), "{err}");
+    }
+
     /// OPS-16: the fingerprint key is read from `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY`; the former
     /// `ORPHAN_SWEEP_FINGERPRINT_KEY` is an alias the new name (or the flag) wins over.
     #[test]
@@ -484,7 +520,10 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert!(parse_duration("1d").is_err());
+        assert!(
+            parse_duration("1mo").is_err(),
+            "months have no fixed length"
+        );
         assert!(
             parse_duration("18446744073709551615").is_err(),
             "never an overflow"
