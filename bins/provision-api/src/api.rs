@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -556,11 +556,11 @@ async fn read<S: ResourceStore, B: Backend>(
     }
 }
 
-/// The `reason` parameter of a query string (its values are plain words: no decoding needed).
-fn reason_param(query: Option<&str>) -> Option<&str> {
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("reason="))
+/// The query parameters of `DELETE /v1/resources/{id}` (others are ignored).
+#[derive(serde::Deserialize)]
+struct DeleteParams {
+    /// Why the resource is deprovisioned (default `customer_request`).
+    reason: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -574,7 +574,7 @@ struct DeletedView {
 async fn delete<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     id: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
+    params: Result<Query<DeleteParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let request_id = request_id(&headers);
@@ -582,7 +582,13 @@ async fn delete<S: ResourceStore, B: Backend>(
     let Some(id) = parse_id(id) else {
         return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
-    let reason = match reason_param(query.as_deref()) {
+    let Ok(Query(params)) = params else {
+        return fail(
+            ErrorCode::InvalidRequest,
+            "the query string could not be read; it takes one reason parameter",
+        );
+    };
+    let reason = match params.reason.as_deref() {
         None => DeprovisionReason::CustomerRequest,
         Some(reason) => match DeprovisionReason::parse(reason) {
             // The orphan reason belongs to the orphan sweep, not to a resource by id.
@@ -1259,6 +1265,26 @@ mod tests {
         assert!(given.starts_with("req-"), "{given}");
         let body = raw.split("\r\n\r\n").nth(1).unwrap();
         assert_eq!(body, given, "the handler sees the id its span carries");
+    }
+
+    /// OPS-24: the query string is decoded as a form (a percent-encoded reason is the reason),
+    /// and one that cannot be read (a repeated reason) is an `invalid_request` envelope.
+    #[tokio::test]
+    async fn query_strings_are_decoded_and_an_unreadable_one_is_an_envelope() {
+        let api = api().await;
+        let missing = ResourceId::new_random();
+        for (query, status, code) in [
+            ("reason=customer%5Frequest", 404, "resource_not_found"),
+            ("reason=operator&page=2", 404, "resource_not_found"),
+            ("reason=expired&reason=operator", 400, "invalid_request"),
+            ("reason=", 400, "invalid_request"),
+            ("reason=or%70han", 400, "invalid_request"),
+        ] {
+            let answer = api
+                .call("DELETE", &format!("/v1/resources/{missing}?{query}"), "")
+                .await;
+            assert_envelope(&answer, status, code);
+        }
     }
 
     /// PROV-8: only a JSON body creates anything; a cross-site "simple request" cannot.
