@@ -225,9 +225,24 @@ pub struct DatabaseArgs {
 
 /// A database connection URL. It holds a password, so `Debug` and `Display` redact it, and
 /// parsing it never fails at the command line (where clap would echo the value in its error):
-/// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it.
+/// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it. Its memory
+/// is zeroed on drop.
 #[derive(Clone)]
 pub struct DatabaseUrl(String);
+
+impl zeroize::Zeroize for DatabaseUrl {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for DatabaseUrl {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for DatabaseUrl {}
 
 /// A database URL that is not a valid `postgres://` URL. The value is not shown.
 #[derive(Debug, thiserror::Error)]
@@ -512,6 +527,17 @@ mod tests {
         let options = cli.db.database_url.connect_options().unwrap();
         assert_eq!(options.get_host(), "db.internal");
         assert_eq!(options.get_port(), 5432);
+    }
+
+    /// OPS-24: the database URL's memory is zeroed when it is dropped (`Drop` runs `zeroize`,
+    /// which empties the value).
+    #[test]
+    fn the_database_url_is_zeroized_on_drop() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroized_on_drop::<DatabaseUrl>();
+        let mut url = DatabaseUrl::new(SECRET_URL);
+        zeroize::Zeroize::zeroize(&mut url);
+        assert_eq!(url.expose(), "");
     }
 
     #[test]
