@@ -39,8 +39,7 @@ Exit codes:
 #[command(
     name = "keel-orphan-sweep",
     version,
-    after_help = EXIT_CODES,
-    args_conflicts_with_subcommands = true
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(flatten)]
@@ -212,8 +211,49 @@ impl SweepArgs {
     }
 }
 
+/// Parses the command line. The sweep's own flags cannot be combined with `migrate` (its
+/// variables can: one environment serves both), while the shared `--log-format` may stand
+/// before or after it. Clap's `args_conflicts_with_subcommands` would refuse
+/// `--log-format json migrate` too, so the conflict is checked here.
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, keel_service::cli::UsageExit> {
+    use clap::parser::ValueSource;
+    let cli = keel_service::cli::try_parse_from::<Cli, _, _>(args.iter().cloned())?;
+    if !matches!(cli.command, Some(Command::Migrate(_))) {
+        return Ok(cli);
+    }
+    let mut command = keel_service::cli::command::<Cli>();
+    let matches = command
+        .try_get_matches_from_mut(args)
+        .expect("the line parsed once already");
+    let shared = ["log_format", "help", "version"];
+    let given = command
+        .get_arguments()
+        .find(|arg| {
+            let id = arg.get_id().as_str();
+            !shared.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
+        })
+        .map(|arg| arg.get_long().unwrap_or(arg.get_id().as_str()).to_owned());
+    match given {
+        None => Ok(cli),
+        Some(flag) => {
+            let message = format!(
+                "error: the subcommand 'migrate' cannot be used with '--{flag}'\n\n{}\n",
+                command.render_usage()
+            );
+            Err(keel_service::cli::UsageExit {
+                styled: message.clone().into(),
+                message,
+                code: EXIT_USAGE,
+            })
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = keel_service::cli::parse();
+    let cli = match parse_cli(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(exit) => return keel_service::cli::report(exit),
+    };
     if let Some(Command::Migrate(db)) = cli.command {
         return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
     }
@@ -399,6 +439,50 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    /// OPS-14: `--log-format` may stand before `migrate` (an invalid value is reported as
+    /// such), while a sweep flag given with `migrate` is still a usage error.
+    #[test]
+    fn the_log_format_may_precede_migrate_but_sweep_flags_may_not() {
+        let parse = |args: &[&str]| {
+            let mut line = vec![std::ffi::OsString::from("keel-orphan-sweep")];
+            line.extend(args.iter().map(std::ffi::OsString::from));
+            parse_cli(line)
+        };
+        let url = "postgres://u@127.0.0.1:1/x";
+        for args in [
+            vec!["--log-format", "json", "migrate", "--database-url", url],
+            vec!["migrate", "--log-format", "json", "--database-url", url],
+        ] {
+            let cli = parse(&args).unwrap_or_else(|e| panic!("{args:?}: {}", e.message));
+            assert_eq!(cli.log.log_format, keel_service::cli::LogFormat::Json);
+            assert!(matches!(cli.command, Some(Command::Migrate(_))));
+        }
+        let exit = parse(&["--log-format", "xml", "migrate"]).err().unwrap();
+        assert_eq!(exit.code, EXIT_USAGE);
+        assert!(
+            exit.message
+                .starts_with("error: invalid value 'xml' for '--log-format"),
+            "{}",
+            exit.message
+        );
+        for args in [
+            vec!["--once", "migrate", "--database-url", url],
+            vec!["--grace", "1d", "migrate", "--database-url", url],
+        ] {
+            let exit = parse(&args).err().unwrap();
+            assert_eq!(exit.code, EXIT_USAGE, "{args:?}");
+            assert!(
+                exit.message
+                    .starts_with("error: the subcommand 'migrate' cannot be used with '--"),
+                "{args:?}: {}",
+                exit.message
+            );
+            assert!(exit.message.contains("Usage:"), "{}", exit.message);
+        }
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+    }
 
     /// OPS-24: durations take days and combined units, a day being 24 hours, and keep the
     /// 30-day cap; anything else is refused with the accepted forms named.
