@@ -58,7 +58,7 @@ const TARGETS: &[Target] = &[
         env: &[
             ("ORPHAN_DB_SWEEP_ENABLED", "1"),
             (
-                "ORPHAN_SWEEP_FINGERPRINT_KEY",
+                "KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY",
                 "scrape-check-fingerprint-key",
             ),
         ],

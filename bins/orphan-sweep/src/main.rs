@@ -39,8 +39,7 @@ Exit codes:
 #[command(
     name = "keel-orphan-sweep",
     version,
-    after_help = EXIT_CODES,
-    args_conflicts_with_subcommands = true
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(flatten)]
@@ -88,7 +87,7 @@ struct SweepArgs {
     /// Which inventory to sweep.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INVENTORY", value_enum, default_value_t = InventoryKind::Kubernetes)]
     inventory: InventoryKind,
-    /// Time between ticks, e.g. 1h, 30m, 90s.
+    /// Time between ticks, e.g. 1h, 30m, 90s, 1h30m, 1d (at most 30 days).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     interval: Duration,
     /// Run a tick at start-up instead of waiting one interval.
@@ -97,7 +96,7 @@ struct SweepArgs {
     /// Run one tick and exit (for a CronJob).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_ONCE")]
     once: bool,
-    /// How old an object must be before it can be a candidate, e.g. 1h.
+    /// How old an object must be before it can be a candidate, e.g. 1h, 1d (at most 30 days).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_GRACE", default_value = "1h", value_parser = parse_duration)]
     grace: Duration,
     /// Consecutive ticks a candidate must be seen in before it may be reclaimed.
@@ -119,10 +118,11 @@ struct SweepArgs {
     )]
     cluster_database_url: Option<DatabaseUrl>,
     /// Key for the token fingerprints in logs (at least 16 bytes). Without it, a random key per
-    /// process is used and fingerprints only correlate within one process.
+    /// process is used and fingerprints only correlate within one process. The former variable
+    /// ORPHAN_SWEEP_FINGERPRINT_KEY is still read when this one is unset.
     #[arg(
         long,
-        env = "ORPHAN_SWEEP_FINGERPRINT_KEY",
+        env = FINGERPRINT_KEY_ENV,
         hide_env_values = true,
         value_name = "KEY"
     )]
@@ -141,24 +141,50 @@ struct SweepArgs {
     listen: SocketAddr,
 }
 
+/// The fingerprint key's variable.
+const FINGERPRINT_KEY_ENV: &str = "KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY";
+
+/// The fingerprint key's former variable, still read as an alias of [`FINGERPRINT_KEY_ENV`].
+const LEGACY_FINGERPRINT_KEY_ENV: &str = "ORPHAN_SWEEP_FINGERPRINT_KEY";
+
+/// The fingerprint key: `--fingerprint-key` or `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY` (`parsed`)
+/// win; else the former variable's value (`legacy`). A legacy value that is not UTF-8 is an
+/// error naming the variable, never its value.
+fn resolve_fingerprint_key(
+    parsed: Option<String>,
+    legacy: Option<std::ffi::OsString>,
+) -> Result<Option<String>, String> {
+    match (parsed, legacy) {
+        (Some(key), _) => Ok(Some(key)),
+        (None, None) => Ok(None),
+        (None, Some(legacy)) => legacy
+            .into_string()
+            .map(Some)
+            .map_err(|_| format!("{LEGACY_FINGERPRINT_KEY_ENV} is not valid UTF-8")),
+    }
+}
+
 /// Longest accepted interval or grace window (30 days).
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Parses `90s`, `30m`, `1h` or plain seconds, up to 30 days.
+/// What a duration flag accepts, for its error message.
+const DURATION_FORMS: &str =
+    "expected a duration such as 90s, 30m, 1h30m, 1d or plain seconds (days are 24 hours)";
+
+/// Parses a duration up to 30 days: plain seconds (`3600`), or units from seconds to weeks,
+/// combined as in `1h30m`, `1d 12h` or `P1DT2H` (the friendly and ISO 8601 forms `jiff` reads),
+/// a day being 24 hours. Months and years, negative or zero-less garbage are refused.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |at| s.split_at(at));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| "expected a duration such as 90s, 30m or 1h".to_owned())?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        _ => return Err("expected a duration such as 90s, 30m or 1h".to_owned()),
+    let s = s.trim();
+    let duration = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(s.parse().map_err(|_| "at most 30 days (720h)".to_owned())?)
+    } else {
+        let span: jiff::Span = s.parse().map_err(|_| DURATION_FORMS.to_owned())?;
+        let signed = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|_| DURATION_FORMS.to_owned())?;
+        Duration::try_from(signed).map_err(|_| "a duration cannot be negative".to_owned())?
     };
-    let duration = Duration::from_secs(seconds);
     if duration > MAX_DURATION {
         return Err("at most 30 days (720h)".to_owned());
     }
@@ -185,12 +211,63 @@ impl SweepArgs {
     }
 }
 
+/// Parses the command line. The sweep's own flags cannot be combined with `migrate` (its
+/// variables can: one environment serves both), while the shared `--log-format` may stand
+/// before or after it. Clap's `args_conflicts_with_subcommands` would refuse
+/// `--log-format json migrate` too, so the conflict is checked here.
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, keel_service::cli::UsageExit> {
+    use clap::parser::ValueSource;
+    let cli = keel_service::cli::try_parse_from::<Cli, _, _>(args.iter().cloned())?;
+    if !matches!(cli.command, Some(Command::Migrate(_))) {
+        return Ok(cli);
+    }
+    let mut command = keel_service::cli::command::<Cli>();
+    let matches = command
+        .try_get_matches_from_mut(args)
+        .expect("the line parsed once already");
+    let shared = ["log_format", "help", "version"];
+    let given = command
+        .get_arguments()
+        .find(|arg| {
+            let id = arg.get_id().as_str();
+            !shared.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
+        })
+        .map(|arg| arg.get_long().unwrap_or(arg.get_id().as_str()).to_owned());
+    match given {
+        None => Ok(cli),
+        Some(flag) => {
+            let message = format!(
+                "error: the subcommand 'migrate' cannot be used with '--{flag}'\n\n{}\n",
+                command.render_usage()
+            );
+            Err(keel_service::cli::UsageExit {
+                styled: message.clone().into(),
+                message,
+                code: EXIT_USAGE,
+            })
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = keel_service::cli::parse();
+    let cli = match parse_cli(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(exit) => return keel_service::cli::report(exit),
+    };
     if let Some(Command::Migrate(db)) = cli.command {
         return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
     }
-    let args = cli.sweep;
+    let mut args = cli.sweep;
+    args.fingerprint_key = match resolve_fingerprint_key(
+        args.fingerprint_key.take(),
+        std::env::var_os(LEGACY_FINGERPRINT_KEY_ENV),
+    ) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let Some(database_url) = args.database_url.clone() else {
         eprintln!("error: no database: pass --database-url or set DATABASE_URL\n\n{EXIT_CODES}");
         return ExitCode::from(EXIT_USAGE);
@@ -216,7 +293,7 @@ async fn sweep(
 ) -> anyhow::Result<ExitCode> {
     if args.fingerprint_key.is_none() {
         tracing::warn!(
-            "ORPHAN_SWEEP_FINGERPRINT_KEY is not set: token fingerprints only correlate within this process"
+            "KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY is not set: token fingerprints only correlate within this process"
         );
     }
     let db = DatabaseArgs { database_url };
@@ -363,6 +440,120 @@ mod tests {
 
     use super::*;
 
+    /// OPS-14: `--log-format` may stand before `migrate` (an invalid value is reported as
+    /// such), while a sweep flag given with `migrate` is still a usage error.
+    #[test]
+    fn the_log_format_may_precede_migrate_but_sweep_flags_may_not() {
+        let parse = |args: &[&str]| {
+            let mut line = vec![std::ffi::OsString::from("keel-orphan-sweep")];
+            line.extend(args.iter().map(std::ffi::OsString::from));
+            parse_cli(line)
+        };
+        let url = "postgres://u@127.0.0.1:1/x";
+        for args in [
+            vec!["--log-format", "json", "migrate", "--database-url", url],
+            vec!["migrate", "--log-format", "json", "--database-url", url],
+        ] {
+            let cli = parse(&args).unwrap_or_else(|e| panic!("{args:?}: {}", e.message));
+            assert_eq!(cli.log.log_format, keel_service::cli::LogFormat::Json);
+            assert!(matches!(cli.command, Some(Command::Migrate(_))));
+        }
+        let exit = parse(&["--log-format", "xml", "migrate"]).err().unwrap();
+        assert_eq!(exit.code, EXIT_USAGE);
+        assert!(
+            exit.message
+                .starts_with("error: invalid value 'xml' for '--log-format"),
+            "{}",
+            exit.message
+        );
+        for args in [
+            vec!["--once", "migrate", "--database-url", url],
+            vec!["--grace", "1d", "migrate", "--database-url", url],
+        ] {
+            let exit = parse(&args).err().unwrap();
+            assert_eq!(exit.code, EXIT_USAGE, "{args:?}");
+            assert!(
+                exit.message
+                    .starts_with("error: the subcommand 'migrate' cannot be used with '--"),
+                "{args:?}: {}",
+                exit.message
+            );
+            assert!(exit.message.contains("Usage:"), "{}", exit.message);
+        }
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+    }
+
+    /// OPS-24: durations take days and combined units, a day being 24 hours, and keep the
+    /// 30-day cap; anything else is refused with the accepted forms named.
+    #[test]
+    fn durations_accept_days_and_combined_units_up_to_thirty_days() {
+        let secs = Duration::from_secs;
+        for (text, expected) in [
+            ("90s", secs(90)),
+            ("30m", secs(1800)),
+            ("1h", secs(3600)),
+            ("1h30m", secs(5400)),
+            ("1h 30m", secs(5400)),
+            ("1d", secs(86_400)),
+            ("1d12h", secs(129_600)),
+            ("2w", secs(1_209_600)),
+            ("P1DT2H", secs(93_600)),
+            ("3600", secs(3600)),
+            ("0", secs(0)),
+            ("30d", MAX_DURATION),
+            ("720h", MAX_DURATION),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for too_long in ["31d", "30d1s", "721h", "2592001", "99999999999999999999999"] {
+            let err = parse_duration(too_long).unwrap_err();
+            assert!(err.contains("30 days"), "{too_long}: {err}");
+        }
+        for bad in ["", "1x", "h", "1 month", "1y", "-1h", "1h-", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        let err = parse_duration("1 month").unwrap_err();
+        assert!(err.contains("1h30m"), "{err}");
+    }
+
+    /// OPS-16: the fingerprint key is read from `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY`; the former
+    /// `ORPHAN_SWEEP_FINGERPRINT_KEY` is an alias the new name (or the flag) wins over.
+    #[test]
+    fn the_new_fingerprint_key_variable_wins_over_its_former_alias() {
+        let arg = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "fingerprint_key")
+            .map(|a| a.get_env().map(ToOwned::to_owned))
+            .expect("no --fingerprint-key");
+        assert_eq!(
+            arg.as_deref(),
+            Some(std::ffi::OsStr::new(FINGERPRINT_KEY_ENV))
+        );
+        let some = |s: &str| Some(s.to_owned());
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            resolve_fingerprint_key(some("new-key-0123456789"), os("old-key-0123456789")),
+            Ok(some("new-key-0123456789"))
+        );
+        assert_eq!(
+            resolve_fingerprint_key(None, os("old-key-0123456789")),
+            Ok(some("old-key-0123456789"))
+        );
+        assert_eq!(
+            resolve_fingerprint_key(some("new-key-0123456789"), None),
+            Ok(some("new-key-0123456789"))
+        );
+        assert_eq!(resolve_fingerprint_key(None, None), Ok(None));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt as _;
+            let bad = std::ffi::OsString::from_vec(vec![0x73, 0xff, 0x65]);
+            let err = resolve_fingerprint_key(None, Some(bad)).unwrap_err();
+            assert!(err.contains(LEGACY_FINGERPRINT_KEY_ENV), "{err}");
+        }
+    }
+
     /// OPS-16: the sweep's listen address has its own variable and default, unlike the runner's
     /// (`keel_service::http::HttpArgs`), so the two never collide in one pod or environment.
     #[test]
@@ -413,7 +604,10 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert!(parse_duration("1d").is_err());
+        assert!(
+            parse_duration("1mo").is_err(),
+            "months have no fixed length"
+        );
         assert!(
             parse_duration("18446744073709551615").is_err(),
             "never an overflow"

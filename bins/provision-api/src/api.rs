@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_audit::{Actor, RequestId, ResourceId, ResourceType, TeamId, Tier};
@@ -42,6 +43,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 /// The largest request body accepted: the create body is three short fields.
 pub const BODY_LIMIT: usize = 4 * 1024;
@@ -141,6 +143,30 @@ fn with_envelopes(router: Router, docs: DocsBase) -> Router {
         .method_not_allowed_fallback(not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(in_request_span))
+}
+
+/// Runs a request inside a `request` span carrying its `request_id`, `method` and `route` (the
+/// matched route's template, never the path itself, nor any header or body), so every log line
+/// written while handling it carries them. A request without a valid `X-Request-Id` is given a
+/// fresh one here, once, so the span and the response's envelope name the same id.
+async fn in_request_span(mut request: axum::extract::Request, next: Next) -> Response {
+    let id = request_id(request.headers());
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        request.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.as_str(),
+        method = request.method().as_str(),
+        route = route.as_str(),
+    );
+    next.run(request).instrument(span).await
 }
 
 /// Serves `router` on `listener` until `shutdown`, then waits up to `drain` for the
@@ -179,10 +205,13 @@ fn fresh_request_id() -> RequestId {
         .expect("req- and 32 hex digits is a valid request id")
 }
 
+/// The header a client names its request id in.
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// The request id from `X-Request-Id` when it is a valid one, else a fresh one.
 fn request_id(headers: &HeaderMap) -> RequestId {
     headers
-        .get("x-request-id")
+        .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| RequestId::parse(v).ok())
         .unwrap_or_else(fresh_request_id)
@@ -368,20 +397,23 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     let (reserved_tx, reserved_rx) = tokio::sync::oneshot::channel();
     let mut flow = {
         let state = Arc::clone(&state);
-        state.tracker.clone().spawn(async move {
-            let _permit = permit;
-            let provisioner = &state.provisioner;
-            let reservation = provisioner
-                .reserve(request, OffsetDateTime::now_utc())
-                .await?;
-            let _ = reserved_tx.send(reservation.id());
-            let created = provisioner
-                .create(reservation, OffsetDateTime::now_utc())
-                .await?;
-            provisioner
-                .finalize(created, OffsetDateTime::now_utc())
-                .await
-        })
+        state.tracker.clone().spawn(
+            async move {
+                let _permit = permit;
+                let provisioner = &state.provisioner;
+                let reservation = provisioner
+                    .reserve(request, OffsetDateTime::now_utc())
+                    .await?;
+                let _ = reserved_tx.send(reservation.id());
+                let created = provisioner
+                    .create(reservation, OffsetDateTime::now_utc())
+                    .await?;
+                provisioner
+                    .finalize(created, OffsetDateTime::now_utc())
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
     };
     let finished = match tokio::time::timeout_at(deadline, &mut flow).await {
         Ok(finished) => finished,
@@ -524,11 +556,11 @@ async fn read<S: ResourceStore, B: Backend>(
     }
 }
 
-/// The `reason` parameter of a query string (its values are plain words: no decoding needed).
-fn reason_param(query: Option<&str>) -> Option<&str> {
-    query?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("reason="))
+/// The query parameters of `DELETE /v1/resources/{id}` (others are ignored).
+#[derive(serde::Deserialize)]
+struct DeleteParams {
+    /// Why the resource is deprovisioned (default `customer_request`).
+    reason: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -542,7 +574,7 @@ struct DeletedView {
 async fn delete<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     id: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
+    params: Result<Query<DeleteParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let request_id = request_id(&headers);
@@ -550,7 +582,13 @@ async fn delete<S: ResourceStore, B: Backend>(
     let Some(id) = parse_id(id) else {
         return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
-    let reason = match reason_param(query.as_deref()) {
+    let Ok(Query(params)) = params else {
+        return fail(
+            ErrorCode::InvalidRequest,
+            "the query string could not be read; it takes one reason parameter",
+        );
+    };
+    let reason = match params.reason.as_deref() {
         None => DeprovisionReason::CustomerRequest,
         Some(reason) => match DeprovisionReason::parse(reason) {
             // The orphan reason belongs to the orphan sweep, not to a resource by id.
@@ -1130,6 +1168,123 @@ mod tests {
             "{raw}"
         );
         assert!(raw.contains("\"error\":\"internal\""), "{raw}");
+    }
+
+    /// A writer that keeps what the JSON subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'w self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// OPS-18: every JSON log line written while a request is handled, in the handler or in a
+    /// task it spawns, carries that request's id, method and route template in its span; a
+    /// request without an id gets one, the same in its log lines and its envelope.
+    #[tokio::test]
+    async fn every_json_log_line_of_a_request_carries_its_request_id() {
+        let out = Captured::default();
+        let subscriber = keel_service::telemetry::subscriber(
+            keel_service::cli::LogFormat::Json,
+            tracing_subscriber::EnvFilter::new("info"),
+            false,
+            out.clone(),
+        );
+        // The test runtime is single-threaded: the server's tasks run on this thread.
+        let _default = tracing::subscriber::set_default(subscriber);
+        let docs = DocsBase::parse("https://keel.dev/docs/errors").unwrap();
+        let logging = with_envelopes(
+            Router::new().route(
+                "/v1/log/{secret}",
+                get(|headers: HeaderMap| async move {
+                    tracing::info!("in the handler");
+                    tokio::spawn(
+                        async { tracing::info!("in a spawned task") }
+                            .instrument(tracing::Span::current()),
+                    )
+                    .await
+                    .unwrap();
+                    request_id(&headers).as_str().to_owned()
+                }),
+            ),
+            docs,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, logging).await.unwrap() });
+        let call = |head: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            raw
+        };
+        let raw = call(
+            "GET /v1/log/tok-s3cr3t HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             X-Request-Id: req-span-7\r\n\r\n",
+        )
+        .await;
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = logged
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{logged}");
+        for line in &lines {
+            assert_eq!(line["span"]["name"], "request", "{line}");
+            assert_eq!(line["span"]["request_id"], "req-span-7", "{line}");
+            assert_eq!(line["span"]["method"], "GET", "{line}");
+            assert_eq!(line["span"]["route"], "/v1/log/{secret}", "{line}");
+        }
+        assert!(
+            !logged.contains("s3cr3t"),
+            "the path itself is never logged: {logged}"
+        );
+
+        // Without an id: the envelope names the id the span was given.
+        out.0.lock().unwrap().clear();
+        let raw = call("GET /v1/log/x HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n").await;
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        let logged = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let first: Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
+        let given = first["span"]["request_id"].as_str().unwrap();
+        assert!(given.starts_with("req-"), "{given}");
+        let body = raw.split("\r\n\r\n").nth(1).unwrap();
+        assert_eq!(body, given, "the handler sees the id its span carries");
+    }
+
+    /// OPS-24: the query string is decoded as a form (a percent-encoded reason is the reason),
+    /// and one that cannot be read (a repeated reason) is an `invalid_request` envelope.
+    #[tokio::test]
+    async fn query_strings_are_decoded_and_an_unreadable_one_is_an_envelope() {
+        let api = api().await;
+        let missing = ResourceId::new_random();
+        for (query, status, code) in [
+            ("reason=customer%5Frequest", 404, "resource_not_found"),
+            ("reason=operator&page=2", 404, "resource_not_found"),
+            ("reason=expired&reason=operator", 400, "invalid_request"),
+            ("reason=", 400, "invalid_request"),
+            ("reason=or%70han", 400, "invalid_request"),
+        ] {
+            let answer = api
+                .call("DELETE", &format!("/v1/resources/{missing}?{query}"), "")
+                .await;
+            assert_envelope(&answer, status, code);
+        }
     }
 
     /// PROV-8: only a JSON body creates anything; a cross-site "simple request" cannot.

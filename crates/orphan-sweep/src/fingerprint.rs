@@ -18,7 +18,7 @@ pub struct FingerprintKey(Vec<u8>);
 pub struct WeakKey;
 
 impl FingerprintKey {
-    /// A key from configuration (for example `ORPHAN_SWEEP_FINGERPRINT_KEY`).
+    /// A key from configuration (for example `KEEL_ORPHAN_SWEEP_FINGERPRINT_KEY`).
     pub fn new(key: impl Into<Vec<u8>>) -> Result<Self, WeakKey> {
         let key = key.into();
         if key.len() < 16 {

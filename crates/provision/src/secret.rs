@@ -1,9 +1,12 @@
-//! Secrets that only ever display redacted.
+//! Secrets that only ever display redacted, and whose memory is zeroed when they are dropped.
 
 use std::fmt;
 
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
 /// A customer's connection URL (it carries the password). `Debug` and `Display` redact it; the
 /// value is reachable only through [`ConnectionUrl::expose`], for the one response that shows it.
+/// Its memory is zeroed on drop (copies taken through `expose` are the caller's to keep short).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnectionUrl(String);
 
@@ -38,6 +41,20 @@ impl ConnectionUrl {
     }
 }
 
+impl Zeroize for ConnectionUrl {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for ConnectionUrl {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for ConnectionUrl {}
+
 impl fmt::Debug for ConnectionUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ConnectionUrl(<redacted>)")
@@ -50,7 +67,7 @@ impl fmt::Display for ConnectionUrl {
     }
 }
 
-/// A generated password. `Debug` and `Display` redact it.
+/// A generated password. `Debug` and `Display` redact it; its memory is zeroed on drop.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
 
@@ -65,6 +82,20 @@ impl Password {
         &self.0
     }
 }
+
+impl Zeroize for Password {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for Password {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Password {}
 
 impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -95,6 +126,22 @@ mod tests {
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
         assert_eq!(pw.expose(), "s3cr3t");
+    }
+
+    fn zeroized_on_drop<T: ZeroizeOnDrop>() {}
+
+    /// OPS-24: the secrets' memory is zeroed when they are dropped (`Drop` runs `zeroize`,
+    /// which empties the value).
+    #[test]
+    fn secrets_are_zeroized_on_drop() {
+        zeroized_on_drop::<Password>();
+        zeroized_on_drop::<ConnectionUrl>();
+        let mut pw = Password::new("s3cr3t");
+        pw.zeroize();
+        assert_eq!(pw.expose(), "");
+        let mut url = ConnectionUrl::new("postgres://cust:s3cr3t@db/cust");
+        url.zeroize();
+        assert_eq!(url.expose(), "");
     }
 
     #[test]

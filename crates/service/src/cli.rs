@@ -107,10 +107,12 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let mut command = command::<P>();
     command
-        .try_get_matches_from_mut(args)
+        .try_get_matches_from_mut(args.iter().cloned())
         .and_then(|matches| P::from_arg_matches(&matches))
+        .map_err(|err| prefer_invalid_values(err, &args, self::command::<P>()))
         .map_err(|err| {
             let err = err.format(&mut command);
             let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
@@ -132,6 +134,34 @@ where
                 code,
             }
         })
+}
+
+/// Clap checks a subcommand's required arguments before it checks the value of a flag given
+/// just before that subcommand (`--log-format xml migrate` would report the missing
+/// `--database-url`, and `xml` only once that is given). So when `err` reports something missing,
+/// the line is parsed again with nothing required: any other error that finds (an invalid value,
+/// an unknown flag) is reported instead, since fixing only the missing part would not help.
+fn prefer_invalid_values(err: clap::Error, args: &[OsString], command: Command) -> clap::Error {
+    fn is_missing(kind: ErrorKind) -> bool {
+        matches!(
+            kind,
+            ErrorKind::MissingRequiredArgument | ErrorKind::MissingSubcommand
+        )
+    }
+    fn relaxed(command: Command) -> Command {
+        command
+            .subcommand_required(false)
+            .arg_required_else_help(false)
+            .mut_args(|arg| arg.required(false))
+            .mut_subcommands(relaxed)
+    }
+    if !is_missing(err.kind()) {
+        return err;
+    }
+    match relaxed(command).try_get_matches_from(args) {
+        Err(other) if !is_missing(other.kind()) && other.use_stderr() => other,
+        Ok(_) | Err(_) => err,
+    }
 }
 
 /// Parses the process's command line into `P`; on `--help`/`--version` prints and exits 0, on a
@@ -195,9 +225,24 @@ pub struct DatabaseArgs {
 
 /// A database connection URL. It holds a password, so `Debug` and `Display` redact it, and
 /// parsing it never fails at the command line (where clap would echo the value in its error):
-/// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it.
+/// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it. Its memory
+/// is zeroed on drop.
 #[derive(Clone)]
 pub struct DatabaseUrl(String);
+
+impl zeroize::Zeroize for DatabaseUrl {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for DatabaseUrl {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for DatabaseUrl {}
 
 /// A database URL that is not a valid `postgres://` URL. The value is not shown.
 #[derive(Debug, thiserror::Error)]
@@ -357,6 +402,43 @@ mod tests {
         assert!(!COMMIT.is_empty());
     }
 
+    #[derive(Debug, Parser)]
+    #[command(name = "keel-migrating")]
+    struct MigratingCli {
+        #[command(flatten)]
+        log: LogArgs,
+        #[command(subcommand)]
+        command: MigratingCommand,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum MigratingCommand {
+        /// Needs a database.
+        Migrate(DatabaseArgs),
+    }
+
+    /// OPS-14: an invalid value is reported even when a required flag is missing too, wherever
+    /// the invalid flag stands (before or after the subcommand).
+    #[test]
+    fn an_invalid_value_is_reported_before_a_missing_flag() {
+        for args in [
+            vec!["keel-migrating", "--log-format", "xml", "migrate"],
+            vec!["keel-migrating", "migrate", "--log-format", "xml"],
+            vec!["keel-migrating", "--log-format=xml", "migrate"],
+        ] {
+            let exit = try_parse_from::<MigratingCli, _, _>(&args).unwrap_err();
+            assert_eq!(exit.code, EXIT_USAGE, "{args:?}");
+            assert!(
+                exit.message
+                    .starts_with("error: invalid value 'xml' for '--log-format"),
+                "{args:?}: {}",
+                exit.message
+            );
+        }
+        let exit = try_parse_from::<MigratingCli, _, _>(["keel-migrating", "migrate"]).unwrap_err();
+        assert!(exit.message.contains("--database-url"), "{}", exit.message);
+    }
+
     /// OPS-14: a missing subcommand is a usage error that says so on its first line.
     #[test]
     fn a_missing_subcommand_is_an_error_line_then_the_help() {
@@ -445,6 +527,17 @@ mod tests {
         let options = cli.db.database_url.connect_options().unwrap();
         assert_eq!(options.get_host(), "db.internal");
         assert_eq!(options.get_port(), 5432);
+    }
+
+    /// OPS-24: the database URL's memory is zeroed when it is dropped (`Drop` runs `zeroize`,
+    /// which empties the value).
+    #[test]
+    fn the_database_url_is_zeroized_on_drop() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroized_on_drop::<DatabaseUrl>();
+        let mut url = DatabaseUrl::new(SECRET_URL);
+        zeroize::Zeroize::zeroize(&mut url);
+        assert_eq!(url.expose(), "");
     }
 
     #[test]
