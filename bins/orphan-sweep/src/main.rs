@@ -211,42 +211,13 @@ impl SweepArgs {
     }
 }
 
-/// Parses the command line. The sweep's own flags cannot be combined with `migrate` (its
-/// variables can: one environment serves both), while the shared `--log-format` may stand
-/// before or after it. Clap's `args_conflicts_with_subcommands` would refuse
-/// `--log-format json migrate` too, so the conflict is checked here.
+/// Parses the command line: the sweep's own flags cannot be combined with `migrate` (its
+/// variables can: one environment serves both), while `--log-format` may stand before or after it.
 fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, keel_service::cli::UsageExit> {
-    use clap::parser::ValueSource;
-    let cli = keel_service::cli::try_parse_from::<Cli, _, _>(args.iter().cloned())?;
-    if !matches!(cli.command, Some(Command::Migrate(_))) {
-        return Ok(cli);
-    }
-    let mut command = keel_service::cli::command::<Cli>();
-    let matches = command
-        .try_get_matches_from_mut(args)
-        .expect("the line parsed once already");
-    let shared = ["log_format", "help", "version"];
-    let given = command
-        .get_arguments()
-        .find(|arg| {
-            let id = arg.get_id().as_str();
-            !shared.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
-        })
-        .map(|arg| arg.get_long().unwrap_or(arg.get_id().as_str()).to_owned());
-    match given {
-        None => Ok(cli),
-        Some(flag) => {
-            let message = format!(
-                "error: the subcommand 'migrate' cannot be used with '--{flag}'\n\n{}\n",
-                command.render_usage()
-            );
-            Err(keel_service::cli::UsageExit {
-                styled: message.clone().into(),
-                message,
-                code: EXIT_USAGE,
-            })
-        }
-    }
+    keel_service::cli::try_parse_exclusive::<Cli>(args, |cli| match cli.command {
+        Some(Command::Migrate(_)) => Some("migrate"),
+        None => None,
+    })
 }
 
 fn main() -> ExitCode {

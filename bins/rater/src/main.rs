@@ -31,8 +31,7 @@ Exit codes:
 #[command(
     name = "keel-rater",
     version,
-    after_help = EXIT_CODES,
-    args_conflicts_with_subcommands = true
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(flatten)]
@@ -107,8 +106,20 @@ fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
         .map_err(|e| format!("expected RFC 3339, e.g. 2026-11-20T00:00:00Z ({e})"))
 }
 
+/// Parses the command line: the rater's own flags cannot be combined with `migrate` (its
+/// variables can: one environment serves both), while `--log-format` may stand before or after it.
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, keel_service::cli::UsageExit> {
+    keel_service::cli::try_parse_exclusive::<Cli>(args, |cli| match cli.command {
+        Some(Command::Migrate(_)) => Some("migrate"),
+        None => None,
+    })
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = keel_service::cli::parse();
+    let cli = match parse_cli(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(exit) => return keel_service::cli::report(exit),
+    };
     if let Some(Command::Migrate(db)) = cli.command {
         return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
     }

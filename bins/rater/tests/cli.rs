@@ -287,3 +287,31 @@ async fn a_run_logs_no_sql_statement_at_any_level() {
         );
     }
 }
+
+/// OPS-14: `--log-format` may stand before `migrate`, while a rating flag given with `migrate`
+/// is a usage error that names it (it would otherwise be silently ignored).
+#[tokio::test]
+async fn the_log_format_may_precede_migrate_but_rating_flags_may_not() {
+    let db = keel_testkit::empty_database().await;
+    let out = keel_rater(&["--log-format", "json", "migrate"], Some(&db.url()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = keel_rater(&["--dry-run", "migrate"], Some(&db.url()));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: the subcommand 'migrate' cannot be used with '--dry-run'"),
+        "{stderr}"
+    );
+    let out = keel_rater(&["--log-format", "xml", "migrate"], Some(&db.url()));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error: invalid value 'xml'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

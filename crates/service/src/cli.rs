@@ -136,6 +136,52 @@ where
         })
 }
 
+/// Parses `args` for a binary whose own flags may not be combined with one of its subcommands
+/// (a `migrate` that would silently ignore the run's flags), while the flags every binary shares
+/// (`--log-format`, `--help`, `--version`) may stand before or after it. `exclusive` names the
+/// subcommand the parsed line chose when it is one of those. Only flags given on the command line
+/// count: environment variables may serve both the run and the subcommand.
+///
+/// Clap's `args_conflicts_with_subcommands` would refuse `--log-format json migrate` too, so the
+/// conflict is checked here instead.
+pub fn try_parse_exclusive<P: Parser>(
+    args: Vec<OsString>,
+    exclusive: impl Fn(&P) -> Option<&'static str>,
+) -> Result<P, UsageExit> {
+    use clap::parser::ValueSource;
+    const SHARED: [&str; 3] = ["log_format", "help", "version"];
+    let parsed = try_parse_from::<P, _, _>(args.iter().cloned())?;
+    let Some(subcommand) = exclusive(&parsed) else {
+        return Ok(parsed);
+    };
+    let mut command = command::<P>();
+    let Ok(matches) = command.try_get_matches_from_mut(args) else {
+        // The same line parsed a moment ago; nothing to add to what it said.
+        return Ok(parsed);
+    };
+    let given = command
+        .get_arguments()
+        .find(|arg| {
+            let id = arg.get_id().as_str();
+            !SHARED.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
+        })
+        .map(|arg| arg.get_long().unwrap_or(arg.get_id().as_str()).to_owned());
+    match given {
+        None => Ok(parsed),
+        Some(flag) => {
+            let message = format!(
+                "error: the subcommand '{subcommand}' cannot be used with '--{flag}'\n\n{}\n",
+                command.render_usage()
+            );
+            Err(UsageExit {
+                styled: message.clone().into(),
+                message,
+                code: EXIT_USAGE,
+            })
+        }
+    }
+}
+
 /// Clap checks a subcommand's required arguments before it checks the value of a flag given
 /// just before that subcommand (`--log-format xml migrate` would report the missing
 /// `--database-url`, and `xml` only once that is given). So when `err` reports something missing,
