@@ -391,7 +391,7 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             Ok(id) => {
                 state.provisioner.metrics().answered_pending(resource_type);
                 tracing::warn!(resource_id = %id, "a provisioning outlived the request deadline; it goes on");
-                return envelope_response(
+                let mut response = envelope_response(
                     &ErrorEnvelope::new(
                         ErrorCode::ProvisionPending,
                         "the resource is still being created; GET it until its status is active \
@@ -402,6 +402,10 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
                     )
                     .with_resource(id),
                 );
+                if let Ok(location) = HeaderValue::from_str(&format!("/v1/resources/{id}")) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                return response;
             }
             Err(_) => flow.await,
         },
@@ -807,7 +811,7 @@ mod tests {
         }
 
         async fn provider_ids(&self) -> Vec<String> {
-            sqlx::query_scalar("SELECT 'cust_' || token FROM resources ORDER BY created_at")
+            sqlx::query_scalar("SELECT 'cust_' || token_digest FROM resources ORDER BY created_at")
                 .fetch_all(self.db.pool())
                 .await
                 .unwrap()
@@ -1278,7 +1282,7 @@ mod tests {
         api.stop.cancel();
         api.served.take().unwrap().await.unwrap();
         let (status, name): (String, String) =
-            sqlx::query_as("SELECT status, 'cust_' || token FROM resources")
+            sqlx::query_as("SELECT status, 'cust_' || token_digest FROM resources")
                 .fetch_one(api.db.pool())
                 .await
                 .unwrap();
@@ -1396,6 +1400,11 @@ mod tests {
         assert!(text.contains("GET"), "{text}");
         assert!(!text.contains("postgres://"), "{text}");
         let id = body["resource_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            header(&answer, "location"),
+            Some(format!("/v1/resources/{id}").as_str()),
+            "the answer points at the resource to poll"
+        );
         let first = api.call("GET", &format!("/v1/resources/{id}"), "").await;
         assert_eq!(first.json()["status"], "pending", "{}", first.body);
         // The flow was not cut short: the resource it reserved becomes active.

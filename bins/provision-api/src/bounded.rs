@@ -12,7 +12,7 @@ use std::time::Duration;
 use keel_audit::{AuditEvent, ResourceId, Token};
 use keel_provision::{
     BackendObject, Flip, NewReservation, RedactedError, ResourceRecord, ResourceStatus,
-    ResourceStore, StoreError,
+    ResourceStore, StoreError, TokenDigest,
 };
 use time::OffsetDateTime;
 
@@ -48,7 +48,7 @@ impl<S> BoundedStore<S> {
 }
 
 impl<S: ResourceStore> ResourceStore for BoundedStore<S> {
-    async fn reserve(&self, reservation: &NewReservation) -> Result<(), StoreError> {
+    async fn reserve(&self, reservation: &NewReservation) -> Result<Token, StoreError> {
         self.bounded("reserve a resource", self.inner.reserve(reservation))
             .await
     }
@@ -111,13 +111,13 @@ impl<S: ResourceStore> ResourceStore for BoundedStore<S> {
         self.bounded("read a resource", self.inner.get(id)).await
     }
 
-    async fn live_for_token(
+    async fn live_for_digest(
         &self,
-        token: &Token,
+        digest: &TokenDigest,
     ) -> Result<Option<(ResourceId, ResourceStatus)>, StoreError> {
         self.bounded(
-            "look up a resource by token",
-            self.inner.live_for_token(token),
+            "look up a resource by token digest",
+            self.inner.live_for_digest(digest),
         )
         .await
     }
@@ -126,8 +126,8 @@ impl<S: ResourceStore> ResourceStore for BoundedStore<S> {
 #[cfg(test)]
 mod tests {
     use keel_audit::{Actor, AuditKind, RequestId, ResourceType, TeamId, Tier};
+    use keel_provision::DeprovisionReason;
     use keel_provision::postgres::PgResourceStore;
-    use keel_provision::{DeprovisionReason, new_token};
 
     use super::*;
 
@@ -144,13 +144,12 @@ mod tests {
         let id = ResourceId::new_random();
         let reservation = NewReservation {
             id,
-            token: new_token(),
             team_id: team,
             resource_type: ResourceType::Postgres,
             tier: Tier::parse("pro").unwrap(),
             now: OffsetDateTime::now_utc(),
         };
-        store.reserve(&reservation).await.unwrap();
+        let token = store.reserve(&reservation).await.unwrap();
         let mut blocker = db.pool().begin().await.unwrap();
         sqlx::query("LOCK TABLE resources, audit_events IN ACCESS EXCLUSIVE MODE")
             .execute(&mut *blocker)
@@ -168,7 +167,6 @@ mod tests {
         let given_up = |e: StoreError| matches!(e, StoreError::Unavailable { .. });
         let again = NewReservation {
             id: ResourceId::new_random(),
-            token: new_token(),
             ..reservation.clone()
         };
         assert!(given_up(store.reserve(&again).await.unwrap_err()));
@@ -183,7 +181,10 @@ mod tests {
                 .unwrap_err()
         ));
         assert!(given_up(
-            store.live_for_token(&reservation.token).await.unwrap_err()
+            store
+                .live_for_digest(&TokenDigest::of(&token))
+                .await
+                .unwrap_err()
         ));
         blocker.rollback().await.unwrap();
         // Unblocked, the same store answers.

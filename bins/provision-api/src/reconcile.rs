@@ -144,15 +144,15 @@ mod tests {
             tick(db.pool(), &provisioner, config).await.unwrap(),
             Tick::Settled(1)
         );
-        let (status, token): (String, String) =
-            sqlx::query_as("SELECT status, token FROM resources")
+        let (status, name): (String, String) =
+            sqlx::query_as("SELECT status, 'cust_' || token_digest FROM resources")
                 .fetch_one(db.pool())
                 .await
                 .unwrap();
         assert_eq!(status, "failed");
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(format!("cust_{token}"))
+                .bind(&name)
                 .fetch_one(db.pool())
                 .await
                 .unwrap();

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
-use keel_audit::{ResourceType, Token};
-use keel_provision::{BackendName, DatabaseName, NamespaceName};
+use keel_audit::ResourceType;
+use keel_provision::{BackendName, DatabaseName, NamespaceName, TokenDigest};
 use time::OffsetDateTime;
 
 use crate::ports::{InventoryItem, InventorySource};
@@ -67,7 +67,8 @@ pub struct Classified {
 ///
 /// Namespaces: the resource-type label decides (`redis` or `namespace`); without the label, the
 /// name pattern `instant-customer-<token>` makes a customer namespace; any other label value is
-/// generic. Databases: `cust_<token>` is a customer database. A name that does not parse is
+/// generic. Databases: `cust_<digest>` (or a legacy `cust_<token>`) is a customer database. A
+/// name that does not parse is
 /// generic and carries no backend name, so it can never be handed to the reclaimer.
 pub fn classify(item: &InventoryItem, source: InventorySource) -> Classified {
     match source {
@@ -145,9 +146,9 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// The token, when the item has one.
-    pub fn token(&self) -> Option<&Token> {
-        self.backend.as_ref().map(BackendName::token)
+    /// The digest of the item's token, when it has one.
+    pub fn digest(&self) -> Option<TokenDigest> {
+        self.backend.as_ref().map(BackendName::digest)
     }
 
     /// Whether the reclaim arm may ever touch it: a proven kind, made by the platform, not
@@ -163,12 +164,13 @@ impl Candidate {
     }
 }
 
-/// The tokens of the items that have one, for the one set-based liveness read.
-pub fn tokens_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token> {
+/// The token digests of the items that have a token, for the one set-based liveness read (by
+/// digest, so the read sends no token).
+pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<TokenDigest> {
     items
         .iter()
         .filter_map(|item| classify(item, source).backend)
-        .map(|name| name.token().clone())
+        .map(|name| name.digest())
         .collect()
 }
 
@@ -179,7 +181,7 @@ pub fn tokens_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token>
 pub fn detect(
     items: &[InventoryItem],
     source: InventorySource,
-    live: &HashSet<Token>,
+    live: &HashSet<TokenDigest>,
     now: OffsetDateTime,
     grace: Duration,
 ) -> Vec<Candidate> {
@@ -188,7 +190,7 @@ pub fn detect(
         .filter_map(|item| {
             let classified = classify(item, source);
             if let Some(name) = &classified.backend
-                && live.contains(name.token())
+                && live.contains(&name.digest())
             {
                 return None;
             }
@@ -253,10 +255,12 @@ mod tests {
 
     #[test]
     fn detection_table_orphan_live_pending_grace_protected_generic() {
-        let live: HashSet<Token> = ["live00000001", "pend00000001"]
+        let token = |t: &str| keel_audit::Token::parse(t).unwrap();
+        let live: HashSet<TokenDigest> = ["live00000001", "pend00000001", "live00000002"]
             .iter()
-            .map(|t| Token::parse(t).unwrap())
+            .map(|t| TokenDigest::of(&token(t)))
             .collect();
+        let digest_name = |t: &str| DatabaseName::for_token(&token(t)).expose().to_owned();
         let redis = [(RESOURCE_TYPE_LABEL, "redis")];
         let ns = [(RESOURCE_TYPE_LABEL, "namespace")];
         let mongo = [(RESOURCE_TYPE_LABEL, "mongo")];
@@ -286,6 +290,18 @@ mod tests {
                 item("cust_orph00000004", 120, &[], false),
                 pg,
                 Some((OrphanKind::CustomerDatabase, true)),
+            ),
+            (
+                "orphan database under its digest name",
+                item(&digest_name("orph00000009"), 120, &[], false),
+                pg,
+                Some((OrphanKind::CustomerDatabase, true)),
+            ),
+            (
+                "live database under its digest name",
+                item(&digest_name("live00000002"), 120, &[], false),
+                pg,
+                None,
             ),
             (
                 "live (active) token",
@@ -379,8 +395,11 @@ mod tests {
                 false,
             ),
         ];
-        let tokens = tokens_of(&items, InventorySource::Kubernetes);
-        let exposed: Vec<&str> = tokens.iter().map(Token::expose).collect();
-        assert_eq!(exposed, ["abcd00000001", "abcd00000002"]);
+        let digests = digests_of(&items, InventorySource::Kubernetes);
+        let expected: Vec<TokenDigest> = ["abcd00000001", "abcd00000002"]
+            .iter()
+            .map(|t| TokenDigest::of(&keel_audit::Token::parse(t).unwrap()))
+            .collect();
+        assert_eq!(digests, expected);
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 
 use hmac::{Hmac, KeyInit, Mac};
 use keel_audit::Token;
+use keel_provision::TokenDigest;
 use sha2::Sha256;
 
 /// The key fingerprints are computed with. Its `Debug` never shows it.
@@ -36,9 +37,19 @@ impl FingerprintKey {
 
     /// The first 12 hex digits of HMAC-SHA256(key, token).
     pub fn fingerprint(&self, token: &Token) -> String {
+        self.fingerprint_bytes(token.expose().as_bytes())
+    }
+
+    /// The first 12 hex digits of HMAC-SHA256(key, digest): how a log line correlates an object
+    /// known by its [`TokenDigest`].
+    pub fn fingerprint_digest(&self, digest: &TokenDigest) -> String {
+        self.fingerprint_bytes(digest.as_str().as_bytes())
+    }
+
+    fn fingerprint_bytes(&self, bytes: &[u8]) -> String {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
             .expect("HMAC-SHA256 takes a key of any length");
-        mac.update(token.expose().as_bytes());
+        mac.update(bytes);
         mac.finalize()
             .into_bytes()
             .iter()

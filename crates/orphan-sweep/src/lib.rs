@@ -6,8 +6,8 @@
 //!   so is anything not labelled `app.kubernetes.io/managed-by=keel` (made by hand or by an older
 //!   platform): it is reported for review only.
 //! - **Ports** ([`Inventory`], [`LiveTokens`], [`Reclaimer`]): an inventory answers a complete
-//!   list or an error, never a partial list; live tokens are read in one set-based query per
-//!   tick; the only reclaimer is keel-provision's audited deprovision chokepoint.
+//!   list or an error, never a partial list; live tokens are read by digest (no token is sent)
+//!   in one set-based query per tick; the only reclaimer is keel-provision's audited deprovision chokepoint.
 //! - **Gates** ([`SweepConfig`]): `ORPHAN_DB_SWEEP_ENABLED` (off: a tick is a DEBUG no-op, no list,
 //!   no read, no metric) and `ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED`, both off by default. The reclaim
 //!   arm is armed only when both are on and a reclaimer is wired.
@@ -34,7 +34,7 @@ mod sweep;
 pub use chokepoint::SWEEP_ACTOR;
 pub use detect::{
     Candidate, Classified, MANAGED_BY, MANAGED_BY_LABEL, OrphanKind, PROTECT_ANNOTATION,
-    RESOURCE_TYPE_LABEL, classify, detect, is_managed, is_protected, tokens_of,
+    RESOURCE_TYPE_LABEL, classify, detect, digests_of, is_managed, is_protected,
 };
 pub use fingerprint::{FingerprintKey, WeakKey};
 pub use metrics::{Stage, SweepMetrics};

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 
-use keel_audit::{BoxError, Token};
-use keel_provision::BackendName;
+use keel_audit::BoxError;
+use keel_provision::{BackendName, TokenDigest};
 use time::OffsetDateTime;
 
 /// Which inventory a sweep reads.
@@ -64,13 +64,15 @@ pub trait Inventory: Send + Sync {
 #[error("could not read which tokens are live")]
 pub struct LiveTokensError(#[source] pub BoxError);
 
-/// Which tokens have a non-terminal resource row (pending, active, paused, suspended).
+/// Which tokens have a non-terminal resource row (pending, active, paused, suspended), asked and
+/// answered by [`TokenDigest`] so the read never sends a token.
 pub trait LiveTokens: Send + Sync {
-    /// The subset of `tokens` that is live, in one set-based read (never one query per token).
+    /// The subset of `digests` whose token is live, in one set-based read (never one query per
+    /// token).
     fn live_among(
         &self,
-        tokens: &[Token],
-    ) -> impl Future<Output = Result<HashSet<Token>, LiveTokensError>> + Send;
+        digests: &[TokenDigest],
+    ) -> impl Future<Output = Result<HashSet<TokenDigest>, LiveTokensError>> + Send;
 }
 
 /// What a reclaim did.

@@ -3,9 +3,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use keel_audit::Token;
-use keel_provision::DATABASE_PREFIX;
 use keel_provision::postgres::comment_keys;
+use keel_provision::{DATABASE_PREFIX, TokenDigest};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -29,15 +28,20 @@ impl PgLiveTokens {
 }
 
 impl LiveTokens for PgLiveTokens {
-    async fn live_among(&self, tokens: &[Token]) -> Result<HashSet<Token>, LiveTokensError> {
-        if tokens.is_empty() {
+    async fn live_among(
+        &self,
+        digests: &[TokenDigest],
+    ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
+        if digests.is_empty() {
             return Ok(HashSet::new());
         }
-        let wanted: Vec<&str> = tokens.iter().map(Token::expose).collect();
-        // One set-based read, served by resources_live_token_ix.
+        let wanted: Vec<&str> = digests.iter().map(TokenDigest::as_str).collect();
+        // One set-based read by digest (no token is sent), served by
+        // resources_live_token_digest_ix.
         let live: Vec<String> = sqlx::query_scalar(
-            "SELECT token FROM resources \
-              WHERE token = ANY($1) AND status IN ('pending', 'active', 'paused', 'suspended')",
+            "SELECT token_digest FROM resources \
+              WHERE token_digest = ANY($1) \
+                AND status IN ('pending', 'active', 'paused', 'suspended')",
         )
         .bind(&wanted)
         .fetch_all(&self.pool)
@@ -45,7 +49,7 @@ impl LiveTokens for PgLiveTokens {
         .map_err(|e| LiveTokensError(Box::new(e)))?;
         Ok(live
             .iter()
-            .filter_map(|token| Token::parse(token).ok())
+            .filter_map(|digest| TokenDigest::parse(digest))
             .collect())
     }
 }

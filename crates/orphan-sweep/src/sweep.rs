@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use keel_audit::Token;
 use time::OffsetDateTime;
 
-use crate::detect::{Candidate, OrphanKind, detect, tokens_of};
+use crate::detect::{Candidate, OrphanKind, detect, digests_of};
 use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics};
 use crate::ports::{Inventory, LiveTokens, Reclaimed, Reclaimer};
@@ -176,7 +175,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
 
     fn name_for_logs(&self, candidate: &Candidate) -> (String, Option<String>) {
         match &candidate.backend {
-            Some(name) => (name.masked(), Some(self.key.fingerprint(name.token()))),
+            Some(name) => (
+                name.masked(),
+                Some(self.key.fingerprint_digest(&name.digest())),
+            ),
             None => (keel_audit::mask(&candidate.name), None),
         }
     }
@@ -192,8 +194,8 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
             Ok(items) => items,
             Err(e) => return self.fail(Stage::List, &e),
         };
-        let tokens = tokens_of(&items, source);
-        let live = match self.live.live_among(&tokens).await {
+        let digests = digests_of(&items, source);
+        let live = match self.live.live_among(&digests).await {
             Ok(live) => live,
             Err(e) => return self.fail(Stage::LiveTokens, &e),
         };
@@ -296,10 +298,11 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         else {
             return Action::Reported;
         };
-        let token: &Token = name.token();
-        match self.live.live_among(std::slice::from_ref(token)).await {
-            Ok(live) if live.contains(token) => {
-                tracing::info!(name = %name, fingerprint = %self.key.fingerprint(token), "token turned live before the reclaim: skipped");
+        let digest = name.digest();
+        let fingerprint = self.key.fingerprint_digest(&digest);
+        match self.live.live_among(std::slice::from_ref(&digest)).await {
+            Ok(live) if live.contains(&digest) => {
+                tracing::info!(name = %name, fingerprint = %fingerprint, "token turned live before the reclaim: skipped");
                 return Action::SkippedLive;
             }
             Ok(_) => {}
@@ -311,7 +314,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         }
         match reclaimer.reclaim(name, now).await {
             Ok(Reclaimed::TornDown) => {
-                tracing::warn!(name = %name, fingerprint = %self.key.fingerprint(token), kind = candidate.kind.as_str(), "orphan reclaimed through the deprovision chokepoint");
+                tracing::warn!(name = %name, fingerprint = %fingerprint, kind = candidate.kind.as_str(), "orphan reclaimed through the deprovision chokepoint");
                 self.metrics.reclaimed(candidate.kind);
                 Action::Reclaimed
             }
@@ -331,7 +334,8 @@ mod tests {
     use std::collections::{BTreeMap, HashSet, VecDeque};
     use std::sync::{Arc, Mutex};
 
-    use keel_provision::BackendName;
+    use keel_audit::Token;
+    use keel_provision::{BackendName, TokenDigest};
     use prometheus_client::registry::Registry;
     use time::macros::datetime;
 
@@ -394,7 +398,10 @@ mod tests {
     struct FakeLive(Script<Result<Vec<&'static str>, &'static str>>);
 
     impl LiveTokens for FakeLive {
-        async fn live_among(&self, tokens: &[Token]) -> Result<HashSet<Token>, LiveTokensError> {
+        async fn live_among(
+            &self,
+            tokens: &[TokenDigest],
+        ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
             self.0
                 .calls
                 .lock()
@@ -402,7 +409,10 @@ mod tests {
                 .push(format!("live_among({})", tokens.len()));
             let answer = self.0.answers.lock().unwrap().pop_front();
             match answer {
-                Some(Ok(live)) => Ok(live.iter().map(|t| Token::parse(t).unwrap()).collect()),
+                Some(Ok(live)) => Ok(live
+                    .iter()
+                    .map(|t| TokenDigest::of(&Token::parse(t).unwrap()))
+                    .collect()),
                 Some(Err(e)) => Err(LiveTokensError(e.into())),
                 None => Ok(HashSet::new()),
             }

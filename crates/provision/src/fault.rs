@@ -23,6 +23,7 @@ use keel_audit::{AuditEvent, ResourceId, ResourceType, Tier, Token};
 use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
+use crate::names::TokenDigest;
 use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
 
 /// The error an injected fault returns.
@@ -78,8 +79,8 @@ pub enum StoreStep {
     Record,
     /// [`ResourceStore::get`].
     Get,
-    /// [`ResourceStore::live_for_token`].
-    LiveForToken,
+    /// [`ResourceStore::live_for_digest`].
+    LiveForDigest,
     /// [`ResourceStore::stale_pending`].
     StalePending,
 }
@@ -93,7 +94,7 @@ impl StoreStep {
             Self::Retire => "store.retire",
             Self::Record => "store.record",
             Self::Get => "store.get",
-            Self::LiveForToken => "store.live_for_token",
+            Self::LiveForDigest => "store.live_for_digest",
             Self::StalePending => "store.stale_pending",
         }
     }
@@ -152,7 +153,7 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
     fn reserve(
         &self,
         reservation: &NewReservation,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<Token, StoreError>> + Send {
         self.around(StoreStep::Reserve, self.inner.reserve(reservation))
     }
 
@@ -209,11 +210,11 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         self.around(StoreStep::Get, self.inner.get(id))
     }
 
-    fn live_for_token(
+    fn live_for_digest(
         &self,
-        token: &Token,
+        digest: &TokenDigest,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send {
-        self.around(StoreStep::LiveForToken, self.inner.live_for_token(token))
+        self.around(StoreStep::LiveForDigest, self.inner.live_for_digest(digest))
     }
 }
 

@@ -24,8 +24,7 @@ use time::OffsetDateTime;
 use crate::envelope::ErrorCode;
 use crate::metrics::{Outcome, ProvisionMetrics, TeardownStage};
 use crate::model::{
-    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord,
-    ResourceStatus, new_token,
+    BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord, ResourceStatus,
 };
 use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
 use crate::secret::ConnectionUrl;
@@ -37,6 +36,7 @@ pub struct Reservation {
     id: ResourceId,
     team_id: TeamId,
     tier: Tier,
+    token: Token,
     name: BackendName,
     request_id: Option<RequestId>,
     actor: Actor,
@@ -514,21 +514,20 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             self.metrics.outcome(resource_type, Outcome::Refused);
             return Err(ProvisionError::Unsupported(resource_type));
         }
-        let token = new_token();
         let new = NewReservation {
             id: ResourceId::new_random(),
-            token: token.clone(),
             team_id: request.team_id,
             resource_type,
             tier: request.tier.clone(),
             now,
         };
         match self.store.reserve(&new).await {
-            Ok(()) => Ok(Reservation {
+            Ok(token) => Ok(Reservation {
                 id: new.id,
                 team_id: request.team_id,
                 tier: request.tier,
                 name: BackendName::for_resource(resource_type, &token),
+                token,
                 request_id: Some(request.request_id),
                 actor: request.actor,
             }),
@@ -621,7 +620,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             team_id: reservation.team_id,
             resource_type,
             tier: reservation.tier,
-            token: reservation.name.token().clone(),
+            token: reservation.token.clone(),
             connection_url: object.connection_url,
             request_id: reservation.request_id,
         };
@@ -705,6 +704,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 team_id: record.team_id,
                 tier: record.tier.clone(),
                 name: record.backend_name(),
+                token: record.token.clone(),
                 request_id: None,
                 actor: Actor::system(),
             };
@@ -974,7 +974,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
     ) -> Result<Deprovisioned, DeprovisionError> {
         if let Some((_, status)) = self
             .store
-            .live_for_token(name.token())
+            .live_for_digest(&name.digest())
             .await
             .map_err(DeprovisionError::Store)?
         {

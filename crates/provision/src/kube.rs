@@ -32,7 +32,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use keel_audit::{ResourceType, Tier, Token};
+use keel_audit::{ResourceType, Tier};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams, Preconditions};
 
@@ -56,7 +56,7 @@ pub const DEFAULT_FIELD_MANAGER: &str = "keel";
 
 /// The text of a Kubernetes error (and its causes) with every occurrence of `token` masked. The
 /// original error, whose text names the namespace in full, is dropped.
-fn redacted(err: &kube::Error, token: &Token) -> RedactedError {
+fn redacted(err: &kube::Error, name: &BackendName) -> RedactedError {
     let text = if let kube::Error::Api(status) = err {
         format!("{} {}: {}", status.code, status.reason, status.message)
     } else {
@@ -72,12 +72,12 @@ fn redacted(err: &kube::Error, token: &Token) -> RedactedError {
         }
         text
     };
-    RedactedError::masking(&text, token)
+    RedactedError::new(name.mask_in(&text))
 }
 
 /// A backend failure on `name` caused by `err`, with the token masked.
 fn unavailable(operation: &'static str, name: &BackendName, err: &kube::Error) -> BackendError {
-    BackendError::unavailable(operation, name, redacted(err, name.token()))
+    BackendError::unavailable(operation, name, redacted(err, name))
 }
 
 /// Whether `err` is the API server's 409 `AlreadyExists`.
@@ -334,6 +334,7 @@ impl Backend for KubeNamespaceBackend {
 #[cfg(test)]
 mod tests {
     use http::{Method, Request, Response, StatusCode};
+    use keel_audit::Token;
     use kube::client::Body;
     use serde_json::{Value, json};
 

@@ -23,7 +23,9 @@
 //!   the soft delete before anything is destroyed; it is idempotent, touches only names inside
 //!   the platform's prefixes, and refuses protected objects (`keel.dev/protect=true`).
 //! - **Names and secrets.** [`NamespaceName`], [`DatabaseName`] and [`RoleName`] are built only from
-//!   a token; [`ConnectionUrl`] and [`Password`] only display redacted.
+//!   a token; database and role names carry its [`TokenDigest`], never the token, so no
+//!   statement the cluster logs names a token; [`ConnectionUrl`] and [`Password`] only display
+//!   redacted.
 //! - **Error envelopes.** [`ErrorCode`] is closed; each registered code carries an agent action
 //!   checked against one contract ([`ErrorEnvelope`]).
 //!
@@ -64,7 +66,8 @@ pub use model::{
     ResourceStatus, new_token,
 };
 pub use names::{
-    DATABASE_PREFIX, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName, RoleName,
+    DATABASE_PREFIX, DIGEST_HEX_LEN, DatabaseName, ForeignName, NAMESPACE_PREFIX, NamespaceName,
+    RoleName, TokenDigest,
 };
 pub use ports::{
     Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,

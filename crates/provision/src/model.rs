@@ -6,7 +6,7 @@ use std::fmt;
 use keel_audit::{Actor, RequestId, ResourceId, ResourceType, TeamId, Tier, Token};
 use time::OffsetDateTime;
 
-use crate::names::{DatabaseName, ForeignName, NamespaceName};
+use crate::names::{DatabaseName, ForeignName, NamespaceName, TokenDigest};
 use crate::secret::ConnectionUrl;
 
 /// A request to provision one resource, parsed at the edge.
@@ -33,7 +33,8 @@ pub fn new_token() -> Token {
 /// The backend object a resource is, named deterministically from its token.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum BackendName {
-    /// A database and its owning role on the shared Postgres cluster (`cust_<token>`).
+    /// A database and its owning role on the shared Postgres cluster (`cust_<digest>`, or a
+    /// legacy `cust_<token>`).
     Database(DatabaseName),
     /// A Kubernetes namespace (`instant-customer-<token>`), for a `namespace` or a `redis`
     /// resource (the resource type is recorded on the namespace as a label).
@@ -82,20 +83,56 @@ impl BackendName {
         }
     }
 
-    /// The token the name derives from.
-    pub fn token(&self) -> &Token {
-        match self {
-            Self::Database(name) => name.token(),
-            Self::Namespace { name, .. } => name.token(),
+    /// The backend name of a stored resource: [`BackendName::for_resource`], except a database
+    /// created before digest names, whose row's provider id is exactly its legacy name
+    /// `cust_<token>` (never any other name a row may hold, so a tampered row cannot aim a
+    /// teardown elsewhere).
+    pub fn for_stored(
+        resource_type: ResourceType,
+        token: &Token,
+        provider_id: Option<&str>,
+    ) -> Self {
+        match resource_type {
+            ResourceType::Postgres => {
+                let legacy = DatabaseName::legacy_for_token(token);
+                if provider_id == Some(legacy.expose()) {
+                    Self::Database(legacy)
+                } else {
+                    Self::Database(DatabaseName::for_token(token))
+                }
+            }
+            ResourceType::Redis | ResourceType::Namespace => {
+                Self::for_resource(resource_type, token)
+            }
         }
     }
 
-    /// The name itself (the resource's `provider_resource_id`). It contains the token: never
-    /// log it.
+    /// The digest of the token the name derives from: how the `resources` row owning the object
+    /// is found (`resources.token_digest`) without writing the token into a query.
+    pub fn digest(&self) -> TokenDigest {
+        match self {
+            Self::Database(name) => name.digest().clone(),
+            Self::Namespace { name, .. } => TokenDigest::of(name.token()),
+        }
+    }
+
+    /// The name itself (the resource's `provider_resource_id`). A namespace's or a legacy
+    /// database's name contains the token: never log it.
     pub fn expose(&self) -> &str {
         match self {
             Self::Database(name) => name.expose(),
             Self::Namespace { name, .. } => name.expose(),
+        }
+    }
+
+    /// `text` with any token this name carries masked (a namespace's, a legacy database's).
+    pub fn mask_in(&self, text: &str) -> String {
+        match self {
+            Self::Database(name) => name.mask_in(text),
+            Self::Namespace { name, .. } => {
+                let token = name.token();
+                text.replace(token.expose(), &token.masked())
+            }
         }
     }
 
@@ -209,10 +246,14 @@ pub struct ResourceRecord {
 }
 
 impl ResourceRecord {
-    /// The backend object this resource names (derived from its token, never from the row's
-    /// provider id, so a tampered row cannot aim a teardown elsewhere).
+    /// The backend object this resource names (derived from its token; the provider id only
+    /// tells a legacy database name, see [`BackendName::for_stored`]).
     pub fn backend_name(&self) -> BackendName {
-        BackendName::for_resource(self.resource_type, &self.token)
+        BackendName::for_stored(
+            self.resource_type,
+            &self.token,
+            self.provider_resource_id.as_deref(),
+        )
     }
 }
 
@@ -268,12 +309,24 @@ mod tests {
         for &resource_type in ResourceType::ALL {
             let name = BackendName::for_resource(resource_type, &token);
             assert_eq!(name.resource_type(), resource_type);
-            assert_eq!(name.token(), &token);
+            assert_eq!(name.digest(), TokenDigest::of(&token));
             assert!(!name.to_string().contains(token.expose()));
             let parsed = BackendName::parse_provider_id(resource_type, name.expose()).unwrap();
             assert_eq!(parsed, name);
         }
         assert!(BackendName::parse_provider_id(ResourceType::Postgres, "postgres").is_err());
+        // A database created before digest names keeps its legacy name; no other provider id
+        // can redirect a stored resource's name.
+        let legacy = format!("cust_{}", token.expose());
+        let stored = BackendName::for_stored(ResourceType::Postgres, &token, Some(&legacy));
+        assert_eq!(stored.expose(), legacy);
+        assert_eq!(stored.digest(), TokenDigest::of(&token));
+        for other in [None, Some("cust_someoneelse1"), Some("postgres")] {
+            assert_eq!(
+                BackendName::for_stored(ResourceType::Postgres, &token, other),
+                BackendName::for_resource(ResourceType::Postgres, &token)
+            );
+        }
         assert!(BackendName::parse_provider_id(ResourceType::Redis, "kube-system").is_err());
     }
 

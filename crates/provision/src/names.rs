@@ -3,20 +3,72 @@
 //! Each name is its own type, built from a [`Token`] (or parsed back from a name that carries
 //! the platform's prefix), so a function that deletes a namespace cannot be handed a resource id,
 //! and a name outside the platform's prefix cannot be built at all.
+//!
+//! Names on the shared Postgres cluster carry no token: a database and its role are
+//! `cust_<digest>`, where the [`TokenDigest`] is the first 48 hex digits of the token's SHA-256
+//! (the same value the `resources.token_digest` column holds), so statements, bound parameters
+//! and connection lines in the server's log name no token. Databases created before that naming
+//! keep their legacy name `cust_<token>` ([`DatabaseName::legacy_for_token`]) until they are
+//! deprovisioned. Kubernetes namespaces, which no Postgres log names, keep `instant-customer-<token>`.
 
 use std::fmt;
 
 use keel_audit::Token;
+use sha2::{Digest as _, Sha256};
 
 /// Prefix of every customer namespace (and the orphan sweep's inventory filter).
 pub const NAMESPACE_PREFIX: &str = "instant-customer-";
 /// Prefix of every customer database and role on the shared Postgres cluster.
 pub const DATABASE_PREFIX: &str = "cust_";
 
+/// Hex digits of a [`TokenDigest`] (longer than any token, so a digest name and a legacy token
+/// name never look alike).
+pub const DIGEST_HEX_LEN: usize = 48;
+
+/// The first [`DIGEST_HEX_LEN`] hex digits of a token's SHA-256: what names and looks up a
+/// customer's objects wherever a token would otherwise be written down (SQL computes the same
+/// value as `resources.token_digest`). Not a secret: the token cannot be recovered from it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenDigest(String);
+
+impl TokenDigest {
+    /// The digest of `token`.
+    pub fn of(token: &Token) -> Self {
+        use std::fmt::Write as _;
+        let hash = Sha256::digest(token.expose().as_bytes());
+        let mut hex = String::with_capacity(64);
+        for byte in hash {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        hex.truncate(DIGEST_HEX_LEN);
+        Self(hex)
+    }
+
+    /// Parses [`DIGEST_HEX_LEN`] lowercase hex digits.
+    pub fn parse(hex: &str) -> Option<Self> {
+        (hex.len() == DIGEST_HEX_LEN
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(hex.to_owned()))
+    }
+
+    /// The hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A name that does not carry the platform's prefix and a valid token. The value is not shown
 /// (it may contain a token).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{what} is not one of the platform's names ({prefix}<token>); the value is not shown")]
+#[error("{what} is not one of the platform's names ({prefix}…); the value is not shown")]
 pub struct ForeignName {
     what: &'static str,
     prefix: &'static str,
@@ -84,18 +136,127 @@ token_name!(
     NAMESPACE_PREFIX,
     "namespace"
 );
-token_name!(
-    /// A customer's database on the shared Postgres cluster: `cust_<token>`.
-    DatabaseName,
-    DATABASE_PREFIX,
-    "database"
-);
-token_name!(
-    /// A customer's role on the shared Postgres cluster: `cust_<token>` (it owns the database).
-    RoleName,
-    DATABASE_PREFIX,
-    "role"
-);
+/// A customer's database on the shared Postgres cluster: `cust_<digest>` (see [`TokenDigest`]),
+/// or the legacy `cust_<token>` of a database created before digest names.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct DatabaseName {
+    digest: TokenDigest,
+    name: String,
+    /// The token, for a legacy name only (whose text contains it).
+    legacy: Option<Token>,
+}
+
+impl DatabaseName {
+    /// The name of `token`'s database: `cust_<digest>`.
+    pub fn for_token(token: &Token) -> Self {
+        let digest = TokenDigest::of(token);
+        Self {
+            name: format!("{DATABASE_PREFIX}{digest}"),
+            digest,
+            legacy: None,
+        }
+    }
+
+    /// The legacy name `cust_<token>` of a database created before digest names.
+    pub fn legacy_for_token(token: &Token) -> Self {
+        Self {
+            digest: TokenDigest::of(token),
+            name: format!("{DATABASE_PREFIX}{}", token.expose()),
+            legacy: Some(token.clone()),
+        }
+    }
+
+    /// Parses a name found on the cluster: `cust_<digest>`, or a legacy `cust_<token>`; refuses
+    /// anything else.
+    pub fn parse(name: &str) -> Result<Self, ForeignName> {
+        let foreign = ForeignName {
+            what: "database",
+            prefix: DATABASE_PREFIX,
+        };
+        let rest = name.strip_prefix(DATABASE_PREFIX).ok_or(foreign.clone())?;
+        if let Some(digest) = TokenDigest::parse(rest) {
+            return Ok(Self {
+                name: name.to_owned(),
+                digest,
+                legacy: None,
+            });
+        }
+        Token::parse(rest)
+            .map(|token| Self::legacy_for_token(&token))
+            .map_err(|_| foreign)
+    }
+
+    /// The digest the name derives from (what `resources.token_digest` holds).
+    pub fn digest(&self) -> &TokenDigest {
+        &self.digest
+    }
+
+    /// Whether this is a legacy `cust_<token>` name.
+    pub fn is_legacy(&self) -> bool {
+        self.legacy.is_some()
+    }
+
+    /// The name itself, for the backend. A digest name is no secret; a legacy name contains its
+    /// token: never log it.
+    pub fn expose(&self) -> &str {
+        &self.name
+    }
+
+    /// The name for logs: a digest name in full, a legacy name with its token masked.
+    pub fn masked(&self) -> String {
+        match &self.legacy {
+            None => self.name.clone(),
+            Some(token) => format!("{DATABASE_PREFIX}{}", token.masked()),
+        }
+    }
+
+    /// `text` with a legacy name's token masked (a digest name needs no masking).
+    pub fn mask_in(&self, text: &str) -> String {
+        match &self.legacy {
+            None => text.to_owned(),
+            Some(token) => text.replace(token.expose(), &token.masked()),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseName({})", self.masked())
+    }
+}
+
+impl fmt::Display for DatabaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+/// A customer's role on the shared Postgres cluster: the same name as the database it owns.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RoleName(DatabaseName);
+
+impl RoleName {
+    /// The role owning `database`.
+    pub fn for_database(database: &DatabaseName) -> Self {
+        Self(database.clone())
+    }
+
+    /// The name itself, for the backend (see [`DatabaseName::expose`]).
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The name for logs.
+    pub fn masked(&self) -> String {
+        self.0.masked()
+    }
+}
+
+impl fmt::Debug for RoleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoleName({})", self.masked())
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -108,11 +269,28 @@ mod tests {
         assert_eq!(ns.expose(), "instant-customer-a1b2c3d4e5f6");
         assert_eq!(ns.to_string(), "instant-customer-a1b2…");
         assert!(!format!("{ns:?}").contains("a1b2c3d4e5f6"));
+        let db = DatabaseName::for_token(&token);
         assert_eq!(
-            DatabaseName::for_token(&token).expose(),
-            "cust_a1b2c3d4e5f6"
+            db.expose(),
+            format!("cust_{}", TokenDigest::of(&token)),
+            "a database name carries the digest, not the token"
         );
-        assert_eq!(RoleName::for_token(&token).token(), &token);
+        assert!(!db.expose().contains(token.expose()));
+        assert!(db.expose().len() <= 63, "fits a Postgres identifier");
+        assert_eq!(
+            RoleName::for_database(&db).expose(),
+            db.expose(),
+            "the role is named like its database"
+        );
+        // SHA-256("a1b2c3d4e5f6"), as SQL's sha256() computes it.
+        assert_eq!(
+            TokenDigest::of(&token).as_str(),
+            "bde81e9384b7848e57951ec32c7344459233235bfa519d73"
+        );
+        let legacy = DatabaseName::legacy_for_token(&token);
+        assert_eq!(legacy.expose(), "cust_a1b2c3d4e5f6");
+        assert!(!legacy.masked().contains("a1b2c3d4e5f6"));
+        assert_eq!(legacy.digest(), db.digest(), "both names share the digest");
     }
 
     #[test]
@@ -128,10 +306,19 @@ mod tests {
             let err = NamespaceName::parse(foreign).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                "namespace is not one of the platform's names (instant-customer-<token>); the value is not shown"
+                "namespace is not one of the platform's names (instant-customer-…); the value is not shown"
             );
         }
         assert!(DatabaseName::parse("postgres").is_err());
-        assert!(DatabaseName::parse("cust_a1b2c3d4e5f6").is_ok());
+        assert!(
+            DatabaseName::parse("cust_a1b2c3d4e5f6")
+                .unwrap()
+                .is_legacy()
+        );
+        let token = Token::parse("a1b2c3d4e5f6").unwrap();
+        let digest_name = DatabaseName::for_token(&token);
+        let parsed = DatabaseName::parse(digest_name.expose()).unwrap();
+        assert!(!parsed.is_legacy());
+        assert_eq!(parsed, digest_name);
     }
 }

@@ -8,6 +8,7 @@ use keel_audit::{AuditEvent, BoxError, ResourceId, ResourceType, TeamId, Tier, T
 use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
+use crate::names::TokenDigest;
 
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +54,6 @@ impl StoreError {
 pub struct NewReservation {
     /// The resource id.
     pub id: ResourceId,
-    /// The token its backend name derives from.
-    pub token: Token,
     /// The owning team.
     pub team_id: TeamId,
     /// What it is.
@@ -70,11 +69,13 @@ pub struct NewReservation {
 /// Every method that takes an [`AuditEvent`] commits the event together with its state change,
 /// or neither.
 pub trait ResourceStore: Send + Sync {
-    /// Inserts a `pending` row (refusing an unknown team with [`StoreError::TeamNotFound`]).
+    /// Inserts a `pending` row (refusing an unknown team with [`StoreError::TeamNotFound`]) with
+    /// a fresh token, and answers the token. The store draws the token itself, so it is never
+    /// sent to the store (where a statement log would write it down).
     fn reserve(
         &self,
         reservation: &NewReservation,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Token, StoreError>> + Send;
 
     /// Turns a `pending` row `active` with its provider id and connection address (the URL
     /// without its password, [`crate::ConnectionUrl::address`]), and records `audit`
@@ -126,11 +127,11 @@ pub trait ResourceStore: Send + Sync {
         id: ResourceId,
     ) -> impl Future<Output = Result<Option<ResourceRecord>, StoreError>> + Send;
 
-    /// The live resource holding `token`, if any (statuses for which
-    /// [`ResourceStatus::is_live`] holds).
-    fn live_for_token(
+    /// The live resource whose token has `digest`, if any (statuses for which
+    /// [`ResourceStatus::is_live`] holds). Looked up by digest, so no token is sent.
+    fn live_for_digest(
         &self,
-        token: &Token,
+        digest: &TokenDigest,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send;
 }
 

@@ -3,10 +3,16 @@
 //!
 //! [`PgResourceStore`] commits every audit row in the same transaction as the state change it
 //! describes, and keeps only the connection *address* (no password) of a resource.
-//! [`PgClusterBackend`] creates a role `cust_<token>` with a generated password and a database of
-//! the same name owned by it, and tears both down with `DROP DATABASE … WITH (FORCE)` and
-//! `DROP ROLE`. Identifiers are built only from [`DatabaseName`]/[`RoleName`] (prefix plus a
-//! token of `[a-z0-9]`) and quoted.
+//! [`PgClusterBackend`] creates a role `cust_<digest>` with a generated password and a database
+//! of the same name owned by it, and tears both down with `DROP DATABASE … WITH (FORCE)` and
+//! `DROP ROLE`. Identifiers are built only from [`DatabaseName`]/[`RoleName`] (prefix plus hex
+//! digits, or a legacy token of `[a-z0-9]`) and quoted.
+//!
+//! **Tokens.** No statement or bound parameter carries a customer token: the store draws the
+//! token itself (`RETURNING token`) and finds rows by `token_digest`, and database and role names
+//! carry the token's digest ([`crate::TokenDigest`]), so the server's statement and connection
+//! logs name no token. Only a legacy database (named `cust_<token>` before digest names) is
+//! still named by its token, until it is deprovisioned.
 //!
 //! **Secrets.** The password (64 hex digits from the operating system's random source) never
 //! reaches the server: the role is given a SCRAM-SHA-256 verifier computed here
@@ -34,7 +40,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
-use crate::names::{DatabaseName, RoleName};
+use crate::names::{DatabaseName, RoleName, TokenDigest};
 use crate::ports::{
     Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
 };
@@ -96,22 +102,26 @@ fn audit_error(e: keel_audit::AuditSinkError) -> StoreError {
 }
 
 impl ResourceStore for PgResourceStore {
-    async fn reserve(&self, reservation: &NewReservation) -> Result<(), StoreError> {
-        let inserted = sqlx::query(
+    async fn reserve(&self, reservation: &NewReservation) -> Result<Token, StoreError> {
+        // The server draws the token (32 hex digits of a v4 UUID, as `new_token`), so no
+        // statement or bound parameter ever carries it; only the reply does.
+        let inserted: Result<String, sqlx::Error> = sqlx::query_scalar(
             "INSERT INTO resources \
                (id, token, team_id, resource_type, tier, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)",
+             VALUES ($1, replace(gen_random_uuid()::text, '-', ''), $2, $3, $4, 'pending', $5, $5) \
+             RETURNING token",
         )
         .bind(reservation.id.as_uuid())
-        .bind(reservation.token.expose())
         .bind(reservation.team_id.as_uuid())
         .bind(reservation.resource_type.as_str())
         .bind(reservation.tier.as_str())
         .bind(reservation.now)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await;
         match inserted {
-            Ok(_) => Ok(()),
+            Ok(token) => Token::parse(&token).map_err(|e| {
+                StoreError::unavailable("reserve a resource", RedactedError::new(e.to_string()))
+            }),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23503") => {
                 Err(StoreError::TeamNotFound)
             }
@@ -284,14 +294,14 @@ impl ResourceStore for PgResourceStore {
         row.map(|row| record_from_row(&row)).transpose()
     }
 
-    async fn live_for_token(
+    async fn live_for_digest(
         &self,
-        token: &Token,
+        digest: &TokenDigest,
     ) -> Result<Option<(ResourceId, ResourceStatus)>, StoreError> {
         let row: Option<(uuid::Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT id, status FROM resources WHERE token = $1 AND status IN {LIVE_STATUSES}"
+            "SELECT id, status FROM resources WHERE token_digest = $1 AND status IN {LIVE_STATUSES}"
         )))
-        .bind(token.expose())
+        .bind(digest.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| StoreError::unavailable("read a token's liveness", e))?;
@@ -327,7 +337,7 @@ fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreE
 
 /// A database error's text with the customer's name masked.
 fn redacted(e: &sqlx::Error, name: &DatabaseName) -> RedactedError {
-    RedactedError::masking(&e.to_string(), name.token())
+    RedactedError::new(name.mask_in(&e.to_string()))
 }
 
 /// Where customers reach the shared cluster (the host and port in their connection URLs).
@@ -591,7 +601,7 @@ impl PgClusterBackend {
                 RedactedError::new(format!("no role settings are defined for tier {tier}")),
             )
         })?;
-        let role = RoleName::for_token(name.token());
+        let role = RoleName::for_database(name);
         let password = generate_password();
         let verifier = Verifier::compute(&password, &random_bytes::<16>(), ITERATIONS);
         // Identifiers are prefix + [a-z0-9]; quoting keeps them exact. The verifier is base64
@@ -745,7 +755,7 @@ impl Backend for PgClusterBackend {
 
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
         let db = database_of(name)?;
-        let role = RoleName::for_token(db.token());
+        let role = RoleName::for_database(db);
         // Never drop a database under the platform's name that its customer role does not own.
         let owner: Option<String> = sqlx::query_scalar(
             "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use keel_audit::Token;
 use keel_orphan_sweep::postgres::PgLiveTokens;
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens,
     LiveTokensError, Reclaimer, SweepConfig, SweepMetrics, Sweeper, TickReport,
 };
-use keel_provision::Provisioner;
+use keel_provision::{Provisioner, TokenDigest};
 use keel_testkit::PgServer;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
@@ -39,14 +38,17 @@ impl Inventory for Listed {
 struct PerToken(PgPool);
 
 impl LiveTokens for PerToken {
-    async fn live_among(&self, tokens: &[Token]) -> Result<HashSet<Token>, LiveTokensError> {
+    async fn live_among(
+        &self,
+        digests: &[TokenDigest],
+    ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
         let mut live = HashSet::new();
-        for token in tokens {
+        for token in digests {
             let is_live: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM resources WHERE token = $1 \
+                "SELECT EXISTS (SELECT 1 FROM resources WHERE token_digest = $1 \
                    AND status IN ('pending', 'active', 'paused', 'suspended'))",
             )
-            .bind(token.expose())
+            .bind(token.as_str())
             .fetch_one(&self.0)
             .await
             .map_err(|e| LiveTokensError(Box::new(e)))?;
@@ -178,7 +180,7 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
             .iter()
             .filter(|item| {
                 let n: u64 = item.name["cust_t".len()..].parse().unwrap_or(0);
-                n > rows || n % 10 == 0
+                n > rows || n.is_multiple_of(10)
             })
             .count();
         let config = SweepConfig {

@@ -15,8 +15,9 @@ use anyhow::{Context, ensure};
 use keel_audit::{Actor, AuditEvent, AuditKind, RequestId, ResourceId, ResourceType, TeamId, Tier};
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{
-    BackendObject, ConnectionUrl, DeprovisionCause, DeprovisionReason, DeprovisionTarget,
-    NewReservation, ProvisionMetrics, ProvisionRequest, Provisioner, ResourceStore as _, new_token,
+    BackendObject, ConnectionUrl, DatabaseName, DeprovisionCause, DeprovisionReason,
+    DeprovisionTarget, NewReservation, ProvisionMetrics, ProvisionRequest, Provisioner,
+    ResourceStore as _, new_token,
 };
 use keel_testkit::PgServer;
 use prometheus_client::registry::Registry;
@@ -68,13 +69,11 @@ async fn finalize_overhead(pool: &PgPool, team: TeamId, n: u64) -> anyhow::Resul
     for _ in 0..n {
         let now = OffsetDateTime::now_utc();
         // Keel: reserve + activate with its audit row.
-        let token = new_token();
         let id = ResourceId::new_random();
         let started = Instant::now();
-        store
+        let token = store
             .reserve(&NewReservation {
                 id,
-                token: token.clone(),
                 team_id: team,
                 resource_type: ResourceType::Postgres,
                 tier: tier.clone(),
@@ -82,7 +81,7 @@ async fn finalize_overhead(pool: &PgPool, team: TeamId, n: u64) -> anyhow::Resul
             })
             .await?;
         let object = BackendObject {
-            provider_id: format!("cust_{}", token.expose()),
+            provider_id: DatabaseName::for_token(&token).expose().to_owned(),
             connection_url: url.clone(),
         };
         let audit = AuditEvent::new(AuditKind::ProvisionCreated, Actor::system(), now)
@@ -104,7 +103,7 @@ async fn finalize_overhead(pool: &PgPool, team: TeamId, n: u64) -> anyhow::Resul
         .bind(uuid::Uuid::new_v4())
         .bind(token.expose())
         .bind(team.as_uuid())
-        .bind(format!("cust_{}", token.expose()))
+        .bind(DatabaseName::for_token(&token).expose())
         .bind(url.expose())
         .bind(now)
         .execute(pool)

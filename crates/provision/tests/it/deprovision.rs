@@ -4,8 +4,8 @@
 use keel_audit::{Actor, AuditKind, RequestId, ResourceType, Token};
 use keel_provision::fault::BackendStep;
 use keel_provision::{
-    Backend as _, BackendName, DeprovisionCause, DeprovisionError, DeprovisionReason,
-    DeprovisionTarget, Deprovisioned, TeardownStage, new_token,
+    Backend as _, BackendName, DatabaseName, DeprovisionCause, DeprovisionError, DeprovisionReason,
+    DeprovisionTarget, Deprovisioned, TeardownStage, TokenDigest, new_token,
 };
 
 use super::{NOW, harness};
@@ -243,4 +243,75 @@ async fn the_cluster_backend_never_drops_a_database_its_customer_role_does_not_o
     .execute(h.db.pool())
     .await
     .unwrap();
+}
+
+/// Tokens in the server log: names carry the token's digest, which SQL computes alike
+/// (`resources.token_digest`), so the row owning a database is found without sending a token.
+#[tokio::test]
+async fn database_names_carry_the_token_digest_sql_computes_never_the_token() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let (token, digest, provider_id): (String, String, String) = sqlx::query_as(
+        "SELECT token, token_digest, provider_resource_id FROM resources WHERE id = $1",
+    )
+    .bind(provisioned.id().as_uuid())
+    .fetch_one(h.db.pool())
+    .await
+    .unwrap();
+    let token = Token::parse(&token).unwrap();
+    assert_eq!(&token, provisioned.token());
+    assert_eq!(digest, TokenDigest::of(&token).as_str());
+    assert_eq!(provider_id, format!("cust_{digest}"));
+    assert!(!provider_id.contains(token.expose()));
+    let name = BackendName::for_resource(ResourceType::Postgres, &token);
+    assert_eq!(name.expose(), provider_id);
+    assert!(h.object_exists(&name).await);
+    assert!(h.role_exists(&name).await);
+}
+
+/// A database created before digest names keeps its legacy name `cust_<token>`; the
+/// chokepoint still finds and tears down exactly that database (named by the row's provider id
+/// only when it is the legacy name of the row's own token).
+#[tokio::test]
+async fn a_legacy_database_named_by_its_token_is_still_torn_down_by_deprovision() {
+    let h = harness().await;
+    let token = new_token();
+    let legacy = BackendName::Database(DatabaseName::legacy_for_token(&token));
+    assert_eq!(legacy.expose(), format!("cust_{}", token.expose()));
+    let tier = keel_audit::Tier::parse("pro").unwrap();
+    h.provisioner
+        .backend()
+        .inner()
+        .create(&legacy, &tier)
+        .await
+        .unwrap();
+    let id = keel_audit::ResourceId::new_random();
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                provider_resource_id, connection_url) \
+         VALUES ($1, $2, $3, 'postgres', 'pro', 'active', $4, 'postgres://legacy@db/legacy')",
+    )
+    .bind(id.as_uuid())
+    .bind(token.expose())
+    .bind(h.team.as_uuid())
+    .bind(legacy.expose())
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+    assert!(h.object_exists(&legacy).await);
+    let done = h
+        .provisioner
+        .deprovision(
+            DeprovisionTarget::Resource(id),
+            &cause(DeprovisionReason::Operator),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, Deprovisioned::Retired);
+    assert!(
+        !h.object_exists(&legacy).await,
+        "the legacy database is gone"
+    );
+    assert!(!h.role_exists(&legacy).await, "and its role");
 }

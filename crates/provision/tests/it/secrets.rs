@@ -12,8 +12,8 @@ use keel_audit::{Actor, RequestId, ResourceType, TeamId, Tier};
 use keel_provision::fault::{BackendStep, FaultyBackend, FaultyStore, StoreStep};
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{
-    BackendName, DeprovisionCause, DeprovisionReason, DeprovisionTarget, ProvisionMetrics,
-    ProvisionRequest, Provisioner,
+    DeprovisionCause, DeprovisionReason, DeprovisionTarget, ProvisionMetrics, ProvisionRequest,
+    Provisioner,
 };
 use keel_testkit::{PgServer, ThrowawayOptions};
 use prometheus_client::registry::Registry;
@@ -163,8 +163,7 @@ async fn no_log_at_any_level_and_no_stored_row_contains_a_password_or_a_full_tok
             .unwrap();
     }
     let stale = provisioner.reserve(request(), NOW).await.unwrap();
-    let stale_name: BackendName = stale.backend_name().clone();
-    tokens.push(stale_name.token().expose().to_owned());
+    tokens.push(token_of(&db, stale.id()).await);
     drop(stale);
     provisioner
         .reconcile_pending(std::time::Duration::ZERO, 10, NOW)
@@ -204,7 +203,17 @@ async fn no_log_at_any_level_and_no_stored_row_contains_a_password_or_a_full_tok
     }
     for token in &tokens {
         assert!(!own.contains(token.as_str()), "our log holds a full token");
+        // Not in the server's statements, bound parameters, notices or connection lines
+        // either: names carry the token's digest, and rows are reserved and found without it.
+        assert!(
+            !server_log.contains(token.as_str()),
+            "the server log holds a full token"
+        );
     }
+    assert!(
+        server_log.contains("DROP DATABASE") && server_log.contains("cust_"),
+        "the server logged the customer objects' statements (by digest)"
+    );
     // OPS-4: at TRACE, sqlx did log the statements of the failed provisions' flips and of the
     // deprovisions (so the check above saw them), and no sqlx line - statement or notice - holds
     // a full token.
