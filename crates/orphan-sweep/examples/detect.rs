@@ -1,5 +1,5 @@
-//! Pure orphan detection over an inventory: an old object of the platform's whose token has
-//! no live row is a candidate; a live one, a young one, and one the platform did not make are
+//! Pure orphan detection over an inventory: an old object of the platform's whose token's
+//! digest has no live row is a candidate; a live one, a young one, and one the platform did not make are
 //! not reclaimable.
 //!
 //! Run with `cargo run -p keel-orphan-sweep --example detect`.
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use keel_audit::Token;
 use keel_orphan_sweep::{InventoryItem, InventorySource, MANAGED_BY, MANAGED_BY_LABEL, detect};
+use keel_provision::TokenDigest;
 use time::macros::datetime;
 
 fn main() -> Result<(), keel_audit::InvalidToken> {
@@ -31,7 +32,10 @@ fn main() -> Result<(), keel_audit::InvalidToken> {
         item("instant-customer-newb00000001", 10, true),
         item("instant-customer-hand00000001", 180, false),
     ];
-    let live: HashSet<Token> = [Token::parse("live00000001")?].into_iter().collect();
+    // Live rows are known by their tokens' digests (`resources.token_digest`).
+    let live: HashSet<TokenDigest> = [TokenDigest::of(&Token::parse("live00000001")?)]
+        .into_iter()
+        .collect();
 
     let candidates = detect(
         &inventory,
