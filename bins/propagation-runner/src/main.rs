@@ -391,8 +391,7 @@ async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {
         .min_connections(0)
         .acquire_timeout(acquire)
         .connect_lazy_with(
-            cluster_url
-                .connect_options()?
+            PgRoleApplier::cluster_options(cluster_url.connect_options()?)
                 .application_name("keel-propagation-runner-applier"),
         );
     let role = PgRoleApplier::new(cluster, TierRoleSettings::standard());

@@ -135,9 +135,17 @@ async fn two_runners_survive_sigkills_and_a_database_restart_without_a_silent_ro
         for _ in 0..PER_TEAM {
             n += 1;
             let token = format!("chaos{n:08}");
+            // Named as keel-provision names the resource's backend object.
+            let parsed = keel_audit::Token::parse(&token).unwrap();
             let provider = match *resource_type {
-                "postgres" => format!("cust_{token}"),
-                _ => format!("instant-customer-{token}"),
+                "postgres" => keel_provision::RoleName::for_database(
+                    &keel_provision::DatabaseName::for_token(&parsed),
+                )
+                .expose()
+                .to_owned(),
+                _ => keel_provision::NamespaceName::for_token(&parsed)
+                    .expose()
+                    .to_owned(),
             };
             if *with_role {
                 sqlx::query(sqlx::AssertSqlSafe(format!(

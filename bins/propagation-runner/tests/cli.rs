@@ -37,6 +37,11 @@ async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() 
     let db = keel_testkit::database().await;
     let team = uuid::Uuid::new_v4();
     let resource = uuid::Uuid::new_v4();
+    // The role keel-provision would have created for the token (it does not exist).
+    let role = keel_provision::RoleName::for_database(&keel_provision::DatabaseName::for_token(
+        &keel_audit::Token::parse("clitoken01").unwrap(),
+    ));
+    let role = role.expose();
     sqlx_exec(
         &db,
         &format!("INSERT INTO teams (id, tier) VALUES ('{team}', 'pro')"),
@@ -46,7 +51,7 @@ async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() 
         &db,
         &format!(
             "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
-             VALUES ('{resource}', 'clitoken01', '{team}', 'postgres', 'free', 'active', 'cust_clitoken01', 'postgres://x')"
+             VALUES ('{resource}', 'clitoken01', '{team}', 'postgres', 'free', 'active', '{role}', 'postgres://x')"
         ),
     )
     .await;

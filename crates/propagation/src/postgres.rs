@@ -1535,9 +1535,10 @@ pub use keel_audit::{RoleSettings, TierRoleSettings};
 /// Applies a tier to a customer's role on the shared Postgres cluster with `ALTER ROLE`.
 ///
 /// The role is the resource's `provider_resource_id`, parsed with the newtype provisioning
-/// created it with ([`keel_provision::RoleName`], `cust_<token>`) and checked against the
-/// resource's token: a platform role (`keel_app`, `postgres`, a replication role) can never be
-/// named, and a role with `SUPERUSER`, `REPLICATION`, `CREATEROLE` or `BYPASSRLS` is refused
+/// created it with ([`keel_provision::RoleName`]: `cust_<digest>`, the first 48 hex digits of
+/// the token's SHA-256, or the legacy `cust_<token>` of a database created before digest names)
+/// and checked against the resource's token: a platform role (`keel_app`, `postgres`, a
+/// replication role) can never be named, and a role with `SUPERUSER`, `REPLICATION`, `CREATEROLE` or `BYPASSRLS` is refused
 /// even inside the prefix. The role name (derived from the customer's token) never appears in
 /// errors.
 ///
@@ -1553,8 +1554,23 @@ pub struct PgRoleApplier {
 
 impl PgRoleApplier {
     /// An applier acting on the cluster behind `cluster` (a role allowed to `ALTER ROLE`).
+    /// Build the pool from [`PgRoleApplier::cluster_options`], so nothing on its connections
+    /// logs a statement.
     pub fn new(cluster: PgPool, settings: TierRoleSettings) -> Self {
         Self { cluster, settings }
+    }
+
+    /// `options` made fit for the applier's pool: sqlx's own statement logging is off (a
+    /// statement names the customer role, and a legacy `cust_<token>` name contains the token),
+    /// and the server sends no notice below WARNING, so none naming a role is forwarded to the
+    /// log.
+    pub fn cluster_options(
+        options: sqlx::postgres::PgConnectOptions,
+    ) -> sqlx::postgres::PgConnectOptions {
+        use sqlx::ConnectOptions as _;
+        options
+            .disable_statement_logging()
+            .options([("client_min_messages", "warning")])
     }
 }
 
@@ -1613,11 +1629,16 @@ fn customer_role(propagation: &Propagation) -> Result<keel_provision::RoleName, 
     };
     let Ok(role) = keel_provision::RoleName::parse(id) else {
         return Err(legacy(
-            "the resource's provider resource id is not a customer role (cust_<token>); \
+            "the resource's provider resource id is not a customer role (cust_<digest>); \
              platform roles are never changed",
         ));
     };
-    if propagation.backend.token.as_ref() != Some(role.token()) {
+    let belongs = propagation
+        .backend
+        .token
+        .as_ref()
+        .is_some_and(|token| role.belongs_to(token));
+    if !belongs {
         return Err(ApplyOutcome::Skipped(SkipReason::Unexpected {
             bucket: ReasonBucket::Other,
             detail: "the resource's provider resource id names another customer's role".into(),
@@ -1743,25 +1764,61 @@ mod tests {
         );
     }
 
+    /// PROP-7: the applier accepts exactly the names provisioning creates for the resource's
+    /// token (`cust_<digest>`, or a legacy `cust_<token>`), nothing another customer's or the
+    /// platform's.
     #[test]
     fn the_role_applier_refuses_roles_outside_the_customer_prefix() {
+        use keel_provision::{DatabaseName, RoleName, TokenDigest};
+        let token = Token::parse("a1b2c3d4").unwrap();
+        let other = Token::parse("ffff0000").unwrap();
+        let role = |token: &Token| {
+            RoleName::for_database(&DatabaseName::for_token(token))
+                .expose()
+                .to_owned()
+        };
         let mut propagation = crate::model::sample_propagation();
-        propagation.backend.token = Some(Token::parse("a1b2c3d4").unwrap());
+        propagation.backend.token = Some(token.clone());
         propagation.backend.status = Some("active".into());
+        let digest = TokenDigest::of(&token);
         for (id, accepted) in [
-            ("cust_a1b2c3d4", true),
-            ("cust_ffff0000", false),
-            ("keel_app", false),
-            ("postgres", false),
-            ("replicator", false),
-            ("cust_", false),
-            ("Cust_a1b2c3d4", false),
-            ("instant-customer-a1b2c3d4", false),
+            (role(&token), true),
+            (
+                DatabaseName::legacy_for_token(&token).expose().to_owned(),
+                true,
+            ),
+            (role(&other), false),
+            ("cust_ffff0000".to_owned(), false),
+            ("keel_app".to_owned(), false),
+            ("postgres".to_owned(), false),
+            ("replicator".to_owned(), false),
+            ("cust_".to_owned(), false),
+            (format!("Cust_{digest}"), false),
+            (format!("cust_{}", digest.as_str().to_uppercase()), false),
+            (format!("cust_{}", &digest.as_str()[..40]), false),
+            (format!("instant-customer-{digest}"), false),
+            ("instant-customer-a1b2c3d4".to_owned(), false),
         ] {
-            propagation.backend.provider_resource_id = Some(id.into());
-            assert_eq!(customer_role(&propagation).is_ok(), accepted, "{id}");
+            propagation.backend.provider_resource_id = Some(id.clone());
+            match customer_role(&propagation) {
+                Ok(parsed) => {
+                    assert!(accepted, "{id} was accepted");
+                    assert_eq!(parsed.expose(), id);
+                }
+                Err(skip) => {
+                    assert!(!accepted, "{id} was refused: {skip:?}");
+                    assert!(
+                        matches!(skip, ApplyOutcome::Skipped(SkipReason::Unexpected { .. })),
+                        "{id}: {skip:?}"
+                    );
+                }
+            }
         }
-        propagation.backend.provider_resource_id = Some("cust_a1b2c3d4".into());
+        // A resource without a token owns no role.
+        propagation.backend.provider_resource_id = Some(role(&token));
+        propagation.backend.token = None;
+        assert!(customer_role(&propagation).is_err());
+        propagation.backend.token = Some(token.clone());
         propagation.resource_type = ResourceType::Redis;
         assert!(customer_role(&propagation).is_err());
     }

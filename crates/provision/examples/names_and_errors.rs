@@ -13,17 +13,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let database = DatabaseName::for_token(&token);
     let role = RoleName::for_database(&database);
     println!(
-        "namespace {:<40} logged as {}",
+        "namespace {:<53} logged as {}",
         namespace.expose(),
         namespace.masked()
     );
     println!(
-        "database  {:<40} logged as {}",
+        "database  {:<53} logged as {}",
         database.expose(),
         database.masked()
     );
     println!(
-        "role      {:<40} logged as {}",
+        "role      {:<53} logged as {}",
         role.expose(),
         role.masked()
     );
@@ -32,6 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "parse {:?}: {}",
         "kube-system",
         NamespaceName::parse("kube-system").is_ok()
+    );
+    println!(
+        "parse {:?}: {}",
+        "postgres",
+        RoleName::parse("postgres").is_ok()
     );
 
     let docs = DocsBase::parse("https://docs.example.com/keel")?;

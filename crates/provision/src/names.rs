@@ -241,6 +241,32 @@ impl RoleName {
         Self(database.clone())
     }
 
+    /// Parses a role name found on the cluster or stored as a resource's provider id: what
+    /// provisioning creates (`cust_<digest>`, or a legacy `cust_<token>`); refuses anything else,
+    /// so no platform role (`postgres`, `keel_app`, a replication role) ever parses.
+    pub fn parse(name: &str) -> Result<Self, ForeignName> {
+        DatabaseName::parse(name)
+            .map(Self)
+            .map_err(|_| ForeignName {
+                what: "role",
+                prefix: DATABASE_PREFIX,
+            })
+    }
+
+    /// The digest the name derives from.
+    pub fn digest(&self) -> &TokenDigest {
+        self.0.digest()
+    }
+
+    /// Whether this is `token`'s role: a digest name whose digest is [`TokenDigest::of`] the
+    /// token, or a legacy name that carries exactly the token.
+    pub fn belongs_to(&self, token: &Token) -> bool {
+        match &self.0.legacy {
+            Some(legacy) => legacy == token,
+            None => self.0.digest == TokenDigest::of(token),
+        }
+    }
+
     /// The name itself, for the backend (see [`DatabaseName::expose`]).
     pub fn expose(&self) -> &str {
         self.0.expose()
@@ -320,5 +346,40 @@ mod tests {
         let parsed = DatabaseName::parse(digest_name.expose()).unwrap();
         assert!(!parsed.is_legacy());
         assert_eq!(parsed, digest_name);
+    }
+
+    #[test]
+    fn a_role_name_parses_only_as_provisioning_creates_it_and_belongs_to_its_token() {
+        let token = Token::parse("a1b2c3d4e5f6").unwrap();
+        let other = Token::parse("ffff0000ffff").unwrap();
+        let digest_role = RoleName::for_database(&DatabaseName::for_token(&token));
+        let parsed = RoleName::parse(digest_role.expose()).unwrap();
+        assert_eq!(parsed, digest_role);
+        assert_eq!(parsed.digest(), &TokenDigest::of(&token));
+        assert!(parsed.belongs_to(&token));
+        assert!(!parsed.belongs_to(&other));
+
+        let legacy = RoleName::parse("cust_a1b2c3d4e5f6").unwrap();
+        assert!(legacy.belongs_to(&token));
+        assert!(!legacy.belongs_to(&other));
+        assert!(!format!("{legacy:?}").contains("a1b2c3d4e5f6"));
+
+        for foreign in [
+            "postgres",
+            "keel_app",
+            "replicator",
+            "cust_",
+            "Cust_a1b2c3d4e5f6",
+            "instant-customer-a1b2c3d4e5f6",
+            // A digest with an upper-case digit is not a digest provisioning writes.
+            &format!("cust_{}", TokenDigest::of(&token).as_str().to_uppercase()),
+        ] {
+            let err = RoleName::parse(foreign).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "role is not one of the platform's names (cust_…); the value is not shown",
+                "{foreign}"
+            );
+        }
     }
 }

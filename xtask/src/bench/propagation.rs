@@ -89,16 +89,18 @@ async fn keel_run(
     server.create_database(db, None).await?;
     let pool = pool(server, db, 4).await?;
     keel_schema::migrate(&pool).await?;
-    // Each row names a real resource of its team: a propagation for a missing resources row
-    // is never applied.
+    // Each row names a real resource of its team (a propagation for a missing resources row is
+    // never applied), its provider id `cust_<digest>` as keel-provision names it.
     sqlx::query(
         "WITH team AS (INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id) \
          INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
          SELECT gen_random_uuid(), 'bench' || lpad(g::text, 12, '0'), team.id, 'postgres', 'free', 'active', \
-                'cust_bench' || lpad(g::text, 12, '0'), 'postgres://bench@127.0.0.1/x' \
+                $2 || keel_token_digest('bench' || lpad(g::text, 12, '0')), 'postgres://bench@127.0.0.1/x' \
          FROM generate_series(1, $1) g, team",
     )
     .bind(i64::try_from(rows)?)
+    // Named as keel-provision names it: the prefix and the token's digest.
+    .bind(keel_provision::DATABASE_PREFIX)
     .execute(&pool)
     .await?;
     sqlx::query(

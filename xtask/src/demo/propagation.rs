@@ -20,6 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::step;
 
+/// The role keel-provision creates for `token`: `cust_<digest>`.
+fn customer_role(token: &str) -> anyhow::Result<String> {
+    let token = keel_audit::Token::parse(token)?;
+    Ok(
+        keel_provision::RoleName::for_database(&keel_provision::DatabaseName::for_token(&token))
+            .expose()
+            .to_owned(),
+    )
+}
+
 async fn create_resource(
     pool: &PgPool,
     team: TeamId,
@@ -27,7 +37,7 @@ async fn create_resource(
     with_role: bool,
 ) -> anyhow::Result<ResourceId> {
     let resource = ResourceId::new_random();
-    let role = format!("cust_{token}");
+    let role = customer_role(token)?;
     if with_role {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "CREATE ROLE {} LOGIN CONNECTION LIMIT 10",
@@ -214,11 +224,11 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
         "unexpected batch: {report:?}"
     );
 
-    let (limit, config): (i32, Option<Vec<String>>) = sqlx::query_as(
-        "SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = 'cust_demoreach01'",
-    )
-    .fetch_one(pool)
-    .await?;
+    let (limit, config): (i32, Option<Vec<String>>) =
+        sqlx::query_as("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = $1")
+            .bind(customer_role("demoreach01")?)
+            .fetch_one(pool)
+            .await?;
     println!(
         "reachable database: role now has CONNECTION LIMIT {limit}, {}; audit: {:?}",
         config.unwrap_or_default().join(", "),

@@ -29,7 +29,8 @@ fn worker(name: &str) -> WorkerId {
     WorkerId::parse(name).unwrap()
 }
 
-/// A team on `team_tier` with one active resource whose applied tier is `resource_tier`.
+/// A team on `team_tier` with one active resource whose applied tier is `resource_tier`, its
+/// provider id `provider_id` or else the role keel-provision names for its token.
 async fn seed(
     pool: &PgPool,
     team_tier: &str,
@@ -38,6 +39,13 @@ async fn seed(
 ) -> (TeamId, ResourceId) {
     let team = TeamId::new_random();
     let resource = ResourceId::new_random();
+    let token = keel_audit::Token::parse(&format!(
+        "tok{}",
+        &resource.as_uuid().simple().to_string()[..12]
+    ))
+    .unwrap();
+    let role =
+        keel_provision::RoleName::for_database(&keel_provision::DatabaseName::for_token(&token));
     sqlx::query("INSERT INTO teams (id, tier) VALUES ($1, $2)")
         .bind(team.as_uuid())
         .bind(team_tier)
@@ -49,10 +57,10 @@ async fn seed(
          VALUES ($1, $2, $3, 'postgres', $4, 'active', $5, 'postgres://customer@db/x')",
     )
     .bind(resource.as_uuid())
-    .bind(format!("tok{}", &resource.as_uuid().simple().to_string()[..12]))
+    .bind(token.expose())
     .bind(team.as_uuid())
     .bind(resource_tier)
-    .bind(provider_id.unwrap_or("cust_placeholder"))
+    .bind(provider_id.unwrap_or(role.expose()))
     .execute(pool)
     .await
     .unwrap();

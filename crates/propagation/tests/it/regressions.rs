@@ -805,7 +805,11 @@ async fn a_runner_cannot_be_built_with_a_lease_shorter_than_an_apply() {
 async fn slow_backend_rows_never_cost_healthy_rows_an_attempt() {
     let db = keel_testkit::database().await;
     let token = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let role = format!("cust_{token}");
+    let role = keel_provision::RoleName::for_database(&keel_provision::DatabaseName::for_token(
+        &keel_audit::Token::parse(&token).unwrap(),
+    ))
+    .expose()
+    .to_owned();
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "CREATE ROLE {role} CONNECTION LIMIT 5"
     )))

@@ -230,11 +230,13 @@ async fn two_runners_over_thousands_of_rows_never_apply_one_row_concurrently() {
     sqlx::query(
         "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
          SELECT gen_random_uuid(), 'tok' || lpad(g::text, 12, '0'), $1, 'postgres', 'free', 'active', \
-                'cust_tok' || lpad(g::text, 12, '0'), 'postgres://customer@db/x' \
+                $3 || keel_token_digest('tok' || lpad(g::text, 12, '0')), 'postgres://customer@db/x' \
          FROM generate_series(1, $2) g",
     )
     .bind(team.as_uuid())
     .bind(rows)
+    // Named as keel-provision names it: the prefix and the token's digest.
+    .bind(keel_provision::DATABASE_PREFIX)
     .execute(db.pool())
     .await
     .unwrap();
