@@ -367,11 +367,7 @@ fn every_binary_is_granted_exactly_the_kubernetes_calls_its_code_makes() {
     // The derivation itself, pinned on what the adapters are known to call.
     assert_eq!(
         needed["keel-propagation-runner"],
-        expect(&[
-            ("namespaces", "get"),
-            ("resourcequotas", "patch"),
-            ("secrets", "get")
-        ])
+        expect(&[("namespaces", "get"), ("resourcequotas", "patch")])
     );
     assert_eq!(
         needed["keel-orphan-sweep"],
