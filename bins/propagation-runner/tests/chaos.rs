@@ -93,28 +93,8 @@ async fn wait_until(what: &str, pool: &PgPool, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runners_survive_sigkills_and_a_database_restart_without_a_silent_row() {
-    let cluster = Cluster::start_new();
-    let admin = connect(&format!(
-        "postgres://postgres@127.0.0.1:{}/postgres",
-        cluster.port
-    ))
-    .await;
-    sqlx::query("CREATE DATABASE keel")
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    let cluster = Cluster::start_migrated().await;
     let url = cluster.url();
-    let migrate = Command::new(env!("CARGO_BIN_EXE_keel-propagation-runner"))
-        .args(["migrate"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
     let pool = connect(&url).await;
 
     // Seven teams of 100 postgres resources whose roles exist; one team of 100 whose roles are

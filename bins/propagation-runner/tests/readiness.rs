@@ -9,7 +9,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cluster::{Cluster, connect};
+use cluster::Cluster;
 
 mod cluster;
 
@@ -69,28 +69,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_the_database_is_down_and_recovers_when_it_is_back() {
-    let cluster = Cluster::start_new();
-    let admin = connect(&format!(
-        "postgres://postgres@127.0.0.1:{}/postgres",
-        cluster.port
-    ))
-    .await;
-    sqlx::query("CREATE DATABASE keel")
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    let cluster = Cluster::start_migrated().await;
     let url = cluster.url();
-    let migrate = Command::new(env!("CARGO_BIN_EXE_keel-propagation-runner"))
-        .arg("migrate")
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

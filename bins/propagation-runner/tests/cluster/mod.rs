@@ -118,6 +118,32 @@ impl Cluster {
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/keel", self.port)
     }
+
+    /// A new cluster whose `keel` database the runner binary has migrated, as an operator would.
+    pub async fn start_migrated() -> Self {
+        let cluster = Self::start_new();
+        let admin = connect(&format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            cluster.port
+        ))
+        .await;
+        sqlx::query("CREATE DATABASE keel")
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let migrate = Command::new(env!("CARGO_BIN_EXE_keel-propagation-runner"))
+            .arg("migrate")
+            .env("DATABASE_URL", cluster.url())
+            .output()
+            .unwrap();
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+        cluster
+    }
 }
 
 impl Drop for Cluster {
