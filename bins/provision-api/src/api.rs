@@ -794,6 +794,20 @@ mod tests {
     }
 
     impl Api {
+        /// Makes every finalize (the `UPDATE` to `active`) take `seconds`, so a test can act
+        /// while one is in flight.
+        async fn slow_down_finalize(&self, seconds: f64) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                   BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$; \
+                 CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
+                   WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();"
+            )))
+            .execute(self.db.pool())
+            .await
+            .unwrap();
+        }
+
         async fn call(&self, method: &str, path: &str, body: &str) -> Answer {
             self.call_as(method, path, Some("application/json"), body)
                 .await
@@ -1409,15 +1423,7 @@ mod tests {
     async fn shutdown_waits_for_in_flight_provisioning() {
         let mut api = api().await;
         // The finalize takes a while: shutdown arrives while it runs.
-        sqlx::raw_sql(
-            "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
-               BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$; \
-             CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
-               WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();",
-        )
-        .execute(api.db.pool())
-        .await
-        .unwrap();
+        api.slow_down_finalize(1.5).await;
         let body = api.create_body("postgres", "pro");
         let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
         let request = format!(
@@ -1531,15 +1537,7 @@ mod tests {
     async fn a_post_past_its_deadline_names_the_reserved_resource_and_never_says_failed() {
         let api = api().await;
         // The finalize outlasts the request deadline (2 s) but not the store deadline (5 s).
-        sqlx::raw_sql(
-            "CREATE FUNCTION slow_finalize() RETURNS trigger LANGUAGE plpgsql AS $$ \
-               BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$; \
-             CREATE TRIGGER slow_finalize BEFORE UPDATE ON resources FOR EACH ROW \
-               WHEN (NEW.status = 'active') EXECUTE FUNCTION slow_finalize();",
-        )
-        .execute(api.db.pool())
-        .await
-        .unwrap();
+        api.slow_down_finalize(3.0).await;
         let answer = api
             .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
             .await;
