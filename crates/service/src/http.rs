@@ -564,6 +564,27 @@ mod tests {
         }
     }
 
+    /// Serves an empty registry with `readiness` on a free port: its address, the token that
+    /// stops it, and the server task.
+    async fn serving(
+        readiness: Readiness,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_with_readiness(
+            listener,
+            Arc::new(Registry::default()),
+            readiness,
+            shutdown.clone(),
+        ));
+        (addr, shutdown, server)
+    }
+
     /// OPS-6: `/readyz` is 200 on a migrated database, 503 naming the cause on a database at
     /// another schema version and on one that cannot be reached.
     #[tokio::test]
@@ -599,15 +620,7 @@ mod tests {
             Err(NotReady::DatabaseUnreachable)
         );
 
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve_with_readiness(
-            listener,
-            Arc::new(Registry::default()),
-            ahead,
-            shutdown.clone(),
-        ));
+        let (addr, shutdown, server) = serving(ahead).await;
         let answer = get(addr, "/readyz").await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("run `migrate`"), "{answer}");
@@ -617,15 +630,7 @@ mod tests {
         shutdown.cancel();
         server.await.unwrap().unwrap();
 
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve_with_readiness(
-            listener,
-            Arc::new(Registry::default()),
-            ready,
-            shutdown.clone(),
-        ));
+        let (addr, shutdown, server) = serving(ready).await;
         let answer = get(addr, "/readyz").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let scrape = get(addr, "/metrics").await;
