@@ -36,7 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
-pub use server::{PgServer, ThrowawayOptions, find_bin_dir, quote_ident};
+pub use server::{PgServer, RestartableServer, ThrowawayOptions, find_bin_dir, quote_ident};
 
 /// Why the harness could not give a test its database.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,9 @@ pub enum HarnessError {
     /// The server exited while starting.
     #[error("the throwaway PostgreSQL server exited while starting; its log ends:\n{0}")]
     ServerExited(String),
+    /// `pg_ctl` failed to start or stop a [`RestartableServer`].
+    #[error("pg_ctl {0}")]
+    PgCtl(String),
     /// The server did not accept connections in time.
     #[error(
         "the throwaway PostgreSQL server did not accept connections in time; its log ends:\n{0}"

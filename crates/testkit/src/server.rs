@@ -114,28 +114,9 @@ impl PgServer {
         let run_dir = make_run_dir(&run_as)?;
         let data_dir = run_dir.join("data");
 
-        let initdb = run_as
-            .command(&bin_dir.join("initdb"))
-            .args(["-D"])
-            .arg(&data_dir)
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .current_dir(&run_dir)
-            .output()
-            .map_err(|e| HarnessError::io("run initdb", e))?;
-        if !initdb.status.success() {
+        if let Err(e) = initdb(&run_as, &bin_dir, &run_dir, &data_dir) {
             let _ = fs::remove_dir_all(&run_dir);
-            return Err(HarnessError::Initdb(tail(&String::from_utf8_lossy(
-                &initdb.stderr,
-            ))));
+            return Err(e);
         }
         if options.password_auth {
             let hba = "local all all trust\n\
@@ -423,6 +404,132 @@ impl RunAs {
                 cmd
             }
         }
+    }
+}
+
+/// Creates a cluster in `data_dir` (superuser `postgres`, trust authentication, UTF-8, C locale).
+fn initdb(
+    run_as: &RunAs,
+    bin_dir: &Path,
+    run_dir: &Path,
+    data_dir: &Path,
+) -> Result<(), HarnessError> {
+    let initdb = run_as
+        .command(&bin_dir.join("initdb"))
+        .args(["-D"])
+        .arg(data_dir)
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .current_dir(run_dir)
+        .output()
+        .map_err(|e| HarnessError::io("run initdb", e))?;
+    if initdb.status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::Initdb(tail(&String::from_utf8_lossy(
+            &initdb.stderr,
+        ))))
+    }
+}
+
+/// A throwaway cluster run by `pg_ctl`, which a test may stop and start again under a running
+/// binary (a database restart). It is the test's own, so stopping it disturbs no other test.
+///
+/// Unlike [`PgServer::start_throwaway`] it is not watched by a supervisor: it is stopped and its
+/// directory removed when the value is dropped, so only a test process killed outright leaves
+/// it behind.
+pub struct RestartableServer {
+    run_as: RunAs,
+    bin_dir: PathBuf,
+    run_dir: PathBuf,
+    port: u16,
+}
+
+impl RestartableServer {
+    /// Creates a cluster on a free loopback port and starts it.
+    pub fn start() -> Result<Self, HarnessError> {
+        let bin_dir = find_bin_dir()?;
+        let run_as = RunAs::detect()?;
+        let run_dir = make_run_dir(&run_as)?;
+        let server = Self {
+            port: free_port()?,
+            run_as,
+            bin_dir,
+            run_dir,
+        };
+        initdb(
+            &server.run_as,
+            &server.bin_dir,
+            &server.run_dir,
+            &server.run_dir.join("data"),
+        )?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `database` as the superuser `postgres` (trust authentication: no secret).
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server (fast shutdown: sessions are disconnected) and waits until it is down.
+    pub fn stop(&self) -> Result<(), HarnessError> {
+        self.pg_ctl(&["stop", "-m", "fast", "-w"])
+    }
+
+    /// Starts the stopped server again and waits until it accepts connections.
+    pub fn start_again(&self) -> Result<(), HarnessError> {
+        self.pg_ctl(&["start", "-w"])
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<(), HarnessError> {
+        let options = format!(
+            "-p {} -k {} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=250",
+            self.port,
+            self.run_dir.display()
+        );
+        let out = self
+            .run_as
+            .command(&self.bin_dir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.run_dir.join("data"))
+            .arg("-l")
+            .arg(self.run_dir.join("server.log"))
+            .args(["-o", &options])
+            .args(args)
+            .current_dir(&self.run_dir)
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| HarnessError::io("run pg_ctl", e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::PgCtl(format!(
+                "{}: {}",
+                args.join(" "),
+                tail(&String::from_utf8_lossy(&out.stderr))
+            )))
+        }
+    }
+}
+
+impl Drop for RestartableServer {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["stop", "-m", "immediate"]);
+        let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
 
