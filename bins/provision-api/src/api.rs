@@ -794,6 +794,17 @@ mod tests {
     }
 
     impl Api {
+        /// The kinds of every audit row written so far, oldest first.
+        async fn audit_kinds(&self) -> Vec<AuditKind> {
+            let mut conn = self.db.pool().acquire().await.unwrap();
+            fetch(&mut conn, &AuditFilter::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|stored| stored.event.kind())
+                .collect()
+        }
+
         /// Makes every finalize (the `UPDATE` to `active`) take `seconds`, so a test can act
         /// while one is in flight.
         async fn slow_down_finalize(&self, seconds: f64) {
@@ -961,13 +972,7 @@ mod tests {
         let read = api.call("GET", &format!("/v1/resources/{id}"), "").await;
         assert_eq!(read.json()["status"], "deleted");
 
-        let mut conn = api.db.pool().acquire().await.unwrap();
-        let kinds: Vec<AuditKind> = fetch(&mut conn, &AuditFilter::default())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|stored| stored.event.kind())
-            .collect();
+        let kinds = api.audit_kinds().await;
         assert_eq!(
             kinds,
             [
@@ -1638,13 +1643,7 @@ mod tests {
             assert!(api.database_exists(&name).await, "nothing was deleted");
         }
         assert_eq!(api.call("GET", &path, "").await.json()["status"], "active");
-        let mut conn = api.db.pool().acquire().await.unwrap();
-        let kinds: Vec<AuditKind> = fetch(&mut conn, &AuditFilter::default())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|stored| stored.event.kind())
-            .collect();
+        let kinds = api.audit_kinds().await;
         assert_eq!(
             kinds,
             [AuditKind::ProvisionCreated],
