@@ -59,6 +59,13 @@ pub enum AuditKind {
     /// An explicit rater backfill lowered or removed previously rated usage: the convergence the
     /// operator asked for, recorded with old -> new values.
     RaterBackfillReconciled,
+    /// The deprovision chokepoint refused to reclaim an orphaned backend object (another
+    /// installation's, not provably this installation's, or protected); nothing was destroyed.
+    /// Recorded once per object and reason.
+    ResourceReclaimRefused,
+    /// The deprovision chokepoint audited an orphan's reclaim but its teardown failed; the object
+    /// may still exist. Recorded once per object.
+    ResourceReclaimFailed,
 }
 
 /// How urgently an operator alert needs a human.
@@ -121,6 +128,8 @@ impl AuditKind {
             AuditKind::BillingChargeUndeliverable => "billing.charge_undeliverable",
             AuditKind::RaterReconcileDeleted => "rater.reconcile_deleted",
             AuditKind::RaterBackfillReconciled => "rater.backfill_reconciled",
+            AuditKind::ResourceReclaimRefused => "resource.reclaim_refused",
+            AuditKind::ResourceReclaimFailed => "resource.reclaim_failed",
         }
     }
 
@@ -191,6 +200,14 @@ impl AuditKind {
             },
             AuditKind::RaterBackfillReconciled => Consumer::IntentionallyNone {
                 reason: "an operator asked for the backfill; the row is its trail of old -> new values",
+            },
+            AuditKind::ResourceReclaimRefused => Consumer::OperatorAlert {
+                alert: "orphan_reclaim_refused",
+                severity: AlertSeverity::Ticket,
+            },
+            AuditKind::ResourceReclaimFailed => Consumer::OperatorAlert {
+                alert: "orphan_reclaim_failed",
+                severity: AlertSeverity::Page,
             },
         }
     }

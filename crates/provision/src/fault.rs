@@ -25,6 +25,7 @@ use time::OffsetDateTime;
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::TokenDigest;
 use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
+use crate::reclaim::{OrphanRecord, OrphanStanding, Preflight};
 
 /// The error an injected fault returns.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +217,26 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send {
         self.around(StoreStep::LiveForDigest, self.inner.live_for_digest(digest))
     }
+
+    /// Faults as [`StoreStep::LiveForDigest`]: it is the orphan reclaim's liveness read.
+    fn orphan_standing(
+        &self,
+        digest: &TokenDigest,
+    ) -> impl Future<Output = Result<OrphanStanding, StoreError>> + Send {
+        self.around(StoreStep::LiveForDigest, self.inner.orphan_standing(digest))
+    }
+
+    /// Faults as [`StoreStep::Record`]: it records an audit row on its own.
+    fn record_orphan_event(
+        &self,
+        digest: &TokenDigest,
+        audit: &AuditEvent,
+    ) -> impl Future<Output = Result<OrphanRecord, StoreError>> + Send {
+        self.around(
+            StoreStep::Record,
+            self.inner.record_orphan_event(digest, audit),
+        )
+    }
 }
 
 impl<S> FaultyStore<S> {
@@ -339,6 +360,14 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         name: &BackendName,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         self.around(BackendStep::Protected, name, self.inner.protected(name))
+    }
+
+    /// Faults as [`BackendStep::Exists`]: it is the orphan reclaim's read of the object.
+    fn preflight(
+        &self,
+        name: &BackendName,
+    ) -> impl Future<Output = Result<Preflight, BackendError>> + Send {
+        self.around(BackendStep::Exists, name, self.inner.preflight(name))
     }
 }
 

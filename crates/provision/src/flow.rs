@@ -27,6 +27,7 @@ use crate::model::{
     BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord, ResourceStatus,
 };
 use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
+use crate::reclaim::{OrphanRecord, Preflight, ReclaimRefusal};
 use crate::secret::ConnectionUrl;
 
 /// A reserved resource: its `pending` row is written, its backend object not created yet.
@@ -413,6 +414,14 @@ pub enum DeprovisionError {
     /// chokepoint again retries it, and the orphan sweep finds the object too.
     #[error("deprovision audited but the teardown failed")]
     Teardown(#[source] BackendError),
+    /// The orphan reclaim was refused before anything was destroyed or audited as
+    /// deprovisioned (`resource.reclaim_refused` records it once per object and reason).
+    #[error("the orphan reclaim was refused ({0}); nothing was destroyed")]
+    Refused(ReclaimRefusal),
+    /// The orphan is already being deleted (a namespace stuck terminating): nothing was audited
+    /// or destroyed again.
+    #[error("the backend object is already being deleted; nothing was done")]
+    BeingDeleted,
 }
 
 impl DeprovisionError {
@@ -420,11 +429,20 @@ impl DeprovisionError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NotFound => ErrorCode::ResourceNotFound,
-            Self::Protected => ErrorCode::ResourceProtected,
-            Self::Store(_) | Self::Teardown(_) => ErrorCode::BackendUnavailable,
-            Self::Unsupported(_) | Self::ForeignName | Self::Live { .. } | Self::Audit(_) => {
-                ErrorCode::Internal
+            Self::Protected | Self::Refused(ReclaimRefusal::Protected) => {
+                ErrorCode::ResourceProtected
             }
+            Self::Store(_) | Self::Teardown(_) => ErrorCode::BackendUnavailable,
+            Self::Unsupported(_)
+            | Self::ForeignName
+            | Self::Live { .. }
+            | Self::Audit(_)
+            | Self::BeingDeleted
+            | Self::Refused(
+                ReclaimRefusal::ForeignInstallation
+                | ReclaimRefusal::Unowned
+                | ReclaimRefusal::NotPlatformMade,
+            ) => ErrorCode::Internal,
         }
     }
 }
@@ -966,39 +984,101 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         Ok(outcome)
     }
 
+    /// The orphan reclaim. Every refusable check runs on a fresh read before any audit row:
+    /// liveness (fails closed on an unknown status), the backend's pre-flight (absent, being
+    /// deleted, platform-made, installation stamp, protection mark), this installation's
+    /// ownership row and the platform's protection. A refusal is recorded once per object and
+    /// reason as `resource.reclaim_refused`; only then is `resource.deprovisioned` written (once
+    /// per object, with the liveness check in the same transaction), the object torn down, and
+    /// the deprovision counted after the teardown succeeded. A failed teardown is recorded once
+    /// as `resource.reclaim_failed`; calling again retries it without a second audit row.
     async fn reclaim_orphan(
         &self,
         name: &BackendName,
         cause: &DeprovisionCause,
         now: OffsetDateTime,
     ) -> Result<Deprovisioned, DeprovisionError> {
-        if let Some((_, status)) = self
+        let digest = name.digest();
+        let standing = self
             .store
-            .live_for_digest(&name.digest())
+            .orphan_standing(&digest)
+            .await
+            .map_err(DeprovisionError::Store)?;
+        if let Some(row) = standing.row.as_ref().filter(|row| row.status_is_live()) {
+            let status = row.status.map_or("unknown", ResourceStatus::as_str);
+            tracing::warn!(name = %name, status, "refusing to reclaim: a live resource owns it");
+            return Err(DeprovisionError::Live { status });
+        }
+        let facts = match self
+            .backend
+            .preflight(name)
+            .await
+            .map_err(DeprovisionError::Teardown)?
+        {
+            Preflight::Absent => return Ok(Deprovisioned::OrphanAbsent),
+            Preflight::Terminating => {
+                tracing::info!(name = %name, "the orphan is already being deleted; nothing to do");
+                return Err(DeprovisionError::BeingDeleted);
+            }
+            Preflight::Present(facts) => facts,
+        };
+        let orphan_audit = |kind| {
+            let mut event = AuditEvent::new(kind, cause.actor.clone(), now)
+                .attr("reason", cause.reason.as_str())?
+                .attr("resource_type", name.resource_type().as_str())?
+                .attr("provider_id", name.masked())?
+                .attr("token_fingerprint", digest.as_str())?
+                .attr("installation", standing.installation.to_string())?;
+            if let Some(row) = &standing.row {
+                event = event.team(row.team_id).resource(row.id);
+            }
+            if let Some(request_id) = &cause.request_id {
+                event = event.request(request_id.clone());
+            }
+            Ok(event)
+        };
+        if let Some(refusal) = ReclaimRefusal::check(&standing, &facts) {
+            tracing::warn!(name = %name, refusal = refusal.as_str(), "refusing to reclaim an orphan");
+            let audit = orphan_audit(AuditKind::ResourceReclaimRefused)
+                .and_then(|event| event.attr("refusal", refusal.as_str()))
+                .map_err(DeprovisionError::Audit)?;
+            self.store
+                .record_orphan_event(&digest, &audit)
+                .await
+                .map_err(DeprovisionError::Store)?;
+            return Err(DeprovisionError::Refused(refusal));
+        }
+        let audit =
+            orphan_audit(AuditKind::ResourceDeprovisioned).map_err(DeprovisionError::Audit)?;
+        match self
+            .store
+            .record_orphan_event(&digest, &audit)
             .await
             .map_err(DeprovisionError::Store)?
         {
-            tracing::warn!(name = %name, status = status.as_str(), "refusing to reclaim: a live resource owns it");
-            return Err(DeprovisionError::Live {
-                status: status.as_str(),
-            });
+            OrphanRecord::Written | OrphanRecord::AlreadyRecorded => {}
+            OrphanRecord::Live => {
+                tracing::warn!(name = %name, "refusing to reclaim: the token turned live");
+                return Err(DeprovisionError::Live { status: "live" });
+            }
         }
-        match self.backend.exists(name).await {
-            Ok(false) => return Ok(Deprovisioned::OrphanAbsent),
-            Ok(true) => {}
-            Err(e) => return Err(DeprovisionError::Teardown(e)),
+        if let Err(e) = self.teardown_after_audit(name, "orphan").await {
+            let failed = orphan_audit(AuditKind::ResourceReclaimFailed)
+                .and_then(|event| event.attr("error", failure_kind(&e)));
+            match failed {
+                Ok(failed) => {
+                    if let Err(store) = self.store.record_orphan_event(&digest, &failed).await {
+                        tracing::error!(name = %name, error = %ErrorChain(&store), "could not record the failed reclaim");
+                    }
+                }
+                Err(build) => {
+                    tracing::error!(name = %name, error = %build, "could not build the failed reclaim's audit row")
+                }
+            }
+            return Err(e);
         }
-        self.refuse_protected(name).await?;
-        let audit = self
-            .deprovision_audit(name, cause, now)
-            .map_err(DeprovisionError::Audit)?;
-        self.store
-            .record(&audit)
-            .await
-            .map_err(DeprovisionError::Store)?;
         self.metrics
             .deprovisioned(name.resource_type(), cause.reason);
-        self.teardown_after_audit(name, "orphan").await?;
         Ok(Deprovisioned::OrphanReclaimed)
     }
 
@@ -1027,5 +1107,22 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 .teardown_failed(name.resource_type(), TeardownStage::Deprovision);
             DeprovisionError::Teardown(e)
         })
+    }
+}
+
+/// A failed reclaim's cause as a closed value for its audit row (never backend text).
+fn failure_kind(error: &DeprovisionError) -> &'static str {
+    match error {
+        DeprovisionError::Protected | DeprovisionError::Refused(_) => "refused",
+        DeprovisionError::Teardown(BackendError::Foreign { .. }) => "foreign",
+        DeprovisionError::Teardown(BackendError::Unsupported(_)) => "unsupported",
+        DeprovisionError::Teardown(BackendError::Unavailable { .. }) => "backend_unavailable",
+        DeprovisionError::NotFound
+        | DeprovisionError::ForeignName
+        | DeprovisionError::Live { .. }
+        | DeprovisionError::Unsupported(_)
+        | DeprovisionError::Store(_)
+        | DeprovisionError::Audit(_)
+        | DeprovisionError::BeingDeleted => "other",
     }
 }

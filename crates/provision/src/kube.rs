@@ -39,6 +39,9 @@ use kube::api::{DeleteParams, PostParams, Preconditions};
 use crate::model::{BackendName, BackendObject};
 use crate::names::NamespaceName;
 use crate::ports::{Backend, BackendError, RedactedError};
+use crate::reclaim::{
+    INSTALLATION_LABEL, InstallationId, ObjectFacts, Preflight, protect_value_protects,
+};
 use crate::secret::ConnectionUrl;
 
 /// The label that marks a namespace as the platform's own.
@@ -107,6 +110,16 @@ fn is_managed(metadata: &ObjectMeta) -> bool {
         .is_some_and(|value| value == MANAGED_BY)
 }
 
+/// Whether the object carries a `keel.dev/protect` annotation that protects (any value but
+/// `false`).
+fn is_protected(metadata: &ObjectMeta) -> bool {
+    metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
+        .is_some_and(|value| protect_value_protects(value))
+}
+
 /// The namespace `name` names, or [`BackendError::Unsupported`] for a name this backend does
 /// not serve (a database, or a namespace name claiming to back a Postgres resource).
 fn namespace_of(name: &BackendName) -> Result<(&NamespaceName, ResourceType), BackendError> {
@@ -131,6 +144,7 @@ pub struct KubeNamespaceBackend {
     client: kube::Client,
     connection_base: String,
     field_manager: String,
+    installation: Option<InstallationId>,
 }
 
 impl fmt::Debug for KubeNamespaceBackend {
@@ -156,7 +170,15 @@ impl KubeNamespaceBackend {
             client,
             connection_base,
             field_manager: DEFAULT_FIELD_MANAGER.to_owned(),
+            installation: None,
         }
+    }
+
+    /// Stamps `installation` ([`INSTALLATION_LABEL`]) on every namespace it creates.
+    #[must_use]
+    pub fn with_installation(mut self, installation: InstallationId) -> Self {
+        self.installation = Some(installation);
+        self
     }
 
     /// Creates namespaces as `field_manager` instead (at most 128 characters; the API call
@@ -172,18 +194,27 @@ impl KubeNamespaceBackend {
     }
 
     /// The namespace the backend creates for `name`.
-    fn namespace(name: &NamespaceName, resource_type: ResourceType, tier: &Tier) -> Namespace {
+    fn namespace(
+        &self,
+        name: &NamespaceName,
+        resource_type: ResourceType,
+        tier: &Tier,
+    ) -> Namespace {
+        let mut labels = BTreeMap::from([
+            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+            (
+                RESOURCE_TYPE_LABEL.to_owned(),
+                resource_type.as_str().to_owned(),
+            ),
+            (TIER_LABEL.to_owned(), tier.as_str().to_owned()),
+        ]);
+        if let Some(installation) = self.installation {
+            labels.insert(INSTALLATION_LABEL.to_owned(), installation.to_string());
+        }
         Namespace {
             metadata: ObjectMeta {
                 name: Some(name.expose().to_owned()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-                    (
-                        RESOURCE_TYPE_LABEL.to_owned(),
-                        resource_type.as_str().to_owned(),
-                    ),
-                    (TIER_LABEL.to_owned(), tier.as_str().to_owned()),
-                ])),
+                labels: Some(labels),
                 ..ObjectMeta::default()
             },
             spec: None,
@@ -220,7 +251,7 @@ impl Backend for KubeNamespaceBackend {
             ..PostParams::default()
         };
         let err = match namespaces
-            .create(&params, &Self::namespace(ns, resource_type, tier))
+            .create(&params, &self.namespace(ns, resource_type, tier))
             .await
         {
             Ok(_) => {
@@ -304,6 +335,31 @@ impl Backend for KubeNamespaceBackend {
         }
     }
 
+    async fn preflight(&self, name: &BackendName) -> Result<Preflight, BackendError> {
+        let (ns, _) = namespace_of(name)?;
+        let Some(found) = self
+            .namespaces()
+            .get_metadata_opt(ns.expose())
+            .await
+            .map_err(|e| unavailable("read namespace", name, &e))?
+        else {
+            return Ok(Preflight::Absent);
+        };
+        if found.metadata.deletion_timestamp.is_some() {
+            return Ok(Preflight::Terminating);
+        }
+        Ok(Preflight::Present(ObjectFacts {
+            platform_made: is_managed(&found.metadata),
+            protected: is_protected(&found.metadata),
+            installation: found
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(INSTALLATION_LABEL))
+                .cloned(),
+        }))
+    }
+
     async fn exists(&self, name: &BackendName) -> Result<bool, BackendError> {
         let (ns, _) = namespace_of(name)?;
         let found = self
@@ -321,13 +377,7 @@ impl Backend for KubeNamespaceBackend {
             .get_metadata_opt(ns.expose())
             .await
             .map_err(|e| unavailable("read namespace", name, &e))?;
-        Ok(found.is_some_and(|ns| {
-            ns.metadata
-                .annotations
-                .as_ref()
-                .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
-                .is_some_and(|value| value == "true")
-        }))
+        Ok(found.is_some_and(|ns| is_protected(&ns.metadata)))
     }
 }
 

@@ -47,6 +47,7 @@ mod names;
 mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod reclaim;
 #[cfg(feature = "postgres")]
 pub mod scram;
 mod secret;
@@ -71,5 +72,9 @@ pub use names::{
 };
 pub use ports::{
     Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
+};
+pub use reclaim::{
+    INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,
+    Preflight, ReclaimRefusal, Stamp, protect_value_protects,
 };
 pub use secret::{ConnectionUrl, Password};

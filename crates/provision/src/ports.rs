@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::TokenDigest;
+use crate::reclaim::{ObjectFacts, OrphanRecord, OrphanStanding, Preflight};
 
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,35 @@ pub trait ResourceStore: Send + Sync {
         &self,
         digest: &TokenDigest,
     ) -> impl Future<Output = Result<Option<(ResourceId, ResourceStatus)>, StoreError>> + Send;
+
+    /// The orphan reclaim's fresh read of the platform database for the token with `digest`:
+    /// this installation's id, its newest row for the token (any status) and whether the token
+    /// is protected by the platform. A store that cannot answer fails the reclaim (the default),
+    /// so nothing is reclaimed on a guess.
+    fn orphan_standing(
+        &self,
+        digest: &TokenDigest,
+    ) -> impl Future<Output = Result<OrphanStanding, StoreError>> + Send {
+        let _ = digest;
+        async {
+            Err(StoreError::unavailable(
+                "read an orphan's standing",
+                RedactedError::new("this store does not hold installation or ownership records"),
+            ))
+        }
+    }
+
+    /// Records `audit` about the orphan with `digest` at most once per audit kind (an object is
+    /// never audited twice for the same thing) and only while no live row owns the token, both
+    /// checked in the transaction that writes it. The default writes it unconditionally.
+    fn record_orphan_event(
+        &self,
+        digest: &TokenDigest,
+        audit: &AuditEvent,
+    ) -> impl Future<Output = Result<OrphanRecord, StoreError>> + Send {
+        let _ = digest;
+        async move { self.record(audit).await.map(|()| OrphanRecord::Written) }
+    }
 }
 
 /// What [`ResourceStore::abandon`] found.
@@ -212,6 +242,25 @@ pub trait Backend: Send + Sync {
         &self,
         name: &BackendName,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Everything the orphan reclaim must know about the object before it writes an audit row:
+    /// whether it exists or is already being deleted, and its ownership and protection marks.
+    /// The default asks [`Backend::exists`] and [`Backend::protected`] and knows no stamp.
+    fn preflight(
+        &self,
+        name: &BackendName,
+    ) -> impl Future<Output = Result<Preflight, BackendError>> + Send {
+        async move {
+            if !self.exists(name).await? {
+                return Ok(Preflight::Absent);
+            }
+            Ok(Preflight::Present(ObjectFacts {
+                platform_made: true,
+                protected: self.protected(name).await?,
+                installation: None,
+            }))
+        }
+    }
 }
 
 /// An adapter's error kept only as text, with the customer token masked and no source attached

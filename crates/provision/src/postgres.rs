@@ -44,6 +44,10 @@ use crate::names::{DatabaseName, RoleName, TokenDigest};
 use crate::ports::{
     Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
 };
+use crate::reclaim::{
+    INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,
+    Preflight, protect_value_protects,
+};
 use crate::scram::{ITERATIONS, Verifier};
 use crate::secret::{ConnectionUrl, Password};
 
@@ -309,6 +313,92 @@ impl ResourceStore for PgResourceStore {
             ResourceStatus::parse(&status).map(|status| (ResourceId::from_uuid(id), status))
         }))
     }
+
+    async fn orphan_standing(&self, digest: &TokenDigest) -> Result<OrphanStanding, StoreError> {
+        let op = "read an orphan's standing";
+        // One statement: the installation, the newest row for the token (any status: a row
+        // proves this installation made the object) and the platform's protection.
+        let (installation, id, team_id, status, protected): (
+            uuid::Uuid,
+            Option<uuid::Uuid>,
+            Option<uuid::Uuid>,
+            Option<String>,
+            bool,
+        ) = sqlx::query_as(
+            "SELECT i.id, r.id, r.team_id, r.status, \
+                    EXISTS (SELECT 1 FROM reclaim_protections p WHERE p.token_digest = $1) \
+               FROM keel_installation i \
+               LEFT JOIN LATERAL ( \
+                    SELECT id, team_id, status FROM resources \
+                     WHERE token_digest = $1 \
+                     ORDER BY (status NOT IN ('deleted', 'failed')) DESC, created_at DESC \
+                     LIMIT 1) r ON true",
+        )
+        .bind(digest.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        let row = match (id, team_id) {
+            (Some(id), Some(team_id)) => Some(OwnerRow {
+                id: ResourceId::from_uuid(id),
+                team_id: TeamId::from_uuid(team_id),
+                status: status.as_deref().and_then(ResourceStatus::parse),
+            }),
+            (None, _) | (_, None) => None,
+        };
+        Ok(OrphanStanding {
+            installation: InstallationId::from_uuid(installation),
+            row,
+            protected,
+        })
+    }
+
+    async fn record_orphan_event(
+        &self,
+        digest: &TokenDigest,
+        audit: &AuditEvent,
+    ) -> Result<OrphanRecord, StoreError> {
+        let op = "record an orphan's audit row";
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        // Serialises every writer about this object (and any revival, which the status trigger
+        // refuses anyway) until the row commits.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('keel-orphan:' || $1, 0))")
+            .bind(digest.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        let (live, recorded): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM resources \
+                             WHERE token_digest = $1 AND status NOT IN ('deleted', 'failed')), \
+                    EXISTS (SELECT 1 FROM audit_events \
+                             WHERE kind = $2 AND attributes->>'token_fingerprint' = $1 \
+                               AND attributes->>'refusal' IS NOT DISTINCT FROM $3)",
+        )
+        .bind(digest.as_str())
+        .bind(audit.kind().as_str())
+        .bind(audit.attributes().get("refusal"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        let kind_is_teardown = audit.kind() == keel_audit::AuditKind::ResourceDeprovisioned;
+        if live && kind_is_teardown {
+            return Ok(OrphanRecord::Live);
+        }
+        if recorded {
+            return Ok(OrphanRecord::AlreadyRecorded);
+        }
+        keel_audit::postgres::insert(&mut tx, audit)
+            .await
+            .map_err(audit_error)?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::unavailable(op, e))?;
+        Ok(OrphanRecord::Written)
+    }
 }
 
 fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreError> {
@@ -478,6 +568,16 @@ pub struct PgClusterBackend {
     public: PublicAddress,
     tiers: TierRoleSettings,
     sslmode: SslMode,
+    installation: Option<InstallationId>,
+}
+
+/// This installation's id, from its platform database (`keel_installation`, created once by the
+/// migrations).
+pub async fn installation_id(pool: &PgPool) -> Result<InstallationId, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM keel_installation")
+        .fetch_one(pool)
+        .await
+        .map(InstallationId::from_uuid)
 }
 
 /// How long the backend waits for an admin connection before failing the step.
@@ -517,7 +617,15 @@ impl PgClusterBackend {
             public,
             tiers: TierRoleSettings::standard(),
             sslmode: SslMode::Prefer,
+            installation: None,
         }
+    }
+
+    /// The same backend stamping `installation` ([`INSTALLATION_LABEL`]) on every database it
+    /// creates ([`installation_id`] reads it from the platform database).
+    pub fn with_installation(mut self, installation: InstallationId) -> Self {
+        self.installation = Some(installation);
+        self
     }
 
     /// The same backend applying `tiers` to the roles it creates.
@@ -667,7 +775,7 @@ impl PgClusterBackend {
                 }
             }
         }
-        let comment = database_comment(tier);
+        let comment = database_comment(tier, self.installation);
         // Only the owner role may connect or create temporary tables: no other tenant.
         let finish = format!(
             "REVOKE ALL ON DATABASE {db_ident} FROM PUBLIC; \
@@ -702,13 +810,17 @@ fn generate_password() -> Password {
     Password::new(hex)
 }
 
-fn database_comment(tier: &Tier) -> String {
+fn database_comment(tier: &Tier, installation: Option<InstallationId>) -> String {
     let created_at = OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default();
-    // Tiers are [a-z0-9_-]; the timestamp is RFC 3339: no JSON escaping is needed.
+    // Tiers are [a-z0-9_-]; the timestamp is RFC 3339 and the installation a hyphenated UUID:
+    // no JSON escaping is needed.
+    let stamp = installation
+        .map(|id| format!(",\"{INSTALLATION_LABEL}\":\"{id}\""))
+        .unwrap_or_default();
     format!(
-        "{{\"labels\":{{\"{}\":\"keel\",\"{}\":\"postgres\",\"keel.dev/tier\":\"{}\"}},\
+        "{{\"labels\":{{\"{}\":\"keel\",\"{}\":\"postgres\",\"keel.dev/tier\":\"{}\"{stamp}}},\
           \"annotations\":{{\"{}\":\"{created_at}\"}}}}",
         comment_keys::MANAGED_BY,
         comment_keys::RESOURCE_TYPE,
@@ -717,8 +829,9 @@ fn database_comment(tier: &Tier) -> String {
     )
 }
 
-/// Whether a database `COMMENT` (a JSON document) carries `keel.dev/protect: "true"` among its
-/// annotations (or labels). Anything unparsable is not protected by this mark.
+/// The `keel.dev/protect` mark of a database `COMMENT` (a JSON document), among its annotations
+/// or labels: any value but `false` protects ([`protect_value_protects`]). Unparsable JSON carries
+/// no mark.
 fn is_protected(comment: &str) -> bool {
     let Ok(doc) = serde_json::from_str::<serde_json::Value>(comment) else {
         return false;
@@ -726,9 +839,18 @@ fn is_protected(comment: &str) -> bool {
     ["annotations", "labels"].iter().any(|section| {
         doc.get(section)
             .and_then(|s| s.get(comment_keys::PROTECT))
-            .and_then(|v| v.as_str())
-            == Some("true")
+            .is_some_and(|v| v.as_str().is_none_or(protect_value_protects))
     })
+}
+
+/// A database COMMENT's string label `key`.
+fn comment_label(comment: &str, key: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(comment)
+        .ok()?
+        .get("labels")?
+        .get(key)?
+        .as_str()
+        .map(str::to_owned)
 }
 
 fn database_of(name: &BackendName) -> Result<&DatabaseName, BackendError> {
@@ -790,6 +912,29 @@ impl Backend for PgClusterBackend {
         .await
         .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
         Ok(comment.flatten().is_some_and(|text| is_protected(&text)))
+    }
+
+    async fn preflight(&self, name: &BackendName) -> Result<Preflight, BackendError> {
+        let db = database_of(name)?;
+        let role = RoleName::for_database(db);
+        let found: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT pg_get_userbyid(datdba)::text, shobj_description(oid, 'pg_database') \
+               FROM pg_database WHERE datname = $1",
+        )
+        .bind(db.expose())
+        .fetch_optional(&self.admin)
+        .await
+        .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
+        let Some((owner, comment)) = found else {
+            return Ok(Preflight::Absent);
+        };
+        let comment = comment.unwrap_or_default();
+        Ok(Preflight::Present(ObjectFacts {
+            platform_made: owner == role.expose()
+                && comment_label(&comment, comment_keys::MANAGED_BY).as_deref() == Some("keel"),
+            protected: is_protected(&comment),
+            installation: comment_label(&comment, INSTALLATION_LABEL),
+        }))
     }
 
     async fn exists(&self, name: &BackendName) -> Result<bool, BackendError> {

@@ -132,11 +132,14 @@ async fn a_missing_resource_is_not_found() {
 #[tokio::test]
 async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
     let h = harness().await;
-    let backend = h.provisioner.backend().inner();
-    let tier = keel_audit::Tier::parse("pro").unwrap();
-    // An orphan: a database with no row at all.
-    let orphan = BackendName::for_resource(ResourceType::Postgres, &new_token());
-    backend.create(&orphan, &tier).await.unwrap();
+    // An orphan: a database whose row (this installation's proof of ownership) is deleted.
+    let dead = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let orphan = BackendName::for_resource(ResourceType::Postgres, dead.token());
+    sqlx::query("UPDATE resources SET status = 'deleted', deleted_at = now() WHERE id = $1")
+        .bind(dead.id().as_uuid())
+        .execute(h.db.pool())
+        .await
+        .unwrap();
     let reclaim = cause(DeprovisionReason::Orphan);
     let reclaimed = h
         .provisioner
@@ -145,11 +148,11 @@ async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
     assert_eq!(reclaimed.unwrap(), Deprovisioned::OrphanReclaimed);
     assert!(!h.object_exists(&orphan).await);
     let audit = h.audit().await;
-    assert_eq!(audit.len(), 1);
-    assert_eq!(audit[0].kind(), AuditKind::ResourceDeprovisioned);
-    assert_eq!(audit[0].attributes().get("reason"), Some("orphan"));
+    assert_eq!(audit.len(), 2);
+    assert_eq!(audit[1].kind(), AuditKind::ResourceDeprovisioned);
+    assert_eq!(audit[1].attributes().get("reason"), Some("orphan"));
     assert_eq!(
-        audit[0].attributes().get("provider_id"),
+        audit[1].attributes().get("provider_id"),
         Some(orphan.masked().as_str())
     );
     let again = h
@@ -157,7 +160,7 @@ async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
         .deprovision(DeprovisionTarget::Orphan(orphan), &reclaim, NOW)
         .await;
     assert_eq!(again.unwrap(), Deprovisioned::OrphanAbsent);
-    assert_eq!(h.audit().await.len(), 1, "nothing to audit the second time");
+    assert_eq!(h.audit().await.len(), 2, "nothing to audit the second time");
 
     // A live resource's database, presented as an orphan, is refused.
     let live = h.provisioner.provision(h.request(), NOW).await.unwrap();

@@ -10,9 +10,8 @@ use keel_provision::postgres::{
     PgClusterBackend, PgResourceStore, PrivilegeError, isolate_platform_database,
 };
 use keel_provision::{
-    Backend as _, BackendName, DeprovisionCause, DeprovisionError, DeprovisionReason,
-    DeprovisionTarget, ErrorCode, ProvisionMetrics, Provisioner, RowResult, TeardownResult,
-    new_token,
+    BackendName, DeprovisionCause, DeprovisionError, DeprovisionReason, DeprovisionTarget,
+    ErrorCode, ProvisionMetrics, Provisioner, RowResult, TeardownResult, new_token,
 };
 use prometheus_client::registry::Registry;
 use sqlx::Connection as _;
@@ -186,25 +185,45 @@ async fn deprovision_refuses_a_protected_object_on_every_path() {
     assert!(h.object_exists(&name).await);
     assert_eq!(h.audit_kinds().await, [AuditKind::ProvisionCreated]);
 
-    let orphan = BackendName::for_resource(ResourceType::Postgres, &new_token());
-    h.provisioner
-        .backend()
-        .inner()
-        .create(&orphan, &Tier::parse("pro").unwrap())
-        .await
-        .unwrap();
-    sqlx::raw_sql(protect(&orphan))
+    // An orphan (its row deleted) whose mark protects it: refused before any deprovision row,
+    // and the refusal recorded as such.
+    let dead = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let orphan = BackendName::for_resource(ResourceType::Postgres, dead.token());
+    sqlx::query("UPDATE resources SET status = 'deleted', deleted_at = now() WHERE id = $1")
+        .bind(dead.id().as_uuid())
         .execute(h.db.pool())
         .await
         .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "COMMENT ON DATABASE \"{}\" IS '{{\"labels\":{{\"app.kubernetes.io/managed-by\":\"keel\"}},\
+         \"annotations\":{{\"keel.dev/protect\":\"true\"}}}}'",
+        orphan.expose()
+    )))
+    .execute(h.db.pool())
+    .await
+    .unwrap();
     let err = h
         .provisioner
         .deprovision(DeprovisionTarget::Orphan(orphan.clone()), &operator(), NOW)
         .await
         .unwrap_err();
-    assert!(matches!(err, DeprovisionError::Protected), "{err}");
+    assert!(
+        matches!(
+            err,
+            DeprovisionError::Refused(keel_provision::ReclaimRefusal::Protected)
+        ),
+        "{err}"
+    );
+    assert_eq!(err.code(), ErrorCode::ResourceProtected);
     assert!(h.object_exists(&orphan).await);
-    assert_eq!(h.audit_kinds().await, [AuditKind::ProvisionCreated]);
+    assert_eq!(
+        h.audit_kinds().await,
+        [
+            AuditKind::ProvisionCreated,
+            AuditKind::ProvisionCreated,
+            AuditKind::ResourceReclaimRefused
+        ]
+    );
 }
 
 /// PROV-16: a deployment without a backend for the resource's type refuses the DELETE before

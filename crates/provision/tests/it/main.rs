@@ -4,6 +4,7 @@
 mod deprovision;
 mod hardening;
 mod matrix;
+mod orphan;
 mod secrets;
 mod steps;
 
