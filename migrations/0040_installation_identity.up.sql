@@ -1,4 +1,4 @@
--- This installation's identity: one row, created once, never changed. keel-provision stamps it
+-- This installation's identity: one row, created once (on first use), never changed. keel-provision stamps it
 -- on every backend object it creates (the database COMMENT's and the namespace's
 -- `keel.dev/installation` label), and the orphan sweep and the deprovision chokepoint reclaim an
 -- object only when this platform database holds a resources row for its token (any status) and
@@ -11,7 +11,25 @@ CREATE TABLE keel_installation (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO keel_installation DEFAULT VALUES;
+-- The id is created on first use, not here, so a database copied from a migrated template gets
+-- its own id when it first serves an installation (a copy of a database already in use keeps
+-- the original's id: restore a backup for another installation only after replacing the row).
+CREATE FUNCTION keel_installation_id() RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    found uuid;
+BEGIN
+    SELECT id INTO found FROM keel_installation;
+    IF found IS NULL THEN
+        INSERT INTO keel_installation DEFAULT VALUES ON CONFLICT DO NOTHING;
+        SELECT id INTO found FROM keel_installation;
+    END IF;
+    RETURN found;
+END;
+$$;
+
+COMMENT ON FUNCTION keel_installation_id() IS
+    'This installation''s id, created on first use and never changed.';
 
 CREATE FUNCTION keel_installation_refuse_change() RETURNS trigger
 LANGUAGE plpgsql AS $$

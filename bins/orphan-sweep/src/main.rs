@@ -2,10 +2,12 @@
 //! resource owns) and, only behind a second gate, reclaims orphans through keel-provision's
 //! audited deprovision chokepoint.
 //!
-//! Both gates default off: `ORPHAN_DB_SWEEP_ENABLED` (off: every tick is a DEBUG no-op) and
-//! `ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED`. Hourly by default; no tick at start-up unless
-//! `--run-on-start`; `--once` for a CronJob. Replicas take a Postgres advisory lock per tick, so
-//! a tick runs once however many replicas there are.
+//! Both gates default off: `ORPHAN_DB_SWEEP_ENABLED` (off: every tick is a DEBUG no-op, and no
+//! database or Kubernetes client is even built) and `ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED`. Hourly
+//! by default; no tick at start-up unless `--run-on-start`; `--once` for a CronJob scheduled at
+//! the same interval. Each period is claimed once in the platform database (by its clock), so a
+//! period's tick runs once however many replicas or CronJob runs there are; the burn-in lives
+//! there too.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, TickLock};
+use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, PgSweepState};
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, Reclaimer, SweepConfig, SweepMetrics, Sweeper, TickReport,
 };
@@ -23,15 +25,27 @@ use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{Backend, ProvisionMetrics, Provisioner};
 use keel_service::cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs};
 use prometheus_client::registry::Registry;
-use sqlx::postgres::PgConnectOptions;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0   success (with --once: the tick ran, was disabled, or another replica held the lock)
+  0   success (with --once: the tick ran cleanly, or the sweep is disabled)
   1   error (configuration, database; with --once: the tick failed and found zero candidates)
+  2   with --once: the tick ran but needs attention (a reclaim failed or was refused, or the
+      circuit breaker held reclaims back)
+  3   with --once: skipped, this period was already claimed (by another replica or run)
   64  usage error";
+
+/// `--once`: the tick ran but needs attention.
+const EXIT_ATTENTION: u8 = 2;
+/// `--once`: the period was already claimed.
+const EXIT_SKIPPED: u8 = 3;
+
+/// The shortest grace window accepted: objects younger than this are never candidates.
+const MIN_GRACE: Duration = Duration::from_secs(10 * 60);
+/// The shortest interval (period) accepted.
+const MIN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Detects orphaned customer backends (audit-only by default); reclaims only through the audited
 /// deprovision chokepoint.
@@ -68,7 +82,7 @@ enum InventoryKind {
 enum Output {
     /// Log lines only.
     Text,
-    /// Also print each tick's review list as one JSON document on stdout.
+    /// Also print each tick's report (with the review list) as one JSON line on stdout (NDJSON).
     Json,
 }
 
@@ -77,17 +91,35 @@ struct SweepArgs {
     /// Postgres connection URL of the platform database. Never logged.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     database_url: Option<DatabaseUrl>,
-    /// Master gate: off makes every tick a DEBUG no-op (no list, no database read, no metric).
-    #[arg(long, env = "ORPHAN_DB_SWEEP_ENABLED")]
+    /// Master gate: off makes every tick a DEBUG no-op (no list, no database read, no metric,
+    /// no database or Kubernetes client at all). Accepts true/false, 1/0, yes/no, on/off.
+    #[arg(
+        long,
+        env = "ORPHAN_DB_SWEEP_ENABLED",
+        value_parser = parse_enabled,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
     enabled: bool,
     /// Destructive gate: reclaim confirmed orphans through the audited chokepoint. Meaningless
-    /// unless --enabled is on too.
-    #[arg(long, env = "ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED")]
+    /// unless --enabled is on too. Accepts true/false, 1/0, yes/no, on/off.
+    #[arg(
+        long,
+        env = "ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED",
+        value_parser = parse_destructive,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
     destructive: bool,
     /// Which inventory to sweep.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INVENTORY", value_enum, default_value_t = InventoryKind::Kubernetes)]
     inventory: InventoryKind,
-    /// Time between ticks, e.g. 1h, 30m, 90s, 1h30m, 1d (at most 30 days).
+    /// Time between ticks, and the period each tick is claimed for (at least 1m, at most 30
+    /// days), e.g. 1h, 30m, 1h30m, 1d. A CronJob running --once must be scheduled at this interval.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     interval: Duration,
     /// Run a tick at start-up instead of waiting one interval.
@@ -96,17 +128,22 @@ struct SweepArgs {
     /// Run one tick and exit (for a CronJob).
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_ONCE")]
     once: bool,
-    /// How old an object must be before it can be a candidate, e.g. 1h, 1d (at most 30 days).
+    /// How old an object must be before it can be a candidate (at least 10m), e.g. 1h, 1d.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_GRACE", default_value = "1h", value_parser = parse_duration)]
     grace: Duration,
-    /// Consecutive ticks a candidate must be seen in before it may be reclaimed.
+    /// Consecutive periods a candidate must be seen reclaimable in before it may be reclaimed.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_CONFIRM_TICKS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     confirm_ticks: u32,
-    /// Most reclaims per tick; more aborts every reclaim of the tick.
+    /// How long a candidate must have been seen reclaimable, without a break, before it may be
+    /// reclaimed (with --confirm-ticks, both must hold), e.g. 2h.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_BURN_IN", default_value = "2h", value_parser = parse_duration)]
+    burn_in: Duration,
+    /// Rate limit: most reclaims per tick, oldest first; the rest wait for the next tick.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_RECLAIMS", default_value_t = 5)]
     max_reclaims: usize,
-    /// Most reclaims per tick as a fraction of the inventory (0 to 1, rounded up).
-    #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_FRACTION", default_value_t = 0.10, value_parser = parse_fraction)]
+    /// Circuit breaker: when more than this fraction (0 to 1) of this installation's inventory
+    /// is confirmed orphaned at once, nothing is reclaimed that tick.
+    #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_FRACTION", default_value_t = 0.5, value_parser = parse_fraction, allow_negative_numbers = true)]
     max_fraction: f64,
     /// Admin URL of the shared Postgres cluster (the `postgres` inventory and its reclaims).
     /// Default: the platform database's server. Never logged.
@@ -192,10 +229,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
+    match s.trim().parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        Ok(_) | Err(_) => Err("expected a fraction between 0 and 1, e.g. 0.1".to_owned()),
+        Ok(_) | Err(_) => Err("expected a fraction between 0 and 1, e.g. 0.5".to_owned()),
     }
+}
+
+/// A gate's value: true/false, 1/0, yes/no, on/off (any case); anything else names the flag and
+/// its variable.
+fn parse_gate(s: &str, flag: &str, env: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "expected true or false (also 1/0, yes/no, on/off) for {flag} or {env}"
+        )),
+    }
+}
+
+fn parse_enabled(s: &str) -> Result<bool, String> {
+    parse_gate(s, "--enabled", "ORPHAN_DB_SWEEP_ENABLED")
+}
+
+fn parse_destructive(s: &str) -> Result<bool, String> {
+    parse_gate(s, "--destructive", "ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED")
 }
 
 impl SweepArgs {
@@ -204,10 +261,24 @@ impl SweepArgs {
             enabled: self.enabled,
             destructive: self.destructive,
             grace: self.grace,
+            interval: self.interval,
             confirm_ticks: self.confirm_ticks,
+            burn_in: self.burn_in,
             max_reclaims: self.max_reclaims,
             max_fraction: self.max_fraction,
+            ..SweepConfig::default()
         }
+    }
+
+    /// The floors no flag may go under.
+    fn check_floors(&self) -> Result<(), String> {
+        if self.grace < MIN_GRACE {
+            return Err("--grace (KEEL_ORPHAN_SWEEP_GRACE) must be at least 10m".to_owned());
+        }
+        if self.interval < MIN_INTERVAL {
+            return Err("--interval (KEEL_ORPHAN_SWEEP_INTERVAL) must be at least 1m".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -239,6 +310,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Err(e) = args.check_floors() {
+        eprintln!("error: {e}\n\n{EXIT_CODES}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if !args.enabled {
+        // The master gate is off: no database, no Kubernetes client, nothing to read.
+        return keel_service::run(&cli.log, async move { disabled(args).await });
+    }
     let Some(database_url) = args.database_url.clone() else {
         eprintln!("error: no database: pass --database-url or set DATABASE_URL\n\n{EXIT_CODES}");
         return ExitCode::from(EXIT_USAGE);
@@ -257,6 +336,25 @@ fn main() -> ExitCode {
     )
 }
 
+/// The sweep with its master gate off: no client is built and nothing is read; the metrics say
+/// it is disabled.
+async fn disabled(args: SweepArgs) -> anyhow::Result<ExitCode> {
+    tracing::info!("orphan sweep disabled (ORPHAN_DB_SWEEP_ENABLED is off): nothing is read");
+    if args.once {
+        print_report(&args, &TickReport::Disabled)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut registry = Registry::default();
+    let _metrics = SweepMetrics::register(&mut registry);
+    let shutdown =
+        keel_service::shutdown::on_signal().context("could not install signal handlers")?;
+    let listener = keel_service::http::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    keel_service::http::serve(listener, Arc::new(registry), shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn sweep(
     args: SweepArgs,
     database_url: DatabaseUrl,
@@ -268,7 +366,6 @@ async fn sweep(
         );
     }
     let db = DatabaseArgs { database_url };
-    let lock_options = db.database_url.connect_options()?;
     let pool = keel_service::connect(&db, "keel-orphan-sweep", 4).await?;
     let cluster = args
         .cluster_database_url
@@ -278,6 +375,7 @@ async fn sweep(
     let mut registry = Registry::default();
     let metrics = SweepMetrics::register(&mut registry);
     let live = PgLiveTokens::new(pool.clone());
+    let state = PgSweepState::new(pool.clone(), holder_name());
     let store = PgResourceStore::new(pool.clone());
     let provision_metrics = ProvisionMetrics::register(&mut registry);
     let config = args.config();
@@ -288,8 +386,8 @@ async fn sweep(
             let backend = PgClusterBackend::new(cluster, None, 2);
             let inventory = PgDatabaseInventory::new(backend.admin_pool().clone());
             let reclaimer = reclaimer(&config, store, backend, provision_metrics);
-            let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
-            drive(sweeper, &args, &lock_options, registry, readiness).await
+            let sweeper = Sweeper::new(inventory, live, reclaimer, state, config, metrics, key);
+            drive(sweeper, &args, registry, readiness).await
         }
         InventoryKind::Kubernetes => {
             let client = kube::Client::try_default()
@@ -298,10 +396,18 @@ async fn sweep(
             let inventory = keel_orphan_sweep::kube::KubeNamespaceInventory::new(client.clone());
             let backend = KubeNamespaceBackend::new(client, "https://kubernetes.default.svc");
             let reclaimer = reclaimer(&config, store, backend, provision_metrics);
-            let sweeper = Sweeper::new(inventory, live, reclaimer, config, metrics, key);
-            drive(sweeper, &args, &lock_options, registry, readiness).await
+            let sweeper = Sweeper::new(inventory, live, reclaimer, state, config, metrics, key);
+            drive(sweeper, &args, registry, readiness).await
         }
     }
+}
+
+/// Who claims periods, for operators reading `orphan_sweep_periods` (the pod's host name).
+fn holder_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "keel-orphan-sweep".to_owned())
 }
 
 /// The chokepoint, wired only when both gates are on.
@@ -314,10 +420,19 @@ fn reclaimer<B: Backend>(
     (config.enabled && config.destructive).then(|| Provisioner::new(store, backend, metrics))
 }
 
+/// The exit code of a `--once` run.
+fn once_exit_code(report: &TickReport) -> ExitCode {
+    match report {
+        TickReport::Failed { .. } => ExitCode::FAILURE,
+        TickReport::Skipped { .. } => ExitCode::from(EXIT_SKIPPED),
+        TickReport::Swept { .. } if report.needs_attention() => ExitCode::from(EXIT_ATTENTION),
+        TickReport::Swept { .. } | TickReport::Disabled => ExitCode::SUCCESS,
+    }
+}
+
 async fn drive<I: Inventory, R: Reclaimer>(
-    mut sweeper: Sweeper<I, PgLiveTokens, R>,
+    mut sweeper: Sweeper<I, PgLiveTokens, R, PgSweepState>,
     args: &SweepArgs,
-    lock_options: &PgConnectOptions,
     registry: Arc<Registry>,
     readiness: keel_service::http::Readiness,
 ) -> anyhow::Result<ExitCode> {
@@ -328,15 +443,20 @@ async fn drive<I: Inventory, R: Reclaimer>(
         inventory = ?args.inventory,
         "orphan sweep starting"
     );
-    if args.once {
-        let report = tick(&mut sweeper, args, lock_options).await?;
-        return Ok(match report {
-            Some(TickReport::Failed { .. }) => ExitCode::FAILURE,
-            Some(TickReport::Swept { .. } | TickReport::Disabled) | None => ExitCode::SUCCESS,
-        });
-    }
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
+    // A shutdown stops a running tick before its next reclaim.
+    let stop = sweeper.stop_flag();
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    if args.once {
+        let report = sweeper.tick(OffsetDateTime::now_utc()).await;
+        print_report(args, &report)?;
+        return Ok(once_exit_code(&report));
+    }
     let listener = keel_service::http::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
@@ -346,16 +466,15 @@ async fn drive<I: Inventory, R: Reclaimer>(
         readiness,
         shutdown.clone(),
     ));
-    run_loop(&mut sweeper, args, lock_options, &shutdown).await?;
+    run_loop(&mut sweeper, args, &shutdown).await?;
     ops.await.context("the metrics listener panicked")??;
     tracing::info!("orphan sweep stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 async fn run_loop<I: Inventory, R: Reclaimer>(
-    sweeper: &mut Sweeper<I, PgLiveTokens, R>,
+    sweeper: &mut Sweeper<I, PgLiveTokens, R, PgSweepState>,
     args: &SweepArgs,
-    lock_options: &PgConnectOptions,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let start = if args.run_on_start {
@@ -363,46 +482,25 @@ async fn run_loop<I: Inventory, R: Reclaimer>(
     } else {
         tokio::time::Instant::now() + args.interval
     };
-    let mut ticks = tokio::time::interval_at(start, args.interval.max(Duration::from_secs(1)));
+    let mut ticks = tokio::time::interval_at(start, args.interval.max(MIN_INTERVAL));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = ticks.tick() => {
-                if let Err(e) = tick(sweeper, args, lock_options).await {
-                    tracing::warn!(error = format!("{e:#}"), "orphan sweep tick could not run");
-                }
+                let report = sweeper.tick(OffsetDateTime::now_utc()).await;
+                print_report(args, &report)?;
             }
         }
     }
 }
 
-/// One tick under the single-flight lock; `None` when skipped (another replica holds the lock).
-async fn tick<I: Inventory, R: Reclaimer>(
-    sweeper: &mut Sweeper<I, PgLiveTokens, R>,
-    args: &SweepArgs,
-    lock_options: &PgConnectOptions,
-) -> anyhow::Result<Option<TickReport>> {
-    if !args.enabled {
-        // No lock either: with the master gate off a tick reads nothing at all.
-        let report = sweeper.tick(OffsetDateTime::now_utc()).await;
-        return Ok(Some(report));
-    }
-    let Some(lock) = TickLock::try_acquire(lock_options)
-        .await
-        .context("could not take the single-flight lock")?
-    else {
-        tracing::debug!("another replica holds the orphan sweep lock: tick skipped");
-        return Ok(None);
-    };
-    let report = sweeper.tick(OffsetDateTime::now_utc()).await;
-    if let Err(e) = lock.release().await {
-        tracing::warn!(error = %e, "could not release the single-flight lock (it goes with the connection)");
-    }
+/// With `--output json`, one compact JSON line per tick on stdout (NDJSON), whatever its outcome.
+fn print_report(args: &SweepArgs, report: &TickReport) -> anyhow::Result<()> {
     if args.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string(report)?);
     }
-    Ok(Some(report))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -549,6 +647,120 @@ mod tests {
         let sweep = listen_of(&Cli::command());
         assert_ne!(runner.0, sweep.0, "the same listen variable");
         assert_ne!(runner.1, sweep.1, "the same default address");
+    }
+
+    fn parse_args(args: &[&str]) -> Result<Cli, keel_service::cli::UsageExit> {
+        let mut line = vec!["keel-orphan-sweep"];
+        line.extend(args);
+        keel_service::cli::try_parse_from::<Cli, _, _>(line)
+    }
+
+    /// SWEEP-11: the gates accept the seed's spellings (Go's ParseBool: 1, TRUE, ...), and a bad
+    /// value names the flag and its variable.
+    #[test]
+    fn gates_accept_common_spellings_and_name_the_variable_on_error() {
+        for (value, expected) in [
+            ("true", true),
+            ("TRUE", true),
+            ("1", true),
+            ("yes", true),
+            ("on", true),
+            ("false", false),
+            ("0", false),
+            ("No", false),
+            ("off", false),
+        ] {
+            let cli = parse_args(&["--enabled", value, "--destructive", value]).unwrap();
+            assert_eq!(
+                (cli.sweep.enabled, cli.sweep.destructive),
+                (expected, expected),
+                "{value}"
+            );
+        }
+        assert!(parse_args(&["--enabled"]).unwrap().sweep.enabled);
+        for value in ["maybe", "2", "tru"] {
+            let err = parse_args(&["--enabled", value]).err().unwrap();
+            assert_eq!(err.code, EXIT_USAGE);
+            assert!(
+                err.message.contains("ORPHAN_DB_SWEEP_ENABLED"),
+                "{}",
+                err.message
+            );
+        }
+        let err = parse_args(&["--max-fraction", "-0.1"]).err().unwrap();
+        assert!(err.message.contains("between 0 and 1"), "{}", err.message);
+    }
+
+    /// SWEEP-11: no grace window under 10 minutes, no interval under a minute.
+    #[test]
+    fn grace_and_interval_have_floors() {
+        for args in [
+            ["--grace", "0"],
+            ["--grace", "5m"],
+            ["--interval", "0"],
+            ["--interval", "1s"],
+        ] {
+            let cli = parse_args(&args).unwrap();
+            assert!(cli.sweep.check_floors().is_err(), "{args:?}");
+        }
+        let cli = parse_args(&["--grace", "10m", "--interval", "1m"]).unwrap();
+        assert!(cli.sweep.check_floors().is_ok());
+    }
+
+    /// SWEEP-5, SWEEP-11: `--once` says what happened: skipped (3), needs attention (2), failed
+    /// (1), fine (0).
+    #[test]
+    fn a_skipped_once_run_exits_3_and_one_needing_attention_exits_2() {
+        use keel_orphan_sweep::{Action, Blocker, CandidateView};
+        let code = |report: &TickReport| format!("{:?}", once_exit_code(report));
+        let exit = |n: u8| format!("{:?}", ExitCode::from(n));
+        assert_eq!(
+            code(&TickReport::Skipped { period: None }),
+            exit(EXIT_SKIPPED)
+        );
+        assert_eq!(code(&TickReport::Failed { stage: "list" }), exit(1));
+        assert_eq!(code(&TickReport::Disabled), exit(0));
+        let view = |action: Action, blocked_by: Option<Blocker>| CandidateView {
+            kind: "customer_database",
+            name_masked: "cust_abcd…".into(),
+            fingerprint: None,
+            age_seconds: 7200,
+            protected: false,
+            managed: true,
+            owned: true,
+            seen_ticks: 3,
+            would_reclaim: blocked_by.is_none(),
+            blocked_by,
+            action,
+        };
+        let swept = |candidates| TickReport::Swept {
+            period: 1,
+            inventory: 3,
+            armed: true,
+            candidates,
+        };
+        assert_eq!(code(&swept(vec![view(Action::Reclaimed, None)])), exit(0));
+        assert_eq!(
+            code(&swept(vec![view(Action::Reported, Some(Blocker::BurnIn))])),
+            exit(0)
+        );
+        for attention in [
+            view(Action::Failed, None),
+            view(Action::Refused, None),
+            view(Action::AbortedByCap, Some(Blocker::Breaker)),
+        ] {
+            assert_eq!(code(&swept(vec![attention])), exit(EXIT_ATTENTION));
+        }
+    }
+
+    /// SWEEP-11: with the master gate off the sweep builds no database or Kubernetes client: a
+    /// `--once` run without any database succeeds.
+    #[tokio::test]
+    async fn a_disabled_sweep_needs_no_database_or_cluster() {
+        let cli = parse_args(&["--once", "--inventory", "kubernetes"]).unwrap();
+        assert!(cli.sweep.database_url.is_none());
+        let code = disabled(cli.sweep).await.unwrap();
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
     }
 
     #[test]

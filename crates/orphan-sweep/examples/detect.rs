@@ -1,15 +1,17 @@
 //! Pure orphan detection over an inventory: an old object of the platform's whose token has
-//! no live row is a candidate; a live one, a young one, and one the platform did not make are
-//! not reclaimable.
+//! no live row is a candidate; a live one and a young one are not; one the platform did not
+//! make, and one another installation owns, are candidates that are never reclaimable.
 //!
 //! Run with `cargo run -p keel-orphan-sweep --example detect`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_audit::Token;
-use keel_orphan_sweep::{InventoryItem, InventorySource, MANAGED_BY, MANAGED_BY_LABEL, detect};
-use keel_provision::TokenDigest;
+use keel_orphan_sweep::{
+    InventoryItem, InventorySource, MANAGED_BY, MANAGED_BY_LABEL, Standings, detect,
+};
+use keel_provision::{InstallationId, TokenDigest};
 use time::macros::datetime;
 
 fn main() -> Result<(), keel_audit::InvalidToken> {
@@ -24,6 +26,7 @@ fn main() -> Result<(), keel_audit::InvalidToken> {
             created_at: Some(now - time::Duration::minutes(age_minutes)),
             labels,
             annotations: BTreeMap::new(),
+            terminating: false,
         }
     };
     let inventory = [
@@ -31,16 +34,26 @@ fn main() -> Result<(), keel_audit::InvalidToken> {
         item("instant-customer-live00000001", 180, true),
         item("instant-customer-newb00000001", 10, true),
         item("instant-customer-hand00000001", 180, false),
+        item("instant-customer-othr00000001", 180, true),
     ];
-    // Liveness is looked up by the token's digest, the only form of it the sweep ever handles.
-    let live: HashSet<TokenDigest> = [TokenDigest::of(&Token::parse("live00000001")?)]
-        .into_iter()
-        .collect();
-
+    // Standings are looked up by the token's digest, the only form of it the sweep ever
+    // handles: which tokens are live, and which this installation has a row for (its proof of
+    // ownership; the fourth object's token has none, as another installation's would not).
+    let digest = |t: &str| Token::parse(t).map(|t| TokenDigest::of(&t));
+    let mut standings = Standings::empty(InstallationId::from_uuid(uuid::Uuid::from_u128(1)));
+    standings.live.insert(digest("live00000001")?);
+    for token in [
+        "orph00000001",
+        "live00000001",
+        "newb00000001",
+        "hand00000001",
+    ] {
+        standings.owned.insert(digest(token)?);
+    }
     let candidates = detect(
         &inventory,
         InventorySource::Kubernetes,
-        &live,
+        &standings,
         now,
         Duration::from_secs(3600),
     );
@@ -52,10 +65,12 @@ fn main() -> Result<(), keel_audit::InvalidToken> {
     // A candidate's name carries the customer's token: print its kind and age, never the name.
     for candidate in &candidates {
         println!(
-            "  {:<20} {:>4} minutes old  reclaimable: {}",
+            "  {:<20} {:>4} minutes old  blocked by: {}",
             candidate.kind.as_str(),
             candidate.age.as_secs() / 60,
-            candidate.reclaimable()
+            candidate
+                .static_blocker()
+                .map_or("nothing (reclaimable once burned in)", |b| b.as_str())
         );
     }
     Ok(())

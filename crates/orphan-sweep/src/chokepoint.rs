@@ -33,6 +33,11 @@ impl<S: ResourceStore, B: Backend> Reclaimer for Provisioner<S, B> {
                 Ok(Reclaimed::AlreadyGone)
             }
             Err(DeprovisionError::Live { .. }) => Err(ReclaimError::Live),
+            Err(DeprovisionError::Refused(refusal)) => Err(ReclaimError::Refused(refusal)),
+            Err(DeprovisionError::Protected) => Err(ReclaimError::Refused(
+                keel_provision::ReclaimRefusal::Protected,
+            )),
+            Err(DeprovisionError::BeingDeleted) => Err(ReclaimError::BeingDeleted),
             Err(e) => Err(ReclaimError::Failed(BoxError::from(e))),
         }
     }

@@ -1,15 +1,17 @@
 //! Pure detection: which inventory items are orphans, of what kind, and whether they may ever be
 //! reclaimed. No I/O; `now` and the grace window are parameters.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
 use keel_audit::ResourceType;
-use keel_provision::{BackendName, DatabaseName, NamespaceName, TokenDigest};
+use keel_provision::{
+    BackendName, DatabaseName, INSTALLATION_LABEL, NamespaceName, Stamp, TokenDigest,
+    protect_value_protects,
+};
 use time::OffsetDateTime;
 
-use crate::ports::{InventoryItem, InventorySource};
+use crate::ports::{InventoryItem, InventorySource, Standings};
 
 /// The label naming a namespace's resource type.
 pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
@@ -17,7 +19,7 @@ pub const RESOURCE_TYPE_LABEL: &str = "keel.dev/resource-type";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY_LABEL`] on the platform's objects.
 pub const MANAGED_BY: &str = "keel";
-/// The annotation that protects an object from any reclaim when it is `true`.
+/// The annotation that protects an object from any reclaim (any value but `false`).
 pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 
 /// What an orphan is. Closed: it labels metrics.
@@ -115,16 +117,73 @@ fn generic() -> Classified {
     }
 }
 
-/// Whether an item carries `keel.dev/protect=true`.
+/// Whether an item carries a `keel.dev/protect` annotation that protects: any value but
+/// `false` ([`keel_provision::protect_value_protects`]), so a misspelt mark fails closed.
 pub fn is_protected(item: &InventoryItem) -> bool {
     item.annotations
         .get(PROTECT_ANNOTATION)
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        .is_some_and(|v| protect_value_protects(v))
 }
 
 /// Whether an item carries `app.kubernetes.io/managed-by=keel`.
 pub fn is_managed(item: &InventoryItem) -> bool {
     item.labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+}
+
+/// What keeps a candidate from being reclaimed. Closed: it labels metrics and the review list.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, strum::VariantArray,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Blocker {
+    /// Its kind cannot be proven (no token): reported, never reclaimed.
+    Generic,
+    /// Another installation's stamp is on it: never reclaimed by this one.
+    ForeignInstallation,
+    /// Already being deleted (stuck terminating): tracked, never reclaimed again.
+    Terminating,
+    /// Not labelled `managed-by=keel` (made by hand or by an older platform).
+    Unmanaged,
+    /// This installation has no `resources` row for its token: not provably its own.
+    Unowned,
+    /// Protected (the platform's `reclaim_protections`, or the object's own mark).
+    Protected,
+    /// The chokepoint refused it before: never attempted again while it stays a candidate.
+    Quarantined,
+    /// Not yet seen reclaimable over the burn-in (duration and ticks).
+    BurnIn,
+    /// Over this tick's rate limit (`max_reclaims`, oldest first): next tick.
+    Cap,
+    /// The circuit breaker tripped: more than `max_fraction` of this installation's inventory
+    /// would be reclaimed at once, so nothing is.
+    Breaker,
+}
+
+impl Blocker {
+    /// Every blocker.
+    pub const ALL: &'static [Blocker] = <Self as strum::VariantArray>::VARIANTS;
+
+    /// The metric label and review-list value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Generic => "generic",
+            Self::ForeignInstallation => "foreign_installation",
+            Self::Terminating => "terminating",
+            Self::Unmanaged => "unmanaged",
+            Self::Unowned => "unowned",
+            Self::Protected => "protected",
+            Self::Quarantined => "quarantined",
+            Self::BurnIn => "burn_in",
+            Self::Cap => "cap",
+            Self::Breaker => "breaker",
+        }
+    }
+}
+
+impl fmt::Display for Blocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An orphan candidate: no live resource owns it and it is older than the grace window.
@@ -138,11 +197,17 @@ pub struct Candidate {
     pub backend: Option<BackendName>,
     /// How old it is.
     pub age: Duration,
-    /// Annotated `keel.dev/protect=true`: reported, never reclaimed.
+    /// Protected: by the platform (`reclaim_protections`) or by its own `keel.dev/protect` mark.
     pub protected: bool,
-    /// Labelled `app.kubernetes.io/managed-by=keel`: proof the platform created it. An object
-    /// without it (made by hand, or by an older platform) is reported, never reclaimed.
+    /// Labelled `app.kubernetes.io/managed-by=keel`. An object without it (made by hand, or by
+    /// an older platform) is reported, never reclaimed.
     pub managed: bool,
+    /// Whose installation stamp it carries.
+    pub stamp: Stamp,
+    /// This installation has a `resources` row (any status) for its token.
+    pub owned: bool,
+    /// Already being deleted.
+    pub terminating: bool,
 }
 
 impl Candidate {
@@ -151,20 +216,58 @@ impl Candidate {
         self.backend.as_ref().map(BackendName::digest)
     }
 
-    /// Whether the reclaim arm may ever touch it: a proven kind, made by the platform, not
-    /// protected.
-    pub fn reclaimable(&self) -> bool {
+    /// What keeps it from ever being reclaimed, whatever the burn-in and the cap say: `None`
+    /// when it is reclaimable (a proven kind, this installation's by a platform-held row and no
+    /// foreign stamp, made by the platform, not terminating, not protected).
+    pub fn static_blocker(&self) -> Option<Blocker> {
         let proven = match self.kind {
             OrphanKind::CustomerNamespace
             | OrphanKind::RedisNamespace
-            | OrphanKind::CustomerDatabase => true,
+            | OrphanKind::CustomerDatabase => self.backend.is_some(),
             OrphanKind::Generic => false,
         };
-        proven && self.managed && !self.protected && self.backend.is_some()
+        let foreign = match self.stamp {
+            Stamp::Foreign => true,
+            Stamp::None | Stamp::Ours => false,
+        };
+        if !proven {
+            Some(Blocker::Generic)
+        } else if foreign {
+            Some(Blocker::ForeignInstallation)
+        } else if self.terminating {
+            Some(Blocker::Terminating)
+        } else if !self.managed {
+            Some(Blocker::Unmanaged)
+        } else if !self.owned {
+            Some(Blocker::Unowned)
+        } else if self.protected {
+            Some(Blocker::Protected)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the reclaim arm may ever touch it ([`Candidate::static_blocker`] is `None`).
+    pub fn reclaimable(&self) -> bool {
+        self.static_blocker().is_none()
+    }
+
+    /// The key its durable sighting is stored under: kind and token digest, never the name (a
+    /// generic item: a digest of its name).
+    pub fn sighting_key(&self) -> String {
+        use sha2::Digest as _;
+        match &self.backend {
+            Some(name) => format!("{}:{}", self.kind.as_str(), name.digest()),
+            None => {
+                let hash = sha2::Sha256::digest(self.name.as_bytes());
+                let hex: String = hash.iter().take(24).map(|b| format!("{b:02x}")).collect();
+                format!("{}:{hex}", self.kind.as_str())
+            }
+        }
     }
 }
 
-/// The token digests of the items that have a token, for the one set-based liveness read (by
+/// The token digests of the items that have a token, for the one set-based standing read (by
 /// digest, so the read sends no token).
 pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<TokenDigest> {
     items
@@ -181,7 +284,7 @@ pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token
 pub fn detect(
     items: &[InventoryItem],
     source: InventorySource,
-    live: &HashSet<TokenDigest>,
+    standings: &Standings,
     now: OffsetDateTime,
     grace: Duration,
 ) -> Vec<Candidate> {
@@ -189,21 +292,34 @@ pub fn detect(
         .iter()
         .filter_map(|item| {
             let classified = classify(item, source);
-            if let Some(name) = &classified.backend
-                && live.contains(&name.digest())
+            let digest = classified.backend.as_ref().map(BackendName::digest);
+            if digest
+                .as_ref()
+                .is_some_and(|digest| standings.live.contains(digest))
             {
                 return None;
             }
             let age = item
                 .created_at
                 .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
+            let platform_protected = digest
+                .as_ref()
+                .is_some_and(|digest| standings.protected.contains(digest));
             (age > grace).then(|| Candidate {
                 kind: classified.kind,
                 name: item.name.clone(),
                 backend: classified.backend,
                 age,
-                protected: is_protected(item),
+                protected: platform_protected || is_protected(item),
                 managed: is_managed(item),
+                stamp: Stamp::of(
+                    item.labels.get(INSTALLATION_LABEL).map(String::as_str),
+                    standings.installation,
+                ),
+                owned: digest
+                    .as_ref()
+                    .is_some_and(|digest| standings.owned.contains(digest)),
+                terminating: item.terminating,
             })
         })
         .collect()
@@ -211,11 +327,26 @@ pub fn detect(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashSet};
 
+    use keel_provision::InstallationId;
     use time::macros::datetime;
 
     use super::*;
+
+    const OURS: InstallationId = InstallationId::from_uuid(uuid::Uuid::from_u128(1));
+
+    /// Standings where `live` is live and every item of `items` is this installation's.
+    fn standings(
+        live: &HashSet<TokenDigest>,
+        items: &[InventoryItem],
+        source: InventorySource,
+    ) -> Standings {
+        let mut standings = Standings::empty(OURS);
+        standings.live = live.clone();
+        standings.owned = digests_of(items, source).into_iter().collect();
+        standings
+    }
 
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
     const HOUR: Duration = Duration::from_secs(3600);
@@ -236,6 +367,7 @@ mod tests {
             created_at: Some(NOW - time::Duration::minutes(age_minutes)),
             labels: all,
             annotations,
+            terminating: false,
         }
     }
 
@@ -359,7 +491,8 @@ mod tests {
             ),
         ];
         for (case, item, source, expected) in cases {
-            let found = detect(std::slice::from_ref(&item), source, &live, NOW, HOUR);
+            let items = std::slice::from_ref(&item);
+            let found = detect(items, source, &standings(&live, items, source), NOW, HOUR);
             let got = found.first().map(|c| (c.kind, c.reclaimable()));
             assert_eq!(got, expected, "{case}");
             if let Some(candidate) = found.first() {
@@ -376,11 +509,45 @@ mod tests {
         let found = detect(
             &[unknown],
             InventorySource::Postgres,
-            &HashSet::new(),
+            &Standings::empty(OURS),
             NOW,
             HOUR,
         );
         assert!(found.is_empty());
+    }
+
+    /// SWEEP-1, SWEEP-4: another installation's object, an object this installation has no row
+    /// for, and a terminating namespace are candidates the sweep reports and never reclaims.
+    #[test]
+    fn foreign_unowned_and_terminating_candidates_are_blocked() {
+        let theirs = InstallationId::from_uuid(uuid::Uuid::from_u128(2));
+        let mut foreign = item("cust_frgn00000001", 120, &[], false);
+        foreign
+            .labels
+            .insert(INSTALLATION_LABEL.to_owned(), theirs.to_string());
+        let mut ours = item("cust_ours00000001", 120, &[], false);
+        ours.labels
+            .insert(INSTALLATION_LABEL.to_owned(), OURS.to_string());
+        let unowned = item("cust_nrow00000001", 120, &[], false);
+        let mut terminating = item("instant-customer-term00000001", 120, &[], false);
+        terminating.terminating = true;
+        let pg = InventorySource::Postgres;
+        let mut st = standings(&HashSet::new(), &[foreign.clone(), ours.clone()], pg);
+        let found = detect(&[foreign, ours, unowned], pg, &st, NOW, HOUR);
+        let blockers: Vec<Option<Blocker>> = found.iter().map(Candidate::static_blocker).collect();
+        assert_eq!(
+            blockers,
+            [
+                Some(Blocker::ForeignInstallation),
+                None,
+                Some(Blocker::Unowned)
+            ]
+        );
+        let k8s = InventorySource::Kubernetes;
+        st.owned
+            .extend(digests_of(std::slice::from_ref(&terminating), k8s));
+        let found = detect(&[terminating], k8s, &st, NOW, HOUR);
+        assert_eq!(found[0].static_blocker(), Some(Blocker::Terminating));
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn customer_namespace(object: PartialObjectMeta<Namespace>) -> Option<InventoryI
         created_at: meta.creation_timestamp.and_then(offset_date_time),
         labels: meta.labels.unwrap_or_default(),
         annotations: meta.annotations.unwrap_or_default(),
+        terminating: meta.deletion_timestamp.is_some(),
     })
 }
 
@@ -517,6 +518,7 @@ mod tests {
                 ("keel.dev/provisioned-by", "keel-provision"),
                 ("keel.dev/team-id", team),
             ]),
+            terminating: false,
         }
     }
 
@@ -583,8 +585,32 @@ mod tests {
                 created_at: Some(datetime!(2026-01-12 09:30:00 UTC)),
                 labels: labels(&[("kubernetes.io/metadata.name", NS_A)]),
                 annotations: BTreeMap::new(),
+                terminating: false,
             }]
         );
+    }
+
+    /// SWEEP-4: a namespace stuck terminating (it has a `deletionTimestamp`, as the API server
+    /// answers it) is listed as terminating, so the sweep tracks it and never reclaims it again.
+    #[tokio::test]
+    async fn a_terminating_namespace_is_listed_as_terminating() {
+        let mut stuck = namespace(
+            NS_A,
+            "6f1c1c52-2b0e-4f0c-9a55-0d6f3e0b8a11",
+            "2026-01-12T09:30:00Z",
+            json!({ "app.kubernetes.io/managed-by": "keel" }),
+            Value::Null,
+        );
+        stuck["metadata"]["deletionTimestamp"] = json!("2026-01-13T10:00:00Z");
+        stuck["metadata"]["finalizers"] = json!(["example.com/stuck"]);
+        let listed = run(
+            two_per_page,
+            vec![step(PAGE_1_OF_2, page(vec![stuck], Some(""), None))],
+        )
+        .await
+        .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].terminating);
     }
 
     #[tokio::test]

@@ -29,17 +29,19 @@ mod metrics;
 mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod state;
 mod sweep;
 
 pub use chokepoint::SWEEP_ACTOR;
 pub use detect::{
-    Candidate, Classified, MANAGED_BY, MANAGED_BY_LABEL, OrphanKind, PROTECT_ANNOTATION,
+    Blocker, Candidate, Classified, MANAGED_BY, MANAGED_BY_LABEL, OrphanKind, PROTECT_ANNOTATION,
     RESOURCE_TYPE_LABEL, classify, detect, digests_of, is_managed, is_protected,
 };
 pub use fingerprint::{FingerprintKey, WeakKey};
-pub use metrics::{Stage, SweepMetrics};
+pub use metrics::{Stage, SweepMetrics, TickOutcome};
 pub use ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
-    ReclaimError, Reclaimed, Reclaimer,
+    PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, Standings, StateError, SweepState,
 };
+pub use state::{MemoryState, advance, burned_in, period_of};
 pub use sweep::{Action, CandidateView, SweepConfig, Sweeper, TickReport};

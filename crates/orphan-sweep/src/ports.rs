@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
+use std::time::Duration;
 
 use keel_audit::BoxError;
-use keel_provision::{BackendName, TokenDigest};
+use keel_provision::{BackendName, InstallationId, ReclaimRefusal, TokenDigest};
 use time::OffsetDateTime;
 
 /// Which inventory a sweep reads.
@@ -15,6 +16,16 @@ pub enum InventorySource {
     Kubernetes,
     /// Customer databases on the shared Postgres cluster (`cust_*`).
     Postgres,
+}
+
+impl InventorySource {
+    /// The name stored with the sweep's state.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kubernetes => "kubernetes",
+            Self::Postgres => "postgres",
+        }
+    }
 }
 
 /// One backend object found by an inventory. Its name contains a customer token: never log it.
@@ -28,6 +39,9 @@ pub struct InventoryItem {
     pub labels: BTreeMap<String, String>,
     /// Its annotations.
     pub annotations: BTreeMap<String, String>,
+    /// Already being deleted (a namespace with a `deletionTimestamp`, stuck on finalizers):
+    /// tracked and reported, never reclaimed again.
+    pub terminating: bool,
 }
 
 /// Why an inventory could not produce a complete list. A partial list is never returned.
@@ -64,15 +78,41 @@ pub trait Inventory: Send + Sync {
 #[error("could not read which tokens are live")]
 pub struct LiveTokensError(#[source] pub BoxError);
 
-/// Which tokens have a non-terminal resource row (pending, active, paused, suspended), asked and
-/// answered by [`TokenDigest`] so the read never sends a token.
+/// What this installation's platform database says about a set of tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standings {
+    /// This installation's id.
+    pub installation: InstallationId,
+    /// Tokens a row that is not terminal owns (any status but `deleted` and `failed`, so a
+    /// status this build does not know counts as live).
+    pub live: HashSet<TokenDigest>,
+    /// Tokens this installation has any row for, whatever its status: the platform-held proof
+    /// that this installation made the object.
+    pub owned: HashSet<TokenDigest>,
+    /// Tokens the platform protects (`reclaim_protections`).
+    pub protected: HashSet<TokenDigest>,
+}
+
+impl Standings {
+    /// Standings of `installation` where nothing is live, owned or protected.
+    pub fn empty(installation: InstallationId) -> Self {
+        Self {
+            installation,
+            live: HashSet::new(),
+            owned: HashSet::new(),
+            protected: HashSet::new(),
+        }
+    }
+}
+
+/// Reads this installation's standing of tokens, asked and answered by [`TokenDigest`] so the
+/// read never sends a token.
 pub trait LiveTokens: Send + Sync {
-    /// The subset of `digests` whose token is live, in one set-based read (never one query per
-    /// token).
-    fn live_among(
+    /// The standings of `digests`, in one set-based read (never one query per token).
+    fn standing_among(
         &self,
         digests: &[TokenDigest],
-    ) -> impl Future<Output = Result<HashSet<TokenDigest>, LiveTokensError>> + Send;
+    ) -> impl Future<Output = Result<Standings, LiveTokensError>> + Send;
 }
 
 /// What a reclaim did.
@@ -90,6 +130,13 @@ pub enum ReclaimError {
     /// A live resource owns the object (checked by the chokepoint itself); nothing was touched.
     #[error("a live resource owns it; nothing was touched")]
     Live,
+    /// The chokepoint refused it on its fresh read (another installation's, not provably this
+    /// installation's, or protected); nothing was destroyed. Never retried.
+    #[error("the chokepoint refused it ({0}); nothing was destroyed")]
+    Refused(ReclaimRefusal),
+    /// It is already being deleted; nothing was done.
+    #[error("it is already being deleted; nothing was done")]
+    BeingDeleted,
     /// The chokepoint failed.
     #[error("the deprovision chokepoint failed")]
     Failed(#[source] BoxError),
@@ -114,4 +161,79 @@ impl<T: Reclaimer + ?Sized> Reclaimer for &T {
     ) -> impl Future<Output = Result<Reclaimed, ReclaimError>> + Send {
         (**self).reclaim(name, now)
     }
+}
+
+/// A period claimed by one replica: the tick of that period runs once however many replicas
+/// there are. `now` is the state store's clock (replicas agree on it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeriodClaim {
+    /// The period: whole intervals since the Unix epoch, by the store's clock.
+    pub period: i64,
+    /// The store's clock when the claim was made.
+    pub now: OffsetDateTime,
+}
+
+/// Why the sweep's durable state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("the orphan sweep's state store failed to {operation}")]
+pub struct StateError {
+    /// What was being attempted.
+    pub operation: &'static str,
+    /// The store's error (never a token).
+    #[source]
+    pub source: BoxError,
+}
+
+/// The durable record of one candidate across periods (by kind and token digest, never by name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    /// The sighting's key: `<kind>:<token digest>` (a generic item without a token: `<kind>:`
+    /// plus a digest of its name).
+    pub key: String,
+    /// When it was first seen as a candidate in its current unbroken run of periods.
+    pub first_seen: OffsetDateTime,
+    /// The last period it was seen in.
+    pub last_period: i64,
+    /// When its current run of reclaimable sightings started; `None` while it is not reclaimable.
+    pub reclaimable_since: Option<OffsetDateTime>,
+    /// Consecutive periods it was seen reclaimable in.
+    pub consecutive: u32,
+    /// Set once the chokepoint refused it: never attempted again while it stays a candidate.
+    pub quarantined: Option<String>,
+}
+
+/// The sweep's durable state: period claims and sightings, in the platform database so
+/// `--once` from a CronJob, restarts and replicas all see the same burn-in.
+pub trait SweepState: Send + Sync {
+    /// Claims the period `now` falls in (by the store's clock) for `source`, once: `None` when a
+    /// replica already claimed it.
+    fn claim(
+        &self,
+        source: InventorySource,
+        interval: Duration,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = Result<Option<PeriodClaim>, StateError>> + Send;
+
+    /// Whether `claim` is still the newest claim for `source` (the fence checked before each
+    /// reclaim: a replica that has lost it stops).
+    fn holds(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+    ) -> impl Future<Output = Result<bool, StateError>> + Send;
+
+    /// The sightings recorded for `source`.
+    fn sightings(
+        &self,
+        source: InventorySource,
+    ) -> impl Future<Output = Result<Vec<Sighting>, StateError>> + Send;
+
+    /// Replaces the sightings of `source` with `sightings`, only while `claim` holds (a stale
+    /// replica writes nothing and gets an error).
+    fn replace(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+        sightings: &[Sighting],
+    ) -> impl Future<Output = Result<(), StateError>> + Send;
 }

@@ -1,10 +1,11 @@
 //! Postgres adapters (feature `postgres`): the live-token lookup on `resources`, the inventory
-//! of customer databases on the shared cluster, and the single-flight tick lock.
+//! of customer databases on the shared cluster, the durable sweep state (period claims and
+//! sightings), and the single-flight tick lock.
 
 use std::collections::{BTreeMap, HashSet};
 
 use keel_provision::postgres::comment_keys;
-use keel_provision::{DATABASE_PREFIX, TokenDigest};
+use keel_provision::{DATABASE_PREFIX, InstallationId, TokenDigest};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -12,6 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
+    PeriodClaim, Sighting, Standings, StateError, SweepState,
 };
 
 /// Which tokens are live, read from `resources` in one query per batch.
@@ -28,29 +30,40 @@ impl PgLiveTokens {
 }
 
 impl LiveTokens for PgLiveTokens {
-    async fn live_among(
-        &self,
-        digests: &[TokenDigest],
-    ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
-        if digests.is_empty() {
-            return Ok(HashSet::new());
-        }
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
         let wanted: Vec<&str> = digests.iter().map(TokenDigest::as_str).collect();
-        // One set-based read by digest (no token is sent), served by
-        // resources_live_token_digest_ix.
-        let live: Vec<String> = sqlx::query_scalar(
-            "SELECT token_digest FROM resources \
-              WHERE token_digest = ANY($1) \
-                AND status IN ('pending', 'active', 'paused', 'suspended')",
+        // One set-based read by digest (no token is sent). Liveness is "not terminal", so a
+        // status this build does not know counts as live (fails closed); ownership is any row.
+        let (installation, live, owned, protected): (
+            uuid::Uuid,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+        ) = sqlx::query_as(
+            "SELECT keel_installation_id(), \
+                    coalesce(array_agg(DISTINCT r.token_digest) \
+                             FILTER (WHERE r.status NOT IN ('deleted', 'failed')), '{}'), \
+                    coalesce(array_agg(DISTINCT r.token_digest), '{}'), \
+                    (SELECT coalesce(array_agg(p.token_digest), '{}') \
+                       FROM reclaim_protections p WHERE p.token_digest = ANY($1)) \
+               FROM resources r WHERE r.token_digest = ANY($1)",
         )
         .bind(&wanted)
-        .fetch_all(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|e| LiveTokensError(Box::new(e)))?;
-        Ok(live
-            .iter()
-            .filter_map(|digest| TokenDigest::parse(digest))
-            .collect())
+        let set = |digests: Vec<String>| -> HashSet<TokenDigest> {
+            digests
+                .iter()
+                .filter_map(|digest| TokenDigest::parse(digest))
+                .collect()
+        };
+        Ok(Standings {
+            installation: InstallationId::from_uuid(installation),
+            live: set(live),
+            owned: set(owned),
+            protected: set(protected),
+        })
     }
 }
 
@@ -127,6 +140,7 @@ impl Inventory for PgDatabaseInventory {
                     created_at,
                     labels: comment.labels,
                     annotations: comment.annotations,
+                    terminating: false,
                 }
             })
             .collect())
@@ -168,5 +182,185 @@ impl TickLock {
             .execute(&mut self.conn)
             .await?;
         self.conn.close().await
+    }
+}
+
+/// The sweep's durable state in the platform database (`orphan_sweep_periods`,
+/// `orphan_sightings`): period claims by the database's clock, and sightings.
+#[derive(Clone, Debug)]
+pub struct PgSweepState {
+    pool: PgPool,
+    holder: String,
+}
+
+impl PgSweepState {
+    /// The state over `pool` (the platform database); claims are recorded as made by `holder`
+    /// (a replica's name, for operators).
+    pub fn new(pool: PgPool, holder: impl Into<String>) -> Self {
+        let mut holder = holder.into();
+        holder.truncate(200);
+        if holder.is_empty() {
+            holder.push_str("keel-orphan-sweep");
+        }
+        Self { pool, holder }
+    }
+}
+
+fn state_error(operation: &'static str) -> impl Fn(sqlx::Error) -> StateError {
+    move |e| StateError {
+        operation,
+        source: Box::new(e),
+    }
+}
+
+/// A stored sighting: key, first seen, last period, reclaimable since, consecutive, quarantine.
+type SightingRow = (
+    String,
+    OffsetDateTime,
+    i64,
+    Option<OffsetDateTime>,
+    i32,
+    Option<String>,
+);
+
+/// Serialises claims and sighting writes per inventory, in the caller's transaction.
+const STATE_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('keel-orphan-sweep:' || $1, 0))";
+
+impl SweepState for PgSweepState {
+    async fn claim(
+        &self,
+        source: InventorySource,
+        interval: std::time::Duration,
+        _now: OffsetDateTime,
+    ) -> Result<Option<PeriodClaim>, StateError> {
+        let fail = state_error("claim a period");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        sqlx::query(STATE_LOCK)
+            .bind(source.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        let seconds = i64::try_from(interval.as_secs().max(1)).unwrap_or(i64::MAX);
+        // The period by this database's clock, so replicas agree whatever their own clocks say.
+        let claimed: Option<(i64, OffsetDateTime)> = sqlx::query_as(
+            "WITH clock AS (SELECT clock_timestamp() AS at, \
+                                   floor(extract(epoch FROM clock_timestamp()) / $2)::bigint AS period) \
+             INSERT INTO orphan_sweep_periods (inventory, period, claimed_by, claimed_at) \
+             SELECT $1, clock.period, $3, clock.at FROM clock \
+              WHERE NOT EXISTS (SELECT 1 FROM orphan_sweep_periods p \
+                                 WHERE p.inventory = $1 AND p.period >= clock.period) \
+             ON CONFLICT DO NOTHING \
+             RETURNING period, claimed_at",
+        )
+        .bind(source.as_str())
+        .bind(seconds)
+        .bind(&self.holder)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        if let Some((period, _)) = claimed {
+            // Old claims are history; the newest is the fence.
+            sqlx::query(
+                "DELETE FROM orphan_sweep_periods WHERE inventory = $1 AND period < $2 - 1000",
+            )
+            .bind(source.as_str())
+            .bind(period)
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        }
+        tx.commit().await.map_err(&fail)?;
+        Ok(claimed.map(|(period, now)| PeriodClaim { period, now }))
+    }
+
+    async fn holds(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+    ) -> Result<bool, StateError> {
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT max(period) FROM orphan_sweep_periods WHERE inventory = $1")
+                .bind(source.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(state_error("check the period claim"))?;
+        Ok(newest == Some(claim.period))
+    }
+
+    async fn sightings(&self, source: InventorySource) -> Result<Vec<Sighting>, StateError> {
+        let rows: Vec<SightingRow> = sqlx::query_as(
+            "SELECT key, first_seen, last_period, reclaimable_since, consecutive, quarantined \
+                   FROM orphan_sightings WHERE inventory = $1",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(state_error("read the sightings"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(key, first_seen, last_period, reclaimable_since, consecutive, quarantined)| {
+                    Sighting {
+                        key,
+                        first_seen,
+                        last_period,
+                        reclaimable_since,
+                        consecutive: u32::try_from(consecutive).unwrap_or(0),
+                        quarantined,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    async fn replace(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+        sightings: &[Sighting],
+    ) -> Result<(), StateError> {
+        let fail = state_error("record the sightings");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        sqlx::query(STATE_LOCK)
+            .bind(source.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT max(period) FROM orphan_sweep_periods WHERE inventory = $1")
+                .bind(source.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        if newest != Some(claim.period) {
+            return Err(StateError {
+                operation: "record the sightings under a lost period claim",
+                source: "a newer period was claimed".into(),
+            });
+        }
+        sqlx::query("DELETE FROM orphan_sightings WHERE inventory = $1")
+            .bind(source.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        for sighting in sightings {
+            sqlx::query(
+                "INSERT INTO orphan_sightings \
+                   (inventory, key, first_seen, last_period, reclaimable_since, consecutive, quarantined) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(source.as_str())
+            .bind(&sighting.key)
+            .bind(sighting.first_seen)
+            .bind(sighting.last_period)
+            .bind(sighting.reclaimable_since)
+            .bind(i32::try_from(sighting.consecutive).unwrap_or(i32::MAX))
+            .bind(sighting.quarantined.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        }
+        tx.commit().await.map_err(&fail)
     }
 }

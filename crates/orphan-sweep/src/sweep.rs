@@ -1,14 +1,21 @@
-//! The tick: gates, fail-safe detection, and the gated reclaim arm.
+//! The tick: gates, the period claim, fail-safe detection, durable burn-in, and the gated
+//! reclaim arm. The review list says for every candidate whether the armed run would reclaim it
+//! and, if not, what blocks it; the audit-only run computes it the same way.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::detect::{Candidate, OrphanKind, detect, digests_of};
+use crate::detect::{Blocker, Candidate, OrphanKind, detect, digests_of};
 use crate::fingerprint::FingerprintKey;
-use crate::metrics::{Stage, SweepMetrics};
-use crate::ports::{Inventory, LiveTokens, Reclaimed, Reclaimer};
+use crate::metrics::{Stage, SweepMetrics, TickOutcome};
+use crate::ports::{
+    Inventory, LiveTokens, PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, SweepState,
+};
+use crate::state::{advance, burned_in};
 
 /// The sweep's configuration. The defaults are the safe ones: both gates off.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,12 +27,22 @@ pub struct SweepConfig {
     pub destructive: bool,
     /// How old an object must be before it can be a candidate (default 1 h).
     pub grace: Duration,
-    /// Consecutive ticks a candidate must be seen in before it may be reclaimed (default 3).
+    /// Tolerated clock skew between the clocks that date objects and the state store's clock:
+    /// added to `grace` (default 5 min).
+    pub skew: Duration,
+    /// The period: one tick per period across replicas (default 1 h).
+    pub interval: Duration,
+    /// Consecutive periods a candidate must be seen reclaimable in before it may be reclaimed
+    /// (default 3).
     pub confirm_ticks: u32,
-    /// Most reclaims per tick (default 5); more aborts every reclaim of the tick.
+    /// How long a candidate must have been seen reclaimable, without a break, before it may be
+    /// reclaimed (default 2 h).
+    pub burn_in: Duration,
+    /// Rate limit: most reclaims per tick, oldest first (default 5); the rest wait for the next
+    /// tick, so a backlog drains gradually.
     pub max_reclaims: usize,
-    /// Most reclaims per tick as a fraction of the inventory (default 0.10, rounded up); more
-    /// aborts every reclaim of the tick.
+    /// Circuit breaker: when the confirmed orphans exceed this fraction of this installation's
+    /// inventory (rounded up), nothing is reclaimed that tick (default 0.5).
     pub max_fraction: f64,
 }
 
@@ -35,18 +52,21 @@ impl Default for SweepConfig {
             enabled: false,
             destructive: false,
             grace: Duration::from_secs(3600),
+            skew: Duration::from_secs(300),
+            interval: Duration::from_secs(3600),
             confirm_ticks: 3,
+            burn_in: Duration::from_secs(2 * 3600),
             max_reclaims: 5,
-            max_fraction: 0.10,
+            max_fraction: 0.5,
         }
     }
 }
 
 impl SweepConfig {
-    /// The blast-radius cap for an inventory of `inventory` items.
+    /// The circuit breaker's limit for an inventory of `inventory` of this installation's
+    /// objects.
     pub fn cap(&self, inventory: usize) -> usize {
-        let fraction = (self.max_fraction.clamp(0.0, 1.0) * inventory as f64).ceil() as usize;
-        self.max_reclaims.min(fraction)
+        (self.max_fraction.clamp(0.0, 1.0) * inventory as f64).ceil() as usize
     }
 }
 
@@ -61,10 +81,18 @@ pub struct CandidateView {
     pub fingerprint: Option<String>,
     /// Age in seconds.
     pub age_seconds: u64,
-    /// Annotated `keel.dev/protect=true`.
+    /// Protected (by the platform or by its own mark).
     pub protected: bool,
-    /// Consecutive ticks it has been seen in.
+    /// Labelled `managed-by=keel`.
+    pub managed: bool,
+    /// This installation has a `resources` row for its token.
+    pub owned: bool,
+    /// Consecutive periods it has been seen reclaimable in.
     pub seen_ticks: u32,
+    /// Whether the armed run reclaims it this tick (the same answer in audit-only mode).
+    pub would_reclaim: bool,
+    /// What keeps it from being reclaimed, when something does.
+    pub blocked_by: Option<Blocker>,
     /// What this tick did about it.
     pub action: Action,
 }
@@ -73,7 +101,7 @@ pub struct CandidateView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// Reported only (audit-only mode, not yet confirmed, protected or generic).
+    /// Reported only (audit-only mode, or blocked: see `blocked_by`).
     Reported,
     /// Reclaimed through the chokepoint.
     Reclaimed,
@@ -81,8 +109,14 @@ pub enum Action {
     AlreadyGone,
     /// Its token turned live before the reclaim: skipped.
     SkippedLive,
-    /// The blast-radius cap aborted this tick's reclaims.
+    /// The circuit breaker or the rate limit held it back this tick.
     AbortedByCap,
+    /// The chokepoint refused it on its fresh read: quarantined, never attempted again.
+    Refused,
+    /// Already being deleted when the chokepoint looked: nothing was done.
+    Terminating,
+    /// Not attempted: the tick was stopped (shutdown, or the period claim was lost).
+    Stopped,
     /// The reclaim (or its re-confirmation) failed; it will be seen again.
     Failed,
 }
@@ -93,6 +127,11 @@ pub enum Action {
 pub enum TickReport {
     /// The sweep is disabled: nothing was read.
     Disabled,
+    /// Another replica (or an earlier run) already claimed this period: nothing was read.
+    Skipped {
+        /// The period.
+        period: Option<i64>,
+    },
     /// A stage failed: zero candidates this tick.
     Failed {
         /// The stage.
@@ -100,6 +139,8 @@ pub enum TickReport {
     },
     /// The tick completed.
     Swept {
+        /// The period it ran for.
+        period: i64,
         /// Items in the inventory.
         inventory: usize,
         /// Whether the reclaim arm was armed.
@@ -109,38 +150,70 @@ pub enum TickReport {
     },
 }
 
-/// Runs ticks over an inventory, a live-token lookup and, optionally, a reclaimer.
+impl TickReport {
+    /// Whether the run needs attention (`--once` exits 2): a reclaim failed or was refused, or
+    /// the breaker held reclaims back.
+    pub fn needs_attention(&self) -> bool {
+        match self {
+            Self::Swept { candidates, .. } => candidates.iter().any(|c| {
+                matches!(c.action, Action::Failed | Action::Refused | Action::Stopped)
+                    || c.blocked_by == Some(Blocker::Breaker)
+            }),
+            Self::Disabled | Self::Skipped { .. } | Self::Failed { .. } => false,
+        }
+    }
+}
+
+/// Runs ticks over an inventory, a standing lookup, durable state and, optionally, a reclaimer.
 #[derive(Debug)]
-pub struct Sweeper<I, L, R> {
+pub struct Sweeper<I, L, R, S> {
     inventory: I,
     live: L,
     reclaimer: Option<R>,
+    state: S,
     config: SweepConfig,
     metrics: SweepMetrics,
     key: FingerprintKey,
-    /// Consecutive ticks each candidate (by name) has been seen in.
-    seen: HashMap<String, u32>,
+    stop: Arc<AtomicBool>,
 }
 
-impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
+/// One candidate's place in a tick.
+struct Row {
+    candidate: Candidate,
+    sighting: Sighting,
+    blocked_by: Option<Blocker>,
+}
+
+impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, S> {
     /// A sweeper. Without a `reclaimer` it can never reclaim, whatever the gates say.
     pub fn new(
         inventory: I,
         live: L,
         reclaimer: Option<R>,
+        state: S,
         config: SweepConfig,
         metrics: SweepMetrics,
         key: FingerprintKey,
     ) -> Self {
-        Self {
+        let sweeper = Self {
             inventory,
             live,
             reclaimer,
+            state,
             config,
             metrics,
             key,
-            seen: HashMap::new(),
-        }
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        sweeper
+            .metrics
+            .gates(sweeper.config.enabled, sweeper.armed());
+        sweeper
+    }
+
+    /// A flag that, once set, stops the current tick before its next reclaim (shutdown).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
     }
 
     /// Whether the reclaim arm is armed: both gates on and a reclaimer wired.
@@ -148,12 +221,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         self.config.enabled && self.config.destructive && self.reclaimer.is_some()
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &SweepConfig {
+        &self.config
+    }
+
     /// The inventory.
     pub fn inventory(&self) -> &I {
         &self.inventory
     }
 
-    /// The live-token lookup.
+    /// The standing lookup.
     pub fn live_tokens(&self) -> &L {
         &self.live
     }
@@ -163,11 +241,16 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         self.reclaimer.as_ref()
     }
 
-    fn fail(&mut self, stage: Stage, error: &dyn std::error::Error) -> TickReport {
+    /// The durable state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    fn fail(&self, stage: Stage, error: &dyn std::error::Error) -> TickReport {
         tracing::warn!(stage = stage.as_str(), error = %error, "orphan sweep tick failed: zero candidates this tick");
         self.metrics.error(stage);
-        // A failed tick breaks every candidate's run of consecutive sightings.
-        self.seen.clear();
+        self.metrics.tick(TickOutcome::Failed);
+        self.metrics.clear_current();
         TickReport::Failed {
             stage: stage.as_str(),
         }
@@ -183,116 +266,258 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         }
     }
 
-    /// One tick at `now`.
+    /// One tick at `now` (this host's clock; the state store's clock replaces it once the period
+    /// is claimed).
     pub async fn tick(&mut self, now: OffsetDateTime) -> TickReport {
         if !self.config.enabled {
             tracing::debug!("orphan sweep disabled (ORPHAN_DB_SWEEP_ENABLED is off): tick skipped");
             return TickReport::Disabled;
         }
         let source = self.inventory.source();
+        let claim = match self.state.claim(source, self.config.interval, now).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                tracing::info!(
+                    inventory = source.as_str(),
+                    "orphan sweep tick skipped: this period was already claimed (by another replica or an earlier run)"
+                );
+                self.metrics.tick(TickOutcome::Skipped);
+                self.metrics.clear_current();
+                return TickReport::Skipped { period: None };
+            }
+            Err(e) => return self.fail(Stage::Claim, &e),
+        };
+        let now = claim.now;
         let items = match self.inventory.list().await {
             Ok(items) => items,
             Err(e) => return self.fail(Stage::List, &e),
         };
         let digests = digests_of(&items, source);
-        let live = match self.live.live_among(&digests).await {
-            Ok(live) => live,
+        let standings = match self.live.standing_among(&digests).await {
+            Ok(standings) => standings,
             Err(e) => return self.fail(Stage::LiveTokens, &e),
         };
-        let candidates = detect(&items, source, &live, now, self.config.grace);
+        let previous = match self.state.sightings(source).await {
+            Ok(previous) => previous,
+            Err(e) => return self.fail(Stage::State, &e),
+        };
+        let previous: HashMap<String, Sighting> = previous
+            .into_iter()
+            .map(|sighting| (sighting.key.clone(), sighting))
+            .collect();
+        let candidates = detect(
+            &items,
+            source,
+            &standings,
+            now,
+            self.config.grace.saturating_add(self.config.skew),
+        );
 
-        let counts: Vec<(OrphanKind, u64)> = OrphanKind::ALL
+        // Sightings: new ones counted once per unbroken run; burn-in counts reclaimable ones.
+        let mut new_per_kind: HashMap<OrphanKind, u64> = HashMap::new();
+        let mut rows: Vec<Row> = candidates
+            .into_iter()
+            .map(|candidate| {
+                let key = candidate.sighting_key();
+                let static_blocker = candidate.static_blocker();
+                let (sighting, new) = advance(
+                    previous.get(&key),
+                    key,
+                    claim.period,
+                    now,
+                    static_blocker.is_none(),
+                );
+                if new {
+                    *new_per_kind.entry(candidate.kind).or_default() += 1;
+                }
+                let blocked_by = static_blocker.or_else(|| {
+                    if sighting.quarantined.is_some() {
+                        Some(Blocker::Quarantined)
+                    } else if burned_in(
+                        &sighting,
+                        now,
+                        self.config.confirm_ticks,
+                        self.config.burn_in,
+                    ) {
+                        None
+                    } else {
+                        Some(Blocker::BurnIn)
+                    }
+                });
+                Row {
+                    candidate,
+                    sighting,
+                    blocked_by,
+                }
+            })
+            .collect();
+
+        // The breaker and the rate limit, evaluated the same way armed or not.
+        let owned_inventory = items
+            .iter()
+            .filter(|item| {
+                crate::detect::classify(item, source)
+                    .backend
+                    .is_some_and(|name| standings.owned.contains(&name.digest()))
+            })
+            .count();
+        let mut confirmed: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].blocked_by.is_none())
+            .collect();
+        let cap = self.config.cap(owned_inventory);
+        if confirmed.len() > cap {
+            tracing::error!(
+                confirmed = confirmed.len(),
+                cap,
+                inventory = owned_inventory,
+                "orphan sweep circuit breaker tripped: more of this installation's objects look orphaned than max_fraction allows; nothing is reclaimed this tick"
+            );
+            self.metrics.aborted_by_cap();
+            for &i in &confirmed {
+                rows[i].blocked_by = Some(Blocker::Breaker);
+            }
+        } else {
+            // Oldest first; the rest wait for the next tick.
+            confirmed.sort_by(|&a, &b| rows[b].candidate.age.cmp(&rows[a].candidate.age));
+            for &i in confirmed.iter().skip(self.config.max_reclaims) {
+                rows[i].blocked_by = Some(Blocker::Cap);
+            }
+        }
+
+        // The sightings are durable before anything is reclaimed.
+        let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
+        if let Err(e) = self.state.replace(source, &claim, &sightings).await {
+            return self.fail(Stage::State, &e);
+        }
+        let counts: Vec<(OrphanKind, u64, u64)> = OrphanKind::ALL
             .iter()
             .map(|&kind| {
-                let n = candidates.iter().filter(|c| c.kind == kind).count();
-                (kind, n as u64)
+                let current = rows.iter().filter(|r| r.candidate.kind == kind).count() as u64;
+                (kind, current, new_per_kind.get(&kind).copied().unwrap_or(0))
             })
             .collect();
         self.metrics.candidates(&counts);
-        let seen: HashMap<String, u32> = candidates
+        let blocked: Vec<(Blocker, u64)> = Blocker::ALL
             .iter()
-            .map(|c| {
-                let before = self.seen.get(&c.name).copied().unwrap_or(0);
-                (c.name.clone(), before.saturating_add(1))
+            .map(|&blocker| {
+                let n = rows
+                    .iter()
+                    .filter(|r| r.blocked_by == Some(blocker))
+                    .count();
+                (blocker, n as u64)
             })
             .collect();
-        self.seen = seen;
+        self.metrics.blocked(&blocked);
 
         let armed = self.armed();
-        // One flag per candidate (indexed like `candidates`): a lookup per candidate stays O(1).
-        let eligible: Vec<bool> = candidates
-            .iter()
-            .map(|c| c.reclaimable() && self.seen[&c.name] >= self.config.confirm_ticks)
-            .collect();
-        let eligible_count = eligible.iter().filter(|&&e| e).count();
-        let cap = self.config.cap(items.len());
-        let capped = armed && eligible_count > cap;
-        if capped {
-            tracing::error!(
-                eligible = eligible_count,
-                cap,
-                inventory = items.len(),
-                "orphan sweep blast-radius cap exceeded: every reclaim of this tick is aborted"
-            );
-            self.metrics.aborted_by_cap();
-        }
-
-        let mut views = Vec::with_capacity(candidates.len());
-        for (i, candidate) in candidates.iter().enumerate() {
-            let (name_masked, fingerprint) = self.name_for_logs(candidate);
-            let seen_ticks = self.seen.get(&candidate.name).copied().unwrap_or(0);
-            let action = if !armed || !eligible[i] {
+        let mut quarantined = false;
+        let mut stopped = false;
+        let mut views = Vec::with_capacity(rows.len());
+        for row in &mut rows {
+            let (name_masked, fingerprint) = self.name_for_logs(&row.candidate);
+            let would_reclaim = row.blocked_by.is_none();
+            let action = if !armed {
                 Action::Reported
-            } else if capped {
-                Action::AbortedByCap
+            } else if !would_reclaim {
+                match row.blocked_by {
+                    Some(Blocker::Breaker | Blocker::Cap) => Action::AbortedByCap,
+                    Some(_) | None => Action::Reported,
+                }
+            } else if stopped || !self.may_continue(source, &claim).await {
+                stopped = true;
+                Action::Stopped
             } else {
-                let action = self.reclaim(candidate, now).await;
-                match action {
-                    // Gone or owned: its run of sightings starts over.
-                    Action::Reclaimed | Action::AlreadyGone | Action::SkippedLive => {
-                        self.seen.remove(&candidate.name);
-                    }
-                    Action::Reported | Action::AbortedByCap | Action::Failed => {}
+                let action = self.reclaim(&row.candidate, now).await;
+                if action == Action::Refused {
+                    row.sighting.quarantined = Some("refused".to_owned());
+                    quarantined = true;
                 }
                 action
             };
             tracing::info!(
-                kind = candidate.kind.as_str(),
+                kind = row.candidate.kind.as_str(),
                 name = %name_masked,
                 fingerprint = fingerprint.as_deref().unwrap_or("-"),
-                age_seconds = candidate.age.as_secs(),
-                protected = candidate.protected,
-                seen_ticks,
+                age_seconds = row.candidate.age.as_secs(),
+                protected = row.candidate.protected,
+                owned = row.candidate.owned,
+                seen_ticks = row.sighting.consecutive,
+                would_reclaim,
+                blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
                 action = ?action,
                 armed,
                 "orphan candidate"
             );
             views.push(CandidateView {
-                kind: candidate.kind.as_str(),
+                kind: row.candidate.kind.as_str(),
                 name_masked,
                 fingerprint,
-                age_seconds: candidate.age.as_secs(),
-                protected: candidate.protected,
-                seen_ticks,
+                age_seconds: row.candidate.age.as_secs(),
+                protected: row.candidate.protected,
+                managed: row.candidate.managed,
+                owned: row.candidate.owned,
+                seen_ticks: row.sighting.consecutive,
+                would_reclaim,
+                blocked_by: row.blocked_by,
                 action,
             });
         }
+        if quarantined {
+            let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
+            if let Err(e) = self.state.replace(source, &claim, &sightings).await {
+                tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
+                self.metrics.error(Stage::State);
+            }
+        }
         self.metrics
             .succeeded((now - OffsetDateTime::UNIX_EPOCH).as_seconds_f64());
+        self.metrics.tick(TickOutcome::Completed);
         tracing::info!(
+            period = claim.period,
             inventory = items.len(),
             candidates = views.len(),
+            would_reclaim = views.iter().filter(|v| v.would_reclaim).count(),
             armed,
             "orphan sweep tick done"
         );
         TickReport::Swept {
+            period: claim.period,
             inventory: items.len(),
             armed,
             candidates: views,
         }
     }
 
-    /// Re-reads the token's liveness, then reclaims through the chokepoint.
+    /// Whether the tick may go on to its next reclaim: no shutdown asked, and the period claim
+    /// still the newest (the fence).
+    async fn may_continue(
+        &self,
+        source: crate::ports::InventorySource,
+        claim: &PeriodClaim,
+    ) -> bool {
+        if self.stop.load(Ordering::SeqCst) {
+            tracing::info!("orphan sweep stopping: no further reclaims this tick");
+            return false;
+        }
+        match self.state.holds(source, claim).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    period = claim.period,
+                    "a newer period was claimed: this tick stops reclaiming"
+                );
+                self.metrics.error(Stage::Fence);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the period claim: this tick stops reclaiming");
+                self.metrics.error(Stage::Fence);
+                false
+            }
+        }
+    }
+
+    /// Re-reads the token's standing, then reclaims through the chokepoint.
     async fn reclaim(&self, candidate: &Candidate, now: OffsetDateTime) -> Action {
         let (Some(reclaimer), Some(name)) = (self.reclaimer.as_ref(), candidate.backend.as_ref())
         else {
@@ -300,14 +525,24 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
         };
         let digest = name.digest();
         let fingerprint = self.key.fingerprint_digest(&digest);
-        match self.live.live_among(std::slice::from_ref(&digest)).await {
-            Ok(live) if live.contains(&digest) => {
+        match self
+            .live
+            .standing_among(std::slice::from_ref(&digest))
+            .await
+        {
+            Ok(standing) if standing.live.contains(&digest) => {
                 tracing::info!(name = %name, fingerprint = %fingerprint, "token turned live before the reclaim: skipped");
                 return Action::SkippedLive;
             }
+            Ok(standing)
+                if !standing.owned.contains(&digest) || standing.protected.contains(&digest) =>
+            {
+                tracing::info!(name = %name, fingerprint = %fingerprint, "ownership or protection changed before the reclaim: skipped");
+                return Action::Reported;
+            }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(name = %name, error = %e, "could not re-confirm the token's liveness: not reclaimed");
+                tracing::warn!(name = %name, error = %e, "could not re-confirm the token's standing: not reclaimed");
                 self.metrics.error(Stage::Reconfirm);
                 return Action::Failed;
             }
@@ -319,9 +554,15 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
                 Action::Reclaimed
             }
             Ok(Reclaimed::AlreadyGone) => Action::AlreadyGone,
-            Err(crate::ports::ReclaimError::Live) => Action::SkippedLive,
-            Err(e) => {
-                tracing::error!(name = %name, error = %e, "orphan reclaim failed");
+            Err(ReclaimError::Live) => Action::SkippedLive,
+            Err(ReclaimError::BeingDeleted) => Action::Terminating,
+            Err(ReclaimError::Refused(refusal)) => {
+                tracing::warn!(name = %name, fingerprint = %fingerprint, refusal = refusal.as_str(), "the chokepoint refused the reclaim: quarantined");
+                self.metrics.error(Stage::Refused);
+                Action::Refused
+            }
+            Err(e @ ReclaimError::Failed(_)) => {
+                tracing::error!(name = %name, fingerprint = %fingerprint, error = %e, "orphan reclaim failed");
                 self.metrics.error(Stage::Reclaim);
                 Action::Failed
             }
@@ -332,19 +573,27 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer> Sweeper<I, L, R> {
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashSet, VecDeque};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     use keel_audit::Token;
-    use keel_provision::{BackendName, TokenDigest};
+    use keel_provision::{BackendName, InstallationId, ReclaimRefusal, TokenDigest};
     use prometheus_client::registry::Registry;
     use time::macros::datetime;
 
     use super::*;
     use crate::ports::{
-        InventoryError, InventoryItem, InventorySource, LiveTokensError, ReclaimError,
+        InventoryError, InventoryItem, InventorySource, LiveTokensError, ReclaimError, Standings,
     };
+    use crate::state::MemoryState;
 
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const OURS: InstallationId = InstallationId::from_uuid(uuid::Uuid::from_u128(1));
+
+    /// The `n`th hourly tick.
+    fn at(n: u32) -> OffsetDateTime {
+        NOW + HOUR * n
+    }
 
     /// Scripted answers, recorded calls.
     #[derive(Clone)]
@@ -366,70 +615,107 @@ mod tests {
         fn push(&self, answer: T) {
             self.answers.lock().unwrap().push_back(answer);
         }
+        fn pop(&self) -> Option<T> {
+            self.answers.lock().unwrap().pop_front()
+        }
         fn calls(&self) -> Vec<String> {
             self.calls.lock().unwrap().clone()
         }
     }
 
+    /// Answers its script; with no script, `fallback` (a standing inventory).
     #[derive(Clone, Default)]
-    struct FakeInventory(Script<Result<Vec<InventoryItem>, &'static str>>);
+    struct FakeInventory {
+        script: Script<Result<Vec<InventoryItem>, &'static str>>,
+        fallback: Arc<Mutex<Vec<InventoryItem>>>,
+    }
+
+    impl FakeInventory {
+        fn set(&self, items: Vec<InventoryItem>) {
+            *self.fallback.lock().unwrap() = items;
+        }
+    }
 
     impl Inventory for FakeInventory {
         fn source(&self) -> InventorySource {
             InventorySource::Postgres
         }
         async fn list(&self) -> Result<Vec<InventoryItem>, InventoryError> {
-            self.0.calls.lock().unwrap().push("list".into());
-            let answer = self.0.answers.lock().unwrap().pop_front();
-            match answer {
+            self.script.calls.lock().unwrap().push("list".into());
+            match self.script.pop() {
                 Some(Ok(items)) => Ok(items),
                 Some(Err("expired")) => Err(InventoryError::Expired { pages: 1 }),
                 Some(Err(e)) => Err(InventoryError::Page {
                     page: 1,
                     source: e.into(),
                 }),
-                None => Ok(Vec::new()),
+                None => Ok(self.fallback.lock().unwrap().clone()),
             }
         }
     }
 
-    /// Live tokens: each call pops a scripted set (or an error); with no script, nothing is live.
+    /// Standings: every asked token is this installation's; each call pops a scripted live set
+    /// (or an error); with no script, nothing is live.
     #[derive(Clone, Default)]
     struct FakeLive(Script<Result<Vec<&'static str>, &'static str>>);
 
     impl LiveTokens for FakeLive {
-        async fn live_among(
+        async fn standing_among(
             &self,
-            tokens: &[TokenDigest],
-        ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
+            digests: &[TokenDigest],
+        ) -> Result<Standings, LiveTokensError> {
             self.0
                 .calls
                 .lock()
                 .unwrap()
-                .push(format!("live_among({})", tokens.len()));
-            let answer = self.0.answers.lock().unwrap().pop_front();
-            match answer {
-                Some(Ok(live)) => Ok(live
+                .push(format!("standing_among({})", digests.len()));
+            let live: HashSet<TokenDigest> = match self.0.pop() {
+                Some(Ok(live)) => live
                     .iter()
                     .map(|t| TokenDigest::of(&Token::parse(t).unwrap()))
-                    .collect()),
-                Some(Err(e)) => Err(LiveTokensError(e.into())),
-                None => Ok(HashSet::new()),
-            }
+                    .collect(),
+                Some(Err(e)) => return Err(LiveTokensError(e.into())),
+                None => HashSet::new(),
+            };
+            let mut standings = Standings::empty(OURS);
+            standings.owned = digests.iter().cloned().collect();
+            standings.live = live;
+            Ok(standings)
         }
     }
 
+    /// Reclaims everything (scripted failures aside); may claim the next period on a shared state
+    /// when first called, as another replica would.
     #[derive(Clone, Default)]
-    struct FakeReclaimer(Script<()>);
+    struct FakeReclaimer {
+        script: Script<&'static str>,
+        steal: Arc<Mutex<Option<MemoryState>>>,
+    }
 
     impl Reclaimer for FakeReclaimer {
         async fn reclaim(
             &self,
             name: &BackendName,
-            _now: OffsetDateTime,
+            now: OffsetDateTime,
         ) -> Result<Reclaimed, ReclaimError> {
-            self.0.calls.lock().unwrap().push(name.expose().to_owned());
-            Ok(Reclaimed::TornDown)
+            self.script
+                .calls
+                .lock()
+                .unwrap()
+                .push(name.expose().to_owned());
+            let thief = self.steal.lock().unwrap().take();
+            if let Some(state) = thief {
+                state
+                    .claim(InventorySource::Postgres, HOUR, now + HOUR)
+                    .await
+                    .unwrap();
+            }
+            match self.script.pop() {
+                Some("refused") => Err(ReclaimError::Refused(ReclaimRefusal::NotPlatformMade)),
+                Some("failed") => Err(ReclaimError::Failed("boom".into())),
+                Some("terminating") => Err(ReclaimError::BeingDeleted),
+                Some(_) | None => Ok(Reclaimed::TornDown),
+            }
         }
     }
 
@@ -439,6 +725,14 @@ mod tests {
             created_at: Some(NOW - time::Duration::hours(3)),
             labels: BTreeMap::from([(crate::MANAGED_BY_LABEL.into(), crate::MANAGED_BY.into())]),
             annotations: BTreeMap::new(),
+            terminating: false,
+        }
+    }
+
+    fn aged(token: &str, hours: i64) -> InventoryItem {
+        InventoryItem {
+            created_at: Some(NOW - time::Duration::hours(hours)),
+            ..orphan(token)
         }
     }
 
@@ -453,11 +747,12 @@ mod tests {
         inventory: FakeInventory,
         live: FakeLive,
         reclaimer: FakeReclaimer,
+        state: MemoryState,
         metrics: SweepMetrics,
-        sweeper: Sweeper<FakeInventory, FakeLive, FakeReclaimer>,
+        sweeper: Sweeper<FakeInventory, FakeLive, FakeReclaimer, MemoryState>,
     }
 
-    fn world(config: SweepConfig, wired: bool) -> World {
+    fn world_on(config: SweepConfig, wired: bool, state: MemoryState) -> World {
         let inventory = FakeInventory::default();
         let live = FakeLive::default();
         let reclaimer = FakeReclaimer::default();
@@ -466,6 +761,7 @@ mod tests {
             inventory.clone(),
             live.clone(),
             wired.then(|| reclaimer.clone()),
+            state.clone(),
             config,
             metrics.clone(),
             FingerprintKey::new(*b"test-key-0123456789").unwrap(),
@@ -474,9 +770,14 @@ mod tests {
             inventory,
             live,
             reclaimer,
+            state,
             metrics,
             sweeper,
         }
+    }
+
+    fn world(config: SweepConfig, wired: bool) -> World {
+        world_on(config, wired, MemoryState::new())
     }
 
     fn armed() -> SweepConfig {
@@ -487,53 +788,65 @@ mod tests {
         }
     }
 
-    fn actions(report: &TickReport) -> Vec<Action> {
-        match report {
-            TickReport::Swept { candidates, .. } => candidates.iter().map(|c| c.action).collect(),
-            TickReport::Disabled | TickReport::Failed { .. } => Vec::new(),
+    fn audit_only() -> SweepConfig {
+        SweepConfig {
+            enabled: true,
+            ..SweepConfig::default()
         }
+    }
+
+    fn views(report: &TickReport) -> Vec<CandidateView> {
+        match report {
+            TickReport::Swept { candidates, .. } => candidates.clone(),
+            TickReport::Disabled | TickReport::Skipped { .. } | TickReport::Failed { .. } => {
+                Vec::new()
+            }
+        }
+    }
+
+    fn actions(report: &TickReport) -> Vec<Action> {
+        views(report).iter().map(|c| c.action).collect()
     }
 
     #[tokio::test]
     async fn gates_off_calls_no_port_and_moves_no_metric() {
         let mut w = world(SweepConfig::default(), true);
-        w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
-        for _ in 0..3 {
-            assert_eq!(w.sweeper.tick(NOW).await, TickReport::Disabled);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for n in 0..3 {
+            assert_eq!(w.sweeper.tick(at(n)).await, TickReport::Disabled);
         }
-        assert!(w.inventory.0.calls().is_empty());
+        assert!(w.inventory.script.calls().is_empty());
         assert!(w.live.0.calls().is_empty());
-        assert!(w.reclaimer.0.calls().is_empty());
+        assert!(w.reclaimer.script.calls().is_empty());
         for &kind in OrphanKind::ALL {
             assert_eq!(w.metrics.total(kind), 0);
         }
+        assert_eq!(w.metrics.ticks(TickOutcome::Completed), 0);
     }
 
+    /// SWEEP-6: `_total` counts new sightings, not the standing backlog once per tick.
     #[tokio::test]
-    async fn audit_only_never_calls_the_reclaimer() {
-        let config = SweepConfig {
-            enabled: true,
-            ..SweepConfig::default()
-        };
-        let mut w = world(config, true);
+    async fn audit_only_never_calls_the_reclaimer_and_counts_each_orphan_once() {
+        let mut w = world(audit_only(), true);
         assert!(!w.sweeper.armed());
-        for _ in 0..5 {
-            w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
-            let report = w.sweeper.tick(NOW).await;
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for n in 0..5 {
+            let report = w.sweeper.tick(at(n)).await;
             assert_eq!(actions(&report), [Action::Reported]);
         }
-        assert!(w.reclaimer.0.calls().is_empty());
-        assert_eq!(w.metrics.total(OrphanKind::CustomerDatabase), 5);
+        assert!(w.reclaimer.script.calls().is_empty());
+        assert_eq!(w.metrics.total(OrphanKind::CustomerDatabase), 1);
         assert_eq!(w.metrics.current(OrphanKind::CustomerDatabase), 1);
+        assert_eq!(w.metrics.ticks(TickOutcome::Completed), 5);
     }
 
     #[tokio::test]
     async fn both_gates_on_without_a_reclaimer_is_not_armed() {
         let mut w = world(armed(), false);
         assert!(!w.sweeper.armed());
-        for _ in 0..4 {
-            w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
-            assert_eq!(actions(&w.sweeper.tick(NOW).await), [Action::Reported]);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for n in 0..4 {
+            assert_eq!(actions(&w.sweeper.tick(at(n)).await), [Action::Reported]);
         }
     }
 
@@ -550,7 +863,7 @@ mod tests {
             ),
         ] {
             let mut w = world(armed(), true);
-            w.inventory.0.push(list);
+            w.inventory.script.push(list);
             if let Some(live) = live {
                 w.live.0.push(live);
             }
@@ -563,82 +876,291 @@ mod tests {
                 "{case}"
             );
             assert_eq!(w.metrics.errors(stage), 1, "{case}");
+            assert_eq!(w.metrics.ticks(TickOutcome::Failed), 1, "{case}");
             assert_eq!(w.metrics.total(OrphanKind::CustomerDatabase), 0, "{case}");
-            assert!(w.reclaimer.0.calls().is_empty(), "{case}");
+            assert!(w.reclaimer.script.calls().is_empty(), "{case}");
         }
     }
 
     #[tokio::test]
     async fn a_candidate_seen_in_fewer_than_n_ticks_is_not_reclaimed() {
         let mut w = world(armed(), true);
-        for expected in [Action::Reported, Action::Reported, Action::Reclaimed] {
-            w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
-            assert_eq!(actions(&w.sweeper.tick(NOW).await), [expected]);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for (n, expected) in [Action::Reported, Action::Reported, Action::Reclaimed]
+            .into_iter()
+            .enumerate()
+        {
+            let report = w.sweeper.tick(at(n as u32)).await;
+            assert_eq!(actions(&report), [expected]);
         }
-        assert_eq!(w.reclaimer.0.calls(), ["cust_orph00000001"]);
+        assert_eq!(w.reclaimer.script.calls(), ["cust_orph00000001"]);
         assert_eq!(w.metrics.reclaims(OrphanKind::CustomerDatabase), 1);
     }
 
+    /// SWEEP-3: the burn-in lives in the state store, so a new process (a CronJob's `--once`, a
+    /// restart) continues it; a period without a completed tick breaks it.
     #[tokio::test]
-    async fn a_failed_tick_restarts_the_count_of_consecutive_sightings() {
-        let mut w = world(armed(), true);
-        for list in [
-            Ok(vec![orphan("orph00000001")]),
-            Ok(vec![orphan("orph00000001")]),
-            Err("glitch"),
-            Ok(vec![orphan("orph00000001")]),
-            Ok(vec![orphan("orph00000001")]),
-        ] {
-            w.inventory.0.push(list);
-            w.sweeper.tick(NOW).await;
+    async fn the_burn_in_survives_a_restart_and_breaks_on_a_failed_period() {
+        let state = MemoryState::new();
+        for n in 0..3 {
+            // A fresh process per tick, as a CronJob runs it.
+            let mut w = world_on(armed(), true, state.clone());
+            w.inventory.set(vec![orphan("orph00000001")]);
+            let report = w.sweeper.tick(at(n)).await;
+            let expected = if n == 2 {
+                Action::Reclaimed
+            } else {
+                Action::Reported
+            };
+            assert_eq!(actions(&report), [expected], "tick {n}");
         }
-        assert!(
-            w.reclaimer.0.calls().is_empty(),
-            "only 2 consecutive sightings"
-        );
+        let mut w = world(armed(), true);
+        w.inventory.set(vec![orphan("orph00000002")]);
+        w.sweeper.tick(at(0)).await;
+        w.sweeper.tick(at(1)).await;
+        w.inventory.script.push(Err("glitch"));
+        w.sweeper.tick(at(2)).await;
+        w.sweeper.tick(at(3)).await;
+        let report = w.sweeper.tick(at(4)).await;
+        assert_eq!(actions(&report), [Action::Reported]);
+        assert_eq!(views(&report)[0].blocked_by, Some(Blocker::BurnIn));
+        assert!(w.reclaimer.script.calls().is_empty());
     }
 
     #[tokio::test]
     async fn a_token_that_turns_live_before_the_reclaim_is_skipped() {
         let mut w = world(armed(), true);
-        for _ in 0..2 {
-            w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
-            w.sweeper.tick(NOW).await;
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for n in 0..2 {
+            w.sweeper.tick(at(n)).await;
         }
-        w.inventory.0.push(Ok(vec![orphan("orph00000001")]));
         w.live.0.push(Ok(vec![])); // detection: not live
         w.live.0.push(Ok(vec!["orph00000001"])); // re-confirmation: live now
-        let report = w.sweeper.tick(NOW).await;
+        let report = w.sweeper.tick(at(2)).await;
         assert_eq!(actions(&report), [Action::SkippedLive]);
-        assert!(w.reclaimer.0.calls().is_empty());
+        assert!(w.reclaimer.script.calls().is_empty());
     }
 
+    /// SWEEP-5: replicas sharing the state run one tick per period; the others skip, at INFO and
+    /// counted.
     #[tokio::test]
-    async fn the_cap_aborts_every_reclaim_of_the_tick_and_still_reports_the_candidates() {
-        let mut w = world(armed(), true);
-        let tokens: Vec<String> = (1..=6).map(|i| format!("orph0000000{i}")).collect();
-        let items: Vec<InventoryItem> = tokens.iter().map(|t| orphan(t)).collect();
-        for _ in 0..3 {
-            w.inventory.0.push(Ok(items.clone()));
-            let report = w.sweeper.tick(NOW).await;
-            assert_eq!(actions(&report).len(), 6);
+    async fn two_replicas_run_one_tick_per_period() {
+        let state = MemoryState::new();
+        let mut a = world_on(audit_only(), true, state.clone());
+        let mut b = world_on(audit_only(), true, state.clone());
+        for w in [&a, &b] {
+            w.inventory.set(vec![orphan("orph00000001")]);
         }
-        assert!(w.reclaimer.0.calls().is_empty());
-        assert_eq!(w.metrics.aborts(), 1);
-        // The fraction cap binds too: 2 eligible among 10 items is over ceil(10% of 10) = 1.
-        let mut w = world(armed(), true);
-        let mut items = vec![orphan("orph00000001"), orphan("orph00000002")];
+        let mut swept = 0;
+        for n in 0..5 {
+            for w in [&mut a, &mut b] {
+                match w.sweeper.tick(at(n)).await {
+                    TickReport::Swept { .. } => swept += 1,
+                    TickReport::Skipped { .. } => {}
+                    other @ (TickReport::Disabled | TickReport::Failed { .. }) => {
+                        panic!("unexpected {other:?}")
+                    }
+                }
+            }
+        }
+        assert_eq!(swept, 5, "one tick per period");
+        let listed = a.inventory.script.calls().len() + b.inventory.script.calls().len();
+        assert_eq!(listed, 5, "a skipped tick reads nothing");
+        assert_eq!(b.metrics.ticks(TickOutcome::Skipped), 5);
+        let total = a.metrics.total(OrphanKind::CustomerDatabase)
+            + b.metrics.total(OrphanKind::CustomerDatabase);
+        assert_eq!(total, 1, "the orphan is counted once, not once per replica");
+    }
+
+    /// SWEEP-5: a replica whose period claim was overtaken stops before its next reclaim.
+    #[tokio::test]
+    async fn a_replica_that_lost_its_period_claim_stops_reclaiming() {
+        let mut w = world(
+            SweepConfig {
+                max_fraction: 1.0,
+                ..armed()
+            },
+            true,
+        );
+        w.inventory
+            .set(vec![aged("orph00000001", 5), aged("orph00000002", 4)]);
+        for n in 0..2 {
+            w.sweeper.tick(at(n)).await;
+        }
+        *w.reclaimer.steal.lock().unwrap() = Some(w.state.clone());
+        let report = w.sweeper.tick(at(2)).await;
+        assert_eq!(actions(&report), [Action::Reclaimed, Action::Stopped]);
+        assert_eq!(w.reclaimer.script.calls(), ["cust_orph00000001"]);
+        assert_eq!(w.metrics.errors(Stage::Fence), 1);
+    }
+
+    /// SWEEP-14: a stop request (SIGTERM) is observed between reclaims.
+    #[tokio::test]
+    async fn a_stop_request_prevents_further_reclaims() {
+        let mut w = world(
+            SweepConfig {
+                max_fraction: 1.0,
+                ..armed()
+            },
+            true,
+        );
+        w.inventory
+            .set(vec![aged("orph00000001", 5), aged("orph00000002", 4)]);
+        for n in 0..2 {
+            w.sweeper.tick(at(n)).await;
+        }
+        w.sweeper.stop_flag().store(true, Ordering::SeqCst);
+        let report = w.sweeper.tick(at(2)).await;
+        assert_eq!(actions(&report), [Action::Stopped, Action::Stopped]);
+        assert!(w.reclaimer.script.calls().is_empty());
+    }
+
+    /// SWEEP-7: the audit-only run predicts the armed run: the same `would_reclaim` and
+    /// `blocked_by` for every candidate, and the armed run reclaims exactly those.
+    #[tokio::test]
+    async fn the_dry_run_reports_exactly_what_the_armed_run_would_do() {
+        let mut items: Vec<InventoryItem> = (1..=7)
+            .map(|i| aged(&format!("orph0000000{i}"), 3 + i64::from(i)))
+            .collect();
+        items.push(protected("prot00000001"));
+        let mut unmanaged = orphan("hand00000001");
+        unmanaged.labels.clear();
+        items.push(unmanaged);
+        items.push(InventoryItem {
+            name: "cust_NOT-A-TOKEN".into(),
+            ..orphan("gene00000001")
+        });
         items.extend((0..8).map(|i| {
             let mut young = orphan(&format!("young000000{i}"));
-            young.created_at = Some(NOW);
+            young.created_at = Some(NOW + HOUR * 3);
             young
         }));
-        for _ in 0..3 {
-            w.inventory.0.push(Ok(items.clone()));
-            w.sweeper.tick(NOW).await;
+        let mut dry = world(audit_only(), true);
+        let mut live = world(armed(), true);
+        for w in [&dry, &live] {
+            w.inventory.set(items.clone());
         }
-        assert!(w.reclaimer.0.calls().is_empty());
-        assert_eq!(w.metrics.aborts(), 1);
+        for n in 0..3 {
+            let predicted = dry.sweeper.tick(at(n)).await;
+            let done = live.sweeper.tick(at(n)).await;
+            let p = views(&predicted);
+            let d = views(&done);
+            assert_eq!(p.len(), d.len());
+            for (p, d) in p.iter().zip(&d) {
+                assert_eq!(
+                    (p.would_reclaim, p.blocked_by),
+                    (d.would_reclaim, d.blocked_by),
+                    "{}",
+                    p.name_masked
+                );
+                assert_eq!(p.action, Action::Reported);
+                assert_eq!(d.action == Action::Reclaimed, d.would_reclaim);
+            }
+        }
+        // Tick 3: 7 confirmed, 5 reclaimed (oldest first), 2 held by the rate limit.
+        let mut reclaimed = live.reclaimer.script.calls();
+        reclaimed.sort();
+        assert_eq!(
+            reclaimed,
+            (3..=7)
+                .map(|i| format!("cust_orph0000000{i}"))
+                .collect::<Vec<_>>()
+        );
+        assert!(dry.reclaimer.script.calls().is_empty());
+        assert_eq!(dry.metrics.blocked_now(Blocker::Cap), 2);
+        assert_eq!(dry.metrics.blocked_now(Blocker::Protected), 1);
+        assert_eq!(dry.metrics.blocked_now(Blocker::Unmanaged), 1);
+        assert_eq!(dry.metrics.blocked_now(Blocker::Generic), 1);
+    }
+
+    /// SWEEP-7: a backlog above the rate limit drains over several ticks instead of aborting
+    /// every tick.
+    #[tokio::test]
+    async fn the_rate_limit_drains_a_backlog_gradually() {
+        let mut w = world(armed(), true);
+        let orphans: Vec<InventoryItem> = (10..22)
+            .map(|i| aged(&format!("orph000000{i}"), i64::from(i)))
+            .collect();
+        let owned: Vec<InventoryItem> = (0..20)
+            .map(|i| {
+                let mut young = orphan(&format!("young00000{i:02}"));
+                young.created_at = Some(NOW + HOUR * 6);
+                young
+            })
+            .collect();
+        let mut remaining = orphans.clone();
+        let mut per_tick = Vec::new();
+        for n in 0..6 {
+            let mut items = remaining.clone();
+            items.extend(owned.clone());
+            w.inventory.set(items);
+            let before = w.reclaimer.script.calls().len();
+            w.sweeper.tick(at(n)).await;
+            let calls = w.reclaimer.script.calls();
+            per_tick.push(calls.len() - before);
+            remaining.retain(|item| !calls.contains(&item.name));
+        }
+        assert_eq!(per_tick, [0, 0, 5, 5, 2, 0]);
+        assert!(remaining.is_empty());
+        assert_eq!(w.metrics.aborts(), 0);
+    }
+
+    /// SWEEP-7: the breaker (more than `max_fraction` of this installation's inventory looks
+    /// orphaned at once) holds everything back, and says so in both modes.
+    #[tokio::test]
+    async fn the_breaker_holds_everything_back_when_too_much_looks_orphaned() {
+        let items: Vec<InventoryItem> = (1..=4)
+            .map(|i| orphan(&format!("orph0000000{i}")))
+            .collect();
+        let mut dry = world(audit_only(), true);
+        let mut live = world(armed(), true);
+        for w in [&dry, &live] {
+            w.inventory.set(items.clone());
+        }
+        for n in 0..3 {
+            dry.sweeper.tick(at(n)).await;
+            live.sweeper.tick(at(n)).await;
+        }
+        assert!(live.reclaimer.script.calls().is_empty());
+        assert_eq!(live.metrics.aborts(), 1);
+        assert_eq!(dry.metrics.aborts(), 1, "evaluated in the dry run too");
+        assert_eq!(dry.metrics.blocked_now(Blocker::Breaker), 4);
+    }
+
+    /// SWEEP-2: a reclaim the chokepoint refused is quarantined in the durable state and never
+    /// attempted again, so it is audited once.
+    #[tokio::test]
+    async fn a_refused_reclaim_is_quarantined_and_never_retried() {
+        let mut w = world(armed(), true);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        w.reclaimer.script.push("refused");
+        for n in 0..8 {
+            w.sweeper.tick(at(n)).await;
+        }
+        assert_eq!(w.reclaimer.script.calls().len(), 1);
+        let report = w.sweeper.tick(at(8)).await;
+        assert_eq!(views(&report)[0].blocked_by, Some(Blocker::Quarantined));
+        assert!(report.needs_attention() || views(&report)[0].action == Action::Reported);
+    }
+
+    /// SWEEP-4: a terminating namespace is reported and tracked, never eligible, never sent to
+    /// the chokepoint again, and not counted by the breaker.
+    #[tokio::test]
+    async fn a_terminating_object_is_neither_eligible_nor_reclaimed_again() {
+        let mut w = world(armed(), true);
+        let mut stuck = orphan("stck00000001");
+        stuck.terminating = true;
+        w.inventory.set(vec![stuck, orphan("orph00000001")]);
+        for n in 0..5 {
+            w.sweeper.tick(at(n)).await;
+        }
+        let calls = w.reclaimer.script.calls();
+        assert!(!calls.is_empty(), "the other orphan is reclaimed");
+        assert!(
+            calls.iter().all(|name| name == "cust_orph00000001"),
+            "{calls:?}"
+        );
+        assert_eq!(w.metrics.blocked_now(Blocker::Terminating), 1);
     }
 
     #[tokio::test]
@@ -648,33 +1170,46 @@ mod tests {
             name: "cust_NOT-A-TOKEN".into(),
             ..orphan("orph00000009")
         };
-        for _ in 0..4 {
-            w.inventory
-                .0
-                .push(Ok(vec![protected("prot00000001"), generic.clone()]));
-            let report = w.sweeper.tick(NOW).await;
+        w.inventory
+            .set(vec![protected("prot00000001"), generic.clone()]);
+        for n in 0..4 {
+            let report = w.sweeper.tick(at(n)).await;
             assert_eq!(actions(&report), [Action::Reported, Action::Reported]);
         }
-        assert!(w.reclaimer.0.calls().is_empty());
+        assert!(w.reclaimer.script.calls().is_empty());
         assert_eq!(w.metrics.current(OrphanKind::Generic), 1);
+    }
+
+    /// SWEEP-3 (d): lifting protection starts the burn-in then; protected sightings never count.
+    #[tokio::test]
+    async fn lifting_protection_starts_the_burn_in_then() {
+        let mut w = world(armed(), true);
+        w.inventory.set(vec![protected("prot00000001")]);
+        for n in 0..4 {
+            w.sweeper.tick(at(n)).await;
+        }
+        w.inventory.set(vec![orphan("prot00000001")]);
+        for n in 4..6 {
+            let report = w.sweeper.tick(at(n)).await;
+            assert_eq!(
+                views(&report)[0].blocked_by,
+                Some(Blocker::BurnIn),
+                "tick {n}"
+            );
+        }
+        let report = w.sweeper.tick(at(6)).await;
+        assert_eq!(actions(&report), [Action::Reclaimed]);
     }
 
     #[tokio::test]
     async fn the_current_gauge_falls_to_zero_when_the_backlog_drains() {
-        let mut w = world(
-            SweepConfig {
-                enabled: true,
-                ..SweepConfig::default()
-            },
-            false,
-        );
+        let mut w = world(audit_only(), false);
         w.inventory
-            .0
-            .push(Ok(vec![orphan("orph00000001"), orphan("orph00000002")]));
-        w.sweeper.tick(NOW).await;
+            .set(vec![orphan("orph00000001"), orphan("orph00000002")]);
+        w.sweeper.tick(at(0)).await;
         assert_eq!(w.metrics.current(OrphanKind::CustomerDatabase), 2);
-        w.inventory.0.push(Ok(vec![]));
-        w.sweeper.tick(NOW).await;
+        w.inventory.set(vec![]);
+        w.sweeper.tick(at(1)).await;
         assert_eq!(w.metrics.current(OrphanKind::CustomerDatabase), 0);
         assert_eq!(w.metrics.total(OrphanKind::CustomerDatabase), 2);
     }
@@ -720,7 +1255,8 @@ mod tests {
             "prot00000001",
             "live00000001",
         ];
-        // Every path that logs: reclaim, protected, live skip at re-confirmation, cap, failures.
+        // Every path that logs: reclaim, protected, live skip at re-confirmation, breaker,
+        // refusal, failures, skips.
         let mut w = world(
             SweepConfig {
                 max_fraction: 1.0,
@@ -728,34 +1264,42 @@ mod tests {
             },
             true,
         );
-        let items = vec![orphan(tokens[0]), protected(tokens[2]), orphan(tokens[3])];
-        for _ in 0..2 {
-            w.inventory.0.push(Ok(items.clone()));
-            w.sweeper.tick(NOW).await;
+        let items = vec![
+            orphan(tokens[0]),
+            protected(tokens[2]),
+            orphan(tokens[3]),
+            orphan(tokens[1]),
+        ];
+        w.inventory.set(items.clone());
+        for n in 0..2 {
+            w.sweeper.tick(at(n)).await;
         }
-        w.inventory.0.push(Ok(items.clone()));
         w.live.0.push(Ok(vec![])); // detection
         w.live.0.push(Ok(vec![])); // re-confirm tokens[0]: reclaimed
         w.live.0.push(Ok(vec![tokens[3]])); // re-confirm tokens[3]: live now
-        w.sweeper.tick(NOW).await;
-        w.inventory.0.push(Err("no route to host"));
-        w.sweeper.tick(NOW).await;
-        w.inventory.0.push(Ok(items.clone()));
+        w.reclaimer.script.push("ok");
+        w.reclaimer.script.push("refused");
+        w.sweeper.tick(at(2)).await;
+        w.sweeper.tick(at(2)).await;
+        w.inventory.script.push(Err("no route to host"));
+        w.sweeper.tick(at(3)).await;
         w.live.0.push(Err("statement timeout"));
-        w.sweeper.tick(NOW).await;
+        w.sweeper.tick(at(4)).await;
         let mut capped = world(armed(), true);
         let many: Vec<InventoryItem> = (1..=6)
             .map(|i| orphan(&format!("many0000000{i}")))
             .collect();
-        for _ in 0..3 {
-            capped.inventory.0.push(Ok(many.clone()));
-            capped.sweeper.tick(NOW).await;
+        capped.inventory.set(many);
+        for n in 0..3 {
+            capped.sweeper.tick(at(n)).await;
         }
 
         let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert!(logs.contains("orphan reclaimed"), "{logs}");
-        assert!(logs.contains("cap exceeded"), "{logs}");
+        assert!(logs.contains("circuit breaker"), "{logs}");
         assert!(logs.contains("turned live"), "{logs}");
+        assert!(logs.contains("refused the reclaim"), "{logs}");
+        assert!(logs.contains("already claimed"), "{logs}");
         let mut all: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
         all.extend((1..=6).map(|i| format!("many0000000{i}")));
         for token in &all {

@@ -325,9 +325,9 @@ impl ResourceStore for PgResourceStore {
             Option<String>,
             bool,
         ) = sqlx::query_as(
-            "SELECT i.id, r.id, r.team_id, r.status, \
+            "SELECT keel_installation_id(), r.id, r.team_id, r.status, \
                     EXISTS (SELECT 1 FROM reclaim_protections p WHERE p.token_digest = $1) \
-               FROM keel_installation i \
+               FROM (SELECT 1) one \
                LEFT JOIN LATERAL ( \
                     SELECT id, team_id, status FROM resources \
                      WHERE token_digest = $1 \
@@ -571,10 +571,10 @@ pub struct PgClusterBackend {
     installation: Option<InstallationId>,
 }
 
-/// This installation's id, from its platform database (`keel_installation`, created once by the
-/// migrations).
+/// This installation's id, from its platform database (`keel_installation`, created on first use
+/// and never changed).
 pub async fn installation_id(pool: &PgPool) -> Result<InstallationId, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM keel_installation")
+    sqlx::query_scalar("SELECT keel_installation_id()")
         .fetch_one(pool)
         .await
         .map(InstallationId::from_uuid)

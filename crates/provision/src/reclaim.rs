@@ -2,7 +2,7 @@
 //! reads, fresh, immediately before it may destroy a backend object no live resource owns.
 //!
 //! - **Installation.** Each installation (one platform database) has an [`InstallationId`],
-//!   created once by a migration (`keel_installation`). keel-provision stamps it on every object
+//!   created once, on first use, in its platform database (`keel_installation`). keel-provision stamps it on every object
 //!   it creates ([`INSTALLATION_LABEL`] in a database's COMMENT and on a namespace).
 //! - **Ownership is platform-held.** An object is this installation's only when its platform
 //!   database holds a `resources` row for its token (any status): a stamp alone proves nothing

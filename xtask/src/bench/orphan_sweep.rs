@@ -3,7 +3,7 @@
 //! one query per token, in the same run on the same Postgres. Prints time per tick and the
 //! process's peak resident memory growth during each.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,9 +12,10 @@ use anyhow::{Context, ensure};
 use keel_orphan_sweep::postgres::PgLiveTokens;
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens,
-    LiveTokensError, Reclaimer, SweepConfig, SweepMetrics, Sweeper, TickReport,
+    LiveTokensError, MemoryState, Reclaimer, Standings, SweepConfig, SweepMetrics, Sweeper,
+    TickReport,
 };
-use keel_provision::{Provisioner, TokenDigest};
+use keel_provision::{InstallationId, Provisioner, TokenDigest};
 use keel_testkit::PgServer;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
@@ -38,25 +39,30 @@ impl Inventory for Listed {
 struct PerToken(PgPool);
 
 impl LiveTokens for PerToken {
-    async fn live_among(
-        &self,
-        digests: &[TokenDigest],
-    ) -> Result<HashSet<TokenDigest>, LiveTokensError> {
-        let mut live = HashSet::new();
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
+        let installation: uuid::Uuid = sqlx::query_scalar("SELECT keel_installation_id()")
+            .fetch_one(&self.0)
+            .await
+            .map_err(|e| LiveTokensError(Box::new(e)))?;
+        let mut standings = Standings::empty(InstallationId::from_uuid(installation));
         for token in digests {
-            let is_live: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM resources WHERE token_digest = $1 \
-                   AND status IN ('pending', 'active', 'paused', 'suspended'))",
+            let (owned, live): (bool, bool) = sqlx::query_as(
+                "SELECT EXISTS (SELECT 1 FROM resources WHERE token_digest = $1), \
+                        EXISTS (SELECT 1 FROM resources WHERE token_digest = $1 \
+                                   AND status NOT IN ('deleted', 'failed'))",
             )
             .bind(token.as_str())
             .fetch_one(&self.0)
             .await
             .map_err(|e| LiveTokensError(Box::new(e)))?;
-            if is_live {
-                live.insert(token.clone());
+            if owned {
+                standings.owned.insert(token.clone());
+            }
+            if live {
+                standings.live.insert(token.clone());
             }
         }
-        Ok(live)
+        Ok(standings)
     }
 }
 
@@ -81,7 +87,7 @@ fn rss_kib() -> u64 {
 
 /// Runs one tick while sampling resident memory; returns (elapsed, peak growth in KiB, report).
 async fn measured_tick<L: LiveTokens, R: Reclaimer>(
-    sweeper: &mut Sweeper<Listed, L, R>,
+    sweeper: &mut Sweeper<Listed, L, R, MemoryState>,
     now: OffsetDateTime,
 ) -> (Duration, u64, TickReport) {
     let before = rss_kib();
@@ -111,7 +117,7 @@ async fn measured_tick<L: LiveTokens, R: Reclaimer>(
 fn candidates(report: &TickReport) -> usize {
     match report {
         TickReport::Swept { candidates, .. } => candidates.len(),
-        TickReport::Disabled | TickReport::Failed { .. } => 0,
+        TickReport::Disabled | TickReport::Skipped { .. } | TickReport::Failed { .. } => 0,
     }
 }
 
@@ -173,6 +179,7 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
                         keel_orphan_sweep::MANAGED_BY.to_owned(),
                     )]),
                     annotations: BTreeMap::new(),
+                    terminating: false,
                 }
             })
             .collect();
@@ -196,13 +203,16 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
             Listed(inventory.clone()),
             PgLiveTokens::new(pool.clone()),
             None::<NoReclaimer>,
+            MemoryState::new(),
             config.clone(),
             SweepMetrics::register(&mut Registry::default()),
             key.clone(),
         );
         let mut keel_runs = Vec::new();
-        for _ in 0..3 {
-            let (elapsed, grown, report) = measured_tick(&mut keel, now).await;
+        for n in 0..3 {
+            // One tick per hourly period (a second tick in the same period is skipped).
+            let at = now + time::Duration::hours(n);
+            let (elapsed, grown, report) = measured_tick(&mut keel, at).await;
             ensure!(
                 candidates(&report) == expected,
                 "Keel found {} candidates, expected {expected}",
@@ -214,6 +224,7 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
             Listed(inventory),
             PerToken(pool.clone()),
             None::<NoReclaimer>,
+            MemoryState::new(),
             config,
             SweepMetrics::register(&mut Registry::default()),
             key,

@@ -1,16 +1,18 @@
 //! Integration tests for keel-orphan-sweep against a real Postgres: the customer-database
-//! inventory, the live-token read, the single-flight lock, and a reclaim through keel-provision's
-//! chokepoint.
+//! inventory, the standing read, the durable state, the single-flight lock, a reclaim through
+//! keel-provision's chokepoint, and two installations sharing one cluster.
+
+mod installations;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use keel_audit::postgres::{AuditFilter, fetch};
 use keel_audit::{Actor, AuditKind, RequestId, ResourceType, TeamId, Tier};
-use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, TickLock};
+use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, PgSweepState, TickLock};
 use keel_orphan_sweep::{
-    Action, FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource,
-    LiveTokens as _, SweepConfig, SweepMetrics, Sweeper, TickReport,
+    Action, Blocker, FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource,
+    LiveTokens as _, SweepConfig, SweepMetrics, SweepState as _, Sweeper, TickReport,
 };
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{
@@ -23,9 +25,9 @@ use time::OffsetDateTime;
 
 /// The real inventory, narrowed to the databases this test made: tests share one server, and
 /// each test's live tokens are in its own database.
-struct Scoped {
-    inner: PgDatabaseInventory,
-    names: HashSet<String>,
+pub(crate) struct Scoped {
+    pub(crate) inner: PgDatabaseInventory,
+    pub(crate) names: HashSet<String>,
 }
 
 impl Inventory for Scoped {
@@ -42,7 +44,7 @@ impl Inventory for Scoped {
     }
 }
 
-type PgProvisioner = Provisioner<PgResourceStore, PgClusterBackend>;
+pub(crate) type PgProvisioner = Provisioner<PgResourceStore, PgClusterBackend>;
 
 struct Fixture {
     db: TestDatabase,
@@ -50,8 +52,37 @@ struct Fixture {
     live: BackendName,
     orphan: BackendName,
     protected: BackendName,
+    stranger: BackendName,
     generic: String,
     legacy: String,
+}
+
+pub(crate) fn request(team: TeamId) -> ProvisionRequest {
+    ProvisionRequest {
+        team_id: team,
+        resource_type: ResourceType::Postgres,
+        tier: Tier::parse("pro").unwrap(),
+        request_id: RequestId::parse("req-live").unwrap(),
+        actor: Actor::parse("api").unwrap(),
+    }
+}
+
+/// A provisioned database whose row is then deleted: an orphan its installation owns.
+pub(crate) async fn dead(
+    provisioner: &PgProvisioner,
+    pool: &sqlx::PgPool,
+    team: TeamId,
+) -> BackendName {
+    let provisioned = provisioner
+        .provision(request(team), OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE resources SET status = 'deleted', deleted_at = now() WHERE id = $1")
+        .bind(provisioned.id().as_uuid())
+        .execute(pool)
+        .await
+        .unwrap();
+    BackendName::for_resource(ResourceType::Postgres, provisioned.token())
 }
 
 async fn fixture() -> Fixture {
@@ -63,26 +94,18 @@ async fn fixture() -> Fixture {
         ProvisionMetrics::register(&mut Registry::default()),
     );
     let live = provisioner
-        .provision(
-            ProvisionRequest {
-                team_id: team,
-                resource_type: ResourceType::Postgres,
-                tier: Tier::parse("pro").unwrap(),
-                request_id: RequestId::parse("req-live").unwrap(),
-                actor: Actor::parse("api").unwrap(),
-            },
-            OffsetDateTime::now_utc(),
-        )
+        .provision(request(team), OffsetDateTime::now_utc())
         .await
         .unwrap();
     let live = BackendName::for_resource(ResourceType::Postgres, live.token());
     let tier = Tier::parse("pro").unwrap();
-    let orphan = BackendName::for_resource(ResourceType::Postgres, &new_token());
-    provisioner.backend().create(&orphan, &tier).await.unwrap();
-    let protected = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    let orphan = dead(&provisioner, db.pool(), team).await;
+    let protected = dead(&provisioner, db.pool(), team).await;
+    // Made with the platform's labels, but no row of this installation owns it.
+    let stranger = BackendName::for_resource(ResourceType::Postgres, &new_token());
     provisioner
         .backend()
-        .create(&protected, &tier)
+        .create(&stranger, &tier)
         .await
         .unwrap();
     let comment = format!(
@@ -115,6 +138,7 @@ async fn fixture() -> Fixture {
         live,
         orphan,
         protected,
+        stranger,
         generic,
         legacy,
     }
@@ -128,6 +152,7 @@ impl Fixture {
                 self.live.expose(),
                 self.orphan.expose(),
                 self.protected.expose(),
+                self.stranger.expose(),
                 &self.generic,
                 &self.legacy,
             ]
@@ -137,11 +162,15 @@ impl Fixture {
         }
     }
 
-    fn sweeper(&self, config: SweepConfig) -> Sweeper<Scoped, PgLiveTokens, &PgProvisioner> {
+    fn sweeper(
+        &self,
+        config: SweepConfig,
+    ) -> Sweeper<Scoped, PgLiveTokens, &PgProvisioner, PgSweepState> {
         Sweeper::new(
             self.inventory(),
             PgLiveTokens::new(self.db.pool().clone()),
             Some(&self.provisioner),
+            PgSweepState::new(self.db.pool().clone(), "it"),
             config,
             SweepMetrics::register(&mut Registry::default()),
             FingerprintKey::new(*b"integration-test-key").unwrap(),
@@ -157,9 +186,27 @@ impl Fixture {
     }
 }
 
-/// Past the grace window of every database the fixture made.
-fn later() -> OffsetDateTime {
-    OffsetDateTime::now_utc() + time::Duration::hours(2)
+/// A configuration for tests: one-second periods, no grace, no skew, no burn-in duration.
+pub(crate) fn quick(enabled: bool, destructive: bool) -> SweepConfig {
+    SweepConfig {
+        enabled,
+        destructive,
+        grace: Duration::ZERO,
+        skew: Duration::ZERO,
+        interval: Duration::from_secs(1),
+        confirm_ticks: 2,
+        burn_in: Duration::ZERO,
+        max_reclaims: 100,
+        max_fraction: 1.0,
+    }
+}
+
+/// Waits into the next one-second period, just past its start (the state store's periods follow
+/// the database's clock, which is this machine's).
+pub(crate) async fn next_period() {
+    let into_second = OffsetDateTime::now_utc().nanosecond();
+    let rest = Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(into_second)));
+    tokio::time::sleep(rest + Duration::from_millis(50)).await;
 }
 
 fn by_name(report: &TickReport) -> Vec<(String, &'static str, bool, Action)> {
@@ -178,17 +225,18 @@ fn by_name(report: &TickReport) -> Vec<(String, &'static str, bool, Action)> {
 async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops_nothing() {
     let f = fixture().await;
     let items = f.inventory().list().await.unwrap();
-    assert_eq!(items.len(), 5);
+    assert_eq!(items.len(), 6);
     let legacy = items.iter().find(|i| i.name == f.legacy).unwrap();
     assert!(legacy.created_at.is_some(), "age from the database's files");
-    let mut sweeper = f.sweeper(SweepConfig {
-        enabled: true,
-        ..SweepConfig::default()
-    });
-    let report = sweeper.tick(later()).await;
+    let mut sweeper = f.sweeper(quick(true, false));
+    let mut report = sweeper.tick(OffsetDateTime::now_utc()).await;
+    for _ in 0..3 {
+        next_period().await;
+        report = sweeper.tick(OffsetDateTime::now_utc()).await;
+    }
     let rows = by_name(&report);
     let masked: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows.len(), 5, "{rows:?}");
     assert!(
         !masked.contains(&f.live.masked().as_str()),
         "the live database is no orphan"
@@ -201,33 +249,62 @@ async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops
         rows.iter().any(|r| r.2),
         "the protected one is reported as protected"
     );
+    let TickReport::Swept { candidates, .. } = &report else {
+        unreachable!()
+    };
+    let blocker_of = |name: &BackendName| {
+        candidates
+            .iter()
+            .find(|c| c.name_masked == name.masked())
+            .map(|c| (c.would_reclaim, c.blocked_by))
+    };
+    assert_eq!(
+        blocker_of(&f.orphan),
+        Some((true, None)),
+        "the dry run predicts it"
+    );
+    assert_eq!(
+        blocker_of(&f.protected),
+        Some((false, Some(Blocker::Protected)))
+    );
+    assert_eq!(
+        blocker_of(&f.stranger),
+        Some((false, Some(Blocker::Unowned)))
+    );
     for name in [
         f.orphan.expose(),
         f.protected.expose(),
+        f.stranger.expose(),
         &f.generic,
         &f.legacy,
     ] {
         assert!(f.exists(name).await, "audit-only dropped something");
     }
-    // Within the grace window nothing is a candidate.
-    let report = sweeper.tick(OffsetDateTime::now_utc()).await;
+    // With the default grace window nothing is a candidate yet.
+    let mut sweeper = f.sweeper(SweepConfig {
+        interval: Duration::from_secs(1),
+        ..quick(true, false)
+    });
+    let mut sweeper_default_grace = f.sweeper(SweepConfig {
+        grace: Duration::from_secs(3600),
+        ..quick(true, false)
+    });
+    next_period().await;
+    let report = sweeper_default_grace.tick(OffsetDateTime::now_utc()).await;
     assert!(by_name(&report).is_empty(), "{report:?}");
+    // The same period is not run twice.
+    let again = sweeper.tick(OffsetDateTime::now_utc()).await;
+    assert!(matches!(again, TickReport::Skipped { .. }), "{again:?}");
 }
 
 #[tokio::test]
 async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovisioned_row() {
     let f = fixture().await;
-    let mut sweeper = f.sweeper(SweepConfig {
-        enabled: true,
-        destructive: true,
-        confirm_ticks: 2,
-        max_fraction: 1.0,
-        grace: Duration::from_secs(3600),
-        ..SweepConfig::default()
-    });
-    sweeper.tick(later()).await;
+    let mut sweeper = f.sweeper(quick(true, true));
+    sweeper.tick(OffsetDateTime::now_utc()).await;
     assert!(f.exists(f.orphan.expose()).await, "seen once is not enough");
-    let report = sweeper.tick(later()).await;
+    next_period().await;
+    let report = sweeper.tick(OffsetDateTime::now_utc()).await;
     let reclaimed: Vec<_> = by_name(&report)
         .into_iter()
         .filter(|r| r.3 == Action::Reclaimed)
@@ -245,6 +322,7 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovision
     );
     assert!(f.exists(f.live.expose()).await, "live: kept");
     assert!(f.exists(f.protected.expose()).await, "protected: kept");
+    assert!(f.exists(f.stranger.expose()).await, "no owning row: kept");
     assert!(f.exists(&f.generic).await, "generic: kept");
     let mut conn = f.db.pool().acquire().await.unwrap();
     let audit = fetch(
@@ -263,12 +341,51 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovision
             keel_orphan_sweep::SWEEP_ACTOR
         );
         assert_eq!(stored.event.attributes().get("reason"), Some("orphan"));
+        assert_eq!(
+            stored.event.attributes().get("token_fingerprint"),
+            Some(f.orphan.digest().as_str())
+        );
     }
+}
+
+/// SWEEP-3, SWEEP-5: the burn-in and the period claims live in the platform database: a second
+/// process (a CronJob's next `--once`) continues the first one's burn-in, and a period already
+/// run is skipped.
+#[tokio::test]
+async fn the_burn_in_is_durable_across_processes_and_a_period_runs_once() {
+    let f = fixture().await;
+    f.sweeper(quick(true, true))
+        .tick(OffsetDateTime::now_utc())
+        .await;
+    let skipped = f
+        .sweeper(quick(true, true))
+        .tick(OffsetDateTime::now_utc())
+        .await;
+    assert!(matches!(skipped, TickReport::Skipped { .. }), "{skipped:?}");
+    assert!(f.exists(f.orphan.expose()).await);
+    next_period().await;
+    let report = f
+        .sweeper(quick(true, true))
+        .tick(OffsetDateTime::now_utc())
+        .await;
     assert!(
-        audit
+        by_name(&report)
             .iter()
-            .any(|s| s.event.attributes().get("provider_id") == Some(f.orphan.masked().as_str()))
+            .any(|r| r.0 == f.orphan.masked() && r.3 == Action::Reclaimed),
+        "{report:?}"
     );
+    let state = PgSweepState::new(f.db.pool().clone(), "it");
+    let sightings = state.sightings(InventorySource::Postgres).await.unwrap();
+    assert!(!sightings.is_empty());
+    for sighting in &sightings {
+        let (kind, digest) = sighting.key.split_once(':').unwrap();
+        assert!(
+            ["customer_database", "generic"].contains(&kind),
+            "{}",
+            sighting.key
+        );
+        assert_eq!(digest.len(), 48, "keyed by digest, never by name");
+    }
 }
 
 #[tokio::test]
@@ -303,19 +420,84 @@ async fn live_tokens_are_the_non_terminal_statuses_read_in_one_query() {
     tokens.push(unknown);
     // Asked by digest: the SQL digest of each stored token is the one names carry.
     let digests: Vec<TokenDigest> = tokens.iter().map(TokenDigest::of).collect();
-    let live = PgLiveTokens::new(db.pool().clone())
-        .live_among(&digests)
+    let standings = PgLiveTokens::new(db.pool().clone())
+        .standing_among(&digests)
         .await
         .unwrap();
     let expected: HashSet<TokenDigest> = digests[..4].iter().cloned().collect();
-    assert_eq!(live, expected);
-    assert!(
-        PgLiveTokens::new(db.pool().clone())
-            .live_among(&[])
+    assert_eq!(standings.live, expected);
+    let owned: HashSet<TokenDigest> = digests[..6].iter().cloned().collect();
+    assert_eq!(standings.owned, owned, "any row proves ownership");
+    let empty = PgLiveTokens::new(db.pool().clone())
+        .standing_among(&[])
+        .await
+        .unwrap();
+    assert!(empty.live.is_empty() && empty.owned.is_empty());
+    assert_eq!(
+        empty.installation,
+        keel_provision::postgres::installation_id(db.pool())
             .await
             .unwrap()
-            .is_empty()
     );
+}
+
+/// SWEEP-10: liveness is "not terminal", so it matches `ResourceStatus::is_live` for every
+/// status the schema allows, and a status added to the schema later counts as live (fails
+/// closed) until the code learns it.
+#[tokio::test]
+async fn the_sql_liveness_list_matches_resource_status_is_live() {
+    let db = keel_testkit::database().await;
+    let team = TeamId::from_uuid(db.team("pro").await);
+    let check: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'resources_status_check'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let mut statuses: Vec<String> = check
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        statuses.len(),
+        keel_provision::ResourceStatus::ALL.len(),
+        "{check}"
+    );
+    sqlx::raw_sql(
+        "ALTER TABLE resources DROP CONSTRAINT resources_status_check; \
+         ALTER TABLE resources ADD CONSTRAINT resources_status_check CHECK (status IN \
+           ('pending', 'active', 'paused', 'suspended', 'deleted', 'failed', 'restoring'))",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    statuses.push("restoring".to_owned());
+    let mut digests = Vec::new();
+    for status in &statuses {
+        let token = new_token();
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                    provider_resource_id, connection_url, deleted_at) \
+             VALUES (gen_random_uuid(), $1, $2, 'postgres', 'pro', $3, 'p', 'u', now())",
+        )
+        .bind(token.expose())
+        .bind(team.as_uuid())
+        .bind(status)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        digests.push(TokenDigest::of(&token));
+    }
+    let standings = PgLiveTokens::new(db.pool().clone())
+        .standing_among(&digests)
+        .await
+        .unwrap();
+    for (status, digest) in statuses.iter().zip(&digests) {
+        let expected = keel_provision::ResourceStatus::parse(status).is_none_or(|s| s.is_live());
+        assert_eq!(standings.live.contains(digest), expected, "{status}");
+    }
 }
 
 #[tokio::test]

@@ -55,7 +55,7 @@ async fn orphan_rows(h: &Harness, kind: AuditKind) -> usize {
 async fn an_object_of_another_installation_is_never_reclaimed() {
     let h = harness().await;
     let (name, _) = dead_orphan(&h).await;
-    let theirs = InstallationId::from_uuid(uuid::Uuid::from_u128(0x5747_4147_494e_47));
+    let theirs = InstallationId::from_uuid(uuid::Uuid::from_u128(0x0057_4741_4749_4e47));
     set_comment(
         &h,
         &name,
