@@ -25,6 +25,7 @@ const REQUIRED_ALERTS: &[(&str, &str)] = &[
     ("KeelOrphanBacklog", "orphan backlog > 0 for 1h"),
     ("KeelOrphanBacklogHigh", "orphan backlog > 25"),
     ("KeelOrphanSweepFailing", "sweep tick failures"),
+    ("KeelOrphanSweepStalled", "enabled sweep completes no tick"),
     ("KeelRaterAttention", "rater exit 2"),
     ("KeelRaterFailed", "rater failed"),
     ("KeelRaterNotRun", "rater not run for 2h"),

@@ -177,6 +177,26 @@ pub struct Sweeper<I, L, R, S> {
     stop: Arc<AtomicBool>,
 }
 
+/// Whether a candidate is another installation's or not provably this one's: reported in the
+/// review list and in `blocked_current`, but not counted as this installation's orphan backlog
+/// (so two installations sharing a cluster do not page each other).
+fn not_ours(blocker: Option<Blocker>) -> bool {
+    match blocker {
+        Some(Blocker::ForeignInstallation | Blocker::Unowned) => true,
+        Some(
+            Blocker::Generic
+            | Blocker::Terminating
+            | Blocker::Unmanaged
+            | Blocker::Protected
+            | Blocker::Quarantined
+            | Blocker::BurnIn
+            | Blocker::Cap
+            | Blocker::Breaker,
+        )
+        | None => false,
+    }
+}
+
 /// One candidate's place in a tick.
 struct Row {
     candidate: Candidate,
@@ -327,7 +347,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     now,
                     static_blocker.is_none(),
                 );
-                if new {
+                if new && !not_ours(static_blocker) {
                     *new_per_kind.entry(candidate.kind).or_default() += 1;
                 }
                 let blocked_by = static_blocker.or_else(|| {
@@ -392,7 +412,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let counts: Vec<(OrphanKind, u64, u64)> = OrphanKind::ALL
             .iter()
             .map(|&kind| {
-                let current = rows.iter().filter(|r| r.candidate.kind == kind).count() as u64;
+                let current = rows
+                    .iter()
+                    .filter(|r| r.candidate.kind == kind && !not_ours(r.candidate.static_blocker()))
+                    .count() as u64;
                 (kind, current, new_per_kind.get(&kind).copied().unwrap_or(0))
             })
             .collect();
@@ -1141,6 +1164,24 @@ mod tests {
         let report = w.sweeper.tick(at(8)).await;
         assert_eq!(views(&report)[0].blocked_by, Some(Blocker::Quarantined));
         assert!(report.needs_attention() || views(&report)[0].action == Action::Reported);
+    }
+
+    /// SWEEP-6: another installation's objects (and objects this one has no row for) are
+    /// reported with their blocker but are not this installation's backlog.
+    #[tokio::test]
+    async fn foreign_objects_are_reported_but_not_counted_as_this_installations_backlog() {
+        let mut w = world(audit_only(), false);
+        let mut foreign = orphan("frgn00000001");
+        foreign.labels.insert(
+            keel_provision::INSTALLATION_LABEL.into(),
+            InstallationId::from_uuid(uuid::Uuid::from_u128(2)).to_string(),
+        );
+        w.inventory.set(vec![foreign, orphan("orph00000001")]);
+        let report = w.sweeper.tick(at(0)).await;
+        assert_eq!(views(&report).len(), 2);
+        assert_eq!(w.metrics.current(OrphanKind::CustomerDatabase), 1);
+        assert_eq!(w.metrics.total(OrphanKind::CustomerDatabase), 1);
+        assert_eq!(w.metrics.blocked_now(Blocker::ForeignInstallation), 1);
     }
 
     /// SWEEP-4: a terminating namespace is reported and tracked, never eligible, never sent to
