@@ -782,6 +782,47 @@ mod tests {
         );
     }
 
+    /// SWEEP-4: the orphan reclaim's pre-flight reports a namespace stuck terminating, so the
+    /// chokepoint answers "already being deleted" without an audit row or a second DELETE.
+    #[tokio::test]
+    async fn preflight_reports_a_terminating_namespace() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut terminating = keel_metadata();
+        terminating["metadata"]["deletionTimestamp"] = json!("2026-01-12T10:00:00Z");
+        let found = with_backend(
+            vec![get_metadata(StatusCode::OK, terminating)],
+            async |backend| backend.preflight(&name).await,
+        )
+        .await
+        .unwrap();
+        assert_eq!(found, Preflight::Terminating);
+    }
+
+    /// SWEEP-1, SWEEP-9: the pre-flight reads the installation stamp and a protect mark of any
+    /// value but `false`.
+    #[tokio::test]
+    async fn preflight_reads_the_installation_stamp_and_the_protect_mark() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut marked = keel_metadata();
+        marked["metadata"]["labels"][INSTALLATION_LABEL] =
+            json!("0c5a9a2e-9f1e-4a53-9d59-3b0a7c1e2f10");
+        marked["metadata"]["annotations"] = json!({ PROTECT_ANNOTATION: "yes" });
+        let found = with_backend(
+            vec![get_metadata(StatusCode::OK, marked)],
+            async |backend| backend.preflight(&name).await,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            found,
+            Preflight::Present(ObjectFacts {
+                platform_made: true,
+                protected: true,
+                installation: Some("0c5a9a2e-9f1e-4a53-9d59-3b0a7c1e2f10".to_owned()),
+            })
+        );
+    }
+
     #[tokio::test]
     async fn teardown_deletes_a_keel_namespace() {
         let name = namespace_name(ResourceType::Redis);

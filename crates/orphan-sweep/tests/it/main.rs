@@ -441,6 +441,25 @@ async fn live_tokens_are_the_non_terminal_statuses_read_in_one_query() {
     );
 }
 
+/// SWEEP-12: ages are measured on the platform database's clock (the period claim's), not on
+/// the sweeper host's: a host clock ten days fast makes nothing old.
+#[tokio::test]
+async fn ages_are_measured_on_the_platform_databases_clock() {
+    let f = fixture().await;
+    let mut sweeper = f.sweeper(SweepConfig {
+        grace: Duration::from_secs(3600),
+        ..quick(true, true)
+    });
+    let fast = OffsetDateTime::now_utc() + time::Duration::days(10);
+    let report = sweeper.tick(fast).await;
+    let rows = by_name(&report);
+    assert!(
+        rows.iter().all(|r| r.0 != f.orphan.masked()),
+        "a database made a moment ago is no candidate: {rows:?}"
+    );
+    assert!(f.exists(f.orphan.expose()).await);
+}
+
 /// SWEEP-10: liveness is "not terminal", so it matches `ResourceStatus::is_live` for every
 /// status the schema allows, and a status added to the schema later counts as live (fails
 /// closed) until the code learns it.
