@@ -205,6 +205,10 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let docs = args.docs_base.clone();
     let pool = keel_service::connect(&args.db, "keel-provision-api", args.max_connections).await?;
+    // This installation's id, stamped on every object created (keel.dev/installation).
+    let installation = keel_provision::postgres::installation_id(&pool)
+        .await
+        .context("could not read this installation's id (run `migrate`)")?;
     let cluster = args
         .cluster_database_url
         .as_ref()
@@ -221,10 +225,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let client = kube::Client::try_default()
             .await
             .context("could not configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
-        Some(keel_provision::kube::KubeNamespaceBackend::new(
-            client,
-            args.kube_connection_base,
-        ))
+        Some(
+            keel_provision::kube::KubeNamespaceBackend::new(client, args.kube_connection_base)
+                .with_installation(installation),
+        )
     } else {
         None
     };
@@ -242,6 +246,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let cluster_backend = PgClusterBackend::new(cluster, public, 8)
+        .with_installation(installation)
         .with_sslmode(args.sslmode)
         .with_tier_settings(tier_settings);
     // Say at start-up, not at the first POST, what the cluster admin lacks.
