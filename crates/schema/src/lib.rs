@@ -28,6 +28,10 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "rater_runs",
     "rater_lease",
     "io_log",
+    "keel_installation",
+    "reclaim_protections",
+    "orphan_sweep_periods",
+    "orphan_sightings",
 ];
 
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.
