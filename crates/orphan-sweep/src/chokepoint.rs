@@ -13,6 +13,8 @@ use crate::ports::{ReclaimError, Reclaimed, Reclaimer};
 /// The actor every reclaim is audited as.
 pub const SWEEP_ACTOR: &str = "keel-orphan-sweep";
 
+impl<S: ResourceStore, B: Backend> crate::ports::sealed::Sealed for Provisioner<S, B> {}
+
 impl<S: ResourceStore, B: Backend> Reclaimer for Provisioner<S, B> {
     async fn reclaim(
         &self,

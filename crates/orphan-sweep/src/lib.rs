@@ -1,20 +1,26 @@
 //! Orphan detection, audit-only by default, with a gated, audited reclaim arm.
 //!
 //! - **Pure detection** ([`detect`], [`classify`]): inventory items whose token has no live
-//!   resource row (pending, active, paused, suspended) and which are older than the grace window.
-//!   Kinds are closed ([`OrphanKind`]); anything unrecognised is generic and never reclaimed, and
-//!   so is anything not labelled `app.kubernetes.io/managed-by=keel` (made by hand or by an older
-//!   platform): it is reported for review only.
-//! - **Ports** ([`Inventory`], [`LiveTokens`], [`Reclaimer`]): an inventory answers a complete
-//!   list or an error, never a partial list; live tokens are read by digest (no token is sent)
-//!   in one set-based query per tick; the only reclaimer is keel-provision's audited deprovision chokepoint.
+//!   resource row (any status but `deleted` and `failed`) and which are older than the grace
+//!   window. Kinds are closed ([`OrphanKind`]); what keeps a candidate from ever being reclaimed
+//!   is a closed [`Blocker`]: generic (no token), another installation's stamp, terminating,
+//!   unmanaged (no `app.kubernetes.io/managed-by=keel`), unowned (this installation has no row
+//!   for its token: ownership is platform-held), protected.
+//! - **Ports** ([`Inventory`], [`LiveTokens`], [`SweepState`], [`Reclaimer`]): an inventory
+//!   answers a complete list or an error, never a partial list; standings are read by digest (no
+//!   token is sent) in one set-based query per tick; the state holds period claims and sightings
+//!   ([`MemoryState`] in memory, `postgres::PgSweepState` in the platform database); the
+//!   reclaimer is sealed and its only destructive implementation is keel-provision's audited
+//!   deprovision chokepoint (feature `testing`: `testing::ScriptedReclaimer`).
 //! - **Gates** ([`SweepConfig`]): `ORPHAN_DB_SWEEP_ENABLED` (off: a tick is a DEBUG no-op, no list,
 //!   no read, no metric) and `ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED`, both off by default. The reclaim
 //!   arm is armed only when both are on and a reclaimer is wired.
-//! - **Fail safe** ([`Sweeper::tick`]): a list or liveness error gives zero candidates for the tick;
-//!   a token is re-read just before its reclaim; `keel.dev/protect=true` is never reclaimed; a
-//!   blast-radius cap aborts every reclaim of a tick that exceeds it; a candidate must be seen in
-//!   N consecutive ticks before it is reclaimed.
+//! - **Fail safe** ([`Sweeper::tick`]): each period is claimed once across replicas; a list,
+//!   standing or state error gives zero candidates for the tick; burn-in is durable and measured
+//!   in time and periods while reclaimable ([`advance`], [`burned_in`]); the circuit breaker and
+//!   the rate limit are evaluated the same way in the dry run; the claim (a fence) and a stop flag
+//!   are checked, and the token's standing re-read, just before each reclaim; a refused reclaim
+//!   is quarantined.
 //! - **Logs never show a token**: a masked form plus a keyed fingerprint ([`FingerprintKey`]).
 //!
 //! Adapters: `postgres` (feature `postgres`) and `kube` (feature `kube`). The default build is
@@ -31,6 +37,8 @@ mod ports;
 pub mod postgres;
 mod state;
 mod sweep;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use chokepoint::SWEEP_ACTOR;
 pub use detect::{

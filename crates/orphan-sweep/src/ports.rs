@@ -142,9 +142,15 @@ pub enum ReclaimError {
     Failed(#[source] BoxError),
 }
 
-/// Tears down an orphan. The only implementation that matters is keel-provision's audited
-/// deprovision chokepoint, `keel_provision::Provisioner::deprovision`.
-pub trait Reclaimer: Send + Sync {
+pub(crate) mod sealed {
+    /// Seals [`super::Reclaimer`]: only this crate implements it.
+    pub trait Sealed {}
+}
+
+/// Tears down an orphan. Sealed: the only implementation that destroys anything is
+/// keel-provision's audited deprovision chokepoint (`keel_provision::Provisioner`); tests use
+/// `testing::ScriptedReclaimer` (feature `testing`).
+pub trait Reclaimer: sealed::Sealed + Send + Sync {
     /// Reclaims the object `name`.
     fn reclaim(
         &self,
@@ -152,6 +158,8 @@ pub trait Reclaimer: Send + Sync {
         now: OffsetDateTime,
     ) -> impl Future<Output = Result<Reclaimed, ReclaimError>> + Send;
 }
+
+impl<T: Reclaimer + ?Sized> sealed::Sealed for &T {}
 
 impl<T: Reclaimer + ?Sized> Reclaimer for &T {
     fn reclaim(

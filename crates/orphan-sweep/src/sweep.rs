@@ -715,6 +715,8 @@ mod tests {
         steal: Arc<Mutex<Option<MemoryState>>>,
     }
 
+    impl crate::ports::sealed::Sealed for FakeReclaimer {}
+
     impl Reclaimer for FakeReclaimer {
         async fn reclaim(
             &self,

@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_audit::Token;
+use keel_orphan_sweep::testing::ScriptedReclaimer;
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens,
     LiveTokensError, MANAGED_BY, MANAGED_BY_LABEL, MemoryState, PROTECT_ANNOTATION, PeriodClaim,
-    ReclaimError, Reclaimed, Reclaimer, Sighting, Standings, StateError, SweepConfig, SweepMetrics,
+    ReclaimError, Reclaimed, Sighting, Standings, StateError, SweepConfig, SweepMetrics,
     SweepState, Sweeper, TickReport,
 };
 use keel_provision::{
@@ -256,12 +257,8 @@ struct ModelChokepoint {
     config: SweepConfig,
 }
 
-impl Reclaimer for ModelChokepoint {
-    async fn reclaim(
-        &self,
-        name: &BackendName,
-        _now: OffsetDateTime,
-    ) -> Result<Reclaimed, ReclaimError> {
+impl ModelChokepoint {
+    fn reclaim(&self, name: &BackendName) -> Result<Reclaimed, ReclaimError> {
         let mut world = self.world.lock().unwrap();
         let digest = name.digest();
         world.asked_this_tick += 1;
@@ -502,9 +499,12 @@ async fn trial(seed: u64) -> (Vec<String>, usize) {
     let mut sweeper = Sweeper::new(
         FakeInventory(world.clone()),
         FakeStandings(world.clone()),
-        Some(ModelChokepoint {
-            world: world.clone(),
-            config: config.clone(),
+        Some({
+            let model = ModelChokepoint {
+                world: world.clone(),
+                config: config.clone(),
+            };
+            ScriptedReclaimer::new(move |name, _| model.reclaim(name))
         }),
         FaultyState {
             inner: MemoryState::new(),
