@@ -198,11 +198,13 @@ pub struct Sighting {
     /// The sighting's key: `<kind>:<token digest>` (a generic item without a token: `<kind>:`
     /// plus a digest of its name).
     pub key: String,
-    /// When it was first seen as a candidate in its current unbroken run of periods.
+    /// The start of the period it was first seen in as a candidate, in its current unbroken run
+    /// of periods.
     pub first_seen: OffsetDateTime,
     /// The last period it was seen in.
     pub last_period: i64,
-    /// When its current run of reclaimable sightings started; `None` while it is not reclaimable.
+    /// The start of the period its current run of reclaimable sightings started in; `None`
+    /// while it is not reclaimable.
     pub reclaimable_since: Option<OffsetDateTime>,
     /// Consecutive periods it was seen reclaimable in.
     pub consecutive: u32,

@@ -177,6 +177,13 @@ pub struct Sweeper<I, L, R, S> {
     stop: Arc<AtomicBool>,
 }
 
+/// When `period` (whole `interval`s since the Unix epoch) starts.
+fn period_start(period: i64, interval: Duration) -> OffsetDateTime {
+    let secs = i64::try_from(interval.as_secs().max(1)).unwrap_or(i64::MAX);
+    OffsetDateTime::from_unix_timestamp(period.saturating_mul(secs))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
 /// Whether a candidate is another installation's or not provably this one's: reported in the
 /// review list and in `blocked_current`, but not counted as this installation's orphan backlog
 /// (so two installations sharing a cluster do not page each other).
@@ -335,6 +342,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
 
         // Sightings: new ones counted once per unbroken run; burn-in counts reclaimable ones.
         let mut new_per_kind: HashMap<OrphanKind, u64> = HashMap::new();
+        // Burn-in is measured from period starts, so the jitter of when a tick runs inside its
+        // period (a CronJob starting a little late, then a little early) never makes N periods
+        // fall short of the duration they span.
+        let period_start = period_start(claim.period, self.config.interval);
         let mut rows: Vec<Row> = candidates
             .into_iter()
             .map(|candidate| {
@@ -344,7 +355,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     previous.get(&key),
                     key,
                     claim.period,
-                    now,
+                    period_start,
                     static_blocker.is_none(),
                 );
                 if new && !not_ours(static_blocker) {
@@ -355,7 +366,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                         Some(Blocker::Quarantined)
                     } else if burned_in(
                         &sighting,
-                        now,
+                        period_start,
                         self.config.confirm_ticks,
                         self.config.burn_in,
                     ) {
@@ -920,6 +931,24 @@ mod tests {
         }
         assert_eq!(w.reclaimer.script.calls(), ["cust_orph00000001"]);
         assert_eq!(w.metrics.reclaims(OrphanKind::CustomerDatabase), 1);
+    }
+
+    /// SWEEP-3: burn-in is measured in periods, so three hourly ticks that run a little late,
+    /// then a little early within their periods still span the two-hour burn-in.
+    #[tokio::test]
+    async fn the_burn_in_is_measured_in_periods_not_in_tick_jitter() {
+        let mut w = world(armed(), true);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        let jittered = [
+            at(0) + time::Duration::seconds(40),
+            at(1) + time::Duration::seconds(20),
+            at(2) + time::Duration::seconds(5),
+        ];
+        let mut last = Vec::new();
+        for now in jittered {
+            last = actions(&w.sweeper.tick(now).await);
+        }
+        assert_eq!(last, [Action::Reclaimed]);
     }
 
     /// SWEEP-3: the burn-in lives in the state store, so a new process (a CronJob's `--once`, a
