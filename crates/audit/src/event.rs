@@ -57,6 +57,9 @@ pub enum AuditFieldError {
     /// The attribute value is longer than [`MAX_ATTR_VALUE_LEN`].
     #[error("the value of audit attribute {0:?} is longer than {MAX_ATTR_VALUE_LEN} bytes")]
     AttributeValueTooLong(String),
+    /// The value holds a NUL, which the store cannot keep. The value itself is not shown.
+    #[error("the value of audit attribute {0:?} holds a NUL character, which cannot be stored")]
+    UnstorableValue(String),
     /// More than [`MAX_ATTRS`] attributes.
     #[error("an audit event holds at most {MAX_ATTRS} attributes")]
     TooManyAttributes,
@@ -87,6 +90,12 @@ impl Actor {
         } else {
             Err(AuditFieldError::InvalidActor)
         }
+    }
+
+    /// An actor as stored, not validated again on read (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: String) -> Self {
+        Self(stored)
     }
 
     /// The actor's name.
@@ -127,6 +136,12 @@ impl RequestId {
         }
     }
 
+    /// A request id as stored, not validated again on read (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: String) -> Self {
+        Self(stored)
+    }
+
     /// The request id.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -149,14 +164,19 @@ impl fmt::Display for RequestId {
 /// The marker [`mask`] appends; a `_masked` attribute must end with it.
 pub const MASK_SUFFIX: char = '…';
 
-/// Masks a secret for logs and audit rows: at most its first 4 characters, then `…`.
+/// Masks a secret for logs and audit rows: at most a third of its characters (never more than
+/// 4, none at all below 8 characters), then `…`, so a masked short secret keeps most of its
+/// entropy hidden.
 ///
 /// ```
 /// assert_eq!(keel_audit::mask("tok_9f8e7d6c"), "tok_…");
-/// assert_eq!(keel_audit::mask("ab"), "ab…");
+/// assert_eq!(keel_audit::mask("a1b2c3d4"), "a1…");
+/// assert_eq!(keel_audit::mask("1234"), "…");
 /// ```
 pub fn mask(secret: &str) -> String {
-    let mut masked: String = secret.chars().take(4).collect();
+    let len = secret.chars().count();
+    let shown = if len < 8 { 0 } else { (len / 3).min(4) };
+    let mut masked: String = secret.chars().take(shown).collect();
     masked.push(MASK_SUFFIX);
     masked
 }
@@ -261,6 +281,9 @@ impl Attributes {
         if value.len() > MAX_ATTR_VALUE_LEN {
             return Err(AuditFieldError::AttributeValueTooLong(key.to_owned()));
         }
+        if value.contains('\0') {
+            return Err(AuditFieldError::UnstorableValue(key.to_owned()));
+        }
         if value_looks_secret(&value) {
             return Err(AuditFieldError::SecretAttributeValue(key.to_owned()));
         }
@@ -269,6 +292,13 @@ impl Attributes {
         }
         self.0.insert(key.to_owned(), value);
         Ok(())
+    }
+
+    /// Attributes as stored, without screening them again: history is read as it was written,
+    /// whatever today's rules would say (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: BTreeMap<String, String>) -> Self {
+        Self(stored)
     }
 
     /// The value of one attribute.
@@ -483,10 +513,35 @@ mod tests {
         assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
     }
 
+    /// FND-19: a masked minimum-length token keeps most of its characters hidden, and a short
+    /// secret is not shown at all.
+    #[test]
+    fn a_masked_short_secret_keeps_most_of_it_hidden() {
+        for secret in ["a1b2c3d4", "1234", "pw1", "abcdefghi", "a1b2c3d4e5f6"] {
+            let masked = mask(secret);
+            let shown = masked.chars().count() - 1;
+            let len = secret.chars().count();
+            assert!(shown * 3 <= len, "{secret:?} -> {masked:?}");
+            if len < 8 {
+                assert_eq!(masked, "…", "{secret:?}");
+            }
+        }
+    }
+
+    /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
+    /// caller's transaction), is refused here, in the fake and the adapter alike.
+    #[test]
+    fn a_nul_in_an_attribute_is_refused_before_it_reaches_the_store() {
+        let err = Attributes::new()
+            .insert("detail", "backend said: bad\0byte")
+            .unwrap_err();
+        assert_eq!(err, AuditFieldError::UnstorableValue("detail".into()));
+    }
+
     #[test]
     fn masked_values_show_at_most_four_characters() {
         assert_eq!(mask("tok_9f8e7d6c5b4a"), "tok_…");
-        assert_eq!(mask("é漢字x-rest"), "é漢字x…");
+        assert_eq!(mask("é漢字x-rest"), "é漢字…");
         assert_eq!(mask(""), "…");
         let mut attrs = Attributes::new();
         attrs

@@ -10,6 +10,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod roles;
+
 use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
 

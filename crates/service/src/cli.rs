@@ -269,6 +269,30 @@ pub struct DatabaseArgs {
     pub database_url: DatabaseUrl,
 }
 
+/// Flags of the `migrate` subcommand: the owner's database URL, and the application role to
+/// grant least privilege to.
+///
+/// `migrate` should connect as the role that owns the schema (`--database-url` of the owner);
+/// the binaries then serve as `--app-role`, which is granted only what they use (see
+/// `keel_schema::roles`). Without `--app-role` no grant is made (a single-role installation,
+/// where the serving role owns the audit trail and could bypass its triggers).
+#[derive(Clone, Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The owner's connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The role the binaries serve as; granted SELECT and column-limited INSERT on the audit
+    /// trail, DML on the other tables, no ownership, TRUNCATE, trigger or DDL rights.
+    #[arg(long, env = "KEEL_APP_ROLE", value_name = "ROLE")]
+    pub app_role: Option<keel_schema::roles::AppRole>,
+}
+
+impl From<DatabaseArgs> for MigrateArgs {
+    fn from(db: DatabaseArgs) -> Self {
+        Self { db, app_role: None }
+    }
+}
+
 /// A database connection URL. It holds a password, so `Debug` and `Display` redact it, and
 /// parsing it never fails at the command line (where clap would echo the value in its error):
 /// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it. Its memory

@@ -2,6 +2,8 @@
 
 mod contract;
 mod postgres;
+mod privileges;
+mod regressions;
 
 use keel_audit::{Actor, AuditEvent, AuditKind, RequestId, ResourceId, TeamId};
 use time::macros::datetime;
