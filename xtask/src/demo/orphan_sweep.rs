@@ -62,7 +62,7 @@ pub async fn orphan_sweep(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
         "COMMENT ON DATABASE \"{}\" IS '{comment}'",
         protected.expose()
     )))
-    .execute(pool)
+    .execute(backend.admin_pool())
     .await?;
     println!(
         "left behind with no resource row: {orphan} and {protected} (annotated keel.dev/protect=true)"
