@@ -157,10 +157,10 @@ fn redact_secret_arguments(message: &str, args: &[OsString]) -> String {
         if risky && arg.len() > 1 {
             // The value after `=` in `--flag=value` is what clap quotes.
             out = out.replace(arg.as_ref(), "<redacted>");
-            if let Some((_, value)) = arg.split_once('=') {
-                if value.len() > 1 {
-                    out = out.replace(value, "<redacted>");
-                }
+            if let Some((_, value)) = arg.split_once('=')
+                && value.len() > 1
+            {
+                out = out.replace(value, "<redacted>");
             }
         }
     }
