@@ -1,5 +1,6 @@
 //! keel-audit against a real Postgres (one fresh database per test) and its fake.
 
+mod consumers;
 mod contract;
 mod postgres;
 mod privileges;
