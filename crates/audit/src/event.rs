@@ -85,7 +85,7 @@ impl Actor {
                     || b.is_ascii_digit()
                     || matches!(b, b'.' | b'_' | b':' | b'-')
             });
-        if ok {
+        if ok && !value_looks_secret(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(AuditFieldError::InvalidActor)
@@ -129,7 +129,7 @@ impl RequestId {
             && s.len() <= MAX_ID_LEN
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-        if ok {
+        if ok && !value_looks_secret(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(AuditFieldError::InvalidRequestId)
@@ -161,6 +161,9 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// What [`Attributes::insert_or_withhold`] stores in place of a refused value.
+pub const WITHHELD: &str = "(withheld: refused by the secret screen)";
+
 /// The marker [`mask`] appends; a `_masked` attribute must end with it.
 pub const MASK_SUFFIX: char = '…';
 
@@ -181,69 +184,16 @@ pub fn mask(secret: &str) -> String {
     masked
 }
 
-/// Words that make an attribute key name a secret.
-const SECRET_KEY_WORDS: &[&str] = &[
-    "password",
-    "passwd",
-    "pwd",
-    "secret",
-    "token",
-    "dsn",
-    "credential",
-    "credentials",
-    "apikey",
-    "authorization",
-    "cookie",
-];
-/// Multi-word key fragments that name a secret.
-const SECRET_KEY_FRAGMENTS: &[&str] = &[
-    "connection_url",
-    "database_url",
-    "api_key",
-    "private_key",
-    "conn_url",
-];
-/// URL schemes whose URLs are connection strings (secrets even without a password).
-const CONNECTION_SCHEMES: &[&str] = &[
-    "postgres://",
-    "postgresql://",
-    "redis://",
-    "rediss://",
-    "mysql://",
-    "mongodb://",
-    "mongodb+srv://",
-    "amqp://",
-    "amqps://",
-];
+use crate::screen::{is_fingerprint, key_names_a_secret, value_looks_secret};
 
-fn key_names_a_secret(key: &str) -> bool {
-    SECRET_KEY_FRAGMENTS.iter().any(|f| key.contains(f))
-        || key.split('_').any(|word| SECRET_KEY_WORDS.contains(&word))
-}
-
-/// Whether free text looks like it holds a secret: a connection URL, a URL with credentials, a
-/// libpq `password=`, a bearer token or a PEM block. The screen audit attributes go through;
-/// use it for any free text that is stored or shown (error messages, say).
+/// Whether free text looks like it holds a secret: a connection URL, a URL with a password or a
+/// signed query, a `password=` / `secret: …` form, an authorization header, a JWT, a cloud or
+/// SaaS key, private key material, or a backend name holding a customer token. The screen
+/// audit attributes, actors and request ids go through; use it for any free text that is
+/// stored or shown (error messages, say). It matches known credential shapes: it cannot prove
+/// that no secret passes.
 pub fn looks_secret(value: &str) -> bool {
     value_looks_secret(value)
-}
-
-fn value_looks_secret(value: &str) -> bool {
-    let lower = value.to_ascii_lowercase();
-    if CONNECTION_SCHEMES.iter().any(|s| lower.contains(s)) {
-        return true;
-    }
-    if lower.contains("password=") || lower.contains("bearer ") || lower.contains("-----begin") {
-        return true;
-    }
-    // Any URL that carries credentials in its authority: scheme://user:pass@host.
-    lower.match_indices("://").any(|(at, sep)| {
-        let authority = lower[at + sep.len()..]
-            .split(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
-            .next()
-            .unwrap_or("");
-        authority.contains('@')
-    })
 }
 
 /// String attributes of an event, keyed by lower-snake names, screened for secrets.
@@ -275,7 +225,11 @@ impl Attributes {
             if !value.ends_with(MASK_SUFFIX) || value.chars().count() > 5 {
                 return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
             }
-        } else if key_names_a_secret(key) && !key.ends_with("_fingerprint") {
+        } else if key.ends_with("_fingerprint") {
+            if !is_fingerprint(&value) {
+                return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
+            }
+        } else if key_names_a_secret(key) {
             return Err(AuditFieldError::SecretAttributeKey(key.to_owned()));
         }
         if value.len() > MAX_ATTR_VALUE_LEN {
@@ -292,6 +246,40 @@ impl Attributes {
         }
         self.0.insert(key.to_owned(), value);
         Ok(())
+    }
+
+    /// The one policy for a refused attribute (FND-7): stores it, or, when the screen refuses
+    /// its key or value, stores [`WITHHELD`] under a key that says so (`<key>` when the key is
+    /// fine, `withheld_attribute` otherwise), so the row keeps that something was left out and
+    /// the state change never fails for it. Returns whether the value was withheld. Only a
+    /// malformed key or too many attributes is still an error.
+    pub fn insert_or_withhold(
+        &mut self,
+        key: &str,
+        value: impl Into<String>,
+    ) -> Result<bool, AuditFieldError> {
+        match self.insert(key, value) {
+            Ok(()) => Ok(false),
+            Err(
+                AuditFieldError::SecretAttributeValue(_)
+                | AuditFieldError::UnmaskedValue(_)
+                | AuditFieldError::UnstorableValue(_)
+                | AuditFieldError::AttributeValueTooLong(_),
+            ) => {
+                self.insert(key, WITHHELD)?;
+                Ok(true)
+            }
+            Err(AuditFieldError::SecretAttributeKey(_)) => {
+                self.insert("withheld_attribute", WITHHELD)?;
+                Ok(true)
+            }
+            Err(
+                e @ (AuditFieldError::InvalidActor
+                | AuditFieldError::InvalidRequestId
+                | AuditFieldError::InvalidAttributeKey(_)
+                | AuditFieldError::TooManyAttributes),
+            ) => Err(e),
+        }
     }
 
     /// Attributes as stored, without screening them again: history is read as it was written,
@@ -476,9 +464,12 @@ mod tests {
                 "postgres://app@db:5432/x",
                 Err(SecretAttributeValue("note".into())),
             ),
+            // A Redis URL without credentials names a host, not a secret (FND-7); with a
+            // password it is refused.
+            ("note", "see REDIS://cache", Ok(())),
             (
                 "note",
-                "see REDIS://cache",
+                "see REDIS://:hunter2@cache",
                 Err(SecretAttributeValue("note".into())),
             ),
             (
@@ -489,7 +480,7 @@ mod tests {
             (
                 "conninfo",
                 "host=db password=pw",
-                Err(SecretAttributeValue("conninfo".into())),
+                Err(SecretAttributeKey("conninfo".into())),
             ),
             (
                 "header",

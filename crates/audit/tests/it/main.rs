@@ -5,6 +5,7 @@ mod contract;
 mod postgres;
 mod privileges;
 mod regressions;
+mod screen;
 
 use keel_audit::{Actor, AuditEvent, AuditKind, RequestId, ResourceId, TeamId};
 use time::macros::datetime;
