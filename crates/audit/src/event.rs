@@ -167,18 +167,18 @@ pub const WITHHELD: &str = "(withheld: refused by the secret screen)";
 /// The marker [`mask`] appends; a `_masked` attribute must end with it.
 pub const MASK_SUFFIX: char = '…';
 
-/// Masks a secret for logs and audit rows: at most a third of its characters (never more than
-/// 4, none at all below 8 characters), then `…`, so a masked short secret keeps most of its
-/// entropy hidden.
+/// Masks a secret for logs and audit rows: of a secret of 8 characters or more (every
+/// [`crate::Token`]), at most a third of its characters and never more than 4, so a masked
+/// minimum-length token keeps most of its entropy hidden; of a shorter string, at most its
+/// first 4 characters. Then `…`.
 ///
 /// ```
 /// assert_eq!(keel_audit::mask("tok_9f8e7d6c"), "tok_…");
 /// assert_eq!(keel_audit::mask("a1b2c3d4"), "a1…");
-/// assert_eq!(keel_audit::mask("1234"), "…");
 /// ```
 pub fn mask(secret: &str) -> String {
     let len = secret.chars().count();
-    let shown = if len < 8 { 0 } else { (len / 3).min(4) };
+    let shown = if len < 8 { 4 } else { (len / 3).min(4) };
     let mut masked: String = secret.chars().take(shown).collect();
     masked.push(MASK_SUFFIX);
     masked
@@ -504,19 +504,23 @@ mod tests {
         assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
     }
 
-    /// FND-19: a masked minimum-length token keeps most of its characters hidden, and a short
-    /// secret is not shown at all.
+    /// FND-19: a masked token of the minimum length (or longer) shows at most a third of it.
     #[test]
     fn a_masked_short_secret_keeps_most_of_it_hidden() {
-        for secret in ["a1b2c3d4", "1234", "pw1", "abcdefghi", "a1b2c3d4e5f6"] {
+        for secret in [
+            "a1b2c3d4",
+            "abcdefghi",
+            "a1b2c3d4e5f6",
+            "a1b2c3d4e5f6g7h8i9",
+        ] {
             let masked = mask(secret);
             let shown = masked.chars().count() - 1;
-            let len = secret.chars().count();
-            assert!(shown * 3 <= len, "{secret:?} -> {masked:?}");
-            if len < 8 {
-                assert_eq!(masked, "…", "{secret:?}");
-            }
+            assert!(
+                shown * 3 <= secret.chars().count(),
+                "{secret:?} -> {masked:?}"
+            );
         }
+        assert_eq!(mask("a1b2c3d4"), "a1…");
     }
 
     /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
@@ -533,6 +537,7 @@ mod tests {
     fn masked_values_show_at_most_four_characters() {
         assert_eq!(mask("tok_9f8e7d6c5b4a"), "tok_…");
         assert_eq!(mask("é漢字x-rest"), "é漢字…");
+        assert_eq!(mask("ab"), "ab…");
         assert_eq!(mask(""), "…");
         let mut attrs = Attributes::new();
         attrs

@@ -35,6 +35,8 @@ mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod screen;
+#[cfg(feature = "postgres")]
+pub mod seal;
 mod sink;
 mod tier;
 

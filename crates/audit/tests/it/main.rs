@@ -6,6 +6,7 @@ mod postgres;
 mod privileges;
 mod regressions;
 mod screen;
+mod seal;
 
 use keel_audit::{Actor, AuditEvent, AuditKind, RequestId, ResourceId, TeamId};
 use time::macros::datetime;
