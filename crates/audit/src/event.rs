@@ -57,9 +57,6 @@ pub enum AuditFieldError {
     /// The attribute value is longer than [`MAX_ATTR_VALUE_LEN`].
     #[error("the value of audit attribute {0:?} is longer than {MAX_ATTR_VALUE_LEN} bytes")]
     AttributeValueTooLong(String),
-    /// The value holds a NUL, which the store cannot keep. The value itself is not shown.
-    #[error("the value of audit attribute {0:?} holds a NUL character, which cannot be stored")]
-    UnstorableValue(String),
     /// More than [`MAX_ATTRS`] attributes.
     #[error("an audit event holds at most {MAX_ATTRS} attributes")]
     TooManyAttributes,
@@ -235,9 +232,13 @@ impl Attributes {
         if value.len() > MAX_ATTR_VALUE_LEN {
             return Err(AuditFieldError::AttributeValueTooLong(key.to_owned()));
         }
-        if value.contains('\0') {
-            return Err(AuditFieldError::UnstorableValue(key.to_owned()));
-        }
+        // Postgres cannot store a NUL in jsonb, and the failed insert would abort the caller's
+        // transaction: it is replaced here, in the fake and the adapter alike (FND-11).
+        let value = if value.contains('\0') {
+            value.replace('\0', "\u{FFFD}")
+        } else {
+            value
+        };
         if value_looks_secret(&value) {
             return Err(AuditFieldError::SecretAttributeValue(key.to_owned()));
         }
@@ -263,7 +264,6 @@ impl Attributes {
             Err(
                 AuditFieldError::SecretAttributeValue(_)
                 | AuditFieldError::UnmaskedValue(_)
-                | AuditFieldError::UnstorableValue(_)
                 | AuditFieldError::AttributeValueTooLong(_),
             ) => {
                 self.insert(key, WITHHELD)?;
@@ -524,13 +524,12 @@ mod tests {
     }
 
     /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
-    /// caller's transaction), is refused here, in the fake and the adapter alike.
+    /// caller's transaction), is replaced before it reaches any store.
     #[test]
-    fn a_nul_in_an_attribute_is_refused_before_it_reaches_the_store() {
-        let err = Attributes::new()
-            .insert("detail", "backend said: bad\0byte")
-            .unwrap_err();
-        assert_eq!(err, AuditFieldError::UnstorableValue("detail".into()));
+    fn a_nul_in_an_attribute_is_replaced_before_it_reaches_the_store() {
+        let mut attrs = Attributes::new();
+        attrs.insert("detail", "backend said: bad\0byte").unwrap();
+        assert_eq!(attrs.get("detail"), Some("backend said: bad\u{FFFD}byte"));
     }
 
     #[test]

@@ -155,11 +155,13 @@ fn percent_decode(value: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&value[i + 1..i + 3], 16)
+            && let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
         {
-            out.push(b);
+            // Both digits are ASCII, so this never splits a character.
+            out.push(u8::try_from(high * 16 + low).unwrap_or(b'%'));
             i += 3;
             continue;
         }
@@ -224,8 +226,6 @@ const TOKEN_PREFIXES: &[&str] = &[
     "xoxp-",
     "xoxr-",
     "xoxs-",
-    "hooks.slack.com/services/",
-    "sg.",
     "npm_",
     "pypi-",
 ];
@@ -337,6 +337,25 @@ fn has_token_shape(original: &str) -> bool {
     false
 }
 
+/// A host as a URL names it: a name starting with a letter (`db`, `db.internal`) or a dotted
+/// IPv4 address, with an optional `:port`. A timestamp (`1970-01-31t00:00:00z`) is not one.
+fn looks_like_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let named = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    let ipv4 = name.split('.').count() == 4
+        && name.split('.').all(|part| {
+            !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+        });
+    named || ipv4
+}
+
 /// Whether free text looks like it holds a secret (see the module documentation).
 pub(crate) fn value_looks_secret(value: &str) -> bool {
     let normalised = normalise(value);
@@ -369,11 +388,18 @@ fn text_looks_secret(text: &str) -> bool {
     if assigns_a_secret_word(&lower) || carries_an_authorization(&lower) {
         return true;
     }
+    // A known key prefix at a word start, followed by a key-length run (16 or more).
     if TOKEN_PREFIXES.iter().any(|p| {
-        lower
-            .match_indices(p)
-            .any(|(at, _)| is_word_start(&lower, at) || p.contains('/'))
-    }) {
+        lower.match_indices(p).any(|(at, m)| {
+            is_word_start(&lower, at)
+                && lower[at + m.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                    .count()
+                    >= 16
+        })
+    }) || lower.contains("hooks.slack.com/services/")
+    {
         return true;
     }
     if has_token_shape(text) {
@@ -396,30 +422,41 @@ fn text_looks_secret(text: &str) -> bool {
             .next()
             .and_then(|authority| authority.rsplit_once('@'))
             .is_some_and(|(userinfo, host)| {
-                userinfo
-                    .split_once(':')
-                    .is_some_and(|(user, password)| !password.is_empty() && !user.contains(':'))
-                    && !host.is_empty()
+                let userinfo_char =
+                    |c: char| c.is_ascii_alphanumeric() || "._~!$&'()*+,;=%-".contains(c);
+                userinfo.split_once(':').is_some_and(|(user, password)| {
+                    !user.is_empty()
+                        && !password.is_empty()
+                        && user.chars().all(userinfo_char)
+                        && password.chars().all(userinfo_char)
+                }) && looks_like_host(host)
             })
     }) {
         return true;
     }
-    // URLs: a password in the authority (`user:pass@`), or a signed / token-carrying query.
+    // URLs: a password in the authority (`scheme:/user:pass@host`), or a signed / token-carrying
+    // query. Only URL-shaped text counts: a scheme letter before `:/`, userinfo and host in
+    // their own character sets.
     lower.match_indices(":/").any(|(at, _)| {
+        if !lower[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        {
+            return false;
+        }
         let after = lower[at + 1..].trim_start_matches('/');
-        let authority = after
-            .split(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
-            .next()
-            .unwrap_or("");
-        let password_in_authority = authority
-            .rsplit_once('@')
-            .is_some_and(|(userinfo, _)| userinfo.contains(':'));
-        let query = after
-            .split(char::is_whitespace)
-            .next()
-            .and_then(|url| url.split_once('?'))
-            .map(|(_, q)| q)
-            .unwrap_or("");
+        let url = after.split(char::is_whitespace).next().unwrap_or("");
+        let authority = url.split(['/', '?', '#']).next().unwrap_or("");
+        let userinfo_char = |c: char| c.is_ascii_alphanumeric() || "._~!$&'()*+,;=%-".contains(c);
+        let password_in_authority = authority.rsplit_once('@').is_some_and(|(userinfo, host)| {
+            userinfo
+                .split_once(':')
+                .is_some_and(|(_, password)| !password.is_empty())
+                && userinfo.chars().all(|c| c == ':' || userinfo_char(c))
+                && looks_like_host(host)
+        });
+        let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
         let signed = query
             .split('&')
             .any(|pair| SECRET_QUERY_KEYS.iter().any(|k| pair.starts_with(k)));

@@ -233,6 +233,34 @@ mod tests {
         }
     }
 
+    /// FND-1: `migrate --app-role`, run as the owner, leaves the application role unable to
+    /// touch the audit trail's triggers and able to do its work; run again, it changes nothing.
+    #[tokio::test]
+    async fn migrate_as_the_owner_grants_the_app_role_least_privilege() {
+        let db = keel_testkit::role_split_database().await;
+        let args = MigrateArgs {
+            db: DatabaseArgs {
+                database_url: DatabaseUrl::new(db.owner_url()),
+            },
+            app_role: Some(db.app_role().clone()),
+        };
+        migrate(&args).await.unwrap();
+        let err = sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER ALL")
+            .execute(db.app())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("must be owner"), "{err}");
+        sqlx::query("INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro')")
+            .execute(db.app())
+            .await
+            .unwrap();
+        let mut app = db.app().acquire().await.unwrap();
+        assert_eq!(
+            keel_schema::roles::runtime_role(&mut app).await.unwrap(),
+            keel_schema::roles::RuntimeRole::LeastPrivilege
+        );
+    }
+
     #[tokio::test]
     async fn a_bad_database_url_fails_without_showing_it() {
         let args = MigrateArgs::from(DatabaseArgs {

@@ -95,6 +95,7 @@ const ORDINARY_VALUES: &[&str] = &[
     "the database URL is not a valid postgres:// URL (its value is not shown)",
     "namespace instant-customer-a1b2… not found",
     "token expired",
+    "deleted: /a:a@1970-01-01T00:00:00Z: 2 units -> none",
     "https://example.com/docs/Some/Long/Path/With/MixedCase/Segments/And/More/Segments/Here",
     "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 ];
