@@ -30,6 +30,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "rater_runs",
     "rater_lease",
     "io_log",
+    "audit_seals",
+    "audit_checkpoints",
 ];
 
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.
