@@ -67,7 +67,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply the embedded database migrations and exit.
-    Migrate(DatabaseArgs),
+    Migrate(keel_service::MigrateArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -56,7 +56,7 @@ enum Command {
     /// Delete finished rows past their retention, in bounded batches (audit rows are kept).
     Prune(PruneArgs),
     /// Apply the embedded database migrations and exit.
-    Migrate(DatabaseArgs),
+    Migrate(keel_service::MigrateArgs),
 }
 
 /// Whether this runner applies `namespace` and `redis` resources (through Kubernetes).

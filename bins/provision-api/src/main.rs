@@ -48,7 +48,7 @@ enum Command {
     /// Serve the provisioning API, /metrics and /healthz until SIGTERM.
     Serve(Box<ServeArgs>),
     /// Apply the embedded database migrations and exit.
-    Migrate(DatabaseArgs),
+    Migrate(keel_service::MigrateArgs),
 }
 
 #[derive(Args)]

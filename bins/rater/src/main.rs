@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_rater::postgres::{RunOutcome, RunRequest, run_until};
 use keel_rater::{Changes, RaterExit, Window, resolve_window};
-use keel_service::cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs};
+use keel_service::cli::{DatabaseUrl, EXIT_USAGE, LogArgs};
 use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -45,7 +45,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply the embedded database migrations and exit.
-    Migrate(DatabaseArgs),
+    Migrate(keel_service::MigrateArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

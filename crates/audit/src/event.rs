@@ -82,11 +82,17 @@ impl Actor {
                     || b.is_ascii_digit()
                     || matches!(b, b'.' | b'_' | b':' | b'-')
             });
-        if ok {
+        if ok && !value_looks_secret(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(AuditFieldError::InvalidActor)
         }
+    }
+
+    /// An actor as stored, not validated again on read (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: String) -> Self {
+        Self(stored)
     }
 
     /// The actor's name.
@@ -120,11 +126,17 @@ impl RequestId {
             && s.len() <= MAX_ID_LEN
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-        if ok {
+        if ok && !value_looks_secret(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(AuditFieldError::InvalidRequestId)
         }
+    }
+
+    /// A request id as stored, not validated again on read (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: String) -> Self {
+        Self(stored)
     }
 
     /// The request id.
@@ -146,84 +158,39 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// What [`Attributes::insert_or_withhold`] stores in place of a refused value.
+pub const WITHHELD: &str = "(withheld: refused by the secret screen)";
+
 /// The marker [`mask`] appends; a `_masked` attribute must end with it.
 pub const MASK_SUFFIX: char = '…';
 
-/// Masks a secret for logs and audit rows: at most its first 4 characters, then `…`.
+/// Masks a secret for logs and audit rows: of a secret of 8 characters or more (every
+/// [`crate::Token`]), at most a third of its characters and never more than 4, so a masked
+/// minimum-length token keeps most of its entropy hidden; of a shorter string, at most its
+/// first 4 characters. Then `…`.
 ///
 /// ```
 /// assert_eq!(keel_audit::mask("tok_9f8e7d6c"), "tok_…");
-/// assert_eq!(keel_audit::mask("ab"), "ab…");
+/// assert_eq!(keel_audit::mask("a1b2c3d4"), "a1…");
 /// ```
 pub fn mask(secret: &str) -> String {
-    let mut masked: String = secret.chars().take(4).collect();
+    let len = secret.chars().count();
+    let shown = if len < 8 { 4 } else { (len / 3).min(4) };
+    let mut masked: String = secret.chars().take(shown).collect();
     masked.push(MASK_SUFFIX);
     masked
 }
 
-/// Words that make an attribute key name a secret.
-const SECRET_KEY_WORDS: &[&str] = &[
-    "password",
-    "passwd",
-    "pwd",
-    "secret",
-    "token",
-    "dsn",
-    "credential",
-    "credentials",
-    "apikey",
-    "authorization",
-    "cookie",
-];
-/// Multi-word key fragments that name a secret.
-const SECRET_KEY_FRAGMENTS: &[&str] = &[
-    "connection_url",
-    "database_url",
-    "api_key",
-    "private_key",
-    "conn_url",
-];
-/// URL schemes whose URLs are connection strings (secrets even without a password).
-const CONNECTION_SCHEMES: &[&str] = &[
-    "postgres://",
-    "postgresql://",
-    "redis://",
-    "rediss://",
-    "mysql://",
-    "mongodb://",
-    "mongodb+srv://",
-    "amqp://",
-    "amqps://",
-];
+use crate::screen::{is_fingerprint, key_names_a_secret, value_looks_secret};
 
-fn key_names_a_secret(key: &str) -> bool {
-    SECRET_KEY_FRAGMENTS.iter().any(|f| key.contains(f))
-        || key.split('_').any(|word| SECRET_KEY_WORDS.contains(&word))
-}
-
-/// Whether free text looks like it holds a secret: a connection URL, a URL with credentials, a
-/// libpq `password=`, a bearer token or a PEM block. The screen audit attributes go through;
-/// use it for any free text that is stored or shown (error messages, say).
+/// Whether free text looks like it holds a secret: a connection URL, a URL with a password or a
+/// signed query, a `password=` / `secret: …` form, an authorization header, a JWT, a cloud or
+/// SaaS key, private key material, or a backend name holding a customer token. The screen
+/// audit attributes, actors and request ids go through; use it for any free text that is
+/// stored or shown (error messages, say). It matches known credential shapes: it cannot prove
+/// that no secret passes.
 pub fn looks_secret(value: &str) -> bool {
     value_looks_secret(value)
-}
-
-fn value_looks_secret(value: &str) -> bool {
-    let lower = value.to_ascii_lowercase();
-    if CONNECTION_SCHEMES.iter().any(|s| lower.contains(s)) {
-        return true;
-    }
-    if lower.contains("password=") || lower.contains("bearer ") || lower.contains("-----begin") {
-        return true;
-    }
-    // Any URL that carries credentials in its authority: scheme://user:pass@host.
-    lower.match_indices("://").any(|(at, sep)| {
-        let authority = lower[at + sep.len()..]
-            .split(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
-            .next()
-            .unwrap_or("");
-        authority.contains('@')
-    })
 }
 
 /// String attributes of an event, keyed by lower-snake names, screened for secrets.
@@ -255,12 +222,23 @@ impl Attributes {
             if !value.ends_with(MASK_SUFFIX) || value.chars().count() > 5 {
                 return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
             }
-        } else if key_names_a_secret(key) && !key.ends_with("_fingerprint") {
+        } else if key.ends_with("_fingerprint") {
+            if !is_fingerprint(&value) {
+                return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
+            }
+        } else if key_names_a_secret(key) {
             return Err(AuditFieldError::SecretAttributeKey(key.to_owned()));
         }
         if value.len() > MAX_ATTR_VALUE_LEN {
             return Err(AuditFieldError::AttributeValueTooLong(key.to_owned()));
         }
+        // Postgres cannot store a NUL in jsonb, and the failed insert would abort the caller's
+        // transaction: it is replaced here, in the fake and the adapter alike (FND-11).
+        let value = if value.contains('\0') {
+            value.replace('\0', "\u{FFFD}")
+        } else {
+            value
+        };
         if value_looks_secret(&value) {
             return Err(AuditFieldError::SecretAttributeValue(key.to_owned()));
         }
@@ -269,6 +247,46 @@ impl Attributes {
         }
         self.0.insert(key.to_owned(), value);
         Ok(())
+    }
+
+    /// The one policy for a refused attribute (FND-7): stores it, or, when the screen refuses
+    /// its key or value, stores [`WITHHELD`] under a key that says so (`<key>` when the key is
+    /// fine, `withheld_attribute` otherwise), so the row keeps that something was left out and
+    /// the state change never fails for it. Returns whether the value was withheld. Only a
+    /// malformed key or too many attributes is still an error.
+    pub fn insert_or_withhold(
+        &mut self,
+        key: &str,
+        value: impl Into<String>,
+    ) -> Result<bool, AuditFieldError> {
+        match self.insert(key, value) {
+            Ok(()) => Ok(false),
+            Err(
+                AuditFieldError::SecretAttributeValue(_)
+                | AuditFieldError::UnmaskedValue(_)
+                | AuditFieldError::AttributeValueTooLong(_),
+            ) => {
+                self.insert(key, WITHHELD)?;
+                Ok(true)
+            }
+            Err(AuditFieldError::SecretAttributeKey(_)) => {
+                self.insert("withheld_attribute", WITHHELD)?;
+                Ok(true)
+            }
+            Err(
+                e @ (AuditFieldError::InvalidActor
+                | AuditFieldError::InvalidRequestId
+                | AuditFieldError::InvalidAttributeKey(_)
+                | AuditFieldError::TooManyAttributes),
+            ) => Err(e),
+        }
+    }
+
+    /// Attributes as stored, without screening them again: history is read as it was written,
+    /// whatever today's rules would say (FND-8).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn from_stored(stored: BTreeMap<String, String>) -> Self {
+        Self(stored)
     }
 
     /// The value of one attribute.
@@ -446,9 +464,12 @@ mod tests {
                 "postgres://app@db:5432/x",
                 Err(SecretAttributeValue("note".into())),
             ),
+            // A Redis URL without credentials names a host, not a secret (FND-7); with a
+            // password it is refused.
+            ("note", "see REDIS://cache", Ok(())),
             (
                 "note",
-                "see REDIS://cache",
+                "see REDIS://:hunter2@cache",
                 Err(SecretAttributeValue("note".into())),
             ),
             (
@@ -459,7 +480,7 @@ mod tests {
             (
                 "conninfo",
                 "host=db password=pw",
-                Err(SecretAttributeValue("conninfo".into())),
+                Err(SecretAttributeKey("conninfo".into())),
             ),
             (
                 "header",
@@ -483,10 +504,39 @@ mod tests {
         assert!(!format!("{err:?}").contains("s3cr3t"), "{err:?}");
     }
 
+    /// FND-19: a masked token of the minimum length (or longer) shows at most a third of it.
+    #[test]
+    fn a_masked_short_secret_keeps_most_of_it_hidden() {
+        for secret in [
+            "a1b2c3d4",
+            "abcdefghi",
+            "a1b2c3d4e5f6",
+            "a1b2c3d4e5f6g7h8i9",
+        ] {
+            let masked = mask(secret);
+            let shown = masked.chars().count() - 1;
+            assert!(
+                shown * 3 <= secret.chars().count(),
+                "{secret:?} -> {masked:?}"
+            );
+        }
+        assert_eq!(mask("a1b2c3d4"), "a1…");
+    }
+
+    /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
+    /// caller's transaction), is replaced before it reaches any store.
+    #[test]
+    fn a_nul_in_an_attribute_is_replaced_before_it_reaches_the_store() {
+        let mut attrs = Attributes::new();
+        attrs.insert("detail", "backend said: bad\0byte").unwrap();
+        assert_eq!(attrs.get("detail"), Some("backend said: bad\u{FFFD}byte"));
+    }
+
     #[test]
     fn masked_values_show_at_most_four_characters() {
         assert_eq!(mask("tok_9f8e7d6c5b4a"), "tok_…");
-        assert_eq!(mask("é漢字x-rest"), "é漢字x…");
+        assert_eq!(mask("é漢字x-rest"), "é漢字…");
+        assert_eq!(mask("ab"), "ab…");
         assert_eq!(mask(""), "…");
         let mut attrs = Attributes::new();
         attrs

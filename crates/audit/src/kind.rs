@@ -87,7 +87,8 @@ pub enum Consumer {
     },
     /// Operators are alerted on this kind.
     OperatorAlert {
-        /// Name of the alert rule that fires on this kind.
+        /// Name of the Prometheus alert (in `deploy/prometheus/rules.yaml`) that fires when
+        /// this kind is written; a test fails when the rule is missing.
         alert: &'static str,
         /// How urgent the alert is.
         severity: AlertSeverity,
@@ -107,6 +108,50 @@ pub enum Consumer {
 impl AuditKind {
     /// Every kind, in declaration order.
     pub const ALL: &'static [AuditKind] = Self::VARIANTS;
+
+    /// Kinds declared ahead of the code that writes them, each with what is missing. A test
+    /// fails when any other kind is not written by production code, and when a kind listed here
+    /// is written (remove it from the list then). Their declared consumers do not exist yet
+    /// either: nothing reads a kind nothing writes.
+    pub const PLANNED: &'static [(AuditKind, &'static str)] = &[
+        (
+            AuditKind::OrphanSweepReclaimed,
+            "an orphan reclaim writes resource.deprovisioned today; keel-provision's \
+             deprovision_audit must write this kind for DeprovisionTarget::Orphan (FND-4)",
+        ),
+        (
+            AuditKind::BillingChargeUndeliverable,
+            "Keel has no billing-delivery code yet; the kind is reserved for it",
+        ),
+    ];
+
+    /// Kinds that are written, but whose declared consumer is not built yet, each with what is
+    /// missing: a customer notification needs the notification dispatcher, which this build
+    /// does not have. A test fails when a `CustomerNotification` kind is missing from here (so a
+    /// declaration is never mistaken for a delivery).
+    pub const PLANNED_CONSUMERS: &'static [(AuditKind, &'static str)] = &[
+        (
+            AuditKind::PropagationApplied,
+            "no notification dispatcher yet: the tier_change_applied message is not sent",
+        ),
+        (
+            AuditKind::ProvisionCreated,
+            "no notification dispatcher yet: the resource_ready message is not sent",
+        ),
+        (
+            AuditKind::ResourceDeprovisioned,
+            "no notification dispatcher yet: the resource_deleted message is not sent",
+        ),
+    ];
+
+    /// Why this kind is only planned (see [`AuditKind::PLANNED`]), or `None` when production
+    /// code writes it.
+    pub fn planned(self) -> Option<&'static str> {
+        Self::PLANNED
+            .iter()
+            .find(|(kind, _)| *kind == self)
+            .map(|(_, why)| *why)
+    }
 
     /// The stable wire name stored in `audit_events.kind`.
     pub const fn as_str(self) -> &'static str {
@@ -150,11 +195,11 @@ impl AuditKind {
                          propagation.dead_lettered, which pages",
             },
             AuditKind::PropagationUnexpectedSkip => Consumer::OperatorAlert {
-                alert: "propagation_unexpected_skip",
+                alert: "KeelPropagationUnexpectedSkips",
                 severity: AlertSeverity::Ticket,
             },
             AuditKind::PropagationDeadLettered => Consumer::OperatorAlert {
-                alert: "propagation_dead_lettered",
+                alert: "KeelPropagationDeadLettered",
                 severity: AlertSeverity::Page,
             },
             AuditKind::PropagationRequeued => Consumer::IntentionallyNone {
@@ -168,34 +213,34 @@ impl AuditKind {
                 template: "resource_ready",
             },
             AuditKind::ProvisionPersistenceFailed => Consumer::OperatorAlert {
-                alert: "provision_persistence_failed",
+                alert: "KeelProvisionPersistenceFailed",
                 severity: AlertSeverity::Page,
             },
             AuditKind::ProvisionCreateFailed => Consumer::OperatorAlert {
-                alert: "provision_create_failed",
+                alert: "KeelProvisionPersistenceFailed",
                 severity: AlertSeverity::Ticket,
             },
             AuditKind::ProvisionTeardownFailed => Consumer::OperatorAlert {
-                alert: "provision_teardown_failed",
+                alert: "KeelProvisionTeardownFailed",
                 severity: AlertSeverity::Page,
             },
             AuditKind::ProvisionReconciled => Consumer::OperatorAlert {
-                alert: "provision_reconciled",
+                alert: "KeelProvisionUncompensated",
                 severity: AlertSeverity::Ticket,
             },
             AuditKind::ResourceDeprovisioned => Consumer::CustomerNotification {
                 template: "resource_deleted",
             },
             AuditKind::OrphanSweepReclaimed => Consumer::OperatorAlert {
-                alert: "orphan_sweep_reclaimed",
+                alert: "KeelOrphanSweepReclaimed",
                 severity: AlertSeverity::Ticket,
             },
             AuditKind::BillingChargeUndeliverable => Consumer::OperatorAlert {
-                alert: "billing_charge_undeliverable",
+                alert: "KeelBillingChargeUndeliverable",
                 severity: AlertSeverity::Page,
             },
             AuditKind::RaterReconcileDeleted => Consumer::OperatorAlert {
-                alert: "rater_reconcile_deleted",
+                alert: "KeelRaterAttention",
                 severity: AlertSeverity::Page,
             },
             AuditKind::RaterBackfillReconciled => Consumer::IntentionallyNone {

@@ -34,12 +34,15 @@ mod kind;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod screen;
+#[cfg(feature = "postgres")]
+pub mod seal;
 mod sink;
 mod tier;
 
 pub use event::{
     Actor, Attributes, AuditEvent, AuditFieldError, MASK_SUFFIX, MAX_ATTR_KEY_LEN,
-    MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, looks_secret, mask,
+    MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, WITHHELD, looks_secret, mask,
 };
 pub use ids::{
     InvalidId, InvalidTier, InvalidToken, ResourceId, ResourceType, TOKEN_MAX_LEN, TOKEN_MIN_LEN,

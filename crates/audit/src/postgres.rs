@@ -65,7 +65,8 @@ pub async fn insert(
     Ok(AuditEventId(id))
 }
 
-/// Inserts several events on `conn` in one statement, in order; returns how many were written.
+/// Inserts several events on `conn` in one statement, in order; returns how many were written,
+/// which is always `events.len()`: storing fewer is an error.
 pub async fn insert_batch(
     conn: &mut PgConnection,
     events: &[AuditEvent],
@@ -111,6 +112,14 @@ pub async fn insert_batch(
     .execute(conn)
     .await
     .map_err(store_error("insert a batch of audit events"))?;
+    // A trigger that swallows rows (RETURN NULL) makes the statement succeed with fewer rows:
+    // the state change must not commit without every audit row it described (FND-13).
+    if done.rows_affected() != n as u64 {
+        return Err(AuditSinkError::store(
+            "insert a batch of audit events",
+            format!("stored {} of {n} audit events", done.rows_affected()),
+        ));
+    }
     Ok(done.rows_affected())
 }
 
@@ -123,7 +132,8 @@ pub struct AuditFilter {
     pub team_id: Option<TeamId>,
     /// Only events of this kind.
     pub kind: Option<AuditKind>,
-    /// Only events with a row id above this one (for paging forward).
+    /// Only events with a row id above this one. Row ids are not commit order: a reader tailing
+    /// the trail must use [`fetch_committed_after`], which never skips a row that commits late.
     pub after: Option<AuditEventId>,
     /// At most this many (default 1000).
     pub limit: Option<u32>,
@@ -137,26 +147,36 @@ struct AuditRow {
     team_id: Option<Uuid>,
     resource_id: Option<Uuid>,
     request_id: Option<String>,
-    attributes: Json<BTreeMap<String, String>>,
+    attributes: Json<BTreeMap<String, serde_json::Value>>,
     occurred_at: OffsetDateTime,
     recorded_at: OffsetDateTime,
 }
 
 impl AuditRow {
+    /// The stored row as an event. History is not screened again (today's rules must not make
+    /// yesterday's rows unreadable, FND-8): only a kind this build does not know is an error,
+    /// for this row alone. A non-string attribute value (which the database refuses for new
+    /// rows) is kept as its JSON text.
     fn into_domain(self) -> Result<StoredAuditEvent, AuditSinkError> {
-        let corrupt = |reason: String| AuditSinkError::Corrupt {
+        let kind: AuditKind = self.kind.parse().map_err(|e| AuditSinkError::Corrupt {
             id: self.id,
-            reason,
-        };
-        let kind: AuditKind = self.kind.parse().map_err(|e| corrupt(format!("{e}")))?;
-        let actor = Actor::parse(&self.actor).map_err(|e| corrupt(e.to_string()))?;
-        let mut attributes = Attributes::new();
-        for (key, value) in self.attributes.0 {
-            attributes
-                .insert(&key, value)
-                .map_err(|e| corrupt(e.to_string()))?;
-        }
-        let mut event = AuditEvent::new(kind, actor, self.occurred_at).with_attributes(attributes);
+            reason: format!("{e}"),
+        })?;
+        let attributes = self
+            .attributes
+            .0
+            .into_iter()
+            .map(|(key, value)| match value {
+                serde_json::Value::String(text) => (key, text),
+                other @ (serde_json::Value::Null
+                | serde_json::Value::Bool(_)
+                | serde_json::Value::Number(_)
+                | serde_json::Value::Array(_)
+                | serde_json::Value::Object(_)) => (key, other.to_string()),
+            })
+            .collect();
+        let mut event = AuditEvent::new(kind, Actor::from_stored(self.actor), self.occurred_at)
+            .with_attributes(Attributes::from_stored(attributes));
         if let Some(team) = self.team_id {
             event = event.team(TeamId::from_uuid(team));
         }
@@ -164,7 +184,7 @@ impl AuditRow {
             event = event.resource(ResourceId::from_uuid(resource));
         }
         if let Some(request) = self.request_id {
-            event = event.request(RequestId::parse(&request).map_err(|e| corrupt(e.to_string()))?);
+            event = event.request(RequestId::from_stored(request));
         }
         Ok(StoredAuditEvent {
             id: AuditEventId(self.id),
@@ -174,12 +194,11 @@ impl AuditRow {
     }
 }
 
-/// Reads stored events matching `filter`, oldest first.
-pub async fn fetch(
+async fn fetch_raw(
     conn: &mut PgConnection,
     filter: &AuditFilter,
-) -> Result<Vec<StoredAuditEvent>, AuditSinkError> {
-    let rows: Vec<AuditRow> = sqlx::query_as(
+) -> Result<Vec<AuditRow>, AuditSinkError> {
+    sqlx::query_as(
         "SELECT id, kind, actor, team_id, resource_id, request_id, attributes, occurred_at, \
                 recorded_at \
          FROM audit_events \
@@ -197,8 +216,90 @@ pub async fn fetch(
     .bind(i64::from(filter.limit.unwrap_or(1000)))
     .fetch_all(conn)
     .await
-    .map_err(store_error("read audit events"))?;
-    rows.into_iter().map(AuditRow::into_domain).collect()
+    .map_err(|e| AuditSinkError::read("read audit events", e))
+}
+
+/// Reads stored events matching `filter`, oldest first. Fails when any row on the page is of
+/// a kind this build does not know; [`fetch_rows`] gives each row its own result instead.
+pub async fn fetch(
+    conn: &mut PgConnection,
+    filter: &AuditFilter,
+) -> Result<Vec<StoredAuditEvent>, AuditSinkError> {
+    fetch_raw(conn, filter)
+        .await?
+        .into_iter()
+        .map(AuditRow::into_domain)
+        .collect()
+}
+
+/// Reads stored events matching `filter`, oldest first, each row with its own result: a row
+/// this build cannot read (a kind a newer release wrote) never hides the rest of its page.
+pub async fn fetch_rows(
+    conn: &mut PgConnection,
+    filter: &AuditFilter,
+) -> Result<Vec<Result<StoredAuditEvent, AuditSinkError>>, AuditSinkError> {
+    Ok(fetch_raw(conn, filter)
+        .await?
+        .into_iter()
+        .map(AuditRow::into_domain)
+        .collect())
+}
+
+/// A reader's position in commit order: the writing transaction's id and the row id of the
+/// last row it has seen. [`CommitCursor::START`] is before every row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitCursor {
+    /// `audit_events.txid` of the last row seen (a 64-bit transaction id).
+    pub txid: i64,
+    /// `audit_events.id` of the last row seen.
+    pub id: i64,
+}
+
+impl CommitCursor {
+    /// Before every row.
+    pub const START: CommitCursor = CommitCursor { txid: 0, id: 0 };
+}
+
+/// Reads up to `limit` rows after `cursor` in commit order, and the cursor after the last one.
+///
+/// Only rows of transactions older than every transaction still running are returned, so a
+/// row that commits after a later-numbered one is never skipped (FND-5): it is returned once
+/// its transaction has finished, before anything written after it. A long transaction makes
+/// the reader wait for it. Each row has its own result (see [`fetch_rows`]).
+pub async fn fetch_committed_after(
+    conn: &mut PgConnection,
+    cursor: CommitCursor,
+    limit: u32,
+) -> Result<(Vec<Result<StoredAuditEvent, AuditSinkError>>, CommitCursor), AuditSinkError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        position: i64,
+        #[sqlx(flatten)]
+        row: AuditRow,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT txid::text::bigint AS position, id, kind, actor, team_id, resource_id, \
+                request_id, attributes, occurred_at, recorded_at \
+         FROM audit_events \
+         WHERE (txid, id) > ($1::text::xid8, $2) \
+           AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY txid, id \
+         LIMIT $3",
+    )
+    .bind(cursor.txid.to_string())
+    .bind(cursor.id)
+    .bind(i64::from(limit))
+    .fetch_all(conn)
+    .await
+    .map_err(|e| AuditSinkError::read("read audit events in commit order", e))?;
+    let next = rows.last().map_or(cursor, |last| CommitCursor {
+        txid: last.position,
+        id: last.row.id,
+    });
+    Ok((
+        rows.into_iter().map(|r| r.row.into_domain()).collect(),
+        next,
+    ))
 }
 
 /// The [`AuditSink`] port over a pool: each call commits in its own transaction.

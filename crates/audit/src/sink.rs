@@ -20,6 +20,15 @@ pub enum AuditSinkError {
         #[source]
         source: BoxError,
     },
+    /// The store failed to read; nothing was changed.
+    #[error("the audit store failed to {operation}")]
+    Read {
+        /// What was being attempted, e.g. "read audit events".
+        operation: &'static str,
+        /// The store's own error.
+        #[source]
+        source: BoxError,
+    },
     /// A stored row could not be turned back into an [`AuditEvent`].
     #[error("audit row {id} cannot be read back: {reason}")]
     Corrupt {
@@ -31,6 +40,14 @@ pub enum AuditSinkError {
 }
 
 impl AuditSinkError {
+    /// A read failure with its source.
+    pub fn read(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Read {
+            operation,
+            source: source.into(),
+        }
+    }
+
     /// A store failure with a plain message as its source.
     pub fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
         Self::Store {

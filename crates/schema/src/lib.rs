@@ -10,6 +10,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod roles;
+
 use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
 
@@ -32,6 +34,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "reclaim_protections",
     "orphan_sweep_periods",
     "orphan_sightings",
+    "audit_seals",
+    "audit_checkpoints",
 ];
 
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.

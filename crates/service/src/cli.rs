@@ -128,12 +128,43 @@ where
                 );
                 styled = prefixed;
             }
+            let message = styled.to_string();
+            let redacted = redact_secret_arguments(&message, &args);
+            if redacted != message {
+                styled = StyledStr::from(redacted.clone());
+            }
             UsageExit {
-                message: styled.to_string(),
+                message: redacted,
                 styled,
                 code,
             }
         })
+}
+
+/// Removes from a usage error every command-line argument that may hold a credential (a URL,
+/// anything with `@`, or a `password=`/`key=` pair): clap quotes the offending argument, and a
+/// database URL given positionally would otherwise reach the pod log.
+fn redact_secret_arguments(message: &str, args: &[OsString]) -> String {
+    let mut out = message.to_owned();
+    for arg in args.iter().skip(1) {
+        let arg = arg.to_string_lossy();
+        let lower = arg.to_ascii_lowercase();
+        let risky = lower.contains("://")
+            || lower.contains('@')
+            || lower.contains("password")
+            || lower.contains("secret")
+            || lower.contains("token=");
+        if risky && arg.len() > 1 {
+            // The value after `=` in `--flag=value` is what clap quotes.
+            out = out.replace(arg.as_ref(), "<redacted>");
+            if let Some((_, value)) = arg.split_once('=')
+                && value.len() > 1
+            {
+                out = out.replace(value, "<redacted>");
+            }
+        }
+    }
+    out
 }
 
 /// Parses `args` for a binary whose own flags may not be combined with one of its subcommands
@@ -269,6 +300,30 @@ pub struct DatabaseArgs {
     pub database_url: DatabaseUrl,
 }
 
+/// Flags of the `migrate` subcommand: the owner's database URL, and the application role to
+/// grant least privilege to.
+///
+/// `migrate` should connect as the role that owns the schema (`--database-url` of the owner);
+/// the binaries then serve as `--app-role`, which is granted only what they use (see
+/// `keel_schema::roles`). Without `--app-role` no grant is made (a single-role installation,
+/// where the serving role owns the audit trail and could bypass its triggers).
+#[derive(Clone, Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The owner's connection.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The role the binaries serve as; granted SELECT and column-limited INSERT on the audit
+    /// trail, DML on the other tables, no ownership, TRUNCATE, trigger or DDL rights.
+    #[arg(long, env = "KEEL_APP_ROLE", value_name = "ROLE")]
+    pub app_role: Option<keel_schema::roles::AppRole>,
+}
+
+impl From<DatabaseArgs> for MigrateArgs {
+    fn from(db: DatabaseArgs) -> Self {
+        Self { db, app_role: None }
+    }
+}
+
 /// A database connection URL. It holds a password, so `Debug` and `Display` redact it, and
 /// parsing it never fails at the command line (where clap would echo the value in its error):
 /// it is checked by [`DatabaseUrl::connect_options`], whose error does not show it. Its memory
@@ -292,11 +347,39 @@ impl zeroize::ZeroizeOnDrop for DatabaseUrl {}
 
 /// A database URL that is not a valid `postgres://` URL. The value is not shown.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the database URL is not a valid postgres:// URL (its value is not shown); expected \
-     postgres://user:password@host:port/database"
-)]
-pub struct InvalidDatabaseUrl;
+pub enum InvalidDatabaseUrl {
+    /// Not a `postgres://` URL the driver can parse.
+    #[error(
+        "the database URL is not a valid postgres:// URL (its value is not shown); expected \
+         postgres://user:password@host:port/database"
+    )]
+    Malformed,
+    /// A query parameter the driver does not know (it would be ignored, and its value logged).
+    #[error(
+        "the database URL has a query parameter {0:?} that is not supported (its value is not \
+         shown); supported: sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, \
+         dbname, user, password, application_name, options, statement-cache-capacity"
+    )]
+    UnknownParameter(String),
+}
+
+/// Query parameters sqlx's Postgres driver understands; any other is refused, because sqlx
+/// would ignore it and log its value.
+const KNOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
 
 impl DatabaseUrl {
     /// Wraps a URL.
@@ -308,9 +391,29 @@ impl DatabaseUrl {
     pub fn connect_options(&self) -> Result<PgConnectOptions, InvalidDatabaseUrl> {
         let url = self.0.trim();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(InvalidDatabaseUrl);
+            return Err(InvalidDatabaseUrl::Malformed);
         }
-        PgConnectOptions::from_str(url).map_err(|_| InvalidDatabaseUrl)
+        if let Some((_, query)) = url.split_once('?') {
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (key, named) = pair
+                    .split_once('=')
+                    .map_or((pair, false), |(k, _)| (k, true));
+                if !KNOWN_URL_PARAMETERS.contains(&key) {
+                    // sqlx would log the value at WARN and ignore the key: refuse, naming the
+                    // key only in `key=value` form (a bare word may be a pasted secret).
+                    let shown = if named {
+                        key.chars()
+                            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                            .take(40)
+                            .collect()
+                    } else {
+                        "(a parameter without a value)".to_owned()
+                    };
+                    return Err(InvalidDatabaseUrl::UnknownParameter(shown));
+                }
+            }
+        }
+        PgConnectOptions::from_str(url).map_err(|_| InvalidDatabaseUrl::Malformed)
     }
 
     /// The URL itself, for handing to a driver. Never log it.
@@ -586,11 +689,47 @@ mod tests {
         assert_eq!(url.expose(), "");
     }
 
+    /// FND-10: neither a malformed URL, an unknown query parameter (which sqlx would log with
+    /// its value) nor a URL given where clap does not expect it is ever echoed.
     #[test]
     fn a_malformed_url_is_refused_without_echoing_it() {
-        for bad in ["mysql://root:s3cr3t@db/x", "s3cr3t", "postgres://[s3cr3t"] {
+        for bad in [
+            "mysql://root:s3cr3t@db/x",
+            "s3cr3t",
+            "postgres://[s3cr3t",
+            "postgres://keel@db/keel?sslpassword=s3cr3t",
+            "postgres://keel@db/keel?sslmode=require&passwd=s3cr3t",
+            "postgres://keel@db/keel?s3cr3t",
+        ] {
             let err = DatabaseUrl::new(bad).connect_options().unwrap_err();
             assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
+        let err = DatabaseUrl::new("postgres://keel@db/keel?sslpassword=s3cr3t")
+            .connect_options()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"sslpassword\""), "{err}");
+        DatabaseUrl::new("postgres://keel:pw@db/keel?sslmode=require&application_name=x")
+            .connect_options()
+            .unwrap();
+
+        for args in [
+            vec!["keel-test", "postgres://app:s3cr3t@db/keel"],
+            vec!["keel-test", "--log-format", "postgres://app:s3cr3t@db/keel"],
+            vec!["keel-test", "--log-format=postgres://app:s3cr3t@db/keel"],
+            vec!["keel-test", "--no-such-flag=postgres://app:s3cr3t@db/keel"],
+        ] {
+            let exit = try_parse_from::<TestCli, _, _>(args.clone()).unwrap_err();
+            assert_eq!(exit.code, EXIT_USAGE, "{args:?}");
+            assert!(
+                !exit.message.contains("s3cr3t"),
+                "{args:?}: {}",
+                exit.message
+            );
+            assert!(
+                !exit.styled.to_string().contains("s3cr3t"),
+                "{args:?}: {}",
+                exit.styled
+            );
         }
     }
 }

@@ -27,7 +27,7 @@
 //! #[derive(Subcommand)]
 //! enum Command {
 //!     /// Apply the embedded migrations.
-//!     Migrate(DatabaseArgs),
+//!     Migrate(keel_service::MigrateArgs),
 //! }
 //!
 //! fn main() -> std::process::ExitCode {
@@ -59,7 +59,7 @@ use anyhow::Context as _;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
 
-pub use cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs, LogFormat};
+pub use cli::{DatabaseArgs, DatabaseUrl, EXIT_USAGE, LogArgs, LogFormat, MigrateArgs};
 
 /// Exit code for an error (configuration, database, I/O).
 pub const EXIT_ERROR: u8 = 1;
@@ -117,10 +117,22 @@ pub fn error_chain(error: &anyhow::Error) -> String {
 /// The first connection is made directly, not through the pool, so a refused connection, a
 /// failed login or a missing database is reported at once with its cause instead of as a pool
 /// timeout.
+///
+/// A role that could bypass the audit trail's triggers (its owner, or a superuser) is logged at
+/// WARN: serve as the application role `migrate --app-role` granted.
 pub async fn connect(
     db: &DatabaseArgs,
     application_name: &str,
     max_connections: u32,
+) -> anyhow::Result<PgPool> {
+    connect_checked(db, application_name, max_connections, true).await
+}
+
+async fn connect_checked(
+    db: &DatabaseArgs,
+    application_name: &str,
+    max_connections: u32,
+    check_role: bool,
 ) -> anyhow::Result<PgPool> {
     const CONTEXT: &str = "could not connect to the database (check --database-url / DATABASE_URL)";
     let options = db
@@ -135,6 +147,10 @@ pub async fn connect(
     .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
     .context(CONTEXT)?
     .context(CONTEXT)?;
+    let mut first = first;
+    if check_role {
+        warn_unless_least_privilege(&mut first, "serving").await;
+    }
     first.close().await.context(CONTEXT)?;
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
@@ -142,9 +158,12 @@ pub async fn connect(
         .connect_lazy_with(options))
 }
 
-/// The `migrate` subcommand: applies every embedded migration that is not applied yet.
-pub async fn migrate(db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
-    let pool = connect(db, "keel-migrate", 1).await?;
+/// The `migrate` subcommand: applies every embedded migration that is not applied yet, then,
+/// with `--app-role`, grants that role least privilege (`keel_schema::roles::grant_app_role`).
+///
+/// Run it as the schema's owner; the binaries serve as the application role.
+pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<ExitCode> {
+    let pool = connect_checked(&args.db, "keel-migrate", 1, false).await?;
     keel_schema::migrate(&pool)
         .await
         .context("could not apply the migrations")?;
@@ -152,8 +171,40 @@ pub async fn migrate(db: &DatabaseArgs) -> anyhow::Result<ExitCode> {
         version = keel_schema::latest_version(),
         "schema is up to date"
     );
+    let mut conn = pool.acquire().await.context("could not connect")?;
+    if let Some(role) = &args.app_role {
+        keel_schema::roles::grant_app_role(&mut conn, role)
+            .await
+            .context("could not grant the application role")?;
+        tracing::info!(app_role = %role, "application role granted least privilege");
+    } else {
+        tracing::info!(
+            "no --app-role: no application role was granted; serving as the role that ran \
+             migrate lets it bypass the audit trail's append-only triggers"
+        );
+    }
+    drop(conn);
     pool.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs a warning when the connected role could bypass the audit trail's append-only triggers
+/// (it owns `audit_events` or is a superuser). A check that cannot run is ignored.
+pub async fn warn_unless_least_privilege(conn: &mut PgConnection, context: &'static str) {
+    use keel_schema::roles::RuntimeRole;
+    match keel_schema::roles::runtime_role(conn).await {
+        Ok(RuntimeRole::Owner) => tracing::warn!(
+            context,
+            "the connected role owns audit_events and could disable its append-only triggers; \
+             serve as a separate application role (migrate --app-role)"
+        ),
+        Ok(RuntimeRole::Superuser) => tracing::warn!(
+            context,
+            "the connected role is a superuser and could bypass the audit trail's triggers; \
+             serve as a separate application role (migrate --app-role)"
+        ),
+        Ok(RuntimeRole::LeastPrivilege | RuntimeRole::Unmigrated) | Err(_) => {}
+    }
 }
 
 #[cfg(test)]
@@ -163,9 +214,9 @@ mod tests {
     #[tokio::test]
     async fn migrate_applies_the_schema_and_is_idempotent() {
         let db = keel_testkit::empty_database().await;
-        let args = DatabaseArgs {
+        let args = MigrateArgs::from(DatabaseArgs {
             database_url: DatabaseUrl::new(db.url()),
-        };
+        });
         migrate(&args).await.unwrap();
         migrate(&args).await.unwrap();
         let tables: Vec<String> = sqlx::query_scalar(
@@ -182,11 +233,39 @@ mod tests {
         }
     }
 
+    /// FND-1: `migrate --app-role`, run as the owner, leaves the application role unable to
+    /// touch the audit trail's triggers and able to do its work; run again, it changes nothing.
+    #[tokio::test]
+    async fn migrate_as_the_owner_grants_the_app_role_least_privilege() {
+        let db = keel_testkit::role_split_database().await;
+        let args = MigrateArgs {
+            db: DatabaseArgs {
+                database_url: DatabaseUrl::new(db.owner_url()),
+            },
+            app_role: Some(db.app_role().clone()),
+        };
+        migrate(&args).await.unwrap();
+        let err = sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER ALL")
+            .execute(db.app())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("must be owner"), "{err}");
+        sqlx::query("INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro')")
+            .execute(db.app())
+            .await
+            .unwrap();
+        let mut app = db.app().acquire().await.unwrap();
+        assert_eq!(
+            keel_schema::roles::runtime_role(&mut app).await.unwrap(),
+            keel_schema::roles::RuntimeRole::LeastPrivilege
+        );
+    }
+
     #[tokio::test]
     async fn a_bad_database_url_fails_without_showing_it() {
-        let args = DatabaseArgs {
+        let args = MigrateArgs::from(DatabaseArgs {
             database_url: DatabaseUrl::new("postgres://app:s3cr3t@127.0.0.1:1/none"),
-        };
+        });
         let err = migrate(&args).await.unwrap_err();
         let shown = format!("{err:#}");
         assert!(shown.contains("could not connect"), "{shown}");

@@ -12,7 +12,7 @@ use crate::cli::{LogFormat, Stream};
 
 /// Installs the global tracing subscriber. Fails if one is already installed.
 pub fn init(format: LogFormat) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, invalid) = filter_from(std::env::var("RUST_LOG").ok().as_deref());
     let subscriber = subscriber(
         format,
         filter,
@@ -20,7 +20,26 @@ pub fn init(format: LogFormat) -> Result<(), Box<dyn std::error::Error + Send + 
         std::io::stderr,
     );
     tracing::subscriber::set_global_default(subscriber)?;
+    if let Some(error) = invalid {
+        tracing::warn!(%error, default = DEFAULT_FILTER, "RUST_LOG is not a valid filter; using the default");
+    }
     Ok(())
+}
+
+/// The filter without `RUST_LOG`: INFO, with the server's routine notices (such as
+/// "relation _sqlx_migrations already exists, skipping") only from WARN up.
+pub const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
+/// The filter from a `RUST_LOG` value, and why it was refused when it is invalid (FND-18: an
+/// invalid value is reported, not silently replaced).
+pub fn filter_from(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
+        Some(value) => match EnvFilter::try_new(value) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(DEFAULT_FILTER), Some(e.to_string())),
+        },
+    }
 }
 
 /// The subscriber [`init`] installs, writing to `writer`, with ANSI colour only if `ansi`.
@@ -94,6 +113,22 @@ mod tests {
         assert!(plain.contains("handled"), "{plain}");
         assert!(!plain.contains('\x1b'), "{plain:?}");
         assert!(capture(LogFormat::Text, true).contains('\x1b'));
+    }
+
+    /// FND-18: an invalid RUST_LOG is reported with its parse error; the default keeps the
+    /// server's routine notices below WARN out of the log.
+    #[test]
+    fn an_invalid_rust_log_is_reported_not_silently_replaced() {
+        let (_, error) = filter_from(Some("keel=debbug"));
+        assert!(error.is_some());
+        let (_, error) = filter_from(Some("keel=debug,info"));
+        assert_eq!(error, None);
+        let (filter, error) = filter_from(None);
+        assert_eq!(error, None);
+        assert!(
+            filter.to_string().contains("sqlx::postgres::notice=warn"),
+            "{filter}"
+        );
     }
 
     /// OPS-18: a JSON line carries the fields of its span, such as `request_id`.

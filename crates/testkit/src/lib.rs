@@ -26,6 +26,7 @@
 //! # }
 //! ```
 
+mod roles;
 mod server;
 
 use std::future::Future;
@@ -36,6 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
+pub use roles::{RoleSplitDatabase, role_split_database, try_role_split_database};
 pub use server::{PgServer, RestartableServer, ThrowawayOptions, find_bin_dir, quote_ident};
 
 /// Why the harness could not give a test its database.

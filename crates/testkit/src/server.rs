@@ -4,6 +4,7 @@ use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::str::FromStr;
@@ -109,6 +110,7 @@ impl PgServer {
     /// [`PgServer::start_throwaway`] with extra settings and, optionally, password
     /// authentication. The server is this value's own: it stops when the process exits.
     pub fn start_throwaway_with(options: &ThrowawayOptions) -> Result<Self, HarnessError> {
+        sweep_stale_run_dirs(&std::env::temp_dir());
         let bin_dir = find_bin_dir()?;
         let run_as = RunAs::detect()?;
         let run_dir = make_run_dir(&run_as)?;
@@ -144,6 +146,10 @@ impl PgServer {
                     .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
             )
             .current_dir(&run_dir)
+            // A process group of its own: a signal to the test's group (Ctrl-C, or SIGKILL of a
+            // whole `cargo test`) does not take the watcher down with it; the closed lifeline
+            // stops the server and removes its directory (FND-14).
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -533,6 +539,55 @@ impl Drop for RestartableServer {
     }
 }
 
+/// Removes the run directories (`keel-pg-<pid>-*`) that a test process killed before its
+/// server was supervised left behind (FND-14: a SIGKILL during `initdb`), together with the
+/// shared-memory segment a stale `postmaster.pid` names. A directory is removed only when the
+/// process that made it and the postmaster it names are both gone. Returns how many were.
+pub(crate) fn sweep_stale_run_dirs(temp: &Path) -> usize {
+    fn alive(pid: &str) -> bool {
+        !pid.is_empty() && Path::new("/proc").join(pid).exists()
+    }
+    let Ok(entries) = fs::read_dir(temp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("keel-pg-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || alive(pid) {
+            continue;
+        }
+        let dir = entry.path();
+        let postmaster = fs::read_to_string(dir.join("data/postmaster.pid")).unwrap_or_default();
+        let mut lines = postmaster.lines();
+        if alive(lines.next().unwrap_or("").trim()) {
+            continue;
+        }
+        // Line 7: "<shmem key> <shmem id>".
+        if let Some(shmid) = postmaster
+            .lines()
+            .nth(6)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .filter(|id| id.bytes().all(|b| b.is_ascii_digit()))
+        {
+            let _ = Command::new("ipcrm")
+                .args(["-m", shmid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 fn make_run_dir(run_as: &RunAs) -> Result<PathBuf, HarnessError> {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -554,6 +609,29 @@ fn make_run_dir(run_as: &RunAs) -> Result<PathBuf, HarnessError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FND-14: run directories of dead test processes are removed at the next start; those of
+    /// live ones (this process) are kept.
+    #[test]
+    fn stale_run_directories_of_dead_processes_are_swept() {
+        let temp = std::env::temp_dir().join(format!("keel-testkit-sweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&temp);
+        fs::create_dir_all(&temp).unwrap();
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = temp.join(format!("keel-pg-{dead}-1f"));
+        let live = temp.join(format!("keel-pg-{}-2f", std::process::id()));
+        let unrelated = temp.join("keel-pg-notapid-3f");
+        for dir in [&stale, &live, &unrelated] {
+            fs::create_dir_all(dir.join("data")).unwrap();
+            fs::write(dir.join("data/PG_VERSION"), "15\n").unwrap();
+        }
+        assert_eq!(sweep_stale_run_dirs(&temp), 1);
+        assert!(!stale.exists());
+        assert!(live.exists() && unrelated.exists());
+        fs::remove_dir_all(&temp).unwrap();
+    }
 
     struct Scratch(PathBuf);
 

@@ -98,10 +98,12 @@ pub async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
         "the provision.created row written in the same transaction rolled back with it ({before} rows before, {after} after)"
     );
 
-    step("Audit: the trail is append-only");
+    step("Audit: the trail is append-only, and the application role cannot switch that off");
     for sql in [
         "UPDATE audit_events SET actor = 'someone-else'",
         "DELETE FROM audit_events",
+        "ALTER TABLE audit_events DISABLE TRIGGER ALL",
+        "DROP TABLE audit_events",
     ] {
         let err = sqlx::query(sql)
             .execute(pool)

@@ -35,28 +35,56 @@ async fn scenario() -> anyhow::Result<()> {
         .context("could not start a throwaway Postgres")?;
     println!("started {}", server.describe());
     server.create_database("keel_demo", None).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(server.options_for("keel_demo"))
+    // Two roles, as production runs it: the owner applies the migrations, the application role
+    // the binaries serve as gets only what they use (it cannot touch the audit triggers).
+    let mut admin = server.connect_admin().await?;
+    sqlx::raw_sql(
+        "CREATE ROLE keel_owner LOGIN; CREATE ROLE keel_app LOGIN; \
+         ALTER DATABASE keel_demo OWNER TO keel_owner",
+    )
+    .execute(&mut admin)
+    .await
+    .context("could not create the owner and application roles")?;
+    let owner = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(server.options_for("keel_demo").username("keel_owner"))
         .await
-        .context("could not connect to the demo database")?;
-    keel_schema::migrate(&pool)
+        .context("could not connect to the demo database as its owner")?;
+    keel_schema::migrate(&owner)
         .await
         .context("could not apply the migrations")?;
+    let app_role = keel_schema::roles::AppRole::parse("keel_app")?;
+    keel_schema::roles::grant_app_role(&mut *owner.acquire().await?, &app_role)
+        .await
+        .context("could not grant the application role")?;
+    owner.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(server.options_for("keel_demo").username("keel_app"))
+        .await
+        .context("could not connect to the demo database")?;
     println!(
-        "applied the migrations: schema version {} ({} tables: {})",
+        "applied the migrations as keel_owner: schema version {} ({} tables: {})",
         keel_schema::latest_version(),
         keel_schema::CONTRACT_TABLES.len(),
         keel_schema::CONTRACT_TABLES.join(", ")
     );
+    println!("the acts below run as keel_app, granted only what the binaries use");
 
     audit::audit_trail(&pool).await?;
-    propagation::tier_elevations(&pool).await?;
+    // The customer cluster's admin (CREATEROLE) is a third role, never the application role.
+    let cluster = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(server.options_for("keel_demo"))
+        .await
+        .context("could not connect to the customer cluster as its admin")?;
+    propagation::tier_elevations(&pool, &cluster).await?;
     provision::provisioning(&server, &pool).await?;
     orphan_sweep::orphan_sweep(&server, &pool).await?;
     rater::rating(&server, "keel_demo", &pool).await?;
 
     pool.close().await;
+    cluster.close().await;
     println!(
         "\nDone. The throwaway Postgres stops and its files are removed as this process exits."
     );

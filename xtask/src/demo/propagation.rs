@@ -32,6 +32,7 @@ fn customer_role(token: &str) -> anyhow::Result<String> {
 
 async fn create_resource(
     pool: &PgPool,
+    cluster: &PgPool,
     team: TeamId,
     token: &str,
     with_role: bool,
@@ -43,7 +44,7 @@ async fn create_resource(
             "CREATE ROLE {} LOGIN CONNECTION LIMIT 10",
             keel_testkit::quote_ident(&role)
         )))
-        .execute(pool)
+        .execute(cluster)
         .await?;
     }
     sqlx::query(
@@ -143,7 +144,7 @@ async fn kinds(pool: &PgPool, resource: ResourceId) -> anyhow::Result<Vec<String
 }
 
 /// Runs the propagation act.
-pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
+pub async fn tier_elevations(pool: &PgPool, cluster: &PgPool) -> anyhow::Result<()> {
     // Whole seconds, so the schedule prints exactly (Postgres keeps microseconds).
     let now = OffsetDateTime::now_utc();
     let start = now.replace_nanosecond(0).unwrap_or(now);
@@ -152,8 +153,8 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
         .bind(team.as_uuid())
         .execute(pool)
         .await?;
-    let reachable = create_resource(pool, team, "demoreach01", true).await?;
-    let missing_role = create_resource(pool, team, "demomissing1", false).await?;
+    let reachable = create_resource(pool, cluster, team, "demoreach01", true).await?;
+    let missing_role = create_resource(pool, cluster, team, "demomissing1", false).await?;
 
     let redis = create_redis(pool, team, "demoredis01").await?;
 
@@ -199,7 +200,7 @@ pub async fn tier_elevations(pool: &PgPool) -> anyhow::Result<()> {
     let api = tokio::spawn(kubernetes_api(handle));
     let applier = Arc::new(ByResourceType {
         postgres: Some(PgRoleApplier::new(
-            pool.clone(),
+            cluster.clone(),
             TierRoleSettings::standard(),
         )),
         kubernetes: Some(KubeQuotaApplier::new(

@@ -1,7 +1,12 @@
 //! keel-audit against a real Postgres (one fresh database per test) and its fake.
 
+mod consumers;
 mod contract;
 mod postgres;
+mod privileges;
+mod regressions;
+mod screen;
+mod seal;
 
 use keel_audit::{Actor, AuditEvent, AuditKind, RequestId, ResourceId, TeamId};
 use time::macros::datetime;

@@ -1,0 +1,465 @@
+//! The secret screen: which attribute keys name a secret and which values look like one.
+//!
+//! Values are normalised first (fullwidth forms folded to ASCII, zero-width characters removed,
+//! tabs and no-break spaces made spaces, percent-escapes decoded), then matched against known
+//! credential shapes: connection URLs, URLs carrying a password or a signed query, `key=value`
+//! and `key: value` forms of secret words, bearer/basic/token authorization, JWTs, cloud and
+//! SaaS key formats, private key material and Keel's own backend names that embed a token.
+//! Shapes are what the screen refuses; it is not a proof that no secret passes.
+
+/// Words that make an attribute key name a secret (as one `_`-separated word of the key).
+const SECRET_KEY_WORDS: &[&str] = &[
+    "password",
+    "passwords",
+    "passwd",
+    "pwd",
+    "pw",
+    "pass",
+    "passphrase",
+    "dbpassword",
+    "secret",
+    "secrets",
+    "token",
+    "tokens",
+    "accesstoken",
+    "dsn",
+    "credential",
+    "credentials",
+    "apikey",
+    "authorization",
+    "cookie",
+    "jwt",
+    "bearer",
+    "auth",
+    "otp",
+    "pin",
+    "privatekey",
+    "conninfo",
+    "connstr",
+    "kubeconfig",
+];
+
+/// Two-word keys that name a secret (`access_key`, `mfa_code`, …).
+const SECRET_KEY_PAIRS: &[(&str, &str)] = &[
+    ("api", "key"),
+    ("access", "key"),
+    ("secret", "key"),
+    ("private", "key"),
+    ("ssh", "key"),
+    ("signing", "key"),
+    ("client", "key"),
+    ("session", "key"),
+    ("encryption", "key"),
+    ("mfa", "code"),
+    ("recovery", "code"),
+    ("connection", "url"),
+    ("connection", "string"),
+    ("database", "url"),
+    ("conn", "url"),
+];
+
+/// A word after a secret word that makes the key name something about the secret, not the
+/// secret itself (`secret_name`, `token_type`, `password_changed`, `api_key_id`).
+const NOUN_SUFFIXES: &[&str] = &[
+    "id",
+    "ids",
+    "name",
+    "names",
+    "type",
+    "changed",
+    "at",
+    "count",
+    "ref",
+    "rotated",
+    "decision",
+    "reset",
+    "requested",
+    "consent",
+    "host",
+    "kind",
+    "scope",
+    "expires",
+    "expiry",
+    "length",
+    "policy",
+    "version",
+    "source",
+    "status",
+];
+
+/// A word before a secret word that makes the key a quantity (`max_token`).
+const QUANTITY_PREFIXES: &[&str] = &["max", "min", "num"];
+
+/// Whether an attribute key names a secret.
+pub(crate) fn key_names_a_secret(key: &str) -> bool {
+    let words: Vec<&str> = key.split('_').collect();
+    let mut i = 0;
+    while i < words.len() {
+        let (hit, len) =
+            if i + 1 < words.len() && SECRET_KEY_PAIRS.contains(&(words[i], words[i + 1])) {
+                (true, 2)
+            } else {
+                (SECRET_KEY_WORDS.contains(&words[i]), 1)
+            };
+        if hit {
+            let next = words.get(i + len);
+            let described = next.is_some_and(|n| NOUN_SUFFIXES.contains(n));
+            let quantity = i > 0 && QUANTITY_PREFIXES.contains(&words[i - 1]);
+            if !described && !quantity {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether a `*_fingerprint` value is a tagged digest (`hmac:9a8b…`, `sha256:…`): a tag of
+/// lower-case letters and digits, a colon, at least 6 hex digits. Anything else under such a
+/// key is refused, so the suffix cannot smuggle a raw secret.
+pub(crate) fn is_fingerprint(value: &str) -> bool {
+    let Some((tag, digest)) = value.split_once(':') else {
+        return false;
+    };
+    !tag.is_empty()
+        && tag.len() <= 16
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && (6..=128).contains(&digest.len())
+        && digest.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Folds the obfuscations a screen must see through: fullwidth ASCII forms, zero-width
+/// characters, tabs and no-break spaces.
+fn normalise(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| {
+            !matches!(
+                c,
+                '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
+            )
+        })
+        .map(|c| match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\t' | '\u{00A0}' | '\u{2007}' | '\u{202F}' | '\u{3000}' => ' ',
+            other => other,
+        })
+        .collect()
+}
+
+/// Decodes `%XX` escapes (invalid ones are kept as they are).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            // Both digits are ASCII, so this never splits a character.
+            out.push(u8::try_from(high * 16 + low).unwrap_or(b'%'));
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Schemes whose URLs are connection strings: secret even without a password.
+const ALWAYS_SECRET_SCHEMES: &[&str] = &["postgres:/", "postgresql:/", "jdbc:postgresql:"];
+
+/// Query keys of signed or token-carrying URLs.
+const SECRET_QUERY_KEYS: &[&str] = &[
+    "token=",
+    "access_token=",
+    "id_token=",
+    "refresh_token=",
+    "signature=",
+    "sig=",
+    "x-amz-signature=",
+    "x-amz-credential=",
+    "x-goog-signature=",
+    "api_key=",
+    "apikey=",
+    "key=",
+    "client_secret=",
+    "password=",
+];
+
+/// Words that, followed by `=` or `:` and a value, give a secret away.
+const SECRET_ASSIGN_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "pass",
+    "passphrase",
+    "secret",
+    "token",
+    "apikey",
+    "api_key",
+    "access_key",
+    "private_key",
+    "credential",
+    "credentials",
+];
+
+/// Prefixes of well-known API keys and tokens.
+const TOKEN_PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "xoxb-",
+    "xoxa-",
+    "xoxp-",
+    "xoxr-",
+    "xoxs-",
+    "npm_",
+    "pypi-",
+];
+
+fn is_word_start(text: &str, at: usize) -> bool {
+    text[..at]
+        .chars()
+        .next_back()
+        .is_none_or(|c| !c.is_ascii_alphanumeric())
+}
+
+/// `word = value`, `word: value`, `"word":"value"`, allowing spaces and quotes around the
+/// separator, with `word` at a word start (`_` counts as a boundary: `client_secret=`).
+fn assigns_a_secret_word(lower: &str) -> bool {
+    SECRET_ASSIGN_WORDS.iter().any(|word| {
+        lower.match_indices(word).any(|(at, _)| {
+            if !is_word_start(lower, at) && !lower[..at].ends_with('_') {
+                return false;
+            }
+            let rest = lower[at + word.len()..].trim_start_matches(['"', '\'']);
+            let rest = rest.trim_start();
+            let Some(rest) = rest.strip_prefix(['=', ':']) else {
+                return false;
+            };
+            let value = rest.trim_start().trim_start_matches(['"', '\'']);
+            value
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace() && c != ',' && c != '}')
+        })
+    })
+}
+
+/// `bearer <token>`, `basic <base64>`, `token <value>` as an authorization scheme: the scheme
+/// word followed by a separator and a credential-looking run of at least 8 characters.
+fn carries_an_authorization(lower: &str) -> bool {
+    ["bearer", "basic", "token", "authorization"]
+        .iter()
+        .any(|scheme| {
+            lower.match_indices(scheme).any(|(at, _)| {
+                if !is_word_start(lower, at) {
+                    return false;
+                }
+                let rest = &lower[at + scheme.len()..];
+                let Some(first) = rest.chars().next() else {
+                    return false;
+                };
+                if !(first.is_whitespace() || first == ':' || first == '=') {
+                    return false;
+                }
+                let credential: String = rest
+                    .trim_start_matches(|c: char| c.is_whitespace() || c == ':' || c == '=')
+                    .chars()
+                    .take_while(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '/' | '=')
+                    })
+                    .collect();
+                // Prose ("the bearer of this certificate") has short words after the scheme
+                // word; a credential is a long run (for `token`, one with a digit too).
+                match *scheme {
+                    "authorization" => credential.len() >= 5,
+                    "token" => {
+                        credential.len() >= 8 && credential.chars().any(|c| c.is_ascii_digit())
+                    }
+                    _ => credential.len() >= 8,
+                }
+            })
+        })
+}
+
+/// A run of JWT, cloud-key or private-key shapes in the original (case-sensitive) text.
+fn has_token_shape(original: &str) -> bool {
+    let runs = original.split(|c: char| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '/' | '='))
+    });
+    for run in runs {
+        // JWT: three base64url parts, the first two JSON objects (`eyJ`).
+        let parts: Vec<&str> = run.split('.').collect();
+        if parts.len() >= 2 && parts[0].starts_with("eyJ") && parts[1].starts_with("eyJ") {
+            return true;
+        }
+        // AWS access key ids.
+        for prefix in ["AKIA", "ASIA"] {
+            if let Some(pos) = run.find(prefix) {
+                let tail: String = run[pos + 4..].chars().take(16).collect();
+                if tail.len() == 16
+                    && tail
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+                {
+                    return true;
+                }
+            }
+        }
+        // Long base64 with both cases and `+` or `/`: key material without its PEM header.
+        let separators = run.matches(['+', '/']).count();
+        if run.len() >= 60
+            && separators > 0
+            && separators * 8 <= run.len()
+            && !run.contains("//")
+            && !run.contains('.')
+            && run.chars().any(|c| c.is_ascii_digit())
+            && run.chars().any(|c| c.is_ascii_uppercase())
+            && run.chars().any(|c| c.is_ascii_lowercase())
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// A host as a URL names it: a name starting with a letter (`db`, `db.internal`) or a dotted
+/// IPv4 address, with an optional `:port`. A timestamp (`1970-01-31t00:00:00z`) is not one.
+fn looks_like_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let named = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    let ipv4 = name.split('.').count() == 4
+        && name.split('.').all(|part| {
+            !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+        });
+    named || ipv4
+}
+
+/// Whether free text looks like it holds a secret (see the module documentation).
+pub(crate) fn value_looks_secret(value: &str) -> bool {
+    let normalised = normalise(value);
+    let decoded = percent_decode(&normalised);
+    [normalised.as_str(), decoded.as_str()]
+        .iter()
+        .any(|text| text_looks_secret(text))
+}
+
+fn text_looks_secret(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    // A connection URL with anything after its scheme (prose naming the scheme passes).
+    if ALWAYS_SECRET_SCHEMES.iter().any(|scheme| {
+        lower.match_indices(scheme).any(|(at, m)| {
+            lower[at + m.len()..]
+                .trim_start_matches('/')
+                .chars()
+                .next()
+                .is_none_or(|c| !c.is_whitespace())
+        })
+    }) {
+        return true;
+    }
+    if lower.contains("----begin") && (lower.contains("private key") || lower.contains("openssh"))
+        || lower.contains("private key-----")
+        || lower.contains("b3blbnnzac1rzxktdjeaaaaa")
+    {
+        return true;
+    }
+    if assigns_a_secret_word(&lower) || carries_an_authorization(&lower) {
+        return true;
+    }
+    // A known key prefix at a word start, followed by a key-length run (16 or more).
+    if TOKEN_PREFIXES.iter().any(|p| {
+        lower.match_indices(p).any(|(at, m)| {
+            is_word_start(&lower, at)
+                && lower[at + m.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                    .count()
+                    >= 16
+        })
+    }) || lower.contains("hooks.slack.com/services/")
+    {
+        return true;
+    }
+    if has_token_shape(text) {
+        return true;
+    }
+    // Keel's own backend names embed the whole customer token.
+    if lower.match_indices("instant-customer-").any(|(at, m)| {
+        lower[at + m.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count()
+            >= 8
+    }) {
+        return true;
+    }
+    // `user:password@host` without its scheme (half of a URL split across attributes).
+    if text.split_whitespace().any(|word| {
+        word.trim_start_matches('/')
+            .split('/')
+            .next()
+            .and_then(|authority| authority.rsplit_once('@'))
+            .is_some_and(|(userinfo, host)| {
+                let userinfo_char =
+                    |c: char| c.is_ascii_alphanumeric() || "._~!$&'()*+,;=%-".contains(c);
+                userinfo.split_once(':').is_some_and(|(user, password)| {
+                    !user.is_empty()
+                        && !password.is_empty()
+                        && user.chars().all(userinfo_char)
+                        && password.chars().all(userinfo_char)
+                }) && looks_like_host(host)
+            })
+    }) {
+        return true;
+    }
+    // URLs: a password in the authority (`scheme:/user:pass@host`), or a signed / token-carrying
+    // query. Only URL-shaped text counts: a scheme letter before `:/`, userinfo and host in
+    // their own character sets.
+    lower.match_indices(":/").any(|(at, _)| {
+        if !lower[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        {
+            return false;
+        }
+        let after = lower[at + 1..].trim_start_matches('/');
+        let url = after.split(char::is_whitespace).next().unwrap_or("");
+        let authority = url.split(['/', '?', '#']).next().unwrap_or("");
+        let userinfo_char = |c: char| c.is_ascii_alphanumeric() || "._~!$&'()*+,;=%-".contains(c);
+        let password_in_authority = authority.rsplit_once('@').is_some_and(|(userinfo, host)| {
+            userinfo
+                .split_once(':')
+                .is_some_and(|(_, password)| !password.is_empty())
+                && userinfo.chars().all(|c| c == ':' || userinfo_char(c))
+                && looks_like_host(host)
+        });
+        let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let signed = query
+            .split('&')
+            .any(|pair| SECRET_QUERY_KEYS.iter().any(|k| pair.starts_with(k)));
+        password_in_authority || signed
+    })
+}

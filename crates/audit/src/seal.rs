@@ -1,0 +1,463 @@
+//! Tamper evidence (feature `postgres`): a hash chain over `audit_events` in commit order, with
+//! signed checkpoints, and a verifier that names the first row changed, deleted or inserted
+//! out of band.
+//!
+//! [`seal`] (single-flight: one sealer at a time, by advisory lock) takes the rows of finished
+//! transactions after the last sealed one, in commit order (`txid`, `id`), and appends to
+//! `audit_seals` one link per row: `row_hash = sha256(prev_hash ‖ canonical row)`. It then
+//! writes a checkpoint to `audit_checkpoints`: the last link's position and hash, signed with
+//! HMAC-SHA256 under a key the database never sees. The application role can read both tables
+//! and write neither.
+//!
+//! [`verify`] recomputes the chain from the rows themselves, from the start or from a
+//! checkpoint whose signature holds, and compares it with the stored links and every signed
+//! checkpoint. An owner who edits a row, deletes one, or inserts one into the sealed past is
+//! named; one who also rewrites `audit_seals` is caught by the first signed checkpoint the
+//! rewrite contradicts, since the key is not in the database.
+
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use sha2::{Digest as _, Sha256};
+use sqlx::{Acquire as _, PgConnection};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::sink::AuditSinkError;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key checkpoints are signed with (HMAC-SHA256), with an id naming it in each checkpoint.
+/// Its bytes never reach a log or the database.
+#[derive(Clone)]
+pub struct SealKey {
+    id: String,
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealKey({}, <redacted>)", self.id)
+    }
+}
+
+/// A seal key that is too short or has a bad id.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a seal key needs at least 32 bytes and an id of 1 to 64 characters of [a-z0-9._-] (the key \
+     is not shown)"
+)]
+pub struct InvalidSealKey;
+
+impl SealKey {
+    /// A key of at least 32 bytes, named `id` in the checkpoints it signs.
+    pub fn new(id: &str, secret: impl Into<Vec<u8>>) -> Result<Self, InvalidSealKey> {
+        let secret = secret.into();
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if secret.len() < 32 || !id_ok {
+            return Err(InvalidSealKey);
+        }
+        Ok(Self {
+            id: id.to_owned(),
+            secret,
+        })
+    }
+
+    /// The key's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn sign(&self, seq: i64, hash: &[u8]) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"keel-audit-checkpoint\0");
+        mac.update(self.id.as_bytes());
+        mac.update(b"\0");
+        mac.update(&seq.to_be_bytes());
+        mac.update(hash);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+/// What one [`seal`] call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealOutcome {
+    /// Rows were sealed; the chain now ends at `last_seq`, with a signed checkpoint there.
+    Sealed {
+        /// How many rows were added to the chain.
+        rows: u64,
+        /// The chain's last position.
+        last_seq: i64,
+    },
+    /// Nothing new to seal.
+    UpToDate,
+    /// Another sealer holds the lock; nothing was done.
+    Busy,
+}
+
+/// The first difference [`verify`] found between the rows and the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tampering {
+    /// A sealed row's content no longer hashes to its link.
+    Changed {
+        /// `audit_events.id` of the row.
+        id: i64,
+        /// Its position in the chain.
+        seq: i64,
+    },
+    /// A sealed row is gone.
+    Deleted {
+        /// `audit_events.id` the link names.
+        id: i64,
+        /// Its position in the chain.
+        seq: i64,
+    },
+    /// A row sits in the sealed past (commit order before the last link) without a link.
+    Inserted {
+        /// `audit_events.id` of the row.
+        id: i64,
+    },
+    /// A stored link or checkpoint disagrees with the chain recomputed from the rows (the
+    /// chain table itself was rewritten), or a checkpoint's signature does not hold.
+    Chain {
+        /// The first position where they disagree.
+        seq: i64,
+        /// What disagrees.
+        what: &'static str,
+    },
+}
+
+impl std::fmt::Display for Tampering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tampering::Changed { id, seq } => {
+                write!(
+                    f,
+                    "audit row {id} (seal {seq}) was changed after it was sealed"
+                )
+            }
+            Tampering::Deleted { id, seq } => {
+                write!(
+                    f,
+                    "audit row {id} (seal {seq}) was deleted after it was sealed"
+                )
+            }
+            Tampering::Inserted { id } => {
+                write!(
+                    f,
+                    "audit row {id} was inserted into the sealed past, out of band"
+                )
+            }
+            Tampering::Chain { seq, what } => write!(f, "the seal chain at {seq}: {what}"),
+        }
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verification {
+    /// Links checked.
+    pub links: u64,
+    /// Signed checkpoints checked.
+    pub checkpoints: u64,
+    /// The first difference, if any.
+    pub tampering: Option<Tampering>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChainRow {
+    txid: i64,
+    id: i64,
+    kind: String,
+    actor: String,
+    team_id: Option<Uuid>,
+    resource_id: Option<Uuid>,
+    request_id: Option<String>,
+    attributes: String,
+    occurred_at: OffsetDateTime,
+    recorded_at: OffsetDateTime,
+}
+
+/// The canonical bytes of a row: every column, length-prefixed, in a fixed order; times as
+/// UTC nanoseconds; attributes as Postgres' own normalised `jsonb` text.
+fn canonical(row: &ChainRow) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    fn optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+        match bytes {
+            None => out.push(0),
+            Some(b) => {
+                out.push(1);
+                field(out, b);
+            }
+        }
+    }
+    let mut out = b"keel-audit-row-v1".to_vec();
+    field(&mut out, &row.txid.to_be_bytes());
+    field(&mut out, &row.id.to_be_bytes());
+    field(&mut out, row.kind.as_bytes());
+    field(&mut out, row.actor.as_bytes());
+    optional(
+        &mut out,
+        row.team_id.as_ref().map(|u| u.as_bytes().as_slice()),
+    );
+    optional(
+        &mut out,
+        row.resource_id.as_ref().map(|u| u.as_bytes().as_slice()),
+    );
+    optional(&mut out, row.request_id.as_deref().map(str::as_bytes));
+    field(&mut out, row.attributes.as_bytes());
+    field(
+        &mut out,
+        &row.occurred_at.unix_timestamp_nanos().to_be_bytes(),
+    );
+    field(
+        &mut out,
+        &row.recorded_at.unix_timestamp_nanos().to_be_bytes(),
+    );
+    out
+}
+
+fn link(prev: &[u8], row: &ChainRow) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(prev);
+    hasher.update(canonical(row));
+    hasher.finalize().to_vec()
+}
+
+const GENESIS: [u8; 32] = [0; 32];
+
+const ROW_COLUMNS: &str = "txid::text::bigint AS txid, id, kind, actor, team_id, resource_id, \
+                           request_id, attributes::text AS attributes, occurred_at, recorded_at";
+
+fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> AuditSinkError {
+    move |e| AuditSinkError::store(operation, e)
+}
+
+/// Seals up to `batch` rows of finished transactions after the last sealed one, then signs a
+/// checkpoint at the new end of the chain. Single-flight: a concurrent call returns
+/// [`SealOutcome::Busy`]. Run it as a role that may insert into `audit_seals` and
+/// `audit_checkpoints` (the owner, or one granted by `keel_schema::roles::grant_sealer_role`).
+pub async fn seal(
+    conn: &mut PgConnection,
+    key: &SealKey,
+    batch: u32,
+) -> Result<SealOutcome, AuditSinkError> {
+    let mut tx = conn.begin().await.map_err(store("begin sealing"))?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('keel-audit-sealer'))")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store("take the sealer lock"))?;
+    if !locked {
+        return Ok(SealOutcome::Busy);
+    }
+    let last: Option<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, txid::text::bigint, event_id, row_hash FROM audit_seals \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(store("read the end of the seal chain"))?;
+    let (mut seq, cursor_txid, cursor_id, mut prev) = last.unwrap_or((0, 0, 0, GENESIS.to_vec()));
+    let rows: Vec<ChainRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM audit_events \
+         WHERE (txid, id) > ($1::text::xid8, $2) \
+           AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY txid, id LIMIT $3"
+    )))
+    .bind(cursor_txid.to_string())
+    .bind(cursor_id)
+    .bind(i64::from(batch))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(store("read rows to seal"))?;
+    if rows.is_empty() {
+        return Ok(SealOutcome::UpToDate);
+    }
+    let (mut seqs, mut txids, mut ids, mut hashes) = (vec![], vec![], vec![], vec![]);
+    for row in &rows {
+        seq += 1;
+        prev = link(&prev, row);
+        seqs.push(seq);
+        txids.push(row.txid.to_string());
+        ids.push(row.id);
+        hashes.push(prev.clone());
+    }
+    sqlx::query(
+        "INSERT INTO audit_seals (seq, txid, event_id, row_hash) \
+         SELECT s, t::xid8, e, h FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::bytea[]) \
+              AS u(s, t, e, h)",
+    )
+    .bind(&seqs)
+    .bind(&txids)
+    .bind(&ids)
+    .bind(&hashes)
+    .execute(&mut *tx)
+    .await
+    .map_err(store("append to the seal chain"))?;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, row_hash, key_id, signature) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(seq)
+    .bind(&prev)
+    .bind(key.id())
+    .bind(key.sign(seq, &prev))
+    .execute(&mut *tx)
+    .await
+    .map_err(store("sign a checkpoint"))?;
+    tx.commit().await.map_err(store("commit the seals"))?;
+    Ok(SealOutcome::Sealed {
+        rows: rows.len() as u64,
+        last_seq: seq,
+    })
+}
+
+/// Recomputes the chain from the rows and checks it against the stored links and every
+/// checkpoint signed with `key`, starting after checkpoint `from` (its signature must hold) or
+/// from the first row. Returns the first difference in chain order.
+pub async fn verify(
+    conn: &mut PgConnection,
+    key: &SealKey,
+    from: Option<i64>,
+) -> Result<Verification, AuditSinkError> {
+    let mut tx = conn.begin().await.map_err(store("begin verifying"))?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .map_err(store("take a snapshot"))?;
+    let checkpoints: Vec<(i64, Vec<u8>, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, row_hash, key_id, signature FROM audit_checkpoints ORDER BY seq",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(store("read the checkpoints"))?;
+    let mut verification = Verification {
+        links: 0,
+        checkpoints: 0,
+        tampering: None,
+    };
+    let mut signed = std::collections::BTreeMap::new();
+    for (seq, hash, key_id, signature) in &checkpoints {
+        if key_id != key.id() {
+            continue;
+        }
+        if key.sign(*seq, hash) != *signature {
+            verification.tampering = Some(Tampering::Chain {
+                seq: *seq,
+                what: "the checkpoint's signature does not hold",
+            });
+            return Ok(verification);
+        }
+        signed.insert(*seq, hash.clone());
+    }
+    let (start_seq, mut prev) = match from {
+        None => (0, GENESIS.to_vec()),
+        Some(seq) => match signed.get(&seq) {
+            Some(hash) => (seq, hash.clone()),
+            None => {
+                verification.tampering = Some(Tampering::Chain {
+                    seq,
+                    what: "no checkpoint signed with this key at that position",
+                });
+                return Ok(verification);
+            }
+        },
+    };
+    let links: Vec<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, txid::text::bigint, event_id, row_hash FROM audit_seals \
+         WHERE seq > $1 ORDER BY seq",
+    )
+    .bind(start_seq)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(store("read the seal chain"))?;
+    let last = links.last().map(|(_, txid, id, _)| (*txid, *id));
+    let start_cursor: (i64, i64) = if start_seq == 0 {
+        (0, 0)
+    } else {
+        sqlx::query_as("SELECT txid::text::bigint, event_id FROM audit_seals WHERE seq = $1")
+            .bind(start_seq)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store("read the seal chain"))?
+            .unwrap_or((0, 0))
+    };
+    // Every row in the sealed range, in commit order, beside the links.
+    let rows: Vec<ChainRow> = match last {
+        None => Vec::new(),
+        Some((txid, id)) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {ROW_COLUMNS} FROM audit_events \
+             WHERE (txid, id) > ($1::text::xid8, $2) AND (txid, id) <= ($3::text::xid8, $4) \
+             ORDER BY txid, id"
+        )))
+        .bind(start_cursor.0.to_string())
+        .bind(start_cursor.1)
+        .bind(txid.to_string())
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store("read the sealed rows"))?,
+    };
+    let mut rows = rows.into_iter().peekable();
+    for (seq, txid, id, stored) in &links {
+        // Rows before this link's position that have no link were inserted out of band.
+        if let Some(row) = rows.peek()
+            && (row.txid, row.id) < (*txid, *id)
+        {
+            verification.tampering = Some(Tampering::Inserted { id: row.id });
+            return Ok(verification);
+        }
+        let row = match rows.peek() {
+            Some(row) if (row.txid, row.id) == (*txid, *id) => rows.next(),
+            _ => None,
+        };
+        let Some(row) = row else {
+            verification.tampering = Some(Tampering::Deleted { id: *id, seq: *seq });
+            return Ok(verification);
+        };
+        let computed = link(&prev, &row);
+        if computed != *stored {
+            // The link was made from the row as it was: a row that no longer matches its own
+            // link was changed; a link that no longer follows from the previous one means the
+            // chain itself was rewritten.
+            verification.tampering = Some(Tampering::Changed { id: *id, seq: *seq });
+            return Ok(verification);
+        }
+        if let Some(hash) = signed.get(seq) {
+            verification.checkpoints += 1;
+            if *hash != computed {
+                verification.tampering = Some(Tampering::Chain {
+                    seq: *seq,
+                    what: "the chain recomputed from the rows differs from a signed checkpoint",
+                });
+                return Ok(verification);
+            }
+        }
+        prev = computed;
+        verification.links += 1;
+    }
+    if let Some(row) = rows.next() {
+        verification.tampering = Some(Tampering::Inserted { id: row.id });
+    }
+    Ok(verification)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seal_key_is_long_enough_and_never_printed() {
+        assert!(SealKey::new("k1", vec![7u8; 31]).is_err());
+        assert!(SealKey::new("K 1", vec![7u8; 32]).is_err());
+        let key = SealKey::new("k1", b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        assert!(!format!("{key:?}").contains("0123456789"));
+        assert_ne!(key.sign(1, &[0; 32]), key.sign(2, &[0; 32]));
+    }
+}
