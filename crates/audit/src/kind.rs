@@ -115,11 +115,6 @@ impl AuditKind {
     /// either: nothing reads a kind nothing writes.
     pub const PLANNED: &'static [(AuditKind, &'static str)] = &[
         (
-            AuditKind::OrphanSweepReclaimed,
-            "an orphan reclaim writes resource.deprovisioned today; keel-provision's \
-             deprovision_audit must write this kind for DeprovisionTarget::Orphan (FND-4)",
-        ),
-        (
             AuditKind::BillingChargeUndeliverable,
             "Keel has no billing-delivery code yet; the kind is reserved for it",
         ),
@@ -247,11 +242,11 @@ impl AuditKind {
                 reason: "an operator asked for the backfill; the row is its trail of old -> new values",
             },
             AuditKind::ResourceReclaimRefused => Consumer::OperatorAlert {
-                alert: "orphan_reclaim_refused",
+                alert: "KeelOrphanSweepFailing",
                 severity: AlertSeverity::Ticket,
             },
             AuditKind::ResourceReclaimFailed => Consumer::OperatorAlert {
-                alert: "orphan_reclaim_failed",
+                alert: "KeelProvisionTeardownFailed",
                 severity: AlertSeverity::Page,
             },
         }

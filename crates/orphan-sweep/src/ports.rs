@@ -118,7 +118,7 @@ pub trait LiveTokens: Send + Sync {
 /// What a reclaim did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reclaimed {
-    /// Audited (`resource.deprovisioned`) and torn down.
+    /// Audited (`orphan_sweep.reclaimed`) and torn down.
     TornDown,
     /// Already gone; nothing was done.
     AlreadyGone,

@@ -869,7 +869,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
     /// destroyed, so no object is ever dropped without one; if the teardown then fails, the
     /// error says so, and calling again (the resource is already retired, so nothing is audited
     /// twice) retries it. For an orphan: refuses when the token has a live resource, records
-    /// `resource.deprovisioned`, then tears down; an absent orphan is left alone.
+    /// `orphan_sweep.reclaimed`, then tears down; an absent orphan is left alone.
     ///
     /// Every name it touches carries the platform's prefix: names are derived from tokens, and a
     /// row whose provider id is not that name is refused.
@@ -988,7 +988,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
     /// liveness (fails closed on an unknown status), the backend's pre-flight (absent, being
     /// deleted, platform-made, installation stamp, protection mark), this installation's
     /// ownership row and the platform's protection. A refusal is recorded once per object and
-    /// reason as `resource.reclaim_refused`; only then is `resource.deprovisioned` written (once
+    /// reason as `resource.reclaim_refused`; only then is `orphan_sweep.reclaimed` written (once
     /// per object, with the liveness check in the same transaction), the object torn down, and
     /// the deprovision counted after the teardown succeeded. A failed teardown is recorded once
     /// as `resource.reclaim_failed`; calling again retries it without a second audit row.
@@ -1027,7 +1027,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 .attr("reason", cause.reason.as_str())?
                 .attr("resource_type", name.resource_type().as_str())?
                 .attr("provider_id", name.masked())?
-                .attr("token_fingerprint", digest.as_str())?
+                .attr("token_fingerprint", digest.fingerprint())?
                 .attr("installation", standing.installation.to_string())?;
             if let Some(row) = &standing.row {
                 event = event.team(row.team_id).resource(row.id);
@@ -1049,7 +1049,7 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             return Err(DeprovisionError::Refused(refusal));
         }
         let audit =
-            orphan_audit(AuditKind::ResourceDeprovisioned).map_err(DeprovisionError::Audit)?;
+            orphan_audit(AuditKind::OrphanSweepReclaimed).map_err(DeprovisionError::Audit)?;
         match self
             .store
             .record_orphan_event(&digest, &audit)

@@ -57,6 +57,13 @@ impl TokenDigest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The digest as an audit fingerprint (`sha256:<hex>`): the tagged form the audit trail's
+    /// secret screen accepts under a `*_fingerprint` attribute, and the value orphan-reclaim
+    /// rows carry as `token_fingerprint`.
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{}", self.0)
+    }
 }
 
 impl fmt::Display for TokenDigest {

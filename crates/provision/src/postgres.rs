@@ -375,7 +375,7 @@ impl ResourceStore for PgResourceStore {
             "SELECT EXISTS (SELECT 1 FROM resources \
                              WHERE token_digest = $1 AND status NOT IN ('deleted', 'failed')), \
                     EXISTS (SELECT 1 FROM audit_events \
-                             WHERE kind = $2 AND attributes->>'token_fingerprint' = $1 \
+                             WHERE kind = $2 AND attributes->>'token_fingerprint' = 'sha256:' || $1 \
                                AND attributes->>'refusal' IS NOT DISTINCT FROM $3)",
         )
         .bind(digest.as_str())
@@ -384,7 +384,7 @@ impl ResourceStore for PgResourceStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| StoreError::unavailable(op, e))?;
-        let kind_is_teardown = audit.kind() == keel_audit::AuditKind::ResourceDeprovisioned;
+        let kind_is_teardown = audit.kind() == keel_audit::AuditKind::OrphanSweepReclaimed;
         if live && kind_is_teardown {
             return Ok(OrphanRecord::Live);
         }

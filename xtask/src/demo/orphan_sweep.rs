@@ -174,15 +174,15 @@ pub async fn orphan_sweep(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
     let rows = fetch(
         &mut conn,
         &AuditFilter {
-            kind: Some(AuditKind::ResourceDeprovisioned),
+            kind: Some(AuditKind::OrphanSweepReclaimed),
             ..AuditFilter::default()
         },
     )
     .await?;
     let row = rows
         .iter()
-        .find(|s| s.event.attributes().get("token_fingerprint") == Some(orphan.digest().as_str()))
-        .context("no resource.deprovisioned row for the reclaim")?;
+        .find(|s| s.event.attributes().get("token_fingerprint") == Some(orphan.digest().fingerprint().as_str()))
+        .context("no orphan_sweep.reclaimed row for the reclaim")?;
     let attrs: Vec<String> = row
         .event
         .attributes()
@@ -190,7 +190,7 @@ pub async fn orphan_sweep(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!(
-        "audit resource.deprovisioned actor={} {}",
+        "audit orphan_sweep.reclaimed actor={} {}",
         row.event.actor(),
         attrs.join(" ")
     );

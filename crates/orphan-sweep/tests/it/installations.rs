@@ -1,7 +1,7 @@
 //! Two installations (two platform databases) sharing one Postgres cluster, both sweeps armed
 //! with permissive caps, over many ticks: neither reclaims the other's objects (live, pending or
 //! orphaned), each reclaims exactly its own orphans, and each audit table holds exactly one
-//! `resource.deprovisioned` row per destroyed object, naming it by fingerprint.
+//! `orphan_sweep.reclaimed` row per destroyed object, naming it by fingerprint.
 
 use std::collections::HashSet;
 
@@ -141,7 +141,7 @@ async fn two_installations_on_one_cluster_never_reclaim_each_others_objects() {
         let rows = fetch(
             &mut conn,
             &AuditFilter {
-                kind: Some(AuditKind::ResourceDeprovisioned),
+                kind: Some(AuditKind::OrphanSweepReclaimed),
                 ..AuditFilter::default()
             },
         )
@@ -161,7 +161,7 @@ async fn two_installations_on_one_cluster_never_reclaim_each_others_objects() {
         let mut expected: Vec<String> = mine
             .orphans
             .iter()
-            .map(|name| name.digest().as_str().to_owned())
+            .map(|name| name.digest().fingerprint())
             .collect();
         expected.sort();
         assert_eq!(

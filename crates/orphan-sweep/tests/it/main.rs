@@ -298,7 +298,7 @@ async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops
 }
 
 #[tokio::test]
-async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovisioned_row() {
+async fn a_reclaim_goes_through_the_chokepoint_and_leaves_an_orphan_sweep_reclaimed_row() {
     let f = fixture().await;
     let mut sweeper = f.sweeper(quick(true, true));
     sweeper.tick(OffsetDateTime::now_utc()).await;
@@ -328,7 +328,7 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovision
     let audit = fetch(
         &mut conn,
         &AuditFilter {
-            kind: Some(AuditKind::ResourceDeprovisioned),
+            kind: Some(AuditKind::OrphanSweepReclaimed),
             ..AuditFilter::default()
         },
     )
@@ -343,7 +343,7 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_a_resource_deprovision
         assert_eq!(stored.event.attributes().get("reason"), Some("orphan"));
         assert_eq!(
             stored.event.attributes().get("token_fingerprint"),
-            Some(f.orphan.digest().as_str())
+            Some(f.orphan.digest().fingerprint().as_str())
         );
     }
 }

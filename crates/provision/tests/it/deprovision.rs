@@ -149,7 +149,7 @@ async fn an_orphan_is_audited_then_dropped_and_a_live_token_is_never_touched() {
     assert!(!h.object_exists(&orphan).await);
     let audit = h.audit().await;
     assert_eq!(audit.len(), 2);
-    assert_eq!(audit[1].kind(), AuditKind::ResourceDeprovisioned);
+    assert_eq!(audit[1].kind(), AuditKind::OrphanSweepReclaimed);
     assert_eq!(audit[1].attributes().get("reason"), Some("orphan"));
     assert_eq!(
         audit[1].attributes().get("provider_id"),

@@ -79,7 +79,7 @@ async fn an_object_of_another_installation_is_never_reclaimed() {
         );
     }
     assert!(h.object_exists(&name).await);
-    assert_eq!(orphan_rows(&h, AuditKind::ResourceDeprovisioned).await, 0);
+    assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
     assert_eq!(
         orphan_rows(&h, AuditKind::ResourceReclaimRefused).await,
         1,
@@ -109,7 +109,7 @@ async fn an_object_without_an_owning_row_is_never_reclaimed() {
         "{err}"
     );
     assert!(h.object_exists(&stranger).await);
-    assert_eq!(orphan_rows(&h, AuditKind::ResourceDeprovisioned).await, 0);
+    assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
 }
 
 /// SWEEP-2: a teardown the backend would refuse (a database not owned by its customer role) is
@@ -141,7 +141,7 @@ async fn a_refused_teardown_writes_no_deprovisioned_row() {
         );
     }
     assert!(h.object_exists(&name).await);
-    assert_eq!(orphan_rows(&h, AuditKind::ResourceDeprovisioned).await, 0);
+    assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
     assert_eq!(orphan_rows(&h, AuditKind::ResourceReclaimRefused).await, 1);
 }
 
@@ -198,12 +198,12 @@ async fn the_deprovision_metric_counts_completed_teardowns() {
         .audit()
         .await
         .into_iter()
-        .filter(|e| e.kind() == AuditKind::ResourceDeprovisioned)
+        .filter(|e| e.kind() == AuditKind::OrphanSweepReclaimed)
         .collect();
     assert_eq!(rows.len(), 1);
     assert_eq!(
         rows[0].attributes().get("token_fingerprint"),
-        Some(name.digest().as_str())
+        Some(name.digest().fingerprint().as_str())
     );
     assert_eq!(rows[0].resource_id(), Some(id));
     assert_eq!(rows[0].team_id(), Some(h.team));
@@ -241,7 +241,7 @@ async fn the_chokepoint_rechecks_protection_and_ownership_before_teardown() {
         );
         assert!(h.object_exists(name).await);
     }
-    assert_eq!(orphan_rows(&h, AuditKind::ResourceDeprovisioned).await, 0);
+    assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
 }
 
 /// SWEEP-13: a terminal status never turns live again, so a token the chokepoint found dead
