@@ -310,7 +310,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = Metrics::register(&mut registry);
     let mut config = RunnerConfig::new(worker);
     config.batch_size = args.batch_size;
-    config.lease = time::Duration::seconds(i64::from(args.lease_seconds));
+    config.lease = std::time::Duration::from_secs(u64::from(args.lease_seconds));
     config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
     config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
     config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));

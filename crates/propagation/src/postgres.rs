@@ -355,6 +355,10 @@ fn known() -> (Vec<&'static str>, Vec<&'static str>) {
 /// `now` must come from the database clock ([`PgPropagationStore::db_now`]): it is compared
 /// with leases other replicas wrote.
 ///
+/// Refused ([`StoreError::Rejected`], nothing written) unless the resource exists, belongs to
+/// `request.team_id` and has `request.resource_type`: a propagation is never queued for a
+/// resource the database does not hold, nor audited under another team.
+///
 /// The statement locks the pending row until the caller's transaction ends; recording of that
 /// row waits at most the recorder's lock timeout and is then retried, so keep such
 /// transactions short. Each enqueue that changes something sends a `NOTIFY`, which takes
@@ -365,6 +369,7 @@ pub async fn enqueue_in(
     request: &EnqueueRequest,
     now: OffsetDateTime,
 ) -> Result<Enqueued, StoreError> {
+    check_resource(conn, request).await?;
     let kind = request.payload.kind();
     let payload = request.payload.to_json();
     let changed: Option<(i64, bool)> = sqlx::query_as(
@@ -422,6 +427,41 @@ pub async fn enqueue_in(
         .await
         .map_err(db("notify runners"))?;
     Ok(enqueued)
+}
+
+/// Refuses a request whose resource does not exist or whose team or type disagree with the
+/// `resources` row (LIB-4). The row is locked against deletion until the transaction ends.
+async fn check_resource(
+    conn: &mut PgConnection,
+    request: &EnqueueRequest,
+) -> Result<(), StoreError> {
+    let found: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT team_id, resource_type FROM resources WHERE id = $1 FOR KEY SHARE")
+            .bind(request.resource_id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("look up the resource"))?;
+    let Some((owner, resource_type)) = found else {
+        return Err(StoreError::Rejected(format!(
+            "resource {} does not exist",
+            request.resource_id
+        )));
+    };
+    if owner != request.team_id.as_uuid() {
+        return Err(StoreError::Rejected(format!(
+            "resource {} belongs to another team, not {}",
+            request.resource_id, request.team_id
+        )));
+    }
+    if resource_type != request.resource_type.as_str() {
+        return Err(StoreError::Rejected(format!(
+            "resource {} is a {} resource, not {}",
+            request.resource_id,
+            clip(&resource_type, 32),
+            request.resource_type
+        )));
+    }
+    Ok(())
 }
 
 /// What [`change_team_tier`] did.

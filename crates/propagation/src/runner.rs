@@ -20,8 +20,12 @@ use crate::outcome::{ApplyError, ApplyOutcome};
 use crate::policy::RetryPolicies;
 use crate::store::{Completion, PropagationStore, StoreError, WorkerId};
 
-/// How a runner behaves.
+/// How a runner behaves. Every timeout and lease is a [`std::time::Duration`].
+///
+/// Built by [`RunnerConfig::new`] and adjusted field by field; [`Runner::new`] refuses one that
+/// [`RunnerConfig::check`] rejects.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RunnerConfig {
     /// This replica's id, recorded in `claimed_by`.
     pub worker: WorkerId,
@@ -30,7 +34,7 @@ pub struct RunnerConfig {
     /// Rows claimed per batch; also the number of applies in flight at once.
     pub batch_size: u32,
     /// How long a claim is held before another replica may take the row over.
-    pub lease: time::Duration,
+    pub lease: std::time::Duration,
     /// How long one apply may take before it counts as a failure.
     pub apply_timeout: std::time::Duration,
     /// How often to look for due rows when no notification arrives.
@@ -51,7 +55,7 @@ impl RunnerConfig {
             worker,
             actor,
             batch_size: 32,
-            lease: time::Duration::minutes(5),
+            lease: std::time::Duration::from_secs(5 * 60),
             apply_timeout: std::time::Duration::from_secs(60),
             poll_interval: std::time::Duration::from_secs(5),
             shutdown_grace: std::time::Duration::from_secs(20),
@@ -69,7 +73,7 @@ impl RunnerConfig {
 )]
 pub struct LeaseTooShort {
     /// The configured lease.
-    pub lease_seconds: i64,
+    pub lease_seconds: u64,
     /// The configured apply timeout.
     pub apply_timeout_seconds: u64,
     /// The configured shutdown grace.
@@ -80,11 +84,11 @@ impl RunnerConfig {
     /// Checks that a claim's lease outlasts the longest time a worker can hold it unfinished.
     pub fn check(&self) -> Result<(), LeaseTooShort> {
         let needed = self.apply_timeout + self.shutdown_grace + std::time::Duration::from_secs(10);
-        if self.lease.as_seconds_f64() > needed.as_secs_f64() {
+        if self.lease > needed {
             Ok(())
         } else {
             Err(LeaseTooShort {
-                lease_seconds: self.lease.whole_seconds(),
+                lease_seconds: self.lease.as_secs(),
                 apply_timeout_seconds: self.apply_timeout.as_secs(),
                 grace_seconds: self.shutdown_grace.as_secs(),
             })
@@ -221,6 +225,11 @@ where
         &self.config
     }
 
+    /// The lease as the store's clock counts it (saturating at the largest lease it can hold).
+    fn lease(&self) -> time::Duration {
+        time::Duration::try_from(self.config.lease).unwrap_or(time::Duration::MAX)
+    }
+
     /// Claims one batch due at `now`, applies it, and records the outcomes, all at `now` (a
     /// fixed clock, for tests and tools that drive time themselves).
     ///
@@ -236,7 +245,7 @@ where
             .claim(
                 &self.config.worker,
                 self.config.batch_size,
-                self.config.lease,
+                self.lease(),
                 now,
             )
             .await
@@ -590,7 +599,7 @@ where
             let limit = u32::try_from(limit).unwrap_or(u32::MAX);
             let claimed = self
                 .store
-                .claim(&self.config.worker, limit, self.config.lease, now)
+                .claim(&self.config.worker, limit, self.lease(), now)
                 .await?;
             Ok((
                 claimed,
@@ -774,7 +783,7 @@ mod tests {
     fn a_lease_shorter_than_an_apply_is_refused() {
         let mut config = RunnerConfig::new(WorkerId::parse("w").unwrap());
         assert_eq!(config.check(), Ok(()), "the defaults must be consistent");
-        config.lease = time::Duration::seconds(30);
+        config.lease = std::time::Duration::from_secs(30);
         let err = config.check().unwrap_err();
         assert_eq!(
             (
