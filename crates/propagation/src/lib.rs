@@ -21,6 +21,18 @@
 //! `pending_propagations` store, the role applier, the runner) and `kube` (the ResourceQuota
 //! applier).
 
+//! # Public dependencies
+//!
+//! Types of these crates appear in the public API; they are re-exported, so an embedding
+//! service can name them through Keel (`keel_propagation::time::OffsetDateTime`) without
+//! matching versions by hand: [`time`] 0.3 (every `now` and delay), [`prometheus_client`] 0.25
+//! ([`Metrics::register`] takes its `Registry`), and with `postgres`, `runner::CancellationToken`
+//! (tokio-util 0.7) and `runner::Notify` (tokio 1). The `postgres` adapters take sqlx 0.9
+//! connections and pools; `keel_audit` supplies the ids and the audit types.
+
+pub use prometheus_client;
+pub use time;
+
 mod applier;
 mod decide;
 #[cfg(feature = "kube")]

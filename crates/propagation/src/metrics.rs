@@ -167,6 +167,12 @@ impl EncodeLabelSet for PrunedLabels {
 }
 
 impl Metrics {
+    /// Metrics registered nowhere: for an embedding that does not export them (or a test).
+    /// They still count, and [`Metrics::unexpected_skips`] and the other readers still read.
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
     /// Creates the metrics, registers them, and primes every label combination at zero so
     /// dashboards render from the first scrape.
     pub fn register(registry: &mut Registry) -> Self {

@@ -7,10 +7,15 @@ use std::sync::Arc;
 
 use keel_audit::Actor;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+
+/// The wake-up [`Runner::run`] waits on (tokio 1's `Notify`), re-exported so an embedding
+/// service needs no direct dependency to call it.
+pub use tokio::sync::Notify;
+/// The shutdown signal [`Runner::run`] and [`Runner::run_batch`] take (tokio-util 0.7's
+/// `CancellationToken`), re-exported so an embedding service needs no direct dependency.
+pub use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
 use crate::decide::{ClaimDecision, Transition, decide_attempt, on_claim, precheck};

@@ -11,6 +11,14 @@
 //! [`money`] model, so no stored value can fail a run.
 //!
 //! The default build is pure; feature `postgres` adds the adapters.
+//!
+//! # Public dependencies
+//!
+//! [`time`] 0.3 (windows and timestamps) and [`rust_decimal`] 1 (quantities and money) appear in
+//! the public API and are re-exported; the `postgres` adapters take sqlx 0.9 pools.
+
+pub use rust_decimal;
+pub use time;
 
 mod capture;
 mod exit;
