@@ -539,14 +539,14 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
 }
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
-    let request = EnqueueRequest {
-        team_id: args.team_id,
-        resource_id: args.resource_id,
-        resource_type: args.resource_type,
-        payload: Payload::TierElevation {
+    let request = EnqueueRequest::new(
+        args.team_id,
+        args.resource_id,
+        args.resource_type,
+        Payload::TierElevation {
             target_tier: args.target_tier,
         },
-    };
+    );
     let store = store(&args.db, 2).await?;
     match store
         .enqueue_audited(&request, &args.actor, store.db_now().await?)

@@ -9,6 +9,7 @@ use crate::policy::RetryPolicy;
 
 /// Why a propagation is not done yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryCause {
     /// The applier skipped with a reason that is not a legitimate no-op.
     UnexpectedSkip {
@@ -334,6 +335,7 @@ pub fn storable(text: &str) -> String {
 
 /// What to do with a freshly claimed attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClaimDecision {
     /// Run the applier.
     Apply,

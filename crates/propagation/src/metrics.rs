@@ -95,6 +95,7 @@ pub struct Metrics {
 /// Why a pending row is left for another runner (the `reason` label). Closed, so it can
 /// label metrics.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum DeferReason {
     /// A kind this build does not know.
     UnknownKind,
@@ -136,6 +137,7 @@ impl EncodeLabelSet for ReasonLabels {
 
 /// Which finished rows retention deleted (`status`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, strum::VariantArray)]
+#[non_exhaustive]
 pub enum PrunedStatus {
     /// Applied rows.
     Applied,

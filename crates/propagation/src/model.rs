@@ -17,6 +17,7 @@ impl fmt::Display for PropagationId {
 
 /// What a propagation carries to a backend. Closed, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum PropagationKind {
     /// Bring a resource's backend to its team's tier (up or down): the seed's regrade.
     TierElevation,
@@ -80,6 +81,7 @@ pub struct Fence {
 /// The target a propagation carries. Its variant fixes the kind, so a kind and a payload can
 /// never disagree. Stored as JSON in `pending_propagations.payload`, decoded by the row's kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Payload {
     /// Apply `target_tier` to the resource's backend.
     TierElevation {

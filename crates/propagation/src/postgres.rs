@@ -75,6 +75,7 @@ impl serde::Serialize for DeferReason {
 
 /// A pending row this build leaves for another runner, for operators.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct DeferredRow {
     /// Row id.
     pub id: i64,
@@ -153,6 +154,7 @@ pub struct Housekeeping {
 
 /// What a prune deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Pruned {
     /// Applied rows.
     pub applied: u64,
@@ -178,6 +180,7 @@ fn millis(d: Duration) -> f64 {
 
 /// A propagation to enqueue.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EnqueueRequest {
     /// The team whose entitlement it carries.
     pub team_id: TeamId,
@@ -189,8 +192,27 @@ pub struct EnqueueRequest {
     pub payload: Payload,
 }
 
+impl EnqueueRequest {
+    /// A request to carry `payload` to `resource_id` (of `team_id`, of `resource_type`). The
+    /// team and type must agree with the `resources` row, or the enqueue is refused.
+    pub fn new(
+        team_id: TeamId,
+        resource_id: ResourceId,
+        resource_type: ResourceType,
+        payload: Payload,
+    ) -> Self {
+        Self {
+            team_id,
+            resource_id,
+            resource_type,
+            payload,
+        }
+    }
+}
+
 /// What an enqueue did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Enqueued {
     /// A new row.
     Inserted(PropagationId),
@@ -211,6 +233,7 @@ impl Enqueued {
 
 /// How many rows of one kind are due, and since when.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct QueueStat {
     /// The kind.
     pub kind: PropagationKind,
@@ -222,6 +245,7 @@ pub struct QueueStat {
 
 /// A dead-lettered propagation, for operators.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// Row id.
     pub id: i64,
@@ -246,6 +270,7 @@ pub struct DeadLetter {
 
 /// Which dead letters to requeue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequeueTarget {
     /// One row.
     One(PropagationId),
@@ -255,6 +280,7 @@ pub enum RequeueTarget {
 
 /// What a requeue did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RequeueReport {
     /// Rows made pending again, attempts reset, each with a `propagation.requeued` audit row.
     pub requeued: Vec<PropagationId>,
@@ -466,6 +492,7 @@ async fn check_resource(
 
 /// What [`change_team_tier`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TierChange {
     /// The team was already on that tier: nothing written, nothing enqueued.
     Unchanged,

@@ -76,6 +76,7 @@ impl RunnerConfig {
      ({apply_timeout_seconds} s + {grace_seconds} s + 10 s margin), or another replica takes rows \
      over while they are still being applied"
 )]
+#[non_exhaustive]
 pub struct LeaseTooShort {
     /// The configured lease.
     pub lease_seconds: u64,
@@ -103,6 +104,7 @@ impl RunnerConfig {
 
 /// What one or more batches did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchReport {
     /// Rows claimed.
     pub claimed: usize,

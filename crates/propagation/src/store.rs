@@ -55,6 +55,7 @@ pub struct Completion {
 
 /// What recording a batch of completions did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CompletionReport {
     /// Rows whose transition was recorded (with its audit row).
     pub recorded: Vec<PropagationId>,
@@ -70,6 +71,7 @@ pub struct CompletionReport {
 
 /// Why the store failed. Nothing was recorded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The database failed the operation.
     #[error("the propagation store failed to {operation}: {source}")]

@@ -37,6 +37,7 @@ pub struct IoLogId(pub i64);
 
 /// Why an `io_log` operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IoLogError {
     /// Storing a captured body failed; nothing was stored.
     #[error(
