@@ -59,8 +59,8 @@ pub use metrics::{
     SkipLabels,
 };
 pub use model::{
-    Backend, ClaimToken, Fence, Payload, Propagation, PropagationId, PropagationKind,
-    TargetVersion, UnknownPropagationKind,
+    Backend, ClaimToken, Fence, InvalidPayload, Payload, Propagation, PropagationId,
+    PropagationKind, TargetVersion, UnknownPropagationKind,
 };
 pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
 pub use policy::{PolicyError, RetryPolicies, RetryPolicy};

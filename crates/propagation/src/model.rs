@@ -114,14 +114,20 @@ impl Payload {
     /// Decodes the JSON stored for a propagation of `kind`. Keys this version does not know are
     /// ignored (a newer writer may add optional fields); completions are fenced on
     /// [`Fence`], never on this decoding, so extra keys cannot change which result counts.
-    pub fn from_json(kind: PropagationKind, json: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_json(
+        kind: PropagationKind,
+        json: &serde_json::Value,
+    ) -> Result<Self, InvalidPayload> {
         match kind {
             PropagationKind::TierElevation => {
                 let tier = json
                     .get("target_tier")
                     .and_then(serde_json::Value::as_str)
-                    .ok_or("a tier_elevation payload needs a string target_tier")?;
-                let target_tier = Tier::parse(tier).map_err(|e| e.to_string())?;
+                    .ok_or(InvalidPayload::MissingField {
+                        kind,
+                        field: "target_tier",
+                    })?;
+                let target_tier = Tier::parse(tier)?;
                 Ok(Payload::TierElevation { target_tier })
             }
         }
@@ -178,6 +184,23 @@ impl Propagation {
 }
 
 /// A sample propagation for unit tests: a tier elevation to `pro` of a Postgres resource.
+/// A stored payload that this build cannot read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidPayload {
+    /// A field the kind requires is missing or not a string.
+    #[error("a {kind} payload needs a string {field}")]
+    MissingField {
+        /// The propagation kind.
+        kind: PropagationKind,
+        /// The field.
+        field: &'static str,
+    },
+    /// The target tier is not a valid tier name.
+    #[error(transparent)]
+    Tier(#[from] keel_audit::InvalidTier),
+}
+
 #[cfg(test)]
 pub(crate) fn sample_propagation() -> Propagation {
     Propagation {

@@ -30,7 +30,7 @@ impl LegitimateSkip {
 
 /// The bounded classification of raw skip and failure reasons (the `skip_reason` metric label).
 ///
-/// A fixed label set, named after the backends Keel's own appliers drive (LIB-20): metric labels
+/// A fixed label set, named after the backends Keel's own appliers drive: metric labels
 /// must come from a closed set, so a custom applier's reasons that match none of these land in
 /// [`ReasonBucket::Other`] (pick the bucket yourself with [`SkipReason::Unexpected`] when one
 /// fits). The enum is `#[non_exhaustive]`: Keel may add buckets without breaking a consumer's

@@ -456,7 +456,7 @@ pub async fn enqueue_in(
 }
 
 /// Refuses a request whose resource does not exist or whose team or type disagree with the
-/// `resources` row (LIB-4). The row is locked against deletion until the transaction ends.
+/// `resources` row. The row is locked against deletion until the transaction ends.
 async fn check_resource(
     conn: &mut PgConnection,
     request: &EnqueueRequest,

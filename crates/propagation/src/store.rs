@@ -78,7 +78,9 @@ pub enum StoreError {
     Database {
         /// What was being attempted.
         operation: &'static str,
-        /// The underlying error.
+        /// The underlying error. From the Postgres adapter it is a `sqlx::Error` (sqlx 0.9):
+        /// `source.downcast_ref::<sqlx::Error>()` reads it, for a caller deciding whether to
+        /// retry.
         #[source]
         source: keel_audit::BoxError,
     },
