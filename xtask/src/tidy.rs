@@ -12,7 +12,7 @@ use crate::workspace_root;
 fn rust_files() -> Vec<PathBuf> {
     let root = workspace_root();
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = ["crates", "bins", "xtask"]
+    let mut stack: Vec<PathBuf> = ["crates", "bins", "xtask", "examples"]
         .iter()
         .map(|d| root.join(d))
         .collect();
