@@ -114,12 +114,17 @@ pub use metrics::{
     DeferReason, KindLabels, Metrics, PrunedLabels, PrunedStatus, QueueLabels, ReasonLabels,
     SkipLabels,
 };
+/// [`Backend`] under a name that does not collide with `keel_provision::Backend` (a trait), for a
+/// service that imports from both crates.
+pub use model::Backend as PropagationBackend;
 pub use model::{
     Backend, ClaimToken, Fence, InvalidPayload, Payload, Propagation, PropagationId,
     PropagationKind, TargetVersion, UnknownPropagationKind,
 };
 pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
 pub use policy::{PolicyError, RetryPolicies, RetryPolicy};
+/// [`StoreError`] under a name that does not collide with `keel_provision::StoreError`.
+pub use store::StoreError as PropagationStoreError;
 pub use store::{
     Completion, CompletionReport, InvalidWorkerId, PropagationStore, StoreError, WorkerId,
 };

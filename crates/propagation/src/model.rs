@@ -6,8 +6,38 @@ use std::str::FromStr;
 use keel_audit::{ResourceId, ResourceType, TeamId, Tier, Token};
 
 /// `pending_propagations.id`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct PropagationId(pub i64);
+
+impl PropagationId {
+    /// The row id.
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl From<i64> for PropagationId {
+    fn from(id: i64) -> Self {
+        Self(id)
+    }
+}
+
+impl From<PropagationId> for i64 {
+    fn from(id: PropagationId) -> Self {
+        id.0
+    }
+}
+
+impl FromStr for PropagationId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
 
 impl fmt::Display for PropagationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
