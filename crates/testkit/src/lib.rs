@@ -25,6 +25,23 @@
 //!     .unwrap();
 //! # }
 //! ```
+//!
+//! # From a service that embeds Keel
+//!
+//! A service may use the testkit as a dev-dependency too. [`database`] holds Keel's migrations
+//! only; for a schema that also holds the service's own, start from [`empty_database`] and run
+//! both migrators (they keep separate bookkeeping, so either order works):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sqlx::migrate::MigrateError> {
+//! # let service_migrator = sqlx::migrate::Migrator::DEFAULT;
+//! let db = keel_testkit::empty_database().await;
+//! service_migrator.run(db.pool()).await?; // the service's `sqlx::migrate!()`
+//! keel_schema::migrate(db.pool()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! That pays for the migrations on every test rather than once per template.
 
 mod server;
 
