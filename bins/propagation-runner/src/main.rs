@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
-    EnqueueRequest, Housekeeping, PgPropagationStore, PgRoleApplier, RequeueTarget, Retention,
-    TierRoleSettings, listen_for_wakeups,
+    EnqueueRequest, Housekeeping, HousekeepingSchedule, PgPropagationStore, PgRoleApplier,
+    RequeueTarget, Retention, TierRoleSettings, listen_for_wakeups, run_housekeeping,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -425,25 +425,10 @@ async fn housekeeping(
     plan: Housekeeping,
     shutdown: CancellationToken,
 ) {
-    let mut gauges = tokio::time::interval(Duration::from_secs(15));
-    let mut reconcile =
-        tokio::time::interval(Duration::from_secs(u64::from(reconcile_seconds.max(1))));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = gauges.tick() => if let Err(e) = store.housekeeping(&metrics, &plan).await {
-                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges cleared until the next successful read");
-            },
-            _ = reconcile.tick(), if reconcile_seconds > 0 => {
-                let pass = async { store.reconcile(store.db_now().await?).await };
-                match pass.await {
-                    Ok(enqueued) if !enqueued.is_empty() => tracing::info!(enqueued = enqueued.len(), "reconciler enqueued drifted resources"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
-                }
-            }
-        }
-    }
+    let reconcile_every =
+        (reconcile_seconds > 0).then(|| Duration::from_secs(u64::from(reconcile_seconds)));
+    let schedule = HousekeepingSchedule::new(Duration::from_secs(15), reconcile_every);
+    run_housekeeping(&store, &metrics, &plan, schedule, &shutdown).await;
 }
 
 fn report_json(report: &keel_propagation::runner::BatchReport) -> serde_json::Value {

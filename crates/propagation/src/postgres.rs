@@ -455,6 +455,104 @@ pub async fn enqueue_in(
     Ok(enqueued)
 }
 
+/// How often [`run_housekeeping`] runs its passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HousekeepingSchedule {
+    /// Between housekeeping passes ([`PgPropagationStore::housekeeping`]: queue and deferral
+    /// gauges, unsupported rows, retention).
+    pub housekeeping_every: std::time::Duration,
+    /// Between entitlement-reconciler passes ([`PgPropagationStore::reconcile`]); `None`: never.
+    pub reconcile_every: Option<std::time::Duration>,
+}
+
+impl HousekeepingSchedule {
+    /// Housekeeping every `housekeeping_every`, the reconciler every `reconcile_every`.
+    pub fn new(
+        housekeeping_every: std::time::Duration,
+        reconcile_every: Option<std::time::Duration>,
+    ) -> Self {
+        Self {
+            housekeeping_every,
+            reconcile_every,
+        }
+    }
+}
+
+/// An interval whose first tick is one `period` from now (the passes at the start run before).
+fn every(period: std::time::Duration) -> tokio::time::Interval {
+    let period = period.max(std::time::Duration::from_millis(100));
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn reconcile_pass(store: &PgPropagationStore) {
+    let pass = async { store.reconcile(store.db_now().await?).await };
+    match pass.await {
+        Ok(enqueued) if !enqueued.is_empty() => tracing::info!(
+            enqueued = enqueued.len(),
+            "reconciler enqueued drifted resources"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
+    }
+}
+
+async fn housekeeping_pass(
+    store: &PgPropagationStore,
+    metrics: &crate::Metrics,
+    plan: &Housekeeping,
+) {
+    if let Err(e) = store.housekeeping(metrics, plan).await {
+        tracing::warn!(
+            error = %e,
+            "housekeeping pass failed; queue gauges cleared until the next successful read"
+        );
+    }
+}
+
+/// The background work a runner replica does beside [`Runner::run`](crate::runner::Runner::run),
+/// until `shutdown`: the entitlement reconciler (the backstop for a tier change that enqueued
+/// nothing) and the housekeeping passes (queue gauges, unsupported rows, retention), each on
+/// `schedule`. Both run once at the start, the reconciler first (so the gauges count what it
+/// enqueued); when `shutdown` has already fired, that one round runs and the call returns.
+/// Failures are logged and counted, and the next pass tries again.
+///
+/// Keel's runner binary runs exactly this; a service that embeds the runner spawns it beside
+/// `Runner::run` to get the same backstop and gauges.
+pub async fn run_housekeeping(
+    store: &PgPropagationStore,
+    metrics: &crate::Metrics,
+    plan: &Housekeeping,
+    schedule: HousekeepingSchedule,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    if schedule.reconcile_every.is_some() {
+        reconcile_pass(store).await;
+    }
+    housekeeping_pass(store, metrics, plan).await;
+    let mut reconcile = schedule.reconcile_every.map(every);
+    let mut gauges = every(schedule.housekeeping_every);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick(&mut reconcile) => reconcile_pass(store).await,
+            _ = gauges.tick() => housekeeping_pass(store, metrics, plan).await,
+        }
+    }
+}
+
 /// Refuses a request whose resource does not exist or whose team or type disagree with the
 /// `resources` row. The row is locked against deletion until the transaction ends.
 async fn check_resource(

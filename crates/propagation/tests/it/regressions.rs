@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel_audit::{Actor, AuditKind};
 use keel_propagation::postgres::{
-    Enqueued, Housekeeping, PgRoleApplier, Retention, TierChange, TierRoleSettings,
-    change_team_tier, enqueue_in,
+    Enqueued, Housekeeping, HousekeepingSchedule, PgRoleApplier, Retention, TierChange,
+    TierRoleSettings, change_team_tier, enqueue_in, run_housekeeping,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -1072,6 +1072,52 @@ async fn queue_gauges_never_keep_a_value_their_read_failed_to_refresh() {
     );
     assert!(
         text.contains("instant_propagation_maintenance_up 1\n"),
+        "{text}"
+    );
+}
+
+/// LIB-8: the reconciler and the queue gauges run from the library (`run_housekeeping`), so a
+/// service that embeds the runner gets the drift backstop without Keel's binary: a drifted
+/// resource is enqueued and counted in the gauges.
+#[tokio::test]
+async fn the_library_housekeeping_loop_reconciles_drift_and_sets_the_queue_gauges() {
+    let db = keel_testkit::database().await;
+    let (_, resource) = seed(db.pool(), "pro", "free", None).await;
+    let store = store(db.pool());
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let plan = Housekeeping {
+        unsupported_grace: time::Duration::hours(1),
+        retention: Retention::default(),
+        prune_batch: 100,
+        actor: Actor::system(),
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    // Already stopped: exactly the first round of passes runs.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    run_housekeeping(
+        &store,
+        &metrics,
+        &plan,
+        HousekeepingSchedule::new(hour, Some(hour)),
+        &stopped,
+    )
+    .await;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pending_propagations WHERE resource_id = $1 AND status = 'pending'",
+    )
+    .bind(resource.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        pending, 1,
+        "the reconciler did not enqueue the drifted resource"
+    );
+    let text = scrape(&registry);
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 1\n"),
         "{text}"
     );
 }
