@@ -590,7 +590,6 @@ async fn check_resource(
 
 /// What [`change_team_tier`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum TierChange {
     /// The team was already on that tier: nothing written, nothing enqueued.
     Unchanged,
