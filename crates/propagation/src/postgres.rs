@@ -630,7 +630,7 @@ pub async fn change_team_tier(
         return Ok(TierChange::Unchanged);
     }
     let from = Tier::parse(&previous).map_err(|e| StoreError::Corrupt {
-        id: 0,
+        id: None,
         reason: format!("team {team} has an unreadable tier: {e}"),
     })?;
     sqlx::query("UPDATE teams SET tier = $2, updated_at = $3 WHERE id = $1")
@@ -645,7 +645,7 @@ pub async fn change_team_tier(
         .attr("from_tier", from.as_str())
         .and_then(|e| e.attr("to_tier", tier.as_str()))
         .map_err(|e| StoreError::Corrupt {
-            id: 0,
+            id: None,
             reason: e.to_string(),
         })?;
     keel_audit::postgres::insert(&mut *conn, &event).await?;
@@ -660,7 +660,7 @@ pub async fn change_team_tier(
     for (resource, resource_type) in resources {
         let resource_type: ResourceType =
             resource_type.parse().map_err(|e| StoreError::Corrupt {
-                id: 0,
+                id: None,
                 reason: format!("resource {resource} has an unknown type: {e}"),
             })?;
         let resource = ResourceId::from_uuid(resource);
@@ -807,7 +807,7 @@ impl PgPropagationStore {
             .and_then(|e| e.attr("target_tier", wanted.as_str()))
             .and_then(|e| e.attr("outcome", outcome))
             .map_err(|e| StoreError::Corrupt {
-                id: enqueued.id().0,
+                id: Some(enqueued.id()),
                 reason: e.to_string(),
             })?;
         keel_audit::postgres::insert(&mut tx, &event).await?;
@@ -957,7 +957,7 @@ impl PgPropagationStore {
                 .and_then(|e| e.attr("propagation_kind", kind.clone()))
                 .and_then(|e| e.attr("previous_attempts", previous.to_string()))
                 .map_err(|e| StoreError::Corrupt {
-                    id: *id,
+                    id: Some(PropagationId(*id)),
                     reason: e.to_string(),
                 })?;
             events.push(event);
@@ -1139,7 +1139,7 @@ impl PgPropagationStore {
                 .and_then(|e| e.attr("reason_bucket", ReasonBucket::Other.as_str()))
                 .and_then(|e| e.attr("detail", format!("unsupported ({})", reason.as_str())))
                 .map_err(|e| StoreError::Corrupt {
-                    id,
+                    id: Some(PropagationId(id)),
                     reason: e.to_string(),
                 })?;
             events.push(event);

@@ -94,14 +94,20 @@ pub enum StoreError {
     /// with what the database holds. Nothing was written.
     #[error("refused: {0}")]
     Rejected(String),
-    /// A stored row could not be read as a propagation.
-    #[error("propagation {id} cannot be read: {reason}")]
+    /// Stored data could not be read: a propagation row, or the team or resource row a
+    /// propagation is about.
+    #[error("stored data cannot be read{}: {reason}", in_propagation(*.id))]
     Corrupt {
-        /// Row id.
-        id: i64,
+        /// The propagation concerned, when the data is one propagation's.
+        id: Option<crate::model::PropagationId>,
         /// What is wrong.
         reason: String,
     },
+}
+
+fn in_propagation(id: Option<crate::model::PropagationId>) -> String {
+    id.map(|id| format!(" (propagation {id})"))
+        .unwrap_or_default()
 }
 
 /// Where propagations wait and how their attempts are recorded.
