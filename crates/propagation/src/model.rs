@@ -276,4 +276,16 @@ mod tests {
             );
         }
     }
+
+    /// LIB-13: a propagation id shows, parses and serializes as its number.
+    #[test]
+    fn propagation_ids_display_parse_and_serialize_as_their_number() {
+        let id = PropagationId::from(42);
+        assert_eq!(id.to_string(), "42");
+        assert_eq!("42".parse::<PropagationId>(), Ok(id));
+        assert!("x".parse::<PropagationId>().is_err());
+        assert_eq!(serde_json::to_string(&id).unwrap(), "42");
+        assert_eq!(serde_json::from_str::<PropagationId>("42").unwrap(), id);
+        assert_eq!((i64::from(id), id.get()), (42, 42));
+    }
 }
