@@ -12,7 +12,7 @@ use crate::workspace_root;
 fn rust_files() -> Vec<PathBuf> {
     let root = workspace_root();
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = ["crates", "bins", "xtask"]
+    let mut stack: Vec<PathBuf> = ["crates", "bins", "xtask", "examples"]
         .iter()
         .map(|d| root.join(d))
         .collect();
@@ -247,4 +247,74 @@ fn the_purity_check_catches_what_it_should() {
             "{manifest}"
         );
     }
+}
+
+/// Crates whose public error enums must be `#[non_exhaustive]`, so a new failure mode is not a
+/// breaking change for a service that matches on them.
+const NON_EXHAUSTIVE_ERROR_CRATES: &[&str] =
+    &["crates/propagation", "crates/rater", "crates/schema"];
+
+/// `pub enum` items named `…Error` or `Invalid…` with no `#[non_exhaustive]` among the
+/// attributes and docs directly above them.
+fn exhaustive_error_enums(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let name = line
+                .strip_prefix("pub enum ")?
+                .split(|c: char| !c.is_alphanumeric() && c != '_')
+                .next()?;
+            if !(name.ends_with("Error") || name.starts_with("Invalid")) {
+                return None;
+            }
+            let marked = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|above| !above.trim().is_empty() && !above.starts_with('}'))
+                .any(|above| above.trim() == "#[non_exhaustive]");
+            (!marked).then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// LIB-9: every public error enum of the listed crates is `#[non_exhaustive]`.
+#[test]
+fn public_error_enums_are_non_exhaustive() {
+    let root = workspace_root();
+    let mut hits = Vec::new();
+    for file in rust_files() {
+        let relative = file
+            .strip_prefix(&root)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
+        if !NON_EXHAUSTIVE_ERROR_CRATES
+            .iter()
+            .any(|c| relative.starts_with(&format!("{c}/src/")))
+        {
+            continue;
+        }
+        let text = fs::read_to_string(&file).unwrap();
+        for name in exhaustive_error_enums(&text) {
+            hits.push(format!("{relative}: {name}"));
+        }
+    }
+    assert!(
+        hits.is_empty(),
+        "public error enums without #[non_exhaustive]:\n{}",
+        hits.join("\n")
+    );
+}
+
+#[test]
+fn the_non_exhaustive_scan_finds_what_it_should() {
+    let sample = "/// Docs.\n#[derive(Debug)]\npub enum OpenError {\n    A,\n}\n\n\
+                  /// Docs.\n#[derive(Debug)]\n#[non_exhaustive]\npub enum ClosedError {\n    A,\n}\n\n\
+                  pub enum InvalidThing {\n    A,\n}\n\npub enum Kind {\n    A,\n}\n";
+    assert_eq!(
+        exhaustive_error_enums(sample),
+        ["OpenError", "InvalidThing"]
+    );
 }

@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
-    EnqueueRequest, Housekeeping, PgPropagationStore, PgRoleApplier, RequeueTarget, Retention,
-    TierRoleSettings, listen_for_wakeups,
+    EnqueueRequest, Housekeeping, HousekeepingSchedule, PgPropagationStore, PgRoleApplier,
+    RequeueTarget, Retention, TierRoleSettings, listen_for_wakeups, run_housekeeping,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -310,7 +310,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = Metrics::register(&mut registry);
     let mut config = RunnerConfig::new(worker);
     config.batch_size = args.batch_size;
-    config.lease = time::Duration::seconds(i64::from(args.lease_seconds));
+    config.lease = std::time::Duration::from_secs(u64::from(args.lease_seconds));
     config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
     config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
     config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
@@ -425,25 +425,10 @@ async fn housekeeping(
     plan: Housekeeping,
     shutdown: CancellationToken,
 ) {
-    let mut gauges = tokio::time::interval(Duration::from_secs(15));
-    let mut reconcile =
-        tokio::time::interval(Duration::from_secs(u64::from(reconcile_seconds.max(1))));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = gauges.tick() => if let Err(e) = store.housekeeping(&metrics, &plan).await {
-                tracing::warn!(error = %e, "housekeeping pass failed; queue gauges cleared until the next successful read");
-            },
-            _ = reconcile.tick(), if reconcile_seconds > 0 => {
-                let pass = async { store.reconcile(store.db_now().await?).await };
-                match pass.await {
-                    Ok(enqueued) if !enqueued.is_empty() => tracing::info!(enqueued = enqueued.len(), "reconciler enqueued drifted resources"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
-                }
-            }
-        }
-    }
+    let reconcile_every =
+        (reconcile_seconds > 0).then(|| Duration::from_secs(u64::from(reconcile_seconds)));
+    let schedule = HousekeepingSchedule::new(Duration::from_secs(15), reconcile_every);
+    run_housekeeping(&store, &metrics, &plan, schedule, &shutdown).await;
 }
 
 fn report_json(report: &keel_propagation::runner::BatchReport) -> serde_json::Value {
@@ -539,14 +524,14 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
 }
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
-    let request = EnqueueRequest {
-        team_id: args.team_id,
-        resource_id: args.resource_id,
-        resource_type: args.resource_type,
-        payload: Payload::TierElevation {
+    let request = EnqueueRequest::new(
+        args.team_id,
+        args.resource_id,
+        args.resource_type,
+        Payload::TierElevation {
             target_tier: args.target_tier,
         },
-    };
+    );
     let store = store(&args.db, 2).await?;
     match store
         .enqueue_audited(&request, &args.actor, store.db_now().await?)

@@ -39,13 +39,15 @@ fn main() {
 
 fn describe(transition: &Transition) -> String {
     match transition {
-        Transition::Applied { skipped: None } => "applied".to_owned(),
-        Transition::Applied {
-            skipped: Some(skip),
-        } => format!("applied (a legitimate no-op: {})", skip.as_str()),
+        Transition::Applied { skipped, .. } => match skipped {
+            None => "applied".to_owned(),
+            Some(skip) => format!("applied (a legitimate no-op: {})", skip.as_str()),
+        },
         Transition::Retry {
             next_attempt_at, ..
         } => format!("retry at {next_attempt_at}"),
         Transition::DeadLetter { .. } => "dead-lettered".to_owned(),
+        // `Transition` is `#[non_exhaustive]`: a transition added in a later Keel lands here.
+        _ => "another transition".to_owned(),
     }
 }

@@ -9,6 +9,7 @@ use crate::policy::RetryPolicy;
 
 /// Why a propagation is not done yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryCause {
     /// The applier skipped with a reason that is not a legitimate no-op.
     UnexpectedSkip {
@@ -50,14 +51,28 @@ impl RetryCause {
 }
 
 /// What happens to a propagation after an attempt.
+///
+/// Only this crate builds a `Transition`: [`decide`], [`decide_attempt`] and [`on_claim`] are
+/// the only sources, so whatever drives a [`PropagationStore`](crate::PropagationStore) — Keel's
+/// runner or a service's own — can record `Applied` only for an outcome that the decision
+/// function ruled a success, and never for an unexpected skip. Outside code reads a transition
+/// (match with `..`, [`Transition::audit_kind`]) but cannot construct one; the variants are
+/// `#[non_exhaustive]` for that reason:
+///
+/// ```compile_fail
+/// let forged = keel_propagation::Transition::Applied { skipped: None };
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Transition {
     /// Done: stamp `applied_at` (and the resource's applied tier).
+    #[non_exhaustive]
     Applied {
         /// Set when success was a legitimate no-op rather than a change.
         skipped: Option<LegitimateSkip>,
     },
     /// Not done: try again at `next_attempt_at`.
+    #[non_exhaustive]
     Retry {
         /// Why.
         cause: RetryCause,
@@ -65,6 +80,7 @@ pub enum Transition {
         next_attempt_at: OffsetDateTime,
     },
     /// Out of attempts: dead-letter, for operators to look at and requeue.
+    #[non_exhaustive]
     DeadLetter {
         /// Why the last attempt failed.
         cause: RetryCause,
@@ -146,7 +162,7 @@ impl Transition {
             } => {
                 add("reason_bucket", cause.bucket().as_str().to_owned());
                 add("detail", truncate(&cause.describe()));
-                add("next_attempt_at", next_attempt_at.to_string());
+                add("next_attempt_at", rfc3339_micros(*next_attempt_at));
             }
             Transition::DeadLetter { cause } => {
                 add("reason_bucket", cause.bucket().as_str().to_owned());
@@ -158,6 +174,17 @@ impl Transition {
             .resource(propagation.resource_id)
             .with_attributes(attributes)
     }
+}
+
+/// A time as audit attributes carry it: RFC 3339 in UTC, at microsecond precision (that of
+/// `occurred_at`), e.g. `2026-11-29T19:48:55.015059Z`.
+pub(crate) fn rfc3339_micros(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let at = at
+        .replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(at);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 fn truncate(text: &str) -> String {
@@ -308,6 +335,7 @@ pub fn storable(text: &str) -> String {
 
 /// What to do with a freshly claimed attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClaimDecision {
     /// Run the applier.
     Apply,
@@ -490,5 +518,34 @@ mod tests {
             transition.last_error().as_deref(),
             Some("other: [withheld: looked like a secret]")
         );
+    }
+
+    /// LIB-15: every time-valued audit attribute parses as RFC 3339 (UTC, microseconds), like
+    /// `occurred_at`, whatever offset and precision the clock handed in.
+    #[test]
+    fn time_valued_audit_attributes_are_rfc3339() {
+        use time::format_description::well_known::Rfc3339;
+        let at = datetime!(2026-11-29 21:48:55.015059535 +02:00);
+        let failed = Err(ApplyError::new("backend unavailable"));
+        let transition = decide(1, &failed, &RetryPolicy::standard(), at);
+        let event =
+            transition.audit_event(&crate::model::sample_propagation(), &Actor::system(), at);
+        let written = event.attributes().get("next_attempt_at").unwrap();
+        let parsed =
+            OffsetDateTime::parse(written, &Rfc3339).unwrap_or_else(|e| panic!("{written}: {e}"));
+        let Transition::Retry {
+            next_attempt_at, ..
+        } = transition
+        else {
+            panic!("expected a retry, got {transition:?}");
+        };
+        assert_eq!(
+            parsed,
+            next_attempt_at
+                .replace_nanosecond(next_attempt_at.nanosecond() / 1_000 * 1_000)
+                .unwrap()
+        );
+        assert!(written.ends_with('Z'), "{written}");
+        assert_eq!(rfc3339_micros(at), "2026-11-29T19:48:55.015059Z");
     }
 }

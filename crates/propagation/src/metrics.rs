@@ -95,6 +95,7 @@ pub struct Metrics {
 /// Why a pending row is left for another runner (the `reason` label). Closed, so it can
 /// label metrics.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum DeferReason {
     /// A kind this build does not know.
     UnknownKind,
@@ -136,6 +137,7 @@ impl EncodeLabelSet for ReasonLabels {
 
 /// Which finished rows retention deleted (`status`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, strum::VariantArray)]
+#[non_exhaustive]
 pub enum PrunedStatus {
     /// Applied rows.
     Applied,
@@ -167,6 +169,12 @@ impl EncodeLabelSet for PrunedLabels {
 }
 
 impl Metrics {
+    /// Metrics registered nowhere: for an embedding that does not export them (or a test).
+    /// They still count, and [`Metrics::unexpected_skips`] and the other readers still read.
+    pub fn unregistered() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
     /// Creates the metrics, registers them, and primes every label combination at zero so
     /// dashboards render from the first scrape.
     pub fn register(registry: &mut Registry) -> Self {

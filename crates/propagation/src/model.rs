@@ -6,8 +6,38 @@ use std::str::FromStr;
 use keel_audit::{ResourceId, ResourceType, TeamId, Tier, Token};
 
 /// `pending_propagations.id`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct PropagationId(pub i64);
+
+impl PropagationId {
+    /// The row id.
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl From<i64> for PropagationId {
+    fn from(id: i64) -> Self {
+        Self(id)
+    }
+}
+
+impl From<PropagationId> for i64 {
+    fn from(id: PropagationId) -> Self {
+        id.0
+    }
+}
+
+impl FromStr for PropagationId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
 
 impl fmt::Display for PropagationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -17,6 +47,7 @@ impl fmt::Display for PropagationId {
 
 /// What a propagation carries to a backend. Closed, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum PropagationKind {
     /// Bring a resource's backend to its team's tier (up or down): the seed's regrade.
     TierElevation,
@@ -80,6 +111,7 @@ pub struct Fence {
 /// The target a propagation carries. Its variant fixes the kind, so a kind and a payload can
 /// never disagree. Stored as JSON in `pending_propagations.payload`, decoded by the row's kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Payload {
     /// Apply `target_tier` to the resource's backend.
     TierElevation {
@@ -112,14 +144,20 @@ impl Payload {
     /// Decodes the JSON stored for a propagation of `kind`. Keys this version does not know are
     /// ignored (a newer writer may add optional fields); completions are fenced on
     /// [`Fence`], never on this decoding, so extra keys cannot change which result counts.
-    pub fn from_json(kind: PropagationKind, json: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_json(
+        kind: PropagationKind,
+        json: &serde_json::Value,
+    ) -> Result<Self, InvalidPayload> {
         match kind {
             PropagationKind::TierElevation => {
                 let tier = json
                     .get("target_tier")
                     .and_then(serde_json::Value::as_str)
-                    .ok_or("a tier_elevation payload needs a string target_tier")?;
-                let target_tier = Tier::parse(tier).map_err(|e| e.to_string())?;
+                    .ok_or(InvalidPayload::MissingField {
+                        kind,
+                        field: "target_tier",
+                    })?;
+                let target_tier = Tier::parse(tier)?;
                 Ok(Payload::TierElevation { target_tier })
             }
         }
@@ -176,6 +214,23 @@ impl Propagation {
 }
 
 /// A sample propagation for unit tests: a tier elevation to `pro` of a Postgres resource.
+/// A stored payload that this build cannot read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidPayload {
+    /// A field the kind requires is missing or not a string.
+    #[error("a {kind} payload needs a string {field}")]
+    MissingField {
+        /// The propagation kind.
+        kind: PropagationKind,
+        /// The field.
+        field: &'static str,
+    },
+    /// The target tier is not a valid tier name.
+    #[error(transparent)]
+    Tier(#[from] keel_audit::InvalidTier),
+}
+
 #[cfg(test)]
 pub(crate) fn sample_propagation() -> Propagation {
     Propagation {
@@ -220,5 +275,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// LIB-13: a propagation id shows, parses and serializes as its number.
+    #[test]
+    fn propagation_ids_display_parse_and_serialize_as_their_number() {
+        let id = PropagationId::from(42);
+        assert_eq!(id.to_string(), "42");
+        assert_eq!("42".parse::<PropagationId>(), Ok(id));
+        assert!("x".parse::<PropagationId>().is_err());
+        assert_eq!(serde_json::to_string(&id).unwrap(), "42");
+        assert_eq!(serde_json::from_str::<PropagationId>("42").unwrap(), id);
+        assert_eq!((i64::from(id), id.get()), (42, 42));
     }
 }

@@ -29,7 +29,14 @@ impl LegitimateSkip {
 }
 
 /// The bounded classification of raw skip and failure reasons (the `skip_reason` metric label).
+///
+/// A fixed label set, named after the backends Keel's own appliers drive: metric labels
+/// must come from a closed set, so a custom applier's reasons that match none of these land in
+/// [`ReasonBucket::Other`] (pick the bucket yourself with [`SkipReason::Unexpected`] when one
+/// fits). The enum is `#[non_exhaustive]`: Keel may add buckets without breaking a consumer's
+/// `match`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum ReasonBucket {
     /// The customer's postgres pod has no `postgres-admin` Secret.
     PostgresAdminSecretMissing,
@@ -113,6 +120,7 @@ impl fmt::Display for ReasonBucket {
 
 /// Why an applier skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SkipReason {
     /// Nothing to do: success.
     Legitimate(LegitimateSkip),
@@ -150,6 +158,7 @@ impl SkipReason {
 
 /// What an applier did with one attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ApplyOutcome {
     /// The backend now has the target.
     Applied,

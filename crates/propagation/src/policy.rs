@@ -19,6 +19,7 @@ pub struct RetryPolicy {
 
 /// A retry policy that cannot work.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PolicyError {
     /// No delays given.
     #[error("a retry schedule needs at least one delay")]

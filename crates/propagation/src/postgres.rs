@@ -75,6 +75,7 @@ impl serde::Serialize for DeferReason {
 
 /// A pending row this build leaves for another runner, for operators.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct DeferredRow {
     /// Row id.
     pub id: i64,
@@ -153,6 +154,7 @@ pub struct Housekeeping {
 
 /// What a prune deleted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Pruned {
     /// Applied rows.
     pub applied: u64,
@@ -178,6 +180,7 @@ fn millis(d: Duration) -> f64 {
 
 /// A propagation to enqueue.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EnqueueRequest {
     /// The team whose entitlement it carries.
     pub team_id: TeamId,
@@ -189,8 +192,27 @@ pub struct EnqueueRequest {
     pub payload: Payload,
 }
 
+impl EnqueueRequest {
+    /// A request to carry `payload` to `resource_id` (of `team_id`, of `resource_type`). The
+    /// team and type must agree with the `resources` row, or the enqueue is refused.
+    pub fn new(
+        team_id: TeamId,
+        resource_id: ResourceId,
+        resource_type: ResourceType,
+        payload: Payload,
+    ) -> Self {
+        Self {
+            team_id,
+            resource_id,
+            resource_type,
+            payload,
+        }
+    }
+}
+
 /// What an enqueue did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Enqueued {
     /// A new row.
     Inserted(PropagationId),
@@ -211,6 +233,7 @@ impl Enqueued {
 
 /// How many rows of one kind are due, and since when.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct QueueStat {
     /// The kind.
     pub kind: PropagationKind,
@@ -222,6 +245,7 @@ pub struct QueueStat {
 
 /// A dead-lettered propagation, for operators.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// Row id.
     pub id: i64,
@@ -246,6 +270,7 @@ pub struct DeadLetter {
 
 /// Which dead letters to requeue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequeueTarget {
     /// One row.
     One(PropagationId),
@@ -255,6 +280,7 @@ pub enum RequeueTarget {
 
 /// What a requeue did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RequeueReport {
     /// Rows made pending again, attempts reset, each with a `propagation.requeued` audit row.
     pub requeued: Vec<PropagationId>,
@@ -355,6 +381,10 @@ fn known() -> (Vec<&'static str>, Vec<&'static str>) {
 /// `now` must come from the database clock ([`PgPropagationStore::db_now`]): it is compared
 /// with leases other replicas wrote.
 ///
+/// Refused ([`StoreError::Rejected`], nothing written) unless the resource exists, belongs to
+/// `request.team_id` and has `request.resource_type`: a propagation is never queued for a
+/// resource the database does not hold, nor audited under another team.
+///
 /// The statement locks the pending row until the caller's transaction ends; recording of that
 /// row waits at most the recorder's lock timeout and is then retried, so keep such
 /// transactions short. Each enqueue that changes something sends a `NOTIFY`, which takes
@@ -365,6 +395,7 @@ pub async fn enqueue_in(
     request: &EnqueueRequest,
     now: OffsetDateTime,
 ) -> Result<Enqueued, StoreError> {
+    check_resource(conn, request).await?;
     let kind = request.payload.kind();
     let payload = request.payload.to_json();
     let changed: Option<(i64, bool)> = sqlx::query_as(
@@ -424,6 +455,139 @@ pub async fn enqueue_in(
     Ok(enqueued)
 }
 
+/// How often [`run_housekeeping`] runs its passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HousekeepingSchedule {
+    /// Between housekeeping passes ([`PgPropagationStore::housekeeping`]: queue and deferral
+    /// gauges, unsupported rows, retention).
+    pub housekeeping_every: std::time::Duration,
+    /// Between entitlement-reconciler passes ([`PgPropagationStore::reconcile`]); `None`: never.
+    pub reconcile_every: Option<std::time::Duration>,
+}
+
+impl HousekeepingSchedule {
+    /// Housekeeping every `housekeeping_every`, the reconciler every `reconcile_every`.
+    pub fn new(
+        housekeeping_every: std::time::Duration,
+        reconcile_every: Option<std::time::Duration>,
+    ) -> Self {
+        Self {
+            housekeeping_every,
+            reconcile_every,
+        }
+    }
+}
+
+/// An interval whose first tick is one `period` from now (the passes at the start run before).
+fn every(period: std::time::Duration) -> tokio::time::Interval {
+    let period = period.max(std::time::Duration::from_millis(100));
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn reconcile_pass(store: &PgPropagationStore) {
+    let pass = async { store.reconcile(store.db_now().await?).await };
+    match pass.await {
+        Ok(enqueued) if !enqueued.is_empty() => tracing::info!(
+            enqueued = enqueued.len(),
+            "reconciler enqueued drifted resources"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "entitlement reconciler pass failed"),
+    }
+}
+
+async fn housekeeping_pass(
+    store: &PgPropagationStore,
+    metrics: &crate::Metrics,
+    plan: &Housekeeping,
+) {
+    if let Err(e) = store.housekeeping(metrics, plan).await {
+        tracing::warn!(
+            error = %e,
+            "housekeeping pass failed; queue gauges cleared until the next successful read"
+        );
+    }
+}
+
+/// The background work a runner replica does beside [`Runner::run`](crate::runner::Runner::run),
+/// until `shutdown`: the entitlement reconciler (the backstop for a tier change that enqueued
+/// nothing) and the housekeeping passes (queue gauges, unsupported rows, retention), each on
+/// `schedule`. Both run once at the start, the reconciler first (so the gauges count what it
+/// enqueued); when `shutdown` has already fired, that one round runs and the call returns.
+/// Failures are logged and counted, and the next pass tries again.
+///
+/// Keel's runner binary runs exactly this; a service that embeds the runner spawns it beside
+/// `Runner::run` to get the same backstop and gauges.
+pub async fn run_housekeeping(
+    store: &PgPropagationStore,
+    metrics: &crate::Metrics,
+    plan: &Housekeeping,
+    schedule: HousekeepingSchedule,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    if schedule.reconcile_every.is_some() {
+        reconcile_pass(store).await;
+    }
+    housekeeping_pass(store, metrics, plan).await;
+    let mut reconcile = schedule.reconcile_every.map(every);
+    let mut gauges = every(schedule.housekeeping_every);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick(&mut reconcile) => reconcile_pass(store).await,
+            _ = gauges.tick() => housekeeping_pass(store, metrics, plan).await,
+        }
+    }
+}
+
+/// Refuses a request whose resource does not exist or whose team or type disagree with the
+/// `resources` row. The row is locked against deletion until the transaction ends.
+async fn check_resource(
+    conn: &mut PgConnection,
+    request: &EnqueueRequest,
+) -> Result<(), StoreError> {
+    let found: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT team_id, resource_type FROM resources WHERE id = $1 FOR KEY SHARE")
+            .bind(request.resource_id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("look up the resource"))?;
+    let Some((owner, resource_type)) = found else {
+        return Err(StoreError::Rejected(format!(
+            "resource {} does not exist",
+            request.resource_id
+        )));
+    };
+    if owner != request.team_id.as_uuid() {
+        return Err(StoreError::Rejected(format!(
+            "resource {} belongs to another team, not {}",
+            request.resource_id, request.team_id
+        )));
+    }
+    if resource_type != request.resource_type.as_str() {
+        return Err(StoreError::Rejected(format!(
+            "resource {} is a {} resource, not {}",
+            request.resource_id,
+            clip(&resource_type, 32),
+            request.resource_type
+        )));
+    }
+    Ok(())
+}
+
 /// What [`change_team_tier`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TierChange {
@@ -466,7 +630,7 @@ pub async fn change_team_tier(
         return Ok(TierChange::Unchanged);
     }
     let from = Tier::parse(&previous).map_err(|e| StoreError::Corrupt {
-        id: 0,
+        id: None,
         reason: format!("team {team} has an unreadable tier: {e}"),
     })?;
     sqlx::query("UPDATE teams SET tier = $2, updated_at = $3 WHERE id = $1")
@@ -481,7 +645,7 @@ pub async fn change_team_tier(
         .attr("from_tier", from.as_str())
         .and_then(|e| e.attr("to_tier", tier.as_str()))
         .map_err(|e| StoreError::Corrupt {
-            id: 0,
+            id: None,
             reason: e.to_string(),
         })?;
     keel_audit::postgres::insert(&mut *conn, &event).await?;
@@ -496,7 +660,7 @@ pub async fn change_team_tier(
     for (resource, resource_type) in resources {
         let resource_type: ResourceType =
             resource_type.parse().map_err(|e| StoreError::Corrupt {
-                id: 0,
+                id: None,
                 reason: format!("resource {resource} has an unknown type: {e}"),
             })?;
         let resource = ResourceId::from_uuid(resource);
@@ -643,7 +807,7 @@ impl PgPropagationStore {
             .and_then(|e| e.attr("target_tier", wanted.as_str()))
             .and_then(|e| e.attr("outcome", outcome))
             .map_err(|e| StoreError::Corrupt {
-                id: enqueued.id().0,
+                id: Some(enqueued.id()),
                 reason: e.to_string(),
             })?;
         keel_audit::postgres::insert(&mut tx, &event).await?;
@@ -793,7 +957,7 @@ impl PgPropagationStore {
                 .and_then(|e| e.attr("propagation_kind", kind.clone()))
                 .and_then(|e| e.attr("previous_attempts", previous.to_string()))
                 .map_err(|e| StoreError::Corrupt {
-                    id: *id,
+                    id: Some(PropagationId(*id)),
                     reason: e.to_string(),
                 })?;
             events.push(event);
@@ -975,7 +1139,7 @@ impl PgPropagationStore {
                 .and_then(|e| e.attr("reason_bucket", ReasonBucket::Other.as_str()))
                 .and_then(|e| e.attr("detail", format!("unsupported ({})", reason.as_str())))
                 .map_err(|e| StoreError::Corrupt {
-                    id,
+                    id: Some(PropagationId(id)),
                     reason: e.to_string(),
                 })?;
             events.push(event);

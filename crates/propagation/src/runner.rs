@@ -7,10 +7,15 @@ use std::sync::Arc;
 
 use keel_audit::Actor;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+
+/// The wake-up [`Runner::run`] waits on (tokio 1's `Notify`), re-exported so an embedding
+/// service needs no direct dependency to call it.
+pub use tokio::sync::Notify;
+/// The shutdown signal [`Runner::run`] and [`Runner::run_batch`] take (tokio-util 0.7's
+/// `CancellationToken`), re-exported so an embedding service needs no direct dependency.
+pub use tokio_util::sync::CancellationToken;
 
 use crate::applier::Applier;
 use crate::decide::{ClaimDecision, Transition, decide_attempt, on_claim, precheck};
@@ -20,8 +25,12 @@ use crate::outcome::{ApplyError, ApplyOutcome};
 use crate::policy::RetryPolicies;
 use crate::store::{Completion, PropagationStore, StoreError, WorkerId};
 
-/// How a runner behaves.
+/// How a runner behaves. Every timeout and lease is a [`std::time::Duration`].
+///
+/// Built by [`RunnerConfig::new`] and adjusted field by field; [`Runner::new`] refuses one that
+/// [`RunnerConfig::check`] rejects.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RunnerConfig {
     /// This replica's id, recorded in `claimed_by`.
     pub worker: WorkerId,
@@ -30,7 +39,7 @@ pub struct RunnerConfig {
     /// Rows claimed per batch; also the number of applies in flight at once.
     pub batch_size: u32,
     /// How long a claim is held before another replica may take the row over.
-    pub lease: time::Duration,
+    pub lease: std::time::Duration,
     /// How long one apply may take before it counts as a failure.
     pub apply_timeout: std::time::Duration,
     /// How often to look for due rows when no notification arrives.
@@ -51,7 +60,7 @@ impl RunnerConfig {
             worker,
             actor,
             batch_size: 32,
-            lease: time::Duration::minutes(5),
+            lease: std::time::Duration::from_secs(5 * 60),
             apply_timeout: std::time::Duration::from_secs(60),
             poll_interval: std::time::Duration::from_secs(5),
             shutdown_grace: std::time::Duration::from_secs(20),
@@ -67,9 +76,10 @@ impl RunnerConfig {
      ({apply_timeout_seconds} s + {grace_seconds} s + 10 s margin), or another replica takes rows \
      over while they are still being applied"
 )]
+#[non_exhaustive]
 pub struct LeaseTooShort {
     /// The configured lease.
-    pub lease_seconds: i64,
+    pub lease_seconds: u64,
     /// The configured apply timeout.
     pub apply_timeout_seconds: u64,
     /// The configured shutdown grace.
@@ -80,11 +90,11 @@ impl RunnerConfig {
     /// Checks that a claim's lease outlasts the longest time a worker can hold it unfinished.
     pub fn check(&self) -> Result<(), LeaseTooShort> {
         let needed = self.apply_timeout + self.shutdown_grace + std::time::Duration::from_secs(10);
-        if self.lease.as_seconds_f64() > needed.as_secs_f64() {
+        if self.lease > needed {
             Ok(())
         } else {
             Err(LeaseTooShort {
-                lease_seconds: self.lease.whole_seconds(),
+                lease_seconds: self.lease.as_secs(),
                 apply_timeout_seconds: self.apply_timeout.as_secs(),
                 grace_seconds: self.shutdown_grace.as_secs(),
             })
@@ -94,6 +104,7 @@ impl RunnerConfig {
 
 /// What one or more batches did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchReport {
     /// Rows claimed.
     pub claimed: usize,
@@ -221,6 +232,11 @@ where
         &self.config
     }
 
+    /// The lease as the store's clock counts it (saturating at the largest lease it can hold).
+    fn lease(&self) -> time::Duration {
+        time::Duration::try_from(self.config.lease).unwrap_or(time::Duration::MAX)
+    }
+
     /// Claims one batch due at `now`, applies it, and records the outcomes, all at `now` (a
     /// fixed clock, for tests and tools that drive time themselves).
     ///
@@ -236,7 +252,7 @@ where
             .claim(
                 &self.config.worker,
                 self.config.batch_size,
-                self.config.lease,
+                self.lease(),
                 now,
             )
             .await
@@ -590,7 +606,7 @@ where
             let limit = u32::try_from(limit).unwrap_or(u32::MAX);
             let claimed = self
                 .store
-                .claim(&self.config.worker, limit, self.config.lease, now)
+                .claim(&self.config.worker, limit, self.lease(), now)
                 .await?;
             Ok((
                 claimed,
@@ -774,7 +790,7 @@ mod tests {
     fn a_lease_shorter_than_an_apply_is_refused() {
         let mut config = RunnerConfig::new(WorkerId::parse("w").unwrap());
         assert_eq!(config.check(), Ok(()), "the defaults must be consistent");
-        config.lease = time::Duration::seconds(30);
+        config.lease = std::time::Duration::from_secs(30);
         let err = config.check().unwrap_err();
         assert_eq!(
             (

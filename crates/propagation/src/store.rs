@@ -55,6 +55,7 @@ pub struct Completion {
 
 /// What recording a batch of completions did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CompletionReport {
     /// Rows whose transition was recorded (with its audit row).
     pub recorded: Vec<PropagationId>,
@@ -70,13 +71,16 @@ pub struct CompletionReport {
 
 /// Why the store failed. Nothing was recorded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The database failed the operation.
     #[error("the propagation store failed to {operation}: {source}")]
     Database {
         /// What was being attempted.
         operation: &'static str,
-        /// The underlying error.
+        /// The underlying error. From the Postgres adapter it is a `sqlx::Error` (sqlx 0.9):
+        /// `source.downcast_ref::<sqlx::Error>()` reads it, for a caller deciding whether to
+        /// retry.
         #[source]
         source: keel_audit::BoxError,
     },
@@ -90,14 +94,20 @@ pub enum StoreError {
     /// with what the database holds. Nothing was written.
     #[error("refused: {0}")]
     Rejected(String),
-    /// A stored row could not be read as a propagation.
-    #[error("propagation {id} cannot be read: {reason}")]
+    /// Stored data could not be read: a propagation row, or the team or resource row a
+    /// propagation is about.
+    #[error("stored data cannot be read{}: {reason}", in_propagation(*.id))]
     Corrupt {
-        /// Row id.
-        id: i64,
+        /// The propagation concerned, when the data is one propagation's.
+        id: Option<crate::model::PropagationId>,
         /// What is wrong.
         reason: String,
     },
+}
+
+fn in_propagation(id: Option<crate::model::PropagationId>) -> String {
+    id.map(|id| format!(" (propagation {id})"))
+        .unwrap_or_default()
 }
 
 /// Where propagations wait and how their attempts are recorded.

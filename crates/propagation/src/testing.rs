@@ -1,13 +1,36 @@
-//! In-memory fakes (feature `testing`): [`MemoryPropagationStore`], a [`PropagationStore`] with
-//! the Postgres adapter's semantics (coalescing, leases, the claim-token and target-version
-//! fence), for tests of code that drives a store. The contract test in `tests/it/contract.rs`
-//! runs one story against this fake and the Postgres adapter alike.
+//! In-memory fakes and the exported port contracts (feature `testing`).
+//!
+//! - [`MemoryPropagationStore`]: a [`PropagationStore`] with the Postgres adapter's semantics
+//!   (coalescing, leases, the claim-token and target-version fence), for tests of code that
+//!   drives a store.
+//! - [`ScriptedApplier`]: an [`Applier`] that answers each resource with scripted outcomes
+//!   and records every call.
+//! - [`store_contract`]: the `PropagationStore` contract as one story. Keel runs it against
+//!   [`MemoryPropagationStore`] and its Postgres adapter; run it against your own adapter by
+//!   implementing [`StoreHarness`] for it.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use keel_propagation::testing::{MemoryPropagationStore, store_contract};
+//! use time::macros::datetime;
+//!
+//! let start = datetime!(2026-11-22 10:00 UTC);
+//! store_contract(&MemoryPropagationStore::new(start), start).await;
+//! # }
+//! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::sync::Mutex;
 
-use keel_audit::{Actor, AuditKind, ResourceId, ResourceType, TeamId};
+use keel_audit::{Actor, AuditKind, ResourceId, ResourceType, TeamId, Tier};
 use time::{Duration, OffsetDateTime};
+
+use crate::applier::Applier;
+use crate::decide::decide;
+use crate::outcome::{ApplyError, ApplyOutcome};
+use crate::policy::RetryPolicy;
 
 use crate::decide::Transition;
 use crate::model::{
@@ -313,4 +336,262 @@ impl PropagationStore for MemoryPropagationStore {
         }
         Ok(released)
     }
+}
+
+/// An [`Applier`] whose answers are scripted per resource, recording every call.
+///
+/// A resource's scripted outcomes are used in order; a resource with none left (or never
+/// scripted) is applied.
+#[derive(Debug, Default)]
+pub struct ScriptedApplier {
+    script: Mutex<BTreeMap<ResourceId, VecDeque<Result<ApplyOutcome, ApplyError>>>>,
+    calls: Mutex<Vec<Propagation>>,
+}
+
+impl ScriptedApplier {
+    /// An applier that applies everything until told otherwise.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues `outcome` as the answer to the next apply of `resource`.
+    pub fn answer(&self, resource: ResourceId, outcome: Result<ApplyOutcome, ApplyError>) {
+        self.script
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(resource)
+            .or_default()
+            .push_back(outcome);
+    }
+
+    /// Every propagation the applier was asked to apply, in order.
+    pub fn calls(&self) -> Vec<Propagation> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Applier for ScriptedApplier {
+    async fn apply(&self, propagation: &Propagation) -> Result<ApplyOutcome, ApplyError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(propagation.clone());
+        self.script
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(&propagation.resource_id)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(Ok(ApplyOutcome::Applied))
+    }
+}
+
+/// What [`store_contract`] needs beyond the [`PropagationStore`] port: putting rows in and
+/// reading their state. Implement it for an adapter to check that adapter against the contract.
+pub trait StoreHarness: PropagationStore {
+    /// Creates a resource of a new team and enqueues its propagation to `to`, due at `now`.
+    fn seed(
+        &self,
+        to: &Tier,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = (TeamId, ResourceId, PropagationId)> + Send;
+
+    /// Enqueues a new target `to` for `resource` (of `team`), at `now`.
+    fn retarget(
+        &self,
+        team: TeamId,
+        resource: ResourceId,
+        to: &Tier,
+        now: OffsetDateTime,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// The row's status, attempts counted and claim holder.
+    fn state(
+        &self,
+        id: PropagationId,
+    ) -> impl Future<Output = (RowStatus, u32, Option<String>)> + Send;
+}
+
+impl StoreHarness for MemoryPropagationStore {
+    async fn seed(&self, to: &Tier, now: OffsetDateTime) -> (TeamId, ResourceId, PropagationId) {
+        let (team, resource) = (TeamId::new_random(), ResourceId::new_random());
+        let backend = Backend {
+            status: Some("active".into()),
+            team_id: Some(team),
+            ..Backend::default()
+        };
+        let payload = Payload::TierElevation {
+            target_tier: to.clone(),
+        };
+        let id = self.enqueue(
+            team,
+            resource,
+            ResourceType::Postgres,
+            payload,
+            backend,
+            now,
+        );
+        (team, resource, id)
+    }
+
+    async fn retarget(&self, team: TeamId, resource: ResourceId, to: &Tier, now: OffsetDateTime) {
+        let payload = Payload::TierElevation {
+            target_tier: to.clone(),
+        };
+        self.enqueue(
+            team,
+            resource,
+            ResourceType::Postgres,
+            payload,
+            Backend::default(),
+            now,
+        );
+    }
+
+    async fn state(&self, id: PropagationId) -> (RowStatus, u32, Option<String>) {
+        match self.row(id) {
+            Some(row) => (row.status, row.attempts, row.claimed_by),
+            None => panic!("propagation {id} is not in the store"),
+        }
+    }
+}
+
+fn contract_worker(name: &str) -> WorkerId {
+    WorkerId::parse(name).unwrap_or_else(|e| panic!("worker id {name}: {e}"))
+}
+
+fn contract_tier(name: &str) -> Tier {
+    Tier::parse(name).unwrap_or_else(|e| panic!("tier {name}: {e}"))
+}
+
+async fn complete_one<S: StoreHarness>(
+    store: &S,
+    name: &str,
+    propagation: &Propagation,
+    transition: Transition,
+    now: OffsetDateTime,
+) -> CompletionReport {
+    let completion = Completion {
+        propagation: propagation.clone(),
+        transition,
+    };
+    store
+        .complete(&contract_worker(name), &[completion], &Actor::system(), now)
+        .await
+        .unwrap_or_else(|e| panic!("complete: {e}"))
+}
+
+async fn claim<S: StoreHarness>(
+    store: &S,
+    worker: &WorkerId,
+    lease: Duration,
+    now: OffsetDateTime,
+) -> Vec<Propagation> {
+    store
+        .claim(worker, 10, lease, now)
+        .await
+        .unwrap_or_else(|e| panic!("claim: {e}"))
+}
+
+/// The `PropagationStore` contract, as one story starting at `start` on an empty store: claims
+/// count attempts and hold rows for their lease; retries wait for their schedule; a release
+/// gives the attempt back and fences the released claim; a new target keeps a live claim but
+/// refuses its result and restarts the budget; an abandoned claim is taken over after its
+/// lease and the vanished worker's result is refused. Panics at the first broken promise.
+pub async fn store_contract<S: StoreHarness>(store: &S, start: OffsetDateTime) {
+    let lease = Duration::minutes(5);
+    let policy = RetryPolicy::standard();
+    let (a, b) = (contract_worker("a"), contract_worker("b"));
+    let (team, resource, id) = store.seed(&contract_tier("pro"), start).await;
+
+    // A claim counts an attempt and holds the row.
+    let first = claim(store, &a, lease, start).await;
+    assert_eq!(first.len(), 1, "one due row, one claimed");
+    assert_eq!(first[0].attempt, 1, "a claim counts an attempt");
+    assert!(
+        claim(store, &b, lease, start).await.is_empty(),
+        "a claimed row was claimed twice"
+    );
+
+    // A retry is due on its schedule, not before.
+    let failed = Err(ApplyError::new("connection refused"));
+    let retry = decide(1, &failed, &policy, start);
+    assert_eq!(
+        complete_one(store, "a", &first[0], retry, start)
+            .await
+            .recorded,
+        [id]
+    );
+    assert_eq!(store.state(id).await, (RowStatus::Pending, 1, None));
+    assert!(
+        claim(store, &a, lease, start).await.is_empty(),
+        "a retry was claimable before its schedule"
+    );
+    let due = start + policy.delay_after(1);
+    let second = claim(store, &a, lease, due).await;
+    assert_eq!(second.len(), 1, "a retry was not claimable on its schedule");
+    assert_eq!(second[0].attempt, 2);
+
+    // A release gives the attempt back; the same worker's next claim of the same attempt
+    // number is a different claim, and the released claim's result is refused.
+    let released = store
+        .release(&a, &second, due, due)
+        .await
+        .unwrap_or_else(|e| panic!("release: {e}"));
+    assert_eq!(released, 1);
+    assert_eq!(store.state(id).await, (RowStatus::Pending, 1, None));
+    let third = claim(store, &a, lease, due).await;
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].attempt, 2, "a released attempt was counted");
+    let applied = decide(2, &Ok(ApplyOutcome::Applied), &policy, due);
+    let report = complete_one(store, "a", &second[0], applied.clone(), start).await;
+    assert_eq!(report.stale, [id], "a released claim's result was recorded");
+
+    // A new target while claimed: the claim stays, the budget restarts, and the holder's
+    // result is handed back.
+    store
+        .retarget(team, resource, &contract_tier("team"), due)
+        .await;
+    assert_eq!(
+        store.state(id).await,
+        (RowStatus::Pending, 0, Some("a".into()))
+    );
+    assert!(
+        claim(store, &b, lease, due).await.is_empty(),
+        "a retargeted row was claimed beside its live claim"
+    );
+    let report = complete_one(store, "a", &third[0], applied.clone(), start).await;
+    assert_eq!(
+        report.stale,
+        [id],
+        "a result for the old target was recorded"
+    );
+    assert_eq!(store.state(id).await, (RowStatus::Pending, 0, None));
+    let fourth = claim(store, &b, lease, due).await;
+    assert_eq!(fourth.len(), 1);
+    assert_eq!(
+        (fourth[0].attempt, fourth[0].payload.target_tier().as_str()),
+        (1, "team")
+    );
+
+    // An abandoned claim is taken over after its lease; the vanished worker's result is refused.
+    let later = due + Duration::minutes(6);
+    let fifth = claim(store, &a, lease, later).await;
+    assert_eq!(fifth.len(), 1, "an expired claim was not taken over");
+    assert_eq!(fifth[0].attempt, 2);
+    let report = complete_one(store, "b", &fourth[0], applied.clone(), start).await;
+    assert_eq!(
+        report.stale,
+        [id],
+        "a vanished worker's result was recorded"
+    );
+    let report = complete_one(store, "a", &fifth[0], applied, start).await;
+    assert_eq!(report.recorded, [id]);
+    assert_eq!(store.state(id).await, (RowStatus::Applied, 2, None));
+    assert!(
+        claim(store, &a, lease, later).await.is_empty(),
+        "an applied row was claimable"
+    );
 }

@@ -24,6 +24,7 @@ pub struct BillingEvent {
 
 /// Why an event was refused. Nothing was recorded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IngestError {
     /// An id or the meter is empty, too long, or has odd characters.
     #[error("invalid {field}: use 1 to {max} printable characters without spaces")]

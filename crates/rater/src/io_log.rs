@@ -32,11 +32,34 @@ pub const TSV_PREFIX_CHARS: i32 = 64 * 1024;
 const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 
 /// The id of an `io_log` row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct IoLogId(pub i64);
+
+impl IoLogId {
+    /// The row id.
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl From<i64> for IoLogId {
+    fn from(id: i64) -> Self {
+        Self(id)
+    }
+}
+
+impl std::fmt::Display for IoLogId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// Why an `io_log` operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IoLogError {
     /// Storing a captured body failed; nothing was stored.
     #[error(

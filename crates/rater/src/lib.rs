@@ -11,6 +11,43 @@
 //! [`money`] model, so no stored value can fail a run.
 //!
 //! The default build is pure; feature `postgres` adds the adapters.
+//!
+//! # Deciding how a run exits, without I/O
+//!
+//! ```
+//! use keel_rater::{RaterExit, resolve_window};
+//!
+//! let now = keel_rater::time::macros::datetime!(2026-11-22 10:17 UTC);
+//! // No --since/--until: the routine trailing window, ending at the last whole hour.
+//! let (window, explicit) = resolve_window(None, None, now, false).expect("a valid window");
+//! assert!(!explicit);
+//! assert_eq!(window.end(), keel_rater::time::macros::datetime!(2026-11-22 10:00 UTC));
+//! assert_eq!(window.hours(), 24);
+//! assert_eq!(RaterExit::Clean.code(), 0);
+//! ```
+//!
+//! # Rating a window from a service (feature `postgres`)
+//!
+//! ```no_run
+//! use keel_rater::postgres::{RunRequest, run};
+//!
+//! # async fn demo(pool: sqlx::PgPool, options: sqlx::postgres::PgConnectOptions)
+//! #     -> Result<(), Box<dyn std::error::Error>> {
+//! let now = keel_rater::time::OffsetDateTime::now_utc();
+//! let (window, explicit) = keel_rater::resolve_window(None, None, now, false)?;
+//! // `options` opens the single-flight lock's own connection (not a pooled one).
+//! let outcome = run(&pool, &options, RunRequest { window, explicit, dry_run: false, now }).await?;
+//! std::process::exit(i32::from(outcome.exit.code()));
+//! # }
+//! ```
+//!
+//! # Public dependencies
+//!
+//! [`time`] 0.3 (windows and timestamps) and [`rust_decimal`] 1 (quantities and money) appear in
+//! the public API and are re-exported; the `postgres` adapters take sqlx 0.9 pools.
+
+pub use rust_decimal;
+pub use time;
 
 mod capture;
 mod exit;

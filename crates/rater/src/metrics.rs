@@ -103,6 +103,7 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
 
 /// Why a push failed. Never shows the URL (it may hold credentials).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PushError {
     /// Not an `http://host[:port][/path]` URL.
     #[error("the push-metrics URL is not http://host[:port][/path] (its value is not shown)")]

@@ -40,6 +40,7 @@ const CONFLICTS_SHOWN: i64 = 20;
 
 /// Why a rater operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RaterError {
     /// The database failed the operation; the transaction rolled back.
     #[error("the rater could not {operation}: {source}")]
@@ -124,6 +125,7 @@ pub async fn record_event(
 
 /// What recording a batch did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct BatchIngested {
     /// New events.
     pub recorded: u64,
@@ -611,6 +613,7 @@ pub struct RunRequest {
 
 /// What a run did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct RunOutcome {
     /// How the process should exit (a dry run that succeeds exits 0).
     #[serde(serialize_with = "exit_as_code")]

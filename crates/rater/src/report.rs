@@ -83,6 +83,7 @@ impl fmt::Display for RatedChange {
 
 /// Every change of one kind: the complete count and the first [`DETAIL_CAP`] rows.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Changes {
     /// How many hours changed this way.
     pub count: u64,
@@ -111,6 +112,7 @@ impl Changes {
 /// Events ingested after their hour left the routine window, not yet reflected in
 /// `rated_usage`: never dropped silently, always an anomaly naming the backfill to run.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct LateUsage {
     /// Late events in hours whose rating disagrees with their events.
     pub events: u64,

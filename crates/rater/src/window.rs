@@ -70,6 +70,7 @@ impl fmt::Display for Rfc3339 {
 
 /// Why a window was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WindowError {
     /// `since` is not before `until`.
     #[error(

@@ -94,10 +94,8 @@ impl Readiness {
 
     /// Checks the database and the schema version once.
     pub async fn check(&self) -> Result<(), NotReady> {
-        let query = sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT max(version) FROM _sqlx_migrations WHERE success",
-        )
-        .fetch_one(&self.pool);
+        let query = sqlx::query_scalar::<_, Option<i64>>(keel_schema::APPLIED_VERSION_SQL)
+            .fetch_one(&self.pool);
         let found = match tokio::time::timeout(self.timeout, query).await {
             Ok(Ok(found)) => found,
             // A database without the migrations table answers "undefined table" (42P01).

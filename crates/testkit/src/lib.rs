@@ -25,6 +25,23 @@
 //!     .unwrap();
 //! # }
 //! ```
+//!
+//! # From a service that embeds Keel
+//!
+//! A service may use the testkit as a dev-dependency too. [`database`] holds Keel's migrations
+//! only; for a schema that also holds the service's own, start from [`empty_database`] and run
+//! both migrators (they keep separate bookkeeping, so either order works):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sqlx::migrate::MigrateError> {
+//! # let service_migrator = sqlx::migrate::Migrator::DEFAULT;
+//! let db = keel_testkit::empty_database().await;
+//! service_migrator.run(db.pool()).await?; // the service's `sqlx::migrate!()`
+//! keel_schema::migrate(db.pool()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! That pays for the migrations on every test rather than once per template.
 
 mod roles;
 mod server;
@@ -374,11 +391,11 @@ mod tests {
     #[tokio::test]
     async fn test_databases_arrive_migrated_and_empty_ones_do_not() {
         let migrated = database().await;
-        let version: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        let version: Option<i64> = sqlx::query_scalar(keel_schema::APPLIED_VERSION_SQL)
             .fetch_one(migrated.pool())
             .await
             .unwrap();
-        assert_eq!(version, keel_schema::latest_version());
+        assert_eq!(version, Some(keel_schema::latest_version()));
 
         let empty = empty_database().await;
         let tables: i64 = sqlx::query_scalar(

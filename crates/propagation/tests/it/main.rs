@@ -88,14 +88,14 @@ async fn claim_as(store: &PgPropagationStore, name: &str) -> Vec<Propagation> {
 }
 
 fn elevation(team: TeamId, resource: ResourceId, to: &str) -> EnqueueRequest {
-    EnqueueRequest {
-        team_id: team,
-        resource_id: resource,
-        resource_type: ResourceType::Postgres,
-        payload: Payload::TierElevation {
+    EnqueueRequest::new(
+        team,
+        resource,
+        ResourceType::Postgres,
+        Payload::TierElevation {
             target_tier: tier(to),
         },
-    }
+    )
 }
 
 #[derive(Debug)]

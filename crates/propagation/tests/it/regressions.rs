@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel_audit::{Actor, AuditKind};
 use keel_propagation::postgres::{
-    Enqueued, Housekeeping, PgRoleApplier, Retention, TierChange, TierRoleSettings,
-    change_team_tier, enqueue_in,
+    Enqueued, Housekeeping, HousekeepingSchedule, PgRoleApplier, Retention, TierChange,
+    TierRoleSettings, change_team_tier, enqueue_in, run_housekeeping,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -264,17 +264,60 @@ async fn a_replaced_target_gets_a_full_attempt_budget() {
     assert_eq!(resource_tier(db.pool(), resource).await, "team");
 }
 
-/// PROP-5: a propagation whose resource has no row is an unexpected skip, never applied, and
-/// no applier is asked.
+/// LIB-4: enqueue refuses, writing nothing, a resource that does not exist, one of another team
+/// and one of another type: the database's `resources` row is the truth, not the request.
+#[tokio::test]
+async fn enqueue_refuses_a_resource_that_does_not_exist_or_does_not_match() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let store = store(db.pool());
+    let ghost = store
+        .enqueue(&elevation(team, ResourceId::new_random(), "pro"), T0)
+        .await
+        .unwrap_err();
+    assert!(ghost.to_string().contains("does not exist"), "{ghost}");
+    let stranger = store
+        .enqueue(&elevation(TeamId::new_random(), resource, "pro"), T0)
+        .await
+        .unwrap_err();
+    assert!(stranger.to_string().contains("another team"), "{stranger}");
+    let mut wrong_type = elevation(team, resource, "pro");
+    wrong_type.resource_type = keel_audit::ResourceType::Redis;
+    let mistyped = store.enqueue(&wrong_type, T0).await.unwrap_err();
+    assert!(mistyped.to_string().contains("not redis"), "{mistyped}");
+    for refused in [&ghost, &stranger, &mistyped] {
+        assert!(
+            matches!(refused, keel_propagation::StoreError::Rejected(_)),
+            "{refused:?}"
+        );
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a refused enqueue wrote a row");
+    store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap();
+}
+
+/// PROP-5: a propagation whose resource has no row (any more: it was removed after the enqueue)
+/// is an unexpected skip, never applied, and no applier is asked.
 #[tokio::test]
 async fn a_propagation_for_a_missing_resource_is_never_applied() {
     let db = keel_testkit::database().await;
-    let resource = ResourceId::new_random();
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
     let id = store(db.pool())
-        .enqueue(&elevation(TeamId::new_random(), resource, "pro"), T0)
+        .enqueue(&elevation(team, resource, "pro"), T0)
         .await
         .unwrap()
         .id();
+    sqlx::query("DELETE FROM resources WHERE id = $1")
+        .bind(resource.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
     let applier = Arc::new(Recording::default());
     let (runner, _) = default_runner(db.pool(), applier.clone());
     let report = runner.run_batch(T0, &never()).await.unwrap();
@@ -293,12 +336,20 @@ async fn a_propagation_for_a_missing_resource_is_never_applied() {
 #[tokio::test]
 async fn a_propagation_naming_another_team_is_never_applied() {
     let db = keel_testkit::database().await;
-    let (_, resource) = seed(db.pool(), "pro", "free", None).await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
     let id = store(db.pool())
-        .enqueue(&elevation(TeamId::new_random(), resource, "pro"), T0)
+        .enqueue(&elevation(team, resource, "pro"), T0)
         .await
         .unwrap()
         .id();
+    // The resource moves to another team after the enqueue.
+    let (other_team, _) = seed(db.pool(), "pro", "free", None).await;
+    sqlx::query("UPDATE resources SET team_id = $2 WHERE id = $1")
+        .bind(resource.as_uuid())
+        .bind(other_team.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
     let applier = Arc::new(Recording::default());
     let (runner, _) = default_runner(db.pool(), applier.clone());
     runner.run_batch(T0, &never()).await.unwrap();
@@ -788,7 +839,7 @@ async fn claim_and_record_failures_are_counted() {
 async fn a_runner_cannot_be_built_with_a_lease_shorter_than_an_apply() {
     let db = keel_testkit::database().await;
     let mut config = RunnerConfig::new(worker("runner-1"));
-    config.lease = time::Duration::seconds(30);
+    config.lease = std::time::Duration::from_secs(30);
     let built = Runner::new(
         Arc::new(store(db.pool())),
         Arc::new(Recording::default()),
@@ -1021,6 +1072,52 @@ async fn queue_gauges_never_keep_a_value_their_read_failed_to_refresh() {
     );
     assert!(
         text.contains("instant_propagation_maintenance_up 1\n"),
+        "{text}"
+    );
+}
+
+/// LIB-8: the reconciler and the queue gauges run from the library (`run_housekeeping`), so a
+/// service that embeds the runner gets the drift backstop without Keel's binary: a drifted
+/// resource is enqueued and counted in the gauges.
+#[tokio::test]
+async fn the_library_housekeeping_loop_reconciles_drift_and_sets_the_queue_gauges() {
+    let db = keel_testkit::database().await;
+    let (_, resource) = seed(db.pool(), "pro", "free", None).await;
+    let store = store(db.pool());
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let plan = Housekeeping {
+        unsupported_grace: time::Duration::hours(1),
+        retention: Retention::default(),
+        prune_batch: 100,
+        actor: Actor::system(),
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    // Already stopped: exactly the first round of passes runs.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    run_housekeeping(
+        &store,
+        &metrics,
+        &plan,
+        HousekeepingSchedule::new(hour, Some(hour)),
+        &stopped,
+    )
+    .await;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pending_propagations WHERE resource_id = $1 AND status = 'pending'",
+    )
+    .bind(resource.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        pending, 1,
+        "the reconciler did not enqueue the drifted resource"
+    );
+    let text = scrape(&registry);
+    assert!(
+        text.contains("instant_propagation_due_rows{kind=\"tier_elevation\"} 1\n"),
         "{text}"
     );
 }

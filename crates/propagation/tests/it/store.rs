@@ -270,9 +270,14 @@ async fn dead_letters_are_listed_and_requeued_with_an_audit_row_and_a_fresh_budg
     let store = store(db.pool());
     let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
     let claimed = claim_as(&store, "a").await;
-    let dead = Transition::DeadLetter {
-        cause: keel_propagation::RetryCause::Abandoned,
+    // Transitions come only from the decision functions: a claim past its budget settles
+    // dead-lettered.
+    let keel_propagation::ClaimDecision::Settle(dead) =
+        keel_propagation::on_claim(u32::MAX, &keel_propagation::RetryPolicy::standard())
+    else {
+        panic!("a claim past the budget must settle");
     };
+    assert!(matches!(dead, Transition::DeadLetter { .. }), "{dead:?}");
     complete_one(&store, "a", claimed[0].clone(), dead).await;
 
     let listed = store

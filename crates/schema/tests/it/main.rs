@@ -1,11 +1,14 @@
-//! The schema against a real Postgres: up, down and up again; the contract names exist.
+//! The schema against a real Postgres: up, down and up again; the contract names exist; Keel's
+//! migrations share a database with a service's own.
 
 use sqlx::PgPool;
+use sqlx::SqlSafeStr;
+use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 
 async fn public_tables(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1",
+         WHERE table_schema = 'public' AND table_name NOT IN ('_keel_migrations', '_sqlx_migrations') ORDER BY 1",
     )
     .fetch_all(pool)
     .await
@@ -133,4 +136,196 @@ async fn rated_usage_windows_must_start_on_the_hour() {
 
 async fn uuid_row(pool: &PgPool, sql: &'static str) -> uuid::Uuid {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A service's own migrator, as `sqlx::migrate!()` in the service would build it: tracked in
+/// sqlx's default table, with a version 1 of its own (a number Keel uses too).
+fn service_migrator() -> Migrator {
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "service widgets".into(),
+            MigrationType::Simple,
+            "CREATE TABLE service_widgets (id bigint PRIMARY KEY)".into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            20_260_101_000_000,
+            "service gadgets".into(),
+            MigrationType::Simple,
+            "CREATE TABLE service_gadgets (id bigint PRIMARY KEY)".into_sql_str(),
+            false,
+        ),
+    ])
+}
+
+async fn versions(pool: &PgPool, table: &str) -> Vec<i64> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {table} ORDER BY version"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+fn keel_versions() -> Vec<i64> {
+    let mut versions: Vec<i64> = keel_schema::MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .collect();
+    versions.dedup();
+    versions
+}
+
+/// LIB-1: Keel's migrator and a service's own sqlx migrator share one database, in either
+/// order, repeatedly, each with its own bookkeeping.
+#[tokio::test]
+async fn keel_schema_coexists_with_a_consumer_migrator() {
+    let service = service_migrator();
+    for keel_first in [true, false] {
+        let db = keel_testkit::empty_database().await;
+        for _ in 0..2 {
+            if keel_first {
+                keel_schema::migrate(db.pool()).await.unwrap();
+                service.run(db.pool()).await.unwrap();
+            } else {
+                service.run(db.pool()).await.unwrap();
+                keel_schema::migrate(db.pool()).await.unwrap();
+            }
+        }
+        assert_eq!(
+            versions(db.pool(), keel_schema::MIGRATIONS_TABLE).await,
+            keel_versions()
+        );
+        assert_eq!(
+            versions(db.pool(), "_sqlx_migrations").await,
+            vec![1, 20_260_101_000_000],
+            "the service's bookkeeping holds only the service's versions"
+        );
+        let applied: Option<i64> = sqlx::query_scalar(keel_schema::APPLIED_VERSION_SQL)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(applied, Some(keel_schema::latest_version()));
+    }
+}
+
+/// LIB-1: a database migrated by a Keel that tracked its versions in `_sqlx_migrations` (beside
+/// a service's own rows) is taken over: Keel's rows move, the service's stay, no data is lost and
+/// both migrators keep running.
+#[tokio::test]
+async fn existing_deployments_tracked_in_sqlx_migrations_keep_working() {
+    let db = keel_testkit::empty_database().await;
+    // The old bookkeeping: Keel's migrations in sqlx's default table.
+    let legacy = Migrator::with_migrations(keel_schema::MIGRATOR.iter().cloned().collect());
+    legacy.run(db.pool()).await.unwrap();
+    sqlx::query("INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro')")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    // A service row of its own in the same table (as a workaround would have left it).
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (20990101000000, 'service row', true, '\\x00', 0)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    for _ in 0..2 {
+        keel_schema::migrate(db.pool()).await.unwrap();
+    }
+
+    assert_eq!(
+        versions(db.pool(), keel_schema::MIGRATIONS_TABLE).await,
+        keel_versions()
+    );
+    assert_eq!(
+        versions(db.pool(), "_sqlx_migrations").await,
+        vec![20_990_101_000_000],
+        "only the service's row stays in sqlx's table"
+    );
+    let teams: i64 = sqlx::query_scalar("SELECT count(*) FROM teams")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(teams, 1, "taking over the bookkeeping re-ran a migration");
+}
+
+async fn advisory_locks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// FND-9: a migration that fails leaves no migration lock behind, so the next `migrate` (another
+/// replica's, or this pool's again) runs instead of waiting forever.
+#[tokio::test]
+async fn a_failed_migrate_does_not_block_the_next_one() {
+    let db = keel_testkit::empty_database().await;
+    // A conflicting object makes one of the migrations fail.
+    sqlx::query("CREATE TABLE io_log (id int)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let first = keel_schema::migrate(db.pool()).await.unwrap_err();
+    assert!(
+        matches!(first, MigrateError::ExecuteMigration(..)),
+        "{first}"
+    );
+    assert_eq!(
+        advisory_locks(db.pool()).await,
+        0,
+        "the failed migrate kept its lock"
+    );
+
+    let second = keel_schema::migrate(db.pool()).await.unwrap_err();
+    assert!(
+        matches!(second, MigrateError::ExecuteMigration(..)),
+        "{second}"
+    );
+    assert_eq!(advisory_locks(db.pool()).await, 0);
+
+    sqlx::query("DROP TABLE io_log")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    keel_schema::migrate(db.pool()).await.unwrap();
+    assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
+    assert_eq!(advisory_locks(db.pool()).await, 0);
+}
+
+/// FND-2: `revert_all` on a schema whose contract tables hold rows (an audit trail above all)
+/// refuses and changes nothing; once they are empty it reverts.
+#[tokio::test]
+async fn reverting_a_schema_that_holds_audit_rows_refuses() {
+    let db = keel_testkit::empty_database().await;
+    keel_schema::migrate(db.pool()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_events (kind, actor, attributes, occurred_at) \
+         VALUES ('team.tier_changed', 'system:test', '{}', now())",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let refused = keel_schema::revert_all(db.pool()).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            keel_schema::RevertError::NotEmpty {
+                table: "audit_events"
+            }
+        ),
+        "{refused}"
+    );
+    let audit_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(audit_rows, 1, "the refused revert erased the audit trail");
+    assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
+    assert_eq!(advisory_locks(db.pool()).await, 0);
 }

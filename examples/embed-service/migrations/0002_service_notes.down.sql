@@ -1,0 +1,1 @@
+ALTER TABLE service_upgrades DROP COLUMN IF EXISTS note;
