@@ -59,6 +59,13 @@ pub enum AuditKind {
     /// An explicit rater backfill lowered or removed previously rated usage: the convergence the
     /// operator asked for, recorded with old -> new values.
     RaterBackfillReconciled,
+    /// An API key of the provisioning API was created (its id and scope; never the key).
+    ApiKeyCreated,
+    /// An API key of the provisioning API was revoked.
+    ApiKeyRevoked,
+    /// A resource's credentials were rotated: a new password was issued and the old one stopped
+    /// working.
+    ResourceCredentialsRotated,
 }
 
 /// How urgently an operator alert needs a human.
@@ -121,6 +128,9 @@ impl AuditKind {
             AuditKind::BillingChargeUndeliverable => "billing.charge_undeliverable",
             AuditKind::RaterReconcileDeleted => "rater.reconcile_deleted",
             AuditKind::RaterBackfillReconciled => "rater.backfill_reconciled",
+            AuditKind::ApiKeyCreated => "api_key.created",
+            AuditKind::ApiKeyRevoked => "api_key.revoked",
+            AuditKind::ResourceCredentialsRotated => "resource.credentials_rotated",
         }
     }
 
@@ -191,6 +201,15 @@ impl AuditKind {
             },
             AuditKind::RaterBackfillReconciled => Consumer::IntentionallyNone {
                 reason: "an operator asked for the backfill; the row is its trail of old -> new values",
+            },
+            AuditKind::ApiKeyCreated => Consumer::CustomerNotification {
+                template: "api_key_created",
+            },
+            AuditKind::ApiKeyRevoked => Consumer::CustomerNotification {
+                template: "api_key_revoked",
+            },
+            AuditKind::ResourceCredentialsRotated => Consumer::CustomerNotification {
+                template: "credentials_rotated",
             },
         }
     }

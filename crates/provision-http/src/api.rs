@@ -1,21 +1,30 @@
-//! The HTTP API: `POST /v1/resources`, `GET /v1/resources/{id}`, `DELETE /v1/resources/{id}`,
-//! plus `/metrics` and `/healthz` on the same listener.
+//! The handlers: `POST` and `GET /v1/resources`, `GET` and `DELETE /v1/resources/{id}`,
+//! `POST /v1/resources/{id}/rotate-credentials`, and `GET /openapi.json`.
+//!
+//! **Keys.** Every `/v1` route needs `Authorization: Bearer <API key>`; a request without a live
+//! key answers `unauthorized` (401). A team key sees and changes only its team's resources:
+//! another team's resource answers `resource_not_found` (404, so ids do not leak), another team
+//! in a body `team_not_found`. Only operator keys may delete with `reason=operator|expired`
+//! (`forbidden`, 403). The audit actor is the key's principal ([`Principal::actor`]); no header
+//! names it. Each key is rate limited ([`Limits::requests_per_minute`]; 429 with `Retry-After`).
 //!
 //! Every error — the handlers' own, the framework's (404, 405, 413, 415, a malformed path) and
 //! a panic — is one [`ErrorEnvelope`] served as `application/problem+json`, with its agent
 //! action and `instance`; a 503 carries `Retry-After`. The 201 is built only from a
 //! [`keel_provision::Provisioned`] (through [`ProvisionedBody`]), carries `Location`, and is the
-//! one response that shows the connection URL (its password is stored nowhere). Bodies are
-//! limited to [`BODY_LIMIT`] bytes and must be `application/json`.
+//! one response besides a rotation that shows a password (stored nowhere). Bodies are limited
+//! to [`BODY_LIMIT`] bytes and must be `application/json`.
 //!
 //! Each provisioning runs in a task of its own, tracked by the state's [`TaskTracker`]: a
 //! client that disconnects does not cut it short, and [`serve`] drains the tracker on shutdown
-//! within a deadline.
+//! within a deadline. The task also writes the outcome of its `Idempotency-Key`, so a client
+//! that timed out finds it when it retries.
 //!
 //! **Admission and deadlines.** At most [`AppState::admission`]'s permits of provisionings run at
 //! once; past that a POST answers `too_many_provisions` (503, `Retry-After`) before anything is
-//! reserved. Every request is answered by [`AppState::deadline`]: a GET or DELETE that is still
-//! waiting answers `backend_unavailable`; a POST whose flow is still running answers
+//! reserved. A team holding [`Limits::team_quota`] live resources is answered
+//! `quota_exceeded`. Every request is answered by [`AppState::deadline`]: a GET or DELETE that is
+//! still waiting answers `backend_unavailable`; a POST whose flow is still running answers
 //! `provision_pending` naming the reserved resource (GET it until `active` or `failed`) — never
 //! "failed", since the flow goes on in its task and may yet finalize.
 
@@ -25,25 +34,31 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use keel_audit::{Actor, RequestId, ResourceId, ResourceType, TeamId, Tier};
+use keel_audit::{RequestId, ResourceId, ResourceType, TeamId, Tier};
 use keel_provision::{
     Backend, DeprovisionCause, DeprovisionReason, DeprovisionTarget, Deprovisioned, DocsBase,
-    ErrorChain, ErrorCode, ErrorEnvelope, PROBLEM_JSON, ProvisionRequest, Provisioned,
-    ProvisionedBody, Provisioner, ResourceStore,
+    ErrorChain, ErrorCode, ErrorEnvelope, PROBLEM_JSON, ProvisionRequest, ProvisionedBody,
+    Provisioner, ResourceStatus, ResourceStore, RotateError,
 };
+use sqlx::PgPool;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
+
+use crate::idempotency::{self, Claim, IdempotencyKey, Slot};
+use crate::keys::{self, Principal};
+use crate::limits::{Limits, RateLimiter};
 
 /// The largest request body accepted: the create body is three short fields.
 pub const BODY_LIMIT: usize = 4 * 1024;
@@ -52,7 +67,7 @@ pub const BODY_LIMIT: usize = 4 * 1024;
 pub struct AppState<S, B> {
     /// The provisioner.
     pub provisioner: Provisioner<S, B>,
-    /// The error docs base for agent actions.
+    /// The error docs base for agent actions (and the envelopes' `type`).
     pub docs: DocsBase,
     /// The tiers this platform sells.
     pub tiers: BTreeSet<String>,
@@ -65,6 +80,12 @@ pub struct AppState<S, B> {
     /// One permit per provisioning in flight; a POST that finds none is refused before anything
     /// is reserved.
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// The platform database: API keys, idempotency keys, listings and quotas.
+    pub pool: PgPool,
+    /// Rate limit, team quota, idempotency retention.
+    pub limits: Limits,
+    /// The per-key token buckets.
+    pub rate: RateLimiter,
 }
 
 impl<S: ResourceStore, B: Backend> AppState<S, B> {
@@ -79,22 +100,29 @@ impl<S: ResourceStore, B: Backend> AppState<S, B> {
     }
 }
 
-/// The API router merged with an operations router (`/metrics`, `/healthz`, `/readyz`, or an
-/// empty router when those are served on their own listener), every error an envelope.
-pub fn router_with_ops<S, B>(state: Arc<AppState<S, B>>, ops: Router) -> Router
+/// The API router: every `/v1` route behind an API key, `/openapi.json` open, every error an
+/// envelope. Mount it under a prefix with [`Router::nest`]; `Location` headers follow the prefix.
+pub fn router<S, B>(state: Arc<AppState<S, B>>) -> Router
 where
     S: ResourceStore + 'static,
     B: Backend + 'static,
 {
     let docs = state.docs.clone();
     let api = Router::new()
-        .route("/v1/resources", post(create::<S, B>))
+        .route("/v1/resources", post(create::<S, B>).get(list::<S, B>))
         .route(
             "/v1/resources/{id}",
             get(read::<S, B>).delete(delete::<S, B>),
         )
-        .with_state(state)
-        .merge(ops);
+        .route(
+            "/v1/resources/{id}/rotate-credentials",
+            post(rotate::<S, B>),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate::<S, B>,
+        ))
+        .with_state(state);
     with_envelopes(api, docs)
 }
 
@@ -146,10 +174,11 @@ fn with_envelopes(router: Router, docs: DocsBase) -> Router {
         .layer(axum::middleware::from_fn(in_request_span))
 }
 
-/// Runs a request inside a `request` span carrying its `request_id`, `method` and `route` (the
-/// matched route's template, never the path itself, nor any header or body), so every log line
-/// written while handling it carries them. A request without a valid `X-Request-Id` is given a
-/// fresh one here, once, so the span and the response's envelope name the same id.
+/// Runs a request inside a `request` span carrying its `request_id`, `method`, `route` (the
+/// matched route's template, never the path itself, nor any header or body) and, once
+/// authenticated, its `key_id`, so every log line written while handling it carries them. A
+/// request without a valid `X-Request-Id` is given a fresh one here, once, so the span and the
+/// response's envelope name the same id.
 async fn in_request_span(mut request: axum::extract::Request, next: Next) -> Response {
     let id = request_id(request.headers());
     if let Ok(value) = HeaderValue::from_str(id.as_str()) {
@@ -165,8 +194,85 @@ async fn in_request_span(mut request: axum::extract::Request, next: Next) -> Res
         request_id = id.as_str(),
         method = request.method().as_str(),
         route = route.as_str(),
+        key_id = tracing::field::Empty,
     );
     next.run(request).instrument(span).await
+}
+
+/// Authenticates the request's API key, applies its rate limit, and hands the handlers its
+/// [`Principal`].
+async fn authenticate<S: ResourceStore, B: Backend>(
+    State(state): State<Arc<AppState<S, B>>>,
+    mut request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let request_id = request_id(request.headers());
+    let unauthorized = |message: &str| {
+        let mut response =
+            error_response(ErrorCode::Unauthorized, message, &request_id, &state.docs);
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| key.trim().to_owned())
+        });
+    let Some(presented) = presented else {
+        return unauthorized("send an API key as Authorization: Bearer <key>");
+    };
+    let checked =
+        tokio::time::timeout(state.deadline, keys::authenticate(&state.pool, &presented)).await;
+    let principal = match checked {
+        Ok(Ok(Some(principal))) => principal,
+        Ok(Ok(None)) => return unauthorized("the API key is unknown, malformed or revoked"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %ErrorChain(&e), "could not check an API key");
+            return error_response(
+                ErrorCode::BackendUnavailable,
+                "could not check the API key",
+                &request_id,
+                &state.docs,
+            );
+        }
+        Err(_) => {
+            tracing::error!("checking an API key exceeded the request deadline");
+            return error_response(
+                ErrorCode::BackendUnavailable,
+                "checking the API key took too long",
+                &request_id,
+                &state.docs,
+            );
+        }
+    };
+    tracing::Span::current().record("key_id", principal.key_id().as_str());
+    if let Err(wait) = state.rate.take(
+        principal.key_id().as_str(),
+        state.limits.requests_per_minute,
+        tokio::time::Instant::now(),
+    ) {
+        let seconds = u32::try_from(wait.as_secs().saturating_add(1)).unwrap_or(u32::MAX);
+        let mut envelope = ErrorEnvelope::new(
+            ErrorCode::RateLimited,
+            format!(
+                "this key may make {} requests a minute; nothing was done",
+                state.limits.requests_per_minute
+            ),
+            request_id.as_str(),
+            &state.docs,
+        );
+        envelope.retry_after_seconds = Some(seconds);
+        return envelope_response(&envelope);
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 /// Serves `router` on `listener` until `shutdown`, then waits up to `drain` for the
@@ -208,6 +314,9 @@ fn fresh_request_id() -> RequestId {
 /// The header a client names its request id in.
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The header a client names its idempotency key in.
+const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
 /// The request id from `X-Request-Id` when it is a valid one, else a fresh one.
 fn request_id(headers: &HeaderMap) -> RequestId {
     headers
@@ -215,14 +324,6 @@ fn request_id(headers: &HeaderMap) -> RequestId {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| RequestId::parse(v).ok())
         .unwrap_or_else(fresh_request_id)
-}
-
-fn actor(headers: &HeaderMap) -> Actor {
-    headers
-        .get("x-keel-actor")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Actor::parse(v).ok())
-        .unwrap_or_else(|| Actor::parse("api").expect("`api` is a valid actor"))
 }
 
 fn json_response(
@@ -272,18 +373,20 @@ fn error_response(
     ))
 }
 
-/// The only place a 201 is built, and it takes a [`Provisioned`].
-fn created(provisioned: Provisioned) -> Response {
-    let location = HeaderValue::from_str(&format!("/v1/resources/{}", provisioned.id()));
-    let mut response = json_response(
-        StatusCode::CREATED,
-        "application/json",
-        &ProvisionedBody::from(provisioned),
-    );
-    if let Ok(location) = location {
+fn with_location(mut response: Response, location: &str) -> Response {
+    if let Ok(location) = HeaderValue::from_str(location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+/// The only place a 201 is built, and it takes a [`ProvisionedBody`] (built only from a
+/// [`keel_provision::Provisioned`]).
+fn created(body: &ProvisionedBody, location: &str) -> Response {
+    with_location(
+        json_response(StatusCode::CREATED, "application/json", body),
+        location,
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -318,8 +421,19 @@ fn body_rejection(rejection: &BytesRejection) -> (ErrorCode, String) {
     }
 }
 
+/// The path of the collection this request addressed, as the client sent it (so a router
+/// mounted under a prefix answers `Location`s under that prefix).
+fn collection_path(uri: &OriginalUri) -> String {
+    uri.path().trim_end_matches('/').to_owned()
+}
+
+/// What a provisioning task hands back: the resource and its 201 body.
+type Finished = Result<(ResourceId, ProvisionedBody), keel_provision::ProvisionError>;
+
 async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     State(state): State<Arc<AppState<S, B>>>,
+    Extension(principal): Extension<Principal>,
+    uri: OriginalUri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -355,6 +469,10 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     let Ok(team_id) = TeamId::from_str(&body.team_id) else {
         return fail(ErrorCode::InvalidRequest, "team_id must be a UUID");
     };
+    // Another team is answered as a team that does not exist: its existence does not leak.
+    if !principal.may_act_for(team_id) {
+        return fail(ErrorCode::TeamNotFound, "the team does not exist");
+    }
     let resource_type = match ResourceType::from_str(&body.resource_type) {
         Ok(t) if state.provisioner.backend().supports(t) => t,
         Ok(_) | Err(_) => {
@@ -374,43 +492,158 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             );
         }
     };
+    let collection = collection_path(&uri);
+    let slot = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(IdempotencyKey::parse) {
+            Some(key) => Some(Slot {
+                scope: principal.idempotency_scope(),
+                key,
+            }),
+            None => {
+                return fail(
+                    ErrorCode::InvalidRequest,
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                );
+            }
+        },
+    };
+    if let Some(slot) = &slot {
+        let fingerprint = idempotency::fingerprint(&[
+            team_id.to_string().as_str(),
+            resource_type.as_str(),
+            tier.as_str(),
+        ]);
+        let claimed = tokio::time::timeout(
+            state.deadline,
+            idempotency::claim(
+                &state.pool,
+                slot,
+                &fingerprint,
+                state.limits.idempotency_retention,
+            ),
+        )
+        .await;
+        match claimed {
+            Ok(Ok(Claim::Claimed)) => {}
+            Ok(Ok(Claim::Replay { status, body })) => return replay(status, &body, &collection),
+            Ok(Ok(Claim::InFlight { resource_id })) => {
+                let mut envelope = ErrorEnvelope::new(
+                    ErrorCode::IdempotencyKeyInUse,
+                    "a request with this Idempotency-Key is still being processed",
+                    request_id.as_str(),
+                    &state.docs,
+                );
+                if let Some(id) = resource_id {
+                    envelope = envelope.with_resource(id);
+                }
+                return envelope_response(&envelope);
+            }
+            Ok(Ok(Claim::Mismatch)) => {
+                return fail(
+                    ErrorCode::IdempotencyKeyReused,
+                    "this Idempotency-Key was used with a different team_id, resource_type or tier",
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %ErrorChain(&e), "could not claim an idempotency key");
+                return fail(
+                    ErrorCode::BackendUnavailable,
+                    "could not check the Idempotency-Key; nothing was reserved",
+                );
+            }
+            Err(_) => {
+                return fail(
+                    ErrorCode::BackendUnavailable,
+                    "checking the Idempotency-Key took too long; nothing was reserved",
+                );
+            }
+        }
+    }
+    // From here on, a refusal gives the key up again: nothing was done.
+    let refuse = |code: ErrorCode, message: String| {
+        let state = Arc::clone(&state);
+        let slot = slot.clone();
+        let request_id = request_id.clone();
+        async move {
+            if let Some(slot) = &slot {
+                release(&state.pool, slot).await;
+            }
+            error_response(code, message, &request_id, &state.docs)
+        }
+    };
+    match tokio::time::timeout(state.deadline, live_resources(&state.pool, team_id)).await {
+        Ok(Ok(live)) if live >= i64::from(state.limits.team_quota) => {
+            return refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the team holds {live} live resources and its quota is {}; nothing was reserved",
+                    state.limits.team_quota
+                ),
+            )
+            .await;
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %ErrorChain(&e), "could not count a team's resources");
+            return refuse(
+                ErrorCode::BackendUnavailable,
+                "could not check the team's quota; nothing was reserved".to_owned(),
+            )
+            .await;
+        }
+        Err(_) => {
+            return refuse(
+                ErrorCode::BackendUnavailable,
+                "checking the team's quota took too long; nothing was reserved".to_owned(),
+            )
+            .await;
+        }
+    }
     let request = ProvisionRequest {
         team_id,
         resource_type,
         tier,
         request_id: request_id.clone(),
-        actor: actor(&headers),
+        actor: principal.actor(),
     };
     let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
         state.provisioner.metrics().shed(resource_type);
         tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
-        return fail(
+        return refuse(
             ErrorCode::TooManyProvisions,
-            "too many provisionings are in flight; nothing was reserved",
-        );
+            "too many provisionings are in flight; nothing was reserved".to_owned(),
+        )
+        .await;
     };
     let deadline = tokio::time::Instant::now() + state.deadline;
     // Its own tracked task, holding its admission permit to the end: a client that disconnects
     // (or a deadline answer) must not cut provisioning short between create and finalize, and
     // shutdown waits for it. Each step reads the clock anew. The reserved id is sent out as soon
-    // as the intent is written, so a deadline answer can name it.
+    // as the intent is written, so a deadline answer can name it. The task writes the
+    // idempotency outcome itself, so it is there for a client that gave up.
     let (reserved_tx, reserved_rx) = tokio::sync::oneshot::channel();
     let mut flow = {
         let state = Arc::clone(&state);
+        let slot = slot.clone();
         state.tracker.clone().spawn(
             async move {
                 let _permit = permit;
-                let provisioner = &state.provisioner;
-                let reservation = provisioner
-                    .reserve(request, OffsetDateTime::now_utc())
-                    .await?;
-                let _ = reserved_tx.send(reservation.id());
-                let created = provisioner
-                    .create(reservation, OffsetDateTime::now_utc())
-                    .await?;
-                provisioner
-                    .finalize(created, OffsetDateTime::now_utc())
-                    .await
+                let finished = provision(&state, request, reserved_tx, slot.as_ref()).await;
+                if let Some(slot) = &slot {
+                    match &finished {
+                        Ok((_, body)) => {
+                            let stored = replayable(body);
+                            if let Err(e) =
+                                idempotency::complete(&state.pool, slot, 201, &stored).await
+                            {
+                                tracing::error!(error = %ErrorChain(&e), "could not store an idempotency outcome");
+                            }
+                        }
+                        Err(_) => release(&state.pool, slot).await,
+                    }
+                }
+                finished
             }
             .instrument(tracing::Span::current()),
         )
@@ -423,27 +656,24 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             Ok(id) => {
                 state.provisioner.metrics().answered_pending(resource_type);
                 tracing::warn!(resource_id = %id, "a provisioning outlived the request deadline; it goes on");
-                let mut response = envelope_response(
+                let response = envelope_response(
                     &ErrorEnvelope::new(
                         ErrorCode::ProvisionPending,
                         "the resource is still being created; GET it until its status is active \
-                         or failed. Its connection URL is shown only in a 201: once it is active, \
-                         DELETE it and create another if its credentials are needed",
+                         or failed. Its password is shown only in a 201: once it is active, POST \
+                         to its rotate-credentials to get one",
                         request_id.as_str(),
                         &state.docs,
                     )
                     .with_resource(id),
                 );
-                if let Ok(location) = HeaderValue::from_str(&format!("/v1/resources/{id}")) {
-                    response.headers_mut().insert(header::LOCATION, location);
-                }
-                return response;
+                return with_location(response, &format!("{collection}/{id}"));
             }
             Err(_) => flow.await,
         },
     };
     match finished {
-        Ok(Ok(provisioned)) => created(provisioned),
+        Ok(Ok((id, body))) => created(&body, &format!("{collection}/{id}")),
         Ok(Err(e)) => {
             let mut envelope =
                 ErrorEnvelope::new(e.code(), e.to_string(), request_id.as_str(), &state.docs);
@@ -457,6 +687,84 @@ async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             fail(ErrorCode::Internal, "the provisioning task failed")
         }
     }
+}
+
+/// Reserve, create, finalize; the reserved id goes out on `reserved` (and into the idempotency
+/// slot) as soon as the intent is written.
+async fn provision<S: ResourceStore, B: Backend>(
+    state: &AppState<S, B>,
+    request: ProvisionRequest,
+    reserved: tokio::sync::oneshot::Sender<ResourceId>,
+    slot: Option<&Slot>,
+) -> Finished {
+    let provisioner = &state.provisioner;
+    let reservation = provisioner
+        .reserve(request, OffsetDateTime::now_utc())
+        .await?;
+    let id = reservation.id();
+    let _ = reserved.send(id);
+    if let Some(slot) = slot
+        && let Err(e) = idempotency::note_resource(&state.pool, slot, id).await
+    {
+        tracing::warn!(error = %ErrorChain(&e), "could not note the resource of an idempotency key");
+    }
+    let created = provisioner
+        .create(reservation, OffsetDateTime::now_utc())
+        .await?;
+    let provisioned = provisioner
+        .finalize(created, OffsetDateTime::now_utc())
+        .await?;
+    Ok((provisioned.id(), ProvisionedBody::from(provisioned)))
+}
+
+/// The 201 body as stored for replay: everything but the connection URL (its password is
+/// stored nowhere), plus a note on how to get credentials.
+fn replayable(body: &ProvisionedBody) -> serde_json::Value {
+    let mut value = serde_json::to_value(body).unwrap_or(serde_json::Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        object.remove("connection_url");
+        object.insert(
+            "credentials".to_owned(),
+            serde_json::Value::String(
+                "shown only in the first answer; POST /v1/resources/{id}/rotate-credentials \
+                 issues new ones"
+                    .to_owned(),
+            ),
+        );
+    }
+    value
+}
+
+/// Answers a stored outcome again, marked `Idempotent-Replayed: true`.
+fn replay(status: u16, body: &serde_json::Value, collection: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(status, "application/json", body);
+    response
+        .headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    match body.get("id").and_then(|id| id.as_str()) {
+        Some(id) if status == StatusCode::CREATED => {
+            with_location(response, &format!("{collection}/{id}"))
+        }
+        Some(_) | None => response,
+    }
+}
+
+async fn release(pool: &PgPool, slot: &Slot) {
+    if let Err(e) = idempotency::release(pool, slot).await {
+        tracing::error!(error = %ErrorChain(&e), "could not release an idempotency key");
+    }
+}
+
+/// Live resources of `team` (the quota counts these).
+async fn live_resources(pool: &PgPool, team: TeamId) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM resources \
+          WHERE team_id = $1 AND status IN ('pending', 'active', 'paused', 'suspended')",
+    )
+    .bind(team.as_uuid())
+    .fetch_one(pool)
+    .await
 }
 
 /// A resource id in its one canonical form (lowercase, hyphenated).
@@ -474,9 +782,9 @@ struct ResourceView {
     ok: bool,
     id: String,
     team_id: String,
-    resource_type: &'static str,
+    resource_type: String,
     tier: String,
-    status: &'static str,
+    status: String,
     created_at: String,
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -489,9 +797,9 @@ impl ResourceView {
             ok: true,
             id: record.id.to_string(),
             team_id: record.team_id.to_string(),
-            resource_type: record.resource_type.as_str(),
+            resource_type: record.resource_type.as_str().to_owned(),
             tier: record.tier.as_str().to_owned(),
-            status: record.status.as_str(),
+            status: record.status.as_str().to_owned(),
             created_at: record.created_at.format(&Rfc3339).unwrap_or_default(),
             updated_at: record.updated_at.format(&Rfc3339).unwrap_or_default(),
             deleted_at: record.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
@@ -521,8 +829,56 @@ fn if_match_admits(if_match: &str, current: Option<&str>) -> bool {
         .any(|tag| tag == "*" || tag == current)
 }
 
+/// How reading a resource the principal may see went.
+enum Visible {
+    /// The resource, the principal's to see.
+    Found(keel_provision::ResourceRecord),
+    /// No such resource, or another team's (answered alike).
+    NotFound,
+    /// The envelope to answer instead (an outage or the deadline).
+    Failed(Box<ErrorEnvelope>),
+}
+
+/// Reads `id` for `principal` within the request deadline: another team's resource is
+/// [`Visible::NotFound`], exactly like a missing one.
+async fn visible<S: ResourceStore, B: Backend>(
+    state: &AppState<S, B>,
+    principal: &Principal,
+    id: ResourceId,
+    request_id: &RequestId,
+) -> Visible {
+    let fail = |code, message: &str| {
+        Box::new(ErrorEnvelope::new(
+            code,
+            message,
+            request_id.as_str(),
+            &state.docs,
+        ))
+    };
+    match tokio::time::timeout(state.deadline, state.provisioner.get(id)).await {
+        Err(_) => {
+            tracing::error!(resource_id = %id, "reading a resource exceeded the request deadline");
+            Visible::Failed(fail(
+                ErrorCode::BackendUnavailable,
+                "reading the resource took too long",
+            ))
+        }
+        Ok(Ok(Some(record))) if principal.may_act_for(record.team_id) => Visible::Found(record),
+        Ok(Ok(Some(_) | None)) => Visible::NotFound,
+        Ok(Err(e)) => {
+            tracing::error!(error = %ErrorChain(&e), "could not read a resource");
+            // The same answer as POST and DELETE give during an outage.
+            Visible::Failed(fail(
+                ErrorCode::BackendUnavailable,
+                "could not read the resource",
+            ))
+        }
+    }
+}
+
 async fn read<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
+    Extension(principal): Extension<Principal>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
@@ -531,15 +887,8 @@ async fn read<S: ResourceStore, B: Backend>(
     let Some(id) = parse_id(id) else {
         return fail(ErrorCode::InvalidRequest, BAD_ID);
     };
-    let Ok(found) = tokio::time::timeout(state.deadline, state.provisioner.get(id)).await else {
-        tracing::error!(resource_id = %id, "reading a resource exceeded the request deadline");
-        return fail(
-            ErrorCode::BackendUnavailable,
-            "reading the resource took too long",
-        );
-    };
-    match found {
-        Ok(Some(record)) => {
+    match visible(&state, &principal, id, &request_id).await {
+        Visible::Found(record) => {
             let view = ResourceView::of(&record);
             let mut response = json_response(StatusCode::OK, "application/json", &view);
             if let Ok(etag) = HeaderValue::from_str(&view.etag()) {
@@ -547,13 +896,290 @@ async fn read<S: ResourceStore, B: Backend>(
             }
             response
         }
-        Ok(None) => fail(ErrorCode::ResourceNotFound, "no resource has this id"),
-        Err(e) => {
-            tracing::error!(error = %ErrorChain(&e), "could not read a resource");
-            // The same answer as POST and DELETE give during an outage.
-            fail(ErrorCode::BackendUnavailable, "could not read the resource")
-        }
+        Visible::NotFound => fail(ErrorCode::ResourceNotFound, "no resource has this id"),
+        Visible::Failed(envelope) => envelope_response(&envelope),
     }
+}
+
+/// The query parameters of `GET /v1/resources`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    /// Only resources in this status.
+    status: Option<String>,
+    /// Only resources of this type.
+    resource_type: Option<String>,
+    /// The team (operator keys; a team key lists its own team).
+    team_id: Option<String>,
+    /// Page size, 1 to [`MAX_PAGE`] (default [`DEFAULT_PAGE`]).
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+#[derive(serde::Serialize)]
+struct ListView {
+    ok: bool,
+    resources: Vec<ResourceView>,
+    next_cursor: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ListedRow {
+    id: uuid::Uuid,
+    team_id: uuid::Uuid,
+    resource_type: String,
+    tier: String,
+    status: String,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+    deleted_at: Option<OffsetDateTime>,
+}
+
+/// A page position: the last row's `created_at` (microseconds since the epoch) and id.
+fn cursor_of(row: &ListedRow) -> String {
+    format!(
+        "{}.{}",
+        row.created_at.unix_timestamp_nanos() / 1000,
+        row.id.simple()
+    )
+}
+
+fn parse_cursor(cursor: &str) -> Option<(OffsetDateTime, uuid::Uuid)> {
+    let (micros, id) = cursor.split_once('.')?;
+    let micros: i128 = micros.parse().ok()?;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()?;
+    let id = uuid::Uuid::try_parse(id).ok()?;
+    Some((at, id))
+}
+
+async fn list<S: ResourceStore, B: Backend>(
+    State(state): State<Arc<AppState<S, B>>>,
+    Extension(principal): Extension<Principal>,
+    params: Result<Query<ListParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = request_id(&headers);
+    let fail = |code, message: &str| error_response(code, message, &request_id, &state.docs);
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(e) => {
+            let detail: String = e.body_text().chars().take(200).collect();
+            return fail(
+                ErrorCode::InvalidRequest,
+                &format!(
+                    "the query takes status, resource_type, team_id, limit and cursor: {detail}"
+                ),
+            );
+        }
+    };
+    let status = match params.status.as_deref().map(ResourceStatus::parse) {
+        None => None,
+        Some(Some(status)) => Some(status),
+        Some(None) => {
+            let known: Vec<&str> = ResourceStatus::ALL.iter().map(|s| s.as_str()).collect();
+            return fail(
+                ErrorCode::InvalidRequest,
+                &format!("status must be one of: {}", known.join(", ")),
+            );
+        }
+    };
+    let resource_type = match params.resource_type.as_deref().map(ResourceType::from_str) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => {
+            let known: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
+            return fail(
+                ErrorCode::InvalidRequest,
+                &format!("resource_type must be one of: {}", known.join(", ")),
+            );
+        }
+    };
+    let team = match (params.team_id.as_deref(), principal.scope()) {
+        (None, crate::Scope::Team(own)) => Some(own),
+        (None, crate::Scope::Operator) => None,
+        (Some(team), _) => {
+            let Ok(team) = TeamId::from_str(team) else {
+                return fail(ErrorCode::InvalidRequest, "team_id must be a UUID");
+            };
+            if !principal.may_act_for(team) {
+                return fail(ErrorCode::TeamNotFound, "the team does not exist");
+            }
+            Some(team)
+        }
+    };
+    let limit = match params.limit.as_deref().map(str::parse::<i64>) {
+        None => DEFAULT_PAGE,
+        Some(Ok(limit)) if (1..=MAX_PAGE).contains(&limit) => limit,
+        Some(Ok(_) | Err(_)) => {
+            return fail(
+                ErrorCode::InvalidRequest,
+                &format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            );
+        }
+    };
+    let after = match params.cursor.as_deref().map(parse_cursor) {
+        None => None,
+        Some(Some(after)) => Some(after),
+        Some(None) => {
+            return fail(
+                ErrorCode::InvalidRequest,
+                "cursor must be the next_cursor of a previous page",
+            );
+        }
+    };
+    let query = sqlx::query_as::<_, ListedRow>(
+        "SELECT id, team_id, resource_type, tier, status, created_at, updated_at, deleted_at \
+           FROM resources \
+          WHERE ($1::uuid IS NULL OR team_id = $1) \
+            AND ($2::text IS NULL OR status = $2) \
+            AND ($3::text IS NULL OR resource_type = $3) \
+            AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5)) \
+          ORDER BY created_at DESC, id DESC \
+          LIMIT $6",
+    )
+    .bind(team.map(|t| t.as_uuid()))
+    .bind(status.map(ResourceStatus::as_str))
+    .bind(resource_type.map(ResourceType::as_str))
+    .bind(after.map(|(at, _)| at))
+    .bind(after.map(|(_, id)| id))
+    .bind(limit + 1)
+    .fetch_all(&state.pool);
+    let mut rows = match tokio::time::timeout(state.deadline, query).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::error!(error = %ErrorChain(&e), "could not list resources");
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "could not list the resources",
+            );
+        }
+        Err(_) => {
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "listing the resources took too long",
+            );
+        }
+    };
+    let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = if more {
+        rows.last().map(cursor_of)
+    } else {
+        None
+    };
+    let resources = rows
+        .into_iter()
+        .map(|row| ResourceView {
+            ok: true,
+            id: row.id.to_string(),
+            team_id: row.team_id.to_string(),
+            resource_type: row.resource_type,
+            tier: row.tier,
+            status: row.status,
+            created_at: row.created_at.format(&Rfc3339).unwrap_or_default(),
+            updated_at: row.updated_at.format(&Rfc3339).unwrap_or_default(),
+            deleted_at: row.deleted_at.and_then(|at| at.format(&Rfc3339).ok()),
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        "application/json",
+        &ListView {
+            ok: true,
+            resources,
+            next_cursor,
+        },
+    )
+}
+
+#[derive(serde::Serialize)]
+struct RotatedView {
+    ok: bool,
+    id: String,
+    connection_url: String,
+    request_id: String,
+}
+
+async fn rotate<S: ResourceStore, B: Backend>(
+    State(state): State<Arc<AppState<S, B>>>,
+    Extension(principal): Extension<Principal>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = request_id(&headers);
+    let fail = |code, message: &str| error_response(code, message, &request_id, &state.docs);
+    let Some(id) = parse_id(id) else {
+        return fail(ErrorCode::InvalidRequest, BAD_ID);
+    };
+    let record = match visible(&state, &principal, id, &request_id).await {
+        Visible::Found(record) => record,
+        Visible::NotFound => return fail(ErrorCode::ResourceNotFound, "no resource has this id"),
+        Visible::Failed(envelope) => return envelope_response(&envelope.with_resource(id)),
+    };
+    let rotated = tokio::time::timeout(
+        state.deadline,
+        state.provisioner.rotate_credentials(
+            &record,
+            principal.actor(),
+            Some(request_id.clone()),
+            OffsetDateTime::now_utc(),
+        ),
+    )
+    .await;
+    let url = match rotated {
+        Ok(Ok(url)) => url,
+        Ok(Err(RotateError::NotActive(status))) => {
+            return envelope_response(
+                &ErrorEnvelope::new(
+                    ErrorCode::ResourceNotActive,
+                    format!(
+                        "the resource is {}; only an active resource's credentials rotate",
+                        status.as_str()
+                    ),
+                    request_id.as_str(),
+                    &state.docs,
+                )
+                .with_resource(id),
+            );
+        }
+        Ok(Err(e @ RotateError::Backend(_))) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not rotate credentials");
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "could not rotate the credentials; the old ones may still work",
+            );
+        }
+        Ok(Err(e @ RotateError::Store(_))) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not record a credential rotation");
+            // Shown only once recorded: a rotation nobody audited never hands out a password.
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "the rotation could not be recorded; send the request again for new credentials",
+            );
+        }
+        Err(_) => {
+            tracing::error!(resource_id = %id, "rotating credentials exceeded the request deadline");
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "rotating the credentials took too long; send the request again for new ones",
+            );
+        }
+    };
+    tracing::info!(resource_id = %id, "rotated a resource's credentials");
+    json_response(
+        StatusCode::OK,
+        "application/json",
+        &RotatedView {
+            ok: true,
+            id: id.to_string(),
+            connection_url: url.expose().to_owned(),
+            request_id: request_id.as_str().to_owned(),
+        },
+    )
 }
 
 /// The query parameters of `DELETE /v1/resources/{id}` (others are ignored).
@@ -573,6 +1199,7 @@ struct DeletedView {
 
 async fn delete<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
+    Extension(principal): Extension<Principal>,
     id: Result<Path<String>, PathRejection>,
     params: Result<Query<DeleteParams>, QueryRejection>,
     headers: HeaderMap,
@@ -601,9 +1228,19 @@ async fn delete<S: ResourceStore, B: Backend>(
             Some(reason) => reason,
         },
     };
+    match reason {
+        DeprovisionReason::CustomerRequest => {}
+        DeprovisionReason::Expired | DeprovisionReason::Operator if principal.is_operator() => {}
+        DeprovisionReason::Expired | DeprovisionReason::Operator | DeprovisionReason::Orphan => {
+            return fail(
+                ErrorCode::Forbidden,
+                "only an operator key may delete with reason expired or operator",
+            );
+        }
+    }
     let cause = DeprovisionCause {
         reason,
-        actor: actor(&headers),
+        actor: principal.actor(),
         request_id: Some(request_id.clone()),
     };
     let deadline = tokio::time::Instant::now() + state.deadline;
@@ -618,6 +1255,26 @@ async fn delete<S: ResourceStore, B: Backend>(
             .with_resource(id),
         )
     };
+    let record = match visible(&state, &principal, id, &request_id).await {
+        Visible::Found(record) => record,
+        Visible::NotFound => {
+            // `If-Match` on nothing is a failed precondition, as before.
+            if headers.contains_key(header::IF_MATCH) {
+                return envelope_response(
+                    &ErrorEnvelope::new(
+                        ErrorCode::PreconditionFailed,
+                        "If-Match does not name the resource's current version; nothing was deleted",
+                        request_id.as_str(),
+                        &state.docs,
+                    )
+                    .with_resource(id),
+                );
+            }
+            return fail(ErrorCode::ResourceNotFound, "no resource has this id");
+        }
+        // Named, so the same DELETE can be sent again.
+        Visible::Failed(envelope) => return envelope_response(&envelope.with_resource(id)),
+    };
     // `If-Match`: only the version the caller last read is deleted.
     if let Some(if_match) = headers.get(header::IF_MATCH) {
         let Ok(if_match) = if_match.to_str() else {
@@ -626,18 +1283,8 @@ async fn delete<S: ResourceStore, B: Backend>(
                 "If-Match must be a list of entity tags",
             );
         };
-        let current = match tokio::time::timeout_at(deadline, state.provisioner.get(id)).await {
-            Err(_) => {
-                tracing::error!(resource_id = %id, "checking If-Match exceeded the request deadline");
-                return too_long();
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %ErrorChain(&e), "could not read a resource for If-Match");
-                return fail(ErrorCode::BackendUnavailable, "could not read the resource");
-            }
-            Ok(Ok(record)) => record.map(|record| ResourceView::of(&record).etag()),
-        };
-        if !if_match_admits(if_match, current.as_deref()) {
+        let current = ResourceView::of(&record).etag();
+        if !if_match_admits(if_match, Some(&current)) {
             return envelope_response(
                 &ErrorEnvelope::new(
                     ErrorCode::PreconditionFailed,
@@ -712,6 +1359,7 @@ mod tests {
     use super::*;
     use crate::backends::Backends;
     use crate::bounded::BoundedStore;
+    use crate::keys::Scope;
 
     type Store = FaultyStore<BoundedStore<PgResourceStore>>;
 
@@ -721,6 +1369,8 @@ mod tests {
         db: TestDatabase,
         team: TeamId,
         state: Arc<AppState<Store, Backends>>,
+        /// A key of `team`.
+        key: String,
         stop: CancellationToken,
         served: Option<tokio::task::JoinHandle<()>>,
     }
@@ -732,7 +1382,41 @@ mod tests {
     }
 
     async fn api() -> Api {
-        let db = keel_testkit::database().await;
+        api_with(Limits::default()).await
+    }
+
+    /// A server that checks customer passwords (SCRAM over TCP), so a test can tell a working
+    /// password from a stale one.
+    fn password_server() -> &'static keel_testkit::PgServer {
+        static SERVER: std::sync::OnceLock<keel_testkit::PgServer> = std::sync::OnceLock::new();
+        SERVER.get_or_init(|| {
+            keel_testkit::PgServer::start_throwaway_with(&keel_testkit::ThrowawayOptions {
+                settings: vec![("password_encryption".into(), "scram-sha-256".into())],
+                password_auth: true,
+            })
+            .unwrap_or_else(|e| panic!("no PostgreSQL server with password authentication: {e}"))
+        })
+    }
+
+    async fn api_with(limits: Limits) -> Api {
+        api_on(keel_testkit::database().await, limits).await
+    }
+
+    /// A key of `scope`, created as an operator would.
+    async fn key_for(pool: &PgPool, scope: Scope) -> String {
+        let (_, key) = keys::create(
+            pool,
+            scope,
+            "test",
+            keel_audit::Actor::parse("operator:test").unwrap(),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        key.expose().to_owned()
+    }
+
+    async fn api_on(db: TestDatabase, limits: Limits) -> Api {
         let team = TeamId::from_uuid(db.team("pro").await);
         let mut registry = Registry::default();
         let metrics = ProvisionMetrics::register(&mut registry);
@@ -754,14 +1438,15 @@ mod tests {
             tracker: TaskTracker::new(),
             deadline: std::time::Duration::from_secs(2),
             admission: Arc::new(tokio::sync::Semaphore::new(8)),
+            pool: db.pool().clone(),
+            limits,
+            rate: RateLimiter::new(),
         });
+        let key = key_for(db.pool(), Scope::Team(team)).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let app = router_with_ops(
-            state.clone(),
-            keel_service::http::router(Arc::new(registry)),
-        );
+        let app = router(state.clone()).merge(keel_service::http::router(Arc::new(registry)));
         let served = tokio::spawn(serve(
             listener,
             app,
@@ -775,6 +1460,7 @@ mod tests {
             db,
             team,
             state,
+            key,
             stop,
             served,
         }
@@ -794,7 +1480,8 @@ mod tests {
     }
 
     impl Api {
-        /// The kinds of every audit row written so far, oldest first.
+        /// The kinds of every audit row written so far, oldest first, but the creation of the
+        /// test's own keys.
         async fn audit_kinds(&self) -> Vec<AuditKind> {
             let mut conn = self.db.pool().acquire().await.unwrap();
             fetch(&mut conn, &AuditFilter::default())
@@ -802,6 +1489,7 @@ mod tests {
                 .unwrap()
                 .into_iter()
                 .map(|stored| stored.event.kind())
+                .filter(|kind| *kind != AuditKind::ApiKeyCreated)
                 .collect()
         }
 
@@ -844,24 +1532,21 @@ mod tests {
         }
 
         async fn call_raw(&self, method: &str, path: &str, extra: &str, body: &str) -> Answer {
-            let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-            let content_type = extra;
-            let request = format!(
-                "{method} {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
-                 X-Request-Id: req-test-1\r\nX-Keel-Actor: agent:test\r\n\
-                 {content_type}Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw).await.unwrap();
-            let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-            let status = head[9..12].parse().unwrap();
-            Answer {
-                status,
-                head: head.to_owned(),
-                body: body.to_owned(),
-            }
+            self.call_keyed(Some(&self.key), method, path, extra, body)
+                .await
+        }
+
+        /// A call with `key` (or none), `extra` header lines, and a header naming a forged
+        /// actor (which must never reach the audit trail).
+        async fn call_keyed(
+            &self,
+            key: Option<&str>,
+            method: &str,
+            path: &str,
+            extra: &str,
+            body: &str,
+        ) -> Answer {
+            send(self.addr, key, method, path, extra, body).await
         }
 
         fn create_body(&self, resource_type: &str, tier: &str) -> String {
@@ -882,6 +1567,37 @@ mod tests {
                 .fetch_all(self.db.pool())
                 .await
                 .unwrap()
+        }
+    }
+
+    /// One HTTP/1.1 request on a connection of its own.
+    async fn send(
+        addr: SocketAddr,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        extra: &str,
+        body: &str,
+    ) -> Answer {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let authorization = key
+            .map(|key| format!("Authorization: Bearer {key}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             X-Request-Id: req-test-1\r\nX-Keel-Actor: operator:forged\r\n\
+             {authorization}{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head[9..12].parse().unwrap();
+        Answer {
+            status,
+            head: head.to_owned(),
+            body: body.to_owned(),
         }
     }
 
@@ -1131,7 +1847,7 @@ mod tests {
                 "method_not_allowed",
             ),
             (
-                "GET",
+                "DELETE",
                 "/v1/resources",
                 String::new(),
                 405,
@@ -1294,7 +2010,9 @@ mod tests {
         let missing = ResourceId::new_random();
         for (query, status, code) in [
             ("reason=customer%5Frequest", 404, "resource_not_found"),
-            ("reason=operator&page=2", 404, "resource_not_found"),
+            ("reason=customer_request&page=2", 404, "resource_not_found"),
+            // A team key may not use an operator's reason.
+            ("reason=operator", 403, "forbidden"),
             ("reason=expired&reason=operator", 400, "invalid_request"),
             ("reason=", 400, "invalid_request"),
             ("reason=or%70han", 400, "invalid_request"),
@@ -1433,7 +2151,9 @@ mod tests {
         let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
         let request = format!(
             "POST /v1/resources HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             Authorization: Bearer {}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            api.key,
             body.len()
         );
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -1658,5 +2378,557 @@ mod tests {
         let missing = format!("/v1/resources/{}", ResourceId::new_random());
         let absent = api.call_with("DELETE", &missing, "If-Match", "*").await;
         assert_envelope(&absent, 412, "precondition_failed");
+    }
+
+    const JSON: &str = "Content-Type: application/json\r\n";
+
+    fn idempotent(key: &str) -> String {
+        format!("{JSON}Idempotency-Key: {key}\r\n")
+    }
+
+    impl Api {
+        /// The `(kind, actor)` of every audit row, oldest first.
+        async fn audit_actors(&self) -> Vec<(AuditKind, String)> {
+            let mut conn = self.db.pool().acquire().await.unwrap();
+            fetch(&mut conn, &AuditFilter::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|stored| {
+                    (
+                        stored.event.kind(),
+                        stored.event.actor().as_str().to_owned(),
+                    )
+                })
+                .collect()
+        }
+
+        /// A second team with a key of its own.
+        async fn other_team(&self) -> (TeamId, String) {
+            let team = TeamId::from_uuid(self.db.team("pro").await);
+            (team, key_for(self.db.pool(), Scope::Team(team)).await)
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(self.db.pool())
+                .await
+                .unwrap()
+        }
+    }
+
+    fn key_id(key: &str) -> &str {
+        &key["keel_".len().."keel_".len() + 12]
+    }
+
+    /// PROV-2: no key, a malformed key, an unknown key and a revoked key all answer 401 in the
+    /// envelope, and nothing is done; a revocation is audited.
+    #[tokio::test]
+    async fn requests_without_a_live_key_answer_401_in_the_envelope() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        let unknown = format!("keel_0123456789ab_{}", "A".repeat(43));
+        let malformed = "keel_nope".to_owned();
+        for key in [None, Some(malformed.as_str()), Some(unknown.as_str())] {
+            for (method, path) in [
+                ("POST", "/v1/resources"),
+                ("GET", "/v1/resources"),
+                ("GET", "/v1/resources/00000000-0000-4000-8000-000000000000"),
+            ] {
+                let answer = api.call_keyed(key, method, path, JSON, &body).await;
+                assert_envelope(&answer, 401, "unauthorized");
+                assert_eq!(header(&answer, "www-authenticate"), Some("Bearer"));
+            }
+        }
+        assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+
+        let ok = api.call("GET", "/v1/resources", "").await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        let revoked = keys::revoke(
+            api.db.pool(),
+            &crate::KeyId::parse(key_id(&api.key)).unwrap(),
+            keel_audit::Actor::parse("operator:test").unwrap(),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        assert!(revoked);
+        let refused = api.call("GET", "/v1/resources", "").await;
+        assert_envelope(&refused, 401, "unauthorized");
+        let kinds = api.audit_kinds().await;
+        assert_eq!(kinds, [AuditKind::ApiKeyRevoked]);
+    }
+
+    /// PROV-2: team B's key can neither read, list, rotate nor delete team A's resource (each
+    /// answers as if it did not exist), nor create for team A; a team key cannot use an
+    /// operator's reason; an operator key can do all of it.
+    #[tokio::test]
+    async fn a_principal_cannot_read_or_delete_another_teams_resource() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let name = api.provider_ids().await.remove(0);
+        let (other, other_key) = api.other_team().await;
+        let other_key = Some(other_key.as_str());
+        let path = format!("/v1/resources/{id}");
+        for (method, path) in [
+            ("GET", path.clone()),
+            ("DELETE", path.clone()),
+            ("DELETE", format!("{path}?reason=customer_request")),
+            ("POST", format!("{path}/rotate-credentials")),
+        ] {
+            let answer = api.call_keyed(other_key, method, &path, "", "").await;
+            assert_envelope(&answer, 404, "resource_not_found");
+        }
+        let listed = api
+            .call_keyed(other_key, "GET", "/v1/resources", "", "")
+            .await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert_eq!(listed.json()["resources"], json!([]));
+        let asked = api
+            .call_keyed(
+                other_key,
+                "GET",
+                &format!("/v1/resources?team_id={}", api.team),
+                "",
+                "",
+            )
+            .await;
+        assert_envelope(&asked, 422, "team_not_found");
+        let for_a = api
+            .call_keyed(
+                other_key,
+                "POST",
+                "/v1/resources",
+                JSON,
+                &api.create_body("postgres", "pro"),
+            )
+            .await;
+        assert_envelope(&for_a, 422, "team_not_found");
+        assert!(api.database_exists(&name).await, "nothing was deleted");
+        assert_eq!(api.provider_ids().await.len(), 1, "nothing was created");
+
+        for reason in ["operator", "expired"] {
+            let own = api
+                .call("DELETE", &format!("{path}?reason={reason}"), "")
+                .await;
+            assert_envelope(&own, 403, "forbidden");
+        }
+        assert!(api.database_exists(&name).await);
+
+        let operator = key_for(api.db.pool(), Scope::Operator).await;
+        let operator = Some(operator.as_str());
+        let all = api
+            .call_keyed(operator, "GET", "/v1/resources", "", "")
+            .await;
+        assert_eq!(all.json()["resources"][0]["id"], id.as_str());
+        let read = api.call_keyed(operator, "GET", &path, "", "").await;
+        assert_eq!(read.status, 200);
+        let for_other = api
+            .call_keyed(
+                operator,
+                "POST",
+                "/v1/resources",
+                JSON,
+                &json!({"team_id": other.to_string(), "resource_type": "postgres", "tier": "pro"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(for_other.status, 201, "an operator acts for any team");
+        let deleted = api
+            .call_keyed(
+                operator,
+                "DELETE",
+                &format!("{path}?reason=operator"),
+                "",
+                "",
+            )
+            .await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(!api.database_exists(&name).await);
+    }
+
+    /// PROV-2: the audit actor is the key that authenticated the request; a header naming
+    /// another actor (every test request sends `X-Keel-Actor: operator:forged`) is ignored.
+    #[tokio::test]
+    async fn the_audit_actor_is_the_authenticated_principal() {
+        let api = api().await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let rotated = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        let deleted = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        let by_key = format!("key:{}", key_id(&api.key));
+        let actors = api.audit_actors().await;
+        assert_eq!(
+            actors,
+            [
+                (AuditKind::ApiKeyCreated, "operator:test".to_owned()),
+                (AuditKind::ProvisionCreated, by_key.clone()),
+                (AuditKind::ResourceCredentialsRotated, by_key.clone()),
+                (AuditKind::ResourceDeprovisioned, by_key),
+            ]
+        );
+    }
+
+    /// PROV-3: ten concurrent POSTs with one Idempotency-Key make one resource and one
+    /// database; every answer is that resource's 201 (or 409 while it is in flight); a later
+    /// retry replays the 201 without the password.
+    #[tokio::test]
+    async fn the_same_idempotency_key_yields_one_resource() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (addr, key, body) = (api.addr, api.key.clone(), body.clone());
+            calls.spawn(async move {
+                send(
+                    addr,
+                    Some(&key),
+                    "POST",
+                    "/v1/resources",
+                    &idempotent("agent-attempt-42"),
+                    &body,
+                )
+                .await
+            });
+        }
+        let answers = calls.join_all().await;
+        let ids: BTreeSet<String> = answers
+            .iter()
+            .filter(|answer| answer.status == 201)
+            .map(|answer| answer.json()["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1, "one resource answered");
+        for answer in &answers {
+            match answer.status {
+                201 => {}
+                409 => assert_envelope(answer, 409, "idempotency_key_in_use"),
+                other => panic!("unexpected {other}: {}", answer.body),
+            }
+        }
+        assert_eq!(api.count("SELECT count(*) FROM resources").await, 1);
+        let name = api.provider_ids().await.remove(0);
+        assert!(api.database_exists(&name).await);
+        let id = ids.into_iter().next().unwrap();
+        let again = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &idempotent("agent-attempt-42"),
+                &body,
+            )
+            .await;
+        assert_eq!(again.status, 201, "{}", again.body);
+        assert_eq!(again.json()["id"], id.as_str());
+        assert_eq!(header(&again, "idempotent-replayed"), Some("true"));
+        assert_eq!(
+            header(&again, "location"),
+            Some(format!("/v1/resources/{id}").as_str())
+        );
+        assert!(
+            again.json().get("connection_url").is_none(),
+            "{}",
+            again.body
+        );
+        assert!(!again.body.contains("postgres://"));
+        assert_eq!(api.count("SELECT count(*) FROM resources").await, 1);
+    }
+
+    /// PROV-3: a key reused with other parameters is refused with 422 and creates nothing; keys
+    /// are scoped to the caller, so another team's same key is its own.
+    #[tokio::test]
+    async fn a_reused_key_with_different_parameters_is_refused() {
+        let api = api().await;
+        let first = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &idempotent("k-1"),
+                &api.create_body("postgres", "pro"),
+            )
+            .await;
+        assert_eq!(first.status, 201, "{}", first.body);
+        let other = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &idempotent("k-1"),
+                &api.create_body("postgres", "free"),
+            )
+            .await;
+        assert_envelope(&other, 422, "idempotency_key_reused");
+        assert_eq!(api.provider_ids().await.len(), 1);
+        let (team, key) = api.other_team().await;
+        let theirs = api
+            .call_keyed(
+                Some(&key),
+                "POST",
+                "/v1/resources",
+                &idempotent("k-1"),
+                &json!({"team_id": team.to_string(), "resource_type": "postgres", "tier": "free"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(theirs.status, 201, "{}", theirs.body);
+        let bad = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &idempotent("\u{7f}"),
+                &api.create_body("postgres", "pro"),
+            )
+            .await;
+        assert_eq!(bad.status, 400, "{}", bad.body);
+    }
+
+    /// PROV-3: a compensated 503 is not stored as the key's outcome: the retry with the same key
+    /// runs anew and creates the resource.
+    #[tokio::test]
+    async fn a_compensated_failure_is_not_replayed() {
+        let api = api().await;
+        api.state.provisioner.store().fail(StoreStep::Activate, 1);
+        let body = api.create_body("postgres", "pro");
+        let failed = api
+            .call_raw("POST", "/v1/resources", &idempotent("retry-me"), &body)
+            .await;
+        assert_envelope(&failed, 503, "provision_failed");
+        let retried = api
+            .call_raw("POST", "/v1/resources", &idempotent("retry-me"), &body)
+            .await;
+        assert_eq!(retried.status, 201, "{}", retried.body);
+        assert!(header(&retried, "idempotent-replayed").is_none());
+        assert!(retried.json()["connection_url"].is_string());
+    }
+
+    /// Connects with `url` through psql (the Debian client beside the test server's binaries).
+    fn psql_connects(url: &str) -> bool {
+        let psql = keel_testkit::find_bin_dir().unwrap().join("psql");
+        let out = std::process::Command::new(psql)
+            .args(["-X", "-A", "-t", "-c", "SELECT 1", url])
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1"
+    }
+
+    /// PROV-3: a POST whose client gave up (timed out) before the answer still creates its
+    /// resource once; the retry with its key returns that resource, and rotation gives working
+    /// credentials (psql connects with them).
+    #[tokio::test]
+    async fn a_retried_post_after_a_client_timeout_returns_the_resource() {
+        let api = api_on(
+            keel_testkit::database_on(password_server()).await,
+            Limits::default(),
+        )
+        .await;
+        api.slow_down_finalize(1.0).await;
+        let body = api.create_body("postgres", "pro");
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/resources HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             Authorization: Bearer {}\r\nIdempotency-Key: lost-answer\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            api.key,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // The client gives up once the work has started (the row is reserved).
+        while api.provider_ids().await.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        drop(stream);
+        // Until the first finishes, a retry is told to wait; then it gets the resource.
+        let answer = loop {
+            let answer = api
+                .call_raw("POST", "/v1/resources", &idempotent("lost-answer"), &body)
+                .await;
+            if answer.status != 409 {
+                break answer;
+            }
+            assert_envelope(&answer, 409, "idempotency_key_in_use");
+            assert!(answer.json()["resource_id"].is_string(), "{}", answer.body);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(answer.status, 201, "{}", answer.body);
+        assert_eq!(header(&answer, "idempotent-replayed"), Some("true"));
+        let id = answer.json()["id"].as_str().unwrap().to_owned();
+        assert_eq!(api.provider_ids().await.len(), 1, "one resource");
+        let rotated = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        let url = rotated.json()["connection_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            psql_connects(&url),
+            "psql connects with the rotated credentials"
+        );
+    }
+
+    /// Rotation: a new password works, the old one stops working, the rotation is audited, and
+    /// a resource that is not active has nothing to rotate.
+    #[tokio::test]
+    async fn rotating_credentials_issues_a_working_password_and_retires_the_old_one() {
+        let api = api_on(
+            keel_testkit::database_on(password_server()).await,
+            Limits::default(),
+        )
+        .await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let old = created.json()["connection_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(psql_connects(&old));
+        let rotated = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        assert!(
+            rotated
+                .head
+                .to_lowercase()
+                .contains("cache-control: no-store")
+        );
+        let new = rotated.json()["connection_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(new, old);
+        assert!(psql_connects(&new));
+        assert!(!psql_connects(&old), "the old password no longer works");
+        assert!(
+            api.audit_kinds()
+                .await
+                .contains(&AuditKind::ResourceCredentialsRotated)
+        );
+        let deleted = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
+        assert_eq!(deleted.status, 200);
+        let gone = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_envelope(&gone, 409, "resource_not_active");
+    }
+
+    /// GET /v1/resources: the team's resources, newest first, filtered by status and type, in
+    /// pages joined by a cursor; bad parameters are named.
+    #[tokio::test]
+    async fn listing_pages_through_the_teams_resources_with_filters() {
+        let api = api().await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let created = api
+                .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+                .await;
+            ids.push(created.json()["id"].as_str().unwrap().to_owned());
+        }
+        let deleted = api
+            .call("DELETE", &format!("/v1/resources/{}", ids[0]), "")
+            .await;
+        assert_eq!(deleted.status, 200);
+        let first = api.call("GET", "/v1/resources?limit=2", "").await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        let page: Vec<String> = first.json()["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(page, [ids[2].clone(), ids[1].clone()], "newest first");
+        let cursor = first.json()["next_cursor"].as_str().unwrap().to_owned();
+        let second = api
+            .call("GET", &format!("/v1/resources?limit=2&cursor={cursor}"), "")
+            .await;
+        assert_eq!(second.json()["resources"][0]["id"], ids[0].as_str());
+        assert_eq!(second.json()["resources"].as_array().unwrap().len(), 1);
+        assert!(second.json()["next_cursor"].is_null());
+        let active = api
+            .call(
+                "GET",
+                "/v1/resources?status=active&resource_type=postgres",
+                "",
+            )
+            .await;
+        assert_eq!(active.json()["resources"].as_array().unwrap().len(), 2);
+        let deleted = api.call("GET", "/v1/resources?status=deleted", "").await;
+        assert_eq!(deleted.json()["resources"][0]["id"], ids[0].as_str());
+        for (query, field) in [
+            ("status=gone", "status"),
+            ("resource_type=mysql", "resource_type"),
+            ("limit=0", "limit"),
+            ("limit=x", "limit"),
+            ("cursor=nope", "cursor"),
+            ("colour=red", "colour"),
+        ] {
+            let answer = api.call("GET", &format!("/v1/resources?{query}"), "").await;
+            assert_envelope(&answer, 400, "invalid_request");
+            assert!(
+                answer.json()["message"].as_str().unwrap().contains(field),
+                "{query}"
+            );
+        }
+    }
+
+    /// Limits: past its rate a key is answered 429 with `Retry-After` (another key is not);
+    /// past its quota a team is answered `quota_exceeded` and nothing is reserved.
+    #[tokio::test]
+    async fn a_key_past_its_rate_gets_429_and_a_team_past_its_quota_reserves_nothing() {
+        let api = api_with(Limits {
+            requests_per_minute: 3,
+            team_quota: 1,
+            ..Limits::default()
+        })
+        .await;
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let refused = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        assert_envelope(&refused, 403, "quota_exceeded");
+        assert_eq!(api.provider_ids().await.len(), 1, "nothing was reserved");
+        let third = api.call("GET", "/v1/resources", "").await;
+        assert_eq!(third.status, 200, "the third of three");
+        let limited = api.call("GET", "/v1/resources", "").await;
+        assert_envelope(&limited, 429, "rate_limited");
+        let wait: u64 = header(&limited, "retry-after").unwrap().parse().unwrap();
+        assert!((1..=21).contains(&wait), "{wait}");
+        assert_eq!(limited.json()["retry_after_seconds"], wait);
+        let (_, other) = api.other_team().await;
+        let theirs = api
+            .call_keyed(Some(&other), "GET", "/v1/resources", "", "")
+            .await;
+        assert_eq!(theirs.status, 200, "another key has its own budget");
     }
 }
