@@ -37,7 +37,13 @@ const TARGETS: &[Target] = &[
         binary: "keel-provision-api",
         variant: "",
         // /metrics and /readyz are served on the operations listener only.
-        args: &["serve", "--listen", "127.0.0.1:0", "--ops-listen", "{listen}"],
+        args: &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "{listen}",
+        ],
         env: &[],
     },
     Target {

@@ -122,6 +122,7 @@ where
             Arc::clone(&state),
             authenticate::<S, B>,
         ))
+        .route("/openapi.json", get(openapi::<S, B>))
         .with_state(state);
     with_envelopes(api, docs)
 }
@@ -389,11 +390,15 @@ fn created(body: &ProvisionedBody, location: &str) -> Response {
     )
 }
 
-#[derive(serde::Deserialize)]
+/// The body of `POST /v1/resources`.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
+    /// The owning team (a team key: its own team).
     team_id: String,
+    /// `postgres`, `redis` or `namespace`, as this deployment offers.
     resource_type: String,
+    /// One of the tiers this platform sells.
     tier: String,
 }
 
@@ -430,7 +435,26 @@ fn collection_path(uri: &OriginalUri) -> String {
 /// What a provisioning task hands back: the resource and its 201 body.
 type Finished = Result<(ResourceId, ProvisionedBody), keel_provision::ProvisionError>;
 
-async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
+/// Provisions a resource. Honours `Idempotency-Key`: the same key and body replay the first
+/// 201 (marked `Idempotent-Replayed: true`, without the password), another body answers 422,
+/// a request still in flight 409.
+#[utoipa::path(
+    post,
+    path = "/v1/resources",
+    tag = "resources",
+    request_body(content = CreateBody, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; one per intended resource, reused on every retry"),
+        ("X-Request-Id" = Option<String>, Header, description = "Your id for this request (1 to 128 of [A-Za-z0-9._:-]), echoed in errors and logs")
+    ),
+    responses(
+        (status = 201, description = "The resource is active; the connection URL (password included) is shown in the first answer only", body = ProvisionedBody, content_type = "application/json",
+            headers(("Location" = String, description = "The resource's URL"))),
+        (status = "default", description = "Any error: an RFC 9457 problem whose `error` is one of `x-keel-error-codes`", body = ErrorEnvelope, content_type = "application/problem+json")
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
     State(state): State<Arc<AppState<S, B>>>,
     Extension(principal): Extension<Principal>,
     uri: OriginalUri,
@@ -777,16 +801,26 @@ fn parse_id(id: Result<Path<String>, PathRejection>) -> Option<ResourceId> {
 
 const BAD_ID: &str = "the resource id must be a UUID in lowercase hyphenated form";
 
-#[derive(serde::Serialize)]
-struct ResourceView {
+/// A resource as read (never its credentials).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ResourceView {
+    /// Always `true`.
     ok: bool,
+    /// The resource id.
     id: String,
+    /// The owning team.
     team_id: String,
+    /// What it is.
     resource_type: String,
+    /// Its tier.
     tier: String,
+    /// pending, active, paused, suspended, deleted or failed.
     status: String,
+    /// When it was reserved (RFC 3339).
     created_at: String,
+    /// When its row last changed (RFC 3339).
     updated_at: String,
+    /// When it was deleted, if it was (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     deleted_at: Option<String>,
 }
@@ -876,7 +910,20 @@ async fn visible<S: ResourceStore, B: Backend>(
     }
 }
 
-async fn read<S: ResourceStore, B: Backend>(
+/// Reads a resource of the caller's team (never its credentials).
+#[utoipa::path(
+    get,
+    path = "/v1/resources/{id}",
+    tag = "resources",
+    params(("id" = String, Path, description = "The resource id (lowercase hyphenated UUID)"), ("X-Request-Id" = Option<String>, Header, description = "Your id for this request (1 to 128 of [A-Za-z0-9._:-]), echoed in errors and logs")),
+    responses(
+        (status = 200, description = "The resource", body = ResourceView, content_type = "application/json",
+            headers(("ETag" = String, description = "Its current version, for If-Match"))),
+        (status = "default", description = "Any error: an RFC 9457 problem whose `error` is one of `x-keel-error-codes`", body = ErrorEnvelope, content_type = "application/problem+json")
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn read<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     Extension(principal): Extension<Principal>,
     id: Result<Path<String>, PathRejection>,
@@ -902,16 +949,17 @@ async fn read<S: ResourceStore, B: Backend>(
 }
 
 /// The query parameters of `GET /v1/resources`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub(crate) struct ListParams {
     /// Only resources in this status.
     status: Option<String>,
     /// Only resources of this type.
     resource_type: Option<String>,
     /// The team (operator keys; a team key lists its own team).
     team_id: Option<String>,
-    /// Page size, 1 to [`MAX_PAGE`] (default [`DEFAULT_PAGE`]).
+    /// Page size, 1 to 200 (default 50).
     limit: Option<String>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -920,10 +968,14 @@ struct ListParams {
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 
-#[derive(serde::Serialize)]
-struct ListView {
+/// A page of resources.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ListView {
+    /// Always `true`.
     ok: bool,
+    /// Newest first.
     resources: Vec<ResourceView>,
+    /// The `cursor` of the next page; `null` on the last.
     next_cursor: Option<String>,
 }
 
@@ -956,7 +1008,20 @@ fn parse_cursor(cursor: &str) -> Option<(OffsetDateTime, uuid::Uuid)> {
     Some((at, id))
 }
 
-async fn list<S: ResourceStore, B: Backend>(
+/// Lists the caller's team's resources (an operator key: every team's, or `team_id`'s), newest
+/// first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/resources",
+    tag = "resources",
+    params(ListParams, ("X-Request-Id" = Option<String>, Header, description = "Your id for this request (1 to 128 of [A-Za-z0-9._:-]), echoed in errors and logs")),
+    responses(
+        (status = 200, description = "A page of resources", body = ListView, content_type = "application/json"),
+        (status = "default", description = "Any error: an RFC 9457 problem whose `error` is one of `x-keel-error-codes`", body = ErrorEnvelope, content_type = "application/problem+json")
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn list<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     Extension(principal): Extension<Principal>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -1096,15 +1161,33 @@ async fn list<S: ResourceStore, B: Backend>(
     )
 }
 
-#[derive(serde::Serialize)]
-struct RotatedView {
+/// New credentials, shown once.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct RotatedView {
+    /// Always `true`.
     ok: bool,
+    /// The resource id.
     id: String,
+    /// How to connect, with the new password.
     connection_url: String,
+    /// The request id.
     request_id: String,
 }
 
-async fn rotate<S: ResourceStore, B: Backend>(
+/// Issues new credentials for an active resource (the old password stops working); the new
+/// connection URL is shown once.
+#[utoipa::path(
+    post,
+    path = "/v1/resources/{id}/rotate-credentials",
+    tag = "resources",
+    params(("id" = String, Path, description = "The resource id (lowercase hyphenated UUID)"), ("X-Request-Id" = Option<String>, Header, description = "Your id for this request (1 to 128 of [A-Za-z0-9._:-]), echoed in errors and logs")),
+    responses(
+        (status = 200, description = "The new connection URL, shown once", body = RotatedView, content_type = "application/json"),
+        (status = "default", description = "Any error: an RFC 9457 problem whose `error` is one of `x-keel-error-codes`", body = ErrorEnvelope, content_type = "application/problem+json")
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     Extension(principal): Extension<Principal>,
     id: Result<Path<String>, PathRejection>,
@@ -1183,21 +1266,44 @@ async fn rotate<S: ResourceStore, B: Backend>(
 }
 
 /// The query parameters of `DELETE /v1/resources/{id}` (others are ignored).
-#[derive(serde::Deserialize)]
-struct DeleteParams {
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeleteParams {
     /// Why the resource is deprovisioned (default `customer_request`).
     reason: Option<String>,
 }
 
-#[derive(serde::Serialize)]
-struct DeletedView {
+/// The outcome of a DELETE.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct DeletedView {
+    /// Always `true`.
     ok: bool,
+    /// The resource id.
     id: String,
+    /// Always `deleted`.
     status: &'static str,
+    /// `deprovisioned` (now) or `already_deprovisioned`.
     outcome: &'static str,
 }
 
-async fn delete<S: ResourceStore, B: Backend>(
+/// Deprovisions a resource through the audited chokepoint (idempotent).
+#[utoipa::path(
+    delete,
+    path = "/v1/resources/{id}",
+    tag = "resources",
+    params(
+        ("id" = String, Path, description = "The resource id (lowercase hyphenated UUID)"),
+        DeleteParams,
+        ("If-Match" = Option<String>, Header, description = "Delete only this version (an ETag from GET)"),
+        ("X-Request-Id" = Option<String>, Header, description = "Your id for this request (1 to 128 of [A-Za-z0-9._:-]), echoed in errors and logs")
+    ),
+    responses(
+        (status = 200, description = "Deprovisioned, now or before", body = DeletedView, content_type = "application/json"),
+        (status = "default", description = "Any error: an RFC 9457 problem whose `error` is one of `x-keel-error-codes`", body = ErrorEnvelope, content_type = "application/problem+json")
+    ),
+    security(("api_key" = []))
+)]
+pub(crate) async fn delete<S: ResourceStore, B: Backend>(
     State(state): State<Arc<AppState<S, B>>>,
     Extension(principal): Extension<Principal>,
     id: Result<Path<String>, PathRejection>,
@@ -1339,6 +1445,17 @@ async fn delete<S: ResourceStore, B: Backend>(
             )
         }
     }
+}
+
+/// The OpenAPI document (no key needed: it describes, it does not act).
+async fn openapi<S: ResourceStore, B: Backend>(
+    State(state): State<Arc<AppState<S, B>>>,
+) -> Response {
+    json_response(
+        StatusCode::OK,
+        "application/json",
+        &crate::openapi::document(&state.docs),
+    )
 }
 
 #[cfg(test)]
@@ -2441,6 +2558,11 @@ mod tests {
             }
         }
         assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+        // The document describes; it needs no key.
+        let document = api.call_keyed(None, "GET", "/openapi.json", "", "").await;
+        assert_eq!(document.status, 200, "{}", document.body);
+        assert_eq!(document.json()["openapi"], "3.1.0");
+        assert!(document.json()["x-keel-error-codes"].is_array());
 
         let ok = api.call("GET", "/v1/resources", "").await;
         assert_eq!(ok.status, 200, "{}", ok.body);

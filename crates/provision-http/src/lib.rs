@@ -19,6 +19,7 @@ pub mod bounded;
 pub mod idempotency;
 pub mod keys;
 pub mod limits;
+mod openapi;
 
 pub use api::{AppState, BODY_LIMIT, router, serve};
 pub use keys::{KeyId, Principal, Scope};

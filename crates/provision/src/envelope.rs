@@ -357,6 +357,7 @@ impl fmt::Display for ErrorCode {
 
 /// The JSON error body: Keel's fields plus the RFC 9457 problem-details members.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorEnvelope {
     /// Always `false`.
     pub ok: bool,

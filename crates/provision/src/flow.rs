@@ -116,14 +116,25 @@ impl Provisioned {
 /// The body of the 201: the one response that shows the connection URL. Only built from a
 /// [`Provisioned`]. Its `Debug` redacts the URL.
 #[derive(serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProvisionedBody {
+    /// Always `true`.
     ok: bool,
+    /// The resource id.
     id: String,
+    /// The owning team.
     team_id: String,
+    /// What was provisioned.
     resource_type: &'static str,
+    /// Its tier.
     tier: String,
+    /// Always `active`.
     status: &'static str,
+    /// How to connect, password included. Shown in the first 201 only: a replay of the same
+    /// `Idempotency-Key` omits it (rotate the credentials for a new one).
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     connection_url: String,
+    /// The request id.
     request_id: String,
 }
 
