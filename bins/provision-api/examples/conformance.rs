@@ -44,10 +44,12 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
-fn run(program: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `program` in `dir` (where schemathesis keeps its cache).
+fn run(program: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     println!("--- {} {}", program.display(), args.join(" "));
     let status = Command::new(program)
         .args(args)
+        .current_dir(dir)
         .status()
         .with_context(|| format!("could not run {}", program.display()))?;
     if !status.success() {
@@ -117,6 +119,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     std::fs::write(&document_path, &document)?;
     run(
         &venv.join("bin/openapi-spec-validator"),
+        &out,
         &[document_path.to_str().context("a UTF-8 path")?],
     )?;
     let authorization = format!("Authorization: Bearer {}", key.expose());
@@ -124,6 +127,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let report = out.join("schemathesis.xml");
     run(
         &venv.join("bin/schemathesis"),
+        &out,
         &[
             "run",
             &schema,
