@@ -89,6 +89,27 @@ pub struct AppState<S, B> {
 }
 
 impl<S: ResourceStore, B: Backend> AppState<S, B> {
+    /// A state with the defaults of `keel-provision-api serve`: tiers free, hobby, pro and team,
+    /// a 30 s request deadline, 32 provisionings in flight, [`Limits::default`], and error docs
+    /// under `https://keel.dev/docs/errors`. Every field is public: change what differs.
+    pub fn new(provisioner: Provisioner<S, B>, pool: PgPool) -> Self {
+        Self {
+            provisioner,
+            docs: DocsBase::parse("https://keel.dev/docs/errors")
+                .expect("the default docs base is a short https URL"),
+            tiers: ["free", "hobby", "pro", "team"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            tracker: TaskTracker::new(),
+            deadline: Duration::from_secs(30),
+            admission: Arc::new(tokio::sync::Semaphore::new(32)),
+            pool,
+            limits: Limits::default(),
+            rate: RateLimiter::new(),
+        }
+    }
+
     /// The resource types this deployment offers, comma-separated.
     fn offered_types(&self) -> String {
         ResourceType::ALL
@@ -3052,5 +3073,112 @@ mod tests {
             .call_keyed(Some(&other), "GET", "/v1/resources", "", "")
             .await;
         assert_eq!(theirs.status, 200, "another key has its own budget");
+    }
+
+    /// The router mounted in another axum app under a prefix: it answers there, and its
+    /// `Location` headers carry the prefix.
+    #[tokio::test]
+    async fn mounted_under_a_prefix_the_router_answers_there_and_locations_follow() {
+        let db = keel_testkit::database().await;
+        let team = TeamId::from_uuid(db.team("pro").await);
+        let provisioner = Provisioner::new(
+            PgResourceStore::new(db.pool().clone()),
+            Backends {
+                postgres: Some(PgClusterBackend::new(db.server().admin_options(), None, 4)),
+                namespaces: None,
+            },
+            ProvisionMetrics::register(&mut Registry::default()),
+        );
+        let state = Arc::new(AppState::new(provisioner, db.pool().clone()));
+        let app = Router::new()
+            .route("/", get(|| async { "host app" }))
+            .nest("/platform/provisioning", router(Arc::clone(&state)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(serve(
+            listener,
+            app,
+            state.tracker.clone(),
+            stop.clone(),
+            std::time::Duration::from_secs(30),
+        ));
+        let key = key_for(db.pool(), Scope::Team(team)).await;
+        let body = json!({"team_id": team.to_string(), "resource_type": "postgres", "tier": "pro"})
+            .to_string();
+        let created = send(
+            addr,
+            Some(&key),
+            "POST",
+            "/platform/provisioning/v1/resources",
+            JSON,
+            &body,
+        )
+        .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        let location = header(&created, "location").unwrap().to_owned();
+        assert_eq!(
+            location,
+            format!("/platform/provisioning/v1/resources/{id}")
+        );
+        let read = send(addr, Some(&key), "GET", &location, "", "").await;
+        assert_eq!(read.status, 200, "{}", read.body);
+        let host = send(addr, None, "GET", "/", "", "").await;
+        assert_eq!(host.body, "host app");
+        stop.cancel();
+        served.await.unwrap().unwrap();
+    }
+
+    /// An idempotency key whose request a crash cut short (still in flight, its reservation
+    /// settled `failed` by the reconciler) is released, so the retry runs anew instead of
+    /// answering 409 until the key expires; a key still working is left alone.
+    #[tokio::test]
+    async fn a_key_whose_request_was_cut_short_is_released_for_the_retry() {
+        let api = api().await;
+        let pool = api.db.pool();
+        let fingerprint = idempotency::fingerprint(&["x"]);
+        let retention = std::time::Duration::from_secs(3600);
+        let slot = |key: &str| Slot {
+            scope: "team:test".into(),
+            key: IdempotencyKey::parse(key).unwrap(),
+        };
+        for key in ["cut-short", "working"] {
+            let claimed = idempotency::claim(pool, &slot(key), &fingerprint, retention)
+                .await
+                .unwrap();
+            assert_eq!(claimed, Claim::Claimed);
+        }
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = ResourceId::from_str(created.json()["id"].as_str().unwrap()).unwrap();
+        idempotency::note_resource(pool, &slot("working"), id)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE provision_api.idempotency_keys SET created_at = now() - interval '1 hour'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let released = idempotency::release_abandoned(pool, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(released, 1, "only the one that reserved nothing");
+        let again = idempotency::claim(pool, &slot("cut-short"), &fingerprint, retention)
+            .await
+            .unwrap();
+        assert_eq!(again, Claim::Claimed);
+        let still = idempotency::claim(pool, &slot("working"), &fingerprint, retention)
+            .await
+            .unwrap();
+        assert_eq!(
+            still,
+            Claim::InFlight {
+                resource_id: Some(id)
+            },
+            "its resource is active"
+        );
     }
 }

@@ -196,6 +196,28 @@ pub async fn release(pool: &PgPool, slot: &Slot) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Releases keys still in flight after `older_than` whose request can no longer finish: it
+/// reserved nothing, or its reservation was settled `failed` or `deleted` (by the reconciler,
+/// after a crash or a shutdown cut the request short). A retry then runs anew instead of
+/// answering 409 until the key expires. Answers how many.
+pub async fn release_abandoned(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM provision_api.idempotency_keys k \
+          WHERE k.response_status IS NULL \
+            AND k.created_at < now() - make_interval(secs => $1) \
+            AND (k.resource_id IS NULL OR EXISTS ( \
+                 SELECT 1 FROM resources r \
+                  WHERE r.id = k.resource_id AND r.status IN ('failed', 'deleted')))",
+    )
+    .bind(older_than.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Deletes expired keys; answers how many.
 pub async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM provision_api.idempotency_keys WHERE expires_at <= now()")
