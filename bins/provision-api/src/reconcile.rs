@@ -2,7 +2,7 @@
 //! across replicas) settles the `pending` rows older than the age limit, which only a crash or a
 //! shutdown deadline leaves behind. Each settlement is the flow's own compensation (flip first,
 //! audited as `provision.reconciled`, then teardown). It also deletes expired idempotency keys
-//! and releases those whose request was cut short (so its retry runs anew).
+//! and settles those whose request was cut short (see `idempotency::release_abandoned`).
 
 use std::time::Duration;
 
@@ -52,8 +52,8 @@ pub async fn tick<S: ResourceStore, B: Backend>(
     let settled = provisioner
         .reconcile_pending(config.older_than, BATCH, OffsetDateTime::now_utc())
         .await;
-    // Idempotency keys: expired ones go, and those whose request a crash cut short (its
-    // reservation now settled) are released for the retry.
+    // Idempotency keys: expired ones go; those whose request a crash cut short replay the
+    // resource it made, or are released for the retry when it made none.
     let keys = async {
         let released =
             keel_provision_http::idempotency::release_abandoned(pool, config.older_than).await?;
@@ -64,7 +64,7 @@ pub async fn tick<S: ResourceStore, B: Backend>(
     match keys {
         Ok((0, _)) => {}
         Ok((released, _)) => {
-            tracing::warn!(released, "released idempotency keys of requests cut short")
+            tracing::warn!(released, "settled idempotency keys of requests cut short")
         }
         Err(e) => tracing::error!(error = %ErrorChain(&e), "could not tidy the idempotency keys"),
     }

@@ -770,11 +770,7 @@ fn replayable(body: &ProvisionedBody) -> serde_json::Value {
         object.remove("connection_url");
         object.insert(
             "credentials".to_owned(),
-            serde_json::Value::String(
-                "shown only in the first answer; POST /v1/resources/{id}/rotate-credentials \
-                 issues new ones"
-                    .to_owned(),
-            ),
+            serde_json::Value::String(idempotency::CREDENTIALS_NOTE.to_owned()),
         );
     }
     value
@@ -3130,11 +3126,11 @@ mod tests {
         served.await.unwrap().unwrap();
     }
 
-    /// An idempotency key whose request a crash cut short (still in flight, its reservation
-    /// settled `failed` by the reconciler) is released, so the retry runs anew instead of
-    /// answering 409 until the key expires; a key still working is left alone.
+    /// Keys whose request a crash cut short (still in flight long after): one that reserved
+    /// nothing is released, so the retry runs anew; one whose resource went active replays that
+    /// resource. Neither answers 409 until it expires.
     #[tokio::test]
-    async fn a_key_whose_request_was_cut_short_is_released_for_the_retry() {
+    async fn a_key_whose_request_was_cut_short_never_answers_409_until_it_expires() {
         let api = api().await;
         let pool = api.db.pool();
         let fingerprint = idempotency::fingerprint(&["x"]);
@@ -3165,20 +3161,32 @@ mod tests {
         let released = idempotency::release_abandoned(pool, std::time::Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(released, 1, "only the one that reserved nothing");
+        assert_eq!(released, 2);
         let again = idempotency::claim(pool, &slot("cut-short"), &fingerprint, retention)
             .await
             .unwrap();
-        assert_eq!(again, Claim::Claimed);
-        let still = idempotency::claim(pool, &slot("working"), &fingerprint, retention)
+        assert_eq!(
+            again,
+            Claim::Claimed,
+            "nothing was reserved: the retry runs anew"
+        );
+        let Claim::Replay { status, body } =
+            idempotency::claim(pool, &slot("working"), &fingerprint, retention)
+                .await
+                .unwrap()
+        else {
+            panic!("a key whose resource went active replays it");
+        };
+        assert_eq!(status, 201);
+        assert_eq!(body["id"], id.to_string().as_str());
+        assert_eq!(body["status"], "active");
+        assert!(body.get("connection_url").is_none());
+        let fresh = idempotency::release_abandoned(pool, std::time::Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(
-            still,
-            Claim::InFlight {
-                resource_id: Some(id)
-            },
-            "its resource is active"
+            fresh, 0,
+            "the re-claimed key is young, the replayed one settled"
         );
     }
 }

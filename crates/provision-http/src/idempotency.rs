@@ -196,15 +196,33 @@ pub async fn release(pool: &PgPool, slot: &Slot) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Releases keys still in flight after `older_than` whose request can no longer finish: it
-/// reserved nothing, or its reservation was settled `failed` or `deleted` (by the reconciler,
-/// after a crash or a shutdown cut the request short). A retry then runs anew instead of
-/// answering 409 until the key expires. Answers how many.
+/// Settles keys still in flight after `older_than` (a crash or a shutdown cut their request
+/// short, or its outcome could not be written): one whose resource went `active` gets that
+/// resource's 201 to replay (without a password, like every replay); one that reserved nothing,
+/// or whose reservation was settled `failed` or `deleted` by the reconciler, is released, so the
+/// retry runs anew. Either way the retry stops answering 409 until the key expires. Answers how
+/// many were settled.
 pub async fn release_abandoned(
     pool: &PgPool,
     older_than: std::time::Duration,
 ) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
+    let completed = sqlx::query(
+        "UPDATE provision_api.idempotency_keys k \
+            SET response_status = 201, \
+                response_body = jsonb_build_object( \
+                    'ok', true, 'id', r.id::text, 'team_id', r.team_id::text, \
+                    'resource_type', r.resource_type, 'tier', r.tier, 'status', 'active', \
+                    'request_id', '', 'credentials', $2::text) \
+           FROM resources r \
+          WHERE r.id = k.resource_id AND r.status = 'active' \
+            AND k.response_status IS NULL \
+            AND k.created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(CREDENTIALS_NOTE)
+    .execute(pool)
+    .await?;
+    let released = sqlx::query(
         "DELETE FROM provision_api.idempotency_keys k \
           WHERE k.response_status IS NULL \
             AND k.created_at < now() - make_interval(secs => $1) \
@@ -215,8 +233,12 @@ pub async fn release_abandoned(
     .bind(older_than.as_secs_f64())
     .execute(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(completed.rows_affected() + released.rows_affected())
 }
+
+/// What a replayed 201 says in place of the connection URL.
+pub const CREDENTIALS_NOTE: &str =
+    "shown only in the first answer; POST /v1/resources/{id}/rotate-credentials issues new ones";
 
 /// Deletes expired keys; answers how many.
 pub async fn purge_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
