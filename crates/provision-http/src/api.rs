@@ -617,8 +617,11 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             error_response(code, message, &request_id, &state.docs)
         }
     };
-    match tokio::time::timeout(state.deadline, live_resources(&state.pool, team_id)).await {
-        Ok(Ok(live)) if live >= i64::from(state.limits.team_quota) => {
+    // The team's quota lock is held from the count until the reservation is written, so
+    // concurrent POSTs of one team cannot together pass its quota.
+    let quota = match tokio::time::timeout(state.deadline, lock_quota(&state.pool, team_id)).await {
+        Ok(Ok((quota, live))) if live >= i64::from(state.limits.team_quota) => {
+            quota.release().await;
             return refuse(
                 ErrorCode::QuotaExceeded,
                 format!(
@@ -628,7 +631,7 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             )
             .await;
         }
-        Ok(Ok(_)) => {}
+        Ok(Ok((quota, _))) => quota,
         Ok(Err(e)) => {
             tracing::error!(error = %ErrorChain(&e), "could not count a team's resources");
             return refuse(
@@ -644,7 +647,7 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             )
             .await;
         }
-    }
+    };
     let request = ProvisionRequest {
         team_id,
         resource_type,
@@ -653,6 +656,7 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         actor: principal.actor(),
     };
     let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
+        quota.release().await;
         state.provisioner.metrics().shed(resource_type);
         tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
         return refuse(
@@ -674,7 +678,8 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         state.tracker.clone().spawn(
             async move {
                 let _permit = permit;
-                let finished = provision(&state, request, reserved_tx, slot.as_ref()).await;
+                let finished =
+                    provision(&state, request, reserved_tx, quota, slot.as_ref()).await;
                 if let Some(slot) = &slot {
                     match &finished {
                         Ok((_, body)) => {
@@ -740,12 +745,16 @@ async fn provision<S: ResourceStore, B: Backend>(
     state: &AppState<S, B>,
     request: ProvisionRequest,
     reserved: tokio::sync::oneshot::Sender<ResourceId>,
+    quota: QuotaLock,
     slot: Option<&Slot>,
 ) -> Finished {
     let provisioner = &state.provisioner;
     let reservation = provisioner
         .reserve(request, OffsetDateTime::now_utc())
-        .await?;
+        .await;
+    // Written (or not): the next POST of the team may count.
+    quota.release().await;
+    let reservation = reservation?;
     let id = reservation.id();
     let _ = reserved.send(id);
     if let Some(slot) = slot
@@ -797,15 +806,45 @@ async fn release(pool: &PgPool, slot: &Slot) {
     }
 }
 
-/// Live resources of `team` (the quota counts these).
-async fn live_resources(pool: &PgPool, team: TeamId) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM resources \
-          WHERE team_id = $1 AND status IN ('pending', 'active', 'paused', 'suspended')",
-    )
-    .bind(team.as_uuid())
-    .fetch_one(pool)
-    .await
+/// A team's quota lock: a transaction-scoped advisory lock, held from the count of the team's
+/// live resources until its reservation is written, then released by ending the transaction.
+struct QuotaLock(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl QuotaLock {
+    async fn release(self) {
+        if let Err(e) = self.0.rollback().await {
+            // The connection is closed rather than returned, which ends the lock too.
+            tracing::warn!(error = %ErrorChain(&e), "could not end a quota lock's transaction");
+        }
+    }
+}
+
+/// Takes `team`'s quota lock and counts its live resources (the quota counts these). Waits
+/// without holding a connection: a busy lock is tried again a moment later, so POSTs queued
+/// behind one team never take the connections its reservation needs.
+async fn lock_quota(pool: &PgPool, team: TeamId) -> Result<(QuotaLock, i64), sqlx::Error> {
+    loop {
+        let mut tx = pool.begin().await?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('keel-provision-quota'), hashtext($1))",
+        )
+        .bind(team.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if !locked {
+            tx.rollback().await?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM resources \
+              WHERE team_id = $1 AND status IN ('pending', 'active', 'paused', 'suspended')",
+        )
+        .bind(team.as_uuid())
+        .fetch_one(&mut *tx)
+        .await?;
+        return Ok((QuotaLock(tx), live));
+    }
 }
 
 /// A resource id in its one canonical form (lowercase, hyphenated).
@@ -3188,5 +3227,33 @@ mod tests {
             fresh, 0,
             "the re-claimed key is young, the replayed one settled"
         );
+    }
+
+    /// Concurrent POSTs of one team cannot together pass its quota: with a quota of two, of
+    /// six at once exactly two are created and the others answer `quota_exceeded`.
+    #[tokio::test]
+    async fn concurrent_posts_never_pass_the_team_quota() {
+        let api = api_with(Limits {
+            team_quota: 2,
+            ..Limits::default()
+        })
+        .await;
+        let body = api.create_body("postgres", "pro");
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let (addr, key, body) = (api.addr, api.key.clone(), body.clone());
+            calls.spawn(async move {
+                send(addr, Some(&key), "POST", "/v1/resources", JSON, &body).await
+            });
+        }
+        let mut statuses: Vec<u16> = calls
+            .join_all()
+            .await
+            .iter()
+            .map(|answer| answer.status)
+            .collect();
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 201, 403, 403, 403, 403]);
+        assert_eq!(api.provider_ids().await.len(), 2);
     }
 }
