@@ -256,7 +256,8 @@ impl ErrorCode {
             ),
             ErrorCode::ProvisionFailed => Some(
                 "Tell the user the resource could not be created and nothing was left behind or \
-                 billed; retry with exponential backoff, starting at 5 seconds. See {url}",
+                 billed; retry with exponential backoff, starting at 5 seconds, with the same \
+                 Idempotency-Key. See {url}",
             ),
             ErrorCode::ProvisionIncomplete => Some(
                 "Tell the user the resource could not be created and the platform is still \
