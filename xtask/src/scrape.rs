@@ -36,7 +36,14 @@ const TARGETS: &[Target] = &[
     Target {
         binary: "keel-provision-api",
         variant: "",
-        args: &["serve", "--listen", "{listen}"],
+        // /metrics and /readyz are served on the operations listener only.
+        args: &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "{listen}",
+        ],
         env: &[],
     },
     Target {

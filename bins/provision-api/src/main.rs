@@ -2,15 +2,15 @@
 //! platform cannot address; every error tells the caller (often an AI agent) what to do next;
 //! deletes go through the one audited deprovision chokepoint.
 //!
-//! `serve` answers `POST /v1/resources`, `GET /v1/resources/{id}` and
-//! `DELETE /v1/resources/{id}`, with `/metrics` and `/healthz` on the same listener. Postgres
-//! resources are databases on a shared cluster (`--cluster-database-url`, default: the platform
-//! database's server); `namespace` and `redis` resources are Kubernetes namespaces when
-//! `--kube-namespaces` is set.
+//! `serve` answers the routes of [`keel_provision_http::router`] (every `/v1` route behind an
+//! API key), with `/metrics`, `/healthz` and `/readyz` on a separate operations listener
+//! (`--ops-listen`, default `127.0.0.1:9090`). Postgres resources are databases on a shared
+//! cluster (`--cluster-database-url`, default: the platform database's server); `namespace` and
+//! `redis` resources are Kubernetes namespaces when `--kube-namespaces` is set.
+//!
+//! `keys create|list|revoke` manages the API keys (audited as `api_key.created` and
+//! `api_key.revoked`). This binary only parses config, builds the adapters and serves.
 
-mod api;
-mod backends;
-mod bounded;
 mod reconcile;
 
 use std::collections::BTreeSet;
@@ -29,9 +29,10 @@ use keel_service::cli::{DatabaseArgs, DatabaseUrl, LogArgs};
 use keel_service::http::Readiness;
 use prometheus_client::registry::Registry;
 
-use crate::api::AppState;
-use crate::backends::Backends;
-use crate::bounded::BoundedStore;
+use keel_provision_http::backends::Backends;
+use keel_provision_http::bounded::BoundedStore;
+use keel_provision_http::keys::{self, KeyId, Scope};
+use keel_provision_http::{AppState, Limits, RateLimiter};
 
 /// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
 #[derive(Parser)]
@@ -49,13 +50,69 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the embedded database migrations and exit.
     Migrate(keel_service::MigrateArgs),
+    /// Create, list or revoke API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create(KeyCreateArgs),
+    /// List the keys (ids, scopes, labels; never a secret).
+    List(DatabaseArgs),
+    /// Revoke a key by its id: it answers 401 from then on.
+    Revoke(KeyRevokeArgs),
+}
+
+#[derive(Args)]
+struct KeyCreateArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The team the key acts for (a team key).
+    #[arg(
+        long,
+        value_name = "UUID",
+        conflicts_with = "operator",
+        required_unless_present = "operator"
+    )]
+    team: Option<keel_audit::TeamId>,
+    /// An operator key: every team, and the operator and expired delete reasons.
+    #[arg(long)]
+    operator: bool,
+    /// Who holds the key and what for (shown in `keys list`).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    label: String,
+    /// The audit actor of the creation (e.g. operator:alice).
+    #[arg(long, default_value = "operator:cli", value_parser = parse_actor, value_name = "ACTOR")]
+    actor: keel_audit::Actor,
+}
+
+#[derive(Args)]
+struct KeyRevokeArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The key's id (the 12 hex digits after `keel_`).
+    #[arg(value_parser = parse_key_id, value_name = "KEY_ID")]
+    id: KeyId,
+    /// The audit actor of the revocation (e.g. operator:alice).
+    #[arg(long, default_value = "operator:cli", value_parser = parse_actor, value_name = "ACTOR")]
+    actor: keel_audit::Actor,
+}
+
+fn parse_actor(s: &str) -> Result<keel_audit::Actor, String> {
+    keel_audit::Actor::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_key_id(s: &str) -> Result<KeyId, String> {
+    KeyId::parse(s).ok_or_else(|| "a key id is the 12 lowercase hex digits after keel_".to_owned())
 }
 
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
     db: DatabaseArgs,
-    /// Address for the API (and for /metrics, /healthz and /readyz unless --ops-listen is set).
+    /// Address for the API (every /v1 route needs an API key).
     #[arg(
         long,
         env = "KEEL_PROVISION_LISTEN",
@@ -63,10 +120,40 @@ struct ServeArgs {
         value_name = "ADDR"
     )]
     listen: SocketAddr,
-    /// A separate address for /metrics, /healthz and /readyz, so they are not served on the
-    /// public API listener.
-    #[arg(long, env = "KEEL_PROVISION_OPS_LISTEN", value_name = "ADDR")]
-    ops_listen: Option<SocketAddr>,
+    /// The address for /metrics, /healthz and /readyz, never the public API listener.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_OPS_LISTEN",
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR"
+    )]
+    ops_listen: SocketAddr,
+    /// Requests one API key may make per minute on one instance (429 past it).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_RATE_LIMIT_PER_MINUTE",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "N"
+    )]
+    rate_limit_per_minute: u32,
+    /// Live resources one team may hold (403 quota_exceeded past it).
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_TEAM_QUOTA",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    team_quota: u32,
+    /// Hours an Idempotency-Key's outcome is kept.
+    #[arg(
+        long,
+        env = "KEEL_PROVISION_IDEMPOTENCY_RETENTION_HOURS",
+        default_value_t = 24,
+        value_parser = clap::value_parser!(u64).range(1..),
+        value_name = "HOURS"
+    )]
+    idempotency_retention_hours: u64,
     /// Admin URL of the shared Postgres cluster customer databases are created on (a role with
     /// CREATEROLE and CREATEDB). Default: the platform database's server. Never logged.
     #[arg(
@@ -198,6 +285,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Migrate(db) => keel_service::migrate(&db).await,
             Command::Serve(args) => serve(*args).await,
+            Command::Keys(command) => manage_keys(command).await,
         }
     })
 }
@@ -279,6 +367,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracker: tracker.clone(),
         deadline: Duration::from_secs(args.request_deadline_secs.max(1)),
         admission: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight as usize)),
+        pool: pool.clone(),
+        limits: Limits {
+            requests_per_minute: args.rate_limit_per_minute,
+            team_quota: args.team_quota,
+            idempotency_retention: Duration::from_secs(args.idempotency_retention_hours * 3600),
+        },
+        rate: RateLimiter::new(),
     });
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;
@@ -298,33 +393,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let registry = Arc::new(registry);
     let readiness = Readiness::new(pool.clone());
-    let (app, ops) = match args.ops_listen {
-        None => (
-            api::router_with_ops(
-                Arc::clone(&state),
-                keel_service::http::router_with_readiness(registry, readiness),
-            ),
-            None,
-        ),
-        Some(addr) => {
-            let ops_listener = keel_service::http::bind(addr)
-                .await
-                .with_context(|| format!("could not listen on {addr}"))?;
-            let ops = tokio::spawn(keel_service::http::serve_with_readiness(
-                ops_listener,
-                registry,
-                readiness,
-                shutdown.clone(),
-            ));
-            (
-                api::router_with_ops(Arc::clone(&state), axum::Router::new()),
-                Some(ops),
-            )
-        }
-    };
-    api::serve(
+    let ops_listener = keel_service::http::bind(args.ops_listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.ops_listen))?;
+    let ops = tokio::spawn(keel_service::http::serve_with_readiness(
+        ops_listener,
+        registry,
+        readiness,
+        shutdown.clone(),
+    ));
+    keel_provision_http::serve(
         listener,
-        app,
+        keel_provision_http::router(Arc::clone(&state)),
         tracker,
         shutdown.clone(),
         Duration::from_secs(args.shutdown_drain_secs),
@@ -332,16 +412,76 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("the API listener failed")?;
     shutdown.cancel();
-    if let Some(ops) = ops {
-        ops.await
-            .context("the operations listener panicked")?
-            .context("the operations listener failed")?;
-    }
+    ops.await
+        .context("the operations listener panicked")?
+        .context("the operations listener failed")?;
     if let Err(e) = reconciler.await {
         tracing::error!(error = %e, "the reconciler task failed");
     }
     pool.close().await;
     tracing::info!("provisioning API stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keys create|list|revoke`.
+async fn manage_keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    let now = time::OffsetDateTime::now_utc();
+    match command {
+        KeysCommand::Create(args) => {
+            let pool = keel_service::connect(&args.db, "keel-provision-api keys", 2).await?;
+            let scope = match args.team {
+                Some(team) => Scope::Team(team),
+                None => Scope::Operator,
+            };
+            let (info, key) = keys::create(&pool, scope, &args.label, args.actor, now)
+                .await
+                .context("could not create the API key")?;
+            // The one time the key is shown: on stdout, for the operator to hand over.
+            println!("{}", key.expose());
+            eprintln!(
+                "created {} key {} (shown once above; only its hash is stored)",
+                info.scope.as_str(),
+                info.id
+            );
+        }
+        KeysCommand::List(db) => {
+            let pool = keel_service::connect(&db, "keel-provision-api keys", 2).await?;
+            for info in keys::list(&pool)
+                .await
+                .context("could not list the API keys")?
+            {
+                let team = match info.scope {
+                    Scope::Team(team) => team.to_string(),
+                    Scope::Operator => "-".to_owned(),
+                };
+                let format = time::format_description::well_known::Rfc3339;
+                let revoked = info
+                    .revoked_at
+                    .and_then(|at| at.format(&format).ok())
+                    .unwrap_or_else(|| "-".to_owned());
+                println!(
+                    "{}\t{}\t{}\t{}\trevoked:{}\t{}",
+                    info.id,
+                    info.scope.as_str(),
+                    team,
+                    info.created_at.format(&format).unwrap_or_default(),
+                    revoked,
+                    info.label
+                );
+            }
+        }
+        KeysCommand::Revoke(args) => {
+            let pool = keel_service::connect(&args.db, "keel-provision-api keys", 2).await?;
+            let revoked = keys::revoke(&pool, &args.id, args.actor, now)
+                .await
+                .context("could not revoke the API key")?;
+            if revoked {
+                eprintln!("revoked key {}", args.id);
+            } else {
+                eprintln!("key {} was already revoked", args.id);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -433,8 +573,8 @@ mod tests {
         }
         let api = get(public, "/v1/resources/00000000-0000-0000-0000-000000000000").await;
         assert!(
-            api.contains("resource_not_found"),
-            "the API still answers: {api}"
+            api.starts_with("HTTP/1.1 401") && api.contains("unauthorized"),
+            "the API answers, behind a key: {api}"
         );
         server.abort();
     }

@@ -1,7 +1,8 @@
 //! The reconciler: every interval, one replica (a Postgres advisory lock makes it single-flight
 //! across replicas) settles the `pending` rows older than the age limit, which only a crash or a
 //! shutdown deadline leaves behind. Each settlement is the flow's own compensation (flip first,
-//! audited as `provision.reconciled`, then teardown).
+//! audited as `provision.reconciled`, then teardown). It also deletes expired idempotency keys
+//! and settles those whose request was cut short (see `idempotency::release_abandoned`).
 
 use std::time::Duration;
 
@@ -51,6 +52,22 @@ pub async fn tick<S: ResourceStore, B: Backend>(
     let settled = provisioner
         .reconcile_pending(config.older_than, BATCH, OffsetDateTime::now_utc())
         .await;
+    // Idempotency keys: expired ones go; those whose request a crash cut short replay the
+    // resource it made, or are released for the retry when it made none.
+    let keys = async {
+        let released =
+            keel_provision_http::idempotency::release_abandoned(pool, config.older_than).await?;
+        let expired = keel_provision_http::idempotency::purge_expired(pool).await?;
+        Ok::<_, sqlx::Error>((released, expired))
+    }
+    .await;
+    match keys {
+        Ok((0, _)) => {}
+        Ok((released, _)) => {
+            tracing::warn!(released, "settled idempotency keys of requests cut short")
+        }
+        Err(e) => tracing::error!(error = %ErrorChain(&e), "could not tidy the idempotency keys"),
+    }
     // Released explicitly; a lost connection releases it too.
     let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock(hashtext($1))")
         .bind(LOCK_NAME)

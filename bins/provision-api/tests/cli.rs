@@ -63,3 +63,81 @@ async fn serve_refuses_a_tier_without_role_settings() {
         "{stderr}"
     );
 }
+
+fn keys(db: &keel_testkit::TestDatabase, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
+        .arg("keys")
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run keel-provision-api keys");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// PROV-2: `keys create` prints the key once (only its hash is stored), `keys list` names it
+/// without its secret, `keys revoke` revokes it; both changes are audited with the operator as
+/// actor; a key for a team that does not exist is refused.
+#[tokio::test]
+async fn keys_are_created_shown_once_listed_without_secret_and_revoked_with_audit() {
+    let db = keel_testkit::database().await;
+    let team = db.team("pro").await.to_string();
+    let (code, stdout, stderr) = keys(
+        &db,
+        &[
+            "create",
+            "--team",
+            &team,
+            "--label",
+            "agent-7",
+            "--actor",
+            "operator:alice",
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let key = stdout.trim().to_owned();
+    assert!(
+        key.starts_with("keel_") && key.len() == 5 + 12 + 1 + 43,
+        "{key}"
+    );
+    let id = &key[5..17];
+    let secret = &key[18..];
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM provision_api.api_keys \
+          WHERE secret_sha256 = sha256(convert_to($1, 'UTF8'))",
+    )
+    .bind(secret)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored, 1, "the hash is stored");
+    let (code, listed, stderr) = keys(&db, &["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(listed.contains(id) && listed.contains("agent-7") && listed.contains(&team));
+    assert!(!listed.contains(secret), "never the secret");
+    let (code, _, stderr) = keys(&db, &["revoke", id, "--actor", "operator:alice"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, listed, _) = keys(&db, &["list"]);
+    assert!(listed.contains("revoked:20"), "{listed}");
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, actor FROM audit_events ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    let expected = [
+        ("api_key.created".to_owned(), "operator:alice".to_owned()),
+        ("api_key.revoked".to_owned(), "operator:alice".to_owned()),
+    ];
+    assert_eq!(audit, expected);
+    let nobody = uuid::Uuid::new_v4().to_string();
+    let (code, stdout, stderr) = keys(&db, &["create", "--team", &nobody]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "no key was shown");
+    assert!(stderr.contains("team does not exist"), "{stderr}");
+    let (code, _, stderr) = keys(&db, &["create"]);
+    assert_eq!(code, Some(64), "--team or --operator is required: {stderr}");
+}

@@ -66,6 +66,13 @@ pub enum AuditKind {
     /// The deprovision chokepoint audited an orphan's reclaim but its teardown failed; the object
     /// may still exist. Recorded once per object.
     ResourceReclaimFailed,
+    /// An API key of the provisioning API was created (its id and scope; never the key).
+    ApiKeyCreated,
+    /// An API key of the provisioning API was revoked.
+    ApiKeyRevoked,
+    /// A resource's credentials were rotated: a new password was issued and the old one stopped
+    /// working.
+    ResourceCredentialsRotated,
 }
 
 /// How urgently an operator alert needs a human.
@@ -170,6 +177,9 @@ impl AuditKind {
             AuditKind::RaterBackfillReconciled => "rater.backfill_reconciled",
             AuditKind::ResourceReclaimRefused => "resource.reclaim_refused",
             AuditKind::ResourceReclaimFailed => "resource.reclaim_failed",
+            AuditKind::ApiKeyCreated => "api_key.created",
+            AuditKind::ApiKeyRevoked => "api_key.revoked",
+            AuditKind::ResourceCredentialsRotated => "resource.credentials_rotated",
         }
     }
 
@@ -248,6 +258,14 @@ impl AuditKind {
             AuditKind::ResourceReclaimFailed => Consumer::OperatorAlert {
                 alert: "KeelProvisionTeardownFailed",
                 severity: AlertSeverity::Page,
+            AuditKind::ApiKeyCreated => Consumer::CustomerNotification {
+                template: "api_key_created",
+            },
+            AuditKind::ApiKeyRevoked => Consumer::CustomerNotification {
+                template: "api_key_revoked",
+            },
+            AuditKind::ResourceCredentialsRotated => Consumer::CustomerNotification {
+                template: "credentials_rotated",
             },
         }
     }

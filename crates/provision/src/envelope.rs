@@ -49,6 +49,21 @@ pub enum ErrorCode {
     /// The provisioning outlived the request deadline and is still running: the reserved
     /// resource may yet become active or fail. Never "failed".
     ProvisionPending,
+    /// The request carries no API key, or one that is unknown, malformed or revoked.
+    Unauthorized,
+    /// The API key's scope does not allow this (a team key asking for an operator's reason).
+    Forbidden,
+    /// The key sent more requests than its rate limit allows; nothing was done.
+    RateLimited,
+    /// The team holds as many live resources as its quota allows; nothing was reserved.
+    QuotaExceeded,
+    /// A request with the same `Idempotency-Key` is still being processed.
+    IdempotencyKeyInUse,
+    /// The resource is not active (still pending, failed or deleted), so it has no credentials
+    /// to rotate.
+    ResourceNotActive,
+    /// The `Idempotency-Key` was already used with a different request body.
+    IdempotencyKeyReused,
     /// A database operation failed (plumbing; unregistered).
     DbError,
     /// An unexpected internal failure (plumbing; unregistered).
@@ -113,6 +128,13 @@ impl ErrorCode {
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::TooManyProvisions => "too_many_provisions",
             ErrorCode::ProvisionPending => "provision_pending",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ErrorCode::ResourceNotActive => "resource_not_active",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::DbError => "db_error",
             ErrorCode::Internal => "internal",
         }
@@ -124,6 +146,11 @@ impl ErrorCode {
             ErrorCode::InvalidRequest | ErrorCode::UnknownResourceType | ErrorCode::UnknownTier => {
                 400
             }
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden | ErrorCode::QuotaExceeded => 403,
+            ErrorCode::IdempotencyKeyInUse | ErrorCode::ResourceNotActive => 409,
+            ErrorCode::IdempotencyKeyReused => 422,
+            ErrorCode::RateLimited => 429,
             ErrorCode::ResourceNotFound | ErrorCode::RouteNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ResourceProtected => 409,
@@ -160,6 +187,13 @@ impl ErrorCode {
             ErrorCode::BackendUnavailable => "Backend unavailable",
             ErrorCode::TooManyProvisions => "Too many provisionings in flight",
             ErrorCode::ProvisionPending => "Provisioning still in progress",
+            ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::Forbidden => "Forbidden",
+            ErrorCode::RateLimited => "Rate limited",
+            ErrorCode::QuotaExceeded => "Quota exceeded",
+            ErrorCode::IdempotencyKeyInUse => "Idempotency key in use",
+            ErrorCode::ResourceNotActive => "Resource not active",
+            ErrorCode::IdempotencyKeyReused => "Idempotency key reused",
             ErrorCode::DbError => "Database error",
             ErrorCode::Internal => "Internal error",
         }
@@ -171,6 +205,14 @@ impl ErrorCode {
             ErrorCode::ProvisionFailed
             | ErrorCode::TooManyProvisions
             | ErrorCode::ProvisionPending => Some(5),
+            ErrorCode::IdempotencyKeyInUse => Some(1),
+            // The actual wait is the key's own, set on the envelope.
+            ErrorCode::RateLimited => Some(1),
+            ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::QuotaExceeded
+            | ErrorCode::ResourceNotActive
+            | ErrorCode::IdempotencyKeyReused => None,
             ErrorCode::ProvisionIncomplete | ErrorCode::BackendUnavailable => Some(30),
             ErrorCode::ResourceProtected
             | ErrorCode::PreconditionFailed
@@ -214,7 +256,8 @@ impl ErrorCode {
             ),
             ErrorCode::ProvisionFailed => Some(
                 "Tell the user the resource could not be created and nothing was left behind or \
-                 billed; retry with exponential backoff, starting at 5 seconds. See {url}",
+                 billed; retry with exponential backoff, starting at 5 seconds, with the same \
+                 Idempotency-Key. See {url}",
             ),
             ErrorCode::ProvisionIncomplete => Some(
                 "Tell the user the resource could not be created and the platform is still \
@@ -231,12 +274,14 @@ impl ErrorCode {
                  See {url}",
             ),
             ErrorCode::RouteNotFound => Some(
-                "Tell the user the path does not exist; use POST /v1/resources or GET or DELETE \
-                 /v1/resources/{id} exactly. See {url}",
+                "Tell the user the path does not exist; use GET or POST /v1/resources, GET or \
+                 DELETE /v1/resources/{id}, or POST /v1/resources/{id}/rotate-credentials. \
+                 See {url}",
             ),
             ErrorCode::MethodNotAllowed => Some(
-                "Tell the user the method is not allowed on this path; use POST on \
-                 /v1/resources, GET or DELETE on /v1/resources/{id}. See {url}",
+                "Tell the user the method is not allowed on this path; use GET or POST on \
+                 /v1/resources, GET or DELETE on /v1/resources/{id}, POST on its \
+                 rotate-credentials. See {url}",
             ),
             ErrorCode::PayloadTooLarge => Some(
                 "Tell the user the request body is too large; send only the documented fields, \
@@ -260,6 +305,37 @@ impl ErrorCode {
                  /v1/resources/{id} with the resource_id given, every Retry-After seconds, until \
                  its status is active or failed. See {url}",
             ),
+            ErrorCode::Unauthorized => Some(
+                "Tell the user the API key is missing, malformed or revoked; send a valid key as \
+                 Authorization: Bearer <key>, and ask an operator for a new key if it was \
+                 revoked. See {url}",
+            ),
+            ErrorCode::Forbidden => Some(
+                "Tell the user this key's scope does not allow the request; only an operator key \
+                 may do it, so do not retry with the same key. See {url}",
+            ),
+            ErrorCode::RateLimited => Some(
+                "Tell the user the key sent too many requests and nothing was done; wait for the \
+                 Retry-After delay, then send the request again. See {url}",
+            ),
+            ErrorCode::QuotaExceeded => Some(
+                "Tell the user the team holds as many resources as its quota allows and nothing \
+                 was reserved; DELETE one it no longer needs, or ask for a larger quota. \
+                 See {url}",
+            ),
+            ErrorCode::IdempotencyKeyInUse => Some(
+                "Tell the user the same request is still being processed; wait for the \
+                 Retry-After delay, then send it again with the same Idempotency-Key. See {url}",
+            ),
+            ErrorCode::ResourceNotActive => Some(
+                "Tell the user the resource is not active (the message gives its status); GET it \
+                 until it is active, or create a new one if it failed or was deleted. See {url}",
+            ),
+            ErrorCode::IdempotencyKeyReused => Some(
+                "Tell the user this Idempotency-Key was already used for a different request; \
+                 send a new request with a fresh key, never reuse one for other values. \
+                 See {url}",
+            ),
             ErrorCode::DbError | ErrorCode::Internal => None,
         }
     }
@@ -282,6 +358,7 @@ impl fmt::Display for ErrorCode {
 
 /// The JSON error body: Keel's fields plus the RFC 9457 problem-details members.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorEnvelope {
     /// Always `false`.
     pub ok: bool,
@@ -348,9 +425,12 @@ impl ErrorEnvelope {
         self
     }
 
-    /// The `Retry-After` header value, on 503s.
+    /// The `Retry-After` header value: on 503s, and whenever the envelope names a wait (429, 409).
     pub fn retry_after_header(&self) -> Option<String> {
-        (self.status == 503).then(|| self.retry_after_seconds.unwrap_or(5).to_string())
+        if self.status == 503 {
+            return Some(self.retry_after_seconds.unwrap_or(5).to_string());
+        }
+        self.retry_after_seconds.map(|seconds| seconds.to_string())
     }
 }
 

@@ -30,6 +30,20 @@ use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, S
 use crate::reclaim::{OrphanRecord, Preflight, ReclaimRefusal};
 use crate::secret::ConnectionUrl;
 
+/// Why [`Provisioner::rotate_credentials`] issued no credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// Only an active resource has credentials to rotate.
+    #[error("the resource is {}; only an active resource's credentials rotate", .0.as_str())]
+    NotActive(ResourceStatus),
+    /// The backend could not reset them (the old ones may still work).
+    #[error("could not reset the credentials")]
+    Backend(#[source] BackendError),
+    /// The rotation could not be recorded (the new password is shown to nobody).
+    #[error("could not record the rotation")]
+    Store(#[source] StoreError),
+}
+
 /// A reserved resource: its `pending` row is written, its backend object not created yet.
 #[derive(Debug)]
 #[must_use = "a reservation must be created and finalized, or aborted; dropping it leaves a pending row"]
@@ -103,14 +117,25 @@ impl Provisioned {
 /// The body of the 201: the one response that shows the connection URL. Only built from a
 /// [`Provisioned`]. Its `Debug` redacts the URL.
 #[derive(serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProvisionedBody {
+    /// Always `true`.
     ok: bool,
+    /// The resource id.
     id: String,
+    /// The owning team.
     team_id: String,
+    /// What was provisioned.
     resource_type: &'static str,
+    /// Its tier.
     tier: String,
+    /// Always `active`.
     status: &'static str,
+    /// How to connect, password included. Shown in the first 201 only: a replay of the same
+    /// `Idempotency-Key` omits it (rotate the credentials for a new one).
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     connection_url: String,
+    /// The request id.
     request_id: String,
 }
 
@@ -883,6 +908,43 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             DeprovisionTarget::Resource(id) => self.deprovision_resource(id, cause, now).await,
             DeprovisionTarget::Orphan(name) => self.reclaim_orphan(&name, cause, now).await,
         }
+    }
+
+    /// Issues new credentials for an active resource: the backend resets them (creating an
+    /// object that exists resets its password), then `resource.credentials_rotated` is recorded.
+    /// The new URL is returned only once that row is committed; a failure after the reset
+    /// leaves a password nobody holds, and calling again issues another.
+    pub async fn rotate_credentials(
+        &self,
+        record: &ResourceRecord,
+        actor: Actor,
+        request_id: Option<RequestId>,
+        now: OffsetDateTime,
+    ) -> Result<ConnectionUrl, RotateError> {
+        match record.status {
+            ResourceStatus::Active => {}
+            ResourceStatus::Pending
+            | ResourceStatus::Paused
+            | ResourceStatus::Suspended
+            | ResourceStatus::Deleted
+            | ResourceStatus::Failed => return Err(RotateError::NotActive(record.status)),
+        }
+        let object = self
+            .backend
+            .create(&record.backend_name(), &record.tier)
+            .await
+            .map_err(RotateError::Backend)?;
+        let mut audit = AuditEvent::new(AuditKind::ResourceCredentialsRotated, actor, now)
+            .team(record.team_id)
+            .resource(record.id);
+        if let Some(request_id) = request_id {
+            audit = audit.request(request_id);
+        }
+        self.store
+            .record(&audit)
+            .await
+            .map_err(RotateError::Store)?;
+        Ok(object.connection_url)
     }
 
     fn deprovision_audit(

@@ -59,7 +59,7 @@ pub use envelope::{
 pub use flow::{
     Compensation, Created, DeprovisionCause, DeprovisionError, DeprovisionTarget, Deprovisioned,
     ErrorChain, FailedStep, ProvisionError, Provisioned, ProvisionedBody, Provisioner, Reservation,
-    RowResult, StepError, TeardownResult,
+    RotateError, RowResult, StepError, TeardownResult,
 };
 pub use metrics::{Outcome, ProvisionMetrics, TeardownStage};
 pub use model::{

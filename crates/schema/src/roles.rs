@@ -10,8 +10,11 @@
 //! - on `audit_events`: `SELECT`, and `INSERT` of the event's own columns only (never `id`,
 //!   `recorded_at` or the commit-order columns, which the database sets);
 //! - on the audit side tables ([`AUDIT_READ_ONLY_TABLES`]): `SELECT` only;
-//! - on every other table of the schema: `SELECT`, `INSERT`, `UPDATE`, `DELETE` (no
-//!   `TRUNCATE`, `REFERENCES` or `TRIGGER`), and `USAGE` on their sequences (no `setval`).
+//! - on every other contract table ([`crate::CONTRACT_TABLES`]): `SELECT`, `INSERT`, `UPDATE`,
+//!   `DELETE` (no `TRUNCATE`, `REFERENCES` or `TRIGGER`), and `USAGE` on their sequences (no
+//!   `setval`); the provisioning API's private tables ([`PRIVATE_TABLES`]) likewise;
+//! - nothing on tables Keel does not own: neither `_keel_migrations` nor a service's own tables
+//!   that share the schema (and the owner).
 //!
 //! Grants are recomputed from scratch on every call, so a narrower release takes back what an
 //! older one gave. The role name is configurable, so two installations can share one cluster,
@@ -35,6 +38,13 @@ pub const AUDIT_INSERT_COLUMNS: &[&str] = &[
 /// Audit tables the application role may read but never write (besides `audit_events`, which
 /// it may append to).
 pub const AUDIT_READ_ONLY_TABLES: &[&str] = &["audit_seals", "audit_checkpoints"];
+
+/// The schema holding the provisioning API's private state (its keys and idempotency records):
+/// not contract tables, but the serving binary reads and writes them as the application role.
+pub const PRIVATE_SCHEMA: &str = "provision_api";
+
+/// The tables in [`PRIVATE_SCHEMA`]; the application role gets DML on each.
+pub const PRIVATE_TABLES: &[&str] = &["api_keys", "idempotency_keys"];
 
 /// An application role name: a plain lower-case SQL identifier (`[a-z_][a-z0-9_]{0,62}`).
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -156,9 +166,10 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
          WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
            AND NOT c.relispartition \
            AND pg_has_role(current_user, c.relowner, 'USAGE') \
-           AND c.relname <> '_sqlx_migrations' \
+           AND c.relname = ANY($1) \
          ORDER BY 1",
     )
+    .bind(crate::CONTRACT_TABLES)
     .fetch_all(&mut *tx)
     .await
     .map_err(RoleError::Database)?;
@@ -187,8 +198,10 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
          LEFT JOIN pg_class t ON t.oid = d.refobjid \
          WHERE n.nspname = current_schema() AND s.relkind = 'S' \
            AND pg_has_role(current_user, s.relowner, 'USAGE') \
+           AND t.relname = ANY($1) \
          ORDER BY 1",
     )
+    .bind(crate::CONTRACT_TABLES)
     .fetch_all(&mut *tx)
     .await
     .map_err(RoleError::Database)?;
@@ -201,6 +214,13 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
         if !audit {
             statements.push(format!("GRANT USAGE ON SEQUENCE {s} TO {r}"));
         }
+    }
+    statements.push(format!("GRANT USAGE ON SCHEMA {PRIVATE_SCHEMA} TO {r}"));
+    for table in PRIVATE_TABLES {
+        statements.push(format!("REVOKE ALL ON TABLE {PRIVATE_SCHEMA}.{table} FROM {r}"));
+        statements.push(format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {PRIVATE_SCHEMA}.{table} TO {r}"
+        ));
     }
     for statement in statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
