@@ -144,6 +144,18 @@ impl AuditKind {
             AuditKind::ResourceDeprovisioned,
             "no notification dispatcher yet: the resource_deleted message is not sent",
         ),
+        (
+            AuditKind::ApiKeyCreated,
+            "no notification dispatcher yet: the api_key_created message is not sent",
+        ),
+        (
+            AuditKind::ApiKeyRevoked,
+            "no notification dispatcher yet: the api_key_revoked message is not sent",
+        ),
+        (
+            AuditKind::ResourceCredentialsRotated,
+            "no notification dispatcher yet: the credentials_rotated message is not sent",
+        ),
     ];
 
     /// Why this kind is only planned (see [`AuditKind::PLANNED`]), or `None` when production
@@ -258,6 +270,7 @@ impl AuditKind {
             AuditKind::ResourceReclaimFailed => Consumer::OperatorAlert {
                 alert: "KeelProvisionTeardownFailed",
                 severity: AlertSeverity::Page,
+            },
             AuditKind::ApiKeyCreated => Consumer::CustomerNotification {
                 template: "api_key_created",
             },
