@@ -120,12 +120,10 @@ impl AuditKind {
     /// fails when any other kind is not written by production code, and when a kind listed here
     /// is written (remove it from the list then). Their declared consumers do not exist yet
     /// either: nothing reads a kind nothing writes.
-    pub const PLANNED: &'static [(AuditKind, &'static str)] = &[
-        (
-            AuditKind::BillingChargeUndeliverable,
-            "Keel has no billing-delivery code yet; the kind is reserved for it",
-        ),
-    ];
+    pub const PLANNED: &'static [(AuditKind, &'static str)] = &[(
+        AuditKind::BillingChargeUndeliverable,
+        "Keel has no billing-delivery code yet; the kind is reserved for it",
+    )];
 
     /// Kinds that are written, but whose declared consumer is not built yet, each with what is
     /// missing: a customer notification needs the notification dispatcher, which this build

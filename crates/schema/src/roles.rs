@@ -217,7 +217,9 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
     }
     statements.push(format!("GRANT USAGE ON SCHEMA {PRIVATE_SCHEMA} TO {r}"));
     for table in PRIVATE_TABLES {
-        statements.push(format!("REVOKE ALL ON TABLE {PRIVATE_SCHEMA}.{table} FROM {r}"));
+        statements.push(format!(
+            "REVOKE ALL ON TABLE {PRIVATE_SCHEMA}.{table} FROM {r}"
+        ));
         statements.push(format!(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {PRIVATE_SCHEMA}.{table} TO {r}"
         ));

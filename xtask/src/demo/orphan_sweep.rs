@@ -181,7 +181,10 @@ pub async fn orphan_sweep(server: &PgServer, pool: &PgPool) -> anyhow::Result<()
     .await?;
     let row = rows
         .iter()
-        .find(|s| s.event.attributes().get("token_fingerprint") == Some(orphan.digest().fingerprint().as_str()))
+        .find(|s| {
+            s.event.attributes().get("token_fingerprint")
+                == Some(orphan.digest().fingerprint().as_str())
+        })
         .context("no orphan_sweep.reclaimed row for the reclaim")?;
     let attrs: Vec<String> = row
         .event
