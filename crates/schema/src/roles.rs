@@ -39,6 +39,11 @@ pub const AUDIT_INSERT_COLUMNS: &[&str] = &[
 /// it may append to).
 pub const AUDIT_READ_ONLY_TABLES: &[&str] = &["audit_seals", "audit_checkpoints"];
 
+/// Keel's sequences that no table owns (drawn with `nextval` by the binaries, e.g. the
+/// propagation fencing tokens); the application role gets `USAGE` on each. A schema test fails
+/// when a migration adds one that is not listed here.
+pub const STANDALONE_SEQUENCES: &[&str] = &["pending_propagations_fence_seq"];
+
 /// The schema holding the provisioning API's private state (its keys and idempotency records):
 /// not contract tables, but the serving binary reads and writes them as the application role.
 pub const PRIVATE_SCHEMA: &str = "provision_api";
@@ -199,10 +204,11 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
          LEFT JOIN pg_class t ON t.oid = d.refobjid \
          WHERE n.nspname = current_schema() AND s.relkind = 'S' \
            AND pg_has_role(current_user, s.relowner, 'USAGE') \
-           AND t.relname = ANY($1) \
+           AND (t.relname = ANY($1) OR (t.relname IS NULL AND s.relname = ANY($2))) \
          ORDER BY 1",
     )
     .bind(crate::CONTRACT_TABLES)
+    .bind(STANDALONE_SEQUENCES)
     .fetch_all(&mut *tx)
     .await
     .map_err(RoleError::Database)?;

@@ -24,6 +24,31 @@ fn sorted_contract_tables() -> Vec<String> {
     tables
 }
 
+/// The application role is granted `USAGE` on Keel's sequences by name: a standalone sequence a
+/// migration adds must be listed, or the binaries, serving as that role, could not draw from it.
+#[tokio::test]
+async fn every_standalone_sequence_is_granted_to_the_application_role() {
+    let db = keel_testkit::empty_database().await;
+    keel_schema::migrate(db.pool()).await.unwrap();
+    let standalone: Vec<String> = sqlx::query_scalar(
+        "SELECT s.relname::text FROM pg_class s JOIN pg_namespace n ON n.oid = s.relnamespace \
+         WHERE n.nspname = 'public' AND s.relkind = 'S' \
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                            AND d.objid = s.oid AND d.refclassid = 'pg_class'::regclass \
+                            AND d.deptype IN ('a', 'i')) \
+         ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let mut listed: Vec<String> = keel_schema::roles::STANDALONE_SEQUENCES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(standalone, listed);
+}
+
 #[tokio::test]
 async fn migrations_go_up_down_and_up_again() {
     let db = keel_testkit::empty_database().await;
