@@ -351,7 +351,14 @@ async fn disabled(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let listener = keel_service::http::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
-    keel_service::http::serve(listener, Arc::new(registry), shutdown).await?;
+    // Ready by configuration: it depends on nothing, so a disabled Deployment still rolls out.
+    keel_service::http::serve_with_readiness(
+        listener,
+        Arc::new(registry),
+        keel_service::http::Readiness::without_dependencies(),
+        shutdown,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 

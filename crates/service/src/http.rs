@@ -49,7 +49,8 @@ pub struct HttpArgs {
 /// schema is at the version this binary embeds (`keel_schema::latest_version`).
 #[derive(Clone, Debug)]
 pub struct Readiness {
-    pool: PgPool,
+    /// `None`: the binary depends on nothing (a disabled sweep), so it is always ready.
+    pool: Option<PgPool>,
     expected_version: i64,
     timeout: Duration,
 }
@@ -80,7 +81,17 @@ impl Readiness {
     /// Readiness over `pool`, expecting the schema this binary embeds, answering within 2 s.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            pool,
+            pool: Some(pool),
+            expected_version: keel_schema::latest_version(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Readiness of a process configured to depend on nothing (a disabled orphan sweep builds no
+    /// client and reads nothing): always ready, so a disabled Deployment still rolls out.
+    pub fn without_dependencies() -> Self {
+        Self {
+            pool: None,
             expected_version: keel_schema::latest_version(),
             timeout: Duration::from_secs(2),
         }
@@ -94,8 +105,11 @@ impl Readiness {
 
     /// Checks the database and the schema version once.
     pub async fn check(&self) -> Result<(), NotReady> {
-        let query = sqlx::query_scalar::<_, Option<i64>>(keel_schema::APPLIED_VERSION_SQL)
-            .fetch_one(&self.pool);
+        let Some(pool) = &self.pool else {
+            return Ok(());
+        };
+        let query =
+            sqlx::query_scalar::<_, Option<i64>>(keel_schema::APPLIED_VERSION_SQL).fetch_one(pool);
         let found = match tokio::time::timeout(self.timeout, query).await {
             Ok(Ok(found)) => found,
             // A database without the migrations table answers "undefined table" (42P01).
@@ -581,6 +595,19 @@ mod tests {
             shutdown.clone(),
         ));
         (addr, shutdown, server)
+    }
+
+    /// A process configured to depend on nothing (the disabled orphan sweep) answers `/readyz`
+    /// 200, so its Deployment rolls out instead of waiting forever on a probe it cannot pass.
+    #[tokio::test]
+    async fn a_process_without_dependencies_is_ready() {
+        let ready = Readiness::without_dependencies();
+        assert_eq!(ready.check().await, Ok(()));
+        let (addr, shutdown, server) = serving(ready).await;
+        let response = get(addr, "/readyz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 
     /// OPS-6: `/readyz` is 200 on a migrated database, 503 naming the cause on a database at
