@@ -46,7 +46,18 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
 
 /// Runs `program` in `dir` (where schemathesis keeps its cache).
 fn run(program: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    println!("--- {} {}", program.display(), args.join(" "));
+    // The test key is a credential like any other: the echoed command line never shows it.
+    let shown: Vec<&str> = args
+        .iter()
+        .map(|arg| {
+            if arg.starts_with("Authorization:") {
+                "Authorization: Bearer <test key>"
+            } else {
+                arg
+            }
+        })
+        .collect();
+    println!("--- {} {}", program.display(), shown.join(" "));
     let status = Command::new(program)
         .args(args)
         .current_dir(dir)
