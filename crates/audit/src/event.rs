@@ -24,6 +24,7 @@ pub const MAX_ATTRS: usize = 32;
 
 /// Why a field of an audit event was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditFieldError {
     /// The actor is empty, too long, or uses characters outside `[a-z0-9._:-]`.
     #[error(

@@ -10,6 +10,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why an audit store could not record or read events.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditSinkError {
     /// The store failed the operation; nothing was recorded.
     #[error("the audit store failed to {operation}; nothing was recorded")]

@@ -13,6 +13,7 @@ use crate::reclaim::{ObjectFacts, OrphanRecord, OrphanStanding, Preflight};
 
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The team does not exist.
     #[error("the team does not exist")]
@@ -176,6 +177,7 @@ pub enum Flip {
 
 /// Why a backend could not create or tear down an object.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// This backend does not serve that resource type.
     #[error("no backend for {0} resources is configured")]

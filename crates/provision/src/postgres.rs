@@ -490,6 +490,7 @@ impl SslMode {
 
 /// A privilege the cluster admin role lacks (from [`PgClusterBackend::check_privileges`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrivilegeError {
     /// The role lacks `CREATEROLE` and/or `CREATEDB`.
     #[error(
@@ -509,6 +510,7 @@ pub enum PrivilegeError {
 
 /// The platform database still lets `PUBLIC` connect (from [`isolate_platform_database`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IsolationError {
     /// `PUBLIC` keeps `CONNECT` or `TEMPORARY` on the platform database.
     #[error(

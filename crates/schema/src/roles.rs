@@ -93,6 +93,7 @@ impl std::str::FromStr for AppRole {
 
 /// Why the application role could not be granted its privileges.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RoleError {
     /// The name is not a plain lower-case identifier.
     #[error(
