@@ -49,6 +49,8 @@ mod ports;
 pub mod postgres;
 mod reclaim;
 #[cfg(feature = "postgres")]
+mod register;
+#[cfg(feature = "postgres")]
 pub mod scram;
 mod secret;
 

@@ -12,7 +12,8 @@
 //! token itself (`RETURNING token`) and finds rows by `token_digest`, and database and role names
 //! carry the token's digest ([`crate::TokenDigest`]), so the server's statement and connection
 //! logs name no token. Only a legacy database (named `cust_<token>` before digest names) is
-//! still named by its token, until it is deprovisioned.
+//! still named by its token, until it is deprovisioned, and [`register_existing`] binds the
+//! token of a resource made outside Keel (see there).
 //!
 //! **Secrets.** The password (64 hex digits from the operating system's random source) never
 //! reaches the server: the role is given a SCRAM-SHA-256 verifier computed here
@@ -50,6 +51,8 @@ use crate::reclaim::{
 };
 use crate::scram::{ITERATIONS, Verifier};
 use crate::secret::{ConnectionUrl, Password};
+
+pub use crate::register::{ExistingResource, RegisterError, register_existing, register_team};
 
 /// The statuses that own a backend object, as SQL.
 const LIVE_STATUSES: &str = "('pending', 'active', 'paused', 'suspended')";
