@@ -23,19 +23,21 @@ pub enum StoreError {
     ResourceNotFound,
     /// The row is not in the state the step expects (for example finalizing a row that is no
     /// longer pending).
-    #[error("the resource is {actual}, not {expected}")]
+    #[error("the resource is {}, not {}", .actual.as_str(), .expected.as_str())]
     WrongStatus {
         /// The status the step needs.
-        expected: &'static str,
+        expected: ResourceStatus,
         /// The status found.
-        actual: &'static str,
+        actual: ResourceStatus,
     },
     /// The store failed; nothing was changed.
     #[error("the resource store failed to {operation}")]
     Unavailable {
         /// What was being attempted.
         operation: &'static str,
-        /// The adapter's error (never contains a secret).
+        /// The adapter's error (never contains a secret). From the Postgres adapter (feature
+        /// `postgres`), a database failure downcasts to `sqlx::Error` (sqlx 0.9), e.g.
+        /// `source.downcast_ref::<sqlx::Error>()`, for a caller deciding whether to retry.
         #[source]
         source: BoxError,
     },

@@ -84,12 +84,9 @@ impl PgResourceStore {
         Ok(status.and_then(|s| ResourceStatus::parse(&s)))
     }
 
-    async fn wrong_status(&self, id: ResourceId, expected: &'static str) -> StoreError {
+    async fn wrong_status(&self, id: ResourceId, expected: ResourceStatus) -> StoreError {
         match self.status_of(id).await {
-            Ok(Some(actual)) => StoreError::WrongStatus {
-                expected,
-                actual: actual.as_str(),
-            },
+            Ok(Some(actual)) => StoreError::WrongStatus { expected, actual },
             Ok(None) => StoreError::ResourceNotFound,
             Err(e) => e,
         }
@@ -169,7 +166,7 @@ impl ResourceStore for PgResourceStore {
         .map_err(|e| StoreError::unavailable(op, e))?;
         if updated.rows_affected() != 1 {
             drop(tx);
-            return Err(self.wrong_status(id, "pending").await);
+            return Err(self.wrong_status(id, ResourceStatus::Pending).await);
         }
         keel_audit::postgres::insert(&mut tx, audit)
             .await

@@ -1,12 +1,12 @@
 //! LIB-16: a team and a resource made outside Keel are registered through the library, and read
 //! back as Keel's own rows.
 
-use keel_audit::{ResourceType, TeamId, Tier, Token};
+use keel_audit::{Actor, AuditEvent, AuditKind, ResourceType, TeamId, Tier, Token};
 use keel_provision::postgres::{
     ExistingResource, PgResourceStore, RegisterError, register_existing, register_team,
 };
 use keel_provision::{
-    BackendObject, ConnectionUrl, ResourceStatus, ResourceStore as _, TokenDigest,
+    BackendObject, ConnectionUrl, ResourceStatus, ResourceStore as _, StoreError, TokenDigest,
 };
 use sqlx::Acquire as _;
 
@@ -109,4 +109,34 @@ async fn a_registration_is_refused_with_a_typed_error_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(rows, 0);
+}
+
+/// LIB-14: a step on a row in the wrong state says which statuses, typed.
+#[tokio::test]
+async fn finalizing_a_row_that_is_not_pending_names_both_statuses() {
+    let db = keel_testkit::database().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let team = TeamId::new_random();
+    register_team(&mut conn, team, &Tier::parse("pro").unwrap(), NOW)
+        .await
+        .unwrap();
+    let resource = existing(team, "already0act1");
+    register_existing(&mut conn, &resource, NOW).await.unwrap();
+    let store = PgResourceStore::new(db.pool().clone());
+    let audit = AuditEvent::new(AuditKind::ProvisionCreated, Actor::system(), NOW);
+    let err = store
+        .activate(resource.id, &resource.object, &audit, NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::WrongStatus {
+                expected: ResourceStatus::Pending,
+                actual: ResourceStatus::Active,
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "the resource is active, not pending");
 }
