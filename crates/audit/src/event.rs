@@ -116,7 +116,7 @@ impl fmt::Display for Actor {
 }
 
 /// The id of the request that caused the event, for correlating with logs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct RequestId(String);
 
