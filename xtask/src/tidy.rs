@@ -251,8 +251,14 @@ fn the_purity_check_catches_what_it_should() {
 
 /// Crates whose public error enums must be `#[non_exhaustive]`, so a new failure mode is not a
 /// breaking change for a service that matches on them.
-const NON_EXHAUSTIVE_ERROR_CRATES: &[&str] =
-    &["crates/propagation", "crates/rater", "crates/schema"];
+const NON_EXHAUSTIVE_ERROR_CRATES: &[&str] = &[
+    "crates/audit",
+    "crates/orphan-sweep",
+    "crates/propagation",
+    "crates/provision",
+    "crates/rater",
+    "crates/schema",
+];
 
 /// `pub enum` items named `…Error` or `Invalid…` with no `#[non_exhaustive]` among the
 /// attributes and docs directly above them.

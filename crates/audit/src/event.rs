@@ -24,6 +24,7 @@ pub const MAX_ATTRS: usize = 32;
 
 /// Why a field of an audit event was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditFieldError {
     /// The actor is empty, too long, or uses characters outside `[a-z0-9._:-]`.
     #[error(
@@ -115,7 +116,7 @@ impl fmt::Display for Actor {
 }
 
 /// The id of the request that caused the event, for correlating with logs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct RequestId(String);
 
@@ -191,6 +192,39 @@ use crate::screen::{is_fingerprint, key_names_a_secret, value_looks_secret};
 /// that no secret passes.
 pub fn looks_secret(value: &str) -> bool {
     value_looks_secret(value)
+}
+
+/// Deserializes a string through `parse`, so a deserialized value passed the same checks as a
+/// parsed one; the error names the rule, never the value when it may be a secret.
+fn deserialize_parsed<'de, D, T, E>(
+    deserializer: D,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    E: fmt::Display,
+{
+    let s = <String as serde::Deserialize>::deserialize(deserializer)?;
+    parse(&s).map_err(serde::de::Error::custom)
+}
+
+impl<'de> serde::Deserialize<'de> for Actor {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_parsed(deserializer, Self::parse)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RequestId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_parsed(deserializer, Self::parse)
+    }
+}
+
+/// Accepts only a wire name in [`AuditKind::ALL`].
+impl<'de> serde::Deserialize<'de> for AuditKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_parsed(deserializer, str::parse::<AuditKind>)
+    }
 }
 
 /// String attributes of an event, keyed by lower-snake names, screened for secrets.
@@ -412,6 +446,28 @@ impl AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// LIB-13: a deserialized actor or request id passed the same rules as a parsed one.
+    #[test]
+    fn deserializing_an_actor_or_request_id_applies_the_parse_rules() {
+        let actor: Actor = serde_json::from_str("\"operator:alice\"").unwrap();
+        assert_eq!(actor, Actor::parse("operator:alice").unwrap());
+        assert_eq!(serde_json::to_string(&actor).unwrap(), "\"operator:alice\"");
+        assert!(serde_json::from_str::<Actor>("\"\"").is_err());
+        assert!(serde_json::from_str::<Actor>("\"has space\"").is_err());
+        let request: RequestId = serde_json::from_str("\"req-1\"").unwrap();
+        assert_eq!(request.as_str(), "req-1");
+    }
+
+    /// LIB-13: an audit kind deserializes from its wire name only.
+    #[test]
+    fn audit_kinds_deserialize_from_their_wire_names_only() {
+        for &kind in AuditKind::ALL {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<AuditKind>(&json).unwrap(), kind);
+        }
+        assert!(serde_json::from_str::<AuditKind>("\"team.nothing\"").is_err());
+    }
 
     fn check_attr(key: &str, value: &str, expected: Result<(), AuditFieldError>) {
         let mut attrs = Attributes::new();

@@ -11,9 +11,28 @@ use uuid::Uuid;
 macro_rules! uuid_id {
     ($(#[$meta:meta])* $name:ident, $what:literal) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        ///
+        /// Serialized as the plain UUID string, and (feature `postgres`) bound and decoded as a
+        /// Postgres `uuid` directly.
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize,
+            serde::Deserialize,
+        )]
+        #[cfg_attr(feature = "postgres", derive(sqlx::Type), sqlx(transparent))]
         #[serde(transparent)]
         pub struct $name(Uuid);
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                Self(id)
+            }
+        }
+
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
 
         impl $name {
             /// Wraps a UUID that is known to identify this kind of thing.
@@ -59,6 +78,62 @@ uuid_id!(
     "resource id"
 );
 
+// `AuditEventId` is declared with the Postgres adapter (`postgres::AuditEventId`); its common
+// traits live here with the other ids.
+#[cfg(feature = "postgres")]
+mod event_id {
+    use std::fmt;
+    use std::num::ParseIntError;
+    use std::str::FromStr;
+
+    use crate::postgres::AuditEventId;
+
+    impl AuditEventId {
+        /// The row id, `audit_events.id`.
+        pub const fn get(self) -> i64 {
+            self.0
+        }
+    }
+
+    impl fmt::Display for AuditEventId {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Display::fmt(&self.0, f)
+        }
+    }
+
+    impl FromStr for AuditEventId {
+        type Err = ParseIntError;
+
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            s.parse().map(Self)
+        }
+    }
+
+    impl From<i64> for AuditEventId {
+        fn from(id: i64) -> Self {
+            Self(id)
+        }
+    }
+
+    impl From<AuditEventId> for i64 {
+        fn from(id: AuditEventId) -> Self {
+            id.0
+        }
+    }
+
+    impl serde::Serialize for AuditEventId {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_i64(self.0)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for AuditEventId {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            i64::deserialize(deserializer).map(Self)
+        }
+    }
+}
+
 /// A string that is not a valid id.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what}: expected a UUID such as 3f2504e0-4f89-11d3-9a0c-0305e82c3301")]
@@ -67,7 +142,22 @@ pub struct InvalidId {
 }
 
 /// What kind of backend object a resource is. Closed, so it can label metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+///
+/// Serialized as its wire name ([`ResourceType::as_str`]); deserializing an unknown name fails.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::VariantArray,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ResourceType {
     /// A database and role on the shared Postgres cluster.
     Postgres,
@@ -240,6 +330,73 @@ impl fmt::Display for Token {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// LIB-13: an id round-trips through `Display`/`FromStr`, serde (as the plain UUID, so a
+    /// request body holding a `TeamId` derives `Deserialize`), and `From<Uuid>`.
+    #[test]
+    fn ids_round_trip_through_text_serde_and_uuid() {
+        let uuid = Uuid::parse_str("3f2504e0-4f89-11d3-9a0c-0305e82c3301").unwrap();
+        let team = TeamId::from(uuid);
+        assert_eq!(Uuid::from(team), uuid);
+        assert_eq!(team.to_string().parse::<TeamId>().unwrap(), team);
+        let json = serde_json::to_string(&team).unwrap();
+        assert_eq!(json, format!("\"{uuid}\""));
+        assert_eq!(serde_json::from_str::<TeamId>(&json).unwrap(), team);
+        let resource = ResourceId::from(uuid);
+        assert_eq!(
+            serde_json::from_str::<ResourceId>(&serde_json::to_string(&resource).unwrap()).unwrap(),
+            resource
+        );
+        assert!(serde_json::from_str::<TeamId>("\"tok_abc\"").is_err());
+    }
+
+    /// LIB-13: a resource type serializes as its wire name and deserializes only a known one.
+    #[test]
+    fn resource_types_serialize_as_their_wire_names() {
+        for &t in ResourceType::ALL {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.as_str()));
+            assert_eq!(serde_json::from_str::<ResourceType>(&json).unwrap(), t);
+        }
+        assert!(serde_json::from_str::<ResourceType>("\"mysql\"").is_err());
+    }
+
+    /// LIB-13: an `AuditEventId` (the Postgres adapter's row id) shows, parses and serializes as
+    /// its number.
+    #[test]
+    fn audit_event_ids_display_parse_and_serialize_as_numbers() {
+        let id = crate::postgres::AuditEventId::from(42);
+        assert_eq!(id.to_string(), "42");
+        assert_eq!("42".parse::<crate::postgres::AuditEventId>().unwrap(), id);
+        assert_eq!(i64::from(id), 42);
+        assert_eq!(id.get(), 42);
+        assert_eq!(serde_json::to_string(&id).unwrap(), "42");
+        assert_eq!(
+            serde_json::from_str::<crate::postgres::AuditEventId>("42").unwrap(),
+            id
+        );
+        assert!("x".parse::<crate::postgres::AuditEventId>().is_err());
+    }
+
+    /// LIB-13: with feature `postgres`, ids bind and decode as Postgres `uuid` directly.
+    #[tokio::test]
+    async fn ids_bind_and_decode_as_postgres_uuids() {
+        let db = keel_testkit::database().await;
+        let team = TeamId::new_random();
+        let back: TeamId = sqlx::query_scalar("SELECT $1::uuid")
+            .bind(team)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(back, team);
+        let resource = ResourceId::new_random();
+        let text: String = sqlx::query_scalar("SELECT $1::text")
+            .bind(resource)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(text, resource.to_string());
+    }
 
     #[test]
     fn ids_parse_from_uuids_and_reject_anything_else() {

@@ -53,3 +53,10 @@ pub use kind::{AlertSeverity, AuditKind, Consumer, UnknownAuditKind};
 pub use memory::MemoryAuditSink;
 pub use sink::{AuditSink, AuditSinkError, BoxError};
 pub use tier::{RoleSettings, TierRoleSettings};
+
+/// The `time` crate (0.3) of this API's timestamps (`OffsetDateTime`), re-exported so a caller
+/// names the same version.
+pub use time;
+/// The `uuid` crate (1.x) behind [`TeamId`] and [`ResourceId`], re-exported so a caller names
+/// the same version.
+pub use uuid;

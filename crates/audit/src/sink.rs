@@ -9,7 +9,13 @@ use crate::event::AuditEvent;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why an audit store could not record or read events.
+///
+/// The `source` of [`Store`](Self::Store) and [`Read`](Self::Read) is the adapter's own error:
+/// from the Postgres adapter (feature `postgres`), a database failure downcasts to `sqlx::Error`
+/// (sqlx 0.9), e.g. `source.downcast_ref::<sqlx::Error>()`, for a caller deciding whether to
+/// retry.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditSinkError {
     /// The store failed the operation; nothing was recorded.
     #[error("the audit store failed to {operation}; nothing was recorded")]
@@ -40,6 +46,15 @@ pub enum AuditSinkError {
 }
 
 impl AuditSinkError {
+    /// The row that could not be read back, for [`Corrupt`](Self::Corrupt).
+    #[cfg(feature = "postgres")]
+    pub fn corrupt_row(&self) -> Option<crate::postgres::AuditEventId> {
+        match self {
+            Self::Corrupt { id, .. } => Some(crate::postgres::AuditEventId(*id)),
+            Self::Store { .. } | Self::Read { .. } => None,
+        }
+    }
+
     /// A read failure with its source.
     pub fn read(operation: &'static str, source: impl Into<BoxError>) -> Self {
         Self::Read {

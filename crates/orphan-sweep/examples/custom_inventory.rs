@@ -5,7 +5,6 @@
 //!
 //! Run with `cargo run -p keel-orphan-sweep --features testing --example custom_inventory`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_audit::Token;
@@ -58,16 +57,12 @@ impl LiveTokens for Records {
 }
 
 fn database(token: &str, managed: bool) -> InventoryItem {
-    let mut labels = BTreeMap::new();
+    let item =
+        InventoryItem::new(format!("cust_{token}")).with_created_at(NOW - time::Duration::hours(5));
     if managed {
-        labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
-    }
-    InventoryItem {
-        name: format!("cust_{token}"),
-        created_at: Some(NOW - time::Duration::hours(5)),
-        labels,
-        annotations: BTreeMap::new(),
-        terminating: false,
+        item.with_label(MANAGED_BY_LABEL, MANAGED_BY)
+    } else {
+        item
     }
 }
 

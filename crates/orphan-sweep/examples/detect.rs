@@ -4,7 +4,6 @@
 //!
 //! Run with `cargo run -p keel-orphan-sweep --example detect`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_audit::Token;
@@ -17,16 +16,12 @@ use time::macros::datetime;
 fn main() -> Result<(), keel_audit::InvalidToken> {
     let now = datetime!(2026-11-22 10:00 UTC);
     let item = |name: &str, age_minutes: i64, managed: bool| {
-        let mut labels = BTreeMap::new();
+        let item =
+            InventoryItem::new(name).with_created_at(now - time::Duration::minutes(age_minutes));
         if managed {
-            labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
-        }
-        InventoryItem {
-            name: name.to_owned(),
-            created_at: Some(now - time::Duration::minutes(age_minutes)),
-            labels,
-            annotations: BTreeMap::new(),
-            terminating: false,
+            item.with_label(MANAGED_BY_LABEL, MANAGED_BY)
+        } else {
+            item
         }
     };
     let inventory = [

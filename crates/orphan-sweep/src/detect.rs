@@ -24,6 +24,7 @@ pub const PROTECT_ANNOTATION: &str = "keel.dev/protect";
 
 /// What an orphan is. Closed: it labels metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+#[non_exhaustive]
 pub enum OrphanKind {
     /// A customer's Kubernetes namespace.
     CustomerNamespace,
@@ -58,6 +59,7 @@ impl fmt::Display for OrphanKind {
 
 /// An item with its kind and, when it has one, its backend name (and so its token).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Classified {
     /// The kind.
     pub kind: OrphanKind,
@@ -188,6 +190,7 @@ impl fmt::Display for Blocker {
 
 /// An orphan candidate: no live resource owns it and it is older than the grace window.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Candidate {
     /// Its kind.
     pub kind: OrphanKind,

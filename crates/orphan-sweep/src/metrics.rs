@@ -14,6 +14,7 @@ use crate::detect::{Blocker, OrphanKind};
 
 /// Where a tick failed. Closed: it labels the error counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+#[non_exhaustive]
 pub enum Stage {
     /// Listing the inventory.
     List,
@@ -51,6 +52,7 @@ impl Stage {
 
 /// How a tick ended. Closed: it labels the tick counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+#[non_exhaustive]
 pub enum TickOutcome {
     /// The tick ran to the end.
     Completed,

@@ -30,6 +30,7 @@ impl InventorySource {
 
 /// One backend object found by an inventory. Its name contains a customer token: never log it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InventoryItem {
     /// The object's name (secret: it carries the token).
     pub name: String,
@@ -44,8 +45,52 @@ pub struct InventoryItem {
     pub terminating: bool,
 }
 
+impl InventoryItem {
+    /// An item named `name`, with no creation time, labels or annotations, not terminating.
+    /// The `with_*` methods fill in the rest (an inventory outside this crate builds its items
+    /// this way, so a new field is not a breaking change).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            created_at: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            terminating: false,
+        }
+    }
+
+    /// Sets when the backend says it was created.
+    #[must_use]
+    pub fn with_created_at(mut self, created_at: OffsetDateTime) -> Self {
+        self.created_at = Some(created_at);
+        self
+    }
+
+    /// Adds the label `key=value`.
+    #[must_use]
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds the annotation `key=value`.
+    #[must_use]
+    pub fn with_annotation(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    /// Marks it as already being deleted.
+    #[must_use]
+    pub fn with_terminating(mut self, terminating: bool) -> Self {
+        self.terminating = terminating;
+        self
+    }
+}
+
 /// Why an inventory could not produce a complete list. A partial list is never returned.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum InventoryError {
     /// The list expired mid-pagination (HTTP 410): the pages seen so far are discarded.
     #[error("the list expired mid-pagination after {pages} page(s); nothing from it is used")]
@@ -80,6 +125,7 @@ pub struct LiveTokensError(#[source] pub BoxError);
 
 /// What this installation's platform database says about a set of tokens.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Standings {
     /// This installation's id.
     pub installation: InstallationId,
@@ -126,6 +172,7 @@ pub enum Reclaimed {
 
 /// Why a reclaim did not happen.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReclaimError {
     /// A live resource owns the object (checked by the chokepoint itself); nothing was touched.
     #[error("a live resource owns it; nothing was touched")]
@@ -174,11 +221,19 @@ impl<T: Reclaimer + ?Sized> Reclaimer for &T {
 /// A period claimed by one replica: the tick of that period runs once however many replicas
 /// there are. `now` is the state store's clock (replicas agree on it).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PeriodClaim {
     /// The period: whole intervals since the Unix epoch, by the store's clock.
     pub period: i64,
     /// The store's clock when the claim was made.
     pub now: OffsetDateTime,
+}
+
+impl PeriodClaim {
+    /// The claim of `period`, made at `now` by the store's clock.
+    pub fn new(period: i64, now: OffsetDateTime) -> Self {
+        Self { period, now }
+    }
 }
 
 /// Why the sweep's durable state could not be read or written.
@@ -194,6 +249,7 @@ pub struct StateError {
 
 /// The durable record of one candidate across periods (by kind and token digest, never by name).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Sighting {
     /// The sighting's key: `<kind>:<token digest>` (a generic item without a token: `<kind>:`
     /// plus a digest of its name).
@@ -210,6 +266,22 @@ pub struct Sighting {
     pub consecutive: u32,
     /// Set once the chokepoint refused it: never attempted again while it stays a candidate.
     pub quarantined: Option<String>,
+}
+
+impl Sighting {
+    /// A first sighting under `key` in `period`, which started at `first_seen`: not
+    /// reclaimable, no consecutive reclaimable periods, not quarantined. A state store outside
+    /// this crate builds its sightings this way and sets the public fields it read.
+    pub fn new(key: impl Into<String>, first_seen: OffsetDateTime, period: i64) -> Self {
+        Self {
+            key: key.into(),
+            first_seen,
+            last_period: period,
+            reclaimable_since: None,
+            consecutive: 0,
+            quarantined: None,
+        }
+    }
 }
 
 /// The sweep's durable state: period claims and sightings, in the platform database so

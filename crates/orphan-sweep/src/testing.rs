@@ -1,12 +1,41 @@
-//! Test doubles (feature `testing`): a reclaimer that destroys nothing and answers what a
-//! closure says, recording every name it was asked for (masked).
+//! Test doubles and the inventory port's contract (feature `testing`).
+//!
+//! - [`ScriptedReclaimer`]: a reclaimer that destroys nothing and answers what a closure says,
+//!   recording every name it was asked for (masked).
+//! - [`FakeInventory`]: an in-memory [`Inventory`] of named objects, with scripted failures.
+//! - [`FakeLiveTokens`]: an in-memory [`LiveTokens`] answering from token sets, with scripted
+//!   failures.
+//! - [`inventory_contract`]: what every [`Inventory`] promises, as one story a user runs against
+//!   their own adapter through an [`InventoryHarness`]; Keel runs it against [`FakeInventory`]
+//!   and the Postgres adapter.
+//!
+//! ```
+//! # async fn demo() {
+//! use keel_orphan_sweep::InventorySource;
+//! use keel_orphan_sweep::testing::{FakeInventory, inventory_contract};
+//! use time::macros::datetime;
+//!
+//! let inventory = FakeInventory::new(InventorySource::Postgres, "cust_");
+//! inventory_contract(&inventory, datetime!(2026-11-22 10:00 UTC)).await;
+//! # }
+//! ```
 
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use keel_provision::BackendName;
+use keel_audit::Token;
+use keel_provision::{BackendName, InstallationId, TokenDigest};
 use time::OffsetDateTime;
 
-use crate::ports::{ReclaimError, Reclaimed, Reclaimer, sealed};
+use crate::ports::{
+    Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
+    ReclaimError, Reclaimed, Reclaimer, Standings, sealed,
+};
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 type Answer = dyn Fn(&BackendName, OffsetDateTime) -> Result<Reclaimed, ReclaimError> + Send + Sync;
 
@@ -67,5 +96,422 @@ impl Reclaimer for ScriptedReclaimer {
             .unwrap_or_else(PoisonError::into_inner)
             .push(name.masked());
         (self.answer)(name, now)
+    }
+}
+
+type Failure = Box<dyn FnOnce() -> InventoryError + Send>;
+
+/// An in-memory [`Inventory`]: the objects put in it whose names start with its prefix, sorted by
+/// name; each scripted failure answers one list with an error (never a partial list). Cheap to
+/// clone (shared).
+#[derive(Clone)]
+pub struct FakeInventory {
+    source: InventorySource,
+    prefix: String,
+    objects: Arc<Mutex<BTreeMap<String, InventoryItem>>>,
+    failures: Arc<Mutex<VecDeque<Failure>>>,
+    lists: Arc<Mutex<u32>>,
+}
+
+impl std::fmt::Debug for FakeInventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Object names carry tokens: only counts are shown.
+        f.debug_struct("FakeInventory")
+            .field("source", &self.source)
+            .field("objects", &locked(&self.objects).len())
+            .field("lists", &self.lists())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeInventory {
+    /// An empty inventory of `source` listing objects whose names start with `prefix`.
+    pub fn new(source: InventorySource, prefix: impl Into<String>) -> Self {
+        Self {
+            source,
+            prefix: prefix.into(),
+            objects: Arc::default(),
+            failures: Arc::default(),
+            lists: Arc::default(),
+        }
+    }
+
+    /// Puts `item` in (replacing an object of the same name).
+    pub fn put(&self, item: InventoryItem) {
+        locked(&self.objects).insert(item.name.clone(), item);
+    }
+
+    /// Takes the object `name` out; whether it was there.
+    pub fn take(&self, name: &str) -> bool {
+        locked(&self.objects).remove(name).is_some()
+    }
+
+    /// The next list answers `failure()` instead (failures queue up, one per list).
+    pub fn fail_next(&self, failure: impl FnOnce() -> InventoryError + Send + 'static) {
+        locked(&self.failures).push_back(Box::new(failure));
+    }
+
+    /// How many lists were asked for, failed ones included.
+    pub fn lists(&self) -> u32 {
+        *locked(&self.lists)
+    }
+}
+
+impl Inventory for FakeInventory {
+    fn source(&self) -> InventorySource {
+        self.source
+    }
+
+    async fn list(&self) -> Result<Vec<InventoryItem>, InventoryError> {
+        *locked(&self.lists) += 1;
+        let failure = locked(&self.failures).pop_front();
+        if let Some(failure) = failure {
+            return Err(failure());
+        }
+        Ok(locked(&self.objects)
+            .values()
+            .filter(|item| item.name.starts_with(&self.prefix))
+            .cloned()
+            .collect())
+    }
+}
+
+/// An in-memory [`LiveTokens`] for one installation: tokens are live, owned or protected as set;
+/// the answer covers only the digests asked about; each scripted failure answers one read with
+/// an error. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct FakeLiveTokens {
+    installation: InstallationId,
+    sets: Arc<Mutex<Standings>>,
+    failures: Arc<Mutex<VecDeque<String>>>,
+    asked: Arc<Mutex<Vec<usize>>>,
+}
+
+impl std::fmt::Debug for FakeLiveTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeLiveTokens")
+            .field("installation", &self.installation)
+            .field("asked", &self.asked())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeLiveTokens {
+    /// Standings of `installation` where nothing is live, owned or protected yet.
+    pub fn new(installation: InstallationId) -> Self {
+        Self {
+            installation,
+            sets: Arc::new(Mutex::new(Standings::empty(installation))),
+            failures: Arc::default(),
+            asked: Arc::default(),
+        }
+    }
+
+    /// `token` has a row that is not terminal (live, and owned by this installation).
+    pub fn live(&self, token: &Token) {
+        let digest = TokenDigest::of(token);
+        let mut sets = locked(&self.sets);
+        sets.owned.insert(digest.clone());
+        sets.live.insert(digest);
+    }
+
+    /// `token` has only terminal rows (owned by this installation, not live).
+    pub fn ended(&self, token: &Token) {
+        let digest = TokenDigest::of(token);
+        let mut sets = locked(&self.sets);
+        sets.live.remove(&digest);
+        sets.owned.insert(digest);
+    }
+
+    /// `token` is protected from reclaim.
+    pub fn protect(&self, token: &Token) {
+        locked(&self.sets).protected.insert(TokenDigest::of(token));
+    }
+
+    /// The next read fails with `message` as its source (failures queue up, one per read).
+    pub fn fail_next(&self, message: impl Into<String>) {
+        locked(&self.failures).push_back(message.into());
+    }
+
+    /// How many digests each read asked about, in order (one read per tick, never one per
+    /// token).
+    pub fn asked(&self) -> Vec<usize> {
+        locked(&self.asked).clone()
+    }
+}
+
+impl LiveTokens for FakeLiveTokens {
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
+        locked(&self.asked).push(digests.len());
+        let failure = locked(&self.failures).pop_front();
+        if let Some(message) = failure {
+            return Err(LiveTokensError(message.into()));
+        }
+        let sets = locked(&self.sets);
+        let among = |set: &HashSet<TokenDigest>| -> HashSet<TokenDigest> {
+            digests
+                .iter()
+                .filter(|d| set.contains(*d))
+                .cloned()
+                .collect()
+        };
+        let mut standings = Standings::empty(self.installation);
+        standings.live = among(&sets.live);
+        standings.owned = among(&sets.owned);
+        standings.protected = among(&sets.protected);
+        Ok(standings)
+    }
+}
+
+/// What [`inventory_contract`] needs beyond the [`Inventory`] port: making and removing backend
+/// objects. Implement it for an adapter to check that adapter against the contract.
+pub trait InventoryHarness: Inventory {
+    /// The name the platform gives the object of `token` (under the inventory's prefix).
+    fn name_for(&self, token: &str) -> String;
+
+    /// A name for `token` outside the inventory's prefix (an object the platform did not name).
+    fn foreign_name(&self, token: &str) -> String;
+
+    /// Makes a backend object as `item` describes: its name, labels, annotations and creation
+    /// time (whole seconds), so the backend reports them back.
+    fn create(&self, item: &InventoryItem) -> impl Future<Output = ()> + Send;
+
+    /// Removes the backend object `name`.
+    fn remove(&self, name: &str) -> impl Future<Output = ()> + Send;
+}
+
+impl InventoryHarness for FakeInventory {
+    fn name_for(&self, token: &str) -> String {
+        format!("{}{token}", self.prefix)
+    }
+
+    fn foreign_name(&self, token: &str) -> String {
+        format!("zz_not_{}{token}", self.prefix)
+    }
+
+    async fn create(&self, item: &InventoryItem) {
+        self.put(item.clone());
+    }
+
+    async fn remove(&self, name: &str) {
+        self.take(name);
+    }
+}
+
+async fn contract_list<H: InventoryHarness>(inventory: &H, step: &str) -> Vec<InventoryItem> {
+    let items = inventory
+        .list()
+        .await
+        .unwrap_or_else(|e| panic!("{step}: the inventory failed to list: {e}"));
+    let mut seen = HashSet::new();
+    for item in &items {
+        assert!(
+            seen.insert(item.name.as_str()),
+            "{step}: an object is listed twice"
+        );
+    }
+    items
+}
+
+fn contract_find<'a>(items: &'a [InventoryItem], name: &str) -> Option<&'a InventoryItem> {
+    items.iter().find(|item| item.name == name)
+}
+
+fn contract_token() -> String {
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    format!("ctr{}", &hex[..13])
+}
+
+/// The `Inventory` contract, as one story at `now` that makes and removes its own objects (fresh
+/// random tokens, so it shares a backend with other objects and other runs): every object under
+/// the prefix is listed once, with its labels, annotations and creation time, not terminating;
+/// an object outside the prefix is not listed; listing twice gives the same objects; a removed
+/// object is no longer listed. Panics at the first broken promise, never showing a name.
+pub async fn inventory_contract<H: InventoryHarness>(inventory: &H, now: OffsetDateTime) {
+    let now = now
+        .replace_nanosecond(0)
+        .unwrap_or_else(|e| panic!("whole seconds: {e}"));
+    let (first, second, outside) = (contract_token(), contract_token(), contract_token());
+    let older = InventoryItem::new(inventory.name_for(&first))
+        .with_created_at(now - time::Duration::hours(3))
+        .with_label(crate::MANAGED_BY_LABEL, crate::MANAGED_BY)
+        .with_annotation(crate::PROTECT_ANNOTATION, "true");
+    let newer = InventoryItem::new(inventory.name_for(&second))
+        .with_created_at(now - time::Duration::minutes(10));
+    let foreign = InventoryItem::new(inventory.foreign_name(&outside))
+        .with_created_at(now - time::Duration::hours(3))
+        .with_label(crate::MANAGED_BY_LABEL, crate::MANAGED_BY);
+    for item in [&older, &newer, &foreign] {
+        inventory.create(item).await;
+    }
+
+    // Every object under the prefix, as made; nothing outside it.
+    let listed = contract_list(inventory, "after creating").await;
+    for made in [&older, &newer] {
+        let found = contract_find(&listed, &made.name)
+            .unwrap_or_else(|| panic!("an object under the prefix is missing from the list"));
+        assert_eq!(
+            found.labels, made.labels,
+            "an object's labels are not listed as made"
+        );
+        for (key, value) in &made.annotations {
+            assert_eq!(
+                found.annotations.get(key),
+                Some(value),
+                "annotation {key} is not listed as made"
+            );
+        }
+        assert_eq!(
+            found.created_at, made.created_at,
+            "an object's creation time is not listed as made"
+        );
+        assert!(!found.terminating, "a live object is listed as terminating");
+    }
+    assert!(
+        contract_find(&listed, &foreign.name).is_none(),
+        "an object outside the prefix is listed"
+    );
+
+    // A second list gives the same objects.
+    let again = contract_list(inventory, "listing again").await;
+    for made in [&older, &newer] {
+        assert!(
+            contract_find(&again, &made.name).is_some(),
+            "a second list lost an object"
+        );
+    }
+
+    // A removed object is no longer listed; the other still is.
+    inventory.remove(&older.name).await;
+    let after = contract_list(inventory, "after removing one").await;
+    assert!(
+        contract_find(&after, &older.name).is_none(),
+        "a removed object is still listed"
+    );
+    assert!(
+        contract_find(&after, &newer.name).is_some(),
+        "removing one object lost another"
+    );
+
+    inventory.remove(&newer.name).await;
+    inventory.remove(&foreign.name).await;
+    let end = contract_list(inventory, "after removing all").await;
+    assert!(
+        contract_find(&end, &newer.name).is_none(),
+        "a removed object is still listed"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        // The fakes never wait: a no-op waker polls them to completion.
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+        }
+    }
+
+    /// LIB-7: the fake inventory keeps the contract every adapter is held to.
+    #[test]
+    fn the_fake_inventory_keeps_the_inventory_contract() {
+        let inventory = FakeInventory::new(InventorySource::Postgres, "cust_");
+        block_on(inventory_contract(&inventory, NOW));
+        assert_eq!(inventory.lists(), 4);
+    }
+
+    /// An inventory that drops labels: the contract catches it.
+    struct LosesLabels(FakeInventory);
+
+    impl Inventory for LosesLabels {
+        fn source(&self) -> InventorySource {
+            self.0.source()
+        }
+        async fn list(&self) -> Result<Vec<InventoryItem>, InventoryError> {
+            let mut items = self.0.list().await?;
+            for item in &mut items {
+                item.labels.clear();
+            }
+            Ok(items)
+        }
+    }
+
+    impl InventoryHarness for LosesLabels {
+        fn name_for(&self, token: &str) -> String {
+            self.0.name_for(token)
+        }
+        fn foreign_name(&self, token: &str) -> String {
+            self.0.foreign_name(token)
+        }
+        async fn create(&self, item: &InventoryItem) {
+            self.0.create(item).await;
+        }
+        async fn remove(&self, name: &str) {
+            self.0.remove(name).await;
+        }
+    }
+
+    #[test]
+    fn the_inventory_contract_catches_an_adapter_that_loses_labels() {
+        let broken = LosesLabels(FakeInventory::new(InventorySource::Postgres, "cust_"));
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            block_on(inventory_contract(&broken, NOW));
+        }));
+        assert!(
+            verdict.is_err(),
+            "the contract passed an adapter that loses labels"
+        );
+    }
+
+    /// A scripted failure answers one list with an error, never a partial list; the next list is
+    /// complete again.
+    #[test]
+    fn a_scripted_inventory_failure_answers_one_list_with_an_error() {
+        let inventory = FakeInventory::new(InventorySource::Kubernetes, "instant-customer-");
+        inventory.put(InventoryItem::new("instant-customer-abcdefgh1234"));
+        inventory.fail_next(|| InventoryError::Expired { pages: 2 });
+        let failed = block_on(inventory.list());
+        assert!(matches!(failed, Err(InventoryError::Expired { pages: 2 })));
+        let listed = block_on(inventory.list()).unwrap();
+        assert_eq!(listed.len(), 1);
+    }
+
+    /// The fake live-token source answers only about the digests asked, in one read.
+    #[test]
+    fn fake_live_tokens_answer_only_about_the_digests_asked() {
+        let installation = InstallationId::from_uuid(uuid::Uuid::from_u128(7));
+        let tokens = FakeLiveTokens::new(installation);
+        let (live, ended, protected, stranger) = (
+            Token::parse("live00000001").unwrap(),
+            Token::parse("ended0000001").unwrap(),
+            Token::parse("prot00000001").unwrap(),
+            Token::parse("strn00000001").unwrap(),
+        );
+        tokens.live(&live);
+        tokens.ended(&ended);
+        tokens.protect(&protected);
+        let asked = [&live, &ended, &stranger].map(TokenDigest::of);
+        let standings = block_on(tokens.standing_among(&asked)).unwrap();
+        assert_eq!(standings.installation, installation);
+        assert_eq!(standings.live, HashSet::from([TokenDigest::of(&live)]));
+        assert_eq!(
+            standings.owned,
+            HashSet::from([TokenDigest::of(&live), TokenDigest::of(&ended)])
+        );
+        assert!(
+            standings.protected.is_empty(),
+            "a digest nobody asked about was answered"
+        );
+        tokens.fail_next("down");
+        assert!(block_on(tokens.standing_among(&asked)).is_err());
+        assert_eq!(tokens.asked(), [3, 3]);
     }
 }

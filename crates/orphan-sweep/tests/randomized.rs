@@ -192,13 +192,12 @@ impl Inventory for FakeInventory {
                 if o.marked {
                     annotations.insert(PROTECT_ANNOTATION.to_owned(), "yes".to_owned());
                 }
-                InventoryItem {
-                    name: o.name(),
-                    created_at: Some(o.created),
-                    labels,
-                    annotations,
-                    terminating: o.terminating,
-                }
+                let mut item = InventoryItem::new(o.name())
+                    .with_created_at(o.created)
+                    .with_terminating(o.terminating);
+                item.labels = labels;
+                item.annotations = annotations;
+                item
             })
             .collect();
         let percent = world.faults.mutate;

@@ -1300,6 +1300,15 @@ pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
                 "the rotation could not be recorded; send the request again for new credentials",
             );
         }
+        // `RotateError` is non-exhaustive: a failure mode this build does not know is a failed
+        // rotation whose new credentials are shown to nobody.
+        Ok(Err(e)) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not rotate credentials");
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "could not rotate the credentials; the old ones may still work",
+            );
+        }
         Err(_) => {
             tracing::error!(resource_id = %id, "rotating credentials exceeded the request deadline");
             return fail(

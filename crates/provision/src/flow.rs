@@ -32,6 +32,7 @@ use crate::secret::ConnectionUrl;
 
 /// Why [`Provisioner::rotate_credentials`] issued no credentials.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RotateError {
     /// Only an active resource has credentials to rotate.
     #[error("the resource is {}; only an active resource's credentials rotate", .0.as_str())]
@@ -286,6 +287,7 @@ impl FailedStep {
 
 /// Why a provisioning did not produce a [`Provisioned`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProvisionError {
     /// The team does not exist; nothing was written.
     #[error("the team does not exist")]
@@ -313,6 +315,7 @@ pub enum ProvisionError {
 
 /// The failure behind [`ProvisionError::Failed`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StepError {
     /// The backend failed.
     #[error(transparent)]
@@ -406,6 +409,7 @@ pub enum Deprovisioned {
 
 /// Why the chokepoint refused or failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeprovisionError {
     /// No such resource.
     #[error("the resource does not exist")]

@@ -30,8 +30,54 @@
 //!   checked against one contract ([`ErrorEnvelope`]).
 //!
 //! Ports: [`ResourceStore`] and [`Backend`]. Adapters: `postgres` (feature `postgres`: the
-//! resource store and the shared-cluster database backend) and `kube` (feature `kube`: customer
+//! resource store and the shared-cluster database backend, and `register_team` /
+//! `register_existing` for rows made outside Keel) and `kube` (feature `kube`: customer
 //! namespaces). Fault-injection wrappers for tests: `fault` (feature `testing`).
+//!
+//! Public dependencies: `time` 0.3, `prometheus-client` 0.25 and `uuid` 1 are re-exported
+//! ([`time`], [`prometheus_client`], [`uuid`]); the adapters take sqlx 0.9 pools and connect
+//! options (`postgres`) and a kube 5 client (`kube`; the Kubernetes API version is the
+//! application's k8s-openapi 0.29 feature).
+//!
+//! # Example
+//!
+//! Provisioning a customer database on a shared Postgres cluster, with the platform database's
+//! pool and the cluster's admin connection options: one call reserves, creates and finalizes,
+//! compensating any failed step; the password is in the answer once and stored nowhere.
+//!
+//! ```no_run
+//! # async fn demo(
+//! #     pool: sqlx::PgPool,
+//! #     admin: sqlx::postgres::PgConnectOptions,
+//! #     team: keel_audit::TeamId,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! use keel_audit::{Actor, RequestId, ResourceType, Tier};
+//! use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
+//! use keel_provision::prometheus_client::registry::Registry;
+//! use keel_provision::time::OffsetDateTime;
+//! use keel_provision::{ProvisionMetrics, ProvisionRequest, Provisioner};
+//!
+//! let mut registry = Registry::default();
+//! let provisioner = Provisioner::new(
+//!     PgResourceStore::new(pool),
+//!     PgClusterBackend::new(admin, None, 4),
+//!     ProvisionMetrics::register(&mut registry),
+//! );
+//! let request = ProvisionRequest {
+//!     team_id: team,
+//!     resource_type: ResourceType::Postgres,
+//!     tier: Tier::parse("pro")?,
+//!     request_id: RequestId::parse("req-42")?,
+//!     actor: Actor::parse("api")?,
+//! };
+//! match provisioner.provision(request, OffsetDateTime::now_utc()).await {
+//!     // Only a finalized resource answers 201.
+//!     Ok(provisioned) => println!("created {}", provisioned.id()),
+//!     // The envelope says what the caller does next (retry with backoff, or not).
+//!     Err(e) => println!("{}: {}", e.code().as_str(), e),
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! The default build is pure: no database driver, no Kubernetes client, no async runtime.
 
@@ -48,6 +94,8 @@ mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod reclaim;
+#[cfg(feature = "postgres")]
+mod register;
 #[cfg(feature = "postgres")]
 pub mod scram;
 mod secret;
@@ -78,3 +126,12 @@ pub use reclaim::{
     Preflight, ReclaimRefusal, Stamp, protect_value_protects,
 };
 pub use secret::{ConnectionUrl, Password};
+
+/// The `prometheus-client` crate (0.25) of [`ProvisionMetrics::register`]'s registry,
+/// re-exported so a caller names the same version.
+pub use prometheus_client;
+/// The `time` crate (0.3) of this API's timestamps, re-exported so a caller names the same
+/// version.
+pub use time;
+/// The `uuid` crate (1.x) of [`InstallationId`], re-exported so a caller names the same version.
+pub use uuid;

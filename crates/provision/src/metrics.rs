@@ -10,6 +10,7 @@ use crate::model::DeprovisionReason;
 
 /// How a provisioning attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Finalized: the 201 was earned.
     Provisioned,
@@ -41,6 +42,7 @@ impl Outcome {
 
 /// Where a teardown failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
+#[non_exhaustive]
 pub enum TeardownStage {
     /// Compensating a failed provisioning.
     Compensation,

@@ -13,6 +13,7 @@ use crate::reclaim::{ObjectFacts, OrphanRecord, OrphanStanding, Preflight};
 
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The team does not exist.
     #[error("the team does not exist")]
@@ -22,19 +23,21 @@ pub enum StoreError {
     ResourceNotFound,
     /// The row is not in the state the step expects (for example finalizing a row that is no
     /// longer pending).
-    #[error("the resource is {actual}, not {expected}")]
+    #[error("the resource is {}, not {}", .actual.as_str(), .expected.as_str())]
     WrongStatus {
         /// The status the step needs.
-        expected: &'static str,
+        expected: ResourceStatus,
         /// The status found.
-        actual: &'static str,
+        actual: ResourceStatus,
     },
     /// The store failed; nothing was changed.
     #[error("the resource store failed to {operation}")]
     Unavailable {
         /// What was being attempted.
         operation: &'static str,
-        /// The adapter's error (never contains a secret).
+        /// The adapter's error (never contains a secret). From the Postgres adapter (feature
+        /// `postgres`), a database failure downcasts to `sqlx::Error` (sqlx 0.9), e.g.
+        /// `source.downcast_ref::<sqlx::Error>()`, for a caller deciding whether to retry.
         #[source]
         source: BoxError,
     },
@@ -176,6 +179,7 @@ pub enum Flip {
 
 /// Why a backend could not create or tear down an object.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// This backend does not serve that resource type.
     #[error("no backend for {0} resources is configured")]

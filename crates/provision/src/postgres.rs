@@ -12,7 +12,8 @@
 //! token itself (`RETURNING token`) and finds rows by `token_digest`, and database and role names
 //! carry the token's digest ([`crate::TokenDigest`]), so the server's statement and connection
 //! logs name no token. Only a legacy database (named `cust_<token>` before digest names) is
-//! still named by its token, until it is deprovisioned.
+//! still named by its token, until it is deprovisioned, and [`register_existing`] binds the
+//! token of a resource made outside Keel (see there).
 //!
 //! **Secrets.** The password (64 hex digits from the operating system's random source) never
 //! reaches the server: the role is given a SCRAM-SHA-256 verifier computed here
@@ -51,6 +52,8 @@ use crate::reclaim::{
 use crate::scram::{ITERATIONS, Verifier};
 use crate::secret::{ConnectionUrl, Password};
 
+pub use crate::register::{ExistingResource, RegisterError, register_existing, register_team};
+
 /// The statuses that own a backend object, as SQL.
 const LIVE_STATUSES: &str = "('pending', 'active', 'paused', 'suspended')";
 
@@ -81,12 +84,9 @@ impl PgResourceStore {
         Ok(status.and_then(|s| ResourceStatus::parse(&s)))
     }
 
-    async fn wrong_status(&self, id: ResourceId, expected: &'static str) -> StoreError {
+    async fn wrong_status(&self, id: ResourceId, expected: ResourceStatus) -> StoreError {
         match self.status_of(id).await {
-            Ok(Some(actual)) => StoreError::WrongStatus {
-                expected,
-                actual: actual.as_str(),
-            },
+            Ok(Some(actual)) => StoreError::WrongStatus { expected, actual },
             Ok(None) => StoreError::ResourceNotFound,
             Err(e) => e,
         }
@@ -166,7 +166,7 @@ impl ResourceStore for PgResourceStore {
         .map_err(|e| StoreError::unavailable(op, e))?;
         if updated.rows_affected() != 1 {
             drop(tx);
-            return Err(self.wrong_status(id, "pending").await);
+            return Err(self.wrong_status(id, ResourceStatus::Pending).await);
         }
         keel_audit::postgres::insert(&mut tx, audit)
             .await
@@ -490,6 +490,7 @@ impl SslMode {
 
 /// A privilege the cluster admin role lacks (from [`PgClusterBackend::check_privileges`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrivilegeError {
     /// The role lacks `CREATEROLE` and/or `CREATEDB`.
     #[error(
@@ -509,6 +510,7 @@ pub enum PrivilegeError {
 
 /// The platform database still lets `PUBLIC` connect (from [`isolate_platform_database`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IsolationError {
     /// `PUBLIC` keeps `CONNECT` or `TEMPORARY` on the platform database.
     #[error(

@@ -29,8 +29,10 @@
 //! # From a service that embeds Keel
 //!
 //! A service may use the testkit as a dev-dependency too. [`database`] holds Keel's migrations
-//! only; for a schema that also holds the service's own, start from [`empty_database`] and run
-//! both migrators (they keep separate bookkeeping, so either order works):
+//! only; [`database_with`] holds Keel's and then the service's own (`sqlx::migrate!()`), copied
+//! from a template migrated once per server, and [`TestDatabase::team_id`] returns a typed
+//! `keel_audit::TeamId`. To test the migrators themselves, start from [`empty_database`] and run
+//! both (they keep separate bookkeeping, so either order works):
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sqlx::migrate::MigrateError> {
@@ -51,6 +53,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use keel_audit::TeamId;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
@@ -169,44 +173,89 @@ fn shared() -> Result<&'static Shared, HarnessError> {
 /// Creates (once per server and schema version) a database holding the migrated schema.
 async fn migrated_template(server: &PgServer) -> Result<String, HarnessError> {
     let name = format!("keel_tpl_{}", keel_schema::fingerprint());
+    template(server, &name, &[]).await
+}
+
+/// FNV-1a (64 bit) of Keel's schema fingerprint and each migrator's migrations, in order: names
+/// the template holding all of them.
+fn fingerprint_with(migrators: &[&Migrator]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    feed(keel_schema::fingerprint().as_bytes());
+    for migrator in migrators {
+        feed(b"|");
+        for migration in migrator.iter() {
+            feed(&migration.version.to_le_bytes());
+            feed(&migration.checksum);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+/// Creates (once per server) the database `name` holding Keel's migrations and then each of
+/// `migrators`' in order.
+async fn template(
+    server: &PgServer,
+    name: &str,
+    migrators: &[&Migrator],
+) -> Result<String, HarnessError> {
     let mut admin = server.connect_admin().await?;
     // Serialize template creation across concurrent test processes sharing a server.
     admin
         .execute("SELECT pg_advisory_lock(hashtext('keel-testkit-template'))")
         .await
         .map_err(|e| HarnessError::database("lock the template", e))?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await
-            .map_err(|e| HarnessError::database("look up the template", e))?;
-    if !exists {
-        // Build under a temporary name and rename, so a half-migrated template is never used.
-        let building = format!("{name}_building_{}", std::process::id());
-        server.drop_database(&building).await?;
-        server.create_database(&building, None).await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(server.options_for(&building))
-            .await
-            .map_err(|e| HarnessError::database("connect to the template", e))?;
-        keel_schema::migrate(&pool).await?;
-        pool.close().await;
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "ALTER DATABASE {} RENAME TO {}",
-                quote_ident(&building),
-                quote_ident(&name)
-            )))
-            .await
-            .map_err(|e| HarnessError::database("publish the template", e))?;
-    }
+    let built = build_template(server, &mut admin, name, migrators).await;
     admin
         .execute("SELECT pg_advisory_unlock(hashtext('keel-testkit-template'))")
         .await
         .map_err(|e| HarnessError::database("unlock the template", e))?;
-    Ok(name)
+    built.map(|()| name.to_owned())
+}
+
+async fn build_template(
+    server: &PgServer,
+    admin: &mut sqlx::PgConnection,
+    name: &str,
+    migrators: &[&Migrator],
+) -> Result<(), HarnessError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut *admin)
+            .await
+            .map_err(|e| HarnessError::database("look up the template", e))?;
+    if exists {
+        return Ok(());
+    }
+    // Build under a temporary name and rename, so a half-migrated template is never used.
+    let building = format!("{name}_building_{}", std::process::id());
+    server.drop_database(&building).await?;
+    server.create_database(&building, None).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(server.options_for(&building))
+        .await
+        .map_err(|e| HarnessError::database("connect to the template", e))?;
+    keel_schema::migrate(&pool).await?;
+    for migrator in migrators {
+        migrator.run(&pool).await?;
+    }
+    pool.close().await;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(&building),
+            quote_ident(name)
+        )))
+        .await
+        .map_err(|e| HarnessError::database("publish the template", e))?;
+    Ok(())
 }
 
 /// A database of its own for one test, dropped with it.
@@ -243,7 +292,17 @@ impl TestDatabase {
         self.server
     }
 
-    /// Inserts a team at `tier` and returns its id (most provisioning tests need one).
+    /// Inserts a team at `tier` and returns its id as a typed [`TeamId`].
+    ///
+    /// # Panics
+    ///
+    /// When the insert fails: the test fails loudly.
+    pub async fn team_id(&self, tier: &str) -> TeamId {
+        TeamId::from_uuid(self.team(tier).await)
+    }
+
+    /// Inserts a team at `tier` and returns its id as a raw UUID ([`TestDatabase::team_id`]
+    /// returns it typed).
     ///
     /// # Panics
     ///
@@ -279,9 +338,18 @@ fn unique_name() -> String {
 
 async fn open(template: Option<&str>) -> Result<TestDatabase, HarnessError> {
     let shared = shared()?;
+    open_from(shared, template.map(|_| shared.template.clone())).await
+}
+
+async fn open_from(
+    shared: &'static Shared,
+    template: Option<String>,
+) -> Result<TestDatabase, HarnessError> {
     let name = unique_name();
-    let template = template.map(|_| shared.template.as_str());
-    shared.server.create_database(&name, template).await?;
+    shared
+        .server
+        .create_database(&name, template.as_deref())
+        .await?;
     let pool = PgPoolOptions::new()
         .max_connections(10)
         .connect_with(shared.server.options_for(&name))
@@ -334,6 +402,37 @@ pub async fn database_on(server: &'static PgServer) -> TestDatabase {
         .await
         .unwrap_or_else(|e| panic!("keel-testkit: no Postgres for this test: {e}"));
     TestDatabase { name, pool, server }
+}
+
+/// A fresh database holding Keel's migrations and then each of `migrators`' (a service's own
+/// `sqlx::migrate!()`), or why there can't be one. Like [`database`], each is a copy of a
+/// template migrated once per server, named after the fingerprint of all the migrations.
+pub async fn try_database_with(migrators: &[&Migrator]) -> Result<TestDatabase, HarnessError> {
+    let shared = shared()?;
+    let name = format!("keel_tpl_{}", fingerprint_with(migrators));
+    let template = template(&shared.server, &name, migrators).await?;
+    open_from(shared, Some(template)).await
+}
+
+/// A fresh database holding Keel's migrations and then each of `migrators'` (a service's own
+/// `sqlx::migrate!()`), copied from a template migrated once per server.
+///
+/// ```no_run
+/// # async fn demo() {
+/// # static SERVICE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+/// let db = keel_testkit::database_with(&[&SERVICE_MIGRATOR]).await;
+/// let team = db.team_id("pro").await;
+/// # let _ = team;
+/// # }
+/// ```
+///
+/// # Panics
+///
+/// As [`database`].
+pub async fn database_with(migrators: &[&Migrator]) -> TestDatabase {
+    try_database_with(migrators)
+        .await
+        .unwrap_or_else(|e| panic!("keel-testkit: no Postgres for this test: {e}"))
 }
 
 /// A fresh, empty database (no migrations), e.g. to test the migrations themselves.

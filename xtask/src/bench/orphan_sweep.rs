@@ -3,7 +3,6 @@
 //! one query per token, in the same run on the same Postgres. Prints time per tick and the
 //! process's peak resident memory growth during each.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -171,16 +170,12 @@ pub fn bench(items: u64, rows: u64) -> anyhow::Result<()> {
         let inventory: Vec<InventoryItem> = (0..items)
             .map(|i| {
                 let n = if i % 2 == 0 { i + 1 } else { rows + i };
-                InventoryItem {
-                    name: format!("cust_t{n:011}"),
-                    created_at: Some(created),
-                    labels: BTreeMap::from([(
-                        keel_orphan_sweep::MANAGED_BY_LABEL.to_owned(),
-                        keel_orphan_sweep::MANAGED_BY.to_owned(),
-                    )]),
-                    annotations: BTreeMap::new(),
-                    terminating: false,
-                }
+                InventoryItem::new(format!("cust_t{n:011}"))
+                    .with_created_at(created)
+                    .with_label(
+                        keel_orphan_sweep::MANAGED_BY_LABEL,
+                        keel_orphan_sweep::MANAGED_BY,
+                    )
             })
             .collect();
         let expected = inventory

@@ -2,6 +2,7 @@
 //! inventory, the standing read, the durable state, the single-flight lock, a reclaim through
 //! keel-provision's chokepoint, and two installations sharing one cluster.
 
+mod contract;
 mod installations;
 
 use std::collections::HashSet;

@@ -5,6 +5,7 @@ mod deprovision;
 mod hardening;
 mod matrix;
 mod orphan;
+mod register;
 mod secrets;
 mod steps;
 

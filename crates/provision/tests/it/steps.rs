@@ -27,17 +27,14 @@ fn assert_503_retry_with_backoff(err: &ProvisionError) {
 }
 
 fn compensation(err: &ProvisionError, expected_step: FailedStep) -> Compensation {
-    match err {
-        ProvisionError::Failed {
-            step, compensation, ..
-        } => {
-            assert_eq!(*step, expected_step);
-            *compensation
-        }
-        ProvisionError::TeamNotFound
-        | ProvisionError::Unsupported(_)
-        | ProvisionError::Reserve(_) => panic!("expected a compensated failure, got {err}"),
-    }
+    let ProvisionError::Failed {
+        step, compensation, ..
+    } = err
+    else {
+        panic!("expected a compensated failure, got {err}");
+    };
+    assert_eq!(*step, expected_step);
+    *compensation
 }
 
 async fn provision_err(h: &Harness) -> ProvisionError {
