@@ -33,6 +33,8 @@ mod kind;
 #[cfg(feature = "testing")]
 mod memory;
 #[cfg(feature = "postgres")]
+pub mod notify;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod screen;
 #[cfg(feature = "postgres")]

@@ -2,6 +2,7 @@
 
 mod consumers;
 mod contract;
+mod notify;
 mod postgres;
 mod privileges;
 mod regressions;
