@@ -8,13 +8,13 @@ use anyhow::Context as _;
 use keel_audit::notify::{
     Attempt, DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, try_lock,
 };
+use keel_service::shutdown::CancellationToken;
 use prometheus_client::encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
-use keel_service::shutdown::CancellationToken;
 
 use crate::webhook::HttpWebhook;
 
@@ -202,11 +202,7 @@ impl Dispatcher {
     ) -> anyhow::Result<bool> {
         // A connection of its own, never returned to the pool: the session lock lives and dies
         // with it (a SIGKILL closes it, and the next replica takes over).
-        let mut conn = pool
-            .acquire()
-            .await
-            .context("could not connect")?
-            .detach();
+        let mut conn = pool.acquire().await.context("could not connect")?.detach();
         if !try_lock(&mut conn).await? {
             if self.once {
                 tracing::info!("another dispatcher holds the lock; nothing to do");
@@ -247,7 +243,8 @@ impl Dispatcher {
                 "took audit rows from the trail"
             );
         }
-        let attempts = deliver_due(conn, &self.webhook, &self.key, &self.policy, self.batch).await?;
+        let attempts =
+            deliver_due(conn, &self.webhook, &self.key, &self.policy, self.batch).await?;
         for attempt in &attempts {
             metrics.count(attempt);
             match attempt.outcome {

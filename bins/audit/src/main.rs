@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use keel_audit::seal::{SealKey, SealOutcome, seal, verify};
 use keel_audit::Actor;
 use keel_audit::notify::{NotifyKey, RetryPolicy};
+use keel_audit::seal::{SealKey, SealOutcome, seal, verify};
 use keel_service::cli::{DatabaseArgs, LogArgs};
 use keel_service::http::HttpArgs;
 
@@ -155,10 +155,18 @@ struct DispatchArgs {
     #[arg(long, env = "KEEL_AUDIT_NOTIFY_MAX_ATTEMPTS", default_value_t = 12)]
     max_attempts: u32,
     /// First retry backoff, in milliseconds (doubling per attempt, with jitter).
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_BASE_BACKOFF_MS", default_value_t = 5_000)]
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_BASE_BACKOFF_MS",
+        default_value_t = 5_000
+    )]
     base_backoff_ms: u64,
     /// Longest retry backoff, in seconds.
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_MAX_BACKOFF_SECS", default_value_t = 3_600)]
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_MAX_BACKOFF_SECS",
+        default_value_t = 3_600
+    )]
     max_backoff_secs: u64,
     /// Pause between passes when nothing is due, in milliseconds.
     #[arg(long, env = "KEEL_AUDIT_NOTIFY_POLL_MS", default_value_t = 1_000)]
@@ -237,9 +245,10 @@ fn main() -> ExitCode {
                 let mut conn = pool.acquire().await.context("could not connect")?;
                 let rows = keel_audit::notify::dead_letters(&mut conn, limit).await?;
                 for row in &rows {
-                    let when = row
-                        .dead_lettered_at
-                        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+                    let when = row.dead_lettered_at.and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    });
                     if json {
                         println!(
                             "{}",

@@ -12,8 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keel_audit::notify::{
-    EVENT_ID_HEADER, SIGNATURE_HEADER, SignedNotification, TIMESTAMP_HEADER, Unreachable,
-    Webhook, WebhookReply,
+    EVENT_ID_HEADER, SIGNATURE_HEADER, SignedNotification, TIMESTAMP_HEADER, Unreachable, Webhook,
+    WebhookReply,
 };
 
 /// The webhook URL: parsed without ever echoing it (not in errors, not in `Debug`).

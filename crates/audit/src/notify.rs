@@ -107,7 +107,10 @@ impl NotifyKey {
 
     /// The [`SIGNATURE_HEADER`] value for `body` signed at `timestamp` (Unix seconds).
     pub fn sign(&self, timestamp: i64, body: &[u8]) -> String {
-        format!("v1={}", hex(&self.mac(timestamp, body).finalize().into_bytes()))
+        format!(
+            "v1={}",
+            hex(&self.mac(timestamp, body).finalize().into_bytes())
+        )
     }
 
     /// Whether `signature` (a [`SIGNATURE_HEADER`] value) signs `body` at `timestamp`, compared
@@ -297,13 +300,12 @@ pub async fn try_lock(conn: &mut PgConnection) -> Result<bool, AuditSinkError> {
 /// notifications among them; moves the cursor in the same transaction.
 pub async fn ingest(conn: &mut PgConnection, limit: u32) -> Result<Ingested, AuditSinkError> {
     let mut tx = conn.begin().await.map_err(store("begin ingesting"))?;
-    let cursor: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid, audit_id FROM notification_cursor WHERE name = $1 FOR UPDATE",
-    )
-    .bind(CURSOR)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(store("read the notification cursor"))?;
+    let cursor: Option<(i64, i64)> =
+        sqlx::query_as("SELECT txid, audit_id FROM notification_cursor WHERE name = $1 FOR UPDATE")
+            .bind(CURSOR)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(store("read the notification cursor"))?;
     let cursor = cursor.map_or(CommitCursor::START, |(txid, id)| CommitCursor { txid, id });
     let (rows, next) = fetch_committed_after(&mut tx, cursor, limit).await?;
     let mut done = Ingested::default();
@@ -469,7 +471,10 @@ async fn record(
     status: Option<u16>,
     policy: &RetryPolicy,
 ) -> Result<(), AuditSinkError> {
-    let mut tx = conn.begin().await.map_err(store("begin recording a delivery"))?;
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(store("begin recording a delivery"))?;
     let (kind, last_outcome) = match outcome {
         DeliveryOutcome::Delivered => (AuditKind::NotificationDelivered, "delivered"),
         DeliveryOutcome::Retrying(class) => (AuditKind::NotificationRetrying, class.as_str()),
@@ -563,6 +568,9 @@ pub async fn dead_letters(
     .map_err(|e| AuditSinkError::read("read dead-lettered notifications", e))
 }
 
+/// What a requeue reads back: template, audit id, team, resource, the database's now.
+type Requeued = (String, i64, Option<Uuid>, Option<Uuid>, OffsetDateTime);
+
 /// Re-arms a dead-lettered delivery (attempts from zero, due now) under the same event id, and
 /// audits `notification.requeued` by `actor`. `false` when no dead delivery has that id.
 pub async fn requeue(
@@ -571,7 +579,7 @@ pub async fn requeue(
     actor: &Actor,
 ) -> Result<bool, AuditSinkError> {
     let mut tx = conn.begin().await.map_err(store("begin requeueing"))?;
-    let row: Option<(String, i64, Option<Uuid>, Option<Uuid>, OffsetDateTime)> = sqlx::query_as(
+    let row: Option<Requeued> = sqlx::query_as(
         "UPDATE notification_deliveries \
          SET state = 'pending', attempts = 0, next_attempt_at = now(), dead_lettered_at = NULL \
          WHERE event_id = $1 AND state = 'dead' \

@@ -90,10 +90,7 @@ async fn every_customer_notification_is_queued_once_and_delivered_signed_and_aud
     let done = deliver_due(&mut app, &receiver, &key(), &RetryPolicy::default(), 100)
         .await
         .unwrap();
-    assert!(
-        done.iter()
-            .all(|a| a.outcome == DeliveryOutcome::Delivered)
-    );
+    assert!(done.iter().all(|a| a.outcome == DeliveryOutcome::Delivered));
     let seen = receiver.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), customer.len());
     for (request, audit_id) in seen.iter().zip(&customer) {
@@ -168,9 +165,15 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
     );
 
     let operator = Actor::parse("ops-alice").unwrap();
-    assert!(requeue(&mut app, first[0].event_id, &operator).await.unwrap());
     assert!(
-        !requeue(&mut app, first[0].event_id, &operator).await.unwrap(),
+        requeue(&mut app, first[0].event_id, &operator)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !requeue(&mut app, first[0].event_id, &operator)
+            .await
+            .unwrap(),
         "only a dead letter can be requeued"
     );
     *receiver.status.lock().unwrap() = 200;
@@ -189,11 +192,10 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
         kinds_written(&mut app, AuditKind::NotificationRequeued).await,
         [first[0].event_id.to_string()]
     );
-    let audited_actor: String = sqlx::query_scalar(
-        "SELECT actor FROM audit_events WHERE kind = 'notification.requeued'",
-    )
-    .fetch_one(&mut *app)
-    .await
-    .unwrap();
+    let audited_actor: String =
+        sqlx::query_scalar("SELECT actor FROM audit_events WHERE kind = 'notification.requeued'")
+            .fetch_one(&mut *app)
+            .await
+            .unwrap();
     assert_eq!(audited_actor, "ops-alice");
 }
