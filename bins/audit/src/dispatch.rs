@@ -1,146 +1,18 @@
 //! `keel-audit dispatch`: the customer-notification dispatcher's loop and metrics.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_audit::notify::{
-    Attempt, DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, try_lock,
+    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, try_lock,
 };
+use keel_audit::notify_metrics::NotifyMetrics as Metrics;
 use keel_service::shutdown::CancellationToken;
-use prometheus_client::encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 
 use crate::webhook::HttpWebhook;
-
-/// Labels `{template}` (the templates are the closed set `AuditKind::consumer` declares).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct TemplateLabels {
-    template: String,
-}
-
-impl EncodeLabelSet for TemplateLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        ("template", self.template.as_str()).encode(encoder.encode_label())
-    }
-}
-
-/// Labels `{template, class}` (`class` from `FailureClass`).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct FailureLabels {
-    template: String,
-    class: &'static str,
-}
-
-impl EncodeLabelSet for FailureLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        ("template", self.template.as_str()).encode(encoder.encode_label())?;
-        ("class", self.class).encode(encoder.encode_label())
-    }
-}
-
-/// The dispatcher's metrics.
-#[derive(Clone, Default)]
-pub struct Metrics {
-    delivered: Family<TemplateLabels, Counter>,
-    failed: Family<FailureLabels, Counter>,
-    dead_lettered: Family<TemplateLabels, Counter>,
-    unreadable: Counter,
-    pending: Gauge,
-    dead: Gauge,
-    lag_seconds: Gauge<f64, AtomicU64>,
-    errors: Counter,
-}
-
-impl Metrics {
-    /// Registers every metric, with each template primed at zero.
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self::default();
-        for &kind in keel_audit::notify::DISPATCHED_KINDS {
-            if let keel_audit::Consumer::CustomerNotification { template } = kind.consumer() {
-                let labels = TemplateLabels {
-                    template: template.to_owned(),
-                };
-                drop(metrics.delivered.get_or_create(&labels));
-                drop(metrics.dead_lettered.get_or_create(&labels));
-            }
-        }
-        registry.register(
-            "keel_audit_notifications_delivered",
-            "Customer notifications the webhook accepted (2xx)",
-            metrics.delivered.clone(),
-        );
-        registry.register(
-            "keel_audit_notification_failures",
-            "Failed delivery attempts, by class (status_4xx, status_5xx, status_other, connect, timeout, io); each retries or dead-letters",
-            metrics.failed.clone(),
-        );
-        registry.register(
-            "keel_audit_notifications_dead_lettered",
-            "Customer notifications dead-lettered after their last attempt (notification.dead_lettered)",
-            metrics.dead_lettered.clone(),
-        );
-        registry.register(
-            "keel_audit_notifications_unreadable",
-            "Audit rows the dispatcher skipped because this build does not know their kind",
-            metrics.unreadable.clone(),
-        );
-        registry.register(
-            "keel_audit_notifications_pending",
-            "Customer notifications queued and not yet delivered",
-            metrics.pending.clone(),
-        );
-        registry.register(
-            "keel_audit_notifications_dead",
-            "Dead-lettered customer notifications awaiting an operator",
-            metrics.dead.clone(),
-        );
-        registry.register(
-            "keel_audit_notification_lag_seconds",
-            "Seconds since the oldest undelivered notification's audit row was recorded (0 when none)",
-            metrics.lag_seconds.clone(),
-        );
-        registry.register(
-            "keel_audit_notification_errors",
-            "Dispatcher passes that failed on the database; the dispatcher reconnects and retries",
-            metrics.errors.clone(),
-        );
-        metrics
-    }
-
-    fn count(&self, attempt: &Attempt) {
-        let template = TemplateLabels {
-            template: attempt.template.clone(),
-        };
-        match attempt.outcome {
-            DeliveryOutcome::Delivered => {
-                self.delivered.get_or_create(&template).inc();
-            }
-            DeliveryOutcome::Retrying(class) => {
-                self.failed
-                    .get_or_create(&FailureLabels {
-                        template: attempt.template.clone(),
-                        class: class.as_str(),
-                    })
-                    .inc();
-            }
-            DeliveryOutcome::DeadLettered(class) => {
-                self.failed
-                    .get_or_create(&FailureLabels {
-                        template: attempt.template.clone(),
-                        class: class.as_str(),
-                    })
-                    .inc();
-                self.dead_lettered.get_or_create(&template).inc();
-            }
-        }
-    }
-}
 
 /// The dispatcher's settings.
 pub struct Dispatcher {
@@ -234,7 +106,7 @@ impl Dispatcher {
     async fn pass(&self, conn: &mut sqlx::PgConnection, metrics: &Metrics) -> anyhow::Result<Pass> {
         let mut busy = false;
         let ingested = ingest(conn, self.batch).await?;
-        metrics.unreadable.inc_by(ingested.unreadable);
+        metrics.ingested(&ingested);
         if ingested.read > 0 {
             busy = true;
             tracing::debug!(
@@ -261,9 +133,7 @@ impl Dispatcher {
         }
         busy |= !attempts.is_empty();
         let left = backlog(conn).await?;
-        metrics.pending.set(left.pending);
-        metrics.dead.set(left.dead);
-        metrics.lag_seconds.set(left.lag_seconds);
+        metrics.backlog(&left);
         Ok(if busy { Pass::Busy } else { Pass::Idle })
     }
 }

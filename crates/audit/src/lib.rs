@@ -34,6 +34,8 @@ mod kind;
 mod memory;
 #[cfg(feature = "postgres")]
 pub mod notify;
+#[cfg(feature = "metrics")]
+pub mod notify_metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod screen;
