@@ -14,6 +14,8 @@
 //!   `--max-attempts`, and audits each outcome. Runs as the application role. Serves
 //!   `/metrics`, `/healthz` and `/readyz` on `--listen`.
 //! - `dead-letters` lists dead-lettered notifications; `requeue` re-arms one under its event id.
+//! - `list` reads the trail: filters by kind, team, resource, actor, request id and a
+//!   `recorded_at` range, pages in commit order (`--after` the cursor a page prints), `--json`.
 //! - `migrate`, as every binary.
 //!
 //! The seal signing key (at least 32 bytes) is read from `--seal-key-file`
@@ -128,8 +130,163 @@ enum Command {
         #[arg(long)]
         actor: String,
     },
+    /// List audit rows in commit order, filtered.
+    List(Box<ListArgs>),
     /// Apply the embedded migrations.
     Migrate(keel_service::MigrateArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Only this kind (its wire name, e.g. provision.created).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only rows about this team (UUID).
+    #[arg(long)]
+    team: Option<uuid::Uuid>,
+    /// Only rows about this resource (UUID).
+    #[arg(long)]
+    resource: Option<uuid::Uuid>,
+    /// Only rows by this actor.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only rows of this request id.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Only rows recorded at or after this time (RFC 3339, e.g. 2026-11-30T00:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only rows recorded before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// Resume after this cursor (`<txid>-<id>`, printed by the previous page).
+    #[arg(long)]
+    after: Option<String>,
+    /// Most rows per page (1 to 10000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// One JSON document: `{"events": [...], "next": "<cursor>"}`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn rfc3339(flag: &str, value: Option<&str>) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    value
+        .map(|v| {
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("{flag} is not an RFC 3339 time (2026-11-30T00:00:00Z)"))
+        })
+        .transpose()
+}
+
+async fn run_list(args: &ListArgs) -> anyhow::Result<ExitCode> {
+    use keel_audit::list::{ListQuery, format_cursor, list, parse_cursor};
+    let query = ListQuery {
+        kind: args
+            .kind
+            .as_deref()
+            .map(str::parse::<keel_audit::AuditKind>)
+            .transpose()?,
+        team_id: args.team.map(keel_audit::TeamId::from_uuid),
+        resource_id: args.resource.map(keel_audit::ResourceId::from_uuid),
+        actor: args
+            .actor
+            .as_deref()
+            .map(Actor::parse)
+            .transpose()
+            .context("--actor is not a valid actor")?,
+        request_id: args
+            .request_id
+            .as_deref()
+            .map(keel_audit::RequestId::parse)
+            .transpose()
+            .context("--request-id is not a valid request id")?,
+        since: rfc3339("--since", args.since.as_deref())?,
+        until: rfc3339("--until", args.until.as_deref())?,
+        after: args
+            .after
+            .as_deref()
+            .map(parse_cursor)
+            .transpose()?
+            .unwrap_or(keel_audit::postgres::CommitCursor::START),
+        limit: Some(args.limit),
+    };
+    let pool = keel_service::connect(&args.db, "keel-audit-list", 1).await?;
+    let mut conn = pool.acquire().await.context("could not connect")?;
+    let (rows, next) = list(&mut conn, &query).await?;
+    let time = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for listed in &rows {
+        let cursor = format_cursor(listed.cursor);
+        match &listed.row {
+            Ok(stored) => {
+                let event = &stored.event;
+                if args.json {
+                    let attributes: serde_json::Map<String, serde_json::Value> = event
+                        .attributes()
+                        .iter()
+                        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
+                        .collect();
+                    events.push(serde_json::json!({
+                        "cursor": cursor,
+                        "id": stored.id.0,
+                        "kind": event.kind().as_str(),
+                        "actor": event.actor().as_str(),
+                        "team_id": event.team_id().map(|t| t.as_uuid()),
+                        "resource_id": event.resource_id().map(|r| r.as_uuid()),
+                        "request_id": event.request_id().map(|r| r.as_str()),
+                        "occurred_at": time(event.occurred_at()),
+                        "recorded_at": time(stored.recorded_at),
+                        "attributes": attributes,
+                    }));
+                } else {
+                    let attributes: Vec<String> = event
+                        .attributes()
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{}  {}  {}  actor={}  team={}  resource={}  request={}  {}",
+                        time(stored.recorded_at),
+                        stored.id.0,
+                        event.kind(),
+                        event.actor(),
+                        event
+                            .team_id()
+                            .map_or("-".to_owned(), |t| t.as_uuid().to_string()),
+                        event
+                            .resource_id()
+                            .map_or("-".to_owned(), |r| r.as_uuid().to_string()),
+                        event.request_id().map_or("-", |r| r.as_str()),
+                        attributes.join(" "),
+                    );
+                }
+            }
+            Err(e) => {
+                if args.json {
+                    events.push(serde_json::json!({ "cursor": cursor, "error": e.to_string() }));
+                } else {
+                    println!("{cursor}  unreadable: {e}");
+                }
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "events": events, "next": format_cursor(next) })
+        );
+    } else if rows.is_empty() {
+        println!("no audit rows match");
+    } else {
+        println!("next page: --after {}", format_cursor(next));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -240,6 +397,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Migrate(args) => keel_service::migrate(&args).await,
             Command::Dispatch(args) => run_dispatcher(&args).await,
+            Command::List(args) => run_list(&args).await,
             Command::DeadLetters { db, limit, json } => {
                 let pool = keel_service::connect(&db, "keel-audit-dead-letters", 1).await?;
                 let mut conn = pool.acquire().await.context("could not connect")?;

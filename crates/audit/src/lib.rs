@@ -30,6 +30,8 @@
 mod event;
 mod ids;
 mod kind;
+#[cfg(feature = "postgres")]
+pub mod list;
 #[cfg(feature = "testing")]
 mod memory;
 #[cfg(feature = "postgres")]

@@ -2,6 +2,7 @@
 
 mod consumers;
 mod contract;
+mod list;
 mod notify;
 mod postgres;
 mod privileges;
