@@ -68,6 +68,7 @@ fn exported_series() -> BTreeSet<String> {
     keel_propagation::Metrics::register(&mut registry);
     keel_provision::ProvisionMetrics::register(&mut registry);
     keel_orphan_sweep::SweepMetrics::register(&mut registry);
+    keel_audit::notify_metrics::NotifyMetrics::register(&mut registry);
     let text =
         keel_service::http::encode(&registry, keel_service::http::Format::PrometheusText).unwrap();
     let mut names = BTreeSet::new();

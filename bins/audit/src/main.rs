@@ -7,11 +7,23 @@
 //! - `verify` recomputes the chain from the rows, from the start or from a signed checkpoint
 //!   (`--from-checkpoint N`), and names the first row changed, deleted or inserted out of band:
 //!   exit 0 when the chain holds, 2 when it does not, 1 on an error.
+//! - `dispatch` (single-flight across replicas) delivers every customer-notification kind of
+//!   the trail to `--webhook-url`, at least once, in commit order, as JSON signed with
+//!   HMAC-SHA256 (`keel-event-id`, `keel-timestamp`, `keel-signature: v1=<hex>` over
+//!   `"<timestamp>.<body>"`); retries with exponential backoff and jitter, dead-letters after
+//!   `--max-attempts`, and audits each outcome. Runs as the application role. Serves
+//!   `/metrics`, `/healthz` and `/readyz` on `--listen`.
+//! - `dead-letters` lists dead-lettered notifications; `requeue` re-arms one under its event id.
+//! - `list` reads the trail: filters by kind, team, resource, actor, request id and a
+//!   `recorded_at` range, pages in commit order (`--after` the cursor a page prints), `--json`.
 //! - `migrate`, as every binary.
 //!
-//! The signing key (at least 32 bytes) is read from `--seal-key-file`
+//! The seal signing key (at least 32 bytes) is read from `--seal-key-file`
 //! (`KEEL_AUDIT_SEAL_KEY_FILE`) and named by `--seal-key-id` (`KEEL_AUDIT_SEAL_KEY_ID`); keep it
 //! out of the database and away from the owner role's operators.
+
+mod dispatch;
+mod webhook;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,8 +31,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use keel_audit::Actor;
+use keel_audit::notify::{NotifyKey, RetryPolicy};
 use keel_audit::seal::{SealKey, SealOutcome, seal, verify};
 use keel_service::cli::{DatabaseArgs, LogArgs};
+use keel_service::http::HttpArgs;
+
+use crate::dispatch::Dispatcher;
+use crate::webhook::{HttpWebhook, WebhookUrl};
 
 /// Exit code of `verify` when the chain does not hold.
 const EXIT_TAMPERED: u8 = 2;
@@ -88,8 +106,289 @@ enum Command {
         #[arg(long)]
         from_checkpoint: Option<i64>,
     },
+    /// Deliver customer notifications from the audit trail to a signed webhook.
+    Dispatch(Box<DispatchArgs>),
+    /// List dead-lettered customer notifications.
+    DeadLetters {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Most rows to list.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-arm a dead-lettered notification (same event id, attempts from zero).
+    Requeue {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The notification's event id (from `dead-letters`).
+        #[arg(long)]
+        event_id: uuid::Uuid,
+        /// Who requeues it, recorded in `notification.requeued` (e.g. operator:alice).
+        #[arg(long)]
+        actor: String,
+    },
+    /// List audit rows in commit order, filtered.
+    List(Box<ListArgs>),
     /// Apply the embedded migrations.
     Migrate(keel_service::MigrateArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// Only this kind (its wire name, e.g. provision.created).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only rows about this team (UUID).
+    #[arg(long)]
+    team: Option<uuid::Uuid>,
+    /// Only rows about this resource (UUID).
+    #[arg(long)]
+    resource: Option<uuid::Uuid>,
+    /// Only rows by this actor.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only rows of this request id.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Only rows recorded at or after this time (RFC 3339, e.g. 2026-11-30T00:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only rows recorded before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// Resume after this cursor (`<txid>-<id>`, printed by the previous page).
+    #[arg(long)]
+    after: Option<String>,
+    /// Most rows per page (1 to 10000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// One JSON document: `{"events": [...], "next": "<cursor>"}`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn rfc3339(flag: &str, value: Option<&str>) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    value
+        .map(|v| {
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("{flag} is not an RFC 3339 time (2026-11-30T00:00:00Z)"))
+        })
+        .transpose()
+}
+
+async fn run_list(args: &ListArgs) -> anyhow::Result<ExitCode> {
+    use keel_audit::list::{ListQuery, format_cursor, list, parse_cursor};
+    let query = ListQuery {
+        kind: args
+            .kind
+            .as_deref()
+            .map(str::parse::<keel_audit::AuditKind>)
+            .transpose()?,
+        team_id: args.team.map(keel_audit::TeamId::from_uuid),
+        resource_id: args.resource.map(keel_audit::ResourceId::from_uuid),
+        actor: args
+            .actor
+            .as_deref()
+            .map(Actor::parse)
+            .transpose()
+            .context("--actor is not a valid actor")?,
+        request_id: args
+            .request_id
+            .as_deref()
+            .map(keel_audit::RequestId::parse)
+            .transpose()
+            .context("--request-id is not a valid request id")?,
+        since: rfc3339("--since", args.since.as_deref())?,
+        until: rfc3339("--until", args.until.as_deref())?,
+        after: args
+            .after
+            .as_deref()
+            .map(parse_cursor)
+            .transpose()?
+            .unwrap_or(keel_audit::postgres::CommitCursor::START),
+        limit: Some(args.limit),
+    };
+    let pool = keel_service::connect(&args.db, "keel-audit-list", 1).await?;
+    let mut conn = pool.acquire().await.context("could not connect")?;
+    let (rows, next) = list(&mut conn, &query).await?;
+    let time = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for listed in &rows {
+        let cursor = format_cursor(listed.cursor);
+        match &listed.row {
+            Ok(stored) => {
+                let event = &stored.event;
+                if args.json {
+                    let attributes: serde_json::Map<String, serde_json::Value> = event
+                        .attributes()
+                        .iter()
+                        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
+                        .collect();
+                    events.push(serde_json::json!({
+                        "cursor": cursor,
+                        "id": stored.id.0,
+                        "kind": event.kind().as_str(),
+                        "actor": event.actor().as_str(),
+                        "team_id": event.team_id().map(|t| t.as_uuid()),
+                        "resource_id": event.resource_id().map(|r| r.as_uuid()),
+                        "request_id": event.request_id().map(|r| r.as_str()),
+                        "occurred_at": time(event.occurred_at()),
+                        "recorded_at": time(stored.recorded_at),
+                        "attributes": attributes,
+                    }));
+                } else {
+                    let attributes: Vec<String> = event
+                        .attributes()
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{}  {}  {}  actor={}  team={}  resource={}  request={}  {}",
+                        time(stored.recorded_at),
+                        stored.id.0,
+                        event.kind(),
+                        event.actor(),
+                        event
+                            .team_id()
+                            .map_or("-".to_owned(), |t| t.as_uuid().to_string()),
+                        event
+                            .resource_id()
+                            .map_or("-".to_owned(), |r| r.as_uuid().to_string()),
+                        event.request_id().map_or("-", |r| r.as_str()),
+                        attributes.join(" "),
+                    );
+                }
+            }
+            Err(e) => {
+                if args.json {
+                    events.push(serde_json::json!({ "cursor": cursor, "error": e.to_string() }));
+                } else {
+                    println!("{cursor}  unreadable: {e}");
+                }
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "events": events, "next": format_cursor(next) })
+        );
+    } else if rows.is_empty() {
+        println!("no audit rows match");
+    } else {
+        println!("next page: --after {}", format_cursor(next));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+struct DispatchArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// The receiver's URL (https://, or http:// inside the cluster). Never logged; it may
+    /// carry a token in its query, never user:password@.
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_WEBHOOK_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    webhook_url: WebhookUrl,
+    /// File holding the HMAC-SHA256 signing key shared with the receiver (at least 32 bytes;
+    /// a trailing newline is ignored). Never logged.
+    #[arg(long, env = "KEEL_AUDIT_NOTIFY_KEY_FILE", value_name = "PATH")]
+    signing_key_file: PathBuf,
+    /// Attempts before a notification is dead-lettered.
+    #[arg(long, env = "KEEL_AUDIT_NOTIFY_MAX_ATTEMPTS", default_value_t = 12)]
+    max_attempts: u32,
+    /// First retry backoff, in milliseconds (doubling per attempt, with jitter).
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_BASE_BACKOFF_MS",
+        default_value_t = 5_000
+    )]
+    base_backoff_ms: u64,
+    /// Longest retry backoff, in seconds.
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_MAX_BACKOFF_SECS",
+        default_value_t = 3_600
+    )]
+    max_backoff_secs: u64,
+    /// Pause between passes when nothing is due, in milliseconds.
+    #[arg(long, env = "KEEL_AUDIT_NOTIFY_POLL_MS", default_value_t = 1_000)]
+    poll_ms: u64,
+    /// Seconds to wait for the receiver's answer.
+    #[arg(long, env = "KEEL_AUDIT_NOTIFY_TIMEOUT_SECS", default_value_t = 10)]
+    request_timeout_secs: u64,
+    /// Audit rows per ingest, and deliveries per pass.
+    #[arg(long, env = "KEEL_AUDIT_NOTIFY_BATCH", default_value_t = 100)]
+    batch: u32,
+    /// Deliver what is due, then exit (no listener).
+    #[arg(long)]
+    once: bool,
+}
+
+fn read_key_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes =
+        std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+async fn run_dispatcher(args: &DispatchArgs) -> anyhow::Result<ExitCode> {
+    let key = NotifyKey::new(read_key_file(&args.signing_key_file)?)?;
+    let webhook = HttpWebhook::new(
+        &args.webhook_url,
+        Duration::from_secs(args.request_timeout_secs.max(1)),
+    )?;
+    let dispatcher = Dispatcher {
+        webhook,
+        key,
+        policy: RetryPolicy {
+            max_attempts: args.max_attempts.max(1),
+            base_backoff: Duration::from_millis(args.base_backoff_ms),
+            max_backoff: Duration::from_secs(args.max_backoff_secs),
+        },
+        batch: args.batch.max(1),
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+        once: args.once,
+    };
+    let pool = keel_service::connect(&args.db, "keel-audit-dispatch", 2).await?;
+    let shutdown = keel_service::shutdown::on_signal()?;
+    let (registry, metrics) = dispatch::registry();
+    let http = if args.once {
+        None
+    } else {
+        let listener = keel_service::http::bind(args.http.listen)
+            .await
+            .with_context(|| format!("could not listen on {}", args.http.listen))?;
+        Some(tokio::spawn(keel_service::http::serve_with_readiness(
+            listener,
+            registry,
+            keel_service::http::Readiness::new(pool.clone()),
+            shutdown.clone(),
+        )))
+    };
+    tracing::info!(listen = %args.http.listen, "notification dispatcher started");
+    dispatcher.run(&pool, &metrics, &shutdown).await?;
+    shutdown.cancel();
+    if let Some(http) = http {
+        http.await.context("the metrics listener panicked")??;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -97,6 +396,60 @@ fn main() -> ExitCode {
     keel_service::run(&cli.log, async move {
         match cli.command {
             Command::Migrate(args) => keel_service::migrate(&args).await,
+            Command::Dispatch(args) => run_dispatcher(&args).await,
+            Command::List(args) => run_list(&args).await,
+            Command::DeadLetters { db, limit, json } => {
+                let pool = keel_service::connect(&db, "keel-audit-dead-letters", 1).await?;
+                let mut conn = pool.acquire().await.context("could not connect")?;
+                let rows = keel_audit::notify::dead_letters(&mut conn, limit).await?;
+                for row in &rows {
+                    let when = row.dead_lettered_at.and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    });
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "event_id": row.event_id,
+                                "audit_id": row.audit_id,
+                                "kind": row.kind,
+                                "template": row.template,
+                                "attempts": row.attempts,
+                                "last_outcome": row.last_outcome,
+                                "dead_lettered_at": when,
+                            })
+                        );
+                    } else {
+                        println!(
+                            "{}  {}  audit row {}  {} attempts  last {}  dead since {}",
+                            row.event_id,
+                            row.template,
+                            row.audit_id,
+                            row.attempts,
+                            row.last_outcome.as_deref().unwrap_or("-"),
+                            when.as_deref().unwrap_or("-"),
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Requeue {
+                db,
+                event_id,
+                actor,
+            } => {
+                let actor = Actor::parse(&actor).context("--actor is not a valid actor")?;
+                let pool = keel_service::connect(&db, "keel-audit-requeue", 1).await?;
+                let mut conn = pool.acquire().await.context("could not connect")?;
+                if keel_audit::notify::requeue(&mut conn, event_id, &actor).await? {
+                    println!("requeued {event_id}");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("no dead-lettered notification has the event id {event_id}");
+                    Ok(ExitCode::from(EXIT_TAMPERED - 1))
+                }
+            }
             Command::Seal {
                 db,
                 key,

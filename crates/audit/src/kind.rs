@@ -73,6 +73,17 @@ pub enum AuditKind {
     /// A resource's credentials were rotated: a new password was issued and the old one stopped
     /// working.
     ResourceCredentialsRotated,
+    /// The notification dispatcher delivered a customer notification (the receiver answered
+    /// 2xx); names the notification's event id and the audit row it carries.
+    NotificationDelivered,
+    /// A notification delivery attempt failed (an HTTP status or an unreachable receiver); it
+    /// retries after a backoff.
+    NotificationRetrying,
+    /// A notification used its last delivery attempt and was dead-lettered: the customer was
+    /// not told until an operator requeues it.
+    NotificationDeadLettered,
+    /// An operator requeued a dead-lettered notification.
+    NotificationRequeued,
 }
 
 /// How urgently an operator alert needs a human.
@@ -126,35 +137,10 @@ impl AuditKind {
     )];
 
     /// Kinds that are written, but whose declared consumer is not built yet, each with what is
-    /// missing: a customer notification needs the notification dispatcher, which this build
-    /// does not have. A test fails when a `CustomerNotification` kind is missing from here (so a
-    /// declaration is never mistaken for a delivery).
-    pub const PLANNED_CONSUMERS: &'static [(AuditKind, &'static str)] = &[
-        (
-            AuditKind::PropagationApplied,
-            "no notification dispatcher yet: the tier_change_applied message is not sent",
-        ),
-        (
-            AuditKind::ProvisionCreated,
-            "no notification dispatcher yet: the resource_ready message is not sent",
-        ),
-        (
-            AuditKind::ResourceDeprovisioned,
-            "no notification dispatcher yet: the resource_deleted message is not sent",
-        ),
-        (
-            AuditKind::ApiKeyCreated,
-            "no notification dispatcher yet: the api_key_created message is not sent",
-        ),
-        (
-            AuditKind::ApiKeyRevoked,
-            "no notification dispatcher yet: the api_key_revoked message is not sent",
-        ),
-        (
-            AuditKind::ResourceCredentialsRotated,
-            "no notification dispatcher yet: the credentials_rotated message is not sent",
-        ),
-    ];
+    /// missing. A test fails when a `CustomerNotification` kind is neither here nor delivered by
+    /// the notification dispatcher (`keel_audit::notify::DISPATCHED_KINDS`), so a declaration is
+    /// never mistaken for a delivery. Empty: the dispatcher delivers every customer kind.
+    pub const PLANNED_CONSUMERS: &'static [(AuditKind, &'static str)] = &[];
 
     /// Why this kind is only planned (see [`AuditKind::PLANNED`]), or `None` when production
     /// code writes it.
@@ -190,6 +176,10 @@ impl AuditKind {
             AuditKind::ApiKeyCreated => "api_key.created",
             AuditKind::ApiKeyRevoked => "api_key.revoked",
             AuditKind::ResourceCredentialsRotated => "resource.credentials_rotated",
+            AuditKind::NotificationDelivered => "notification.delivered",
+            AuditKind::NotificationRetrying => "notification.retrying",
+            AuditKind::NotificationDeadLettered => "notification.dead_lettered",
+            AuditKind::NotificationRequeued => "notification.requeued",
         }
     }
 
@@ -277,6 +267,22 @@ impl AuditKind {
             },
             AuditKind::ResourceCredentialsRotated => Consumer::CustomerNotification {
                 template: "credentials_rotated",
+            },
+            AuditKind::NotificationDelivered => Consumer::IntentionallyNone {
+                reason: "the delivery record itself: the trail shows which customer notification \
+                         reached the webhook, under which event id",
+            },
+            AuditKind::NotificationRetrying => Consumer::IntentionallyNone {
+                reason: "routine retry on the backoff schedule; the terminal case is \
+                         notification.dead_lettered, which alerts",
+            },
+            AuditKind::NotificationDeadLettered => Consumer::OperatorAlert {
+                alert: "KeelNotificationDeadLettered",
+                severity: AlertSeverity::Ticket,
+            },
+            AuditKind::NotificationRequeued => Consumer::IntentionallyNone {
+                reason: "an operator's own action; the trail records who requeued which \
+                         notification",
             },
         }
     }

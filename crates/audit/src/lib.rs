@@ -30,8 +30,14 @@
 mod event;
 mod ids;
 mod kind;
+#[cfg(feature = "postgres")]
+pub mod list;
 #[cfg(feature = "testing")]
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod notify;
+#[cfg(feature = "metrics")]
+pub mod notify_metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod screen;

@@ -140,8 +140,8 @@ pub struct AuditFilter {
 }
 
 #[derive(sqlx::FromRow)]
-struct AuditRow {
-    id: i64,
+pub(crate) struct AuditRow {
+    pub(crate) id: i64,
     kind: String,
     actor: String,
     team_id: Option<Uuid>,
@@ -157,7 +157,7 @@ impl AuditRow {
     /// yesterday's rows unreadable, FND-8): only a kind this build does not know is an error,
     /// for this row alone. A non-string attribute value (which the database refuses for new
     /// rows) is kept as its JSON text.
-    fn into_domain(self) -> Result<StoredAuditEvent, AuditSinkError> {
+    pub(crate) fn into_domain(self) -> Result<StoredAuditEvent, AuditSinkError> {
         let kind: AuditKind = self.kind.parse().map_err(|e| AuditSinkError::Corrupt {
             id: self.id,
             reason: format!("{e}"),

@@ -94,6 +94,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "orphan_sightings",
     "audit_seals",
     "audit_checkpoints",
+    "notification_cursor",
+    "notification_deliveries",
 ];
 
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.

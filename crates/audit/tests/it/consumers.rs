@@ -113,18 +113,24 @@ fn every_kind_is_produced_outside_tests_or_planned() {
     }
 }
 
-/// FND-3: a customer notification is only declared, never delivered, until a dispatcher
-/// exists: every such kind says so in `AuditKind::PLANNED_CONSUMERS`, and the planned lists name
-/// only kinds whose consumer they describe.
+/// FND-3: a customer notification is delivered by the notification dispatcher
+/// (`keel_audit::notify::DISPATCHED_KINDS`) or declared planned in
+/// `AuditKind::PLANNED_CONSUMERS`, never both; the dispatcher delivers customer kinds only; and
+/// the planned lists name only kinds whose consumer they describe.
 #[test]
-fn customer_notifications_without_a_dispatcher_are_declared_planned() {
+fn customer_notifications_are_dispatched_or_declared_planned() {
     for &kind in AuditKind::ALL {
+        let planned = AuditKind::PLANNED_CONSUMERS.iter().any(|(k, _)| *k == kind);
+        let dispatched = keel_audit::notify::DISPATCHED_KINDS.contains(&kind);
         if let Consumer::CustomerNotification { template } = kind.consumer() {
             assert!(
-                AuditKind::PLANNED_CONSUMERS.iter().any(|(k, _)| *k == kind),
-                "{kind} declares the customer notification {template}, which nothing delivers: \
-                 list it in AuditKind::PLANNED_CONSUMERS"
+                planned != dispatched,
+                "{kind} declares the customer notification {template}: the dispatcher must \
+                 deliver it (notify::DISPATCHED_KINDS) or AuditKind::PLANNED_CONSUMERS must say \
+                 what is missing, not both"
             );
+        } else {
+            assert!(!dispatched, "{kind} is not a customer notification");
         }
     }
     for (kind, why) in AuditKind::PLANNED_CONSUMERS

@@ -2,6 +2,8 @@
 
 mod consumers;
 mod contract;
+mod list;
+mod notify;
 mod postgres;
 mod privileges;
 mod regressions;

@@ -1,0 +1,146 @@
+//! `keel-audit dispatch`: the customer-notification dispatcher's loop and metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keel_audit::notify::{
+    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, try_lock,
+};
+use keel_audit::notify_metrics::NotifyMetrics as Metrics;
+use keel_service::shutdown::CancellationToken;
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+
+use crate::webhook::HttpWebhook;
+
+/// The dispatcher's settings.
+pub struct Dispatcher {
+    /// The webhook.
+    pub webhook: HttpWebhook,
+    /// The signing key.
+    pub key: NotifyKey,
+    /// Retries and dead-lettering.
+    pub policy: RetryPolicy,
+    /// Rows per ingest and per delivery pass.
+    pub batch: u32,
+    /// Pause between passes when nothing is due.
+    pub poll: Duration,
+    /// Deliver what is due, then exit.
+    pub once: bool,
+}
+
+enum Pass {
+    Busy,
+    Idle,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown` (or, with `once`, until nothing is due). Single-flight: a replica
+    /// that cannot take the lock stands by and retries.
+    pub async fn run(
+        &self,
+        pool: &PgPool,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            match self.hold_lock_and_dispatch(pool, metrics, shutdown).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if self.once => return Err(e),
+                Err(e) => {
+                    metrics.errors.inc();
+                    tracing::warn!(
+                        error = keel_service::error_chain(&e),
+                        "dispatch pass failed; reconnecting"
+                    );
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// `Ok(true)` when done (shutdown, or `once` and nothing left), `Ok(false)` when another
+    /// dispatcher holds the lock.
+    async fn hold_lock_and_dispatch(
+        &self,
+        pool: &PgPool,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        // A connection of its own, never returned to the pool: the session lock lives and dies
+        // with it (a SIGKILL closes it, and the next replica takes over).
+        let mut conn = pool.acquire().await.context("could not connect")?.detach();
+        if !try_lock(&mut conn).await? {
+            if self.once {
+                tracing::info!("another dispatcher holds the lock; nothing to do");
+                return Ok(true);
+            }
+            tracing::debug!("another dispatcher holds the lock; standing by");
+            return Ok(false);
+        }
+        tracing::info!("dispatching customer notifications");
+        loop {
+            let pass = self.pass(&mut conn, metrics).await?;
+            match pass {
+                Pass::Busy => {
+                    if shutdown.is_cancelled() {
+                        return Ok(true);
+                    }
+                }
+                Pass::Idle if self.once => return Ok(true),
+                Pass::Idle => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(true),
+                        () = tokio::time::sleep(self.poll) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pass(&self, conn: &mut sqlx::PgConnection, metrics: &Metrics) -> anyhow::Result<Pass> {
+        let mut busy = false;
+        let ingested = ingest(conn, self.batch).await?;
+        metrics.ingested(&ingested);
+        if ingested.read > 0 {
+            busy = true;
+            tracing::debug!(
+                read = ingested.read,
+                queued = ingested.queued,
+                "took audit rows from the trail"
+            );
+        }
+        let attempts =
+            deliver_due(conn, &self.webhook, &self.key, &self.policy, self.batch).await?;
+        for attempt in &attempts {
+            metrics.count(attempt);
+            match attempt.outcome {
+                DeliveryOutcome::Delivered => {
+                    tracing::debug!(event_id = %attempt.event_id, template = %attempt.template, "delivered");
+                }
+                DeliveryOutcome::Retrying(class) => {
+                    tracing::info!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "delivery failed; will retry");
+                }
+                DeliveryOutcome::DeadLettered(class) => {
+                    tracing::error!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "notification dead-lettered");
+                }
+            }
+        }
+        busy |= !attempts.is_empty();
+        let left = backlog(conn).await?;
+        metrics.backlog(&left);
+        Ok(if busy { Pass::Busy } else { Pass::Idle })
+    }
+}
+
+/// Shared registry for `/metrics`.
+pub fn registry() -> (Arc<Registry>, Metrics) {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    (Arc::new(registry), metrics)
+}

@@ -1,0 +1,132 @@
+//! The HTTP(S) adapter of the dispatcher's `Webhook` port: one POST per notification, over
+//! rustls with the system's roots for `https://`, with a timeout. The URL is held in a type that
+//! never prints it (it may carry a token in its query).
+
+use std::time::Duration;
+
+use anyhow::bail;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Uri, header};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keel_audit::notify::{
+    EVENT_ID_HEADER, SIGNATURE_HEADER, SignedNotification, TIMESTAMP_HEADER, Unreachable, Webhook,
+    WebhookReply,
+};
+
+/// The webhook URL: parsed without ever echoing it (not in errors, not in `Debug`).
+#[derive(Clone)]
+pub struct WebhookUrl(String);
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookUrl(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for WebhookUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl WebhookUrl {
+    fn uri(&self) -> anyhow::Result<Uri> {
+        let Ok(uri) = self.0.trim().parse::<Uri>() else {
+            bail!("the webhook URL is not a valid absolute URL (not shown)");
+        };
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => bail!("the webhook URL must start with https:// or http:// (not shown)"),
+        }
+        let Some(authority) = uri.authority() else {
+            bail!("the webhook URL has no host (not shown)");
+        };
+        if authority.as_str().contains('@') {
+            bail!(
+                "the webhook URL must not carry user:password@ credentials; receivers verify \
+                 the keel-signature header instead (the URL is not shown)"
+            );
+        }
+        Ok(uri)
+    }
+}
+
+/// Posts notifications to one URL.
+pub struct HttpWebhook {
+    uri: Uri,
+    timeout: Duration,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl HttpWebhook {
+    /// A client for `url`; `https://` needs the system's root certificates.
+    pub fn new(url: &WebhookUrl, timeout: Duration) -> anyhow::Result<Self> {
+        let uri = url.uri()?;
+        // The provider is named, not taken from crate features, so a build that also enables
+        // another rustls provider cannot make the default ambiguous.
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = if uri.scheme_str() == Some("https") {
+            match builder.with_provider_and_native_roots(provider) {
+                Ok(builder) => builder.https_only(),
+                Err(e) => bail!("could not load the system's root certificates: {e}"),
+            }
+        } else {
+            // Plain HTTP (a receiver inside the cluster or a test): no roots needed.
+            let Ok(config) = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+            else {
+                bail!("the TLS provider offers no safe protocol version");
+            };
+            let config = config
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            builder.with_tls_config(config).https_or_http()
+        };
+        let connector = builder.enable_http1().build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self {
+            uri,
+            timeout,
+            client,
+        })
+    }
+}
+
+fn header_value(value: &str) -> HeaderValue {
+    // Event ids, timestamps and hex signatures are ASCII.
+    HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+impl Webhook for HttpWebhook {
+    async fn post(&self, notification: &SignedNotification) -> WebhookReply {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, "keel-audit-dispatch")
+            .header(
+                EVENT_ID_HEADER,
+                header_value(&notification.event_id.to_string()),
+            )
+            .header(
+                TIMESTAMP_HEADER,
+                header_value(&notification.timestamp.to_string()),
+            )
+            .header(SIGNATURE_HEADER, header_value(&notification.signature))
+            .body(Full::new(Bytes::from(notification.body.clone())));
+        let Ok(request) = request else {
+            return WebhookReply::Unreachable(Unreachable::Io);
+        };
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => WebhookReply::Unreachable(Unreachable::Timeout),
+            Ok(Err(e)) if e.is_connect() => WebhookReply::Unreachable(Unreachable::Connect),
+            Ok(Err(_)) => WebhookReply::Unreachable(Unreachable::Io),
+            Ok(Ok(response)) => WebhookReply::Status(response.status().as_u16()),
+        }
+    }
+}

@@ -1,0 +1,2 @@
+DROP INDEX IF EXISTS audit_events_recorded_ix;
+DROP INDEX IF EXISTS audit_events_request_ix;
