@@ -528,11 +528,20 @@ async fn a_stopped_run_closes_its_ledger_row_and_commits_nothing_more() {
     assert!(amounts(db.pool()).await.is_empty());
 }
 
+/// A server of the dry-run test's own: transaction ids are cluster-wide, so on the shared test
+/// server another test's write between the two readings would look like the dry run's.
+fn quiet_server() -> &'static keel_testkit::PgServer {
+    static SERVER: std::sync::OnceLock<keel_testkit::PgServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        keel_testkit::PgServer::start_throwaway().expect("could not start a throwaway Postgres")
+    })
+}
+
 /// RATER-M6: the dry run wrote and rolled back under the lock, showed new values only, and a
 /// routine dry run exited 2 with a past-tense ERROR.
 #[tokio::test]
 async fn a_dry_run_is_a_read_only_diff_with_old_and_new_values() {
-    let db = keel_testkit::database().await;
+    let db = keel_testkit::database_on(quiet_server()).await;
     base_price(db.pool()).await;
     event(db.pool(), "e1", "acme", "10", H0 + Duration::minutes(5)).await;
     event(db.pool(), "e2", "acme", "5", H0 + Duration::minutes(6)).await;
