@@ -25,7 +25,7 @@
 //!
 //! Adapters: `postgres` (feature `postgres`) and `kube` (feature `kube`). The default build is
 //! pure: no database driver, no Kubernetes client, no async runtime. Fakes of the inventory and
-//! live-token ports and the inventory's contract suite: [`testing`] (feature `testing`).
+//! live-token ports and their contract suites: [`testing`] (feature `testing`).
 //!
 //! Public dependencies: `time` 0.3 and `prometheus-client` 0.25 are re-exported
 //! ([`time`], [`prometheus_client`]); the adapters take sqlx 0.9 pools (`postgres`) and a kube 5

@@ -8,6 +8,9 @@
 //! - [`inventory_contract`]: what every [`Inventory`] promises, as one story a user runs against
 //!   their own adapter through an [`InventoryHarness`]; Keel runs it against [`FakeInventory`]
 //!   and the Postgres adapter.
+//! - [`live_tokens_contract`]: what every [`LiveTokens`] promises (liveness fails closed: a
+//!   status the build does not know is live), run through a [`LiveTokensHarness`]; Keel runs it
+//!   against [`FakeLiveTokens`] and the Postgres adapter.
 //!
 //! ```
 //! # async fn demo() {
@@ -25,7 +28,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use keel_audit::Token;
-use keel_provision::{BackendName, InstallationId, TokenDigest};
+use keel_provision::{BackendName, InstallationId, TokenDigest, new_token};
 use time::OffsetDateTime;
 
 use crate::ports::{
@@ -402,6 +405,158 @@ pub async fn inventory_contract<H: InventoryHarness>(inventory: &H, now: OffsetD
     );
 }
 
+/// What [`live_tokens_contract`] needs beyond the [`LiveTokens`] port: writing the platform's
+/// rows for tokens. Implement it for an adapter to check that adapter against the contract.
+pub trait LiveTokensHarness: LiveTokens {
+    /// This installation's id, as the platform database knows it.
+    fn installation(&self) -> impl Future<Output = InstallationId> + Send;
+
+    /// Gives `token` a row whose status is not terminal and is one this build knows (e.g.
+    /// `active`).
+    fn seed_live(&self, token: &Token) -> impl Future<Output = ()> + Send;
+
+    /// Gives `token` a row whose status is terminal (`deleted` or `failed`) and no other row.
+    fn seed_terminal(&self, token: &Token) -> impl Future<Output = ()> + Send;
+
+    /// Gives `token` a row whose status this build does not know (one the platform added
+    /// later): the adapter must count it as live.
+    fn seed_unknown_status(&self, token: &Token) -> impl Future<Output = ()> + Send;
+
+    /// Protects `token` from reclaim.
+    fn protect(&self, token: &Token) -> impl Future<Output = ()> + Send;
+}
+
+impl LiveTokensHarness for FakeLiveTokens {
+    async fn installation(&self) -> InstallationId {
+        self.installation
+    }
+
+    async fn seed_live(&self, token: &Token) {
+        self.live(token);
+    }
+
+    async fn seed_terminal(&self, token: &Token) {
+        self.ended(token);
+    }
+
+    async fn seed_unknown_status(&self, token: &Token) {
+        // The fake keeps standings, not statuses: a row of a status it does not know is a row
+        // that is not terminal.
+        self.live(token);
+    }
+
+    async fn protect(&self, token: &Token) {
+        FakeLiveTokens::protect(self, token);
+    }
+}
+
+async fn contract_standings<H: LiveTokensHarness>(
+    tokens: &H,
+    digests: &[TokenDigest],
+    step: &str,
+) -> Standings {
+    tokens
+        .standing_among(digests)
+        .await
+        .unwrap_or_else(|e| panic!("{step}: the live-token read failed: {e}"))
+}
+
+/// The `LiveTokens` contract, as one story that seeds its own rows (fresh random tokens, so it
+/// shares a database with other rows and other runs): a token with a known non-terminal row is
+/// live and owned; one with only a terminal row is owned, not live; one with a row of a status
+/// the build does not know is live and owned (liveness fails closed); a protected token is
+/// protected; a token without a row is nothing; the answer covers only the digests asked (a
+/// seeded token not asked about is in no set), names this installation, and an empty question
+/// gets empty sets. Panics at the first broken promise, never showing a token or digest.
+pub async fn live_tokens_contract<H: LiveTokensHarness>(tokens: &H) {
+    let (live, ended, unknown, guarded, stranger, unasked) = (
+        new_token(),
+        new_token(),
+        new_token(),
+        new_token(),
+        new_token(),
+        new_token(),
+    );
+    tokens.seed_live(&live).await;
+    tokens.seed_terminal(&ended).await;
+    tokens.seed_unknown_status(&unknown).await;
+    tokens.seed_terminal(&guarded).await;
+    tokens.protect(&guarded).await;
+    tokens.seed_live(&unasked).await;
+    tokens.protect(&unasked).await;
+
+    let installation = tokens.installation().await;
+    let asked = [&live, &ended, &unknown, &guarded, &stranger].map(TokenDigest::of);
+    let [live, ended, unknown, guarded, stranger] = asked.clone();
+    let unasked = TokenDigest::of(&unasked);
+    let standings = contract_standings(tokens, &asked, "asking about five tokens").await;
+    assert_eq!(
+        standings.installation, installation,
+        "the standings name another installation"
+    );
+    assert!(
+        standings.live.contains(&live) && standings.owned.contains(&live),
+        "a token with a non-terminal row is not live and owned"
+    );
+    assert!(
+        !standings.live.contains(&ended),
+        "a token with only a terminal row is live"
+    );
+    assert!(
+        standings.owned.contains(&ended),
+        "a token with only a terminal row is not owned (any row proves ownership)"
+    );
+    assert!(
+        standings.live.contains(&unknown),
+        "a token whose row has a status this build does not know is not live (liveness must \
+         fail closed)"
+    );
+    assert!(
+        standings.owned.contains(&unknown),
+        "a token whose row has an unknown status is not owned"
+    );
+    assert!(
+        standings.protected.contains(&guarded),
+        "a protected token is not protected"
+    );
+    assert!(
+        !standings.live.contains(&guarded) && standings.owned.contains(&guarded),
+        "protecting a terminal token changed its liveness or ownership"
+    );
+    for (set, what) in [
+        (&standings.live, "live"),
+        (&standings.owned, "owned"),
+        (&standings.protected, "protected"),
+    ] {
+        assert!(!set.contains(&stranger), "a token without a row is {what}");
+        assert!(
+            !set.contains(&unasked),
+            "a token nobody asked about is answered as {what}"
+        );
+        assert!(
+            set.iter().all(|digest| asked.contains(digest)),
+            "the {what} set holds a digest nobody asked about"
+        );
+    }
+    assert!(
+        !standings.protected.contains(&live) && !standings.protected.contains(&unknown),
+        "an unprotected token is protected"
+    );
+
+    // Asking again gives the same answer; asking about nothing gets nothing.
+    let again = contract_standings(tokens, &asked, "asking again").await;
+    assert!(again == standings, "asking again gave another answer");
+    let empty = contract_standings(tokens, &[], "asking about no token").await;
+    assert_eq!(
+        empty.installation, installation,
+        "the standings name another installation"
+    );
+    assert!(
+        empty.live.is_empty() && empty.owned.is_empty() && empty.protected.is_empty(),
+        "asking about no token answered about some"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +581,73 @@ mod tests {
         let inventory = FakeInventory::new(InventorySource::Postgres, "cust_");
         block_on(inventory_contract(&inventory, NOW));
         assert_eq!(inventory.lists(), 4);
+    }
+
+    /// LIB-7: the fake live-token source keeps the contract every adapter is held to.
+    #[test]
+    fn the_fake_live_tokens_keep_the_live_tokens_contract() {
+        let tokens = FakeLiveTokens::new(InstallationId::from_uuid(uuid::Uuid::from_u128(7)));
+        block_on(live_tokens_contract(&tokens));
+        assert_eq!(tokens.asked(), [5, 5, 0], "one read per question");
+    }
+
+    /// A live-token source that knows a fixed list of live statuses, so a row of a status added
+    /// later counts as dead (liveness failing open): the contract catches it.
+    struct UnknownStatusIsDead {
+        inner: FakeLiveTokens,
+        unknown: Mutex<HashSet<TokenDigest>>,
+    }
+
+    impl LiveTokens for UnknownStatusIsDead {
+        async fn standing_among(
+            &self,
+            digests: &[TokenDigest],
+        ) -> Result<Standings, LiveTokensError> {
+            let mut standings = self.inner.standing_among(digests).await?;
+            let unknown = locked(&self.unknown).clone();
+            standings.live.retain(|digest| !unknown.contains(digest));
+            Ok(standings)
+        }
+    }
+
+    impl LiveTokensHarness for UnknownStatusIsDead {
+        async fn installation(&self) -> InstallationId {
+            self.inner.installation().await
+        }
+        async fn seed_live(&self, token: &Token) {
+            self.inner.seed_live(token).await;
+        }
+        async fn seed_terminal(&self, token: &Token) {
+            self.inner.seed_terminal(token).await;
+        }
+        async fn seed_unknown_status(&self, token: &Token) {
+            self.inner.seed_unknown_status(token).await;
+            locked(&self.unknown).insert(TokenDigest::of(token));
+        }
+        async fn protect(&self, token: &Token) {
+            LiveTokensHarness::protect(&self.inner, token).await;
+        }
+    }
+
+    #[test]
+    fn the_live_tokens_contract_catches_an_adapter_that_treats_an_unknown_status_as_dead() {
+        let broken = UnknownStatusIsDead {
+            inner: FakeLiveTokens::new(InstallationId::from_uuid(uuid::Uuid::from_u128(7))),
+            unknown: Mutex::default(),
+        };
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            block_on(live_tokens_contract(&broken));
+        }));
+        let message = verdict.expect_err("the contract passed an adapter failing open");
+        let message = message
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| message.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or_default();
+        assert!(
+            message.contains("fail closed"),
+            "the contract failed for another reason: {message}"
+        );
     }
 
     /// An inventory that drops labels: the contract catches it.

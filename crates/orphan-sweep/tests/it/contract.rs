@@ -1,11 +1,20 @@
-//! The inventory port's exported contract, run against the Postgres adapter (the fake runs it in
-//! the crate's own tests).
+//! The inventory and live-token ports' exported contracts, run against the Postgres adapters
+//! (the fakes run them in the crate's own tests).
 
-use keel_orphan_sweep::postgres::PgDatabaseInventory;
-use keel_orphan_sweep::testing::{InventoryHarness, inventory_contract};
-use keel_orphan_sweep::{Inventory, InventoryError, InventoryItem, InventorySource};
-use keel_provision::DATABASE_PREFIX;
-use keel_provision::postgres::comment_keys;
+use std::collections::HashSet;
+
+use keel_audit::{TeamId, Token};
+use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens};
+use keel_orphan_sweep::testing::{
+    InventoryHarness, LiveTokensHarness, inventory_contract, live_tokens_contract,
+};
+use keel_orphan_sweep::{
+    Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
+    Standings,
+};
+use keel_provision::postgres::{comment_keys, installation_id};
+use keel_provision::{DATABASE_PREFIX, InstallationId, TokenDigest};
+use keel_testkit::TestDatabase;
 use keel_testkit::quote_ident;
 use sqlx::{AssertSqlSafe, PgPool};
 use time::OffsetDateTime;
@@ -85,4 +94,162 @@ async fn the_postgres_inventory_keeps_the_inventory_contract() {
         admin: db.pool().clone(),
     };
     inventory_contract(&harness, OffsetDateTime::now_utc()).await;
+}
+
+/// A status the platform adds after this build: the harness widens the status CHECK to allow it.
+const LATER_STATUS: &str = "restoring";
+
+/// A live-token source over a platform database, with the means to write its rows. Generic over
+/// the adapter so a broken one can be held to the same contract.
+struct PgTokensHarness<L> {
+    tokens: L,
+    db: TestDatabase,
+    team: TeamId,
+}
+
+impl<L> PgTokensHarness<L> {
+    async fn new(db: TestDatabase, tokens: impl FnOnce(&TestDatabase) -> L) -> Self {
+        let team = db.team_id("pro").await;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER TABLE resources DROP CONSTRAINT resources_status_check; \
+             ALTER TABLE resources ADD CONSTRAINT resources_status_check CHECK (status IN \
+               ('pending', 'active', 'paused', 'suspended', 'deleted', 'failed', '{LATER_STATUS}'))"
+        )))
+        .execute(db.pool())
+        .await
+        .unwrap_or_else(|e| panic!("widen the status check: {e}"));
+        Self {
+            tokens: tokens(&db),
+            db,
+            team,
+        }
+    }
+
+    async fn row(&self, token: &Token, status: &str) {
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                    provider_resource_id, connection_url, deleted_at) \
+             VALUES (gen_random_uuid(), $1, $2, 'postgres', 'pro', $3, 'p', 'u', \
+                     CASE WHEN $3 IN ('deleted', 'failed') THEN now() END)",
+        )
+        .bind(token.expose())
+        .bind(self.team.as_uuid())
+        .bind(status)
+        .execute(self.db.pool())
+        .await
+        .unwrap_or_else(|e| panic!("insert a resource row: {e}"));
+    }
+}
+
+impl<L: LiveTokens> LiveTokens for PgTokensHarness<L> {
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
+        self.tokens.standing_among(digests).await
+    }
+}
+
+impl<L: LiveTokens> LiveTokensHarness for PgTokensHarness<L> {
+    async fn installation(&self) -> InstallationId {
+        installation_id(self.db.pool())
+            .await
+            .unwrap_or_else(|e| panic!("read the installation id: {e}"))
+    }
+
+    async fn seed_live(&self, token: &Token) {
+        self.row(token, "active").await;
+    }
+
+    async fn seed_terminal(&self, token: &Token) {
+        self.row(token, "deleted").await;
+    }
+
+    async fn seed_unknown_status(&self, token: &Token) {
+        self.row(token, LATER_STATUS).await;
+    }
+
+    async fn protect(&self, token: &Token) {
+        sqlx::query(
+            "INSERT INTO reclaim_protections (token_digest, reason, protected_by) \
+             VALUES ($1, 'contract', 'contract')",
+        )
+        .bind(TokenDigest::of(token).as_str())
+        .execute(self.db.pool())
+        .await
+        .unwrap_or_else(|e| panic!("protect a token: {e}"));
+    }
+}
+
+/// LIB-7: the Postgres live-token lookup keeps the contract the fake keeps.
+#[tokio::test]
+async fn the_postgres_live_tokens_keep_the_live_tokens_contract() {
+    let harness = PgTokensHarness::new(keel_testkit::database().await, |db| {
+        PgLiveTokens::new(db.pool().clone())
+    })
+    .await;
+    live_tokens_contract(&harness).await;
+}
+
+/// A lookup that lists the live statuses it knows (the SWEEP-10 shape): a row of a status added
+/// later reads as dead, so its object would look like an orphan.
+struct KnownStatusesOnly {
+    pool: PgPool,
+}
+
+impl LiveTokens for KnownStatusesOnly {
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
+        let wanted: Vec<&str> = digests.iter().map(TokenDigest::as_str).collect();
+        let (installation, live, owned, protected): (
+            uuid::Uuid,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+        ) = sqlx::query_as(
+            "SELECT keel_installation_id(), \
+                    coalesce(array_agg(DISTINCT r.token_digest) \
+                             FILTER (WHERE r.status IN ('pending', 'active', 'paused', \
+                                                        'suspended')), '{}'), \
+                    coalesce(array_agg(DISTINCT r.token_digest), '{}'), \
+                    (SELECT coalesce(array_agg(p.token_digest), '{}') \
+                       FROM reclaim_protections p WHERE p.token_digest = ANY($1)) \
+               FROM resources r WHERE r.token_digest = ANY($1)",
+        )
+        .bind(&wanted)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| LiveTokensError(Box::new(e)))?;
+        let set = |digests: Vec<String>| -> HashSet<TokenDigest> {
+            digests
+                .iter()
+                .filter_map(|d| TokenDigest::parse(d))
+                .collect()
+        };
+        let mut standings = Standings::empty(InstallationId::from_uuid(installation));
+        standings.live = set(live);
+        standings.owned = set(owned);
+        standings.protected = set(protected);
+        Ok(standings)
+    }
+}
+
+/// The contract catches a Postgres lookup that treats a status it does not know as dead
+/// (liveness failing open); [`PgLiveTokens`] passes the same story on the same kind of
+/// database (`the_postgres_live_tokens_keep_the_live_tokens_contract`).
+#[tokio::test]
+async fn the_live_tokens_contract_catches_a_lookup_that_treats_an_unknown_status_as_dead() {
+    let harness = PgTokensHarness::new(keel_testkit::database().await, |db| KnownStatusesOnly {
+        pool: db.pool().clone(),
+    })
+    .await;
+    let verdict = tokio::spawn(async move { live_tokens_contract(&harness).await }).await;
+    let panic = verdict
+        .expect_err("the contract passed a lookup failing open")
+        .into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or_default();
+    assert!(
+        message.contains("fail closed"),
+        "the contract failed for another reason: {message}"
+    );
 }
