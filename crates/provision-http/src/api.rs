@@ -2937,7 +2937,9 @@ mod tests {
             tokio::task::yield_now().await;
         }
         drop(stream);
-        // Until the first finishes, a retry is told to wait; then it gets the resource.
+        // Until the first finishes, a retry is told to wait (naming the reserved id once the
+        // key records it); then it gets the resource.
+        let mut told_ids = Vec::new();
         let answer = loop {
             let answer = api
                 .call_raw("POST", "/v1/resources", &idempotent("lost-answer"), &body)
@@ -2946,12 +2948,18 @@ mod tests {
                 break answer;
             }
             assert_envelope(&answer, 409, "idempotency_key_in_use");
-            assert!(answer.json()["resource_id"].is_string(), "{}", answer.body);
+            if let Some(id) = answer.json()["resource_id"].as_str() {
+                told_ids.push(id.to_owned());
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
         assert_eq!(answer.status, 201, "{}", answer.body);
         assert_eq!(header(&answer, "idempotent-replayed"), Some("true"));
         let id = answer.json()["id"].as_str().unwrap().to_owned();
+        assert!(
+            told_ids.iter().all(|told| *told == id),
+            "a 409 named another resource: {told_ids:?} vs {id}"
+        );
         assert_eq!(api.provider_ids().await.len(), 1, "one resource");
         let rotated = api
             .call(

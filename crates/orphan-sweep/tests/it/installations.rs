@@ -104,6 +104,7 @@ async fn two_installations_on_one_cluster_never_reclaim_each_others_objects() {
         .map(|name| name.expose().to_owned())
         .collect();
     let mut sweeps = [sweeper(&prod, &everything), sweeper(&staging, &everything)];
+    next_period().await;
     for _ in 0..5 {
         for (i, sweep) in sweeps.iter_mut().enumerate() {
             let report = sweep.tick(OffsetDateTime::now_utc()).await;

@@ -194,7 +194,7 @@ pub(crate) fn quick(enabled: bool, destructive: bool) -> SweepConfig {
         destructive,
         grace: Duration::ZERO,
         skew: Duration::ZERO,
-        interval: Duration::from_secs(1),
+        interval: QUICK_PERIOD,
         confirm_ticks: 2,
         burn_in: Duration::ZERO,
         max_reclaims: 100,
@@ -202,11 +202,24 @@ pub(crate) fn quick(enabled: bool, destructive: bool) -> SweepConfig {
     }
 }
 
-/// Waits into the next one-second period, just past its start (the state store's periods follow
+/// The period of [`quick`]: long enough that a tick slowed by a loaded machine, started just
+/// past a period's start, ends inside it.
+pub(crate) const QUICK_PERIOD: Duration = Duration::from_secs(2);
+
+/// Waits into the next [`QUICK_PERIOD`], just past its start (the state store's periods follow
 /// the database's clock, which is this machine's).
 pub(crate) async fn next_period() {
-    let into_second = OffsetDateTime::now_utc().nanosecond();
-    let rest = Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(into_second)));
+    next_period_of(QUICK_PERIOD).await;
+}
+
+/// Waits into the next period of `length` (whole seconds; periods are counted from the Unix
+/// epoch on the database's clock, which is this machine's), just past its start.
+pub(crate) async fn next_period_of(length: Duration) {
+    let now = OffsetDateTime::now_utc();
+    let length_ns = length.as_nanos();
+    let now_ns = u128::try_from(now.unix_timestamp_nanos()).unwrap_or(0);
+    let rest = length_ns - now_ns % length_ns;
+    let rest = Duration::from_nanos(u64::try_from(rest).unwrap_or(0));
     tokio::time::sleep(rest + Duration::from_millis(50)).await;
 }
 
@@ -230,6 +243,7 @@ async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops
     let legacy = items.iter().find(|i| i.name == f.legacy).unwrap();
     assert!(legacy.created_at.is_some(), "age from the database's files");
     let mut sweeper = f.sweeper(quick(true, false));
+    next_period().await;
     let mut report = sweeper.tick(OffsetDateTime::now_utc()).await;
     for _ in 0..3 {
         next_period().await;
@@ -282,10 +296,7 @@ async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops
         assert!(f.exists(name).await, "audit-only dropped something");
     }
     // With the default grace window nothing is a candidate yet.
-    let mut sweeper = f.sweeper(SweepConfig {
-        interval: Duration::from_secs(1),
-        ..quick(true, false)
-    });
+    let mut sweeper = f.sweeper(quick(true, false));
     let mut sweeper_default_grace = f.sweeper(SweepConfig {
         grace: Duration::from_secs(3600),
         ..quick(true, false)
@@ -302,6 +313,7 @@ async fn the_postgres_inventory_finds_real_orphan_databases_and_audit_only_drops
 async fn a_reclaim_goes_through_the_chokepoint_and_leaves_an_orphan_sweep_reclaimed_row() {
     let f = fixture().await;
     let mut sweeper = f.sweeper(quick(true, true));
+    next_period().await;
     sweeper.tick(OffsetDateTime::now_utc()).await;
     assert!(f.exists(f.orphan.expose()).await, "seen once is not enough");
     next_period().await;
@@ -354,21 +366,21 @@ async fn a_reclaim_goes_through_the_chokepoint_and_leaves_an_orphan_sweep_reclai
 /// run is skipped.
 #[tokio::test]
 async fn the_burn_in_is_durable_across_processes_and_a_period_runs_once() {
+    // Four-second periods, entered just past their start: a tick slowed by a loaded machine
+    // still finishes inside its period, so the second process lands in the same one.
+    const PERIOD: Duration = Duration::from_secs(4);
+    let config = || SweepConfig {
+        interval: PERIOD,
+        ..quick(true, true)
+    };
     let f = fixture().await;
-    f.sweeper(quick(true, true))
-        .tick(OffsetDateTime::now_utc())
-        .await;
-    let skipped = f
-        .sweeper(quick(true, true))
-        .tick(OffsetDateTime::now_utc())
-        .await;
+    next_period_of(PERIOD).await;
+    f.sweeper(config()).tick(OffsetDateTime::now_utc()).await;
+    let skipped = f.sweeper(config()).tick(OffsetDateTime::now_utc()).await;
     assert!(matches!(skipped, TickReport::Skipped { .. }), "{skipped:?}");
     assert!(f.exists(f.orphan.expose()).await);
-    next_period().await;
-    let report = f
-        .sweeper(quick(true, true))
-        .tick(OffsetDateTime::now_utc())
-        .await;
+    next_period_of(PERIOD).await;
+    let report = f.sweeper(config()).tick(OffsetDateTime::now_utc()).await;
     assert!(
         by_name(&report)
             .iter()
