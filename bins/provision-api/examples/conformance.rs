@@ -76,6 +76,10 @@ async fn main() -> anyhow::Result<ExitCode> {
             .nth(1)
             .context("usage: conformance <venv with schemathesis and openapi-spec-validator>")?,
     );
+    // The tools run in another working directory (where schemathesis keeps its cache), so a
+    // relative venv path (`target/ci-venv`, CI's default) must be made absolute first.
+    let venv = std::fs::canonicalize(&venv)
+        .with_context(|| format!("no virtualenv at {}", venv.display()))?;
     let examples = std::env::var("KEEL_CONFORMANCE_EXAMPLES").unwrap_or_else(|_| "30".into());
     let here = std::env::current_exe()?;
     let debug = here
