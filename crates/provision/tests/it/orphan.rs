@@ -35,6 +35,27 @@ async fn dead_orphan(h: &Harness) -> (BackendName, keel_audit::ResourceId) {
     (name, dead.id())
 }
 
+/// Asks the chokepoint `times` times to reclaim `name` and asserts each answer is the refusal
+/// `expected`.
+async fn refused_each_time(
+    h: &Harness,
+    name: &BackendName,
+    times: usize,
+    expected: ReclaimRefusal,
+) {
+    for _ in 0..times {
+        let err = h
+            .provisioner
+            .deprovision(DeprovisionTarget::Orphan(name.clone()), &reclaim(), NOW)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DeprovisionError::Refused(refusal) if refusal == expected),
+            "{err}"
+        );
+    }
+}
+
 async fn set_comment(h: &Harness, name: &BackendName, json: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "COMMENT ON DATABASE \"{}\" IS '{json}'",
@@ -64,20 +85,7 @@ async fn an_object_of_another_installation_is_never_reclaimed() {
         ),
     )
     .await;
-    for _ in 0..3 {
-        let err = h
-            .provisioner
-            .deprovision(DeprovisionTarget::Orphan(name.clone()), &reclaim(), NOW)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DeprovisionError::Refused(ReclaimRefusal::ForeignInstallation)
-            ),
-            "{err}"
-        );
-    }
+    refused_each_time(&h, &name, 3, ReclaimRefusal::ForeignInstallation).await;
     assert!(h.object_exists(&name).await);
     assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
     assert_eq!(
@@ -99,15 +107,7 @@ async fn an_object_without_an_owning_row_is_never_reclaimed() {
         .create(&stranger, &keel_audit::Tier::parse("pro").unwrap())
         .await
         .unwrap();
-    let err = h
-        .provisioner
-        .deprovision(DeprovisionTarget::Orphan(stranger.clone()), &reclaim(), NOW)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, DeprovisionError::Refused(ReclaimRefusal::Unowned)),
-        "{err}"
-    );
+    refused_each_time(&h, &stranger, 1, ReclaimRefusal::Unowned).await;
     assert!(h.object_exists(&stranger).await);
     assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
 }
@@ -126,20 +126,7 @@ async fn a_refused_teardown_writes_no_deprovisioned_row() {
     .execute(h.db.pool())
     .await
     .unwrap();
-    for _ in 0..8 {
-        let err = h
-            .provisioner
-            .deprovision(DeprovisionTarget::Orphan(name.clone()), &reclaim(), NOW)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DeprovisionError::Refused(ReclaimRefusal::NotPlatformMade)
-            ),
-            "{err}"
-        );
-    }
+    refused_each_time(&h, &name, 8, ReclaimRefusal::NotPlatformMade).await;
     assert!(h.object_exists(&name).await);
     assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
     assert_eq!(orphan_rows(&h, AuditKind::ResourceReclaimRefused).await, 1);
@@ -230,15 +217,7 @@ async fn the_chokepoint_rechecks_protection_and_ownership_before_teardown() {
     )
     .await;
     for name in [&by_platform, &by_mark] {
-        let err = h
-            .provisioner
-            .deprovision(DeprovisionTarget::Orphan(name.clone()), &reclaim(), NOW)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, DeprovisionError::Refused(ReclaimRefusal::Protected)),
-            "{err}"
-        );
+        refused_each_time(&h, name, 1, ReclaimRefusal::Protected).await;
         assert!(h.object_exists(name).await);
     }
     assert_eq!(orphan_rows(&h, AuditKind::OrphanSweepReclaimed).await, 0);
