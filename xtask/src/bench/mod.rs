@@ -4,7 +4,11 @@
 //! Benchmarks run optimised: a debug build of xtask re-runs itself with
 //! `cargo run --release --features bench`, which also brings in the peers (kept out of ordinary
 //! builds and of `cargo test --workspace`).
+//!
+//! Every bench with a peer or a baseline runs through [`fair`]: alternating order, the median
+//! and min–max of at least three rounds, the machine, settings and command printed.
 
+pub mod fair;
 #[cfg(feature = "bench")]
 mod orphan_sweep;
 #[cfg(feature = "bench")]
