@@ -41,6 +41,46 @@ fn attributes_json(event: &AuditEvent) -> Result<String, AuditSinkError> {
         .map_err(|e| AuditSinkError::store("encode audit attributes", e))
 }
 
+/// The columns of `audit_events` an event fills, in the order of [`EncodedEvent`]'s fields, for
+/// a statement that writes the audit row together with the change it records (a data-modifying
+/// `WITH … INSERT INTO audit_events (COLUMNS) SELECT … FROM changed`), so both take one round
+/// trip and one commit and the audit row exists exactly when the change happened.
+pub const COLUMNS: &str = "kind, actor, team_id, resource_id, request_id, attributes, occurred_at";
+
+/// One event's values, ready to bind in [`COLUMNS`] order (`attributes` is JSON text; cast it
+/// with `::jsonb`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EncodedEvent {
+    /// `kind`.
+    pub kind: &'static str,
+    /// `actor`.
+    pub actor: String,
+    /// `team_id`.
+    pub team_id: Option<Uuid>,
+    /// `resource_id`.
+    pub resource_id: Option<Uuid>,
+    /// `request_id`.
+    pub request_id: Option<String>,
+    /// `attributes`, as JSON text.
+    pub attributes: String,
+    /// `occurred_at`.
+    pub occurred_at: OffsetDateTime,
+}
+
+/// Encodes `event` for a caller's own statement (see [`COLUMNS`]).
+pub fn encode(event: &AuditEvent) -> Result<EncodedEvent, AuditSinkError> {
+    Ok(EncodedEvent {
+        kind: event.kind().as_str(),
+        actor: event.actor().as_str().to_owned(),
+        team_id: event.team_id().map(|id| id.as_uuid()),
+        resource_id: event.resource_id().map(|id| id.as_uuid()),
+        request_id: event.request_id().map(|r| r.as_str().to_owned()),
+        attributes: attributes_json(event)?,
+        occurred_at: event.occurred_at(),
+    })
+}
+
 /// Inserts one event on `conn`. Pass an open transaction to commit it with the state change.
 pub async fn insert(
     conn: &mut PgConnection,

@@ -145,35 +145,41 @@ impl ResourceStore for PgResourceStore {
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
         let op = "finalize a resource";
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| StoreError::unavailable(op, e))?;
-        let updated = sqlx::query(
-            "UPDATE resources \
-                SET status = 'active', provider_resource_id = $2, connection_url = $3, \
-                    updated_at = $4 \
-              WHERE id = $1 AND status = 'pending'",
-        )
+        let row = keel_audit::postgres::encode(audit).map_err(audit_error)?;
+        // One statement, so one round trip and one commit: the flip to `active` and its audit
+        // row are written together or not at all, and the audit row only when the flip
+        // happened (a row no longer `pending` changes nothing and gets no audit row).
+        let audited: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "WITH flipped AS ( \
+               UPDATE resources \
+                  SET status = 'active', provider_resource_id = $2, connection_url = $3, \
+                      updated_at = $4 \
+                WHERE id = $1 AND status = 'pending' \
+                RETURNING id) \
+             INSERT INTO audit_events ({}) \
+             SELECT $5, $6, $7, $8, $9, $10::jsonb, $11 FROM flipped \
+             RETURNING id",
+            keel_audit::postgres::COLUMNS
+        )))
         .bind(id.as_uuid())
         .bind(&object.provider_id)
         // The address only: the password is shown once, in the 201, and stored nowhere.
         .bind(object.connection_url.address())
         .bind(now)
-        .execute(&mut *tx)
+        .bind(row.kind)
+        .bind(&row.actor)
+        .bind(row.team_id)
+        .bind(row.resource_id)
+        .bind(&row.request_id)
+        .bind(&row.attributes)
+        .bind(row.occurred_at)
+        .fetch_optional(&self.pool)
         .await
         .map_err(|e| StoreError::unavailable(op, e))?;
-        if updated.rows_affected() != 1 {
-            drop(tx);
-            return Err(self.wrong_status(id, ResourceStatus::Pending).await);
+        match audited {
+            Some(_) => Ok(()),
+            None => Err(self.wrong_status(id, ResourceStatus::Pending).await),
         }
-        keel_audit::postgres::insert(&mut tx, audit)
-            .await
-            .map_err(audit_error)?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::unavailable(op, e))
     }
 
     async fn abandon(
@@ -718,10 +724,18 @@ impl PgClusterBackend {
         // and `$`/`:`, never a quote.
         let role_ident = format!("\"{}\"", role.expose());
         let db_ident = format!("\"{}\"", name.expose());
+        // Every statement of one create runs on one connection, taken once: taking the pool's
+        // connections statement by statement makes concurrent creates queue behind each other
+        // at every step, so each finishes only at the end of the burst.
+        let mut conn = self
+            .admin
+            .acquire()
+            .await
+            .map_err(|e| fail("get an admin connection for", &e))?;
         let role_exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
                 .bind(role.expose())
-                .fetch_one(&self.admin)
+                .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| fail("look up the role of", &e))?;
         // A role the platform creates is never privileged; an existing one (a retried create)
@@ -745,7 +759,7 @@ impl PgClusterBackend {
             verifier.expose()
         );
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set_role))
-            .execute(&self.admin)
+            .execute(&mut *conn)
             .await
         {
             return Err(fail("create the role of", &e));
@@ -754,7 +768,7 @@ impl PgClusterBackend {
             "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
         )
         .bind(name.expose())
-        .fetch_optional(&self.admin)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|e| fail("look up", &e))?;
         match owner {
@@ -767,7 +781,7 @@ impl PgClusterBackend {
             None => {
                 let create = format!("CREATE DATABASE {db_ident} OWNER {role_ident}");
                 match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
-                    .execute(&self.admin)
+                    .execute(&mut *conn)
                     .await
                 {
                     Ok(_) => {}
@@ -786,7 +800,7 @@ impl PgClusterBackend {
             comment.replace('\'', "''")
         );
         sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
-            .execute(&self.admin)
+            .execute(&mut *conn)
             .await
             .map_err(|e| fail("isolate and label", &e))?;
         Ok(BackendObject {
