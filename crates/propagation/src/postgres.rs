@@ -1321,20 +1321,17 @@ impl PgPropagationStore {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         // A caller's open transaction holding a row lock (an enqueue_in not yet committed) must
         // not hold the recording: wait at most this long, then record row by row.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = '{}ms'",
+        //
+        // The fence filter makes the planner expect about one matching row and choose a nested
+        // loop that rescans the UNNEST once per row: quadratic in the batch. A hash join over
+        // the primary-key lookup is right for any batch size. Both settings in one round trip.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL enable_nestloop = off",
             RECORD_LOCK_TIMEOUT.whole_milliseconds()
         )))
         .execute(&mut *tx)
         .await
-        .map_err(db("set the recording lock timeout"))?;
-        // The fence filter makes the planner expect about one matching row and choose a nested
-        // loop that rescans the UNNEST once per row: quadratic in the batch. A hash join over
-        // the primary-key lookup is right for any batch size.
-        sqlx::query("SET LOCAL enable_nestloop = off")
-            .execute(&mut *tx)
-            .await
-            .map_err(db("set the plan for recording transitions"))?;
+        .map_err(db("set the recording lock timeout and plan"))?;
         // Rows still held by this very claim (its token) take their transition when their target
         // version is unchanged; when the target was replaced meanwhile, the result is for the
         // old target: the row is handed back instead, due now, keeping the fresh budget the
@@ -1404,10 +1401,7 @@ impl PgPropagationStore {
             })
             .unzip();
         if !landed_ids.is_empty() {
-            sqlx::query(
-                "UPDATE resources r SET tier = u.tier, updated_at = $3 \
-                 FROM UNNEST($1::uuid[], $2::text[]) AS u(id, tier) WHERE r.id = u.id",
-            )
+            sqlx::query(LAND_TIERS_SQL)
             .bind(&landed_ids)
             .bind(&landed_tiers)
             .bind(now)
@@ -1443,6 +1437,15 @@ const CLAIM_SQL: &str = "WITH claimed AS ( \
                     r.token, r.provider_resource_id, r.status, r.team_id AS owner \
              FROM claimed c LEFT JOIN resources r ON r.id = c.resource_id \
              ORDER BY c.id";
+
+/// The tier landing of a recorded batch (`$1` resource ids, `$2` their target tiers, `$3`
+/// now): only rows not already at their target change. The resources are found through
+/// `id = ANY($1)` (an index lookup of the batch's rows) so that, under the recording's
+/// `enable_nestloop = off`, the join never becomes a hash join over a scan of every resource,
+/// which made each batch cost in proportion to the whole `resources` table.
+const LAND_TIERS_SQL: &str = "UPDATE resources r SET tier = u.tier, updated_at = $3 \
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, tier) \
+             WHERE r.id = ANY($1) AND r.id = u.id AND r.tier IS DISTINCT FROM u.tier";
 
 /// The rescue of claims whose lease expired (`$1` now, `$2` limit).
 const RESCUE_SQL: &str = "UPDATE pending_propagations SET claimed_by = NULL, claim_token = NULL, \
@@ -2146,6 +2149,80 @@ mod plans {
                 removed_by_filter(node),
                 0,
                 "live leases were read by the rescue: {node:#?}"
+            );
+        }
+    }
+
+    /// The tier landing of a recorded batch reads only that batch's resources, under the plan
+    /// settings the recording runs with: never a scan of every resource per batch, which made
+    /// draining a queue quadratic in the size of `resources`.
+    #[tokio::test]
+    async fn tier_landing_reads_only_the_batchs_resources() {
+        let db = keel_testkit::database().await;
+        let team = db.team("pro").await;
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                    provider_resource_id, connection_url) \
+             SELECT gen_random_uuid(), 'plan' || lpad(g::text, 12, '0'), $1, 'postgres', 'free', \
+                    'active', 'cust_plan' || g, 'postgres://plan@127.0.0.1/x' \
+             FROM generate_series(1, 20000) g",
+        )
+        .bind(team)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE resources")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM resources ORDER BY token LIMIT 10 OFFSET 5000")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let tiers = vec!["pro"; ids.len()];
+        let now = PgPropagationStore::new(db.pool().clone())
+            .db_now()
+            .await
+            .unwrap();
+
+        let mut tx = db.pool().begin().await.unwrap();
+        sqlx::query("SET LOCAL enable_nestloop = off")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let sqlx::types::Json(plan): sqlx::types::Json<serde_json::Value> = sqlx::query_scalar(
+            sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) {LAND_TIERS_SQL}")),
+        )
+        .bind(&ids)
+        .bind(&tiers)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let landed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM resources WHERE id = ANY($1) AND tier = 'pro'")
+                .bind(&ids)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(landed, 10, "every resource of the batch got its tier");
+        let mut all = Vec::new();
+        nodes(&plan[0]["Plan"], &mut all);
+        let reads: Vec<&serde_json::Value> = all
+            .iter()
+            .filter(|n| n["Relation Name"] == "resources" && n["Node Type"] != "ModifyTable")
+            .collect();
+        assert!(!reads.is_empty(), "{all:#?}");
+        for node in reads {
+            assert_ne!(
+                node["Node Type"], "Seq Scan",
+                "the landing scanned every resource: {node:#?}"
+            );
+            assert!(
+                node["Actual Rows"].as_i64().unwrap() <= 10,
+                "the landing read resources outside its batch: {node:#?}"
             );
         }
     }

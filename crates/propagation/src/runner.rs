@@ -140,6 +140,9 @@ impl AddAssign for BatchReport {
     }
 }
 
+/// How long the recorder waits for more finished applies before recording a partial batch.
+const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How long a row whose apply never reached its backend waits before it is offered again.
 pub const NOT_ATTEMPTED_RETRY: time::Duration = time::Duration::seconds(5);
 
@@ -463,9 +466,13 @@ where
         // more rows may be due as soon as a slot frees up.
         let mut look = true;
         let mut more = false;
+        // Refill once a quarter of the slots are free (or all of them): claiming each slot the
+        // moment it frees would turn a burst of fast applies into a claim per row. A slow apply
+        // still holds only its own slot.
+        let refill = slots.div_ceil(4).max(1);
         while !shutdown.is_cancelled() {
             let free = slots.saturating_sub(tasks.len());
-            if look && free > 0 {
+            if look && free >= refill {
                 look = false;
                 match self.claim_some(free).await {
                     Ok((claimed, at)) => {
@@ -651,10 +658,20 @@ impl<S: PropagationStore> Recorder<S> {
         let mut pending: Vec<Completion> = Vec::with_capacity(batch);
         while let Some(first) = receiver.recv().await {
             pending.push(first);
+            // Completions of one claim arrive close together: wait a moment for the rest, so
+            // one transaction records many rows rather than each a few.
+            let linger = Instant::now() + RECORD_LINGER;
             while pending.len() < batch {
                 match receiver.try_recv() {
                     Ok(next) => pending.push(next),
-                    Err(_) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                        match tokio::time::timeout_at(linger, receiver.recv()).await {
+                            Ok(Some(next)) => pending.push(next),
+                            // Closed, or nothing more came in time: record what is here.
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
                 }
             }
             let now = match self.store.now().await {

@@ -1,0 +1,1 @@
+ALTER TABLE resources RESET (fillfactor);
