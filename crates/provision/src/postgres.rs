@@ -894,12 +894,17 @@ impl Backend for PgClusterBackend {
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
         let db = database_of(name)?;
         let role = RoleName::for_database(db);
+        // All three statements on one connection, taken once (as a create does): concurrent
+        // teardowns must not queue behind each other at every step.
+        let mut conn = self.admin.acquire().await.map_err(|e| {
+            BackendError::unavailable("get an admin connection for", name, redacted(&e, db))
+        })?;
         // Never drop a database under the platform's name that its customer role does not own.
         let owner: Option<String> = sqlx::query_scalar(
             "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
         )
         .bind(db.expose())
-        .fetch_optional(&self.admin)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
         if owner.is_some_and(|owner| owner != role.expose()) {
@@ -907,12 +912,12 @@ impl Backend for PgClusterBackend {
         }
         let drop_db = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.expose());
         sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
-            .execute(&self.admin)
+            .execute(&mut *conn)
             .await
             .map_err(|e| BackendError::unavailable("drop", name, redacted(&e, db)))?;
         let drop_role = format!("DROP ROLE IF EXISTS \"{}\"", role.expose());
         sqlx::raw_sql(sqlx::AssertSqlSafe(drop_role))
-            .execute(&self.admin)
+            .execute(&mut *conn)
             .await
             .map_err(|e| BackendError::unavailable("drop the role of", name, redacted(&e, db)))?;
         Ok(())

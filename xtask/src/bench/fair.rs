@@ -157,7 +157,9 @@ pub fn report(
         .enumerate()
         .skip(1)
         .filter_map(|(i, s)| s.map(|s| (i, s)))
-        .min_by(|(_, a), (_, b)| ahead(first.median, a.median).total_cmp(&ahead(first.median, b.median)))?;
+        .min_by(|(_, a), (_, b)| {
+            ahead(first.median, a.median).total_cmp(&ahead(first.median, b.median))
+        })?;
     let ratio = ahead(first.median, best_summary.median);
     let per_round: Vec<f64> = samples[0]
         .iter()
@@ -193,7 +195,10 @@ mod tests {
                 max: 3.0
             })
         );
-        assert_eq!(Summary::of(&[4.0, 1.0, 2.0, 3.0]).map(|s| s.median), Some(2.5));
+        assert_eq!(
+            Summary::of(&[4.0, 1.0, 2.0, 3.0]).map(|s| s.median),
+            Some(2.5)
+        );
         assert_eq!(Summary::of(&[]), None);
         assert_eq!(Summary::of(&[1.0, f64::NAN]), None);
     }

@@ -20,7 +20,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -69,7 +69,10 @@ fn count_flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> 
 #[cfg(feature = "bench")]
 fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
-        Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
+        Some("propagation") => propagation::bench(
+            count_flag(&args[1..], "--rows", 100_000)?,
+            count_flag(&args[1..], "--pairs", fair::DEFAULT_PAIRS)?,
+        ),
         Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
         Some("orphan-sweep") => orphan_sweep::bench(
             count_flag(&args[1..], "--items", 100_000)?,
@@ -78,6 +81,7 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
         Some("provision") => provision::bench(
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,
+            count_flag(&args[1..], "--pairs", fair::DEFAULT_PAIRS)?,
         ),
         Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
         None => bail!("{USAGE}"),
@@ -88,19 +92,4 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
 fn dispatch(args: &[String]) -> anyhow::Result<()> {
     let _ = count_flag(args, "--rows", 0)?;
     bail!("benchmarks need the `bench` feature: {USAGE}")
-}
-
-/// The hidden worker entry point the propagation benchmark spawns as separate processes.
-pub fn worker(args: &[String]) -> anyhow::Result<()> {
-    #[cfg(feature = "bench")]
-    {
-        propagation::worker(args)
-    }
-    #[cfg(not(feature = "bench"))]
-    {
-        bail!(
-            "benchmark workers need the `bench` feature (got {} arguments)",
-            args.len()
-        )
-    }
 }

@@ -1,31 +1,65 @@
-//! `cargo xtask bench propagation`: end-to-end propagation throughput (claim, apply, fenced
-//! transition and its audit row) with a no-op applier, with one and with two runner processes,
-//! beside graphile_worker processing the same number of no-op jobs on the same Postgres.
+//! `cargo xtask bench propagation`: end-to-end propagation throughput with a no-op applier,
+//! Keel's runner beside graphile_worker doing the same number of no-op jobs on the same server.
+//!
+//! Fair by construction (BENCH-1, BENCH-2, BENCH-3, BENCH-6):
+//! - every run gets a fresh database on the same server, seeded before the clock starts, then
+//!   the same hygiene (`VACUUM ANALYZE` of its queue tables and a `CHECKPOINT`), and is dropped
+//!   after it, so no side inherits another's dead rows or autovacuum debt;
+//! - every side runs inside this process and is timed the same way: from starting its worker
+//!   until the worker has handled every row and has committed every completion (Keel's
+//!   `Runner::drain` returns; graphile_worker's handler count reaches the total, then its
+//!   graceful shutdown flushes the batched completions). Nothing polls the database while a
+//!   side runs;
+//! - the sides alternate, A B A B …, over `--pairs` rounds, and the report gives the median
+//!   and min–max;
+//! - Keel does its real work per row: the fenced transition, the `propagation.applied` audit
+//!   row, and the tier landing on a real `resources` row (seeded rows name real resources of
+//!   their team), all checked after each run before a figure is printed. The peer's jobs carry
+//!   no audit rows and land nothing.
+//!
+//! `awa` (a Postgres job queue in Rust) is not a side: see [`AWA`].
 
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use graphile_worker::{
     IntoTaskHandlerResult, JobSpec, LocalQueueConfig, RawJobSpec, TaskHandler, WorkerContext,
     WorkerOptions,
 };
+use keel_audit::Actor;
 use keel_propagation::postgres::PgPropagationStore;
 use keel_propagation::runner::{Runner, RunnerConfig};
-use keel_propagation::{Applier, ApplyError, ApplyOutcome, Metrics, Propagation, WorkerId};
+use keel_propagation::{
+    Applier, ApplyError, ApplyOutcome, Completion, CompletionReport, Metrics, Propagation,
+    PropagationStore, StoreError, WorkerId,
+};
 use keel_testkit::PgServer;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Rows per claim (and applies in flight) for Keel's runners.
+use super::fair;
+
+/// Rows per claim (and applies in flight) for Keel's runner.
 const BATCH: u32 = 1000;
+/// Connections Keel's runner may use (claims and recordings overlap).
+const KEEL_CONNECTIONS: u32 = 4;
 /// graphile_worker's settings from its maintainers' own throughput test.
 const PEER_CONCURRENCY: usize = 500;
 const PEER_LOCAL_QUEUE: usize = 5000;
+const PEER_CONNECTIONS: u32 = 24;
+
+/// Why `awa` is not measured beside graphile_worker.
+pub const AWA: &str = "awa 0.6 (crates.io) was evaluated as a second peer and left out: it \
+    depends on sqlx 0.8 (this workspace is on 0.9, so it would be a second sqlx, rustls and \
+    chrono stack), its default engine (\"queue storage\") needs a staged storage transition \
+    (`storage_prepare`, a gate runtime, `storage_enter_mixed_transition`, `storage_finalize`) \
+    before a worker may claim, and its dependency tree (opentelemetry, chrono-tz, croner, \
+    blake3) more than doubles the optimised build of this bench on a 2-core machine";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -41,56 +75,60 @@ async fn pool(server: &PgServer, db: &str, connections: u32) -> anyhow::Result<P
         .await?)
 }
 
+/// The same hygiene for every side, after seeding and before the clock starts.
+async fn settle(pool: &PgPool, tables: &[&str]) -> anyhow::Result<()> {
+    for table in tables {
+        sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+            .execute(pool)
+            .await
+            .with_context(|| format!("could not vacuum {table}"))?;
+    }
+    sqlx::query("CHECKPOINT").execute(pool).await?;
+    Ok(())
+}
+
+const SIDES: [&str; 2] = ["keel runner (audit + tier)", "graphile_worker 0.14"];
+
 /// Runs the benchmark and prints its figures.
-pub fn bench(rows: u64) -> anyhow::Result<()> {
+pub fn bench(rows: u64, pairs: u64) -> anyhow::Result<()> {
     let rt = runtime()?;
     let server = PgServer::start_throwaway().context("could not start a throwaway Postgres")?;
-    println!(
-        "propagation benchmark: {rows} due rows, no-op applier, {}",
-        server.describe()
+    fair::header(
+        &format!("propagation benchmark: {rows} due rows, no-op work, {pairs} pairs"),
+        &format!("cargo xtask bench propagation --rows {rows} --pairs {pairs}"),
+        &server.describe(),
+        &format!(
+            "fsync, synchronous_commit, full_page_writes off (the same server for every side); \
+             keel: batch {BATCH}, {KEEL_CONNECTIONS} connections; graphile_worker: concurrency \
+             {PEER_CONCURRENCY}, local queue {PEER_LOCAL_QUEUE}, {PEER_CONNECTIONS} connections"
+        ),
     );
-    println!("(fsync off on the throwaway server, the same for every contender)\n");
-
-    let one = rt.block_on(keel_run(&server, "bench_keel_one", rows, 1))?;
-    let two = rt.block_on(keel_run(&server, "bench_keel_two", rows, 2))?;
-    let peer = rt.block_on(peer_run(&server, "bench_peer", rows))?;
-
-    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
-    println!(
-        "keel, 1 runner process:   {rows} rows in {:>6.2} s = {:>8.0} rows/s  (claim + apply + fenced transition + audit row)",
-        one.as_secs_f64(),
-        rate(one)
-    );
-    println!(
-        "keel, 2 runner processes: {rows} rows in {:>6.2} s = {:>8.0} rows/s",
-        two.as_secs_f64(),
-        rate(two)
-    );
-    println!(
-        "graphile_worker 0.14:     {rows} jobs in {:>6.2} s = {:>8.0} jobs/s  (concurrency {PEER_CONCURRENCY}, local queue {PEER_LOCAL_QUEUE}; no audit rows; enqueue took {:.2} s, not counted)",
-        peer.process.as_secs_f64(),
-        rate(peer.process),
-        peer.enqueue.as_secs_f64()
-    );
-    println!(
-        "\nratio keel/graphile_worker: {:.2}x with 1 process, {:.2}x with 2 processes",
-        rate(one) / rate(peer.process),
-        rate(two) / rate(peer.process)
+    println!("  awa: {AWA}\n");
+    let samples = rt.block_on(fair::alternate(&SIDES, pairs, async |side, round| {
+        let db = format!("bench_propagation_{side}_{round}");
+        server.create_database(&db, None).await?;
+        let elapsed = match side {
+            0 => keel_run(&server, &db, rows).await,
+            _ => peer_run(&server, &db, rows).await,
+        };
+        server.drop_database(&db).await?;
+        Ok(rows as f64 / elapsed?.as_secs_f64())
+    }))?;
+    fair::report(
+        &SIDES,
+        &samples,
+        "rows/s",
+        fair::Better::Higher,
+        "keel >= 1.5x the best peer, and >= 15k rows/s absolute",
     );
     Ok(())
 }
 
-async fn keel_run(
-    server: &PgServer,
-    db: &str,
-    rows: u64,
-    processes: usize,
-) -> anyhow::Result<Duration> {
-    server.create_database(db, None).await?;
-    let pool = pool(server, db, 4).await?;
+/// Seeds `rows` due tier elevations, each for a real `free` resource of a `pro` team, drains
+/// them with one runner, and checks every row applied, audited and landed.
+async fn keel_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Duration> {
+    let pool = pool(server, db, KEEL_CONNECTIONS).await?;
     keel_schema::migrate(&pool).await?;
-    // Each row names a real resource of its team (a propagation for a missing resources row is
-    // never applied), its provider id `cust_<digest>` as keel-provision names it.
     sqlx::query(
         "WITH team AS (INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id) \
          INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
@@ -111,51 +149,129 @@ async fn keel_run(
     )
     .execute(&pool)
     .await?;
-    sqlx::query("VACUUM ANALYZE pending_propagations")
-        .execute(&pool)
-        .await?;
+    settle(
+        &pool,
+        &["pending_propagations", "resources", "audit_events"],
+    )
+    .await?;
 
-    let exe = std::env::current_exe().context("could not find the xtask binary")?;
-    let url = server.url_for(db);
+    let mut config = RunnerConfig::new(WorkerId::parse("bench")?);
+    config.batch_size = BATCH;
+    let store = Arc::new(Timed::new(PgPropagationStore::new(pool.clone())));
+    let runner = Runner::new(
+        Arc::clone(&store),
+        Arc::new(NoOp),
+        Metrics::register(&mut Registry::default()),
+        config,
+    )?;
     let started = Instant::now();
-    let children: Vec<Child> = (0..processes)
-        .map(|i| {
-            Command::new(&exe)
-                .args([
-                    "__propagation-bench-worker",
-                    &url,
-                    &format!("bench-{i}"),
-                    &BATCH.to_string(),
-                ])
-                .spawn()
-                .context("could not start a runner process")
-        })
-        .collect::<Result<_, _>>()?;
-    let statuses = tokio::task::spawn_blocking(move || {
-        children
-            .into_iter()
-            .map(|mut c| c.wait())
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await??;
+    let report = runner.drain(&CancellationToken::new()).await?;
     let elapsed = started.elapsed();
-    ensure!(
-        statuses.iter().all(|s| s.success()),
-        "a runner process failed: {statuses:?}"
-    );
 
-    let (applied, audited): (i64, i64) = sqlx::query_as(
+    let (applied, audited, landed): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM pending_propagations WHERE status = 'applied'), \
-                (SELECT count(*) FROM audit_events WHERE kind = 'propagation.applied')",
+                (SELECT count(*) FROM audit_events WHERE kind = 'propagation.applied'), \
+                (SELECT count(*) FROM resources WHERE tier = 'pro')",
     )
     .fetch_one(&pool)
     .await?;
+    let rows = i64::try_from(rows)?;
     ensure!(
-        applied == rows as i64 && audited == rows as i64,
-        "expected {rows} applied rows with audit rows, found {applied} and {audited}"
+        applied == rows && audited == rows && landed == rows,
+        "expected {rows} rows applied, audited and landed; found {applied}, {audited} and \
+         {landed} (runner report: {report:?})"
     );
+    println!("    keel: {}", store.breakdown(elapsed));
     pool.close().await;
     Ok(elapsed)
+}
+
+/// The store, with the time spent in each of its calls added up (calls overlap: claims and
+/// recordings run side by side), to show where a run's time goes.
+struct Timed<S> {
+    inner: S,
+    /// Per call kind (now, claim, complete, release): calls, rows, microseconds.
+    calls: std::sync::Mutex<[(u64, u64, u64); 4]>,
+}
+
+impl<S> Timed<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            calls: std::sync::Mutex::new([(0, 0, 0); 4]),
+        }
+    }
+
+    fn add(&self, kind: usize, rows: usize, started: Instant) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let Ok(mut calls) = self.calls.lock() {
+            calls[kind].0 += 1;
+            calls[kind].1 += rows as u64;
+            calls[kind].2 += micros;
+        }
+    }
+
+    fn breakdown(&self, wall: Duration) -> String {
+        let calls = self.calls.lock().map(|c| *c).unwrap_or_default();
+        let names = ["clock reads", "claims", "recordings", "releases"];
+        let parts: Vec<String> = names
+            .iter()
+            .zip(calls)
+            .filter(|(_, (n, _, _))| *n > 0)
+            .map(|(name, (n, rows, micros))| {
+                format!("{n} {name} ({rows} rows) busy {:.2} s", micros as f64 / 1e6)
+            })
+            .collect();
+        format!("{} over {:.2} s", parts.join(", "), wall.as_secs_f64())
+    }
+}
+
+impl<S: PropagationStore> PropagationStore for Timed<S> {
+    async fn now(&self) -> Result<time::OffsetDateTime, StoreError> {
+        let started = Instant::now();
+        let now = self.inner.now().await;
+        self.add(0, 0, started);
+        now
+    }
+
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        limit: u32,
+        lease: time::Duration,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<Propagation>, StoreError> {
+        let started = Instant::now();
+        let claimed = self.inner.claim(worker, limit, lease, now).await;
+        self.add(1, claimed.as_ref().map_or(0, Vec::len), started);
+        claimed
+    }
+
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        completions: &[Completion],
+        actor: &Actor,
+        now: time::OffsetDateTime,
+    ) -> Result<CompletionReport, StoreError> {
+        let started = Instant::now();
+        let report = self.inner.complete(worker, completions, actor, now).await;
+        self.add(2, completions.len(), started);
+        report
+    }
+
+    async fn release(
+        &self,
+        worker: &WorkerId,
+        propagations: &[Propagation],
+        due_at: time::OffsetDateTime,
+        now: time::OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let started = Instant::now();
+        let released = self.inner.release(worker, propagations, due_at, now).await;
+        self.add(3, propagations.len(), started);
+        released
+    }
 }
 
 struct NoOp;
@@ -166,30 +282,13 @@ impl Applier for NoOp {
     }
 }
 
-/// A runner process: drains what is due with a no-op applier, then exits.
-pub fn worker(args: &[String]) -> anyhow::Result<()> {
-    let [url, worker, batch] = args else {
-        bail!("usage: xtask __propagation-bench-worker URL WORKER_ID BATCH");
-    };
-    let batch: u32 = batch.parse().context("BATCH must be a whole number")?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        let pool = PgPoolOptions::new().max_connections(4).connect(url).await?;
-        let mut config = RunnerConfig::new(WorkerId::parse(worker)?);
-        config.batch_size = batch;
-        let runner = Runner::new(
-            Arc::new(PgPropagationStore::new(pool)),
-            Arc::new(NoOp),
-            Metrics::register(&mut Registry::default()),
-            config,
-        )?;
-        runner.drain(&CancellationToken::new()).await?;
-        anyhow::Ok(())
-    })
-}
-
+/// The peer's in-process completion signal: jobs handled so far, and a wake-up at the total.
 #[derive(Clone, Debug)]
-struct Done(Arc<AtomicUsize>);
+struct Done {
+    handled: Arc<AtomicUsize>,
+    total: usize,
+    all: Arc<Notify>,
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NoOpJob {}
@@ -198,22 +297,25 @@ impl TaskHandler for NoOpJob {
     const IDENTIFIER: &'static str = "noop";
 
     async fn run(self, ctx: WorkerContext) -> impl IntoTaskHandlerResult {
-        if let Some(done) = ctx.get_ext::<Done>() {
-            done.0.fetch_add(1, Ordering::Relaxed);
+        if let Some(done) = ctx.get_ext::<Done>()
+            && done.handled.fetch_add(1, Ordering::Relaxed) + 1 == done.total
+        {
+            done.all.notify_one();
         }
         Ok::<(), String>(())
     }
 }
 
-struct PeerTimes {
-    enqueue: Duration,
-    process: Duration,
-}
-
-async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<PeerTimes> {
-    server.create_database(db, None).await?;
-    let pool = pool(server, db, 24).await?;
-    let done = Arc::new(AtomicUsize::new(0));
+/// Enqueues `rows` no-op jobs (not timed), then times graphile_worker from its start until it
+/// has handled them all and its shutdown has committed every completion.
+async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Duration> {
+    let pool = pool(server, db, PEER_CONNECTIONS).await?;
+    let total = usize::try_from(rows)?;
+    let done = Done {
+        handled: Arc::new(AtomicUsize::new(0)),
+        total,
+        all: Arc::new(Notify::new()),
+    };
     let worker = WorkerOptions::default()
         .pg_pool(pool.clone())
         .schema("graphile_worker")
@@ -222,7 +324,7 @@ async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Peer
         .complete_job_batch_delay(Duration::from_millis(5))
         .local_queue(LocalQueueConfig::default().with_size(PEER_LOCAL_QUEUE))
         .listen_os_shutdown_signals(false)
-        .add_extension(Done(Arc::clone(&done)))
+        .add_extension(done.clone())
         .define_job::<NoOpJob>()
         .init()
         .await
@@ -230,8 +332,7 @@ async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Peer
     let worker = Arc::new(worker);
 
     let utils = worker.create_utils();
-    let started = Instant::now();
-    let mut left = rows as usize;
+    let mut left = total;
     while left > 0 {
         let chunk = left.min(10_000);
         let jobs: Vec<RawJobSpec> = (0..chunk)
@@ -247,30 +348,39 @@ async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Peer
             .map_err(|e| anyhow::anyhow!("graphile_worker enqueue failed: {e:?}"))?;
         left -= chunk;
     }
-    let enqueue = started.elapsed();
+    settle(
+        &pool,
+        &[
+            "graphile_worker._private_jobs",
+            "graphile_worker._private_tasks",
+            "graphile_worker._private_job_queues",
+        ],
+    )
+    .await?;
 
     let started = Instant::now();
     let running = Arc::clone(&worker);
-    let handle = tokio::spawn(async move { running.run().await });
-    // Done means every job handled and its completion committed (the jobs table is empty).
-    loop {
-        let remaining: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM graphile_worker._private_jobs")
-                .fetch_one(&pool)
-                .await?;
-        if remaining == 0 && done.load(Ordering::Relaxed) >= rows as usize {
-            break;
+    let mut handle = tokio::spawn(async move { running.run().await });
+    tokio::select! {
+        _ = done.all.notified() => {}
+        stopped = &mut handle => {
+            anyhow::bail!("graphile_worker stopped before finishing: {stopped:?}");
         }
-        ensure!(
-            !handle.is_finished(),
-            "graphile_worker stopped before finishing"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let process = started.elapsed();
     worker.request_shutdown();
     handle
         .await?
         .map_err(|e| anyhow::anyhow!("graphile_worker failed: {e:?}"))?;
-    Ok(PeerTimes { enqueue, process })
+    let elapsed = started.elapsed();
+
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM graphile_worker._private_jobs")
+        .fetch_one(&pool)
+        .await?;
+    ensure!(
+        left == 0 && done.handled.load(Ordering::Relaxed) == total,
+        "graphile_worker left {left} jobs and handled {} of {total}",
+        done.handled.load(Ordering::Relaxed)
+    );
+    pool.close().await;
+    Ok(elapsed)
 }

@@ -1,0 +1,3 @@
+CREATE INDEX IF NOT EXISTS resources_team_id_ix ON resources (team_id);
+CREATE INDEX IF NOT EXISTS resources_live_token_ix ON resources (token)
+    WHERE status IN ('pending', 'active', 'paused', 'suspended');
