@@ -1402,12 +1402,12 @@ impl PgPropagationStore {
             .unzip();
         if !landed_ids.is_empty() {
             sqlx::query(LAND_TIERS_SQL)
-            .bind(&landed_ids)
-            .bind(&landed_tiers)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("record applied tiers"))?;
+                .bind(&landed_ids)
+                .bind(&landed_tiers)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("record applied tiers"))?;
         }
         tx.commit().await.map_err(db("commit transitions"))?;
         Ok((recorded, refused))
@@ -2200,12 +2200,13 @@ mod plans {
         .fetch_one(&mut *tx)
         .await
         .unwrap();
-        let landed: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM resources WHERE id = ANY($1) AND tier = 'pro'")
-                .bind(&ids)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
+        let landed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM resources WHERE id = ANY($1) AND tier = 'pro'",
+        )
+        .bind(&ids)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
         tx.rollback().await.unwrap();
         assert_eq!(landed, 10, "every resource of the batch got its tier");
         let mut all = Vec::new();
