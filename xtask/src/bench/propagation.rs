@@ -54,12 +54,11 @@ const PEER_LOCAL_QUEUE: usize = 5000;
 const PEER_CONNECTIONS: u32 = 24;
 
 /// Why `awa` is not measured beside graphile_worker.
-pub const AWA: &str = "awa 0.6 (crates.io) was evaluated as a second peer and left out: it \
-    depends on sqlx 0.8 (this workspace is on 0.9, so it would be a second sqlx, rustls and \
-    chrono stack), its default engine (\"queue storage\") needs a staged storage transition \
-    (`storage_prepare`, a gate runtime, `storage_enter_mixed_transition`, `storage_finalize`) \
-    before a worker may claim, and its dependency tree (opentelemetry, chrono-tz, croner, \
-    blake3) more than doubles the optimised build of this bench on a 2-core machine";
+pub const AWA: &str = "awa 0.6 (crates.io) is not measured: it depends on sqlx 0.8 while this \
+    workspace is on 0.9 (a second sqlx, rustls and chrono stack in the bench's build, beside \
+    opentelemetry, chrono-tz, croner and blake3), and its default engine (\"queue storage\") \
+    needs a staged storage transition (`storage_prepare`, a gate runtime, \
+    `storage_enter_mixed_transition`, `storage_finalize`) before a worker may claim";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
