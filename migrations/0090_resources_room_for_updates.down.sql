@@ -1,1 +1,1 @@
-ALTER TABLE resources RESET (fillfactor);
+ALTER TABLE IF EXISTS resources RESET (fillfactor);
