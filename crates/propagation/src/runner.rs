@@ -432,10 +432,12 @@ where
         self.pump(None, shutdown.clone(), true).await
     }
 
-    /// Runs until `shutdown`, keeping up to `batch_size` applies in flight: whenever slots
-    /// free up (an apply finished), it claims that many more rows at once, so one slow apply
-    /// holds only its own slot and never stops new claims. Finished applies are recorded in
-    /// batches by a separate task as they come in. Store errors are logged, counted and retried
+    /// Runs until `shutdown`, keeping up to `batch_size` applies in flight: whenever a quarter
+    /// of the slots (at least one) has freed up, it claims that many more rows at once, so one
+    /// slow apply holds only its own slot and never stops new claims, and a burst of fast
+    /// applies is refilled in a few claims rather than one per row. Finished applies are
+    /// recorded in batches by a separate task as they come in, each batch gathering what
+    /// arrives within a couple of milliseconds. Store errors are logged, counted and retried
     /// on the next poll; they never stop the runner.
     pub async fn run(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
         // In this mode errors are counted and logged where they happen.
