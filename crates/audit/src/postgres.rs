@@ -3,8 +3,8 @@
 //! [`insert`] and [`insert_batch`] take the caller's connection, so when the caller passes its
 //! open transaction the audit row commits or rolls back together with the state change it
 //! describes; [`encode`] and [`COLUMNS`] let a caller write the audit row in the very statement
-//! that makes the change (one round trip, one commit). [`PgAuditSink`] implements the [`AuditSink`] port for callers without a
-//! transaction: each call is its own transaction.
+//! that makes the change (one round trip, one commit). [`PgAuditSink`] implements the
+//! [`AuditSink`] port for callers without a transaction: each call is its own transaction.
 
 use std::collections::BTreeMap;
 
