@@ -277,16 +277,11 @@ async fn change_protection(
         })
         .into_response(),
         Ok(false) => Redirect::to("/orphans?note=unchanged").into_response(),
-        Err(
-            e @ (keel_orphan_sweep::protections::ProtectionError::BadReason
-            | keel_orphan_sweep::protections::ProtectionError::Audit(_)),
-        ) => refused(StatusCode::BAD_REQUEST, &e.to_string()),
-        Err(e @ keel_orphan_sweep::protections::ProtectionError::Store { .. }) => {
-            failure(&ConsoleError::Store {
-                operation: "change a reclaim protection",
-                source: Box::new(e),
-            })
-        }
+        Err(e) if e.is_bad_input() => refused(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => failure(&ConsoleError::Store {
+            operation: "change a reclaim protection",
+            source: Box::new(e),
+        }),
     }
 }
 

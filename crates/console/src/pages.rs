@@ -776,7 +776,7 @@ async fn render_orphans(
         "<p>The sweep's current candidates (from its last ticks), keyed by token digest: never a \
          name or a token. A candidate is reclaimed only by the sweep itself, behind \
          <code>ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED</code> and its burn-in, through the audited \
-         deprovision chokepoint. This page can protect or unprotect; it destroys nothing.</p>",
+         deprovision chokepoint: \"yes, when armed\" means once that gate is on and the burn-in is met. This page can protect or unprotect; it destroys nothing.</p>",
     );
     if rows.is_empty() {
         body.push_str("<p class=\"muted\">No candidates.</p>");
@@ -804,14 +804,14 @@ async fn render_orphans(
             let action = if reason.is_some() {
                 format!(
                     "<form class=\"inline\" method=\"post\" action=\"/orphans/unprotect\">{}<input type=\"hidden\" name=\"digest\" value=\"{}\">\
-                     <input name=\"reason\" placeholder=\"reason\" required size=\"16\"> <button type=\"submit\">Unprotect</button></form>",
+                     <input name=\"reason\" placeholder=\"reason\" required size=\"10\"> <button type=\"submit\">Unprotect</button></form>",
                     html::csrf_field(session.csrf()),
                     escape(digest)
                 )
             } else {
                 format!(
                     "<form class=\"inline\" method=\"post\" action=\"/orphans/protect\">{}<input type=\"hidden\" name=\"digest\" value=\"{}\">\
-                     <input name=\"reason\" placeholder=\"reason\" required size=\"16\"> <button type=\"submit\">Protect</button></form>",
+                     <input name=\"reason\" placeholder=\"reason\" required size=\"10\"> <button type=\"submit\">Protect</button></form>",
                     html::csrf_field(session.csrf()),
                     escape(digest)
                 )
@@ -824,11 +824,7 @@ async fn render_orphans(
                 escape(digest),
                 html::time(first_seen),
                 html::maybe_time(reclaimable_since),
-                if would {
-                    "yes, once the destructive gate is on and the burn-in met"
-                } else {
-                    "no"
-                },
+                if would { "yes, when armed" } else { "no" },
                 if would {
                     "-".to_owned()
                 } else {

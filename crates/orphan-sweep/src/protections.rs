@@ -24,6 +24,7 @@ pub struct Protection {
 
 /// Why a protection change failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtectionError {
     /// The reason is empty or longer than 200 characters.
     #[error("give a reason of 1 to 200 characters")]
@@ -40,6 +41,17 @@ pub enum ProtectionError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl ProtectionError {
+    /// Whether the caller's input was refused (fix it and retry), rather than the database
+    /// failing.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ProtectionError::BadReason | ProtectionError::Audit(_) => true,
+            ProtectionError::Store { .. } => false,
+        }
+    }
 }
 
 fn store<E: std::error::Error + Send + Sync + 'static>(

@@ -278,7 +278,7 @@ async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_de
     let review = app.get("/orphans").await;
     assert_eq!(review.status, 200);
     assert!(review.body.contains(&digest));
-    assert!(review.body.contains("yes, once the destructive gate is on"));
+    assert!(review.body.contains("yes, when armed"));
 
     let reply = app
         .post(
