@@ -109,6 +109,12 @@ pub async fn sign_in(
     let event = AuditEvent::new(AuditKind::ConsoleSignedIn, principal.actor(), now)
         .attr("key_id", principal.key_id().as_str())?;
     let mut tx = pool.begin().await.map_err(db("begin a transaction"))?;
+    // Sessions over for a day are of no use to anyone: each sign-in clears them (indexed).
+    sqlx::query("DELETE FROM provision_api.console_sessions WHERE expires_at < $1")
+        .bind(now - time::Duration::days(1))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("clear ended console sessions"))?;
     sqlx::query(
         "INSERT INTO provision_api.console_sessions \
            (id_sha256, key_id, csrf_token, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",

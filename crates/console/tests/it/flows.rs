@@ -490,3 +490,30 @@ async fn page_through(app: &mut App, path: &str) -> Vec<u32> {
     }
     seen
 }
+
+#[tokio::test]
+async fn sessions_over_for_a_day_are_cleared_at_the_next_sign_in() {
+    let mut app = app::spawn().await;
+    for (seed, expired) in [("old", "3 days"), ("recent", "1 hour")] {
+        sqlx::query(
+            "INSERT INTO provision_api.console_sessions (id_sha256, key_id, csrf_token, created_at, expires_at) \
+             VALUES (sha256(convert_to($1, 'UTF8')), $2, repeat('a', 43), now() - interval '9 days', now() - $3::interval)",
+        )
+        .bind(seed)
+        .bind(&app.key_id)
+        .bind(expired)
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+    }
+    app.sign_in().await;
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN id_sha256 = sha256(convert_to('recent', 'UTF8')) THEN 'recent' \
+                     WHEN id_sha256 = sha256(convert_to('old', 'UTF8')) THEN 'old' ELSE 'new' END \
+         FROM provision_api.console_sessions ORDER BY 1",
+    )
+    .fetch_all(app.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, ["new", "recent"]);
+}
