@@ -200,14 +200,25 @@ async fn a_console_requeue_writes_the_same_audit_row_as_the_cli_with_the_operato
         )
         .await;
     assert_eq!(reply.status, 303, "{}", reply.body);
-    let trail = app.get(reply.header("location").unwrap()).await;
+    // The trail lists rows in commit order, once every older transaction on the server has
+    // ended (other tests' transactions included): wait for the row, boundedly.
+    let location = reply.header("location").unwrap().to_owned();
+    let wanted = format!("propagation_id={by_console}");
+    let mut trail = app.get(&location).await;
+    for _ in 0..100 {
+        if trail.body.contains(&wanted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        trail = app.get(&location).await;
+    }
     assert_eq!(trail.status, 200);
     assert!(
         trail.body.contains("propagation.requeued"),
         "{}",
         trail.body
     );
-    assert!(trail.body.contains(&format!("propagation_id={by_console}")));
+    assert!(trail.body.contains(&wanted), "{}", trail.body);
     assert_eq!(app.status_of(by_console).await, "pending");
     assert_eq!(app.status_of(by_cli).await, "dead_lettered");
 
