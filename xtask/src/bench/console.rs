@@ -196,9 +196,11 @@ async fn seed(pool: &PgPool, audit_rows: u64, dead_letters: u64) -> anyhow::Resu
          FROM generate_series(1, 2000) i".to_owned(),
         "ANALYZE".to_owned(),
     ];
+    // One connection: the temporary tables are its own.
+    let mut conn = pool.acquire().await?;
     for statement in statements {
         sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
-            .execute(pool)
+            .execute(&mut *conn)
             .await
             .with_context(|| format!("seeding: {}", &statement[..statement.len().min(80)]))?;
     }
