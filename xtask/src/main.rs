@@ -4,11 +4,13 @@
 //!   `cargo test --workspace` (which includes the tidy test in this crate).
 //! - `cargo xtask demo`: starts a throwaway Postgres, applies the migrations and runs Keel's
 //!   scenario end to end, printing what happened.
+//! - `cargo xtask console`: the demo's scenario, then the operator console served on its data.
 //! - `cargo xtask scrape`: every serving binary on a throwaway Postgres; `/readyz` must turn 200
 //!   and `promtool check metrics` must pass on each `/metrics`.
 //! - `cargo xtask bench <target>`: benchmarks that print figures, optimised, with peers.
 
 mod bench;
+mod console;
 mod demo;
 #[cfg(test)]
 mod monitoring;
@@ -29,9 +31,10 @@ usage: cargo xtask <task>
 tasks:
   ci      cargo fmt --check, cargo clippy -D warnings (all targets), cargo test --workspace
   demo    run Keel's scenario end to end on a throwaway local Postgres
+  console the demo's scenario, then the operator console on its data (until Ctrl-C)
   scrape  start each serving binary on a throwaway Postgres; /readyz must turn 200 and
           `promtool check metrics` must pass on every /metrics
-  bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation|rater|provision|orphan-sweep`
+  bench   benchmarks, optimised, with peers side by side: `cargo xtask bench propagation|rater|provision|orphan-sweep|console`
 ";
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo::run(),
+        Some("console") => demo::run_console(),
         Some("bench") => bench::run(&args[1..]),
         Some("scrape") => scrape::run(),
         Some("help" | "--help" | "-h") => {

@@ -70,6 +70,19 @@ const TARGETS: &[Target] = &[
             ),
         ],
     },
+    Target {
+        binary: "keel-console",
+        variant: "",
+        // /metrics and /readyz are served on the operations listener only.
+        args: &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "{listen}",
+        ],
+        env: &[],
+    },
 ];
 
 const PROMETHEUS_ACCEPT: &str =
@@ -88,6 +101,8 @@ pub fn run() -> anyhow::Result<()> {
         "keel-provision-api",
         "-p",
         "keel-orphan-sweep-bin",
+        "-p",
+        "keel-console-bin",
         "--bins",
     ])?;
     let bin_dir = target_dir()?.join("debug");

@@ -9,6 +9,8 @@
 //! period's tick runs once however many replicas or CronJob runs there are; the burn-in lives
 //! there too.
 
+mod protections;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,6 +70,9 @@ struct Cli {
 enum Command {
     /// Apply the embedded database migrations and exit.
     Migrate(keel_service::MigrateArgs),
+    /// List, add or lift platform-held reclaim protections (audited; destroys nothing).
+    #[command(subcommand)]
+    Protections(protections::ProtectionsCommand),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -287,6 +292,7 @@ impl SweepArgs {
 fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, keel_service::cli::UsageExit> {
     keel_service::cli::try_parse_exclusive::<Cli>(args, |cli| match cli.command {
         Some(Command::Migrate(_)) => Some("migrate"),
+        Some(Command::Protections(_)) => Some("protections"),
         None => None,
     })
 }
@@ -296,8 +302,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(exit) => return keel_service::cli::report(exit),
     };
-    if let Some(Command::Migrate(db)) = cli.command {
-        return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
+    match cli.command {
+        Some(Command::Migrate(db)) => {
+            return keel_service::run(&cli.log, async move { keel_service::migrate(&db).await });
+        }
+        Some(Command::Protections(command)) => {
+            return keel_service::run(&cli.log, protections::run(command));
+        }
+        None => {}
     }
     let mut args = cli.sweep;
     args.fingerprint_key = match resolve_fingerprint_key(

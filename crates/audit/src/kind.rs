@@ -84,6 +84,16 @@ pub enum AuditKind {
     NotificationDeadLettered,
     /// An operator requeued a dead-lettered notification.
     NotificationRequeued,
+    /// An operator signed in to the operator console with an operator API key (its id, never
+    /// the key).
+    ConsoleSignedIn,
+    /// An operator signed out of the operator console.
+    ConsoleSignedOut,
+    /// An operator protected a token's backend objects from reclamation
+    /// (`reclaim_protections`, by token digest), from the console or the orphan-sweep CLI.
+    ReclaimProtected,
+    /// An operator removed a token's reclaim protection: the sweep's usual gates decide again.
+    ReclaimUnprotected,
 }
 
 /// How urgently an operator alert needs a human.
@@ -180,6 +190,10 @@ impl AuditKind {
             AuditKind::NotificationRetrying => "notification.retrying",
             AuditKind::NotificationDeadLettered => "notification.dead_lettered",
             AuditKind::NotificationRequeued => "notification.requeued",
+            AuditKind::ConsoleSignedIn => "console.signed_in",
+            AuditKind::ConsoleSignedOut => "console.signed_out",
+            AuditKind::ReclaimProtected => "resource.reclaim_protected",
+            AuditKind::ReclaimUnprotected => "resource.reclaim_unprotected",
         }
     }
 
@@ -283,6 +297,21 @@ impl AuditKind {
             AuditKind::NotificationRequeued => Consumer::IntentionallyNone {
                 reason: "an operator's own action; the trail records who requeued which \
                          notification",
+            },
+            AuditKind::ConsoleSignedIn => Consumer::IntentionallyNone {
+                reason: "an operator's own session; the trail records which operator key \
+                         opened the console and when",
+            },
+            AuditKind::ConsoleSignedOut => Consumer::IntentionallyNone {
+                reason: "an operator's own session; the trail records when it was closed",
+            },
+            AuditKind::ReclaimProtected => Consumer::IntentionallyNone {
+                reason: "an operator's own action; the trail records who protected which token \
+                         digest and why, and the sweep reads the protection itself",
+            },
+            AuditKind::ReclaimUnprotected => Consumer::IntentionallyNone {
+                reason: "an operator's own action; the sweep still reclaims only behind its \
+                         destructive gate and burn-in, and every reclaim alerts on its own",
             },
         }
     }

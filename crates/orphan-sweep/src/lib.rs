@@ -98,6 +98,8 @@ mod metrics;
 mod ports;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod protections;
 mod state;
 mod sweep;
 #[cfg(feature = "testing")]

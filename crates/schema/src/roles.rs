@@ -49,7 +49,7 @@ pub const STANDALONE_SEQUENCES: &[&str] = &["pending_propagations_fence_seq"];
 pub const PRIVATE_SCHEMA: &str = "provision_api";
 
 /// The tables in [`PRIVATE_SCHEMA`]; the application role gets DML on each.
-pub const PRIVATE_TABLES: &[&str] = &["api_keys", "idempotency_keys"];
+pub const PRIVATE_TABLES: &[&str] = &["api_keys", "idempotency_keys", "console_sessions"];
 
 /// An application role name: a plain lower-case SQL identifier (`[a-z_][a-z0-9_]{0,62}`).
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -10,6 +10,8 @@
 
 pub mod fair;
 #[cfg(feature = "bench")]
+mod console;
+#[cfg(feature = "bench")]
 mod orphan_sweep;
 #[cfg(feature = "bench")]
 mod propagation;
@@ -20,7 +22,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N] | console [--audit-rows N] [--dead-letters N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -82,6 +84,10 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,
             count_flag(&args[1..], "--pairs", fair::DEFAULT_PAIRS)?,
+        ),
+        Some("console") => console::bench(
+            count_flag(&args[1..], "--audit-rows", 1_000_000)?,
+            count_flag(&args[1..], "--dead-letters", 100_000)?,
         ),
         Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
         None => bail!("{USAGE}"),

@@ -14,11 +14,21 @@ use sqlx::postgres::PgPoolOptions;
 
 /// Runs the demo, printing a readable account.
 pub fn run() -> anyhow::Result<()> {
+    run_then(false)
+}
+
+/// Runs the demo, then serves the operator console on its data until Ctrl-C (`cargo xtask
+/// console`).
+pub fn run_console() -> anyhow::Result<()> {
+    run_then(true)
+}
+
+fn run_then(console: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
-    runtime.block_on(scenario())
+    runtime.block_on(scenario(console))
 }
 
 /// Prints a section heading.
@@ -26,7 +36,7 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
-async fn scenario() -> anyhow::Result<()> {
+async fn scenario(console: bool) -> anyhow::Result<()> {
     println!("Keel demo: reliability core for a multi-tenant resource platform");
 
     step("A throwaway Postgres");
@@ -83,6 +93,11 @@ async fn scenario() -> anyhow::Result<()> {
     orphan_sweep::orphan_sweep(&server, &pool).await?;
     rater::rating(&server, "keel_demo", &pool).await?;
 
+    if console {
+        crate::console::serve_demo(&pool).await?;
+    } else {
+        println!("\nBrowse this scenario's data in the operator console: cargo xtask console");
+    }
     pool.close().await;
     cluster.close().await;
     println!(

@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS provision_api.console_sessions;
