@@ -18,7 +18,8 @@ use keel_audit::{Actor, ResourceId, ResourceType, TeamId, Tier};
 use keel_propagation::kube::{KubeQuotaApplier, TierQuotas};
 use keel_propagation::postgres::{
     EnqueueRequest, Housekeeping, HousekeepingSchedule, PgPropagationStore, PgRoleApplier,
-    RequeueTarget, Retention, TierRoleSettings, listen_for_wakeups, run_housekeeping,
+    RequeueReason, RequeueTarget, Retention, TierRoleSettings, listen_for_wakeups,
+    run_housekeeping,
 };
 use keel_propagation::runner::{Runner, RunnerConfig};
 use keel_propagation::{
@@ -204,6 +205,9 @@ enum DeadLetters {
         /// Who is requeueing, for the audit trail (e.g. operator:alice).
         #[arg(long, env = "KEEL_ACTOR", value_parser = parse_actor)]
         actor: Actor,
+        /// Why, for the audit trail (1 to 200 characters; the console asks for the same).
+        #[arg(long, env = "KEEL_REQUEUE_REASON", value_parser = parse_reason)]
+        reason: RequeueReason,
     },
 }
 
@@ -238,6 +242,9 @@ fn parse_actor(s: &str) -> Result<Actor, String> {
         Some(name) if !name.is_empty() => Actor::parse(s).map_err(|e| e.to_string()),
         _ => Err("expected operator:NAME (the person requeueing, e.g. operator:alice)".to_owned()),
     }
+}
+fn parse_reason(s: &str) -> Result<RequeueReason, String> {
+    RequeueReason::parse(s).map_err(|e| e.to_string())
 }
 fn parse_tier(s: &str) -> Result<Tier, String> {
     Tier::parse(s).map_err(|e| e.to_string())
@@ -494,6 +501,7 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
             id,
             kind,
             actor,
+            reason,
         } => {
             let target = match (id, kind) {
                 (Some(id), _) => RequeueTarget::One(PropagationId(id)),
@@ -501,7 +509,9 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
                 (None, None) => bail!("give --id or --kind"),
             };
             let store = store(&db, 2).await?;
-            let report = store.requeue(target, &actor, store.db_now().await?).await?;
+            let report = store
+                .requeue(target, &actor, &reason, store.db_now().await?)
+                .await?;
             for id in &report.requeued {
                 println!("requeued propagation {id}");
             }
@@ -645,6 +655,36 @@ mod tests {
         .err()
         .expect("--actor api was accepted");
         assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
+    }
+
+    /// A requeue records why: without `--reason`, or with a blank one, the CLI refuses (64).
+    #[test]
+    fn requeue_needs_a_reason() {
+        let base = [
+            "keel-propagation-runner",
+            "dead-letters",
+            "requeue",
+            "--database-url",
+            "postgres://u@h/db",
+            "--id",
+            "1",
+            "--actor",
+            "operator:alice",
+        ];
+        for extra in [&[][..], &["--reason", "  "][..]] {
+            let exit = keel_service::cli::try_parse_from::<Cli, _, _>(
+                base.iter().chain(extra.iter()).copied(),
+            )
+            .err()
+            .expect("a requeue without a reason was accepted");
+            assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
+        }
+        assert!(
+            keel_service::cli::try_parse_from::<Cli, _, _>(
+                base.iter().chain(&["--reason", "quota restored"]).copied()
+            )
+            .is_ok()
+        );
     }
 
     #[test]

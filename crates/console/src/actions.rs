@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use keel_propagation::PropagationId;
-use keel_propagation::postgres::{PgPropagationStore, RequeueTarget};
+use keel_propagation::postgres::{PgPropagationStore, RequeueReason, RequeueTarget};
 use keel_provision::TokenDigest;
 
 use crate::html::{self, escape, query_value};
@@ -174,6 +174,10 @@ pub(crate) async fn requeue(
         Ok(s) => s,
         Err(r) => return r,
     };
+    let reason = match RequeueReason::parse(form.get("reason").map_or("", String::as_str)) {
+        Ok(reason) => reason,
+        Err(e) => return refused(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
     let ids: Vec<i64> = match form.get("id").map(|v| v.trim()).filter(|v| !v.is_empty()) {
         Some(id) => match id.parse::<i64>() {
             Ok(id) => vec![id],
@@ -209,7 +213,7 @@ pub(crate) async fn requeue(
             }
         };
         match store
-            .requeue(RequeueTarget::One(PropagationId(id)), &actor, now)
+            .requeue(RequeueTarget::One(PropagationId(id)), &actor, &reason, now)
             .await
         {
             Ok(report) => requeued += report.requeued.len(),

@@ -534,7 +534,7 @@ pub(crate) async fn dead_letters(
         let _ = write!(
             body,
             "<form method=\"post\" action=\"/dead-letters/requeue\" id=\"requeue-filtered\">{}{}\
-             <button type=\"submit\">Requeue all {} matching</button> \
+             <label>reason <input name=\"reason\" placeholder=\"reason\" required size=\"12\" maxlength=\"200\"></label> <button type=\"submit\">Requeue all {} matching</button> \
              <span class=\"muted\">(each through the same requeue as <code>keel-propagation-runner dead-letters requeue</code>; \
              rows whose resource already has a pending propagation or a newer target are left alone)</span></form>",
             html::csrf_field(session.csrf()),
@@ -547,7 +547,7 @@ pub(crate) async fn dead_letters(
             let _ = write!(
                 body,
                 "<tr><td><a href=\"/dead-letters/{id}\">{id}</a></td><td>{}</td><td>{bucket}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td>\
-                 <td><form class=\"inline\" method=\"post\" action=\"/dead-letters/requeue\">{}<input type=\"hidden\" name=\"id\" value=\"{id}\"><button type=\"submit\">Requeue</button></form></td></tr>",
+                 <td><form class=\"inline\" method=\"post\" action=\"/dead-letters/requeue\">{}<input type=\"hidden\" name=\"id\" value=\"{id}\"><input name=\"reason\" placeholder=\"reason\" required size=\"12\" maxlength=\"200\"> <button type=\"submit\">Requeue</button></form></td></tr>",
                 escape(&row.kind),
                 row.team_id,
                 resource_link(Some(row.resource_id)),
@@ -653,7 +653,7 @@ async fn render_dead_letter(
         let _ = write!(
             body,
             "<form method=\"post\" action=\"/dead-letters/requeue\">{}<input type=\"hidden\" name=\"id\" value=\"{id}\">\
-             <button type=\"submit\">Requeue</button></form>",
+             <label>reason <input name=\"reason\" placeholder=\"reason\" required size=\"12\" maxlength=\"200\"></label> <button type=\"submit\">Requeue</button></form>",
             html::csrf_field(session.csrf())
         );
     }

@@ -278,6 +278,51 @@ pub enum RequeueTarget {
     AllOfKind(PropagationKind),
 }
 
+/// Why an operator re-arms dead letters: 1 to 200 characters (trimmed), recorded as the
+/// `reason` attribute of every `propagation.requeued` row the requeue writes. The console and
+/// `keel-propagation-runner dead-letters requeue --reason` both require one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequeueReason(String);
+
+impl RequeueReason {
+    /// The longest reason accepted, in characters.
+    pub const MAX_CHARS: usize = 200;
+
+    /// Checks `reason`: not blank, at most [`Self::MAX_CHARS`] characters, and nothing the audit
+    /// trail refuses to store (a value that looks like a secret).
+    pub fn parse(reason: &str) -> Result<Self, InvalidRequeueReason> {
+        let reason = reason.trim();
+        let chars = reason.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS {
+            return Err(InvalidRequeueReason::Length { chars });
+        }
+        keel_audit::Attributes::new()
+            .insert("reason", reason)
+            .map_err(|e| InvalidRequeueReason::Refused(e.to_string()))?;
+        Ok(Self(reason.to_owned()))
+    }
+
+    /// The reason as given (trimmed).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A requeue reason that [`RequeueReason::parse`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidRequeueReason {
+    /// Blank, or longer than [`RequeueReason::MAX_CHARS`].
+    #[error("give a requeue reason of 1 to 200 characters (got {chars})")]
+    Length {
+        /// Characters given, after trimming.
+        chars: usize,
+    },
+    /// The audit trail would not store it (for example, it looks like a secret).
+    #[error("the requeue reason cannot be recorded: {0}")]
+    Refused(String),
+}
+
 /// What a requeue did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -888,11 +933,12 @@ impl PgPropagationStore {
     }
 
     /// Makes dead letters pending again with a fresh budget, writing `propagation.requeued`
-    /// (attributed to `actor`) for each, in one transaction.
+    /// (attributed to `actor`, with `reason`) for each, in one transaction.
     pub async fn requeue(
         &self,
         target: RequeueTarget,
         actor: &Actor,
+        reason: &RequeueReason,
         now: OffsetDateTime,
     ) -> Result<RequeueReport, StoreError> {
         let (id, kind) = match target {
@@ -956,6 +1002,7 @@ impl PgPropagationStore {
                 .attr("propagation_id", id.to_string())
                 .and_then(|e| e.attr("propagation_kind", kind.clone()))
                 .and_then(|e| e.attr("previous_attempts", previous.to_string()))
+                .and_then(|e| e.attr("reason", reason.as_str()))
                 .map_err(|e| StoreError::Corrupt {
                     id: Some(PropagationId(*id)),
                     reason: e.to_string(),

@@ -8,9 +8,9 @@
 //! Every bench with a peer or a baseline runs through [`fair`]: alternating order, the median
 //! and min–max of at least three rounds, the machine, settings and command printed.
 
-pub mod fair;
 #[cfg(feature = "bench")]
 mod console;
+pub mod fair;
 #[cfg(feature = "bench")]
 mod orphan_sweep;
 #[cfg(feature = "bench")]

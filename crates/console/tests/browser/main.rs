@@ -190,6 +190,15 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         .unwrap();
     shot(&client, "dead-letter").await;
     client
+        .find(Locator::Css(
+            "form[action='/dead-letters/requeue'] input[name=reason]",
+        ))
+        .await
+        .unwrap()
+        .send_keys("quota service restored")
+        .await
+        .unwrap();
+    client
         .find(Locator::Css("form[action='/dead-letters/requeue'] button"))
         .await
         .unwrap()
@@ -213,6 +222,10 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         "{trail}"
     );
     assert!(trail.contains(&app.actor()), "the operator is the actor");
+    assert!(
+        trail.contains("quota service restored"),
+        "the operator's reason is recorded"
+    );
     shot(&client, "requeued-audit-row").await;
     assert_eq!(app.status_of(first).await, "pending");
 
@@ -259,6 +272,7 @@ async fn an_operator_works_the_console_in_a_real_browser() {
     client
         .execute(
             "const f = document.getElementById('requeue-filtered'); \
+             f.querySelector('input[name=reason]').value = 'retry all'; \
              f.querySelector('input[name=csrf]').remove(); f.submit();",
             vec![],
         )
@@ -280,6 +294,13 @@ async fn an_operator_works_the_console_in_a_real_browser() {
     // A form submitted after the session cookie is gone is refused too.
     client.goto(&format!("{base}/dead-letters")).await.unwrap();
     client.delete_all_cookies().await.unwrap();
+    client
+        .find(Locator::Css("#requeue-filtered input[name=reason]"))
+        .await
+        .unwrap()
+        .send_keys("retry all")
+        .await
+        .unwrap();
     client
         .find(Locator::Css("#requeue-filtered button"))
         .await

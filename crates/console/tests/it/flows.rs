@@ -122,7 +122,10 @@ async fn pages_without_a_session_send_to_the_sign_in_and_actions_are_refused_cha
     }
     let id_text = id.to_string();
     let reply = app
-        .post("/dead-letters/requeue", &[("id", &id_text), ("csrf", "x")])
+        .post(
+            "/dead-letters/requeue",
+            &[("id", &id_text), ("reason", "retry"), ("csrf", "x")],
+        )
         .await;
     assert_eq!(reply.status, 401, "{}", reply.body);
     let digest = "ab".repeat(24);
@@ -150,7 +153,12 @@ async fn an_action_without_its_csrf_token_or_with_another_is_refused_changing_no
     let (_, _, id) = app.dead_letter("connection refused").await;
     let csrf = app.sign_in().await;
     let id_text = id.to_string();
-    let reply = app.post("/dead-letters/requeue", &[("id", &id_text)]).await;
+    let reply = app
+        .post(
+            "/dead-letters/requeue",
+            &[("id", &id_text), ("reason", "retry")],
+        )
+        .await;
     assert_eq!(reply.status, 403, "{}", reply.body);
     let forged = format!("{}A", &csrf[..csrf.len() - 1]);
     let reply = app
@@ -193,10 +201,23 @@ async fn a_console_requeue_writes_the_same_audit_row_as_the_cli_with_the_operato
             .contains(&format!("href=\"/dead-letters/{by_console}\""))
     );
     let id_text = by_console.to_string();
+    // A requeue without a reason is refused and changes nothing.
+    for blank in [None, Some("   ")] {
+        let mut fields = vec![("id", id_text.as_str()), ("csrf", csrf.as_str())];
+        fields.extend(blank.map(|r| ("reason", r)));
+        let reply = app.post("/dead-letters/requeue", &fields).await;
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert!(reply.body.contains("requeue reason"), "{}", reply.body);
+    }
+    assert_eq!(app.status_of(by_console).await, "dead_lettered");
     let reply = app
         .post(
             "/dead-letters/requeue",
-            &[("id", &id_text), ("csrf", &csrf)],
+            &[
+                ("id", &id_text),
+                ("reason", "quota service restored"),
+                ("csrf", &csrf),
+            ],
         )
         .await;
     assert_eq!(reply.status, 303, "{}", reply.body);
@@ -229,6 +250,7 @@ async fn a_console_requeue_writes_the_same_audit_row_as_the_cli_with_the_operato
         .requeue(
             keel_propagation::postgres::RequeueTarget::One(keel_propagation::PropagationId(by_cli)),
             &operator,
+            &keel_propagation::postgres::RequeueReason::parse("quota service restored").unwrap(),
             store.db_now().await.unwrap(),
         )
         .await
@@ -240,6 +262,7 @@ async fn a_console_requeue_writes_the_same_audit_row_as_the_cli_with_the_operato
     assert_eq!(keys(&rows[0].1), keys(&rows[1].1), "the same attributes");
     assert_eq!(rows[0].1["propagation_id"], by_console.to_string().as_str());
     assert_eq!(rows[0].1["previous_attempts"], "5");
+    assert_eq!(rows[0].1["reason"], rows[1].1["reason"], "the same reason");
 }
 
 #[tokio::test]
@@ -262,7 +285,11 @@ async fn a_filtered_requeue_rearms_only_the_dead_letters_of_its_bucket() {
     let reply = app
         .post(
             "/dead-letters/requeue",
-            &[("bucket", "resource_not_reachable"), ("csrf", &csrf)],
+            &[
+                ("bucket", "resource_not_reachable"),
+                ("reason", "network fixed"),
+                ("csrf", &csrf),
+            ],
         )
         .await;
     assert_eq!(reply.status, 303, "{}", reply.body);

@@ -2,7 +2,7 @@
 //! and dead letters.
 
 use keel_audit::{Actor, AuditKind};
-use keel_propagation::postgres::{Enqueued, RequeueTarget};
+use keel_propagation::postgres::{Enqueued, RequeueReason, RequeueTarget};
 use keel_propagation::{
     ApplyOutcome, Completion, PropagationKind, PropagationStore, RetryPolicy, StoreError,
     Transition, decide,
@@ -296,10 +296,17 @@ async fn dead_letters_are_listed_and_requeued_with_an_audit_row_and_a_fresh_budg
 
     let operator = Actor::parse("operator:alice").unwrap();
     let report = store
-        .requeue(RequeueTarget::One(id), &operator, T0)
+        .requeue(RequeueTarget::One(id), &operator, &reason(), T0)
         .await
         .unwrap();
     assert_eq!(report.requeued, vec![id]);
+    let recorded: Option<String> = sqlx::query_scalar(
+        "SELECT attributes->>'reason' FROM audit_events WHERE kind = 'propagation.requeued'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded.as_deref(), Some(reason().as_str()));
     let after = row(db.pool(), id).await;
     assert_eq!((after.status.as_str(), after.attempts), ("pending", 0));
     assert_eq!(after.next_attempt_at, T0);
@@ -335,6 +342,7 @@ async fn requeue_leaves_a_dead_letter_alone_when_its_resource_already_has_a_pend
         .requeue(
             RequeueTarget::AllOfKind(PropagationKind::TierElevation),
             &Actor::system(),
+            &reason(),
             T0,
         )
         .await
@@ -386,6 +394,7 @@ async fn requeue_takes_only_the_newest_dead_letter_and_never_an_abandoned_target
         .requeue(
             RequeueTarget::AllOfKind(PropagationKind::TierElevation),
             &Actor::system(),
+            &reason(),
             T0,
         )
         .await
@@ -400,17 +409,35 @@ async fn requeue_takes_only_the_newest_dead_letter_and_never_an_abandoned_target
         .await
         .unwrap();
     let again = store
-        .requeue(RequeueTarget::One(old), &Actor::system(), T0)
+        .requeue(RequeueTarget::One(old), &Actor::system(), &reason(), T0)
         .await
         .unwrap();
     assert_eq!(again.skipped_open, vec![old]);
 
     let err = store
-        .requeue(RequeueTarget::One(newest), &Actor::system(), T0)
+        .requeue(RequeueTarget::One(newest), &Actor::system(), &reason(), T0)
         .await
         .unwrap_err();
     assert!(
         matches!(err, StoreError::NotDeadLettered(id) if id == newest),
         "{err}"
+    );
+}
+
+fn reason() -> RequeueReason {
+    RequeueReason::parse("upstream quota service restored").unwrap()
+}
+
+/// A requeue reason is required, bounded and never something the audit trail would refuse.
+#[test]
+fn a_requeue_reason_is_neither_blank_nor_unbounded() {
+    for bad in ["", "   ", &"x".repeat(RequeueReason::MAX_CHARS + 1)] {
+        assert!(RequeueReason::parse(bad).is_err(), "{bad:?} was accepted");
+    }
+    assert_eq!(
+        RequeueReason::parse("  fixed the quota  ")
+            .unwrap()
+            .as_str(),
+        "fixed the quota"
     );
 }
