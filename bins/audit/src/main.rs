@@ -375,18 +375,18 @@ async fn run_dispatcher(args: &DispatchArgs) -> anyhow::Result<ExitCode> {
         let listener = keel_service::http::bind(args.http.listen)
             .await
             .with_context(|| format!("could not listen on {}", args.http.listen))?;
-        Some(tokio::spawn(keel_service::http::serve_with_readiness(
+        // Its own stop: /metrics keeps answering while the dispatcher drains (FND-16).
+        Some(keel_service::http::OpsServer::spawn_with_readiness(
             listener,
             registry,
             keel_service::http::Readiness::new(pool.clone()),
-            shutdown.clone(),
-        )))
+        ))
     };
     tracing::info!(listen = %args.http.listen, "notification dispatcher started");
     dispatcher.run(&pool, &metrics, &shutdown).await?;
     shutdown.cancel();
     if let Some(http) = http {
-        http.await.context("the metrics listener panicked")??;
+        http.stop().await.context("the metrics listener failed")?;
     }
     Ok(ExitCode::SUCCESS)
 }
