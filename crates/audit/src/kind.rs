@@ -84,6 +84,13 @@ pub enum AuditKind {
     NotificationDeadLettered,
     /// An operator requeued a dead-lettered notification.
     NotificationRequeued,
+    /// A month of the audit trail was exported to a file for retention (`keel-audit retention
+    /// export`): its partition, row count and the file's SHA-256.
+    AuditPartitionExported,
+    /// A month's export was verified against its partition and the seal chain.
+    AuditPartitionVerified,
+    /// A month's verified partition was detached from the audit trail.
+    AuditPartitionDetached,
 }
 
 /// How urgently an operator alert needs a human.
@@ -180,6 +187,9 @@ impl AuditKind {
             AuditKind::NotificationRetrying => "notification.retrying",
             AuditKind::NotificationDeadLettered => "notification.dead_lettered",
             AuditKind::NotificationRequeued => "notification.requeued",
+            AuditKind::AuditPartitionExported => "audit.partition_exported",
+            AuditKind::AuditPartitionVerified => "audit.partition_verified",
+            AuditKind::AuditPartitionDetached => "audit.partition_detached",
         }
     }
 
@@ -283,6 +293,18 @@ impl AuditKind {
             AuditKind::NotificationRequeued => Consumer::IntentionallyNone {
                 reason: "an operator's own action; the trail records who requeued which \
                          notification",
+            },
+            AuditKind::AuditPartitionExported => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; the trail records who exported which \
+                         month and the file's digest, which the later steps check",
+            },
+            AuditKind::AuditPartitionVerified => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; detaching requires it, and the trail \
+                         records it",
+            },
+            AuditKind::AuditPartitionDetached => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; verify accepts the month's absence \
+                         from its retired links, and the trail records who detached it",
             },
         }
     }

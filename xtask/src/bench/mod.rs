@@ -6,6 +6,8 @@
 //! builds and of `cargo test --workspace`).
 
 #[cfg(feature = "bench")]
+mod audit;
+#[cfg(feature = "bench")]
 mod orphan_sweep;
 #[cfg(feature = "bench")]
 mod propagation;
@@ -16,7 +18,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N] | audit [--rows N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
         Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
+        Some("audit") => audit::bench(count_flag(&args[1..], "--rows", 10_000_000)?),
         Some("orphan-sweep") => orphan_sweep::bench(
             count_flag(&args[1..], "--items", 100_000)?,
             count_flag(&args[1..], "--rows", 1_000_000)?,
