@@ -153,9 +153,15 @@ async fn seed(pool: &PgPool, rows: i64) -> anyhow::Result<OffsetDateTime> {
     );
     let indexed = Instant::now();
     for (name, definition) in &indexes {
-        sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
-            .execute(&mut *conn)
-            .await?;
+        // The definition of a partitioned index reads `ON ONLY`, which would build it on
+        // the parent alone: built on every partition instead.
+        sqlx::query(sqlx::AssertSqlSafe(definition.replacen(
+            " ON ONLY ",
+            " ON ",
+            1,
+        )))
+        .execute(&mut *conn)
+        .await?;
         let flat = definition
             .replacen(&format!("INDEX {name} "), &format!("INDEX {name}_flat "), 1)
             .replacen("ONLY public.audit_events ", "public.audit_events_flat ", 1)
