@@ -20,7 +20,8 @@ struct Target {
     binary: &'static str,
     /// A suffix for the scrape file when one binary runs twice.
     variant: &'static str,
-    /// Arguments after the binary name; `{listen}` is replaced by the address.
+    /// Arguments after the binary name; `{listen}` is replaced by the address, `{scrape}` by
+    /// the scrape directory (where the run writes the files a binary reads, such as keys).
     args: &'static [&'static str],
     /// Extra environment.
     env: &'static [(&'static str, &'static str)],
@@ -83,7 +84,25 @@ const TARGETS: &[Target] = &[
         ],
         env: &[],
     },
+    Target {
+        binary: "keel-audit",
+        variant: "dispatch",
+        // Nothing is delivered on an empty trail: the receiver is never called.
+        args: &[
+            "dispatch",
+            "--listen",
+            "{listen}",
+            "--webhook-url",
+            "http://127.0.0.1:9/keel-scrape",
+            "--signing-key-file",
+            "{scrape}/notify-signing-key",
+        ],
+        env: &[],
+    },
 ];
+
+/// The dispatcher's signing key for the scrape run (at least 32 bytes; not a real secret).
+const SCRAPE_NOTIFY_KEY: &str = "scrape-check-notification-signing-key-0123456789";
 
 const PROMETHEUS_ACCEPT: &str =
     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
@@ -103,11 +122,13 @@ pub fn run() -> anyhow::Result<()> {
         "keel-orphan-sweep-bin",
         "-p",
         "keel-console-bin",
+        "keel-audit-bin",
         "--bins",
     ])?;
     let bin_dir = target_dir()?.join("debug");
     let out_dir = target_dir()?.join("scrape");
     std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("notify-signing-key"), SCRAPE_NOTIFY_KEY)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,7 +179,10 @@ fn check(
     let args: Vec<String> = target
         .args
         .iter()
-        .map(|a| a.replace("{listen}", &listen.to_string()))
+        .map(|a| {
+            a.replace("{listen}", &listen.to_string())
+                .replace("{scrape}", &out_dir.display().to_string())
+        })
         .collect();
     let child = Command::new(bin_dir.join(target.binary))
         .args(&args)

@@ -16,6 +16,12 @@
 //! - `dead-letters` lists dead-lettered notifications; `requeue` re-arms one under its event id.
 //! - `list` reads the trail: filters by kind, team, resource, actor, request id and a
 //!   `recorded_at` range, pages in commit order (`--after` the cursor a page prints), `--json`.
+//! - `partitions ensure` creates the coming monthly partitions of `audit_events` (the sealer
+//!   does too, on every run); rows of a month without one land in the default partition.
+//! - `retention export | verify | detach` retires a past month as the owner: export its rows to
+//!   a new file (with each row's global event UUID and seal link), verify the file against the
+//!   partition and the seal chain, then detach the partition; each step is recorded and
+//!   audited, and detaching refuses a month not exported and verified.
 //! - `migrate`, as every binary.
 //!
 //! The seal signing key (at least 32 bytes) is read from `--seal-key-file`
@@ -39,6 +45,9 @@ use keel_service::http::HttpArgs;
 
 use crate::dispatch::Dispatcher;
 use crate::webhook::{HttpWebhook, WebhookUrl};
+
+/// Months after the current one whose partitions the sealer keeps created.
+const PARTITIONS_AHEAD: u32 = 3;
 
 /// Exit code of `verify` when the chain does not hold.
 const EXIT_TAMPERED: u8 = 2;
@@ -132,8 +141,154 @@ enum Command {
     },
     /// List audit rows in commit order, filtered.
     List(Box<ListArgs>),
+    /// Monthly partitions of the trail.
+    Partitions {
+        #[command(subcommand)]
+        command: PartitionsCommand,
+    },
+    /// Retire a month of the trail: export, verify, then detach (as the owner).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// Apply the embedded migrations.
     Migrate(keel_service::MigrateArgs),
+}
+
+#[derive(Subcommand)]
+enum PartitionsCommand {
+    /// Create the monthly partitions from this month through `--months-ahead` (as the owner).
+    Ensure {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// How many months after the current one to create.
+        #[arg(long, default_value_t = 3)]
+        months_ahead: u32,
+    },
+}
+
+#[derive(Args)]
+struct RetentionArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The month, YYYY-MM (UTC); it must be over.
+    #[arg(
+        long,
+        required_unless_present = "months_ago",
+        conflicts_with = "months_ago"
+    )]
+    month: Option<String>,
+    /// The month this many months before the current one (by the database's clock), e.g. 13
+    /// to retire what is older than a year (for a scheduled job).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    months_ago: Option<u32>,
+    /// Who runs the step, recorded in its audit row (e.g. operator:alice).
+    #[arg(long)]
+    actor: String,
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Write every row of a sealed, past month to a new file (one JSON object per line).
+    Export {
+        #[command(flatten)]
+        args: RetentionArgs,
+        /// The file to create (never overwritten), or a directory to create
+        /// `audit_events_YYYY_MM.jsonl` in.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// Check the export against the partition and the seal chain.
+    Verify {
+        #[command(flatten)]
+        args: RetentionArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The exported file, or the directory holding `audit_events_YYYY_MM.jsonl`.
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Detach the month's partition (only after its export was verified).
+    Detach {
+        #[command(flatten)]
+        args: RetentionArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+async fn run_partitions(command: PartitionsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PartitionsCommand::Ensure { db, months_ahead } => {
+            let pool = keel_service::connect(&db, "keel-audit-partitions", 1).await?;
+            let mut conn = pool.acquire().await.context("could not connect")?;
+            let created = keel_audit::retention::ensure_partitions(
+                &mut conn,
+                time::OffsetDateTime::now_utc(),
+                months_ahead,
+            )
+            .await?;
+            println!("created {created} monthly partitions of audit_events");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_retention(command: RetentionCommand) -> anyhow::Result<ExitCode> {
+    use keel_audit::retention::{Month, detach_month, export_month, verify_export};
+    let args = match &command {
+        RetentionCommand::Export { args, .. }
+        | RetentionCommand::Verify { args, .. }
+        | RetentionCommand::Detach { args, .. } => args,
+    };
+    let actor = Actor::parse(&args.actor).context("--actor is not a valid actor")?;
+    let pool = keel_service::connect(&args.db, "keel-audit-retention", 1).await?;
+    let mut conn = pool.acquire().await.context("could not connect")?;
+    // The database's clock decides whether the month is over, as for every replica.
+    let now: time::OffsetDateTime = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await
+        .context("could not read the database clock")?;
+    let month = match (&args.month, args.months_ago) {
+        (Some(month), _) => Month::parse(month)?,
+        (None, Some(ago)) => Month::containing(now).months_before(ago),
+        (None, None) => anyhow::bail!("give --month YYYY-MM or --months-ago N"),
+    };
+    let in_dir = |path: &std::path::Path| {
+        if path.is_dir() {
+            path.join(format!("{}.jsonl", month.partition()))
+        } else {
+            path.to_path_buf()
+        }
+    };
+    match &command {
+        RetentionCommand::Export { out, .. } => {
+            let out = &in_dir(out);
+            let export = export_month(&mut conn, month, out, &actor, now).await?;
+            println!(
+                "exported {} rows of {month} to {}",
+                export.rows,
+                out.display()
+            );
+        }
+        RetentionCommand::Verify { key, file, .. } => {
+            let checked =
+                verify_export(&mut conn, month, &in_dir(file), &key.load()?, &actor, now).await?;
+            println!(
+                "the export of {month} holds: {} rows match the partition and their seals; \
+                 {} links of the chain verified",
+                checked.rows, checked.links
+            );
+        }
+        RetentionCommand::Detach { key, .. } => {
+            detach_month(&mut conn, month, &key.load()?, &actor, now).await?;
+            println!(
+                "detached {}: its rows stay in that table until you archive or drop it",
+                month.partition()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -375,18 +530,18 @@ async fn run_dispatcher(args: &DispatchArgs) -> anyhow::Result<ExitCode> {
         let listener = keel_service::http::bind(args.http.listen)
             .await
             .with_context(|| format!("could not listen on {}", args.http.listen))?;
-        Some(tokio::spawn(keel_service::http::serve_with_readiness(
+        // Its own stop: /metrics keeps answering while the dispatcher drains (FND-16).
+        Some(keel_service::http::OpsServer::spawn_with_readiness(
             listener,
             registry,
             keel_service::http::Readiness::new(pool.clone()),
-            shutdown.clone(),
-        )))
+        ))
     };
     tracing::info!(listen = %args.http.listen, "notification dispatcher started");
     dispatcher.run(&pool, &metrics, &shutdown).await?;
     shutdown.cancel();
     if let Some(http) = http {
-        http.await.context("the metrics listener panicked")??;
+        http.stop().await.context("the metrics listener failed")?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -398,6 +553,8 @@ fn main() -> ExitCode {
             Command::Migrate(args) => keel_service::migrate(&args).await,
             Command::Dispatch(args) => run_dispatcher(&args).await,
             Command::List(args) => run_list(&args).await,
+            Command::Partitions { command } => run_partitions(command).await,
+            Command::Retention { command } => run_retention(command).await,
             Command::DeadLetters { db, limit, json } => {
                 let pool = keel_service::connect(&db, "keel-audit-dead-letters", 1).await?;
                 let mut conn = pool.acquire().await.context("could not connect")?;
@@ -469,8 +626,9 @@ fn main() -> ExitCode {
                 match &found.tampering {
                     None => {
                         println!(
-                            "the audit trail holds: {} links, {} signed checkpoints",
-                            found.links, found.checkpoints
+                            "the audit trail holds: {} links, {} signed checkpoints, {} links \
+                             of detached months",
+                            found.links, found.checkpoints, found.retired
                         );
                         Ok(ExitCode::SUCCESS)
                     }
@@ -496,6 +654,19 @@ async fn run_sealer(
     let shutdown = keel_service::shutdown::on_signal()?;
     loop {
         let mut conn = pool.acquire().await.context("could not connect")?;
+        // The coming months' partitions, ahead of time (the default partition takes any row
+        // whose month has none, so this never blocks an insert).
+        match keel_audit::retention::ensure_partitions(
+            &mut conn,
+            time::OffsetDateTime::now_utc(),
+            PARTITIONS_AHEAD,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(created) => tracing::info!(created, "created monthly audit partitions"),
+            Err(e) => tracing::warn!(error = %e, "could not create the coming audit partitions"),
+        }
         loop {
             match seal(&mut conn, key, batch).await? {
                 SealOutcome::Sealed { rows, last_seq } => {

@@ -479,14 +479,10 @@ async fn drive<I: Inventory, R: Reclaimer>(
     let listener = keel_service::http::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
-    let ops = tokio::spawn(keel_service::http::serve_with_readiness(
-        listener,
-        registry,
-        readiness,
-        shutdown.clone(),
-    ));
+    // Its own stop: /metrics keeps answering while the sweep drains (FND-16).
+    let ops = keel_service::http::OpsServer::spawn_with_readiness(listener, registry, readiness);
     run_loop(&mut sweeper, args, &shutdown).await?;
-    ops.await.context("the metrics listener panicked")??;
+    ops.stop().await.context("the metrics listener failed")?;
     tracing::info!("orphan sweep stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -345,12 +345,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("could not listen on {}", args.http.listen))?;
     tracing::info!(listen = %args.http.listen, worker = %runner.config().worker, "propagation runner started");
-    let http = tokio::spawn(keel_service::http::serve_with_readiness(
+    // Its own stop: /metrics keeps answering while the runner drains (FND-16).
+    let http = keel_service::http::OpsServer::spawn_with_readiness(
         listener,
         Arc::new(registry),
         keel_service::http::Readiness::new(store.pool().clone()),
-        shutdown.clone(),
-    ));
+    );
     let wake = Arc::new(tokio::sync::Notify::new());
     let wakeups = match listen_for_wakeups(store.pool().clone(), Arc::clone(&wake)).await {
         Ok(handle) => Some(handle),
@@ -378,7 +378,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         wakeups.abort();
     }
     housekeeping.abort();
-    let _ = http.await;
+    let _ = http.stop().await;
     tracing::info!("propagation runner stopped");
     Ok(ExitCode::SUCCESS)
 }

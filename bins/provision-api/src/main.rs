@@ -396,12 +396,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let ops_listener = keel_service::http::bind(args.ops_listen)
         .await
         .with_context(|| format!("could not listen on {}", args.ops_listen))?;
-    let ops = tokio::spawn(keel_service::http::serve_with_readiness(
-        ops_listener,
-        registry,
-        readiness,
-        shutdown.clone(),
-    ));
+    // Its own stop: /metrics keeps answering while the API drains its requests (FND-16).
+    let ops =
+        keel_service::http::OpsServer::spawn_with_readiness(ops_listener, registry, readiness);
     keel_provision_http::serve(
         listener,
         keel_provision_http::router(Arc::clone(&state)),
@@ -412,12 +409,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("the API listener failed")?;
     shutdown.cancel();
-    ops.await
-        .context("the operations listener panicked")?
-        .context("the operations listener failed")?;
     if let Err(e) = reconciler.await {
         tracing::error!(error = %e, "the reconciler task failed");
     }
+    ops.stop().await.context("the operations listener failed")?;
     pool.close().await;
     tracing::info!("provisioning API stopped");
     Ok(ExitCode::SUCCESS)

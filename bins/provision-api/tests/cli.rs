@@ -8,15 +8,16 @@ use std::process::Command;
 async fn serve_names_the_missing_cluster_privilege_at_start_up() {
     let db = keel_testkit::database().await;
     let role = format!("keel_cli_weak_{}", std::process::id());
+    let password = uuid::Uuid::new_v4().simple().to_string();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {role} LOGIN CREATEDB"
+        "CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'"
     )))
     .execute(db.pool())
     .await
     .unwrap();
     let admin = db.server().admin_options();
     let cluster_url = format!(
-        "postgres://{role}@{}:{}/postgres",
+        "postgres://{role}:{password}@{}:{}/postgres",
         admin.get_host(),
         admin.get_port()
     );

@@ -167,16 +167,17 @@ pub const MASK_SUFFIX: char = '…';
 
 /// Masks a secret for logs and audit rows: of a secret of 8 characters or more (every
 /// [`crate::Token`]), at most a third of its characters and never more than 4, so a masked
-/// minimum-length token keeps most of its entropy hidden; of a shorter string, at most its
-/// first 4 characters. Then `…`.
+/// minimum-length token keeps most of its entropy hidden; of a shorter string (a PIN, a short
+/// password), nothing at all (FND-19). Then `…`.
 ///
 /// ```
 /// assert_eq!(keel_audit::mask("tok_9f8e7d6c"), "tok_…");
 /// assert_eq!(keel_audit::mask("a1b2c3d4"), "a1…");
+/// assert_eq!(keel_audit::mask("1234"), "…");
 /// ```
 pub fn mask(secret: &str) -> String {
     let len = secret.chars().count();
-    let shown = if len < 8 { 4 } else { (len / 3).min(4) };
+    let shown = if len < 8 { 0 } else { (len / 3).min(4) };
     let mut masked: String = secret.chars().take(shown).collect();
     masked.push(MASK_SUFFIX);
     masked
@@ -579,6 +580,18 @@ mod tests {
         assert_eq!(mask("a1b2c3d4"), "a1…");
     }
 
+    /// FND-19: a string shorter than a minimum-length token (a PIN, a short password) is
+    /// masked whole: nothing of it is shown, so `mask("1234")` no longer returns the PIN.
+    #[test]
+    fn a_secret_shorter_than_eight_characters_is_masked_whole() {
+        for secret in ["", "1", "pw1", "1234", "abcde", "a1b2c3d"] {
+            assert_eq!(mask(secret), "…", "{secret:?}");
+        }
+        let mut attrs = Attributes::new();
+        attrs.insert("pin_masked", mask("1234")).unwrap();
+        assert_eq!(attrs.get("pin_masked"), Some("…"));
+    }
+
     /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
     /// caller's transaction), is replaced before it reaches any store.
     #[test]
@@ -592,7 +605,7 @@ mod tests {
     fn masked_values_show_at_most_four_characters() {
         assert_eq!(mask("tok_9f8e7d6c5b4a"), "tok_…");
         assert_eq!(mask("é漢字x-rest"), "é漢字…");
-        assert_eq!(mask("ab"), "ab…");
+        assert_eq!(mask("ab"), "…");
         assert_eq!(mask(""), "…");
         let mut attrs = Attributes::new();
         attrs

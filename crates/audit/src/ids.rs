@@ -302,7 +302,8 @@ impl Token {
         &self.0
     }
 
-    /// The masked form: at most the first 4 characters, then `…`.
+    /// The masked form ([`crate::mask`]): at most a third of it and never more than 4
+    /// characters, then `…`.
     pub fn masked(&self) -> String {
         crate::event::mask(&self.0)
     }

@@ -94,6 +94,13 @@ pub enum AuditKind {
     ReclaimProtected,
     /// An operator removed a token's reclaim protection: the sweep's usual gates decide again.
     ReclaimUnprotected,
+    /// A month of the audit trail was exported to a file for retention (`keel-audit retention
+    /// export`): its partition, row count and the file's SHA-256.
+    AuditPartitionExported,
+    /// A month's export was verified against its partition and the seal chain.
+    AuditPartitionVerified,
+    /// A month's verified partition was detached from the audit trail.
+    AuditPartitionDetached,
 }
 
 /// How urgently an operator alert needs a human.
@@ -194,6 +201,9 @@ impl AuditKind {
             AuditKind::ConsoleSignedOut => "console.signed_out",
             AuditKind::ReclaimProtected => "resource.reclaim_protected",
             AuditKind::ReclaimUnprotected => "resource.reclaim_unprotected",
+            AuditKind::AuditPartitionExported => "audit.partition_exported",
+            AuditKind::AuditPartitionVerified => "audit.partition_verified",
+            AuditKind::AuditPartitionDetached => "audit.partition_detached",
         }
     }
 
@@ -312,6 +322,17 @@ impl AuditKind {
             AuditKind::ReclaimUnprotected => Consumer::IntentionallyNone {
                 reason: "an operator's own action; the sweep still reclaims only behind its \
                          destructive gate and burn-in, and every reclaim alerts on its own",
+            AuditKind::AuditPartitionExported => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; the trail records who exported which \
+                         month and the file's digest, which the later steps check",
+            },
+            AuditKind::AuditPartitionVerified => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; detaching requires it, and the trail \
+                         records it",
+            },
+            AuditKind::AuditPartitionDetached => Consumer::IntentionallyNone {
+                reason: "an operator's retention step; verify accepts the month's absence \
+                         from its retired links, and the trail records who detached it",
             },
         }
     }

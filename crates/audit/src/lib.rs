@@ -40,6 +40,8 @@ pub mod notify;
 pub mod notify_metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod retention;
 mod screen;
 #[cfg(feature = "postgres")]
 pub mod seal;

@@ -70,7 +70,7 @@ impl SealKey {
         &self.id
     }
 
-    fn sign(&self, seq: i64, hash: &[u8]) -> Vec<u8> {
+    pub(crate) fn sign(&self, seq: i64, hash: &[u8]) -> Vec<u8> {
         let mut mac = HmacSha256::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
         mac.update(b"keel-audit-checkpoint\0");
@@ -163,22 +163,25 @@ pub struct Verification {
     pub links: u64,
     /// Signed checkpoints checked.
     pub checkpoints: u64,
+    /// Links whose rows left with a detached month (`keel_audit::retention`): their absence is
+    /// expected, and the signed checkpoints among them still hold.
+    pub retired: u64,
     /// The first difference, if any.
     pub tampering: Option<Tampering>,
 }
 
 #[derive(sqlx::FromRow)]
-struct ChainRow {
-    txid: i64,
-    id: i64,
-    kind: String,
-    actor: String,
-    team_id: Option<Uuid>,
-    resource_id: Option<Uuid>,
-    request_id: Option<String>,
-    attributes: String,
-    occurred_at: OffsetDateTime,
-    recorded_at: OffsetDateTime,
+pub(crate) struct ChainRow {
+    pub(crate) txid: i64,
+    pub(crate) id: i64,
+    pub(crate) kind: String,
+    pub(crate) actor: String,
+    pub(crate) team_id: Option<Uuid>,
+    pub(crate) resource_id: Option<Uuid>,
+    pub(crate) request_id: Option<String>,
+    pub(crate) attributes: String,
+    pub(crate) occurred_at: OffsetDateTime,
+    pub(crate) recorded_at: OffsetDateTime,
 }
 
 /// The canonical bytes of a row: every column, length-prefixed, in a fixed order; times as
@@ -223,7 +226,7 @@ fn canonical(row: &ChainRow) -> Vec<u8> {
     out
 }
 
-fn link(prev: &[u8], row: &ChainRow) -> Vec<u8> {
+pub(crate) fn link(prev: &[u8], row: &ChainRow) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(prev);
     hasher.update(canonical(row));
@@ -232,7 +235,7 @@ fn link(prev: &[u8], row: &ChainRow) -> Vec<u8> {
 
 const GENESIS: [u8; 32] = [0; 32];
 
-const ROW_COLUMNS: &str = "txid::text::bigint AS txid, id, kind, actor, team_id, resource_id, \
+pub(crate) const ROW_COLUMNS: &str = "txid::text::bigint AS txid, id, kind, actor, team_id, resource_id, \
                            request_id, attributes::text AS attributes, occurred_at, recorded_at";
 
 fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> AuditSinkError {
@@ -327,6 +330,17 @@ pub async fn verify(
     from: Option<i64>,
 ) -> Result<Verification, AuditSinkError> {
     let mut tx = conn.begin().await.map_err(store("begin verifying"))?;
+    let found = verify_in(&mut tx, key, from).await;
+    // Read-only: ended at once, so the connection holds no snapshot or lock afterwards.
+    tx.rollback().await.map_err(store("end the verification"))?;
+    found
+}
+
+async fn verify_in(
+    tx: &mut PgConnection,
+    key: &SealKey,
+    from: Option<i64>,
+) -> Result<Verification, AuditSinkError> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await
@@ -340,6 +354,7 @@ pub async fn verify(
     let mut verification = Verification {
         links: 0,
         checkpoints: 0,
+        retired: 0,
         tampering: None,
     };
     let mut signed = std::collections::BTreeMap::new();
@@ -377,6 +392,17 @@ pub async fn verify(
     .fetch_all(&mut *tx)
     .await
     .map_err(store("read the seal chain"))?;
+    let retired: std::collections::HashSet<i64> = if to_regclass(tx, "audit_retired_links").await? {
+        sqlx::query_scalar("SELECT seq FROM audit_retired_links WHERE seq > $1")
+            .bind(start_seq)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store("read the retired links"))?
+            .into_iter()
+            .collect()
+    } else {
+        std::collections::HashSet::new()
+    };
     let last = links.last().map(|(_, txid, id, _)| (*txid, *id));
     let start_cursor: (i64, i64) = if start_seq == 0 {
         (0, 0)
@@ -418,6 +444,24 @@ pub async fn verify(
             _ => None,
         };
         let Some(row) = row else {
+            if retired.contains(seq) {
+                // The row left with a detached month, after its export was verified against
+                // this link; the chain goes on from the stored link, which every signed
+                // checkpoint at or after it still vouches for.
+                if let Some(hash) = signed.get(seq) {
+                    verification.checkpoints += 1;
+                    if hash != stored {
+                        verification.tampering = Some(Tampering::Chain {
+                            seq: *seq,
+                            what: "a retired link differs from a signed checkpoint",
+                        });
+                        return Ok(verification);
+                    }
+                }
+                prev = stored.clone();
+                verification.retired += 1;
+                continue;
+            }
             verification.tampering = Some(Tampering::Deleted { id: *id, seq: *seq });
             return Ok(verification);
         };
@@ -446,6 +490,14 @@ pub async fn verify(
         verification.tampering = Some(Tampering::Inserted { id: row.id });
     }
     Ok(verification)
+}
+
+async fn to_regclass(conn: &mut PgConnection, name: &str) -> Result<bool, AuditSinkError> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+        .map_err(store("look up a table"))
 }
 
 #[cfg(test)]

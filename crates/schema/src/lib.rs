@@ -96,6 +96,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "audit_checkpoints",
     "notification_cursor",
     "notification_deliveries",
+    "audit_retention",
+    "audit_retired_links",
 ];
 
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.

@@ -37,7 +37,12 @@ pub const AUDIT_INSERT_COLUMNS: &[&str] = &[
 
 /// Audit tables the application role may read but never write (besides `audit_events`, which
 /// it may append to).
-pub const AUDIT_READ_ONLY_TABLES: &[&str] = &["audit_seals", "audit_checkpoints"];
+pub const AUDIT_READ_ONLY_TABLES: &[&str] = &[
+    "audit_seals",
+    "audit_checkpoints",
+    "audit_retention",
+    "audit_retired_links",
+];
 
 /// Keel's sequences that no table owns (drawn with `nextval` by the binaries, e.g. the
 /// propagation fencing tokens); the application role gets `USAGE` on each. A schema test fails

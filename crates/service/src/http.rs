@@ -386,6 +386,51 @@ pub async fn serve_with_readiness(
     .await
 }
 
+/// The operations listener running in a task of its own, with a stop signal of its own.
+///
+/// The first SIGTERM or SIGINT cancels the work loops' token; the listener is not tied to it,
+/// so `/metrics`, `/healthz` and `/readyz` keep answering for the whole drain (FND-16) and a
+/// scrape sees the drain's last counts. Stop it with [`OpsServer::stop`] once the loops are
+/// done.
+#[derive(Debug)]
+pub struct OpsServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsServer {
+    /// Serves `/metrics` and `/healthz` on `listener` until [`OpsServer::stop`].
+    pub fn spawn(listener: TcpListener, registry: Arc<Registry>) -> Self {
+        Self::spawn_router(listener, router(registry))
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until [`OpsServer::stop`].
+    pub fn spawn_with_readiness(
+        listener: TcpListener,
+        registry: Arc<Registry>,
+        readiness: Readiness,
+    ) -> Self {
+        Self::spawn_router(listener, router_with_readiness(registry, readiness))
+    }
+
+    fn spawn_router(listener: TcpListener, router: Router) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve_router(listener, router, stop.clone()));
+        Self { stop, task }
+    }
+
+    /// Stops the listener (after the work loops have drained) and waits until it has closed.
+    pub async fn stop(self) -> std::io::Result<()> {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(std::io::Error::other(format!(
+                "the operations listener task failed: {e}"
+            ))),
+        }
+    }
+}
+
 async fn serve_router(
     listener: TcpListener,
     router: Router,
@@ -433,6 +478,48 @@ mod tests {
         );
         seconds.observe(0.7);
         registry
+    }
+
+    /// FND-16: after the first signal cancels the work loops' token, the operations listener
+    /// keeps answering `/metrics` and `/healthz` for the whole drain, showing what the drain
+    /// counts; it closes only when stopped after the loops are done.
+    #[tokio::test]
+    async fn metrics_keep_serving_while_the_work_loops_drain() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut registry = Registry::default();
+        let drained = Counter::<u64>::default();
+        registry.register("keel_test_drained", "Work drained", drained.clone());
+        let ops = OpsServer::spawn(listener, Arc::new(registry));
+
+        // A work loop: on the first signal it drains one item, then waits to be let go.
+        let shutdown = CancellationToken::new();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (counted, count_seen) = tokio::sync::oneshot::channel::<()>();
+        let work = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                drained.inc();
+                let _ = counted.send(());
+                let _ = released.await;
+            }
+        });
+        shutdown.cancel(); // the first SIGTERM
+        count_seen.await.unwrap();
+
+        let during = get(addr, "/metrics").await;
+        assert!(during.starts_with("HTTP/1.1 200"), "{during}");
+        assert!(during.contains("keel_test_drained_total 1"), "{during}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+
+        release.send(()).unwrap();
+        work.await.unwrap();
+        ops.stop().await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed once stopped"
+        );
     }
 
     #[tokio::test]

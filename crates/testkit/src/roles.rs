@@ -1,12 +1,11 @@
 //! A database laid out as production runs it: an owner role that ran the migrations and a
 //! separate application role granted least privilege (`keel_schema::roles`).
 
-use std::io::Read;
-
 use keel_schema::roles::AppRole;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
+use crate::server::random_password;
 use crate::{HarnessError, TestDatabase, block_on, open, quote_ident, unique_name};
 
 /// A fresh database owned by a role of its own, migrated by that owner, with an application
@@ -91,14 +90,6 @@ impl Drop for RoleSplitDatabase {
             Ok::<_, HarnessError>(())
         });
     }
-}
-
-fn random_password() -> Result<String, HarnessError> {
-    let mut bytes = [0u8; 18];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| HarnessError::io("read /dev/urandom", e))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A fresh database migrated by its own owner role, with a separate application role granted

@@ -22,28 +22,46 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The unprivileged account the server runs as when the caller is root.
 const UNPRIVILEGED_USER: &str = "postgres";
 
-/// Runs the server in the foreground of a small shell that also watches its standard input: when
-/// the process that started it exits (for any reason, even SIGKILL) the pipe closes, the watcher
-/// stops the server and removes its directory. Nothing is left running after a test run.
+/// Creates the cluster and then runs the server, both in the foreground of a small shell whose
+/// watcher is in place before `initdb` starts (FND-14): when the process that started it exits
+/// (for any reason, even SIGKILL) the pipe on its standard input closes, the watcher stops
+/// whichever of `initdb` and the server is running and removes the directory. Nothing is left
+/// running or on disk after a test run.
 ///
-/// Arguments: $1 postgres binary, $2 data dir, $3 port, $4 run dir (socket, log; removed at the
-/// end), then extra server arguments (`-c name=value` pairs, which come last and so win).
+/// The cluster requires a SCRAM password of every role on every connection, the `postgres`
+/// superuser included (FND-15): its password is read from `$run/pwfile`, which is removed once
+/// `initdb` has read it.
+///
+/// Arguments: $1 binary dir, $2 run dir (data, socket, logs; removed at the end), $3 port, then
+/// extra server arguments (`-c name=value` pairs, which come last and so win).
 const SUPERVISOR: &str = r#"
 exec 3<&0
-bin="$1"; data="$2"; port="$3"; run="$4"; shift 4
-"$bin" -D "$data" -p "$port" -k "$run" -h 127.0.0.1 \
-    -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-    -c max_connections=300 -c log_min_messages=warning "$@" \
-    </dev/null >"$run/server.log" 2>&1 3<&- &
-pid=$!
+bin="$1"; run="$2"; port="$3"; shift 3
+data="$run/data"
 (
     cat <&3 >/dev/null
-    kill -INT "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    stopped=
+    for round in 1 2; do
+        pid=$(cat "$run/child.pid" 2>/dev/null)
+        if [ -n "$pid" ] && [ "$pid" != "$stopped" ]; then
+            kill -INT "$pid" 2>/dev/null
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+            stopped="$pid"
+        fi
+    done
     rm -rf "$run"
 ) &
 exec 3<&-
-wait "$pid"
+"$bin/initdb" -D "$data" -U postgres -A scram-sha-256 --pwfile="$run/pwfile"     -E UTF8 --locale=C --no-sync </dev/null >"$run/initdb.log" 2>&1 &
+echo $! >"$run/child.pid"
+wait $! || exit 1
+rm -f "$run/pwfile"
+"$bin/postgres" -D "$data" -p "$port" -k "$run" -h 127.0.0.1 \
+    -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+    -c max_connections=300 -c log_min_messages=warning "$@" \
+    </dev/null >"$run/server.log" 2>&1 &
+echo $! >"$run/child.pid"
+wait $!
 "#;
 
 /// How to configure a throwaway server beyond the defaults (for tests of what a server logs, or
@@ -52,9 +70,10 @@ wait "$pid"
 pub struct ThrowawayOptions {
     /// Extra server settings (`-c name=value`), e.g. `("log_statement", "all")`.
     pub settings: Vec<(String, String)>,
-    /// Require SCRAM-SHA-256 password authentication over TCP for every role but the `postgres`
-    /// superuser the harness administers with (by default every connection is trusted, so a
-    /// wrong password would go unnoticed).
+    /// Kept for compatibility: every throwaway server now requires SCRAM-SHA-256 password
+    /// authentication of every role, the `postgres` superuser included (with a random password
+    /// the server's connection options and URLs carry), so a wrong password never goes
+    /// unnoticed and no other local account can connect (FND-15).
     pub password_auth: bool,
 }
 
@@ -114,31 +133,16 @@ impl PgServer {
         let bin_dir = find_bin_dir()?;
         let run_as = RunAs::detect()?;
         let run_dir = make_run_dir(&run_as)?;
-        let data_dir = run_dir.join("data");
-
-        if let Err(e) = initdb(&run_as, &bin_dir, &run_dir, &data_dir) {
-            let _ = fs::remove_dir_all(&run_dir);
-            return Err(e);
-        }
-        if options.password_auth {
-            let hba = "local all all trust\n\
-                       host all postgres 127.0.0.1/32 trust\n\
-                       host all all 127.0.0.1/32 scram-sha-256\n";
-            fs::write(data_dir.join("pg_hba.conf"), hba)
-                .map_err(|e| HarnessError::io("write pg_hba.conf", e))?;
-        }
-        let version = fs::read_to_string(data_dir.join("PG_VERSION"))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default();
+        let password = random_password()?;
+        write_pwfile(&run_as, &run_dir, &password)?;
 
         let port = free_port()?;
         let mut supervisor = run_as
             .command(Path::new("sh"))
             .args(["-c", SUPERVISOR, "keel-postgres"])
-            .arg(bin_dir.join("postgres"))
-            .arg(&data_dir)
-            .arg(port.to_string())
+            .arg(&bin_dir)
             .arg(&run_dir)
+            .arg(port.to_string())
             .args(
                 options
                     .settings
@@ -148,33 +152,45 @@ impl PgServer {
             .current_dir(&run_dir)
             // A process group of its own: a signal to the test's group (Ctrl-C, or SIGKILL of a
             // whole `cargo test`) does not take the watcher down with it; the closed lifeline
-            // stops the server and removes its directory (FND-14).
+            // stops initdb or the server and removes the directory (FND-14).
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| HarnessError::io("start postgres", e))?;
+            .map_err(|e| {
+                let _ = fs::remove_dir_all(&run_dir);
+                HarnessError::io("start postgres", e)
+            })?;
         let lifeline = supervisor.stdin.take().ok_or_else(|| {
             HarnessError::io("start postgres", std::io::Error::other("no stdin pipe"))
         })?;
 
-        let admin = PgConnectOptions::new()
+        let admin = PgConnectOptions::new_without_pgpass()
             .host("127.0.0.1")
             .port(port)
             .username("postgres")
+            .password(&password)
             .database("postgres");
-        let server = Self {
+        let mut server = Self {
             admin,
             origin: Origin::Throwaway {
                 run_dir,
                 port,
-                version,
+                version: String::new(),
                 _lifeline: Mutex::new(lifeline),
                 _supervisor: Mutex::new(supervisor),
             },
         };
         server.wait_until_ready()?;
+        if let Origin::Throwaway {
+            run_dir, version, ..
+        } = &mut server.origin
+        {
+            *version = fs::read_to_string(run_dir.join("data/PG_VERSION"))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default();
+        }
         Ok(server)
     }
 
@@ -201,6 +217,10 @@ impl PgServer {
                 .unwrap_or(false);
             let log = read_log(run_dir);
             if exited {
+                // initdb failed when it left no cluster behind.
+                if !run_dir.join("data/PG_VERSION").is_file() {
+                    return Err(HarnessError::Initdb(read_named_log(run_dir, "initdb.log")));
+                }
                 return Err(HarnessError::ServerExited(log));
             }
             if Instant::now() > deadline {
@@ -309,8 +329,12 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 fn read_log(run_dir: &Path) -> String {
+    read_named_log(run_dir, "server.log")
+}
+
+fn read_named_log(run_dir: &Path, name: &str) -> String {
     let mut log = String::new();
-    if let Ok(mut file) = fs::File::open(run_dir.join("server.log")) {
+    if let Ok(mut file) = fs::File::open(run_dir.join(name)) {
         let _ = file.read_to_string(&mut log);
     }
     tail(&log)
@@ -413,30 +437,57 @@ impl RunAs {
     }
 }
 
-/// Creates a cluster in `data_dir` (superuser `postgres`, trust authentication, UTF-8, C locale).
+/// A random password of 36 hex digits (no character a URL or SQL literal must escape).
+pub(crate) fn random_password() -> Result<String, HarnessError> {
+    let mut bytes = [0u8; 18];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| HarnessError::io("read /dev/urandom", e))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes the superuser's password where `initdb --pwfile` reads it, readable only by the
+/// account the server runs as.
+fn write_pwfile(run_as: &RunAs, run_dir: &Path, password: &str) -> Result<(), HarnessError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = run_dir.join("pwfile");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| HarnessError::io("write the superuser's password file", e))?;
+    std::io::Write::write_all(&mut file, format!("{password}\n").as_bytes())
+        .map_err(|e| HarnessError::io("write the superuser's password file", e))?;
+    if let RunAs::Unprivileged { uid, gid } = run_as {
+        std::os::unix::fs::chown(&path, Some(*uid), Some(*gid))
+            .map_err(|e| HarnessError::io("hand the password file to the postgres account", e))?;
+    }
+    Ok(())
+}
+
+/// Creates a cluster in `data_dir` (superuser `postgres` with `password`, SCRAM authentication
+/// for every connection, UTF-8, C locale).
 fn initdb(
     run_as: &RunAs,
     bin_dir: &Path,
     run_dir: &Path,
     data_dir: &Path,
+    password: &str,
 ) -> Result<(), HarnessError> {
+    write_pwfile(run_as, run_dir, password)?;
     let initdb = run_as
         .command(&bin_dir.join("initdb"))
         .args(["-D"])
         .arg(data_dir)
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
+        .args(["-U", "postgres", "-A", "scram-sha-256"])
+        .arg(format!("--pwfile={}", run_dir.join("pwfile").display()))
+        .args(["-E", "UTF8", "--locale=C", "--no-sync"])
         .current_dir(run_dir)
         .output()
-        .map_err(|e| HarnessError::io("run initdb", e))?;
+        .map_err(|e| HarnessError::io("run initdb", e));
+    let _ = fs::remove_file(run_dir.join("pwfile"));
+    let initdb = initdb?;
     if initdb.status.success() {
         Ok(())
     } else {
@@ -457,6 +508,7 @@ pub struct RestartableServer {
     bin_dir: PathBuf,
     run_dir: PathBuf,
     port: u16,
+    password: String,
 }
 
 impl RestartableServer {
@@ -470,12 +522,14 @@ impl RestartableServer {
             run_as,
             bin_dir,
             run_dir,
+            password: random_password()?,
         };
         initdb(
             &server.run_as,
             &server.bin_dir,
             &server.run_dir,
             &server.run_dir.join("data"),
+            &server.password,
         )?;
         server.start_again()?;
         Ok(server)
@@ -486,9 +540,13 @@ impl RestartableServer {
         self.port
     }
 
-    /// A URL for `database` as the superuser `postgres` (trust authentication: no secret).
+    /// A URL for `database` as the superuser `postgres`. It carries the superuser's password
+    /// (the server trusts no connection, FND-15): do not log it.
     pub fn url_for(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     /// Stops the server (fast shutdown: sessions are disconnected) and waits until it is down.

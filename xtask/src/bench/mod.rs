@@ -9,6 +9,8 @@
 //! and min–max of at least three rounds, the machine, settings and command printed.
 
 #[cfg(feature = "bench")]
+mod audit;
+#[cfg(feature = "bench")]
 mod console;
 pub mod fair;
 #[cfg(feature = "bench")]
@@ -22,7 +24,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N] | console [--audit-rows N] [--dead-letters N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] [--pairs N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N] [--pairs N] | console [--audit-rows N] [--dead-letters N] | audit [--rows N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -76,6 +78,7 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
             count_flag(&args[1..], "--pairs", fair::DEFAULT_PAIRS)?,
         ),
         Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
+        Some("audit") => audit::bench(count_flag(&args[1..], "--rows", 10_000_000)?),
         Some("orphan-sweep") => orphan_sweep::bench(
             count_flag(&args[1..], "--items", 100_000)?,
             count_flag(&args[1..], "--rows", 1_000_000)?,

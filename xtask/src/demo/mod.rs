@@ -47,17 +47,26 @@ async fn scenario(console: bool) -> anyhow::Result<()> {
     server.create_database("keel_demo", None).await?;
     // Two roles, as production runs it: the owner applies the migrations, the application role
     // the binaries serve as gets only what they use (it cannot touch the audit triggers).
+    // The server asks every role for its password, so each gets a fresh one.
     let mut admin = server.connect_admin().await?;
-    sqlx::raw_sql(
-        "CREATE ROLE keel_owner LOGIN; CREATE ROLE keel_app LOGIN; \
-         ALTER DATABASE keel_demo OWNER TO keel_owner",
-    )
+    let owner_password = uuid::Uuid::new_v4().simple().to_string();
+    let app_password = uuid::Uuid::new_v4().simple().to_string();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE keel_owner LOGIN PASSWORD '{owner_password}'; \
+         CREATE ROLE keel_app LOGIN PASSWORD '{app_password}'; \
+         ALTER DATABASE keel_demo OWNER TO keel_owner"
+    )))
     .execute(&mut admin)
     .await
     .context("could not create the owner and application roles")?;
     let owner = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(server.options_for("keel_demo").username("keel_owner"))
+        .connect_with(
+            server
+                .options_for("keel_demo")
+                .username("keel_owner")
+                .password(&owner_password),
+        )
         .await
         .context("could not connect to the demo database as its owner")?;
     keel_schema::migrate(&owner)
@@ -70,7 +79,12 @@ async fn scenario(console: bool) -> anyhow::Result<()> {
     owner.close().await;
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect_with(server.options_for("keel_demo").username("keel_app"))
+        .connect_with(
+            server
+                .options_for("keel_demo")
+                .username("keel_app")
+                .password(&app_password),
+        )
         .await
         .context("could not connect to the demo database")?;
     println!(

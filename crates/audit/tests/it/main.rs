@@ -4,6 +4,7 @@ mod consumers;
 mod contract;
 mod list;
 mod notify;
+mod partitions;
 mod postgres;
 mod privileges;
 mod regressions;

@@ -143,14 +143,33 @@ async fn the_app_role_cannot_forge_ids_timestamps_or_wedge_the_sequence() {
             "{sql}: unexpected refusal {err}"
         );
     }
-    // Even the owner, who may name `recorded_at`, gets the database's clock.
-    sqlx::query(
+    // Even the owner, who may name `recorded_at`, never stores a forged one: a time in another
+    // month is refused (the row was routed to that month's partition before the stamp), one in
+    // this month is replaced by the database's clock.
+    let other_month = sqlx::query(
         "INSERT INTO audit_events (kind, actor, occurred_at, recorded_at) \
          VALUES ('propagation.applied', 'system', now(), '2020-01-01')",
     )
     .execute(db.owner())
     .await
+    .unwrap_err();
+    assert!(
+        other_month.to_string().contains("another partition"),
+        "{other_month}"
+    );
+    sqlx::query(
+        "INSERT INTO audit_events (kind, actor, occurred_at, recorded_at) \
+         VALUES ('propagation.applied', 'system', now(), date_trunc('month', now()))",
+    )
+    .execute(db.owner())
+    .await
     .unwrap();
+    let stamped: bool =
+        sqlx::query_scalar("SELECT recorded_at > date_trunc('month', now()) FROM audit_events")
+            .fetch_one(db.owner())
+            .await
+            .unwrap();
+    assert!(stamped, "the owner's recorded_at was replaced by the clock");
     let mut conn = db.app().acquire().await.unwrap();
     let id = insert(&mut conn, &sample(AuditKind::PropagationApplied, 1))
         .await
@@ -158,6 +177,7 @@ async fn the_app_role_cannot_forge_ids_timestamps_or_wedge_the_sequence() {
     let rows = fetch(&mut conn, &AuditFilter::default()).await.unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.recorded_at.year() > 2020), "{rows:?}");
+    // (Both rows: the owner's, stamped, and the application role's.)
     assert_eq!(rows[1].id, id);
     assert!(rows[1].id > rows[0].id);
 }

@@ -230,13 +230,16 @@ async fn a_refused_alter_is_an_error_that_retries_and_does_not_name_the_role() {
         "keel_limited_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {limited} LOGIN")))
-        .execute(db.pool())
-        .await
-        .unwrap();
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {limited} LOGIN PASSWORD '{password}'"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(db.connect_options().username(&limited))
+        .connect_with(db.connect_options().username(&limited).password(&password))
         .await
         .unwrap();
     let applier = PgRoleApplier::new(pool.clone(), TierRoleSettings::standard());

@@ -123,14 +123,25 @@ async fn a_non_superuser_createrole_createdb_admin_can_provision() {
     let suffix = new_token();
     let admin = format!("keel_admin_{}", &suffix.expose()[..12]);
     let weak = format!("keel_weak_{}", &suffix.expose()[..12]);
+    let password = new_token();
+    let password = password.expose();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB; CREATE ROLE {weak} LOGIN CREATEDB"
+        "CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD '{password}'; \
+         CREATE ROLE {weak} LOGIN CREATEDB PASSWORD '{password}'"
     )))
     .execute(h.db.pool())
     .await
     .unwrap();
-    let as_role =
-        |role: &str| PgClusterBackend::new(h.db.server().admin_options().username(role), None, 2);
+    let as_role = |role: &str| {
+        PgClusterBackend::new(
+            h.db.server()
+                .admin_options()
+                .username(role)
+                .password(password),
+            None,
+            2,
+        )
+    };
     let backend = as_role(&admin);
     backend.check_privileges().await.unwrap();
     let provisioner = Provisioner::new(

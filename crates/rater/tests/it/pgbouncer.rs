@@ -10,6 +10,7 @@ use keel_rater::postgres::{RaterError, RunRequest, run};
 use keel_rater::{BillingEvent, RaterExit, resolve_window};
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
@@ -50,10 +51,15 @@ fn is_root() -> bool {
 }
 
 /// A throwaway PgBouncer, killed (by its own pid) and its directory removed when dropped.
+///
+/// It authenticates its clients (SCRAM, against a userlist holding the server's superuser and
+/// its password) and logs in to the server with that password: nothing on the machine reaches
+/// the database through it without the password (FND-15).
 struct Bouncer {
     child: Child,
     dir: PathBuf,
     port: u16,
+    password: String,
 }
 
 impl Drop for Bouncer {
@@ -77,8 +83,16 @@ impl Bouncer {
             std::env::temp_dir().join(format!("keel-pgbouncer-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         set_mode(&dir, 0o777);
+        let url = server.to_url_lossy();
+        let password = url
+            .password()
+            .expect("the throwaway server's options carry its password")
+            .to_owned();
+        let userlist = dir.join("userlist.txt");
+        std::fs::write(&userlist, format!("\"postgres\" \"{password}\"\n")).unwrap();
+        set_mode(&userlist, 0o644);
         let backend = format!(
-            "host=127.0.0.1 port={} dbname={database} user=postgres",
+            "host=127.0.0.1 port={} dbname={database} user=postgres password={password}",
             server.get_port()
         );
         let config = format!(
@@ -89,13 +103,15 @@ impl Bouncer {
              listen_addr = 127.0.0.1\n\
              listen_port = {port}\n\
              unix_socket_dir =\n\
-             auth_type = any\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {userlist}\n\
              default_pool_size = 4\n\
              ignore_startup_parameters = extra_float_digits,search_path\n\
              logfile = {log}\n\
              pidfile = {pid}\n",
             log = dir.join("pgbouncer.log").display(),
             pid = dir.join("pgbouncer.pid").display(),
+            userlist = userlist.display(),
         );
         let ini = dir.join("pgbouncer.ini");
         std::fs::write(&ini, config).unwrap();
@@ -114,7 +130,12 @@ impl Bouncer {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
-        let bouncer = Bouncer { child, dir, port };
+        let bouncer = Bouncer {
+            child,
+            dir,
+            port,
+            password,
+        };
         bouncer.wait_until_ready().await;
         bouncer
     }
@@ -124,6 +145,7 @@ impl Bouncer {
             .host("127.0.0.1")
             .port(self.port)
             .username("postgres")
+            .password(&self.password)
             .database(alias)
     }
 
@@ -180,6 +202,17 @@ async fn behind_pgbouncer_transaction_pooling_the_rater_refuses_and_session_pool
         .await
         .unwrap();
     let bouncer = Bouncer::start(&db.connect_options(), db.name()).await;
+    let without_password = PgConnectOptions::new_without_pgpass()
+        .host("127.0.0.1")
+        .port(bouncer.port)
+        .username("postgres")
+        .database("session");
+    assert!(
+        sqlx::PgConnection::connect_with(&without_password)
+            .await
+            .is_err(),
+        "PgBouncer lets a client in without the password"
+    );
 
     let tx_options = bouncer.options("tx");
     let tx_pool = PgPoolOptions::new()

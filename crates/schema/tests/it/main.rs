@@ -7,8 +7,10 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 
 async fn public_tables(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = 'public' AND table_name NOT IN ('_keel_migrations', '_sqlx_migrations') ORDER BY 1",
+        // Tables, not their partitions (audit_events is partitioned by month).
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'f') AND NOT c.relispartition \
+           AND c.relname NOT IN ('_keel_migrations', '_sqlx_migrations') ORDER BY 1",
     )
     .fetch_all(pool)
     .await

@@ -1,0 +1,129 @@
+//! The throwaway server as another local account or a killed test process meets it.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+
+/// FND-15: the throwaway server trusts no connection. Without the superuser's password, or with
+/// a wrong one, a local client is refused; the options and the URL the harness hands out carry
+/// the password and connect; no `trust` line is left in its pg_hba.conf.
+#[tokio::test]
+async fn the_throwaway_server_refuses_every_connection_without_its_password() {
+    let server = tokio::task::spawn_blocking(keel_testkit::PgServer::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    let admin = server.admin_options();
+    let bare = PgConnectOptions::new_without_pgpass()
+        .host(admin.get_host())
+        .port(admin.get_port())
+        .username("postgres")
+        .database("postgres");
+    let refused = PgConnection::connect_with(&bare).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("password"),
+        "no password: {refused}"
+    );
+    let wrong = bare.clone().password("not-the-password");
+    let refused = PgConnection::connect_with(&wrong).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("password authentication failed"),
+        "a wrong password: {refused}"
+    );
+
+    let mut conn = PgConnection::connect(&server.url_for("postgres"))
+        .await
+        .unwrap();
+    let trusting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_hba_file_rules WHERE auth_method NOT IN ('scram-sha-256')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        trusting, 0,
+        "every pg_hba.conf line asks for a SCRAM password"
+    );
+    conn.close().await.unwrap();
+    // The password is in the URL, and not in the description printed for people.
+    let url = server.url_for("postgres");
+    let password = url
+        .trim_start_matches("postgres://postgres:")
+        .split('@')
+        .next()
+        .unwrap();
+    assert!(password.len() >= 32, "the URL carries the password");
+    assert!(!server.describe().contains(password));
+}
+
+const CHILD: &str = "KEEL_TESTKIT_START_AND_WAIT";
+
+/// The run directories a process with `pid` made in the temp directory.
+fn run_dirs_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("keel-pg-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// FND-14: a test process killed outright (SIGKILL) while `initdb` is still creating its
+/// cluster leaves no directory behind: initdb runs under the supervisor, whose watcher stops it
+/// and removes the directory when the process's lifeline closes.
+///
+/// The test runs itself as the process to kill: with `KEEL_TESTKIT_START_AND_WAIT` set, it
+/// starts a throwaway server and waits to be killed.
+#[test]
+fn a_test_process_killed_during_initdb_leaves_no_directory_behind() {
+    if std::env::var_os(CHILD).is_some() {
+        let _server = keel_testkit::PgServer::start_throwaway().unwrap();
+        std::thread::sleep(Duration::from_secs(600));
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_test_process_killed_during_initdb_leaves_no_directory_behind",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Kill it as soon as initdb has begun writing the cluster.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dir = loop {
+        if let Some(dir) = run_dirs_of(pid)
+            .into_iter()
+            .find(|d| d.join("data").exists())
+        {
+            break dir;
+        }
+        assert!(Instant::now() < deadline, "the child never began initdb");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let still_initialising = !dir.join("data/PG_VERSION").exists();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !dir.exists(),
+        "{} is left behind (killed during initdb: {still_initialising})",
+        dir.display()
+    );
+}
