@@ -3,8 +3,8 @@
 //!
 //! # Single flight
 //!
-//! The reconcile and the ordered upsert are deadlock-free only when no two raters work on
-//! overlapping windows at once, so a run holds a session advisory lock and does all its rating
+//! The reconcile writes `rated_usage` with plain inserts, updates and deletes, correct only when no
+//! two raters work at once, so a run holds a session advisory lock and does all its rating
 //! work on that same connection. Losing the connection (killed backend, idle timeout, failover)
 //! aborts the open transaction: nothing of that day commits. Each day's transaction also reads
 //! the `rater_lease` fence row `FOR UPDATE` and checks that it still holds the lock on the very
@@ -321,21 +321,27 @@ macro_rules! diff_ctes {
     };
 }
 
-/// Writes the diff: inserts new hours, updates changed ones (both in (auth_id, meter,
-/// window_start) order), and deletes rated hours whose events are gone, that lost their price,
-/// or that left the money model's range. Only rows that differ from what is stored are written.
+/// Writes the diff: inserts new hours, updates changed ones in place, and deletes rated hours
+/// whose events are gone, that lost their price, or that left the money model's range. Only
+/// rows that differ from what is stored are written, new ones in key order (appending to the
+/// unique index instead of splitting pages at random). Plain statements, no `ON CONFLICT`: only
+/// the rater writes `rated_usage`, one rater at a time (single flight, fenced), so a row that
+/// appeared meanwhile is a broken invariant and fails the day loudly (unique violation).
 macro_rules! write_ctes {
     () => {
-        ", upserted AS ( \
-           INSERT INTO rated_usage AS r \
+        ", inserted AS ( \
+           INSERT INTO rated_usage \
              (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
            SELECT auth_id, meter, window_start, new_quantity, new_unit_price, new_amount, new_currency, \
                   new_event_count, $3 \
-           FROM diff WHERE what IN ('inserted', 'updated', 'lowered') \
+           FROM diff WHERE what = 'inserted' \
            ORDER BY auth_id, meter, window_start \
-           ON CONFLICT (auth_id, meter, window_start) DO UPDATE SET \
-             quantity = EXCLUDED.quantity, unit_price = EXCLUDED.unit_price, amount = EXCLUDED.amount, \
-             currency = EXCLUDED.currency, event_count = EXCLUDED.event_count, rated_at = EXCLUDED.rated_at \
+           RETURNING 1 \
+         ), rewritten AS ( \
+           UPDATE rated_usage r SET quantity = d.new_quantity, unit_price = d.new_unit_price, \
+             amount = d.new_amount, currency = d.new_currency, event_count = d.new_event_count, \
+             rated_at = $3 \
+           FROM diff d WHERE r.id = d.old_id AND d.what IN ('updated', 'lowered') \
            RETURNING 1 \
          ), removed AS ( \
            DELETE FROM rated_usage r USING diff d \

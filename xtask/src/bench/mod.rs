@@ -16,7 +16,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] | rater [--events N] [--pairs N] | provision [--resources N] [--concurrent N] | orphan-sweep [--items N] [--rows N] [--pairs N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -66,11 +66,8 @@ fn count_flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> 
 fn dispatch(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("propagation") => propagation::bench(count_flag(&args[1..], "--rows", 100_000)?),
-        Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
-        Some("orphan-sweep") => orphan_sweep::bench(
-            count_flag(&args[1..], "--items", 100_000)?,
-            count_flag(&args[1..], "--rows", 1_000_000)?,
-        ),
+        Some("rater") => rater::bench(&args[1..]),
+        Some("orphan-sweep") => orphan_sweep::bench(&args[1..]),
         Some("provision") => provision::bench(
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,
