@@ -3,8 +3,8 @@
 //!
 //! # Single flight
 //!
-//! The reconcile and the ordered upsert are deadlock-free only when no two raters work on
-//! overlapping windows at once, so a run holds a session advisory lock and does all its rating
+//! The reconcile writes `rated_usage` with plain inserts, updates and deletes, correct only when no
+//! two raters work at once, so a run holds a session advisory lock and does all its rating
 //! work on that same connection. Losing the connection (killed backend, idle timeout, failover)
 //! aborts the open transaction: nothing of that day commits. Each day's transaction also reads
 //! the `rater_lease` fence row `FOR UPDATE` and checks that it still holds the lock on the very
@@ -17,6 +17,19 @@
 //! holding the lock, refuses with [`RaterError::PoolerDetected`], naming the fix (a direct URL).
 //! If the proxy moves the work to another backend later, the per-transaction check aborts it.
 //! A rater that cannot take the lock exits 3 and writes only its ledger row.
+//!
+//! # Work proportional to change
+//!
+//! Triggers on `billing_event` (migration 0080) write a change marker per (auth id, meter,
+//! hour) touched by each insert, update or delete, in the writer's own transaction; a change
+//! to `prices` (or a `TRUNCATE`) writes a whole-window marker. A routine run with no
+//! whole-window marker pending rates only the marked groups of its window ([`RATE_CHANGED`]):
+//! an unchanged re-run reads no events at all. A backfill, or a routine run after a
+//! whole-window marker, rates every hour ([`RATE_APPLY`]). Markers are consumed by `DELETE` in
+//! the statement that rates them, from the same snapshot, so a marker whose writer commits
+//! after that statement began survives it and is rated by the next run: late-committing usage
+//! is never skipped. Markers of hours before the window are the late-usage signal
+//! ([`find_late_usage`]) and stay until a backfill rates them.
 
 use std::future::Future;
 
@@ -206,11 +219,12 @@ pub async fn record_events(
     })
 }
 
-/// The diff between what the events of `[$1, $2)` say and what `rated_usage` holds, one row per
-/// (auth id, meter, hour): `what` is inserted, updated, lowered, unchanged, deleted (events
-/// gone), price_lost (rated, now unpriced), unpriced or out_of_range. Amounts are
-/// `round(quantity * unit_price, 9)` in SQL.
-macro_rules! diff_ctes {
+/// The sources of a whole-window diff: `agg`, what the events of `[$1, $2)` say per (auth id,
+/// meter, hour), and `current`, what `rated_usage` holds for the window.
+///
+/// `current` filters `rated_usage` on `window_start` alone, which is what
+/// `rated_usage_window_start_ix` exists for (every other index leads with `auth_id`).
+macro_rules! window_sources {
     () => {
         "WITH agg AS ( \
            SELECT auth_id, meter, \
@@ -218,22 +232,72 @@ macro_rules! diff_ctes {
                   sum(quantity) AS quantity, count(*) AS event_count \
            FROM billing_event WHERE occurred_at >= $1 AND occurred_at < $2 \
            GROUP BY 1, 2, 3 \
-         ), hour_prices AS ( \
-           SELECT h.meter, h.window_start, p.unit_price, p.currency \
-           FROM (SELECT DISTINCT meter, window_start FROM agg) h \
-           LEFT JOIN LATERAL ( \
-             SELECT unit_price, currency FROM prices \
-             WHERE prices.meter = h.meter AND prices.effective_from <= h.window_start \
-             ORDER BY effective_from DESC LIMIT 1 \
-           ) p ON true \
-         ), priced AS MATERIALIZED ( \
-           SELECT a.auth_id, a.meter, a.window_start, a.quantity, a.event_count, \
-                  hp.unit_price, hp.currency, \
-                  trim_scale(round(a.quantity * hp.unit_price, 9)) AS amount \
-           FROM agg a JOIN hour_prices hp USING (meter, window_start) \
          ), current AS MATERIALIZED ( \
            SELECT id, auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count \
            FROM rated_usage WHERE window_start >= $1 AND window_start < $2 \
+         )"
+    };
+}
+
+/// Consumes the window's change markers: the whole window is rated in the same statement, from
+/// the same snapshot, so every marker this deletes has its events counted.
+macro_rules! consume_window_markers {
+    () => {
+        ", consumed AS ( \
+           DELETE FROM rating_change WHERE window_start >= $1 AND window_start < $2 \
+         )"
+    };
+}
+
+/// The sources of a diff over the changed groups only: the window's change markers are
+/// consumed (deleted, returning their groups) and only those groups are aggregated and compared,
+/// each with index lookups, so the work follows the change, not the window.
+macro_rules! changed_sources {
+    () => {
+        "WITH changed AS ( \
+           DELETE FROM rating_change WHERE window_start >= $1 AND window_start < $2 \
+           RETURNING auth_id, meter, window_start \
+         ), keys AS ( \
+           SELECT DISTINCT auth_id, meter, window_start FROM changed \
+         ), agg AS ( \
+           SELECT k.auth_id, k.meter, k.window_start, e.quantity, e.event_count \
+           FROM keys k CROSS JOIN LATERAL ( \
+             SELECT sum(quantity) AS quantity, count(*) AS event_count FROM billing_event b \
+             WHERE b.auth_id = k.auth_id AND b.meter = k.meter \
+               AND b.occurred_at >= k.window_start AND b.occurred_at < k.window_start + interval '1 hour' \
+           ) e WHERE e.event_count > 0 \
+         ), current AS ( \
+           SELECT r.id, r.auth_id, r.meter, r.window_start, r.quantity, r.unit_price, r.amount, \
+                  r.currency, r.event_count \
+           FROM keys k CROSS JOIN LATERAL ( \
+             SELECT * FROM rated_usage u \
+             WHERE u.auth_id = k.auth_id AND u.meter = k.meter AND u.window_start = k.window_start \
+           ) r \
+         )"
+    };
+}
+
+/// The diff between `agg` and `current`, one row per (auth id, meter, hour): `what` is
+/// inserted, updated, lowered, unchanged, deleted (events gone), price_lost (rated, now
+/// unpriced), unpriced or out_of_range. Amounts are `round(quantity * unit_price, 9)` in SQL.
+/// Each hour takes the price whose `[effective_from, next effective_from)` range holds its
+/// start (only the ranges that overlap the window are joined), and `agg` is read once.
+macro_rules! diff_ctes {
+    () => {
+        ", hour_prices AS ( \
+           SELECT meter, effective_from, effective_until, unit_price, currency FROM ( \
+             SELECT meter, effective_from, unit_price, currency, \
+                    lead(effective_from) OVER (PARTITION BY meter ORDER BY effective_from) \
+                      AS effective_until \
+             FROM prices \
+           ) p WHERE effective_from < $2 AND (effective_until IS NULL OR effective_until > $1) \
+         ), priced AS ( \
+           SELECT a.auth_id, a.meter, a.window_start, a.quantity, a.event_count, \
+                  hp.unit_price, hp.currency, \
+                  trim_scale(round(a.quantity * hp.unit_price, 9)) AS amount \
+           FROM agg a LEFT JOIN hour_prices hp ON hp.meter = a.meter \
+             AND a.window_start >= hp.effective_from \
+             AND (hp.effective_until IS NULL OR a.window_start < hp.effective_until) \
          ), diff AS MATERIALIZED ( \
            SELECT CASE \
                WHEN p.auth_id IS NULL THEN 'deleted' \
@@ -257,62 +321,96 @@ macro_rules! diff_ctes {
     };
 }
 
+/// Writes the diff: inserts new hours, updates changed ones in place, and deletes rated hours
+/// whose events are gone, that lost their price, or that left the money model's range. Only
+/// rows that differ from what is stored are written, new ones in key order (appending to the
+/// unique index instead of splitting pages at random). Plain statements, no `ON CONFLICT`: only
+/// the rater writes `rated_usage`, one rater at a time (single flight, fenced), so a row that
+/// appeared meanwhile is a broken invariant and fails the day loudly (unique violation).
+macro_rules! write_ctes {
+    () => {
+        ", inserted AS ( \
+           INSERT INTO rated_usage \
+             (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
+           SELECT auth_id, meter, window_start, new_quantity, new_unit_price, new_amount, new_currency, \
+                  new_event_count, $3 \
+           FROM diff WHERE what = 'inserted' \
+           ORDER BY auth_id, meter, window_start \
+           RETURNING 1 \
+         ), rewritten AS ( \
+           UPDATE rated_usage r SET quantity = d.new_quantity, unit_price = d.new_unit_price, \
+             amount = d.new_amount, currency = d.new_currency, event_count = d.new_event_count, \
+             rated_at = $3 \
+           FROM diff d WHERE r.id = d.old_id AND d.what IN ('updated', 'lowered') \
+           RETURNING 1 \
+         ), removed AS ( \
+           DELETE FROM rated_usage r USING diff d \
+           WHERE r.id = d.old_id AND d.what IN ('deleted', 'price_lost', 'out_of_range') \
+           RETURNING 1 \
+         )"
+    };
+}
+
 /// The bounded report over `diff`: one count row per kind, then at most `$cap` detail rows per
-/// kind. Values travel as text, so no stored or computed value can fail decoding.
+/// kind present (a top-N per kind: no sort of the whole diff). Values travel as text, so no
+/// stored or computed value can fail decoding.
 macro_rules! report_select {
     ($cap:literal) => {
         concat!(
-            " SELECT 'count' AS row_kind, what, count(*)::bigint AS n, NULL::text AS auth_id, \
+            ", counts AS (SELECT what, count(*)::bigint AS n FROM diff GROUP BY what) \
+             SELECT 'count' AS row_kind, what, n, NULL::text AS auth_id, \
                 NULL::text AS meter, NULL::timestamptz AS window_start, \
                 NULL::text AS old_quantity, NULL::bigint AS old_event_count, \
                 NULL::text AS old_unit_price, NULL::text AS old_amount, NULL::text AS old_currency, \
                 NULL::text AS new_quantity, NULL::bigint AS new_event_count, \
                 NULL::text AS new_unit_price, NULL::text AS new_amount, NULL::text AS new_currency \
-             FROM diff GROUP BY what \
+             FROM counts \
              UNION ALL \
-             SELECT 'detail', what, NULL, auth_id, meter, window_start, \
-                    old_quantity::text, old_event_count, old_unit_price::text, old_amount::text, \
-                    old_currency, new_quantity::text, new_event_count, new_unit_price::text, \
-                    new_amount::text, new_currency \
-             FROM (SELECT d.*, row_number() OVER (PARTITION BY what \
-                                                  ORDER BY auth_id, meter, window_start) AS rn \
-                   FROM diff d WHERE what <> 'unchanged') x \
-             WHERE rn <= ",
-            $cap
+             SELECT 'detail', d.what, NULL, d.auth_id, d.meter, d.window_start, \
+                    d.old_quantity::text, d.old_event_count, d.old_unit_price::text, d.old_amount::text, \
+                    d.old_currency, d.new_quantity::text, d.new_event_count, d.new_unit_price::text, \
+                    d.new_amount::text, d.new_currency \
+             FROM counts k CROSS JOIN LATERAL ( \
+               SELECT * FROM diff WHERE diff.what = k.what AND k.what <> 'unchanged' \
+               ORDER BY auth_id, meter, window_start LIMIT ",
+            $cap,
+            ") d"
         )
     };
 }
 
 /// Computes the diff for a window without writing anything (the dry run). `$1`, `$2`: window.
-pub const RATE_PREVIEW: &str = concat!(diff_ctes!(), report_select!("50"));
+pub const RATE_PREVIEW: &str = concat!(window_sources!(), diff_ctes!(), report_select!("50"));
 
-/// Rates a window: upserts inserted, updated and lowered hours in (auth_id, meter, window_start)
-/// order; deletes rated hours whose events are gone, that lost their price, or that left the
-/// money model's range; and returns the bounded report. `$1`, `$2`: window; `$3`: rated_at.
+/// Rates a whole window: writes the diff (see the module's statements) and returns the bounded
+/// report; consumes the window's change markers. `$1`, `$2`: window; `$3`: rated_at.
 ///
 /// Only rows that differ from what is stored are written: an unchanged re-run writes nothing.
-/// `current` filters `rated_usage` on `window_start` alone, which is what
-/// `rated_usage_window_start_ix` exists for (every other index leads with `auth_id`).
 pub const RATE_APPLY: &str = concat!(
+    window_sources!(),
+    consume_window_markers!(),
     diff_ctes!(),
-    ", upserted AS ( \
-       INSERT INTO rated_usage AS r \
-         (auth_id, meter, window_start, quantity, unit_price, amount, currency, event_count, rated_at) \
-       SELECT auth_id, meter, window_start, new_quantity, new_unit_price, new_amount, new_currency, \
-              new_event_count, $3 \
-       FROM diff WHERE what IN ('inserted', 'updated', 'lowered') \
-       ORDER BY auth_id, meter, window_start \
-       ON CONFLICT (auth_id, meter, window_start) DO UPDATE SET \
-         quantity = EXCLUDED.quantity, unit_price = EXCLUDED.unit_price, amount = EXCLUDED.amount, \
-         currency = EXCLUDED.currency, event_count = EXCLUDED.event_count, rated_at = EXCLUDED.rated_at \
-       RETURNING 1 \
-     ), removed AS ( \
-       DELETE FROM rated_usage r USING diff d \
-       WHERE r.id = d.old_id AND d.what IN ('deleted', 'price_lost', 'out_of_range') \
-       RETURNING 1 \
-     )",
+    write_ctes!(),
     report_select!("50")
 );
+
+/// Rates only the groups of `[$1, $2)` whose change markers are visible, consuming them: the
+/// routine run's statement when no whole-window marker is pending. `$3`: rated_at.
+///
+/// A marker whose writer commits after this statement's snapshot is neither seen nor deleted,
+/// so its group is rated by the next run.
+pub const RATE_CHANGED: &str = concat!(
+    changed_sources!(),
+    diff_ctes!(),
+    write_ctes!(),
+    report_select!("50")
+);
+
+/// The `work_mem` of a rating transaction (`SET LOCAL`, with `jit` off: compiling the
+/// statement costs more than it saves): a day of ten million events is aggregated, joined and
+/// diffed in memory instead of spilling gigabytes to temp files. One rater runs at a time
+/// (single flight), so the server grants it at most a few of these.
+pub const RATING_WORK_MEM: &str = "256MB";
 
 fn text(row: &PgRow, column: &str) -> Result<Option<String>, sqlx::Error> {
     row.try_get(column)
@@ -393,13 +491,32 @@ fn report_from_rows(rows: Vec<PgRow>) -> Result<RateReport, sqlx::Error> {
     Ok(report)
 }
 
-/// Rates `window` on `conn` (pass a transaction) with [`RATE_APPLY`].
+/// Rates `window` on `conn` (pass a transaction) with [`RATE_APPLY`]: the whole window.
 pub async fn rate_window(
     conn: &mut PgConnection,
     window: Window,
     rated_at: OffsetDateTime,
 ) -> Result<RateReport, RaterError> {
-    let rows = sqlx::query(RATE_APPLY)
+    rate_with(conn, RATE_APPLY, window, rated_at).await
+}
+
+/// Rates the groups of `window` whose change markers are visible on `conn` (pass a
+/// transaction) with [`RATE_CHANGED`]; `unchanged` then counts only groups looked at.
+pub async fn rate_changed(
+    conn: &mut PgConnection,
+    window: Window,
+    rated_at: OffsetDateTime,
+) -> Result<RateReport, RaterError> {
+    rate_with(conn, RATE_CHANGED, window, rated_at).await
+}
+
+async fn rate_with(
+    conn: &mut PgConnection,
+    statement: &'static str,
+    window: Window,
+    rated_at: OffsetDateTime,
+) -> Result<RateReport, RaterError> {
+    let rows = sqlx::query(statement)
         .bind(window.start())
         .bind(window.end())
         .bind(rated_at)
@@ -423,45 +540,79 @@ pub async fn preview_window(
     report_from_rows(rows).map_err(db("read the rating report"))
 }
 
-/// Finds late usage: events before `before` ingested since the last run that found none
-/// (or, with no such run, in the 49 hours before `now`) whose hours' rating disagrees with
-/// their events (quantity or count differs, or no rated row).
+/// Late usage among the change markers of hours before `$1`: per marked group, its events
+/// against its rated row. A group whose events grew beyond its rated row (or that has events
+/// and no rated row) is late usage; the others need nothing.
+macro_rules! late_judged {
+    () => {
+        "WITH keys AS ( \
+           SELECT DISTINCT auth_id, meter, window_start FROM rating_change WHERE window_start < $1 \
+         ), judged AS ( \
+           SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
+                  coalesce(r.event_count, 0) AS rated_events, \
+                  e.event_count > 0 AND (r.id IS NULL OR e.event_count > r.event_count \
+                                         OR e.quantity > r.quantity) AS late \
+           FROM keys k \
+           CROSS JOIN LATERAL ( \
+             SELECT coalesce(sum(quantity), 0) AS quantity, count(*) AS event_count \
+             FROM billing_event b \
+             WHERE b.auth_id = k.auth_id AND b.meter = k.meter \
+               AND b.occurred_at >= k.window_start AND b.occurred_at < k.window_start + interval '1 hour' \
+           ) e \
+           LEFT JOIN LATERAL ( \
+             SELECT id, quantity, event_count FROM rated_usage u \
+             WHERE u.auth_id = k.auth_id AND u.meter = k.meter AND u.window_start = k.window_start \
+           ) r ON true \
+         )"
+    };
+}
+
+macro_rules! late_select {
+    () => {
+        " SELECT count(*) FILTER (WHERE late), \
+                 coalesce(sum(greatest(event_count - rated_events, 0)) FILTER (WHERE late), 0)::bigint, \
+                 min(window_start) FILTER (WHERE late), \
+                 max(window_start) FILTER (WHERE late) + interval '1 hour' \
+          FROM judged"
+    };
+}
+
+/// Finds late usage and consumes the markers of hours before `$1` that need nothing.
+pub const LATE_USAGE: &str = concat!(
+    late_judged!(),
+    ", consumed AS ( \
+       DELETE FROM rating_change c USING judged j \
+       WHERE c.window_start < $1 AND NOT j.late \
+         AND c.auth_id = j.auth_id AND c.meter = j.meter AND c.window_start = j.window_start \
+     )",
+    late_select!()
+);
+
+/// [`LATE_USAGE`] without consuming anything (the dry run).
+pub const LATE_USAGE_PREVIEW: &str = concat!(late_judged!(), late_select!());
+
+/// Finds late usage: change markers of hours before `before` (events ingested, changed or
+/// deleted after their hour left the routine window) whose events grew beyond what is rated.
+/// Those markers stay until a backfill rates their hours, so every run pages until then; the
+/// other markers before `before` are consumed, unless `read_only`.
+///
+/// The markers are written in the same transaction as the events, so an event that commits
+/// after a run started is found by the next run: there is no time-based watermark to miss it.
 pub async fn find_late_usage(
     conn: &mut PgConnection,
     before: OffsetDateTime,
-    now: OffsetDateTime,
+    read_only: bool,
 ) -> Result<Option<LateUsage>, RaterError> {
-    let row: (i64, i64, Option<OffsetDateTime>, Option<OffsetDateTime>) = sqlx::query_as(
-        "WITH mark AS ( \
-           SELECT coalesce((SELECT max(started_at) FROM rater_runs \
-                            WHERE finished_at IS NOT NULL AND exit_code IN (0, 2) \
-                              AND late_events = 0 AND NOT dry_run), \
-                           $2 - interval '48 hours') - interval '1 hour' AS since \
-         ), late_hours AS ( \
-           SELECT DISTINCT e.auth_id, e.meter, \
-                  date_bin('1 hour', e.occurred_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS window_start \
-           FROM billing_event e, mark WHERE e.ingested_at >= mark.since AND e.occurred_at < $1 \
-         ), agg AS ( \
-           SELECT h.auth_id, h.meter, h.window_start, count(*) AS event_count, \
-                  sum(e.quantity) AS quantity, \
-                  count(*) FILTER (WHERE e.ingested_at >= mark.since) AS late_events \
-           FROM late_hours h CROSS JOIN mark \
-           JOIN billing_event e ON e.auth_id = h.auth_id AND e.meter = h.meter \
-             AND e.occurred_at >= h.window_start AND e.occurred_at < h.window_start + interval '1 hour' \
-           GROUP BY 1, 2, 3 \
-         ), stale AS ( \
-           SELECT a.* FROM agg a LEFT JOIN rated_usage r \
-             ON r.auth_id = a.auth_id AND r.meter = a.meter AND r.window_start = a.window_start \
-           WHERE r.id IS NULL OR (r.quantity, r.event_count) IS DISTINCT FROM (a.quantity, a.event_count) \
-         ) \
-         SELECT count(*), coalesce(sum(late_events), 0)::bigint, min(window_start), \
-                max(window_start) + interval '1 hour' FROM stale",
-    )
-    .bind(before)
-    .bind(now)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db("look for late usage"))?;
+    let statement = if read_only {
+        LATE_USAGE_PREVIEW
+    } else {
+        LATE_USAGE
+    };
+    let row: (i64, i64, Option<OffsetDateTime>, Option<OffsetDateTime>) = sqlx::query_as(statement)
+        .bind(before)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("look for late usage"))?;
     Ok(match row {
         (hours, events, Some(since), Some(until)) if hours > 0 => Some(LateUsage {
             events: events.unsigned_abs(),
@@ -771,6 +922,13 @@ async fn locked_work(
 ) -> Result<RateReport, RaterError> {
     let (pid, fence) = (lock.pid, lock.fence);
     let days = request.window.days();
+    let scope = rating_scope(lock.connection(), request.explicit).await?;
+    match &scope {
+        Scope::Changed => tracing::info!("rating the groups whose events changed"),
+        Scope::Whole { reasons, .. } => {
+            tracing::info!(reasons = %reasons, "rating the whole window");
+        }
+    }
     let mut total = RateReport::default();
     for (i, day) in days.iter().enumerate() {
         let started = std::time::Instant::now();
@@ -779,8 +937,22 @@ async fn locked_work(
             .begin()
             .await
             .map_err(db("begin a rating transaction"))?;
+        set_rating_work_mem(&mut tx).await?;
         SingleFlight::verify(&mut tx, pid, fence).await?;
-        let report = rate_window(&mut tx, *day, request.now).await?;
+        let report = match scope {
+            Scope::Changed => rate_changed(&mut tx, *day, request.now).await?,
+            Scope::Whole { .. } => rate_window(&mut tx, *day, request.now).await?,
+        };
+        if let Scope::Whole { consume, .. } = &scope
+            && i + 1 == days.len()
+            && !consume.is_empty()
+        {
+            sqlx::query("DELETE FROM rating_change_all WHERE id = ANY($1)")
+                .bind(consume)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("consume the whole-window markers"))?;
+        }
         if report.losses() > 0 {
             let kind = if request.explicit {
                 AuditKind::RaterBackfillReconciled
@@ -829,10 +1001,53 @@ async fn locked_work(
         log_day(&report, *day, request.explicit, false);
         total.absorb(report);
     }
-    total.late = find_late_usage(lock.connection(), request.window.start(), request.now).await?;
+    total.late = find_late_usage(lock.connection(), request.window.start(), false).await?;
     log_late(total.late.as_ref(), false);
     lock.release().await?;
     Ok(total)
+}
+
+/// What a run rates.
+enum Scope {
+    /// The groups with change markers (a routine run with no whole-window marker pending).
+    Changed,
+    /// Every hour of the window: an explicit backfill, or whole-window markers are pending
+    /// (`consume`: their ids, deleted with the last day; empty for a backfill).
+    Whole { consume: Vec<i64>, reasons: String },
+}
+
+/// A backfill rates its whole window; a routine run too when a price changed (or
+/// `billing_event` was truncated) since the last routine run that rated a whole window.
+async fn rating_scope(conn: &mut PgConnection, explicit: bool) -> Result<Scope, RaterError> {
+    if explicit {
+        return Ok(Scope::Whole {
+            consume: Vec::new(),
+            reasons: "explicit window".to_owned(),
+        });
+    }
+    let (ids, reasons): (Vec<i64>, Option<String>) = sqlx::query_as(
+        "SELECT coalesce(array_agg(id ORDER BY id), '{}'),                 string_agg(DISTINCT reason, ', ') FROM rating_change_all",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("read the whole-window markers"))?;
+    Ok(if ids.is_empty() {
+        Scope::Changed
+    } else {
+        Scope::Whole {
+            consume: ids,
+            reasons: reasons.unwrap_or_default(),
+        }
+    })
+}
+
+async fn set_rating_work_mem(conn: &mut PgConnection) -> Result<(), RaterError> {
+    sqlx::query("SELECT set_config('work_mem', $1, true), set_config('jit', 'off', true)")
+        .bind(RATING_WORK_MEM)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("set the rating work_mem"))?;
+    Ok(())
 }
 
 fn count(n: u64) -> i64 {
@@ -849,13 +1064,14 @@ async fn dry_run(pool: &PgPool, request: RunRequest) -> Result<RunOutcome, Rater
         .execute(&mut *tx)
         .await
         .map_err(db("make the dry run read-only"))?;
+    set_rating_work_mem(&mut tx).await?;
     let mut total = RateReport::default();
     for day in request.window.days() {
         let report = preview_window(&mut tx, day).await?;
         log_day(&report, day, request.explicit, true);
         total.absorb(report);
     }
-    total.late = find_late_usage(&mut tx, request.window.start(), request.now).await?;
+    total.late = find_late_usage(&mut tx, request.window.start(), true).await?;
     log_late(total.late.as_ref(), true);
     tx.rollback().await.map_err(db("end the dry run"))?;
     let would_exit = exit_code(total.losses(), request.explicit, total.has_anomaly());
@@ -958,9 +1174,12 @@ mod tests {
 
     #[test]
     fn the_report_statements_cap_details_at_detail_cap() {
-        let tail = format!("WHERE rn <= {}", crate::DETAIL_CAP);
-        assert!(RATE_APPLY.trim_end().ends_with(&tail));
-        assert!(RATE_PREVIEW.trim_end().ends_with(&tail));
-        assert!(!RATE_PREVIEW.contains("INSERT") && !RATE_PREVIEW.contains("DELETE"));
+        let tail = format!("LIMIT {}) d", crate::DETAIL_CAP);
+        for statement in [RATE_APPLY, RATE_CHANGED, RATE_PREVIEW] {
+            assert!(statement.trim_end().ends_with(&tail), "{statement}");
+        }
+        for read_only in [RATE_PREVIEW, LATE_USAGE_PREVIEW] {
+            assert!(!read_only.contains("INSERT") && !read_only.contains("DELETE"));
+        }
     }
 }

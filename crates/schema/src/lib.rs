@@ -42,7 +42,9 @@
 //! - `pending_propagations`: the propagation queue; written through `keel_propagation`'s
 //!   `postgres` adapter (`enqueue_in`, `change_team_tier`).
 //! - `billing_event`, `prices`, `rated_usage`, `rater_runs`, `rater_lease`, `io_log`: the
-//!   rater's; see `keel_rater`.
+//!   rater's; see `keel_rater`. `rating_change` and `rating_change_all` hold the change markers
+//!   triggers on `billing_event` and `prices` write for the rater's incremental runs (derived
+//!   data: never written by hand).
 
 pub mod roles;
 
@@ -87,6 +89,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "rated_usage",
     "rater_runs",
     "rater_lease",
+    "rating_change",
+    "rating_change_all",
     "io_log",
     "keel_installation",
     "reclaim_protections",
@@ -202,8 +206,10 @@ pub async fn revert_all(pool: &PgPool) -> Result<(), RevertError> {
 
 async fn revert_on(conn: &mut PgConnection) -> Result<(), RevertError> {
     conn.lock().await?;
-    // `rater_lease` holds only the single-flight lease row its migration seeds: no data.
-    for &table in CONTRACT_TABLES.iter().filter(|t| **t != "rater_lease") {
+    // `rater_lease` holds only the single-flight lease row its migration seeds, and the rating
+    // change markers only what triggers derived from the other tables: no data of their own.
+    let derived = ["rater_lease", "rating_change", "rating_change_all"];
+    for &table in CONTRACT_TABLES.iter().filter(|t| !derived.contains(t)) {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(table)
             .fetch_one(&mut *conn)

@@ -77,12 +77,9 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
             count_flag(&args[1..], "--rows", 100_000)?,
             count_flag(&args[1..], "--pairs", fair::DEFAULT_PAIRS)?,
         ),
-        Some("rater") => rater::bench(count_flag(&args[1..], "--events", 10_000_000)?),
+        Some("rater") => rater::bench(&args[1..]),
         Some("audit") => audit::bench(count_flag(&args[1..], "--rows", 10_000_000)?),
-        Some("orphan-sweep") => orphan_sweep::bench(
-            count_flag(&args[1..], "--items", 100_000)?,
-            count_flag(&args[1..], "--rows", 1_000_000)?,
-        ),
+        Some("orphan-sweep") => orphan_sweep::bench(&args[1..]),
         Some("provision") => provision::bench(
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,
