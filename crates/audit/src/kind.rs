@@ -322,6 +322,7 @@ impl AuditKind {
             AuditKind::ReclaimUnprotected => Consumer::IntentionallyNone {
                 reason: "an operator's own action; the sweep still reclaims only behind its \
                          destructive gate and burn-in, and every reclaim alerts on its own",
+            },
             AuditKind::AuditPartitionExported => Consumer::IntentionallyNone {
                 reason: "an operator's retention step; the trail records who exported which \
                          month and the file's digest, which the later steps check",
