@@ -43,7 +43,7 @@ pub enum AuditFieldError {
     /// The attribute key names a secret (password, token, connection URL…).
     #[error(
         "audit attribute {0:?} names a secret; audit rows never hold secrets: store a masked \
-         form under a key ending in `_masked` (see keel_audit::mask) or leave it out"
+         form under a key ending in `_masked` (see Attributes::insert_masked) or leave it out"
     )]
     SecretAttributeKey(String),
     /// The attribute value looks like a secret. The value itself is not shown.
@@ -52,8 +52,13 @@ pub enum AuditFieldError {
          or a bearer token) and was refused; the value is not shown"
     )]
     SecretAttributeValue(String),
-    /// A `_masked` attribute whose value was not produced by [`mask`].
-    #[error("audit attribute {0:?} must hold a masked value produced by keel_audit::mask")]
+    /// A `_masked` attribute given a value instead of its secret: only
+    /// [`Attributes::insert_masked`] (or [`AuditEvent::attr_masked`]) writes one, masking the
+    /// secret itself, so a hand-written "masked" value can never hold a short secret whole.
+    #[error(
+        "audit attribute {0:?} is written with insert_masked/attr_masked, which mask the secret \
+         themselves"
+    )]
     UnmaskedValue(String),
     /// The attribute value is longer than [`MAX_ATTR_VALUE_LEN`].
     #[error("the value of audit attribute {0:?} is longer than {MAX_ATTR_VALUE_LEN} bytes")]
@@ -239,6 +244,36 @@ impl Attributes {
         Self::default()
     }
 
+    /// Adds (or replaces) `key`, which must end in `_masked`, holding [`mask`] of `secret`:
+    /// the masking happens here, so the stored value shows at most what [`mask`] shows (nothing
+    /// of a string shorter than 8 characters). Plain [`Attributes::insert`] refuses `_masked`
+    /// keys (FND-19).
+    ///
+    /// ```
+    /// let mut attrs = keel_audit::Attributes::new();
+    /// attrs.insert_masked("token_masked", "tok_9f8e7d6c5b4a").unwrap();
+    /// assert_eq!(attrs.get("token_masked"), Some("tok_…"));
+    /// assert!(attrs.insert("password_masked", "pw1…").is_err());
+    /// ```
+    pub fn insert_masked(&mut self, key: &str, secret: &str) -> Result<(), AuditFieldError> {
+        if !key.ends_with("_masked") || key == "_masked" {
+            return Err(AuditFieldError::InvalidAttributeKey(
+                key.chars().take(MAX_ATTR_KEY_LEN).collect(),
+            ));
+        }
+        let key_ok = key.len() <= MAX_ATTR_KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            return Err(AuditFieldError::InvalidAttributeKey(
+                key.chars().take(MAX_ATTR_KEY_LEN).collect(),
+            ));
+        }
+        self.0.insert(key.to_owned(), mask(secret));
+        Ok(())
+    }
+
     /// Adds (or replaces) one attribute after screening it for secrets.
     pub fn insert(&mut self, key: &str, value: impl Into<String>) -> Result<(), AuditFieldError> {
         let value = value.into();
@@ -252,11 +287,10 @@ impl Attributes {
                 key.chars().take(MAX_ATTR_KEY_LEN).collect(),
             ));
         }
-        let explicitly_masked = key.ends_with("_masked");
-        if explicitly_masked {
-            if !value.ends_with(MASK_SUFFIX) || value.chars().count() > 5 {
-                return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
-            }
+        if key.ends_with("_masked") {
+            // FND-19: a caller-made "masked" value cannot be checked (`pw1…` may be the whole
+            // password): `_masked` attributes are only written by `insert_masked`.
+            return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
         } else if key.ends_with("_fingerprint") {
             if !is_fingerprint(&value) {
                 return Err(AuditFieldError::UnmaskedValue(key.to_owned()));
@@ -408,6 +442,13 @@ impl AuditEvent {
         Ok(self)
     }
 
+    /// Adds `key` (ending in `_masked`) holding [`mask`] of `secret` (see
+    /// [`Attributes::insert_masked`]).
+    pub fn attr_masked(mut self, key: &str, secret: &str) -> Result<Self, AuditFieldError> {
+        self.attributes.insert_masked(key, secret)?;
+        Ok(self)
+    }
+
     /// Replaces all attributes.
     pub fn with_attributes(mut self, attributes: Attributes) -> Self {
         self.attributes = attributes;
@@ -509,7 +550,12 @@ mod tests {
                 Err(SecretAttributeKey("connection_url".into())),
             ),
             ("api_key", "x", Err(SecretAttributeKey("api_key".into()))),
-            ("token_masked", "tok_…", Ok(())),
+            // `_masked` keys are written only by insert_masked (FND-19).
+            (
+                "token_masked",
+                "tok_…",
+                Err(UnmaskedValue("token_masked".into())),
+            ),
             (
                 "token_masked",
                 "tok_abcdef",
@@ -588,8 +634,37 @@ mod tests {
             assert_eq!(mask(secret), "…", "{secret:?}");
         }
         let mut attrs = Attributes::new();
-        attrs.insert("pin_masked", mask("1234")).unwrap();
+        attrs.insert_masked("pin_masked", "1234").unwrap();
         assert_eq!(attrs.get("pin_masked"), Some("…"));
+    }
+
+    /// FND-19: a hand-written "masked" value (`pw1…` may be a whole password) is refused; a
+    /// `_masked` attribute is only ever the library's own mask of the secret it was given.
+    #[test]
+    fn a_masked_attribute_is_only_written_from_its_secret() {
+        let mut attrs = Attributes::new();
+        for (key, value) in [("password_masked", "pw1…"), ("pin_masked", "…")] {
+            assert_eq!(
+                attrs.insert(key, value),
+                Err(AuditFieldError::UnmaskedValue(key.into()))
+            );
+        }
+        attrs.insert_masked("password_masked", "pw1").unwrap();
+        assert_eq!(attrs.get("password_masked"), Some("…"));
+        for bad in ["password", "_masked", "Token_masked", "token-masked"] {
+            assert!(matches!(
+                attrs.insert_masked(bad, "tok_9f8e7d6c5b4a"),
+                Err(AuditFieldError::InvalidAttributeKey(_))
+            ));
+        }
+        let event = AuditEvent::new(
+            AuditKind::ProvisionCreated,
+            Actor::system(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .attr_masked("token_masked", "tok_9f8e7d6c5b4a")
+        .unwrap();
+        assert_eq!(event.attributes().get("token_masked"), Some("tok_…"));
     }
 
     /// FND-11: a NUL, which Postgres cannot store in jsonb (and whose failure would abort the
@@ -609,8 +684,9 @@ mod tests {
         assert_eq!(mask(""), "…");
         let mut attrs = Attributes::new();
         attrs
-            .insert("token_masked", mask("tok_9f8e7d6c5b4a"))
+            .insert_masked("token_masked", "tok_9f8e7d6c5b4a")
             .unwrap();
+        assert_eq!(attrs.get("token_masked"), Some("tok_…"));
     }
 
     #[test]

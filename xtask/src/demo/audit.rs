@@ -3,7 +3,7 @@
 
 use anyhow::{Context, ensure};
 use keel_audit::postgres::{AuditFilter, fetch, insert};
-use keel_audit::{Actor, AuditEvent, AuditKind, Consumer, ResourceId, TeamId, mask};
+use keel_audit::{Actor, AuditEvent, AuditKind, Consumer, ResourceId, TeamId};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
@@ -59,7 +59,7 @@ pub async fn audit_trail(pool: &PgPool) -> anyhow::Result<()> {
             .team(team)
             .resource(resource)
             .attr("resource_type", "postgres")?
-            .attr("token_masked", mask(token))?,
+            .attr_masked("token_masked", token)?,
     )
     .await?;
     tx.commit().await?;
