@@ -122,6 +122,7 @@ pub fn run() -> anyhow::Result<()> {
         "keel-orphan-sweep-bin",
         "-p",
         "keel-console-bin",
+        "-p",
         "keel-audit-bin",
         "--bins",
     ])?;
