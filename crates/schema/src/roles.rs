@@ -227,6 +227,10 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
             statements.push(format!("GRANT USAGE ON SEQUENCE {s} TO {r}"));
         }
     }
+    // Readiness (`/readyz`) reads the applied schema version as this role: SELECT only.
+    let migrations = crate::MIGRATIONS_TABLE;
+    statements.push(format!("REVOKE ALL ON TABLE {migrations} FROM {r}"));
+    statements.push(format!("GRANT SELECT ON TABLE {migrations} TO {r}"));
     statements.push(format!("GRANT USAGE ON SCHEMA {PRIVATE_SCHEMA} TO {r}"));
     for table in PRIVATE_TABLES {
         statements.push(format!(

@@ -61,6 +61,13 @@ pub enum NotReady {
     /// The database did not answer (refused, timed out, authentication failed).
     #[error("the database is not reachable")]
     DatabaseUnreachable,
+    /// The database answered, but this role may not read the applied schema version: it was
+    /// not granted by `migrate --app-role` (or the grant predates the readiness check).
+    #[error(
+        "this role cannot read the schema version (permission denied); run `migrate --app-role` \
+         naming it"
+    )]
+    SchemaUnreadable,
     /// The database answered but has no applied migrations.
     #[error("the schema is not migrated (expected version {expected}); run `migrate`")]
     NotMigrated {
@@ -114,6 +121,10 @@ impl Readiness {
             Ok(Ok(found)) => found,
             // A database without the migrations table answers "undefined table" (42P01).
             Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42P01") => None,
+            // insufficient_privilege: reachable, but the role was never granted the read.
+            Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42501") => {
+                return Err(NotReady::SchemaUnreadable);
+            }
             Ok(Err(_)) | Err(_) => return Err(NotReady::DatabaseUnreachable),
         };
         let expected = self.expected_version;
@@ -695,6 +706,34 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         shutdown.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    /// A binary serving as the least-privilege application role (`migrate --app-role`) is
+    /// ready: the grant includes reading the applied schema version. A role without that grant
+    /// is told so, not that the database is unreachable.
+    #[tokio::test]
+    async fn the_application_role_granted_by_migrate_is_ready() {
+        let db = keel_testkit::role_split_database().await;
+        assert_eq!(Readiness::new(db.app().clone()).check().await, Ok(()));
+        let refused = sqlx::query("DELETE FROM _keel_migrations")
+            .execute(db.app())
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("permission denied"),
+            "{refused}"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "REVOKE SELECT ON _keel_migrations FROM \"{}\"",
+            db.app_role().as_str()
+        )))
+        .execute(db.owner())
+        .await
+        .unwrap();
+        assert_eq!(
+            Readiness::new(db.app().clone()).check().await,
+            Err(NotReady::SchemaUnreadable)
+        );
     }
 
     /// OPS-6: `/readyz` is 200 on a migrated database, 503 naming the cause on a database at
