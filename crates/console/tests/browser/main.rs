@@ -112,6 +112,28 @@ async fn path(client: &Client) -> String {
     client.current_url().await.unwrap().path().to_owned()
 }
 
+/// A click on a submit button or a link only starts a navigation, which WebDriver need not have
+/// begun when the click returns: poll, boundedly (10 s), until the page at the current URL
+/// satisfies `done`, and return that URL (path and query) and the page source. On timeout the
+/// last page is returned, so the caller's assertion shows what the browser had.
+async fn settled(client: &Client, done: impl Fn(&str, &str) -> bool) -> (String, String) {
+    let mut last = (String::new(), String::new());
+    for _ in 0..200 {
+        let url = client.current_url().await.unwrap();
+        let at = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let page = source(client).await;
+        if done(&at, &page) {
+            return (at, page);
+        }
+        last = (at, page);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_works_the_console_in_a_real_browser() {
     let app = app::spawn_with(25).await;
@@ -172,8 +194,11 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(path(&client).await, "/");
-    let overview = source(&client).await;
+    let (at, overview) = settled(&client, |at, page| {
+        at == "/" && page.contains("Propagation queue")
+    })
+    .await;
+    assert_eq!(at, "/", "{overview}");
     assert!(overview.contains("Propagation queue"), "{overview}");
     assert!(
         overview.contains("resource_not_reachable"),
@@ -205,7 +230,8 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    assert_eq!(path(&client).await, "/audit");
+    let (at, _) = settled(&client, |at, _| at.starts_with("/audit")).await;
+    assert!(at.starts_with("/audit"), "{at}");
     let wanted = format!("propagation_id={first}");
     let mut trail = source(&client).await;
     for _ in 0..100 {
@@ -257,7 +283,13 @@ async fn an_operator_works_the_console_in_a_real_browser() {
     shot(&client, "audit").await;
     let mut pages = 1;
     while let Ok(next) = client.find(Locator::Id("next")).await {
+        let before = client.current_url().await.unwrap().to_string();
         next.click().await.unwrap();
+        let (at, _) = settled(&client, |at, page| {
+            !before.ends_with(at) && page.contains("</main>")
+        })
+        .await;
+        assert!(!before.ends_with(&at), "the next page did not load: {at}");
         pages += 1;
         assert!(pages <= 5, "the trail does not end");
     }
@@ -308,12 +340,13 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let refused = source(&client).await;
+    let (_, refused) = settled(&client, |_, page| page.contains("No live session")).await;
     assert!(refused.contains("No live session"), "{refused}");
     shot(&client, "refused-without-session").await;
     assert_eq!(app.status_of(second).await, "dead_lettered");
     client.goto(&format!("{base}/")).await.unwrap();
-    assert_eq!(path(&client).await, "/sign-in");
+    let (at, _) = settled(&client, |at, _| at == "/sign-in").await;
+    assert_eq!(at, "/sign-in");
 
     client.close().await.unwrap();
 }
