@@ -356,3 +356,144 @@ async fn reverting_a_schema_that_holds_audit_rows_refuses() {
     assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
     assert_eq!(advisory_locks(db.pool()).await, 0);
 }
+
+/// The text-format CHECKs migration 0092 restates without bounded repetition, each with the
+/// pattern it replaced: (table, constraint, column, pattern).
+const RESTATED_TEXT_CHECKS: [(&str, &str, &str, &str); 12] = [
+    ("billing_event", "billing_event_event_id_printable", "event_id", "^[!-~]{1,128}$"),
+    ("billing_event", "billing_event_auth_id_printable", "auth_id", "^[!-~]{1,128}$"),
+    ("billing_event", "billing_event_meter_printable", "meter", "^[!-~]{1,64}$"),
+    ("billing_event", "billing_event_source_printable", "source", "^[!-~]{1,64}$"),
+    ("prices", "prices_meter_printable", "meter", "^[!-~]{1,64}$"),
+    ("prices", "prices_currency_iso", "currency", "^[A-Z]{3}$"),
+    ("rated_usage", "rated_usage_auth_id_printable", "auth_id", "^[!-~]{1,128}$"),
+    ("rated_usage", "rated_usage_meter_printable", "meter", "^[!-~]{1,64}$"),
+    ("reclaim_protections", "reclaim_protections_digest_format", "token_digest", "^[0-9a-f]{48}$"),
+    ("orphan_sightings", "orphan_sightings_key_check", "key", "^[a-z_]+:[0-9a-f]{48}$"),
+    ("notification_cursor", "notification_cursor_name_format", "name", "^[a-z0-9_-]{1,64}$"),
+    ("provision_api.api_keys", "api_keys_id_check", "id", "^[0-9a-f]{12}$"),
+];
+
+/// Values on and around every edge of the restated CHECKs: each length bound, each class's
+/// edges and its neighbours outside it, control characters, a trailing newline, multi-byte
+/// characters (whose byte length differs from their character length), and digest keys.
+fn format_check_corpus() -> Vec<String> {
+    let digest = "0123456789abcdef".repeat(3);
+    let mut corpus: Vec<String> = vec![
+        String::new(),
+        " ".into(),
+        "a b".into(),
+        "!".into(),
+        "~".into(),
+        "\u{7f}".into(),
+        "\t".into(),
+        "abc\n".into(),
+        "\nabc".into(),
+        "é".into(),
+        "aé".into(),
+        "USD".into(),
+        "usd".into(),
+        "US".into(),
+        "USDX".into(),
+        "ÉUR".into(),
+        "0123456789ab".into(),
+        "0123456789AB".into(),
+        "0123456789abc".into(),
+        "0123456789a".into(),
+        "a-b_c9".into(),
+        "a.b".into(),
+        digest.clone(),
+        digest.to_uppercase(),
+        format!("{digest}0"),
+        digest[1..].to_owned(),
+        format!("database:{digest}"),
+        format!("data_base:{digest}"),
+        format!(":{digest}"),
+        format!("Database:{digest}"),
+        format!("database:{digest}0"),
+        format!("database:{}", &digest[1..]),
+        format!("a:b:{digest}"),
+        format!("database:{}", digest.to_uppercase()),
+        format!("database:{digest}\n"),
+    ];
+    for n in [1, 2, 47, 48, 49, 63, 64, 65, 127, 128, 129] {
+        corpus.push("x".repeat(n));
+        corpus.push("~".repeat(n));
+        corpus.push("é".repeat(n));
+        corpus.push(format!("{} ", "x".repeat(n.saturating_sub(1))));
+        corpus.push(format!("{}é", "x".repeat(n.saturating_sub(1))));
+    }
+    corpus
+}
+
+#[tokio::test]
+async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted() {
+    let db = keel_testkit::database().await;
+    let corpus = format_check_corpus();
+    for (table, name, column, pattern) in RESTATED_TEXT_CHECKS {
+        let definition: String = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c \
+             WHERE c.conname = $1 AND c.conrelid = to_regclass($2)",
+        )
+        .bind(name)
+        .bind(table)
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{table}.{name} is missing: {e}"));
+        assert!(
+            !definition.contains('{'),
+            "{name} still repeats a pattern a bounded number of times: {definition}"
+        );
+        let expression = definition
+            .strip_prefix("CHECK ")
+            .unwrap_or_else(|| panic!("{name} is not a CHECK: {definition}"));
+        // The CHECK's own expression, evaluated over the corpus bound to its column's name.
+        let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT {column} FROM unnest($1::text[]) AS v({column}) \
+                 WHERE coalesce({expression}, true) IS DISTINCT FROM ({column} ~ $2)"
+        )))
+        .bind(&corpus)
+        .bind(pattern)
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert!(
+            differing.is_empty(),
+            "{name} decides these values differently from {pattern:?}: {differing:?}"
+        );
+    }
+    let on_the_hour: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conname = 'rated_usage_window_start_on_the_hour'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let expression = on_the_hour.strip_prefix("CHECK ").unwrap();
+    let times = [
+        "2026-11-22T10:00:00Z",
+        "2026-11-22T16:30:00+05:30",
+        "2026-11-22T10:30:00Z",
+        "2026-11-22T10:00:00.000001Z",
+        "2026-11-22T09:59:59.999999Z",
+        "2026-11-22T10:00:00-00:45",
+        "1999-12-31T23:00:00Z",
+        "1960-01-01T00:00:00Z",
+        "1960-01-01T00:00:01Z",
+        "2200-06-30T05:00:00Z",
+    ];
+    let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT window_start::text FROM unnest($1::timestamptz[]) AS v(window_start) \
+             WHERE coalesce({expression}, true) IS DISTINCT FROM \
+                   (extract(epoch FROM window_start) \
+                    = floor(extract(epoch FROM window_start) / 3600) * 3600)"
+    )))
+    .bind(times.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>())
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert!(
+        differing.is_empty(),
+        "the on-the-hour CHECK decides these differently from the epoch arithmetic: {differing:?}"
+    );
+}
