@@ -497,3 +497,64 @@ async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted(
         "the on-the-hour CHECK decides these differently from the epoch arithmetic: {differing:?}"
     );
 }
+
+/// Every lifecycle step of a resource changes its `status` (finalize, suspend, resume,
+/// deprovision): no index may mention the column, in its keys or its predicate, so that each step
+/// is a heap-only update (one new row version, no new index entries) within the room `resources`
+/// keeps on its pages.
+#[tokio::test]
+async fn a_status_change_of_a_resource_is_a_heap_only_update() {
+    let db = keel_testkit::database().await;
+    let indexing_status: Vec<String> = sqlx::query_scalar(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i \
+         WHERE i.indrelid = 'resources'::regclass \
+           AND ((SELECT attnum FROM pg_attribute \
+                  WHERE attrelid = 'resources'::regclass AND attname = 'status') \
+                  = ANY (i.indkey::int2[]) \
+                OR pg_get_expr(i.indpred, i.indrelid) LIKE '%status%' \
+                OR pg_get_expr(i.indexprs, i.indrelid) LIKE '%status%')",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert!(
+        indexing_status.is_empty(),
+        "these indexes make every status change write new index entries: {indexing_status:?}"
+    );
+
+    let team = uuid_row(
+        db.pool(),
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
+    )
+    .await;
+    let mut tx = db.pool().begin().await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status) \
+         VALUES (gen_random_uuid(), replace(gen_random_uuid()::text, '-', ''), $1, 'postgres', \
+                 'pro', 'pending') RETURNING id",
+    )
+    .bind(team)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    for step in [
+        "UPDATE resources SET status = 'active', provider_resource_id = 'cust_x', \
+                connection_url = 'postgres://h/cust_x', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'suspended', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'active', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'deleted', deleted_at = now(), connection_url = NULL, \
+                updated_at = now() WHERE id = $1",
+    ] {
+        sqlx::query(step).bind(id).execute(&mut *tx).await.unwrap();
+    }
+    // This transaction's own counters: every update so far, and how many were heap-only.
+    let (updated, heap_only): (i64, i64) = sqlx::query_as(
+        "SELECT pg_stat_get_xact_tuples_updated('resources'::regclass), \
+                pg_stat_get_xact_tuples_hot_updated('resources'::regclass)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!((updated, heap_only), (4, 4), "(updates, heap-only updates)");
+}
