@@ -1,0 +1,1 @@
+ALTER TABLE IF EXISTS rated_usage RESET (fillfactor);
