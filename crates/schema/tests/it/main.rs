@@ -360,18 +360,68 @@ async fn reverting_a_schema_that_holds_audit_rows_refuses() {
 /// The text-format CHECKs migration 0092 restates without bounded repetition, each with the
 /// pattern it replaced: (table, constraint, column, pattern).
 const RESTATED_TEXT_CHECKS: [(&str, &str, &str, &str); 12] = [
-    ("billing_event", "billing_event_event_id_printable", "event_id", "^[!-~]{1,128}$"),
-    ("billing_event", "billing_event_auth_id_printable", "auth_id", "^[!-~]{1,128}$"),
-    ("billing_event", "billing_event_meter_printable", "meter", "^[!-~]{1,64}$"),
-    ("billing_event", "billing_event_source_printable", "source", "^[!-~]{1,64}$"),
+    (
+        "billing_event",
+        "billing_event_event_id_printable",
+        "event_id",
+        "^[!-~]{1,128}$",
+    ),
+    (
+        "billing_event",
+        "billing_event_auth_id_printable",
+        "auth_id",
+        "^[!-~]{1,128}$",
+    ),
+    (
+        "billing_event",
+        "billing_event_meter_printable",
+        "meter",
+        "^[!-~]{1,64}$",
+    ),
+    (
+        "billing_event",
+        "billing_event_source_printable",
+        "source",
+        "^[!-~]{1,64}$",
+    ),
     ("prices", "prices_meter_printable", "meter", "^[!-~]{1,64}$"),
     ("prices", "prices_currency_iso", "currency", "^[A-Z]{3}$"),
-    ("rated_usage", "rated_usage_auth_id_printable", "auth_id", "^[!-~]{1,128}$"),
-    ("rated_usage", "rated_usage_meter_printable", "meter", "^[!-~]{1,64}$"),
-    ("reclaim_protections", "reclaim_protections_digest_format", "token_digest", "^[0-9a-f]{48}$"),
-    ("orphan_sightings", "orphan_sightings_key_check", "key", "^[a-z_]+:[0-9a-f]{48}$"),
-    ("notification_cursor", "notification_cursor_name_format", "name", "^[a-z0-9_-]{1,64}$"),
-    ("provision_api.api_keys", "api_keys_id_check", "id", "^[0-9a-f]{12}$"),
+    (
+        "rated_usage",
+        "rated_usage_auth_id_printable",
+        "auth_id",
+        "^[!-~]{1,128}$",
+    ),
+    (
+        "rated_usage",
+        "rated_usage_meter_printable",
+        "meter",
+        "^[!-~]{1,64}$",
+    ),
+    (
+        "reclaim_protections",
+        "reclaim_protections_digest_format",
+        "token_digest",
+        "^[0-9a-f]{48}$",
+    ),
+    (
+        "orphan_sightings",
+        "orphan_sightings_key_check",
+        "key",
+        "^[a-z_]+:[0-9a-f]{48}$",
+    ),
+    (
+        "notification_cursor",
+        "notification_cursor_name_format",
+        "name",
+        "^[a-z0-9_-]{1,64}$",
+    ),
+    (
+        "provision_api.api_keys",
+        "api_keys_id_check",
+        "id",
+        "^[0-9a-f]{12}$",
+    ),
 ];
 
 /// Values on and around every edge of the restated CHECKs: each length bound, each class's
@@ -449,7 +499,7 @@ async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted(
             .unwrap_or_else(|| panic!("{name} is not a CHECK: {definition}"));
         // The CHECK's own expression, evaluated over the corpus bound to its column's name.
         let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT {column} FROM unnest($1::text[]) AS v({column}) \
+            "SELECT {column} FROM unnest($1::text[]) AS v({column}) \
                  WHERE coalesce({expression}, true) IS DISTINCT FROM ({column} ~ $2)"
         )))
         .bind(&corpus)
@@ -483,7 +533,7 @@ async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted(
         "2200-06-30T05:00:00Z",
     ];
     let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT window_start::text FROM unnest($1::timestamptz[]) AS v(window_start) \
+        "SELECT window_start::text FROM unnest($1::timestamptz[]) AS v(window_start) \
              WHERE coalesce({expression}, true) IS DISTINCT FROM \
                    (extract(epoch FROM window_start) \
                     = floor(extract(epoch FROM window_start) / 3600) * 3600)"
