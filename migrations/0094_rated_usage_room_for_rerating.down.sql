@@ -1,1 +1,0 @@
-ALTER TABLE IF EXISTS rated_usage RESET (fillfactor);
