@@ -1383,37 +1383,18 @@ impl PgPropagationStore {
         // version is unchanged; when the target was replaced meanwhile, the result is for the
         // old target: the row is handed back instead, due now, keeping the fresh budget the
         // replacing enqueue gave it.
-        let fenced: Vec<(i64, bool)> = sqlx::query_as(
-            "UPDATE pending_propagations p SET \
-               status = CASE WHEN p.target_version = u.target THEN u.status ELSE 'pending' END, \
-               next_attempt_at = CASE WHEN p.target_version = u.target \
-                                      THEN COALESCE(u.next_attempt_at, p.next_attempt_at) \
-                                      ELSE LEAST(p.next_attempt_at, $7) END, \
-               last_error = CASE WHEN p.target_version = u.target \
-                                 THEN COALESCE(u.last_error, p.last_error) ELSE p.last_error END, \
-               applied_at = CASE WHEN p.target_version = u.target AND u.status = 'applied' \
-                                 THEN $7 END, \
-               dead_lettered_at = CASE WHEN p.target_version = u.target \
-                                        AND u.status = 'dead_lettered' THEN $7 END, \
-               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated_at = $7 \
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
-                         $5::timestamptz[], $6::text[]) \
-                  AS u(id, token, target, status, next_attempt_at, last_error) \
-             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
-               AND p.claimed_by = $8 AND p.status = 'pending' \
-             RETURNING p.id, p.target_version = u.target",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&targets)
-        .bind(&statuses)
-        .bind(&next)
-        .bind(&errors)
-        .bind(now)
-        .bind(worker.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db("record transitions"))?;
+        let fenced: Vec<(i64, bool)> = sqlx::query_as(RECORD_SQL)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&targets)
+            .bind(&statuses)
+            .bind(&next)
+            .bind(&errors)
+            .bind(now)
+            .bind(worker.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("record transitions"))?;
         let recorded: Vec<i64> = fenced
             .iter()
             .filter(|(_, same)| *same)
@@ -1460,6 +1441,50 @@ impl PgPropagationStore {
         Ok((recorded, refused))
     }
 }
+
+/// The fenced transition of a recorded batch: `$1` ids, `$2` their claim tokens, `$3` the target
+/// versions they were claimed at, `$4` new statuses, `$5` next attempts, `$6` errors, `$7` now,
+/// `$8` the worker.
+///
+/// The rows are found by primary key (`id = ANY($1)`). The worker is compared with
+/// `IS NOT DISTINCT FROM`, not `=`: from `claimed_by = $8` the planner proves that the partial
+/// `pending_propagations_lease_ix` (claimed rows) applies, and, with statistics taken while
+/// few rows were claimed, believes it nearly empty and scans all of it instead, through every
+/// live claim and the dead entries of earlier ones, testing each against the batch's ids. A
+/// generic plan did that on every recording: 150–220 ms a batch at 100,000 rows instead of
+/// about 10. The worker is never NULL, so the two comparisons select the same rows.
+const RECORD_SQL: &str = "UPDATE pending_propagations p SET \
+               status = CASE WHEN p.target_version = u.target THEN u.status ELSE 'pending' END, \
+               next_attempt_at = CASE WHEN p.target_version = u.target \
+                                      THEN COALESCE(u.next_attempt_at, p.next_attempt_at) \
+                                      ELSE LEAST(p.next_attempt_at, $7) END, \
+               last_error = CASE WHEN p.target_version = u.target \
+                                 THEN COALESCE(u.last_error, p.last_error) ELSE p.last_error END, \
+               applied_at = CASE WHEN p.target_version = u.target AND u.status = 'applied' \
+                                 THEN $7 END, \
+               dead_lettered_at = CASE WHEN p.target_version = u.target \
+                                        AND u.status = 'dead_lettered' THEN $7 END, \
+               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated_at = $7 \
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
+                         $5::timestamptz[], $6::text[]) \
+                  AS u(id, token, target, status, next_attempt_at, last_error) \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
+               AND p.claimed_by IS NOT DISTINCT FROM $8 AND p.status = 'pending' \
+             RETURNING p.id, p.target_version = u.target";
+
+/// The release of claims handed back unapplied: `$1` ids, `$2` their claim tokens, `$3` the
+/// worker, `$4` now, `$5` when they are due again, `$6` the target versions they were claimed
+/// at. Rows are found by primary key, the worker compared as in [`RECORD_SQL`].
+const RELEASE_SQL: &str = "UPDATE pending_propagations p SET claimed_by = NULL, claim_token = NULL, \
+                    lease_expires_at = NULL, \
+                    attempts = CASE WHEN p.target_version = u.target \
+                                    THEN GREATEST(p.attempts - 1, 0) ELSE p.attempts END, \
+                    next_attempt_at = CASE WHEN p.target_version = u.target THEN $5 \
+                                           ELSE LEAST(p.next_attempt_at, $4) END, \
+                    updated_at = $4 \
+             FROM UNNEST($1::bigint[], $2::bigint[], $6::bigint[]) AS u(id, token, target) \
+             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
+               AND p.claimed_by IS NOT DISTINCT FROM $3 AND p.status = 'pending'";
 
 /// The claim: due, unclaimed rows this build can read, in claim order, skipping rows another
 /// replica is claiming. `$1` now, `$2` limit, `$3` worker, `$4` lease in ms, `$5` kinds,
@@ -1675,27 +1700,16 @@ impl PropagationStore for PgPropagationStore {
             .map_err(db("set the plan for releasing claims"))?;
         // The attempt is given back only when the target is the one claimed: a replacing
         // enqueue already reset the budget for the new target.
-        let done = sqlx::query(
-            "UPDATE pending_propagations p SET claimed_by = NULL, claim_token = NULL, \
-                    lease_expires_at = NULL, \
-                    attempts = CASE WHEN p.target_version = u.target \
-                                    THEN GREATEST(p.attempts - 1, 0) ELSE p.attempts END, \
-                    next_attempt_at = CASE WHEN p.target_version = u.target THEN $5 \
-                                           ELSE LEAST(p.next_attempt_at, $4) END, \
-                    updated_at = $4 \
-             FROM UNNEST($1::bigint[], $2::bigint[], $6::bigint[]) AS u(id, token, target) \
-             WHERE p.id = ANY($1) AND p.id = u.id AND p.claim_token = u.token \
-               AND p.claimed_by = $3 AND p.status = 'pending'",
-        )
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(worker.as_str())
-        .bind(now)
-        .bind(due_at)
-        .bind(&targets)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("release claims"))?;
+        let done = sqlx::query(RELEASE_SQL)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(worker.as_str())
+            .bind(now)
+            .bind(due_at)
+            .bind(&targets)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("release claims"))?;
         tx.commit().await.map_err(db("commit a release"))?;
         Ok(done.rows_affected())
     }
@@ -2402,5 +2416,111 @@ mod plans {
             "at most one dead letter read per probe: {:#?}",
             probes[0]
         );
+    }
+
+    /// The recording and the release of a batch find its rows by primary key even under a
+    /// generic plan built from statistics taken while no row was claimed (as after a quiet
+    /// period, or a `VACUUM ANALYZE` before a burst), when the planner believes the partial
+    /// index of claimed rows nearly empty: neither may scan the claimed rows instead.
+    #[tokio::test]
+    async fn a_batch_is_recorded_and_released_by_primary_key_whatever_the_statistics() {
+        let db = keel_testkit::database().await;
+        let pool = db.pool();
+        sqlx::query(
+            "INSERT INTO pending_propagations (kind, team_id, resource_id, resource_type, payload, \
+                    next_attempt_at, tier_epoch) \
+             SELECT 'tier_elevation', gen_random_uuid(), gen_random_uuid(), 'postgres', \
+                    '{\"target_tier\":\"pro\"}', now() - interval '1 minute', 0 \
+             FROM generate_series(1, 20000) g",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query("VACUUM ANALYZE pending_propagations")
+            .execute(pool)
+            .await
+            .unwrap();
+        // Then most rows get claimed, by this worker and others, as a busy queue has them.
+        sqlx::query(
+            "UPDATE pending_propagations SET claim_token = id, attempts = 1, \
+                    claimed_by = CASE WHEN id <= 1000 THEN 'me' ELSE 'another' END, \
+                    lease_expires_at = now() + interval '1 hour'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let (ids, targets): (Vec<i64>, Vec<i64>) = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT id, target_version FROM pending_propagations WHERE claimed_by = 'me' ORDER BY id",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .unzip();
+        let n = ids.len();
+        let statuses = vec!["applied"; n];
+        let next: Vec<Option<OffsetDateTime>> = vec![None; n];
+        let errors: Vec<Option<String>> = vec![None; n];
+        let now = OffsetDateTime::now_utc();
+        for (name, sql) in [("RECORD_SQL", RECORD_SQL), ("RELEASE_SQL", RELEASE_SQL)] {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::raw_sql(
+                "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_nestloop = off",
+            )
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            let query = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(
+                sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}")),
+            );
+            let query = if name == "RECORD_SQL" {
+                query
+                    .bind(&ids)
+                    .bind(&ids)
+                    .bind(&targets)
+                    .bind(&statuses)
+                    .bind(&next)
+                    .bind(&errors)
+                    .bind(now)
+                    .bind("me")
+            } else {
+                query
+                    .bind(&ids)
+                    .bind(&ids)
+                    .bind("me")
+                    .bind(now)
+                    .bind(now)
+                    .bind(&targets)
+            };
+            let sqlx::types::Json(plan) = query.fetch_one(&mut *tx).await.unwrap();
+            tx.rollback().await.unwrap();
+            let mut all = Vec::new();
+            nodes(&plan[0]["Plan"], &mut all);
+            let queue: Vec<serde_json::Value> = queue_nodes(&all)
+                .into_iter()
+                .filter(|node| {
+                    node["Node Type"]
+                        .as_str()
+                        .is_some_and(|t| t.ends_with("Scan"))
+                })
+                .collect();
+            assert!(!queue.is_empty(), "{name}: no node reads the queue: {plan}");
+            for node in &queue {
+                assert_eq!(
+                    node["Index Name"], "pending_propagations_pkey",
+                    "{name} reads the queue otherwise than by primary key: {node}"
+                );
+                assert_eq!(
+                    removed_by_filter(node),
+                    0,
+                    "{name} read rows outside its batch: {node}"
+                );
+                assert_eq!(
+                    node["Actual Rows"].as_u64(),
+                    Some(n as u64),
+                    "{name} did not find exactly its batch: {node}"
+                );
+            }
+        }
     }
 }
