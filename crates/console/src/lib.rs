@@ -84,6 +84,40 @@ pub enum ConsoleError {
     Audit(#[from] keel_audit::AuditFieldError),
 }
 
+impl ConsoleError {
+    /// Whether the database could not be reached at all (no connection within the pool's
+    /// timeout, a refused or broken connection, a server shutting down or not yet accepting
+    /// connections), as opposed to a statement that failed: the request may succeed unchanged
+    /// once the database is back, so it is answered 503, not 500.
+    pub fn is_unavailable(&self) -> bool {
+        let ConsoleError::Store { source, .. } = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(error) = next {
+            if let Some(error) = error.downcast_ref::<sqlx::Error>() {
+                // Connection exceptions (class 08), and the server shutting down or not yet
+                // accepting connections.
+                let refused = |e: &dyn sqlx::error::DatabaseError| {
+                    e.code().is_some_and(|code| {
+                        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+                    })
+                };
+                return matches!(
+                    error,
+                    sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(error, sqlx::Error::Database(e) if refused(e.as_ref()));
+            }
+            next = error.source();
+        }
+        false
+    }
+}
+
 /// Every console route. Mount it at the root of its own listener (its links are absolute).
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()

@@ -34,8 +34,32 @@ pub(crate) fn html_response(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// The 500 page: names the operation that failed, never a secret.
+/// The page of a failed request: names the operation that failed, never a secret. A database
+/// that cannot be reached answers 503 with `Retry-After` (the same request works once it is
+/// back); any other failure 500.
 pub(crate) fn failure(error: &ConsoleError) -> Response {
+    if error.is_unavailable() {
+        tracing::warn!(error = %error, "a console request found the database unavailable");
+        let mut response = html_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            html::page(
+                "Database unavailable",
+                "",
+                None,
+                &format!(
+                    "<p class=\"error\">{}: the database cannot be reached. Try again shortly; \
+                     the console's <code>/readyz</code> on its operations listener says when the \
+                     database is back. An action submitted now may or may not have been \
+                     recorded: look for it in the audit trail then.</p>",
+                    escape(&error.to_string())
+                ),
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return response;
+    }
     tracing::error!(error = %error, "a console request failed");
     html_response(
         StatusCode::INTERNAL_SERVER_ERROR,
