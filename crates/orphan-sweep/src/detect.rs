@@ -280,6 +280,21 @@ pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token
         .collect()
 }
 
+/// Every item classified once, in the order of `items`: a tick classifies (and so parses and
+/// digests) each name once and reuses the result for the standing read, detection and the
+/// breaker's denominator.
+pub(crate) fn classify_all(items: &[InventoryItem], source: InventorySource) -> Vec<Classified> {
+    items.iter().map(|item| classify(item, source)).collect()
+}
+
+/// The digests of already classified items (see [`digests_of`]).
+pub(crate) fn digests_of_classified(classified: &[Classified]) -> Vec<TokenDigest> {
+    classified
+        .iter()
+        .filter_map(|c| c.backend.as_ref().map(BackendName::digest))
+        .collect()
+}
+
 /// The candidates among `items`: items whose token has no live resource and which are older than
 /// `grace`. Generic items under the prefix (no token to prove ownership) are candidates once
 /// older than `grace`; they are reported and never reclaimed. An item whose age is unknown is
@@ -291,10 +306,28 @@ pub fn detect(
     now: OffsetDateTime,
     grace: Duration,
 ) -> Vec<Candidate> {
+    detect_classified(
+        items.to_vec(),
+        classify_all(items, source),
+        standings,
+        now,
+        grace,
+    )
+}
+
+/// [`detect`] over items already classified (`classified[i]` is `items[i]`'s class). It takes
+/// both, so names move into their candidates and every other item is freed as it is passed.
+pub(crate) fn detect_classified(
+    items: Vec<InventoryItem>,
+    classified: Vec<Classified>,
+    standings: &Standings,
+    now: OffsetDateTime,
+    grace: Duration,
+) -> Vec<Candidate> {
     items
-        .iter()
-        .filter_map(|item| {
-            let classified = classify(item, source);
+        .into_iter()
+        .zip(classified)
+        .filter_map(|(item, classified)| {
             let digest = classified.backend.as_ref().map(BackendName::digest);
             if digest
                 .as_ref()
@@ -305,24 +338,28 @@ pub fn detect(
             let age = item
                 .created_at
                 .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
+            if age <= grace {
+                return None;
+            }
             let platform_protected = digest
                 .as_ref()
                 .is_some_and(|digest| standings.protected.contains(digest));
-            (age > grace).then(|| Candidate {
+            let owned = digest
+                .as_ref()
+                .is_some_and(|digest| standings.owned.contains(digest));
+            Some(Candidate {
                 kind: classified.kind,
-                name: item.name.clone(),
                 backend: classified.backend,
                 age,
-                protected: platform_protected || is_protected(item),
-                managed: is_managed(item),
+                protected: platform_protected || is_protected(&item),
+                managed: is_managed(&item),
                 stamp: Stamp::of(
                     item.labels.get(INSTALLATION_LABEL).map(String::as_str),
                     standings.installation,
                 ),
-                owned: digest
-                    .as_ref()
-                    .is_some_and(|digest| standings.owned.contains(digest)),
+                owned,
                 terminating: item.terminating,
+                name: item.name,
             })
         })
         .collect()

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::detect::{Blocker, Candidate, OrphanKind, detect, digests_of};
+use crate::detect::{
+    Blocker, Candidate, OrphanKind, classify_all, detect_classified, digests_of_classified,
+};
 use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics, TickOutcome};
 use crate::ports::{
@@ -204,10 +206,10 @@ fn not_ours(blocker: Option<Blocker>) -> bool {
     }
 }
 
-/// One candidate's place in a tick.
+/// One candidate's place in a tick; its sighting is at the same index in the tick's list of
+/// sightings (kept apart, so that list is written as it is, without a copy).
 struct Row {
     candidate: Candidate,
-    sighting: Sighting,
     blocked_by: Option<Blocker>,
 }
 
@@ -319,7 +321,9 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             Ok(items) => items,
             Err(e) => return self.fail(Stage::List, &e),
         };
-        let digests = digests_of(&items, source);
+        // Each item is classified (its name parsed, its digest computed) once per tick.
+        let classified = classify_all(&items, source);
+        let digests = digests_of_classified(&classified);
         let standings = match self.live.standing_among(&digests).await {
             Ok(standings) => standings,
             Err(e) => return self.fail(Stage::LiveTokens, &e),
@@ -328,13 +332,20 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             Ok(previous) => previous,
             Err(e) => return self.fail(Stage::State, &e),
         };
-        let previous: HashMap<String, Sighting> = previous
-            .into_iter()
-            .map(|sighting| (sighting.key.clone(), sighting))
+        let previous_by_key: HashMap<&str, &Sighting> = previous
+            .iter()
+            .map(|sighting| (sighting.key.as_str(), sighting))
             .collect();
-        let candidates = detect(
-            &items,
-            source,
+        // The breaker's denominator: this installation's objects (a row owns their token).
+        let owned_inventory = digests
+            .iter()
+            .filter(|digest| standings.owned.contains(*digest))
+            .count();
+        drop(digests);
+        let inventory_len = items.len();
+        let candidates = detect_classified(
+            items,
+            classified,
             &standings,
             now,
             self.config.grace.saturating_add(self.config.skew),
@@ -346,13 +357,14 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         // period (a CronJob starting a little late, then a little early) never makes N periods
         // fall short of the duration they span.
         let period_start = period_start(claim.period, self.config.interval);
+        let mut sightings: Vec<Sighting> = Vec::with_capacity(candidates.len());
         let mut rows: Vec<Row> = candidates
             .into_iter()
             .map(|candidate| {
                 let key = candidate.sighting_key();
                 let static_blocker = candidate.static_blocker();
                 let (sighting, new) = advance(
-                    previous.get(&key),
+                    previous_by_key.get(key.as_str()).copied(),
                     key,
                     claim.period,
                     period_start,
@@ -375,23 +387,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                         Some(Blocker::BurnIn)
                     }
                 });
+                sightings.push(sighting);
                 Row {
                     candidate,
-                    sighting,
                     blocked_by,
                 }
             })
             .collect();
+        drop(previous_by_key);
+        drop(previous);
 
         // The breaker and the rate limit, evaluated the same way armed or not.
-        let owned_inventory = items
-            .iter()
-            .filter(|item| {
-                crate::detect::classify(item, source)
-                    .backend
-                    .is_some_and(|name| standings.owned.contains(&name.digest()))
-            })
-            .count();
         let mut confirmed: Vec<usize> = (0..rows.len())
             .filter(|&i| rows[i].blocked_by.is_none())
             .collect();
@@ -416,7 +422,6 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         }
 
         // The sightings are durable before anything is reclaimed.
-        let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
         if let Err(e) = self.state.replace(source, &claim, &sightings).await {
             return self.fail(Stage::State, &e);
         }
@@ -447,7 +452,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let mut quarantined = false;
         let mut stopped = false;
         let mut views = Vec::with_capacity(rows.len());
-        for row in &mut rows {
+        for (row, sighting) in rows.iter().zip(sightings.iter_mut()) {
             let (name_masked, fingerprint) = self.name_for_logs(&row.candidate);
             let would_reclaim = row.blocked_by.is_none();
             let action = if !armed {
@@ -463,7 +468,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             } else {
                 let action = self.reclaim(&row.candidate, now).await;
                 if action == Action::Refused {
-                    row.sighting.quarantined = Some("refused".to_owned());
+                    sighting.quarantined = Some("refused".to_owned());
                     quarantined = true;
                 }
                 action
@@ -475,7 +480,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 age_seconds = row.candidate.age.as_secs(),
                 protected = row.candidate.protected,
                 owned = row.candidate.owned,
-                seen_ticks = row.sighting.consecutive,
+                seen_ticks = sighting.consecutive,
                 would_reclaim,
                 blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
                 action = ?action,
@@ -490,25 +495,22 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 protected: row.candidate.protected,
                 managed: row.candidate.managed,
                 owned: row.candidate.owned,
-                seen_ticks: row.sighting.consecutive,
+                seen_ticks: sighting.consecutive,
                 would_reclaim,
                 blocked_by: row.blocked_by,
                 action,
             });
         }
-        if quarantined {
-            let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
-            if let Err(e) = self.state.replace(source, &claim, &sightings).await {
-                tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
-                self.metrics.error(Stage::State);
-            }
+        if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
+            tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
+            self.metrics.error(Stage::State);
         }
         self.metrics
             .succeeded((now - OffsetDateTime::UNIX_EPOCH).as_seconds_f64());
         self.metrics.tick(TickOutcome::Completed);
         tracing::info!(
             period = claim.period,
-            inventory = items.len(),
+            inventory = inventory_len,
             candidates = views.len(),
             would_reclaim = views.iter().filter(|v| v.would_reclaim).count(),
             armed,
@@ -516,7 +518,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         );
         TickReport::Swept {
             period: claim.period,
-            inventory: items.len(),
+            inventory: inventory_len,
             armed,
             candidates: views,
         }
