@@ -1,6 +1,7 @@
 //! Pure detection: which inventory items are orphans, of what kind, and whether they may ever be
 //! reclaimed. No I/O; `now` and the grace window are parameters.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -260,13 +261,29 @@ impl Candidate {
     pub fn sighting_key(&self) -> String {
         use sha2::Digest as _;
         match &self.backend {
-            Some(name) => format!("{}:{}", self.kind.as_str(), name.digest()),
+            Some(name) => {
+                let (kind, digest) = (self.kind.as_str(), digest_of(name));
+                let mut key = String::with_capacity(kind.len() + 1 + digest.as_str().len());
+                key.push_str(kind);
+                key.push(':');
+                key.push_str(digest.as_str());
+                key
+            }
             None => {
                 let hash = sha2::Sha256::digest(self.name.as_bytes());
                 let hex: String = hash.iter().take(24).map(|b| format!("{b:02x}")).collect();
                 format!("{}:{hex}", self.kind.as_str())
             }
         }
+    }
+}
+
+/// The digest of `name`'s token, borrowed when the name carries it (a database name) and
+/// computed otherwise (a namespace name carries the token).
+pub(crate) fn digest_of(name: &BackendName) -> Cow<'_, TokenDigest> {
+    match name {
+        BackendName::Database(database) => Cow::Borrowed(database.digest()),
+        BackendName::Namespace { .. } => Cow::Owned(name.digest()),
     }
 }
 
@@ -328,10 +345,10 @@ pub(crate) fn detect_classified(
         .into_iter()
         .zip(classified)
         .filter_map(|(item, classified)| {
-            let digest = classified.backend.as_ref().map(BackendName::digest);
+            let digest = classified.backend.as_ref().map(digest_of);
             if digest
                 .as_ref()
-                .is_some_and(|digest| standings.live.contains(digest))
+                .is_some_and(|digest| standings.live.contains(digest.as_ref()))
             {
                 return None;
             }
@@ -343,10 +360,11 @@ pub(crate) fn detect_classified(
             }
             let platform_protected = digest
                 .as_ref()
-                .is_some_and(|digest| standings.protected.contains(digest));
+                .is_some_and(|digest| standings.protected.contains(digest.as_ref()));
             let owned = digest
                 .as_ref()
-                .is_some_and(|digest| standings.owned.contains(digest));
+                .is_some_and(|digest| standings.owned.contains(digest.as_ref()));
+            drop(digest);
             Some(Candidate {
                 kind: classified.kind,
                 backend: classified.backend,

@@ -123,6 +123,24 @@ pub enum Action {
     Failed,
 }
 
+impl Action {
+    /// The variant's name as its `Debug` form writes it (`Reported`, `AbortedByCap`, …): what
+    /// the per-candidate log line shows, recorded as a string so no formatter runs per line.
+    const fn debug_name(self) -> &'static str {
+        match self {
+            Self::Reported => "Reported",
+            Self::Reclaimed => "Reclaimed",
+            Self::AlreadyGone => "AlreadyGone",
+            Self::SkippedLive => "SkippedLive",
+            Self::AbortedByCap => "AbortedByCap",
+            Self::Refused => "Refused",
+            Self::Terminating => "Terminating",
+            Self::Stopped => "Stopped",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
 /// What a tick did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -177,6 +195,32 @@ pub struct Sweeper<I, L, R, S> {
     metrics: SweepMetrics,
     key: FingerprintKey,
     stop: Arc<AtomicBool>,
+}
+
+/// Runs `a` and `b` at once and waits for both (the crate's default build has no runtime).
+async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut a_out, mut b_out) = (None, None);
+    std::future::poll_fn(|cx| {
+        if a_out.is_none()
+            && let std::task::Poll::Ready(out) = a.as_mut().poll(cx)
+        {
+            a_out = Some(out);
+        }
+        if b_out.is_none()
+            && let std::task::Poll::Ready(out) = b.as_mut().poll(cx)
+        {
+            b_out = Some(out);
+        }
+        match (a_out.take(), b_out.take()) {
+            (Some(a), Some(b)) => std::task::Poll::Ready((a, b)),
+            (a, b) => {
+                (a_out, b_out) = (a, b);
+                std::task::Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// When `period` (whole `interval`s since the Unix epoch) starts.
@@ -289,7 +333,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         match &candidate.backend {
             Some(name) => (
                 name.masked(),
-                Some(self.key.fingerprint_digest(&name.digest())),
+                Some(self.key.fingerprint_digest(&crate::detect::digest_of(name))),
             ),
             None => (keel_audit::mask(&candidate.name), None),
         }
@@ -324,11 +368,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         // Each item is classified (its name parsed, its digest computed) once per tick.
         let classified = classify_all(&items, source);
         let digests = digests_of_classified(&classified);
-        let standings = match self.live.standing_among(&digests).await {
+        // The standing read and the sightings read are independent: both are in flight at once.
+        let (standings, previous) = join(
+            self.live.standing_among(&digests),
+            self.state.sightings(source),
+        )
+        .await;
+        let standings = match standings {
             Ok(standings) => standings,
             Err(e) => return self.fail(Stage::LiveTokens, &e),
         };
-        let previous = match self.state.sightings(source).await {
+        let previous = match previous {
             Ok(previous) => previous,
             Err(e) => return self.fail(Stage::State, &e),
         };
@@ -475,7 +525,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             };
             tracing::info!(
                 kind = row.candidate.kind.as_str(),
-                name = %name_masked,
+                name = name_masked.as_str(),
                 fingerprint = fingerprint.as_deref().unwrap_or("-"),
                 age_seconds = row.candidate.age.as_secs(),
                 protected = row.candidate.protected,
@@ -483,7 +533,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 seen_ticks = sighting.consecutive,
                 would_reclaim,
                 blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
-                action = ?action,
+                action = action.debug_name(),
                 armed,
                 "orphan candidate"
             );
@@ -625,6 +675,25 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
     const HOUR: Duration = Duration::from_secs(3600);
     const OURS: InstallationId = InstallationId::from_uuid(uuid::Uuid::from_u128(1));
+
+    /// The per-candidate log line records the action by the name its `Debug` form writes, so
+    /// the line reads as it always has.
+    #[test]
+    fn the_logged_action_name_is_its_debug_form() {
+        for action in [
+            Action::Reported,
+            Action::Reclaimed,
+            Action::AlreadyGone,
+            Action::SkippedLive,
+            Action::AbortedByCap,
+            Action::Refused,
+            Action::Terminating,
+            Action::Stopped,
+            Action::Failed,
+        ] {
+            assert_eq!(action.debug_name(), format!("{action:?}"));
+        }
+    }
 
     /// The `n`th hourly tick.
     fn at(n: u32) -> OffsetDateTime {
