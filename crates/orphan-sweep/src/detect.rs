@@ -341,46 +341,44 @@ pub(crate) fn detect_classified(
     now: OffsetDateTime,
     grace: Duration,
 ) -> Vec<Candidate> {
-    items
-        .into_iter()
-        .zip(classified)
-        .filter_map(|(item, classified)| {
-            let digest = classified.backend.as_ref().map(digest_of);
-            if digest
-                .as_ref()
-                .is_some_and(|digest| standings.live.contains(digest.as_ref()))
-            {
-                return None;
-            }
-            let age = item
-                .created_at
-                .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
-            if age <= grace {
-                return None;
-            }
-            let platform_protected = digest
-                .as_ref()
-                .is_some_and(|digest| standings.protected.contains(digest.as_ref()));
-            let owned = digest
-                .as_ref()
-                .is_some_and(|digest| standings.owned.contains(digest.as_ref()));
-            drop(digest);
-            Some(Candidate {
-                kind: classified.kind,
-                backend: classified.backend,
-                age,
-                protected: platform_protected || is_protected(&item),
-                managed: is_managed(&item),
-                stamp: Stamp::of(
-                    item.labels.get(INSTALLATION_LABEL).map(String::as_str),
-                    standings.installation,
-                ),
-                owned,
-                terminating: item.terminating,
-                name: item.name,
-            })
+    // Two halves at once for a large inventory, in order (see `split`); each half's list is
+    // sized for all its items up front, so it is never copied as it grows.
+    crate::split::filter_map_pairs(items, classified, |item, classified| {
+        let digest = classified.backend.as_ref().map(digest_of);
+        if digest
+            .as_ref()
+            .is_some_and(|digest| standings.live.contains(digest.as_ref()))
+        {
+            return None;
+        }
+        let age = item
+            .created_at
+            .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
+        if age <= grace {
+            return None;
+        }
+        let platform_protected = digest
+            .as_ref()
+            .is_some_and(|digest| standings.protected.contains(digest.as_ref()));
+        let owned = digest
+            .as_ref()
+            .is_some_and(|digest| standings.owned.contains(digest.as_ref()));
+        drop(digest);
+        Some(Candidate {
+            kind: classified.kind,
+            backend: classified.backend,
+            age,
+            protected: platform_protected || is_protected(&item),
+            managed: is_managed(&item),
+            stamp: Stamp::of(
+                item.labels.get(INSTALLATION_LABEL).map(String::as_str),
+                standings.installation,
+            ),
+            owned,
+            terminating: item.terminating,
+            name: item.name,
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

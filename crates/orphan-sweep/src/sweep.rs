@@ -197,6 +197,56 @@ pub struct Sweeper<I, L, R, S> {
     stop: Arc<AtomicBool>,
 }
 
+/// How logs and the review list name a candidate: masked, with its keyed fingerprint.
+fn name_for_logs(key: &FingerprintKey, candidate: &Candidate) -> (String, Option<String>) {
+    match &candidate.backend {
+        Some(name) => (
+            name.masked(),
+            Some(key.fingerprint_digest(&crate::detect::digest_of(name))),
+        ),
+        None => (keel_audit::mask(&candidate.name), None),
+    }
+}
+
+/// Writes a candidate's INFO line and returns its entry in the review list.
+fn report_candidate(
+    key: &FingerprintKey,
+    row: &Row,
+    sighting: &Sighting,
+    action: Action,
+    armed: bool,
+) -> CandidateView {
+    let (name_masked, fingerprint) = name_for_logs(key, &row.candidate);
+    let would_reclaim = row.blocked_by.is_none();
+    tracing::info!(
+        kind = row.candidate.kind.as_str(),
+        name = name_masked.as_str(),
+        fingerprint = fingerprint.as_deref().unwrap_or("-"),
+        age_seconds = row.candidate.age.as_secs(),
+        protected = row.candidate.protected,
+        owned = row.candidate.owned,
+        seen_ticks = sighting.consecutive,
+        would_reclaim,
+        blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
+        action = action.debug_name(),
+        armed,
+        "orphan candidate"
+    );
+    CandidateView {
+        kind: row.candidate.kind.as_str(),
+        name_masked,
+        fingerprint,
+        age_seconds: row.candidate.age.as_secs(),
+        protected: row.candidate.protected,
+        managed: row.candidate.managed,
+        owned: row.candidate.owned,
+        seen_ticks: sighting.consecutive,
+        would_reclaim,
+        blocked_by: row.blocked_by,
+        action,
+    }
+}
+
 /// Runs `a` and `b` at once and waits for both (the crate's default build has no runtime).
 async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
     let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
@@ -326,16 +376,6 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         self.metrics.clear_current();
         TickReport::Failed {
             stage: stage.as_str(),
-        }
-    }
-
-    fn name_for_logs(&self, candidate: &Candidate) -> (String, Option<String>) {
-        match &candidate.backend {
-            Some(name) => (
-                name.masked(),
-                Some(self.key.fingerprint_digest(&crate::detect::digest_of(name))),
-            ),
-            None => (keel_audit::mask(&candidate.name), None),
         }
     }
 
@@ -501,56 +541,38 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let armed = self.armed();
         let mut quarantined = false;
         let mut stopped = false;
-        let mut views = Vec::with_capacity(rows.len());
-        for (row, sighting) in rows.iter().zip(sightings.iter_mut()) {
-            let (name_masked, fingerprint) = self.name_for_logs(&row.candidate);
-            let would_reclaim = row.blocked_by.is_none();
-            let action = if !armed {
-                Action::Reported
-            } else if !would_reclaim {
-                match row.blocked_by {
-                    Some(Blocker::Breaker | Blocker::Cap) => Action::AbortedByCap,
-                    Some(_) | None => Action::Reported,
-                }
-            } else if stopped || !self.may_continue(source, &claim).await {
-                stopped = true;
-                Action::Stopped
-            } else {
-                let action = self.reclaim(&row.candidate, now).await;
-                if action == Action::Refused {
-                    sighting.quarantined = Some("refused".to_owned());
-                    quarantined = true;
-                }
-                action
-            };
-            tracing::info!(
-                kind = row.candidate.kind.as_str(),
-                name = name_masked.as_str(),
-                fingerprint = fingerprint.as_deref().unwrap_or("-"),
-                age_seconds = row.candidate.age.as_secs(),
-                protected = row.candidate.protected,
-                owned = row.candidate.owned,
-                seen_ticks = sighting.consecutive,
-                would_reclaim,
-                blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
-                action = action.debug_name(),
-                armed,
-                "orphan candidate"
-            );
-            views.push(CandidateView {
-                kind: row.candidate.kind.as_str(),
-                name_masked,
-                fingerprint,
-                age_seconds: row.candidate.age.as_secs(),
-                protected: row.candidate.protected,
-                managed: row.candidate.managed,
-                owned: row.candidate.owned,
-                seen_ticks: sighting.consecutive,
-                would_reclaim,
-                blocked_by: row.blocked_by,
-                action,
-            });
-        }
+        let views = if armed {
+            let mut views = Vec::with_capacity(rows.len());
+            for (row, sighting) in rows.iter().zip(sightings.iter_mut()) {
+                let would_reclaim = row.blocked_by.is_none();
+                let action = if !would_reclaim {
+                    match row.blocked_by {
+                        Some(Blocker::Breaker | Blocker::Cap) => Action::AbortedByCap,
+                        Some(_) | None => Action::Reported,
+                    }
+                } else if stopped || !self.may_continue(source, &claim).await {
+                    stopped = true;
+                    Action::Stopped
+                } else {
+                    let action = self.reclaim(&row.candidate, now).await;
+                    if action == Action::Refused {
+                        sighting.quarantined = Some("refused".to_owned());
+                        quarantined = true;
+                    }
+                    action
+                };
+                views.push(report_candidate(&self.key, row, sighting, action, armed));
+            }
+            views
+        } else {
+            // Audit-only: nothing is awaited per candidate, so the lines and the review list of
+            // a large inventory are written in two halves at once (the list stays in order).
+            let pairs: Vec<(&Row, &Sighting)> = rows.iter().zip(&sightings).collect();
+            let key = &self.key;
+            crate::split::map_ref(&pairs, |&(row, sighting)| {
+                report_candidate(key, row, sighting, Action::Reported, armed)
+            })
+        };
         if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
             tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
             self.metrics.error(Stage::State);
@@ -913,6 +935,76 @@ mod tests {
 
     fn actions(report: &TickReport) -> Vec<Action> {
         views(report).iter().map(|c| c.action).collect()
+    }
+
+    /// A large audit-only tick works in two halves at once (`split`): the review list is still
+    /// in inventory order and every candidate still gets exactly one INFO line, written to the
+    /// tick's own subscriber whichever thread formats it.
+    #[tokio::test]
+    async fn a_large_tick_lists_every_candidate_in_order_with_one_line_each() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let n = crate::split::PARALLEL_ABOVE + 1_904;
+        let mut w = world(audit_only(), false);
+        let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("lrg{i:09}"))).collect();
+        w.inventory.set(items.clone());
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer({
+                let captured = captured.clone();
+                move || captured.clone()
+            })
+            .finish();
+        let report = {
+            let _logging = tracing::subscriber::set_default(subscriber);
+            w.sweeper.tick(at(0)).await
+        };
+        let key = FingerprintKey::new(*b"test-key-0123456789").unwrap();
+        let expected: Vec<Option<String>> = items
+            .iter()
+            .map(|item| {
+                let name =
+                    BackendName::Database(keel_provision::DatabaseName::parse(&item.name).unwrap());
+                Some(key.fingerprint_digest(&name.digest()))
+            })
+            .collect();
+        let listed: Vec<Option<String>> = views(&report)
+            .into_iter()
+            .map(|view| view.fingerprint)
+            .collect();
+        assert_eq!(
+            listed, expected,
+            "the review list is not in inventory order"
+        );
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("orphan candidate"))
+            .collect();
+        assert_eq!(lines.len(), n, "one INFO line per candidate");
+        let logged: HashSet<&str> = lines
+            .iter()
+            .filter_map(|line| line.split("\"fingerprint\":\"").nth(1))
+            .filter_map(|rest| rest.get(..12))
+            .collect();
+        assert_eq!(logged.len(), n, "every candidate has its own line");
+        assert!(
+            expected
+                .iter()
+                .flatten()
+                .all(|fingerprint| logged.contains(fingerprint.as_str())),
+            "a candidate's line is missing"
+        );
     }
 
     #[tokio::test]
