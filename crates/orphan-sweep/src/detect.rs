@@ -1,6 +1,7 @@
 //! Pure detection: which inventory items are orphans, of what kind, and whether they may ever be
 //! reclaimed. No I/O; `now` and the grace window are parameters.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -260,13 +261,29 @@ impl Candidate {
     pub fn sighting_key(&self) -> String {
         use sha2::Digest as _;
         match &self.backend {
-            Some(name) => format!("{}:{}", self.kind.as_str(), name.digest()),
+            Some(name) => {
+                let (kind, digest) = (self.kind.as_str(), digest_of(name));
+                let mut key = String::with_capacity(kind.len() + 1 + digest.as_str().len());
+                key.push_str(kind);
+                key.push(':');
+                key.push_str(digest.as_str());
+                key
+            }
             None => {
                 let hash = sha2::Sha256::digest(self.name.as_bytes());
                 let hex: String = hash.iter().take(24).map(|b| format!("{b:02x}")).collect();
                 format!("{}:{hex}", self.kind.as_str())
             }
         }
+    }
+}
+
+/// The digest of `name`'s token, borrowed when the name carries it (a database name) and
+/// computed otherwise (a namespace name carries the token).
+pub(crate) fn digest_of(name: &BackendName) -> Cow<'_, TokenDigest> {
+    match name {
+        BackendName::Database(database) => Cow::Borrowed(database.digest()),
+        BackendName::Namespace { .. } => Cow::Owned(name.digest()),
     }
 }
 
@@ -277,6 +294,21 @@ pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token
         .iter()
         .filter_map(|item| classify(item, source).backend)
         .map(|name| name.digest())
+        .collect()
+}
+
+/// Every item classified once, in the order of `items`: a tick classifies (and so parses and
+/// digests) each name once and reuses the result for the standing read, detection and the
+/// breaker's denominator.
+pub(crate) fn classify_all(items: &[InventoryItem], source: InventorySource) -> Vec<Classified> {
+    items.iter().map(|item| classify(item, source)).collect()
+}
+
+/// The digests of already classified items (see [`digests_of`]).
+pub(crate) fn digests_of_classified(classified: &[Classified]) -> Vec<TokenDigest> {
+    classified
+        .iter()
+        .filter_map(|c| c.backend.as_ref().map(BackendName::digest))
         .collect()
 }
 
@@ -291,41 +323,62 @@ pub fn detect(
     now: OffsetDateTime,
     grace: Duration,
 ) -> Vec<Candidate> {
-    items
-        .iter()
-        .filter_map(|item| {
-            let classified = classify(item, source);
-            let digest = classified.backend.as_ref().map(BackendName::digest);
-            if digest
-                .as_ref()
-                .is_some_and(|digest| standings.live.contains(digest))
-            {
-                return None;
-            }
-            let age = item
-                .created_at
-                .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
-            let platform_protected = digest
-                .as_ref()
-                .is_some_and(|digest| standings.protected.contains(digest));
-            (age > grace).then(|| Candidate {
-                kind: classified.kind,
-                name: item.name.clone(),
-                backend: classified.backend,
-                age,
-                protected: platform_protected || is_protected(item),
-                managed: is_managed(item),
-                stamp: Stamp::of(
-                    item.labels.get(INSTALLATION_LABEL).map(String::as_str),
-                    standings.installation,
-                ),
-                owned: digest
-                    .as_ref()
-                    .is_some_and(|digest| standings.owned.contains(digest)),
-                terminating: item.terminating,
-            })
+    detect_classified(
+        items.to_vec(),
+        classify_all(items, source),
+        standings,
+        now,
+        grace,
+    )
+}
+
+/// [`detect`] over items already classified (`classified[i]` is `items[i]`'s class). It takes
+/// both, so names move into their candidates and every other item is freed as it is passed.
+pub(crate) fn detect_classified(
+    items: Vec<InventoryItem>,
+    classified: Vec<Classified>,
+    standings: &Standings,
+    now: OffsetDateTime,
+    grace: Duration,
+) -> Vec<Candidate> {
+    // Two halves at once for a large inventory, in order (see `split`); each half's list is
+    // sized for all its items up front, so it is never copied as it grows.
+    crate::split::filter_map_pairs(items, classified, |item, classified| {
+        let digest = classified.backend.as_ref().map(digest_of);
+        if digest
+            .as_ref()
+            .is_some_and(|digest| standings.live.contains(digest.as_ref()))
+        {
+            return None;
+        }
+        let age = item
+            .created_at
+            .map(|created| (now - created).try_into().unwrap_or(Duration::ZERO))?;
+        if age <= grace {
+            return None;
+        }
+        let platform_protected = digest
+            .as_ref()
+            .is_some_and(|digest| standings.protected.contains(digest.as_ref()));
+        let owned = digest
+            .as_ref()
+            .is_some_and(|digest| standings.owned.contains(digest.as_ref()));
+        drop(digest);
+        Some(Candidate {
+            kind: classified.kind,
+            backend: classified.backend,
+            age,
+            protected: platform_protected || is_protected(&item),
+            managed: is_managed(&item),
+            stamp: Stamp::of(
+                item.labels.get(INSTALLATION_LABEL).map(String::as_str),
+                standings.installation,
+            ),
+            owned,
+            terminating: item.terminating,
+            name: item.name,
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

@@ -9,8 +9,15 @@ use keel_provision::TokenDigest;
 use sha2::Sha256;
 
 /// The key fingerprints are computed with. Its `Debug` never shows it.
+///
+/// The HMAC state keyed with it is kept, so a fingerprint costs the hash of its message only
+/// (a tick fingerprints every candidate).
 #[derive(Clone)]
-pub struct FingerprintKey(Vec<u8>);
+pub struct FingerprintKey(Hmac<Sha256>);
+
+fn keyed(key: &[u8]) -> Hmac<Sha256> {
+    <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC-SHA256 takes a key of any length")
+}
 
 /// A fingerprint key shorter than 16 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +31,7 @@ impl FingerprintKey {
         if key.len() < 16 {
             return Err(WeakKey);
         }
-        Ok(Self(key))
+        Ok(Self(keyed(&key)))
     }
 
     /// A random key for this process only: fingerprints correlate within one process's lines.
@@ -32,7 +39,7 @@ impl FingerprintKey {
         let mut key = Vec::with_capacity(32);
         key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
         key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-        Self(key)
+        Self(keyed(&key))
     }
 
     /// The first 12 hex digits of HMAC-SHA256(key, token).
@@ -47,15 +54,15 @@ impl FingerprintKey {
     }
 
     fn fingerprint_bytes(&self, bytes: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .expect("HMAC-SHA256 takes a key of any length");
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut mac = self.0.clone();
         mac.update(bytes);
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .take(6)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let mut hex = String::with_capacity(12);
+        for &b in mac.finalize().into_bytes().iter().take(6) {
+            hex.push(char::from(HEX[usize::from(b >> 4)]));
+            hex.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+        hex
     }
 
     /// How a log line names `token`: `abcd… (fp 0123456789ab)`.

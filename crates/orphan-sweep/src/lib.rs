@@ -100,6 +100,7 @@ mod ports;
 pub mod postgres;
 #[cfg(feature = "postgres")]
 pub mod protections;
+mod split;
 mod state;
 mod sweep;
 #[cfg(feature = "testing")]

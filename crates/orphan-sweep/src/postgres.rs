@@ -16,7 +16,8 @@ use crate::ports::{
     PeriodClaim, Sighting, Standings, StateError, SweepState,
 };
 
-/// Which tokens are live, read from `resources` in one query per batch.
+/// Which tokens are live, read from `resources` in one set-based query (two halves at once, on
+/// two connections, for a large inventory).
 #[derive(Clone, Debug)]
 pub struct PgLiveTokens {
     pool: PgPool,
@@ -29,47 +30,108 @@ impl PgLiveTokens {
     }
 }
 
+/// Above this many distinct digests the read is split into two halves, read at once on two
+/// connections (the server probes the index for each half on its own core).
+const SPLIT_ABOVE: usize = 8_192;
+
+/// The standing of the digests in `$1`, answered by their 1-based position in `$1`, so no digest
+/// comes back as text. One index probe per digest (`resources_token_digest_ix`); the caller sends
+/// each digest once, so nothing is deduplicated on the server. Liveness is "not terminal", so a
+/// status this build does not know counts as live (fails closed); ownership is any row.
+const STANDING_SQL: &str = "\
+SELECT keel_installation_id(), \
+       coalesce(array_agg(f.i::int4) FILTER (WHERE f.live), '{}'), \
+       coalesce(array_agg(f.i::int4), '{}'), \
+       (SELECT coalesce(array_agg(w.i::int4), '{}') \
+          FROM unnest($1::text[]) WITH ORDINALITY AS w(d, i) \
+          JOIN reclaim_protections p ON p.token_digest = w.d) \
+  FROM (SELECT w.i, l.live \
+          FROM unnest($1::text[]) WITH ORDINALITY AS w(d, i) \
+         CROSS JOIN LATERAL (SELECT bool_or(r.status NOT IN ('deleted', 'failed')) AS live \
+                               FROM resources r WHERE r.token_digest = w.d) AS l \
+         WHERE l.live IS NOT NULL) AS f";
+
+/// What one read answered: the installation, then positions (1-based) of live, owned and
+/// protected digests among those asked.
+type StandingRow = (uuid::Uuid, Vec<i32>, Vec<i32>, Vec<i32>);
+
+impl PgLiveTokens {
+    /// Reads the standing of `wanted` (distinct) in one statement, in a transaction whose
+    /// settings suit a read of many keys: no JIT compilation (it costs more than the read) and
+    /// enough `work_mem` that the list of digests never spills to disk.
+    async fn read(&self, wanted: &[&TokenDigest]) -> Result<StandingRow, sqlx::Error> {
+        let texts: Vec<&str> = wanted.iter().map(|d| d.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('jit', 'off', true), set_config('work_mem', '32MB', true)")
+            .execute(&mut *tx)
+            .await?;
+        let row: StandingRow = sqlx::query_as(STANDING_SQL)
+            .bind(&texts)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+}
+
+/// Adds the digests at `positions` (1-based, into `wanted`) to `set`; a position outside
+/// `wanted` is an error (the answer does not match the question).
+fn collect_positions(
+    set: &mut HashSet<TokenDigest>,
+    wanted: &[&TokenDigest],
+    positions: &[i32],
+) -> Result<(), LiveTokensError> {
+    set.reserve(positions.len());
+    for &position in positions {
+        let digest = usize::try_from(position)
+            .ok()
+            .and_then(|p| p.checked_sub(1))
+            .and_then(|i| wanted.get(i))
+            .ok_or_else(|| {
+                LiveTokensError("the standing read answered a position it was not asked".into())
+            })?;
+        set.insert((*digest).clone());
+    }
+    Ok(())
+}
+
 impl LiveTokens for PgLiveTokens {
     async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
-        let wanted: Vec<&str> = digests.iter().map(TokenDigest::as_str).collect();
-        // One set-based read by digest (no token is sent). Liveness is "not terminal", so a
-        // status this build does not know counts as live (fails closed); ownership is any row.
-        // The wanted digests are joined as a relation (a hash join over `resources`), not
-        // tested as a 100k-element `= ANY` array, which costs more to plan than to run.
-        let (installation, live, owned, protected): (
-            uuid::Uuid,
-            Vec<String>,
-            Vec<String>,
-            Vec<String>,
-        ) = sqlx::query_as(
-            "WITH wanted AS MATERIALIZED (SELECT DISTINCT d FROM unnest($1::text[]) AS u(d)), \
-                  found AS ( \
-                    SELECT r.token_digest, bool_or(r.status NOT IN ('deleted', 'failed')) AS live \
-                      FROM wanted w JOIN resources r ON r.token_digest = w.d \
-                     GROUP BY r.token_digest) \
-             SELECT keel_installation_id(), \
-                    coalesce(array_agg(token_digest) FILTER (WHERE live), '{}'), \
-                    coalesce(array_agg(token_digest), '{}'), \
-                    (SELECT coalesce(array_agg(p.token_digest), '{}') \
-                       FROM wanted w JOIN reclaim_protections p ON p.token_digest = w.d) \
-               FROM found",
-        )
-        .bind(&wanted)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| LiveTokensError(Box::new(e)))?;
-        let set = |digests: Vec<String>| -> HashSet<TokenDigest> {
-            digests
-                .iter()
-                .filter_map(|digest| TokenDigest::parse(digest))
-                .collect()
+        // Each digest once, sorted: the server probes the index in key order, with no
+        // deduplication of its own.
+        let mut wanted: Vec<&TokenDigest> = digests.iter().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let halves: [&[&TokenDigest]; 2] = if wanted.len() > SPLIT_ABOVE {
+            let (a, b) = wanted.split_at(wanted.len() / 2);
+            [a, b]
+        } else {
+            [&wanted, &[]]
         };
-        Ok(Standings {
-            installation: InstallationId::from_uuid(installation),
-            live: set(live),
-            owned: set(owned),
-            protected: set(protected),
-        })
+        let (first, second) = if halves[1].is_empty() {
+            (self.read(halves[0]).await, None)
+        } else {
+            let (a, b) = tokio::join!(self.read(halves[0]), self.read(halves[1]));
+            (a, Some(b))
+        };
+        let fail = |e: sqlx::Error| LiveTokensError(Box::new(e));
+        let first = first.map_err(fail)?;
+        let second = second.transpose().map_err(fail)?;
+        let mut standings = Standings::empty(InstallationId::from_uuid(first.0));
+        for (half, row) in halves.iter().zip([Some(first), second]) {
+            let Some((installation, live, owned, protected)) = row else {
+                continue;
+            };
+            if installation != standings.installation.as_uuid() {
+                return Err(LiveTokensError(
+                    "the installation changed between the two halves of the standing read".into(),
+                ));
+            }
+            collect_positions(&mut standings.live, half, &live)?;
+            collect_positions(&mut standings.owned, half, &owned)?;
+            collect_positions(&mut standings.protected, half, &protected)?;
+        }
+        Ok(standings)
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::detect::{Blocker, Candidate, OrphanKind, detect, digests_of};
+use crate::detect::{
+    Blocker, Candidate, OrphanKind, classify_all, detect_classified, digests_of_classified,
+};
 use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics, TickOutcome};
 use crate::ports::{
@@ -121,6 +123,24 @@ pub enum Action {
     Failed,
 }
 
+impl Action {
+    /// The variant's name as its `Debug` form writes it (`Reported`, `AbortedByCap`, …): what
+    /// the per-candidate log line shows, recorded as a string so no formatter runs per line.
+    const fn debug_name(self) -> &'static str {
+        match self {
+            Self::Reported => "Reported",
+            Self::Reclaimed => "Reclaimed",
+            Self::AlreadyGone => "AlreadyGone",
+            Self::SkippedLive => "SkippedLive",
+            Self::AbortedByCap => "AbortedByCap",
+            Self::Refused => "Refused",
+            Self::Terminating => "Terminating",
+            Self::Stopped => "Stopped",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
 /// What a tick did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -177,6 +197,82 @@ pub struct Sweeper<I, L, R, S> {
     stop: Arc<AtomicBool>,
 }
 
+/// How logs and the review list name a candidate: masked, with its keyed fingerprint.
+fn name_for_logs(key: &FingerprintKey, candidate: &Candidate) -> (String, Option<String>) {
+    match &candidate.backend {
+        Some(name) => (
+            name.masked(),
+            Some(key.fingerprint_digest(&crate::detect::digest_of(name))),
+        ),
+        None => (keel_audit::mask(&candidate.name), None),
+    }
+}
+
+/// Writes a candidate's INFO line and returns its entry in the review list.
+fn report_candidate(
+    key: &FingerprintKey,
+    row: &Row,
+    sighting: &Sighting,
+    action: Action,
+    armed: bool,
+) -> CandidateView {
+    let (name_masked, fingerprint) = name_for_logs(key, &row.candidate);
+    let would_reclaim = row.blocked_by.is_none();
+    tracing::info!(
+        kind = row.candidate.kind.as_str(),
+        name = name_masked.as_str(),
+        fingerprint = fingerprint.as_deref().unwrap_or("-"),
+        age_seconds = row.candidate.age.as_secs(),
+        protected = row.candidate.protected,
+        owned = row.candidate.owned,
+        seen_ticks = sighting.consecutive,
+        would_reclaim,
+        blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
+        action = action.debug_name(),
+        armed,
+        "orphan candidate"
+    );
+    CandidateView {
+        kind: row.candidate.kind.as_str(),
+        name_masked,
+        fingerprint,
+        age_seconds: row.candidate.age.as_secs(),
+        protected: row.candidate.protected,
+        managed: row.candidate.managed,
+        owned: row.candidate.owned,
+        seen_ticks: sighting.consecutive,
+        would_reclaim,
+        blocked_by: row.blocked_by,
+        action,
+    }
+}
+
+/// Runs `a` and `b` at once and waits for both (the crate's default build has no runtime).
+async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut a_out, mut b_out) = (None, None);
+    std::future::poll_fn(|cx| {
+        if a_out.is_none()
+            && let std::task::Poll::Ready(out) = a.as_mut().poll(cx)
+        {
+            a_out = Some(out);
+        }
+        if b_out.is_none()
+            && let std::task::Poll::Ready(out) = b.as_mut().poll(cx)
+        {
+            b_out = Some(out);
+        }
+        match (a_out.take(), b_out.take()) {
+            (Some(a), Some(b)) => std::task::Poll::Ready((a, b)),
+            (a, b) => {
+                (a_out, b_out) = (a, b);
+                std::task::Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 /// When `period` (whole `interval`s since the Unix epoch) starts.
 fn period_start(period: i64, interval: Duration) -> OffsetDateTime {
     let secs = i64::try_from(interval.as_secs().max(1)).unwrap_or(i64::MAX);
@@ -204,10 +300,10 @@ fn not_ours(blocker: Option<Blocker>) -> bool {
     }
 }
 
-/// One candidate's place in a tick.
+/// One candidate's place in a tick; its sighting is at the same index in the tick's list of
+/// sightings (kept apart, so that list is written as it is, without a copy).
 struct Row {
     candidate: Candidate,
-    sighting: Sighting,
     blocked_by: Option<Blocker>,
 }
 
@@ -283,16 +379,6 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         }
     }
 
-    fn name_for_logs(&self, candidate: &Candidate) -> (String, Option<String>) {
-        match &candidate.backend {
-            Some(name) => (
-                name.masked(),
-                Some(self.key.fingerprint_digest(&name.digest())),
-            ),
-            None => (keel_audit::mask(&candidate.name), None),
-        }
-    }
-
     /// One tick at `now` (this host's clock; the state store's clock replaces it once the period
     /// is claimed).
     pub async fn tick(&mut self, now: OffsetDateTime) -> TickReport {
@@ -319,22 +405,37 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             Ok(items) => items,
             Err(e) => return self.fail(Stage::List, &e),
         };
-        let digests = digests_of(&items, source);
-        let standings = match self.live.standing_among(&digests).await {
+        // Each item is classified (its name parsed, its digest computed) once per tick.
+        let classified = classify_all(&items, source);
+        let digests = digests_of_classified(&classified);
+        // The standing read and the sightings read are independent: both are in flight at once.
+        let (standings, previous) = join(
+            self.live.standing_among(&digests),
+            self.state.sightings(source),
+        )
+        .await;
+        let standings = match standings {
             Ok(standings) => standings,
             Err(e) => return self.fail(Stage::LiveTokens, &e),
         };
-        let previous = match self.state.sightings(source).await {
+        let previous = match previous {
             Ok(previous) => previous,
             Err(e) => return self.fail(Stage::State, &e),
         };
-        let previous: HashMap<String, Sighting> = previous
-            .into_iter()
-            .map(|sighting| (sighting.key.clone(), sighting))
+        let previous_by_key: HashMap<&str, &Sighting> = previous
+            .iter()
+            .map(|sighting| (sighting.key.as_str(), sighting))
             .collect();
-        let candidates = detect(
-            &items,
-            source,
+        // The breaker's denominator: this installation's objects (a row owns their token).
+        let owned_inventory = digests
+            .iter()
+            .filter(|digest| standings.owned.contains(*digest))
+            .count();
+        drop(digests);
+        let inventory_len = items.len();
+        let candidates = detect_classified(
+            items,
+            classified,
             &standings,
             now,
             self.config.grace.saturating_add(self.config.skew),
@@ -346,13 +447,14 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         // period (a CronJob starting a little late, then a little early) never makes N periods
         // fall short of the duration they span.
         let period_start = period_start(claim.period, self.config.interval);
+        let mut sightings: Vec<Sighting> = Vec::with_capacity(candidates.len());
         let mut rows: Vec<Row> = candidates
             .into_iter()
             .map(|candidate| {
                 let key = candidate.sighting_key();
                 let static_blocker = candidate.static_blocker();
                 let (sighting, new) = advance(
-                    previous.get(&key),
+                    previous_by_key.get(key.as_str()).copied(),
                     key,
                     claim.period,
                     period_start,
@@ -375,23 +477,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                         Some(Blocker::BurnIn)
                     }
                 });
+                sightings.push(sighting);
                 Row {
                     candidate,
-                    sighting,
                     blocked_by,
                 }
             })
             .collect();
+        drop(previous_by_key);
+        drop(previous);
 
         // The breaker and the rate limit, evaluated the same way armed or not.
-        let owned_inventory = items
-            .iter()
-            .filter(|item| {
-                crate::detect::classify(item, source)
-                    .backend
-                    .is_some_and(|name| standings.owned.contains(&name.digest()))
-            })
-            .count();
         let mut confirmed: Vec<usize> = (0..rows.len())
             .filter(|&i| rows[i].blocked_by.is_none())
             .collect();
@@ -416,7 +512,6 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         }
 
         // The sightings are durable before anything is reclaimed.
-        let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
         if let Err(e) = self.state.replace(source, &claim, &sightings).await {
             return self.fail(Stage::State, &e);
         }
@@ -446,69 +541,48 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let armed = self.armed();
         let mut quarantined = false;
         let mut stopped = false;
-        let mut views = Vec::with_capacity(rows.len());
-        for row in &mut rows {
-            let (name_masked, fingerprint) = self.name_for_logs(&row.candidate);
-            let would_reclaim = row.blocked_by.is_none();
-            let action = if !armed {
-                Action::Reported
-            } else if !would_reclaim {
-                match row.blocked_by {
-                    Some(Blocker::Breaker | Blocker::Cap) => Action::AbortedByCap,
-                    Some(_) | None => Action::Reported,
-                }
-            } else if stopped || !self.may_continue(source, &claim).await {
-                stopped = true;
-                Action::Stopped
-            } else {
-                let action = self.reclaim(&row.candidate, now).await;
-                if action == Action::Refused {
-                    row.sighting.quarantined = Some("refused".to_owned());
-                    quarantined = true;
-                }
-                action
-            };
-            tracing::info!(
-                kind = row.candidate.kind.as_str(),
-                name = %name_masked,
-                fingerprint = fingerprint.as_deref().unwrap_or("-"),
-                age_seconds = row.candidate.age.as_secs(),
-                protected = row.candidate.protected,
-                owned = row.candidate.owned,
-                seen_ticks = row.sighting.consecutive,
-                would_reclaim,
-                blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
-                action = ?action,
-                armed,
-                "orphan candidate"
-            );
-            views.push(CandidateView {
-                kind: row.candidate.kind.as_str(),
-                name_masked,
-                fingerprint,
-                age_seconds: row.candidate.age.as_secs(),
-                protected: row.candidate.protected,
-                managed: row.candidate.managed,
-                owned: row.candidate.owned,
-                seen_ticks: row.sighting.consecutive,
-                would_reclaim,
-                blocked_by: row.blocked_by,
-                action,
-            });
-        }
-        if quarantined {
-            let sightings: Vec<Sighting> = rows.iter().map(|row| row.sighting.clone()).collect();
-            if let Err(e) = self.state.replace(source, &claim, &sightings).await {
-                tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
-                self.metrics.error(Stage::State);
+        let views = if armed {
+            let mut views = Vec::with_capacity(rows.len());
+            for (row, sighting) in rows.iter().zip(sightings.iter_mut()) {
+                let would_reclaim = row.blocked_by.is_none();
+                let action = if !would_reclaim {
+                    match row.blocked_by {
+                        Some(Blocker::Breaker | Blocker::Cap) => Action::AbortedByCap,
+                        Some(_) | None => Action::Reported,
+                    }
+                } else if stopped || !self.may_continue(source, &claim).await {
+                    stopped = true;
+                    Action::Stopped
+                } else {
+                    let action = self.reclaim(&row.candidate, now).await;
+                    if action == Action::Refused {
+                        sighting.quarantined = Some("refused".to_owned());
+                        quarantined = true;
+                    }
+                    action
+                };
+                views.push(report_candidate(&self.key, row, sighting, action, armed));
             }
+            views
+        } else {
+            // Audit-only: nothing is awaited per candidate, so the lines and the review list of
+            // a large inventory are written in two halves at once (the list stays in order).
+            let pairs: Vec<(&Row, &Sighting)> = rows.iter().zip(&sightings).collect();
+            let key = &self.key;
+            crate::split::map_ref(&pairs, |&(row, sighting)| {
+                report_candidate(key, row, sighting, Action::Reported, armed)
+            })
+        };
+        if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
+            tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
+            self.metrics.error(Stage::State);
         }
         self.metrics
             .succeeded((now - OffsetDateTime::UNIX_EPOCH).as_seconds_f64());
         self.metrics.tick(TickOutcome::Completed);
         tracing::info!(
             period = claim.period,
-            inventory = items.len(),
+            inventory = inventory_len,
             candidates = views.len(),
             would_reclaim = views.iter().filter(|v| v.would_reclaim).count(),
             armed,
@@ -516,7 +590,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         );
         TickReport::Swept {
             period: claim.period,
-            inventory: items.len(),
+            inventory: inventory_len,
             armed,
             candidates: views,
         }
@@ -623,6 +697,25 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 10:00 UTC);
     const HOUR: Duration = Duration::from_secs(3600);
     const OURS: InstallationId = InstallationId::from_uuid(uuid::Uuid::from_u128(1));
+
+    /// The per-candidate log line records the action by the name its `Debug` form writes, so
+    /// the line reads as it always has.
+    #[test]
+    fn the_logged_action_name_is_its_debug_form() {
+        for action in [
+            Action::Reported,
+            Action::Reclaimed,
+            Action::AlreadyGone,
+            Action::SkippedLive,
+            Action::AbortedByCap,
+            Action::Refused,
+            Action::Terminating,
+            Action::Stopped,
+            Action::Failed,
+        ] {
+            assert_eq!(action.debug_name(), format!("{action:?}"));
+        }
+    }
 
     /// The `n`th hourly tick.
     fn at(n: u32) -> OffsetDateTime {
@@ -842,6 +935,76 @@ mod tests {
 
     fn actions(report: &TickReport) -> Vec<Action> {
         views(report).iter().map(|c| c.action).collect()
+    }
+
+    /// A large audit-only tick works in two halves at once (`split`): the review list is still
+    /// in inventory order and every candidate still gets exactly one INFO line, written to the
+    /// tick's own subscriber whichever thread formats it.
+    #[tokio::test]
+    async fn a_large_tick_lists_every_candidate_in_order_with_one_line_each() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let n = crate::split::PARALLEL_ABOVE + 1_904;
+        let mut w = world(audit_only(), false);
+        let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("lrg{i:09}"))).collect();
+        w.inventory.set(items.clone());
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer({
+                let captured = captured.clone();
+                move || captured.clone()
+            })
+            .finish();
+        let report = {
+            let _logging = tracing::subscriber::set_default(subscriber);
+            w.sweeper.tick(at(0)).await
+        };
+        let key = FingerprintKey::new(*b"test-key-0123456789").unwrap();
+        let expected: Vec<Option<String>> = items
+            .iter()
+            .map(|item| {
+                let name =
+                    BackendName::Database(keel_provision::DatabaseName::parse(&item.name).unwrap());
+                Some(key.fingerprint_digest(&name.digest()))
+            })
+            .collect();
+        let listed: Vec<Option<String>> = views(&report)
+            .into_iter()
+            .map(|view| view.fingerprint)
+            .collect();
+        assert_eq!(
+            listed, expected,
+            "the review list is not in inventory order"
+        );
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("orphan candidate"))
+            .collect();
+        assert_eq!(lines.len(), n, "one INFO line per candidate");
+        let logged: HashSet<&str> = lines
+            .iter()
+            .filter_map(|line| line.split("\"fingerprint\":\"").nth(1))
+            .filter_map(|rest| rest.get(..12))
+            .collect();
+        assert_eq!(logged.len(), n, "every candidate has its own line");
+        assert!(
+            expected
+                .iter()
+                .flatten()
+                .all(|fingerprint| logged.contains(fingerprint.as_str())),
+            "a candidate's line is missing"
+        );
     }
 
     #[tokio::test]

@@ -555,6 +555,24 @@ pub async fn live_tokens_contract<H: LiveTokensHarness>(tokens: &H) {
         empty.live.is_empty() && empty.owned.is_empty() && empty.protected.is_empty(),
         "asking about no token answered about some"
     );
+
+    // A large question (an inventory's worth: the five among 20 000 digests without a row,
+    // each of the five asked twice) gets the same answer: an adapter that reads a large
+    // question in parts, or deduplicates it, must answer for every part.
+    let stranger_digest = |i: u32, high: bool| {
+        let fill = if high { 'f' } else { '0' };
+        let hex = format!("{}{i:08x}", fill.to_string().repeat(40));
+        TokenDigest::parse(&hex).expect("48 hex digits")
+    };
+    let mut large: Vec<TokenDigest> = (0..10_000).map(|i| stranger_digest(i, false)).collect();
+    large.extend(asked.iter().cloned());
+    large.extend((0..10_000).map(|i| stranger_digest(i, true)));
+    large.extend(asked.iter().rev().cloned());
+    let answer = contract_standings(tokens, &large, "asking a large question").await;
+    assert!(
+        answer == standings,
+        "a large question got another answer about the same tokens"
+    );
 }
 
 #[cfg(test)]
@@ -588,7 +606,7 @@ mod tests {
     fn the_fake_live_tokens_keep_the_live_tokens_contract() {
         let tokens = FakeLiveTokens::new(InstallationId::from_uuid(uuid::Uuid::from_u128(7)));
         block_on(live_tokens_contract(&tokens));
-        assert_eq!(tokens.asked(), [5, 5, 0], "one read per question");
+        assert_eq!(tokens.asked(), [5, 5, 0, 20_010], "one read per question");
     }
 
     /// A live-token source that knows a fixed list of live statuses, so a row of a status added

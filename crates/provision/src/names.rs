@@ -34,13 +34,13 @@ pub struct TokenDigest(String);
 impl TokenDigest {
     /// The digest of `token`.
     pub fn of(token: &Token) -> Self {
-        use std::fmt::Write as _;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let hash = Sha256::digest(token.expose().as_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in hash {
-            let _ = write!(hex, "{byte:02x}");
+        let mut hex = String::with_capacity(DIGEST_HEX_LEN);
+        for &byte in hash.iter().take(DIGEST_HEX_LEN / 2) {
+            hex.push(char::from(HEX[usize::from(byte >> 4)]));
+            hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
         }
-        hex.truncate(DIGEST_HEX_LEN);
         Self(hex)
     }
 

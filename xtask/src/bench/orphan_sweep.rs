@@ -5,10 +5,14 @@
 //! Fair by construction: both sides log through the production JSON subscriber into a sink, so
 //! every per-candidate line is formatted (BENCH-5); a quarter of the inventory names deleted
 //! rows, a quarter live rows and half no row at all, so the deleted-row path is exercised
-//! (BENCH-7); both sides run the same number of ticks, in alternating order, each with a fresh
-//! sweeper, and each tick's peak resident memory growth is sampled the same way (BENCH-8).
-//! Every tick's candidates are checked before a figure is printed.
+//! (BENCH-7); both sides run the same number of ticks through the shared harness
+//! ([`super::fair`]: alternating order, median and min–max of the rounds, machine and settings
+//! printed), each side with its own sweeper, and each tick's peak resident memory growth is
+//! sampled the same way (BENCH-8). Every tick's candidates are checked before a figure is
+//! printed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -25,9 +29,91 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use time::OffsetDateTime;
 
-use super::rater::fair::{self, RssSampler, Samples};
+use super::fair::{self, Better};
 
 const USAGE: &str = "cargo xtask bench orphan-sweep [--items N] [--rows N] [--pairs N]";
+
+const SIDES: [&str; 2] = ["Keel: one set-based read", "baseline: one query per token"];
+
+/// `flag N` from `args`, or `default`.
+fn flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == flag) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .with_context(|| format!("{flag} takes a positive whole number\n{USAGE}")),
+    }
+}
+
+/// This process's resident memory, in KiB (0 when unknown).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+/// Samples this process's resident memory every 2 ms until stopped: both sides' ticks are
+/// sampled the same way.
+struct RssSampler {
+    before: u64,
+    peak: Arc<AtomicU64>,
+    running: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        let before = rss_kib();
+        let peak = Arc::new(AtomicU64::new(before));
+        let running = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (peak, running) = (peak.clone(), running.clone());
+            std::thread::spawn(move || {
+                while running.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        Self {
+            before,
+            peak,
+            running,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the peak growth over the start, in KiB.
+    fn stop(mut self) -> u64 {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.peak
+            .load(Ordering::Relaxed)
+            .max(rss_kib())
+            .saturating_sub(self.before)
+    }
+}
+
+/// The server settings every side runs under.
+async fn settings(pool: &PgPool) -> anyhow::Result<String> {
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
+         ('shared_buffers', 'work_mem', 'fsync', 'synchronous_commit', 'full_page_writes', \
+          'max_parallel_workers_per_gather', 'jit', 'autovacuum') ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(settings
+        .iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
 
 /// The inventory, already listed (the benchmark measures the sweep, not the API server).
 struct Listed(Vec<InventoryItem>);
@@ -108,9 +194,9 @@ fn candidates(report: &TickReport) -> usize {
 
 /// Runs the benchmark and prints its figures.
 pub fn bench(args: &[String]) -> anyhow::Result<()> {
-    let items = fair::flag(args, "--items", 100_000, USAGE)?;
-    let rows = fair::flag(args, "--rows", 1_000_000, USAGE)?;
-    let pairs = fair::flag(args, "--pairs", 3, USAGE)?.max(3);
+    let items = flag(args, "--items", 100_000)?;
+    let rows = flag(args, "--rows", 1_000_000)?;
+    let pairs = flag(args, "--pairs", fair::DEFAULT_PAIRS)?.max(fair::DEFAULT_PAIRS);
     anyhow::ensure!(
         items / 4 * 10 + 10 <= rows,
         "--rows must be at least 2.5 times --items (the inventory names existing rows)\n{USAGE}"
@@ -126,14 +212,16 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
             .connect_with(server.options_for("bench_orphan"))
             .await?;
         keel_schema::migrate(&pool).await?;
-        println!(
-            "{}",
-            fair::header(
-                &format!("cargo xtask bench orphan-sweep --items {items} --rows {rows} --pairs {pairs}"),
-                &server.describe(),
-                &pool
-            )
-            .await?
+        fair::header(
+            &format!(
+                "orphan sweep: one audit-only tick over {items} inventory items against {rows} \
+                 resources rows, logs on"
+            ),
+            &format!(
+                "cargo xtask bench orphan-sweep --items {items} --rows {rows} --pairs {pairs}"
+            ),
+            &server.describe(),
+            &settings(&pool).await?,
         );
         let started = Instant::now();
         sqlx::query(
@@ -208,62 +296,46 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
             SweepMetrics::register(&mut Registry::default()),
             key,
         );
-        let (mut keel_times, mut base_times) = (Samples::default(), Samples::default());
-        let (mut keel_growth, mut base_growth) = (Vec::new(), Vec::new());
-        for pair in 0..pairs {
+        let mut growth: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+        let samples = fair::alternate(&SIDES, pairs, async |side, round| {
             // One tick per hourly period (a second tick in the same period is skipped).
-            let at = now + time::Duration::hours(i64::try_from(pair)?);
-            let keel_first = pair % 2 == 0;
-            for keel_side in [keel_first, !keel_first] {
-                let (elapsed, grown, report) = if keel_side {
-                    measured_tick(&mut keel, at).await
-                } else {
-                    measured_tick(&mut baseline, at).await
-                };
-                let side = if keel_side { "Keel" } else { "the baseline" };
-                ensure!(
-                    candidates(&report) == expected,
-                    "{side} found {} candidates, expected {expected}",
-                    candidates(&report)
+            let at = now + time::Duration::hours(i64::try_from(round)?);
+            let (elapsed, grown, report) = if side == 0 {
+                measured_tick(&mut keel, at).await
+            } else {
+                measured_tick(&mut baseline, at).await
+            };
+            ensure!(
+                candidates(&report) == expected,
+                "{} found {} candidates, expected {expected}",
+                SIDES[side],
+                candidates(&report)
+            );
+            growth[side].push(grown);
+            Ok(elapsed.as_secs_f64() * 1000.0)
+        })
+        .await?;
+        println!(
+            "\n  {expected} candidates per tick, checked on every tick (audit-only; \
+             {deleted_rows} of them name deleted rows), one JSON log line each"
+        );
+        fair::report(
+            &SIDES,
+            &samples,
+            "ms per tick",
+            Better::Lower,
+            ">= 50x the baseline and <= 500 ms per tick; peak RSS growth <= 50 MiB per tick",
+        );
+        for (name, grown) in SIDES.iter().zip(&growth) {
+            let mib: Vec<f64> = grown.iter().map(|&kib| kib as f64 / 1024.0).collect();
+            if let Some(s) = fair::Summary::of(&mib) {
+                println!(
+                    "  peak RSS growth per tick, {name:<31} median {:.1} MiB   min–max {:.1}–{:.1} \
+                     (the process's first tick grows the heap; later ticks reuse it)",
+                    s.median, s.min, s.max
                 );
-                if keel_side {
-                    keel_times.push(elapsed);
-                    keel_growth.push(grown);
-                } else {
-                    base_times.push(elapsed);
-                    base_growth.push(grown);
-                }
             }
         }
-
-        let mib = |kib: &[u64]| {
-            let mut v = kib.to_vec();
-            v.sort_unstable();
-            format!(
-                "median {:.1} MiB (min-max {:.1}-{:.1})",
-                v[v.len() / 2] as f64 / 1024.0,
-                v[0] as f64 / 1024.0,
-                v[v.len() - 1] as f64 / 1024.0
-            )
-        };
-        println!(
-            "\n{expected} candidates per tick (audit-only; {deleted_rows} of them name deleted rows), \
-             logs on (JSON into a sink), {pairs} ticks per side in alternating order"
-        );
-        println!("{:<40} {}", "Keel: one set-based query:", keel_times.summary_s());
-        println!("{:<40} {}", "baseline: one query per token:", base_times.summary_s());
-        println!(
-            "Keel is {:.1}x faster per tick (median; pairs {:.1}x-{:.1}x)  goal >= 50x and <= 0.5 s per tick",
-            base_times.median() / keel_times.median(),
-            fair::min_ratio(&base_times, &keel_times),
-            fair::max_ratio(&base_times, &keel_times)
-        );
-        println!(
-            "peak RSS growth per tick: Keel {}, baseline {}  goal <= 50 MiB",
-            mib(&keel_growth),
-            mib(&base_growth)
-        );
-        println!("load average after: {}", fair::load());
         Ok(())
     })
 }

@@ -1,0 +1,93 @@
+//! A tick's pure per-item work over a large inventory, on two threads: the work is split in two
+//! contiguous halves whose results are joined in order, so the outcome (and every list a tick
+//! reports) is the same as on one thread. Log lines written by the second thread go to the
+//! caller's subscriber. Below [`PARALLEL_ABOVE`] items, or on a single core, it all runs on the
+//! calling thread.
+
+/// Below this many items the work runs on the calling thread (a thread costs more than it saves).
+pub(crate) const PARALLEL_ABOVE: usize = 4_096;
+
+/// Whether `len` items are worth two threads here.
+pub(crate) fn worth_two(len: usize) -> bool {
+    len > PARALLEL_ABOVE && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+}
+
+/// Runs `first` on this thread and `second` on another, the second under this thread's
+/// `tracing` subscriber; a panic in either is a panic here.
+pub(crate) fn both<A, B>(first: impl FnOnce() -> A, second: impl FnOnce() -> B + Send) -> (A, B)
+where
+    B: Send,
+{
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| tracing::dispatcher::with_default(&dispatch, second));
+        let a = first();
+        match other.join() {
+            Ok(b) => (a, b),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// `f` over `items` in order, in two halves at once when [`worth_two`].
+pub(crate) fn map_ref<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    if !worth_two(items.len()) {
+        return items.iter().map(&f).collect();
+    }
+    let (a, b) = items.split_at(items.len() / 2);
+    let (mut a, b) = both(
+        || a.iter().map(&f).collect::<Vec<U>>(),
+        || b.iter().map(&f).collect::<Vec<U>>(),
+    );
+    a.extend(b);
+    a
+}
+
+/// `f` over the pairs of `left` and `right` (same length, taken by value), keeping the `Some`
+/// answers in order, in two halves at once when [`worth_two`].
+pub(crate) fn filter_map_pairs<T: Send, V: Send, U: Send>(
+    mut left: Vec<T>,
+    mut right: Vec<V>,
+    f: impl Fn(T, V) -> Option<U> + Sync,
+) -> Vec<U> {
+    let run = |left: Vec<T>, right: Vec<V>| {
+        let mut out = Vec::with_capacity(left.len());
+        out.extend(left.into_iter().zip(right).filter_map(|(t, v)| f(t, v)));
+        out
+    };
+    if !worth_two(left.len()) {
+        return run(left, right);
+    }
+    let half = left.len() / 2;
+    let (left_b, right_b) = (left.split_off(half), right.split_off(half.min(right.len())));
+    let (mut a, b) = both(|| run(left, right), || run(left_b, right_b));
+    a.extend(b);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_halves_answer_in_order_as_one_thread_would() {
+        let items: Vec<u32> = (0..10_000).collect();
+        assert!(
+            worth_two(items.len())
+                || std::thread::available_parallelism().is_ok_and(|n| n.get() < 2)
+        );
+        let doubled = map_ref(&items, |n| n * 2);
+        assert_eq!(doubled, items.iter().map(|n| n * 2).collect::<Vec<_>>());
+        let labels: Vec<String> = items.iter().map(|n| format!("n{n}")).collect();
+        let kept = filter_map_pairs(items.clone(), labels, |n, label| {
+            (n % 3 == 0).then(|| format!("{label}:{n}"))
+        });
+        let expected: Vec<String> = (0..10_000)
+            .filter(|n| n % 3 == 0)
+            .map(|n| format!("n{n}:{n}"))
+            .collect();
+        assert_eq!(kept, expected);
+        let small = map_ref(&[1, 2, 3], |n| n + 1);
+        assert_eq!(small, [2, 3, 4]);
+    }
+}
