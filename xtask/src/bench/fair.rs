@@ -8,7 +8,11 @@
 
 #![cfg_attr(not(feature = "bench"), allow(dead_code))]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 /// Rounds (pairs, for two sides) when `--pairs` is not given: the least the fair-run rules allow.
 pub const DEFAULT_PAIRS: u64 = 3;
@@ -45,6 +49,88 @@ pub fn header(title: &str, command: &str, server: &str, settings: &str) {
     println!("  server:   {server}");
     println!("  settings: {settings}");
     println!();
+}
+
+/// `flag N` from `args` (a positive whole number), or `default`; `usage` is shown when the value
+/// is not one.
+pub fn flag(args: &[String], flag: &str, default: u64, usage: &str) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == flag) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .with_context(|| format!("{flag} takes a positive whole number\n{usage}")),
+    }
+}
+
+/// The server settings every side of a bench runs under, as `name=value` pairs.
+pub async fn server_settings(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
+         ('shared_buffers', 'work_mem', 'fsync', 'synchronous_commit', 'full_page_writes', \
+          'max_parallel_workers_per_gather', 'jit', 'autovacuum') ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(settings
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// This process's resident memory, in KiB (0 when unknown).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+/// Samples this process's resident memory every 2 ms until stopped, so that every side's run
+/// is sampled the same way.
+pub struct RssSampler {
+    before: u64,
+    peak: Arc<AtomicU64>,
+    running: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    /// Starts sampling.
+    pub fn start() -> Self {
+        let before = rss_kib();
+        let peak = Arc::new(AtomicU64::new(before));
+        let running = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (peak, running) = (peak.clone(), running.clone());
+            std::thread::spawn(move || {
+                while running.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        Self {
+            before,
+            peak,
+            running,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the peak growth over the start, in KiB.
+    pub fn stop(mut self) -> u64 {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.peak
+            .load(Ordering::Relaxed)
+            .max(rss_kib())
+            .saturating_sub(self.before)
+    }
 }
 
 /// Median, minimum and maximum of a set of samples.

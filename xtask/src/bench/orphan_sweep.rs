@@ -11,8 +11,6 @@
 //! sampled the same way (BENCH-8). Every tick's candidates are checked before a figure is
 //! printed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -34,86 +32,6 @@ use super::fair::{self, Better};
 const USAGE: &str = "cargo xtask bench orphan-sweep [--items N] [--rows N] [--pairs N]";
 
 const SIDES: [&str; 2] = ["Keel: one set-based read", "baseline: one query per token"];
-
-/// `flag N` from `args`, or `default`.
-fn flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> {
-    match args.iter().position(|a| a == flag) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .with_context(|| format!("{flag} takes a positive whole number\n{USAGE}")),
-    }
-}
-
-/// This process's resident memory, in KiB (0 when unknown).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4)
-}
-
-/// Samples this process's resident memory every 2 ms until stopped: both sides' ticks are
-/// sampled the same way.
-struct RssSampler {
-    before: u64,
-    peak: Arc<AtomicU64>,
-    running: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RssSampler {
-    fn start() -> Self {
-        let before = rss_kib();
-        let peak = Arc::new(AtomicU64::new(before));
-        let running = Arc::new(AtomicBool::new(true));
-        let thread = {
-            let (peak, running) = (peak.clone(), running.clone());
-            std::thread::spawn(move || {
-                while running.load(Ordering::Relaxed) {
-                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        };
-        Self {
-            before,
-            peak,
-            running,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; the peak growth over the start, in KiB.
-    fn stop(mut self) -> u64 {
-        self.running.store(false, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        self.peak
-            .load(Ordering::Relaxed)
-            .max(rss_kib())
-            .saturating_sub(self.before)
-    }
-}
-
-/// The server settings every side runs under.
-async fn settings(pool: &PgPool) -> anyhow::Result<String> {
-    let settings: Vec<(String, String)> = sqlx::query_as(
-        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
-         ('shared_buffers', 'work_mem', 'fsync', 'synchronous_commit', 'full_page_writes', \
-          'max_parallel_workers_per_gather', 'jit', 'autovacuum') ORDER BY name",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(settings
-        .iter()
-        .map(|(n, v)| format!("{n}={v}"))
-        .collect::<Vec<_>>()
-        .join(" "))
-}
 
 /// The inventory, already listed (the benchmark measures the sweep, not the API server).
 struct Listed(Vec<InventoryItem>);
@@ -178,7 +96,7 @@ async fn measured_tick<L: LiveTokens, R: Reclaimer>(
         std::io::sink,
     );
     let _logging = tracing::subscriber::set_default(subscriber);
-    let sampler = RssSampler::start();
+    let sampler = fair::RssSampler::start();
     let started = Instant::now();
     let report = sweeper.tick(now).await;
     let elapsed = started.elapsed();
@@ -194,9 +112,9 @@ fn candidates(report: &TickReport) -> usize {
 
 /// Runs the benchmark and prints its figures.
 pub fn bench(args: &[String]) -> anyhow::Result<()> {
-    let items = flag(args, "--items", 100_000)?;
-    let rows = flag(args, "--rows", 1_000_000)?;
-    let pairs = flag(args, "--pairs", fair::DEFAULT_PAIRS)?.max(fair::DEFAULT_PAIRS);
+    let items = fair::flag(args, "--items", 100_000, USAGE)?;
+    let rows = fair::flag(args, "--rows", 1_000_000, USAGE)?;
+    let pairs = fair::flag(args, "--pairs", fair::DEFAULT_PAIRS, USAGE)?.max(fair::DEFAULT_PAIRS);
     anyhow::ensure!(
         items / 4 * 10 + 10 <= rows,
         "--rows must be at least 2.5 times --items (the inventory names existing rows)\n{USAGE}"
@@ -221,7 +139,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
                 "cargo xtask bench orphan-sweep --items {items} --rows {rows} --pairs {pairs}"
             ),
             &server.describe(),
-            &settings(&pool).await?,
+            &fair::server_settings(&pool).await?,
         );
         let started = Instant::now();
         sqlx::query(

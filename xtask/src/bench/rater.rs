@@ -177,7 +177,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
             0.1 + those_hours / b
         );
         println!(
-            "peak RSS growth of the benchmark process during a full run: {:.1} MiB (goal < 100 MB); load after: {}",
+            "peak RSS growth of the benchmark process during a full run: {:.1} MiB (goal < 100 MB); after the runs: {}",
             peak_growth_kib as f64 / 1024.0,
             fair::load()
         );
@@ -287,24 +287,11 @@ async fn ingest_cost(
 /// The same shape as the shared harness in `bench/mod.rs` once it lands (alternate order,
 /// at least three pairs, median with min–max, machine and settings printed).
 pub(super) mod fair {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
 
-    use anyhow::Context;
     use sqlx::PgPool;
 
-    /// `flag N` from `args`, or `default`.
-    pub fn flag(args: &[String], flag: &str, default: u64, usage: &str) -> anyhow::Result<u64> {
-        match args.iter().position(|a| a == flag) {
-            None => Ok(default),
-            Some(i) => args
-                .get(i + 1)
-                .and_then(|n| n.parse().ok())
-                .filter(|&n| n > 0)
-                .with_context(|| format!("{flag} takes a positive whole number\n{usage}")),
-        }
-    }
+    pub use super::super::fair::{RssSampler, flag};
 
     /// Timings of one side, one per pair.
     #[derive(Default, Debug)]
@@ -391,25 +378,13 @@ pub(super) mod fair {
         pair_ratios(a, b).into_iter().fold(0.0, f64::max)
     }
 
-    /// The load average (1, 5, 15 min).
+    /// The load averages (1, 5, 15 minutes).
     pub fn load() -> String {
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|_| "unknown".to_owned())
+        super::super::fair::load()
     }
 
-    /// The command, the machine (cores, CPU, memory, load) and the server's settings.
+    /// The command, the machine (cores, CPU, load, memory) and the server's settings.
     pub async fn header(command: &str, server: &str, pool: &PgPool) -> anyhow::Result<String> {
-        let cores = std::thread::available_parallelism().map_or(0, usize::from);
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown CPU".to_owned());
         let memory = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| {
@@ -422,79 +397,10 @@ pub(super) mod fair {
                 || "?".to_owned(),
                 |kib| format!("{:.1} GiB", kib as f64 / 1048576.0),
             );
-        let settings: Vec<(String, String)> = sqlx::query_as(
-            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
-             ('shared_buffers', 'work_mem', 'fsync', 'synchronous_commit', 'full_page_writes', \
-              'max_parallel_workers_per_gather', 'jit', 'autovacuum') ORDER BY name",
-        )
-        .fetch_all(pool)
-        .await?;
-        let settings = settings
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let settings = super::super::fair::server_settings(pool).await?;
         Ok(format!(
-            "command: {command}\nmachine: {cores} cores ({cpu}), {memory}, load average {}\n\
-             server: {server}\nserver settings: {settings}",
-            load()
+            "command: {command}\nmachine: {}, {memory}\nserver: {server}\nserver settings: {settings}",
+            super::super::fair::machine()
         ))
-    }
-
-    fn rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kib| kib.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// Samples this process's resident memory every 2 ms until stopped.
-    pub struct RssSampler {
-        before: u64,
-        peak: Arc<AtomicU64>,
-        running: Arc<AtomicBool>,
-        thread: Option<std::thread::JoinHandle<()>>,
-    }
-
-    impl RssSampler {
-        /// Starts sampling.
-        pub fn start() -> Self {
-            let before = rss_kib();
-            let peak = Arc::new(AtomicU64::new(before));
-            let running = Arc::new(AtomicBool::new(true));
-            let thread = {
-                let (peak, running) = (peak.clone(), running.clone());
-                std::thread::spawn(move || {
-                    while running.load(Ordering::Relaxed) {
-                        peak.fetch_max(rss_kib(), Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                })
-            };
-            Self {
-                before,
-                peak,
-                running,
-                thread: Some(thread),
-            }
-        }
-
-        /// Stops sampling; the peak growth over the start, in KiB.
-        pub fn stop(mut self) -> u64 {
-            self.running.store(false, Ordering::Relaxed);
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
-            self.peak
-                .load(Ordering::Relaxed)
-                .max(rss_kib())
-                .saturating_sub(self.before)
-        }
     }
 }
