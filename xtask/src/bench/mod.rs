@@ -60,14 +60,7 @@ fn reexec_optimised(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn count_flag(args: &[String], flag: &str, default: u64) -> anyhow::Result<u64> {
-    match args.iter().position(|a| a == flag) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .with_context(|| format!("{flag} takes a positive whole number\n{USAGE}")),
-    }
+    fair::flag(args, flag, default, USAGE)
 }
 
 #[cfg(feature = "bench")]
