@@ -139,29 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::Cli;
-
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        for _ in 0..100 {
-            if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
-                let request =
-                    format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
-                stream.write_all(request.as_bytes()).await.unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).await.unwrap();
-                return response;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("nothing listens on {addr}");
-    }
-
-    fn free_address() -> std::net::SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
+    use keel_testkit::http::{free_address, get};
 
     /// /metrics, /healthz and /readyz answer on the operations listener only; the console's
     /// listener sends an anonymous visitor to the sign-in page.

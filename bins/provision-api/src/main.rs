@@ -488,6 +488,7 @@ fn parse_docs_base(s: &str) -> Result<DocsBase, String> {
 #[cfg(test)]
 mod tests {
     use super::Cli;
+    use keel_testkit::http::{free_address, get};
 
     /// OPS-14: a bad `--docs-base` is a usage error (exit 64 with `error:`), not a runtime
     /// failure (exit 1).
@@ -506,29 +507,6 @@ mod tests {
         assert_eq!(exit.code, keel_service::EXIT_USAGE, "{}", exit.message);
         assert!(exit.message.starts_with("error: "), "{}", exit.message);
         assert!(exit.message.contains("--docs-base"), "{}", exit.message);
-    }
-
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        for _ in 0..100 {
-            if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
-                let request =
-                    format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
-                stream.write_all(request.as_bytes()).await.unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).await.unwrap();
-                return response;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("nothing listens on {addr}");
-    }
-
-    fn free_address() -> std::net::SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
     }
 
     /// OPS-10: with --ops-listen, /metrics, /healthz and /readyz are served there and not on

@@ -174,10 +174,12 @@ mod tests {
                 .await
                 .unwrap();
         assert!(!exists, "the stale reservation's database is torn down");
-        let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM audit_events")
-            .fetch_all(db.pool())
-            .await
-            .unwrap();
-        assert_eq!(kinds, [AuditKind::ProvisionReconciled.as_str()]);
+        let rows: Vec<(String, serde_json::Value)> =
+            sqlx::query_as("SELECT kind, attributes FROM audit_events ORDER BY id")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let kinds: Vec<&str> = rows.iter().map(|(kind, _)| kind.as_str()).collect();
+        assert_eq!(kinds, [AuditKind::ProvisionReconciled.as_str()], "{rows:?}");
     }
 }

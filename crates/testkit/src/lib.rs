@@ -45,6 +45,7 @@
 //!
 //! That pays for the migrations on every test rather than once per template.
 
+pub mod http;
 mod roles;
 mod server;
 
