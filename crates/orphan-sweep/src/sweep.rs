@@ -942,17 +942,6 @@ mod tests {
     /// tick's own subscriber whichever thread formats it.
     #[tokio::test]
     async fn a_large_tick_lists_every_candidate_in_order_with_one_line_each() {
-        #[derive(Clone, Default)]
-        struct Captured(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Captured {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let n = crate::split::PARALLEL_ABOVE + 1_904;
         let mut w = world(audit_only(), false);
         let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("lrg{i:09}"))).collect();
