@@ -140,8 +140,8 @@ fn customer_namespace(object: PartialObjectMeta<Namespace>) -> Option<InventoryI
     Some(InventoryItem {
         name,
         created_at: meta.creation_timestamp.and_then(offset_date_time),
-        labels: meta.labels.unwrap_or_default(),
-        annotations: meta.annotations.unwrap_or_default(),
+        labels: meta.labels.unwrap_or_default().into(),
+        annotations: meta.annotations.unwrap_or_default().into(),
         terminating: meta.deletion_timestamp.is_some(),
     })
 }
@@ -204,7 +204,6 @@ fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::error::Error as _;
 
     use http::{Method, Request, Response, StatusCode};
@@ -498,11 +497,8 @@ mod tests {
         error.source().map(ToString::to_string).unwrap_or_default()
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
+    fn labels(pairs: &[(&str, &str)]) -> crate::Labels {
+        pairs.iter().copied().collect()
     }
 
     fn expected(name: &str, created_at: OffsetDateTime, team: &str) -> InventoryItem {
@@ -584,7 +580,7 @@ mod tests {
                 name: NS_A.to_owned(),
                 created_at: Some(datetime!(2026-01-12 09:30:00 UTC)),
                 labels: labels(&[("kubernetes.io/metadata.name", NS_A)]),
-                annotations: BTreeMap::new(),
+                annotations: crate::Labels::new(),
                 terminating: false,
             }]
         );

@@ -94,6 +94,7 @@ mod detect;
 mod fingerprint;
 #[cfg(feature = "kube")]
 pub mod kube;
+mod labels;
 mod metrics;
 mod ports;
 #[cfg(feature = "postgres")]
@@ -112,6 +113,7 @@ pub use detect::{
     RESOURCE_TYPE_LABEL, classify, detect, digests_of, is_managed, is_protected,
 };
 pub use fingerprint::{FingerprintKey, WeakKey};
+pub use labels::Labels;
 pub use metrics::{Stage, SweepMetrics, TickOutcome};
 pub use ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,

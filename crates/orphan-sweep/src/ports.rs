@@ -1,13 +1,15 @@
 //! The sweep's ports: the inventory of backend objects, the live-token lookup, and the
 //! reclaimer (keel-provision's deprovision chokepoint). Owned here, with domain errors.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
 use keel_audit::BoxError;
 use keel_provision::{BackendName, InstallationId, ReclaimRefusal, TokenDigest};
 use time::OffsetDateTime;
+
+use crate::Labels;
 
 /// Which inventory a sweep reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,9 +39,9 @@ pub struct InventoryItem {
     /// When it was created, when the backend knows.
     pub created_at: Option<OffsetDateTime>,
     /// Its labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Its annotations.
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: Labels,
     /// Already being deleted (a namespace with a `deletionTimestamp`, stuck on finalizers):
     /// tracked and reported, never reclaimed again.
     pub terminating: bool,
@@ -53,8 +55,8 @@ impl InventoryItem {
         Self {
             name: name.into(),
             created_at: None,
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
+            labels: Labels::new(),
+            annotations: Labels::new(),
             terminating: false,
         }
     }

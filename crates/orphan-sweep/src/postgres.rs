@@ -206,8 +206,8 @@ impl Inventory for PgDatabaseInventory {
                 InventoryItem {
                     name,
                     created_at,
-                    labels: comment.labels,
-                    annotations: comment.annotations,
+                    labels: comment.labels.into(),
+                    annotations: comment.annotations.into(),
                     terminating: false,
                 }
             })

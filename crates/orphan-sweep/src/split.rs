@@ -43,6 +43,22 @@ pub(crate) fn map_ref<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync)
     a
 }
 
+/// `f` over `items` (taken by value) in order, in two halves at once when [`worth_two`].
+pub(crate) fn map_owned<T: Send, U: Send>(mut items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let run = |items: Vec<T>| {
+        let mut out = Vec::with_capacity(items.len());
+        out.extend(items.into_iter().map(&f));
+        out
+    };
+    if !worth_two(items.len()) {
+        return run(items);
+    }
+    let second = items.split_off(items.len() / 2);
+    let (mut a, b) = both(|| run(items), || run(second));
+    a.extend(b);
+    a
+}
+
 /// `f` over the pairs of `left` and `right` (same length, taken by value), keeping the `Some`
 /// answers in order, in two halves at once when [`worth_two`].
 pub(crate) fn filter_map_pairs<T: Send, V: Send, U: Send>(
@@ -79,7 +95,7 @@ mod tests {
         let doubled = map_ref(&items, |n| n * 2);
         assert_eq!(doubled, items.iter().map(|n| n * 2).collect::<Vec<_>>());
         let labels: Vec<String> = items.iter().map(|n| format!("n{n}")).collect();
-        let kept = filter_map_pairs(items.clone(), labels, |n, label| {
+        let kept = filter_map_pairs(items.clone(), labels.clone(), |n, label| {
             (n % 3 == 0).then(|| format!("{label}:{n}"))
         });
         let expected: Vec<String> = (0..10_000)
@@ -87,6 +103,8 @@ mod tests {
             .map(|n| format!("n{n}:{n}"))
             .collect();
         assert_eq!(kept, expected);
+        let owned = map_owned(labels.clone(), |label| label.len());
+        assert_eq!(owned, labels.iter().map(String::len).collect::<Vec<_>>());
         let small = map_ref(&[1, 2, 3], |n| n + 1);
         assert_eq!(small, [2, 3, 4]);
     }

@@ -144,7 +144,13 @@ impl SweepState for MemoryState {
     ) -> Result<(), StateError> {
         self.with(source, |slot| {
             if slot.claimed == Some(claim.period) {
-                slot.sightings = sightings.to_vec();
+                // In place: the stored list is overwritten element by element, so the old
+                // list and a whole new copy are never held at once (a tick of a large
+                // inventory would otherwise hold three lists of sightings at its peak).
+                let common = slot.sightings.len().min(sightings.len());
+                slot.sightings.truncate(common);
+                slot.sightings.clone_from_slice(&sightings[..common]);
+                slot.sightings.extend_from_slice(&sightings[common..]);
                 Ok(())
             } else {
                 Err(StateError {

@@ -447,43 +447,47 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         // period (a CronJob starting a little late, then a little early) never makes N periods
         // fall short of the duration they span.
         let period_start = period_start(claim.period, self.config.interval);
-        let mut sightings: Vec<Sighting> = Vec::with_capacity(candidates.len());
-        let mut rows: Vec<Row> = candidates
-            .into_iter()
-            .map(|candidate| {
-                let key = candidate.sighting_key();
-                let static_blocker = candidate.static_blocker();
-                let (sighting, new) = advance(
-                    previous_by_key.get(key.as_str()).copied(),
-                    key,
-                    claim.period,
-                    period_start,
-                    static_blocker.is_none(),
-                );
-                if new && !not_ours(static_blocker) {
-                    *new_per_kind.entry(candidate.kind).or_default() += 1;
+        let (confirm_ticks, burn_in) = (self.config.confirm_ticks, self.config.burn_in);
+        // Each candidate's sighting is advanced on its own (two halves at once for a large
+        // inventory, in order); the new ones are counted after.
+        let advanced = crate::split::map_owned(candidates, |candidate| {
+            let key = candidate.sighting_key();
+            let static_blocker = candidate.static_blocker();
+            let (sighting, new) = advance(
+                previous_by_key.get(key.as_str()).copied(),
+                key,
+                claim.period,
+                period_start,
+                static_blocker.is_none(),
+            );
+            let counted_new = new && !not_ours(static_blocker);
+            let blocked_by = static_blocker.or_else(|| {
+                if sighting.quarantined.is_some() {
+                    Some(Blocker::Quarantined)
+                } else if burned_in(&sighting, period_start, confirm_ticks, burn_in) {
+                    None
+                } else {
+                    Some(Blocker::BurnIn)
                 }
-                let blocked_by = static_blocker.or_else(|| {
-                    if sighting.quarantined.is_some() {
-                        Some(Blocker::Quarantined)
-                    } else if burned_in(
-                        &sighting,
-                        period_start,
-                        self.config.confirm_ticks,
-                        self.config.burn_in,
-                    ) {
-                        None
-                    } else {
-                        Some(Blocker::BurnIn)
-                    }
-                });
-                sightings.push(sighting);
+            });
+            (
                 Row {
                     candidate,
                     blocked_by,
-                }
-            })
-            .collect();
+                },
+                sighting,
+                counted_new,
+            )
+        });
+        let mut sightings: Vec<Sighting> = Vec::with_capacity(advanced.len());
+        let mut rows: Vec<Row> = Vec::with_capacity(advanced.len());
+        for (row, sighting, counted_new) in advanced {
+            if counted_new {
+                *new_per_kind.entry(row.candidate.kind).or_default() += 1;
+            }
+            sightings.push(sighting);
+            rows.push(row);
+        }
         drop(previous_by_key);
         drop(previous);
 
@@ -680,7 +684,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashSet, VecDeque};
+    use std::collections::{HashSet, VecDeque};
     use std::sync::Mutex;
 
     use keel_audit::Token;
@@ -852,8 +856,10 @@ mod tests {
         InventoryItem {
             name: format!("cust_{token}"),
             created_at: Some(NOW - time::Duration::hours(3)),
-            labels: BTreeMap::from([(crate::MANAGED_BY_LABEL.into(), crate::MANAGED_BY.into())]),
-            annotations: BTreeMap::new(),
+            labels: [(crate::MANAGED_BY_LABEL, crate::MANAGED_BY)]
+                .into_iter()
+                .collect(),
+            annotations: crate::Labels::new(),
             terminating: false,
         }
     }

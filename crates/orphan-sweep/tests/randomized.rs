@@ -195,8 +195,8 @@ impl Inventory for FakeInventory {
                 let mut item = InventoryItem::new(o.name())
                     .with_created_at(o.created)
                     .with_terminating(o.terminating);
-                item.labels = labels;
-                item.annotations = annotations;
+                item.labels = labels.into();
+                item.annotations = annotations.into();
                 item
             })
             .collect();
