@@ -1002,6 +1002,46 @@ mod tests {
         );
     }
 
+    /// A large tick advances its sightings in two halves: every candidate still gets exactly
+    /// its own sighting, stored in inventory order, and the next period continues each run.
+    #[tokio::test]
+    async fn a_large_tick_advances_every_sighting_in_inventory_order() {
+        let n = crate::split::PARALLEL_ABOVE + 1_904;
+        let mut w = world(audit_only(), false);
+        let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("adv{i:09}"))).collect();
+        w.inventory.set(items.clone());
+        let digests: Vec<String> = items
+            .iter()
+            .map(|item| {
+                let name = keel_provision::DatabaseName::parse(&item.name).unwrap();
+                BackendName::Database(name).digest().as_str().to_owned()
+            })
+            .collect();
+        let mut runs: Vec<Vec<Sighting>> = Vec::new();
+        for period in 0..2 {
+            let report = w.sweeper.tick(at(period)).await;
+            assert_eq!(views(&report).len(), n, "every item is a candidate");
+            let stored = w.state.sightings(InventorySource::Postgres).await.unwrap();
+            assert_eq!(stored.len(), n, "one sighting per candidate");
+            for (sighting, digest) in stored.iter().zip(&digests) {
+                assert!(
+                    sighting.key.ends_with(digest.as_str()),
+                    "the sightings are not in inventory order"
+                );
+            }
+            runs.push(stored);
+        }
+        for (first, second) in runs[0].iter().zip(&runs[1]) {
+            assert_eq!(second.first_seen, first.first_seen, "the run was broken");
+            assert_eq!(
+                second.consecutive,
+                first.consecutive + 1,
+                "the run did not advance"
+            );
+            assert!(second.last_period > first.last_period);
+        }
+    }
+
     #[tokio::test]
     async fn gates_off_calls_no_port_and_moves_no_metric() {
         let mut w = world(SweepConfig::default(), true);
