@@ -95,13 +95,29 @@ fn collect_positions(
     Ok(())
 }
 
+/// `digests` each once, in byte order. Sorted by their first eight bytes first, held beside
+/// each reference, so most comparisons never leave the vector being sorted; ties fall back to
+/// the whole digest, so the order is exactly the digests' byte order.
+fn sorted_distinct(digests: &[TokenDigest]) -> Vec<&TokenDigest> {
+    let prefix = |digest: &TokenDigest| {
+        let mut head = [0_u8; 8];
+        let bytes = digest.as_str().as_bytes();
+        let n = bytes.len().min(8);
+        head[..n].copy_from_slice(&bytes[..n]);
+        u64::from_be_bytes(head)
+    };
+    let mut keyed: Vec<(u64, &TokenDigest)> = digests.iter().map(|d| (prefix(d), d)).collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    let mut wanted: Vec<&TokenDigest> = keyed.into_iter().map(|(_, d)| d).collect();
+    wanted.dedup();
+    wanted
+}
+
 impl LiveTokens for PgLiveTokens {
     async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
         // Each digest once, sorted: the server probes the index in key order, with no
         // deduplication of its own.
-        let mut wanted: Vec<&TokenDigest> = digests.iter().collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = sorted_distinct(digests);
         let halves: [&[&TokenDigest]; 2] = if wanted.len() > SPLIT_ABOVE {
             let (a, b) = wanted.split_at(wanted.len() / 2);
             [a, b]
@@ -430,5 +446,32 @@ impl SweepState for PgSweepState {
             .map_err(&fail)?;
         }
         tx.commit().await.map_err(&fail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The read sends each digest once in byte order: the same list a plain sort and dedup
+    /// gives, whatever the digests share (equal first eight bytes, repeats).
+    #[test]
+    fn the_digests_are_sent_once_each_in_byte_order() {
+        let hex = |n: u64, tail: u64| format!("{n:016x}{tail:032x}");
+        let mut digests: Vec<TokenDigest> = Vec::new();
+        for i in 0..2_000_u64 {
+            // Many share their first eight bytes; every 7th is repeated.
+            let head = (i % 13) << 40 | (i % 3);
+            let d = TokenDigest::parse(&hex(head, i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).unwrap();
+            if i % 7 == 0 {
+                digests.push(d.clone());
+            }
+            digests.push(d);
+        }
+        let mut expected: Vec<&TokenDigest> = digests.iter().collect();
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(sorted_distinct(&digests), expected);
+        assert!(sorted_distinct(&[]).is_empty());
     }
 }
