@@ -74,25 +74,25 @@ impl PgLiveTokens {
     }
 }
 
-/// Adds the digests at `positions` (1-based, into `wanted`) to `set`; a position outside
-/// `wanted` is an error (the answer does not match the question).
-fn collect_positions(
-    set: &mut HashSet<TokenDigest>,
-    wanted: &[&TokenDigest],
-    positions: &[i32],
-) -> Result<(), LiveTokensError> {
-    set.reserve(positions.len());
-    for &position in positions {
-        let digest = usize::try_from(position)
-            .ok()
-            .and_then(|p| p.checked_sub(1))
-            .and_then(|i| wanted.get(i))
-            .ok_or_else(|| {
-                LiveTokensError("the standing read answered a position it was not asked".into())
-            })?;
-        set.insert((*digest).clone());
+/// The digests at `positions` (1-based, into the `wanted` list each comes with), as a set; a
+/// position outside its list is an error (the answer does not match the question).
+fn digests_at(
+    parts: &[(&[&TokenDigest], &[i32])],
+) -> Result<HashSet<TokenDigest>, LiveTokensError> {
+    let mut set = HashSet::with_capacity(parts.iter().map(|(_, p)| p.len()).sum());
+    for &(wanted, positions) in parts {
+        for &position in positions {
+            let digest = usize::try_from(position)
+                .ok()
+                .and_then(|p| p.checked_sub(1))
+                .and_then(|i| wanted.get(i))
+                .ok_or_else(|| {
+                    LiveTokensError("the standing read answered a position it was not asked".into())
+                })?;
+            set.insert((*digest).clone());
+        }
     }
-    Ok(())
+    Ok(set)
 }
 
 /// `digests` each once, in byte order. Sorted by their first eight bytes first, held beside
@@ -133,20 +133,33 @@ impl LiveTokens for PgLiveTokens {
         let fail = |e: sqlx::Error| LiveTokensError(Box::new(e));
         let first = first.map_err(fail)?;
         let second = second.transpose().map_err(fail)?;
-        let mut standings = Standings::empty(InstallationId::from_uuid(first.0));
-        for (half, row) in halves.iter().zip([Some(first), second]) {
-            let Some((installation, live, owned, protected)) = row else {
-                continue;
-            };
-            if installation != standings.installation.as_uuid() {
-                return Err(LiveTokensError(
-                    "the installation changed between the two halves of the standing read".into(),
-                ));
-            }
-            collect_positions(&mut standings.live, half, &live)?;
-            collect_positions(&mut standings.owned, half, &owned)?;
-            collect_positions(&mut standings.protected, half, &protected)?;
+        let rows: Vec<(&[&TokenDigest], StandingRow)> = halves
+            .iter()
+            .copied()
+            .zip([Some(first), second])
+            .filter_map(|(half, row)| row.map(|row| (half, row)))
+            .collect();
+        let installation = rows.first().map(|(_, row)| row.0);
+        if rows.iter().any(|(_, row)| Some(row.0) != installation) {
+            return Err(LiveTokensError(
+                "the installation changed between the two halves of the standing read".into(),
+            ));
         }
+        let parts = |pick: fn(&StandingRow) -> &[i32]| -> Vec<(&[&TokenDigest], &[i32])> {
+            rows.iter().map(|(half, row)| (*half, pick(row))).collect()
+        };
+        let (live, owned, protected) = (parts(|r| &r.1), parts(|r| &r.2), parts(|r| &r.3));
+        // The live and owned sets are built at once for a large answer (two threads).
+        let (live, owned) = if crate::split::worth_two(wanted.len()) {
+            crate::split::both(|| digests_at(&live), || digests_at(&owned))
+        } else {
+            (digests_at(&live), digests_at(&owned))
+        };
+        let mut standings =
+            Standings::empty(InstallationId::from_uuid(installation.unwrap_or_default()));
+        standings.live = live?;
+        standings.owned = owned?;
+        standings.protected = digests_at(&protected)?;
         Ok(standings)
     }
 }
