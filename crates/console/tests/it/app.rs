@@ -51,16 +51,9 @@ impl Reply {
     }
 }
 
-pub async fn spawn_with(page_size: u32) -> App {
-    let db = keel_testkit::database().await;
-    let console = Arc::new(Console::new(
-        db.pool().clone(),
-        ConsoleConfig {
-            secure_cookies: false,
-            page_size,
-            ..ConsoleConfig::default()
-        },
-    ));
+/// A console over `pool` with `config`, serving on a free local port; returns its address.
+pub async fn serve(pool: sqlx::PgPool, config: ConsoleConfig) -> SocketAddr {
+    let console = Arc::new(Console::new(pool, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -68,6 +61,20 @@ pub async fn spawn_with(page_size: u32) -> App {
             .await
             .unwrap();
     });
+    addr
+}
+
+pub async fn spawn_with(page_size: u32) -> App {
+    let db = keel_testkit::database().await;
+    let addr = serve(
+        db.pool().clone(),
+        ConsoleConfig {
+            secure_cookies: false,
+            page_size,
+            ..ConsoleConfig::default()
+        },
+    )
+    .await;
     let (info, key) = keys::create(
         db.pool(),
         Scope::Operator,

@@ -1,10 +1,9 @@
 //! A console whose database cannot be reached says so (503, `Retry-After`) instead of failing
 //! as if a statement had gone wrong (500).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use keel_console::{Console, ConsoleConfig};
+use keel_console::ConsoleConfig;
 
 use crate::app;
 
@@ -20,21 +19,14 @@ async fn console_without_its_database(
     let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(2))
         .connect_lazy_with(options.host("127.0.0.1").port(closed));
-    let console = Arc::new(Console::new(
+    app::serve(
         pool,
         ConsoleConfig {
             secure_cookies: false,
             ..ConsoleConfig::default()
         },
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, keel_console::router(console))
-            .await
-            .unwrap();
-    });
-    addr
+    )
+    .await
 }
 
 #[tokio::test]
