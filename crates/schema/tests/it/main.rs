@@ -476,20 +476,47 @@ fn format_check_corpus() -> Vec<String> {
     corpus
 }
 
+/// The definition of constraint `name` of `table` (`CHECK (...)`, as the catalog prints it).
+async fn constraint_definition(pool: &sqlx::PgPool, table: &str, name: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c \
+         WHERE c.conname = $1 AND c.conrelid = to_regclass($2)",
+    )
+    .bind(name)
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{table}.{name} is missing: {e}"))
+}
+
+/// The `values` (as text) on which `expression`, a CHECK's expression over the column
+/// `column` of type `sql_type`, decides otherwise than `reference` (which may use `$2`, bound
+/// to `extra`). A NULL from the CHECK counts as accepted, as a CHECK does.
+async fn decided_otherwise(
+    pool: &sqlx::PgPool,
+    (column, sql_type): (&str, &str),
+    expression: &str,
+    reference: &str,
+    values: &[String],
+    extra: Option<&str>,
+) -> Vec<String> {
+    let sql = format!(
+        "SELECT {column}::text FROM unnest($1::{sql_type}[]) AS v({column}) \
+             WHERE coalesce({expression}, true) IS DISTINCT FROM ({reference})"
+    );
+    let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(values);
+    if let Some(extra) = extra {
+        query = query.bind(extra);
+    }
+    query.fetch_all(pool).await.unwrap()
+}
+
 #[tokio::test]
 async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted() {
     let db = keel_testkit::database().await;
     let corpus = format_check_corpus();
     for (table, name, column, pattern) in RESTATED_TEXT_CHECKS {
-        let definition: String = sqlx::query_scalar(
-            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c \
-             WHERE c.conname = $1 AND c.conrelid = to_regclass($2)",
-        )
-        .bind(name)
-        .bind(table)
-        .fetch_one(db.pool())
-        .await
-        .unwrap_or_else(|e| panic!("{table}.{name} is missing: {e}"));
+        let definition = constraint_definition(db.pool(), table, name).await;
         assert!(
             !definition.contains('{'),
             "{name} still repeats a pattern a bounded number of times: {definition}"
@@ -498,27 +525,26 @@ async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted(
             .strip_prefix("CHECK ")
             .unwrap_or_else(|| panic!("{name} is not a CHECK: {definition}"));
         // The CHECK's own expression, evaluated over the corpus bound to its column's name.
-        let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT {column} FROM unnest($1::text[]) AS v({column}) \
-                 WHERE coalesce({expression}, true) IS DISTINCT FROM ({column} ~ $2)"
-        )))
-        .bind(&corpus)
-        .bind(pattern)
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
+        let differing = decided_otherwise(
+            db.pool(),
+            (column, "text"),
+            expression,
+            &format!("{column} ~ $2"),
+            &corpus,
+            Some(pattern),
+        )
+        .await;
         assert!(
             differing.is_empty(),
             "{name} decides these values differently from {pattern:?}: {differing:?}"
         );
     }
-    let on_the_hour: String = sqlx::query_scalar(
-        "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
-         WHERE conname = 'rated_usage_window_start_on_the_hour'",
+    let on_the_hour = constraint_definition(
+        db.pool(),
+        "rated_usage",
+        "rated_usage_window_start_on_the_hour",
     )
-    .fetch_one(db.pool())
-    .await
-    .unwrap();
+    .await;
     let expression = on_the_hour.strip_prefix("CHECK ").unwrap();
     let times = [
         "2026-11-22T10:00:00Z",
@@ -532,16 +558,16 @@ async fn the_restated_format_checks_accept_exactly_what_their_patterns_accepted(
         "1960-01-01T00:00:01Z",
         "2200-06-30T05:00:00Z",
     ];
-    let differing: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT window_start::text FROM unnest($1::timestamptz[]) AS v(window_start) \
-             WHERE coalesce({expression}, true) IS DISTINCT FROM \
-                   (extract(epoch FROM window_start) \
-                    = floor(extract(epoch FROM window_start) / 3600) * 3600)"
-    )))
-    .bind(times.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>())
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
+    let times: Vec<String> = times.iter().map(|t| (*t).to_owned()).collect();
+    let differing = decided_otherwise(
+        db.pool(),
+        ("window_start", "timestamptz"),
+        expression,
+        "extract(epoch FROM window_start) = floor(extract(epoch FROM window_start) / 3600) * 3600",
+        &times,
+        None,
+    )
+    .await;
     assert!(
         differing.is_empty(),
         "the on-the-hour CHECK decides these differently from the epoch arithmetic: {differing:?}"
