@@ -943,15 +943,24 @@ mod tests {
         views(report).iter().map(|c| c.action).collect()
     }
 
+    /// An audit-only world whose inventory is large enough for a tick to work in two halves:
+    /// orphans named `<tag>` and a counter, three hours old; returns the world and its items.
+    fn large_world(tag: &str) -> (World, Vec<InventoryItem>) {
+        let w = world(audit_only(), false);
+        let items: Vec<InventoryItem> = (0..crate::split::PARALLEL_ABOVE + 1_904)
+            .map(|i| orphan(&format!("{tag}{i:09}")))
+            .collect();
+        w.inventory.set(items.clone());
+        (w, items)
+    }
+
     /// A large audit-only tick works in two halves at once (`split`): the review list is still
     /// in inventory order and every candidate still gets exactly one INFO line, written to the
     /// tick's own subscriber whichever thread formats it.
     #[tokio::test]
     async fn a_large_tick_lists_every_candidate_in_order_with_one_line_each() {
-        let n = crate::split::PARALLEL_ABOVE + 1_904;
-        let mut w = world(audit_only(), false);
-        let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("lrg{i:09}"))).collect();
-        w.inventory.set(items.clone());
+        let (mut w, items) = large_world("lrg");
+        let n = items.len();
         let captured = Captured::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -1006,10 +1015,8 @@ mod tests {
     /// its own sighting, stored in inventory order, and the next period continues each run.
     #[tokio::test]
     async fn a_large_tick_advances_every_sighting_in_inventory_order() {
-        let n = crate::split::PARALLEL_ABOVE + 1_904;
-        let mut w = world(audit_only(), false);
-        let items: Vec<InventoryItem> = (0..n).map(|i| orphan(&format!("adv{i:09}"))).collect();
-        w.inventory.set(items.clone());
+        let (mut w, items) = large_world("adv");
+        let n = items.len();
         let digests: Vec<String> = items
             .iter()
             .map(|item| {
