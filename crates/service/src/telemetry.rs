@@ -115,94 +115,170 @@ where
         if in_span || meta.fields().field("log.target").is_some() {
             return self.stock.format_event(ctx, writer, event);
         }
+        // The line is built in a buffer of its own, with direct appends, and handed to the
+        // subscriber's writer in one piece: one call through its `dyn Write` a line instead of
+        // one for every key, colon and quote.
+        let mut line = String::with_capacity(LINE_CAPACITY);
         let now = time::OffsetDateTime::now_utc();
-        write!(
-            writer,
-            "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"{}\"",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second(),
-            now.microsecond(),
-            meta.level().as_str(),
-        )?;
+        line.push_str("{\"timestamp\":\"");
+        push_padded(&mut line, u32::try_from(now.year()).unwrap_or_default(), 4);
+        line.push('-');
+        push_padded(&mut line, u32::from(u8::from(now.month())), 2);
+        line.push('-');
+        push_padded(&mut line, u32::from(now.day()), 2);
+        line.push('T');
+        push_padded(&mut line, u32::from(now.hour()), 2);
+        line.push(':');
+        push_padded(&mut line, u32::from(now.minute()), 2);
+        line.push(':');
+        push_padded(&mut line, u32::from(now.second()), 2);
+        line.push('.');
+        push_padded(&mut line, now.microsecond(), 6);
+        line.push_str("Z\",\"level\":\"");
+        line.push_str(meta.level().as_str());
+        line.push('"');
         let mut fields = JsonFieldsWriter {
-            out: &mut writer,
+            out: &mut line,
             result: Ok(()),
         };
         event.record(&mut fields);
         fields.result?;
-        writer.write_str(",\"target\":")?;
-        json_str(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+        line.push_str(",\"target\":");
+        json_str(&mut line, meta.target());
+        line.push_str("}\n");
+        writer.write_str(&line)
+    }
+}
+
+/// Room for a typical line, so building one rarely grows its buffer.
+const LINE_CAPACITY: usize = 512;
+
+/// Appends `value` in decimal, with leading zeros up to `width` digits (as `{:0width$}` does
+/// for these non-negative values).
+fn push_padded(out: &mut String, value: u32, width: usize) {
+    push_decimal(out, false, u64::from(value), width);
+}
+
+/// Appends `-` if `negative`, then `magnitude` in decimal with leading zeros up to `width`
+/// characters in all (as `{:0width$}` writes an integer).
+fn push_decimal(out: &mut String, negative: bool, magnitude: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut rest = magnitude;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b"0123456789"[usize::try_from(rest % 10).unwrap_or_default()];
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if negative {
+        out.push('-');
+    }
+    let len = digits.len() - start + usize::from(negative);
+    for _ in len..width {
+        out.push('0');
+    }
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
     }
 }
 
 /// Writes each field of an event as `,"name":value`, values as the stock JSON format writes
 /// them: booleans, integers and floats as JSON numbers and literals, everything else as the
 /// string of its `Debug` form.
-struct JsonFieldsWriter<'a, 'w> {
-    out: &'a mut tracing_subscriber::fmt::format::Writer<'w>,
+struct JsonFieldsWriter<'a> {
+    out: &'a mut String,
     result: std::fmt::Result,
 }
 
-impl JsonFieldsWriter<'_, '_> {
-    fn entry(
-        &mut self,
-        field: &tracing::field::Field,
-        value: impl FnOnce(&mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result,
-    ) {
-        if self.result.is_ok() {
-            self.result = self
-                .out
-                .write_char(',')
-                .and_then(|()| json_str(self.out, field.name()))
-                .and_then(|()| self.out.write_char(':'))
-                .and_then(|()| value(self.out));
-        }
+impl JsonFieldsWriter<'_> {
+    /// Appends `,"name":` then the value `value` appends.
+    fn entry(&mut self, field: &tracing::field::Field, value: impl FnOnce(&mut String)) {
+        self.out.push(',');
+        json_str(self.out, field.name());
+        self.out.push(':');
+        value(self.out);
     }
 }
 
-impl tracing::field::Visit for JsonFieldsWriter<'_, '_> {
+impl tracing::field::Visit for JsonFieldsWriter<'_> {
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.entry(field, |w| w.write_str(if value { "true" } else { "false" }));
+        self.entry(field, |out| {
+            out.push_str(if value { "true" } else { "false" })
+        });
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.entry(field, |w| write!(w, "{value}"));
+        self.entry(field, |out| push_decimal(out, false, value, 0));
     }
 
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.entry(field, |w| write!(w, "{value}"));
+        self.entry(field, |out| {
+            push_decimal(out, value < 0, value.unsigned_abs(), 0)
+        });
     }
 
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
         // As serde_json writes it (shortest round-trip form; `null` when not finite).
-        self.entry(field, |w| {
-            w.write_str(&serde_json::to_string(&value).map_err(|_| std::fmt::Error)?)
-        });
+        match serde_json::to_string(&value) {
+            Ok(text) => self.entry(field, |out| out.push_str(&text)),
+            Err(_) => self.result = Err(std::fmt::Error),
+        }
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.entry(field, |w| json_str(w, value));
+        self.entry(field, |out| json_str(out, value));
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.entry(field, |w| {
-            w.write_char('"')?;
-            write!(JsonEscaped(&mut *w), "{value:?}")?;
-            w.write_char('"')
+        let mut result = Ok(());
+        self.entry(field, |out| {
+            out.push('"');
+            result = write!(JsonEscaped(&mut *out), "{value:?}");
+            out.push('"');
         });
+        if result.is_err() {
+            self.result = result;
+        }
     }
 }
 
-/// `text` as a JSON string.
-fn json_str(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
-    out.write_char('"')?;
-    JsonEscaped(&mut *out).write_str(text)?;
-    out.write_char('"')
+/// Appends `text` as a JSON string.
+fn json_str(out: &mut String, text: &str) {
+    out.push('"');
+    escape_into(out, text);
+    out.push('"');
+}
+
+/// Appends `text` escaped as the inside of a JSON string (see [`JsonEscaped`]).
+fn escape_into(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        let escape: &str = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&text[start..i]);
+        if escape.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
 }
 
 /// Escapes what it is given as the inside of a JSON string, as serde_json does: `"` and `\\`,
@@ -210,40 +286,10 @@ fn json_str(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
 /// (lower-case hex) for the other control characters; everything else as it is.
 struct JsonEscaped<W>(W);
 
-impl<W: std::fmt::Write> std::fmt::Write for JsonEscaped<W> {
+impl std::fmt::Write for JsonEscaped<&mut String> {
     fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut start = 0;
-        for (i, byte) in text.bytes().enumerate() {
-            let escape: &str = match byte {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0x08 => "\\b",
-                0x0c => "\\f",
-                0x00..=0x1f => "",
-                _ => continue,
-            };
-            self.0.write_str(&text[start..i])?;
-            if escape.is_empty() {
-                let code = [
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[usize::from(byte >> 4)],
-                    HEX[usize::from(byte & 0x0f)],
-                ];
-                self.0
-                    .write_str(std::str::from_utf8(&code).map_err(|_| std::fmt::Error)?)?;
-            } else {
-                self.0.write_str(escape)?;
-            }
-            start = i + 1;
-        }
-        self.0.write_str(&text[start..])
+        escape_into(self.0, text);
+        Ok(())
     }
 }
 
@@ -359,6 +405,14 @@ mod tests {
             "wide integers"
         );
         tracing::info!(only = 1_u64);
+        tracing::info!(
+            zero = 0_u64,
+            max = u64::MAX,
+            min = i64::MIN,
+            minus_one = -1_i64,
+            ten = 10_i64,
+            "integer edges"
+        );
         tracing::debug!(target: "custom::target", "a target of its own");
         tracing::trace!(empty = "", "trace level");
         let span = tracing::info_span!("request", request_id = "req-1", n = 2_u64);
@@ -402,7 +456,7 @@ mod tests {
         };
         let (stock_lines, our_lines): (Vec<&str>, Vec<&str>) =
             (stock.lines().collect(), ours.lines().collect());
-        assert_eq!(stock_lines.len(), 11, "{stock}");
+        assert_eq!(stock_lines.len(), 12, "{stock}");
         assert_eq!(our_lines.len(), stock_lines.len(), "{ours}");
         assert!(stock.ends_with('\n') && ours.ends_with('\n'));
         for (stock_line, our_line) in stock_lines.iter().zip(&our_lines) {
@@ -422,6 +476,16 @@ mod tests {
             };
             assert!(
                 shape(&stock_time) && shape(&our_time),
+                "{stock_time} / {our_time}"
+            );
+            // And the same instant, give or take the run of the test: every part in its place.
+            let parse = |t: &str| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|e| panic!("{t}: {e}"))
+            };
+            let apart = (parse(&our_time) - parse(&stock_time)).abs();
+            assert!(
+                apart < time::Duration::minutes(1),
                 "{stock_time} / {our_time}"
             );
         }
