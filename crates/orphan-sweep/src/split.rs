@@ -36,7 +36,12 @@ pub(crate) fn map_ref<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync)
     }
     let (a, b) = items.split_at(items.len() / 2);
     let (mut a, b) = both(
-        || a.iter().map(&f).collect::<Vec<U>>(),
+        // The first half's list has room for both, so joining them copies the second only.
+        || {
+            let mut out = Vec::with_capacity(items.len());
+            out.extend(a.iter().map(&f));
+            out
+        },
         || b.iter().map(&f).collect::<Vec<U>>(),
     );
     a.extend(b);
@@ -45,16 +50,19 @@ pub(crate) fn map_ref<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync)
 
 /// `f` over `items` (taken by value) in order, in two halves at once when [`worth_two`].
 pub(crate) fn map_owned<T: Send, U: Send>(mut items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
-    let run = |items: Vec<T>| {
-        let mut out = Vec::with_capacity(items.len());
+    let run = |items: Vec<T>, room: usize| {
+        let mut out = Vec::with_capacity(room);
         out.extend(items.into_iter().map(&f));
         out
     };
-    if !worth_two(items.len()) {
-        return run(items);
+    let len = items.len();
+    if !worth_two(len) {
+        return run(items, len);
     }
-    let second = items.split_off(items.len() / 2);
-    let (mut a, b) = both(|| run(items), || run(second));
+    let second = items.split_off(len / 2);
+    let second_len = second.len();
+    // The first half's list has room for both, so joining them copies the second only.
+    let (mut a, b) = both(|| run(items, len), || run(second, second_len));
     a.extend(b);
     a
 }
