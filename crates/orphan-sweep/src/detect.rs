@@ -364,7 +364,6 @@ pub(crate) fn detect_classified(
         let owned = digest
             .as_ref()
             .is_some_and(|digest| standings.owned.contains(digest.as_ref()));
-        drop(digest);
         Some(Candidate {
             kind: classified.kind,
             backend: classified.backend,
