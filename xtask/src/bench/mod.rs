@@ -73,6 +73,7 @@ fn dispatch(args: &[String]) -> anyhow::Result<()> {
         Some("rater") => rater::bench(&args[1..]),
         Some("audit") => audit::bench(count_flag(&args[1..], "--rows", 10_000_000)?),
         Some("orphan-sweep") => orphan_sweep::bench(&args[1..]),
+        Some(orphan_sweep::COLD_TICK) => orphan_sweep::cold_tick(&args[1..]),
         Some("provision") => provision::bench(
             count_flag(&args[1..], "--resources", 2_000)?,
             count_flag(&args[1..], "--concurrent", 200)?,

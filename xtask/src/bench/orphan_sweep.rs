@@ -8,8 +8,10 @@
 //! (BENCH-7); both sides run the same number of ticks through the shared harness
 //! ([`super::fair`]: alternating order, median and min–max of the rounds, machine and settings
 //! printed), each side with its own sweeper, and each tick's peak resident memory growth is
-//! sampled the same way (BENCH-8). Every tick's candidates are checked before a figure is
-//! printed.
+//! sampled the same way (BENCH-8). The rounds run in one process, whose first tick (always the
+//! first side's) grows a fresh heap; so each side's first tick is also measured on its own, in a
+//! fresh process per tick, in alternating order. Every tick's candidates are checked before a
+//! figure is printed.
 
 use std::time::{Duration, Instant};
 
@@ -174,29 +176,11 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
 
         // A quarter of the inventory names live rows, a quarter deleted rows (every 10th row is
         // deleted), half names tokens with no row at all: the last three are candidates.
-        let created = OffsetDateTime::now_utc() - time::Duration::hours(3);
-        let named = |i: u64| match i % 4 {
-            0 => i / 4 * 10 + 1,
-            1 => i / 4 * 10 + 10,
-            _ => rows + i,
-        };
-        let inventory: Vec<InventoryItem> = (0..items)
-            .map(|i| {
-                InventoryItem::new(format!("cust_t{:011}", named(i)))
-                    .with_created_at(created)
-                    .with_label(
-                        keel_orphan_sweep::MANAGED_BY_LABEL,
-                        keel_orphan_sweep::MANAGED_BY,
-                    )
-            })
-            .collect();
+        let inventory = inventory(items, rows);
         let deleted_rows = (0..items).filter(|i| i % 4 == 1).count();
-        let expected = (0..items).filter(|i| i % 4 != 0).count();
-        let config = SweepConfig {
-            enabled: true,
-            ..SweepConfig::default()
-        };
-        let key = FingerprintKey::new(*b"bench-fingerprint-key")?;
+        let expected = expected_candidates(items);
+        let config = sweep_config();
+        let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
 
         let mut keel = Sweeper::new(
@@ -257,6 +241,169 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
                 );
             }
         }
+        cold_rounds(&server.url_for("bench_orphan"), items, rows, pairs).await
+    })
+}
+
+/// The inventory both sides list: `items` managed databases, three hours old. A quarter name
+/// live rows and a quarter deleted rows (every 10th row is deleted), half name tokens with no
+/// row at all: the last three quarters are candidates.
+fn inventory(items: u64, rows: u64) -> Vec<InventoryItem> {
+    let created = OffsetDateTime::now_utc() - time::Duration::hours(3);
+    let named = |i: u64| match i % 4 {
+        0 => i / 4 * 10 + 1,
+        1 => i / 4 * 10 + 10,
+        _ => rows + i,
+    };
+    (0..items)
+        .map(|i| {
+            InventoryItem::new(format!("cust_t{:011}", named(i)))
+                .with_created_at(created)
+                .with_label(
+                    keel_orphan_sweep::MANAGED_BY_LABEL,
+                    keel_orphan_sweep::MANAGED_BY,
+                )
+        })
+        .collect()
+}
+
+/// How many of [`inventory`]'s items are candidates.
+fn expected_candidates(items: u64) -> usize {
+    (0..items).filter(|i| i % 4 != 0).count()
+}
+
+/// Both sides' sweep configuration: enabled, audit-only.
+fn sweep_config() -> SweepConfig {
+    SweepConfig {
+        enabled: true,
+        ..SweepConfig::default()
+    }
+}
+
+const FINGERPRINT_KEY: &[u8; 21] = b"bench-fingerprint-key";
+
+/// The environment variable that hands a cold tick's process the database URL (kept out of its
+/// command line).
+const COLD_URL_ENV: &str = "KEEL_BENCH_ORPHAN_SWEEP_URL";
+
+/// Each side's first tick in a process of its own, `pairs` times in alternating order: the
+/// process's first tick grows a fresh heap, which the rounds above give to whichever side runs
+/// first. Each process builds the same inventory, connects, then runs one measured tick.
+async fn cold_rounds(url: &str, items: u64, rows: u64, pairs: u64) -> anyhow::Result<()> {
+    println!(
+        "\n  first tick of a fresh process, one process per tick, {pairs} rounds (the inventory is \
+         built and the pool connected before the tick):"
+    );
+    let exe = std::env::current_exe().context("cannot find this program to run a cold tick")?;
+    let mut growth: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let samples = fair::alternate(&SIDES, pairs, async |side, _round| {
+        let mut command = std::process::Command::new(&exe);
+        command
+            .args(["bench", COLD_TICK, "--side", &side.to_string()])
+            .args(["--items", &items.to_string(), "--rows", &rows.to_string()])
+            .env(COLD_URL_ENV, url);
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await?
+            .context("could not run a cold tick")?;
+        ensure!(
+            out.status.success(),
+            "the cold tick of {} failed: {}",
+            SIDES[side],
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut figures = text.split_whitespace().map(str::parse::<f64>);
+        let (Some(Ok(ms)), Some(Ok(kib))) = (figures.next(), figures.next()) else {
+            anyhow::bail!("the cold tick of {} answered {text:?}", SIDES[side]);
+        };
+        growth[side].push(kib / 1024.0);
+        Ok(ms)
+    })
+    .await?;
+    fair::report(
+        &SIDES,
+        &samples,
+        "ms per first tick",
+        Better::Lower,
+        "(the same goals, for a process's first tick)",
+    );
+    for (name, grown) in SIDES.iter().zip(&growth) {
+        if let Some(s) = fair::Summary::of(grown) {
+            println!(
+                "  peak RSS growth of a first tick, {name:<31} median {:.1} MiB   min–max {:.1}–{:.1}",
+                s.median, s.min, s.max
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The subcommand that runs one cold tick (see [`cold_rounds`]); not for use on its own.
+pub const COLD_TICK: &str = "orphan-sweep-cold-tick";
+
+/// Runs one side's tick in this fresh process and prints its time in milliseconds and its peak
+/// resident memory growth in KiB.
+pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
+    const COLD_USAGE: &str = "cargo xtask bench orphan-sweep-cold-tick --side 0|1 --items N --rows N \
+                              (run by `bench orphan-sweep`, with the database URL in its environment)";
+    let side = args
+        .iter()
+        .position(|a| a == "--side")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&s| s < SIDES.len())
+        .with_context(|| format!("--side takes 0 (Keel) or 1 (baseline)\n{COLD_USAGE}"))?;
+    let items = fair::flag(args, "--items", 100_000, COLD_USAGE)?;
+    let rows = fair::flag(args, "--rows", 1_000_000, COLD_USAGE)?;
+    let url = std::env::var(COLD_URL_ENV)
+        .with_context(|| format!("{COLD_URL_ENV} is not set\n{COLD_USAGE}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let options: sqlx::postgres::PgConnectOptions =
+            url.parse().context("the database URL does not parse")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        // Both sides get their connections before the clock starts (Keel's read uses two).
+        let held = (pool.acquire().await?, pool.acquire().await?);
+        drop(held);
+        let inventory = inventory(items, rows);
+        let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
+        let now = OffsetDateTime::now_utc();
+        let (elapsed, grown, report) = if side == 0 {
+            let mut keel = Sweeper::new(
+                Listed(inventory),
+                PgLiveTokens::new(pool.clone()),
+                None::<NoReclaimer>,
+                MemoryState::new(),
+                sweep_config(),
+                SweepMetrics::register(&mut Registry::default()),
+                key,
+            );
+            measured_tick(&mut keel, now).await
+        } else {
+            let mut baseline = Sweeper::new(
+                Listed(inventory),
+                PerToken(pool.clone()),
+                None::<NoReclaimer>,
+                MemoryState::new(),
+                sweep_config(),
+                SweepMetrics::register(&mut Registry::default()),
+                key,
+            );
+            measured_tick(&mut baseline, now).await
+        };
+        let expected = expected_candidates(items);
+        ensure!(
+            candidates(&report) == expected,
+            "{} found {} candidates, expected {expected}",
+            SIDES[side],
+            candidates(&report)
+        );
+        println!("{:.3} {grown}", elapsed.as_secs_f64() * 1000.0);
         Ok(())
     })
 }
