@@ -179,28 +179,15 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         let inventory = inventory(items, rows);
         let deleted_rows = (0..items).filter(|i| i % 4 == 1).count();
         let expected = expected_candidates(items);
-        let config = sweep_config();
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
 
-        let mut keel = Sweeper::new(
-            Listed(inventory.clone()),
+        let mut keel = sweeper(
+            inventory.clone(),
             PgLiveTokens::new(pool.clone()),
-            None::<NoReclaimer>,
-            MemoryState::new(),
-            config.clone(),
-            SweepMetrics::register(&mut Registry::default()),
             key.clone(),
         );
-        let mut baseline = Sweeper::new(
-            Listed(inventory),
-            PerToken(pool.clone()),
-            None::<NoReclaimer>,
-            MemoryState::new(),
-            config,
-            SweepMetrics::register(&mut Registry::default()),
-            key,
-        );
+        let mut baseline = sweeper(inventory, PerToken(pool.clone()), key);
         let mut growth: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
         let samples = fair::alternate(&SIDES, pairs, async |side, round| {
             // One tick per hourly period (a second tick in the same period is skipped).
@@ -270,6 +257,24 @@ fn inventory(items: u64, rows: u64) -> Vec<InventoryItem> {
 /// How many of [`inventory`]'s items are candidates.
 fn expected_candidates(items: u64) -> usize {
     (0..items).filter(|i| i % 4 != 0).count()
+}
+
+/// A sweeper over `inventory` reading standings through `live`, audit-only, with its own
+/// in-memory state and metrics: how each side is built.
+fn sweeper<L: LiveTokens>(
+    inventory: Vec<InventoryItem>,
+    live: L,
+    key: FingerprintKey,
+) -> Sweeper<Listed, L, NoReclaimer, MemoryState> {
+    Sweeper::new(
+        Listed(inventory),
+        live,
+        None::<NoReclaimer>,
+        MemoryState::new(),
+        sweep_config(),
+        SweepMetrics::register(&mut Registry::default()),
+        key,
+    )
 }
 
 /// Both sides' sweep configuration: enabled, audit-only.
@@ -374,27 +379,13 @@ pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
         let (elapsed, grown, report) = if side == 0 {
-            let mut keel = Sweeper::new(
-                Listed(inventory),
-                PgLiveTokens::new(pool.clone()),
-                None::<NoReclaimer>,
-                MemoryState::new(),
-                sweep_config(),
-                SweepMetrics::register(&mut Registry::default()),
-                key,
-            );
-            measured_tick(&mut keel, now).await
+            measured_tick(
+                &mut sweeper(inventory, PgLiveTokens::new(pool.clone()), key),
+                now,
+            )
+            .await
         } else {
-            let mut baseline = Sweeper::new(
-                Listed(inventory),
-                PerToken(pool.clone()),
-                None::<NoReclaimer>,
-                MemoryState::new(),
-                sweep_config(),
-                SweepMetrics::register(&mut Registry::default()),
-                key,
-            );
-            measured_tick(&mut baseline, now).await
+            measured_tick(&mut sweeper(inventory, PerToken(pool.clone()), key), now).await
         };
         let expected = expected_candidates(items);
         ensure!(
