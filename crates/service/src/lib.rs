@@ -207,6 +207,21 @@ pub async fn warn_unless_least_privilege(conn: &mut PgConnection, context: &'sta
     }
 }
 
+/// An error that is only its message, for tests that need an error value.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct TestError(pub(crate) &'static str);
+
+#[cfg(test)]
+impl std::fmt::Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+#[cfg(test)]
+impl std::error::Error for TestError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,15 +322,7 @@ mod tests {
     #[test]
     fn the_error_chain_skips_causes_their_parent_repeats() {
         #[derive(Debug)]
-        struct Inner;
-        impl std::fmt::Display for Inner {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("password authentication failed")
-            }
-        }
-        impl std::error::Error for Inner {}
-        #[derive(Debug)]
-        struct Outer(Inner);
+        struct Outer(TestError);
         impl std::fmt::Display for Outer {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 write!(f, "error returned from database: {}", self.0)
@@ -326,7 +333,8 @@ mod tests {
                 Some(&self.0)
             }
         }
-        let err = anyhow::Error::new(Outer(Inner)).context("could not connect");
+        let err = anyhow::Error::new(Outer(TestError("password authentication failed")))
+            .context("could not connect");
         assert_eq!(
             error_chain(&err),
             "could not connect: error returned from database: password authentication failed"

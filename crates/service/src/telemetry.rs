@@ -372,15 +372,7 @@ mod tests {
     /// once through the subscriber's: field values of every type, escapes, levels, targets,
     /// events in a span and with an explicit parent.
     fn battery() {
-        #[derive(Debug)]
-        struct Failure;
-        impl std::fmt::Display for Failure {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("it \"failed\"\n")
-            }
-        }
-        impl std::error::Error for Failure {}
-        let failure = Failure;
+        let failure = crate::TestError("it \"failed\"\n");
         tracing::info!("plain message");
         tracing::info!(
             kind = "unowned",
