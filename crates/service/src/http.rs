@@ -459,15 +459,23 @@ mod tests {
     use prometheus_client::metrics::histogram::Histogram;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn get_with(addr: SocketAddr, path: &str, accept: Option<&str>) -> String {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    async fn try_get_with(
+        addr: SocketAddr,
+        path: &str,
+        accept: Option<&str>,
+    ) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: keel\r\n{accept}Connection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    async fn get_with(addr: SocketAddr, path: &str, accept: Option<&str>) -> String {
+        try_get_with(addr, path, accept).await.unwrap()
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
@@ -534,18 +542,12 @@ mod tests {
     /// listener of a test running beside this one has been given the freed port since, what
     /// answers there does not show `marker` (a metric only the stopped server had).
     async fn assert_closed(addr: SocketAddr, marker: &str) {
-        let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-            return;
-        };
-        let request = "GET /metrics HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n";
-        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            stream.write_all(request.as_bytes()).await.ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.ok()?;
-            Some(response)
-        })
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            try_get_with(addr, "/metrics", None),
+        )
         .await;
-        if let Ok(Some(response)) = answer {
+        if let Ok(Ok(response)) = answer {
             assert!(
                 !response.contains(marker),
                 "the stopped server still answers: {response}"
