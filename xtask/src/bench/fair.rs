@@ -67,7 +67,9 @@ pub fn flag(args: &[String], flag: &str, default: u64, usage: &str) -> anyhow::R
 /// The server settings every side of a bench runs under, as `name=value` pairs.
 pub async fn server_settings(pool: &sqlx::PgPool) -> anyhow::Result<String> {
     let settings: Vec<(String, String)> = sqlx::query_as(
-        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
+        // `current_setting` gives each value with its unit as the server reads it (`1GB`);
+        // `setting` is a count of the unit (`131072` of `8kB`), so the two may not be joined.
+        "SELECT name, current_setting(name) FROM pg_settings WHERE name IN \
          ('shared_buffers', 'work_mem', 'fsync', 'synchronous_commit', 'full_page_writes', \
           'max_parallel_workers_per_gather', 'jit', 'autovacuum') ORDER BY name",
     )
