@@ -5,7 +5,8 @@
 //! Fair by construction: both sides log through the production JSON subscriber into a sink, so
 //! every per-candidate line is formatted (BENCH-5); a quarter of the inventory names deleted
 //! rows, a quarter live rows and half no row at all, so the deleted-row path is exercised
-//! (BENCH-7); both sides run the same number of ticks through the shared harness
+//! (BENCH-7); the databases are named as keel-provision names them (`cust_<digest>`), one in 20
+//! by the legacy `cust_<token>`; both sides run the same number of ticks through the shared harness
 //! ([`super::fair`]: alternating order, median and min–max of the rounds, machine and settings
 //! printed), each side with its own sweeper, and each tick's peak resident memory growth is
 //! sampled the same way (BENCH-8). The rounds run in one process, whose first tick (always the
@@ -16,13 +17,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use keel_audit::Token;
 use keel_orphan_sweep::postgres::PgLiveTokens;
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens,
     LiveTokensError, MemoryState, Reclaimer, Standings, SweepConfig, SweepMetrics, Sweeper,
     TickReport,
 };
-use keel_provision::{InstallationId, Provisioner, TokenDigest};
+use keel_provision::{DatabaseName, InstallationId, Provisioner, TokenDigest};
 use keel_testkit::PgServer;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
@@ -223,8 +225,11 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
 
         // A quarter of the inventory names live rows, a quarter deleted rows (every 10th row is
         // deleted), half names tokens with no row at all: the last three are candidates.
-        let inventory = inventory(items, rows);
+        let inventory = inventory(items, rows)?;
         let deleted_rows = (0..items).filter(|i| i % 4 == 1).count();
+        let legacy = (0..items)
+            .filter(|i| i % LEGACY_EVERY == LEGACY_EVERY - 1)
+            .count();
         let expected = expected_candidates(items);
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
@@ -256,7 +261,8 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         .await?;
         println!(
             "\n  {expected} candidates per tick, checked on every tick (audit-only; \
-             {deleted_rows} of them name deleted rows), one JSON log line each"
+             {deleted_rows} of them name deleted rows), one JSON log line each; databases named \
+             cust_<digest>, {legacy} of the {items} by the legacy cust_<token>"
         );
         fair::report(
             &SIDES,
@@ -282,7 +288,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
 /// The inventory both sides list: `items` managed databases, three hours old. A quarter name
 /// live rows and a quarter deleted rows (every 10th row is deleted), half name tokens with no
 /// row at all: the last three quarters are candidates.
-fn inventory(items: u64, rows: u64) -> Vec<InventoryItem> {
+fn inventory(items: u64, rows: u64) -> anyhow::Result<Vec<InventoryItem>> {
     let created = OffsetDateTime::now_utc() - time::Duration::hours(3);
     let named = |i: u64| match i % 4 {
         0 => i / 4 * 10 + 1,
@@ -291,15 +297,28 @@ fn inventory(items: u64, rows: u64) -> Vec<InventoryItem> {
     };
     (0..items)
         .map(|i| {
-            InventoryItem::new(format!("cust_t{:011}", named(i)))
+            let token = Token::parse(&format!("t{:011}", named(i)))
+                .map_err(|_| anyhow::anyhow!("a bench token does not parse"))?;
+            // As keel-provision names a database today (`cust_<digest>`), and one in
+            // LEGACY_EVERY by the legacy name `cust_<token>` of a database made before that.
+            let name = if i % LEGACY_EVERY == LEGACY_EVERY - 1 {
+                DatabaseName::legacy_for_token(&token)
+            } else {
+                DatabaseName::for_token(&token)
+            };
+            Ok(InventoryItem::new(name.expose())
                 .with_created_at(created)
                 .with_label(
                     keel_orphan_sweep::MANAGED_BY_LABEL,
                     keel_orphan_sweep::MANAGED_BY,
-                )
+                ))
         })
         .collect()
 }
+
+/// One inventory item in this many keeps a legacy `cust_<token>` name (the rest are named by
+/// their token's digest), so both naming paths are exercised.
+const LEGACY_EVERY: u64 = 20;
 
 /// How many of [`inventory`]'s items are candidates.
 fn expected_candidates(items: u64) -> usize {
@@ -422,7 +441,7 @@ pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
         // Both sides get their connections before the clock starts (Keel's read uses two).
         let held = (pool.acquire().await?, pool.acquire().await?);
         drop(held);
-        let inventory = inventory(items, rows);
+        let inventory = inventory(items, rows)?;
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
         let (elapsed, grown, report) = if side == 0 {
