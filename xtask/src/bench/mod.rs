@@ -24,7 +24,7 @@ mod rater;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] [--pairs N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N] [--pairs N] | console [--audit-rows N] [--dead-letters N] | audit [--rows N]";
+const USAGE: &str = "usage: cargo xtask bench propagation [--rows N] [--pairs N] | rater [--events N] [--pairs N] | provision [--resources N] [--concurrent N] [--pairs N] | orphan-sweep [--items N] [--rows N] [--pairs N] [--shared-buffers SIZE] | console [--audit-rows N] [--dead-letters N] | audit [--rows N]";
 
 /// Runs `cargo xtask bench …`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
