@@ -634,3 +634,58 @@ async fn a_status_change_of_a_resource_is_a_heap_only_update() {
     tx.rollback().await.unwrap();
     assert_eq!((updated, heap_only), (4, 4), "(updates, heap-only updates)");
 }
+
+/// Every audited write pays for each index of the trail, so each one must serve a lookup that is
+/// made: this list names the reader of each. `event_uuid` in particular is never looked up (an
+/// export's consumer keys on it in its own store) and its values are random, so indexing it put
+/// every write's entry on a random page of an index as large as the trail.
+#[tokio::test]
+async fn every_index_of_the_audit_trail_serves_a_lookup_that_is_made() {
+    let db = keel_testkit::database().await;
+    let mut indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'audit_events'::regclass",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    indexes.sort();
+    let served = [
+        // `keel-audit list --actor`.
+        "audit_events_actor_ix",
+        // Commit order: sealing, verification, `keel-audit list`, the commit-order reader.
+        "audit_events_commit_order_ix",
+        // `keel-audit list --kind`.
+        "audit_events_kind_commit_ix",
+        // The runbooks' queries: one kind over a recent span of `occurred_at`.
+        "audit_events_kind_ix",
+        // (id, recorded_at): the primary key.
+        "audit_events_pkey",
+        // `keel-audit list --since/--until`; the console's recent page-severity rows.
+        "audit_events_recorded_ix",
+        // `keel-audit list --request-id`.
+        "audit_events_request_ix",
+        // `keel-audit list --resource`, the console's resource history.
+        "audit_events_resource_ix",
+        // `keel-audit list --team`.
+        "audit_events_team_ix",
+        // The deprovision chokepoint's "already recorded" check of a refused reclaim.
+        "audit_events_token_fingerprint_ix",
+    ];
+    assert_eq!(
+        indexes, served,
+        "an index of the trail that no lookup uses, or one missing"
+    );
+    let on_event_uuid: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+         WHERE c.relname LIKE 'audit_events%' \
+           AND (SELECT attnum FROM pg_attribute \
+                 WHERE attrelid = i.indrelid AND attname = 'event_uuid') = ANY (i.indkey::int2[])",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        on_event_uuid, 0,
+        "no partition of the trail indexes event_uuid"
+    );
+}
