@@ -6,6 +6,13 @@
 //! and `key: value` forms of secret words, bearer/basic/token authorization, JWTs, cloud and
 //! SaaS key formats, private key material and Keel's own backend names that embed a token.
 //! Shapes are what the screen refuses; it is not a proof that no secret passes.
+//!
+//! Every audited write screens each of its values, so the fixed strings the screen looks for
+//! are compiled into searchers once per process ([`Needles`]), not once per search.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::{FindIter, Finder};
 
 /// Words that make an attribute key name a secret (as one `_`-separated word of the key).
 const SECRET_KEY_WORDS: &[&str] = &[
@@ -230,6 +237,58 @@ const TOKEN_PREFIXES: &[&str] = &[
     "pypi-",
 ];
 
+/// The fixed strings the screen searches for, each compiled once into a searcher.
+struct Needles {
+    schemes: Vec<Finder<'static>>,
+    assign_words: Vec<Finder<'static>>,
+    authorization_schemes: Vec<Finder<'static>>,
+    token_prefixes: Vec<Finder<'static>>,
+    pem_begin: Finder<'static>,
+    private_key: Finder<'static>,
+    openssh: Finder<'static>,
+    pem_private_key_end: Finder<'static>,
+    openssh_key_base64: Finder<'static>,
+    slack_hook: Finder<'static>,
+    backend_name: Finder<'static>,
+    url_scheme_separator: Finder<'static>,
+    aws_key_prefixes: [Finder<'static>; 2],
+}
+
+/// The schemes of an authorization header value.
+const AUTHORIZATION_SCHEMES: &[&str] = &["bearer", "basic", "token", "authorization"];
+
+fn compiled(words: &[&'static str]) -> Vec<Finder<'static>> {
+    words.iter().map(|word| Finder::new(*word)).collect()
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    schemes: compiled(ALWAYS_SECRET_SCHEMES),
+    assign_words: compiled(SECRET_ASSIGN_WORDS),
+    authorization_schemes: compiled(AUTHORIZATION_SCHEMES),
+    token_prefixes: compiled(TOKEN_PREFIXES),
+    pem_begin: Finder::new("----begin"),
+    private_key: Finder::new("private key"),
+    openssh: Finder::new("openssh"),
+    pem_private_key_end: Finder::new("private key-----"),
+    // `openssh-key-v1` in base64: key material without its PEM header.
+    openssh_key_base64: Finder::new("b3blbnnzac1rzxktdjeaaaaa"),
+    slack_hook: Finder::new("hooks.slack.com/services/"),
+    backend_name: Finder::new("instant-customer-"),
+    url_scheme_separator: Finder::new(":/"),
+    aws_key_prefixes: [Finder::new("AKIA"), Finder::new("ASIA")],
+});
+
+/// Where `needle` starts in `text`, left to right, without overlaps (as `str::match_indices`).
+/// Every needle is ASCII, so each position is a character boundary of `text`.
+fn starts<'t>(needle: &'t Finder<'static>, text: &'t str) -> FindIter<'t, 't> {
+    needle.find_iter(text.as_bytes())
+}
+
+/// Whether `text` contains `needle`.
+fn has(needle: &Finder<'static>, text: &str) -> bool {
+    needle.find(text.as_bytes()).is_some()
+}
+
 fn is_word_start(text: &str, at: usize) -> bool {
     text[..at]
         .chars()
@@ -240,12 +299,13 @@ fn is_word_start(text: &str, at: usize) -> bool {
 /// `word = value`, `word: value`, `"word":"value"`, allowing spaces and quotes around the
 /// separator, with `word` at a word start (`_` counts as a boundary: `client_secret=`).
 fn assigns_a_secret_word(lower: &str) -> bool {
-    SECRET_ASSIGN_WORDS.iter().any(|word| {
-        lower.match_indices(word).any(|(at, _)| {
+    NEEDLES.assign_words.iter().any(|needle| {
+        let word_len = needle.needle().len();
+        starts(needle, lower).any(|at| {
             if !is_word_start(lower, at) && !lower[..at].ends_with('_') {
                 return false;
             }
-            let rest = lower[at + word.len()..].trim_start_matches(['"', '\'']);
+            let rest = lower[at + word_len..].trim_start_matches(['"', '\'']);
             let rest = rest.trim_start();
             let Some(rest) = rest.strip_prefix(['=', ':']) else {
                 return false;
@@ -262,10 +322,11 @@ fn assigns_a_secret_word(lower: &str) -> bool {
 /// `bearer <token>`, `basic <base64>`, `token <value>` as an authorization scheme: the scheme
 /// word followed by a separator and a credential-looking run of at least 8 characters.
 fn carries_an_authorization(lower: &str) -> bool {
-    ["bearer", "basic", "token", "authorization"]
+    AUTHORIZATION_SCHEMES
         .iter()
-        .any(|scheme| {
-            lower.match_indices(scheme).any(|(at, _)| {
+        .zip(&NEEDLES.authorization_schemes)
+        .any(|(scheme, needle)| {
+            starts(needle, lower).any(|at| {
                 if !is_word_start(lower, at) {
                     return false;
                 }
@@ -303,13 +364,16 @@ fn has_token_shape(original: &str) -> bool {
     });
     for run in runs {
         // JWT: three base64url parts, the first two JSON objects (`eyJ`).
-        let parts: Vec<&str> = run.split('.').collect();
-        if parts.len() >= 2 && parts[0].starts_with("eyJ") && parts[1].starts_with("eyJ") {
+        let mut parts = run.split('.');
+        if let (Some(header), Some(claims)) = (parts.next(), parts.next())
+            && header.starts_with("eyJ")
+            && claims.starts_with("eyJ")
+        {
             return true;
         }
         // AWS access key ids.
-        for prefix in ["AKIA", "ASIA"] {
-            if let Some(pos) = run.find(prefix) {
+        for prefix in &NEEDLES.aws_key_prefixes {
+            if let Some(pos) = prefix.find(run.as_bytes()) {
                 let tail: String = run[pos + 4..].chars().take(16).collect();
                 if tail.len() == 16
                     && tail
@@ -359,18 +423,19 @@ fn looks_like_host(host: &str) -> bool {
 /// Whether free text looks like it holds a secret (see the module documentation).
 pub(crate) fn value_looks_secret(value: &str) -> bool {
     let normalised = normalise(value);
-    let decoded = percent_decode(&normalised);
-    [normalised.as_str(), decoded.as_str()]
-        .iter()
-        .any(|text| text_looks_secret(text))
+    if text_looks_secret(&normalised) {
+        return true;
+    }
+    // Decoding changes nothing without a `%`: the same text is not screened twice.
+    normalised.contains('%') && text_looks_secret(&percent_decode(&normalised))
 }
 
 fn text_looks_secret(text: &str) -> bool {
     let lower = text.to_ascii_lowercase();
     // A connection URL with anything after its scheme (prose naming the scheme passes).
-    if ALWAYS_SECRET_SCHEMES.iter().any(|scheme| {
-        lower.match_indices(scheme).any(|(at, m)| {
-            lower[at + m.len()..]
+    if NEEDLES.schemes.iter().any(|scheme| {
+        starts(scheme, &lower).any(|at| {
+            lower[at + scheme.needle().len()..]
                 .trim_start_matches('/')
                 .chars()
                 .next()
@@ -379,9 +444,10 @@ fn text_looks_secret(text: &str) -> bool {
     }) {
         return true;
     }
-    if lower.contains("----begin") && (lower.contains("private key") || lower.contains("openssh"))
-        || lower.contains("private key-----")
-        || lower.contains("b3blbnnzac1rzxktdjeaaaaa")
+    let n = &*NEEDLES;
+    if has(&n.pem_begin, &lower) && (has(&n.private_key, &lower) || has(&n.openssh, &lower))
+        || has(&n.pem_private_key_end, &lower)
+        || has(&n.openssh_key_base64, &lower)
     {
         return true;
     }
@@ -389,16 +455,16 @@ fn text_looks_secret(text: &str) -> bool {
         return true;
     }
     // A known key prefix at a word start, followed by a key-length run (16 or more).
-    if TOKEN_PREFIXES.iter().any(|p| {
-        lower.match_indices(p).any(|(at, m)| {
+    if n.token_prefixes.iter().any(|prefix| {
+        starts(prefix, &lower).any(|at| {
             is_word_start(&lower, at)
-                && lower[at + m.len()..]
+                && lower[at + prefix.needle().len()..]
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
                     .count()
                     >= 16
         })
-    }) || lower.contains("hooks.slack.com/services/")
+    }) || has(&n.slack_hook, &lower)
     {
         return true;
     }
@@ -406,8 +472,8 @@ fn text_looks_secret(text: &str) -> bool {
         return true;
     }
     // Keel's own backend names embed the whole customer token.
-    if lower.match_indices("instant-customer-").any(|(at, m)| {
-        lower[at + m.len()..]
+    if starts(&n.backend_name, &lower).any(|at| {
+        lower[at + n.backend_name.needle().len()..]
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric())
             .count()
@@ -437,7 +503,7 @@ fn text_looks_secret(text: &str) -> bool {
     // URLs: a password in the authority (`scheme:/user:pass@host`), or a signed / token-carrying
     // query. Only URL-shaped text counts: a scheme letter before `:/`, userinfo and host in
     // their own character sets.
-    lower.match_indices(":/").any(|(at, _)| {
+    starts(&n.url_scheme_separator, &lower).any(|at| {
         if !lower[..at]
             .chars()
             .next_back()
