@@ -9,6 +9,11 @@
 //!   and `promtool check metrics` must pass on each `/metrics`.
 //! - `cargo xtask bench <target>`: benchmarks that print figures, optimised, with peers.
 
+/// The benches run with the allocator Keel's binaries ship with (every side of a bench shares it).
+#[cfg(feature = "bench")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bench;
 mod console;
 mod demo;

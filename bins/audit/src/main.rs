@@ -46,6 +46,11 @@ use keel_service::http::HttpArgs;
 use crate::dispatch::Dispatcher;
 use crate::webhook::{HttpWebhook, WebhookUrl};
 
+/// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
+/// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Months after the current one whose partitions the sealer keeps created.
 const PARTITIONS_AHEAD: u32 = 3;
 

@@ -16,6 +16,11 @@ use keel_service::cli::{DatabaseArgs, LogArgs};
 use keel_service::http::Readiness;
 use prometheus_client::registry::Registry;
 
+/// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
+/// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The operator's web console: dead letters, orphan review, rater runs and the audit trail.
 #[derive(Parser)]
 #[command(name = "keel-console", version, after_help = keel_service::cli::EXIT_CODES_HELP)]

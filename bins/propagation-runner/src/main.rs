@@ -30,6 +30,11 @@ use keel_service::http::HttpArgs;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+/// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
+/// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs due propagations across replicas: applied, retrying or dead-lettered, never silently skipped.
 #[derive(Parser)]
 #[command(name = "keel-propagation-runner", version, after_help = keel_service::cli::EXIT_CODES_HELP)]

@@ -34,6 +34,11 @@ use keel_provision_http::bounded::BoundedStore;
 use keel_provision_http::keys::{self, KeyId, Scope};
 use keel_provision_http::{AppState, Limits, RateLimiter};
 
+/// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
+/// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Provisions customer resources atomically: no 201 for a resource the platform cannot address.
 #[derive(Parser)]
 #[command(name = "keel-provision-api", version, after_help = keel_service::cli::EXIT_CODES_HELP)]

@@ -17,6 +17,11 @@ use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
+/// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0   clean (a dry run that succeeded)
