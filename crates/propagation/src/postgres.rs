@@ -1400,13 +1400,12 @@ impl PgPropagationStore {
             .filter(|(_, same)| *same)
             .map(|(id, _)| *id)
             .collect();
+        let recorded_set: std::collections::BTreeSet<i64> = recorded.iter().copied().collect();
         let refused: Vec<i64> = ids
             .iter()
             .copied()
-            .filter(|id| !recorded.contains(id))
+            .filter(|id| !recorded_set.contains(id))
             .collect();
-
-        let recorded_set: std::collections::BTreeSet<i64> = recorded.iter().copied().collect();
         let accepted: Vec<&Completion> = completions
             .iter()
             .copied()
