@@ -529,3 +529,85 @@ fn text_looks_secret(text: &str) -> bool {
         password_in_authority || signed
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_needle() -> Vec<&'static Finder<'static>> {
+        let n = &*NEEDLES;
+        let mut all: Vec<&Finder<'static>> = Vec::new();
+        for list in [
+            &n.schemes,
+            &n.assign_words,
+            &n.authorization_schemes,
+            &n.token_prefixes,
+        ] {
+            all.extend(list.iter());
+        }
+        all.extend(n.aws_key_prefixes.iter());
+        all.extend([
+            &n.pem_begin,
+            &n.private_key,
+            &n.openssh,
+            &n.pem_private_key_end,
+            &n.openssh_key_base64,
+            &n.slack_hook,
+            &n.backend_name,
+            &n.url_scheme_separator,
+        ]);
+        all
+    }
+
+    /// The screen slices its text at the positions its searchers report, so every needle must
+    /// be ASCII (a match then always starts on a character boundary), and the searchers must
+    /// report the places `str::match_indices` reports: left to right, without overlaps.
+    #[test]
+    fn the_compiled_searchers_find_what_match_indices_finds() {
+        let texts = [
+            "",
+            "password=passwordpassword=x",
+            "tokentokentoken token: abc",
+            "ｐａｓｓ：é password=ü bearer bearerbearer 12345678",
+            "postgres:/postgres://postgresql:/x jdbc:postgresql://h",
+            "AKIAAKIAIOSFODNN7EXAMPLE ASIA",
+            "ghp_ghp_xoxb-xoxb- npm_pypi- sk_live_sk_test_",
+            "-----begin openssh private key----- b3blbnnzac1rzxktdjeaaaaa",
+            "https://hooks.slack.com/services/a instant-customer-instant-customer-a1",
+            "::/ a:/b:/ é:/",
+        ];
+        for needle in every_needle() {
+            let pattern = std::str::from_utf8(needle.needle()).expect("needles are text");
+            assert!(pattern.is_ascii(), "{pattern:?} is not ASCII");
+            for text in texts {
+                let compiled: Vec<usize> = starts(needle, text).collect();
+                let reference: Vec<usize> = text.match_indices(pattern).map(|(at, _)| at).collect();
+                assert_eq!(compiled, reference, "{pattern:?} in {text:?}");
+                assert_eq!(
+                    has(needle, text),
+                    text.contains(pattern),
+                    "{pattern:?} in {text:?}"
+                );
+            }
+        }
+    }
+
+    /// Screening the percent-decoded form only when there is a `%` changes no answer: without
+    /// one, decoding returns the text unchanged.
+    #[test]
+    fn a_value_without_a_percent_decodes_to_itself() {
+        for value in [
+            "postgres:/app:hunter2@db/app",
+            "plain",
+            "tab\there",
+            "ｐａｓｓ",
+            "",
+        ] {
+            let normalised = normalise(value);
+            assert_eq!(percent_decode(&normalised), normalised);
+        }
+        assert!(value_looks_secret(
+            "postgres%3A%2F%2Fapp%3Ahunter2%40db%2Fapp"
+        ));
+    }
+}
