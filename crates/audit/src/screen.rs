@@ -322,39 +322,35 @@ fn assigns_a_secret_word(lower: &str) -> bool {
 /// `bearer <token>`, `basic <base64>`, `token <value>` as an authorization scheme: the scheme
 /// word followed by a separator and a credential-looking run of at least 8 characters.
 fn carries_an_authorization(lower: &str) -> bool {
-    AUTHORIZATION_SCHEMES
-        .iter()
-        .zip(&NEEDLES.authorization_schemes)
-        .any(|(scheme, needle)| {
-            starts(needle, lower).any(|at| {
-                if !is_word_start(lower, at) {
-                    return false;
-                }
-                let rest = &lower[at + scheme.len()..];
-                let Some(first) = rest.chars().next() else {
-                    return false;
-                };
-                if !(first.is_whitespace() || first == ':' || first == '=') {
-                    return false;
-                }
-                let credential: String = rest
-                    .trim_start_matches(|c: char| c.is_whitespace() || c == ':' || c == '=')
-                    .chars()
-                    .take_while(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '/' | '=')
-                    })
-                    .collect();
-                // Prose ("the bearer of this certificate") has short words after the scheme
-                // word; a credential is a long run (for `token`, one with a digit too).
-                match *scheme {
-                    "authorization" => credential.len() >= 5,
-                    "token" => {
-                        credential.len() >= 8 && credential.chars().any(|c| c.is_ascii_digit())
-                    }
-                    _ => credential.len() >= 8,
-                }
-            })
+    NEEDLES.authorization_schemes.iter().any(|needle| {
+        let scheme = needle.needle();
+        starts(needle, lower).any(|at| {
+            if !is_word_start(lower, at) {
+                return false;
+            }
+            let rest = &lower[at + scheme.len()..];
+            let Some(first) = rest.chars().next() else {
+                return false;
+            };
+            if !(first.is_whitespace() || first == ':' || first == '=') {
+                return false;
+            }
+            let credential: String = rest
+                .trim_start_matches(|c: char| c.is_whitespace() || c == ':' || c == '=')
+                .chars()
+                .take_while(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '/' | '=')
+                })
+                .collect();
+            // Prose ("the bearer of this certificate") has short words after the scheme
+            // word; a credential is a long run (for `token`, one with a digit too).
+            match scheme {
+                b"authorization" => credential.len() >= 5,
+                b"token" => credential.len() >= 8 && credential.chars().any(|c| c.is_ascii_digit()),
+                _ => credential.len() >= 8,
+            }
         })
+    })
 }
 
 /// A run of JWT, cloud-key or private-key shapes in the original (case-sensitive) text.
