@@ -283,14 +283,15 @@ async fn ingest_cost(
     Ok((on, off))
 }
 
-/// The fair-run helper: flags, samples with median and min–max, the machine and settings.
-/// The same shape as the shared harness in `bench/mod.rs` once it lands (alternate order,
-/// at least three pairs, median with min–max, machine and settings printed).
+/// The rater's side of the shared harness (`bench/fair.rs`): samples in seconds, summarised with
+/// the harness's median and min–max, ratios per pair, and the header with the machine, memory
+/// and the server's settings.
 pub(super) mod fair {
     use std::time::Duration;
 
     use sqlx::PgPool;
 
+    use super::super::fair::Summary;
     pub use super::super::fair::{RssSampler, flag};
 
     /// Timings of one side, one per pair.
@@ -303,33 +304,23 @@ pub(super) mod fair {
             self.0.push(d.as_secs_f64());
         }
 
-        fn sorted(&self) -> Vec<f64> {
-            let mut v = self.0.clone();
-            v.sort_by(f64::total_cmp);
-            v
+        fn summary(&self) -> Option<Summary> {
+            Summary::of(&self.0)
         }
 
         /// The median, in seconds.
         pub fn median(&self) -> f64 {
-            let v = self.sorted();
-            if v.is_empty() {
-                return f64::NAN;
-            }
-            if v.len() % 2 == 1 {
-                v[v.len() / 2]
-            } else {
-                (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-            }
+            self.summary().map_or(f64::NAN, |s| s.median)
         }
 
         /// The fastest, in seconds.
         pub fn min(&self) -> f64 {
-            self.sorted().first().copied().unwrap_or(f64::NAN)
+            self.summary().map_or(f64::NAN, |s| s.min)
         }
 
         /// The slowest, in seconds.
         pub fn max(&self) -> f64 {
-            self.sorted().last().copied().unwrap_or(f64::NAN)
+            self.summary().map_or(f64::NAN, |s| s.max)
         }
 
         /// The per-pair values.
