@@ -17,7 +17,11 @@
 //!   their team), all checked after each run before a figure is printed. The peer's jobs carry
 //!   no audit rows and land nothing.
 //!
-//! `awa` (a Postgres job queue in Rust) is not a side: see [`AWA`].
+//!
+//! The second peer is `awa` (a Postgres job queue in Rust, with its client's default storage;
+//! its opt-in "queue storage" engine needs a staged storage transition first), doing the same
+//! no-op jobs, timed the same way: from starting its client until its handler has run every job
+//! and its graceful shutdown has committed every completion.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,12 +57,13 @@ const PEER_CONCURRENCY: usize = 500;
 const PEER_LOCAL_QUEUE: usize = 5000;
 const PEER_CONNECTIONS: u32 = 24;
 
-/// Why `awa` is not measured beside graphile_worker.
-pub const AWA: &str = "awa 0.6 (crates.io) is not measured: it depends on sqlx 0.8 while this \
-    workspace is on 0.9 (a second sqlx, rustls and chrono stack in the bench's build, beside \
-    opentelemetry, chrono-tz, croner and blake3), and its default engine (\"queue storage\") \
-    needs a staged storage transition (`storage_prepare`, a gate runtime, \
-    `storage_enter_mixed_transition`, `storage_finalize`) before a worker may claim";
+/// awa's settings from its maintainers' own throughput test: workers per queue, how often an
+/// idle dispatcher looks for work, and connections.
+const AWA_WORKERS: u32 = 100;
+const AWA_POLL: Duration = Duration::from_millis(50);
+const AWA_CONNECTIONS: u32 = 20;
+/// The queue the awa side's jobs go to.
+const AWA_QUEUE: &str = "keel_bench";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -86,7 +91,11 @@ async fn settle(pool: &PgPool, tables: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-const SIDES: [&str; 2] = ["keel runner (audit + tier)", "graphile_worker 0.14"];
+const SIDES: [&str; 3] = [
+    "keel runner (audit + tier)",
+    "graphile_worker 0.14",
+    "awa 0.6",
+];
 
 /// Runs the benchmark and prints its figures.
 pub fn bench(rows: u64, pairs: u64) -> anyhow::Result<()> {
@@ -99,16 +108,18 @@ pub fn bench(rows: u64, pairs: u64) -> anyhow::Result<()> {
         &format!(
             "fsync, synchronous_commit, full_page_writes off (the same server for every side); \
              keel: batch {BATCH}, {KEEL_CONNECTIONS} connections; graphile_worker: concurrency \
-             {PEER_CONCURRENCY}, local queue {PEER_LOCAL_QUEUE}, {PEER_CONNECTIONS} connections"
+             {PEER_CONCURRENCY}, local queue {PEER_LOCAL_QUEUE}, {PEER_CONNECTIONS} connections; \
+             awa: {AWA_WORKERS} workers, poll {} ms, {AWA_CONNECTIONS} connections",
+            AWA_POLL.as_millis()
         ),
     );
-    println!("  awa: {AWA}\n");
     let samples = rt.block_on(fair::alternate(&SIDES, pairs, async |side, round| {
         let db = format!("bench_propagation_{side}_{round}");
         server.create_database(&db, None).await?;
         let elapsed = match side {
             0 => keel_run(&server, &db, rows).await,
-            _ => peer_run(&server, &db, rows).await,
+            1 => peer_run(&server, &db, rows).await,
+            _ => awa_run(&server, &db, rows).await,
         };
         server.drop_database(&db).await?;
         Ok(rows as f64 / elapsed?.as_secs_f64())
@@ -378,6 +389,109 @@ async fn peer_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Dura
     ensure!(
         left == 0 && done.handled.load(Ordering::Relaxed) == total,
         "graphile_worker left {left} jobs and handled {} of {total}",
+        done.handled.load(Ordering::Relaxed)
+    );
+    pool.close().await;
+    Ok(elapsed)
+}
+
+/// The awa side's job: no arguments, no work.
+#[derive(serde::Serialize, serde::Deserialize, awa::JobArgs)]
+struct AwaNoOp {}
+
+/// Enqueues `rows` no-op jobs into awa (not timed), then times its client from its start until
+/// its handler has run them all and its shutdown has committed every completion.
+async fn awa_run(server: &PgServer, db: &str, rows: u64) -> anyhow::Result<Duration> {
+    let pool = sqlx08::postgres::PgPoolOptions::new()
+        .max_connections(AWA_CONNECTIONS)
+        .connect(&server.url_for(db))
+        .await
+        .context("could not connect awa's pool")?;
+    awa::migrations::run(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("awa's migrations failed: {e}"))?;
+    let total = usize::try_from(rows)?;
+    let done = Done {
+        handled: Arc::new(AtomicUsize::new(0)),
+        total,
+        all: Arc::new(Notify::new()),
+    };
+    let mut left = total;
+    while left > 0 {
+        // awa binds a dozen parameters per job; a statement takes at most 65,535.
+        let chunk = left.min(5_000);
+        let jobs = (0..chunk)
+            .map(|_| {
+                awa::model::insert::params_with(
+                    &AwaNoOp {},
+                    awa::InsertOpts {
+                        queue: AWA_QUEUE.into(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("awa job parameters: {e}"))?;
+        awa::insert_many(&pool, &jobs)
+            .await
+            .map_err(|e| anyhow::anyhow!("awa enqueue failed: {e}"))?;
+        left -= chunk;
+    }
+    for table in ["awa.jobs_hot", "awa.scheduled_jobs"] {
+        let vacuum = format!("VACUUM ANALYZE {table}");
+        sqlx08::query(&vacuum)
+            .execute(&pool)
+            .await
+            .with_context(|| format!("could not vacuum {table}"))?;
+    }
+    sqlx08::query("CHECKPOINT").execute(&pool).await?;
+
+    let counter = done.clone();
+    let client = awa::Client::builder(pool.clone())
+        .queue(
+            AWA_QUEUE,
+            awa::QueueConfig {
+                max_workers: AWA_WORKERS,
+                poll_interval: AWA_POLL,
+                ..Default::default()
+            },
+        )
+        .register::<AwaNoOp, _, _>(move |_job, _ctx| {
+            let counter = counter.clone();
+            async move {
+                if counter.handled.fetch_add(1, Ordering::Relaxed) + 1 == counter.total {
+                    counter.all.notify_one();
+                }
+                Ok(awa::JobResult::Completed)
+            }
+        })
+        .build()
+        .map_err(|e| anyhow::anyhow!("awa client: {e}"))?;
+    let started = Instant::now();
+    client
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("awa did not start: {e}"))?;
+    tokio::time::timeout(Duration::from_secs(600), done.all.notified())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "awa handled {} of {total} jobs in 10 minutes",
+                done.handled.load(Ordering::Relaxed)
+            )
+        })?;
+    client.shutdown(Duration::from_secs(60)).await;
+    let elapsed = started.elapsed();
+
+    let completed: i64 = sqlx08::query_scalar(
+        "SELECT count(*) FROM awa.jobs WHERE queue = $1 AND state = 'completed'",
+    )
+    .bind(AWA_QUEUE)
+    .fetch_one(&pool)
+    .await?;
+    ensure!(
+        completed == i64::try_from(total)? && done.handled.load(Ordering::Relaxed) == total,
+        "awa completed {completed} jobs and handled {} of {total}",
         done.handled.load(Ordering::Relaxed)
     );
     pool.close().await;
