@@ -143,6 +143,15 @@ impl BackendName {
             Self::Namespace { name, .. } => name.masked(),
         }
     }
+
+    /// [`BackendName::masked`], taking the name (a digest-named database's name is handed over
+    /// without a copy).
+    pub fn into_masked(self) -> String {
+        match self {
+            Self::Database(name) => name.into_masked(),
+            Self::Namespace { name, .. } => name.masked(),
+        }
+    }
 }
 
 impl fmt::Display for BackendName {

@@ -228,6 +228,15 @@ impl DatabaseName {
         }
     }
 
+    /// [`DatabaseName::masked`], taking the name: a digest name is its own masked form, so it
+    /// is handed over without a copy.
+    pub fn into_masked(self) -> String {
+        match self.legacy {
+            None => self.name,
+            Some(token) => format!("{DATABASE_PREFIX}{}", token.masked()),
+        }
+    }
+
     /// `text` with a legacy name's token masked (a digest name needs no masking).
     pub fn mask_in(&self, text: &str) -> String {
         match &self.legacy {
@@ -335,6 +344,24 @@ mod tests {
         assert_eq!(legacy.expose(), "cust_a1b2c3d4e5f6");
         assert!(!legacy.masked().contains("a1b2c3d4e5f6"));
         assert_eq!(legacy.digest(), db.digest(), "both names share the digest");
+    }
+
+    #[test]
+    fn a_name_taken_for_logs_masks_exactly_as_the_borrowed_form() {
+        let token = Token::parse("a1b2c3d4e5f6").unwrap();
+        let names = [
+            crate::BackendName::Database(DatabaseName::for_token(&token)),
+            crate::BackendName::Database(DatabaseName::legacy_for_token(&token)),
+            crate::BackendName::Namespace {
+                name: NamespaceName::for_token(&token),
+                resource_type: keel_audit::ResourceType::Redis,
+            },
+        ];
+        for name in names {
+            let masked = name.masked();
+            assert!(!masked.contains(token.expose()), "{masked}");
+            assert_eq!(name.into_masked(), masked);
+        }
     }
 
     #[test]
