@@ -29,20 +29,22 @@ where
     })
 }
 
-/// `f` over `items` in order, in two halves at once when [`worth_two`].
-pub(crate) fn map_ref<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
-    if !worth_two(items.len()) {
-        return items.iter().map(&f).collect();
+/// `f` over `items` in order, each item changed in place, in two halves at once when
+/// [`worth_two`]; the answers in order.
+pub(crate) fn map_mut<T: Send, U: Send>(items: &mut [T], f: impl Fn(&mut T) -> U + Sync) -> Vec<U> {
+    let len = items.len();
+    if !worth_two(len) {
+        return items.iter_mut().map(&f).collect();
     }
-    let (a, b) = items.split_at(items.len() / 2);
+    let (a, b) = items.split_at_mut(len / 2);
+    // The first half's list has room for both, so joining them copies the second only.
     let (mut a, b) = both(
-        // The first half's list has room for both, so joining them copies the second only.
         || {
-            let mut out = Vec::with_capacity(items.len());
-            out.extend(a.iter().map(&f));
+            let mut out = Vec::with_capacity(len);
+            out.extend(a.iter_mut().map(&f));
             out
         },
-        || b.iter().map(&f).collect::<Vec<U>>(),
+        || b.iter_mut().map(&f).collect::<Vec<U>>(),
     );
     a.extend(b);
     a
@@ -68,23 +70,32 @@ pub(crate) fn map_owned<T: Send, U: Send>(mut items: Vec<T>, f: impl Fn(T) -> U 
 }
 
 /// `f` over the pairs of `left` and `right` (same length, taken by value), keeping the `Some`
-/// answers in order, in two halves at once when [`worth_two`].
-pub(crate) fn filter_map_pairs<T: Send, V: Send, U: Send>(
+/// answers in order, in two halves at once when [`worth_two`]. `room` says which pairs may
+/// answer `Some` (from the right one alone): the answers' list is made at that size, so it is
+/// never copied as it grows nor larger than it needs to be.
+pub(crate) fn filter_map_pairs<T: Send, V: Send + Sync, U: Send>(
     mut left: Vec<T>,
     mut right: Vec<V>,
+    room: impl Fn(&V) -> bool + Sync,
     f: impl Fn(T, V) -> Option<U> + Sync,
 ) -> Vec<U> {
-    let run = |left: Vec<T>, right: Vec<V>| {
-        let mut out = Vec::with_capacity(left.len());
+    let run = |left: Vec<T>, right: Vec<V>, room: usize| {
+        let mut out = Vec::with_capacity(room);
         out.extend(left.into_iter().zip(right).filter_map(|(t, v)| f(t, v)));
         out
     };
+    let total = right.iter().filter(|v| room(v)).count();
     if !worth_two(left.len()) {
-        return run(left, right);
+        return run(left, right, total);
     }
     let half = left.len() / 2;
     let (left_b, right_b) = (left.split_off(half), right.split_off(half.min(right.len())));
-    let (mut a, b) = both(|| run(left, right), || run(left_b, right_b));
+    let second_room = right_b.iter().filter(|v| room(v)).count();
+    // The first half's list has room for both, so joining them copies the second only.
+    let (mut a, b) = both(
+        || run(left, right, total),
+        || run(left_b, right_b, second_room),
+    );
     a.extend(b);
     a
 }
@@ -100,12 +111,13 @@ mod tests {
             worth_two(items.len())
                 || std::thread::available_parallelism().is_ok_and(|n| n.get() < 2)
         );
-        let doubled = map_ref(&items, |n| n * 2);
-        assert_eq!(doubled, items.iter().map(|n| n * 2).collect::<Vec<_>>());
         let labels: Vec<String> = items.iter().map(|n| format!("n{n}")).collect();
-        let kept = filter_map_pairs(items.clone(), labels.clone(), |n, label| {
-            (n % 3 == 0).then(|| format!("{label}:{n}"))
-        });
+        let kept = filter_map_pairs(
+            labels.clone(),
+            items.clone(),
+            |n| n % 3 == 0,
+            |label, n| (n % 3 == 0).then(|| format!("{label}:{n}")),
+        );
         let expected: Vec<String> = (0..10_000)
             .filter(|n| n % 3 == 0)
             .map(|n| format!("n{n}:{n}"))
@@ -113,7 +125,15 @@ mod tests {
         assert_eq!(kept, expected);
         let owned = map_owned(labels.clone(), |label| label.len());
         assert_eq!(owned, labels.iter().map(String::len).collect::<Vec<_>>());
-        let small = map_ref(&[1, 2, 3], |n| n + 1);
+        let mut numbered = items.clone();
+        let before = map_mut(&mut numbered, |n| {
+            let was = *n;
+            *n += 1;
+            was
+        });
+        assert_eq!(before, items);
+        assert_eq!(numbered, items.iter().map(|n| n + 1).collect::<Vec<_>>());
+        let small = map_owned(vec![1, 2, 3], |n| n + 1);
         assert_eq!(small, [2, 3, 4]);
     }
 }

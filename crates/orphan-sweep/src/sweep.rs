@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::detect::{
-    Blocker, Candidate, OrphanKind, classify_all, detect_classified, digests_of_classified,
-};
+use crate::detect::{Blocker, Candidate, OrphanKind, classify_all, detect_classified};
 use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics, TickOutcome};
 use crate::ports::{
@@ -197,52 +195,51 @@ pub struct Sweeper<I, L, R, S> {
     stop: Arc<AtomicBool>,
 }
 
-/// How logs and the review list name a candidate: masked, with its keyed fingerprint.
-fn name_for_logs(key: &FingerprintKey, candidate: &Candidate) -> (String, Option<String>) {
-    match &candidate.backend {
-        Some(name) => (
-            name.masked(),
-            Some(key.fingerprint_digest(&crate::detect::digest_of(name))),
-        ),
-        None => (keel_audit::mask(&candidate.name), None),
-    }
-}
-
-/// Writes a candidate's INFO line and returns its entry in the review list.
-fn report_candidate(
-    key: &FingerprintKey,
-    row: &Row,
-    sighting: &Sighting,
-    action: Action,
-    armed: bool,
-) -> CandidateView {
-    let (name_masked, fingerprint) = name_for_logs(key, &row.candidate);
-    let would_reclaim = row.blocked_by.is_none();
+/// Writes a candidate's INFO line and returns its entry in the review list. It takes the row:
+/// the candidate's backend name becomes the entry's masked name (a digest name without a copy),
+/// and the rest of the candidate is freed here.
+fn report_candidate(key: &FingerprintKey, row: Row, action: Action, armed: bool) -> CandidateView {
+    let Row {
+        candidate,
+        blocked_by,
+        seen_ticks,
+        ..
+    } = row;
+    // Logs and the review list name a candidate masked, with its keyed fingerprint.
+    let fingerprint = candidate
+        .backend
+        .as_ref()
+        .map(|name| key.fingerprint_digest(&crate::detect::digest_of(name)));
+    let name_masked = match candidate.backend {
+        Some(name) => name.into_masked(),
+        None => keel_audit::mask(&candidate.name),
+    };
+    let would_reclaim = blocked_by.is_none();
     tracing::info!(
-        kind = row.candidate.kind.as_str(),
+        kind = candidate.kind.as_str(),
         name = name_masked.as_str(),
         fingerprint = fingerprint.as_deref().unwrap_or("-"),
-        age_seconds = row.candidate.age.as_secs(),
-        protected = row.candidate.protected,
-        owned = row.candidate.owned,
-        seen_ticks = sighting.consecutive,
+        age_seconds = candidate.age.as_secs(),
+        protected = candidate.protected,
+        owned = candidate.owned,
+        seen_ticks,
         would_reclaim,
-        blocked_by = row.blocked_by.map_or("-", Blocker::as_str),
+        blocked_by = blocked_by.map_or("-", Blocker::as_str),
         action = action.debug_name(),
         armed,
         "orphan candidate"
     );
     CandidateView {
-        kind: row.candidate.kind.as_str(),
+        kind: candidate.kind.as_str(),
         name_masked,
         fingerprint,
-        age_seconds: row.candidate.age.as_secs(),
-        protected: row.candidate.protected,
-        managed: row.candidate.managed,
-        owned: row.candidate.owned,
-        seen_ticks: sighting.consecutive,
+        age_seconds: candidate.age.as_secs(),
+        protected: candidate.protected,
+        managed: candidate.managed,
+        owned: candidate.owned,
+        seen_ticks,
         would_reclaim,
-        blocked_by: row.blocked_by,
+        blocked_by,
         action,
     }
 }
@@ -305,6 +302,23 @@ fn not_ours(blocker: Option<Blocker>) -> bool {
 struct Row {
     candidate: Candidate,
     blocked_by: Option<Blocker>,
+    /// Consecutive periods it has been seen reclaimable in (its sighting's count, which a
+    /// reclaim does not change).
+    seen_ticks: u32,
+    /// A new sighting, of a candidate that counts as this installation's backlog.
+    counted_new: bool,
+}
+
+impl Row {
+    /// A candidate not yet weighed against its sighting.
+    fn new(candidate: Candidate) -> Self {
+        Self {
+            candidate,
+            blocked_by: None,
+            seen_ticks: 0,
+            counted_new: false,
+        }
+    }
 }
 
 impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, S> {
@@ -406,11 +420,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             Err(e) => return self.fail(Stage::List, &e),
         };
         // Each item is classified (its name parsed, its digest computed) once per tick.
-        let classified = classify_all(&items, source);
-        let digests = digests_of_classified(&classified);
+        let classes = classify_all(&items, source);
         // The standing read and the sightings read are independent: both are in flight at once.
         let (standings, previous) = join(
-            self.live.standing_among(&digests),
+            self.live.standing_among(&classes.digests),
             self.state.sightings(source),
         )
         .await;
@@ -427,32 +440,34 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             .map(|sighting| (sighting.key.as_str(), sighting))
             .collect();
         // The breaker's denominator: this installation's objects (a row owns their token).
-        let owned_inventory = digests
+        let owned_inventory = classes
+            .digests
             .iter()
             .filter(|digest| standings.owned.contains(*digest))
             .count();
-        drop(digests);
         let inventory_len = items.len();
-        let candidates = detect_classified(
+        let mut rows = detect_classified(
             items,
-            classified,
+            source,
+            &classes,
             &standings,
             now,
             self.config.grace.saturating_add(self.config.skew),
+            Row::new,
         );
+        drop(classes);
 
         // Sightings: new ones counted once per unbroken run; burn-in counts reclaimable ones.
-        let mut new_per_kind: HashMap<OrphanKind, u64> = HashMap::new();
         // Burn-in is measured from period starts, so the jitter of when a tick runs inside its
         // period (a CronJob starting a little late, then a little early) never makes N periods
         // fall short of the duration they span.
         let period_start = period_start(claim.period, self.config.interval);
         let (confirm_ticks, burn_in) = (self.config.confirm_ticks, self.config.burn_in);
         // Each candidate's sighting is advanced on its own (two halves at once for a large
-        // inventory, in order); the new ones are counted after.
-        let advanced = crate::split::map_owned(candidates, |candidate| {
-            let key = candidate.sighting_key();
-            let static_blocker = candidate.static_blocker();
+        // inventory, in order), and its row updated in place; the new ones are counted after.
+        let mut sightings: Vec<Sighting> = crate::split::map_mut(&mut rows, |row| {
+            let key = row.candidate.sighting_key();
+            let static_blocker = row.candidate.static_blocker();
             let (sighting, new) = advance(
                 previous_by_key.get(key.as_str()).copied(),
                 key,
@@ -460,8 +475,9 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 period_start,
                 static_blocker.is_none(),
             );
-            let counted_new = new && !not_ours(static_blocker);
-            let blocked_by = static_blocker.or_else(|| {
+            row.counted_new = new && !not_ours(static_blocker);
+            row.seen_ticks = sighting.consecutive;
+            row.blocked_by = static_blocker.or_else(|| {
                 if sighting.quarantined.is_some() {
                     Some(Blocker::Quarantined)
                 } else if burned_in(&sighting, period_start, confirm_ticks, burn_in) {
@@ -470,23 +486,11 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     Some(Blocker::BurnIn)
                 }
             });
-            (
-                Row {
-                    candidate,
-                    blocked_by,
-                },
-                sighting,
-                counted_new,
-            )
+            sighting
         });
-        let mut sightings: Vec<Sighting> = Vec::with_capacity(advanced.len());
-        let mut rows: Vec<Row> = Vec::with_capacity(advanced.len());
-        for (row, sighting, counted_new) in advanced {
-            if counted_new {
-                *new_per_kind.entry(row.candidate.kind).or_default() += 1;
-            }
-            sightings.push(sighting);
-            rows.push(row);
+        let mut new_per_kind: HashMap<OrphanKind, u64> = HashMap::new();
+        for row in rows.iter().filter(|row| row.counted_new) {
+            *new_per_kind.entry(row.candidate.kind).or_default() += 1;
         }
         drop(previous_by_key);
         drop(previous);
@@ -543,11 +547,11 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         self.metrics.blocked(&blocked);
 
         let armed = self.armed();
-        let mut quarantined = false;
-        let mut stopped = false;
         let views = if armed {
             let mut views = Vec::with_capacity(rows.len());
-            for (row, sighting) in rows.iter().zip(sightings.iter_mut()) {
+            let mut quarantined = false;
+            let mut stopped = false;
+            for (row, sighting) in rows.into_iter().zip(sightings.iter_mut()) {
                 let would_reclaim = row.blocked_by.is_none();
                 let action = if !would_reclaim {
                     match row.blocked_by {
@@ -565,22 +569,24 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     }
                     action
                 };
-                views.push(report_candidate(&self.key, row, sighting, action, armed));
+                views.push(report_candidate(&self.key, row, action, armed));
+            }
+            if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
+                tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
+                self.metrics.error(Stage::State);
             }
             views
         } else {
-            // Audit-only: nothing is awaited per candidate, so the lines and the review list of
-            // a large inventory are written in two halves at once (the list stays in order).
-            let pairs: Vec<(&Row, &Sighting)> = rows.iter().zip(&sightings).collect();
+            // Audit-only: the sightings are written and each row holds its count, so they are
+            // freed before the review list is made. Nothing is awaited per candidate, so the
+            // lines and the list of a large inventory are written in two halves at once (the
+            // list stays in order), each row freed as its entry is made.
+            drop(sightings);
             let key = &self.key;
-            crate::split::map_ref(&pairs, |&(row, sighting)| {
-                report_candidate(key, row, sighting, Action::Reported, armed)
+            crate::split::map_owned(rows, |row| {
+                report_candidate(key, row, Action::Reported, armed)
             })
         };
-        if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
-            tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
-            self.metrics.error(Stage::State);
-        }
         self.metrics
             .succeeded((now - OffsetDateTime::UNIX_EPOCH).as_seconds_f64());
         self.metrics.tick(TickOutcome::Completed);
