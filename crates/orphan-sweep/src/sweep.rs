@@ -455,7 +455,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             self.config.grace.saturating_add(self.config.skew),
             Row::new,
         );
+        // Each candidate holds what detection read from them; they are freed before the
+        // sightings are made.
         drop(classes);
+        drop(standings);
 
         // Sightings: new ones counted once per unbroken run; burn-in counts reclaimable ones.
         // Burn-in is measured from period starts, so the jitter of when a tick runs inside its

@@ -13,7 +13,7 @@ use keel_audit::{Actor, AuditKind, RequestId, ResourceType, TeamId, Tier};
 use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, PgSweepState, TickLock};
 use keel_orphan_sweep::{
     Action, Blocker, FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource,
-    LiveTokens as _, SweepConfig, SweepMetrics, SweepState as _, Sweeper, TickReport,
+    LiveTokens as _, Sighting, SweepConfig, SweepMetrics, SweepState as _, Sweeper, TickReport,
 };
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{
@@ -399,6 +399,61 @@ async fn the_burn_in_is_durable_across_processes_and_a_period_runs_once() {
         );
         assert_eq!(digest.len(), 48, "keyed by digest, never by name");
     }
+}
+
+/// The sightings of a large tick (several statements' worth) are recorded exactly, each row
+/// with its own values, replacing what the period before recorded; an empty tick clears them.
+#[tokio::test]
+async fn a_large_ticks_sightings_are_recorded_exactly_and_replace_the_last() {
+    let db = keel_testkit::database().await;
+    let state = PgSweepState::new(db.pool().clone(), "it");
+    let source = InventorySource::Kubernetes;
+    let claim = state
+        .claim(source, Duration::from_secs(3600), OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .expect("a fresh database's first claim");
+    let start = time::macros::datetime!(2026-11-30 10:00 UTC);
+    let earlier = [Sighting::new(
+        format!("generic:{:048x}", u64::MAX),
+        start,
+        claim.period - 1,
+    )];
+    state.replace(source, &claim, &earlier).await.unwrap();
+    let sightings: Vec<Sighting> = (0_u32..25_001)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                "customer_namespace"
+            } else {
+                "redis_namespace"
+            };
+            let mut sighting = Sighting::new(
+                format!("{kind}:{i:048x}"),
+                start + time::Duration::seconds(i64::from(i)),
+                claim.period,
+            );
+            if i % 3 == 0 {
+                sighting.reclaimable_since = Some(start);
+                sighting.consecutive = i % 7;
+            }
+            if i % 1_000 == 999 {
+                sighting.quarantined = Some("refused".to_owned());
+            }
+            sighting
+        })
+        .collect();
+    state.replace(source, &claim, &sightings).await.unwrap();
+    let mut read = state.sightings(source).await.unwrap();
+    read.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut expected = sightings;
+    expected.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(read.len(), expected.len());
+    assert!(
+        read == expected,
+        "a recorded sighting differs from what was written"
+    );
+    state.replace(source, &claim, &[]).await.unwrap();
+    assert!(state.sightings(source).await.unwrap().is_empty());
 }
 
 #[tokio::test]
