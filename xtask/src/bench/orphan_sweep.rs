@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use keel_audit::Token;
-use keel_orphan_sweep::postgres::PgLiveTokens;
+use keel_orphan_sweep::postgres::{PgLiveTokens, PgSweepState};
 use keel_orphan_sweep::{
     FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens,
-    LiveTokensError, MemoryState, Reclaimer, Standings, SweepConfig, SweepMetrics, Sweeper,
-    TickReport,
+    LiveTokensError, Reclaimer, Standings, SweepConfig, SweepMetrics, Sweeper, TickReport,
 };
 use keel_provision::{DatabaseName, InstallationId, Provisioner, TokenDigest};
 use keel_testkit::PgServer;
@@ -124,10 +123,18 @@ type NoReclaimer = Provisioner<
 
 /// Runs one tick with the production log subscriber writing to a sink; returns (elapsed, peak
 /// resident memory growth in KiB, report).
+///
+/// Before the clock starts, the period claims are cleared (so this tick claims its period
+/// however many ticks ran in it); the sightings the tick before recorded stay, as a running
+/// sweeper finds them.
 async fn measured_tick<L: LiveTokens, R: Reclaimer>(
-    sweeper: &mut Sweeper<Listed, L, R, MemoryState>,
+    sweeper: &mut Sweeper<Listed, L, R, PgSweepState>,
+    pool: &PgPool,
     now: OffsetDateTime,
-) -> (Duration, u64, TickReport) {
+) -> anyhow::Result<(Duration, u64, TickReport)> {
+    sqlx::query("DELETE FROM orphan_sweep_periods")
+        .execute(pool)
+        .await?;
     let subscriber = keel_service::telemetry::subscriber(
         keel_service::LogFormat::Json,
         tracing_subscriber::EnvFilter::new(keel_service::telemetry::DEFAULT_FILTER),
@@ -139,7 +146,7 @@ async fn measured_tick<L: LiveTokens, R: Reclaimer>(
     let started = Instant::now();
     let report = sweeper.tick(now).await;
     let elapsed = started.elapsed();
-    (elapsed, sampler.stop(), report)
+    Ok((elapsed, sampler.stop(), report))
 }
 
 fn candidates(report: &TickReport) -> usize {
@@ -237,17 +244,26 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         let mut keel = sweeper(
             inventory.clone(),
             PgLiveTokens::new(pool.clone()),
+            &pool,
             key.clone(),
         );
-        let mut baseline = sweeper(inventory, PerToken(pool.clone()), key);
+        let mut baseline = sweeper(inventory, PerToken(pool.clone()), &pool, key);
+        // An untimed tick records the sightings that every measured tick then finds, as a
+        // running sweeper's later ticks do (its own first tick found none).
+        let (_, _, warm) = measured_tick(&mut keel, &pool, now).await?;
+        ensure!(
+            candidates(&warm) == expected,
+            "the untimed first tick found {} candidates, expected {expected}",
+            candidates(&warm)
+        );
         let mut growth: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
         let samples = fair::alternate(&SIDES, pairs, async |side, round| {
             // One tick per hourly period (a second tick in the same period is skipped).
             let at = now + time::Duration::hours(i64::try_from(round)?);
             let (elapsed, grown, report) = if side == 0 {
-                measured_tick(&mut keel, at).await
+                measured_tick(&mut keel, &pool, at).await?
             } else {
-                measured_tick(&mut baseline, at).await
+                measured_tick(&mut baseline, &pool, at).await?
             };
             ensure!(
                 candidates(&report) == expected,
@@ -326,17 +342,19 @@ fn expected_candidates(items: u64) -> usize {
 }
 
 /// A sweeper over `inventory` reading standings through `live`, audit-only, with its own
-/// in-memory state and metrics: how each side is built.
+/// metrics and the production state store (`orphan_sightings` in `pool`'s database, which both
+/// sides share: they record the same candidates): how each side is built.
 fn sweeper<L: LiveTokens>(
     inventory: Vec<InventoryItem>,
     live: L,
+    pool: &PgPool,
     key: FingerprintKey,
-) -> Sweeper<Listed, L, NoReclaimer, MemoryState> {
+) -> Sweeper<Listed, L, NoReclaimer, PgSweepState> {
     Sweeper::new(
         Listed(inventory),
         live,
         None::<NoReclaimer>,
-        MemoryState::new(),
+        PgSweepState::new(pool.clone(), "bench"),
         sweep_config(),
         SweepMetrics::register(&mut Registry::default()),
         key,
@@ -445,13 +463,11 @@ pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
         let (elapsed, grown, report) = if side == 0 {
-            measured_tick(
-                &mut sweeper(inventory, PgLiveTokens::new(pool.clone()), key),
-                now,
-            )
-            .await
+            let live = PgLiveTokens::new(pool.clone());
+            measured_tick(&mut sweeper(inventory, live, &pool, key), &pool, now).await?
         } else {
-            measured_tick(&mut sweeper(inventory, PerToken(pool.clone()), key), now).await
+            let live = PerToken(pool.clone());
+            measured_tick(&mut sweeper(inventory, live, &pool, key), &pool, now).await?
         };
         let expected = expected_candidates(items);
         ensure!(
