@@ -323,7 +323,9 @@ pub async fn seal(
 
 /// Recomputes the chain from the rows and checks it against the stored links and every
 /// checkpoint signed with `key`, starting after checkpoint `from` (its signature must hold) or
-/// from the first row. Returns the first difference in chain order.
+/// from the first row. Returns the first difference in chain order. A checkpoint under another
+/// key id is a difference too ([`Tampering::Chain`]) unless it comes before `key`'s first
+/// checkpoint (a rotated-out key's, vouched for by `key`'s later checkpoints).
 pub async fn verify(
     conn: &mut PgConnection,
     key: &SealKey,
@@ -358,8 +360,27 @@ async fn verify_in(
         tampering: None,
     };
     let mut signed = std::collections::BTreeMap::new();
+    let start = from.unwrap_or(0);
+    // A checkpoint under another key id cannot be checked. Those before this key's first
+    // checkpoint are a rotated-out key's, and every later checkpoint of this key vouches for
+    // the chain through them; any other is never skipped: an owner who relabels the real
+    // checkpoints (or an operator who mistypes the key id) must not get "the trail holds" with
+    // nothing checked.
+    let first_own = checkpoints
+        .iter()
+        .filter(|(seq, _, key_id, _)| *seq > start && key_id == key.id())
+        .map(|(seq, ..)| *seq)
+        .min();
     for (seq, hash, key_id, signature) in &checkpoints {
         if key_id != key.id() {
+            if *seq > start && first_own.is_none_or(|first| *seq > first) {
+                verification.tampering = Some(Tampering::Chain {
+                    seq: *seq,
+                    what: "the checkpoint is signed under a key id other than the one given, \
+                           after (or without) any checkpoint of that key (check --seal-key-id)",
+                });
+                return Ok(verification);
+            }
             continue;
         }
         if key.sign(*seq, hash) != *signature {

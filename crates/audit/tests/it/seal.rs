@@ -168,3 +168,64 @@ async fn a_rewritten_chain_contradicts_its_signed_checkpoints() {
         );
     }
 }
+
+/// A checkpoint under a key id the verifier does not hold is never skipped: a mistyped key id,
+/// or an owner who relabels the real checkpoints, fails verification instead of "the trail
+/// holds" with no checkpoint checked.
+#[tokio::test]
+async fn a_checkpoint_under_another_key_id_is_never_skipped() {
+    let (db, _) = sealed_trail().await;
+    let misnamed = SealKey::new("test-2", b"a seal key of at least 32 bytes!!".to_vec()).unwrap();
+    let mut owner = db.owner().acquire().await.unwrap();
+    let found = verify(&mut owner, &misnamed, None).await.unwrap();
+    assert!(
+        matches!(found.tampering, Some(Tampering::Chain { seq, .. }) if seq >= 1),
+        "{found:?}"
+    );
+    drop(owner);
+    as_owner(
+        &db,
+        "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_no_update_delete; \
+         UPDATE audit_checkpoints SET key_id = 'other-key'; \
+         ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_no_update_delete",
+    )
+    .await;
+    let found = first_tampering(&db).await;
+    assert!(matches!(found, Some(Tampering::Chain { .. })), "{found:?}");
+}
+
+/// After a key rotation the rotated-out key's checkpoints come first: they are vouched for by
+/// the new key's later checkpoints, so the trail still holds under the new key.
+#[tokio::test]
+async fn a_rotated_out_keys_earlier_checkpoints_do_not_fail_the_new_key() {
+    let (db, _) = sealed_trail().await;
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 4))
+        .await
+        .unwrap();
+    drop(app);
+    let rotated = SealKey::new("test-2", b"the next seal key, 32 bytes long".to_vec()).unwrap();
+    let mut owner = db.owner().acquire().await.unwrap();
+    let mut sealed = 0;
+    for _ in 0..1200 {
+        if let SealOutcome::Sealed { rows, .. } = seal(&mut owner, &rotated, 10).await.unwrap() {
+            sealed += rows;
+        }
+        if sealed == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sealed, 1);
+    let found = verify(&mut owner, &rotated, None).await.unwrap();
+    assert_eq!(
+        (found.tampering, found.links, found.checkpoints),
+        (None, 4, 1)
+    );
+    // The old key now sees a newer checkpoint it cannot check: not a trail that holds.
+    let old = verify(&mut owner, &key(), None).await.unwrap();
+    assert!(
+        matches!(old.tampering, Some(Tampering::Chain { seq: 4, .. })),
+        "{old:?}"
+    );
+}
