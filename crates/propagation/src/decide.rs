@@ -25,7 +25,8 @@ pub enum RetryCause {
         /// The error message.
         message: String,
     },
-    /// Every attempt's worker vanished before finishing (its lease expired each time).
+    /// Claimed with its attempts spent: every attempt's worker vanished before finishing (its
+    /// lease expired each time), or another writer set its count past the budget.
     Abandoned,
 }
 
@@ -37,7 +38,10 @@ impl RetryCause {
                 format!("unexpected skip ({bucket}): {detail}")
             }
             RetryCause::Error { bucket, message } => format!("error ({bucket}): {message}"),
-            RetryCause::Abandoned => "abandoned: the lease expired on the last attempt".to_owned(),
+            RetryCause::Abandoned => "abandoned: claimed with its attempts spent (the last \
+                                      attempt's lease expired, or its count was set past the \
+                                      budget)"
+                .to_owned(),
         }
     }
 

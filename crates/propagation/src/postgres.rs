@@ -1487,11 +1487,13 @@ const RELEASE_SQL: &str = "UPDATE pending_propagations p SET claimed_by = NULL, 
 
 /// The claim: due, unclaimed rows this build can read, in claim order, skipping rows another
 /// replica is claiming. `$1` now, `$2` limit, `$3` worker, `$4` lease in ms, `$5` kinds,
-/// `$6` resource types, `$7` highest payload version.
+/// `$6` resource types, `$7` highest payload version. The attempt count saturates at the
+/// column's largest value: a count another writer set there would otherwise overflow and fail
+/// every claim, holding back every other row (such a row's budget is spent: it is dead-lettered).
 const CLAIM_SQL: &str = "WITH claimed AS ( \
                UPDATE pending_propagations p \
                SET claimed_by = $3, claim_token = nextval('pending_propagations_fence_seq'), \
-                   attempts = p.attempts + 1, updated_at = $1, \
+                   attempts = LEAST(p.attempts, 2147483646) + 1, updated_at = $1, \
                    lease_expires_at = $1 + make_interval(secs => $4::float8 / 1000.0) \
                WHERE p.id = ANY(ARRAY( \
                  SELECT id FROM pending_propagations \

@@ -237,7 +237,7 @@ impl PropagationStore for MemoryPropagationStore {
             row.claim_token = Some(token);
             row.lease_expires_at = Some(now + lease);
             row.state.claimed_by = Some(worker.as_str().to_owned());
-            row.state.attempts += 1;
+            row.state.attempts = row.state.attempts.saturating_add(1);
             claimed.push(Propagation {
                 id: PropagationId(id),
                 team_id: row.team_id,

@@ -264,6 +264,39 @@ async fn a_replaced_target_gets_a_full_attempt_budget() {
     assert_eq!(resource_tier(db.pool(), resource).await, "team");
 }
 
+/// A row whose attempt count another writer set to the column's largest value neither stops the
+/// claim for every other row (the count saturates instead of overflowing) nor is applied: its
+/// budget is spent, so it is dead-lettered, and the row beside it is applied.
+#[tokio::test]
+async fn an_attempt_count_at_the_columns_limit_does_not_stop_the_queue() {
+    let db = keel_testkit::database().await;
+    let (_, _, spent) = drifted_and_enqueued(db.pool()).await;
+    let (_, other, fine) = drifted_and_enqueued(db.pool()).await;
+    sqlx::query("UPDATE pending_propagations SET attempts = 2147483647 WHERE id = $1")
+        .bind(spent.0)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (runner, _) = default_runner(db.pool(), Arc::new(Recording::default()));
+    let report = runner.run_batch(T0, &never()).await.unwrap();
+    assert_eq!((report.applied, report.dead_lettered), (1, 1), "{report:?}");
+    assert_eq!(row(db.pool(), fine).await.status, "applied");
+    assert_eq!(resource_tier(db.pool(), other).await, "pro");
+    let state = row(db.pool(), spent).await;
+    assert_eq!(
+        (state.status.as_str(), state.attempts),
+        ("dead_lettered", i32::MAX)
+    );
+    assert!(
+        state
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("attempts spent")),
+        "{:?}",
+        state.last_error
+    );
+}
+
 /// LIB-4: enqueue refuses, writing nothing, a resource that does not exist, one of another team
 /// and one of another type: the database's `resources` row is the truth, not the request.
 #[tokio::test]
