@@ -291,9 +291,11 @@ fn print(
                     }
                     if let Some(late) = &report.late {
                         println!(
-                            "late usage: {} events in {} hours outside the window are not rated; run: {}",
-                            late.events,
+                            "late usage: {} hours outside the window disagree with their rating \
+                             ({} late events; {} hours lowered or emptied); run: {}",
                             late.hours,
+                            late.events,
+                            late.lowered,
                             late.backfill_command()
                         );
                     }

@@ -547,8 +547,10 @@ pub async fn preview_window(
 }
 
 /// Late usage among the change markers of hours before `$1`: per marked group, its events
-/// against its rated row (looked up per group, `OFFSET 0`, as in the changed-groups diff). A group whose events grew beyond its rated row (or that has events
-/// and no rated row) is late usage; the others need nothing.
+/// against its rated row (looked up per group, `OFFSET 0`, as in the changed-groups diff). A
+/// group whose events no longer match its rated row is late: they grew beyond it (or it has
+/// events and no rated row), or they went down or vanished under a rated row (`lowered`: the
+/// bill is too high until a backfill reconciles it). The others need nothing.
 macro_rules! late_judged {
     () => {
         "WITH keys AS ( \
@@ -556,8 +558,10 @@ macro_rules! late_judged {
          ), judged AS ( \
            SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
                   coalesce(r.event_count, 0) AS rated_events, \
-                  e.event_count > 0 AND (r.id IS NULL OR e.event_count > r.event_count \
-                                         OR e.quantity > r.quantity) AS late \
+                  CASE WHEN r.id IS NULL THEN e.event_count > 0 \
+                       ELSE e.event_count <> r.event_count OR e.quantity <> r.quantity END AS late, \
+                  r.id IS NOT NULL AND (e.event_count < r.event_count \
+                                        OR e.quantity < r.quantity) AS lowered \
            FROM keys k \
            CROSS JOIN LATERAL ( \
              SELECT coalesce(sum(quantity), 0) AS quantity, count(*) AS event_count \
@@ -578,6 +582,7 @@ macro_rules! late_select {
     () => {
         " SELECT count(*) FILTER (WHERE late), \
                  coalesce(sum(greatest(event_count - rated_events, 0)) FILTER (WHERE late), 0)::bigint, \
+                 count(*) FILTER (WHERE lowered), \
                  min(window_start) FILTER (WHERE late), \
                  max(window_start) FILTER (WHERE late) + interval '1 hour' \
           FROM judged"
@@ -599,7 +604,8 @@ pub const LATE_USAGE: &str = concat!(
 pub const LATE_USAGE_PREVIEW: &str = concat!(late_judged!(), late_select!());
 
 /// Finds late usage: change markers of hours before `before` (events ingested, changed or
-/// deleted after their hour left the routine window) whose events grew beyond what is rated.
+/// deleted after their hour left the routine window) whose events no longer match what is
+/// rated, grown or lowered.
 /// Those markers stay until a backfill rates their hours, so every run pages until then; the
 /// other markers before `before` are consumed, unless `read_only`.
 ///
@@ -615,15 +621,22 @@ pub async fn find_late_usage(
     } else {
         LATE_USAGE
     };
-    let row: (i64, i64, Option<OffsetDateTime>, Option<OffsetDateTime>) = sqlx::query_as(statement)
+    let row: (
+        i64,
+        i64,
+        i64,
+        Option<OffsetDateTime>,
+        Option<OffsetDateTime>,
+    ) = sqlx::query_as(statement)
         .bind(before)
         .fetch_one(&mut *conn)
         .await
         .map_err(db("look for late usage"))?;
     Ok(match row {
-        (hours, events, Some(since), Some(until)) if hours > 0 => Some(LateUsage {
+        (hours, events, lowered, Some(since), Some(until)) if hours > 0 => Some(LateUsage {
             events: events.unsigned_abs(),
             hours: hours.unsigned_abs(),
+            lowered: lowered.unsigned_abs(),
             since,
             until,
         }),
@@ -1167,11 +1180,11 @@ fn log_late(late: Option<&LateUsage>, dry_run: bool) {
     let Some(late) = late else { return };
     let command = late.backfill_command();
     if dry_run {
-        tracing::warn!(events = late.events, hours = late.hours, command = %command,
+        tracing::warn!(events = late.events, hours = late.hours, lowered_hours = late.lowered, command = %command,
             "dry run: late usage outside the window is not rated yet");
     } else {
-        tracing::error!(events = late.events, hours = late.hours, command = %command,
-            "late usage: events arrived after their hours left the routine window and are not rated (anomaly); run the backfill command");
+        tracing::error!(events = late.events, hours = late.hours, lowered_hours = late.lowered, command = %command,
+            "late usage: events arrived, changed or were deleted after their hours left the routine window and are not rated (anomaly); run the backfill command");
     }
 }
 

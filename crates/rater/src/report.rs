@@ -109,15 +109,19 @@ impl Changes {
     }
 }
 
-/// Events ingested after their hour left the routine window, not yet reflected in
-/// `rated_usage`: never dropped silently, always an anomaly naming the backfill to run.
+/// Events ingested, changed or deleted after their hour left the routine window, not yet
+/// reflected in `rated_usage`: never dropped silently, always an anomaly naming the backfill to
+/// run (which reconciles a lowered hour as any backfill does).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct LateUsage {
     /// Late events in hours whose rating disagrees with their events.
     pub events: u64,
-    /// How many such hours.
+    /// How many hours disagree with their rating (grown or lowered).
     pub hours: u64,
+    /// How many of them went down or lost every event under a rated row: billed too high until
+    /// the backfill reconciles them.
+    pub lowered: u64,
     /// The first such hour.
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,

@@ -277,6 +277,66 @@ async fn an_event_ingested_after_its_hour_left_the_window_is_rated_or_flagged() 
     assert_eq!(fourth.exit, RaterExit::Clean, "{:?}", fourth.report);
 }
 
+/// Usage lowered or deleted in an hour before the window pages like late growth: the bill of a
+/// rated hour whose events went down (or vanished) is too high, so the run exits 2 naming the
+/// backfill, keeps the markers and pages until the backfill reconciles the hours.
+#[tokio::test]
+async fn usage_lowered_or_deleted_before_the_window_pages_until_backfilled() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    event(db.pool(), "a1", "acme", "5", H0 + Duration::hours(1)).await;
+    event(db.pool(), "a2", "acme", "7", H0 + Duration::hours(1)).await;
+    event(db.pool(), "b1", "acme", "9", H0 + Duration::hours(2)).await;
+    assert_eq!(go(&db, 36, false).await.exit, RaterExit::Clean);
+    let routine = RunRequest {
+        window: resolve_window(
+            Some(H0 + Duration::hours(12)),
+            Some(H0 + Duration::hours(36)),
+            NOW,
+            false,
+        )
+        .unwrap()
+        .0,
+        explicit: false,
+        dry_run: false,
+        now: NOW,
+    };
+    assert_eq!(
+        run(db.pool(), &db.connect_options(), routine)
+            .await
+            .unwrap()
+            .exit,
+        RaterExit::Clean
+    );
+    // One hour lowered, the other emptied, both long after they left the window.
+    exec(
+        db.pool(),
+        "DELETE FROM billing_event WHERE event_id IN ('a2', 'b1')",
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let paged = run(db.pool(), &db.connect_options(), routine)
+            .await
+            .unwrap();
+        assert_eq!(paged.exit.code(), 2, "a lowered rated hour must page");
+        let late = paged.report.unwrap().late.unwrap();
+        assert_eq!((late.hours, late.lowered, late.events), (2, 2, 0));
+        assert_eq!(
+            late.backfill_command(),
+            "keel-rater --backfill --since 2026-11-20T01:00:00Z --until 2026-11-20T03:00:00Z"
+        );
+    }
+    let backfill = go(&db, 3, true).await;
+    assert_eq!(backfill.exit, RaterExit::Clean);
+    let reconciled = backfill.report.unwrap();
+    assert_eq!((reconciled.lowered.count, reconciled.deleted.count), (1, 1));
+    let after = run(db.pool(), &db.connect_options(), routine)
+        .await
+        .unwrap();
+    assert_eq!(after.exit, RaterExit::Clean, "{:?}", after.report);
+}
+
 /// RATER-H5a: rating ran on the pool while the lock lived on another connection, so a rater whose
 /// lock connection was killed still committed (and a second rater ran at the same time).
 #[tokio::test]
