@@ -40,12 +40,7 @@ fn parse_digest(s: &str) -> Result<TokenDigest, String> {
 }
 
 fn parse_operator(s: &str) -> Result<keel_audit::Actor, String> {
-    match keel_audit::Actor::parse(s) {
-        Ok(actor) if actor.as_str().starts_with("operator:") => Ok(actor),
-        Ok(_) | Err(_) => {
-            Err("expected operator:NAME (the person acting, e.g. operator:alice)".to_owned())
-        }
-    }
+    keel_audit::Actor::operator(s).map_err(|e| e.to_string())
 }
 
 /// Runs one `protections` subcommand.

@@ -243,10 +243,7 @@ fn parse_kind(s: &str) -> Result<PropagationKind, String> {
 /// An operator actor, `operator:NAME`: a requeue is an operator's act, so the audit row must
 /// not name the API, the system or a bare string.
 fn parse_actor(s: &str) -> Result<Actor, String> {
-    match s.strip_prefix("operator:") {
-        Some(name) if !name.is_empty() => Actor::parse(s).map_err(|e| e.to_string()),
-        _ => Err("expected operator:NAME (the person requeueing, e.g. operator:alice)".to_owned()),
-    }
+    Actor::operator(s).map_err(|e| e.to_string())
 }
 fn parse_reason(s: &str) -> Result<RequeueReason, String> {
     RequeueReason::parse(s).map_err(|e| e.to_string())

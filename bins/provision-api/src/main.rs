@@ -105,8 +105,10 @@ struct KeyRevokeArgs {
     actor: keel_audit::Actor,
 }
 
+/// The actor of a key's creation or revocation: an operator's act, `operator:NAME` (never the
+/// API, the system or an API key's own `key:ID`).
 fn parse_actor(s: &str) -> Result<keel_audit::Actor, String> {
-    keel_audit::Actor::parse(s).map_err(|e| e.to_string())
+    keel_audit::Actor::operator(s).map_err(|e| e.to_string())
 }
 
 fn parse_key_id(s: &str) -> Result<KeyId, String> {

@@ -142,3 +142,34 @@ async fn keys_are_created_shown_once_listed_without_secret_and_revoked_with_audi
     let (code, _, stderr) = keys(&db, &["create"]);
     assert_eq!(code, Some(64), "--team or --operator is required: {stderr}");
 }
+
+/// A key's creation and revocation are an operator's acts: an actor that is not
+/// `operator:NAME` (a bare name, an empty name, the API, an API key's `key:ID`) is a usage
+/// error and writes nothing, so the trail never credits a key change to anyone else.
+#[tokio::test]
+async fn a_key_change_is_credited_only_to_a_named_operator() {
+    let db = keel_testkit::database().await;
+    let team = db.team("pro").await.to_string();
+    for actor in ["bob", "operator:", "api", "key:123", "operator:key:123"] {
+        let (code, stdout, stderr) = keys(
+            &db,
+            &["create", "--team", &team, "--label", "x", "--actor", actor],
+        );
+        assert_eq!(code, Some(64), "{actor}: {stderr}");
+        assert!(stdout.is_empty(), "{actor}: no key was made");
+        assert!(
+            stderr.contains("expected operator:NAME"),
+            "{actor}: {stderr}"
+        );
+        let (code, _, stderr) = keys(&db, &["revoke", "c1752bc881ff", "--actor", actor]);
+        assert_eq!(code, Some(64), "{actor}: {stderr}");
+    }
+    let (keys_made, audited): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM provision_api.api_keys), \
+                (SELECT count(*) FROM audit_events)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((keys_made, audited), (0, 0));
+}

@@ -32,6 +32,12 @@ pub enum AuditFieldError {
          \"system\" or \"operator:alice\""
     )]
     InvalidActor,
+    /// An operator's act (a command-line change) must name the person acting.
+    #[error(
+        "expected operator:NAME, the person acting (e.g. operator:alice), with NAME of \
+         [a-z0-9._-]"
+    )]
+    NotAnOperator,
     /// The request id is empty, too long, or uses characters outside `[A-Za-z0-9._:-]`.
     #[error("invalid request id: use 1 to {MAX_ID_LEN} characters of [A-Za-z0-9._:-]")]
     InvalidRequestId,
@@ -92,6 +98,17 @@ impl Actor {
             Ok(Self(s.to_owned()))
         } else {
             Err(AuditFieldError::InvalidActor)
+        }
+    }
+
+    /// Parses the actor of an operator's act: `operator:NAME`, with a non-empty NAME and no
+    /// further `:` (so it can never name the API, the system or an API key's actor, `key:ID`).
+    pub fn operator(s: &str) -> Result<Self, AuditFieldError> {
+        match s.strip_prefix("operator:") {
+            Some(name) if !name.is_empty() && !name.contains(':') => {
+                Self::parse(s).map_err(|_| AuditFieldError::NotAnOperator)
+            }
+            _ => Err(AuditFieldError::NotAnOperator),
         }
     }
 
@@ -344,6 +361,7 @@ impl Attributes {
             }
             Err(
                 e @ (AuditFieldError::InvalidActor
+                | AuditFieldError::NotAnOperator
                 | AuditFieldError::InvalidRequestId
                 | AuditFieldError::InvalidAttributeKey(_)
                 | AuditFieldError::TooManyAttributes),
@@ -687,6 +705,32 @@ mod tests {
             .insert_masked("token_masked", "tok_9f8e7d6c5b4a")
             .unwrap();
         assert_eq!(attrs.get("token_masked"), Some("tok_…"));
+    }
+
+    #[test]
+    fn an_operators_act_names_the_person_acting() {
+        assert_eq!(
+            Actor::operator("operator:alice").unwrap(),
+            Actor::parse("operator:alice").unwrap()
+        );
+        for refused in [
+            "",
+            "bob",
+            "operator:",
+            "operator",
+            "api",
+            "system",
+            "key:123",
+            "operator:key:123",
+            "operator:Alice",
+            "operator:a b",
+        ] {
+            assert_eq!(
+                Actor::operator(refused),
+                Err(AuditFieldError::NotAnOperator),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]
