@@ -140,9 +140,9 @@ enum Command {
         /// The notification's event id (from `dead-letters`).
         #[arg(long)]
         event_id: uuid::Uuid,
-        /// Who requeues it, recorded in `notification.requeued` (e.g. operator:alice).
-        #[arg(long)]
-        actor: String,
+        /// Who requeues it, recorded in `notification.requeued`: operator:NAME.
+        #[arg(long, value_parser = parse_operator, value_name = "operator:NAME")]
+        actor: Actor,
     },
     /// List audit rows in commit order, filtered.
     List(Box<ListArgs>),
@@ -187,9 +187,18 @@ struct RetentionArgs {
     /// to retire what is older than a year (for a scheduled job).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     months_ago: Option<u32>,
-    /// Who runs the step, recorded in its audit row (e.g. operator:alice).
-    #[arg(long)]
-    actor: String,
+    /// Who runs the step, recorded in its audit row (e.g. operator:alice, or
+    /// service:keel-audit-retention for a scheduled job).
+    #[arg(long, value_parser = parse_actor, value_name = "ACTOR")]
+    actor: Actor,
+}
+
+fn parse_actor(s: &str) -> Result<Actor, String> {
+    Actor::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_operator(s: &str) -> Result<Actor, String> {
+    Actor::operator(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -246,7 +255,7 @@ async fn run_retention(command: RetentionCommand) -> anyhow::Result<ExitCode> {
         | RetentionCommand::Verify { args, .. }
         | RetentionCommand::Detach { args, .. } => args,
     };
-    let actor = Actor::parse(&args.actor).context("--actor is not a valid actor")?;
+    let actor = args.actor.clone();
     let pool = keel_service::connect(&args.db, "keel-audit-retention", 1).await?;
     let mut conn = pool.acquire().await.context("could not connect")?;
     // The database's clock decides whether the month is over, as for every replica.
@@ -301,8 +310,8 @@ struct ListArgs {
     #[command(flatten)]
     db: DatabaseArgs,
     /// Only this kind (its wire name, e.g. provision.created).
-    #[arg(long)]
-    kind: Option<String>,
+    #[arg(long, value_parser = parse_kind, value_name = "KIND")]
+    kind: Option<keel_audit::AuditKind>,
     /// Only rows about this team (UUID).
     #[arg(long)]
     team: Option<uuid::Uuid>,
@@ -310,66 +319,64 @@ struct ListArgs {
     #[arg(long)]
     resource: Option<uuid::Uuid>,
     /// Only rows by this actor.
-    #[arg(long)]
-    actor: Option<String>,
+    #[arg(long, value_parser = parse_actor, value_name = "ACTOR")]
+    actor: Option<Actor>,
     /// Only rows of this request id.
-    #[arg(long)]
-    request_id: Option<String>,
+    #[arg(long, value_parser = parse_request_id, value_name = "ID")]
+    request_id: Option<keel_audit::RequestId>,
     /// Only rows recorded at or after this time (RFC 3339, e.g. 2026-11-30T00:00:00Z).
-    #[arg(long)]
-    since: Option<String>,
-    /// Only rows recorded before this time (RFC 3339).
-    #[arg(long)]
-    until: Option<String>,
+    #[arg(long, value_parser = parse_rfc3339, value_name = "TIME")]
+    since: Option<time::OffsetDateTime>,
+    /// Only rows recorded before this time (RFC 3339); after --since.
+    #[arg(long, value_parser = parse_rfc3339, value_name = "TIME")]
+    until: Option<time::OffsetDateTime>,
     /// Resume after this cursor (`<txid>-<id>`, printed by the previous page).
-    #[arg(long)]
-    after: Option<String>,
+    #[arg(long, value_parser = parse_list_cursor, value_name = "CURSOR")]
+    after: Option<keel_audit::postgres::CommitCursor>,
     /// Most rows per page (1 to 10000).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     limit: u32,
     /// One JSON document: `{"events": [...], "next": "<cursor>"}`.
     #[arg(long)]
     json: bool,
 }
 
-fn rfc3339(flag: &str, value: Option<&str>) -> anyhow::Result<Option<time::OffsetDateTime>> {
-    value
-        .map(|v| {
-            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-                .with_context(|| format!("{flag} is not an RFC 3339 time (2026-11-30T00:00:00Z)"))
-        })
-        .transpose()
+fn parse_kind(s: &str) -> Result<keel_audit::AuditKind, String> {
+    s.parse::<keel_audit::AuditKind>()
+        .map_err(|e| e.to_string())
+}
+
+fn parse_request_id(s: &str) -> Result<keel_audit::RequestId, String> {
+    keel_audit::RequestId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_rfc3339(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| "not an RFC 3339 time (e.g. 2026-11-30T00:00:00Z)".to_owned())
+}
+
+fn parse_list_cursor(s: &str) -> Result<keel_audit::postgres::CommitCursor, String> {
+    keel_audit::list::parse_cursor(s).map_err(|e| e.to_string())
 }
 
 async fn run_list(args: &ListArgs) -> anyhow::Result<ExitCode> {
-    use keel_audit::list::{ListQuery, format_cursor, list, parse_cursor};
+    use keel_audit::list::{ListQuery, format_cursor, list};
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since >= until
+    {
+        eprintln!("error: --since must be before --until (the span would hold no row)");
+        return Ok(ExitCode::from(keel_service::cli::EXIT_USAGE));
+    }
     let query = ListQuery {
-        kind: args
-            .kind
-            .as_deref()
-            .map(str::parse::<keel_audit::AuditKind>)
-            .transpose()?,
+        kind: args.kind,
         team_id: args.team.map(keel_audit::TeamId::from_uuid),
         resource_id: args.resource.map(keel_audit::ResourceId::from_uuid),
-        actor: args
-            .actor
-            .as_deref()
-            .map(Actor::parse)
-            .transpose()
-            .context("--actor is not a valid actor")?,
-        request_id: args
-            .request_id
-            .as_deref()
-            .map(keel_audit::RequestId::parse)
-            .transpose()
-            .context("--request-id is not a valid request id")?,
-        since: rfc3339("--since", args.since.as_deref())?,
-        until: rfc3339("--until", args.until.as_deref())?,
+        actor: args.actor.clone(),
+        request_id: args.request_id.clone(),
+        since: args.since,
+        until: args.until,
         after: args
             .after
-            .as_deref()
-            .map(parse_cursor)
-            .transpose()?
             .unwrap_or(keel_audit::postgres::CommitCursor::START),
         limit: Some(args.limit),
     };
@@ -601,7 +608,6 @@ fn main() -> ExitCode {
                 event_id,
                 actor,
             } => {
-                let actor = Actor::parse(&actor).context("--actor is not a valid actor")?;
                 let pool = keel_service::connect(&db, "keel-audit-requeue", 1).await?;
                 let mut conn = pool.acquire().await.context("could not connect")?;
                 if keel_audit::notify::requeue(&mut conn, event_id, &actor).await? {

@@ -156,12 +156,44 @@ async fn list_filters_as_json_and_resumes_from_the_printed_cursor() {
         serde_json::json!([])
     );
 
-    // Bad input: a clear error, exit 1, nothing listed.
-    let bad = Command::new(env!("CARGO_BIN_EXE_keel-audit"))
-        .args(["list", "--after", "yesterday"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("<txid>-<id>"));
+    // Bad input: a usage error (exit 64) naming the flag and what it takes, nothing listed.
+    for (args, says) in [
+        (&["list", "--after", "yesterday"][..], "<txid>-<id>"),
+        (&["list", "--since", "yesterday"][..], "RFC 3339"),
+        (&["list", "--until", "2026-13-01T00:00:00Z"][..], "RFC 3339"),
+        (&["list", "--kind", "no.such_kind"][..], "--kind"),
+        (&["list", "--limit", "0"][..], "--limit"),
+        (&["list", "--actor", "Not An Actor"][..], "--actor"),
+        (
+            &[
+                "list",
+                "--since",
+                "2026-11-30T00:00:00Z",
+                "--until",
+                "2026-11-29T00:00:00Z",
+            ][..],
+            "--since must be before --until",
+        ),
+        (
+            &[
+                "requeue",
+                "--event-id",
+                "00000000-0000-4000-8000-000000000001",
+                "--actor",
+                "bob",
+            ][..],
+            "expected operator:NAME",
+        ),
+    ] {
+        let bad = Command::new(env!("CARGO_BIN_EXE_keel-audit"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(bad.stdout.is_empty(), "{args:?}: nothing listed");
+    }
 }
