@@ -955,6 +955,14 @@ async fn visible<S: ResourceStore, B: Backend>(
         }
         Ok(Ok(Some(record))) if principal.may_act_for(record.team_id) => Visible::Found(record),
         Ok(Ok(Some(_) | None)) => Visible::NotFound,
+        Ok(Err(e @ keel_provision::StoreError::Corrupt { .. })) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "a resource row does not decode; it needs repair");
+            // Not an outage: a retry reads the same row, so the answer says not to retry.
+            Visible::Failed(fail(
+                ErrorCode::Internal,
+                "the resource's stored row cannot be read; retrying will not help",
+            ))
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %ErrorChain(&e), "could not read a resource");
             // The same answer as POST and DELETE give during an outage.
@@ -2204,6 +2212,44 @@ mod tests {
                 .await;
             assert_envelope(&answer, status, code);
         }
+    }
+
+    /// A row another writer left in a shape this build cannot read is not an outage: GET,
+    /// DELETE and rotate-credentials answer 500 `internal` without Retry-After (a retry reads the
+    /// same row), never 503 `backend_unavailable` with advice to retry forever.
+    #[tokio::test]
+    async fn a_row_that_does_not_decode_is_a_500_without_retry_advice() {
+        let api = api().await;
+        let id = uuid::Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                    provider_resource_id, connection_url) \
+             VALUES ($1, 'tok-garbage-1', $2, 'mysql', 'diamond', 'active', 'x', 'y')",
+        )
+        .bind(id)
+        .bind(api.team.as_uuid())
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        for (method, path) in [
+            ("GET", format!("/v1/resources/{id}")),
+            ("DELETE", format!("/v1/resources/{id}")),
+            ("POST", format!("/v1/resources/{id}/rotate-credentials")),
+        ] {
+            let answer = api.call(method, &path, "").await;
+            assert_envelope(&answer, 500, "internal");
+            assert!(
+                !answer.head.to_lowercase().contains("retry-after"),
+                "{method} {path}: {}",
+                answer.head
+            );
+        }
+        let status: String = sqlx::query_scalar("SELECT status FROM resources WHERE id = $1")
+            .bind(id)
+            .fetch_one(api.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(status, "active", "nothing was changed");
     }
 
     /// PROV-8: only a JSON body creates anything; a cross-site "simple request" cannot.

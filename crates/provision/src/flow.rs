@@ -365,6 +365,7 @@ fn reason_of(error: &StepError) -> &'static str {
             | StoreError::ResourceNotFound
             | StoreError::Unavailable { .. },
         ) => "store_unavailable",
+        StepError::Store(StoreError::Corrupt { .. }) => "store_row_corrupt",
         StepError::Audit(_) => "audit_row_invalid",
     }
 }

@@ -41,6 +41,16 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// A stored row does not decode (another writer put a value there this build cannot read):
+    /// retrying does not help until the row is repaired.
+    #[error("the resource store holds a row it cannot read ({operation})")]
+    Corrupt {
+        /// What was being attempted.
+        operation: &'static str,
+        /// What does not decode (never the value itself).
+        #[source]
+        source: BoxError,
+    },
 }
 
 impl StoreError {

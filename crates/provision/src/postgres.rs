@@ -410,7 +410,10 @@ impl ResourceStore for PgResourceStore {
 fn record_from_row(row: &sqlx::postgres::PgRow) -> Result<ResourceRecord, StoreError> {
     let read = |e| StoreError::unavailable("read a resource", e);
     let id: uuid::Uuid = row.try_get("id").map_err(read)?;
-    let corrupt = |what| StoreError::unavailable("read a resource", CorruptRow { id, what });
+    let corrupt = |what| StoreError::Corrupt {
+        operation: "read a resource",
+        source: Box::new(CorruptRow { id, what }),
+    };
     let token: String = row.try_get("token").map_err(read)?;
     let resource_type: String = row.try_get("resource_type").map_err(read)?;
     let tier: String = row.try_get("tier").map_err(read)?;
