@@ -138,6 +138,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let push_url = match args
+        .push_metrics_url
+        .as_deref()
+        .map(keel_rater::metrics::PushUrl::parse)
+        .transpose()
+    {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("error: --push-metrics-url: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let explicit = args.backfill;
     let Some(database_url) = args
         .direct_database_url
@@ -169,7 +181,7 @@ fn main() -> ExitCode {
         };
         tracing::info!(window = %window, explicit, dry_run = args.dry_run, "rating");
         let result = run_until(&pool, &lock_options, request, stop_signal()).await;
-        if let Some(url) = &args.push_metrics_url {
+        if let Some(url) = &push_url {
             push_metrics(&pool, url).await;
         }
         let outcome = result.context("the rating run failed")?;
@@ -213,7 +225,7 @@ async fn stop_signal() {
     }
 }
 
-async fn push_metrics(pool: &sqlx::PgPool, url: &str) {
+async fn push_metrics(pool: &sqlx::PgPool, url: &keel_rater::metrics::PushUrl) {
     let body = match keel_rater::metrics::render(pool).await {
         Ok(body) => body,
         Err(e) => {

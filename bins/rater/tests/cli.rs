@@ -165,6 +165,34 @@ fn one_request_server() -> (u16, std::thread::JoinHandle<String>) {
     (port, handle)
 }
 
+/// A push-metrics URL that could never work is a usage error at start (exit 64, its value not
+/// shown), before anything is rated, not an ERROR after every run that still exits 0.
+#[tokio::test]
+async fn a_malformed_push_metrics_url_is_a_usage_error_at_start() {
+    let db = keel_testkit::database().await;
+    for bad in [
+        "ftp://gateway:9091",
+        "http://user:secret-pw@gateway:9091",
+        "http://",
+        "gateway:9091",
+        "http://gate way:9091",
+    ] {
+        let out = keel_rater(&["--push-metrics-url", bad], Some(&db.url()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {stderr}");
+        assert!(stderr.contains("--push-metrics-url"), "{bad}: {stderr}");
+        assert!(
+            !stderr.contains("secret-pw"),
+            "the value is never shown: {stderr}"
+        );
+    }
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(runs, 0, "nothing ran");
+}
+
 /// The agreed rater metrics are pushed, as job `keel-rater`, at the end of a run.
 #[tokio::test]
 async fn a_run_pushes_the_agreed_metrics_to_the_gateway() {

@@ -116,21 +116,61 @@ pub enum PushError {
     Status(String),
 }
 
-/// PUTs `body` to `<url>/metrics/job/keel-rater` (Pushgateway protocol, plain HTTP/1.1).
-pub async fn push(url: &str, body: &str) -> Result<(), PushError> {
-    let rest = url.strip_prefix("http://").ok_or(PushError::BadUrl)?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-        None => (rest, ""),
-    };
-    if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace) {
-        return Err(PushError::BadUrl);
+/// Where the run's metrics are pushed: an `http://host[:port][/path]` URL, checked when it is
+/// configured, so a wrong one is a usage error at start, not an ERROR after every run. Its
+/// `Debug` form never shows the URL (it may hold credentials).
+#[derive(Clone)]
+pub struct PushUrl {
+    /// `host:port`.
+    address: String,
+    /// `host[:port]` as given, for the `Host` header.
+    authority: String,
+    /// The path before `/metrics/job/keel-rater`, without a trailing `/`.
+    path: String,
+}
+
+impl std::fmt::Debug for PushUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushUrl(<not shown>)")
     }
-    let address = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
+}
+
+impl PushUrl {
+    /// Parses `http://host[:port][/path]`; refuses any other scheme, user information and
+    /// whitespace.
+    pub fn parse(url: &str) -> Result<Self, PushError> {
+        let rest = url.strip_prefix("http://").ok_or(PushError::BadUrl)?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty()
+            || authority.contains('@')
+            || authority.contains(char::is_whitespace)
+            || path.contains(char::is_whitespace)
+        {
+            return Err(PushError::BadUrl);
+        }
+        let address = if authority.contains(':') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        Ok(Self {
+            address,
+            authority: authority.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// PUTs `body` to `<url>/metrics/job/keel-rater` (Pushgateway protocol, plain HTTP/1.1).
+pub async fn push(url: &PushUrl, body: &str) -> Result<(), PushError> {
+    let PushUrl {
+        address,
+        authority,
+        path,
+    } = url;
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     let request = format!(
         "PUT {path}/metrics/job/keel-rater HTTP/1.1\r\nHost: {authority}\r\n\
