@@ -74,14 +74,28 @@ pub enum NotReady {
         /// The version this binary needs.
         expected: i64,
     },
-    /// The schema is at another version than the one this binary embeds.
-    #[error("the schema is at version {found}, this binary expects {expected}; run `migrate`")]
+    /// The schema is at another version than the one this binary embeds: behind it (run
+    /// `migrate`) or ahead of it (a newer release migrated it: deploy that release).
+    #[error("{}", wrong_version(*found, *expected))]
     WrongVersion {
         /// The latest applied migration.
         found: i64,
         /// The version this binary needs.
         expected: i64,
     },
+}
+
+/// What to do about a schema at `found` for a binary that expects `expected`.
+fn wrong_version(found: i64, expected: i64) -> String {
+    if found < expected {
+        format!("the schema is at version {found}, this binary expects {expected}; run `migrate`")
+    } else {
+        format!(
+            "the schema is at version {found}, newer than this binary's {expected}: a newer \
+             release migrated it; deploy that release (or roll the schema back with the newer \
+             release's down migrations)"
+        )
+    }
 }
 
 impl Readiness {
@@ -767,13 +781,27 @@ mod tests {
         assert_eq!(ready.check().await, Ok(()));
 
         let expected = keel_schema::latest_version() + 1;
-        let ahead = Readiness::new(db.pool().clone()).expecting_version(expected);
+        let behind = Readiness::new(db.pool().clone()).expecting_version(expected);
+        let found = behind.check().await;
         assert_eq!(
-            ahead.check().await,
+            found.clone(),
             Err(NotReady::WrongVersion {
                 found: keel_schema::latest_version(),
                 expected
             })
+        );
+        assert!(
+            found.unwrap_err().to_string().ends_with("run `migrate`"),
+            "a schema behind the binary is migrated"
+        );
+        // A schema a newer release migrated: `migrate` cannot help (this binary does not know
+        // the newer migrations), so the cause says which release to deploy.
+        let older_binary =
+            Readiness::new(db.pool().clone()).expecting_version(keel_schema::latest_version() - 1);
+        let message = older_binary.check().await.unwrap_err().to_string();
+        assert!(
+            message.contains("newer than this binary") && !message.contains("run `migrate`"),
+            "{message}"
         );
 
         let empty = keel_testkit::empty_database().await;
@@ -793,7 +821,7 @@ mod tests {
             Err(NotReady::DatabaseUnreachable)
         );
 
-        let (addr, shutdown, server) = serving(ahead).await;
+        let (addr, shutdown, server) = serving(behind).await;
         let answer = get(addr, "/readyz").await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("run `migrate`"), "{answer}");
