@@ -497,7 +497,18 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             return fail(code, &message);
         }
     };
-    let body: CreateBody = match serde_json::from_slice(&body) {
+    // Read as a JSON value first: serde reads a struct from an array too (`["…", "postgres",
+    // "pro"]` by position), and the contract is an object with named fields.
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|value| {
+        if value.is_object() {
+            serde_json::from_value::<CreateBody>(value)
+        } else {
+            Err(serde::de::Error::custom(
+                "expected an object with named fields",
+            ))
+        }
+    });
+    let body: CreateBody = match parsed {
         Ok(body) => body,
         // serde names the field (`unknown field `x``, `missing field `tier``); field names and
         // the caller's own short values are not secret. Capped, so an echo stays small.
@@ -1905,6 +1916,15 @@ mod tests {
             ("POST", "/v1/resources".into(), "{not json".into(), 400, "invalid_request"),
             ("POST", "/v1/resources".into(), "".into(), 400, "invalid_request"),
             ("POST", "/v1/resources".into(), "[1,2]".into(), 400, "invalid_request"),
+            // The three fields by position: the contract is an object with named fields.
+            (
+                "POST",
+                "/v1/resources".into(),
+                json!([team, "postgres", "pro"]).to_string(),
+                400,
+                "invalid_request",
+            ),
+            ("POST", "/v1/resources".into(), "\"postgres\"".into(), 400, "invalid_request"),
             (
                 "POST",
                 "/v1/resources".into(),
