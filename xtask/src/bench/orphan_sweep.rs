@@ -8,8 +8,9 @@
 //! (BENCH-7); the databases are named as keel-provision names them (`cust_<digest>`), one in 20
 //! by the legacy `cust_<token>`; both sides run the same number of ticks through the shared harness
 //! ([`super::fair`]: alternating order, median and min–max of the rounds, machine and settings
-//! printed), each side with its own sweeper, and each tick's peak resident memory growth is
-//! sampled the same way (BENCH-8). The rounds run in one process, whose first tick (always the
+//! printed), each side with its own sweeper recording its sightings in the production state
+//! store (`orphan_sightings`, as the deployed sweeper does), and each tick's peak resident memory
+//! growth is sampled the same way (BENCH-8). The rounds run in one process, whose first tick (always the
 //! first side's) grows a fresh heap; so each side's first tick is also measured on its own, in a
 //! fresh process per tick, in alternating order. Every tick's candidates are checked before a
 //! figure is printed.
