@@ -49,6 +49,23 @@ fn request(hours: i64, explicit: bool) -> RunRequest {
     }
 }
 
+/// A routine run of the window from `hours_back` hours after `H0` to 36 hours after it.
+fn routine(hours_back: i64) -> RunRequest {
+    RunRequest {
+        window: resolve_window(
+            Some(H0 + Duration::hours(hours_back)),
+            Some(H0 + Duration::hours(36)),
+            NOW,
+            false,
+        )
+        .unwrap()
+        .0,
+        explicit: false,
+        dry_run: false,
+        now: NOW,
+    }
+}
+
 async fn go(db: &keel_testkit::TestDatabase, hours: i64, explicit: bool) -> RunOutcome {
     run(db.pool(), &db.connect_options(), request(hours, explicit))
         .await
@@ -228,19 +245,6 @@ async fn an_event_ingested_after_its_hour_left_the_window_is_rated_or_flagged() 
     let db = keel_testkit::database().await;
     base_price(db.pool()).await;
     event(db.pool(), "on-time", "acme", "1", H0 + Duration::hours(30)).await;
-    let routine = |hours_back: i64| RunRequest {
-        window: resolve_window(
-            Some(H0 + Duration::hours(hours_back)),
-            Some(H0 + Duration::hours(36)),
-            NOW,
-            false,
-        )
-        .unwrap()
-        .0,
-        explicit: false,
-        dry_run: false,
-        now: NOW,
-    };
     let first = run(db.pool(), &db.connect_options(), routine(12))
         .await
         .unwrap();
@@ -288,19 +292,7 @@ async fn usage_lowered_or_deleted_before_the_window_pages_until_backfilled() {
     event(db.pool(), "a2", "acme", "7", H0 + Duration::hours(1)).await;
     event(db.pool(), "b1", "acme", "9", H0 + Duration::hours(2)).await;
     assert_eq!(go(&db, 36, false).await.exit, RaterExit::Clean);
-    let routine = RunRequest {
-        window: resolve_window(
-            Some(H0 + Duration::hours(12)),
-            Some(H0 + Duration::hours(36)),
-            NOW,
-            false,
-        )
-        .unwrap()
-        .0,
-        explicit: false,
-        dry_run: false,
-        now: NOW,
-    };
+    let routine = routine(12);
     assert_eq!(
         run(db.pool(), &db.connect_options(), routine)
             .await
