@@ -324,8 +324,8 @@ pub async fn seal(
 /// Recomputes the chain from the rows and checks it against the stored links and every
 /// checkpoint signed with `key`, starting after checkpoint `from` (its signature must hold) or
 /// from the first row. Returns the first difference in chain order. A checkpoint under another
-/// key id is a difference too ([`Tampering::Chain`]) unless it comes before `key`'s first
-/// checkpoint (a rotated-out key's, vouched for by `key`'s later checkpoints).
+/// key id is a difference too ([`Tampering::Chain`]) unless it comes before `key`'s last
+/// checkpoint (which signs the chain through it: a rotated-out key's, for example).
 pub async fn verify(
     conn: &mut PgConnection,
     key: &SealKey,
@@ -361,19 +361,20 @@ async fn verify_in(
     };
     let mut signed = std::collections::BTreeMap::new();
     let start = from.unwrap_or(0);
-    // A checkpoint under another key id cannot be checked. Those before this key's first
-    // checkpoint are a rotated-out key's, and every later checkpoint of this key vouches for
-    // the chain through them; any other is never skipped: an owner who relabels the real
-    // checkpoints (or an operator who mistypes the key id) must not get "the trail holds" with
-    // nothing checked.
-    let first_own = checkpoints
+    // A checkpoint under another key id cannot be checked. A checkpoint signs the chain up to
+    // it, so this key's last checkpoint vouches for every link before it, through any other
+    // key's checkpoints there (a rotated-out key's, or one a retention detach signed at an old
+    // position). One after this key's last checkpoint, or any when this key has none, is never
+    // skipped: an owner who relabels the real checkpoints (or an operator who mistypes the key
+    // id) must not get "the trail holds" with nothing checked.
+    let last_own = checkpoints
         .iter()
         .filter(|(seq, _, key_id, _)| *seq > start && key_id == key.id())
         .map(|(seq, ..)| *seq)
-        .min();
+        .max();
     for (seq, hash, key_id, signature) in &checkpoints {
         if key_id != key.id() {
-            if *seq > start && first_own.is_none_or(|first| *seq > first) {
+            if *seq > start && last_own.is_none_or(|last| *seq > last) {
                 verification.tampering = Some(Tampering::Chain {
                     seq: *seq,
                     what: "the checkpoint is signed under a key id other than the one given, \

@@ -258,6 +258,66 @@ fn january() -> Month {
     Month::parse("2026-01").unwrap()
 }
 
+/// A month detached after a key rotation: the detach signs its boundary checkpoint with the new
+/// key at an old position, below the old key's later checkpoints; the new key's last
+/// checkpoint vouches for the chain through them, so the trail still holds under the new key
+/// (the retention job's own verification included).
+#[tokio::test]
+async fn a_month_detached_after_a_key_rotation_still_verifies_under_the_new_key() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 1))
+        .await
+        .unwrap();
+    rows_in_month(&db, january(), 3).await;
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 2))
+        .await
+        .unwrap();
+    seal_all(db.owner(), 5).await;
+    let rotated = SealKey::new("test-2", b"the next seal key, 32 bytes long".to_vec()).unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 3))
+        .await
+        .unwrap();
+    drop(app);
+    let mut owner = db.owner().acquire().await.unwrap();
+    let mut sealed = 0;
+    for _ in 0..1200 {
+        if let SealOutcome::Sealed { rows, .. } = seal(&mut owner, &rotated, 1000).await.unwrap() {
+            sealed += rows;
+        }
+        if sealed >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sealed, 1);
+    let scratch = Scratch::new();
+    let file = scratch.file("2026-01.jsonl");
+    let now = OffsetDateTime::now_utc();
+    export_month(&mut owner, january(), &file, &operator(), now)
+        .await
+        .unwrap();
+    verify_export(&mut owner, january(), &file, &rotated, &operator(), now)
+        .await
+        .unwrap();
+    detach_month(&mut owner, january(), &rotated, &operator(), now)
+        .await
+        .unwrap();
+    let keys: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, key_id FROM audit_checkpoints ORDER BY seq")
+            .fetch_all(&mut *owner)
+            .await
+            .unwrap();
+    let first_new = keys.iter().find(|(_, id)| id == "test-2").unwrap().0;
+    assert!(
+        keys.iter()
+            .any(|(seq, id)| id == "test-1" && *seq > first_new),
+        "the detach signed below an old-key checkpoint: {keys:?}"
+    );
+    let chain = verify(&mut owner, &rotated, None).await.unwrap();
+    assert_eq!(chain.tampering, None, "{chain:?}");
+}
+
 /// The whole path on a past month: export (every row with its event UUID), verify, detach.
 /// No row is lost: the file holds every row, the detached table still holds them, the chain
 /// still verifies (their links retired, a checkpoint at the boundary), each step is audited,
