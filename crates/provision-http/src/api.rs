@@ -497,17 +497,15 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             return fail(code, &message);
         }
     };
-    // Read as a JSON value first: serde reads a struct from an array too (`["…", "postgres",
-    // "pro"]` by position), and the contract is an object with named fields.
-    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|value| {
-        if value.is_object() {
-            serde_json::from_value::<CreateBody>(value)
-        } else {
-            Err(serde::de::Error::custom(
-                "expected an object with named fields",
-            ))
-        }
-    });
+    // An object only: serde reads a struct from an array too (`["…", "postgres", "pro"]` by
+    // position), and the contract is an object with named fields. Decoded straight into the
+    // struct, so a field given twice is refused (a JSON value would keep the last one silently).
+    let parsed = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice::<CreateBody>(&body),
+        Some(_) | None => Err(serde::de::Error::custom(
+            "expected an object with named fields",
+        )),
+    };
     let body: CreateBody = match parsed {
         Ok(body) => body,
         // serde names the field (`unknown field `x``, `missing field `tier``); field names and
@@ -1925,6 +1923,16 @@ mod tests {
                 "invalid_request",
             ),
             ("POST", "/v1/resources".into(), "\"postgres\"".into(), 400, "invalid_request"),
+            // A field given twice: refused, not the last one kept.
+            (
+                "POST",
+                "/v1/resources".into(),
+                format!(
+                    r#"{{"team_id": "{team}", "resource_type": "postgres", "tier": "free", "tier": "pro"}}"#
+                ),
+                400,
+                "invalid_request",
+            ),
             (
                 "POST",
                 "/v1/resources".into(),

@@ -136,25 +136,51 @@ impl std::fmt::Debug for PushUrl {
 }
 
 impl PushUrl {
-    /// Parses `http://host[:port][/path]`; refuses any other scheme, user information and
-    /// whitespace.
+    /// Parses `http://host[:port][/path]` (an IPv6 host in brackets, a port of 1 to 65535);
+    /// refuses any other scheme, user information, a query or fragment, and whitespace.
     pub fn parse(url: &str) -> Result<Self, PushError> {
         let rest = url.strip_prefix("http://").ok_or(PushError::BadUrl)?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        if authority.is_empty()
-            || authority.contains('@')
-            || authority.contains(char::is_whitespace)
-            || path.contains(char::is_whitespace)
+        if authority.contains(['@', '?', '#'])
+            || path.contains(['?', '#'])
+            || url.contains(char::is_whitespace)
         {
             return Err(PushError::BadUrl);
         }
-        let address = if authority.contains(':') {
-            authority.to_owned()
+        // The host ends at a bracketed IPv6 address's `]`, or at the first `:`.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (inside, after) = v6.split_once(']').ok_or(PushError::BadUrl)?;
+                let port = match after {
+                    "" => None,
+                    _ => Some(after.strip_prefix(':').ok_or(PushError::BadUrl)?),
+                };
+                (inside, port)
+            }
+            None => match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            None => 80,
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or(PushError::BadUrl)?,
+            Some(_) => return Err(PushError::BadUrl),
+        };
+        if host.is_empty() || host.contains(['[', ']']) {
+            return Err(PushError::BadUrl);
+        }
+        let address = if authority.starts_with('[') {
+            format!("[{host}]:{port}")
         } else {
-            format!("{authority}:80")
+            format!("{host}:{port}")
         };
         Ok(Self {
             address,
@@ -200,5 +226,52 @@ pub async fn push(url: &PushUrl, body: &str) -> Result<(), PushError> {
     match status_line.split_whitespace().nth(1) {
         Some(code) if code.starts_with('2') => Ok(()),
         _ => Err(PushError::Status(status_line)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a URL a push could reach is taken; the others are refused when configured, and no
+    /// form of it shows the URL.
+    #[test]
+    fn a_push_url_is_taken_only_when_a_push_could_reach_it() {
+        for (url, address, path) in [
+            ("http://gateway:9091", "gateway:9091", ""),
+            ("http://gateway", "gateway:80", ""),
+            ("http://10.0.0.7:9091/prefix/", "10.0.0.7:9091", "/prefix"),
+            ("http://[::1]", "[::1]:80", ""),
+            ("http://[fe80::1]:9091/p", "[fe80::1]:9091", "/p"),
+        ] {
+            let parsed = PushUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(
+                (parsed.address.as_str(), parsed.path.as_str()),
+                (address, path)
+            );
+            assert_eq!(format!("{parsed:?}"), "PushUrl(<not shown>)");
+        }
+        for url in [
+            "ftp://gateway:9091",
+            "gateway:9091",
+            "http://",
+            "http://:9091",
+            "http://gw:",
+            "http://gw:abc",
+            "http://gw:0",
+            "http://gw:99999",
+            "http://user:pw@gw:9091",
+            "http://gw:9091?job=x",
+            "http://gw:9091/p#frag",
+            "http://gate way:9091",
+            "http://[::1",
+            "http://[::1]9091",
+            "http://fe80::1",
+        ] {
+            assert!(
+                matches!(PushUrl::parse(url), Err(PushError::BadUrl)),
+                "{url} was taken"
+            );
+        }
     }
 }

@@ -92,8 +92,7 @@ fn wrong_version(found: i64, expected: i64) -> String {
     } else {
         format!(
             "the schema is at version {found}, newer than this binary's {expected}: a newer \
-             release migrated it; deploy that release (or roll the schema back with the newer \
-             release's down migrations)"
+             release migrated it; deploy that release"
         )
     }
 }
