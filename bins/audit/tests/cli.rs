@@ -196,4 +196,18 @@ async fn list_filters_as_json_and_resumes_from_the_printed_cursor() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(bad.stdout.is_empty(), "{args:?}: nothing listed");
     }
+    // A credential pasted into a flag is refused without being quoted back.
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJvcGVyYXRvciJ9.c2lnbmF0dXJlLW5vdC1yZWFs";
+    let bad = Command::new(env!("CARGO_BIN_EXE_keel-audit"))
+        .args(["list", "--actor", jwt])
+        .env("DATABASE_URL", &url)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--actor") && !stderr.contains("eyJhbGci"),
+        "{stderr}"
+    );
 }

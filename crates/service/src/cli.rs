@@ -149,11 +149,15 @@ fn redact_secret_arguments(message: &str, args: &[OsString]) -> String {
     for arg in args.iter().skip(1) {
         let arg = arg.to_string_lossy();
         let lower = arg.to_ascii_lowercase();
+        // Also anything the audit screen takes for a credential (an API key, a JWT, a cloud
+        // key, a customer token's name): a value parser that refuses it (an actor, a request
+        // id) would otherwise have it quoted back.
         let risky = lower.contains("://")
             || lower.contains('@')
             || lower.contains("password")
             || lower.contains("secret")
-            || lower.contains("token=");
+            || lower.contains("token=")
+            || keel_audit::looks_secret(&arg);
         if risky && arg.len() > 1 {
             // The value after `=` in `--flag=value` is what clap quotes.
             out = out.replace(arg.as_ref(), "<redacted>");
