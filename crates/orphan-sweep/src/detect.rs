@@ -297,45 +297,40 @@ pub fn digests_of(items: &[InventoryItem], source: InventorySource) -> Vec<Token
         .collect()
 }
 
-/// A tick's classification of its inventory, kept while the standing read runs: each item's
-/// kind and whether it has a token, in the order of the items, and the token digest of each item
-/// that has one, in the same order.
+/// A tick's classification of its inventory, kept while the standing read runs: whether each
+/// item has a token, in the order of the items, and the token digest of each item that has one,
+/// in the same order.
 ///
 /// It keeps no backend name: a parsed name for every item (the name copied, its digest beside
 /// it) was about 20 MB of a first tick's 80 at 100 000 items, most of them not candidates. Only
 /// the candidates are classified again, from their own item, when they are built.
 pub(crate) struct Classes {
-    /// Each item's kind, and whether it has a token (and so a digest in `digests`).
-    pub(crate) kinds: Vec<(OrphanKind, bool)>,
+    /// Whether each item has a token (and so a digest in `digests`).
+    pub(crate) tokened: Vec<bool>,
     /// The digests of the items with a token, for the standing read.
     pub(crate) digests: Vec<TokenDigest>,
 }
 
-/// The kind of `item` and its token's digest, when it has one (see [`classify`]).
-fn kind_and_digest(
-    item: &InventoryItem,
-    source: InventorySource,
-) -> (OrphanKind, Option<TokenDigest>) {
-    let classified = classify(item, source);
-    let digest = classified
+/// The digest of `item`'s token, when it has one (see [`classify`]).
+fn digest_of_item(item: &InventoryItem, source: InventorySource) -> Option<TokenDigest> {
+    classify(item, source)
         .backend
         .as_ref()
-        .map(|name| digest_of(name).into_owned());
-    (classified.kind, digest)
+        .map(|name| digest_of(name).into_owned())
 }
 
-/// Every item classified, in the order of `items`: the kinds and digests a tick reuses for the
-/// standing read, detection and the breaker's denominator. Two halves at once for a large
-/// inventory (see `split`).
+/// Every item classified, in the order of `items`: the digests a tick reuses for the standing
+/// read, detection and the breaker's denominator. Two halves at once for a large inventory (see
+/// `split`).
 pub(crate) fn classify_all(items: &[InventoryItem], source: InventorySource) -> Classes {
     let run = |items: &[InventoryItem], room: usize| {
         let mut classes = Classes {
-            kinds: Vec::with_capacity(room),
+            tokened: Vec::with_capacity(room),
             digests: Vec::with_capacity(room),
         };
         for item in items {
-            let (kind, digest) = kind_and_digest(item, source);
-            classes.kinds.push((kind, digest.is_some()));
+            let digest = digest_of_item(item, source);
+            classes.tokened.push(digest.is_some());
             classes.digests.extend(digest);
         }
         classes
@@ -346,7 +341,7 @@ pub(crate) fn classify_all(items: &[InventoryItem], source: InventorySource) -> 
     let (a, b) = items.split_at(items.len() / 2);
     // The first half's lists have room for both, so joining them copies the second's only.
     let (mut first, second) = crate::split::both(|| run(a, items.len()), || run(b, b.len()));
-    first.kinds.extend(second.kinds);
+    first.tokened.extend(second.tokened);
     first.digests.extend(second.digests);
     first
 }
@@ -399,8 +394,8 @@ pub(crate) fn detect_classified<T: Send>(
     let mut digests = classes.digests.iter();
     let is_candidate: Vec<bool> = items
         .iter()
-        .zip(&classes.kinds)
-        .map(|(item, &(_, tokened))| {
+        .zip(&classes.tokened)
+        .map(|(item, &tokened)| {
             let digest = if tokened { digests.next() } else { None };
             let live = digest.is_some_and(|digest| standings.live.contains(digest));
             !live && age_of(item, now).is_some_and(|age| age > grace)
