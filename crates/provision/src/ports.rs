@@ -116,6 +116,8 @@ pub trait ResourceStore: Send + Sync {
 
     /// `pending` rows reserved more than `older_than` ago by the store's own clock (so replicas
     /// agree), oldest first, at most `limit`: provisionings that a crash or a shutdown cut short.
+    /// A row that does not decode is left out (the Postgres store logs it at ERROR), so it never
+    /// holds back the others.
     fn stale_pending(
         &self,
         older_than: std::time::Duration,

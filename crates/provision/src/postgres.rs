@@ -242,7 +242,20 @@ impl ResourceStore for PgResourceStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| StoreError::unavailable("list stale pending resources", e))?;
-        rows.iter().map(record_from_row).collect()
+        // A row that does not decode is left out (logged at ERROR on every pass until it is
+        // repaired), so one row another writer corrupted never holds back the compensation of
+        // every other tenant's stale provisioning.
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match record_from_row(row) {
+                Ok(record) => records.push(record),
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(error = %crate::flow::ErrorChain(&e), "a stale pending resource row does not decode and is skipped until it is repaired");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(records)
     }
 
     async fn retire(

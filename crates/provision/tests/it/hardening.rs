@@ -322,6 +322,46 @@ async fn a_pending_row_older_than_the_limit_is_compensated_by_the_reconciler() {
     drop(young);
 }
 
+/// A stale `pending` row another writer left in a shape this build cannot read is skipped (and
+/// logged), so it never holds back the compensation of every other tenant's stale provisioning.
+#[tokio::test]
+async fn a_corrupt_stale_row_does_not_hold_back_the_reconciler() {
+    let h = harness().await;
+    let stale = h.provisioner.reserve(h.request(), NOW).await.unwrap();
+    let stale_id = stale.id();
+    drop(stale);
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, created_at, updated_at) \
+         VALUES (gen_random_uuid(), 'tok-garbage-1', $1, 'mysql', 'diamond', 'pending', \
+                 now() - interval '2 hours', now() - interval '2 hours')",
+    )
+    .bind(h.team.as_uuid())
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE resources SET created_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(stale_id.as_uuid())
+        .execute(h.db.pool())
+        .await
+        .unwrap();
+    let settled = h
+        .provisioner
+        .reconcile_pending(Duration::from_secs(600), 100, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        settled.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [stale_id],
+        "the readable stale row is compensated"
+    );
+    let corrupt: String =
+        sqlx::query_scalar("SELECT status FROM resources WHERE token = 'tok-garbage-1'")
+            .fetch_one(h.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(corrupt, "pending", "the unreadable row is left for repair");
+}
+
 /// PROV-4: on a server that checks passwords, tenant B's credentials reach B's database and
 /// nothing else: not tenant A's database, not the platform database.
 #[tokio::test]
