@@ -274,6 +274,27 @@ async fn a_deprovision_this_deployment_cannot_tear_down_never_retires_the_row() 
     assert!(h.audit_kinds().await.is_empty());
 }
 
+/// Moves `id`'s reservation `ago` (an interval, e.g. `1 hour`) into the past, by the database's
+/// clock.
+async fn reserved_ago(h: &super::Harness, id: keel_audit::ResourceId, ago: &str) {
+    sqlx::query("UPDATE resources SET created_at = now() - $2::interval WHERE id = $1")
+        .bind(id.as_uuid())
+        .bind(ago)
+        .execute(h.db.pool())
+        .await
+        .unwrap();
+}
+
+/// The reconciler's pass over reservations older than ten minutes.
+async fn reconcile_older_than_ten_minutes(
+    h: &super::Harness,
+) -> Vec<(keel_audit::ResourceId, keel_provision::Compensation)> {
+    h.provisioner
+        .reconcile_pending(Duration::from_secs(600), 100, NOW)
+        .await
+        .unwrap()
+}
+
 /// PROV-5: a `pending` row older than the limit (a provisioning cut short after its create) is
 /// compensated by the reconciler, audited; a younger one is left to its flow.
 #[tokio::test]
@@ -286,21 +307,9 @@ async fn a_pending_row_older_than_the_limit_is_compensated_by_the_reconciler() {
     drop(created);
     let young = h.provisioner.reserve(h.request(), NOW).await.unwrap();
     let young_id = young.id();
-    sqlx::query("UPDATE resources SET created_at = now() - interval '1 hour' WHERE id = $1")
-        .bind(old_id.as_uuid())
-        .execute(h.db.pool())
-        .await
-        .unwrap();
-    sqlx::query("UPDATE resources SET created_at = now() WHERE id = $1")
-        .bind(young_id.as_uuid())
-        .execute(h.db.pool())
-        .await
-        .unwrap();
-    let settled = h
-        .provisioner
-        .reconcile_pending(Duration::from_secs(600), 100, NOW)
-        .await
-        .unwrap();
+    reserved_ago(&h, old_id, "1 hour").await;
+    reserved_ago(&h, young_id, "0 seconds").await;
+    let settled = reconcile_older_than_ten_minutes(&h).await;
     assert_eq!(settled.len(), 1);
     assert_eq!(settled[0].0, old_id);
     assert!(settled[0].1.is_clean());
@@ -339,16 +348,8 @@ async fn a_corrupt_stale_row_does_not_hold_back_the_reconciler() {
     .execute(h.db.pool())
     .await
     .unwrap();
-    sqlx::query("UPDATE resources SET created_at = now() - interval '1 hour' WHERE id = $1")
-        .bind(stale_id.as_uuid())
-        .execute(h.db.pool())
-        .await
-        .unwrap();
-    let settled = h
-        .provisioner
-        .reconcile_pending(Duration::from_secs(600), 100, NOW)
-        .await
-        .unwrap();
+    reserved_ago(&h, stale_id, "1 hour").await;
+    let settled = reconcile_older_than_ten_minutes(&h).await;
     assert_eq!(
         settled.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         [stale_id],
