@@ -258,22 +258,29 @@ fn january() -> Month {
     Month::parse("2026-01").unwrap()
 }
 
+/// A trail of one current row, `n` rows in January 2026, another current row, all sealed.
+async fn january_between_two_rows(n: u32) -> RoleSplitDatabase {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 1))
+        .await
+        .unwrap();
+    rows_in_month(&db, january(), n).await;
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 2))
+        .await
+        .unwrap();
+    seal_all(db.owner(), u64::from(n) + 2).await;
+    db
+}
+
 /// A month detached after a key rotation: the detach signs its boundary checkpoint with the new
 /// key at an old position, below the old key's later checkpoints; the new key's last
 /// checkpoint vouches for the chain through them, so the trail still holds under the new key
 /// (the retention job's own verification included).
 #[tokio::test]
 async fn a_month_detached_after_a_key_rotation_still_verifies_under_the_new_key() {
-    let db = keel_testkit::role_split_database().await;
+    let db = january_between_two_rows(3).await;
     let mut app = db.app().acquire().await.unwrap();
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 1))
-        .await
-        .unwrap();
-    rows_in_month(&db, january(), 3).await;
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 2))
-        .await
-        .unwrap();
-    seal_all(db.owner(), 5).await;
     let rotated = SealKey::new("test-2", b"the next seal key, 32 bytes long".to_vec()).unwrap();
     insert(&mut app, &sample(AuditKind::PropagationApplied, 3))
         .await
@@ -324,16 +331,7 @@ async fn a_month_detached_after_a_key_rotation_still_verifies_under_the_new_key(
 /// and a row deleted after the detach is still named.
 #[tokio::test]
 async fn a_month_is_exported_verified_and_detached_without_losing_a_row() {
-    let db = keel_testkit::role_split_database().await;
-    let mut app = db.app().acquire().await.unwrap();
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 1))
-        .await
-        .unwrap();
-    rows_in_month(&db, january(), 4).await;
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 2))
-        .await
-        .unwrap();
-    seal_all(db.owner(), 6).await;
+    let db = january_between_two_rows(4).await;
     let uuids: Vec<uuid::Uuid> =
         sqlx::query_scalar("SELECT event_uuid FROM audit_events_2026_01 ORDER BY txid, id")
             .fetch_all(db.owner())
