@@ -117,7 +117,8 @@ pub use labels::Labels;
 pub use metrics::{Stage, SweepMetrics, TickOutcome};
 pub use ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
-    PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, Standings, StateError, SweepState,
+    PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, SightingChanges, Standings,
+    StateError, SweepState,
 };
 pub use state::{MemoryState, advance, burned_in, period_of};
 pub use sweep::{Action, CandidateView, SweepConfig, Sweeper, TickReport};

@@ -271,6 +271,32 @@ pub struct Sighting {
 }
 
 impl Sighting {
+    /// Whether this sighting only carries `stored` on: the same key, first sighting,
+    /// reclaimable run and quarantine, seen in the same or a later period, with a reclaimable
+    /// run longer by exactly the periods between them (no run is counted when not
+    /// reclaimable). A store that keeps the period once per inventory and each run's first
+    /// period holds such a sighting already, and need not write it again.
+    pub fn continues(&self, stored: &Sighting) -> bool {
+        let Some(periods) = self
+            .last_period
+            .checked_sub(stored.last_period)
+            .and_then(|d| u64::try_from(d).ok())
+        else {
+            return false;
+        };
+        let run = match self.reclaimable_since {
+            None => self.consecutive == 0 && stored.consecutive == 0,
+            Some(_) => {
+                u64::from(stored.consecutive).checked_add(periods)
+                    == Some(u64::from(self.consecutive))
+            }
+        };
+        run && self.key == stored.key
+            && self.first_seen == stored.first_seen
+            && self.reclaimable_since == stored.reclaimable_since
+            && self.quarantined == stored.quarantined
+    }
+
     /// A first sighting under `key` in `period`, which started at `first_seen`: not
     /// reclaimable, no consecutive reclaimable periods, not quarantined. A state store outside
     /// this crate builds its sightings this way and sets the public fields it read.
@@ -313,11 +339,40 @@ pub trait SweepState: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Sighting>, StateError>> + Send;
 
     /// Replaces the sightings of `source` with `sightings`, only while `claim` holds (a stale
-    /// replica writes nothing and gets an error).
+    /// replica writes nothing and gets an error). A tick's sightings are all seen in its
+    /// claim's period (`last_period`), and a store may record them as such.
     fn replace(
         &self,
         source: InventorySource,
         claim: &PeriodClaim,
         sightings: &[Sighting],
     ) -> impl Future<Output = Result<(), StateError>> + Send;
+
+    /// Records `sightings` as [`replace`](Self::replace) does, told by `changes` how they
+    /// differ from what [`sightings`](Self::sightings) returned after `claim` was made (or
+    /// from what an earlier call under the same claim recorded), so that a store can write
+    /// only what changed. The outcome must be the same as `replace`'s. The default ignores
+    /// `changes` and replaces.
+    fn record(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+        sightings: &[Sighting],
+        changes: SightingChanges<'_>,
+    ) -> impl Future<Output = Result<(), StateError>> + Send {
+        let _ = changes;
+        self.replace(source, claim, sightings)
+    }
+}
+
+/// How a tick's sightings differ from the ones its store held: which of them only carry on a
+/// stored sighting into a later period (see [`Sighting::continues`]), and which stored ones are
+/// no longer candidates.
+#[derive(Clone, Copy, Debug)]
+pub struct SightingChanges<'a> {
+    /// By position among the sightings: whether that sighting continues the stored one with
+    /// its key, nothing changed but the period (and, for a reclaimable run, its length).
+    pub continued: &'a [bool],
+    /// The keys of stored sightings that are no longer candidates.
+    pub vanished: &'a [String],
 }

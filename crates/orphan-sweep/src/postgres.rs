@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
-    PeriodClaim, Sighting, Standings, StateError, SweepState,
+    PeriodClaim, Sighting, SightingChanges, Standings, StateError, SweepState,
 };
 
 /// Which tokens are live, read from `resources` in one set-based query (two halves at once, on
@@ -316,15 +316,56 @@ fn state_error(operation: &'static str) -> impl Fn(sqlx::Error) -> StateError {
     }
 }
 
-/// A stored sighting: key, first seen, last period, reclaimable since, consecutive, quarantine.
-type SightingRow = (
+/// A stored sighting: its inventory's last recorded period, then its run's key, first seen,
+/// reclaimable since, the reclaimable run's first period, and quarantine.
+type StoredRun = (
+    i64,
     String,
     OffsetDateTime,
-    i64,
     Option<OffsetDateTime>,
-    i32,
+    Option<i64>,
     Option<String>,
 );
+
+/// The rows `orphan_sightings` shows for `source`, read from its tables: the period once per
+/// inventory, each run's length computed here.
+async fn read_sightings(
+    pool: &PgPool,
+    source: InventorySource,
+) -> Result<Vec<Sighting>, sqlx::Error> {
+    let rows: Vec<StoredRun> = sqlx::query_as(
+        "SELECT r.last_period, s.key, s.first_seen, s.reclaimable_since, \
+                s.reclaimable_period, s.quarantined \
+           FROM orphan_sweep_recorded r \
+           JOIN orphan_sighting_runs s ON s.inventory = r.inventory \
+          WHERE r.inventory = $1",
+    )
+    .bind(source.as_str())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(last_period, key, first_seen, reclaimable_since, run_start, quarantined)| Sighting {
+                key,
+                first_seen,
+                last_period,
+                reclaimable_since,
+                consecutive: run_length(last_period, reclaimable_since.and(run_start)),
+                quarantined,
+            },
+        )
+        .collect())
+}
+
+/// How many periods a reclaimable run that started in `run_start` has lasted by `last_period`
+/// (0 when there is none), as `orphan_sightings` shows it.
+fn run_length(last_period: i64, run_start: Option<i64>) -> u32 {
+    run_start.map_or(0, |start| {
+        let periods = last_period.saturating_sub(start).saturating_add(1).max(0);
+        u32::try_from(periods.min(i64::from(i32::MAX))).unwrap_or(0)
+    })
+}
 
 /// Serialises claims and sighting writes per inventory, in the caller's transaction.
 const STATE_LOCK: &str =
@@ -392,29 +433,9 @@ impl SweepState for PgSweepState {
     }
 
     async fn sightings(&self, source: InventorySource) -> Result<Vec<Sighting>, StateError> {
-        let rows: Vec<SightingRow> = sqlx::query_as(
-            "SELECT key, first_seen, last_period, reclaimable_since, consecutive, quarantined \
-                   FROM orphan_sightings WHERE inventory = $1",
-        )
-        .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(state_error("read the sightings"))?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(key, first_seen, last_period, reclaimable_since, consecutive, quarantined)| {
-                    Sighting {
-                        key,
-                        first_seen,
-                        last_period,
-                        reclaimable_since,
-                        consecutive: u32::try_from(consecutive).unwrap_or(0),
-                        quarantined,
-                    }
-                },
-            )
-            .collect())
+        read_sightings(&self.pool, source)
+            .await
+            .map_err(state_error("read the sightings"))
     }
 
     async fn replace(
@@ -425,68 +446,182 @@ impl SweepState for PgSweepState {
     ) -> Result<(), StateError> {
         let fail = state_error("record the sightings");
         let mut conn = self.pool.acquire().await.map_err(&fail)?;
-        let mut tx = conn.begin().await.map_err(&fail)?;
-        sqlx::query(STATE_LOCK)
+        let mut tx = under_claim(&mut conn, source, claim).await?;
+        sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
             .bind(source.as_str())
             .execute(&mut *tx)
             .await
             .map_err(&fail)?;
-        let newest: Option<i64> =
-            sqlx::query_scalar("SELECT max(period) FROM orphan_sweep_periods WHERE inventory = $1")
-                .bind(source.as_str())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(&fail)?;
-        if newest != Some(claim.period) {
-            return Err(StateError {
-                operation: "record the sightings under a lost period claim",
-                source: "a newer period was claimed".into(),
-            });
-        }
-        sqlx::query("DELETE FROM orphan_sightings WHERE inventory = $1")
-            .bind(source.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(&fail)?;
-        // Set-based: one statement per chunk of sightings, each column bound as an array, so a
-        // tick with 75 000 candidates writes them in a few round trips, not 75 000.
-        for chunk in sightings.chunks(SIGHTINGS_PER_STATEMENT) {
-            let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
-            let first_seen: Vec<OffsetDateTime> = chunk.iter().map(|s| s.first_seen).collect();
-            let last_period: Vec<i64> = chunk.iter().map(|s| s.last_period).collect();
-            let reclaimable_since: Vec<Option<OffsetDateTime>> =
-                chunk.iter().map(|s| s.reclaimable_since).collect();
-            let consecutive: Vec<i32> = chunk
-                .iter()
-                .map(|s| i32::try_from(s.consecutive).unwrap_or(i32::MAX))
-                .collect();
-            let quarantined: Vec<Option<&str>> =
-                chunk.iter().map(|s| s.quarantined.as_deref()).collect();
-            sqlx::query(
-                "INSERT INTO orphan_sightings \
-                   (inventory, key, first_seen, last_period, reclaimable_since, consecutive, quarantined) \
-                 SELECT $1, s.key, s.first_seen, s.last_period, s.reclaimable_since, s.consecutive, \
-                        s.quarantined \
-                   FROM unnest($2::text[], $3::timestamptz[], $4::int8[], $5::timestamptz[], \
-                               $6::int4[], $7::text[]) \
-                        AS s(key, first_seen, last_period, reclaimable_since, consecutive, quarantined)",
-            )
-            .bind(source.as_str())
-            .bind(&keys)
-            .bind(&first_seen)
-            .bind(&last_period)
-            .bind(&reclaimable_since)
-            .bind(&consecutive)
-            .bind(&quarantined)
-            .execute(&mut *tx)
-            .await
-            .map_err(&fail)?;
-        }
-        tx.commit().await.map_err(&fail)?;
+        write_runs(&mut tx, source, claim, sightings.iter(), sightings.len()).await?;
+        finish(tx, source, claim).await?;
         // A large tick's arrays grew the connection's buffers; the pool need not keep them.
         conn.shrink_buffers();
         Ok(())
     }
+
+    /// Writes only what changed: the vanished sightings are deleted, the new and changed ones
+    /// written over, and the inventory's period moved on, which carries every continued
+    /// sighting (`orphan_sightings` shows each with that period and its run's length). A tick
+    /// in which no candidate came, went or changed writes one row.
+    async fn record(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+        sightings: &[Sighting],
+        changes: SightingChanges<'_>,
+    ) -> Result<(), StateError> {
+        if changes.continued.len() != sightings.len() {
+            // Changes that do not describe these sightings are not trusted: all are written.
+            return self.replace(source, claim, sightings).await;
+        }
+        let fail = state_error("record the sightings");
+        let mut conn = self.pool.acquire().await.map_err(&fail)?;
+        let mut tx = under_claim(&mut conn, source, claim).await?;
+        let recorded: Option<i64> = sqlx::query_scalar(
+            "SELECT last_period FROM orphan_sweep_recorded WHERE inventory = $1",
+        )
+        .bind(source.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        // Without its period no stored sighting could be read (the view shows none), so none
+        // continues: whatever rows are left are stale, and every sighting is written.
+        let all = recorded.is_none();
+        if all {
+            sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
+                .bind(source.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        }
+        let vanished = if all { &[][..] } else { changes.vanished };
+        for chunk in vanished.chunks(SIGHTINGS_PER_STATEMENT) {
+            sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1 AND key = ANY($2)")
+                .bind(source.as_str())
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        }
+        let changed = changes.continued.iter().filter(|&&c| all || !c).count();
+        let written = sightings
+            .iter()
+            .zip(changes.continued)
+            .filter_map(|(sighting, &continued)| (all || !continued).then_some(sighting));
+        write_runs(&mut tx, source, claim, written, changed).await?;
+        finish(tx, source, claim).await?;
+        if changed + vanished.len() > SIGHTINGS_PER_STATEMENT {
+            conn.shrink_buffers();
+        }
+        Ok(())
+    }
+}
+
+/// A transaction on `conn` holding `source`'s state lock, begun only while `claim` is still
+/// the newest claim (a stale replica writes nothing and gets an error).
+async fn under_claim<'c>(
+    conn: &'c mut PgConnection,
+    source: InventorySource,
+    claim: &PeriodClaim,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, StateError> {
+    let fail = state_error("record the sightings");
+    let mut tx = conn.begin().await.map_err(&fail)?;
+    sqlx::query(STATE_LOCK)
+        .bind(source.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT max(period) FROM orphan_sweep_periods WHERE inventory = $1")
+            .bind(source.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(&fail)?;
+    if newest != Some(claim.period) {
+        return Err(StateError {
+            operation: "record the sightings under a lost period claim",
+            source: "a newer period was claimed".into(),
+        });
+    }
+    Ok(tx)
+}
+
+/// Writes `sightings` (`len` of them) over `source`'s stored runs, as seen in `claim`'s period:
+/// set-based, one statement per chunk with each column bound as an array, so a tick with
+/// 75 000 new candidates writes them in a few round trips, not 75 000.
+async fn write_runs<'s>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    source: InventorySource,
+    claim: &PeriodClaim,
+    mut sightings: impl Iterator<Item = &'s Sighting>,
+    len: usize,
+) -> Result<(), StateError> {
+    let fail = state_error("record the sightings");
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(SIGHTINGS_PER_STATEMENT);
+        left -= n;
+        let chunk: Vec<&Sighting> = sightings.by_ref().take(n).collect();
+        let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
+        let first_seen: Vec<OffsetDateTime> = chunk.iter().map(|s| s.first_seen).collect();
+        let reclaimable_since: Vec<Option<OffsetDateTime>> =
+            chunk.iter().map(|s| s.reclaimable_since).collect();
+        let reclaimable_period: Vec<Option<i64>> =
+            chunk.iter().map(|s| run_start(s, claim.period)).collect();
+        let quarantined: Vec<Option<&str>> =
+            chunk.iter().map(|s| s.quarantined.as_deref()).collect();
+        sqlx::query(
+            "INSERT INTO orphan_sighting_runs \
+               (inventory, key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
+             SELECT $1, s.key, s.first_seen, s.reclaimable_since, s.reclaimable_period, s.quarantined \
+               FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::text[]) \
+                    AS s(key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
+             ON CONFLICT (inventory, key) DO UPDATE \
+                SET first_seen = EXCLUDED.first_seen, \
+                    reclaimable_since = EXCLUDED.reclaimable_since, \
+                    reclaimable_period = EXCLUDED.reclaimable_period, \
+                    quarantined = EXCLUDED.quarantined",
+        )
+        .bind(source.as_str())
+        .bind(&keys)
+        .bind(&first_seen)
+        .bind(&reclaimable_since)
+        .bind(&reclaimable_period)
+        .bind(&quarantined)
+        .execute(&mut **tx)
+        .await
+        .map_err(&fail)?;
+    }
+    Ok(())
+}
+
+/// The period a sighting's reclaimable run started in, counted back from `period` (the one it
+/// is recorded as seen in): `None` when it is not reclaimable.
+fn run_start(sighting: &Sighting, period: i64) -> Option<i64> {
+    sighting.reclaimable_since.map(|_| {
+        period
+            .saturating_sub(i64::from(sighting.consecutive))
+            .saturating_add(1)
+    })
+}
+
+/// Moves `source`'s recorded period to `claim`'s and commits.
+async fn finish(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    source: InventorySource,
+    claim: &PeriodClaim,
+) -> Result<(), StateError> {
+    let fail = state_error("record the sightings");
+    sqlx::query(
+        "INSERT INTO orphan_sweep_recorded (inventory, last_period) VALUES ($1, $2) \
+         ON CONFLICT (inventory) DO UPDATE SET last_period = EXCLUDED.last_period",
+    )
+    .bind(source.as_str())
+    .bind(claim.period)
+    .execute(&mut *tx)
+    .await
+    .map_err(&fail)?;
+    tx.commit().await.map_err(&fail)
 }
 
 /// How many sightings one statement of [`PgSweepState::replace`] writes: few round trips for a

@@ -248,6 +248,75 @@ mod tests {
         assert_eq!(third.consecutive, 1);
     }
 
+    /// What a store that keeps runs holds of a sighting: everything but the period, with the
+    /// period its reclaimable run started in.
+    fn run_form(
+        s: &Sighting,
+    ) -> (
+        OffsetDateTime,
+        Option<OffsetDateTime>,
+        Option<i64>,
+        Option<String>,
+    ) {
+        let start = s
+            .reclaimable_since
+            .map(|_| s.last_period - i64::from(s.consecutive) + 1);
+        (
+            s.first_seen,
+            s.reclaimable_since,
+            start,
+            s.quarantined.clone(),
+        )
+    }
+
+    /// A sighting that continues the stored one has the same run form, so not writing it loses
+    /// nothing; and every step that keeps a run going as it was (the next period or the same
+    /// one, reclaimable or not as before, no new quarantine) continues, so a tick in which
+    /// nothing changed writes nothing.
+    #[test]
+    fn a_continued_sighting_is_the_stored_run_carried_into_a_later_period() {
+        let mut checked = 0;
+        for first_reclaimable in [false, true] {
+            for quarantined in [false, true] {
+                let (mut stored, _) = advance(None, "k".into(), 10, T0, first_reclaimable);
+                if quarantined {
+                    stored.quarantined = Some("refused".to_owned());
+                }
+                for step in [0_i64, 1, 2] {
+                    for reclaimable in [false, true] {
+                        for quarantine_now in [false, true] {
+                            let period = 10 + step;
+                            let now = T0 + HOUR * u32::try_from(step).unwrap();
+                            let (mut next, new) =
+                                advance(Some(&stored), "k".into(), period, now, reclaimable);
+                            if quarantine_now {
+                                next.quarantined = Some("refused".to_owned());
+                            }
+                            let continues = next.continues(&stored);
+                            if continues {
+                                assert_eq!(run_form(&next), run_form(&stored));
+                            }
+                            let kept_going = !new
+                                && reclaimable == first_reclaimable
+                                && (quarantine_now == quarantined || quarantined);
+                            assert_eq!(
+                                continues, kept_going,
+                                "step {step}, reclaimable {first_reclaimable} -> {reclaimable}, quarantined {quarantined} -> {quarantine_now}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 48);
+        let (stored, _) = advance(None, "k".into(), 10, T0, true);
+        let (other, _) = advance(None, "j".into(), 10, T0, true);
+        assert!(!other.continues(&stored), "another key never continues");
+        let (earlier, _) = advance(None, "k".into(), 9, T0, true);
+        assert!(!earlier.continues(&stored), "nor does an earlier period");
+    }
+
     #[tokio::test]
     async fn a_period_is_claimed_once_and_a_stale_claim_writes_nothing() {
         let state = MemoryState::new();

@@ -13,7 +13,8 @@ use crate::detect::{Blocker, Candidate, OrphanKind, classify_all, detect_classif
 use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics, TickOutcome};
 use crate::ports::{
-    Inventory, LiveTokens, PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, SweepState,
+    Inventory, LiveTokens, PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting,
+    SightingChanges, SweepState,
 };
 use crate::state::{advance, burned_in};
 
@@ -307,6 +308,9 @@ struct Row {
     seen_ticks: u32,
     /// A new sighting, of a candidate that counts as this installation's backlog.
     counted_new: bool,
+    /// Its sighting only carries the stored one on ([`Sighting::continues`]): a store that
+    /// keeps runs need not write it.
+    continued: bool,
 }
 
 impl Row {
@@ -317,6 +321,7 @@ impl Row {
             blocked_by: None,
             seen_ticks: 0,
             counted_new: false,
+            continued: false,
         }
     }
 }
@@ -471,13 +476,15 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let mut sightings: Vec<Sighting> = crate::split::map_mut(&mut rows, |row| {
             let key = row.candidate.sighting_key();
             let static_blocker = row.candidate.static_blocker();
+            let stored = previous_by_key.get(key.as_str()).copied();
             let (sighting, new) = advance(
-                previous_by_key.get(key.as_str()).copied(),
+                stored,
                 key,
                 claim.period,
                 period_start,
                 static_blocker.is_none(),
             );
+            row.continued = stored.is_some_and(|stored| sighting.continues(stored));
             row.counted_new = new && !not_ours(static_blocker);
             row.seen_ticks = sighting.consecutive;
             row.blocked_by = static_blocker.or_else(|| {
@@ -495,8 +502,15 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         for row in rows.iter().filter(|row| row.counted_new) {
             *new_per_kind.entry(row.candidate.kind).or_default() += 1;
         }
-        drop(previous_by_key);
+        // What the store holds that this tick did not see: the stored keys left once every
+        // current one is taken out.
+        let mut vanished = previous_by_key;
+        for sighting in &sightings {
+            vanished.remove(sighting.key.as_str());
+        }
+        let vanished: Vec<String> = vanished.into_keys().map(str::to_owned).collect();
         drop(previous);
+        let continued: Vec<bool> = rows.iter().map(|row| row.continued).collect();
 
         // The breaker and the rate limit, evaluated the same way armed or not.
         let mut confirmed: Vec<usize> = (0..rows.len())
@@ -523,9 +537,14 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         }
 
         // The sightings are durable before anything is reclaimed.
-        if let Err(e) = self.state.replace(source, &claim, &sightings).await {
+        let changes = SightingChanges {
+            continued: &continued,
+            vanished: &vanished,
+        };
+        if let Err(e) = self.state.record(source, &claim, &sightings, changes).await {
             return self.fail(Stage::State, &e);
         }
+        drop(vanished);
         let counts: Vec<(OrphanKind, u64, u64)> = OrphanKind::ALL
             .iter()
             .map(|&kind| {
@@ -552,9 +571,17 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         let armed = self.armed();
         let views = if armed {
             let mut views = Vec::with_capacity(rows.len());
+            // What the record above wrote is now the stored state: only a sighting quarantined
+            // below changes from it.
+            let mut continued = continued;
+            continued.fill(true);
             let mut quarantined = false;
             let mut stopped = false;
-            for (row, sighting) in rows.into_iter().zip(sightings.iter_mut()) {
+            for ((row, sighting), continued) in rows
+                .into_iter()
+                .zip(sightings.iter_mut())
+                .zip(continued.iter_mut())
+            {
                 let would_reclaim = row.blocked_by.is_none();
                 let action = if !would_reclaim {
                     match row.blocked_by {
@@ -568,13 +595,20 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     let action = self.reclaim(&row.candidate, now).await;
                     if action == Action::Refused {
                         sighting.quarantined = Some("refused".to_owned());
+                        *continued = false;
                         quarantined = true;
                     }
                     action
                 };
                 views.push(report_candidate(&self.key, row, action, armed));
             }
-            if quarantined && let Err(e) = self.state.replace(source, &claim, &sightings).await {
+            let changes = SightingChanges {
+                continued: &continued,
+                vanished: &[],
+            };
+            if quarantined
+                && let Err(e) = self.state.record(source, &claim, &sightings, changes).await
+            {
                 tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
                 self.metrics.error(Stage::State);
             }
@@ -585,6 +619,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             // lines and the list of a large inventory are written in two halves at once (the
             // list stays in order), each row freed as its entry is made.
             drop(sightings);
+            drop(continued);
             let key = &self.key;
             crate::split::map_owned(rows, |row| {
                 report_candidate(key, row, Action::Reported, armed)

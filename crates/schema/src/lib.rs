@@ -96,6 +96,8 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "reclaim_protections",
     "orphan_sweep_periods",
     "orphan_sightings",
+    "orphan_sighting_runs",
+    "orphan_sweep_recorded",
     "audit_seals",
     "audit_checkpoints",
     "notification_cursor",

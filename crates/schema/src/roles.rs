@@ -10,6 +10,7 @@
 //! - on `audit_events`: `SELECT`, and `INSERT` of the event's own columns only (never `id`,
 //!   `recorded_at` or the commit-order columns, which the database sets);
 //! - on the audit side tables ([`AUDIT_READ_ONLY_TABLES`]): `SELECT` only;
+//! - on the contract views (`orphan_sightings`): `SELECT` only;
 //! - on every other contract table ([`crate::CONTRACT_TABLES`]): `SELECT`, `INSERT`, `UPDATE`,
 //!   `DELETE` (no `TRUNCATE`, `REFERENCES` or `TRIGGER`), and `USAGE` on their sequences (no
 //!   `setval`); the provisioning API's private tables ([`PRIVATE_TABLES`]) likewise;
@@ -172,9 +173,11 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
     statements.push(format!(
         "DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO %s', current_schema(), '{r}'); END $$"
     ));
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
+    // Views (`orphan_sightings`) are read through: SELECT only.
+    let tables: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relkind = 'v' FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') \
            AND NOT c.relispartition \
            AND pg_has_role(current_user, c.relowner, 'USAGE') \
            AND c.relname = ANY($1) \
@@ -184,10 +187,12 @@ pub async fn grant_app_role(conn: &mut PgConnection, role: &AppRole) -> Result<(
     .fetch_all(&mut *tx)
     .await
     .map_err(RoleError::Database)?;
-    for table in &tables {
+    for (table, view) in &tables {
         let t = format!("\"{}\"", table.replace('"', "\"\""));
         statements.push(format!("REVOKE ALL ON TABLE {t} FROM {r}"));
-        if table == "audit_events" {
+        if *view {
+            statements.push(format!("GRANT SELECT ON TABLE {t} TO {r}"));
+        } else if table == "audit_events" {
             statements.push(format!("GRANT SELECT ON TABLE {t} TO {r}"));
             statements.push(format!(
                 "GRANT INSERT ({}) ON TABLE {t} TO {r}",

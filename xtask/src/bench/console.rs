@@ -187,8 +187,9 @@ async fn seed(pool: &PgPool, audit_rows: u64, dead_letters: u64) -> anyhow::Resu
                     'system:bench', r.team_id, r.id, jsonb_build_object('n', i::text), now() - make_interval(secs => i) \
              FROM generate_series(1, {audit_rows}) i JOIN bench_resources r ON r.n = 1 + i % {dead_letters}"
         ),
-        "INSERT INTO orphan_sightings (inventory, key, first_seen, last_period, reclaimable_since, consecutive) \
-         SELECT 'postgres', 'database:' || left(encode(sha256(i::text::bytea), 'hex'), 48), now() - interval '3 days', 10, now() - interval '2 days', 3 \
+        "INSERT INTO orphan_sweep_recorded (inventory, last_period) VALUES ('postgres', 10)".to_owned(),
+        "INSERT INTO orphan_sighting_runs (inventory, key, first_seen, reclaimable_since, reclaimable_period) \
+         SELECT 'postgres', 'database:' || left(encode(sha256(i::text::bytea), 'hex'), 48), now() - interval '3 days', now() - interval '2 days', 8 \
          FROM generate_series(1, 10000) i".to_owned(),
         "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, explicit_window, inserted, exit_code) \
          SELECT now() - make_interval(hours => i), now() - make_interval(hours => i) + interval '30 seconds', \

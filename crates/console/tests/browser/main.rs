@@ -143,8 +143,10 @@ async fn an_operator_works_the_console_in_a_real_browser() {
     let (_, _, second) = app.dead_letter("pod not found").await;
     let digest = "fedcba9876543210".repeat(3);
     sqlx::query(
-        "INSERT INTO orphan_sightings (inventory, key, first_seen, last_period, reclaimable_since, consecutive) \
-         VALUES ('postgres', $1, now() - interval '3 days', 10, now() - interval '2 days', 4)",
+        "WITH recorded AS (INSERT INTO orphan_sweep_recorded (inventory, last_period) \
+                           VALUES ('postgres', 10) ON CONFLICT DO NOTHING) \
+         INSERT INTO orphan_sighting_runs (inventory, key, first_seen, reclaimable_since, reclaimable_period) \
+         VALUES ('postgres', $1, now() - interval '3 days', now() - interval '2 days', 7)",
     )
     .bind(format!("database:{digest}"))
     .execute(app.db.pool())

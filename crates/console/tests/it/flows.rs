@@ -307,8 +307,10 @@ async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_de
     let mut app = app::spawn().await;
     let digest = "0123456789abcdef".repeat(3);
     sqlx::query(
-        "INSERT INTO orphan_sightings (inventory, key, first_seen, last_period, reclaimable_since, consecutive) \
-         VALUES ('postgres', $1, now() - interval '3 days', 10, now() - interval '2 days', 4)",
+        "WITH recorded AS (INSERT INTO orphan_sweep_recorded (inventory, last_period) \
+                           VALUES ('postgres', 10) ON CONFLICT DO NOTHING) \
+         INSERT INTO orphan_sighting_runs (inventory, key, first_seen, reclaimable_since, reclaimable_period) \
+         VALUES ('postgres', $1, now() - interval '3 days', now() - interval '2 days', 7)",
     )
     .bind(format!("database:{digest}"))
     .execute(app.db.pool())

@@ -13,7 +13,8 @@ use keel_audit::{Actor, AuditKind, RequestId, ResourceType, TeamId, Tier};
 use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, PgSweepState, TickLock};
 use keel_orphan_sweep::{
     Action, Blocker, FingerprintKey, Inventory, InventoryError, InventoryItem, InventorySource,
-    LiveTokens as _, Sighting, SweepConfig, SweepMetrics, SweepState as _, Sweeper, TickReport,
+    LiveTokens as _, PeriodClaim, Sighting, SightingChanges, SweepConfig, SweepMetrics,
+    SweepState as _, Sweeper, TickReport, advance,
 };
 use keel_provision::postgres::{PgClusterBackend, PgResourceStore};
 use keel_provision::{
@@ -454,6 +455,110 @@ async fn a_large_ticks_sightings_are_recorded_exactly_and_replace_the_last() {
     );
     state.replace(source, &claim, &[]).await.unwrap();
     assert!(state.sightings(source).await.unwrap().is_empty());
+}
+
+/// Claims `period` for `source` as the newest claim (the periods of a test are its own, not the
+/// database clock's).
+async fn claim_period(db: &TestDatabase, source: InventorySource, period: i64) -> PeriodClaim {
+    sqlx::query(
+        "INSERT INTO orphan_sweep_periods (inventory, period, claimed_by, claimed_at) \
+         VALUES ($1, $2, 'it', now())",
+    )
+    .bind(source.as_str())
+    .bind(period)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    PeriodClaim::new(period, OffsetDateTime::now_utc())
+}
+
+/// The stored rows of `source`'s sightings and the transaction that last wrote each.
+async fn written_by(db: &TestDatabase, source: InventorySource) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT key, xmin::text FROM orphan_sighting_runs WHERE inventory = $1 ORDER BY key",
+    )
+    .bind(source.as_str())
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+}
+
+/// A tick records only what changed: a sighting that carries on its run into the next period
+/// is not written again, yet reads back with the new period and a run one period longer; a
+/// changed one is written over, a vanished one deleted, a new one added. What is read back is
+/// exactly what the tick recorded, as a whole replace would leave it.
+#[tokio::test]
+async fn a_sighting_that_only_carries_on_is_not_written_again() {
+    let db = keel_testkit::database().await;
+    let state = PgSweepState::new(db.pool().clone(), "it");
+    let source = InventorySource::Postgres;
+    let key = |c: char| format!("customer_database:{}", c.to_string().repeat(48));
+    let start = time::macros::datetime!(2026-11-30 10:00 UTC);
+    let first = claim_period(&db, source, 1_000).await;
+    // reclaimable, not reclaimable, about to stop being reclaimable, about to vanish.
+    let seen: Vec<Sighting> = ['a', 'b', 'c', 'd']
+        .into_iter()
+        .map(|c| advance(None, key(c), first.period, start, c != 'b').0)
+        .collect();
+    state.replace(source, &first, &seen).await.unwrap();
+    let before = written_by(&db, source).await;
+    assert_eq!(before.len(), 4);
+
+    let next = claim_period(&db, source, 1_001).await;
+    let stored = state.sightings(source).await.unwrap();
+    let stored_of = |k: &str| stored.iter().find(|s| s.key == k);
+    let later = start + time::Duration::hours(1);
+    let now: Vec<Sighting> = [('a', true), ('b', false), ('c', false), ('e', true)]
+        .into_iter()
+        .map(|(c, reclaimable)| {
+            advance(stored_of(&key(c)), key(c), next.period, later, reclaimable).0
+        })
+        .collect();
+    let continued: Vec<bool> = now
+        .iter()
+        .map(|s| stored_of(&s.key).is_some_and(|stored| s.continues(stored)))
+        .collect();
+    assert_eq!(continued, [true, true, false, false]);
+    let vanished = [key('d')];
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &vanished,
+    };
+    state.record(source, &next, &now, changes).await.unwrap();
+
+    let mut read = state.sightings(source).await.unwrap();
+    read.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(read, now, "what is read back is what the tick recorded");
+    assert_eq!(read[0].consecutive, 2, "the run grew by the period");
+    assert_eq!(read[0].last_period, next.period);
+    let after = written_by(&db, source).await;
+    assert_eq!(
+        after[0], before[0],
+        "a carried-on sighting was written again"
+    );
+    assert_eq!(
+        after[1], before[1],
+        "a carried-on sighting was written again"
+    );
+    assert_eq!(after[2].0, key('c'));
+    assert_ne!(
+        after[2].1, before[2].1,
+        "a changed sighting was not written"
+    );
+    assert_eq!(
+        after[3].0,
+        key('e'),
+        "the vanished one is gone, the new one added"
+    );
+
+    // The same tick recorded again under a newer claim is refused, and writes nothing.
+    let _newer = claim_period(&db, source, 1_002).await;
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &[],
+    };
+    assert!(state.record(source, &next, &now, changes).await.is_err());
+    assert_eq!(written_by(&db, source).await, after);
 }
 
 #[tokio::test]

@@ -238,6 +238,67 @@ async fn keel_schema_coexists_with_a_consumer_migrator() {
     }
 }
 
+/// The sightings an earlier release recorded one row per tick read the same through the
+/// `orphan_sightings` view once runs are stored (migration 0096), and the same again after it
+/// is reverted; a row left from an earlier period than its inventory's last tick is dropped (it
+/// starts a new run: a longer burn-in, never a shorter one).
+#[tokio::test]
+async fn recorded_sightings_read_the_same_across_the_move_to_runs_and_back() {
+    let db = keel_testkit::empty_database().await;
+    let mut before = Migrator::with_migrations(
+        keel_schema::MIGRATOR
+            .iter()
+            .filter(|m| m.version < 96)
+            .cloned()
+            .collect(),
+    );
+    before.dangerous_set_table_name(keel_schema::MIGRATIONS_TABLE);
+    before.run(db.pool()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO orphan_sightings \
+           (inventory, key, first_seen, last_period, reclaimable_since, consecutive, quarantined) VALUES \
+         ('postgres', 'customer_database:' || repeat('a', 48), '2026-11-01Z', 500, '2026-11-02Z', 3, NULL), \
+         ('postgres', 'customer_database:' || repeat('b', 48), '2026-11-01Z', 500, NULL, 0, NULL), \
+         ('postgres', 'customer_database:' || repeat('c', 48), '2026-11-01Z', 500, '2026-11-03Z', 1, 'refused'), \
+         ('postgres', 'customer_database:' || repeat('d', 48), '2026-11-01Z', 499, NULL, 0, NULL), \
+         ('kubernetes', 'customer_namespace:' || repeat('e', 48), '2026-11-01Z', 42, '2026-11-02Z', 7, NULL)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let read = || async {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT concat_ws('|', inventory, key, first_seen, last_period, reclaimable_since, \
+                              consecutive, quarantined) \
+             FROM orphan_sightings ORDER BY inventory, key",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        rows
+    };
+    let mut expected = read().await;
+    assert_eq!(expected.len(), 5);
+    expected.retain(|row| !row.contains(&"d".repeat(48)));
+
+    keel_schema::migrate(db.pool()).await.unwrap();
+    assert_eq!(read().await, expected, "the view shows what the table held");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM orphan_sighting_runs")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(runs, 4);
+
+    keel_schema::MIGRATOR.undo(db.pool(), 95).await.unwrap();
+    assert_eq!(
+        read().await,
+        expected,
+        "reverted, the table holds what the view showed"
+    );
+    keel_schema::migrate(db.pool()).await.unwrap();
+    assert_eq!(read().await, expected);
+}
+
 /// LIB-1: a database migrated by a Keel that tracked its versions in `_sqlx_migrations` (beside
 /// a service's own rows) is taken over: Keel's rows move, the service's stay, no data is lost and
 /// both migrators keep running.
@@ -405,8 +466,8 @@ const RESTATED_TEXT_CHECKS: [(&str, &str, &str, &str); 12] = [
         "^[0-9a-f]{48}$",
     ),
     (
-        "orphan_sightings",
-        "orphan_sightings_key_check",
+        "orphan_sighting_runs",
+        "orphan_sighting_runs_key_check",
         "key",
         "^[a-z_]+:[0-9a-f]{48}$",
     ),
