@@ -11,6 +11,10 @@
 //! - [`live_tokens_contract`]: what every [`LiveTokens`] promises (liveness fails closed: a
 //!   status the build does not know is live), run through a [`LiveTokensHarness`]; Keel runs it
 //!   against [`FakeLiveTokens`] and the Postgres adapter.
+//! - [`sweep_state_contract`]: what every [`SweepState`] promises about sightings (what is
+//!   recorded, whole or by its changes, is what is read back; a lost claim writes nothing), run
+//!   through a [`SweepStateHarness`]; Keel runs it against [`MemoryState`] and the Postgres
+//!   adapter.
 //!
 //! ```
 //! # async fn demo() {
@@ -33,8 +37,10 @@ use time::OffsetDateTime;
 
 use crate::ports::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
-    ReclaimError, Reclaimed, Reclaimer, Standings, sealed,
+    PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting, SightingChanges, Standings,
+    SweepState, sealed,
 };
+use crate::state::{MemoryState, advance};
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -575,6 +581,193 @@ pub async fn live_tokens_contract<H: LiveTokensHarness>(tokens: &H) {
     );
 }
 
+/// What [`sweep_state_contract`] needs beyond the [`SweepState`] port: the store, and periods
+/// claimed at will (a store claims by its own clock, and the story spans several periods).
+pub trait SweepStateHarness {
+    /// The store under test.
+    type State: SweepState;
+
+    /// The store.
+    fn state(&self) -> &Self::State;
+
+    /// Makes `period` (later than any claimed before) the newest claim of `source`.
+    fn claim_period(
+        &self,
+        source: InventorySource,
+        period: i64,
+    ) -> impl Future<Output = PeriodClaim> + Send;
+}
+
+/// Claims through [`SweepState::claim`] with `now` `period` seconds after the epoch and a
+/// one-second interval.
+impl SweepStateHarness for MemoryState {
+    type State = Self;
+
+    fn state(&self) -> &Self {
+        self
+    }
+
+    async fn claim_period(&self, source: InventorySource, period: i64) -> PeriodClaim {
+        let now =
+            OffsetDateTime::from_unix_timestamp(period).expect("a period within time's range");
+        self.claim(source, std::time::Duration::from_secs(1), now)
+            .await
+            .expect("the memory store claims")
+            .expect("a period later than any claimed before")
+    }
+}
+
+async fn contract_read<S: SweepState>(
+    state: &S,
+    source: InventorySource,
+    step: &str,
+) -> Vec<Sighting> {
+    let mut read = state
+        .sightings(source)
+        .await
+        .unwrap_or_else(|e| panic!("{step}: the sightings could not be read: {e}"));
+    read.sort_by(|a, b| a.key.cmp(&b.key));
+    read
+}
+
+/// The changes from `stored` to `now`, as a tick works them out.
+fn contract_changes(stored: &[Sighting], now: &[Sighting]) -> (Vec<bool>, Vec<String>) {
+    let continued = now
+        .iter()
+        .map(|s| {
+            stored
+                .iter()
+                .find(|stored| stored.key == s.key)
+                .is_some_and(|stored| s.continues(stored))
+        })
+        .collect();
+    let vanished = stored
+        .iter()
+        .filter(|stored| now.iter().all(|s| s.key != stored.key))
+        .map(|stored| stored.key.clone())
+        .collect();
+    (continued, vanished)
+}
+
+/// The `SweepState` contract for sightings, as one story over three periods of `source` from
+/// `first_period` (the store must hold no sightings of `source` before): what
+/// [`SweepState::replace`] records is what [`SweepState::sightings`] reads back (as a set);
+/// what [`SweepState::record`] records, told the changes a tick works out (runs carried on,
+/// changed, new, vanished, a quarantine set later in the same period), reads back the same as
+/// a replace of the whole set would; under a claim that is no longer the newest, both are
+/// refused and change nothing. Panics at the first broken promise.
+pub async fn sweep_state_contract<H: SweepStateHarness>(
+    harness: &H,
+    source: InventorySource,
+    first_period: i64,
+) {
+    let state = harness.state();
+    let key = |c: char| format!("customer_database:{}", c.to_string().repeat(48));
+    let start = OffsetDateTime::from_unix_timestamp(1_764_496_800).expect("a valid instant");
+    let hour = time::Duration::hours(1);
+
+    let first = harness.claim_period(source, first_period).await;
+    let seen: Vec<Sighting> = ['a', 'b', 'c', 'd']
+        .into_iter()
+        .map(|c| advance(None, key(c), first.period, start, c != 'b' && c != 'd').0)
+        .collect();
+    state
+        .replace(source, &first, &seen)
+        .await
+        .unwrap_or_else(|e| panic!("replace: {e}"));
+    assert!(
+        contract_read(state, source, "after a replace").await == seen,
+        "what a replace recorded is not what is read back"
+    );
+
+    // The next period: a and b carry their runs on, c stops being reclaimable, d vanishes, e is
+    // new.
+    let next = harness.claim_period(source, first_period + 1).await;
+    let stored = contract_read(state, source, "before the next period").await;
+    let mut now: Vec<Sighting> = [('a', true), ('b', false), ('c', false), ('e', true)]
+        .into_iter()
+        .map(|(c, reclaimable)| {
+            let prev = stored.iter().find(|s| s.key == key(c));
+            advance(prev, key(c), next.period, start + hour, reclaimable).0
+        })
+        .collect();
+    let (continued, vanished) = contract_changes(&stored, &now);
+    assert_eq!(
+        continued,
+        [true, true, false, false],
+        "the story's own changes"
+    );
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &vanished,
+    };
+    state
+        .record(source, &next, &now, changes)
+        .await
+        .unwrap_or_else(|e| panic!("record: {e}"));
+    let read = contract_read(state, source, "after a record").await;
+    assert!(
+        read == now,
+        "what a record recorded is not what is read back: {read:?}"
+    );
+    assert_eq!(
+        read[0].consecutive, 2,
+        "a carried-on run is a period longer"
+    );
+
+    // Later in the same period the chokepoint refuses b: only its quarantine changes.
+    now[1].quarantined = Some("refused".to_owned());
+    let continued = [true, false, true, true];
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &[],
+    };
+    state
+        .record(source, &next, &now, changes)
+        .await
+        .unwrap_or_else(|e| panic!("record a quarantine: {e}"));
+    assert!(
+        contract_read(state, source, "after a quarantine").await == now,
+        "a quarantine recorded in the same period is not read back"
+    );
+
+    // A newer claim: the older one records nothing, whole or by changes.
+    let last = harness.claim_period(source, first_period + 2).await;
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &[],
+    };
+    assert!(
+        state.record(source, &next, &[], changes).await.is_err(),
+        "a record under a lost claim was accepted"
+    );
+    assert!(
+        state.replace(source, &next, &[]).await.is_err(),
+        "a replace under a lost claim was accepted"
+    );
+    assert!(
+        contract_read(state, source, "after lost claims").await == now,
+        "a lost claim changed the sightings"
+    );
+
+    // Every sighting vanishes.
+    let vanished: Vec<String> = now.iter().map(|s| s.key.clone()).collect();
+    let changes = SightingChanges {
+        continued: &[],
+        vanished: &vanished,
+    };
+    state
+        .record(source, &last, &[], changes)
+        .await
+        .unwrap_or_else(|e| panic!("record nothing: {e}"));
+    assert!(
+        contract_read(state, source, "after all vanished")
+            .await
+            .is_empty(),
+        "vanished sightings are still read"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +784,98 @@ mod tests {
                 return out;
             }
         }
+    }
+
+    /// The in-memory state store keeps the contract every state store is held to.
+    #[test]
+    fn the_memory_state_keeps_the_sweep_state_contract() {
+        let state = MemoryState::new();
+        block_on(sweep_state_contract(
+            &state,
+            InventorySource::Kubernetes,
+            1_000,
+        ));
+    }
+
+    /// A store that records only the sightings a tick marked changed and never deletes the
+    /// vanished ones: the contract catches it.
+    struct KeepsVanished(MemoryState);
+
+    impl SweepState for KeepsVanished {
+        async fn claim(
+            &self,
+            source: InventorySource,
+            interval: std::time::Duration,
+            now: OffsetDateTime,
+        ) -> Result<Option<PeriodClaim>, crate::StateError> {
+            self.0.claim(source, interval, now).await
+        }
+        async fn holds(
+            &self,
+            source: InventorySource,
+            claim: &PeriodClaim,
+        ) -> Result<bool, crate::StateError> {
+            self.0.holds(source, claim).await
+        }
+        async fn sightings(
+            &self,
+            source: InventorySource,
+        ) -> Result<Vec<Sighting>, crate::StateError> {
+            self.0.sightings(source).await
+        }
+        async fn replace(
+            &self,
+            source: InventorySource,
+            claim: &PeriodClaim,
+            sightings: &[Sighting],
+        ) -> Result<(), crate::StateError> {
+            self.0.replace(source, claim, sightings).await
+        }
+        async fn record(
+            &self,
+            source: InventorySource,
+            claim: &PeriodClaim,
+            sightings: &[Sighting],
+            changes: SightingChanges<'_>,
+        ) -> Result<(), crate::StateError> {
+            let mut kept = self.0.sightings(source).await?;
+            for (sighting, &continued) in sightings.iter().zip(changes.continued) {
+                if !continued {
+                    kept.retain(|s| s.key != sighting.key);
+                    kept.push(sighting.clone());
+                }
+            }
+            self.0.replace(source, claim, &kept).await
+        }
+    }
+
+    impl SweepStateHarness for KeepsVanished {
+        type State = Self;
+        fn state(&self) -> &Self {
+            self
+        }
+        async fn claim_period(&self, source: InventorySource, period: i64) -> PeriodClaim {
+            self.0.claim_period(source, period).await
+        }
+    }
+
+    #[test]
+    fn the_sweep_state_contract_catches_a_store_that_keeps_vanished_sightings() {
+        let broken = KeepsVanished(MemoryState::new());
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            block_on(sweep_state_contract(&broken, InventorySource::Postgres, 7));
+        }));
+        let message =
+            verdict.expect_err("the contract passed a store that keeps vanished sightings");
+        let message = message
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| message.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or_default();
+        assert!(
+            message.contains("what a record recorded is not what is read back"),
+            "the contract failed for another reason: {message}"
+        );
     }
 
     /// LIB-7: the fake inventory keeps the contract every adapter is held to.

@@ -1,16 +1,17 @@
-//! The inventory and live-token ports' exported contracts, run against the Postgres adapters
+//! The inventory, live-token and state ports' exported contracts, run against the Postgres adapters
 //! (the fakes run them in the crate's own tests).
 
 use std::collections::HashSet;
 
 use keel_audit::{TeamId, Token};
-use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens};
+use keel_orphan_sweep::postgres::{PgDatabaseInventory, PgLiveTokens, PgSweepState};
 use keel_orphan_sweep::testing::{
-    InventoryHarness, LiveTokensHarness, inventory_contract, live_tokens_contract,
+    InventoryHarness, LiveTokensHarness, SweepStateHarness, inventory_contract,
+    live_tokens_contract, sweep_state_contract,
 };
 use keel_orphan_sweep::{
     Inventory, InventoryError, InventoryItem, InventorySource, LiveTokens, LiveTokensError,
-    Standings,
+    PeriodClaim, Standings,
 };
 use keel_provision::postgres::{comment_keys, installation_id};
 use keel_provision::{DATABASE_PREFIX, InstallationId, TokenDigest};
@@ -252,4 +253,44 @@ async fn the_live_tokens_contract_catches_a_lookup_that_treats_an_unknown_status
         message.contains("fail closed"),
         "the contract failed for another reason: {message}"
     );
+}
+
+/// The Postgres state store, with periods claimed by writing the claim as the store would.
+struct PgStateHarness {
+    state: PgSweepState,
+    pool: PgPool,
+}
+
+impl SweepStateHarness for PgStateHarness {
+    type State = PgSweepState;
+
+    fn state(&self) -> &PgSweepState {
+        &self.state
+    }
+
+    async fn claim_period(&self, source: InventorySource, period: i64) -> PeriodClaim {
+        sqlx::query(
+            "INSERT INTO orphan_sweep_periods (inventory, period, claimed_by, claimed_at) \
+             VALUES ($1, $2, 'contract', now())",
+        )
+        .bind(source.as_str())
+        .bind(period)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+        PeriodClaim::new(period, OffsetDateTime::now_utc())
+    }
+}
+
+/// The Postgres state store keeps the contract the in-memory one keeps: what a tick records,
+/// whole or by its changes, is what the next one reads.
+#[tokio::test]
+async fn the_postgres_state_store_keeps_the_sweep_state_contract() {
+    let db = keel_testkit::database().await;
+    let harness = PgStateHarness {
+        state: PgSweepState::new(db.pool().clone(), "contract"),
+        pool: db.pool().clone(),
+    };
+    sweep_state_contract(&harness, InventorySource::Postgres, 1_000).await;
+    sweep_state_contract(&harness, InventorySource::Kubernetes, 2_000).await;
 }
