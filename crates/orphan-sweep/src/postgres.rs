@@ -452,7 +452,15 @@ impl SweepState for PgSweepState {
             .execute(&mut *tx)
             .await
             .map_err(&fail)?;
-        write_runs(&mut tx, source, claim, sightings.iter(), sightings.len()).await?;
+        // Plain inserts: two sightings under one key fail the primary key, never merge.
+        write_runs(
+            &mut tx,
+            source,
+            claim,
+            (sightings.iter(), sightings.len()),
+            Write::Insert,
+        )
+        .await?;
         finish(tx, source, claim).await?;
         // A large tick's arrays grew the connection's buffers; the pool need not keep them.
         conn.shrink_buffers();
@@ -508,7 +516,7 @@ impl SweepState for PgSweepState {
             .iter()
             .zip(changes.continued)
             .filter_map(|(sighting, &continued)| (all || !continued).then_some(sighting));
-        write_runs(&mut tx, source, claim, written, changed).await?;
+        write_runs(&mut tx, source, claim, (written, changed), Write::Upsert).await?;
         finish(tx, source, claim).await?;
         if changed + vanished.len() > SIGHTINGS_PER_STATEMENT {
             conn.shrink_buffers();
@@ -546,15 +554,24 @@ async fn under_claim<'c>(
     Ok(tx)
 }
 
-/// Writes `sightings` (`len` of them) over `source`'s stored runs, as seen in `claim`'s period:
-/// set-based, one statement per chunk with each column bound as an array, so a tick with
-/// 75 000 new candidates writes them in a few round trips, not 75 000.
+/// How [`write_runs`] writes a sighting whose key is stored already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// It is an error (the stored runs were deleted first: two sightings share the key).
+    Insert,
+    /// It is written over (a changed sighting).
+    Upsert,
+}
+
+/// Writes `sightings` (the second of the pair is how many) into `source`'s stored runs, as seen
+/// in `claim`'s period: set-based, one statement per chunk with each column bound as an array,
+/// so a tick with 75 000 new candidates writes them in a few round trips, not 75 000.
 async fn write_runs<'s>(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     source: InventorySource,
     claim: &PeriodClaim,
-    mut sightings: impl Iterator<Item = &'s Sighting>,
-    len: usize,
+    (mut sightings, len): (impl Iterator<Item = &'s Sighting>, usize),
+    write: Write,
 ) -> Result<(), StateError> {
     let fail = state_error("record the sightings");
     let mut left = len;
@@ -570,30 +587,47 @@ async fn write_runs<'s>(
             chunk.iter().map(|s| run_start(s, claim.period)).collect();
         let quarantined: Vec<Option<&str>> =
             chunk.iter().map(|s| s.quarantined.as_deref()).collect();
-        sqlx::query(
-            "INSERT INTO orphan_sighting_runs \
-               (inventory, key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
-             SELECT $1, s.key, s.first_seen, s.reclaimable_since, s.reclaimable_period, s.quarantined \
-               FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::text[]) \
-                    AS s(key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
-             ON CONFLICT (inventory, key) DO UPDATE \
-                SET first_seen = EXCLUDED.first_seen, \
-                    reclaimable_since = EXCLUDED.reclaimable_since, \
-                    reclaimable_period = EXCLUDED.reclaimable_period, \
-                    quarantined = EXCLUDED.quarantined",
-        )
-        .bind(source.as_str())
-        .bind(&keys)
-        .bind(&first_seen)
-        .bind(&reclaimable_since)
-        .bind(&reclaimable_period)
-        .bind(&quarantined)
-        .execute(&mut **tx)
-        .await
-        .map_err(&fail)?;
+        let statement = match write {
+            Write::Insert => INSERT_RUNS,
+            Write::Upsert => UPSERT_RUNS,
+        };
+        sqlx::query(statement)
+            .bind(source.as_str())
+            .bind(&keys)
+            .bind(&first_seen)
+            .bind(&reclaimable_since)
+            .bind(&reclaimable_period)
+            .bind(&quarantined)
+            .execute(&mut **tx)
+            .await
+            .map_err(&fail)?;
     }
     Ok(())
 }
+
+/// The insert of runs bound as arrays (`$1` the inventory), as a literal both statements share.
+macro_rules! insert_runs {
+    () => {
+        "INSERT INTO orphan_sighting_runs \
+           (inventory, key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
+         SELECT $1, s.key, s.first_seen, s.reclaimable_since, s.reclaimable_period, s.quarantined \
+           FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::text[]) \
+                AS s(key, first_seen, reclaimable_since, reclaimable_period, quarantined)"
+    };
+}
+
+/// Inserts the runs: a key stored already is an error.
+const INSERT_RUNS: &str = insert_runs!();
+
+/// Inserts the runs, writing over a stored run with the same key.
+const UPSERT_RUNS: &str = concat!(
+    insert_runs!(),
+    " ON CONFLICT (inventory, key) DO UPDATE \
+        SET first_seen = EXCLUDED.first_seen, \
+            reclaimable_since = EXCLUDED.reclaimable_since, \
+            reclaimable_period = EXCLUDED.reclaimable_period, \
+            quarantined = EXCLUDED.quarantined"
+);
 
 /// The period a sighting's reclaimable run started in, counted back from `period` (the one it
 /// is recorded as seen in): `None` when it is not reclaimable.

@@ -2,7 +2,7 @@
 //! reclaim arm. The review list says for every candidate whether the armed run would reclaim it
 //! and, if not, what blocks it; the audit-only run computes it the same way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use crate::fingerprint::FingerprintKey;
 use crate::metrics::{Stage, SweepMetrics, TickOutcome};
 use crate::ports::{
     Inventory, LiveTokens, PeriodClaim, ReclaimError, Reclaimed, Reclaimer, Sighting,
-    SightingChanges, SweepState,
+    SightingChanges, StateError, SweepState,
 };
 use crate::state::{advance, burned_in};
 
@@ -311,6 +311,8 @@ struct Row {
     /// Its sighting only carries the stored one on ([`Sighting::continues`]): a store that
     /// keeps runs need not write it.
     continued: bool,
+    /// The store held a sighting under its key.
+    had_stored: bool,
 }
 
 impl Row {
@@ -322,6 +324,7 @@ impl Row {
             seen_ticks: 0,
             counted_new: false,
             continued: false,
+            had_stored: false,
         }
     }
 }
@@ -485,6 +488,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 static_blocker.is_none(),
             );
             row.continued = stored.is_some_and(|stored| sighting.continues(stored));
+            row.had_stored = stored.is_some();
             row.counted_new = new && !not_ours(static_blocker);
             row.seen_ticks = sighting.consecutive;
             row.blocked_by = static_blocker.or_else(|| {
@@ -503,10 +507,42 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             *new_per_kind.entry(row.candidate.kind).or_default() += 1;
         }
         // What the store holds that this tick did not see: the stored keys left once every
-        // current one is taken out.
+        // current one is taken out. A key taken out twice, or new twice, is shared by two
+        // candidates.
         let mut vanished = previous_by_key;
-        for sighting in &sightings {
-            vanished.remove(sighting.key.as_str());
+        let mut fresh: HashSet<&str> = HashSet::new();
+        let shared = rows
+            .iter()
+            .zip(&sightings)
+            .filter(|(row, sighting)| {
+                let key = sighting.key.as_str();
+                let first = if row.had_stored {
+                    vanished.remove(key).is_some()
+                } else {
+                    fresh.insert(key)
+                };
+                !first
+            })
+            .count();
+        drop(fresh);
+        if shared > 0 {
+            // Two objects of one kind and token (a database under its legacy name
+            // `cust_<token>` beside one named by its digest): one sighting cannot stand for
+            // both, and neither may take over the other's burn-in.
+            tracing::error!(
+                shared,
+                "orphan sweep: candidates share a sighting (two objects of one kind and token); nothing is recorded or reclaimed until one of each pair is gone"
+            );
+            return self.fail(
+                Stage::State,
+                &StateError {
+                    operation: "record the sightings",
+                    source: format!(
+                        "{shared} candidates share a sighting key with another candidate"
+                    )
+                    .into(),
+                },
+            );
         }
         let vanished: Vec<String> = vanished.into_keys().map(str::to_owned).collect();
         drop(previous);
@@ -1059,6 +1095,45 @@ mod tests {
             wrong.len(),
             wrong.iter().take(5).collect::<Vec<_>>()
         );
+    }
+
+    /// Two objects of one kind and token (a database under its legacy name beside one named by
+    /// the token's digest) would share one sighting: the tick fails at the state stage and
+    /// records nothing, whether both are new at once or the second would take over the run the
+    /// first has served (and with it the burn-in).
+    #[tokio::test]
+    async fn two_objects_of_one_token_never_share_a_sighting() {
+        let token = "orph00000009";
+        let digest = TokenDigest::of(&Token::parse(token).unwrap());
+        let pair = || vec![orphan(token), orphan(digest.as_str())];
+        let source = InventorySource::Postgres;
+
+        let mut w = world(audit_only(), false);
+        w.inventory.set(vec![orphan(token)]);
+        let first = w.sweeper.tick(at(0)).await;
+        assert!(matches!(first, TickReport::Swept { .. }), "{first:?}");
+        let recorded = w.state.sightings(source).await.unwrap();
+        assert_eq!(recorded.len(), 1);
+        w.inventory.set(pair());
+        let second = w.sweeper.tick(at(1)).await;
+        assert!(
+            matches!(second, TickReport::Failed { stage: "state" }),
+            "{second:?}"
+        );
+        assert_eq!(
+            w.state.sightings(source).await.unwrap(),
+            recorded,
+            "a tick that failed recorded its sightings"
+        );
+
+        let mut w = world(audit_only(), false);
+        w.inventory.set(pair());
+        let both_new = w.sweeper.tick(at(0)).await;
+        assert!(
+            matches!(both_new, TickReport::Failed { stage: "state" }),
+            "{both_new:?}"
+        );
+        assert!(w.state.sightings(source).await.unwrap().is_empty());
     }
 
     /// A large tick advances its sightings in two halves: every candidate still gets exactly
