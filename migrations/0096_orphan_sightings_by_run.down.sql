@@ -14,7 +14,8 @@ BEGIN
         UPDATE orphan_sighting_runs s
            SET last_period = r.last_period,
                consecutive = CASE WHEN s.reclaimable_period IS NULL THEN 0
-                                  ELSE least(greatest(r.last_period - s.reclaimable_period + 1, 0),
+                                  ELSE least(greatest(r.last_period::numeric
+                                                      - s.reclaimable_period + 1, 0),
                                              2147483647)
                              END
           FROM orphan_sweep_recorded r

@@ -54,8 +54,32 @@ SELECT s.inventory,
        r.last_period,
        s.reclaimable_since,
        CASE WHEN s.reclaimable_period IS NULL THEN 0
-            ELSE least(greatest(r.last_period - s.reclaimable_period + 1, 0), 2147483647)
+            ELSE least(greatest(r.last_period::numeric - s.reclaimable_period + 1, 0), 2147483647)
        END::integer AS consecutive,
        s.quarantined
   FROM orphan_sighting_runs s
   JOIN orphan_sweep_recorded r ON r.inventory = s.inventory;
+
+-- Whoever could read the table can read the view, and whoever could write its sightings can
+-- write the period they now share: the privileges moved with the renamed table, and the view
+-- and the new table start with none.
+DO $$
+DECLARE
+    grant_row record;
+BEGIN
+    FOR grant_row IN
+        SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee,
+               a.privilege_type
+          FROM pg_class c, aclexplode(c.relacl) a
+         WHERE c.oid = 'orphan_sighting_runs'::regclass
+           AND a.grantee <> c.relowner
+           AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+    LOOP
+        IF grant_row.privilege_type = 'SELECT' THEN
+            EXECUTE format('GRANT SELECT ON orphan_sightings TO %s', grant_row.grantee);
+        END IF;
+        EXECUTE format('GRANT %s ON orphan_sweep_recorded TO %s',
+                       grant_row.privilege_type, grant_row.grantee);
+    END LOOP;
+END
+$$;

@@ -241,7 +241,8 @@ async fn keel_schema_coexists_with_a_consumer_migrator() {
 /// The sightings an earlier release recorded one row per tick read the same through the
 /// `orphan_sightings` view once runs are stored (migration 0096), and the same again after it
 /// is reverted; a row left from an earlier period than its inventory's last tick is dropped (it
-/// starts a new run: a longer burn-in, never a shorter one).
+/// starts a new run: a longer burn-in, never a shorter one). A role that could read the table
+/// can read the view, and one that could write it can write the period its rows now share.
 #[tokio::test]
 async fn recorded_sightings_read_the_same_across_the_move_to_runs_and_back() {
     let db = keel_testkit::empty_database().await;
@@ -266,6 +267,21 @@ async fn recorded_sightings_read_the_same_across_the_move_to_runs_and_back() {
     .execute(db.pool())
     .await
     .unwrap();
+    let (reader, writer) = (
+        format!("{}_reader", db.name()),
+        format!("{}_writer", db.name()),
+    );
+    for sql in [
+        format!("CREATE ROLE {reader}"),
+        format!("CREATE ROLE {writer}"),
+        format!("GRANT SELECT ON orphan_sightings TO {reader}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON orphan_sightings TO {writer}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
     let read = || async {
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT concat_ws('|', inventory, key, first_seen, last_period, reclaimable_since, \
@@ -283,6 +299,27 @@ async fn recorded_sightings_read_the_same_across_the_move_to_runs_and_back() {
 
     keel_schema::migrate(db.pool()).await.unwrap();
     assert_eq!(read().await, expected, "the view shows what the table held");
+    for (role, relation, privilege, held) in [
+        (&reader, "orphan_sightings", "SELECT", true),
+        (&reader, "orphan_sweep_recorded", "UPDATE", false),
+        (&writer, "orphan_sightings", "SELECT", true),
+        (&writer, "orphan_sighting_runs", "INSERT", true),
+        (&writer, "orphan_sweep_recorded", "UPDATE", true),
+    ] {
+        let has: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2, $3)")
+            .bind(role)
+            .bind(relation)
+            .bind(privilege)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            has,
+            held,
+            "{privilege} on {relation} for the role that could {}",
+            if role == &reader { "read" } else { "write" }
+        );
+    }
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM orphan_sighting_runs")
         .fetch_one(db.pool())
         .await
@@ -297,6 +334,14 @@ async fn recorded_sightings_read_the_same_across_the_move_to_runs_and_back() {
     );
     keel_schema::migrate(db.pool()).await.unwrap();
     assert_eq!(read().await, expected);
+    for role in [&reader, &writer] {
+        for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(db.pool())
+                .await
+                .unwrap();
+        }
+    }
 }
 
 /// LIB-1: a database migrated by a Keel that tracked its versions in `_sqlx_migrations` (beside
