@@ -649,6 +649,34 @@ fn contract_changes(stored: &[Sighting], now: &[Sighting]) -> (Vec<bool>, Vec<St
     (continued, vanished)
 }
 
+/// Records `now` under `claim`, told `continued` and `vanished`, and checks that what is read
+/// back is `now` (as a set): what a replace of the whole set would leave.
+async fn contract_record<S: SweepState>(
+    state: &S,
+    source: InventorySource,
+    claim: &PeriodClaim,
+    now: &[Sighting],
+    (continued, vanished): (&[bool], &[String]),
+    step: &str,
+) -> Vec<Sighting> {
+    let changes = SightingChanges {
+        continued,
+        vanished,
+    };
+    state
+        .record(source, claim, now, changes)
+        .await
+        .unwrap_or_else(|e| panic!("{step}: the record failed: {e}"));
+    let read = contract_read(state, source, step).await;
+    let mut expected = now.to_vec();
+    expected.sort_by(|a, b| a.key.cmp(&b.key));
+    assert!(
+        read == expected,
+        "{step}: what a record recorded is not what is read back: {read:?}"
+    );
+    read
+}
+
 /// The `SweepState` contract for sightings, as one story over three periods of `source` from
 /// `first_period` (the store must hold no sightings of `source` before): what
 /// [`SweepState::replace`] records is what [`SweepState::sightings`] reads back (as a set);
@@ -697,19 +725,15 @@ pub async fn sweep_state_contract<H: SweepStateHarness>(
         [true, true, false, false],
         "the story's own changes"
     );
-    let changes = SightingChanges {
-        continued: &continued,
-        vanished: &vanished,
-    };
-    state
-        .record(source, &next, &now, changes)
-        .await
-        .unwrap_or_else(|e| panic!("record: {e}"));
-    let read = contract_read(state, source, "after a record").await;
-    assert!(
-        read == now,
-        "what a record recorded is not what is read back: {read:?}"
-    );
+    let read = contract_record(
+        state,
+        source,
+        &next,
+        &now,
+        (&continued, &vanished),
+        "the next period",
+    )
+    .await;
     assert_eq!(
         read[0].consecutive, 2,
         "a carried-on run is a period longer"
@@ -718,18 +742,15 @@ pub async fn sweep_state_contract<H: SweepStateHarness>(
     // Later in the same period the chokepoint refuses b: only its quarantine changes.
     now[1].quarantined = Some("refused".to_owned());
     let continued = [true, false, true, true];
-    let changes = SightingChanges {
-        continued: &continued,
-        vanished: &[],
-    };
-    state
-        .record(source, &next, &now, changes)
-        .await
-        .unwrap_or_else(|e| panic!("record a quarantine: {e}"));
-    assert!(
-        contract_read(state, source, "after a quarantine").await == now,
-        "a quarantine recorded in the same period is not read back"
-    );
+    contract_record(
+        state,
+        source,
+        &next,
+        &now,
+        (&continued, &[]),
+        "a quarantine in the same period",
+    )
+    .await;
 
     // A newer claim: the older one records nothing, whole or by changes.
     let last = harness.claim_period(source, first_period + 2).await;
@@ -738,7 +759,7 @@ pub async fn sweep_state_contract<H: SweepStateHarness>(
         vanished: &[],
     };
     assert!(
-        state.record(source, &next, &[], changes).await.is_err(),
+        state.record(source, &next, &now, changes).await.is_err(),
         "a record under a lost claim was accepted"
     );
     assert!(
@@ -752,20 +773,8 @@ pub async fn sweep_state_contract<H: SweepStateHarness>(
 
     // Every sighting vanishes.
     let vanished: Vec<String> = now.iter().map(|s| s.key.clone()).collect();
-    let changes = SightingChanges {
-        continued: &[],
-        vanished: &vanished,
-    };
-    state
-        .record(source, &last, &[], changes)
-        .await
-        .unwrap_or_else(|e| panic!("record nothing: {e}"));
-    assert!(
-        contract_read(state, source, "after all vanished")
-            .await
-            .is_empty(),
-        "vanished sightings are still read"
-    );
+    let read = contract_record(state, source, &last, &[], (&[], &vanished), "all vanished").await;
+    assert!(read.is_empty(), "vanished sightings are still read");
 }
 
 #[cfg(test)]
