@@ -333,7 +333,9 @@ async fn read_sightings(
     pool: &PgPool,
     source: InventorySource,
 ) -> Result<Vec<Sighting>, sqlx::Error> {
-    let rows: Vec<StoredRun> = sqlx::query_as(
+    // Each row is decoded straight into its sighting as it arrives: no list of rows or tuples
+    // is held beside the sightings.
+    sqlx::query(
         "SELECT r.last_period, s.key, s.first_seen, s.reclaimable_since, \
                 s.reclaimable_period, s.quarantined \
            FROM orphan_sweep_recorded r \
@@ -341,21 +343,20 @@ async fn read_sightings(
           WHERE r.inventory = $1",
     )
     .bind(source.as_str())
+    .try_map(|row: sqlx::postgres::PgRow| {
+        let (last_period, key, first_seen, reclaimable_since, run_start, quarantined) =
+            <StoredRun as sqlx::FromRow<'_, sqlx::postgres::PgRow>>::from_row(&row)?;
+        Ok(Sighting {
+            key,
+            first_seen,
+            last_period,
+            reclaimable_since,
+            consecutive: run_length(last_period, reclaimable_since.and(run_start)),
+            quarantined,
+        })
+    })
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(last_period, key, first_seen, reclaimable_since, run_start, quarantined)| Sighting {
-                key,
-                first_seen,
-                last_period,
-                reclaimable_since,
-                consecutive: run_length(last_period, reclaimable_since.and(run_start)),
-                quarantined,
-            },
-        )
-        .collect())
+    .await
 }
 
 /// How many periods a reclaimable run that started in `run_start` has lasted by `last_period`
