@@ -795,6 +795,18 @@ mod tests {
         }
     }
 
+    /// The message a contract run by `run` failed with; a contract that passed fails the test
+    /// with `passed`.
+    fn contract_failure(run: impl FnOnce(), passed: &str) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).expect_err(passed);
+        payload
+            .downcast_ref::<&str>()
+            .map(|message| (*message).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    }
+
     /// The in-memory state store keeps the contract every state store is held to.
     #[test]
     fn the_memory_state_keeps_the_sweep_state_contract() {
@@ -871,16 +883,10 @@ mod tests {
     #[test]
     fn the_sweep_state_contract_catches_a_store_that_keeps_vanished_sightings() {
         let broken = KeepsVanished(MemoryState::new());
-        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            block_on(sweep_state_contract(&broken, InventorySource::Postgres, 7));
-        }));
-        let message =
-            verdict.expect_err("the contract passed a store that keeps vanished sightings");
-        let message = message
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| message.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or_default();
+        let message = contract_failure(
+            || block_on(sweep_state_contract(&broken, InventorySource::Postgres, 7)),
+            "the contract passed a store that keeps vanished sightings",
+        );
         assert!(
             message.contains("what a record recorded is not what is read back"),
             "the contract failed for another reason: {message}"
@@ -947,15 +953,10 @@ mod tests {
             inner: FakeLiveTokens::new(InstallationId::from_uuid(uuid::Uuid::from_u128(7))),
             unknown: Mutex::default(),
         };
-        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            block_on(live_tokens_contract(&broken));
-        }));
-        let message = verdict.expect_err("the contract passed an adapter failing open");
-        let message = message
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| message.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or_default();
+        let message = contract_failure(
+            || block_on(live_tokens_contract(&broken)),
+            "the contract passed an adapter failing open",
+        );
         assert!(
             message.contains("fail closed"),
             "the contract failed for another reason: {message}"
@@ -996,12 +997,9 @@ mod tests {
     #[test]
     fn the_inventory_contract_catches_an_adapter_that_loses_labels() {
         let broken = LosesLabels(FakeInventory::new(InventorySource::Postgres, "cust_"));
-        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            block_on(inventory_contract(&broken, NOW));
-        }));
-        assert!(
-            verdict.is_err(),
-            "the contract passed an adapter that loses labels"
+        contract_failure(
+            || block_on(inventory_contract(&broken, NOW)),
+            "the contract passed an adapter that loses labels",
         );
     }
 
