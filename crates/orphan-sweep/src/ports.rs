@@ -274,8 +274,9 @@ impl Sighting {
     /// Whether this sighting only carries `stored` on: the same key, first sighting,
     /// reclaimable run and quarantine, seen in the same or a later period, with a reclaimable
     /// run longer by exactly the periods between them (no run is counted when not
-    /// reclaimable). A store that keeps the period once per inventory and each run's first
-    /// period holds such a sighting already, and need not write it again.
+    /// reclaimable, and a stored reclaimable run of no periods is never carried on). A store
+    /// that keeps the period once per inventory and each run's first period holds such a
+    /// sighting already, and need not write it again.
     pub fn continues(&self, stored: &Sighting) -> bool {
         let Some(periods) = self
             .last_period
@@ -286,9 +287,12 @@ impl Sighting {
         };
         let run = match self.reclaimable_since {
             None => self.consecutive == 0 && stored.consecutive == 0,
+            // A stored run with no period in it (a row written by hand whose run starts after
+            // the period it was read in) is written again, so it reads back as this one.
             Some(_) => {
-                u64::from(stored.consecutive).checked_add(periods)
-                    == Some(u64::from(self.consecutive))
+                stored.consecutive > 0
+                    && u64::from(stored.consecutive).checked_add(periods)
+                        == Some(u64::from(self.consecutive))
             }
         };
         run && self.key == stored.key

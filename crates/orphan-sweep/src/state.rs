@@ -315,6 +315,13 @@ mod tests {
         assert!(!other.continues(&stored), "another key never continues");
         let (earlier, _) = advance(None, "k".into(), 9, T0, true);
         assert!(!earlier.continues(&stored), "nor does an earlier period");
+        // A reclaimable run stored with no period in it (a hand-written row whose run starts
+        // after the period it is read in) is written again, so it reads back as the tick saw it.
+        let mut empty_run = stored.clone();
+        empty_run.consecutive = 0;
+        let (next, _) = advance(Some(&empty_run), "k".into(), 11, T0 + HOUR, true);
+        assert_eq!(next.consecutive, 1);
+        assert!(!next.continues(&empty_run));
     }
 
     #[tokio::test]
