@@ -795,3 +795,163 @@ async fn every_index_of_the_audit_trail_serves_a_lookup_that_is_made() {
         "no partition of the trail indexes event_uuid"
     );
 }
+
+/// What `EXPLAIN (ANALYZE, WAL, FORMAT JSON)` reports for `statement` (which it runs): the WAL
+/// records it wrote, and the row triggers it called with how many calls each.
+async fn explained(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    bind: uuid::Uuid,
+) -> (i64, Vec<(String, i64)>) {
+    let sql = format!("EXPLAIN (ANALYZE, WAL, FORMAT JSON) {statement}");
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(bind)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let top = &plan[0];
+    let records = top["Plan"]["WAL Records"].as_i64().unwrap();
+    let triggers = top["Triggers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["Trigger Name"].as_str().unwrap().to_owned(),
+                t["Calls"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    (records, triggers)
+}
+
+/// A status change of a resource writes its new row version and nothing more: no trigger on
+/// `resources` may make the server lock the row before it updates it (a BEFORE row trigger on
+/// UPDATE does, whatever the trigger then decides), so each lifecycle step is one WAL record.
+/// The refusal to revive a terminal status still holds, with its error code.
+#[tokio::test]
+async fn a_status_change_of_a_resource_takes_no_row_lock_before_it_writes() {
+    let db = keel_testkit::database().await;
+    let team = uuid_row(
+        db.pool(),
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
+    )
+    .await;
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status) \
+         VALUES (gen_random_uuid(), replace(gen_random_uuid()::text, '-', ''), $1, 'postgres', \
+                 'pro', 'pending') RETURNING id",
+    )
+    .bind(team)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    for step in [
+        "UPDATE resources SET status = 'active', provider_resource_id = 'cust_x', \
+                connection_url = 'postgres://h/cust_x', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'suspended', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'active', updated_at = now() WHERE id = $1",
+        "UPDATE resources SET status = 'deleted', deleted_at = now(), connection_url = NULL, \
+                updated_at = now() WHERE id = $1",
+    ] {
+        let (records, triggers) = explained(&mut conn, step, id).await;
+        assert_eq!(
+            (records, triggers),
+            (1, vec![]),
+            "(WAL records, row triggers called) for {step}"
+        );
+    }
+    let refused = sqlx::query("UPDATE resources SET status = 'suspended' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    let code = refused.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("23514"), "{refused}");
+    assert!(
+        refused.to_string().contains("never changes status"),
+        "{refused}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM resources WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(status, "deleted");
+}
+
+/// The row triggers that fill in a value (the audit row's `recorded_at`, a propagation's tier
+/// epoch) are called only when the row needs it, and the rows stored are what they were when the
+/// triggers ran on every row: the server's clock whatever an INSERT names, the team's epoch when
+/// none is named, a named epoch kept.
+#[tokio::test]
+async fn filling_row_triggers_are_called_only_when_they_change_the_row() {
+    let db = keel_testkit::database().await;
+    let team = uuid_row(
+        db.pool(),
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'free') RETURNING id",
+    )
+    .await;
+    sqlx::query("UPDATE teams SET tier = 'pro' WHERE id = $1")
+        .bind(team)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    let audit = "INSERT INTO audit_events (kind, actor, team_id, occurred_at{}) \
+                 VALUES ('provision.created', 'system', $1, now(){})";
+    let (_, unnamed) = explained(&mut tx, &audit.replace("{}", ""), team).await;
+    assert_eq!(unnamed, vec![], "nothing to stamp");
+    let (_, named) = explained(
+        &mut tx,
+        &audit.replacen("{}", ", recorded_at", 1).replacen(
+            "{}",
+            ", now() - interval '1 microsecond'",
+            1,
+        ),
+        team,
+    )
+    .await;
+    assert_eq!(named, vec![("audit_events_stamp".to_owned(), 1)]);
+    let stamped: Vec<bool> = sqlx::query_scalar(
+        "SELECT recorded_at = now() FROM audit_events WHERE team_id = $1 ORDER BY id",
+    )
+    .bind(team)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        stamped,
+        vec![true, true],
+        "every row stamped with the server's clock"
+    );
+
+    let propagation = "INSERT INTO pending_propagations \
+                         (kind, team_id, resource_id, resource_type{}) \
+                       VALUES ('tier_elevation', $1, gen_random_uuid(), 'postgres'{})";
+    let (_, unnamed) = explained(&mut tx, &propagation.replace("{}", ""), team).await;
+    assert_eq!(
+        unnamed,
+        vec![("pending_propagations_tier_epoch".to_owned(), 1)],
+        "an epoch to take"
+    );
+    let (_, named) = explained(
+        &mut tx,
+        &propagation
+            .replacen("{}", ", tier_epoch", 1)
+            .replacen("{}", ", 7", 1),
+        team,
+    )
+    .await;
+    assert_eq!(named, vec![], "an epoch named");
+    let epochs: Vec<i64> = sqlx::query_scalar(
+        "SELECT tier_epoch FROM pending_propagations WHERE team_id = $1 ORDER BY id",
+    )
+    .bind(team)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(epochs, vec![1, 7], "the team's epoch, then the named one");
+    tx.rollback().await.unwrap();
+}
