@@ -113,11 +113,7 @@ async fn the_reconcile_index_exists_under_its_contract_name() {
 #[tokio::test]
 async fn an_active_resource_must_be_addressable() {
     let db = keel_testkit::database().await;
-    let team = uuid_row(
-        db.pool(),
-        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
-    )
-    .await;
+    let team = pro_team(db.pool()).await;
     let insert = |status: &'static str, url: Option<&'static str>| {
         sqlx::query(
             "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
@@ -167,6 +163,26 @@ async fn uuid_row(pool: &PgPool, sql: &'static str) -> uuid::Uuid {
 
 /// A service's own migrator, as `sqlx::migrate!()` in the service would build it: tracked in
 /// sqlx's default table, with a version 1 of its own (a number Keel uses too).
+/// A new `pro` team's id.
+async fn pro_team(pool: &PgPool) -> uuid::Uuid {
+    uuid_row(
+        pool,
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
+    )
+    .await
+}
+
+/// A resource's lifecycle, one status change per step (finalize, suspend, resume, deprovision),
+/// each bound to the resource's id.
+const LIFECYCLE_STEPS: [&str; 4] = [
+    "UPDATE resources SET status = 'active', provider_resource_id = 'cust_x', \
+            connection_url = 'postgres://h/cust_x', updated_at = now() WHERE id = $1",
+    "UPDATE resources SET status = 'suspended', updated_at = now() WHERE id = $1",
+    "UPDATE resources SET status = 'active', updated_at = now() WHERE id = $1",
+    "UPDATE resources SET status = 'deleted', deleted_at = now(), connection_url = NULL, \
+            updated_at = now() WHERE id = $1",
+];
+
 fn service_migrator() -> Migrator {
     Migrator::with_migrations(vec![
         Migration::new(
@@ -704,11 +720,7 @@ async fn a_status_change_of_a_resource_is_a_heap_only_update() {
         "these indexes make every status change write new index entries: {indexing_status:?}"
     );
 
-    let team = uuid_row(
-        db.pool(),
-        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
-    )
-    .await;
+    let team = pro_team(db.pool()).await;
     let mut tx = db.pool().begin().await.unwrap();
     let id: uuid::Uuid = sqlx::query_scalar(
         "INSERT INTO resources (id, token, team_id, resource_type, tier, status) \
@@ -719,14 +731,7 @@ async fn a_status_change_of_a_resource_is_a_heap_only_update() {
     .fetch_one(&mut *tx)
     .await
     .unwrap();
-    for step in [
-        "UPDATE resources SET status = 'active', provider_resource_id = 'cust_x', \
-                connection_url = 'postgres://h/cust_x', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'suspended', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'active', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'deleted', deleted_at = now(), connection_url = NULL, \
-                updated_at = now() WHERE id = $1",
-    ] {
+    for step in LIFECYCLE_STEPS {
         sqlx::query(step).bind(id).execute(&mut *tx).await.unwrap();
     }
     // This transaction's own counters: every update so far, and how many were heap-only.
@@ -832,11 +837,7 @@ async fn explained(
 #[tokio::test]
 async fn a_status_change_of_a_resource_takes_no_row_lock_before_it_writes() {
     let db = keel_testkit::database().await;
-    let team = uuid_row(
-        db.pool(),
-        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
-    )
-    .await;
+    let team = pro_team(db.pool()).await;
     let id: uuid::Uuid = sqlx::query_scalar(
         "INSERT INTO resources (id, token, team_id, resource_type, tier, status) \
          VALUES (gen_random_uuid(), replace(gen_random_uuid()::text, '-', ''), $1, 'postgres', \
@@ -847,14 +848,7 @@ async fn a_status_change_of_a_resource_takes_no_row_lock_before_it_writes() {
     .await
     .unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
-    for step in [
-        "UPDATE resources SET status = 'active', provider_resource_id = 'cust_x', \
-                connection_url = 'postgres://h/cust_x', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'suspended', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'active', updated_at = now() WHERE id = $1",
-        "UPDATE resources SET status = 'deleted', deleted_at = now(), connection_url = NULL, \
-                updated_at = now() WHERE id = $1",
-    ] {
+    for step in LIFECYCLE_STEPS {
         let (records, triggers) = explained(&mut conn, step, id).await;
         assert_eq!(
             (records, triggers),
