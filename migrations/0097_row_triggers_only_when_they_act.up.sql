@@ -1,10 +1,12 @@
 -- Row triggers on the hot paths run only when they act.
 --
 -- `resources_no_revival` refused a terminal status changing again from a BEFORE UPDATE trigger.
--- A BEFORE row trigger on UPDATE makes the server lock the row version before it calls the
--- trigger (one more WAL record and page change per update), whether or not the trigger, or its
--- WHEN clause, finds anything to refuse; every status change of a resource paid it: the
--- finalize flip, suspend, resume, deprovision. As an AFTER trigger it sees the same old and new
+-- With a BEFORE row trigger on UPDATE, the server locks the row version before each update of
+-- the table (one more WAL record and page change), whatever columns the update names and whether
+-- or not the trigger, or its WHEN clause, finds anything to refuse; and it recomputes the stored
+-- `token_digest` on every update, since such a trigger could change the token. Every update of a
+-- resource paid both: the finalize flip, suspend, resume, deprovision, and a propagation's tier
+-- landing, which does not even name `status`. As an AFTER trigger it sees the same old and new
 -- row (the version the update replaced, after any concurrent change was rechecked) and raises
 -- the same error, which aborts the update exactly as before; its WHEN clause is tested when the
 -- row is updated, so an update that revives nothing queues no trigger event at all.

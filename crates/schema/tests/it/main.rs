@@ -830,12 +830,13 @@ async fn explained(
     (records, triggers)
 }
 
-/// A status change of a resource writes its new row version and nothing more: no trigger on
+/// An update of a resource writes its new row version and nothing more: no trigger on
 /// `resources` may make the server lock the row before it updates it (a BEFORE row trigger on
-/// UPDATE does, whatever the trigger then decides), so each lifecycle step is one WAL record.
+/// UPDATE does for every update of the table, whatever columns it names and whatever the trigger
+/// then decides), so each lifecycle step and a propagation's tier landing is one WAL record.
 /// The refusal to revive a terminal status still holds, with its error code.
 #[tokio::test]
-async fn a_status_change_of_a_resource_takes_no_row_lock_before_it_writes() {
+async fn an_update_of_a_resource_takes_no_row_lock_before_it_writes() {
     let db = keel_testkit::database().await;
     let team = pro_team(db.pool()).await;
     let id: uuid::Uuid = sqlx::query_scalar(
@@ -848,7 +849,10 @@ async fn a_status_change_of_a_resource_takes_no_row_lock_before_it_writes() {
     .await
     .unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
-    for step in LIFECYCLE_STEPS {
+    // The finalize flip, a propagation's tier landing, then the rest of the lifecycle.
+    let tier_landing = "UPDATE resources SET tier = 'free', updated_at = now() WHERE id = $1";
+    let (finalize, rest) = LIFECYCLE_STEPS.split_first().unwrap();
+    for step in [finalize, &tier_landing].into_iter().chain(rest) {
         let (records, triggers) = explained(&mut conn, step, id).await;
         assert_eq!(
             (records, triggers),
