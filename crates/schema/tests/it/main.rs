@@ -879,6 +879,15 @@ async fn an_update_of_a_resource_takes_no_row_lock_before_it_writes() {
     assert_eq!(status, "deleted");
 }
 
+/// `insert`, whose column list and values each end in `{}`, as it is or naming one more column
+/// with its value.
+fn naming(insert: &str, column: Option<(&str, &str)>) -> String {
+    let (column, value) = column.map_or((String::new(), String::new()), |(c, v)| {
+        (format!(", {c}"), format!(", {v}"))
+    });
+    insert.replacen("{}", &column, 1).replacen("{}", &value, 1)
+}
+
 /// The row triggers that fill in a value (the audit row's `recorded_at`, a propagation's tier
 /// epoch) are called only when the row needs it, and the rows stored are what they were when the
 /// triggers ran on every row: the server's clock whatever an INSERT names, the team's epoch when
@@ -899,18 +908,10 @@ async fn filling_row_triggers_are_called_only_when_they_change_the_row() {
     let mut tx = db.pool().begin().await.unwrap();
     let audit = "INSERT INTO audit_events (kind, actor, team_id, occurred_at{}) \
                  VALUES ('provision.created', 'system', $1, now(){})";
-    let (_, unnamed) = explained(&mut tx, &audit.replace("{}", ""), team).await;
+    let (_, unnamed) = explained(&mut tx, &naming(audit, None), team).await;
     assert_eq!(unnamed, vec![], "nothing to stamp");
-    let (_, named) = explained(
-        &mut tx,
-        &audit.replacen("{}", ", recorded_at", 1).replacen(
-            "{}",
-            ", now() - interval '1 microsecond'",
-            1,
-        ),
-        team,
-    )
-    .await;
+    let earlier = Some(("recorded_at", "now() - interval '1 microsecond'"));
+    let (_, named) = explained(&mut tx, &naming(audit, earlier), team).await;
     assert_eq!(named, vec![("audit_events_stamp".to_owned(), 1)]);
     let stamped: Vec<bool> = sqlx::query_scalar(
         "SELECT recorded_at = now() FROM audit_events WHERE team_id = $1 ORDER BY id",
@@ -928,7 +929,7 @@ async fn filling_row_triggers_are_called_only_when_they_change_the_row() {
     let propagation = "INSERT INTO pending_propagations \
                          (kind, team_id, resource_id, resource_type{}) \
                        VALUES ('tier_elevation', $1, gen_random_uuid(), 'postgres'{})";
-    let (_, unnamed) = explained(&mut tx, &propagation.replace("{}", ""), team).await;
+    let (_, unnamed) = explained(&mut tx, &naming(propagation, None), team).await;
     assert_eq!(
         unnamed,
         vec![("pending_propagations_tier_epoch".to_owned(), 1)],
@@ -936,9 +937,7 @@ async fn filling_row_triggers_are_called_only_when_they_change_the_row() {
     );
     let (_, named) = explained(
         &mut tx,
-        &propagation
-            .replacen("{}", ", tier_epoch", 1)
-            .replacen("{}", ", 7", 1),
+        &naming(propagation, Some(("tier_epoch", "7"))),
         team,
     )
     .await;
