@@ -952,3 +952,84 @@ async fn filling_row_triggers_are_called_only_when_they_change_the_row() {
     assert_eq!(epochs, vec![1, 7], "the team's epoch, then the named one");
     tx.rollback().await.unwrap();
 }
+
+/// Each inventory's sweep state carries the id of the last transaction that changed it: any
+/// INSERT, UPDATE, DELETE or TRUNCATE of its sighting runs, and any write of its own row, even
+/// one that names the old generation, moves it to the writing transaction; a write of one
+/// inventory's runs leaves the other's generation alone.
+#[tokio::test]
+async fn the_sweep_states_generation_is_the_last_transaction_that_changed_it() {
+    let db = keel_testkit::database().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO orphan_sweep_recorded (inventory, last_period, generation) \
+         VALUES ('postgres', 1, 7), ('kubernetes', 1, 7)",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let run = |c: char| format!("'customer_database:{}'", c.to_string().repeat(48));
+    let writes = [
+        (
+            format!(
+                "INSERT INTO orphan_sighting_runs (inventory, key, first_seen) \
+                 VALUES ('postgres', {}, now()), ('postgres', {}, now())",
+                run('a'),
+                run('b')
+            ),
+            "postgres",
+        ),
+        (
+            format!(
+                "UPDATE orphan_sighting_runs SET quarantined = 'by hand' WHERE key = {}",
+                run('a')
+            ),
+            "postgres",
+        ),
+        (
+            format!("DELETE FROM orphan_sighting_runs WHERE key = {}", run('a')),
+            "postgres",
+        ),
+        (
+            "UPDATE orphan_sweep_recorded SET generation = generation, last_period = 2 \
+             WHERE inventory = 'kubernetes'"
+                .to_owned(),
+            "kubernetes",
+        ),
+        ("TRUNCATE orphan_sighting_runs".to_owned(), "both"),
+    ];
+    for (write, changed) in writes {
+        let before: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT inventory, generation FROM orphan_sweep_recorded ORDER BY inventory",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(write.clone()))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let writer: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query("COMMIT").execute(&mut *conn).await.unwrap();
+        let after: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT inventory, generation FROM orphan_sweep_recorded ORDER BY inventory",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        for ((inventory, old), (_, new)) in before.iter().zip(&after) {
+            if changed == "both" || changed == inventory {
+                assert_eq!(
+                    *new, writer,
+                    "{write}: {inventory} is not stamped by its writer"
+                );
+            } else {
+                assert_eq!(new, old, "{write}: {inventory} moved");
+            }
+        }
+    }
+}
