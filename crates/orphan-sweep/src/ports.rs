@@ -367,6 +367,18 @@ pub trait SweepState: Send + Sync {
         let _ = changes;
         self.replace(source, claim, sightings)
     }
+
+    /// Hands back the sightings of `source` that the last successful
+    /// [`record`](Self::record) or [`replace`](Self::replace) on this store was given, once the
+    /// tick is done with them (after the last record of its tick, never between a record and
+    /// a change of them). A store may keep them to answer its next
+    /// [`sightings`](Self::sightings) without reading every one, provided it first checks that
+    /// nothing changed what it holds since; it must never answer with them otherwise. The
+    /// default drops them.
+    fn keep_recorded(&self, source: InventorySource, sightings: Vec<Sighting>) {
+        let _ = source;
+        drop(sightings);
+    }
 }
 
 /// How a tick's sightings differ from the ones its store held: which of them only carry on a

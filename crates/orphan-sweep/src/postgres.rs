@@ -3,6 +3,7 @@
 //! sightings), and the single-flight tick lock.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::{Mutex, PoisonError};
 
 use keel_provision::postgres::comment_keys;
 use keel_provision::{DATABASE_PREFIX, InstallationId, TokenDigest};
@@ -290,10 +291,128 @@ impl TickLock {
 
 /// The sweep's durable state in the platform database (`orphan_sweep_periods`,
 /// `orphan_sightings`): period claims by the database's clock, and sightings.
-#[derive(Clone, Debug)]
+///
+/// It keeps the sightings a tick hands back after recording them
+/// ([`SweepState::keep_recorded`]), and answers the next read with them when the inventory's
+/// generation (`orphan_sweep_recorded.generation`, the last transaction that changed its state,
+/// stamped by triggers whoever writes) is still the one its own record committed; otherwise,
+/// and in a fresh process, it reads every sighting. A clone starts with nothing kept.
 pub struct PgSweepState {
     pool: PgPool,
     holder: String,
+    /// Per inventory ([`slot`]): what this store knows of its stored state.
+    kept: Mutex<[Kept; 2]>,
+}
+
+impl Clone for PgSweepState {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            holder: self.holder.clone(),
+            kept: Mutex::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PgSweepState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("PgSweepState")
+            .field("pool", &self.pool)
+            .field("holder", &self.holder)
+            .field(
+                "kept_sightings",
+                &kept
+                    .iter()
+                    .map(|k| k.sightings.as_ref().map_or(0, |(_, s)| s.len()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// What a [`PgSweepState`] knows of one inventory's stored state.
+#[derive(Default)]
+struct Kept {
+    /// The generation the state had when this store last read it or exactly recorded it: the
+    /// state its caller's next changes describe.
+    seen: Option<i64>,
+    /// This store's last successful record or replace, when what it committed is exactly the
+    /// sightings it was given.
+    recorded: Option<Recorded>,
+    /// Those sightings, handed back, as a read at that generation would answer them.
+    sightings: Option<(Recorded, Vec<Sighting>)>,
+}
+
+/// A commit whose outcome is exactly the sightings it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Recorded {
+    /// The committing transaction: the inventory's generation right after it.
+    generation: i64,
+    /// The period the sightings were recorded as seen in.
+    period: i64,
+    /// How many sightings.
+    len: usize,
+}
+
+/// Where an inventory's [`Kept`] is.
+fn slot(source: InventorySource) -> usize {
+    match source {
+        InventorySource::Kubernetes => 0,
+        InventorySource::Postgres => 1,
+    }
+}
+
+impl PgSweepState {
+    /// Runs `f` on what this store knows of `source` (never across an await).
+    fn kept<T>(&self, source: InventorySource, f: impl FnOnce(&mut Kept) -> T) -> T {
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut kept[slot(source)])
+    }
+
+    /// Forgets what this store knew of `source` before a write (a write that fails leaves
+    /// nothing known); returns the generation it had seen.
+    fn forget(&self, source: InventorySource) -> Option<i64> {
+        let kept = self.kept(source, std::mem::take);
+        kept.seen
+    }
+
+    /// Notes a commit at `generation` whose outcome is exactly `len` sightings seen in
+    /// `claim`'s period: the state the next changes describe, and the sightings
+    /// [`SweepState::keep_recorded`] may keep.
+    fn recorded_exactly(
+        &self,
+        source: InventorySource,
+        claim: &PeriodClaim,
+        generation: i64,
+        len: usize,
+    ) {
+        self.kept(source, |kept| {
+            kept.seen = Some(generation);
+            kept.recorded = Some(Recorded {
+                generation,
+                period: claim.period,
+                len,
+            });
+        });
+    }
+}
+
+/// `sighting` as a read of the state `recorded` committed answers it: seen in its period, its
+/// run's length counted from the run's first period as stored, its instants to the
+/// microsecond the database keeps.
+fn as_read_back(sighting: &mut Sighting, period: i64) {
+    let run = run_start(sighting, period);
+    sighting.last_period = period;
+    sighting.consecutive = run_length(period, run);
+    sighting.first_seen = to_microseconds(sighting.first_seen);
+    sighting.reclaimable_since = sighting.reclaimable_since.map(to_microseconds);
+}
+
+/// `at` truncated to whole microseconds, as a `timestamptz` stores it.
+fn to_microseconds(at: OffsetDateTime) -> OffsetDateTime {
+    let nanos = at.nanosecond();
+    at.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(at)
 }
 
 impl PgSweepState {
@@ -305,7 +424,11 @@ impl PgSweepState {
         if holder.is_empty() {
             holder.push_str("keel-orphan-sweep");
         }
-        Self { pool, holder }
+        Self {
+            pool,
+            holder,
+            kept: Mutex::default(),
+        }
     }
 }
 
@@ -434,9 +557,47 @@ impl SweepState for PgSweepState {
     }
 
     async fn sightings(&self, source: InventorySource) -> Result<Vec<Sighting>, StateError> {
-        read_sightings(&self.pool, source)
-            .await
-            .map_err(state_error("read the sightings"))
+        let fail = state_error("read the sightings");
+        // Whatever was kept is answered at most once, and nothing is known until this read is.
+        let kept = self.kept(source, |kept| {
+            kept.seen = None;
+            kept.recorded = None;
+            kept.sightings.take()
+        });
+        let stamp: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT generation, last_period FROM orphan_sweep_recorded WHERE inventory = $1",
+        )
+        .bind(source.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&fail)?;
+        if let (Some((recorded, sightings)), Some((generation, period))) = (kept, stamp)
+            && recorded.generation == generation
+            && recorded.period == period
+        {
+            self.kept(source, |kept| kept.seen = Some(generation));
+            return Ok(sightings);
+        }
+        let read = read_sightings(&self.pool, source).await.map_err(&fail)?;
+        // A change between the two reads leaves a newer generation than the one seen, so the
+        // next record does not take its outcome for exact.
+        self.kept(source, |kept| {
+            kept.seen = stamp.map(|(generation, _)| generation)
+        });
+        Ok(read)
+    }
+
+    fn keep_recorded(&self, source: InventorySource, mut sightings: Vec<Sighting>) {
+        let Some(recorded) = self.kept(source, |kept| kept.recorded.take()) else {
+            return;
+        };
+        if sightings.len() != recorded.len {
+            return;
+        }
+        for sighting in &mut sightings {
+            as_read_back(sighting, recorded.period);
+        }
+        self.kept(source, |kept| kept.sightings = Some((recorded, sightings)));
     }
 
     async fn replace(
@@ -446,6 +607,7 @@ impl SweepState for PgSweepState {
         sightings: &[Sighting],
     ) -> Result<(), StateError> {
         let fail = state_error("record the sightings");
+        self.forget(source);
         let mut conn = self.pool.acquire().await.map_err(&fail)?;
         let mut tx = under_claim(&mut conn, source, claim).await?;
         sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
@@ -462,7 +624,8 @@ impl SweepState for PgSweepState {
             Write::Insert,
         )
         .await?;
-        finish(tx, source, claim).await?;
+        let generation = finish(tx, source, claim).await?;
+        self.recorded_exactly(source, claim, generation, sightings.len());
         // A large tick's arrays grew the connection's buffers; the pool need not keep them.
         conn.shrink_buffers();
         Ok(())
@@ -484,18 +647,21 @@ impl SweepState for PgSweepState {
             return self.replace(source, claim, sightings).await;
         }
         let fail = state_error("record the sightings");
+        let seen = self.forget(source);
         let mut conn = self.pool.acquire().await.map_err(&fail)?;
         let mut tx = under_claim(&mut conn, source, claim).await?;
-        let recorded: Option<i64> = sqlx::query_scalar(
-            "SELECT last_period FROM orphan_sweep_recorded WHERE inventory = $1",
-        )
-        .bind(source.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(&fail)?;
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM orphan_sweep_recorded WHERE inventory = $1")
+                .bind(source.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(&fail)?;
         // Without its period no stored sighting could be read (the view shows none), so none
         // continues: whatever rows are left are stale, and every sighting is written.
-        let all = recorded.is_none();
+        let all = generation.is_none();
+        // What is committed is exactly `sightings` when all are written, or when the state is
+        // still the one the changes were worked out from (nobody wrote since it was read).
+        let exact = all || (seen.is_some() && generation == seen);
         if all {
             sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
                 .bind(source.as_str())
@@ -518,7 +684,10 @@ impl SweepState for PgSweepState {
             .zip(changes.continued)
             .filter_map(|(sighting, &continued)| (all || !continued).then_some(sighting));
         write_runs(&mut tx, source, claim, (written, changed), Write::Upsert).await?;
-        finish(tx, source, claim).await?;
+        let generation = finish(tx, source, claim).await?;
+        if exact {
+            self.recorded_exactly(source, claim, generation, sightings.len());
+        }
         if changed + vanished.len() > SIGHTINGS_PER_STATEMENT {
             conn.shrink_buffers();
         }
@@ -640,23 +809,26 @@ fn run_start(sighting: &Sighting, period: i64) -> Option<i64> {
     })
 }
 
-/// Moves `source`'s recorded period to `claim`'s and commits.
+/// Moves `source`'s recorded period to `claim`'s and commits; returns the generation the
+/// commit leaves (this transaction's id, which the row's trigger stamps).
 async fn finish(
     mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     source: InventorySource,
     claim: &PeriodClaim,
-) -> Result<(), StateError> {
+) -> Result<i64, StateError> {
     let fail = state_error("record the sightings");
-    sqlx::query(
+    let generation: i64 = sqlx::query_scalar(
         "INSERT INTO orphan_sweep_recorded (inventory, last_period) VALUES ($1, $2) \
-         ON CONFLICT (inventory) DO UPDATE SET last_period = EXCLUDED.last_period",
+         ON CONFLICT (inventory) DO UPDATE SET last_period = EXCLUDED.last_period \
+         RETURNING generation",
     )
     .bind(source.as_str())
     .bind(claim.period)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await
     .map_err(&fail)?;
-    tx.commit().await.map_err(&fail)
+    tx.commit().await.map_err(&fail)?;
+    Ok(generation)
 }
 
 /// How many sightings one statement of [`PgSweepState::replace`] writes: few round trips for a

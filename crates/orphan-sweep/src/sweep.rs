@@ -648,13 +648,15 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
                 self.metrics.error(Stage::State);
             }
+            self.state.keep_recorded(source, sightings);
             views
         } else {
-            // Audit-only: the sightings are written and each row holds its count, so they are
-            // freed before the review list is made. Nothing is awaited per candidate, so the
+            // Audit-only: the sightings are written and each row holds its count, so they go
+            // back to the store (which may keep them for the next tick's read) before the review
+            // list is made. Nothing is awaited per candidate, so the
             // lines and the list of a large inventory are written in two halves at once (the
             // list stays in order), each row freed as its entry is made.
-            drop(sightings);
+            self.state.keep_recorded(source, sightings);
             drop(continued);
             let key = &self.key;
             crate::split::map_owned(rows, |row| {

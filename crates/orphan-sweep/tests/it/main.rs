@@ -4,6 +4,7 @@
 
 mod contract;
 mod installations;
+mod kept;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -459,7 +460,11 @@ async fn a_large_ticks_sightings_are_recorded_exactly_and_replace_the_last() {
 
 /// Claims `period` for `source` as the newest claim (the periods of a test are its own, not the
 /// database clock's).
-async fn claim_period(db: &TestDatabase, source: InventorySource, period: i64) -> PeriodClaim {
+pub(crate) async fn claim_period(
+    db: &TestDatabase,
+    source: InventorySource,
+    period: i64,
+) -> PeriodClaim {
     sqlx::query(
         "INSERT INTO orphan_sweep_periods (inventory, period, claimed_by, claimed_at) \
          VALUES ($1, $2, 'it', now())",
