@@ -9,12 +9,15 @@
 //! by the legacy `cust_<token>`; both sides run the same number of ticks through the shared harness
 //! ([`super::fair`]: alternating order, median and min–max of the rounds, machine and settings
 //! printed), each side with its own sweeper recording its sightings in the production state
-//! store (`orphan_sightings`, as the deployed sweeper does), and each tick's peak resident memory
+//! store (`orphan_sightings`, as the deployed sweeper does, in a state database of each side's
+//! own on the same server, so neither side's tick is the other's replica), and each tick's peak
+//! resident memory
 //! growth is sampled the same way (BENCH-8). The rounds run in one process, whose first tick (always the
 //! first side's) grows a fresh heap; so each side's first tick is also measured on its own, in a
 //! fresh process per tick, in alternating order. Every tick's candidates are checked before a
 //! figure is printed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -130,11 +133,11 @@ type NoReclaimer = Provisioner<
 /// sweeper finds them.
 async fn measured_tick<L: LiveTokens, R: Reclaimer>(
     sweeper: &mut Sweeper<Listed, L, R, PgSweepState>,
-    pool: &PgPool,
+    state: &PgPool,
     now: OffsetDateTime,
 ) -> anyhow::Result<(Duration, u64, TickReport)> {
     sqlx::query("DELETE FROM orphan_sweep_periods")
-        .execute(pool)
+        .execute(state)
         .await?;
     let subscriber = keel_service::telemetry::subscriber(
         keel_service::LogFormat::Json,
@@ -242,34 +245,54 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
 
+        // Each side records its sightings in a state database of its own on the same server,
+        // as a sweeper that is the only one of its inventory does: a tick of the other side in
+        // between would be another replica's tick, after which nothing recorded is kept.
+        let states = [
+            state_database(&server, 0).await?,
+            state_database(&server, 1).await?,
+        ];
         let mut keel = sweeper(
             inventory.clone(),
-            PgLiveTokens::new(pool.clone()),
-            &pool,
+            SideRead::new(PgLiveTokens::new(pool.clone()), &pool),
+            &states[0],
             key.clone(),
         );
-        let mut baseline = sweeper(inventory, PerToken(pool.clone()), &pool, key);
-        // An untimed tick records the sightings that every measured tick then finds, as a
-        // running sweeper's later ticks do (its own first tick found none).
-        let (recorded_all, _, warm) = measured_tick(&mut keel, &pool, now).await?;
-        ensure!(
-            candidates(&warm) == expected,
-            "the untimed first tick found {} candidates, expected {expected}",
-            candidates(&warm)
+        let mut baseline = sweeper(
+            inventory,
+            SideRead::new(PerToken(pool.clone()), &pool),
+            &states[1],
+            key,
         );
-        // Not a figure of either side: the one tick that writes every sighting as new.
-        println!(
-            "  the untimed first tick (Keel's read; every sighting new, all written) took {:.1} ms",
-            recorded_all.as_secs_f64() * 1e3
-        );
+        // An untimed tick of each side's own sweeper, with the set-based read for both, records
+        // the sightings that every measured tick then finds, as a running sweeper's later ticks
+        // do (its own first tick found none).
+        for (side, state) in SIDES.iter().zip(&states) {
+            let (recorded_all, _, warm) = if side == &SIDES[0] {
+                seeded_tick(&mut keel, state, now).await?
+            } else {
+                seeded_tick(&mut baseline, state, now).await?
+            };
+            ensure!(
+                candidates(&warm) == expected,
+                "the untimed first tick of {side} found {} candidates, expected {expected}",
+                candidates(&warm)
+            );
+            // Not a figure of either side: the one tick that writes every sighting as new.
+            println!(
+                "  the untimed first tick of {side} (the set-based read; every sighting new, all \
+                 written) took {:.1} ms",
+                recorded_all.as_secs_f64() * 1e3
+            );
+        }
         let mut growth: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
         let samples = fair::alternate(&SIDES, pairs, async |side, round| {
             // One tick per hourly period (a second tick in the same period is skipped).
             let at = now + time::Duration::hours(i64::try_from(round)?);
             let (elapsed, grown, report) = if side == 0 {
-                measured_tick(&mut keel, &pool, at).await?
+                measured_tick(&mut keel, &states[0], at).await?
             } else {
-                measured_tick(&mut baseline, &pool, at).await?
+                measured_tick(&mut baseline, &states[1], at).await?
             };
             ensure!(
                 candidates(&report) == expected,
@@ -303,8 +326,71 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
                 );
             }
         }
-        cold_rounds(&server.url_for("bench_orphan"), items, rows, pairs).await
+        let urls = [
+            server.url_for("bench_orphan"),
+            server.url_for(&state_name(0)),
+            server.url_for(&state_name(1)),
+        ];
+        cold_rounds(&urls, items, rows, pairs).await
     })
+}
+
+/// The name of `side`'s state database.
+fn state_name(side: usize) -> String {
+    format!("bench_orphan_state_{side}")
+}
+
+/// Creates and migrates `side`'s state database; a pool on it.
+async fn state_database(server: &PgServer, side: usize) -> anyhow::Result<PgPool> {
+    let name = state_name(side);
+    server.create_database(&name, None).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(server.options_for(&name))
+        .await?;
+    keel_schema::migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// A side's standing read; the untimed tick that seeds a side's state reads with the
+/// set-based read instead, the same for both sides.
+struct SideRead<L> {
+    side: L,
+    seed: PgLiveTokens,
+    seeding: AtomicBool,
+}
+
+impl<L> SideRead<L> {
+    /// `side`'s read, seeding through the set-based read on `pool` until [`seeded_tick`] ran.
+    fn new(side: L, pool: &PgPool) -> Self {
+        Self {
+            side,
+            seed: PgLiveTokens::new(pool.clone()),
+            seeding: AtomicBool::new(true),
+        }
+    }
+}
+
+impl<L: LiveTokens> LiveTokens for SideRead<L> {
+    async fn standing_among(&self, digests: &[TokenDigest]) -> Result<Standings, LiveTokensError> {
+        if self.seeding.load(Ordering::SeqCst) {
+            self.seed.standing_among(digests).await
+        } else {
+            self.side.standing_among(digests).await
+        }
+    }
+}
+
+/// The untimed tick that records every sighting in a side's state as new, through the side's
+/// own sweeper and store; the side's own read is used from then on.
+async fn seeded_tick<L: LiveTokens>(
+    sweeper: &mut Sweeper<Listed, SideRead<L>, NoReclaimer, PgSweepState>,
+    state: &PgPool,
+    now: OffsetDateTime,
+) -> anyhow::Result<(Duration, u64, TickReport)> {
+    let tick = measured_tick(sweeper, state, now).await;
+    sweeper.live_tokens().seeding.store(false, Ordering::SeqCst);
+    tick
 }
 
 /// The inventory both sides list: `items` managed databases, three hours old. A quarter name
@@ -348,11 +434,11 @@ fn expected_candidates(items: u64) -> usize {
 }
 
 /// A sweeper over `inventory` reading standings through `live`, audit-only, with its own
-/// metrics and the production state store (`orphan_sightings` in `pool`'s database, which both
-/// sides share: they record the same candidates; a tick writes only the sightings that are new,
-/// changed or gone, and in these rounds every candidate carries its run on, in the same period
-/// as in the next, so each tick reads every sighting and writes one row): how each side is
-/// built.
+/// metrics and the production state store (`orphan_sightings` in `pool`, the side's own state
+/// database; a tick writes only the sightings that are new, changed or gone, and in these rounds
+/// every candidate carries its run on, in the same period as in the next, so each tick writes
+/// one row, and finds its sightings kept from the tick before unless a fresh process runs it):
+/// how each side is built.
 fn sweeper<L: LiveTokens>(
     inventory: Vec<InventoryItem>,
     live: L,
@@ -384,10 +470,13 @@ const FINGERPRINT_KEY: &[u8; 21] = b"bench-fingerprint-key";
 /// command line).
 const COLD_URL_ENV: &str = "KEEL_BENCH_ORPHAN_SWEEP_URL";
 
+/// The environment variable that hands a cold tick's process its side's state database URL.
+const COLD_STATE_URL_ENV: &str = "KEEL_BENCH_ORPHAN_SWEEP_STATE_URL";
+
 /// Each side's first tick in a process of its own, `pairs` times in alternating order: the
 /// process's first tick grows a fresh heap, which the rounds above give to whichever side runs
 /// first. Each process builds the same inventory, connects, then runs one measured tick.
-async fn cold_rounds(url: &str, items: u64, rows: u64, pairs: u64) -> anyhow::Result<()> {
+async fn cold_rounds(urls: &[String; 3], items: u64, rows: u64, pairs: u64) -> anyhow::Result<()> {
     println!(
         "\n  first tick of a fresh process, one process per tick, {pairs} rounds (the inventory is \
          built and the pool connected before the tick):"
@@ -399,7 +488,8 @@ async fn cold_rounds(url: &str, items: u64, rows: u64, pairs: u64) -> anyhow::Re
         command
             .args(["bench", COLD_TICK, "--side", &side.to_string()])
             .args(["--items", &items.to_string(), "--rows", &rows.to_string()])
-            .env(COLD_URL_ENV, url);
+            .env(COLD_URL_ENV, &urls[0])
+            .env(COLD_STATE_URL_ENV, &urls[1 + side]);
         let out = tokio::task::spawn_blocking(move || command.output())
             .await?
             .context("could not run a cold tick")?;
@@ -443,7 +533,7 @@ pub const COLD_TICK: &str = "orphan-sweep-cold-tick";
 /// resident memory growth in KiB.
 pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
     const COLD_USAGE: &str = "cargo xtask bench orphan-sweep-cold-tick --side 0|1 --items N --rows N \
-                              (run by `bench orphan-sweep`, with the database URL in its environment)";
+                              (run by `bench orphan-sweep`, with the database URLs in its environment)";
     let side = args
         .iter()
         .position(|a| a == "--side")
@@ -453,8 +543,10 @@ pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("--side takes 0 (Keel) or 1 (baseline)\n{COLD_USAGE}"))?;
     let items = fair::flag(args, "--items", 100_000, COLD_USAGE)?;
     let rows = fair::flag(args, "--rows", 1_000_000, COLD_USAGE)?;
-    let url = std::env::var(COLD_URL_ENV)
-        .with_context(|| format!("{COLD_URL_ENV} is not set\n{COLD_USAGE}"))?;
+    let env = |name: &str| {
+        std::env::var(name).with_context(|| format!("{name} is not set\n{COLD_USAGE}"))
+    };
+    let (url, state_url) = (env(COLD_URL_ENV)?, env(COLD_STATE_URL_ENV)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -468,15 +560,23 @@ pub fn cold_tick(args: &[String]) -> anyhow::Result<()> {
         // Both sides get their connections before the clock starts (Keel's read uses two).
         let held = (pool.acquire().await?, pool.acquire().await?);
         drop(held);
+        let state_options: sqlx::postgres::PgConnectOptions = state_url
+            .parse()
+            .context("the state database URL does not parse")?;
+        let state = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(state_options)
+            .await?;
+        drop(state.acquire().await?);
         let inventory = inventory(items, rows)?;
         let key = FingerprintKey::new(*FINGERPRINT_KEY)?;
         let now = OffsetDateTime::now_utc();
         let (elapsed, grown, report) = if side == 0 {
             let live = PgLiveTokens::new(pool.clone());
-            measured_tick(&mut sweeper(inventory, live, &pool, key), &pool, now).await?
+            measured_tick(&mut sweeper(inventory, live, &state, key), &state, now).await?
         } else {
             let live = PerToken(pool.clone());
-            measured_tick(&mut sweeper(inventory, live, &pool, key), &pool, now).await?
+            measured_tick(&mut sweeper(inventory, live, &state, key), &state, now).await?
         };
         let expected = expected_candidates(items);
         ensure!(
