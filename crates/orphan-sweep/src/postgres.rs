@@ -571,12 +571,24 @@ impl SweepState for PgSweepState {
         .fetch_optional(&self.pool)
         .await
         .map_err(&fail)?;
+        let had_kept = kept.is_some();
         if let (Some((recorded, sightings)), Some((generation, period))) = (kept, stamp)
             && recorded.generation == generation
             && recorded.period == period
         {
+            tracing::debug!(
+                inventory = source.as_str(),
+                sightings = sightings.len(),
+                "orphan sweep: the sightings are the ones the last tick recorded (the state's generation is unchanged); not read again"
+            );
             self.kept(source, |kept| kept.seen = Some(generation));
             return Ok(sightings);
+        }
+        if had_kept {
+            tracing::debug!(
+                inventory = source.as_str(),
+                "orphan sweep: the state changed since the last tick recorded it (another replica or a hand edit); reading every sighting"
+            );
         }
         let read = read_sightings(&self.pool, source).await.map_err(&fail)?;
         // A change between the two reads leaves a newer generation than the one seen, so the
