@@ -1513,6 +1513,114 @@ mod tests {
         assert_eq!(dry.metrics.blocked_now(Blocker::Breaker), 4);
     }
 
+    /// A memory store that notes the sightings each tick hands back.
+    #[derive(Clone, Default)]
+    struct Handing {
+        inner: MemoryState,
+        handed: Arc<Mutex<Vec<Vec<Sighting>>>>,
+    }
+
+    impl SweepState for Handing {
+        async fn claim(
+            &self,
+            source: InventorySource,
+            interval: Duration,
+            now: OffsetDateTime,
+        ) -> Result<Option<PeriodClaim>, StateError> {
+            self.inner.claim(source, interval, now).await
+        }
+
+        async fn holds(
+            &self,
+            source: InventorySource,
+            claim: &PeriodClaim,
+        ) -> Result<bool, StateError> {
+            self.inner.holds(source, claim).await
+        }
+
+        async fn sightings(&self, source: InventorySource) -> Result<Vec<Sighting>, StateError> {
+            self.inner.sightings(source).await
+        }
+
+        async fn replace(
+            &self,
+            source: InventorySource,
+            claim: &PeriodClaim,
+            sightings: &[Sighting],
+        ) -> Result<(), StateError> {
+            self.inner.replace(source, claim, sightings).await
+        }
+
+        fn keep_recorded(&self, _source: InventorySource, sightings: Vec<Sighting>) {
+            self.handed.lock().unwrap().push(sightings);
+        }
+    }
+
+    /// Every completed tick hands back exactly the sightings its last record left in the store,
+    /// audit-only and armed, including a quarantine recorded after a refused reclaim; a tick that
+    /// records nothing hands nothing back.
+    #[tokio::test]
+    async fn a_tick_hands_back_exactly_what_it_last_recorded() {
+        for config in [audit_only(), armed()] {
+            let state = Handing::default();
+            let w = world(config.clone(), true);
+            let mut sweeper = Sweeper::new(
+                w.inventory.clone(),
+                w.live.clone(),
+                Some(w.reclaimer.clone()),
+                state.clone(),
+                config,
+                SweepMetrics::register(&mut Registry::default()),
+                FingerprintKey::new(*b"test-key-0123456789").unwrap(),
+            );
+            w.inventory
+                .set(vec![orphan("orph00000001"), orphan("orph00000002")]);
+            w.reclaimer.script.push("refused");
+            for n in 0..4 {
+                sweeper.tick(at(n)).await;
+                let handed = state
+                    .handed
+                    .lock()
+                    .unwrap()
+                    .pop()
+                    .expect("a tick handed nothing back");
+                let mut stored = state
+                    .inner
+                    .sightings(InventorySource::Postgres)
+                    .await
+                    .unwrap();
+                stored.sort_by(|a, b| a.key.cmp(&b.key));
+                let mut handed = handed;
+                handed.sort_by(|a, b| a.key.cmp(&b.key));
+                assert_eq!(handed, stored, "tick {n}");
+            }
+            let skipped = sweeper.tick(at(3)).await;
+            assert!(matches!(skipped, TickReport::Skipped { .. }));
+            assert!(state.handed.lock().unwrap().is_empty());
+        }
+        let quarantined = Handing::default();
+        let w = world(armed(), true);
+        let mut sweeper = Sweeper::new(
+            w.inventory.clone(),
+            w.live.clone(),
+            Some(w.reclaimer.clone()),
+            quarantined.clone(),
+            armed(),
+            SweepMetrics::register(&mut Registry::default()),
+            FingerprintKey::new(*b"test-key-0123456789").unwrap(),
+        );
+        w.inventory.set(vec![orphan("orph00000001")]);
+        w.reclaimer.script.push("refused");
+        for n in 0..4 {
+            sweeper.tick(at(n)).await;
+        }
+        let handed = quarantined.handed.lock().unwrap();
+        assert!(
+            handed.iter().flatten().any(|s| s.quarantined.is_some()),
+            "no tick handed back the quarantine it recorded"
+        );
+    }
+
     /// SWEEP-2: a reclaim the chokepoint refused is quarantined in the durable state and never
     /// attempted again, so it is audited once.
     #[tokio::test]
