@@ -622,6 +622,9 @@ impl SweepState for PgSweepState {
         self.forget(source);
         let mut conn = self.pool.acquire().await.map_err(&fail)?;
         let mut tx = under_claim(&mut conn, source, claim).await?;
+        // Every run is written over, so what is committed is exactly `sightings`, provided
+        // nobody else's write commits beside this one (the row is locked).
+        let exact = lock_recorded(&mut tx, source).await?.is_some();
         sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
             .bind(source.as_str())
             .execute(&mut *tx)
@@ -637,7 +640,9 @@ impl SweepState for PgSweepState {
         )
         .await?;
         let generation = finish(tx, source, claim).await?;
-        self.recorded_exactly(source, claim, generation, sightings.len());
+        if exact {
+            self.recorded_exactly(source, claim, generation, sightings.len());
+        }
         // A large tick's arrays grew the connection's buffers; the pool need not keep them.
         conn.shrink_buffers();
         Ok(())
@@ -662,18 +667,14 @@ impl SweepState for PgSweepState {
         let seen = self.forget(source);
         let mut conn = self.pool.acquire().await.map_err(&fail)?;
         let mut tx = under_claim(&mut conn, source, claim).await?;
-        let generation: Option<i64> =
-            sqlx::query_scalar("SELECT generation FROM orphan_sweep_recorded WHERE inventory = $1")
-                .bind(source.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(&fail)?;
+        let generation = lock_recorded(&mut tx, source).await?;
         // Without its period no stored sighting could be read (the view shows none), so none
         // continues: whatever rows are left are stale, and every sighting is written.
         let all = generation.is_none();
-        // What is committed is exactly `sightings` when all are written, or when the state is
-        // still the one the changes were worked out from (nobody wrote since it was read).
-        let exact = all || (seen.is_some() && generation == seen);
+        // What is committed is exactly `sightings` when the state is still the one the changes
+        // were worked out from: nobody wrote since it was read, and nobody can until this
+        // commits (the row is locked). Without the row nothing holds off a concurrent writer.
+        let exact = generation.is_some() && generation == seen;
         if all {
             sqlx::query("DELETE FROM orphan_sighting_runs WHERE inventory = $1")
                 .bind(source.as_str())
@@ -734,6 +735,22 @@ async fn under_claim<'c>(
         });
     }
     Ok(tx)
+}
+
+/// Locks `source`'s row of `orphan_sweep_recorded` for the rest of `tx` and returns its
+/// generation (`None` without a row). Any other write of the inventory's state moves that row
+/// (the triggers of migration 0098), so until `tx` ends no other write of it can commit.
+async fn lock_recorded(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    source: InventorySource,
+) -> Result<Option<i64>, StateError> {
+    sqlx::query_scalar(
+        "SELECT generation FROM orphan_sweep_recorded WHERE inventory = $1 FOR UPDATE",
+    )
+    .bind(source.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(state_error("record the sightings"))
 }
 
 /// How [`write_runs`] writes a sighting whose key is stored already.

@@ -264,9 +264,9 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
             &states[1],
             key,
         );
-        // An untimed tick of each side's own sweeper, with the set-based read for both, records
-        // the sightings that every measured tick then finds, as a running sweeper's later ticks
-        // do (its own first tick found none).
+        // Untimed ticks of each side's own sweeper, with the set-based read for both, record the
+        // sightings that every measured tick then finds, as a running sweeper's later ticks do
+        // (its own first tick found none).
         for (side, state) in SIDES.iter().zip(&states) {
             let (recorded_all, _, warm) = if side == &SIDES[0] {
                 seeded_tick(&mut keel, state, now).await?
@@ -381,16 +381,26 @@ impl<L: LiveTokens> LiveTokens for SideRead<L> {
     }
 }
 
-/// The untimed tick that records every sighting in a side's state as new, through the side's
-/// own sweeper and store; the side's own read is used from then on.
+/// The untimed ticks that seed a side's state through the side's own sweeper and store: the
+/// first records every sighting as new (its figures are returned), the second carries them on as
+/// a running sweeper's ticks do (a store keeps nothing of the very first record of an
+/// inventory); the side's own read is used from then on.
 async fn seeded_tick<L: LiveTokens>(
     sweeper: &mut Sweeper<Listed, SideRead<L>, NoReclaimer, PgSweepState>,
     state: &PgPool,
     now: OffsetDateTime,
 ) -> anyhow::Result<(Duration, u64, TickReport)> {
-    let tick = measured_tick(sweeper, state, now).await;
+    let first = measured_tick(sweeper, state, now).await;
+    let second = measured_tick(sweeper, state, now).await;
     sweeper.live_tokens().seeding.store(false, Ordering::SeqCst);
-    tick
+    let (_, _, carried) = second?;
+    let (first, carried) = (first?, candidates(&carried));
+    ensure!(
+        carried == candidates(&first.2),
+        "the second untimed tick found {carried} candidates, the first {}",
+        candidates(&first.2)
+    );
+    Ok(first)
 }
 
 /// The inventory both sides list: `items` managed databases, three hours old. A quarter name

@@ -63,6 +63,23 @@ async fn a_kept_tick_answers_the_next_read_only_until_anyone_writes_the_state() 
     let db = keel_testkit::database().await;
     let state = PgSweepState::new(db.pool().clone(), "it");
     let replica = PgSweepState::new(db.pool().clone(), "replica");
+    // The very first record of an inventory is never kept: until its row exists, nothing holds
+    // off a concurrent writer.
+    let start = claim_period(&db, SOURCE, 999).await;
+    state
+        .replace(SOURCE, &start, &first_seen(&start))
+        .await
+        .unwrap();
+    state.keep_recorded(SOURCE, first_seen(&start));
+    behind_the_generation(
+        &db,
+        "UPDATE orphan_sighting_runs SET quarantined = 'hidden'",
+    )
+    .await;
+    assert!(
+        read(&state).await.iter().all(|s| s.quarantined.is_some()),
+        "the inventory's very first record was kept"
+    );
 
     let claim = claim_period(&db, SOURCE, 1_000).await;
     let seen = first_seen(&claim);
@@ -243,8 +260,8 @@ async fn sightings_a_store_cannot_vouch_for_are_never_answered_from_memory() {
 }
 
 /// A running sweeper's read is answered from what its last tick recorded (a change behind the
-/// generation is not seen), and an operator's quarantine written from `psql` between two ticks
-/// is honoured at the next one.
+/// generation is not seen) once its inventory's state exists, and an operator's quarantine
+/// written from `psql` between two ticks is honoured at the next one.
 #[tokio::test]
 async fn a_running_sweeper_reads_what_it_recorded_and_still_honours_a_hand_edit() {
     let f = fixture().await;
@@ -259,9 +276,12 @@ async fn a_running_sweeper_reads_what_it_recorded_and_still_honours_a_hand_edit(
             .map(|c| (c.blocked_by, c.action))
             .collect()
     };
-    next_period().await;
-    let first = sweeper.tick(OffsetDateTime::now_utc()).await;
-    assert!(!blockers(&first).is_empty());
+    // The first tick creates the inventory's state (not kept), the second carries it on.
+    for _ in 0..2 {
+        next_period().await;
+        let tick = sweeper.tick(OffsetDateTime::now_utc()).await;
+        assert!(!blockers(&tick).is_empty());
+    }
     let quarantine = "UPDATE orphan_sighting_runs SET quarantined = 'by hand'";
 
     behind_the_generation(&f.db, quarantine).await;
@@ -288,5 +308,65 @@ async fn a_running_sweeper_reads_what_it_recorded_and_still_honours_a_hand_edit(
             .all(|(blocker, action)| *blocker == Some(Blocker::Quarantined)
                 && *action == Action::Reported),
         "the quarantine written between ticks was not honoured: {third:?}"
+    );
+}
+
+/// A hand edit still in flight when a tick records (its transaction open, the inventory's row
+/// already moved by its trigger) makes the record wait for it, and what the record is then
+/// handed back is not kept: the edit is read at the next read.
+#[tokio::test]
+async fn a_write_in_flight_during_a_record_is_never_hidden_by_what_was_kept() {
+    let db = keel_testkit::database().await;
+    let state = PgSweepState::new(db.pool().clone(), "it");
+    let claim = claim_period(&db, SOURCE, 3_000).await;
+    state
+        .replace(SOURCE, &claim, &first_seen(&claim))
+        .await
+        .unwrap();
+    let next = claim_period(&db, SOURCE, 3_001).await;
+    let before = read(&state).await;
+    let later = time::macros::datetime!(2026-12-01 11:00 UTC);
+    let now: Vec<Sighting> = before
+        .iter()
+        .map(|s| {
+            advance(
+                Some(s),
+                s.key.clone(),
+                next.period,
+                later,
+                s.consecutive > 0,
+            )
+            .0
+        })
+        .collect();
+    let continued: Vec<bool> = now
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| n.continues(b))
+        .collect();
+
+    let mut edit = db.pool().begin().await.unwrap();
+    sqlx::query("UPDATE orphan_sighting_runs SET quarantined = 'in flight' WHERE key = $1")
+        .bind(key('b'))
+        .execute(&mut *edit)
+        .await
+        .unwrap();
+    let changes = SightingChanges {
+        continued: &continued,
+        vanished: &[],
+    };
+    let (recorded, committed) = tokio::join!(state.record(SOURCE, &next, &now, changes), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        edit.commit().await
+    });
+    recorded.unwrap();
+    committed.unwrap();
+    state.keep_recorded(SOURCE, now.clone());
+    let truth = stored(&db).await;
+    assert_eq!(truth[1].quarantined.as_deref(), Some("in flight"));
+    assert_eq!(
+        read(&state).await,
+        truth,
+        "a record that waited for another write was kept"
     );
 }
