@@ -40,6 +40,31 @@ async fn stored(db: &TestDatabase) -> Vec<Sighting> {
     read(&PgSweepState::new(db.pool().clone(), "reader")).await
 }
 
+/// Every sighting of `before` seen again in `next`'s period, as reclaimable as it was, and
+/// which of them only carry their stored run on (all, as a tick works it out).
+fn carried_on(before: &[Sighting], next: &PeriodClaim) -> (Vec<Sighting>, Vec<bool>) {
+    let later = time::macros::datetime!(2026-12-01 11:00 UTC);
+    let now: Vec<Sighting> = before
+        .iter()
+        .map(|s| {
+            advance(
+                Some(s),
+                s.key.clone(),
+                next.period,
+                later,
+                s.consecutive > 0,
+            )
+            .0
+        })
+        .collect();
+    let continued = now
+        .iter()
+        .zip(before)
+        .map(|(n, b)| n.continues(b))
+        .collect();
+    (now, continued)
+}
+
 /// Runs `sql` with the state's triggers off, so that it changes the sightings without moving the
 /// generation: what no writer can do, and what shows where a read was answered from.
 async fn behind_the_generation(db: &TestDatabase, sql: &str) {
@@ -184,25 +209,7 @@ async fn sightings_a_store_cannot_vouch_for_are_never_answered_from_memory() {
         .execute(db.pool())
         .await
         .unwrap();
-    let later = time::macros::datetime!(2026-12-01 11:00 UTC);
-    let now: Vec<Sighting> = before
-        .iter()
-        .map(|s| {
-            advance(
-                Some(s),
-                s.key.clone(),
-                next.period,
-                later,
-                s.consecutive > 0,
-            )
-            .0
-        })
-        .collect();
-    let continued: Vec<bool> = now
-        .iter()
-        .zip(&before)
-        .map(|(n, b)| n.continues(b))
-        .collect();
+    let (now, continued) = carried_on(&before, &next);
     assert!(continued.iter().all(|&c| c));
     let changes = SightingChanges {
         continued: &continued,
@@ -325,25 +332,7 @@ async fn a_write_in_flight_during_a_record_is_never_hidden_by_what_was_kept() {
         .unwrap();
     let next = claim_period(&db, SOURCE, 3_001).await;
     let before = read(&state).await;
-    let later = time::macros::datetime!(2026-12-01 11:00 UTC);
-    let now: Vec<Sighting> = before
-        .iter()
-        .map(|s| {
-            advance(
-                Some(s),
-                s.key.clone(),
-                next.period,
-                later,
-                s.consecutive > 0,
-            )
-            .0
-        })
-        .collect();
-    let continued: Vec<bool> = now
-        .iter()
-        .zip(&before)
-        .map(|(n, b)| n.continues(b))
-        .collect();
+    let (now, continued) = carried_on(&before, &next);
 
     let mut edit = db.pool().begin().await.unwrap();
     sqlx::query("UPDATE orphan_sighting_runs SET quarantined = 'in flight' WHERE key = $1")
