@@ -40,6 +40,23 @@ async fn stored(db: &TestDatabase) -> Vec<Sighting> {
     read(&PgSweepState::new(db.pool().clone(), "reader")).await
 }
 
+/// A store that recorded [`first_seen`] in `period`, the claim of the period after it, and what
+/// a tick in that next period reads.
+async fn recorded_then_read(
+    db: &TestDatabase,
+    period: i64,
+) -> (PgSweepState, PeriodClaim, Vec<Sighting>) {
+    let state = PgSweepState::new(db.pool().clone(), "it");
+    let claim = claim_period(db, SOURCE, period).await;
+    state
+        .replace(SOURCE, &claim, &first_seen(&claim))
+        .await
+        .unwrap();
+    let next = claim_period(db, SOURCE, period + 1).await;
+    let before = read(&state).await;
+    (state, next, before)
+}
+
 /// Every sighting of `before` seen again in `next`'s period, as reclaimable as it was, and
 /// which of them only carry their stored run on (all, as a tick works it out).
 fn carried_on(before: &[Sighting], next: &PeriodClaim) -> (Vec<Sighting>, Vec<bool>) {
@@ -193,17 +210,9 @@ async fn a_kept_tick_answers_the_next_read_only_until_anyone_writes_the_state() 
 #[tokio::test]
 async fn sightings_a_store_cannot_vouch_for_are_never_answered_from_memory() {
     let db = keel_testkit::database().await;
-    let state = PgSweepState::new(db.pool().clone(), "it");
-    let claim = claim_period(&db, SOURCE, 2_000).await;
-    state
-        .replace(SOURCE, &claim, &first_seen(&claim))
-        .await
-        .unwrap();
-
     // The tick reads, an operator quarantines `b`, the tick records what it worked out from
     // its read: every sighting carries on, so none is written, and `b` stays quarantined.
-    let next = claim_period(&db, SOURCE, 2_001).await;
-    let before = read(&state).await;
+    let (state, next, before) = recorded_then_read(&db, 2_000).await;
     sqlx::query("UPDATE orphan_sighting_runs SET quarantined = 'by hand' WHERE key = $1")
         .bind(key('b'))
         .execute(db.pool())
@@ -324,14 +333,7 @@ async fn a_running_sweeper_reads_what_it_recorded_and_still_honours_a_hand_edit(
 #[tokio::test]
 async fn a_write_in_flight_during_a_record_is_never_hidden_by_what_was_kept() {
     let db = keel_testkit::database().await;
-    let state = PgSweepState::new(db.pool().clone(), "it");
-    let claim = claim_period(&db, SOURCE, 3_000).await;
-    state
-        .replace(SOURCE, &claim, &first_seen(&claim))
-        .await
-        .unwrap();
-    let next = claim_period(&db, SOURCE, 3_001).await;
-    let before = read(&state).await;
+    let (state, next, before) = recorded_then_read(&db, 3_000).await;
     let (now, continued) = carried_on(&before, &next);
 
     let mut edit = db.pool().begin().await.unwrap();
