@@ -402,11 +402,16 @@ async fn existing_deployments_tracked_in_sqlx_migrations_keep_working() {
     assert_eq!(teams, 1, "taking over the bookkeeping re-ran a migration");
 }
 
+/// The advisory locks held in `pool`'s database. The server is shared with the other tests,
+/// whose migrations hold their own locks in their own databases at the same time.
 async fn advisory_locks(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// FND-9: a migration that fails leaves no migration lock behind, so the next `migrate` (another
