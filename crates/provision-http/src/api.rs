@@ -237,16 +237,16 @@ async fn authenticate<S: ResourceStore, B: Backend>(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         response
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, key) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| key.trim().to_owned())
-        });
+    // Two keys in one request are refused, whichever of them is valid.
+    let Ok(authorization) = single_header(request.headers(), "authorization") else {
+        return unauthorized("send one Authorization header, with one API key");
+    };
+    let presented = authorization.and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, key) = v.trim().split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| key.trim().to_owned())
+    });
     let Some(presented) = presented else {
         return unauthorized("send an API key as Authorization: Bearer <key>");
     };
@@ -423,10 +423,53 @@ pub(crate) struct CreateBody {
     tier: String,
 }
 
-/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+/// A request header that HTTP allows once (`Authorization`, `Content-Type`, `Idempotency-Key`)
+/// was sent on more than one field line, so which value the client meant is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the {0} header was sent more than once")]
+struct RepeatedHeader(&'static str);
+
+/// The value of the singleton header `name`: `None` when it is absent, an error when it was
+/// sent on more than one field line. Taking the first of several would act on one value
+/// while a proxy in front may have checked another.
+fn single_header<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'h header::HeaderValue>, RepeatedHeader> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        (_, Some(_)) => Err(RepeatedHeader(name)),
+    }
+}
+
+/// The list header `name` (`Accept`, `If-Match`) as one list: every field line, in order,
+/// joined with `", "`, as HTTP combines a list sent on several lines (RFC 9110, 5.3). `None`
+/// when it is absent; an error when a line is not visible ASCII.
+fn list_header(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<Option<String>, header::ToStrError> {
+    let mut list: Option<String> = None;
+    for value in headers.get_all(name) {
+        let value = value.to_str()?;
+        match &mut list {
+            Some(list) => {
+                list.push_str(", ");
+                list.push_str(value);
+            }
+            None => list = Some(value.to_owned()),
+        }
+    }
+    Ok(list)
+}
+
+/// Whether the request declares a JSON body (`application/json`, parameters allowed); a
+/// `Content-Type` sent twice declares nothing.
 fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
+    single_header(headers, "content-type")
+        .ok()
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
@@ -547,7 +590,14 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         }
     };
     let collection = collection_path(&uri);
-    let slot = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+    // Two keys would make a retry under either one a second resource: refused.
+    let Ok(idempotency_key) = single_header(&headers, IDEMPOTENCY_KEY_HEADER) else {
+        return fail(
+            ErrorCode::InvalidRequest,
+            "send one Idempotency-Key header, not several",
+        );
+    };
+    let slot = match idempotency_key {
         None => None,
         Some(value) => match value.to_str().ok().and_then(IdempotencyKey::parse) {
             Some(key) => Some(Slot {
@@ -1464,15 +1514,17 @@ pub(crate) async fn delete<S: ResourceStore, B: Backend>(
         Visible::Failed(envelope) => return envelope_response(&envelope.with_resource(id)),
     };
     // `If-Match`: only the version the caller last read is deleted.
-    if let Some(if_match) = headers.get(header::IF_MATCH) {
-        let Ok(if_match) = if_match.to_str() else {
+    // Several If-Match lines are one list of entity tags.
+    let if_match = list_header(&headers, "if-match");
+    if let Some(if_match) = if_match.transpose() {
+        let Ok(if_match) = if_match else {
             return fail(
                 ErrorCode::InvalidRequest,
                 "If-Match must be a list of entity tags",
             );
         };
         let current = ResourceView::of(&record).etag();
-        if !if_match_admits(if_match, Some(&current)) {
+        if !if_match_admits(&if_match, Some(&current)) {
             return envelope_response(
                 &ErrorEnvelope::new(
                     ErrorCode::PreconditionFailed,
@@ -2307,6 +2359,95 @@ mod tests {
         assert_eq!(api.provider_ids().await.len(), 1);
     }
 
+    /// A header HTTP allows once, sent on two lines, is refused whichever line is valid: two
+    /// keys (401), two idempotency keys (400; a retry under either would otherwise make a
+    /// second resource) and two content types (415), with nothing reserved. A list header
+    /// sent on two lines is one list: an `If-Match` whose second line names the current
+    /// version deletes.
+    #[tokio::test]
+    async fn a_header_sent_twice_is_refused_unless_it_is_a_list() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        let unknown = format!(
+            "Authorization: Bearer keel_0123456789ab_{}\r\n",
+            "A".repeat(43)
+        );
+        let live = format!("Authorization: Bearer {}\r\n", api.key);
+        for (method, path) in [("POST", "/v1/resources"), ("GET", "/v1/resources")] {
+            for keys in [format!("{live}{unknown}"), format!("{unknown}{live}")] {
+                let answer = api
+                    .call_keyed(None, method, path, &format!("{JSON}{keys}"), &body)
+                    .await;
+                assert_envelope(&answer, 401, "unauthorized");
+                assert!(
+                    answer.json()["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("one Authorization")
+                );
+            }
+        }
+        let twice = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &format!("{JSON}Idempotency-Key: first\r\nIdempotency-Key: second\r\n"),
+                &body,
+            )
+            .await;
+        assert_envelope(&twice, 400, "invalid_request");
+        assert!(
+            twice.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("one Idempotency-Key")
+        );
+        let typed_twice = api
+            .call_raw(
+                "POST",
+                "/v1/resources",
+                &format!("{JSON}Content-Type: text/plain\r\n"),
+                &body,
+            )
+            .await;
+        assert_envelope(&typed_twice, 415, "unsupported_media_type");
+        assert!(api.provider_ids().await.is_empty(), "nothing was reserved");
+        assert_eq!(
+            api.count("SELECT count(*) FROM provision_api.idempotency_keys")
+                .await,
+            0,
+            "no idempotency key was claimed"
+        );
+
+        let created = api.call("POST", "/v1/resources", &body).await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        let path = format!("/v1/resources/{}", created.json()["id"].as_str().unwrap());
+        let tag = header(&api.call("GET", &path, "").await, "etag")
+            .unwrap()
+            .to_owned();
+        let name = api.provider_ids().await.remove(0);
+        let stale = api
+            .call_raw(
+                "DELETE",
+                &path,
+                "If-Match: \"x\"\r\nIf-Match: \"y\"\r\n",
+                "",
+            )
+            .await;
+        assert_envelope(&stale, 412, "precondition_failed");
+        assert!(api.database_exists(&name).await, "nothing was deleted");
+        let listed = api
+            .call_raw(
+                "DELETE",
+                &path,
+                &format!("If-Match: \"x\"\r\nIf-Match: {tag}\r\n"),
+                "",
+            )
+            .await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert!(!api.database_exists(&name).await);
+    }
+
     /// PROV-6: actions name only what this deployment offers, and follow the compensation.
     #[tokio::test]
     async fn every_agent_action_names_only_endpoints_and_types_this_deployment_offers() {
@@ -2564,6 +2705,40 @@ mod tests {
                 .answered_pending_total(ResourceType::Postgres),
             1
         );
+    }
+
+    /// A singleton header sent on two lines is an error, never its first line; a list header
+    /// on several lines is every line, in order.
+    #[test]
+    fn a_singleton_header_is_read_once_and_a_list_header_whole() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(single_header(&headers, "authorization"), Ok(None));
+        assert_eq!(list_header(&headers, "if-match").unwrap(), None);
+        headers.append("authorization", "Bearer a".parse().unwrap());
+        headers.append("if-match", "\"x\"".parse().unwrap());
+        assert_eq!(
+            single_header(&headers, "authorization").map(|v| v.map(|v| v.as_bytes())),
+            Ok(Some(&b"Bearer a"[..]))
+        );
+        assert_eq!(
+            list_header(&headers, "if-match").unwrap().as_deref(),
+            Some("\"x\"")
+        );
+        headers.append("authorization", "Bearer b".parse().unwrap());
+        headers.append("if-match", "\"y\", \"z\"".parse().unwrap());
+        assert_eq!(
+            single_header(&headers, "authorization"),
+            Err(RepeatedHeader("authorization"))
+        );
+        assert_eq!(
+            list_header(&headers, "if-match").unwrap().as_deref(),
+            Some("\"x\", \"y\", \"z\"")
+        );
+        headers.append(
+            "if-match",
+            header::HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
+        assert!(list_header(&headers, "if-match").is_err());
     }
 
     fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {

@@ -359,10 +359,14 @@ async fn readiness_registry(readiness: &Readiness) -> Registry {
 }
 
 async fn metrics(State(ops): State<Ops>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|value| value.to_str().ok());
-    let format = Format::negotiate(accept);
+    // An Accept sent on several lines is one list (RFC 9110, 5.3); a line that is not text
+    // asks for nothing.
+    let accept: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let format = Format::negotiate((!accept.is_empty()).then(|| accept.join(", ")).as_deref());
     let content_type = match format {
         Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
         Format::PrometheusText => PROMETHEUS_TEXT_CONTENT_TYPE,
@@ -682,6 +686,26 @@ mod tests {
         ] {
             assert_eq!(Format::negotiate(accept), expected, "{accept:?}");
         }
+    }
+
+    /// A scrape whose Accept is sent on two lines is negotiated on both.
+    #[tokio::test]
+    async fn an_accept_header_on_two_lines_is_one_list() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::ACCEPT, "text/plain;q=0.1".parse().unwrap());
+        headers.append(
+            header::ACCEPT,
+            "application/openmetrics-text".parse().unwrap(),
+        );
+        let ops = Ops {
+            registry: Arc::new(Registry::default()),
+            readiness: None,
+        };
+        let response = metrics(State(ops), headers).await.into_response();
+        assert_eq!(
+            response.headers().get(header::CONTENT_TYPE).unwrap(),
+            OPENMETRICS_CONTENT_TYPE
+        );
     }
 
     /// OPS-9: every scrape carries the build info and the process families.
