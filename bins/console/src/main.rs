@@ -128,10 +128,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let stop = shutdown.clone();
-    axum::serve(listener, keel_console::router(console))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .context("the console listener failed")?;
+    keel_http_serve::serve(
+        listener,
+        keel_console::router(console),
+        stop,
+        keel_http_serve::Limits::default(),
+    )
+    .await
+    .context("the console listener failed")?;
     shutdown.cancel();
     ops.await
         .context("the operations listener panicked")?

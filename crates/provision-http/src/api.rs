@@ -308,9 +308,13 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    // Each request head within its deadline, and the connections still open at shutdown given
+    // the same drain as the provisionings.
+    let limits = keel_http_serve::Limits {
+        shutdown_grace: drain,
+        ..keel_http_serve::Limits::default()
+    };
+    keel_http_serve::serve(listener, router, shutdown, limits).await?;
     tracker.close();
     let in_flight = tracker.len();
     if in_flight > 0 {

@@ -464,9 +464,13 @@ async fn serve_router(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    keel_http_serve::serve(
+        listener,
+        router,
+        shutdown,
+        keel_http_serve::Limits::default(),
+    )
+    .await
 }
 
 #[cfg(test)]
