@@ -6,7 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
 use crate::server::random_password;
-use crate::{HarnessError, TestDatabase, block_on, open, quote_ident, unique_name};
+use crate::{HarnessError, TestDatabase, finish_soon, open, quote_ident, unique_name};
 
 /// A fresh database owned by a role of its own, migrated by that owner, with an application
 /// role granted only what Keel's binaries use. Both roles are dropped with it.
@@ -72,13 +72,17 @@ impl RoleSplitDatabase {
 
 impl Drop for RoleSplitDatabase {
     fn drop(&mut self) {
-        let Some(db) = self.db.take() else { return };
+        let Some(mut db) = self.db.take() else { return };
         let server = db.server();
-        // The database first (it is owned by the owner role), then both roles.
+        let name = std::mem::take(&mut db.name);
         drop(db);
         let roles = [self.owner_role.clone(), self.app_role.as_str().to_owned()];
-        let _ = block_on(async move {
-            let mut admin = server.connect_admin().await?;
+        // The database first (it is owned by the owner role), then both roles.
+        finish_soon(async move {
+            let _ = server.drop_database(&name).await;
+            let Ok(mut admin) = server.connect_admin().await else {
+                return;
+            };
             for role in roles {
                 let _ = admin
                     .execute(sqlx::AssertSqlSafe(format!(
@@ -87,7 +91,6 @@ impl Drop for RoleSplitDatabase {
                     )))
                     .await;
             }
-            Ok::<_, HarnessError>(())
         });
     }
 }
