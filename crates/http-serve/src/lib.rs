@@ -3,10 +3,12 @@
 //! `axum::serve` gives hyper no timer, and without one hyper's deadline for reading a request
 //! head never fires: a client that opens a connection and then sends its request head a byte at
 //! a time, or nothing at all, keeps the connection (and its file descriptor) for as long as it
-//! likes, and a graceful shutdown waits for it to finish, which it never has to. [`serve`] holds
-//! every connection to [`Limits::header_read`] for each request head (an idle keep-alive
-//! connection too: the next head's deadline starts once the last response is written), and gives
-//! the connections still open at shutdown [`Limits::shutdown_grace`] before it returns.
+//! likes, and a graceful shutdown waits for it to finish, which it never has to; a request whose
+//! body arrives a byte at a time is held the same way, since a handler's own deadline starts once
+//! the body is read. [`serve`] holds every connection to [`Limits::header_read`] for each request
+//! head (an idle keep-alive connection too: the next head's deadline starts once the last
+//! response is written) and every request to [`Limits::body_read`] for its body, and gives the
+//! connections still open at shutdown [`Limits::shutdown_grace`] before it returns.
 //!
 //! ```no_run
 //! # async fn run(router: axum::Router) -> std::io::Result<()> {
@@ -25,6 +27,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::RequestBodyDeadline;
 
 /// The deadlines [`serve`] holds its clients to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +36,10 @@ pub struct Limits {
     /// ready to read one (accepted, or its last response written). Past it the connection is
     /// closed. Default 10 s.
     pub header_read: Duration,
+    /// How long a client has to send a request's whole body, counted from when its head
+    /// arrived. Past it, reading the body fails (an extractor answers its rejection, 400 for a
+    /// buffered body) and the connection is closed. Default 10 s.
+    pub body_read: Duration,
     /// How long the connections still open when shutdown is asked have to finish their
     /// requests; idle ones are closed at once. Past it [`serve`] returns, and what is left ends
     /// with the runtime. Default 10 s.
@@ -43,6 +50,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -83,7 +91,7 @@ pub async fn serve(
         };
         let connection = builder.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
+            TowerToHyperService::new(RequestBodyDeadline::new(router.clone(), limits.body_read)),
         );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::routing::{get, post};
 use keel_http_serve::{Limits, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +25,9 @@ async fn start(
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = Router::new().route("/hello", get(|| async { "hello" }));
+    let router = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route("/echo", post(|body: Bytes| async move { body }));
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, router, shutdown.clone(), limits));
     (addr, shutdown, server)
@@ -101,6 +104,42 @@ async fn a_request_head_that_never_completes_loses_its_connection() {
         .unwrap();
 }
 
+/// A body sent a byte at a time is cut off at the body deadline: the request is answered with
+/// the extractor's rejection instead of waiting for the client, and the connection closed; a
+/// body sent in time is read whole.
+#[tokio::test]
+async fn a_body_that_never_completes_is_cut_off() {
+    let (addr, shutdown, server) = start(Limits {
+        body_read: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /echo HTTP/1.1\r\nHost: keel\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+
+    let mut whole = TcpStream::connect(addr).await.unwrap();
+    whole
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: keel\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut whole).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"),
+        "{answer}"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(GUARD, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 /// A client holding a connection open in the middle of its request head does not keep the
 /// server from stopping: it returns once the shutdown grace is over, and accepts nothing more.
 #[tokio::test]
@@ -108,6 +147,7 @@ async fn a_slow_client_does_not_hold_a_shutdown_open() {
     let (addr, shutdown, server) = start(Limits {
         header_read: Duration::from_secs(3600),
         shutdown_grace: Duration::from_millis(200),
+        ..Limits::default()
     })
     .await;
     let mut slow = TcpStream::connect(addr).await.unwrap();
