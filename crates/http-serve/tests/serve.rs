@@ -43,6 +43,23 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// A connection to `addr` on which `request` (all or part of one) has been sent.
+async fn send(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream
+}
+
+/// Asks the server to stop and waits until it has.
+async fn stop(shutdown: CancellationToken, server: JoinHandle<std::io::Result<()>>) {
+    shutdown.cancel();
+    tokio::time::timeout(GUARD, server)
+        .await
+        .expect("the server stopped")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_request_is_answered_and_the_connection_kept_alive() {
     let (addr, shutdown, server) = start(Limits::default()).await;
@@ -61,12 +78,7 @@ async fn a_request_is_answered_and_the_connection_kept_alive() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("hello"), "{answer}");
     }
-    shutdown.cancel();
-    tokio::time::timeout(GUARD, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(shutdown, server).await;
 }
 
 /// A client that sends part of a request head and then nothing, or nothing at all, loses its
@@ -78,30 +90,18 @@ async fn a_request_head_that_never_completes_loses_its_connection() {
         ..Limits::default()
     })
     .await;
-    let mut partial = TcpStream::connect(addr).await.unwrap();
-    partial
-        .write_all(b"GET /hello HTTP/1.1\r\nHost: keel\r\n")
-        .await
-        .unwrap();
+    let mut partial = send(addr, b"GET /hello HTTP/1.1\r\nHost: keel\r\n").await;
     let answer = read_to_close(&mut partial).await;
     assert!(!answer.contains("hello"), "{answer}");
 
     let mut silent = TcpStream::connect(addr).await.unwrap();
     assert_eq!(read_to_close(&mut silent).await, "");
 
-    let mut idle = TcpStream::connect(addr).await.unwrap();
-    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: keel\r\n\r\n")
-        .await
-        .unwrap();
+    let mut idle = send(addr, b"GET /hello HTTP/1.1\r\nHost: keel\r\n\r\n").await;
     let answer = read_to_close(&mut idle).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
-    shutdown.cancel();
-    tokio::time::timeout(GUARD, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(shutdown, server).await;
 }
 
 /// A body sent a byte at a time is cut off at the body deadline: the request is answered with
@@ -114,30 +114,26 @@ async fn a_body_that_never_completes_is_cut_off() {
         ..Limits::default()
     })
     .await;
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"POST /echo HTTP/1.1\r\nHost: keel\r\nContent-Length: 100\r\n\r\n{")
-        .await
-        .unwrap();
+    let mut slow = send(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: keel\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await;
     let answer = read_to_close(&mut slow).await;
     assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
 
-    let mut whole = TcpStream::connect(addr).await.unwrap();
-    whole
-        .write_all(b"POST /echo HTTP/1.1\r\nHost: keel\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
+    let mut whole = send(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: keel\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
     let answer = read_to_close(&mut whole).await;
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"),
         "{answer}"
     );
 
-    shutdown.cancel();
-    tokio::time::timeout(GUARD, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    stop(shutdown, server).await;
 }
 
 /// A client holding a connection open in the middle of its request head does not keep the
@@ -150,22 +146,17 @@ async fn a_slow_client_does_not_hold_a_shutdown_open() {
         ..Limits::default()
     })
     .await;
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+    let slow = send(addr, b"GET /hello HTTP/1.1\r\n").await;
     // The server has taken the connection before it is asked to stop.
-    let mut probe = TcpStream::connect(addr).await.unwrap();
-    probe
-        .write_all(b"GET /hello HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut probe = send(
+        addr,
+        b"GET /hello HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(read_to_close(&mut probe).await.starts_with("HTTP/1.1 200"));
 
-    shutdown.cancel();
-    tokio::time::timeout(GUARD, server)
-        .await
-        .expect("the server stopped although a client was still sending its request head")
-        .unwrap()
-        .unwrap();
+    // Stops although a client is still sending its request head.
+    stop(shutdown, server).await;
     let refused = TcpStream::connect(addr).await;
     assert!(refused.is_err(), "the listener was closed");
     drop(slow);
