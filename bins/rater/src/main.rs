@@ -104,6 +104,16 @@ struct RateArgs {
         value_name = "URL"
     )]
     push_metrics_url: Option<String>,
+    /// How long a push may take, connecting included, before it is given up (logged at ERROR;
+    /// the run's exit code is unchanged).
+    #[arg(
+        long,
+        env = "KEEL_RATER_PUSH_METRICS_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=300),
+        value_name = "SECONDS"
+    )]
+    push_metrics_timeout_secs: u64,
 }
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
@@ -182,7 +192,8 @@ fn main() -> ExitCode {
         tracing::info!(window = %window, explicit, dry_run = args.dry_run, "rating");
         let result = run_until(&pool, &lock_options, request, stop_signal()).await;
         if let Some(url) = &push_url {
-            push_metrics(&pool, url).await;
+            let deadline = std::time::Duration::from_secs(args.push_metrics_timeout_secs);
+            push_metrics(&pool, url, deadline).await;
         }
         let outcome = result.context("the rating run failed")?;
         print(&outcome, window, explicit, args.dry_run, args.output)?;
@@ -225,7 +236,11 @@ async fn stop_signal() {
     }
 }
 
-async fn push_metrics(pool: &sqlx::PgPool, url: &keel_rater::metrics::PushUrl) {
+async fn push_metrics(
+    pool: &sqlx::PgPool,
+    url: &keel_rater::metrics::PushUrl,
+    deadline: std::time::Duration,
+) {
     let body = match keel_rater::metrics::render(pool).await {
         Ok(body) => body,
         Err(e) => {
@@ -233,7 +248,7 @@ async fn push_metrics(pool: &sqlx::PgPool, url: &keel_rater::metrics::PushUrl) {
             return;
         }
     };
-    if let Err(e) = keel_rater::metrics::push(url, &body).await {
+    if let Err(e) = keel_rater::metrics::push(url, &body, deadline).await {
         tracing::error!(error = %e, "could not push the rater's metrics");
     }
 }

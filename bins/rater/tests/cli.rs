@@ -226,6 +226,62 @@ async fn a_run_pushes_the_agreed_metrics_to_the_gateway() {
     }
 }
 
+/// A gateway that takes the connection and never answers does not hold the run: the push is
+/// given up at its deadline (logged at ERROR) and the run exits with its own code, its ledger
+/// row closed.
+#[tokio::test]
+async fn a_gateway_that_never_answers_does_not_hold_the_run_or_its_exit_code() {
+    let db = keel_testkit::database().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Takes every connection and keeps it open, answering nothing.
+    let held = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        drop(stream);
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
+        .args([
+            "--push-metrics-url",
+            &url,
+            "--push-metrics-timeout-secs",
+            "1",
+        ])
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run keel-rater");
+    let mut status = None;
+    for _ in 0..600 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        child.kill().unwrap();
+        panic!("the run was still waiting for the gateway a minute later");
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("could not push the rater's metrics")
+            && stderr.contains("did not answer within 1s"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&url), "the URL is never shown: {stderr}");
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM rater_runs WHERE finished_at IS NULL")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "the run's ledger row is closed");
+    drop(held);
+}
+
 /// RATER-M4: SIGTERM (a Kubernetes deadline or drain) left the ledger row open forever.
 #[tokio::test]
 async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {

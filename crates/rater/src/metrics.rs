@@ -114,6 +114,9 @@ pub enum PushError {
     /// The gateway answered with a non-2xx status.
     #[error("the metrics gateway answered {0}")]
     Status(String),
+    /// The exchange (connecting, sending, the answer's status line) did not finish in time.
+    #[error("the metrics gateway did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// Where the run's metrics are pushed: an `http://host[:port][/path]` URL, checked when it is
@@ -190,8 +193,20 @@ impl PushUrl {
     }
 }
 
-/// PUTs `body` to `<url>/metrics/job/keel-rater` (Pushgateway protocol, plain HTTP/1.1).
-pub async fn push(url: &PushUrl, body: &str) -> Result<(), PushError> {
+/// PUTs `body` to `<url>/metrics/job/keel-rater` (Pushgateway protocol, plain HTTP/1.1), giving
+/// up after `deadline`: a gateway that takes the connection and never answers (or an address
+/// nothing answers on) must not hold the run's exit, and its exit code, back.
+pub async fn push(
+    url: &PushUrl,
+    body: &str,
+    deadline: std::time::Duration,
+) -> Result<(), PushError> {
+    tokio::time::timeout(deadline, exchange(url, body))
+        .await
+        .unwrap_or(Err(PushError::TimedOut(deadline)))
+}
+
+async fn exchange(url: &PushUrl, body: &str) -> Result<(), PushError> {
     let PushUrl {
         address,
         authority,
