@@ -81,11 +81,7 @@ pub(crate) async fn sign_in(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| session::cookie(h, SIGN_IN_COOKIE));
+    let cookie = session::cookie(&headers, SIGN_IN_COOKIE);
     let csrf_ok = match (cookie, form.get("csrf")) {
         (Some(cookie), Some(field)) => session::same(cookie.as_bytes(), field.as_bytes()),
         (Some(_) | None, Some(_) | None) => false,

@@ -109,12 +109,7 @@ pub(crate) async fn current_session(
     console: &Console,
     headers: &HeaderMap,
 ) -> Result<Option<Session>, ConsoleError> {
-    let Some(value) = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| session::cookie(h, session::SESSION_COOKIE))
-    else {
+    let Some(value) = session::cookie(headers, session::SESSION_COOKIE) else {
         return Ok(None);
     };
     session::lookup(&console.pool, value).await

@@ -193,12 +193,23 @@ pub async fn sign_out(
     Ok(())
 }
 
-/// The value of cookie `name` in a `Cookie` header.
-pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|pair| {
-        let (key, value) = pair.trim().split_once('=')?;
-        (key == name).then_some(value)
-    })
+/// The value of cookie `name` in a request's `Cookie` headers: `None` when it is absent, and
+/// also when the request carries it twice with different values. A site on a sibling domain can
+/// set a cookie of the same name for the parent domain, and the browser then sends both, in an
+/// order the console does not choose; taking the first would let that site choose the session
+/// (or the sign-in token) the console acts on.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    let mut values = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        });
+    let first = values.next()?;
+    values.all(|other| other == first).then_some(first)
 }
 
 /// A `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, `Path=/`, and `Secure` when `secure`.
@@ -219,10 +230,43 @@ mod tests {
 
     #[test]
     fn a_cookie_is_found_by_its_exact_name() {
-        let header = "a=1; keel_console_session=abc; keel_console_session_x=zzz";
-        assert_eq!(cookie(header, SESSION_COOKIE), Some("abc"));
-        assert_eq!(cookie(header, "a"), Some("1"));
-        assert_eq!(cookie(header, "b"), None);
+        let mut headers = axum::http::HeaderMap::new();
+        headers.append(
+            axum::http::header::COOKIE,
+            "a=1; keel_console_session=abc; keel_console_session_x=zzz"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(cookie(&headers, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&headers, "a"), Some("1"));
+        assert_eq!(cookie(&headers, "b"), None);
+        // On a second Cookie line (as HTTP/2 sends them) it is found the same way.
+        headers.append(axum::http::header::COOKIE, "b=2".parse().unwrap());
+        assert_eq!(cookie(&headers, "b"), Some("2"));
+    }
+
+    /// A cookie sent twice with different values (one set for a parent domain by a sibling
+    /// site) names no session and no sign-in token; sent twice alike, it is that value.
+    #[test]
+    fn a_cookie_sent_twice_with_different_values_names_nothing() {
+        for lines in [
+            &["keel_console_session=mine; keel_console_session=tossed"][..],
+            &["keel_console_session=tossed", "keel_console_session=mine"][..],
+        ] {
+            let mut headers = axum::http::HeaderMap::new();
+            for line in lines {
+                headers.append(axum::http::header::COOKIE, line.parse().unwrap());
+            }
+            assert_eq!(cookie(&headers, SESSION_COOKIE), None, "{lines:?}");
+        }
+        let mut alike = axum::http::HeaderMap::new();
+        alike.append(
+            axum::http::header::COOKIE,
+            "keel_console_session=v; keel_console_session=v"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(cookie(&alike, SESSION_COOKIE), Some("v"));
     }
 
     #[test]

@@ -103,6 +103,17 @@ impl App {
     }
 
     async fn send(&mut self, method: &str, path: &str, form: Option<&[(&str, &str)]>) -> Reply {
+        self.send_with(method, path, form, "").await
+    }
+
+    /// A request with `extra` header lines (each ending in CRLF) besides the jar's cookies.
+    pub async fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        form: Option<&[(&str, &str)]>,
+        extra: &str,
+    ) -> Reply {
         let body = form
             .map(|pairs| {
                 pairs
@@ -128,6 +139,7 @@ impl App {
         if !cookie.is_empty() {
             request.push_str(&format!("Cookie: {cookie}\r\n"));
         }
+        request.push_str(extra);
         request.push_str("\r\n");
         request.push_str(&body);
         let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();

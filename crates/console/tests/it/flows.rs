@@ -104,6 +104,47 @@ async fn the_sign_in_is_refused_without_its_csrf_token_or_with_a_wrong_or_team_k
     assert!(app.audit_rows("console.signed_in").await.is_empty());
 }
 
+/// A second session cookie beside the real one (a sibling site can set one for the parent
+/// domain) names no session: pages send to the sign-in and actions are refused, whichever of the
+/// two comes first. A sign-in whose token cookie is doubled that way is refused too.
+#[tokio::test]
+async fn a_cookie_sent_twice_with_different_values_names_no_session() {
+    let mut app = app::spawn().await;
+    let (_, _, id) = app.dead_letter("connection refused").await;
+    let csrf = app.sign_in().await;
+    assert_eq!(app.get("/").await.status, 200);
+    let tossed = "Cookie: keel_console_session=tossed\r\n";
+    let page = app.send_with("GET", "/", None, tossed).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(page.header("location"), Some("/sign-in"));
+    let id_text = id.to_string();
+    let form = [
+        ("id", id_text.as_str()),
+        ("reason", "retry"),
+        ("csrf", csrf.as_str()),
+    ];
+    let action = app
+        .send_with("POST", "/dead-letters/requeue", Some(&form[..]), tossed)
+        .await;
+    assert_eq!(action.status, 401, "{}", action.body);
+    assert_eq!(app.status_of(id).await, "dead_lettered");
+    assert!(app.audit_rows("propagation.requeued").await.is_empty());
+    // The real session alone still works.
+    assert_eq!(app.get("/").await.status, 200);
+
+    let sign_in_form = app.get("/sign-in").await.csrf();
+    let key = app.key.clone();
+    let doubled = app
+        .send_with(
+            "POST",
+            "/sign-in",
+            Some(&[("key", key.as_str()), ("csrf", sign_in_form.as_str())][..]),
+            "Cookie: keel_console_sign_in=chosen-elsewhere\r\n",
+        )
+        .await;
+    assert_eq!(doubled.status, 403, "{}", doubled.body);
+}
+
 #[tokio::test]
 async fn pages_without_a_session_send_to_the_sign_in_and_actions_are_refused_changing_nothing() {
     let mut app = app::spawn().await;
