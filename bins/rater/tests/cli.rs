@@ -2,7 +2,8 @@
 
 use std::process::{Command, Output};
 
-fn keel_rater(args: &[&str], database_url: Option<&str>) -> Output {
+/// `keel-rater` with `args`, logging at INFO, with `database_url` as its only database.
+fn rater_command(args: &[&str], database_url: Option<&str>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-rater"));
     cmd.args(args)
         .env_remove("DATABASE_URL")
@@ -10,7 +11,22 @@ fn keel_rater(args: &[&str], database_url: Option<&str>) -> Output {
     if let Some(url) = database_url {
         cmd.env("DATABASE_URL", url);
     }
-    cmd.output().expect("run keel-rater")
+    cmd
+}
+
+fn keel_rater(args: &[&str], database_url: Option<&str>) -> Output {
+    rater_command(args, database_url)
+        .output()
+        .expect("run keel-rater")
+}
+
+/// `keel-rater` started with `args` against `database_url`, its output captured.
+fn spawn_keel_rater(args: &[&str], database_url: &str) -> std::process::Child {
+    rater_command(args, Some(database_url))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run keel-rater")
 }
 
 #[test]
@@ -240,19 +256,15 @@ async fn a_gateway_that_never_answers_does_not_hold_the_run_or_its_exit_code() {
         std::thread::sleep(std::time::Duration::from_secs(120));
         drop(stream);
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
-        .args([
+    let mut child = spawn_keel_rater(
+        &[
             "--push-metrics-url",
             &url,
             "--push-metrics-timeout-secs",
             "1",
-        ])
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run keel-rater");
+        ],
+        &db.url(),
+    );
     let mut status = None;
     for _ in 0..600 {
         status = child.try_wait().unwrap();
@@ -299,12 +311,7 @@ async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keel-rater"))
-        .env("DATABASE_URL", db.url())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run keel-rater");
+    let child = spawn_keel_rater(&[], &db.url());
     let mut open = false;
     for _ in 0..400 {
         open = sqlx::query_scalar(
