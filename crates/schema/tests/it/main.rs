@@ -1038,3 +1038,150 @@ async fn the_sweep_states_generation_is_the_last_transaction_that_changed_it() {
         }
     }
 }
+
+/// Every column of a timestamp type in Keel's tables (the contract tables and the provisioning
+/// API's) with the table it belongs to, as `(table, column)`.
+async fn keel_time_columns(pool: &PgPool) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT CASE WHEN n.nspname = 'public' THEN c.relname::text \
+                     ELSE n.nspname || '.' || c.relname END, a.attname::text \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype) AND a.attnum > 0 \
+           AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND NOT c.relispartition \
+           AND (n.nspname = 'provision_api' \
+                OR (n.nspname = 'public' AND c.relname = ANY ($1))) \
+         ORDER BY 1, 2",
+    )
+    .bind(keel_schema::CONTRACT_TABLES)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A time Keel stores is one every reader can decode and print (year 1 to 9999, UTC): the
+/// client library panics decoding an infinity or a year past 9999, and RFC 3339 has no year
+/// before 1, so one such value written by another service stopped a work loop for every tenant.
+/// Every timestamp column of Keel's tables refuses them on write, a column added later included.
+#[tokio::test]
+async fn every_stored_time_is_one_its_readers_can_decode() {
+    let db = keel_testkit::empty_database().await;
+    keel_schema::migrate(db.pool()).await.unwrap();
+    let columns = keel_time_columns(db.pool()).await;
+    assert!(
+        columns.len() > 40,
+        "the catalog query found the time columns: {columns:?}"
+    );
+    let expected = "CHECK (((COL >= '0001-01-01 00:00:00+00'::timestamp with time zone) AND (COL <= '9999-12-31 23:59:59.999999+00'::timestamp with time zone)))";
+    for (table, column) in &columns {
+        let bare = table.rsplit('.').next().unwrap();
+        let definition =
+            constraint_definition(db.pool(), table, &format!("{bare}_{column}_in_range")).await;
+        assert_eq!(
+            definition.replace(" NOT VALID", ""),
+            expected.replace("COL", column),
+            "{table}.{column}"
+        );
+    }
+
+    // Written by hand, as another service could: each out-of-range value is refused (23514).
+    let team: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO teams (id, tier) VALUES (gen_random_uuid(), 'pro') RETURNING id",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    for value in [
+        "infinity",
+        "-infinity",
+        "10000-01-01 00:00:00+00",
+        "0001-12-31 23:00:00+00 BC",
+    ] {
+        for sql in [
+            "UPDATE teams SET updated_at = $1::timestamptz WHERE id = $2",
+            "INSERT INTO audit_events (kind, actor, occurred_at, team_id) \
+             VALUES ('team.tier_changed', 'service:other', $1::timestamptz, $2)",
+            "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) \
+             VALUES ($2::text, 'a', 'm', 1, $1::timestamptz)",
+        ] {
+            let refused = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(value)
+                .bind(team)
+                .execute(db.pool())
+                .await
+                .expect_err(&format!("{value} stored by: {sql}"));
+            assert_eq!(
+                refused
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .as_deref(),
+                Some("23514"),
+                "{value} by {sql}: {refused}"
+            );
+        }
+    }
+    // The range's ends are stored and read back.
+    for value in ["0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00"] {
+        sqlx::query("UPDATE teams SET updated_at = $1::timestamptz WHERE id = $2")
+            .bind(value)
+            .bind(team)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let read: time::OffsetDateTime =
+            sqlx::query_scalar("SELECT updated_at FROM teams WHERE id = $1")
+                .bind(team)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert!((1..=9999).contains(&read.year()), "{value} read as {read}");
+    }
+}
+
+/// A row already holding an unreadable time fails migration 0099 with the table and column
+/// named and a query to find it, and the schema is left as it was, to be migrated again once
+/// the row is corrected.
+#[tokio::test]
+async fn an_unreadable_time_already_stored_is_named_by_the_migration() {
+    let db = keel_testkit::empty_database().await;
+    let mut before = Migrator::with_migrations(
+        keel_schema::MIGRATOR
+            .iter()
+            .filter(|m| m.version < 99)
+            .cloned()
+            .collect(),
+    );
+    before.dangerous_set_table_name(keel_schema::MIGRATIONS_TABLE);
+    before.run(db.pool()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO teams (id, tier, updated_at) VALUES (gen_random_uuid(), 'pro', 'infinity')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let refused = keel_schema::migrate(db.pool())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("teams.updated_at holds a time outside year 1 to 9999"),
+        "{refused}"
+    );
+    assert_eq!(
+        versions(db.pool(), keel_schema::MIGRATIONS_TABLE)
+            .await
+            .last(),
+        Some(&98)
+    );
+    sqlx::query("UPDATE teams SET updated_at = now()")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    keel_schema::migrate(db.pool()).await.unwrap();
+    assert_eq!(
+        versions(db.pool(), keel_schema::MIGRATIONS_TABLE)
+            .await
+            .last(),
+        Some(&99)
+    );
+}
