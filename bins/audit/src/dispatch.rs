@@ -107,6 +107,13 @@ impl Dispatcher {
         let mut busy = false;
         let ingested = ingest(conn, self.batch).await?;
         metrics.ingested(&ingested);
+        if ingested.unreadable > 0 {
+            tracing::warn!(
+                unreadable = ingested.unreadable,
+                "skipped audit rows this build cannot read (a kind from a newer release, or a row \
+                 written outside Keel); a customer notification among them is not queued"
+            );
+        }
         if ingested.read > 0 {
             busy = true;
             tracing::debug!(

@@ -141,7 +141,8 @@ impl NotifyKey {
 pub struct SignedNotification {
     /// The event id ([`EVENT_ID_HEADER`]), the same on every attempt.
     pub event_id: Uuid,
-    /// Signing time in Unix seconds ([`TIMESTAMP_HEADER`]), from the database's clock.
+    /// Signing time in Unix seconds ([`TIMESTAMP_HEADER`]): the database's clock when the
+    /// batch was read, plus the time since, so each request carries the time it is sent.
     pub timestamp: i64,
     /// The [`SIGNATURE_HEADER`] value.
     pub signature: String,
@@ -194,6 +195,12 @@ pub enum FailureClass {
     Timeout,
     /// See [`Unreachable::Io`].
     Io,
+    /// The queued notification is not one the dispatcher could have queued: its kind is not
+    /// a dispatched one, its template not that kind's, its payload over
+    /// [`MAX_PAYLOAD_BYTES`] or not the JSON [`ingest`] writes for that row. It is
+    /// dead-lettered at once and never posted, so a row written into the outbox by hand is
+    /// neither signed nor allowed to hold up the rows behind it.
+    Malformed,
 }
 
 impl FailureClass {
@@ -206,6 +213,7 @@ impl FailureClass {
             FailureClass::Connect => "connect",
             FailureClass::Timeout => "timeout",
             FailureClass::Io => "io",
+            FailureClass::Malformed => "malformed",
         }
     }
 
@@ -391,22 +399,108 @@ pub enum DeliveryOutcome {
 pub struct Attempt {
     /// The notification's event id.
     pub event_id: Uuid,
-    /// Its customer-notification template.
+    /// Its customer-notification template, from the closed set the dispatched kinds declare
+    /// (`unknown` for a [`FailureClass::Malformed`] row whose kind is not a dispatched one).
     pub template: String,
     /// What happened.
     pub outcome: DeliveryOutcome,
 }
 
+/// The largest payload [`deliver_due`] posts, in bytes of its JSON text. What [`ingest`] queues
+/// is a few kilobytes (an audit row's attributes are bounded); anything larger was written by
+/// hand and is dead-lettered as [`FailureClass::Malformed`] without being read whole.
+pub const MAX_PAYLOAD_BYTES: i32 = 256 * 1024;
+
+/// A due row as stored: every column another writer could have filled is read as text and
+/// checked here, so one bad row never fails the statement that reads the others.
 #[derive(sqlx::FromRow)]
+struct DueRow {
+    event_id: Uuid,
+    audit_id: i64,
+    kind: String,
+    template: String,
+    payload: Option<String>,
+    attempts: i32,
+    team_id: Option<String>,
+    resource_id: Option<String>,
+    now: OffsetDateTime,
+}
+
+/// A due row, checked.
 struct Due {
     event_id: Uuid,
     audit_id: i64,
-    template: String,
-    payload: String,
+    /// The template of the row's kind, from the closed set (`"unknown"` for a kind that is not
+    /// dispatched): it is a metric label and an audit attribute.
+    template: &'static str,
+    /// The body to post; `None` when the row is malformed.
+    payload: Option<String>,
     attempts: i32,
     team_id: Option<Uuid>,
     resource_id: Option<Uuid>,
     now: OffsetDateTime,
+}
+
+impl DueRow {
+    fn checked(self) -> Due {
+        let kind = self
+            .kind
+            .parse::<AuditKind>()
+            .ok()
+            .and_then(|kind| template_of(kind).map(|template| (kind, template)));
+        let parse_id = |id: Option<&str>| match id {
+            None => Ok(None),
+            Some(id) => Uuid::parse_str(id).map(Some),
+        };
+        let (team_id, resource_id) = (
+            parse_id(self.team_id.as_deref()),
+            parse_id(self.resource_id.as_deref()),
+        );
+        let payload = match (kind, self.payload, &team_id, &resource_id) {
+            (Some((kind, template)), Some(payload), Ok(_), Ok(_))
+                if template == self.template
+                    && written_by_ingest(
+                        &payload,
+                        self.event_id,
+                        self.audit_id,
+                        kind,
+                        template,
+                    ) =>
+            {
+                Some(payload)
+            }
+            _ => None,
+        };
+        Due {
+            event_id: self.event_id,
+            audit_id: self.audit_id,
+            template: kind.map_or("unknown", |(_, template)| template),
+            payload,
+            attempts: self.attempts,
+            team_id: team_id.ok().flatten(),
+            resource_id: resource_id.ok().flatten(),
+            now: self.now,
+        }
+    }
+}
+
+/// Whether `payload` is the JSON object [`ingest`] queues for this row: its `id`, `type`,
+/// `kind` and `audit_id` name the row's own.
+fn written_by_ingest(
+    payload: &str,
+    event_id: Uuid,
+    audit_id: i64,
+    kind: AuditKind,
+    template: &str,
+) -> bool {
+    let Ok(serde_json::Value::Object(body)) = serde_json::from_str::<serde_json::Value>(payload)
+    else {
+        return false;
+    };
+    body.get("id").and_then(serde_json::Value::as_str) == Some(event_id.to_string().as_str())
+        && body.get("type").and_then(serde_json::Value::as_str) == Some(template)
+        && body.get("kind").and_then(serde_json::Value::as_str) == Some(kind.as_str())
+        && body.get("audit_id").and_then(serde_json::Value::as_i64) == Some(audit_id)
 }
 
 /// Posts up to `limit` due deliveries (oldest first, in commit order) and records each
@@ -418,45 +512,59 @@ pub async fn deliver_due(
     policy: &RetryPolicy,
     limit: u32,
 ) -> Result<Vec<Attempt>, AuditSinkError> {
-    let due: Vec<Due> = sqlx::query_as(
-        "SELECT event_id, audit_id, template, payload::text AS payload, attempts, \
-                (payload->>'team_id')::uuid AS team_id, \
-                (payload->>'resource_id')::uuid AS resource_id, now() AS now \
+    let due: Vec<DueRow> = sqlx::query_as(
+        "SELECT event_id, audit_id, kind, template, \
+                CASE WHEN octet_length(payload::text) <= $2 THEN payload::text END AS payload, \
+                attempts, payload->>'team_id' AS team_id, \
+                payload->>'resource_id' AS resource_id, now() AS now \
          FROM notification_deliveries \
          WHERE state = 'pending' AND next_attempt_at <= now() \
          ORDER BY seq LIMIT $1",
     )
     .bind(i64::from(limit))
+    .bind(MAX_PAYLOAD_BYTES)
     .fetch_all(&mut *conn)
     .await
     .map_err(|e| AuditSinkError::read("read due notifications", e))?;
+    // Requests go one after another, each up to the webhook's timeout: each is signed at the
+    // moment it is sent (the database's clock when the batch was read, plus the time since),
+    // so a receiver that refuses stale timestamps never refuses the end of a slow batch.
+    let read_at = std::time::Instant::now();
     let mut attempts = Vec::with_capacity(due.len());
     for row in due {
-        let timestamp = row.now.unix_timestamp();
-        let body = row.payload.clone().into_bytes();
-        let request = SignedNotification {
-            event_id: row.event_id,
-            timestamp,
-            signature: key.sign(timestamp, &body),
-            body,
-        };
-        let reply = webhook.post(&request).await;
+        let row = row.checked();
         let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
-        let outcome = match FailureClass::of(reply) {
-            None => DeliveryOutcome::Delivered,
-            Some((class, _)) if attempt >= policy.max_attempts.max(1) => {
-                DeliveryOutcome::DeadLettered(class)
+        let (outcome, status) = match &row.payload {
+            Some(payload) => {
+                let elapsed = i64::try_from(read_at.elapsed().as_secs()).unwrap_or(i64::MAX);
+                let timestamp = row.now.unix_timestamp().saturating_add(elapsed);
+                let body = payload.clone().into_bytes();
+                let request = SignedNotification {
+                    event_id: row.event_id,
+                    timestamp,
+                    signature: key.sign(timestamp, &body),
+                    body,
+                };
+                let reply = webhook.post(&request).await;
+                let outcome = match FailureClass::of(reply) {
+                    None => DeliveryOutcome::Delivered,
+                    Some((class, _)) if attempt >= policy.max_attempts.max(1) => {
+                        DeliveryOutcome::DeadLettered(class)
+                    }
+                    Some((class, _)) => DeliveryOutcome::Retrying(class),
+                };
+                let status = match reply {
+                    WebhookReply::Status(status) => Some(status),
+                    WebhookReply::Unreachable(_) => None,
+                };
+                (outcome, status)
             }
-            Some((class, _)) => DeliveryOutcome::Retrying(class),
-        };
-        let status = match reply {
-            WebhookReply::Status(status) => Some(status),
-            WebhookReply::Unreachable(_) => None,
+            None => (DeliveryOutcome::DeadLettered(FailureClass::Malformed), None),
         };
         record(conn, &row, attempt, outcome, status, policy).await?;
         attempts.push(Attempt {
             event_id: row.event_id,
-            template: row.template,
+            template: row.template.to_owned(),
             outcome,
         });
     }
@@ -514,7 +622,7 @@ async fn record(
     }
     let mut event = AuditEvent::new(kind, Actor::system(), row.now)
         .attr("event_id", row.event_id.to_string())
-        .and_then(|e| e.attr("template", row.template.as_str()))
+        .and_then(|e| e.attr("template", row.template))
         .and_then(|e| e.attr("source_audit_id", row.audit_id.to_string()))
         .and_then(|e| e.attr("attempt", attempt.to_string()))
         .and_then(|e| e.attr("outcome", last_outcome))

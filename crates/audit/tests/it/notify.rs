@@ -199,3 +199,166 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
             .unwrap();
     assert_eq!(audited_actor, "ops-alice");
 }
+
+/// A receiver that takes `delay` to answer 204, and keeps every request.
+struct SlowReceiver {
+    delay: Duration,
+    seen: Mutex<Vec<SignedNotification>>,
+}
+
+impl Webhook for SlowReceiver {
+    async fn post(&self, notification: &SignedNotification) -> WebhookReply {
+        self.seen.lock().unwrap().push(notification.clone());
+        tokio::time::sleep(self.delay).await;
+        WebhookReply::Status(204)
+    }
+}
+
+/// Rows of the outbox that the dispatcher did not write (another writer of the application
+/// role's tables, or a hand) are dead-lettered as `malformed` without being posted or signed:
+/// one whose ids do not parse no longer fails the read of every due row, one whose template
+/// is not its kind's never reaches a metric label, a log line or an audit attribute, and none
+/// holds up the real notification queued behind them.
+#[tokio::test]
+async fn rows_written_into_the_outbox_by_hand_are_dead_lettered_unposted_and_hold_up_nothing() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    let team = uuid::Uuid::new_v4().to_string();
+    // (kind, template, id in the body, team id in the body, padding bytes)
+    let forged: [(&str, &str, bool, &str, i32); 6] = [
+        ("provision.created", "resource_ready", true, "not-a-uuid", 0),
+        (
+            "provision.created",
+            "x\nERROR forged line",
+            true,
+            team.as_str(),
+            0,
+        ),
+        ("made.up", "made_up", true, team.as_str(), 0),
+        (
+            "provision.created",
+            "resource_ready",
+            true,
+            team.as_str(),
+            300 * 1024,
+        ),
+        (
+            "provision.created",
+            "resource_ready",
+            false,
+            team.as_str(),
+            0,
+        ),
+        (
+            "propagation.applied",
+            "resource_ready",
+            true,
+            team.as_str(),
+            0,
+        ),
+    ];
+    for (n, (kind, template, own_id, team_id, padding)) in forged.into_iter().enumerate() {
+        sqlx::query(
+            "WITH e AS (SELECT gen_random_uuid() AS id) \
+             INSERT INTO notification_deliveries \
+               (event_id, audit_id, recorded_at, kind, template, payload) \
+             SELECT e.id, -1 - $1::bigint, now(), $2, $3, jsonb_build_object( \
+                 'id', CASE WHEN $4 THEN e.id ELSE gen_random_uuid() END, \
+                 'type', $3, 'kind', $2, 'audit_id', -1 - $1::bigint, \
+                 'team_id', $5::text, 'padding', repeat('p', $6)) FROM e",
+        )
+        .bind(n as i64)
+        .bind(kind)
+        .bind(template)
+        .bind(own_id)
+        .bind(team_id)
+        .bind(padding)
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    }
+    // The forged rows are first in line; the real notification is behind them.
+    let real = insert(&mut app, &sample(AuditKind::ProvisionCreated, 1))
+        .await
+        .unwrap()
+        .0;
+    ingest_all(&mut app, 1).await;
+    let receiver = Recorder::answering(204);
+    let done = deliver_due(&mut app, &receiver, &key(), &RetryPolicy::default(), 100)
+        .await
+        .expect("one bad row never fails the read of the others");
+    let seen = receiver.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "only the real notification is posted");
+    let body: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(body["audit_id"], real);
+    let outcomes: Vec<_> = done.iter().map(|a| a.outcome).collect();
+    let mut expected = vec![DeliveryOutcome::DeadLettered(FailureClass::Malformed); 6];
+    expected.push(DeliveryOutcome::Delivered);
+    assert_eq!(outcomes, expected);
+    let templates: Vec<&str> = done.iter().map(|a| a.template.as_str()).collect();
+    assert_eq!(
+        templates,
+        [
+            "resource_ready",
+            "resource_ready",
+            "unknown",
+            "resource_ready",
+            "resource_ready",
+            "tier_change_applied",
+            "resource_ready"
+        ],
+        "labels come from the closed set, never from the row"
+    );
+    let dead = dead_letters(&mut app, 100).await.unwrap();
+    assert_eq!(dead.len(), 6);
+    assert!(
+        dead.iter()
+            .all(|d| d.last_outcome.as_deref() == Some("malformed"))
+    );
+    assert_eq!(
+        kinds_written(&mut app, AuditKind::NotificationDeadLettered)
+            .await
+            .len(),
+        6,
+        "each is audited as an operator alert"
+    );
+    assert!(
+        deliver_due(&mut app, &receiver, &key(), &RetryPolicy::default(), 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing is posted again"
+    );
+}
+
+/// Deliveries go one after another: each request is signed with the time it is sent, so a
+/// receiver that refuses stale timestamps does not refuse the end of a batch behind a slow
+/// receiver.
+#[tokio::test]
+async fn each_request_is_signed_when_it_is_sent_not_when_its_batch_was_read() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    for n in 0..3 {
+        insert(&mut app, &sample(AuditKind::ProvisionCreated, n))
+            .await
+            .unwrap();
+    }
+    ingest_all(&mut app, 3).await;
+    let receiver = SlowReceiver {
+        delay: Duration::from_millis(1100),
+        seen: Mutex::new(Vec::new()),
+    };
+    let done = deliver_due(&mut app, &receiver, &key(), &RetryPolicy::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 3);
+    let seen = receiver.seen.lock().unwrap().clone();
+    for request in &seen {
+        assert!(key().verify(request.timestamp, &request.body, &request.signature));
+    }
+    let stamps: Vec<i64> = seen.iter().map(|r| r.timestamp).collect();
+    assert!(
+        stamps[2] - stamps[0] >= 2,
+        "the third request, sent over 2 s after the first, is signed later: {stamps:?}"
+    );
+}
