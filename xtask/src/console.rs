@@ -45,11 +45,15 @@ pub async fn serve_demo(pool: &PgPool) -> anyhow::Result<()> {
     );
     println!("{}", key.expose());
     println!("Ctrl-C stops the console and removes the throwaway database.");
-    axum::serve(listener, keel_console::router(console))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("the console listener failed")?;
+    // The same server as the `keel-console` binary: deadlines on every request head and body.
+    let shutdown = keel_service::shutdown::on_signal().context("could not watch for signals")?;
+    keel_http_serve::serve(
+        listener,
+        keel_console::router(console),
+        shutdown,
+        keel_http_serve::Limits::default(),
+    )
+    .await
+    .context("the console listener failed")?;
     Ok(())
 }

@@ -54,7 +54,13 @@ async fn run(audit_rows: u64, dead_letters: u64) -> anyhow::Result<()> {
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, keel_console::router(console)).await });
+    // Served as the `keel-console` binary serves it.
+    tokio::spawn(keel_http_serve::serve(
+        listener,
+        keel_console::router(console),
+        tokio_util::sync::CancellationToken::new(),
+        keel_http_serve::Limits::default(),
+    ));
     let cookie = sign_in(&pool, addr).await?;
 
     let pages: Vec<(String, String)> = vec![
