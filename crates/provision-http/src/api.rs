@@ -343,10 +343,12 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The header a client names its idempotency key in.
 const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
-/// The request id from `X-Request-Id` when it is a valid one, else a fresh one.
+/// The request id from `X-Request-Id` when it is one valid id on one field line, else a fresh
+/// one: of two ids sent, neither is the request's, so neither labels its logs and answer.
 fn request_id(headers: &HeaderMap) -> RequestId {
-    headers
-        .get(REQUEST_ID_HEADER)
+    single_header(headers, REQUEST_ID_HEADER)
+        .ok()
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| RequestId::parse(v).ok())
         .unwrap_or_else(fresh_request_id)
@@ -2743,6 +2745,20 @@ mod tests {
             header::HeaderValue::from_bytes(b"\xff").unwrap(),
         );
         assert!(list_header(&headers, "if-match").is_err());
+    }
+
+    #[test]
+    fn a_request_id_sent_twice_labels_nothing_and_a_fresh_one_is_given() {
+        let mut headers = HeaderMap::new();
+        headers.append(REQUEST_ID_HEADER, "mine-a".parse().unwrap());
+        assert_eq!(request_id(&headers).as_str(), "mine-a");
+        headers.append(REQUEST_ID_HEADER, "mine-a".parse().unwrap());
+        let twice = request_id(&headers);
+        assert_ne!(twice.as_str(), "mine-a");
+        headers.append(REQUEST_ID_HEADER, "mine-b".parse().unwrap());
+        let ids: Vec<_> = (0..2).map(|_| request_id(&headers)).collect();
+        assert!(ids.iter().all(|id| !id.as_str().starts_with("mine-")));
+        assert_ne!(ids[0], ids[1], "each fresh id is its own");
     }
 
     fn header<'a>(answer: &'a Answer, name: &str) -> Option<&'a str> {
