@@ -6,7 +6,8 @@
 //!   insert into `audit_seals` and `audit_checkpoints`), never as the application role.
 //! - `verify` recomputes the chain from the rows, from the start or from a signed checkpoint
 //!   (`--from-checkpoint N`), and names the first row changed, deleted or inserted out of band:
-//!   exit 0 when the chain holds, 2 when it does not, 1 on an error.
+//!   exit 0 when the chain holds, 2 when it does not, 64 when checkpoint N does not exist, 1 on
+//!   an error.
 //! - `dispatch` (single-flight across replicas) delivers every customer-notification kind of
 //!   the trail to `--webhook-url`, at least once, in commit order, as JSON signed with
 //!   HMAC-SHA256 (`keel-event-id`, `keel-timestamp`, `keel-signature: v1=<hex>` over
@@ -24,9 +25,14 @@
 //!   audited, and detaching refuses a month not exported and verified.
 //! - `migrate`, as every binary.
 //!
-//! The seal signing key (at least 32 bytes) is read from `--seal-key-file`
-//! (`KEEL_AUDIT_SEAL_KEY_FILE`) and named by `--seal-key-id` (`KEEL_AUDIT_SEAL_KEY_ID`); keep it
-//! out of the database and away from the owner role's operators.
+//! The seal signing key (at least 32 bytes, a file of at most 4096) is read from
+//! `--seal-key-file` (`KEEL_AUDIT_SEAL_KEY_FILE`) and named by `--seal-key-id`
+//! (`KEEL_AUDIT_SEAL_KEY_ID`); keep it out of the database and away from the owner role's
+//! operators.
+//!
+//! A flag value that would disable or overflow the work (a batch or limit of 0, a month or a
+//! time out of range, a webhook URL that could never be posted to) is a usage error (exit 64)
+//! at parse time, before anything connects.
 
 mod dispatch;
 mod webhook;
@@ -39,12 +45,12 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use keel_audit::Actor;
 use keel_audit::notify::{NotifyKey, RetryPolicy};
-use keel_audit::seal::{SealKey, SealOutcome, seal, verify};
+use keel_audit::seal::{SealKey, SealOutcome, Tampering, seal, verify};
 use keel_service::cli::{DatabaseArgs, LogArgs};
 use keel_service::http::HttpArgs;
 
 use crate::dispatch::Dispatcher;
-use crate::webhook::{HttpWebhook, WebhookUrl};
+use crate::webhook::{HttpWebhook, WebhookUrl, WebhookUrlParser};
 
 /// The process's allocator: jemalloc, which keeps freed memory for reuse across the work
 /// loop's ticks and batches instead of returning and re-faulting it (`BENCHMARKS.md`).
@@ -56,6 +62,9 @@ const PARTITIONS_AHEAD: u32 = 3;
 
 /// Exit code of `verify` when the chain does not hold.
 const EXIT_TAMPERED: u8 = 2;
+
+/// The most bytes a key file may hold: a key is 32 bytes to a few hundred, never more.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
 
 #[derive(Parser)]
 #[command(
@@ -72,8 +81,8 @@ struct Cli {
 
 #[derive(Args)]
 struct KeyArgs {
-    /// File holding the checkpoint signing key (at least 32 bytes; a trailing newline is
-    /// ignored). Never logged.
+    /// File holding the checkpoint signing key (at least 32 bytes, a file of at most 4096; a
+    /// trailing newline is ignored). Never logged.
     #[arg(long, env = "KEEL_AUDIT_SEAL_KEY_FILE", value_name = "PATH")]
     seal_key_file: PathBuf,
     /// The key's id, stored with each checkpoint it signs.
@@ -83,11 +92,7 @@ struct KeyArgs {
 
 impl KeyArgs {
     fn load(&self) -> anyhow::Result<SealKey> {
-        let mut bytes = std::fs::read(&self.seal_key_file)
-            .with_context(|| format!("could not read {}", self.seal_key_file.display()))?;
-        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            bytes.pop();
-        }
+        let bytes = read_key_file(&self.seal_key_file, "--seal-key-file")?;
         Ok(SealKey::new(&self.seal_key_id, bytes)?)
     }
 }
@@ -106,8 +111,13 @@ enum Command {
         /// Seconds between sealing runs.
         #[arg(long, env = "KEEL_AUDIT_SEAL_INTERVAL_SECS", default_value_t = 60)]
         interval_secs: u64,
-        /// Most rows per batch (one checkpoint per batch).
-        #[arg(long, env = "KEEL_AUDIT_SEAL_BATCH", default_value_t = 10_000)]
+        /// Most rows per batch (one checkpoint per batch), 1 to 100000.
+        #[arg(
+            long,
+            env = "KEEL_AUDIT_SEAL_BATCH",
+            default_value_t = 10_000,
+            value_parser = clap::value_parser!(u32).range(1..=100_000)
+        )]
         batch: u32,
     },
     /// Recompute the chain from the rows and name the first one changed, deleted or inserted.
@@ -116,8 +126,9 @@ enum Command {
         db: DatabaseArgs,
         #[command(flatten)]
         key: KeyArgs,
-        /// Start from this signed checkpoint (its sequence number) instead of the first row.
-        #[arg(long)]
+        /// Start from this signed checkpoint (its sequence number, from 1) instead of the first
+        /// row. A checkpoint that does not exist is a usage error (exit 64), not tampering.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
         from_checkpoint: Option<i64>,
     },
     /// Deliver customer notifications from the audit trail to a signed webhook.
@@ -126,8 +137,8 @@ enum Command {
     DeadLetters {
         #[command(flatten)]
         db: DatabaseArgs,
-        /// Most rows to list.
-        #[arg(long, default_value_t = 100)]
+        /// Most rows to list (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
         /// One JSON object per line instead of text.
         #[arg(long)]
@@ -166,8 +177,9 @@ enum PartitionsCommand {
     Ensure {
         #[command(flatten)]
         db: DatabaseArgs,
-        /// How many months after the current one to create.
-        #[arg(long, default_value_t = 3)]
+        /// How many months after the current one to create, 0 to 120 (ten years; the database
+        /// refuses a range of more than 100 years).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=120))]
         months_ahead: u32,
     },
 }
@@ -176,16 +188,18 @@ enum PartitionsCommand {
 struct RetentionArgs {
     #[command(flatten)]
     db: DatabaseArgs,
-    /// The month, YYYY-MM (UTC); it must be over.
+    /// The month, YYYY-MM (UTC, from 2000 on); it must be over.
     #[arg(
         long,
         required_unless_present = "months_ago",
-        conflicts_with = "months_ago"
+        conflicts_with = "months_ago",
+        value_parser = parse_month,
+        value_name = "YYYY-MM"
     )]
-    month: Option<String>,
+    month: Option<keel_audit::retention::Month>,
     /// The month this many months before the current one (by the database's clock), e.g. 13
-    /// to retire what is older than a year (for a scheduled job).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// to retire what is older than a year (for a scheduled job); 1 to 1200.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1200))]
     months_ago: Option<u32>,
     /// Who runs the step, recorded in its audit row (e.g. operator:alice, or
     /// service:keel-audit-retention for a scheduled job).
@@ -199,6 +213,10 @@ fn parse_actor(s: &str) -> Result<Actor, String> {
 
 fn parse_operator(s: &str) -> Result<Actor, String> {
     Actor::operator(s).map_err(|e| e.to_string())
+}
+
+fn parse_month(s: &str) -> Result<keel_audit::retention::Month, String> {
+    keel_audit::retention::Month::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -263,8 +281,8 @@ async fn run_retention(command: RetentionCommand) -> anyhow::Result<ExitCode> {
         .fetch_one(&mut *conn)
         .await
         .context("could not read the database clock")?;
-    let month = match (&args.month, args.months_ago) {
-        (Some(month), _) => Month::parse(month)?,
+    let month = match (args.month, args.months_ago) {
+        (Some(month), _) => month,
         (None, Some(ago)) => Month::containing(now).months_before(ago),
         (None, None) => anyhow::bail!("give --month YYYY-MM or --months-ago N"),
     };
@@ -350,9 +368,16 @@ fn parse_request_id(s: &str) -> Result<keel_audit::RequestId, String> {
     keel_audit::RequestId::parse(s).map_err(|e| e.to_string())
 }
 
+/// An RFC 3339 time, as UTC. One whose UTC instant falls outside the years 1 to 9999 is refused:
+/// the `time` crate (and so the database driver binding it) cannot hold every such instant.
 fn parse_rfc3339(s: &str) -> Result<time::OffsetDateTime, String> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| "not an RFC 3339 time (e.g. 2026-11-30T00:00:00Z)".to_owned())
+    let at = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| "not an RFC 3339 time (e.g. 2026-11-30T00:00:00Z)".to_owned())?;
+    at.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|utc| (1..=9999).contains(&utc.year()))
+        .ok_or_else(|| {
+            "out of range: an RFC 3339 time must fall in the years 0001 to 9999 in UTC".to_owned()
+        })
 }
 
 fn parse_list_cursor(s: &str) -> Result<keel_audit::postgres::CommitCursor, String> {
@@ -462,53 +487,92 @@ struct DispatchArgs {
     db: DatabaseArgs,
     #[command(flatten)]
     http: HttpArgs,
-    /// The receiver's URL (https://, or http:// inside the cluster). Never logged; it may
-    /// carry a token in its query, never user:password@.
+    /// The receiver's URL (https://, or http:// inside the cluster). Never logged, nor quoted
+    /// when refused; it may carry a token in its query, never user:password@.
     #[arg(
         long,
         env = "KEEL_AUDIT_WEBHOOK_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_parser = WebhookUrlParser
     )]
     webhook_url: WebhookUrl,
-    /// File holding the HMAC-SHA256 signing key shared with the receiver (at least 32 bytes;
-    /// a trailing newline is ignored). Never logged.
+    /// File holding the HMAC-SHA256 signing key shared with the receiver (at least 32 bytes, a
+    /// file of at most 4096; a trailing newline is ignored). Never logged.
     #[arg(long, env = "KEEL_AUDIT_NOTIFY_KEY_FILE", value_name = "PATH")]
     signing_key_file: PathBuf,
-    /// Attempts before a notification is dead-lettered.
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_MAX_ATTEMPTS", default_value_t = 12)]
+    /// Attempts before a notification is dead-lettered, 1 to 10000.
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_MAX_ATTEMPTS",
+        default_value_t = 12,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
     max_attempts: u32,
-    /// First retry backoff, in milliseconds (doubling per attempt, with jitter).
+    /// First retry backoff, in milliseconds (doubling per attempt, with jitter), 1 to 3600000
+    /// (an hour).
     #[arg(
         long,
         env = "KEEL_AUDIT_NOTIFY_BASE_BACKOFF_MS",
-        default_value_t = 5_000
+        default_value_t = 5_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000)
     )]
     base_backoff_ms: u64,
-    /// Longest retry backoff, in seconds.
+    /// Longest retry backoff, in seconds, 1 to 604800 (a week).
     #[arg(
         long,
         env = "KEEL_AUDIT_NOTIFY_MAX_BACKOFF_SECS",
-        default_value_t = 3_600
+        default_value_t = 3_600,
+        value_parser = clap::value_parser!(u64).range(1..=7 * 86_400)
     )]
     max_backoff_secs: u64,
-    /// Pause between passes when nothing is due, in milliseconds.
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_POLL_MS", default_value_t = 1_000)]
+    /// Pause between passes when nothing is due, in milliseconds, 10 to 3600000 (an hour).
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_POLL_MS",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(u64).range(10..=3_600_000)
+    )]
     poll_ms: u64,
-    /// Seconds to wait for the receiver's answer.
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_TIMEOUT_SECS", default_value_t = 10)]
+    /// Seconds to wait for the receiver's answer, 1 to 300.
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
     request_timeout_secs: u64,
-    /// Audit rows per ingest, and deliveries per pass.
-    #[arg(long, env = "KEEL_AUDIT_NOTIFY_BATCH", default_value_t = 100)]
+    /// Audit rows per ingest, and deliveries per pass, 1 to 1000.
+    #[arg(
+        long,
+        env = "KEEL_AUDIT_NOTIFY_BATCH",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
     batch: u32,
     /// Deliver what is due, then exit (no listener).
     #[arg(long)]
     once: bool,
 }
 
-fn read_key_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let mut bytes =
-        std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
+/// Reads the key file `flag` names, trailing newlines dropped. Reads at most
+/// [`MAX_KEY_FILE_BYTES`] and one more, so a larger file (a wrong path, a device) is refused
+/// without being read whole; no error shows the file's content.
+fn read_key_file(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let could_not_read = || format!("could not read the file {flag} names ({})", path.display());
+    let file = std::fs::File::open(path).with_context(could_not_read)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(could_not_read)?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        anyhow::bail!(
+            "the file {flag} names ({}) holds more than {MAX_KEY_FILE_BYTES} bytes: a key file \
+             holds the key alone (its content is not shown)",
+            path.display()
+        );
+    }
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         bytes.pop();
     }
@@ -516,21 +580,21 @@ fn read_key_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 
 async fn run_dispatcher(args: &DispatchArgs) -> anyhow::Result<ExitCode> {
-    let key = NotifyKey::new(read_key_file(&args.signing_key_file)?)?;
+    let key = NotifyKey::new(read_key_file(&args.signing_key_file, "--signing-key-file")?)?;
     let webhook = HttpWebhook::new(
         &args.webhook_url,
-        Duration::from_secs(args.request_timeout_secs.max(1)),
+        Duration::from_secs(args.request_timeout_secs),
     )?;
     let dispatcher = Dispatcher {
         webhook,
         key,
         policy: RetryPolicy {
-            max_attempts: args.max_attempts.max(1),
+            max_attempts: args.max_attempts,
             base_backoff: Duration::from_millis(args.base_backoff_ms),
             max_backoff: Duration::from_secs(args.max_backoff_secs),
         },
-        batch: args.batch.max(1),
-        poll: Duration::from_millis(args.poll_ms.max(10)),
+        batch: args.batch,
+        poll: Duration::from_millis(args.poll_ms),
         once: args.once,
     };
     let pool = keel_service::connect(&args.db, "keel-audit-dispatch", 2).await?;
@@ -634,6 +698,15 @@ fn main() -> ExitCode {
                 let pool = keel_service::connect(&db, "keel-audit-verify", 1).await?;
                 let mut conn = pool.acquire().await.context("could not connect")?;
                 let found = verify(&mut conn, &key, from_checkpoint).await?;
+                if let Some(Tampering::NoSuchCheckpoint { seq }) = &found.tampering {
+                    // A mistyped number, not evidence: nothing was verified.
+                    eprintln!(
+                        "error: no checkpoint {seq}: --from-checkpoint takes the position of a \
+                         checkpoint in audit_checkpoints (or leave it out to verify from the \
+                         first row)"
+                    );
+                    return Ok(ExitCode::from(keel_service::cli::EXIT_USAGE));
+                }
                 match &found.tampering {
                     None => {
                         println!(

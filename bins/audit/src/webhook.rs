@@ -26,10 +26,41 @@ impl std::fmt::Debug for WebhookUrl {
     }
 }
 
-impl std::str::FromStr for WebhookUrl {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
+/// Parses `--webhook-url` (`KEEL_AUDIT_WEBHOOK_URL`) at start-up, so a URL that could never be
+/// posted to (not `https://` or `http://`, no host, `user:password@` credentials) is a usage
+/// error before anything connects. Unlike a plain `fn` value parser, whose error clap prints as
+/// `invalid value '<the URL>'`, its error names the flag and never the value (which may carry a
+/// token, and arrives from the environment unredacted).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WebhookUrlParser;
+
+impl clap::builder::TypedValueParser for WebhookUrlParser {
+    type Value = WebhookUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<WebhookUrl, clap::Error> {
+        let flag = arg
+            .and_then(clap::Arg::get_long)
+            .map_or_else(|| "--webhook-url".to_owned(), |long| format!("--{long}"));
+        let refuse = |why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{flag}': {why}"),
+            )
+            .with_cmd(cmd)
+        };
+        let Some(text) = value.to_str() else {
+            return Err(refuse("the webhook URL is not UTF-8 (not shown)"));
+        };
+        let url = WebhookUrl(text.to_owned());
+        if let Err(e) = url.uri() {
+            return Err(refuse(&e.to_string()));
+        }
+        Ok(url)
     }
 }
 

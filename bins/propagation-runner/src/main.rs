@@ -82,12 +82,12 @@ enum Kubernetes {
 
 #[derive(Args)]
 struct RetentionArgs {
-    /// Days applied rows are kept.
-    #[arg(long, env = "KEEL_RETAIN_APPLIED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Days applied rows are kept, 1 to 36500 (a century).
+    #[arg(long, env = "KEEL_RETAIN_APPLIED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=36_500))]
     retain_applied_days: u32,
     /// Days dead-lettered rows are kept (while kept, they hold the reconciler back for their
-    /// tier change).
-    #[arg(long, env = "KEEL_RETAIN_DEAD_LETTERED_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    /// tier change), 1 to 36500 (a century).
+    #[arg(long, env = "KEEL_RETAIN_DEAD_LETTERED_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=36_500))]
     retain_dead_lettered_days: u32,
 }
 
@@ -117,8 +117,8 @@ enum Deferred {
     List {
         #[command(flatten)]
         db: DatabaseArgs,
-        /// At most this many.
-        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100)]
+        /// At most this many, 1 to 10000.
+        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
         /// One JSON document instead of a table.
         #[arg(long, env = "KEEL_JSON")]
@@ -153,7 +153,8 @@ struct RunArgs {
     /// Rows claimed per batch, which is also how many applies run at once.
     #[arg(long, env = "KEEL_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
-    /// Seconds a claim is held before another replica may take the row over.
+    /// Seconds a claim is held before another replica may take the row over; it must exceed
+    /// --apply-timeout-seconds + --shutdown-grace-seconds + 10 (checked before connecting).
     #[arg(long, env = "KEEL_LEASE_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
     lease_seconds: u32,
     /// Seconds one apply may take.
@@ -185,8 +186,8 @@ enum DeadLetters {
         /// Only this kind.
         #[arg(long, env = "KEEL_PROPAGATION_KIND", value_parser = parse_kind)]
         kind: Option<PropagationKind>,
-        /// At most this many.
-        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100)]
+        /// At most this many, 1 to 10000.
+        #[arg(long, env = "KEEL_LIMIT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
         /// One JSON document instead of a table.
         #[arg(long, env = "KEEL_JSON")]
@@ -299,6 +300,24 @@ async fn store(db: &DatabaseArgs, connections: u32) -> anyhow::Result<PgPropagat
     ))
 }
 
+/// The runner's timing flags as a configuration for `worker`, or a usage error naming the flags
+/// when the lease would not outlast an apply ([`RunnerConfig::check`]).
+fn runner_config(args: &RunArgs, worker: WorkerId) -> Result<RunnerConfig, String> {
+    let mut config = RunnerConfig::new(worker);
+    config.batch_size = args.batch_size;
+    config.lease = std::time::Duration::from_secs(u64::from(args.lease_seconds));
+    config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
+    config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
+    config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
+    config.check().map_err(|e| {
+        format!(
+            "--lease-seconds must exceed --apply-timeout-seconds + --shutdown-grace-seconds + 10: \
+             {e}"
+        )
+    })?;
+    Ok(config)
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let worker = args
         .worker_id
@@ -312,17 +331,19 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "--worker-id / KEEL_WORKER_ID / HOSTNAME is not a valid worker id \
          (1 to 57 characters of [A-Za-z0-9._:-])",
     )?;
+    // Before connecting: a lease that would not outlast an apply is a usage error.
+    let config = match runner_config(&args, worker) {
+        Ok(config) => config,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return Ok(ExitCode::from(keel_service::EXIT_USAGE));
+        }
+    };
     let store = Arc::new(store(&args.db, 8).await?);
     let applier = Arc::new(build_applier(&args).await?);
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let mut config = RunnerConfig::new(worker);
-    config.batch_size = args.batch_size;
-    config.lease = std::time::Duration::from_secs(u64::from(args.lease_seconds));
-    config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
-    config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
-    config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
     let runner = Runner::new(Arc::clone(&store), applier, metrics.clone(), config)?;
     let shutdown =
         keel_service::shutdown::on_signal().context("could not install signal handlers")?;

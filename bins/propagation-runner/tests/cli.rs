@@ -32,6 +32,64 @@ fn usage_errors_exit_64() {
     }
 }
 
+/// A flag value that would disable the work (a limit of 0 lists nothing), overflow its time
+/// arithmetic (a retention of millions of days) or let two replicas apply one row (a lease that
+/// does not outlast an apply) is a usage error (exit 64) naming the flags, before any database
+/// is reached: the URL points nowhere, so a run that got that far would exit 1.
+#[test]
+fn a_flag_value_that_would_disable_or_overflow_the_work_is_a_usage_error() {
+    for (args, flags) in [
+        (
+            &["prune", "--retain-applied-days", "36501"][..],
+            &["--retain-applied-days"][..],
+        ),
+        (
+            &["prune", "--retain-dead-lettered-days", "4294967295"][..],
+            &["--retain-dead-lettered-days"][..],
+        ),
+        (
+            &["run", "--once", "--retain-applied-days", "36501"][..],
+            &["--retain-applied-days"][..],
+        ),
+        (
+            &["run", "--once", "--retain-dead-lettered-days", "36501"][..],
+            &["--retain-dead-lettered-days"][..],
+        ),
+        (
+            &["dead-letters", "list", "--limit", "0"][..],
+            &["--limit"][..],
+        ),
+        (
+            &["dead-letters", "list", "--limit", "10001"][..],
+            &["--limit"][..],
+        ),
+        (&["deferred", "list", "--limit", "0"][..], &["--limit"][..]),
+        (
+            &["deferred", "list", "--limit", "10001"][..],
+            &["--limit"][..],
+        ),
+        (
+            &[
+                "run",
+                "--once",
+                "--lease-seconds",
+                "30",
+                "--apply-timeout-seconds",
+                "60",
+            ][..],
+            &["--lease-seconds", "--apply-timeout-seconds"][..],
+        ),
+    ] {
+        let out = runner(args, "postgres://unused@127.0.0.1:1/none");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        for flag in flags {
+            assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        }
+        assert!(out.stdout.is_empty(), "{args:?}: nothing listed or run");
+    }
+}
+
 #[tokio::test]
 async fn a_drifted_resource_whose_role_is_missing_retries_instead_of_applying() {
     let db = keel_testkit::database().await;

@@ -128,6 +128,13 @@ pub enum Tampering {
         /// What disagrees.
         what: &'static str,
     },
+    /// Not a difference: the checkpoint [`verify`] was asked to start from does not exist (no
+    /// checkpoint at all at that position, under any key id), so nothing after it was verified.
+    /// Usually a mistyped position; never to be taken for a chain that holds.
+    NoSuchCheckpoint {
+        /// The position asked for.
+        seq: i64,
+    },
 }
 
 impl std::fmt::Display for Tampering {
@@ -152,6 +159,9 @@ impl std::fmt::Display for Tampering {
                 )
             }
             Tampering::Chain { seq, what } => write!(f, "the seal chain at {seq}: {what}"),
+            Tampering::NoSuchCheckpoint { seq } => {
+                write!(f, "no checkpoint {seq}: nothing was verified from it")
+            }
         }
     }
 }
@@ -325,7 +335,9 @@ pub async fn seal(
 /// checkpoint signed with `key`, starting after checkpoint `from` (its signature must hold) or
 /// from the first row. Returns the first difference in chain order. A checkpoint under another
 /// key id is a difference too ([`Tampering::Chain`]) unless it comes before `key`'s last
-/// checkpoint (which signs the chain through it: a rotated-out key's, for example).
+/// checkpoint (which signs the chain through it: a rotated-out key's, for example). A `from`
+/// with no checkpoint at all at that position is [`Tampering::NoSuchCheckpoint`] (nothing was
+/// verified), once every checkpoint's signature has been checked.
 pub async fn verify(
     conn: &mut PgConnection,
     key: &SealKey,
@@ -397,10 +409,14 @@ async fn verify_in(
         None => (0, GENESIS.to_vec()),
         Some(seq) => match signed.get(&seq) {
             Some(hash) => (seq, hash.clone()),
+            None if !checkpoints.iter().any(|(at, ..)| *at == seq) => {
+                verification.tampering = Some(Tampering::NoSuchCheckpoint { seq });
+                return Ok(verification);
+            }
             None => {
                 verification.tampering = Some(Tampering::Chain {
                     seq,
-                    what: "no checkpoint signed with this key at that position",
+                    what: "the checkpoint at that position is not signed with this key",
                 });
                 return Ok(verification);
             }
@@ -533,5 +549,16 @@ mod tests {
         let key = SealKey::new("k1", b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
         assert!(!format!("{key:?}").contains("0123456789"));
         assert_ne!(key.sign(1, &[0; 32]), key.sign(2, &[0; 32]));
+    }
+
+    /// A start that names no checkpoint says so, and never reads as the chain holding.
+    #[test]
+    fn a_missing_start_checkpoint_is_named_as_such() {
+        let missing = Tampering::NoSuchCheckpoint { seq: 42 };
+        assert_eq!(
+            missing.to_string(),
+            "no checkpoint 42: nothing was verified from it"
+        );
+        assert_ne!(missing, Tampering::Chain { seq: 42, what: "x" });
     }
 }
