@@ -362,7 +362,9 @@ struct ClaimedRow {
     team_id: Uuid,
     resource_id: Uuid,
     resource_type: String,
-    payload: Json<serde_json::Value>,
+    /// As text: a payload the server stores but serde cannot read (nested deeper than it
+    /// recurses, a number out of its range) is this row's problem, never the claim's.
+    payload: String,
     attempts: i32,
     claim_token: i64,
     target_version: i64,
@@ -380,8 +382,10 @@ impl ClaimedRow {
             .resource_type
             .parse()
             .map_err(|e| corrupt(format!("{e}")))?;
-        let payload = Payload::from_json(kind, &self.payload.0)
+        let json: serde_json::Value = serde_json::from_str(&self.payload)
             .map_err(|e| corrupt(format!("bad payload: {e}")))?;
+        let payload =
+            Payload::from_json(kind, &json).map_err(|e| corrupt(format!("bad payload: {e}")))?;
         Ok(Propagation {
             id: PropagationId(self.id),
             team_id: TeamId::from_uuid(self.team_id),
@@ -1505,7 +1509,8 @@ const CLAIM_SQL: &str = "WITH claimed AS ( \
                RETURNING p.id, p.kind, p.team_id, p.resource_id, p.resource_type, p.payload, \
                          p.attempts, p.claim_token, p.target_version \
              ) \
-             SELECT c.id, c.kind, c.team_id, c.resource_id, c.resource_type, c.payload, c.attempts, \
+             SELECT c.id, c.kind, c.team_id, c.resource_id, c.resource_type, \
+                    c.payload::text AS payload, c.attempts, \
                     c.claim_token, c.target_version, \
                     r.token, r.provider_resource_id, r.status, r.team_id AS owner \
              FROM claimed c LEFT JOIN resources r ON r.id = c.resource_id \
@@ -1771,10 +1776,12 @@ pub use keel_audit::{RoleSettings, TierRoleSettings};
 /// even inside the prefix. The role name (derived from the customer's token) never appears in
 /// errors.
 ///
-/// An attempt that cannot get a connection to the cluster within the pool's acquire timeout
-/// never reached the backend: it is reported [`ApplyError::not_attempted`], so a few slow
-/// customer roles holding connections never cost other rows an attempt. Give the applier its
-/// own pool, at least as large as the runner's concurrency.
+/// An attempt that cannot get a connection to the cluster within the pool's acquire timeout,
+/// because every connection of the pool is busy, never reached the backend: it is reported
+/// [`ApplyError::not_attempted`], so a few slow customer roles holding connections never cost
+/// other rows an attempt. Give the applier its own pool, at least as large as the runner's
+/// concurrency. A connection that cannot be made at all (refused, timed out with room in the
+/// pool, a wrong password) is a charged attempt, retried and in the end dead-lettered.
 #[derive(Clone, Debug)]
 pub struct PgRoleApplier {
     cluster: PgPool,
@@ -1782,6 +1789,23 @@ pub struct PgRoleApplier {
 }
 
 impl PgRoleApplier {
+    /// Why no connection to the cluster was had. Waiting for one while every connection of the
+    /// pool is busy with other rows is not an attempt on this customer's role. Anything else (a
+    /// refused or timed-out connect with room in the pool, a refused password, a TLS or DNS
+    /// failure) is the cluster being unreachable: a charged attempt, retried with backoff and
+    /// dead-lettered when its budget is spent, so a wrong secret or a dead cluster pages
+    /// instead of cycling rows unattempted for ever.
+    fn no_connection(&self, e: &sqlx::Error) -> ApplyError {
+        let at_capacity = matches!(e, sqlx::Error::PoolTimedOut)
+            && self.cluster.size() >= self.cluster.options().get_max_connections()
+            && self.cluster.num_idle() == 0;
+        if at_capacity {
+            ApplyError::not_attempted(format!("no free connection to the shared cluster: {e}"))
+        } else {
+            ApplyError::new(format!("could not connect to the shared cluster: {e}"))
+        }
+    }
+
     /// An applier acting on the cluster behind `cluster` (a role allowed to `ALTER ROLE`).
     /// Build the pool from [`PgRoleApplier::cluster_options`], so nothing on its connections
     /// logs a statement.
@@ -1903,14 +1927,9 @@ impl Applier for PgRoleApplier {
         let settings = self.settings.get(tier).ok_or_else(|| {
             ApplyError::new(format!("no role settings are configured for tier {tier}"))
         })?;
-        // Waiting for a connection is not an attempt on the customer's role.
         let mut conn = match self.cluster.acquire().await {
             Ok(conn) => conn,
-            Err(e) => {
-                return Err(ApplyError::not_attempted(format!(
-                    "no free connection to the shared cluster: {e}"
-                )));
-            }
+            Err(e) => return Err(self.no_connection(&e)),
         };
         let current: Option<(i32, Option<Vec<String>>, bool)> = match sqlx::query_as(
             "SELECT rolconnlimit, rolconfig, \
