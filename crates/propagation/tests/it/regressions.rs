@@ -1154,3 +1154,204 @@ async fn the_library_housekeeping_loop_reconciles_drift_and_sets_the_queue_gauge
         "{text}"
     );
 }
+
+/// A payload the server stores but serde cannot read (JSON nested deeper than it recurses, a
+/// number beyond its range) is that row's problem: it is left as an unreadable payload, like
+/// any row this build cannot read, and the claim of every other due row goes on. Decoded in the
+/// claim's own statement, such a row failed every claim of every replica, for every tenant.
+#[tokio::test]
+async fn a_payload_serde_cannot_read_never_fails_the_claim_of_the_others() {
+    let db = keel_testkit::database().await;
+    let mut unreadable = Vec::new();
+    for payload in [
+        format!(
+            r#"{{"target_tier": "pro", "x": {}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        ),
+        r#"{"target_tier": "pro", "n": 1e400}"#.to_owned(),
+    ] {
+        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO pending_propagations \
+               (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
+             VALUES ('tier_elevation', $1, $2, 'postgres', $3::jsonb, $4) RETURNING id",
+        )
+        .bind(team.as_uuid())
+        .bind(resource.as_uuid())
+        .bind(payload)
+        .bind(T0 - time::Duration::minutes(1))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        unreadable.push(id);
+    }
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let readable = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    let (runner, _) = default_runner(db.pool(), Arc::new(Recording::default()));
+    let report = runner
+        .run_batch(T0, &never())
+        .await
+        .expect("the claim goes on past the rows it cannot read");
+    assert_eq!((report.claimed, report.applied), (1, 1));
+    assert_eq!(row(db.pool(), readable).await.status, "applied");
+    let listed: Vec<(i64, DeferReason)> = store(db.pool())
+        .deferred(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.reason))
+        .collect();
+    assert_eq!(
+        listed,
+        unreadable
+            .iter()
+            .map(|id| (*id, DeferReason::UnreadablePayload))
+            .collect::<Vec<_>>()
+    );
+    for id in unreadable {
+        let state = row(db.pool(), PropagationId(id)).await;
+        assert_eq!((state.status.as_str(), state.attempts), ("pending", 0));
+    }
+}
+
+/// A payload is bounded on write (64 KiB, a `target_tier` of 64 bytes): a tier of kilobytes
+/// could not enter the dead-letter index, and the one statement that dead-letters every row no
+/// runner can read failed on it, for every tenant, with the retention pass after it.
+#[tokio::test]
+async fn a_payload_too_large_to_dead_letter_is_refused_on_write() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    for payload in [
+        format!(r#"{{"target_tier": "{}"}}"#, "x".repeat(65)),
+        format!(
+            r#"{{"target_tier": "pro", "pad": "{}"}}"#,
+            "x".repeat(70_000)
+        ),
+    ] {
+        let refused = sqlx::query(
+            "INSERT INTO pending_propagations \
+               (kind, team_id, resource_id, resource_type, payload) \
+             VALUES ('tier_elevation', $1, $2, 'mysql', $3::jsonb)",
+        )
+        .bind(team.as_uuid())
+        .bind(resource.as_uuid())
+        .bind(&payload)
+        .execute(db.pool())
+        .await
+        .expect_err("an oversized payload is refused");
+        assert_eq!(
+            refused
+                .as_database_error()
+                .and_then(|e| e.code())
+                .as_deref(),
+            Some("23514"),
+            "{refused}"
+        );
+    }
+    // The largest tier the bound allows is dead-lettered like any unreadable row.
+    sqlx::query(
+        "INSERT INTO pending_propagations \
+           (kind, team_id, resource_id, resource_type, payload, next_attempt_at) \
+         VALUES ('tier_elevation', $1, $2, 'mysql', jsonb_build_object('target_tier', repeat('x', 64)), \
+                 now() - interval '7 hours')",
+    )
+    .bind(team.as_uuid())
+    .bind(resource.as_uuid())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let plan = Housekeeping {
+        unsupported_grace: time::Duration::hours(1),
+        retention: Retention::default(),
+        prune_batch: 100,
+        actor: Actor::system(),
+    };
+    store(db.pool())
+        .housekeeping(&Metrics::register(&mut Registry::default()), &plan)
+        .await
+        .unwrap();
+    assert_eq!(
+        store(db.pool()).dead_letters(None, 10).await.unwrap().len(),
+        1
+    );
+}
+
+/// The cluster unreachable (a refused connection with room in the pool, a refused password)
+/// is a charged attempt with its cause recorded, retried with backoff and dead-lettered in the
+/// end: given back unattempted, the row cycled every few seconds with no attempt, no error, no
+/// audit row and no alert.
+#[tokio::test]
+async fn an_unreachable_cluster_is_a_charged_attempt_not_a_row_given_back_for_ever() {
+    let db = keel_testkit::database().await;
+    let refused_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    for (case, options) in [
+        (
+            "refused connection",
+            db.connect_options().host("127.0.0.1").port(refused_port),
+        ),
+        (
+            "wrong password",
+            db.connect_options().password("not-the-password"),
+        ),
+    ] {
+        let token = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let role = keel_provision::RoleName::for_database(
+            &keel_provision::DatabaseName::for_token(&keel_audit::Token::parse(&token).unwrap()),
+        )
+        .expose()
+        .to_owned();
+        let (team, resource) = seed(db.pool(), "pro", "free", Some(&role)).await;
+        sqlx::query("UPDATE resources SET token = $2 WHERE id = $1")
+            .bind(resource.as_uuid())
+            .bind(&token)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let id = store(db.pool())
+            .enqueue(&elevation(team, resource, "pro"), T0)
+            .await
+            .unwrap()
+            .id();
+        let cluster = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(std::time::Duration::from_millis(300))
+            .connect_lazy_with(options);
+        let applier = Arc::new(PgRoleApplier::new(cluster, TierRoleSettings::standard()));
+        let (runner, _) = default_runner(db.pool(), applier);
+        let report = runner.run_batch(T0, &never()).await.unwrap();
+        assert_eq!((report.not_attempted, report.retried), (0, 1), "{case}");
+        let state = row(db.pool(), id).await;
+        assert_eq!(
+            (state.status.as_str(), state.attempts),
+            ("pending", 1),
+            "{case}"
+        );
+        assert!(
+            state
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("could not connect to the shared cluster")),
+            "{case}: {:?}",
+            state.last_error
+        );
+        assert!(
+            audit_kinds(db.pool(), resource)
+                .await
+                .contains(&"propagation.retrying".to_owned()),
+            "{case}"
+        );
+        sqlx::query("DELETE FROM pending_propagations WHERE id = $1")
+            .bind(id.0)
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+}
