@@ -6,7 +6,8 @@
 //! `prune`, and `migrate`. While running it serves `/metrics` and `/healthz`, and its
 //! housekeeping (single-flight across replicas) keeps the queue and deferral gauges, runs the
 //! reconciler, dead-letters rows no runner could read within the grace, and prunes finished
-//! rows. Every flag has an environment variable.
+//! rows; if that housekeeping task dies, the runner drains and exits 1 (logged at ERROR), to be
+//! restarted. Every flag has an environment variable.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -376,34 +377,68 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let wake = Arc::new(tokio::sync::Notify::new());
     let wakeups = match listen_for_wakeups(store.pool().clone(), Arc::clone(&wake)).await {
-        Ok(handle) => Some(handle),
+        Ok(handle) => Some(warn_when_wakeups_end(handle, args.poll_seconds)),
         Err(e) => {
             // E.g. behind a transaction-pooling proxy, where LISTEN does not work: poll instead.
             tracing::warn!(error = %e, poll_seconds = args.poll_seconds, "no LISTEN/NOTIFY wake-ups; polling only");
             None
         }
     };
-    let housekeeping = tokio::spawn(housekeeping(
-        Arc::clone(&store),
-        metrics,
-        args.reconcile_seconds,
-        Housekeeping {
-            unsupported_grace: time::Duration::seconds(i64::from(args.unsupported_grace_seconds)),
-            retention: args.retention.retention(),
-            prune_batch: 1000,
-            actor: runner.config().actor.clone(),
-        },
-        shutdown.clone(),
-    ));
+    // Supervised: if housekeeping dies, nothing reconciles, settles or prunes again, so the
+    // runner drains and exits 1 to be restarted rather than running on without it.
+    let housekeeping = keel_service::supervise::spawn("housekeeping", shutdown.clone(), {
+        let pass = housekeeping(
+            Arc::clone(&store),
+            metrics,
+            args.reconcile_seconds,
+            Housekeeping {
+                unsupported_grace: time::Duration::seconds(i64::from(
+                    args.unsupported_grace_seconds,
+                )),
+                retention: args.retention.retention(),
+                prune_batch: 1000,
+                actor: runner.config().actor.clone(),
+            },
+            shutdown.clone(),
+        );
+        async move {
+            pass.await;
+            Ok(())
+        }
+    });
 
+    // Returns on SIGTERM/SIGINT, or once a dead housekeeping task cancelled `shutdown`.
     runner.run(wake, shutdown.clone()).await;
     if let Some(wakeups) = wakeups {
         wakeups.abort();
     }
-    housekeeping.abort();
+    let housekeeping = housekeeping.stop().await;
     let _ = http.stop().await;
     tracing::info!("propagation runner stopped");
+    housekeeping?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Watches the LISTEN wake-up task: it only ends if it panicked, and the runner still polls
+/// every `--poll-seconds`, so its end is logged at WARN and the runner keeps running. The
+/// handle returned stops it at shutdown.
+fn warn_when_wakeups_end(
+    wakeups: tokio::task::JoinHandle<()>,
+    poll_seconds: u32,
+) -> tokio::task::AbortHandle {
+    let abort = wakeups.abort_handle();
+    tokio::spawn(async move {
+        match wakeups.await {
+            // Stopped at shutdown.
+            Err(e) if e.is_cancelled() => {}
+            // Never the panic's payload: the panic hook printed it already.
+            Ok(()) | Err(_) => tracing::warn!(
+                poll_seconds,
+                "the LISTEN/NOTIFY wake-up task ended; polling only"
+            ),
+        }
+    });
+    abort
 }
 
 async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {

@@ -396,7 +396,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             older_than: Duration::from_secs(args.reconcile_pending_after_secs),
             interval: Duration::from_secs(args.reconcile_interval_secs.max(1)),
         };
-        tokio::spawn(async move { reconcile::run(pool, &state.provisioner, config, stop).await })
+        // Supervised: if it dies, stale `pending` rows are never settled again, so the API
+        // drains and exits 1 to be restarted rather than serving on without it.
+        keel_service::supervise::spawn("stale-pending reconciler", shutdown.clone(), async move {
+            reconcile::run(pool, &state.provisioner, config, stop).await;
+            Ok(())
+        })
     };
     let registry = Arc::new(registry);
     let readiness = Readiness::new(pool.clone());
@@ -416,12 +421,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("the API listener failed")?;
     shutdown.cancel();
-    if let Err(e) = reconciler.await {
-        tracing::error!(error = %e, "the reconciler task failed");
-    }
+    // A tick in progress finishes (it holds the single-flight lock), then the reconciler returns.
+    let reconciler = reconciler.join().await;
     ops.stop().await.context("the operations listener failed")?;
     pool.close().await;
     tracing::info!("provisioning API stopped");
+    reconciler?;
     Ok(ExitCode::SUCCESS)
 }
 

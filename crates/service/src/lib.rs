@@ -7,6 +7,7 @@
 //! - [`http`]: the `/metrics` (OpenMetrics or Prometheus text), `/healthz` and `/readyz`
 //!   listener, with `keel_build_info` and the [`process`] families on every scrape.
 //! - [`shutdown`]: a token cancelled on SIGTERM or SIGINT.
+//! - [`supervise`]: background tasks whose death before shutdown stops the process (exit 1).
 //! - [`migrate`]: the `migrate` subcommand.
 //! - [`run`]: runs a binary's async main, logging an error and exiting 1 if it fails.
 //!
@@ -49,6 +50,7 @@ pub mod cli;
 pub mod http;
 pub mod process;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;
 
 use std::future::Future;
