@@ -1355,3 +1355,55 @@ async fn an_unreachable_cluster_is_a_charged_attempt_not_a_row_given_back_for_ev
             .unwrap();
     }
 }
+
+/// A claimed row always carries its lease and fence token: one claimed without a lease was
+/// never rescued (the rescue finds claims by lease expiry), never claimed, settled nor counted
+/// (those look only at unclaimed rows), so its tier never landed and nothing showed it.
+#[tokio::test]
+async fn a_claim_without_a_lease_is_refused_on_write() {
+    let db = keel_testkit::database().await;
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store(db.pool())
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    for set in [
+        "claimed_by = 'old-runner'",
+        "claimed_by = 'old-runner', claim_token = 7",
+        "claimed_by = 'old-runner', lease_expires_at = now() + interval '1 minute'",
+    ] {
+        let refused = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE pending_propagations SET {set} WHERE id = $1"
+        )))
+        .bind(id.0)
+        .execute(db.pool())
+        .await
+        .expect_err(set);
+        assert_eq!(
+            refused
+                .as_database_error()
+                .and_then(|e| e.code())
+                .as_deref(),
+            Some("23514"),
+            "{set}: {refused}"
+        );
+    }
+    // Claimed as Keel claims, the row is still rescued and applied once its lease runs out.
+    sqlx::query(
+        "UPDATE pending_propagations SET claimed_by = 'old-runner', claim_token = 7, \
+                lease_expires_at = $2 WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(T0 + time::Duration::minutes(1))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let (runner, _) = default_runner(db.pool(), Arc::new(Recording::default()));
+    let report = runner
+        .run_batch(T0 + time::Duration::minutes(2), &never())
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 1);
+    assert_eq!(row(db.pool(), id).await.status, "applied");
+}
