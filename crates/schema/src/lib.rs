@@ -110,7 +110,10 @@ pub const CONTRACT_TABLES: &[&str] = &[
 ///
 /// Runs on a connection of its own (not one of `pool`'s), which it closes whether the migration
 /// succeeded or not, so a failed migration never leaves the migration lock held for the next
-/// replica. Keel's versions are tracked in [`MIGRATIONS_TABLE`]; rows a previous Keel left in
+/// replica. That connection is opened from `pool`'s connect options: a setting your pool makes
+/// in an `after_connect` hook (a `search_path`, say) does not reach it, so give such settings
+/// in the connect options instead (`PgConnectOptions::options`, or `options=-c search_path=…`
+/// in the URL), where both the migration and the pool's connections take them. Keel's versions are tracked in [`MIGRATIONS_TABLE`]; rows a previous Keel left in
 /// [`LEGACY_MIGRATIONS_TABLE`] are moved there first.
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
