@@ -12,15 +12,18 @@
 //!
 //! 1. [`export_month`] writes every row of a month that is over and fully sealed to a new file,
 //!    one JSON object per line in commit order, each with its global `event_uuid`, its seal
-//!    position and link hash; the file's SHA-256 is recorded.
+//!    position and link hash; the file's SHA-256 is recorded. The file is written under a
+//!    temporary name and takes its own only just before the record commits (see there for what
+//!    a crash leaves behind).
 //! 2. [`verify_export`] reads the file back: its digest must be the recorded one, its rows
 //!    exactly the partition's (field by field, event UUIDs included), each partition row must
 //!    hash to its own seal link, and the whole chain must verify ([`crate::seal::verify`]).
-//! 3. [`detach_month`] refuses a month that was not exported and verified (or whose partition
-//!    changed since), records the month's seal links as retired, signs a checkpoint at the
-//!    month's last link (the boundary), and `DETACH`es the partition. Its rows stay in the
-//!    detached table `audit_events_YYYY_MM` until the owner archives or drops it; the seal
-//!    chain keeps verifying without them.
+//! 3. [`detach_month`] refuses a month that was not exported and verified, or whose partition
+//!    changed since (counted while no writer can add to it: a transaction that began before the
+//!    month ended may commit a row into it after the export), records the month's seal links as
+//!    retired, signs a checkpoint at the month's last link (the boundary), and `DETACH`es the
+//!    partition. Its rows stay in the detached table `audit_events_YYYY_MM` until the owner
+//!    archives or drops it; the seal chain keeps verifying without them.
 
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -156,9 +159,45 @@ pub enum RetentionError {
     /// The month was already detached.
     #[error("{0} was already detached")]
     AlreadyDetached(Month),
-    /// The export file already exists (an export never overwrites a file).
-    #[error("{0} already exists: an export never overwrites a file")]
+    /// The export file already exists (an export never overwrites a file). With no export of the
+    /// month recorded, it is left from an export that did not commit.
+    #[error(
+        "{0} already exists: an export never overwrites a file. If audit_retention holds no \
+         export of this month, the file is left from an export that did not commit (it crashed \
+         or failed after naming the file): check it, remove it and export again"
+    )]
     FileExists(PathBuf),
+    /// The commit of an export got no answer (the connection was lost): whether the month was
+    /// recorded is unknown, so its file was left in place.
+    #[error(
+        "the commit of the export of {month} got no answer ({source}): if audit_retention holds \
+         an export of {month}, {path} is that export (verify it); if not, remove {path} and \
+         export again"
+    )]
+    CommitUnknown {
+        /// The month.
+        month: Month,
+        /// The export file, left in place.
+        path: PathBuf,
+        /// The error of the commit.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Rows were committed into the month after it was exported, by transactions that began
+    /// before it ended (`recorded_at` is a transaction's start): the export does not hold them.
+    #[error(
+        "{rows} rows were committed into {month} after it was exported (by transactions that \
+         began before the month ended), so its export does not hold them; nothing was detached. \
+         A month is exported once: as the owner, remove the month's audit_retention record and \
+         move its export file aside, then seal, export, verify and detach the month again \
+         (README, \"Partitions and retention\")"
+    )]
+    RowsAfterExport {
+        /// The month.
+        month: Month,
+        /// How many rows the partition holds beyond those exported.
+        rows: i64,
+    },
     /// The file does not match the export or the partition.
     #[error("the export of {month} does not match: {what}")]
     Mismatch {
@@ -313,7 +352,7 @@ async fn preconditions(
         return Err(RetentionError::NotOwner);
     }
     let record: Option<Record> = sqlx::query_as(
-        "SELECT rows, file_sha256, last_seq, verified_at IS NOT NULL AS verified, \
+        "SELECT rows, file_sha256, first_seq, last_seq, verified_at IS NOT NULL AS verified, \
                 detached_at IS NOT NULL AS detached \
          FROM audit_retention WHERE month = $1",
     )
@@ -342,6 +381,7 @@ async fn preconditions(
 struct Record {
     rows: i64,
     file_sha256: Vec<u8>,
+    first_seq: Option<i64>,
     last_seq: Option<i64>,
     verified: bool,
     detached: bool,
@@ -368,6 +408,25 @@ async fn audit_step(
 
 /// Exports every row of `month` (over, fully sealed, not exported before) to a new file at
 /// `path`, records the export and audits it (`audit.partition_exported`). Run as the owner.
+///
+/// The rows are written to a new temporary file beside `path` (`.<name>.partial-<pid>-<random>`),
+/// which is flushed and synced; the export is recorded and audited; the file is then linked
+/// under `path` (a hard link, which never replaces an existing file or symlink), its temporary
+/// name removed and the directory synced, and only then does the transaction commit. A failure
+/// before the link leaves no file; a failure after it, the server refusing the commit included,
+/// removes the file under `path` again; the temporary file is always removed. So, but for a
+/// crash, a file under `path` exists only with its record. A crash (or a kill) leaves:
+///
+/// - before the link: at most the temporary `.<name>.partial-…` file and no record; `path` is
+///   still free and a rerun exports afresh (the leftover may be deleted);
+/// - between the link and the commit: a complete-looking file under `path` (perhaps beside the
+///   temporary one) and no record; a rerun refuses with [`RetentionError::FileExists`], whose
+///   message tells the operator to check that `audit_retention` holds no export of the month
+///   and to remove the file;
+/// - after the commit: the file and its record, as a success does.
+///
+/// If the commit gets no answer (the connection is lost), whether it took effect is unknown: the
+/// file is left under `path` and [`RetentionError::CommitUnknown`] says what to check.
 pub async fn export_month(
     conn: &mut PgConnection,
     month: Month,
@@ -377,7 +436,29 @@ pub async fn export_month(
 ) -> Result<Export, RetentionError> {
     let mut tx = conn.begin().await.map_err(store("begin the export"))?;
     let exported = export_in(&mut tx, month, path, actor, now).await;
-    finish(tx, exported, "commit the export").await
+    let (export, placed) = match exported {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    match tx.commit().await {
+        Ok(()) => {
+            placed.keep();
+            Ok(export)
+        }
+        // The server refused the commit: nothing was recorded, so `placed` removes the file.
+        Err(e @ sqlx::Error::Database(_)) => Err(store("commit the export")(e)),
+        Err(source) => {
+            placed.keep();
+            Err(RetentionError::CommitUnknown {
+                month,
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
 }
 
 /// Commits when `outcome` is `Ok`, rolls back at once otherwise (so a refused step leaves the
@@ -399,13 +480,59 @@ async fn finish<T>(
     }
 }
 
+/// A file removed when this is dropped (however the step ends: failed, refused or cancelled),
+/// unless [`kept`](Self::keep).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The directory of `path` (`.` for a bare name) and its file name.
+fn split_path(path: &Path) -> Result<(PathBuf, &std::ffi::OsStr), RetentionError> {
+    let name = path.file_name().ok_or_else(|| RetentionError::Io {
+        what: "name the export file",
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the export path names no file",
+        ),
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name))
+}
+
+/// Syncs a directory, so that a name just linked in it survives a crash.
+fn sync_dir(dir: &Path) -> Result<(), RetentionError> {
+    if cfg!(unix) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync the export file's directory"))?;
+    }
+    Ok(())
+}
+
+/// Writes, records and audits the export, then links the file under `path`; returns the export
+/// and the file under `path`, removed when dropped unless the commit succeeds.
 async fn export_in(
     tx: &mut PgConnection,
     month: Month,
     path: &Path,
     actor: &Actor,
     now: OffsetDateTime,
-) -> Result<Export, RetentionError> {
+) -> Result<(Export, RemoveOnDrop), RetentionError> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await
@@ -427,28 +554,26 @@ async fn export_in(
             rows: unsealed,
         });
     }
+    let (dir, name) = split_path(path)?;
+    // Refused before writing anything; the link below is what guarantees no file is replaced.
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(RetentionError::FileExists(path.to_path_buf()));
+    }
+    let mut partial_name = std::ffi::OsString::from(".");
+    partial_name.push(name);
+    partial_name.push(format!(
+        ".partial-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let partial = dir.join(partial_name);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                RetentionError::FileExists(path.to_path_buf())
-            } else {
-                RetentionError::Io {
-                    what: "create the export file",
-                    source: e,
-                }
-            }
-        })?;
-    let written = write_rows(tx, month, file).await;
-    let (rows, sha256, first_seq, last_seq) = match written {
-        Ok(done) => done,
-        Err(e) => {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
-    };
+        .open(&partial)
+        .map_err(io("create the temporary export file"))?;
+    let partial_file = RemoveOnDrop(Some(partial.clone()));
+    let (rows, sha256, first_seq, last_seq) = write_rows(tx, month, file).await?;
     sqlx::query(
         "INSERT INTO audit_retention \
            (month, partition, rows, file_sha256, first_seq, last_seq, exported_at, exported_by) \
@@ -475,11 +600,29 @@ async fn export_in(
         &sha256,
     )
     .await?;
-    Ok(Export {
-        month,
-        rows: u64::try_from(rows).unwrap_or(0),
-        sha256,
-    })
+    // The file takes its name: a hard link fails if the name exists, even as a symlink.
+    std::fs::hard_link(&partial, path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            RetentionError::FileExists(path.to_path_buf())
+        } else {
+            RetentionError::Io {
+                what: "give the export file its name",
+                source: e,
+            }
+        }
+    })?;
+    // From here the name is this export's: any failure (or the commit's refusal) removes it.
+    let placed = RemoveOnDrop(Some(path.to_path_buf()));
+    drop(partial_file);
+    sync_dir(&dir)?;
+    Ok((
+        Export {
+            month,
+            rows: u64::try_from(rows).unwrap_or(0),
+            sha256,
+        },
+        placed,
+    ))
 }
 
 type Written = (i64, [u8; 32], Option<i64>, Option<i64>);
@@ -540,6 +683,8 @@ pub struct ExportVerification {
 /// Verifies the export of `month` at `path`: the file is the one recorded, holds exactly the
 /// partition's rows, each row hashes to its seal link, and the whole chain verifies under
 /// `key`. Records and audits the verification (`audit.partition_verified`). Run as the owner.
+/// A partition holding more rows than the export (rows committed into the month after it was
+/// exported) is refused as such ([`RetentionError::RowsAfterExport`]).
 pub async fn verify_export(
     conn: &mut PgConnection,
     month: Month,
@@ -579,6 +724,21 @@ async fn verify_in(
         return Err(mismatch(
             "the file's SHA-256 is not the one recorded at export".into(),
         ));
+    }
+    // Rows committed into the month after its export (by transactions that began before the
+    // month ended) are in the partition and not in the file: named as such.
+    let in_partition: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        month.partition()
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(store("count the month's rows"))?;
+    if in_partition > record.rows {
+        return Err(RetentionError::RowsAfterExport {
+            month,
+            rows: in_partition - record.rows,
+        });
     }
     let mut lines = bytes.lines();
     let mut after = (0_i64, 0_i64);
@@ -675,6 +835,17 @@ async fn verify_in(
 /// unchanged since: its seal links are recorded as retired, a checkpoint is signed at the
 /// month's last link (the boundary), and the detach is audited (`audit.partition_detached`).
 /// The detached table keeps its rows. Run as the owner.
+///
+/// `recorded_at` is the start of the inserting transaction, so a transaction that began before
+/// the month ended can commit a row into its partition after the export and verification. The
+/// detach first locks the partition against writers (`SHARE ROW EXCLUSIVE`: it waits for those
+/// still running, holds new ones off until it commits, lets readers on, and lets one detach in
+/// at a time), then counts the partition: a row the export does not hold refuses the detach
+/// ([`RetentionError::RowsAfterExport`]) and nothing is detached. A writer stamped in the month
+/// that writes while the detach holds the lock holds `audit_events` and waits for the
+/// partition, while the `DETACH` needs `audit_events`: the server finds the deadlock and aborts
+/// one of the two (a month retired 13 months back has no such writer in practice); either way
+/// no row leaves unexported.
 pub async fn detach_month(
     conn: &mut PgConnection,
     month: Month,
@@ -687,6 +858,15 @@ pub async fn detach_month(
     finish(tx, detached, "commit the detach").await
 }
 
+/// The retention record of a month that may be detached.
+fn detachable(record: Option<Record>, month: Month) -> Result<Record, RetentionError> {
+    let record = record.ok_or(RetentionError::NotExported(month))?;
+    if !record.verified {
+        return Err(RetentionError::NotVerified(month));
+    }
+    Ok(record)
+}
+
 async fn detach_in(
     tx: &mut PgConnection,
     month: Month,
@@ -694,27 +874,58 @@ async fn detach_in(
     actor: &Actor,
     now: OffsetDateTime,
 ) -> Result<(), RetentionError> {
-    let record = preconditions(tx, month, now)
-        .await?
-        .ok_or(RetentionError::NotExported(month))?;
-    if !record.verified {
-        return Err(RetentionError::NotVerified(month));
-    }
-    // Nothing may have changed since the verification: the same rows, all of them sealed.
-    let (count, sealed): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*), count(s.seq) FROM {} e LEFT JOIN audit_seals s ON s.event_id = e.id",
+    // Each statement sees what committed before it (whatever the server's default), so the
+    // count below, made under the lock, sees every row a writer committed before it.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *tx)
+        .await
+        .map_err(store("set the detach's isolation"))?;
+    detachable(preconditions(tx, month, now).await?, month)?;
+    // No writer adds to the month from here: running ones are waited for, new ones held off.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
         month.partition()
     )))
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await
-    .map_err(store("count the month's rows"))?;
-    if count != record.rows || sealed != count {
+    .map_err(store("lock the month's partition against writers"))?;
+    // Read again under the lock (each statement sees what committed before it): another detach
+    // may have finished while this one waited.
+    let record = detachable(preconditions(tx, month, now).await?, month)?;
+    // Nothing may have changed since the verification: the same rows, all of them sealed.
+    let (count, sealed, first_seq, last_seq): (i64, i64, Option<i64>, Option<i64>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*), count(s.seq), min(s.seq), max(s.seq) \
+             FROM {} e LEFT JOIN audit_seals s ON s.event_id = e.id",
+            month.partition()
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(store("count the month's rows"))?;
+    if count > record.rows {
+        return Err(RetentionError::RowsAfterExport {
+            month,
+            rows: count - record.rows,
+        });
+    }
+    if count != record.rows
+        || sealed != count
+        || (first_seq, last_seq) != (record.first_seq, record.last_seq)
+    {
         return Err(RetentionError::Mismatch {
             month,
             what: format!(
-                "the partition holds {count} rows ({sealed} sealed) since its export of {} \
-                 was verified",
-                record.rows
+                "the partition holds {count} rows ({sealed} sealed, seals {} to {}) since its \
+                 export of {} rows (seals {} to {}) was verified",
+                first_seq.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                last_seq.map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                record.rows,
+                record
+                    .first_seq
+                    .map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                record
+                    .last_seq
+                    .map_or_else(|| "none".to_owned(), |s| s.to_string()),
             ),
         });
     }

@@ -549,11 +549,11 @@ async fn every_retention_step_refuses_what_it_must() {
         .await
         .unwrap();
 
-    // A row slipped into the month after verification: the detach refuses.
+    // A row slipped into the month after verification: the detach refuses, naming it.
     rows_in_month(&db, january(), 1).await;
     assert!(matches!(
         detach_month(&mut owner, january(), &key(), &operator(), now).await,
-        Err(RetentionError::Mismatch { .. })
+        Err(RetentionError::RowsAfterExport { rows: 1, .. })
     ));
     let attached: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = 'audit_events_2026_01'::regclass)",
@@ -569,4 +569,209 @@ async fn every_retention_step_refuses_what_it_must() {
     .await
     .unwrap();
     assert_eq!(steps, 0);
+}
+
+/// The files in `dir` (an export's, and any temporary file left beside it).
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// An export that fails after its rows were written leaves no file under its name and no
+/// temporary file, whether recording it fails (before the file takes its name) or the server
+/// refuses the commit (after): no file looks like an export without a record of it, and a rerun
+/// once the cause is gone exports the month.
+#[tokio::test]
+async fn an_export_that_fails_after_writing_leaves_no_file_under_its_name() {
+    let db = january_between_two_rows(3).await;
+    let scratch = Scratch::new();
+    let file = scratch.file("2026-01.jsonl");
+    let now = OffsetDateTime::now_utc();
+    let mut owner = db.owner().acquire().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION keel_test_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+    )
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    for (refusal, when) in [
+        (
+            "CREATE TRIGGER keel_test_refuse BEFORE INSERT ON audit_retention \
+             FOR EACH ROW EXECUTE FUNCTION keel_test_refuse()",
+            "recording the export",
+        ),
+        (
+            "CREATE CONSTRAINT TRIGGER keel_test_refuse AFTER INSERT ON audit_retention \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION keel_test_refuse()",
+            "the commit",
+        ),
+    ] {
+        sqlx::raw_sql(refusal).execute(&mut *owner).await.unwrap();
+        let failed = export_month(&mut owner, january(), &file, &operator(), now).await;
+        assert!(
+            matches!(failed, Err(RetentionError::Store(_))),
+            "{when}: {failed:?}"
+        );
+        assert!(!file.exists(), "{when}: no file under the export's name");
+        assert_eq!(
+            files_in(&scratch.0),
+            Vec::<String>::new(),
+            "{when}: no temporary file left"
+        );
+        sqlx::raw_sql("DROP TRIGGER keel_test_refuse ON audit_retention")
+            .execute(&mut *owner)
+            .await
+            .unwrap();
+    }
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_retention")
+        .fetch_one(&mut *owner)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0, "no export was recorded");
+
+    let export = export_month(&mut owner, january(), &file, &operator(), now)
+        .await
+        .unwrap();
+    assert_eq!(export.rows, 3);
+    assert_eq!(files_in(&scratch.0), ["2026-01.jsonl"]);
+    verify_export(&mut owner, january(), &file, &key(), &operator(), now)
+        .await
+        .unwrap();
+}
+
+/// A transaction that began before January ended (so its row is stamped in January) writes into
+/// the month after it was exported and verified, and commits while the detach waits for it: the
+/// detach counts the partition once the writer is done, refuses, naming the row, and leaves the
+/// partition attached, nothing retired and no detach recorded; verify names the same cause.
+/// The documented recovery (remove the record, export, verify and detach again) then retires the
+/// month with that row in its export.
+#[tokio::test]
+async fn a_row_committed_into_the_month_after_its_export_is_never_detached_unexported() {
+    let db = january_between_two_rows(3).await;
+    let scratch = Scratch::new();
+    let file = scratch.file("2026-01.jsonl");
+    let now = OffsetDateTime::now_utc();
+    let (key, actor) = (key(), operator());
+    let mut owner = db.owner().acquire().await.unwrap();
+    export_month(&mut owner, january(), &file, &actor, now)
+        .await
+        .unwrap();
+    verify_export(&mut owner, january(), &file, &key, &actor, now)
+        .await
+        .unwrap();
+
+    // The late writer: its row is stamped in January (the owner sets `recorded_at` with the
+    // stamp trigger off, as a transaction begun then would have it) and not committed yet.
+    let mut late = db.owner().begin().await.unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_stamp; \
+         INSERT INTO audit_events (kind, actor, request_id, attributes, occurred_at, recorded_at) \
+         VALUES ('team.tier_changed', 'keel-test', 'req-late', \
+                 '{\"from_tier\": \"hobby\", \"to_tier\": \"pro\"}', \
+                 '2026-01-31T23:59:59Z', '2026-01-31T23:59:59Z'); \
+         ALTER TABLE audit_events ENABLE TRIGGER audit_events_stamp",
+    )
+    .execute(&mut *late)
+    .await
+    .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *owner)
+        .await
+        .unwrap();
+    let detach = detach_month(&mut owner, january(), &key, &actor, now);
+    let writer = async {
+        // The writer commits once the detach waits for one of its locks (a state, not a time).
+        let mut waiting = false;
+        for _ in 0..6000 {
+            waiting = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+            )
+            .bind(pid)
+            .fetch_one(db.owner())
+            .await
+            .unwrap();
+            if waiting {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        late.commit().await.unwrap();
+        waiting
+    };
+    let (detached, waited) = tokio::join!(detach, writer);
+    assert!(waited, "the detach waited for the month's writer");
+    assert!(
+        matches!(
+            detached,
+            Err(RetentionError::RowsAfterExport { rows: 1, .. })
+        ),
+        "{detached:?}"
+    );
+
+    let (attached, in_partition, retired, detached_at): (bool, i64, i64, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = 'audit_events_2026_01'::regclass), \
+                (SELECT count(*) FROM audit_events_2026_01), \
+                (SELECT count(*) FROM audit_retired_links), \
+                (SELECT detached_at IS NOT NULL FROM audit_retention WHERE month = '2026-01-01')",
+    )
+    .fetch_one(&mut *owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        (attached, in_partition, retired, detached_at),
+        (true, 4, 0, false),
+        "nothing was detached or retired, the late row is still in the partition"
+    );
+    let steps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE kind = 'audit.partition_detached'",
+    )
+    .fetch_one(&mut *owner)
+    .await
+    .unwrap();
+    assert_eq!(steps, 0);
+    let verified = verify_export(&mut owner, january(), &file, &key, &actor, now).await;
+    assert!(
+        matches!(
+            verified,
+            Err(RetentionError::RowsAfterExport { rows: 1, .. })
+        ),
+        "{verified:?}"
+    );
+
+    // The recovery the README describes: the owner removes the month's record, the late row is
+    // sealed, and the month is exported (to a new file), verified and detached again.
+    sqlx::raw_sql(
+        "BEGIN; \
+         ALTER TABLE audit_retention DISABLE TRIGGER audit_retention_forward_only; \
+         DELETE FROM audit_retention WHERE month = '2026-01-01' AND detached_at IS NULL; \
+         ALTER TABLE audit_retention ENABLE TRIGGER audit_retention_forward_only; \
+         COMMIT",
+    )
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    seal_all(db.owner(), 1).await;
+    let again = scratch.file("2026-01.again.jsonl");
+    let export = export_month(&mut owner, january(), &again, &actor, now)
+        .await
+        .unwrap();
+    assert_eq!(export.rows, 4, "the late row is exported");
+    verify_export(&mut owner, january(), &again, &key, &actor, now)
+        .await
+        .unwrap();
+    detach_month(&mut owner, january(), &key, &actor, now)
+        .await
+        .unwrap();
+    let retired: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_retired_links")
+        .fetch_one(&mut *owner)
+        .await
+        .unwrap();
+    assert_eq!(retired, 4);
+    let chain = verify(&mut owner, &key, None).await.unwrap();
+    assert_eq!(chain.tampering, None, "{chain:?}");
 }
