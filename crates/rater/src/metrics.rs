@@ -25,11 +25,15 @@ use crate::RaterExit;
 pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
     let (last_success, last_run, last_exit): (Option<f64>, Option<f64>, Option<i16>) =
         sqlx::query_as(
+            // Runs that finished by the database's clock: a row another writer dated in the
+            // future would otherwise stand as the last run and the last success for as long
+            // as that date, silencing every alert on the runs after it.
             "SELECT (SELECT extract(epoch FROM max(finished_at))::float8 FROM rater_runs \
-                     WHERE exit_code = 0 AND NOT dry_run), \
+                     WHERE exit_code = 0 AND NOT dry_run AND finished_at <= now()), \
                     (SELECT extract(epoch FROM max(finished_at))::float8 FROM rater_runs \
-                     WHERE exit_code IS NOT NULL), \
-                    (SELECT exit_code FROM rater_runs WHERE exit_code IS NOT NULL \
+                     WHERE exit_code IS NOT NULL AND finished_at <= now()), \
+                    (SELECT exit_code FROM rater_runs \
+                     WHERE exit_code IS NOT NULL AND finished_at <= now() \
                      ORDER BY finished_at DESC, id DESC LIMIT 1)",
         )
         .fetch_one(pool)
@@ -40,8 +44,12 @@ pub async fn render(pool: &PgPool) -> Result<String, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let (rated, late): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(inserted + updated + lowered), 0)::bigint, \
-                coalesce(sum(late_events), 0)::bigint FROM rater_runs",
+        // Summed as numeric and capped: counts another writer set near the column's limit
+        // must not overflow the sum and stop every push.
+        "SELECT least(coalesce(sum(inserted::numeric + updated + lowered), 0), \
+                      9223372036854775807)::bigint, \
+                least(coalesce(sum(late_events::numeric), 0), 9223372036854775807)::bigint \
+         FROM rater_runs",
     )
     .fetch_one(pool)
     .await?;

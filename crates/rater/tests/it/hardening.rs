@@ -721,3 +721,100 @@ async fn a_rater_whose_fence_was_taken_over_fails_its_next_check() {
     tx.rollback().await.unwrap();
     lock.release().await.unwrap();
 }
+
+/// A change marker names a group the rater can rate (an hour starting on the hour, an auth id
+/// and meter an event can carry). The routine run turns every marker it consumes into a
+/// `rated_usage` key in one statement, so one marker at 10:05 written by another service failed
+/// the rating of every tenant, run after run, and then paged with a backfill the rater refuses.
+#[tokio::test]
+async fn a_change_marker_no_event_could_write_is_refused_and_never_stops_the_rating() {
+    let db = keel_testkit::database().await;
+    for sql in [
+        "INSERT INTO rating_change (auth_id, meter, window_start) \
+         VALUES ('tenant-a', 'requests', '2026-11-20 10:05:00Z')",
+        "INSERT INTO rating_change (auth_id, meter, window_start) \
+         VALUES (repeat('a', 129), 'requests', '2026-11-20 10:00:00Z')",
+        "INSERT INTO rating_change (auth_id, meter, window_start) \
+         VALUES ('tenant a', 'requests', '2026-11-20 10:00:00Z')",
+        "INSERT INTO rating_change (auth_id, meter, window_start) \
+         VALUES ('tenant-a', '', '2026-11-20 10:00:00Z')",
+    ] {
+        let refused = exec(db.pool(), sql).await.expect_err(sql);
+        assert_eq!(
+            refused
+                .as_database_error()
+                .and_then(|e| e.code())
+                .as_deref(),
+            Some("23514"),
+            "{sql}: {refused}"
+        );
+    }
+    // The markers the ingest trigger writes are on the hour, and are still taken.
+    base_price(db.pool()).await;
+    event(
+        db.pool(),
+        "e-1",
+        "tenant-a",
+        "3",
+        H0 + Duration::minutes(605),
+    )
+    .await;
+    let markers: Vec<OffsetDateTime> = sqlx::query_scalar("SELECT window_start FROM rating_change")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(markers, [H0 + Duration::hours(10)]);
+}
+
+/// The pushed metrics come from runs that finished by the database's clock, and their sums
+/// never overflow: a ledger row another writer dated in 2099 stood as the last run and the
+/// last success, silencing every rater alert until then, and counts near the column's limit
+/// failed every push.
+#[tokio::test]
+async fn the_pushed_metrics_are_the_runs_that_finished_and_their_sums_never_overflow() {
+    let db = keel_testkit::database().await;
+    exec(
+        db.pool(),
+        "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, \
+                                 explicit_window, exit_code) VALUES \
+         (now() - interval '2 minutes', now() - interval '1 minute', \
+          now() - interval '3 hours', now() - interval '2 hours', false, 2), \
+         (now(), '2099-01-01Z', now() - interval '3 hours', now() - interval '2 hours', false, 0)",
+    )
+    .await
+    .unwrap();
+    exec(
+        db.pool(),
+        "INSERT INTO rater_runs (started_at, finished_at, window_start, window_end, \
+                                 explicit_window, exit_code, inserted, updated, late_events) \
+         VALUES (now() - interval '10 minutes', now() - interval '9 minutes', \
+                 now() - interval '5 hours', now() - interval '4 hours', false, 0, \
+                 9223372036854775807, 1, 9223372036854775807), \
+                (now() - interval '8 minutes', now() - interval '7 minutes', \
+                 now() - interval '5 hours', now() - interval '4 hours', false, 0, 0, 0, 1)",
+    )
+    .await
+    .unwrap();
+    let text = keel_rater::metrics::render(db.pool())
+        .await
+        .expect("the metrics render whatever the ledger's counts");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("instant_rater_last_exit_code"), 2.0, "{text}");
+    let in_2099 = 4_070_908_800.0;
+    assert!(value("instant_rater_last_run_timestamp_seconds") < in_2099);
+    assert!(value("instant_rater_last_success_timestamp_seconds") < in_2099);
+    assert_eq!(
+        value("instant_rater_rated_rows_total"),
+        9_223_372_036_854_775_807.0
+    );
+    assert_eq!(
+        value("instant_rater_late_events_total"),
+        9_223_372_036_854_775_807.0
+    );
+}
