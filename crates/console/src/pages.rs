@@ -948,8 +948,11 @@ fn render_runs(body: &mut String, runs: &[RunRow]) {
             (false, true) => "routine (dry run)",
             (false, false) => "routine",
         };
-        let until =
-            finished.unwrap_or(*started + time::Duration::hours(1)) + time::Duration::seconds(1);
+        // Checked: a run row dated at the end of year 9999 (another writer of the ledger) has no
+        // later second to end the range at, and must not take the page down.
+        let until = finished
+            .or_else(|| started.checked_add(time::Duration::hours(1)))
+            .and_then(|end| end.checked_add(time::Duration::seconds(1)));
         let exit_class = if exit.is_some_and(|e| e == 2) {
             " class=\"page\""
         } else {
@@ -958,7 +961,7 @@ fn render_runs(body: &mut String, runs: &[RunRow]) {
         let _ = write!(
             body,
             "<tr><td>{id}</td><td>{}</td><td>{}</td><td>{} – {}</td><td>{mode}</td><td>{inserted}</td><td>{updated}</td><td>{unchanged}</td><td{}>{deleted}</td><td>{anomalies}</td><td{exit_class}>{}</td><td>{}</td>\
-             <td><a href=\"/audit?since={}&amp;until={}\">rows of this run</a></td></tr>",
+             <td><a href=\"/audit?since={}{}\">rows of this run</a></td></tr>",
             html::time(*started),
             html::maybe_time(*finished),
             html::time(*from),
@@ -968,7 +971,10 @@ fn render_runs(body: &mut String, runs: &[RunRow]) {
                 .unwrap_or_else(|| "running".to_owned()),
             escape(error.as_deref().unwrap_or("")),
             query_value(&html::time(*started)),
-            query_value(&html::time(until)),
+            until.map_or_else(String::new, |until| format!(
+                "&amp;until={}",
+                query_value(&html::time(until))
+            )),
         );
     }
     body.push_str("</table>");

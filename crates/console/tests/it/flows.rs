@@ -495,6 +495,36 @@ async fn every_page_renders_for_an_operator_and_shows_no_token_or_connection_url
     }
 }
 
+/// A ledger row another writer dated at the very end of year 9999 (still a time every reader
+/// can decode) takes neither the overview nor the rater page down: the link to its audit rows
+/// has no end, where adding an hour and a second to it panicked the page for every operator.
+#[tokio::test]
+async fn a_rater_run_dated_at_the_end_of_time_does_not_take_a_page_down() {
+    let mut app = app::spawn().await;
+    sqlx::query(
+        "INSERT INTO rater_runs (started_at, window_start, window_end, explicit_window) \
+         VALUES ('9999-12-31 23:30:00+00', now() - interval '1 hour', now(), false), \
+                ('9999-12-31 23:00:00+00', now() - interval '1 hour', now(), false)",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE rater_runs SET finished_at = '9999-12-31 23:59:59.999999+00', exit_code = 0 \
+         WHERE started_at = '9999-12-31 23:00:00+00'",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    app.sign_in().await;
+    for path in ["/", "/rater-runs"] {
+        let page = app.get(path).await;
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        assert!(page.body.contains("9999-12-31T23:30:00Z"), "{path}");
+        assert!(page.body.contains("rows of this run"), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn the_audit_trail_pages_by_cursor_through_every_row_once() {
     let mut app = app::spawn_with(7).await;
