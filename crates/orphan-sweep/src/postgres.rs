@@ -510,6 +510,32 @@ impl SweepState for PgSweepState {
             .await
             .map_err(&fail)?;
         let seconds = i64::try_from(interval.as_secs().max(1)).unwrap_or(i64::MAX);
+        // A claim ahead of this interval's current period by the database's clock cannot be
+        // another replica's claim of it: it was made with another `--interval` (a one-off
+        // `--once --interval 1m`, say) or by hand. Kept, it would stand as this period's claim
+        // and as the newest fence for as long as its number is ahead (centuries, for a claim
+        // in minutes read in hours), and every tick would be skipped. It is removed, and said.
+        let ahead: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM orphan_sweep_periods \
+             WHERE inventory = $1 \
+               AND period > floor(extract(epoch FROM clock_timestamp()) / $2)::bigint + 1 \
+             RETURNING period",
+        )
+        .bind(source.as_str())
+        .bind(seconds)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        if !ahead.is_empty() {
+            tracing::warn!(
+                inventory = source.as_str(),
+                claims = ahead.len(),
+                interval_seconds = seconds,
+                "removed period claims ahead of the database clock for this interval: a sweep \
+                 with another --interval shares this database, or a claim was written by hand; \
+                 every replica and CronJob of an inventory must use the same interval"
+            );
+        }
         // The period by this database's clock, so replicas agree whatever their own clocks say.
         let claimed: Option<(i64, OffsetDateTime)> = sqlx::query_as(
             "WITH clock AS (SELECT clock_timestamp() AS at, \

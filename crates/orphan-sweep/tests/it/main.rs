@@ -709,3 +709,43 @@ async fn only_one_replica_holds_the_tick_lock_at_a_time() {
     assert!(again.is_some());
     again.unwrap().release().await.unwrap();
 }
+
+/// A period claim ahead of the database clock for this interval (made with another
+/// `--interval`, such as a one-off `--once --interval 1m` sharing the database, or by hand) is
+/// never taken for this period's claim: kept, it stood as the newest claim, and every tick of
+/// the hourly sweep was skipped for as long as its number was ahead, centuries.
+#[tokio::test]
+async fn a_claim_made_with_another_interval_never_holds_the_sweep_back() {
+    let db = keel_testkit::database().await;
+    let state = PgSweepState::new(db.pool().clone(), "it");
+    let source = InventorySource::Postgres;
+    let minute_period = OffsetDateTime::now_utc().unix_timestamp() / 60;
+    claim_period(&db, source, minute_period).await;
+    let hour = Duration::from_secs(3600);
+    let claim = state
+        .claim(source, hour, OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .expect("the hourly period is claimed");
+    assert!(claim.period < minute_period / 30);
+    assert!(
+        state.holds(source, &claim).await.unwrap(),
+        "the claim is the newest fence"
+    );
+    assert!(
+        state
+            .claim(source, hour, OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+            .is_none(),
+        "the same period is still claimed once"
+    );
+    let left: Vec<i64> = sqlx::query_scalar(
+        "SELECT period FROM orphan_sweep_periods WHERE inventory = $1 ORDER BY period",
+    )
+    .bind(source.as_str())
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, [claim.period]);
+}
