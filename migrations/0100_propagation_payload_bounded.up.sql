@@ -1,4 +1,4 @@
--- A propagation's payload is bounded: at most 64 KiB of JSON, and a `target_tier` of at most
+-- A propagation's payload is bounded: at most 64 KiB as stored, and a `target_tier` of at most
 -- 64 bytes.
 --
 -- Every payload Keel writes is a few dozen bytes. A `target_tier` of kilobytes, written by hand
@@ -10,7 +10,7 @@
 -- Rows already stored are checked; one out of bounds fails this migration, naming it.
 ALTER TABLE pending_propagations
     ADD CONSTRAINT pending_propagations_payload_bounded
-    CHECK (octet_length(payload::text) <= 65536
+    CHECK (pg_column_size(payload) <= 65536
            AND coalesce(octet_length(payload->>'target_tier'), 0) <= 64) NOT VALID;
 DO $$
 BEGIN
@@ -18,7 +18,7 @@ BEGIN
 EXCEPTION WHEN check_violation THEN
     RAISE EXCEPTION 'pending_propagations holds a payload over 64 KiB or a target_tier over 64 bytes'
         USING HINT = 'find the rows with: SELECT id, kind, status FROM pending_propagations '
-            'WHERE octet_length(payload::text) > 65536 '
+            'WHERE pg_column_size(payload) > 65536 '
             'OR octet_length(payload->>''target_tier'') > 64; correct or delete them, then '
             'migrate again';
 END
