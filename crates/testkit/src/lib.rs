@@ -463,6 +463,15 @@ pub async fn database_with(migrators: &[&Migrator]) -> TestDatabase {
         .unwrap_or_else(|e| panic!("keel-testkit: no Postgres for this test: {e}"))
 }
 
+/// The SQLSTATE of a statement the server refused (`"23514"` for a CHECK), or `None` for an
+/// error that did not come from the server.
+pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|code| code.into_owned())
+}
+
 /// A fresh, empty database (no migrations), e.g. to test the migrations themselves.
 ///
 /// # Panics

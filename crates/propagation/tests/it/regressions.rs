@@ -1245,10 +1245,7 @@ async fn a_payload_too_large_to_dead_letter_is_refused_on_write() {
         .await
         .expect_err("an oversized payload is refused");
         assert_eq!(
-            refused
-                .as_database_error()
-                .and_then(|e| e.code())
-                .as_deref(),
+            keel_testkit::sqlstate(&refused).as_deref(),
             Some("23514"),
             "{refused}"
         );
@@ -1302,19 +1299,9 @@ async fn an_unreachable_cluster_is_a_charged_attempt_not_a_row_given_back_for_ev
             db.connect_options().password("not-the-password"),
         ),
     ] {
-        let token = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let role = keel_provision::RoleName::for_database(
-            &keel_provision::DatabaseName::for_token(&keel_audit::Token::parse(&token).unwrap()),
-        )
-        .expose()
-        .to_owned();
-        let (team, resource) = seed(db.pool(), "pro", "free", Some(&role)).await;
-        sqlx::query("UPDATE resources SET token = $2 WHERE id = $1")
-            .bind(resource.as_uuid())
-            .bind(&token)
-            .execute(db.pool())
-            .await
-            .unwrap();
+        // Seeded with the role keel-provision names for its token, so the apply gets as far as
+        // the connection.
+        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
         let id = store(db.pool())
             .enqueue(&elevation(team, resource, "pro"), T0)
             .await
@@ -1381,10 +1368,7 @@ async fn a_claim_without_a_lease_is_refused_on_write() {
         .await
         .expect_err(set);
         assert_eq!(
-            refused
-                .as_database_error()
-                .and_then(|e| e.code())
-                .as_deref(),
+            keel_testkit::sqlstate(&refused).as_deref(),
             Some("23514"),
             "{set}: {refused}"
         );

@@ -741,10 +741,7 @@ async fn a_change_marker_no_event_could_write_is_refused_and_never_stops_the_rat
     ] {
         let refused = exec(db.pool(), sql).await.expect_err(sql);
         assert_eq!(
-            refused
-                .as_database_error()
-                .and_then(|e| e.code())
-                .as_deref(),
+            keel_testkit::sqlstate(&refused).as_deref(),
             Some("23514"),
             "{sql}: {refused}"
         );

@@ -1111,10 +1111,7 @@ async fn every_stored_time_is_one_its_readers_can_decode() {
                 .await
                 .expect_err(&format!("{value} stored by: {sql}"));
             assert_eq!(
-                refused
-                    .as_database_error()
-                    .and_then(|e| e.code())
-                    .as_deref(),
+                keel_testkit::sqlstate(&refused).as_deref(),
                 Some("23514"),
                 "{value} by {sql}: {refused}"
             );
