@@ -1186,12 +1186,7 @@ async fn a_payload_serde_cannot_read_never_fails_the_claim_of_the_others() {
         .unwrap();
         unreadable.push(id);
     }
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let readable = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, _, readable) = drifted_and_enqueued(db.pool()).await;
     let (runner, _) = default_runner(db.pool(), Arc::new(Recording::default()));
     let report = runner
         .run_batch(T0, &never())
@@ -1301,12 +1296,7 @@ async fn an_unreachable_cluster_is_a_charged_attempt_not_a_row_given_back_for_ev
     ] {
         // Seeded with the role keel-provision names for its token, so the apply gets as far as
         // the connection.
-        let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-        let id = store(db.pool())
-            .enqueue(&elevation(team, resource, "pro"), T0)
-            .await
-            .unwrap()
-            .id();
+        let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
         let cluster = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_millis(300))
@@ -1349,12 +1339,7 @@ async fn an_unreachable_cluster_is_a_charged_attempt_not_a_row_given_back_for_ev
 #[tokio::test]
 async fn a_claim_without_a_lease_is_refused_on_write() {
     let db = keel_testkit::database().await;
-    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
-    let id = store(db.pool())
-        .enqueue(&elevation(team, resource, "pro"), T0)
-        .await
-        .unwrap()
-        .id();
+    let (_, _, id) = drifted_and_enqueued(db.pool()).await;
     for set in [
         "claimed_by = 'old-runner'",
         "claimed_by = 'old-runner', claim_token = 7",
