@@ -12,7 +12,7 @@ use std::time::Duration;
 use keel_audit::{AuditEvent, ResourceId, Token};
 use keel_provision::{
     BackendObject, Flip, NewReservation, RedactedError, ResourceRecord, ResourceStatus,
-    ResourceStore, StoreError, TokenDigest,
+    ResourceStore, StaleCursor, StalePage, StoreError, TokenDigest,
 };
 use time::OffsetDateTime;
 
@@ -83,11 +83,12 @@ impl<S: ResourceStore> ResourceStore for BoundedStore<S> {
     async fn stale_pending(
         &self,
         older_than: Duration,
+        after: Option<StaleCursor>,
         limit: u32,
-    ) -> Result<Vec<ResourceRecord>, StoreError> {
+    ) -> Result<StalePage, StoreError> {
         self.bounded(
             "list stale pending resources",
-            self.inner.stale_pending(older_than, limit),
+            self.inner.stale_pending(older_than, after, limit),
         )
         .await
     }
@@ -176,7 +177,7 @@ mod tests {
         assert!(given_up(store.record(&audit).await.unwrap_err()));
         assert!(given_up(
             store
-                .stale_pending(Duration::from_secs(0), 10)
+                .stale_pending(Duration::from_secs(0), None, 10)
                 .await
                 .unwrap_err()
         ));

@@ -24,7 +24,9 @@ use time::OffsetDateTime;
 
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::TokenDigest;
-use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
+use crate::ports::{
+    Backend, BackendError, Flip, NewReservation, ResourceStore, StaleCursor, StalePage, StoreError,
+};
 use crate::reclaim::{OrphanRecord, OrphanStanding, Preflight};
 
 /// The error an injected fault returns.
@@ -183,11 +185,12 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
     fn stale_pending(
         &self,
         older_than: std::time::Duration,
+        after: Option<StaleCursor>,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<ResourceRecord>, StoreError>> + Send {
+    ) -> impl Future<Output = Result<StalePage, StoreError>> + Send {
         self.around(
             StoreStep::StalePending,
-            self.inner.stale_pending(older_than, limit),
+            self.inner.stale_pending(older_than, after, limit),
         )
     }
 

@@ -733,18 +733,36 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         .await
     }
 
-    /// Settles `pending` rows reserved more than `older_than` ago (by the store's clock): each is
-    /// compensated like a failed provisioning (flip to `failed` with `provision.reconciled`, then
-    /// teardown). A row whose provisioning is still running loses the flip race harmlessly: the
-    /// flow's own finalize then finds it `failed` and tears its object down. A row whose
-    /// finalize commits first is left alone (the flip finds it `active`).
+    /// Settles up to `limit` `pending` rows reserved more than `older_than` ago (by the store's
+    /// clock), oldest first: each is compensated like a failed provisioning (flip to `failed`
+    /// with `provision.reconciled`, then teardown). A row whose provisioning is still running
+    /// loses the flip race harmlessly: the flow's own finalize then finds it `failed` and tears
+    /// its object down. A row whose finalize commits first is left alone (the flip finds it
+    /// `active`). Rows that do not decode are read past, not counted against `limit`, so any
+    /// number of them never holds back a decodable stale row.
     pub async fn reconcile_pending(
         &self,
         older_than: std::time::Duration,
         limit: u32,
         now: OffsetDateTime,
     ) -> Result<Vec<(ResourceId, Compensation)>, StoreError> {
-        let stale = self.store.stale_pending(older_than, limit).await?;
+        let mut stale = Vec::new();
+        let mut after = None;
+        loop {
+            let wanted = limit.saturating_sub(u32::try_from(stale.len()).unwrap_or(u32::MAX));
+            if wanted == 0 {
+                break;
+            }
+            let page = self.store.stale_pending(older_than, after, wanted).await?;
+            stale.extend(page.records);
+            match page.next {
+                // The cursor only moves forward, so the listing ends.
+                Some(next) if after.is_none_or(|a: crate::StaleCursor| next != a) => {
+                    after = Some(next);
+                }
+                _ => break,
+            }
+        }
         let mut settled = Vec::with_capacity(stale.len());
         for record in stale {
             let reservation = Reservation {

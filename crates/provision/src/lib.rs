@@ -119,7 +119,8 @@ pub use names::{
     RoleName, TokenDigest,
 };
 pub use ports::{
-    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
+    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StaleCursor,
+    StalePage, StoreError,
 };
 pub use reclaim::{
     INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,

@@ -11,6 +11,26 @@ use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::TokenDigest;
 use crate::reclaim::{ObjectFacts, OrphanRecord, OrphanStanding, Preflight};
 
+/// Where a listing of stale `pending` rows goes on from: the position of the last row a page read,
+/// whether or not that row decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleCursor {
+    /// The row's reservation time.
+    pub created_at: OffsetDateTime,
+    /// The row's id (orders rows reserved at the same instant).
+    pub id: ResourceId,
+}
+
+/// One page of [`ResourceStore::stale_pending`].
+#[derive(Debug, Default)]
+pub struct StalePage {
+    /// The rows of the page that decode.
+    pub records: Vec<ResourceRecord>,
+    /// Where the next page starts, when the page was full (more rows may follow); `None` when
+    /// the listing is done.
+    pub next: Option<StaleCursor>,
+}
+
 /// Why the resource store could not do what was asked. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -115,14 +135,17 @@ pub trait ResourceStore: Send + Sync {
     ) -> impl Future<Output = Result<Flip, StoreError>> + Send;
 
     /// `pending` rows reserved more than `older_than` ago by the store's own clock (so replicas
-    /// agree), oldest first, at most `limit`: provisionings that a crash or a shutdown cut short.
-    /// A row that does not decode is left out (the Postgres store logs it at ERROR), so it never
-    /// holds back the others.
+    /// agree), oldest first (by reservation time, then id), after `after` when given, at most
+    /// `limit` rows read: provisionings that a crash or a shutdown cut short. A row that does
+    /// not decode is left out of [`StalePage::records`] (the Postgres store logs it at ERROR)
+    /// but still moves [`StalePage::next`] on, so rows that never decode can never fill every
+    /// page and hold back the others.
     fn stale_pending(
         &self,
         older_than: std::time::Duration,
+        after: Option<StaleCursor>,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<ResourceRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<StalePage, StoreError>> + Send;
 
     /// Soft-deletes a live row for the deprovision chokepoint (status `deleted`, `deleted_at`
     /// set, connection URL cleared) and records `audit` (`resource.deprovisioned`) in the same

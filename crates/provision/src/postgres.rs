@@ -43,7 +43,8 @@ use time::format_description::well_known::Rfc3339;
 use crate::model::{BackendName, BackendObject, ResourceRecord, ResourceStatus};
 use crate::names::{DatabaseName, RoleName, TokenDigest};
 use crate::ports::{
-    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StoreError,
+    Backend, BackendError, Flip, NewReservation, RedactedError, ResourceStore, StaleCursor,
+    StalePage, StoreError,
 };
 use crate::reclaim::{
     INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,
@@ -226,22 +227,41 @@ impl ResourceStore for PgResourceStore {
     async fn stale_pending(
         &self,
         older_than: std::time::Duration,
+        after: Option<StaleCursor>,
         limit: u32,
-    ) -> Result<Vec<ResourceRecord>, StoreError> {
+    ) -> Result<StalePage, StoreError> {
+        let op = "list stale pending resources";
         let rows = sqlx::query(
             "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
                     created_at, updated_at, deleted_at \
                FROM resources \
               WHERE status = 'pending' \
                 AND created_at < now() - make_interval(secs => $1) \
-              ORDER BY created_at \
+                AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4)) \
+              ORDER BY created_at, id \
               LIMIT $2",
         )
         .bind(older_than.as_secs_f64())
         .bind(i64::from(limit))
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.id.as_uuid()))
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| StoreError::unavailable("list stale pending resources", e))?;
+        .map_err(|e| StoreError::unavailable(op, e))?;
+        // The position of the last row read, decoded or not (its key columns are a timestamp and
+        // a uuid, which always decode).
+        let next = match rows.last() {
+            Some(last) if rows.len() >= limit as usize => Some(StaleCursor {
+                created_at: last
+                    .try_get("created_at")
+                    .map_err(|e| StoreError::unavailable(op, e))?,
+                id: ResourceId::from_uuid(
+                    last.try_get("id")
+                        .map_err(|e| StoreError::unavailable(op, e))?,
+                ),
+            }),
+            _ => None,
+        };
         // A row that does not decode is left out (logged at ERROR on every pass until it is
         // repaired), so one row another writer corrupted never holds back the compensation of
         // every other tenant's stale provisioning.
@@ -255,7 +275,7 @@ impl ResourceStore for PgResourceStore {
                 Err(e) => return Err(e),
             }
         }
-        Ok(records)
+        Ok(StalePage { records, next })
     }
 
     async fn retire(

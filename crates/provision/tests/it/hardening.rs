@@ -363,6 +363,47 @@ async fn a_corrupt_stale_row_does_not_hold_back_the_reconciler() {
     assert_eq!(corrupt, "pending", "the unreadable row is left for repair");
 }
 
+/// Rows that never decode are read past, not counted against the pass's limit: however many of
+/// them are the oldest stale rows, the next decodable one is still settled in the same pass.
+#[tokio::test]
+async fn stale_rows_that_never_decode_cannot_fill_the_reconcilers_pass() {
+    let h = harness().await;
+    let stale = h.provisioner.reserve(h.request(), NOW).await.unwrap();
+    let stale_id = stale.id();
+    drop(stale);
+    for n in 0..5 {
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, created_at, updated_at) \
+             VALUES (gen_random_uuid(), $2, $1, 'mysql', 'diamond', 'pending', \
+                     now() - interval '3 hours', now() - interval '3 hours')",
+        )
+        .bind(h.team.as_uuid())
+        .bind(format!("tok-garbage-{n}"))
+        .execute(h.db.pool())
+        .await
+        .unwrap();
+    }
+    reserved_ago(&h, stale_id, "1 hour").await;
+    // A pass of two: the five unreadable rows are older than the readable one.
+    let settled = h
+        .provisioner
+        .reconcile_pending(Duration::from_secs(600), 2, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        settled.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [stale_id],
+        "the readable stale row behind the unreadable ones is compensated"
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM resources WHERE token LIKE 'tok-garbage-%' AND status = 'pending'",
+    )
+    .fetch_one(h.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, 5, "the unreadable rows are left for repair");
+}
+
 /// PROV-4: on a server that checks passwords, tenant B's credentials reach B's database and
 /// nothing else: not tenant A's database, not the platform database.
 #[tokio::test]
