@@ -22,7 +22,7 @@ use keel_propagation::postgres::{
     RequeueReason, RequeueTarget, Retention, TierRoleSettings, listen_for_wakeups,
     run_housekeeping,
 };
-use keel_propagation::runner::{Runner, RunnerConfig};
+use keel_propagation::runner::{LeaseError, Runner, RunnerConfig};
 use keel_propagation::{
     ByResourceType, Metrics, Payload, PropagationId, PropagationKind, WorkerId,
 };
@@ -155,8 +155,9 @@ struct RunArgs {
     #[arg(long, env = "KEEL_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
     /// Seconds a claim is held before another replica may take the row over; it must exceed
-    /// --apply-timeout-seconds + --shutdown-grace-seconds + 10 (checked before connecting).
-    #[arg(long, env = "KEEL_LEASE_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    /// --apply-timeout-seconds + --shutdown-grace-seconds + 10 (checked before connecting), and
+    /// be at most a day (86400).
+    #[arg(long, env = "KEEL_LEASE_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     lease_seconds: u32,
     /// Seconds one apply may take.
     #[arg(long, env = "KEEL_APPLY_TIMEOUT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
@@ -310,11 +311,13 @@ fn runner_config(args: &RunArgs, worker: WorkerId) -> Result<RunnerConfig, Strin
     config.apply_timeout = Duration::from_secs(u64::from(args.apply_timeout_seconds));
     config.poll_interval = Duration::from_secs(u64::from(args.poll_seconds));
     config.shutdown_grace = Duration::from_secs(u64::from(args.shutdown_grace_seconds));
-    config.check().map_err(|e| {
-        format!(
+    config.check().map_err(|e| match e {
+        LeaseError::TooShort(e) => format!(
             "--lease-seconds must exceed --apply-timeout-seconds + --shutdown-grace-seconds + 10: \
              {e}"
-        )
+        ),
+        LeaseError::TooLong { .. } => format!("--lease-seconds is too long: {e}"),
+        other => format!("--lease-seconds: {other}"),
     })?;
     Ok(config)
 }
@@ -581,11 +584,19 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
             for id in &report.skipped_superseded {
                 println!("left propagation {id} dead-lettered: a newer target superseded it");
             }
+            for (id, why) in &report.skipped_unrecordable {
+                println!(
+                    "left propagation {id} dead-lettered: its audit row cannot be written ({why}); repair the row"
+                );
+            }
             println!(
                 "{} requeued, {} left alone",
                 report.requeued.len(),
-                report.skipped_open.len() + report.skipped_superseded.len()
+                report.left_alone()
             );
+            if !report.skipped_unrecordable.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -65,6 +65,10 @@ fn a_flag_value_that_would_disable_or_overflow_the_work_is_a_usage_error() {
         ),
         (&["deferred", "list", "--limit", "0"][..], &["--limit"][..]),
         (
+            &["run", "--once", "--lease-seconds", "86401"][..],
+            &["--lease-seconds"][..],
+        ),
+        (
             &["deferred", "list", "--limit", "10001"][..],
             &["--limit"][..],
         ),

@@ -198,6 +198,7 @@ pub(crate) async fn requeue(
     let store = PgPropagationStore::new(console.pool.clone());
     let actor = session.actor();
     let mut requeued = 0usize;
+    let mut unrecordable = 0usize;
     for id in ids {
         let now = match store.db_now().await {
             Ok(now) => now,
@@ -212,7 +213,12 @@ pub(crate) async fn requeue(
             .requeue(RequeueTarget::One(PropagationId(id)), &actor, &reason, now)
             .await
         {
-            Ok(report) => requeued += report.requeued.len(),
+            // A dead letter whose audit row cannot be written stays dead-lettered (the store
+            // logs it at ERROR); the others are still requeued, and the page says so.
+            Ok(report) => {
+                requeued += report.requeued.len();
+                unrecordable += report.skipped_unrecordable.len();
+            }
             // Requeued by someone else meanwhile: nothing to do for this one.
             Err(keel_propagation::StoreError::NotDeadLettered(_)) => {}
             Err(e) => {
@@ -223,7 +229,11 @@ pub(crate) async fn requeue(
             }
         }
     }
-    let note = if requeued > 0 { "requeued" } else { "nothing" };
+    let note = match (requeued > 0, unrecordable > 0) {
+        (_, true) => "unrecordable",
+        (true, false) => "requeued",
+        (false, false) => "nothing",
+    };
     Redirect::to(&format!(
         "/audit?kind=propagation.requeued&actor={}&note={note}",
         query_value(actor.as_str())

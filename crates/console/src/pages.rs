@@ -594,6 +594,11 @@ fn note_text(note: &str) -> Option<&'static str> {
         "unchanged" => Some("Nothing changed: it already was in that state."),
         "requeued" => Some("Requeued; the audit trail below shows the rows written."),
         "nothing" => Some("Nothing was requeued: no matching dead letter could be re-armed."),
+        "unrecordable" => Some(
+            "Some dead letters were left dead-lettered: their audit row cannot be written (the \
+             log names each at ERROR); repair those rows. Any others were requeued, as the audit \
+             trail below shows.",
+        ),
         _ => None,
     }
 }

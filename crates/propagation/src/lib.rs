@@ -126,5 +126,6 @@ pub use policy::{PolicyError, RetryPolicies, RetryPolicy};
 /// [`StoreError`] under a name that does not collide with `keel_provision::StoreError`.
 pub use store::StoreError as PropagationStoreError;
 pub use store::{
-    Completion, CompletionReport, InvalidWorkerId, PropagationStore, StoreError, WorkerId,
+    Completion, CompletionReport, InvalidWorkerId, LEASE_MARGIN, MAX_LEASE, PropagationStore,
+    StoreError, WorkerId, bounded_lease, lease_is_implausible,
 };

@@ -334,6 +334,46 @@ pub struct RequeueReport {
     /// Dead letters left alone because a newer one for the same resource exists, or because the
     /// team has moved to another tier since: requeueing them would re-apply an old target.
     pub skipped_superseded: Vec<PropagationId>,
+    /// Dead letters left alone because their `propagation.requeued` audit row cannot be written
+    /// (a row another writer put there whose kind the audit trail refuses as an attribute), with
+    /// the reason. Each is logged at ERROR; the others of the same requeue go ahead.
+    pub skipped_unrecordable: Vec<(PropagationId, String)>,
+}
+
+impl RequeueReport {
+    /// How many dead letters this requeue looked at and left dead-lettered.
+    pub fn left_alone(&self) -> usize {
+        self.skipped_open.len() + self.skipped_superseded.len() + self.skipped_unrecordable.len()
+    }
+}
+
+/// A dead letter a requeue looks at, with what decides whether it is re-armed.
+#[derive(sqlx::FromRow)]
+struct RequeueCandidate {
+    id: i64,
+    kind: String,
+    team_id: Uuid,
+    resource_id: Uuid,
+    attempts: i32,
+    open: bool,
+    newer: bool,
+    moved_on: Option<bool>,
+}
+
+/// The `propagation.requeued` row for one candidate.
+fn requeued_event(
+    c: &RequeueCandidate,
+    actor: &Actor,
+    reason: &RequeueReason,
+    now: OffsetDateTime,
+) -> Result<AuditEvent, keel_audit::AuditFieldError> {
+    AuditEvent::new(AuditKind::PropagationRequeued, actor.clone(), now)
+        .team(TeamId::from_uuid(c.team_id))
+        .resource(ResourceId::from_uuid(c.resource_id))
+        .attr("propagation_id", c.id.to_string())
+        .and_then(|e| e.attr("propagation_kind", c.kind.clone()))
+        .and_then(|e| e.attr("previous_attempts", c.attempts.to_string()))
+        .and_then(|e| e.attr("reason", reason.as_str()))
 }
 
 #[derive(sqlx::FromRow)]
@@ -952,16 +992,16 @@ impl PgPropagationStore {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         // For each dead letter: is its resource already pending, is a newer dead letter for the
         // same resource waiting, and (tier elevations) has the team moved to another tier since?
-        let candidates: Vec<(i64, bool, bool, bool)> = sqlx::query_as(
-            "SELECT d.id, \
+        let candidates: Vec<RequeueCandidate> = sqlx::query_as(
+            "SELECT d.id, d.kind, d.team_id, d.resource_id, d.attempts, \
                     EXISTS (SELECT 1 FROM pending_propagations p \
                             WHERE p.kind = d.kind AND p.resource_id = d.resource_id \
-                              AND p.status = 'pending'), \
+                              AND p.status = 'pending') AS open, \
                     EXISTS (SELECT 1 FROM pending_propagations n \
                             WHERE n.kind = d.kind AND n.resource_id = d.resource_id \
-                              AND n.status = 'dead_lettered' AND n.id > d.id), \
+                              AND n.status = 'dead_lettered' AND n.id > d.id) AS newer, \
                     (d.kind = 'tier_elevation' AND d.payload->>'target_tier' IS DISTINCT FROM \
-                       (SELECT t.tier FROM teams t WHERE t.id = d.team_id)) \
+                       (SELECT t.tier FROM teams t WHERE t.id = d.team_id)) AS moved_on \
              FROM pending_propagations d \
              WHERE d.status = 'dead_lettered' \
                AND ($1::bigint IS NULL OR d.id = $1) AND ($2::text IS NULL OR d.kind = $2) \
@@ -977,41 +1017,55 @@ impl PgPropagationStore {
         }
         let mut report = RequeueReport::default();
         let mut ids = Vec::new();
-        for (id, open, newer, moved_on) in candidates {
-            if open {
-                report.skipped_open.push(PropagationId(id));
-            } else if newer || moved_on {
-                report.skipped_superseded.push(PropagationId(id));
+        let mut events = Vec::new();
+        for c in candidates {
+            if c.open {
+                report.skipped_open.push(PropagationId(c.id));
+            } else if c.newer || c.moved_on.unwrap_or(false) {
+                report.skipped_superseded.push(PropagationId(c.id));
             } else {
-                ids.push(id);
+                // Built before anything is written: a row whose audit row cannot be written is
+                // left dead-lettered on its own, never failing the requeue of the others.
+                match requeued_event(&c, actor, reason, now) {
+                    Ok(event) => {
+                        ids.push(c.id);
+                        events.push(event);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            propagation_id = c.id,
+                            error = %e,
+                            "a dead letter cannot be requeued: its audit row cannot be written; \
+                             it stays dead-lettered until the row is repaired"
+                        );
+                        report
+                            .skipped_unrecordable
+                            .push((PropagationId(c.id), e.to_string()));
+                    }
+                }
             }
         }
-        let rows: Vec<(i64, String, Uuid, Uuid, i32)> = sqlx::query_as(
-            "UPDATE pending_propagations p SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+        // The rows are locked (`FOR UPDATE` above), so what the events were built from holds.
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "UPDATE pending_propagations SET status = 'pending', attempts = 0, next_attempt_at = $2, \
                     dead_lettered_at = NULL, claimed_by = NULL, lease_expires_at = NULL, updated_at = $2 \
-             FROM (SELECT id, attempts AS previous FROM pending_propagations WHERE id = ANY($1)) old \
-             WHERE p.id = old.id \
-             RETURNING p.id, p.kind, p.team_id, p.resource_id, old.previous",
+             WHERE id = ANY($1) \
+             RETURNING id",
         )
         .bind(&ids)
         .bind(now)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("requeue dead letters"))?;
-        let mut events = Vec::with_capacity(rows.len());
-        for (id, kind, team, resource, previous) in &rows {
-            let event = AuditEvent::new(AuditKind::PropagationRequeued, actor.clone(), now)
-                .team(TeamId::from_uuid(*team))
-                .resource(ResourceId::from_uuid(*resource))
-                .attr("propagation_id", id.to_string())
-                .and_then(|e| e.attr("propagation_kind", kind.clone()))
-                .and_then(|e| e.attr("previous_attempts", previous.to_string()))
-                .and_then(|e| e.attr("reason", reason.as_str()))
-                .map_err(|e| StoreError::Corrupt {
-                    id: Some(PropagationId(*id)),
-                    reason: e.to_string(),
-                })?;
-            events.push(event);
+        if rows.len() != ids.len() {
+            return Err(StoreError::Corrupt {
+                id: None,
+                reason: format!(
+                    "{} of {} locked dead letters were requeued",
+                    rows.len(),
+                    ids.len()
+                ),
+            });
         }
         keel_audit::postgres::insert_batch(&mut tx, &events).await?;
         if !rows.is_empty() {
@@ -1022,7 +1076,7 @@ impl PgPropagationStore {
                 .map_err(db("notify runners"))?;
         }
         tx.commit().await.map_err(db("commit a requeue"))?;
-        report.requeued = rows.iter().map(|r| PropagationId(r.0)).collect();
+        report.requeued = ids.into_iter().map(PropagationId).collect();
         Ok(report)
     }
 
@@ -1525,13 +1579,21 @@ const LAND_TIERS_SQL: &str = "UPDATE resources r SET tier = u.tier, updated_at =
              FROM UNNEST($1::uuid[], $2::text[]) AS u(id, tier) \
              WHERE r.id = ANY($1) AND r.id = u.id AND r.tier IS DISTINCT FROM u.tier";
 
-/// The rescue of claims whose lease expired (`$1` now, `$2` limit).
-const RESCUE_SQL: &str = "UPDATE pending_propagations SET claimed_by = NULL, claim_token = NULL, \
+/// The rescue of claims whose lease expired or ends further ahead than any claim makes (`$1`
+/// now, `$2` limit, `$3` the implausible horizon in ms, see
+/// [`lease_is_implausible`](crate::lease_is_implausible)). Answers, per rescued row, whether its
+/// lease was an implausible one.
+const RESCUE_SQL: &str = "WITH due AS ( \
+               SELECT id, lease_expires_at FROM pending_propagations \
+               WHERE status = 'pending' AND claimed_by IS NOT NULL \
+                 AND (lease_expires_at <= $1 \
+                      OR lease_expires_at > $1 + make_interval(secs => $3::float8 / 1000.0)) \
+               ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE pending_propagations p SET claimed_by = NULL, claim_token = NULL, \
                     lease_expires_at = NULL, updated_at = $1 \
-             WHERE id = ANY(ARRAY( \
-               SELECT id FROM pending_propagations \
-               WHERE status = 'pending' AND claimed_by IS NOT NULL AND lease_expires_at <= $1 \
-               ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))";
+             FROM due \
+             WHERE p.id = ANY(ARRAY(SELECT id FROM due)) AND p.id = due.id \
+             RETURNING p.id, due.lease_expires_at > $1";
 
 /// Dead letters newest first (`$1` kind or NULL for all, `$2` limit).
 const DEAD_LETTERS_SQL: &str = "SELECT id, kind, team_id, resource_id, resource_type, payload->>'target_tier' AS target_tier, \
@@ -1586,12 +1648,21 @@ impl PropagationStore for PgPropagationStore {
         // Rescue: a claim whose lease expired is undone, keeping its counted attempt, so the
         // claim below takes it like any due row. Its token is gone, so the vanished worker's
         // late completion can never be recorded.
-        sqlx::query(RESCUE_SQL)
+        let rescued: Vec<(i64, bool)> = sqlx::query_as(RESCUE_SQL)
             .bind(now)
             .bind(i64::from(limit))
-            .execute(&mut *tx)
+            .bind(millis(crate::MAX_LEASE + crate::LEASE_MARGIN))
+            .fetch_all(&mut *tx)
             .await
             .map_err(db("rescue abandoned claims"))?;
+        for (id, _) in rescued.iter().filter(|(_, implausible)| *implausible) {
+            tracing::warn!(
+                propagation_id = id,
+                "a claim whose lease ended further ahead than any claim makes was undone; \
+                 another writer set it"
+            );
+        }
+        let lease = crate::bounded_lease(lease);
         // Only rows this build can read: other kinds, resource types and payload versions wait
         // for a runner that knows them.
         let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
@@ -2223,7 +2294,12 @@ mod plans {
             "every due unclaimed row, and only those, is claimed"
         );
 
-        let plan = explain(db.pool(), RESCUE_SQL, |q| q.bind(now).bind(32_i64)).await;
+        let plan = explain(db.pool(), RESCUE_SQL, |q| {
+            q.bind(now)
+                .bind(32_i64)
+                .bind(millis(crate::MAX_LEASE + crate::LEASE_MARGIN))
+        })
+        .await;
         for node in &queue_nodes(&plan) {
             assert_ne!(node["Node Type"], "Seq Scan", "{node:#?}");
             assert_eq!(

@@ -86,18 +86,46 @@ pub struct LeaseTooShort {
     pub grace_seconds: u64,
 }
 
+/// A runner configuration whose lease is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// The lease would not outlast an apply.
+    #[error(transparent)]
+    TooShort(#[from] LeaseTooShort),
+    /// The lease is longer than any claim holds ([`MAX_LEASE`](crate::MAX_LEASE)).
+    #[error(
+        "the lease ({lease_seconds} s) is longer than a claim holds ({max_seconds} s): a row \
+         whose worker vanished would wait that long"
+    )]
+    TooLong {
+        /// The configured lease.
+        lease_seconds: u64,
+        /// The longest lease a claim holds.
+        max_seconds: u64,
+    },
+}
+
 impl RunnerConfig {
-    /// Checks that a claim's lease outlasts the longest time a worker can hold it unfinished.
-    pub fn check(&self) -> Result<(), LeaseTooShort> {
+    /// Checks that a claim's lease outlasts the longest time a worker can hold it unfinished,
+    /// and is no longer than [`MAX_LEASE`](crate::MAX_LEASE).
+    pub fn check(&self) -> Result<(), LeaseError> {
+        let max = crate::MAX_LEASE.unsigned_abs();
+        if self.lease > max {
+            return Err(LeaseError::TooLong {
+                lease_seconds: self.lease.as_secs(),
+                max_seconds: max.as_secs(),
+            });
+        }
         let needed = self.apply_timeout + self.shutdown_grace + std::time::Duration::from_secs(10);
         if self.lease > needed {
             Ok(())
         } else {
-            Err(LeaseTooShort {
+            Err(LeaseError::TooShort(LeaseTooShort {
                 lease_seconds: self.lease.as_secs(),
                 apply_timeout_seconds: self.apply_timeout.as_secs(),
                 grace_seconds: self.shutdown_grace.as_secs(),
-            })
+            }))
         }
     }
 }
@@ -214,13 +242,13 @@ where
     A: Applier + 'static,
 {
     /// A runner over `store`, applying with `applier`. Refuses a configuration whose lease
-    /// does not outlast an apply ([`RunnerConfig::check`]).
+    /// does not outlast an apply, or is longer than a claim holds ([`RunnerConfig::check`]).
     pub fn new(
         store: Arc<S>,
         applier: Arc<A>,
         metrics: Metrics,
         config: RunnerConfig,
-    ) -> Result<Self, LeaseTooShort> {
+    ) -> Result<Self, LeaseError> {
         config.check()?;
         Ok(Self {
             store,
@@ -810,7 +838,9 @@ mod tests {
         let mut config = RunnerConfig::new(WorkerId::parse("w").unwrap());
         assert_eq!(config.check(), Ok(()), "the defaults must be consistent");
         config.lease = std::time::Duration::from_secs(30);
-        let err = config.check().unwrap_err();
+        let LeaseError::TooShort(err) = config.check().unwrap_err() else {
+            unreachable!("a 30 s lease is too short, not too long")
+        };
         assert_eq!(
             (
                 err.lease_seconds,
@@ -822,5 +852,22 @@ mod tests {
         config.apply_timeout = std::time::Duration::from_secs(5);
         config.shutdown_grace = std::time::Duration::from_secs(5);
         assert_eq!(config.check(), Ok(()));
+    }
+
+    /// No configuration asks for a lease longer than a claim holds (`MAX_LEASE`): the claim
+    /// would shorten it, and a vanished worker's rows would wait that long.
+    #[test]
+    fn a_lease_longer_than_a_claim_holds_is_refused() {
+        let mut config = RunnerConfig::new(WorkerId::parse("w").unwrap());
+        config.lease = crate::MAX_LEASE.unsigned_abs();
+        assert_eq!(config.check(), Ok(()), "the longest lease is allowed");
+        config.lease += std::time::Duration::from_secs(1);
+        assert_eq!(
+            config.check(),
+            Err(LeaseError::TooLong {
+                lease_seconds: 86_401,
+                max_seconds: 86_400
+            })
+        );
     }
 }

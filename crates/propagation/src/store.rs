@@ -110,6 +110,26 @@ fn in_propagation(id: Option<crate::model::PropagationId>) -> String {
         .unwrap_or_default()
 }
 
+/// The longest lease a claim holds (one day): a claim asking for more holds this long, and
+/// [`RunnerConfig::check`](crate::runner::RunnerConfig::check) refuses a longer one.
+pub const MAX_LEASE: Duration = Duration::days(1);
+
+/// The margin beyond [`MAX_LEASE`] before a lease counts as implausible: it covers the
+/// difference between the `now` two replicas read from the shared clock at different moments.
+pub const LEASE_MARGIN: Duration = Duration::hours(1);
+
+/// A lease no claim makes: one that ends more than [`MAX_LEASE`] + [`LEASE_MARGIN`] after
+/// `now`. Such a claim was written by someone else (a hand edit, another service sharing the
+/// table) and is rescued like an expired one rather than hiding its row until then.
+pub fn lease_is_implausible(lease_expires_at: OffsetDateTime, now: OffsetDateTime) -> bool {
+    lease_expires_at > now + MAX_LEASE + LEASE_MARGIN
+}
+
+/// The lease a claim asking for `lease` holds: at most [`MAX_LEASE`], never negative.
+pub fn bounded_lease(lease: Duration) -> Duration {
+    lease.clamp(Duration::ZERO, MAX_LEASE)
+}
+
 /// Where propagations wait and how their attempts are recorded.
 ///
 /// Delivery is at least once: a claim holds a lease; a row whose lease expires is claimable
@@ -122,7 +142,11 @@ pub trait PropagationStore: Send + Sync {
     /// The store's clock (the database's `now()`), which every replica reads alike.
     fn now(&self) -> impl Future<Output = Result<OffsetDateTime, StoreError>> + Send;
 
-    /// Claims up to `limit` due rows for `worker` for `lease`, counting an attempt on each.
+    /// Claims up to `limit` due rows for `worker` for `lease` (at most [`MAX_LEASE`]: a longer
+    /// one is held for [`MAX_LEASE`]), counting an attempt on each. Before claiming, claims whose
+    /// lease has expired are undone, and so are claims whose lease ends further ahead than any
+    /// claim makes ([`lease_is_implausible`]: another writer set it), which would otherwise hide
+    /// their row until then.
     fn claim(
         &self,
         worker: &WorkerId,

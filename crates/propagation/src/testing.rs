@@ -206,10 +206,13 @@ impl PropagationStore for MemoryPropagationStore {
         lease: Duration,
         now: OffsetDateTime,
     ) -> Result<Vec<Propagation>, StoreError> {
+        let lease = crate::store::bounded_lease(lease);
         let mut inner = self.lock();
         for row in inner.rows.values_mut() {
             if row.state.status == RowStatus::Pending
-                && row.lease_expires_at.is_some_and(|at| at <= now)
+                && row
+                    .lease_expires_at
+                    .is_some_and(|at| at <= now || crate::store::lease_is_implausible(at, now))
             {
                 row.claim_token = None;
                 row.lease_expires_at = None;

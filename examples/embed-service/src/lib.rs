@@ -27,9 +27,7 @@ use std::sync::{Arc, Mutex};
 use keel_audit::postgres::{AuditFilter, StoredAuditEvent};
 use keel_audit::{Actor, ResourceId, TeamId, Tier};
 use keel_propagation::postgres::{PgPropagationStore, TierChange, change_team_tier};
-use keel_propagation::runner::{
-    BatchReport, CancellationToken, LeaseTooShort, Runner, RunnerConfig,
-};
+use keel_propagation::runner::{BatchReport, CancellationToken, LeaseError, Runner, RunnerConfig};
 use keel_propagation::{
     Applier, ApplyError, ApplyOutcome, Metrics, Propagation, SkipReason, StoreError, WorkerId,
 };
@@ -62,7 +60,7 @@ pub enum Error {
     Store(#[from] StoreError),
     /// Keel refused the runner configuration.
     #[error(transparent)]
-    Config(#[from] LeaseTooShort),
+    Config(#[from] LeaseError),
     /// Keel's audit read-back failed.
     #[error(transparent)]
     Audit(#[from] keel_audit::AuditSinkError),

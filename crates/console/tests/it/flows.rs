@@ -343,6 +343,60 @@ async fn a_filtered_requeue_rearms_only_the_dead_letters_of_its_bucket() {
     assert!(bad.body.contains("unknown bucket"));
 }
 
+/// A hand-made dead letter whose audit row cannot be written (its kind reads as a connection
+/// URL, which the audit trail refuses) is left dead-lettered on its own: "Requeue all" still
+/// re-arms every other dead letter it matches, and the page says some were left.
+#[tokio::test]
+async fn a_filtered_requeue_rearms_the_others_past_a_dead_letter_it_cannot_audit() {
+    let mut app = app::spawn().await;
+    let (_, _, first) = app.dead_letter("dial tcp: connection refused").await;
+    let (_, _, foreign) = app.dead_letter("dial tcp: connection refused").await;
+    let (_, _, last) = app.dead_letter("dial tcp: connection refused").await;
+    sqlx::query("UPDATE pending_propagations SET kind = 'postgres://u:pw@h/x' WHERE id = $1")
+        .bind(foreign)
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+    let csrf = app.sign_in().await;
+    let reply = app
+        .post(
+            "/dead-letters/requeue",
+            &[
+                ("bucket", "resource_not_reachable"),
+                ("reason", "network fixed"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 303, "{}", reply.body);
+    assert!(
+        reply
+            .header("location")
+            .is_some_and(|l| l.ends_with("note=unrecordable")),
+        "{:?}",
+        reply.header("location")
+    );
+    assert_eq!(app.status_of(first).await, "pending");
+    assert_eq!(app.status_of(last).await, "pending");
+    assert_eq!(app.status_of(foreign).await, "dead_lettered");
+    let rows = app.audit_rows("propagation.requeued").await;
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.1["propagation_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(!ids.contains(&foreign.to_string()), "{ids:?}");
+    let page = app
+        .get(
+            reply
+                .header("location")
+                .unwrap()
+                .trim_start_matches("http://localhost"),
+        )
+        .await;
+    assert!(page.body.contains("left dead-lettered"), "{}", page.body);
+}
+
 #[tokio::test]
 async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_destroy_nothing() {
     let mut app = app::spawn().await;

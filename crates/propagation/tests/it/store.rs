@@ -165,6 +165,68 @@ async fn a_claimed_then_abandoned_row_is_reclaimed_after_its_lease_and_the_stale
     assert_eq!(resource_tier(db.pool(), resource).await, "pro");
 }
 
+/// No claim holds a row longer than `MAX_LEASE`: a claim asking for more holds that long, and
+/// a claim whose lease ends further ahead than any claim makes (another writer put it there) is
+/// rescued at once rather than hiding its row until then; a long but possible lease is kept.
+#[tokio::test]
+async fn a_lease_no_claim_makes_never_hides_its_row() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (_, _, id) = drifted_and_enqueued(db.pool()).await;
+
+    let by_a = store
+        .claim(&worker("a"), 10, Duration::days(30), T0)
+        .await
+        .unwrap();
+    assert_eq!(by_a.len(), 1);
+    let held: time::OffsetDateTime =
+        sqlx::query_scalar("SELECT lease_expires_at FROM pending_propagations WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        held,
+        T0 + keel_propagation::MAX_LEASE,
+        "the lease is bounded"
+    );
+    // The longest lease a claim makes is kept: another worker finds nothing to claim.
+    assert!(
+        store
+            .claim(
+                &worker("b"),
+                10,
+                Duration::minutes(1),
+                T0 + Duration::hours(1)
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Another writer pushes the lease a year ahead: the next claim takes the row over.
+    sqlx::query(
+        "UPDATE pending_propagations SET lease_expires_at = $2 + interval '1 year' WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(T0)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let by_b = store
+        .claim(
+            &worker("b"),
+            10,
+            Duration::minutes(1),
+            T0 + Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_b.len(), 1, "the implausible lease was rescued");
+    assert_eq!(by_b[0].id, id);
+    assert_eq!(row(db.pool(), id).await.claimed_by.as_deref(), Some("b"));
+}
+
 #[tokio::test]
 async fn a_transition_whose_audit_insert_fails_leaves_the_row_unchanged() {
     let db = keel_testkit::database().await;
@@ -369,6 +431,50 @@ async fn queue_stats_report_due_rows_and_the_oldest_wait() {
         (stats[0].oldest_due_age_seconds - 90.0).abs() < 0.001,
         "{stats:?}"
     );
+}
+
+/// A dead letter whose `propagation.requeued` row cannot be written (another writer gave it a
+/// kind the audit trail refuses as an attribute) is reported and left dead-lettered, with nothing
+/// written for it; a requeue naming it is not an error that hides the reason.
+#[tokio::test]
+async fn a_dead_letter_whose_audit_row_cannot_be_written_is_reported_and_left_alone() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource) = seed(db.pool(), "pro", "free", None).await;
+    let id = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap()
+        .id();
+    sqlx::query(
+        "UPDATE pending_propagations SET status = 'dead_lettered', dead_lettered_at = now(), \
+                kind = 'postgres://u:pw@h/x' WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let report = store
+        .requeue(RequeueTarget::One(id), &Actor::system(), &reason(), T0)
+        .await
+        .expect("a requeue past an unrecordable dead letter answers with a report");
+    assert!(report.requeued.is_empty(), "{report:?}");
+    assert_eq!(report.skipped_unrecordable.len(), 1, "{report:?}");
+    assert_eq!(report.skipped_unrecordable[0].0, id);
+    assert_eq!(report.left_alone(), 1);
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM pending_propagations WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "dead_lettered");
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind = 'propagation.requeued'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(audited, 0);
 }
 
 #[tokio::test]
