@@ -106,6 +106,14 @@ pub const CONTRACT_TABLES: &[&str] = &[
     "audit_retired_links",
 ];
 
+/// The tables of the provisioning API's own state, in the schema `provision_api` (not contract
+/// names: no other service queries them). [`revert_all`] refuses while any holds rows.
+pub const PROVISION_API_TABLES: &[&str] = &[
+    "provision_api.api_keys",
+    "provision_api.idempotency_keys",
+    "provision_api.console_sessions",
+];
+
 /// Applies every pending migration. Safe to call on every start: applied ones are skipped.
 ///
 /// Runs on a connection of its own (not one of `pool`'s), which it closes whether the migration
@@ -182,8 +190,11 @@ async fn adopt_legacy_rows(conn: &mut PgConnection) -> Result<(), MigrateError> 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RevertError {
-    /// A contract table still holds rows: reverting would erase them (for `audit_events`, the
-    /// audit trail). Nothing was reverted. Empty the table deliberately first if that is meant.
+    /// A contract table, or a table of the provisioning API's own state (its API keys, its
+    /// idempotency records, the console's sessions), still holds rows: reverting would erase
+    /// them (for `audit_events`, the audit trail; for `provision_api.api_keys`, every operator's
+    /// and team's key). Nothing was reverted. Empty the table deliberately first if that is
+    /// meant.
     #[error(
         "refusing to revert the schema: {table} still holds rows, which the down migrations \
          would erase; nothing was reverted"
@@ -198,8 +209,10 @@ pub enum RevertError {
 }
 
 /// Reverts every applied migration, newest first, leaving an empty schema — but only while every
-/// contract table is empty: a schema holding data (above all an audit trail) is never dropped
-/// by this call, it returns [`RevertError::NotEmpty`] and changes nothing.
+/// contract table and every table of the provisioning API's own state
+/// ([`PROVISION_API_TABLES`]) is empty: a schema holding data (above all an audit trail or the
+/// API keys) is never dropped by this call, it returns [`RevertError::NotEmpty`] and changes
+/// nothing.
 pub async fn revert_all(pool: &PgPool) -> Result<(), RevertError> {
     let mut conn = PgConnection::connect_with(&pool.connect_options())
         .await
@@ -214,7 +227,11 @@ async fn revert_on(conn: &mut PgConnection) -> Result<(), RevertError> {
     // `rater_lease` holds only the single-flight lease row its migration seeds, and the rating
     // change markers only what triggers derived from the other tables: no data of their own.
     let derived = ["rater_lease", "rating_change", "rating_change_all"];
-    for &table in CONTRACT_TABLES.iter().filter(|t| !derived.contains(t)) {
+    let guarded = CONTRACT_TABLES
+        .iter()
+        .filter(|t| !derived.contains(t))
+        .chain(PROVISION_API_TABLES);
+    for &table in guarded {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(table)
             .fetch_one(&mut *conn)

@@ -484,6 +484,39 @@ async fn reverting_a_schema_that_holds_audit_rows_refuses() {
     assert_eq!(advisory_locks(db.pool()).await, 0);
 }
 
+/// `revert_all` never drops the provisioning API's keys: while `provision_api.api_keys` holds a
+/// key (every other table empty), it refuses and changes nothing.
+#[tokio::test]
+async fn reverting_a_schema_that_holds_api_keys_refuses() {
+    let db = keel_testkit::empty_database().await;
+    keel_schema::migrate(db.pool()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO provision_api.api_keys (id, secret_sha256, scope) \
+         VALUES ('0123456789ab', sha256('s'::bytea), 'operator')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let refused = keel_schema::revert_all(db.pool()).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            keel_schema::RevertError::NotEmpty {
+                table: "provision_api.api_keys"
+            }
+        ),
+        "{refused}"
+    );
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM provision_api.api_keys")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys, 1, "the refused revert dropped the API keys");
+    assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
+    assert_eq!(advisory_locks(db.pool()).await, 0);
+}
+
 /// The text-format CHECKs migration 0092 restates without bounded repetition, each with the
 /// pattern it replaced: (table, constraint, column, pattern).
 const RESTATED_TEXT_CHECKS: [(&str, &str, &str, &str); 12] = [
