@@ -8,9 +8,12 @@
 //! (`app.kubernetes.io/managed-by=keel`) and, when present, the matching
 //! `keel.dev/resource-type` label. Only then does it server-side apply a `ResourceQuota` named
 //! [`QUOTA_NAME`] whose `spec.hard` comes from the target tier's [`QuotaLimits`]. Anything else
-//! — a missing namespace, one the platform did not label, a provider id outside the prefix, a
-//! `postgres` resource (it has no namespace) — is an *unexpected* skip (it retries, then
-//! dead-letters), never success, and no object is changed.
+//! — a missing namespace, one being deleted, one the platform did not label, a provider id
+//! outside the prefix, a `postgres` resource (it has no namespace) — is an *unexpected* skip (it
+//! retries, then dead-letters), never success, and no object is changed. The apply's answer is
+//! the object as stored: unless its `spec.hard` holds the tier's amounts (compared as
+//! quantities, so the server's canonical forms such as `8192Mi` for `8Gi` match), something on
+//! the server's write path changed it, and the attempt is an unexpected skip too.
 //!
 //! The existence check is a metadata-only read (`PartialObjectMetadata`), so the applier never
 //! downloads a namespace's spec.
@@ -88,6 +91,71 @@ fn validate_quantity(field: &'static str, value: &str) -> Result<String, Invalid
         return Err(invalid());
     }
     Ok(value.to_owned())
+}
+
+/// A quantity as `mantissa · 2^binary · 10^decimal`: digits with at most one decimal point, then
+/// one of [`QUANTITY_SUFFIXES`] (the forms [`validate_quantity`] admits, and the forms the API
+/// server writes back for them). `None` for anything else.
+fn quantity_parts(value: &str) -> Option<(u128, u32, i32)> {
+    let number_len = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(number_len);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.len() + fraction.len() == 0 || fraction.contains('.') {
+        return None;
+    }
+    let mut mantissa: u128 = 0;
+    for b in whole.bytes().chain(fraction.bytes()) {
+        mantissa = mantissa
+            .checked_mul(10)?
+            .checked_add(u128::from(b.checked_sub(b'0')?))?;
+    }
+    let (binary, decimal) = match suffix {
+        "Ki" => (10, 0),
+        "Mi" => (20, 0),
+        "Gi" => (30, 0),
+        "Ti" => (40, 0),
+        "Pi" => (50, 0),
+        "Ei" => (60, 0),
+        "n" => (0, -9),
+        "u" => (0, -6),
+        "m" => (0, -3),
+        "" => (0, 0),
+        "k" => (0, 3),
+        "M" => (0, 6),
+        "G" => (0, 9),
+        "T" => (0, 12),
+        "P" => (0, 15),
+        "E" => (0, 18),
+        _ => return None,
+    };
+    let places = i32::try_from(fraction.len()).ok()?;
+    Some((mantissa, binary, decimal - places))
+}
+
+/// Whether two quantities name the same amount (`"1Gi"` and `"1024Mi"`, `"0.5"` and `"500m"`).
+/// A quantity that does not parse, or whose comparison overflows, equals nothing.
+fn same_quantity(a: &str, b: &str) -> bool {
+    fn scaled(m: u128, twos: u32, tens: u32) -> Option<u128> {
+        m.checked_mul(2u128.checked_pow(twos)?)?
+            .checked_mul(10u128.checked_pow(tens)?)
+    }
+    let (Some((ma, ba, da)), Some((mb, bb, db))) = (quantity_parts(a), quantity_parts(b)) else {
+        return false;
+    };
+    // Bring both to the smaller exponents: multiply each side by what the other lacks.
+    let left = scaled(
+        ma,
+        ba.saturating_sub(bb),
+        da.saturating_sub(db).max(0).unsigned_abs(),
+    );
+    let right = scaled(
+        mb,
+        bb.saturating_sub(ba),
+        db.saturating_sub(da).max(0).unsigned_abs(),
+    );
+    matches!((left, right), (Some(l), Some(r)) if l == r)
 }
 
 /// What a tier allows inside a customer namespace: the `ResourceQuota`'s `spec.hard`.
@@ -399,9 +467,20 @@ impl Applier for KubeQuotaApplier {
             ));
         }
 
+        if found.metadata.deletion_timestamp.is_some() {
+            tracing::warn!(%token, namespace = %ns.masked, "customer namespace is being deleted");
+            return Ok(unexpected(
+                ReasonBucket::NamespaceNotFound,
+                format!(
+                    "namespace {} is being deleted while its resource is live",
+                    ns.masked
+                ),
+            ));
+        }
+
         let quotas: Api<ResourceQuota> = Api::namespaced(self.client.clone(), &ns.name);
         let params = PatchParams::apply(&self.field_manager).force();
-        quotas
+        let stored = quotas
             .patch(QUOTA_NAME, &params, &Patch::Apply(Self::quota(tier, limits)))
             .await
             .map_err(|e| {
@@ -413,6 +492,36 @@ impl Applier for KubeQuotaApplier {
                     &e,
                 )
             })?;
+        // The apply's answer is what the server stored: an admission webhook (or anything else
+        // on the server's write path) may have changed it, and then the tier has not landed.
+        let hard = stored.spec.and_then(|spec| spec.hard).unwrap_or_default();
+        let differs: Vec<String> = limits
+            .hard()
+            .into_iter()
+            .filter(|(key, wanted)| {
+                !hard
+                    .get(key)
+                    .is_some_and(|got| same_quantity(&got.0, &wanted.0))
+            })
+            .map(|(key, wanted)| {
+                let got = hard.get(&key).map_or("nothing", |q| q.0.as_str());
+                let got: String = got.chars().take(QUANTITY_MAX_LEN).collect();
+                format!("{key} {got:?} (asked {:?})", wanted.0)
+            })
+            .collect();
+        if !differs.is_empty() {
+            tracing::warn!(%token, namespace = %ns.masked, %tier, "the stored ResourceQuota is not the tier's");
+            return Ok(unexpected(
+                ReasonBucket::Other,
+                format!(
+                    "the API server stored ResourceQuota {QUOTA_NAME} in namespace {} with {}: \
+                     something on its write path (an admission webhook?) changes the tier's \
+                     limits",
+                    ns.masked,
+                    differs.join(", ")
+                ),
+            ));
+        }
         tracing::info!(%token, namespace = %ns.masked, %tier, "applied tier ResourceQuota");
         Ok(ApplyOutcome::Applied)
     }
@@ -489,6 +598,12 @@ mod tests {
         Status(StatusCode, Value),
         /// Check the apply request's body equals this, then echo it back as the server would.
         Applied { expected_body: Value },
+        /// As [`Reply::Applied`], but the server stores (and answers with) this `spec.hard`,
+        /// as an admission webhook or the server's own canonical quantities would make it.
+        AppliedAs {
+            expected_body: Value,
+            stored_hard: Value,
+        },
     }
 
     /// A metadata-only GET (`Api::get_metadata_opt`).
@@ -625,31 +740,11 @@ mod tests {
             let response = match step.reply {
                 Reply::Object(body) => respond(StatusCode::OK, &body),
                 Reply::Status(status, body) => respond(status, &body),
-                Reply::Applied { expected_body } => {
-                    assert_eq!(
-                        request.headers().get(http::header::CONTENT_TYPE).unwrap(),
-                        "application/apply-patch+yaml",
-                        "step {i}"
-                    );
-                    let bytes = request.into_body().collect_bytes().await.unwrap();
-                    let mut body: Value = serde_json::from_slice(&bytes).unwrap();
-                    assert_eq!(body, expected_body, "step {i}: apply body");
-                    let meta = &mut body["metadata"];
-                    meta["namespace"] = json!(NS);
-                    meta["uid"] = json!("9d8c7b6a-5f4e-4d3c-8b2a-1a0b9c8d7e6f");
-                    meta["resourceVersion"] = json!("4713");
-                    meta["creationTimestamp"] = json!("2026-01-12T09:31:00Z");
-                    meta["managedFields"] = json!([{
-                        "manager": "keel",
-                        "operation": "Apply",
-                        "apiVersion": "v1",
-                        "time": "2026-01-12T09:31:00Z",
-                        "fieldsType": "FieldsV1",
-                        "fieldsV1": { "f:spec": { "f:hard": {} } }
-                    }]);
-                    body["status"] = json!({ "hard": body["spec"]["hard"].clone(), "used": {} });
-                    respond(StatusCode::OK, &body)
-                }
+                Reply::Applied { expected_body } => applied(i, request, expected_body, None).await,
+                Reply::AppliedAs {
+                    expected_body,
+                    stored_hard,
+                } => applied(i, request, expected_body, Some(stored_hard)).await,
             };
             send.send_response(response);
         }
@@ -657,6 +752,42 @@ mod tests {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
         seen
+    }
+
+    /// The API server's answer to a server-side apply whose body must equal `expected_body`:
+    /// the object as stored, with `stored_hard` as its `spec.hard` when given.
+    async fn applied(
+        i: usize,
+        request: Request<Body>,
+        expected_body: Value,
+        stored_hard: Option<Value>,
+    ) -> Response<Body> {
+        assert_eq!(
+            request.headers().get(http::header::CONTENT_TYPE).unwrap(),
+            "application/apply-patch+yaml",
+            "step {i}"
+        );
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body, expected_body, "step {i}: apply body");
+        let meta = &mut body["metadata"];
+        meta["namespace"] = json!(NS);
+        meta["uid"] = json!("9d8c7b6a-5f4e-4d3c-8b2a-1a0b9c8d7e6f");
+        meta["resourceVersion"] = json!("4713");
+        meta["creationTimestamp"] = json!("2026-01-12T09:31:00Z");
+        meta["managedFields"] = json!([{
+            "manager": "keel",
+            "operation": "Apply",
+            "apiVersion": "v1",
+            "time": "2026-01-12T09:31:00Z",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": { "f:spec": { "f:hard": {} } }
+        }]);
+        if let Some(hard) = stored_hard {
+            body["spec"]["hard"] = hard;
+        }
+        body["status"] = json!({ "hard": body["spec"]["hard"].clone(), "used": {} });
+        respond(StatusCode::OK, &body)
     }
 
     /// Runs one attempt against a fake API server that expects exactly `steps`.
@@ -728,6 +859,104 @@ mod tests {
             ],
             "only the namespace's metadata is read, and only the quota is written"
         );
+    }
+
+    /// The server writes quantities back in its canonical form (`8Gi` may come back as
+    /// `8192Mi`, `4` as `4000m`): the same amounts are the tier landing.
+    #[tokio::test]
+    async fn a_quota_stored_in_the_servers_canonical_quantities_is_applied() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_namespace(),
+            vec![
+                get_namespace(),
+                ssa(Reply::AppliedAs {
+                    expected_body: pro_quota_body(),
+                    stored_hard: json!({ "cpu": "4000m", "memory": "8192Mi", "pods": "20" }),
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(outcome, Ok(ApplyOutcome::Applied));
+    }
+
+    /// The apply's answer is what the server stored: when something on its write path (an
+    /// admission webhook) stores other limits than the tier's, the tier has not landed, and
+    /// the attempt is an unexpected skip naming the difference, never `Applied`.
+    #[tokio::test]
+    async fn a_quota_the_server_stored_differently_is_an_unexpected_skip_not_success() {
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_namespace(),
+            vec![
+                get_namespace(),
+                ssa(Reply::AppliedAs {
+                    expected_body: pro_quota_body(),
+                    stored_hard: json!({ "cpu": "2", "memory": "8Gi" }),
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            skipped(
+                ReasonBucket::Other,
+                "the API server stored ResourceQuota keel-tier in namespace instant-customer-a1b2… \
+                 with cpu \"2\" (asked \"4\"), pods \"nothing\" (asked \"20\"): something on \
+                 its write path (an admission webhook?) changes the tier's limits"
+            )
+        );
+    }
+
+    /// A namespace being deleted (its `deletionTimestamp` set) while its resource is live is an
+    /// unexpected skip, and nothing is applied into it.
+    #[tokio::test]
+    async fn a_namespace_being_deleted_is_an_unexpected_skip_without_an_apply() {
+        let mut terminating = namespace_metadata(Some("namespace"));
+        terminating["metadata"]["deletionTimestamp"] = json!("2026-01-12T10:00:00Z");
+        let outcome = run(
+            TierQuotas::standard(),
+            &pro_namespace(),
+            vec![get_metadata(NAMESPACE_URI, Reply::Object(terminating))],
+        )
+        .await;
+        assert_eq!(
+            outcome,
+            skipped(
+                ReasonBucket::NamespaceNotFound,
+                "namespace instant-customer-a1b2… is being deleted while its resource is live"
+            )
+        );
+    }
+
+    #[test]
+    fn quantities_compare_by_amount() {
+        for (a, b) in [
+            ("4", "4000m"),
+            ("8Gi", "8192Mi"),
+            ("0.5", "500m"),
+            ("1.5Gi", "1536Mi"),
+            ("1k", "1000"),
+            ("20", "20"),
+            ("1Ei", "1024Pi"),
+        ] {
+            assert!(same_quantity(a, b), "{a} = {b}");
+            assert!(same_quantity(b, a), "{b} = {a}");
+        }
+        for (a, b) in [
+            ("4", "2"),
+            ("8Gi", "8G"),
+            ("1", "1m"),
+            ("20", ""),
+            ("20", "2e1"),
+            ("1.2.3", "1.2.3"),
+            ("x", "x"),
+        ] {
+            assert!(!same_quantity(a, b), "{a} != {b}");
+        }
+        // Too large to compare exactly: never equal, so never taken as landed.
+        let huge = "9".repeat(32);
+        assert!(!same_quantity(&format!("{huge}E"), &format!("{huge}Ei")));
     }
 
     /// PROP-2: a redis resource is shaped by keel-provision as a labelled namespace and no
