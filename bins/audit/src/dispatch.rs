@@ -33,6 +33,8 @@ pub struct Dispatcher {
 enum Pass {
     Busy,
     Idle,
+    /// The receiver asked for no request before this wait has passed.
+    Throttled(Duration),
 }
 
 impl Dispatcher {
@@ -92,11 +94,18 @@ impl Dispatcher {
                         return Ok(true);
                     }
                 }
-                Pass::Idle if self.once => return Ok(true),
+                Pass::Idle | Pass::Throttled(_) if self.once => return Ok(true),
                 Pass::Idle => {
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(true),
                         () = tokio::time::sleep(self.poll) => {}
+                    }
+                }
+                // What is still due waits with it: nothing is posted before the wait is over.
+                Pass::Throttled(wait) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(true),
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
             }
@@ -141,7 +150,18 @@ impl Dispatcher {
         busy |= !attempts.is_empty();
         let left = backlog(conn).await?;
         metrics.backlog(&left);
-        Ok(if busy { Pass::Busy } else { Pass::Idle })
+        let throttled = attempts.iter().filter_map(|a| a.retry_after).max();
+        Ok(match (throttled, busy) {
+            (Some(wait), _) => {
+                tracing::warn!(
+                    wait_seconds = wait.as_secs(),
+                    "the receiver asked for a pause (Retry-After); nothing is posted until it is over"
+                );
+                Pass::Throttled(wait)
+            }
+            (None, true) => Pass::Busy,
+            (None, false) => Pass::Idle,
+        })
     }
 }
 

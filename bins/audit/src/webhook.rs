@@ -157,7 +157,94 @@ impl Webhook for HttpWebhook {
             Err(_) => WebhookReply::Unreachable(Unreachable::Timeout),
             Ok(Err(e)) if e.is_connect() => WebhookReply::Unreachable(Unreachable::Connect),
             Ok(Err(_)) => WebhookReply::Unreachable(Unreachable::Io),
-            Ok(Ok(response)) => WebhookReply::Status(response.status().as_u16()),
+            Ok(Ok(response)) => reply_of(
+                response.status().as_u16(),
+                response.headers().get(header::RETRY_AFTER),
+                std::time::SystemTime::now(),
+            ),
         }
+    }
+}
+
+/// The reply to keep for an answer with `status`: a throttle when it is 429 or 503 and carries
+/// a `Retry-After` that parses (seconds, or an HTTP date, read against `now`; a date already
+/// past is no wait).
+fn reply_of(
+    status: u16,
+    retry_after: Option<&HeaderValue>,
+    now: std::time::SystemTime,
+) -> WebhookReply {
+    let wait = match status {
+        429 | 503 => retry_after.and_then(|v| v.to_str().ok()).and_then(|v| {
+            let v = v.trim();
+            match v.parse::<u64>() {
+                Ok(seconds) => Some(Duration::from_secs(seconds)),
+                Err(_) => httpdate::parse_http_date(v)
+                    .ok()
+                    .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO)),
+            }
+        }),
+        _ => None,
+    };
+    match wait {
+        Some(retry_after) => WebhookReply::Throttled {
+            status,
+            retry_after,
+        },
+        None => WebhookReply::Status(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use http::HeaderValue;
+    use keel_audit::notify::WebhookReply;
+
+    use super::reply_of;
+
+    /// A receiver that asks for a wait (429 or 503 with `Retry-After`, in seconds or as an
+    /// HTTP date) is a throttle with that wait; anything else keeps its plain status.
+    #[test]
+    fn retry_after_on_429_and_503_is_a_throttle_with_its_wait() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480); // Wed, 21 Oct 2015 07:28:00 GMT
+        let header = |v: &'static str| HeaderValue::from_static(v);
+        let throttled = |status, secs| WebhookReply::Throttled {
+            status,
+            retry_after: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            reply_of(429, Some(&header("120")), now),
+            throttled(429, 120)
+        );
+        assert_eq!(reply_of(503, Some(&header(" 7 ")), now), throttled(503, 7));
+        assert_eq!(
+            reply_of(429, Some(&header("Wed, 21 Oct 2015 07:30:00 GMT")), now),
+            throttled(429, 120)
+        );
+        assert_eq!(
+            reply_of(429, Some(&header("Wed, 21 Oct 2015 07:00:00 GMT")), now),
+            throttled(429, 0),
+            "a date already past is no wait"
+        );
+        assert_eq!(reply_of(429, None, now), WebhookReply::Status(429));
+        assert_eq!(
+            reply_of(429, Some(&header("soon")), now),
+            WebhookReply::Status(429)
+        );
+        assert_eq!(
+            reply_of(429, Some(&header("-5")), now),
+            WebhookReply::Status(429)
+        );
+        assert_eq!(
+            reply_of(500, Some(&header("120")), now),
+            WebhookReply::Status(500),
+            "only 429 and 503 ask for a wait"
+        );
+        assert_eq!(
+            reply_of(204, None, SystemTime::now()),
+            WebhookReply::Status(204)
+        );
     }
 }

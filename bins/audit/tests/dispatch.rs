@@ -379,3 +379,57 @@ async fn each_notification_reaches_the_receiver_once_per_event_id_across_sigkill
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A receiver that answers every request 429 with `Retry-After: 3600`, counting them.
+async fn throttle(
+    State(seen): State<Arc<Mutex<u64>>>,
+) -> (StatusCode, [(&'static str, &'static str); 1]) {
+    *seen.lock().unwrap() += 1;
+    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3600")])
+}
+
+/// A receiver that asks to be left alone (429 with `Retry-After`) is: the dispatcher posts
+/// nothing more, not the rest of its batch and not the same notification after its own short
+/// backoff, until the wait is over (here the dispatcher's longest backoff, one second, caps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_answers_429_with_retry_after_gets_no_request_before_the_wait() {
+    let db = keel_testkit::role_split_database().await;
+    let dir = std::env::temp_dir().join(format!("keel-dispatch-429-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+    let log = dir.join("dispatch.log");
+    let mut app = db.app().acquire().await.unwrap();
+    customer_events(&mut app, 0, 3).await;
+
+    let seen = Arc::new(Mutex::new(0u64));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .route("/hook", post(throttle))
+        .with_state(Arc::clone(&seen));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+            .unwrap();
+    });
+    let mut child = dispatcher(&db.app_url(), addr, &key_file, &log);
+    wait_until("the first request", || *seen.lock().unwrap() >= 1).await;
+    // Well inside the one-second wait; without it the batch's other two notifications and
+    // the first one's 20 ms backoff would have made more requests by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        1,
+        "a request was made during the wait"
+    );
+    wait_until("a request after the wait", || *seen.lock().unwrap() >= 2).await;
+    kill_9(&mut child);
+    stop.cancel();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("Retry-After"), "{logged}");
+    std::fs::remove_dir_all(&dir).ok();
+}

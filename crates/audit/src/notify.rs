@@ -156,6 +156,15 @@ pub struct SignedNotification {
 pub enum WebhookReply {
     /// It answered with this HTTP status (2xx is a delivery, anything else a failure).
     Status(u16),
+    /// It answered `status` (429 or 503) with a `Retry-After`: a failure of that status's
+    /// class, and a request to send nothing before `retry_after` has passed. The delivery is
+    /// due again then (at most the policy's longest backoff), and the batch stops there.
+    Throttled {
+        /// The HTTP status.
+        status: u16,
+        /// How long the receiver asked to be left alone.
+        retry_after: Duration,
+    },
     /// No answer: the connection failed, timed out or broke.
     Unreachable(Unreachable),
 }
@@ -219,6 +228,10 @@ impl FailureClass {
 
     fn of(reply: WebhookReply) -> Option<(Self, Option<u16>)> {
         match reply {
+            // A throttle is never a delivery, whatever status came with it.
+            WebhookReply::Throttled { status, .. } => {
+                Self::of(WebhookReply::Status(status)).or(Some((Self::StatusOther, Some(status))))
+            }
             WebhookReply::Status(status) if (200..300).contains(&status) => None,
             WebhookReply::Status(status) if (400..500).contains(&status) => {
                 Some((FailureClass::Status4xx, Some(status)))
@@ -404,6 +417,10 @@ pub struct Attempt {
     pub template: String,
     /// What happened.
     pub outcome: DeliveryOutcome,
+    /// The wait the receiver asked for ([`WebhookReply::Throttled`]), at most the policy's
+    /// longest backoff: the delivery is due again after it, and no other delivery of the batch
+    /// was attempted after this one.
+    pub retry_after: Option<Duration>,
 }
 
 /// The largest payload [`deliver_due`] posts, in bytes of its JSON text. What [`ingest`] queues
@@ -504,7 +521,10 @@ fn written_by_ingest(
 }
 
 /// Posts up to `limit` due deliveries (oldest first, in commit order) and records each
-/// outcome with its audit row. Attempts are sequential; a failure never stops the batch.
+/// outcome with its audit row. Attempts are sequential; a failure never stops the batch, except
+/// a receiver that asks to be left alone ([`WebhookReply::Throttled`]): its delivery is due
+/// again after the wait it asked for, and the rest of the batch is left due, unattempted, so
+/// the caller can pause for [`Attempt::retry_after`].
 pub async fn deliver_due(
     conn: &mut PgConnection,
     webhook: &impl Webhook,
@@ -534,6 +554,7 @@ pub async fn deliver_due(
     for row in due {
         let row = row.checked();
         let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+        let mut wait = None;
         let (outcome, status) = match &row.payload {
             Some(payload) => {
                 let elapsed = i64::try_from(read_at.elapsed().as_secs()).unwrap_or(i64::MAX);
@@ -546,6 +567,9 @@ pub async fn deliver_due(
                     body,
                 };
                 let reply = webhook.post(&request).await;
+                if let WebhookReply::Throttled { retry_after, .. } = reply {
+                    wait = Some(retry_after.min(policy.max_backoff));
+                }
                 let outcome = match FailureClass::of(reply) {
                     None => DeliveryOutcome::Delivered,
                     Some((class, _)) if attempt >= policy.max_attempts.max(1) => {
@@ -554,19 +578,25 @@ pub async fn deliver_due(
                     Some((class, _)) => DeliveryOutcome::Retrying(class),
                 };
                 let status = match reply {
-                    WebhookReply::Status(status) => Some(status),
+                    WebhookReply::Status(status) | WebhookReply::Throttled { status, .. } => {
+                        Some(status)
+                    }
                     WebhookReply::Unreachable(_) => None,
                 };
                 (outcome, status)
             }
             None => (DeliveryOutcome::DeadLettered(FailureClass::Malformed), None),
         };
-        record(conn, &row, attempt, outcome, status, policy).await?;
+        record(conn, &row, attempt, outcome, status, wait, policy).await?;
         attempts.push(Attempt {
             event_id: row.event_id,
             template: row.template.to_owned(),
             outcome,
+            retry_after: wait,
         });
+        if wait.is_some() {
+            break;
+        }
     }
     Ok(attempts)
 }
@@ -577,6 +607,7 @@ async fn record(
     attempt: u32,
     outcome: DeliveryOutcome,
     status: Option<u16>,
+    wait: Option<Duration>,
     policy: &RetryPolicy,
 ) -> Result<(), AuditSinkError> {
     let mut tx = conn
@@ -596,6 +627,13 @@ async fn record(
              SET state = 'delivered', attempts = $2, delivered_at = now(), last_outcome = $3 \
              WHERE event_id = $1 AND state = 'pending'"
         }
+        // The receiver named its wait: exactly that, no jitter below it.
+        DeliveryOutcome::Retrying(_) if wait.is_some() => {
+            "UPDATE notification_deliveries \
+             SET attempts = $2, last_outcome = $3, \
+                 next_attempt_at = now() + make_interval(secs => $4) \
+             WHERE event_id = $1 AND state = 'pending'"
+        }
         DeliveryOutcome::Retrying(_) => {
             "UPDATE notification_deliveries \
              SET attempts = $2, last_outcome = $3, \
@@ -612,7 +650,10 @@ async fn record(
         .bind(row.event_id)
         .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
         .bind(last_outcome)
-        .bind(policy.backoff(attempt).as_secs_f64())
+        .bind(
+            wait.unwrap_or_else(|| policy.backoff(attempt))
+                .as_secs_f64(),
+        )
         .execute(&mut *tx)
         .await
         .map_err(store("record a delivery"))?;
@@ -630,6 +671,11 @@ async fn record(
     if let Some(status) = status {
         event = event
             .attr("http_status", status.to_string())
+            .map_err(|e| AuditSinkError::store("describe a delivery", e))?;
+    }
+    if let Some(wait) = wait {
+        event = event
+            .attr("retry_after_seconds", wait.as_secs().to_string())
             .map_err(|e| AuditSinkError::store("describe a delivery", e))?;
     }
     if let Some(team) = row.team_id {

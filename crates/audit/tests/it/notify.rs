@@ -200,6 +200,90 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
     assert_eq!(audited_actor, "ops-alice");
 }
 
+/// A receiver that answers 429 with a `Retry-After` of `wait`, and keeps every request.
+struct Throttling {
+    wait: Duration,
+    seen: Mutex<Vec<SignedNotification>>,
+}
+
+impl Webhook for Throttling {
+    async fn post(&self, notification: &SignedNotification) -> WebhookReply {
+        self.seen.lock().unwrap().push(notification.clone());
+        WebhookReply::Throttled {
+            status: 429,
+            retry_after: self.wait,
+        }
+    }
+}
+
+/// A receiver that asks to be left alone (429 with `Retry-After`) gets no further request in
+/// the batch: its delivery is due again exactly when it asked (at most the policy's longest
+/// backoff), audited with the wait, and the deliveries behind it stay due, unattempted.
+#[tokio::test]
+async fn a_receiver_that_asks_to_wait_is_left_alone_for_that_long() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    for n in 0..3 {
+        insert(&mut app, &sample(AuditKind::ProvisionCreated, n))
+            .await
+            .unwrap();
+    }
+    ingest_all(&mut app, 3).await;
+    assert!(try_lock(&mut app).await.unwrap());
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        base_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(600),
+    };
+    for (asked, kept) in [(90, 90), (365 * 24 * 3600, 600)] {
+        sqlx::query("UPDATE notification_deliveries SET next_attempt_at = now(), attempts = 0")
+            .execute(&mut *app)
+            .await
+            .unwrap();
+        let receiver = Throttling {
+            wait: Duration::from_secs(asked),
+            seen: Mutex::new(Vec::new()),
+        };
+        let done = deliver_due(&mut app, &receiver, &key(), &policy, 10)
+            .await
+            .unwrap();
+        assert_eq!(done.len(), 1, "the batch stops at the throttle: {done:?}");
+        assert_eq!(
+            done[0].outcome,
+            DeliveryOutcome::Retrying(FailureClass::Status4xx)
+        );
+        assert_eq!(done[0].retry_after, Some(Duration::from_secs(kept)));
+        assert_eq!(receiver.seen.lock().unwrap().len(), 1);
+        // Due again after exactly the kept wait (no jitter below it), by the server's clock.
+        let waits: Vec<(i32, f64)> = sqlx::query_as(
+            "SELECT attempts, extract(epoch FROM next_attempt_at - now())::float8 \
+             FROM notification_deliveries ORDER BY seq",
+        )
+        .fetch_all(&mut *app)
+        .await
+        .unwrap();
+        assert_eq!(waits[0].0, 1);
+        assert!(
+            (waits[0].1 - kept as f64).abs() < 5.0,
+            "asked {asked}, kept {kept}: {waits:?}"
+        );
+        assert!(
+            waits[1..]
+                .iter()
+                .all(|(attempts, due_in)| *attempts == 0 && *due_in <= 0.0),
+            "the rest stay due, unattempted: {waits:?}"
+        );
+    }
+    let audited: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT attributes->>'retry_after_seconds' FROM audit_events \
+         WHERE kind = 'notification.retrying' ORDER BY id",
+    )
+    .fetch_all(&mut *app)
+    .await
+    .unwrap();
+    assert_eq!(audited, [Some("90".to_owned()), Some("600".to_owned())]);
+}
+
 /// A receiver that takes `delay` to answer 204, and keeps every request.
 struct SlowReceiver {
     delay: Duration,
