@@ -707,10 +707,20 @@ impl<S: PropagationStore> Recorder<S> {
             let now = match self.store.now().await {
                 Ok(now) => now,
                 Err(e) => {
-                    // Without the shared clock, keep the decision's own time.
+                    // Without the shared clock nothing is recorded: a time of this process's
+                    // own would stamp the rows and their audit rows out of step with every
+                    // other replica. The rows stay claimed and come back after their lease,
+                    // as after any recording that fails.
                     self.metrics.record_error();
-                    tracing::error!(error = %e, "could not read the store's clock");
-                    OffsetDateTime::now_utc()
+                    tracing::error!(
+                        error = %e,
+                        rows = pending.len(),
+                        "could not read the store's clock; these completions are not recorded \
+                         and their rows are retried after their lease"
+                    );
+                    pending.clear();
+                    error = Some(e);
+                    continue;
                 }
             };
             match self.record(std::mem::take(&mut pending), now).await {

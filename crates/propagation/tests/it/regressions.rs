@@ -1376,3 +1376,82 @@ async fn a_claim_without_a_lease_is_refused_on_write() {
     assert_eq!(report.applied, 1);
     assert_eq!(row(db.pool(), id).await.status, "applied");
 }
+
+/// The Postgres store, except that its clock answers only the first read (the claim's).
+struct ClockLostAfterClaim {
+    inner: PgPropagationStore,
+    reads: AtomicUsize,
+}
+
+impl PropagationStore for ClockLostAfterClaim {
+    async fn now(&self) -> Result<OffsetDateTime, StoreError> {
+        if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.inner.now().await
+        } else {
+            // A closed pool's error, as a lost database gives.
+            let closed = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(
+                sqlx::postgres::PgConnectOptions::new()
+                    .host("127.0.0.1")
+                    .port(1),
+            );
+            closed.close().await;
+            Err(keel_propagation::postgres::PgPropagationStore::new(closed)
+                .now()
+                .await
+                .unwrap_err())
+        }
+    }
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        limit: u32,
+        lease: time::Duration,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Propagation>, StoreError> {
+        self.inner.claim(worker, limit, lease, now).await
+    }
+    async fn complete(
+        &self,
+        worker: &WorkerId,
+        completions: &[Completion],
+        actor: &Actor,
+        now: OffsetDateTime,
+    ) -> Result<keel_propagation::CompletionReport, StoreError> {
+        self.inner.complete(worker, completions, actor, now).await
+    }
+    async fn release(
+        &self,
+        worker: &WorkerId,
+        propagations: &[Propagation],
+        due_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        self.inner.release(worker, propagations, due_at, now).await
+    }
+}
+
+/// Completions are recorded only at the shared clock's time: when the recorder cannot read it,
+/// nothing is recorded (never at this process's own time, out of step with every other
+/// replica); the row stays claimed for its lease, and the failure is counted.
+#[tokio::test]
+async fn completions_are_never_recorded_at_the_processs_own_time() {
+    let db = keel_testkit::database().await;
+    let (_, resource, id) = drifted_and_enqueued(db.pool()).await;
+    let metrics = Metrics::register(&mut Registry::default());
+    let runner = Runner::new(
+        Arc::new(ClockLostAfterClaim {
+            inner: store(db.pool()),
+            reads: AtomicUsize::new(0),
+        }),
+        Arc::new(Recording::default()),
+        metrics.clone(),
+        RunnerConfig::new(worker("runner-1")),
+    )
+    .unwrap();
+    assert!(runner.drain(&never()).await.is_err());
+    assert!(metrics.record_errors() >= 1);
+    let state = row(db.pool(), id).await;
+    assert_eq!(state.status, "pending", "recorded without the shared clock");
+    assert_eq!(state.claimed_by.as_deref(), Some("runner-1"));
+    assert!(audit_kinds(db.pool(), resource).await.is_empty());
+}
