@@ -158,7 +158,8 @@ pub enum WebhookReply {
     Status(u16),
     /// It answered `status` (429 or 503) with a `Retry-After`: a failure of that status's
     /// class, and a request to send nothing before `retry_after` has passed. The delivery is
-    /// due again then (at most the policy's longest backoff), and the batch stops there.
+    /// due again then (no sooner than the policy's backoff for the attempt, at most its longest
+    /// backoff), and the batch stops there.
     Throttled {
         /// The HTTP status.
         status: u16,
@@ -417,9 +418,10 @@ pub struct Attempt {
     pub template: String,
     /// What happened.
     pub outcome: DeliveryOutcome,
-    /// The wait the receiver asked for ([`WebhookReply::Throttled`]), at most the policy's
-    /// longest backoff: the delivery is due again after it, and no other delivery of the batch
-    /// was attempted after this one.
+    /// The wait after a receiver asked for one ([`WebhookReply::Throttled`]): what it asked,
+    /// but no less than the policy's backoff for the attempt and no more than its longest
+    /// backoff. The delivery is due again after it, and no other delivery of the batch was
+    /// attempted after this one.
     pub retry_after: Option<Duration>,
 }
 
@@ -568,7 +570,14 @@ pub async fn deliver_due(
                 };
                 let reply = webhook.post(&request).await;
                 if let WebhookReply::Throttled { retry_after, .. } = reply {
-                    wait = Some(retry_after.min(policy.max_backoff));
+                    // Never sooner than asked, nor than the policy's own backoff (a receiver
+                    // answering `Retry-After: 0` must not spend the attempts in a burst), nor
+                    // later than the policy's longest backoff.
+                    wait = Some(
+                        retry_after
+                            .max(policy.backoff(attempt))
+                            .min(policy.max_backoff),
+                    );
                 }
                 let outcome = match FailureClass::of(reply) {
                     None => DeliveryOutcome::Delivered,

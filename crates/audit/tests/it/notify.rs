@@ -235,7 +235,8 @@ async fn a_receiver_that_asks_to_wait_is_left_alone_for_that_long() {
         base_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(600),
     };
-    for (asked, kept) in [(90, 90), (365 * 24 * 3600, 600)] {
+    // (asked, kept): as asked; capped by the longest backoff; never below the attempt's backoff.
+    for (asked, kept) in [(90, 90), (365 * 24 * 3600, 600), (0, 1)] {
         sqlx::query("UPDATE notification_deliveries SET next_attempt_at = now(), attempts = 0")
             .execute(&mut *app)
             .await
@@ -281,7 +282,14 @@ async fn a_receiver_that_asks_to_wait_is_left_alone_for_that_long() {
     .fetch_all(&mut *app)
     .await
     .unwrap();
-    assert_eq!(audited, [Some("90".to_owned()), Some("600".to_owned())]);
+    assert_eq!(
+        audited,
+        [
+            Some("90".to_owned()),
+            Some("600".to_owned()),
+            Some("1".to_owned())
+        ]
+    );
 }
 
 /// A receiver that takes `delay` to answer 204, and keeps every request.
