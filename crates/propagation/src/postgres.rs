@@ -683,12 +683,17 @@ pub enum TierChange {
     /// The team was already on that tier: nothing written, nothing enqueued.
     Unchanged,
     /// The tier changed, `team.tier_changed` was written, and each active resource of the team
-    /// got its propagation.
+    /// of a type this build knows got its propagation.
     Changed {
-        /// The tier before.
-        from: Tier,
-        /// One enqueue per active resource.
+        /// The tier before; `None` when the stored one was not a [`Tier`] (the change repairs
+        /// it, and the audit row says `from_tier_unreadable`).
+        from: Option<Tier>,
+        /// One enqueue per active resource of a known type.
         enqueued: Vec<(ResourceId, Enqueued)>,
+        /// Active resources of a type this build does not know (another release's): not
+        /// enqueued here, logged at WARN; the entitlement reconciler of a build that knows
+        /// them picks up their drift.
+        unknown_type: Vec<ResourceId>,
     },
 }
 
@@ -718,10 +723,8 @@ pub async fn change_team_tier(
     if previous == tier.as_str() {
         return Ok(TierChange::Unchanged);
     }
-    let from = Tier::parse(&previous).map_err(|e| StoreError::Corrupt {
-        id: None,
-        reason: format!("team {team} has an unreadable tier: {e}"),
-    })?;
+    // A stored tier that is not a tier never blocks the change that repairs it.
+    let from = Tier::parse(&previous).ok();
     sqlx::query("UPDATE teams SET tier = $2, updated_at = $3 WHERE id = $1")
         .bind(team.as_uuid())
         .bind(tier.as_str())
@@ -729,14 +732,16 @@ pub async fn change_team_tier(
         .execute(&mut *conn)
         .await
         .map_err(db("change the team's tier"))?;
-    let event = AuditEvent::new(AuditKind::TeamTierChanged, actor.clone(), now)
-        .team(team)
-        .attr("from_tier", from.as_str())
-        .and_then(|e| e.attr("to_tier", tier.as_str()))
-        .map_err(|e| StoreError::Corrupt {
-            id: None,
-            reason: e.to_string(),
-        })?;
+    let event = AuditEvent::new(AuditKind::TeamTierChanged, actor.clone(), now).team(team);
+    let event = match &from {
+        Some(from) => event.attr("from_tier", from.as_str()),
+        None => event.attr("from_tier_unreadable", "true"),
+    }
+    .and_then(|e| e.attr("to_tier", tier.as_str()))
+    .map_err(|e| StoreError::Corrupt {
+        id: None,
+        reason: e.to_string(),
+    })?;
     keel_audit::postgres::insert(&mut *conn, &event).await?;
     let resources: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, resource_type FROM resources WHERE team_id = $1 AND status = 'active' ORDER BY id",
@@ -746,13 +751,20 @@ pub async fn change_team_tier(
     .await
     .map_err(db("list the team's resources"))?;
     let mut enqueued = Vec::with_capacity(resources.len());
+    let mut unknown_type = Vec::new();
     for (resource, resource_type) in resources {
-        let resource_type: ResourceType =
-            resource_type.parse().map_err(|e| StoreError::Corrupt {
-                id: None,
-                reason: format!("resource {resource} has an unknown type: {e}"),
-            })?;
         let resource = ResourceId::from_uuid(resource);
+        // Another release's resource type: left to a build that knows it, never failing the
+        // change (and the caller's transaction) for the team's other resources.
+        let Ok(resource_type) = resource_type.parse::<ResourceType>() else {
+            tracing::warn!(
+                %team,
+                %resource,
+                "a resource of a type this build does not know is not enqueued; a newer build's reconciler picks up its drift"
+            );
+            unknown_type.push(resource);
+            continue;
+        };
         let request = EnqueueRequest {
             team_id: team,
             resource_id: resource,
@@ -763,7 +775,11 @@ pub async fn change_team_tier(
         };
         enqueued.push((resource, enqueue_in(&mut *conn, &request, now).await?));
     }
-    Ok(TierChange::Changed { from, enqueued })
+    Ok(TierChange::Changed {
+        from,
+        enqueued,
+        unknown_type,
+    })
 }
 
 fn status_of(transition: &Transition) -> &'static str {
@@ -906,7 +922,9 @@ impl PgPropagationStore {
 
     /// The entitlement reconciler's pass: enqueues a tier elevation for every active resource
     /// whose applied tier differs from its team's tier and that has no pending propagation.
-    /// Single-flight: while one replica runs a pass, the others' passes return at once.
+    /// Single-flight: while one replica runs a pass, the others' passes return at once. A team
+    /// whose stored tier is not a [`Tier`] is left out (logged at ERROR each pass, with how many
+    /// there are), so it never fails the pass for every other team.
     ///
     /// Because an unexpected skip never marks a propagation applied, a regrade that did not land
     /// stays visible here as drift. Drift towards a target whose propagation dead-lettered
@@ -926,6 +944,17 @@ impl PgPropagationStore {
             .map_err(db("take the reconciler lock"))?;
         if !leader {
             return Ok(Vec::new());
+        }
+        let unreadable: i64 = sqlx::query_scalar(UNREADABLE_TIERS_SQL)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("count teams with an unreadable tier"))?;
+        if unreadable > 0 {
+            tracing::error!(
+                teams = unreadable,
+                "teams whose tier is not a tier (1 to 32 characters of [a-z0-9_-]): their \
+                 resources are not reconciled until the tier is repaired"
+            );
         }
         let rows: Vec<(i64, Uuid)> = sqlx::query_as(RECONCILE_SQL)
             .bind(now)
@@ -1608,7 +1637,14 @@ const QUEUE_STATS_SQL: &str = "SELECT kind, count(*), max(extract(epoch FROM ($1
              WHERE status = 'pending' AND claimed_by IS NULL AND next_attempt_at <= $1 \
              GROUP BY kind";
 
-/// The reconciler's insert (`$1` now, `$2` resource types, `$3` payload version). The
+/// Teams whose tier is not a [`Tier`] (another writer put it there): the reconciler leaves their
+/// resources alone, as [`RECONCILE_SQL`] does, and says how many there are.
+const UNREADABLE_TIERS_SQL: &str = "SELECT count(*) FROM teams \
+             WHERE NOT (octet_length(tier) <= 32 AND tier ~ '^[a-z0-9_-]+$')";
+
+/// The reconciler's insert (`$1` now, `$2` resource types, `$3` payload version). Only teams
+/// whose tier is a [`Tier`] are read: one other tier (too long for a payload, or not a tier at
+/// all) would otherwise fail the whole statement, and so every tenant's pass. The
 /// dead-letter check is a scalar subquery on purpose: it stays one index probe per drifted
 /// resource (`pending_propagations_dead_letter_epoch_ix`), where `NOT EXISTS` would be planned
 /// as a hash or merge anti-join over every dead letter kept, of every epoch.
@@ -1620,6 +1656,7 @@ const RECONCILE_SQL: &str = "INSERT INTO pending_propagations \
              FROM resources r JOIN teams t ON t.id = r.team_id \
              WHERE r.status = 'active' AND r.tier IS DISTINCT FROM t.tier \
                AND r.resource_type = ANY($2) \
+               AND octet_length(t.tier) <= 32 AND t.tier ~ '^[a-z0-9_-]+$' \
                AND NOT EXISTS (SELECT 1 FROM pending_propagations p \
                                WHERE p.resource_id = r.id AND p.kind = 'tier_elevation' \
                                  AND p.status = 'pending') \

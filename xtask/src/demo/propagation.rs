@@ -169,9 +169,18 @@ pub async fn tier_elevations(pool: &PgPool, cluster: &PgPool) -> anyhow::Result<
         start,
     )
     .await?;
-    let TierChange::Changed { from, enqueued } = change else {
-        anyhow::bail!("the tier did not change");
+    let TierChange::Changed {
+        from: Some(from),
+        enqueued,
+        unknown_type,
+    } = change
+    else {
+        anyhow::bail!("the tier did not change from a readable tier: {change:?}");
     };
+    ensure!(
+        unknown_type.is_empty(),
+        "resources of an unknown type: {unknown_type:?}"
+    );
     tx.commit().await?;
     println!(
         "change_team_tier: {from} -> pro, team.tier_changed and {} tier_elevation(s) in one transaction:",

@@ -988,10 +988,16 @@ async fn a_tier_change_enqueues_its_propagations_in_the_same_transaction() {
     let change = change_team_tier(&mut tx, team, &pro, &actor, T0)
         .await
         .unwrap();
-    let TierChange::Changed { from, enqueued } = change else {
+    let TierChange::Changed {
+        from,
+        enqueued,
+        unknown_type,
+    } = change
+    else {
         panic!("no change: {change:?}");
     };
-    assert_eq!(from, tier("free"));
+    assert_eq!(from, Some(tier("free")));
+    assert!(unknown_type.is_empty());
     assert_eq!(enqueued.len(), 2);
     tx.rollback().await.unwrap();
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_propagations")
@@ -1454,4 +1460,87 @@ async fn completions_are_never_recorded_at_the_processs_own_time() {
     assert_eq!(state.status, "pending", "recorded without the shared clock");
     assert_eq!(state.claimed_by.as_deref(), Some("runner-1"));
     assert!(audit_kinds(db.pool(), resource).await.is_empty());
+}
+
+/// One team whose stored tier is not a tier (far too long for a propagation's payload) never
+/// fails the entitlement reconciler's pass for every other team: its resources are left alone,
+/// every other drifted resource is enqueued.
+#[tokio::test]
+async fn a_team_with_an_unreadable_tier_never_stops_the_reconciler_for_the_others() {
+    let db = keel_testkit::database().await;
+    let (_, foreign) = seed(db.pool(), &"x".repeat(100), "free", None).await;
+    let (_, drifted) = seed(db.pool(), "pro", "free", None).await;
+    let enqueued = store(db.pool()).reconcile(T0).await.unwrap();
+    assert_eq!(
+        enqueued.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        [drifted],
+        "only the readable team's drift is enqueued"
+    );
+    let foreign_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_propagations WHERE resource_id = $1")
+            .bind(foreign.as_uuid())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(foreign_rows, 0);
+}
+
+/// A team's tier change is never failed by one of its resources: a resource of a type this
+/// build does not know (another release's) is reported and left to a build that knows it, the
+/// others are enqueued; and a stored tier that is not a tier is repaired by the change rather
+/// than blocking it.
+#[tokio::test]
+async fn a_tier_change_passes_over_a_resource_of_an_unknown_type_and_repairs_an_unreadable_tier() {
+    let db = keel_testkit::database().await;
+    let (team, known) = seed(db.pool(), "free", "free", None).await;
+    let unknown = ResourceId::new_random();
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
+         VALUES ($1, 'mysqltoken01', $2, 'mysql', 'free', 'active', 'm-1', 'mysql://x')",
+    )
+    .bind(unknown.as_uuid())
+    .bind(team.as_uuid())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE teams SET tier = 'Free Plan (legacy)' WHERE id = $1")
+        .bind(team.as_uuid())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let actor = Actor::parse("operator:alice").unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    let change = change_team_tier(&mut tx, team, &tier("pro"), &actor, T0)
+        .await
+        .expect("the change goes through");
+    tx.commit().await.unwrap();
+    let TierChange::Changed {
+        from,
+        enqueued,
+        unknown_type,
+    } = change
+    else {
+        panic!("no change: {change:?}");
+    };
+    assert_eq!(from, None, "the stored tier was not a tier");
+    assert_eq!(
+        enqueued.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        [known]
+    );
+    assert_eq!(unknown_type, [unknown]);
+    let stored: String = sqlx::query_scalar("SELECT tier FROM teams WHERE id = $1")
+        .bind(team.as_uuid())
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, "pro");
+    let audited: serde_json::Value = sqlx::query_scalar(
+        "SELECT attributes FROM audit_events WHERE kind = 'team.tier_changed' AND team_id = $1",
+    )
+    .bind(team.as_uuid())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(audited["from_tier_unreadable"], "true");
+    assert_eq!(audited["to_tier"], "pro");
 }
