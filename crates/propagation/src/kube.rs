@@ -158,6 +158,28 @@ fn same_quantity(a: &str, b: &str) -> bool {
     matches!((left, right), (Some(l), Some(r)) if l == r)
 }
 
+/// Each of the tier's limits the stored quota does not hold, as `key "stored" (asked "wanted")`
+/// (`"nothing"` for a missing key; a stored value cut to [`QUANTITY_MAX_LEN`] characters).
+fn stored_differences(limits: &QuotaLimits, stored: ResourceQuota) -> Vec<String> {
+    let hard = stored.spec.and_then(|spec| spec.hard).unwrap_or_default();
+    limits
+        .hard()
+        .into_iter()
+        .filter_map(|(key, wanted)| {
+            let got = hard.get(&key).map(|q| q.0.as_str());
+            if got.is_some_and(|got| same_quantity(got, &wanted.0)) {
+                return None;
+            }
+            let got: String = got
+                .unwrap_or("nothing")
+                .chars()
+                .take(QUANTITY_MAX_LEN)
+                .collect();
+            Some(format!("{key} {got:?} (asked {:?})", wanted.0))
+        })
+        .collect()
+}
+
 /// What a tier allows inside a customer namespace: the `ResourceQuota`'s `spec.hard`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuotaLimits {
@@ -494,21 +516,7 @@ impl Applier for KubeQuotaApplier {
             })?;
         // The apply's answer is what the server stored: an admission webhook (or anything else
         // on the server's write path) may have changed it, and then the tier has not landed.
-        let hard = stored.spec.and_then(|spec| spec.hard).unwrap_or_default();
-        let differs: Vec<String> = limits
-            .hard()
-            .into_iter()
-            .filter(|(key, wanted)| {
-                !hard
-                    .get(key)
-                    .is_some_and(|got| same_quantity(&got.0, &wanted.0))
-            })
-            .map(|(key, wanted)| {
-                let got = hard.get(&key).map_or("nothing", |q| q.0.as_str());
-                let got: String = got.chars().take(QUANTITY_MAX_LEN).collect();
-                format!("{key} {got:?} (asked {:?})", wanted.0)
-            })
-            .collect();
+        let differs = stored_differences(limits, stored);
         if !differs.is_empty() {
             tracing::warn!(%token, namespace = %ns.masked, %tier, "the stored ResourceQuota is not the tier's");
             return Ok(unexpected(
