@@ -207,6 +207,15 @@ async fn customer_events(app: &mut sqlx::PgConnection, from: u32, count: u32) ->
     ids
 }
 
+/// A scratch directory of this process (`name-<pid>`) holding the signing key file: both paths.
+fn scratch_with_key(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+    (dir, key_file)
+}
+
 fn kill_9(child: &mut Child) {
     // Child::kill sends SIGKILL on Unix: no shutdown path runs.
     child.kill().unwrap();
@@ -216,10 +225,7 @@ fn kill_9(child: &mut Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_notification_reaches_the_receiver_once_per_event_id_across_sigkill_and_outage() {
     let db = keel_testkit::role_split_database().await;
-    let dir = std::env::temp_dir().join(format!("keel-dispatch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+    let (dir, key_file) = scratch_with_key("keel-dispatch");
     let (log1, log2) = (dir.join("dispatch-1.log"), dir.join("dispatch-2.log"));
     let mut app = db.app().acquire().await.unwrap();
     let mut expected: BTreeSet<i64> = customer_events(&mut app, 0, 24).await.into_iter().collect();
@@ -394,10 +400,7 @@ async fn throttle(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_answers_429_with_retry_after_gets_no_request_before_the_wait() {
     let db = keel_testkit::role_split_database().await;
-    let dir = std::env::temp_dir().join(format!("keel-dispatch-429-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+    let (dir, key_file) = scratch_with_key("keel-dispatch-429");
     let log = dir.join("dispatch.log");
     let mut app = db.app().acquire().await.unwrap();
     customer_events(&mut app, 0, 3).await;

@@ -965,22 +965,45 @@ async fn slow_backend_rows_never_cost_healthy_rows_an_attempt() {
     );
 }
 
+/// Adds an active `free` resource of `resource_type` (any text: another release's types too) to
+/// `team`.
+async fn active_resource(
+    pool: &PgPool,
+    team: TeamId,
+    resource_type: &str,
+    token: &str,
+    provider_id: &str,
+) -> ResourceId {
+    let resource = ResourceId::new_random();
+    sqlx::query(
+        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
+         VALUES ($1, $2, $3, $4, 'free', 'active', $5, 'https://backend.internal/x')",
+    )
+    .bind(resource.as_uuid())
+    .bind(token)
+    .bind(team.as_uuid())
+    .bind(resource_type)
+    .bind(provider_id)
+    .execute(pool)
+    .await
+    .unwrap();
+    resource
+}
+
 /// Deliver 4: a tier change, its `team.tier_changed` audit row and the propagation of every
 /// active resource commit together or not at all.
 #[tokio::test]
 async fn a_tier_change_enqueues_its_propagations_in_the_same_transaction() {
     let db = keel_testkit::database().await;
     let (team, postgres) = seed(db.pool(), "free", "free", None).await;
-    let redis = ResourceId::new_random();
-    sqlx::query(
-        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
-         VALUES ($1, 'redistoken01', $2, 'redis', 'free', 'active', 'instant-customer-redistoken01', 'https://k8s/x')",
+    let redis = active_resource(
+        db.pool(),
+        team,
+        "redis",
+        "redistoken01",
+        "instant-customer-redistoken01",
     )
-    .bind(redis.as_uuid())
-    .bind(team.as_uuid())
-    .execute(db.pool())
-    .await
-    .unwrap();
+    .await;
     let actor = Actor::parse("operator:alice").unwrap();
     let pro = tier("pro");
 
@@ -1493,16 +1516,7 @@ async fn a_team_with_an_unreadable_tier_never_stops_the_reconciler_for_the_other
 async fn a_tier_change_passes_over_a_resource_of_an_unknown_type_and_repairs_an_unreadable_tier() {
     let db = keel_testkit::database().await;
     let (team, known) = seed(db.pool(), "free", "free", None).await;
-    let unknown = ResourceId::new_random();
-    sqlx::query(
-        "INSERT INTO resources (id, token, team_id, resource_type, tier, status, provider_resource_id, connection_url) \
-         VALUES ($1, 'mysqltoken01', $2, 'mysql', 'free', 'active', 'm-1', 'mysql://x')",
-    )
-    .bind(unknown.as_uuid())
-    .bind(team.as_uuid())
-    .execute(db.pool())
-    .await
-    .unwrap();
+    let unknown = active_resource(db.pool(), team, "mysql", "mysqltoken01", "m-1").await;
     sqlx::query("UPDATE teams SET tier = 'Free Plan (legacy)' WHERE id = $1")
         .bind(team.as_uuid())
         .execute(db.pool())
