@@ -451,70 +451,54 @@ async fn a_failed_migrate_does_not_block_the_next_one() {
     assert_eq!(advisory_locks(db.pool()).await, 0);
 }
 
-/// FND-2: `revert_all` on a schema whose contract tables hold rows (an audit trail above all)
-/// refuses and changes nothing; once they are empty it reverts.
-#[tokio::test]
-async fn reverting_a_schema_that_holds_audit_rows_refuses() {
+/// Migrates an empty database, writes one row with `insert`, and checks that `revert_all` then
+/// refuses naming `table`, and changes nothing: the row is still there, every table too, and the
+/// migration lock is released.
+async fn revert_refused_while(insert: &str, table: &'static str) {
     let db = keel_testkit::empty_database().await;
     keel_schema::migrate(db.pool()).await.unwrap();
-    sqlx::query(
-        "INSERT INTO audit_events (kind, actor, attributes, occurred_at) \
-         VALUES ('team.tier_changed', 'system:test', '{}', now())",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(insert.to_owned()))
+        .execute(db.pool())
+        .await
+        .unwrap();
 
     let refused = keel_schema::revert_all(db.pool()).await.unwrap_err();
     assert!(
-        matches!(
-            refused,
-            keel_schema::RevertError::NotEmpty {
-                table: "audit_events"
-            }
-        ),
+        matches!(refused, keel_schema::RevertError::NotEmpty { table: t } if t == table),
         "{refused}"
     );
-    let audit_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-    assert_eq!(audit_rows, 1, "the refused revert erased the audit trail");
+    let rows: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, 1, "the refused revert erased {table}");
     assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
     assert_eq!(advisory_locks(db.pool()).await, 0);
+}
+
+/// FND-2: `revert_all` on a schema whose contract tables hold rows (an audit trail above all)
+/// refuses and changes nothing.
+#[tokio::test]
+async fn reverting_a_schema_that_holds_audit_rows_refuses() {
+    revert_refused_while(
+        "INSERT INTO audit_events (kind, actor, attributes, occurred_at) \
+         VALUES ('team.tier_changed', 'system:test', '{}', now())",
+        "audit_events",
+    )
+    .await;
 }
 
 /// `revert_all` never drops the provisioning API's keys: while `provision_api.api_keys` holds a
 /// key (every other table empty), it refuses and changes nothing.
 #[tokio::test]
 async fn reverting_a_schema_that_holds_api_keys_refuses() {
-    let db = keel_testkit::empty_database().await;
-    keel_schema::migrate(db.pool()).await.unwrap();
-    sqlx::query(
+    revert_refused_while(
         "INSERT INTO provision_api.api_keys (id, secret_sha256, scope) \
          VALUES ('0123456789ab', sha256('s'::bytea), 'operator')",
+        "provision_api.api_keys",
     )
-    .execute(db.pool())
-    .await
-    .unwrap();
-
-    let refused = keel_schema::revert_all(db.pool()).await.unwrap_err();
-    assert!(
-        matches!(
-            refused,
-            keel_schema::RevertError::NotEmpty {
-                table: "provision_api.api_keys"
-            }
-        ),
-        "{refused}"
-    );
-    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM provision_api.api_keys")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-    assert_eq!(keys, 1, "the refused revert dropped the API keys");
-    assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
-    assert_eq!(advisory_locks(db.pool()).await, 0);
+    .await;
 }
 
 /// The text-format CHECKs migration 0092 restates without bounded repetition, each with the
