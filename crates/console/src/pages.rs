@@ -682,37 +682,107 @@ async fn render_dead_letter(
         );
     }
     body.push_str("<h2>Attempt history (audit trail)</h2>");
+    let wanted = id.to_string();
+    let trail = resource_trail(console, resource, |stored| {
+        stored.event.kind().as_str().starts_with("propagation.")
+            && stored
+                .event
+                .attributes()
+                .get("propagation_id")
+                .is_none_or(|p| *p == wanted)
+    })
+    .await?;
+    trail.render(&mut body);
+    Ok(Some(body))
+}
+
+/// How many audit rows a resource's timeline or attempt history shows: the newest ones.
+const TRAIL_SHOWN: usize = 1000;
+/// How many of a resource's audit rows one page view reads at most, in pages of
+/// [`TRAIL_SHOWN`].
+const TRAIL_READ: usize = 20 * TRAIL_SHOWN;
+
+/// The newest [`TRAIL_SHOWN`] of a resource's audit rows that `keep` accepts, in commit order,
+/// from the first [`TRAIL_READ`] rows of its trail; and what was left out.
+struct Trail {
+    rows: std::collections::VecDeque<keel_audit::postgres::StoredAuditEvent>,
+    /// Older accepted rows dropped to keep the newest.
+    dropped: usize,
+    /// The trail goes on past what was read.
+    unread: bool,
+}
+
+impl Trail {
+    /// The table, with a line saying what it leaves out.
+    fn render(&self, body: &mut String) {
+        if self.dropped > 0 {
+            let _ = write!(
+                body,
+                "<p class=\"muted\">The newest {} rows are shown; {} older ones are not.</p>",
+                self.rows.len(),
+                self.dropped
+            );
+        }
+        if self.unread {
+            let _ = write!(
+                body,
+                "<p class=\"muted\">Only the first {TRAIL_READ} audit rows of this resource were \
+                 read; later ones are not shown here.</p>"
+            );
+        }
+        audit_table(body, self.rows.iter());
+    }
+}
+
+/// Reads a resource's audit trail page by page (see [`Trail`]).
+async fn resource_trail(
+    console: &Console,
+    resource: Uuid,
+    keep: impl Fn(&keel_audit::postgres::StoredAuditEvent) -> bool,
+) -> Result<Trail, ConsoleError> {
     let mut conn = console
         .pool
         .acquire()
         .await
         .map_err(crate::actions::db("acquire a connection"))?;
-    let query = ListQuery {
+    let mut trail = Trail {
+        rows: std::collections::VecDeque::new(),
+        dropped: 0,
+        unread: false,
+    };
+    let mut query = ListQuery {
         resource_id: Some(ResourceId::from_uuid(resource)),
-        limit: Some(1000),
+        limit: Some(u32::try_from(TRAIL_SHOWN).unwrap_or(u32::MAX)),
         ..ListQuery::default()
     };
-    let (rows, _) = keel_audit::list::list(&mut conn, &query)
-        .await
-        .map_err(|e| ConsoleError::Store {
-            operation: "read the audit trail",
-            source: Box::new(e),
-        })?;
-    let wanted = id.to_string();
-    let history: Vec<_> = rows
-        .into_iter()
-        .filter_map(|listed| listed.row.ok())
-        .filter(|stored| {
-            stored.event.kind().as_str().starts_with("propagation.")
-                && stored
-                    .event
-                    .attributes()
-                    .get("propagation_id")
-                    .is_none_or(|p| *p == wanted)
-        })
-        .collect();
-    audit_table(&mut body, history.iter());
-    Ok(Some(body))
+    let mut read = 0;
+    loop {
+        let (rows, next) = keel_audit::list::list(&mut conn, &query)
+            .await
+            .map_err(|e| ConsoleError::Store {
+                operation: "read the audit trail",
+                source: Box::new(e),
+            })?;
+        let full = rows.len() == TRAIL_SHOWN;
+        read += rows.len();
+        for stored in rows.into_iter().filter_map(|listed| listed.row.ok()) {
+            if keep(&stored) {
+                if trail.rows.len() == TRAIL_SHOWN {
+                    trail.rows.pop_front();
+                    trail.dropped += 1;
+                }
+                trail.rows.push_back(stored);
+            }
+        }
+        if !full {
+            return Ok(trail);
+        }
+        if read >= TRAIL_READ {
+            trail.unread = true;
+            return Ok(trail);
+        }
+        query.after = next;
+    }
 }
 
 fn audit_table<'a>(
@@ -1238,23 +1308,8 @@ async fn render_resource(console: &Console, id: Uuid) -> Result<String, ConsoleE
         body.push_str("</table>");
     }
     body.push_str("<h2>Timeline (audit trail, commit order)</h2>");
-    let mut conn = console
-        .pool
-        .acquire()
-        .await
-        .map_err(db("acquire a connection"))?;
-    let query = ListQuery {
-        resource_id: Some(ResourceId::from_uuid(id)),
-        limit: Some(1000),
-        ..ListQuery::default()
-    };
-    let (rows, _) = keel_audit::list::list(&mut conn, &query)
-        .await
-        .map_err(|e| ConsoleError::Store {
-            operation: "read the audit trail",
-            source: Box::new(e),
-        })?;
-    let readable: Vec<_> = rows.into_iter().filter_map(|l| l.row.ok()).collect();
-    audit_table(&mut body, readable.iter());
+    resource_trail(console, id, |_| true)
+        .await?
+        .render(&mut body);
     Ok(body)
 }

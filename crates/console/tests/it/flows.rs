@@ -397,6 +397,50 @@ async fn a_filtered_requeue_rearms_the_others_past_a_dead_letter_it_cannot_audit
     assert!(page.body.contains("left dead-lettered"), "{}", page.body);
 }
 
+/// A resource's timeline and a dead letter's attempt history show the newest of a long trail,
+/// and say how many older rows they leave out, rather than only its oldest thousand rows.
+#[tokio::test]
+async fn a_long_audit_trail_shows_its_newest_rows_and_says_what_it_leaves_out() {
+    let mut app = app::spawn().await;
+    let (resource, _, id) = app.dead_letter("dial tcp: connection refused").await;
+    sqlx::query(
+        "INSERT INTO audit_events (kind, actor, resource_id, attributes, occurred_at) \
+         SELECT 'propagation.retrying', 'system', $1, \
+                jsonb_build_object('propagation_id', $2::text, 'attempt', g::text, \
+                                   'marker', CASE WHEN g = 1 THEN 'oldestrowmarker' \
+                                                  WHEN g = 1200 THEN 'newestrowmarker' \
+                                                  ELSE 'middle' END), \
+                now() \
+         FROM generate_series(1, 1200) g",
+    )
+    .bind(resource)
+    .bind(id.to_string())
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    app.sign_in().await;
+    for path in [
+        format!("/resources/{resource}"),
+        format!("/dead-letters/{id}"),
+    ] {
+        let page = app.get(&path).await;
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        assert!(
+            page.body.contains("newestrowmarker"),
+            "{path}: the newest row"
+        );
+        assert!(
+            !page.body.contains("oldestrowmarker"),
+            "{path}: the oldest row is one of those left out"
+        );
+        assert!(
+            page.body
+                .contains("The newest 1000 rows are shown; 200 older ones are not."),
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_destroy_nothing() {
     let mut app = app::spawn().await;
