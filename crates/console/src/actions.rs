@@ -190,7 +190,7 @@ pub(crate) async fn requeue(
                 Err(message) => return refused(StatusCode::BAD_REQUEST, &message),
             };
             match pages::matching_dead_letters(&console, &filter).await {
-                Ok(rows) => rows.into_iter().map(|r| r.id).collect(),
+                Ok((rows, _)) => rows.into_iter().map(|r| r.id).collect(),
                 Err(e) => return failure(&e),
             }
         }

@@ -421,16 +421,22 @@ pub(crate) struct DeadLetterRow {
     age_seconds: f64,
 }
 
-/// How many dead letters one filtered page or requeue looks at (newest first).
+/// How many matching dead letters one filtered page or requeue takes at most (newest first).
 pub(crate) const DEAD_LETTER_SCAN: i64 = 1000;
+/// How many dead letters one filtered page or requeue reads at most to find them, in pages of
+/// [`DEAD_LETTER_SCAN`]: rows of other buckets (or left dead-lettered by an earlier requeue)
+/// never hide the older rows that match.
+const DEAD_LETTER_READ: i64 = 50 * DEAD_LETTER_SCAN;
 
-/// Dead letters matching `filter`, newest first: the kind and age in SQL (indexed), the bucket
-/// classified here, as the runner classifies it. At most [`DEAD_LETTER_SCAN`] rows are read.
+/// Dead letters matching `filter`, newest first, at most [`DEAD_LETTER_SCAN`] of them: the kind
+/// and age in SQL (indexed), the bucket classified here, as the runner classifies it, page by
+/// page (keyset on `(dead_lettered_at, id)`) over at most [`DEAD_LETTER_READ`] rows. Also how
+/// many rows were read.
 pub(crate) async fn matching_dead_letters(
     console: &Console,
     filter: &DeadLetterFilter,
-) -> Result<Vec<DeadLetterRow>, ConsoleError> {
-    let rows: Vec<(
+) -> Result<(Vec<DeadLetterRow>, i64), ConsoleError> {
+    type Row = (
         i64,
         String,
         Uuid,
@@ -440,56 +446,75 @@ pub(crate) async fn matching_dead_letters(
         Option<String>,
         Option<OffsetDateTime>,
         f64,
-    )> = sqlx::query_as(
-        "SELECT id, kind, team_id, resource_id, resource_type, attempts, last_error, \
+    );
+    let mut matching = Vec::new();
+    let mut read: i64 = 0;
+    let mut after: Option<(OffsetDateTime, i64)> = None;
+    while read < DEAD_LETTER_READ {
+        let page: Vec<Row> = sqlx::query_as(
+            "SELECT id, kind, team_id, resource_id, resource_type, attempts, last_error, \
                     dead_lettered_at, \
                     coalesce(extract(epoch FROM now() - dead_lettered_at), 0)::float8 \
              FROM pending_propagations \
              WHERE status = 'dead_lettered' AND ($1::text IS NULL OR kind = $1) \
                AND ($2::int IS NULL OR dead_lettered_at <= now() - make_interval(hours => $2)) \
+               AND ($4::timestamptz IS NULL OR (dead_lettered_at, id) < ($4, $5)) \
              ORDER BY dead_lettered_at DESC, id DESC LIMIT $3",
-    )
-    .bind(filter.kind.map(PropagationKind::as_str))
-    .bind(
-        filter
-            .older_than_hours
-            .map(|h| i32::try_from(h).unwrap_or(i32::MAX)),
-    )
-    .bind(DEAD_LETTER_SCAN)
-    .fetch_all(&console.pool)
-    .await
-    .map_err(crate::actions::db("list dead letters"))?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                kind,
-                team_id,
-                resource_id,
-                resource_type,
-                attempts,
-                last_error,
-                dead_lettered_at,
-                age_seconds,
-            )| DeadLetterRow {
-                id,
-                kind,
-                team_id,
-                resource_id,
-                resource_type,
-                attempts,
-                last_error,
-                dead_lettered_at,
-                age_seconds,
-            },
         )
-        .filter(|row| {
-            filter.bucket.is_none_or(|b| {
+        .bind(filter.kind.map(PropagationKind::as_str))
+        .bind(
+            filter
+                .older_than_hours
+                .map(|h| i32::try_from(h).unwrap_or(i32::MAX)),
+        )
+        .bind(DEAD_LETTER_SCAN)
+        .bind(after.map(|(at, _)| at))
+        .bind(after.map(|(_, id)| id))
+        .fetch_all(&console.pool)
+        .await
+        .map_err(crate::actions::db("list dead letters"))?;
+        let full = i64::try_from(page.len()).unwrap_or(i64::MAX) == DEAD_LETTER_SCAN;
+        read = read.saturating_add(i64::try_from(page.len()).unwrap_or(i64::MAX));
+        // A dead letter always has its time (the table's CHECK); a page's last row is the key.
+        after = page.last().and_then(|row| row.7.map(|at| (at, row.0)));
+        for (
+            id,
+            kind,
+            team_id,
+            resource_id,
+            resource_type,
+            attempts,
+            last_error,
+            dead_lettered_at,
+            age_seconds,
+        ) in page
+        {
+            let row = DeadLetterRow {
+                id,
+                kind,
+                team_id,
+                resource_id,
+                resource_type,
+                attempts,
+                last_error,
+                dead_lettered_at,
+                age_seconds,
+            };
+            let bucket_matches = filter.bucket.is_none_or(|b| {
                 ReasonBucket::classify(row.last_error.as_deref().unwrap_or("")) == b
-            })
-        })
-        .collect())
+            });
+            if bucket_matches
+                && i64::try_from(matching.len()).unwrap_or(i64::MAX) < DEAD_LETTER_SCAN
+            {
+                matching.push(row);
+            }
+        }
+        let enough = i64::try_from(matching.len()).unwrap_or(i64::MAX) >= DEAD_LETTER_SCAN;
+        if !full || enough || after.is_none() {
+            break;
+        }
+    }
+    Ok((matching, read))
 }
 
 /// The dead-letter list with its filters and the requeue forms.
@@ -506,7 +531,7 @@ pub(crate) async fn dead_letters(
         Ok(f) => f,
         Err(message) => return bad_request(&session, "/dead-letters", &message),
     };
-    let rows = match matching_dead_letters(&console, &filter).await {
+    let (rows, read) = match matching_dead_letters(&console, &filter).await {
         Ok(rows) => rows,
         Err(e) => return failure(&e),
     };
@@ -546,7 +571,7 @@ pub(crate) async fn dead_letters(
     let shown = rows.len().min(100);
     let _ = write!(
         body,
-        "<p>{} matching dead letter(s) among the newest {DEAD_LETTER_SCAN}; showing {shown}.</p>",
+        "<p>{} matching dead letter(s) (at most {DEAD_LETTER_SCAN}) among the newest {read} read; showing {shown}.</p>",
         rows.len()
     );
     if !rows.is_empty() {

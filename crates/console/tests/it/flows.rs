@@ -343,6 +343,53 @@ async fn a_filtered_requeue_rearms_only_the_dead_letters_of_its_bucket() {
     assert!(bad.body.contains("unknown bucket"));
 }
 
+/// The bucket filter reads past newer dead letters of other buckets: a matching dead letter
+/// behind a thousand newer ones of another bucket is listed, and "Requeue all" re-arms it.
+#[tokio::test]
+async fn a_filtered_requeue_reaches_a_match_behind_a_thousand_newer_dead_letters() {
+    let mut app = app::spawn().await;
+    let (_, _, refused) = app.dead_letter("dial tcp: connection refused").await;
+    sqlx::query(
+        "INSERT INTO pending_propagations \
+           (kind, team_id, resource_id, resource_type, payload, status, attempts, last_error, dead_lettered_at) \
+         SELECT 'tier_elevation', gen_random_uuid(), gen_random_uuid(), 'postgres', \
+                '{\"target_tier\":\"pro\"}', 'dead_lettered', 5, 'the applier returned something odd', \
+                now() - make_interval(secs => g) \
+         FROM generate_series(1, 1005) g",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    let csrf = app.sign_in().await;
+    let page = app.get("/dead-letters?bucket=resource_not_reachable").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body
+            .contains(&format!("href=\"/dead-letters/{refused}\"")),
+        "{}",
+        page.body
+    );
+    let reply = app
+        .post(
+            "/dead-letters/requeue",
+            &[
+                ("bucket", "resource_not_reachable"),
+                ("reason", "network fixed"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 303, "{}", reply.body);
+    assert_eq!(app.status_of(refused).await, "pending");
+    let others: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pending_propagations WHERE status = 'dead_lettered'",
+    )
+    .fetch_one(app.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(others, 1005, "only the matching one was requeued");
+}
+
 /// A hand-made dead letter whose audit row cannot be written (its kind reads as a connection
 /// URL, which the audit trail refuses) is left dead-lettered on its own: "Requeue all" still
 /// re-arms every other dead letter it matches, and the page says some were left.
