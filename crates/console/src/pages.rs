@@ -409,6 +409,7 @@ impl DeadLetterFilter {
 }
 
 /// A dead letter as the console shows it.
+#[derive(sqlx::FromRow)]
 pub(crate) struct DeadLetterRow {
     pub(crate) id: i64,
     kind: String,
@@ -436,25 +437,15 @@ pub(crate) async fn matching_dead_letters(
     console: &Console,
     filter: &DeadLetterFilter,
 ) -> Result<(Vec<DeadLetterRow>, i64), ConsoleError> {
-    type Row = (
-        i64,
-        String,
-        Uuid,
-        Uuid,
-        String,
-        i32,
-        Option<String>,
-        Option<OffsetDateTime>,
-        f64,
-    );
     let mut matching = Vec::new();
     let mut read: i64 = 0;
     let mut after: Option<(OffsetDateTime, i64)> = None;
     while read < DEAD_LETTER_READ {
-        let page: Vec<Row> = sqlx::query_as(
+        let page: Vec<DeadLetterRow> = sqlx::query_as(
             "SELECT id, kind, team_id, resource_id, resource_type, attempts, last_error, \
                     dead_lettered_at, \
                     coalesce(extract(epoch FROM now() - dead_lettered_at), 0)::float8 \
+                      AS age_seconds \
              FROM pending_propagations \
              WHERE status = 'dead_lettered' AND ($1::text IS NULL OR kind = $1) \
                AND ($2::int IS NULL OR dead_lettered_at <= now() - make_interval(hours => $2)) \
@@ -476,30 +467,10 @@ pub(crate) async fn matching_dead_letters(
         let full = i64::try_from(page.len()).unwrap_or(i64::MAX) == DEAD_LETTER_SCAN;
         read = read.saturating_add(i64::try_from(page.len()).unwrap_or(i64::MAX));
         // A dead letter always has its time (the table's CHECK); a page's last row is the key.
-        after = page.last().and_then(|row| row.7.map(|at| (at, row.0)));
-        for (
-            id,
-            kind,
-            team_id,
-            resource_id,
-            resource_type,
-            attempts,
-            last_error,
-            dead_lettered_at,
-            age_seconds,
-        ) in page
-        {
-            let row = DeadLetterRow {
-                id,
-                kind,
-                team_id,
-                resource_id,
-                resource_type,
-                attempts,
-                last_error,
-                dead_lettered_at,
-                age_seconds,
-            };
+        after = page
+            .last()
+            .and_then(|row| row.dead_lettered_at.map(|at| (at, row.id)));
+        for row in page {
             let bucket_matches = filter.bucket.is_none_or(|b| {
                 ReasonBucket::classify(row.last_error.as_deref().unwrap_or("")) == b
             });
