@@ -118,12 +118,20 @@ fn accept(state: &mut Receiver, headers: &HeaderMap, body: &[u8]) -> bool {
 
 /// Serves the receiver on `addr` until the returned token is cancelled.
 async fn serve(addr: SocketAddr, state: Arc<Mutex<Receiver>>) -> (SocketAddr, CancellationToken) {
+    serve_router(
+        addr,
+        axum::Router::new()
+            .route("/hook", post(hook))
+            .with_state(state),
+    )
+    .await
+}
+
+/// Serves `router` on `addr` until the returned token is cancelled.
+async fn serve_router(addr: SocketAddr, router: axum::Router) -> (SocketAddr, CancellationToken) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let bound = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let router = axum::Router::new()
-        .route("/hook", post(hook))
-        .with_state(state);
     let token = stop.clone();
     tokio::spawn(async move {
         axum::serve(listener, router)
@@ -406,19 +414,13 @@ async fn a_receiver_that_answers_429_with_retry_after_gets_no_request_before_the
     customer_events(&mut app, 0, 3).await;
 
     let seen = Arc::new(Mutex::new(0u64));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = axum::Router::new()
-        .route("/hook", post(throttle))
-        .with_state(Arc::clone(&seen));
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await
-            .unwrap();
-    });
+    let (addr, stop) = serve_router(
+        "127.0.0.1:0".parse().unwrap(),
+        axum::Router::new()
+            .route("/hook", post(throttle))
+            .with_state(Arc::clone(&seen)),
+    )
+    .await;
     let mut child = dispatcher(&db.app_url(), addr, &key_file, &log);
     wait_until("the first request", || *seen.lock().unwrap() >= 1).await;
     // Well inside the one-second wait; without it the batch's other two notifications and
