@@ -749,6 +749,7 @@ mod tests {
             managed: true,
             owned: true,
             seen_ticks: 3,
+            failed_reclaims: 0,
             would_reclaim: blocked_by.is_none(),
             blocked_by,
             action,

@@ -841,6 +841,7 @@ type SightingRow = (
     Option<OffsetDateTime>,
     i32,
     Option<String>,
+    i32,
     Option<String>,
     Option<String>,
 );
@@ -852,7 +853,7 @@ async fn render_orphans(
 ) -> Result<String, ConsoleError> {
     let rows: Vec<SightingRow> = sqlx::query_as(
         "SELECT s.inventory, s.key, s.first_seen, s.reclaimable_since, s.consecutive, s.quarantined, \
-                p.reason, p.protected_by \
+                s.failed_reclaims, p.reason, p.protected_by \
          FROM orphan_sightings s \
          LEFT JOIN reclaim_protections p ON p.token_digest = split_part(s.key, ':', 2) \
          ORDER BY s.first_seen, s.inventory, s.key LIMIT 500",
@@ -873,9 +874,18 @@ async fn render_orphans(
     if rows.is_empty() {
         body.push_str("<p class=\"muted\">No candidates.</p>");
     } else {
-        body.push_str("<table id=\"orphans\"><tr><th>inventory</th><th>kind</th><th>token digest</th><th>first seen</th><th>reclaimable since</th><th>sightings in a row</th><th>would reclaim</th><th>blocked by</th><th></th></tr>");
-        for (inventory, key, first_seen, reclaimable_since, consecutive, quarantined, reason, by) in
-            rows
+        body.push_str("<table id=\"orphans\"><tr><th>inventory</th><th>kind</th><th>token digest</th><th>first seen</th><th>reclaimable since</th><th>sightings in a row</th><th>failed reclaims</th><th>would reclaim</th><th>blocked by</th><th></th></tr>");
+        for (
+            inventory,
+            key,
+            first_seen,
+            reclaimable_since,
+            consecutive,
+            quarantined,
+            failed_reclaims,
+            reason,
+            by,
+        ) in rows
         {
             let (kind, digest) = key.split_once(':').unwrap_or(("", key.as_str()));
             let mut blockers = Vec::new();
@@ -910,7 +920,7 @@ async fn render_orphans(
             };
             let _ = write!(
                 body,
-                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{consecutive}</td><td>{}</td><td>{}</td><td>{action}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{consecutive}</td><td>{failed_reclaims}</td><td>{}</td><td>{}</td><td>{action}</td></tr>",
                 escape(&inventory),
                 escape(kind),
                 escape(digest),

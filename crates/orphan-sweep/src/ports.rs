@@ -268,11 +268,15 @@ pub struct Sighting {
     pub consecutive: u32,
     /// Set once the chokepoint refused it: never attempted again while it stays a candidate.
     pub quarantined: Option<String>,
+    /// Reclaims of it that failed (or whose re-confirmation failed) in its current run. The
+    /// rate limit takes the candidates with the fewest first, so one that keeps failing never
+    /// holds a slot ahead of one that has not failed.
+    pub failed_reclaims: u32,
 }
 
 impl Sighting {
     /// Whether this sighting only carries `stored` on: the same key, first sighting,
-    /// reclaimable run and quarantine, seen in the same or a later period, with a reclaimable
+    /// reclaimable run, quarantine and failed reclaims, seen in the same or a later period, with a reclaimable
     /// run longer by exactly the periods between them (no run is counted when not
     /// reclaimable, and a stored reclaimable run of no periods is never carried on). A store
     /// that keeps the period once per inventory and each run's first period holds such a
@@ -299,11 +303,13 @@ impl Sighting {
             && self.first_seen == stored.first_seen
             && self.reclaimable_since == stored.reclaimable_since
             && self.quarantined == stored.quarantined
+            && self.failed_reclaims == stored.failed_reclaims
     }
 
     /// A first sighting under `key` in `period`, which started at `first_seen`: not
-    /// reclaimable, no consecutive reclaimable periods, not quarantined. A state store outside
-    /// this crate builds its sightings this way and sets the public fields it read.
+    /// reclaimable, no consecutive reclaimable periods, not quarantined, no failed reclaim. A
+    /// state store outside this crate builds its sightings this way and sets the public fields
+    /// it read.
     pub fn new(key: impl Into<String>, first_seen: OffsetDateTime, period: i64) -> Self {
         Self {
             key: key.into(),
@@ -312,6 +318,7 @@ impl Sighting {
             reclaimable_since: None,
             consecutive: 0,
             quarantined: None,
+            failed_reclaims: 0,
         }
     }
 }

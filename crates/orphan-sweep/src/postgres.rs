@@ -400,13 +400,14 @@ impl PgSweepState {
 
 /// `sighting` as a read of the state `recorded` committed answers it: seen in its period, its
 /// run's length counted from the run's first period as stored, its instants to the
-/// microsecond the database keeps.
+/// microsecond the database keeps, its failed reclaims at most what the column holds.
 fn as_read_back(sighting: &mut Sighting, period: i64) {
     let run = run_start(sighting, period);
     sighting.last_period = period;
     sighting.consecutive = run_length(period, run);
     sighting.first_seen = to_microseconds(sighting.first_seen);
     sighting.reclaimable_since = sighting.reclaimable_since.map(to_microseconds);
+    sighting.failed_reclaims = sighting.failed_reclaims.min(i32::MAX.unsigned_abs());
 }
 
 /// `at` truncated to whole microseconds, as a `timestamptz` stores it.
@@ -440,7 +441,7 @@ fn state_error(operation: &'static str) -> impl Fn(sqlx::Error) -> StateError {
 }
 
 /// A stored sighting: its inventory's last recorded period, then its run's key, first seen,
-/// reclaimable since, the reclaimable run's first period, and quarantine.
+/// reclaimable since, the reclaimable run's first period, quarantine and failed reclaims.
 type StoredRun = (
     i64,
     String,
@@ -448,6 +449,7 @@ type StoredRun = (
     Option<OffsetDateTime>,
     Option<i64>,
     Option<String>,
+    i32,
 );
 
 /// The rows `orphan_sightings` shows for `source`, read from its tables: the period once per
@@ -460,14 +462,14 @@ async fn read_sightings(
     // is held beside the sightings.
     sqlx::query(
         "SELECT r.last_period, s.key, s.first_seen, s.reclaimable_since, \
-                s.reclaimable_period, s.quarantined \
+                s.reclaimable_period, s.quarantined, s.failed_reclaims \
            FROM orphan_sweep_recorded r \
            JOIN orphan_sighting_runs s ON s.inventory = r.inventory \
           WHERE r.inventory = $1",
     )
     .bind(source.as_str())
     .try_map(|row: sqlx::postgres::PgRow| {
-        let (last_period, key, first_seen, reclaimable_since, run_start, quarantined) =
+        let (last_period, key, first_seen, reclaimable_since, run_start, quarantined, failed) =
             <StoredRun as sqlx::FromRow<'_, sqlx::postgres::PgRow>>::from_row(&row)?;
         Ok(Sighting {
             key,
@@ -476,6 +478,8 @@ async fn read_sightings(
             reclaimable_since,
             consecutive: run_length(last_period, reclaimable_since.and(run_start)),
             quarantined,
+            // The column refuses a negative count.
+            failed_reclaims: u32::try_from(failed).unwrap_or(0),
         })
     })
     .fetch_all(pool)
@@ -812,6 +816,11 @@ async fn write_runs<'s>(
             chunk.iter().map(|s| run_start(s, claim.period)).collect();
         let quarantined: Vec<Option<&str>> =
             chunk.iter().map(|s| s.quarantined.as_deref()).collect();
+        // A count past what the column holds is stored as its largest value.
+        let failed_reclaims: Vec<i32> = chunk
+            .iter()
+            .map(|s| i32::try_from(s.failed_reclaims).unwrap_or(i32::MAX))
+            .collect();
         let statement = match write {
             Write::Insert => INSERT_RUNS,
             Write::Upsert => UPSERT_RUNS,
@@ -823,6 +832,7 @@ async fn write_runs<'s>(
             .bind(&reclaimable_since)
             .bind(&reclaimable_period)
             .bind(&quarantined)
+            .bind(&failed_reclaims)
             .execute(&mut **tx)
             .await
             .map_err(&fail)?;
@@ -834,10 +844,14 @@ async fn write_runs<'s>(
 macro_rules! insert_runs {
     () => {
         "INSERT INTO orphan_sighting_runs \
-           (inventory, key, first_seen, reclaimable_since, reclaimable_period, quarantined) \
-         SELECT $1, s.key, s.first_seen, s.reclaimable_since, s.reclaimable_period, s.quarantined \
-           FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::text[]) \
-                AS s(key, first_seen, reclaimable_since, reclaimable_period, quarantined)"
+           (inventory, key, first_seen, reclaimable_since, reclaimable_period, quarantined, \
+            failed_reclaims) \
+         SELECT $1, s.key, s.first_seen, s.reclaimable_since, s.reclaimable_period, s.quarantined, \
+                s.failed_reclaims \
+           FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[], $6::text[], \
+                       $7::int4[]) \
+                AS s(key, first_seen, reclaimable_since, reclaimable_period, quarantined, \
+                     failed_reclaims)"
     };
 }
 
@@ -851,7 +865,8 @@ const UPSERT_RUNS: &str = concat!(
         SET first_seen = EXCLUDED.first_seen, \
             reclaimable_since = EXCLUDED.reclaimable_since, \
             reclaimable_period = EXCLUDED.reclaimable_period, \
-            quarantined = EXCLUDED.quarantined"
+            quarantined = EXCLUDED.quarantined, \
+            failed_reclaims = EXCLUDED.failed_reclaims"
 );
 
 /// The period a sighting's reclaimable run started in, counted back from `period` (the one it

@@ -25,7 +25,7 @@ pub fn period_of(now: OffsetDateTime, interval: Duration) -> i64 {
 /// replica running) breaks every run. The reclaimable run (`consecutive`,
 /// `reclaimable_since`) counts only sightings in which the candidate was `reclaimable`: a
 /// protected, foreign or unmanaged sighting resets it. A quarantine (the chokepoint refused it)
-/// lasts while the run is unbroken.
+/// and the count of failed reclaims last while the run is unbroken.
 pub fn advance(
     prev: Option<&Sighting>,
     key: String,
@@ -43,6 +43,7 @@ pub fn advance(
                 reclaimable_since: reclaimable.then_some(now),
                 consecutive: u32::from(reclaimable),
                 quarantined: None,
+                failed_reclaims: 0,
             },
             true,
         );
@@ -61,6 +62,7 @@ pub fn advance(
             reclaimable_since,
             consecutive,
             quarantined: prev.quarantined.clone(),
+            failed_reclaims: prev.failed_reclaims,
         },
         false,
     )
@@ -257,6 +259,7 @@ mod tests {
         Option<OffsetDateTime>,
         Option<i64>,
         Option<String>,
+        u32,
     ) {
         let start = s
             .reclaimable_since
@@ -266,6 +269,7 @@ mod tests {
             s.reclaimable_since,
             start,
             s.quarantined.clone(),
+            s.failed_reclaims,
         )
     }
 
@@ -322,6 +326,17 @@ mod tests {
         let (next, _) = advance(Some(&empty_run), "k".into(), 11, T0 + HOUR, true);
         assert_eq!(next.consecutive, 1);
         assert!(!next.continues(&empty_run));
+        // A failed reclaim is a change the store must write; the count then carries on with
+        // the run and starts again with a new one.
+        let (mut failed, _) = advance(Some(&stored), "k".into(), 11, T0 + HOUR, true);
+        failed.failed_reclaims += 1;
+        assert!(!failed.continues(&stored));
+        let (carried, _) = advance(Some(&failed), "k".into(), 12, T0 + 2 * HOUR, true);
+        assert_eq!(carried.failed_reclaims, 1);
+        assert!(carried.continues(&failed));
+        let (after_a_gap, new) = advance(Some(&failed), "k".into(), 14, T0 + 4 * HOUR, true);
+        assert!(new);
+        assert_eq!(after_a_gap.failed_reclaims, 0);
     }
 
     #[tokio::test]

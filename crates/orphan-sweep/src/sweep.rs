@@ -90,6 +90,9 @@ pub struct CandidateView {
     pub owned: bool,
     /// Consecutive periods it has been seen reclaimable in.
     pub seen_ticks: u32,
+    /// Reclaims of it that failed in its current run before this tick: the rate limit takes
+    /// the candidates with the fewest first.
+    pub failed_reclaims: u32,
     /// Whether the armed run reclaims it this tick (the same answer in audit-only mode).
     pub would_reclaim: bool,
     /// What keeps it from being reclaimed, when something does.
@@ -204,6 +207,7 @@ fn report_candidate(key: &FingerprintKey, row: Row, action: Action, armed: bool)
         candidate,
         blocked_by,
         seen_ticks,
+        failed_reclaims,
         ..
     } = row;
     // Logs and the review list name a candidate masked, with its keyed fingerprint.
@@ -224,6 +228,7 @@ fn report_candidate(key: &FingerprintKey, row: Row, action: Action, armed: bool)
         protected = candidate.protected,
         owned = candidate.owned,
         seen_ticks,
+        failed_reclaims,
         would_reclaim,
         blocked_by = blocked_by.map_or("-", Blocker::as_str),
         action = action.debug_name(),
@@ -239,6 +244,7 @@ fn report_candidate(key: &FingerprintKey, row: Row, action: Action, armed: bool)
         managed: candidate.managed,
         owned: candidate.owned,
         seen_ticks,
+        failed_reclaims,
         would_reclaim,
         blocked_by,
         action,
@@ -306,6 +312,8 @@ struct Row {
     /// Consecutive periods it has been seen reclaimable in (its sighting's count, which a
     /// reclaim does not change).
     seen_ticks: u32,
+    /// Reclaims of it that failed in its current run, before this tick.
+    failed_reclaims: u32,
     /// A new sighting, of a candidate that counts as this installation's backlog.
     counted_new: bool,
     /// Its sighting only carries the stored one on ([`Sighting::continues`]): a store that
@@ -322,6 +330,7 @@ impl Row {
             candidate,
             blocked_by: None,
             seen_ticks: 0,
+            failed_reclaims: 0,
             counted_new: false,
             continued: false,
             had_stored: false,
@@ -491,6 +500,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             row.had_stored = stored.is_some();
             row.counted_new = new && !not_ours(static_blocker);
             row.seen_ticks = sighting.consecutive;
+            row.failed_reclaims = sighting.failed_reclaims;
             row.blocked_by = static_blocker.or_else(|| {
                 if sighting.quarantined.is_some() {
                     Some(Blocker::Quarantined)
@@ -565,8 +575,15 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 rows[i].blocked_by = Some(Blocker::Breaker);
             }
         } else {
-            // Oldest first; the rest wait for the next tick.
-            confirmed.sort_by(|&a, &b| rows[b].candidate.age.cmp(&rows[a].candidate.age));
+            // The fewest failed reclaims first, then the oldest; the rest wait for the next
+            // tick. Candidates whose reclaims keep failing never take every slot from one that
+            // has not failed: they are tried when slots are left, fewest failures first.
+            confirmed.sort_by(|&a, &b| {
+                rows[a]
+                    .failed_reclaims
+                    .cmp(&rows[b].failed_reclaims)
+                    .then_with(|| rows[b].candidate.age.cmp(&rows[a].candidate.age))
+            });
             for &i in confirmed.iter().skip(self.config.max_reclaims) {
                 rows[i].blocked_by = Some(Blocker::Cap);
             }
@@ -611,7 +628,7 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             // below changes from it.
             let mut continued = continued;
             continued.fill(true);
-            let mut quarantined = false;
+            let mut rewritten = false;
             let mut stopped = false;
             for ((row, sighting), continued) in rows
                 .into_iter()
@@ -629,10 +646,24 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     Action::Stopped
                 } else {
                     let action = self.reclaim(&row.candidate, now).await;
-                    if action == Action::Refused {
-                        sighting.quarantined = Some("refused".to_owned());
-                        *continued = false;
-                        quarantined = true;
+                    match action {
+                        Action::Refused => {
+                            sighting.quarantined = Some("refused".to_owned());
+                            *continued = false;
+                            rewritten = true;
+                        }
+                        Action::Failed => {
+                            sighting.failed_reclaims = sighting.failed_reclaims.saturating_add(1);
+                            *continued = false;
+                            rewritten = true;
+                        }
+                        Action::Reported
+                        | Action::Reclaimed
+                        | Action::AlreadyGone
+                        | Action::SkippedLive
+                        | Action::AbortedByCap
+                        | Action::Terminating
+                        | Action::Stopped => {}
                     }
                     action
                 };
@@ -642,10 +673,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                 continued: &continued,
                 vanished: &[],
             };
-            if quarantined
+            if rewritten
                 && let Err(e) = self.state.record(source, &claim, &sightings, changes).await
             {
-                tracing::warn!(error = %e, "could not record a quarantine; the chokepoint refuses it again (audited once)");
+                tracing::warn!(error = %e, "could not record a quarantine or a failed reclaim; the chokepoint refuses it again (audited once), and a failed reclaim keeps its place in the rate limit for one more tick");
                 self.metrics.error(Stage::State);
             }
             self.state.keep_recorded(source, sightings);
@@ -897,12 +928,13 @@ mod tests {
         }
     }
 
-    /// Reclaims everything (scripted failures aside); may claim the next period on a shared state
-    /// when first called, as another replica would.
+    /// Reclaims everything (scripted failures, and the objects it always fails on, aside); may
+    /// claim the next period on a shared state when first called, as another replica would.
     #[derive(Clone, Default)]
     struct FakeReclaimer {
         script: Script<&'static str>,
         steal: Arc<Mutex<Option<MemoryState>>>,
+        always_fails: Arc<Mutex<HashSet<String>>>,
     }
 
     impl crate::ports::sealed::Sealed for FakeReclaimer {}
@@ -924,6 +956,9 @@ mod tests {
                     .claim(InventorySource::Postgres, HOUR, now + HOUR)
                     .await
                     .unwrap();
+            }
+            if self.always_fails.lock().unwrap().contains(name.expose()) {
+                return Err(ReclaimError::Failed("the server cannot drop it".into()));
             }
             match self.script.pop() {
                 Some("refused") => Err(ReclaimError::Refused(ReclaimRefusal::NotPlatformMade)),
@@ -1489,6 +1524,87 @@ mod tests {
         assert_eq!(per_tick, [0, 0, 5, 5, 2, 0]);
         assert!(remaining.is_empty());
         assert_eq!(w.metrics.aborts(), 0);
+    }
+
+    /// Candidates whose reclaims fail every tick (a database the server cannot drop) never hold
+    /// every slot of the rate limit: a newer orphan that has not failed is reclaimed the tick
+    /// after they first fail, and they are still tried with the slots left.
+    #[tokio::test]
+    async fn reclaims_that_keep_failing_never_hold_back_a_newer_orphan() {
+        let mut w = world(armed(), true);
+        let stuck: Vec<InventoryItem> = (20..25)
+            .map(|i| aged(&format!("stuck00000{i}"), i64::from(i)))
+            .collect();
+        *w.reclaimer.always_fails.lock().unwrap() =
+            stuck.iter().map(|item| item.name.clone()).collect();
+        let newer = aged("newer0000010", 10);
+        let owned: Vec<InventoryItem> = (0..20)
+            .map(|i| {
+                let mut young = orphan(&format!("young00000{i:02}"));
+                young.created_at = Some(NOW + HOUR * 6);
+                young
+            })
+            .collect();
+        let mut items = stuck.clone();
+        items.extend(owned);
+        let mut with_newer = items.clone();
+        with_newer.push(newer.clone());
+        w.inventory.set(with_newer);
+        // Ticks 0 and 1 serve the burn-in; in tick 2 the five oldest take the five slots, and
+        // every one of them fails.
+        for n in 0..3 {
+            w.sweeper.tick(at(n)).await;
+        }
+        let mut first = w.reclaimer.script.calls();
+        first.sort();
+        assert_eq!(
+            first,
+            stuck
+                .iter()
+                .map(|item| item.name.clone())
+                .collect::<Vec<_>>()
+        );
+        // Tick 3: the newer orphan takes a slot; the four oldest failing ones take the others,
+        // and the youngest of them waits.
+        let report = w.sweeper.tick(at(3)).await;
+        let calls = w.reclaimer.script.calls();
+        let tick3 = &calls[5..];
+        assert_eq!(tick3.len(), 5);
+        assert!(
+            tick3.contains(&newer.name),
+            "the newer orphan waited behind failing reclaims: {tick3:?}"
+        );
+        assert!(!tick3.contains(&stuck[0].name), "{tick3:?}");
+        let views = views(&report);
+        let newer_view = views
+            .iter()
+            .find(|v| v.action == Action::Reclaimed)
+            .expect("the newer orphan was reclaimed");
+        assert_eq!(newer_view.failed_reclaims, 0);
+        let failed: Vec<u32> = views
+            .iter()
+            .filter(|v| v.action == Action::Failed)
+            .map(|v| v.failed_reclaims)
+            .collect();
+        assert_eq!(
+            failed,
+            [1, 1, 1, 1],
+            "each failing one had failed once before"
+        );
+        // With the newer one gone, all five are tried again, and every failure is counted.
+        w.inventory.set(items);
+        w.sweeper.tick(at(4)).await;
+        let calls = w.reclaimer.script.calls();
+        assert_eq!(calls.len(), 15);
+        assert!(calls[10..].contains(&stuck[0].name));
+        let stored = w.state.sightings(InventorySource::Postgres).await.unwrap();
+        let mut counts: Vec<u32> = stored.iter().map(|s| s.failed_reclaims).collect();
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            [2, 3, 3, 3, 3],
+            "every failure is counted in the stored sighting"
+        );
     }
 
     /// SWEEP-7: the breaker (more than `max_fraction` of this installation's inventory looks

@@ -684,7 +684,7 @@ async fn contract_record<S: SweepState>(
 /// `first_period` (the store must hold no sightings of `source` before): what
 /// [`SweepState::replace`] records is what [`SweepState::sightings`] reads back (as a set);
 /// what [`SweepState::record`] records, told the changes a tick works out (runs carried on,
-/// changed, new, vanished, a quarantine set later in the same period), reads back the same as
+/// changed, new, vanished, a quarantine and a failed reclaim later in the same period), reads back the same as
 /// a replace of the whole set would, also when the recorded sightings are handed back with
 /// [`SweepState::keep_recorded`] before the read; under a claim that is no longer the newest,
 /// both are refused and change nothing, and what such a refused write is handed back is never
@@ -756,6 +756,23 @@ pub async fn sweep_state_contract<H: SweepStateHarness>(
         "a quarantine in the same period",
     )
     .await;
+
+    // Then a's reclaim fails: only its count of failed reclaims changes.
+    now[0].failed_reclaims = 1;
+    let continued = [false, true, true, true];
+    let read = contract_record(
+        state,
+        source,
+        &next,
+        &now,
+        (&continued, &[]),
+        "a failed reclaim in the same period",
+    )
+    .await;
+    assert_eq!(
+        read[0].failed_reclaims, 1,
+        "a failed reclaim is not counted"
+    );
 
     // A newer claim: the older one records nothing, whole or by changes.
     let last = harness.claim_period(source, first_period + 2).await;

@@ -495,8 +495,9 @@ async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_de
     sqlx::query(
         "WITH recorded AS (INSERT INTO orphan_sweep_recorded (inventory, last_period) \
                            VALUES ('postgres', 10) ON CONFLICT DO NOTHING) \
-         INSERT INTO orphan_sighting_runs (inventory, key, first_seen, reclaimable_since, reclaimable_period) \
-         VALUES ('postgres', $1, now() - interval '3 days', now() - interval '2 days', 7)",
+         INSERT INTO orphan_sighting_runs (inventory, key, first_seen, reclaimable_since, reclaimable_period, \
+                                           failed_reclaims) \
+         VALUES ('postgres', $1, now() - interval '3 days', now() - interval '2 days', 7, 2)",
     )
     .bind(format!("database:{digest}"))
     .execute(app.db.pool())
@@ -507,6 +508,13 @@ async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_de
     assert_eq!(review.status, 200);
     assert!(review.body.contains(&digest));
     assert!(review.body.contains("yes, when armed"));
+    // Four sightings in a row (periods 7 to 10), two failed reclaims.
+    assert!(review.body.contains("<th>failed reclaims</th>"));
+    assert!(
+        review.body.contains("<td>4</td><td>2</td>"),
+        "{}",
+        review.body
+    );
 
     let reply = app
         .post(
