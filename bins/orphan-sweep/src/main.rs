@@ -148,7 +148,8 @@ struct SweepArgs {
     /// reclaimed (with --confirm-ticks, both must hold), e.g. 2h.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_BURN_IN", default_value = "2h", value_parser = parse_duration)]
     burn_in: Duration,
-    /// Rate limit: most reclaims per tick, oldest first; the rest wait for the next tick.
+    /// Rate limit: most reclaims per tick, the fewest failed reclaims first, then the oldest;
+    /// the rest wait for the next tick.
     #[arg(long, env = "KEEL_ORPHAN_SWEEP_MAX_RECLAIMS", default_value_t = 5)]
     max_reclaims: usize,
     /// Circuit breaker: when more than this fraction (0 to 1) of this installation's inventory

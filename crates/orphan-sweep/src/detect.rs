@@ -155,7 +155,8 @@ pub enum Blocker {
     Quarantined,
     /// Not yet seen reclaimable over the burn-in (duration and ticks).
     BurnIn,
-    /// Over this tick's rate limit (`max_reclaims`, oldest first): next tick.
+    /// Over this tick's rate limit (`max_reclaims`, the fewest failed reclaims first, then the
+    /// oldest): next tick.
     Cap,
     /// The circuit breaker tripped: more than `max_fraction` of this installation's inventory
     /// would be reclaimed at once, so nothing is.

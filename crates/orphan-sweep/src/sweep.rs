@@ -39,8 +39,8 @@ pub struct SweepConfig {
     /// How long a candidate must have been seen reclaimable, without a break, before it may be
     /// reclaimed (default 2 h).
     pub burn_in: Duration,
-    /// Rate limit: most reclaims per tick, oldest first (default 5); the rest wait for the next
-    /// tick, so a backlog drains gradually.
+    /// Rate limit: most reclaims per tick, the fewest failed reclaims first, then the oldest
+    /// (default 5); the rest wait for the next tick, so a backlog drains gradually.
     pub max_reclaims: usize,
     /// Circuit breaker: when the confirmed orphans exceed this fraction of this installation's
     /// inventory (rounded up), nothing is reclaimed that tick (default 0.5).
