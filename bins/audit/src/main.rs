@@ -133,13 +133,20 @@ enum Command {
     },
     /// Deliver customer notifications from the audit trail to a signed webhook.
     Dispatch(Box<DispatchArgs>),
-    /// List dead-lettered customer notifications.
+    /// List dead-lettered customer notifications, newest first.
     DeadLetters {
         #[command(flatten)]
         db: DatabaseArgs,
         /// Most rows to list (1 to 10000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
+        /// Only those older than this position (the last one a full page printed), to page back
+        /// through every dead letter.
+        #[arg(long, value_name = "POSITION", value_parser = clap::value_parser!(i64).range(1..))]
+        before: Option<i64>,
+        /// Only this audit kind (e.g. provision.created).
+        #[arg(long, value_parser = parse_kind, value_name = "KIND")]
+        kind: Option<keel_audit::AuditKind>,
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
@@ -631,10 +638,21 @@ fn main() -> ExitCode {
             Command::List(args) => run_list(&args).await,
             Command::Partitions { command } => run_partitions(command).await,
             Command::Retention { command } => run_retention(command).await,
-            Command::DeadLetters { db, limit, json } => {
+            Command::DeadLetters {
+                db,
+                limit,
+                before,
+                kind,
+                json,
+            } => {
                 let pool = keel_service::connect(&db, "keel-audit-dead-letters", 1).await?;
                 let mut conn = pool.acquire().await.context("could not connect")?;
-                let rows = keel_audit::notify::dead_letters(&mut conn, limit).await?;
+                let page = keel_audit::notify::DeadLetterPage {
+                    before,
+                    kind,
+                    limit,
+                };
+                let rows = keel_audit::notify::dead_letters(&mut conn, &page).await?;
                 for row in &rows {
                     let when = row.dead_lettered_at.and_then(|t| {
                         t.format(&time::format_description::well_known::Rfc3339)
@@ -644,6 +662,7 @@ fn main() -> ExitCode {
                         println!(
                             "{}",
                             serde_json::json!({
+                                "position": row.seq,
                                 "event_id": row.event_id,
                                 "audit_id": row.audit_id,
                                 "kind": row.kind,
@@ -655,7 +674,8 @@ fn main() -> ExitCode {
                         );
                     } else {
                         println!(
-                            "{}  {}  audit row {}  {} attempts  last {}  dead since {}",
+                            "{}  {}  {}  audit row {}  {} attempts  last {}  dead since {}",
+                            row.seq,
                             row.event_id,
                             row.template,
                             row.audit_id,
@@ -664,6 +684,15 @@ fn main() -> ExitCode {
                             when.as_deref().unwrap_or("-"),
                         );
                     }
+                }
+                // A full page: older ones may follow, reached from the last position listed.
+                if rows.len() == usize::try_from(limit).unwrap_or(usize::MAX)
+                    && let Some(last) = rows.last()
+                {
+                    eprintln!(
+                        "{limit} listed, newest first; older dead letters may follow: add --before {}",
+                        last.seq
+                    );
                 }
                 Ok(ExitCode::SUCCESS)
             }

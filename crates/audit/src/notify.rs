@@ -700,6 +700,9 @@ async fn record(
 /// A dead-lettered delivery, as [`dead_letters`] lists it.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct DeadLetter {
+    /// Its position: the order notifications were taken from the trail (commit order). The
+    /// list is newest first; [`DeadLetterPage::before`] pages back from a position.
+    pub seq: i64,
     /// The notification's event id.
     pub event_id: Uuid,
     /// The audit row it carries.
@@ -716,16 +719,44 @@ pub struct DeadLetter {
     pub dead_lettered_at: Option<OffsetDateTime>,
 }
 
-/// Dead-lettered deliveries, oldest first, at most `limit`.
+/// Which dead letters [`dead_letters`] lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterPage {
+    /// Only those before this position (the last [`DeadLetter::seq`] of the page before), so
+    /// every dead letter can be reached however many there are.
+    pub before: Option<i64>,
+    /// Only this audit kind.
+    pub kind: Option<AuditKind>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+impl DeadLetterPage {
+    /// The newest `limit` dead letters, of every kind.
+    pub fn newest(limit: u32) -> Self {
+        Self {
+            before: None,
+            kind: None,
+            limit,
+        }
+    }
+}
+
+/// Dead-lettered deliveries, newest first (by position), as `page` asks. Dead letters nobody
+/// resolves never hide newer ones: the newest come first, and `page.before` reaches the rest.
 pub async fn dead_letters(
     conn: &mut PgConnection,
-    limit: u32,
+    page: &DeadLetterPage,
 ) -> Result<Vec<DeadLetter>, AuditSinkError> {
     sqlx::query_as(
-        "SELECT event_id, audit_id, kind, template, attempts, last_outcome, dead_lettered_at \
-         FROM notification_deliveries WHERE state = 'dead' ORDER BY seq LIMIT $1",
+        "SELECT seq, event_id, audit_id, kind, template, attempts, last_outcome, dead_lettered_at \
+         FROM notification_deliveries \
+         WHERE state = 'dead' AND ($1::int8 IS NULL OR seq < $1) AND ($2::text IS NULL OR kind = $2) \
+         ORDER BY seq DESC LIMIT $3",
     )
-    .bind(i64::from(limit))
+    .bind(page.before)
+    .bind(page.kind.map(AuditKind::as_str))
+    .bind(i64::from(page.limit))
     .fetch_all(conn)
     .await
     .map_err(|e| AuditSinkError::read("read dead-lettered notifications", e))

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use keel_audit::notify::{
-    DeliveryOutcome, FailureClass, NotifyKey, RetryPolicy, SignedNotification, Webhook,
-    WebhookReply, backlog, dead_letters, deliver_due, ingest, requeue, try_lock,
+    DeadLetterPage, DeliveryOutcome, FailureClass, NotifyKey, RetryPolicy, SignedNotification,
+    Webhook, WebhookReply, backlog, dead_letters, deliver_due, ingest, requeue, try_lock,
 };
 use keel_audit::postgres::insert;
 use keel_audit::{Actor, AuditKind};
@@ -149,7 +149,9 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
             .is_empty(),
         "a dead letter is not retried"
     );
-    let dead = dead_letters(&mut app, 10).await.unwrap();
+    let dead = dead_letters(&mut app, &DeadLetterPage::newest(10))
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].event_id, first[0].event_id);
     assert_eq!(dead[0].attempts, 2);
@@ -401,7 +403,9 @@ async fn rows_written_into_the_outbox_by_hand_are_dead_lettered_unposted_and_hol
         ],
         "labels come from the closed set, never from the row"
     );
-    let dead = dead_letters(&mut app, 100).await.unwrap();
+    let dead = dead_letters(&mut app, &DeadLetterPage::newest(100))
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 6);
     assert!(
         dead.iter()
@@ -426,6 +430,81 @@ async fn rows_written_into_the_outbox_by_hand_are_dead_lettered_unposted_and_hol
 /// Deliveries go one after another: each request is signed with the time it is sent, so a
 /// receiver that refuses stale timestamps does not refuse the end of a batch behind a slow
 /// receiver.
+/// Dead letters nobody resolves (a malformed row comes back dead after every requeue) never hide
+/// newer ones: the list is newest first, pages back by position until every dead letter was
+/// listed exactly once, and filters by kind.
+#[tokio::test]
+async fn old_dead_letters_never_hide_newer_ones() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    let kinds = [
+        "provision.created",
+        "provision.created",
+        "provision.created",
+        "propagation.applied",
+        "provision.created",
+        "propagation.applied",
+        "provision.created",
+    ];
+    let mut made = Vec::new();
+    for (n, kind) in kinds.into_iter().enumerate() {
+        let id: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO notification_deliveries \
+               (event_id, audit_id, recorded_at, kind, template, payload, state, attempts, \
+                last_outcome, dead_lettered_at) \
+             VALUES (gen_random_uuid(), $1, now(), $2, 'resource_ready', '{}', 'dead', 12, \
+                     'malformed', now()) \
+             RETURNING event_id",
+        )
+        .bind(1_000 + n as i64)
+        .bind(kind)
+        .fetch_one(&mut *app)
+        .await
+        .unwrap();
+        made.push((id, kind));
+    }
+    let newest_first: Vec<uuid::Uuid> = made.iter().rev().map(|(id, _)| *id).collect();
+    let first = dead_letters(&mut app, &DeadLetterPage::newest(3))
+        .await
+        .unwrap();
+    let ids = |page: &[keel_audit::notify::DeadLetter]| -> Vec<uuid::Uuid> {
+        page.iter().map(|d| d.event_id).collect()
+    };
+    assert_eq!(
+        ids(&first),
+        newest_first[..3],
+        "the newest dead letters come first, whatever older ones are still there"
+    );
+    let mut listed = ids(&first);
+    let mut before = first.last().map(|d| d.seq);
+    while let Some(position) = before {
+        let page = dead_letters(
+            &mut app,
+            &DeadLetterPage {
+                before: Some(position),
+                kind: None,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+        listed.extend(ids(&page));
+        before = (page.len() == 3).then(|| page[2].seq);
+    }
+    assert_eq!(listed, newest_first, "paging back lists each one once");
+    let applied = dead_letters(
+        &mut app,
+        &DeadLetterPage {
+            before: None,
+            kind: Some(AuditKind::PropagationApplied),
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&applied), [made[5].0, made[3].0]);
+}
+
 #[tokio::test]
 async fn each_request_is_signed_when_it_is_sent_not_when_its_batch_was_read() {
     let db = keel_testkit::role_split_database().await;
