@@ -846,21 +846,38 @@ type SightingRow = (
     Option<String>,
 );
 
+/// The most candidates the orphan review lists.
+const ORPHAN_REVIEW_ROWS: usize = 500;
+
 async fn render_orphans(
     console: &Console,
     session: &Session,
     note: Option<&str>,
 ) -> Result<String, ConsoleError> {
+    // The candidates an armed sweep would reclaim come first, in the order its rate limit takes
+    // them (fewest failed reclaims first), so candidates that stay for good (quarantined,
+    // protected, never reclaimable) cannot push them off the page.
     let rows: Vec<SightingRow> = sqlx::query_as(
         "SELECT s.inventory, s.key, s.first_seen, s.reclaimable_since, s.consecutive, s.quarantined, \
                 s.failed_reclaims, p.reason, p.protected_by \
          FROM orphan_sightings s \
          LEFT JOIN reclaim_protections p ON p.token_digest = split_part(s.key, ':', 2) \
-         ORDER BY s.first_seen, s.inventory, s.key LIMIT 500",
+         ORDER BY (s.reclaimable_since IS NOT NULL AND s.quarantined IS NULL AND p.reason IS NULL) DESC, \
+                  s.failed_reclaims, s.first_seen, s.inventory, s.key \
+         LIMIT $1",
     )
+    .bind(ORPHAN_REVIEW_ROWS as i64)
     .fetch_all(&console.pool)
     .await
     .map_err(crate::actions::db("read the orphan review list"))?;
+    let total: i64 = if rows.len() < ORPHAN_REVIEW_ROWS {
+        rows.len() as i64
+    } else {
+        sqlx::query_scalar("SELECT count(*) FROM orphan_sightings")
+            .fetch_one(&console.pool)
+            .await
+            .map_err(crate::actions::db("count the orphan candidates"))?
+    };
     let mut body = String::new();
     if let Some(note) = note.and_then(note_text) {
         let _ = write!(body, "<p class=\"flash\">{note}</p>");
@@ -871,6 +888,15 @@ async fn render_orphans(
          <code>ORPHAN_DB_SWEEP_DESTRUCTIVE_ENABLED</code> and its burn-in, through the audited \
          deprovision chokepoint: \"yes, when armed\" means once that gate is on and the burn-in is met. This page can protect or unprotect; it destroys nothing.</p>",
     );
+    if total > rows.len() as i64 {
+        let _ = write!(
+            body,
+            "<p class=\"flash\">{} of {total} candidates are shown: those an armed sweep would \
+             reclaim first (the fewest failed reclaims first), then the others by when they were \
+             first seen.</p>",
+            rows.len()
+        );
+    }
     if rows.is_empty() {
         body.push_str("<p class=\"muted\">No candidates.</p>");
     } else {

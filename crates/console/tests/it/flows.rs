@@ -488,6 +488,43 @@ async fn a_long_audit_trail_shows_its_newest_rows_and_says_what_it_leaves_out() 
     }
 }
 
+/// Candidates that stay for good (quarantined after a refusal, here 600 of them seen for a
+/// month) never push a newer candidate an armed sweep would reclaim off the orphan review, and
+/// the page says how many it leaves out.
+#[tokio::test]
+async fn the_orphan_review_shows_what_an_armed_sweep_would_reclaim_before_what_stays() {
+    let mut app = app::spawn().await;
+    sqlx::query(
+        "WITH recorded AS (INSERT INTO orphan_sweep_recorded (inventory, last_period) \
+                           VALUES ('postgres', 10) ON CONFLICT DO NOTHING) \
+         INSERT INTO orphan_sighting_runs (inventory, key, first_seen, quarantined) \
+         SELECT 'postgres', 'database:' || lpad(to_hex(i), 48, '0'), now() - interval '30 days', \
+                'refused' \
+         FROM generate_series(1, 600) i",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    let newer = "ab".repeat(24);
+    sqlx::query(
+        "INSERT INTO orphan_sighting_runs \
+           (inventory, key, first_seen, reclaimable_since, reclaimable_period) \
+         VALUES ('postgres', $1, now() - interval '1 day', now() - interval '1 day', 8)",
+    )
+    .bind(format!("database:{newer}"))
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    app.sign_in().await;
+    let review = app.get("/orphans").await;
+    assert_eq!(review.status, 200);
+    assert!(
+        review.body.contains(&newer),
+        "the candidate an armed sweep would reclaim is not on the page"
+    );
+    assert!(review.body.contains("500 of 601 candidates are shown"));
+}
+
 #[tokio::test]
 async fn protect_and_unprotect_are_audited_with_the_operator_like_the_cli_and_destroy_nothing() {
     let mut app = app::spawn().await;
