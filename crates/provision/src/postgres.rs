@@ -689,6 +689,26 @@ impl PgClusterBackend {
         &self.admin
     }
 
+    /// `Ok` when a read on a fresh admin connection finds `object` gone (`exists_sql` binds its
+    /// name), after a drop of it failed; `Err` while it is there or cannot be looked up.
+    async fn gone_after_failed_drop(
+        &self,
+        exists_sql: &'static str,
+        object: &str,
+        name: &BackendName,
+    ) -> Result<(), ()> {
+        let exists: Result<bool, sqlx::Error> = sqlx::query_scalar(exists_sql)
+            .bind(object)
+            .fetch_one(&self.admin)
+            .await;
+        if exists.is_ok_and(|exists| !exists) {
+            tracing::info!(name = %name, "a drop failed but its object is gone (a concurrent teardown dropped it, or the drop committed before its reply was lost)");
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
     /// Checks that the admin role may provision: superuser, or `CREATEROLE` and `CREATEDB`.
     /// The error names the role and exactly what to grant.
     pub async fn check_privileges(&self) -> Result<(), PrivilegeError> {
@@ -768,12 +788,11 @@ impl PgClusterBackend {
             .acquire()
             .await
             .map_err(|e| fail("get an admin connection for", &e))?;
-        let role_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-                .bind(role.expose())
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(|e| fail("look up the role of", &e))?;
+        let role_exists: bool = sqlx::query_scalar(ROLE_EXISTS)
+            .bind(role.expose())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| fail("look up the role of", &e))?;
         // A role the platform creates is never privileged; an existing one (a retried create)
         // keeps its attributes and gets a new password (naming SUPERUSER & co. in an ALTER
         // needs a superuser on PostgreSQL 15).
@@ -914,6 +933,12 @@ fn database_of(name: &BackendName) -> Result<&DatabaseName, BackendError> {
     }
 }
 
+/// Whether a database of this name exists.
+const DATABASE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
+
+/// Whether a role of this name exists.
+const ROLE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)";
+
 impl Backend for PgClusterBackend {
     fn supports(&self, resource_type: ResourceType) -> bool {
         match resource_type {
@@ -946,16 +971,31 @@ impl Backend for PgClusterBackend {
         if owner.is_some_and(|owner| owner != role.expose()) {
             return Err(BackendError::Foreign { name: db.masked() });
         }
+        // A drop that fails is a failure only while its object is still there: two teardowns
+        // of one object may run at once (a provisioning's own compensation and the reconciler,
+        // the chokepoint and the orphan sweep), and a `DROP ROLE` racing another fails with
+        // "tuple concurrently deleted" although the role is gone; a drop whose reply was lost
+        // may have committed. Either way the teardown did what it was for.
         let drop_db = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.expose());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
             .execute(&mut *conn)
             .await
-            .map_err(|e| BackendError::unavailable("drop", name, redacted(&e, db)))?;
+        {
+            self.gone_after_failed_drop(DATABASE_EXISTS, db.expose(), name)
+                .await
+                .map_err(|()| BackendError::unavailable("drop", name, redacted(&e, db)))?;
+        }
         let drop_role = format!("DROP ROLE IF EXISTS \"{}\"", role.expose());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_role))
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop_role))
             .execute(&mut *conn)
             .await
-            .map_err(|e| BackendError::unavailable("drop the role of", name, redacted(&e, db)))?;
+        {
+            self.gone_after_failed_drop(ROLE_EXISTS, role.expose(), name)
+                .await
+                .map_err(|()| {
+                    BackendError::unavailable("drop the role of", name, redacted(&e, db))
+                })?;
+        }
         Ok(())
     }
 
@@ -996,7 +1036,7 @@ impl Backend for PgClusterBackend {
 
     async fn exists(&self, name: &BackendName) -> Result<bool, BackendError> {
         let db = database_of(name)?;
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        sqlx::query_scalar(DATABASE_EXISTS)
             .bind(db.expose())
             .fetch_one(&self.admin)
             .await

@@ -540,3 +540,56 @@ async fn each_step_of_a_provisioning_is_recorded_at_its_own_time() {
     let audit = h.audit().await;
     assert_eq!(audit[0].occurred_at(), NOW + time::Duration::minutes(2));
 }
+
+/// Two teardowns of one object may run at once (a provisioning's own compensation and the
+/// reconciler, the chokepoint and the orphan sweep). The one whose `DROP ROLE` loses the race
+/// (the server answers "tuple concurrently deleted") still finds the object gone and reports it
+/// torn down: never a teardown failure, which pages an operator for nothing.
+#[tokio::test]
+async fn a_teardown_that_races_another_teardown_of_its_object_succeeds() {
+    use keel_provision::Backend as _;
+
+    let h = harness().await;
+    let backend = h.provisioner.backend().inner();
+    let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    backend
+        .create(&name, &Tier::parse("pro").unwrap())
+        .await
+        .unwrap();
+    let admin = backend.admin_pool();
+    // The other teardown has dropped the database and is dropping the role, in a transaction
+    // that commits once this teardown waits for the role.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{}\" WITH (FORCE)",
+        name.expose()
+    )))
+    .execute(admin)
+    .await
+    .unwrap();
+    let mut other = admin.acquire().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; DROP ROLE \"{}\"",
+        name.expose()
+    )))
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let (result, ()) = tokio::join!(backend.teardown(&name), async {
+        for _ in 0..1000 {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'DROP ROLE IF EXISTS%'",
+            )
+            .fetch_one(admin)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+    });
+    result.expect("a teardown that lost the race to another one reported a failure");
+    assert!(!backend.exists(&name).await.unwrap());
+}
