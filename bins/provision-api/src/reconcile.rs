@@ -36,17 +36,28 @@ pub enum Tick {
 }
 
 /// One tick: take the lock without waiting, settle, release.
+///
+/// The lock is a transaction's (`pg_try_advisory_xact_lock`), held by a transaction that stays
+/// open for the tick and writes nothing: it ends on the server connection that took it, so a
+/// transaction-pooling proxy between the replicas and the server cannot strand it on a backend
+/// (a session lock whose unlock lands on another backend stays held there for good, and only a
+/// replica that happens to reach that backend could reconcile again). If the connection dies
+/// mid-tick the lock goes with it and another replica may reconcile at the same time, which
+/// does no harm: each settlement's flip is conditional, and a teardown of an object another
+/// teardown removed succeeds.
 pub async fn tick<S: ResourceStore, B: Backend>(
     pool: &PgPool,
     provisioner: &Provisioner<S, B>,
     config: ReconcileConfig,
 ) -> anyhow::Result<Tick> {
     let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+    let mut lock = sqlx::Connection::begin(&mut *conn).await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
         .bind(LOCK_NAME)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut *lock)
         .await?;
     if !locked {
+        lock.rollback().await?;
         return Ok(Tick::Skipped);
     }
     let settled = provisioner
@@ -68,11 +79,11 @@ pub async fn tick<S: ResourceStore, B: Backend>(
         }
         Err(e) => tracing::error!(error = %ErrorChain(&e), "could not tidy the idempotency keys"),
     }
-    // Released explicitly; a lost connection releases it too.
-    let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock(hashtext($1))")
-        .bind(LOCK_NAME)
-        .fetch_one(&mut *conn)
-        .await?;
+    // Released with its transaction; an error here means the lock's connection was lost
+    // during the tick, and another replica may have reconciled beside this one.
+    if let Err(e) = lock.commit().await {
+        tracing::warn!(error = %ErrorChain(&e), "the reconciler's lock was lost during the tick (its connection ended): another replica may have reconciled at the same time, which is harmless");
+    }
     Ok(Tick::Settled(settled?.len()))
 }
 
