@@ -46,6 +46,7 @@
 //! That pays for the migrations on every test rather than once per template.
 
 pub mod http;
+pub mod pgbouncer;
 mod roles;
 mod server;
 

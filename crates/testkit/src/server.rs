@@ -20,7 +20,7 @@ use crate::HarnessError;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The unprivileged account the server runs as when the caller is root.
-const UNPRIVILEGED_USER: &str = "postgres";
+pub(crate) const UNPRIVILEGED_USER: &str = "postgres";
 
 /// Creates the cluster and then runs the server, both in the foreground of a small shell whose
 /// watcher is in place before `initdb` starts (FND-14): when the process that started it exits
@@ -345,7 +345,7 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn free_port() -> Result<u16, HarnessError> {
+pub(crate) fn free_port() -> Result<u16, HarnessError> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("find a free port", e))?;
     listener

@@ -1,170 +1,17 @@
 //! The rater behind a real PgBouncer (Debian's `pgbouncer` package): in transaction pooling it
 //! refuses at start, naming the fix, and leaves nothing held; in session pooling it works.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
 use keel_rater::postgres::{RaterError, RunRequest, run};
 use keel_rater::{BillingEvent, RaterExit, resolve_window};
+use keel_testkit::pgbouncer::Bouncer;
 use rust_decimal::Decimal;
+use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, Connection as _};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
 const H0: OffsetDateTime = datetime!(2026-11-20 00:00 UTC);
 const NOW: OffsetDateTime = datetime!(2026-11-21 12:30 UTC);
-const INSTALL: &str = "PgBouncer is needed for this test and was not found (looked for \
-    `pgbouncer` in /usr/sbin and on PATH). Install Debian's package: \
-    `apt-get update && apt-get install -y pgbouncer`";
-
-fn pgbouncer_binary() -> PathBuf {
-    let mut candidates = vec![PathBuf::from("/usr/sbin/pgbouncer")];
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("pgbouncer")));
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{INSTALL}"))
-}
-
-/// The uid and gid of the `postgres` account, to run PgBouncer as when we are root.
-fn postgres_account() -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.first() == Some(&"postgres"))
-            .then(|| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))
-            .flatten()
-    })
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// A throwaway PgBouncer, killed (by its own pid) and its directory removed when dropped.
-///
-/// It authenticates its clients (SCRAM, against a userlist holding the server's superuser and
-/// its password) and logs in to the server with that password: nothing on the machine reaches
-/// the database through it without the password (FND-15).
-struct Bouncer {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-    password: String,
-}
-
-impl Drop for Bouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Bouncer {
-    /// Starts PgBouncer in front of `server` with two aliases for `database`: `tx` in
-    /// transaction pooling and `session` in session pooling.
-    async fn start(server: &PgConnectOptions, database: &str) -> Bouncer {
-        let binary = pgbouncer_binary();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let dir =
-            std::env::temp_dir().join(format!("keel-pgbouncer-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        set_mode(&dir, 0o777);
-        let url = server.to_url_lossy();
-        let password = url
-            .password()
-            .expect("the throwaway server's options carry its password")
-            .to_owned();
-        let userlist = dir.join("userlist.txt");
-        std::fs::write(&userlist, format!("\"postgres\" \"{password}\"\n")).unwrap();
-        set_mode(&userlist, 0o644);
-        let backend = format!(
-            "host=127.0.0.1 port={} dbname={database} user=postgres password={password}",
-            server.get_port()
-        );
-        let config = format!(
-            "[databases]\n\
-             tx = {backend} pool_mode=transaction\n\
-             session = {backend} pool_mode=session\n\
-             [pgbouncer]\n\
-             listen_addr = 127.0.0.1\n\
-             listen_port = {port}\n\
-             unix_socket_dir =\n\
-             auth_type = scram-sha-256\n\
-             auth_file = {userlist}\n\
-             default_pool_size = 4\n\
-             ignore_startup_parameters = extra_float_digits,search_path\n\
-             logfile = {log}\n\
-             pidfile = {pid}\n",
-            log = dir.join("pgbouncer.log").display(),
-            pid = dir.join("pgbouncer.pid").display(),
-            userlist = userlist.display(),
-        );
-        let ini = dir.join("pgbouncer.ini");
-        std::fs::write(&ini, config).unwrap();
-        set_mode(&ini, 0o644);
-        let mut command = Command::new(binary);
-        command
-            .arg(&ini)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if is_root() {
-            let (uid, gid) = postgres_account()
-                .expect("running as root without a `postgres` account to run PgBouncer as");
-            command.uid(uid).gid(gid);
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
-        let bouncer = Bouncer {
-            child,
-            dir,
-            port,
-            password,
-        };
-        bouncer.wait_until_ready().await;
-        bouncer
-    }
-
-    fn options(&self, alias: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .username("postgres")
-            .password(&self.password)
-            .database(alias)
-    }
-
-    async fn wait_until_ready(&self) {
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let log = std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default();
-        panic!("PgBouncer did not start; its log:\n{log}");
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 fn request() -> RunRequest {
     RunRequest {
@@ -204,7 +51,7 @@ async fn behind_pgbouncer_transaction_pooling_the_rater_refuses_and_session_pool
     let bouncer = Bouncer::start(&db.connect_options(), db.name()).await;
     let without_password = PgConnectOptions::new_without_pgpass()
         .host("127.0.0.1")
-        .port(bouncer.port)
+        .port(bouncer.port())
         .username("postgres")
         .database("session");
     assert!(

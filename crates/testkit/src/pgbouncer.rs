@@ -1,0 +1,162 @@
+//! A throwaway PgBouncer (Debian's `pgbouncer` package) in front of a test server, for tests of
+//! how Keel behaves behind a connection pooler. Without the binary it panics with the install
+//! command; it never silently skips.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use sqlx::ConnectOptions as _;
+use sqlx::postgres::PgConnectOptions;
+
+const INSTALL: &str = "PgBouncer is needed for this test and was not found (looked for \
+    `pgbouncer` in /usr/sbin and on PATH). Install Debian's package: \
+    `apt-get update && apt-get install -y pgbouncer`";
+
+fn pgbouncer_binary() -> PathBuf {
+    let mut candidates = vec![PathBuf::from("/usr/sbin/pgbouncer")];
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("pgbouncer")));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{INSTALL}"))
+}
+
+/// A throwaway PgBouncer, killed (by its own pid) and its directory removed when dropped.
+///
+/// It authenticates its clients (SCRAM, against a userlist holding the server's superuser and
+/// its password) and logs in to the server with that password: nothing on the machine reaches
+/// the database through it without the password (FND-15).
+pub struct Bouncer {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+    password: String,
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bouncer {
+    /// Starts PgBouncer in front of `server` with two aliases for `database`: `tx` in
+    /// transaction pooling and `session` in session pooling. Panics, naming the package to
+    /// install, when PgBouncer is missing.
+    pub async fn start(server: &PgConnectOptions, database: &str) -> Bouncer {
+        let binary = pgbouncer_binary();
+        let port = crate::server::free_port().expect("a free port");
+        let dir =
+            std::env::temp_dir().join(format!("keel-pgbouncer-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_mode(&dir, 0o777);
+        let url = server.to_url_lossy();
+        let password = url
+            .password()
+            .expect("the throwaway server's options carry its password")
+            .to_owned();
+        let userlist = dir.join("userlist.txt");
+        std::fs::write(&userlist, format!("\"postgres\" \"{password}\"\n")).unwrap();
+        set_mode(&userlist, 0o644);
+        let backend = format!(
+            "host=127.0.0.1 port={} dbname={database} user=postgres password={password}",
+            server.get_port()
+        );
+        let config = format!(
+            "[databases]\n\
+             tx = {backend} pool_mode=transaction\n\
+             session = {backend} pool_mode=session\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = scram-sha-256\n\
+             auth_file = {userlist}\n\
+             default_pool_size = 4\n\
+             ignore_startup_parameters = extra_float_digits,search_path\n\
+             logfile = {log}\n\
+             pidfile = {pid}\n",
+            log = dir.join("pgbouncer.log").display(),
+            pid = dir.join("pgbouncer.pid").display(),
+            userlist = userlist.display(),
+        );
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(&ini, config).unwrap();
+        set_mode(&ini, 0o644);
+        let mut command = Command::new(binary);
+        command
+            .arg(&ini)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // As root it runs as the unprivileged account the server runs as.
+        if nix::unistd::Uid::effective().is_root() {
+            let user = nix::unistd::User::from_name(crate::server::UNPRIVILEGED_USER)
+                .ok()
+                .flatten()
+                .expect("running as root without a `postgres` account to run PgBouncer as");
+            command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
+        let bouncer = Bouncer {
+            child,
+            dir,
+            port,
+            password,
+        };
+        bouncer.wait_until_ready().await;
+        bouncer
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The password its clients log in with (the server superuser's), for tests that check it
+    /// never reaches an output.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// A `postgres://` URL reaching `database` through this PgBouncer by `alias` (see
+    /// [`Bouncer::options`]). It carries the password: never log it.
+    pub fn url(&self, alias: &str) -> String {
+        use sqlx::ConnectOptions as _;
+        self.options(alias).to_url_lossy().to_string()
+    }
+
+    /// Options reaching `database` through this PgBouncer as the server's superuser, by
+    /// `alias`: `tx` (transaction pooling) or `session` (session pooling).
+    pub fn options(&self, alias: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .password(&self.password)
+            .database(alias)
+    }
+
+    async fn wait_until_ready(&self) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default();
+        panic!("PgBouncer did not start; its log:\n{log}");
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
