@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_audit::notify::{
-    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, try_lock,
+    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, lock_is_shared, try_lock,
 };
 use keel_audit::notify_metrics::NotifyMetrics as Metrics;
 use keel_service::shutdown::CancellationToken;
@@ -30,6 +30,17 @@ pub struct Dispatcher {
     pub once: bool,
 }
 
+/// The dispatcher reaches the database through a transaction-pooling proxy, where its
+/// single-flight lock cannot keep a second dispatcher out: it refuses to run.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database connection goes through a transaction-pooling proxy (PgBouncer \
+     pool_mode = transaction): the dispatcher's lock would not keep a second dispatcher out, and \
+     both would post every notification. Give the dispatcher a direct connection to PostgreSQL, \
+     or a session-mode pool (pool_mode = session), in DATABASE_URL"
+)]
+pub struct BehindTransactionPooler;
+
 enum Pass {
     Busy,
     Idle,
@@ -50,7 +61,7 @@ impl Dispatcher {
             match self.hold_lock_and_dispatch(pool, metrics, shutdown).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) if self.once => return Err(e),
+                Err(e) if self.once || e.is::<BehindTransactionPooler>() => return Err(e),
                 Err(e) => {
                     metrics.errors.inc();
                     tracing::warn!(
@@ -84,6 +95,9 @@ impl Dispatcher {
             }
             tracing::debug!("another dispatcher holds the lock; standing by");
             return Ok(false);
+        }
+        if lock_is_shared(&mut conn, &pool.connect_options()).await? {
+            return Err(BehindTransactionPooler.into());
         }
         tracing::info!("dispatching customer notifications");
         loop {

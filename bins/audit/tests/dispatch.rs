@@ -438,3 +438,54 @@ async fn a_receiver_that_answers_429_with_retry_after_gets_no_request_before_the
     assert!(logged.contains("Retry-After"), "{logged}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Runs `keel-audit dispatch --once` against `database_url` (nothing is due, so nothing is
+/// posted): its exit status and what it wrote to stderr.
+fn dispatch_once(database_url: &str, key_file: &std::path::Path) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_keel-audit"))
+        .args(["dispatch", "--once", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", database_url)
+        .env("KEEL_AUDIT_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+        .env("KEEL_AUDIT_NOTIFY_KEY_FILE", key_file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Behind a transaction-pooling PgBouncer the dispatcher's session lock would keep no second
+/// dispatcher out (both would post every notification) and would stay held on a pooled backend:
+/// the dispatcher refuses at start, naming the fix, and leaves no lock held. Through a
+/// session-mode pool it dispatches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_transaction_pooling_the_dispatcher_refuses_and_session_pooling_dispatches() {
+    let db = keel_testkit::database().await;
+    let bouncer = keel_testkit::pgbouncer::Bouncer::start(&db.connect_options(), db.name()).await;
+    let (dir, key_file) = scratch_with_key("keel-dispatch-pooler");
+
+    let (code, stderr) = dispatch_once(&bouncer.url("tx"), &key_file);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("pool_mode = transaction"), "{stderr}");
+    assert!(
+        !stderr.contains(bouncer.password()),
+        "the password reached the output"
+    );
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        held, 0,
+        "the refused dispatcher left its lock held behind the pooler"
+    );
+
+    let (code, stderr) = dispatch_once(&bouncer.url("session"), &key_file);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -308,14 +308,55 @@ fn template_of(kind: AuditKind) -> Option<&'static str> {
     }
 }
 
+/// The dispatcher's single-flight lock.
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('keel-audit-notify'))";
+
 /// Takes the dispatcher's single-flight lock on this session; `false` when another dispatcher
 /// holds it. Held until the connection closes (or the process dies): keep `conn` for the
 /// dispatcher's lifetime.
+/// Behind a transaction-pooling proxy the lock is not the session's own: check with
+/// [`lock_is_shared`] after taking it.
 pub async fn try_lock(conn: &mut PgConnection) -> Result<bool, AuditSinkError> {
-    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('keel-audit-notify'))")
+    use sqlx::Row as _;
+    // The simple protocol, which every pooler passes, so that [`lock_is_shared`] can tell.
+    sqlx::raw_sql(TRY_LOCK)
         .fetch_one(conn)
         .await
+        .and_then(|row| row.try_get(0))
         .map_err(store("take the notification dispatcher lock"))
+}
+
+/// Whether the lock [`try_lock`] took on `conn` is not this session's own: a new connection
+/// made with `options` reaches the very server backend `conn` is on. That happens behind a
+/// transaction-pooling proxy (PgBouncer's `pool_mode = transaction`), which hands a server
+/// connection to another client between transactions. There the lock neither keeps a second
+/// dispatcher out (one reaching another backend takes it too, and both post every
+/// notification) nor ends with this process (the backend keeps it). When it is shared it is
+/// released, through the probe, on that backend. A direct connection or a session-mode pool
+/// never shares a backend. Statements here use the simple protocol, which every pooler
+/// passes.
+pub async fn lock_is_shared(
+    conn: &mut PgConnection,
+    options: &sqlx::postgres::PgConnectOptions,
+) -> Result<bool, AuditSinkError> {
+    use sqlx::{Connection as _, Row as _};
+    let fail = |e| AuditSinkError::store("probe for a transaction-pooling proxy", e);
+    let pid: i32 = sqlx::raw_sql("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(&fail)?;
+    let mut probe = PgConnection::connect_with(options).await.map_err(&fail)?;
+    let shared: Result<bool, sqlx::Error> = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_backend_pid() = {pid}, \
+                CASE WHEN pg_backend_pid() = {pid} \
+                     THEN pg_advisory_unlock(hashtext('keel-audit-notify')) END"
+    )))
+    .fetch_one(&mut probe)
+    .await
+    .and_then(|row| row.try_get(0));
+    let _ = probe.close().await;
+    shared.map_err(fail)
 }
 
 /// Reads up to `limit` audit rows past the cursor, in commit order, and queues the customer
