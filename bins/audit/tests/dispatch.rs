@@ -473,13 +473,7 @@ async fn behind_transaction_pooling_the_dispatcher_refuses_and_session_pooling_d
         !stderr.contains(bouncer.password()),
         "the password reached the output"
     );
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap();
+    let held = db.advisory_locks_held().await;
     assert_eq!(
         held, 0,
         "the refused dispatcher left its lock held behind the pooler"

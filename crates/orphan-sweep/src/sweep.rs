@@ -1494,6 +1494,17 @@ mod tests {
         assert_eq!(dry.metrics.blocked_now(Blocker::Generic), 1);
     }
 
+    /// `n` objects too young to be candidates, which keep the breaker's share of orphans low.
+    fn young_owned(n: u32) -> Vec<InventoryItem> {
+        (0..n)
+            .map(|i| {
+                let mut young = orphan(&format!("young00000{i:02}"));
+                young.created_at = Some(NOW + HOUR * 6);
+                young
+            })
+            .collect()
+    }
+
     /// SWEEP-7: a backlog above the rate limit drains over several ticks instead of aborting
     /// every tick.
     #[tokio::test]
@@ -1502,13 +1513,7 @@ mod tests {
         let orphans: Vec<InventoryItem> = (10..22)
             .map(|i| aged(&format!("orph000000{i}"), i64::from(i)))
             .collect();
-        let owned: Vec<InventoryItem> = (0..20)
-            .map(|i| {
-                let mut young = orphan(&format!("young00000{i:02}"));
-                young.created_at = Some(NOW + HOUR * 6);
-                young
-            })
-            .collect();
+        let owned = young_owned(20);
         let mut remaining = orphans.clone();
         let mut per_tick = Vec::new();
         for n in 0..6 {
@@ -1538,13 +1543,7 @@ mod tests {
         *w.reclaimer.always_fails.lock().unwrap() =
             stuck.iter().map(|item| item.name.clone()).collect();
         let newer = aged("newer0000010", 10);
-        let owned: Vec<InventoryItem> = (0..20)
-            .map(|i| {
-                let mut young = orphan(&format!("young00000{i:02}"));
-                young.created_at = Some(NOW + HOUR * 6);
-                young
-            })
-            .collect();
+        let owned = young_owned(20);
         let mut items = stuck.clone();
         items.extend(owned);
         let mut with_newer = items.clone();

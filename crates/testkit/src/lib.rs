@@ -294,6 +294,22 @@ impl TestDatabase {
         self.server
     }
 
+    /// How many advisory locks are held in this database (only this one's: other tests'
+    /// migrations hold locks in theirs meanwhile), for tests that a lock was released.
+    ///
+    /// # Panics
+    ///
+    /// When the count fails: the test fails loudly.
+    pub async fn advisory_locks_held(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or_else(|e| panic!("keel-testkit: could not count advisory locks: {e}"))
+    }
+
     /// Inserts a team at `tier` and returns its id as a typed [`TeamId`].
     ///
     /// # Panics

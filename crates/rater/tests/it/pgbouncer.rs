@@ -73,14 +73,7 @@ async fn behind_pgbouncer_transaction_pooling_the_rater_refuses_and_session_pool
     assert!(message.contains("KEEL_RATER_DIRECT_URL"), "{message}");
     tx_pool.close().await;
 
-    // Only this test's database: other tests' migrations hold locks in theirs meanwhile.
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap();
+    let held = db.advisory_locks_held().await;
     assert_eq!(
         held, 0,
         "the refused run left its lock held behind the pooler"

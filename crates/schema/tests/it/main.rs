@@ -402,18 +402,6 @@ async fn existing_deployments_tracked_in_sqlx_migrations_keep_working() {
     assert_eq!(teams, 1, "taking over the bookkeeping re-ran a migration");
 }
 
-/// The advisory locks held in `pool`'s database. The server is shared with the other tests,
-/// whose migrations hold their own locks in their own databases at the same time.
-async fn advisory_locks(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 /// FND-9: a migration that fails leaves no migration lock behind, so the next `migrate` (another
 /// replica's, or this pool's again) runs instead of waiting forever.
 #[tokio::test]
@@ -430,7 +418,7 @@ async fn a_failed_migrate_does_not_block_the_next_one() {
         "{first}"
     );
     assert_eq!(
-        advisory_locks(db.pool()).await,
+        db.advisory_locks_held().await,
         0,
         "the failed migrate kept its lock"
     );
@@ -440,7 +428,7 @@ async fn a_failed_migrate_does_not_block_the_next_one() {
         matches!(second, MigrateError::ExecuteMigration(..)),
         "{second}"
     );
-    assert_eq!(advisory_locks(db.pool()).await, 0);
+    assert_eq!(db.advisory_locks_held().await, 0);
 
     sqlx::query("DROP TABLE io_log")
         .execute(db.pool())
@@ -448,7 +436,7 @@ async fn a_failed_migrate_does_not_block_the_next_one() {
         .unwrap();
     keel_schema::migrate(db.pool()).await.unwrap();
     assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
-    assert_eq!(advisory_locks(db.pool()).await, 0);
+    assert_eq!(db.advisory_locks_held().await, 0);
 }
 
 /// Migrates an empty database, writes one row with `insert`, and checks that `revert_all` then
@@ -474,7 +462,7 @@ async fn revert_refused_while(insert: &str, table: &'static str) {
             .unwrap();
     assert_eq!(rows, 1, "the refused revert erased {table}");
     assert_eq!(public_tables(db.pool()).await, sorted_contract_tables());
-    assert_eq!(advisory_locks(db.pool()).await, 0);
+    assert_eq!(db.advisory_locks_held().await, 0);
 }
 
 /// FND-2: `revert_all` on a schema whose contract tables hold rows (an audit trail above all)
