@@ -96,7 +96,7 @@ impl Dispatcher {
             tracing::debug!("another dispatcher holds the lock; standing by");
             return Ok(false);
         }
-        if lock_is_shared(&mut conn, &pool.connect_options()).await? {
+        if lock_is_shared(&pool.connect_options()).await? {
             return Err(BehindTransactionPooler.into());
         }
         tracing::info!("dispatching customer notifications");

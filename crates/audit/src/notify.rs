@@ -326,38 +326,40 @@ pub async fn try_lock(conn: &mut PgConnection) -> Result<bool, AuditSinkError> {
         .map_err(store("take the notification dispatcher lock"))
 }
 
-/// Whether the lock [`try_lock`] took on `conn` is not this session's own: a new connection
-/// made with `options` reaches the very server backend `conn` is on. That happens behind a
-/// transaction-pooling proxy (PgBouncer's `pool_mode = transaction`), which hands a server
-/// connection to another client between transactions. There the lock neither keeps a second
-/// dispatcher out (one reaching another backend takes it too, and both post every
-/// notification) nor ends with this process (the backend keeps it). When it is shared it is
-/// released, through the probe, on that backend. A direct connection or a session-mode pool
-/// never shares a backend. Statements here use the simple protocol, which every pooler
-/// passes.
+/// Whether the lock [`try_lock`] took is not its session's own: a new connection made with
+/// `options` reaches a server backend that holds it. That happens behind a transaction-pooling
+/// proxy (PgBouncer's `pool_mode = transaction`), which hands the server connection the lock was
+/// taken on to other clients between transactions (PgBouncer does so with an idle pool). There
+/// the lock neither keeps a second dispatcher out (one reaching another backend takes it too,
+/// and both post every notification) nor ends with this process (the backend keeps it). The
+/// probe tries for the lock itself: a session of its own (a direct connection, a session-mode
+/// pool) is refused while the dispatcher holds it, and a backend that holds it already is
+/// granted it again. When it is shared, both holds are released there, in the same statement.
+/// A `true` proves the lock is shared; a `false` cannot prove there is no pooler, as a busy pool
+/// may hand the probe another backend. The statement uses the simple protocol, which every
+/// pooler passes.
 pub async fn lock_is_shared(
-    conn: &mut PgConnection,
     options: &sqlx::postgres::PgConnectOptions,
 ) -> Result<bool, AuditSinkError> {
     use sqlx::{Connection as _, Row as _};
     let fail = |e| AuditSinkError::store("probe for a transaction-pooling proxy", e);
-    let pid: i32 = sqlx::raw_sql("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
+    let mut probe = PgConnection::connect_with(options).await.map_err(fail)?;
+    let shared: Result<bool, sqlx::Error> = sqlx::raw_sql(PROBE_LOCK)
+        .fetch_one(&mut probe)
         .await
-        .and_then(|row| row.try_get(0))
-        .map_err(&fail)?;
-    let mut probe = PgConnection::connect_with(options).await.map_err(&fail)?;
-    let shared: Result<bool, sqlx::Error> = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SELECT pg_backend_pid() = {pid}, \
-                CASE WHEN pg_backend_pid() = {pid} \
-                     THEN pg_advisory_unlock(hashtext('keel-audit-notify')) END"
-    )))
-    .fetch_one(&mut probe)
-    .await
-    .and_then(|row| row.try_get(0));
+        .and_then(|row| row.try_get(0));
     let _ = probe.close().await;
     shared.map_err(fail)
 }
+
+/// [`lock_is_shared`]'s probe: granted the lock only where it is held already, and then releases
+/// that hold and the one before it.
+const PROBE_LOCK: &str = "WITH probe AS MATERIALIZED \
+       (SELECT pg_try_advisory_lock(hashtext('keel-audit-notify')) AS shared) \
+     SELECT shared, \
+            CASE WHEN shared THEN pg_advisory_unlock(hashtext('keel-audit-notify')) END, \
+            CASE WHEN shared THEN pg_advisory_unlock(hashtext('keel-audit-notify')) END \
+       FROM probe";
 
 /// Reads up to `limit` audit rows past the cursor, in commit order, and queues the customer
 /// notifications among them; moves the cursor in the same transaction.
