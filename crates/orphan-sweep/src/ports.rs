@@ -268,9 +268,9 @@ pub struct Sighting {
     pub consecutive: u32,
     /// Set once the chokepoint refused it: never attempted again while it stays a candidate.
     pub quarantined: Option<String>,
-    /// Reclaims of it that failed (or whose re-confirmation failed) in its current run. The
-    /// rate limit takes the candidates with the fewest first, so one that keeps failing never
-    /// holds a slot ahead of one that has not failed.
+    /// Reclaims of it that failed in its current run (the teardown, not a re-read of the
+    /// platform database before it). The rate limit takes the candidates with the fewest first,
+    /// so one that keeps failing never holds a slot ahead of one that has not failed.
     pub failed_reclaims: u32,
 }
 

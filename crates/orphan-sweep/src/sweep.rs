@@ -645,25 +645,16 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
                     stopped = true;
                     Action::Stopped
                 } else {
-                    let action = self.reclaim(&row.candidate, now).await;
-                    match action {
-                        Action::Refused => {
-                            sighting.quarantined = Some("refused".to_owned());
-                            *continued = false;
-                            rewritten = true;
-                        }
-                        Action::Failed => {
-                            sighting.failed_reclaims = sighting.failed_reclaims.saturating_add(1);
-                            *continued = false;
-                            rewritten = true;
-                        }
-                        Action::Reported
-                        | Action::Reclaimed
-                        | Action::AlreadyGone
-                        | Action::SkippedLive
-                        | Action::AbortedByCap
-                        | Action::Terminating
-                        | Action::Stopped => {}
+                    let (action, object_failed) = self.reclaim(&row.candidate, now).await;
+                    if action == Action::Refused {
+                        sighting.quarantined = Some("refused".to_owned());
+                        *continued = false;
+                        rewritten = true;
+                    }
+                    if object_failed {
+                        sighting.failed_reclaims = sighting.failed_reclaims.saturating_add(1);
+                        *continued = false;
+                        rewritten = true;
                     }
                     action
                 };
@@ -742,11 +733,13 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         }
     }
 
-    /// Re-reads the token's standing, then reclaims through the chokepoint.
-    async fn reclaim(&self, candidate: &Candidate, now: OffsetDateTime) -> Action {
+    /// Re-reads the token's standing, then reclaims through the chokepoint. The flag says
+    /// whether the object's own reclaim failed (counted with its sighting); a failed re-read of
+    /// the standing is the platform database's trouble, not the object's, and is not counted.
+    async fn reclaim(&self, candidate: &Candidate, now: OffsetDateTime) -> (Action, bool) {
         let (Some(reclaimer), Some(name)) = (self.reclaimer.as_ref(), candidate.backend.as_ref())
         else {
-            return Action::Reported;
+            return (Action::Reported, false);
         };
         let digest = name.digest();
         let fingerprint = self.key.fingerprint_digest(&digest);
@@ -757,22 +750,22 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
         {
             Ok(standing) if standing.live.contains(&digest) => {
                 tracing::info!(name = %name, fingerprint = %fingerprint, "token turned live before the reclaim: skipped");
-                return Action::SkippedLive;
+                return (Action::SkippedLive, false);
             }
             Ok(standing)
                 if !standing.owned.contains(&digest) || standing.protected.contains(&digest) =>
             {
                 tracing::info!(name = %name, fingerprint = %fingerprint, "ownership or protection changed before the reclaim: skipped");
-                return Action::Reported;
+                return (Action::Reported, false);
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(name = %name, error = %e, "could not re-confirm the token's standing: not reclaimed");
                 self.metrics.error(Stage::Reconfirm);
-                return Action::Failed;
+                return (Action::Failed, false);
             }
         }
-        match reclaimer.reclaim(name, now).await {
+        let action = match reclaimer.reclaim(name, now).await {
             Ok(Reclaimed::TornDown) => {
                 tracing::warn!(name = %name, fingerprint = %fingerprint, kind = candidate.kind.as_str(), "orphan reclaimed through the deprovision chokepoint");
                 self.metrics.reclaimed(candidate.kind);
@@ -789,9 +782,10 @@ impl<I: Inventory, L: LiveTokens, R: Reclaimer, S: SweepState> Sweeper<I, L, R, 
             Err(e @ ReclaimError::Failed(_)) => {
                 tracing::error!(name = %name, fingerprint = %fingerprint, error = %e, "orphan reclaim failed");
                 self.metrics.error(Stage::Reclaim);
-                Action::Failed
+                return (Action::Failed, true);
             }
-        }
+        };
+        (action, false)
     }
 }
 
@@ -1360,6 +1354,29 @@ mod tests {
         let report = w.sweeper.tick(at(2)).await;
         assert_eq!(actions(&report), [Action::SkippedLive]);
         assert!(w.reclaimer.script.calls().is_empty());
+    }
+
+    /// A re-read of the token's standing that fails before a reclaim is the platform database's
+    /// trouble, not the object's: reported as failed, never counted against the candidate; a
+    /// failed teardown is.
+    #[tokio::test]
+    async fn only_the_objects_own_failed_reclaim_is_counted() {
+        let mut w = world(armed(), true);
+        w.inventory.set(vec![orphan("orph00000001")]);
+        for n in 0..2 {
+            w.sweeper.tick(at(n)).await;
+        }
+        w.live.0.push(Ok(vec![])); // detection: not live
+        w.live.0.push(Err("the platform database is away")); // re-confirmation
+        let report = w.sweeper.tick(at(2)).await;
+        assert_eq!(actions(&report), [Action::Failed]);
+        let stored = w.state.sightings(InventorySource::Postgres).await.unwrap();
+        assert_eq!(stored[0].failed_reclaims, 0);
+        w.reclaimer.script.push("failed");
+        let report = w.sweeper.tick(at(3)).await;
+        assert_eq!(actions(&report), [Action::Failed]);
+        let stored = w.state.sightings(InventorySource::Postgres).await.unwrap();
+        assert_eq!(stored[0].failed_reclaims, 1);
     }
 
     /// SWEEP-5: replicas sharing the state run one tick per period; the others skip, at INFO and
