@@ -854,9 +854,10 @@ async fn render_orphans(
     session: &Session,
     note: Option<&str>,
 ) -> Result<String, ConsoleError> {
-    // The candidates an armed sweep would reclaim come first, in the order its rate limit takes
-    // them (fewest failed reclaims first), so candidates that stay for good (quarantined,
-    // protected, never reclaimable) cannot push them off the page.
+    // The candidates an armed sweep would reclaim (once their burn-in is served) come first,
+    // the fewest failed reclaims first as its rate limit takes them, then by when they were
+    // first seen; so candidates that stay for good (quarantined, protected, never reclaimable)
+    // cannot push them off the page.
     let rows: Vec<SightingRow> = sqlx::query_as(
         "SELECT s.inventory, s.key, s.first_seen, s.reclaimable_since, s.consecutive, s.quarantined, \
                 s.failed_reclaims, p.reason, p.protected_by \

@@ -427,9 +427,6 @@ async fn rows_written_into_the_outbox_by_hand_are_dead_lettered_unposted_and_hol
     );
 }
 
-/// Deliveries go one after another: each request is signed with the time it is sent, so a
-/// receiver that refuses stale timestamps does not refuse the end of a batch behind a slow
-/// receiver.
 /// Dead letters nobody resolves (a malformed row comes back dead after every requeue) never hide
 /// newer ones: the list is newest first, pages back by position until every dead letter was
 /// listed exactly once, and filters by kind.
@@ -505,6 +502,9 @@ async fn old_dead_letters_never_hide_newer_ones() {
     assert_eq!(ids(&applied), [made[5].0, made[3].0]);
 }
 
+/// Deliveries go one after another: each request is signed with the time it is sent, so a
+/// receiver that refuses stale timestamps does not refuse the end of a batch behind a slow
+/// receiver.
 #[tokio::test]
 async fn each_request_is_signed_when_it_is_sent_not_when_its_batch_was_read() {
     let db = keel_testkit::role_split_database().await;
