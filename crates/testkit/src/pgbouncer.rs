@@ -51,10 +51,26 @@ impl Bouncer {
     pub async fn start(server: &PgConnectOptions, database: &str) -> Bouncer {
         let binary = pgbouncer_binary();
         let port = crate::server::free_port().expect("a free port");
+        // As root it runs as the unprivileged account the server runs as; its directory and
+        // files (the password among them) belong to that account alone.
+        let owner = nix::unistd::Uid::effective().is_root().then(|| {
+            nix::unistd::User::from_name(crate::server::UNPRIVILEGED_USER)
+                .ok()
+                .flatten()
+                .expect("running as root without a `postgres` account to run PgBouncer as")
+        });
+        let private = |path: &Path, mode: u32| {
+            set_mode(path, mode);
+            if let Some(user) = &owner {
+                std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .unwrap();
+            }
+        };
         let dir =
             std::env::temp_dir().join(format!("keel-pgbouncer-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        set_mode(&dir, 0o777);
+        private(&dir, 0o700);
         let url = server.to_url_lossy();
         let password = url
             .password()
@@ -62,7 +78,7 @@ impl Bouncer {
             .to_owned();
         let userlist = dir.join("userlist.txt");
         std::fs::write(&userlist, format!("\"postgres\" \"{password}\"\n")).unwrap();
-        set_mode(&userlist, 0o644);
+        private(&userlist, 0o600);
         let backend = format!(
             "host=127.0.0.1 port={} dbname={database} user=postgres password={password}",
             server.get_port()
@@ -87,19 +103,14 @@ impl Bouncer {
         );
         let ini = dir.join("pgbouncer.ini");
         std::fs::write(&ini, config).unwrap();
-        set_mode(&ini, 0o644);
+        private(&ini, 0o600);
         let mut command = Command::new(binary);
         command
             .arg(&ini)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // As root it runs as the unprivileged account the server runs as.
-        if nix::unistd::Uid::effective().is_root() {
-            let user = nix::unistd::User::from_name(crate::server::UNPRIVILEGED_USER)
-                .ok()
-                .flatten()
-                .expect("running as root without a `postgres` account to run PgBouncer as");
+        if let Some(user) = &owner {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
         let child = command
@@ -113,6 +124,12 @@ impl Bouncer {
         };
         bouncer.wait_until_ready().await;
         bouncer
+    }
+
+    /// The directory holding its configuration, its password file and its log: mode 0700, owned
+    /// by the account it runs as, its files mode 0600.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The port it listens on (127.0.0.1).

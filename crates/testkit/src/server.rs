@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::PgConnectOptions;
@@ -646,22 +647,41 @@ pub(crate) fn sweep_stale_run_dirs(temp: &Path) -> usize {
     removed
 }
 
+/// A fresh run directory `keel-pg-<pid>-<time>-<n>` in the temporary directory, made with mode
+/// 0700 and handed to the account the server runs as.
 fn make_run_dir(run_as: &RunAs) -> Result<PathBuf, HarnessError> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("keel-pg-{}-{nanos:x}", std::process::id()));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| HarnessError::io("create the server directory", e))?;
+    let dir = create_run_dir_in(&std::env::temp_dir(), nanos, &NEXT)?;
     if let RunAs::Unprivileged { uid, gid } = run_as {
         std::os::unix::fs::chown(&dir, Some(*uid), Some(*gid)).map_err(|e| {
             HarnessError::io("hand the server directory to the postgres account", e)
         })?;
     }
     Ok(dir)
+}
+
+/// Creates `keel-pg-<pid>-<nanos>-<n>` in `temp` with mode 0700. The name holds a per-process
+/// counter besides the time, so servers started at once by the threads of one test process never
+/// share one; a name already taken (a directory a process with the same id left behind) makes
+/// the next one be tried, never an error.
+fn create_run_dir_in(temp: &Path, nanos: u32, next: &AtomicU32) -> Result<PathBuf, HarnessError> {
+    const ATTEMPTS: u32 = 64;
+    let mut attempt = 0;
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let dir = temp.join(format!("keel-pg-{}-{nanos:x}-{n}", std::process::id()));
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt + 1 < ATTEMPTS => {
+                attempt += 1;
+            }
+            Err(e) => return Err(HarnessError::io("create the server directory", e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -689,6 +709,30 @@ mod tests {
         assert!(!stale.exists());
         assert!(live.exists() && unrelated.exists());
         fs::remove_dir_all(&temp).unwrap();
+    }
+
+    /// Two servers started at the same instant by one process never get the same run directory,
+    /// and a name already taken is passed over: starting a server never fails on a name.
+    #[test]
+    fn run_directories_never_collide_and_a_taken_name_is_passed_over() {
+        let scratch = Scratch::new("rundir");
+        let next = AtomicU32::new(0);
+        let taken = |n: u32| {
+            scratch
+                .0
+                .join(format!("keel-pg-{}-2a-{n}", std::process::id()))
+        };
+        fs::create_dir_all(taken(0)).unwrap();
+        fs::create_dir_all(taken(1)).unwrap();
+        let first = create_run_dir_in(&scratch.0, 0x2a, &next).unwrap();
+        let second = create_run_dir_in(&scratch.0, 0x2a, &next).unwrap();
+        assert_eq!((first.clone(), second.clone()), (taken(2), taken(3)));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&first).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // The sweep still reads the process id out of the longer name.
+        assert_eq!(sweep_stale_run_dirs(&scratch.0), 0);
+        assert!(first.exists() && second.exists());
     }
 
     struct Scratch(PathBuf);

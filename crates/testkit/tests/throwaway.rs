@@ -127,3 +127,35 @@ fn a_test_process_killed_during_initdb_leaves_no_directory_behind() {
         dir.display()
     );
 }
+
+/// FND-15: the throwaway PgBouncer's password file and configuration (both carry the server
+/// superuser's password) are readable by the account it runs as alone: its directory is 0700 and
+/// its files 0600, and it still reaches the server through them.
+#[tokio::test]
+async fn the_throwaway_poolers_password_is_readable_by_its_own_account_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = tokio::task::spawn_blocking(keel_testkit::PgServer::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    let bouncer =
+        keel_testkit::pgbouncer::Bouncer::start(&server.admin_options(), "postgres").await;
+    let mode = |name: &str| {
+        std::fs::metadata(bouncer.dir().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "the directory");
+    assert_eq!(mode("userlist.txt"), 0o600, "the password file");
+    assert_eq!(mode("pgbouncer.ini"), 0o600, "the configuration");
+    let mut conn = PgConnection::connect_with(&bouncer.options("session"))
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+}
