@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::event::{Actor, AuditEvent};
 use crate::ids::{ResourceId, TeamId};
 use crate::kind::{AuditKind, Consumer};
-use crate::postgres::{CommitCursor, fetch_committed_after, insert};
+use crate::postgres::{AuditRow, CommitCursor, StoredAuditEvent, fetch_committed_after, insert};
 use crate::sink::AuditSinkError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -385,27 +385,7 @@ pub async fn ingest(conn: &mut PgConnection, limit: u32) -> Result<Ingested, Aud
             continue;
         };
         let event_id = Uuid::new_v4();
-        let attributes: serde_json::Map<String, serde_json::Value> = event
-            .attributes()
-            .iter()
-            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
-            .collect();
-        let format = |t: OffsetDateTime| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .map_err(|e| AuditSinkError::store("format a notification time", e))
-        };
-        let payload = serde_json::json!({
-            "id": event_id,
-            "type": template,
-            "kind": event.kind().as_str(),
-            "audit_id": stored.id.0,
-            "occurred_at": format(event.occurred_at())?,
-            "recorded_at": format(stored.recorded_at)?,
-            "team_id": event.team_id().map(|t| t.as_uuid()),
-            "resource_id": event.resource_id().map(|r| r.as_uuid()),
-            "request_id": event.request_id().map(|r| r.as_str()),
-            "attributes": attributes,
-        });
+        let payload = notification_body(&stored, event_id, template)?;
         let inserted = sqlx::query(
             "INSERT INTO notification_deliveries \
                (event_id, audit_id, recorded_at, kind, template, payload) \
@@ -438,6 +418,38 @@ pub async fn ingest(conn: &mut PgConnection, limit: u32) -> Result<Ingested, Aud
     }
     tx.commit().await.map_err(store("commit ingesting"))?;
     Ok(done)
+}
+
+/// The body [`ingest`] queues for the audit row `stored` under the notification id `event_id`:
+/// the one the dispatcher posts, and the one it rebuilds from the row to check what it is about
+/// to sign.
+fn notification_body(
+    stored: &StoredAuditEvent,
+    event_id: Uuid,
+    template: &str,
+) -> Result<serde_json::Value, AuditSinkError> {
+    let event = &stored.event;
+    let attributes: serde_json::Map<String, serde_json::Value> = event
+        .attributes()
+        .iter()
+        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
+        .collect();
+    let format = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .map_err(|e| AuditSinkError::store("format a notification time", e))
+    };
+    Ok(serde_json::json!({
+        "id": event_id,
+        "type": template,
+        "kind": event.kind().as_str(),
+        "audit_id": stored.id.0,
+        "occurred_at": format(event.occurred_at())?,
+        "recorded_at": format(stored.recorded_at)?,
+        "team_id": event.team_id().map(|t| t.as_uuid()),
+        "resource_id": event.resource_id().map(|r| r.as_uuid()),
+        "request_id": event.request_id().map(|r| r.as_str()),
+        "attributes": attributes,
+    }))
 }
 
 /// The outcome of one delivery attempt.
@@ -479,6 +491,7 @@ pub const MAX_PAYLOAD_BYTES: i32 = 256 * 1024;
 struct DueRow {
     event_id: Uuid,
     audit_id: i64,
+    recorded_at: OffsetDateTime,
     kind: String,
     template: String,
     payload: Option<String>,
@@ -504,7 +517,10 @@ struct Due {
 }
 
 impl DueRow {
-    fn checked(self) -> Due {
+    /// The row checked against `source`, the audit row it names as read now (`None` when it is
+    /// not in the table, or does not decode): only the very body [`ingest`] queues for that row
+    /// is posted.
+    fn checked(self, source: Option<&StoredAuditEvent>) -> Due {
         let kind = self
             .kind
             .parse::<AuditKind>()
@@ -527,6 +543,7 @@ impl DueRow {
                         self.audit_id,
                         kind,
                         template,
+                        source,
                     ) =>
             {
                 Some(payload)
@@ -547,22 +564,32 @@ impl DueRow {
 }
 
 /// Whether `payload` is the JSON object [`ingest`] queues for this row: its `id`, `type`,
-/// `kind` and `audit_id` name the row's own.
+/// `kind` and `audit_id` name the row's own, and the whole of it is the body rebuilt from the
+/// audit row `source` (so a team, a tier or an attribute changed after it was queued is never
+/// signed).
 fn written_by_ingest(
     payload: &str,
     event_id: Uuid,
     audit_id: i64,
     kind: AuditKind,
     template: &str,
+    source: Option<&StoredAuditEvent>,
 ) -> bool {
-    let Ok(serde_json::Value::Object(body)) = serde_json::from_str::<serde_json::Value>(payload)
-    else {
+    let Ok(queued) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return false;
+    };
+    let serde_json::Value::Object(body) = &queued else {
         return false;
     };
     body.get("id").and_then(serde_json::Value::as_str) == Some(event_id.to_string().as_str())
         && body.get("type").and_then(serde_json::Value::as_str) == Some(template)
         && body.get("kind").and_then(serde_json::Value::as_str) == Some(kind.as_str())
         && body.get("audit_id").and_then(serde_json::Value::as_i64) == Some(audit_id)
+        && source.is_some_and(|source| {
+            source.id.0 == audit_id
+                && notification_body(source, event_id, template)
+                    .is_ok_and(|rebuilt| rebuilt == queued)
+        })
 }
 
 /// Posts up to `limit` due deliveries (oldest first, in commit order) and records each
@@ -578,7 +605,7 @@ pub async fn deliver_due(
     limit: u32,
 ) -> Result<Vec<Attempt>, AuditSinkError> {
     let due: Vec<DueRow> = sqlx::query_as(
-        "SELECT event_id, audit_id, kind, template, \
+        "SELECT event_id, audit_id, recorded_at, kind, template, \
                 CASE WHEN octet_length(payload::text) <= $2 THEN payload::text END AS payload, \
                 attempts, payload->>'team_id' AS team_id, \
                 payload->>'resource_id' AS resource_id, now() AS now \
@@ -595,9 +622,11 @@ pub async fn deliver_due(
     // moment it is sent (the database's clock when the batch was read, plus the time since),
     // so a receiver that refuses stale timestamps never refuses the end of a slow batch.
     let read_at = std::time::Instant::now();
+    let sources = audit_rows_of(&mut *conn, &due).await?;
     let mut attempts = Vec::with_capacity(due.len());
     for row in due {
-        let row = row.checked();
+        let source = sources.get(&row.audit_id);
+        let row = row.checked(source);
         let attempt = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
         let mut wait = None;
         let (outcome, status) = match &row.payload {
@@ -651,6 +680,35 @@ pub async fn deliver_due(
         }
     }
     Ok(attempts)
+}
+
+/// The audit rows `due` names, by id, as they read now: each row is looked up by its id and the
+/// time it was recorded (the table's key). A row that does not decode is left out, so its
+/// notification is not posted.
+async fn audit_rows_of(
+    conn: &mut PgConnection,
+    due: &[DueRow],
+) -> Result<std::collections::HashMap<i64, StoredAuditEvent>, AuditSinkError> {
+    let (ids, times): (Vec<i64>, Vec<OffsetDateTime>) = due
+        .iter()
+        .map(|row| (row.audit_id, row.recorded_at))
+        .unzip();
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT a.id, a.kind, a.actor, a.team_id, a.resource_id, a.request_id, a.attributes, \
+                a.occurred_at, a.recorded_at \
+         FROM unnest($1::int8[], $2::timestamptz[]) AS k(id, recorded_at) \
+         JOIN audit_events a ON a.id = k.id AND a.recorded_at = k.recorded_at",
+    )
+    .bind(ids)
+    .bind(times)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| AuditSinkError::read("read the audit rows of due notifications", e))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| row.into_domain().ok())
+        .map(|stored| (stored.id.0, stored))
+        .collect())
 }
 
 async fn record(

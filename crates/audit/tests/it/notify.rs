@@ -427,6 +427,58 @@ async fn rows_written_into_the_outbox_by_hand_are_dead_lettered_unposted_and_hol
     );
 }
 
+/// A queued body that another writer of the application role's tables changed afterwards (its
+/// team, an attribute's value, an attribute added) is never posted nor signed: the dispatcher
+/// rebuilds the body from the audit row and dead-letters any other as `malformed`; the body
+/// left as queued goes out.
+#[tokio::test]
+async fn a_body_changed_after_it_was_queued_is_never_signed() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=4 {
+        ids.push(
+            insert(&mut app, &sample(AuditKind::ProvisionCreated, n))
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    ingest_all(&mut app, 4).await;
+    let changes = [
+        "UPDATE notification_deliveries \
+         SET payload = jsonb_set(payload, '{team_id}', to_jsonb(gen_random_uuid()::text)) \
+         WHERE audit_id = $1",
+        "UPDATE notification_deliveries \
+         SET payload = jsonb_set(payload, '{attributes,tier}', '\"enterprise\"') \
+         WHERE audit_id = $1",
+        "UPDATE notification_deliveries \
+         SET payload = jsonb_set(payload, '{attributes,extra}', '\"x\"') \
+         WHERE audit_id = $1",
+    ];
+    for (audit_id, change) in ids.iter().zip(changes) {
+        let changed = sqlx::query(change)
+            .bind(audit_id)
+            .execute(&mut *app)
+            .await
+            .unwrap();
+        assert_eq!(changed.rows_affected(), 1);
+    }
+    let receiver = Recorder::answering(204);
+    let done = deliver_due(&mut app, &receiver, &key(), &RetryPolicy::default(), 100)
+        .await
+        .unwrap();
+    let seen = receiver.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "only the body left as queued is posted");
+    let body: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(body["audit_id"], ids[3]);
+    assert_eq!(body["attributes"]["tier"], "pro");
+    let outcomes: Vec<_> = done.iter().map(|a| a.outcome).collect();
+    let mut expected = vec![DeliveryOutcome::DeadLettered(FailureClass::Malformed); 3];
+    expected.push(DeliveryOutcome::Delivered);
+    assert_eq!(outcomes, expected);
+}
+
 /// Dead letters nobody resolves (a malformed row comes back dead after every requeue) never hide
 /// newer ones: the list is newest first, pages back by position until every dead letter was
 /// listed exactly once, and filters by kind.
