@@ -122,10 +122,11 @@ pub use model::{
     PropagationKind, TargetVersion, UnknownPropagationKind,
 };
 pub use outcome::{ApplyError, ApplyOutcome, LegitimateSkip, ReasonBucket, SkipReason};
-pub use policy::{PolicyError, RetryPolicies, RetryPolicy};
+pub use policy::{MAX_RETRY_DELAY, PolicyError, RetryPolicies, RetryPolicy};
 /// [`StoreError`] under a name that does not collide with `keel_provision::StoreError`.
 pub use store::StoreError as PropagationStoreError;
 pub use store::{
-    Completion, CompletionReport, InvalidWorkerId, LEASE_MARGIN, MAX_LEASE, PropagationStore,
-    StoreError, WorkerId, bounded_lease, lease_is_implausible,
+    Completion, CompletionReport, InvalidWorkerId, LEASE_MARGIN, MAX_LEASE, MAX_WAIT,
+    PropagationStore, StoreError, WorkerId, bounded_lease, lease_is_implausible,
+    wait_is_implausible,
 };

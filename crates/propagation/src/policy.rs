@@ -35,7 +35,20 @@ pub enum PolicyError {
     /// `max_attempts` of zero.
     #[error("max_attempts must be at least 1")]
     NoAttempts,
+    /// A delay longer than [`MAX_RETRY_DELAY`]: a row waiting that long looks like one another
+    /// writer pushed out of reach, and housekeeping makes it due again.
+    #[error("retry delays are at most one day; delay {index} is {delay}")]
+    DelayTooLong {
+        /// Position in the schedule.
+        index: usize,
+        /// The delay given.
+        delay: Duration,
+    },
 }
+
+/// The longest delay a retry schedule may hold (one day). With the largest jitter (50%) no row
+/// this crate schedules waits longer than [`MAX_WAIT`](crate::MAX_WAIT) for its next attempt.
+pub const MAX_RETRY_DELAY: Duration = Duration::days(1);
 
 impl RetryPolicy {
     /// A policy from explicit delays and an attempt budget.
@@ -45,6 +58,13 @@ impl RetryPolicy {
         }
         if let Some((index, &delay)) = schedule.iter().enumerate().find(|(_, d)| !d.is_positive()) {
             return Err(PolicyError::NonPositiveDelay { index, delay });
+        }
+        if let Some((index, &delay)) = schedule
+            .iter()
+            .enumerate()
+            .find(|(_, d)| **d > MAX_RETRY_DELAY)
+        {
+            return Err(PolicyError::DelayTooLong { index, delay });
         }
         if max_attempts == 0 {
             return Err(PolicyError::NoAttempts);
@@ -163,6 +183,28 @@ impl RetryPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A retry delay longer than a day is refused: housekeeping would take a row waiting that
+    /// long for one another writer pushed out of reach.
+    #[test]
+    fn a_retry_delay_longer_than_a_day_is_refused() {
+        let err = RetryPolicy::new(vec![Duration::minutes(1), Duration::days(2)], 3).unwrap_err();
+        assert_eq!(
+            err,
+            PolicyError::DelayTooLong {
+                index: 1,
+                delay: Duration::days(2)
+            }
+        );
+        assert!(RetryPolicy::new(vec![MAX_RETRY_DELAY], 3).is_ok());
+        // The longest delay with the largest jitter stays within the wait housekeeping keeps.
+        let policy = RetryPolicy::new(vec![MAX_RETRY_DELAY], 3)
+            .unwrap()
+            .with_jitter(50);
+        for seed in [0, 1, u64::MAX / 2, u64::MAX] {
+            assert!(policy.delay_for(1, seed) <= crate::MAX_WAIT);
+        }
+    }
 
     #[test]
     fn standard_schedule_dead_letters_about_24h33m_after_the_first_attempt() {

@@ -507,7 +507,9 @@ pub async fn enqueue_in(
            next_attempt_at = EXCLUDED.next_attempt_at, updated_at = EXCLUDED.updated_at \
          WHERE NOT (pending_propagations.payload @> EXCLUDED.payload \
                     AND pending_propagations.payload_version = EXCLUDED.payload_version \
-                    AND pending_propagations.team_id = EXCLUDED.team_id) \
+                    AND pending_propagations.team_id = EXCLUDED.team_id \
+                    AND pending_propagations.next_attempt_at \
+                        <= EXCLUDED.next_attempt_at + make_interval(secs => $8::float8 / 1000.0)) \
          RETURNING id, (xmax = 0) AS inserted",
     )
     .bind(kind.as_str())
@@ -517,6 +519,7 @@ pub async fn enqueue_in(
     .bind(Json(&payload))
     .bind(now)
     .bind(Payload::CURRENT_VERSION)
+    .bind(millis(crate::MAX_WAIT))
     .fetch_optional(&mut *conn)
     .await
     .map_err(db("enqueue a propagation"))?;
@@ -1367,6 +1370,13 @@ impl PgPropagationStore {
             }
         };
         let pass = async {
+            for id in self.wake_implausible_waits(now).await? {
+                tracing::warn!(
+                    propagation_id = %id,
+                    "a pending propagation was due further ahead than any retry schedule makes; \
+                     another writer set it, and it is due now"
+                );
+            }
             for (id, reason) in self
                 .settle_unsupported(plan.unsupported_grace, &plan.actor, now)
                 .await?
@@ -1382,6 +1392,33 @@ impl PgPropagationStore {
         let result = pass.await;
         metrics.set_maintenance_up(result.is_ok());
         result
+    }
+
+    /// Makes due now every unclaimed pending row due more than [`MAX_WAIT`](crate::MAX_WAIT)
+    /// after `now` (no retry schedule waits that long; another writer set it), and answers
+    /// their ids. Left alone, such a row would hide its resource's drift from the reconciler
+    /// and from every enqueue until then, with no gauge showing it. Part of
+    /// [`PgPropagationStore::housekeeping`].
+    pub async fn wake_implausible_waits(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<PropagationId>, StoreError> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH far AS ( \
+               SELECT id FROM pending_propagations \
+               WHERE status = 'pending' AND claimed_by IS NULL \
+                 AND next_attempt_at > $1 + make_interval(secs => $2::float8 / 1000.0) \
+               ORDER BY next_attempt_at, id LIMIT 1000 FOR UPDATE SKIP LOCKED) \
+             UPDATE pending_propagations p SET next_attempt_at = $1, updated_at = $1 \
+             FROM far WHERE p.id = far.id AND p.claimed_by IS NULL \
+             RETURNING p.id",
+        )
+        .bind(now)
+        .bind(millis(crate::MAX_WAIT))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("wake propagations due implausibly far ahead"))?;
+        Ok(ids.into_iter().map(PropagationId).collect())
     }
 
     /// Leaves claimed rows that cannot be read for a runner that can: the claim is undone

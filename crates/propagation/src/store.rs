@@ -125,6 +125,18 @@ pub fn lease_is_implausible(lease_expires_at: OffsetDateTime, now: OffsetDateTim
     lease_expires_at > now + MAX_LEASE + LEASE_MARGIN
 }
 
+/// The longest a pending row this crate schedules waits for its next attempt (two days): the
+/// longest retry delay ([`MAX_RETRY_DELAY`](crate::MAX_RETRY_DELAY), one day) with the largest
+/// jitter (50%) and [`LEASE_MARGIN`] to spare. A row due later than this was pushed there by
+/// someone else (a hand edit, another service sharing the table); housekeeping makes it due
+/// again rather than letting it hide its resource's drift until then.
+pub const MAX_WAIT: Duration = Duration::days(2);
+
+/// A next attempt no schedule makes: due more than [`MAX_WAIT`] after `now`.
+pub fn wait_is_implausible(next_attempt_at: OffsetDateTime, now: OffsetDateTime) -> bool {
+    next_attempt_at > now + MAX_WAIT
+}
+
 /// The lease a claim asking for `lease` holds: at most [`MAX_LEASE`], never negative.
 pub fn bounded_lease(lease: Duration) -> Duration {
     lease.clamp(Duration::ZERO, MAX_LEASE)

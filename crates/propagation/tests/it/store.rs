@@ -227,6 +227,65 @@ async fn a_lease_no_claim_makes_never_hides_its_row() {
     assert_eq!(row(db.pool(), id).await.claimed_by.as_deref(), Some("b"));
 }
 
+/// A pending row that another writer pushed further ahead than any retry schedule waits (year
+/// 9999) never hides its resource's drift: enqueueing the same change again makes it due, and so
+/// does housekeeping, whoever enqueues; a row waiting within a schedule's reach is left alone.
+#[tokio::test]
+async fn a_next_attempt_no_schedule_makes_never_hides_its_row() {
+    let db = keel_testkit::database().await;
+    let store = store(db.pool());
+    let (team, resource, far) = drifted_and_enqueued(db.pool()).await;
+    let (near_team, near_resource, near) = drifted_and_enqueued(db.pool()).await;
+    let push = |id: PropagationId, to: time::OffsetDateTime| {
+        let pool = db.pool().clone();
+        async move {
+            sqlx::query("UPDATE pending_propagations SET next_attempt_at = $2 WHERE id = $1")
+                .bind(id.0)
+                .bind(to)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let year_9999 = time::macros::datetime!(9999-12-31 00:00 UTC);
+    let within_reach = T0 + keel_propagation::MAX_WAIT - Duration::minutes(1);
+    push(far, year_9999).await;
+    push(near, within_reach).await;
+    assert!(claim_as(&store, "a").await.is_empty(), "neither is due");
+
+    let again = store
+        .enqueue(&elevation(team, resource, "pro"), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Enqueued::Replaced(far),
+        "the same change re-arms the row"
+    );
+    assert_eq!(row(db.pool(), far).await.next_attempt_at, T0);
+    let near_again = store
+        .enqueue(&elevation(near_team, near_resource, "pro"), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        near_again,
+        Enqueued::Unchanged(near),
+        "a reachable wait is kept"
+    );
+
+    push(far, year_9999).await;
+    let woken = store.wake_implausible_waits(T0).await.unwrap();
+    assert_eq!(woken, vec![far]);
+    assert_eq!(row(db.pool(), far).await.next_attempt_at, T0);
+    assert_eq!(row(db.pool(), near).await.next_attempt_at, within_reach);
+    let claimed = claim_as(&store, "a").await;
+    assert_eq!(
+        claimed.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![far],
+        "the woken row is claimed at once"
+    );
+}
+
 #[tokio::test]
 async fn a_transition_whose_audit_insert_fails_leaves_the_row_unchanged() {
     let db = keel_testkit::database().await;
