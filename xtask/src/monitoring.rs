@@ -17,6 +17,10 @@ const REQUIRED_ALERTS: &[(&str, &str)] = &[
     ("KeelPropagationUnexpectedSkips", "unexpected skips rising"),
     ("KeelPropagationDeadLettered", "any dead letter"),
     (
+        "KeelPropagationUnsupportedDeadLettered",
+        "any dead letter no runner could run",
+    ),
+    (
         "KeelProvisionPersistenceFailed",
         "provision.persistence_failed",
     ),
