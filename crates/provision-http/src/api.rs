@@ -1365,6 +1365,13 @@ pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
                 "could not rotate the credentials; the old ones may still work",
             );
         }
+        Ok(Err(e @ RotateError::ObjectMissing)) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not rotate credentials");
+            return fail(
+                ErrorCode::BackendUnavailable,
+                "the resource's backend object was not found; nothing was rotated",
+            );
+        }
         Ok(Err(e @ RotateError::Store(_))) => {
             tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not record a credential rotation");
             // Shown only once recorded: a rotation nobody audited never hands out a password.

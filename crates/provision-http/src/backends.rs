@@ -49,6 +49,26 @@ impl Backend for Backends {
         }
     }
 
+    async fn reset_credentials(
+        &self,
+        name: &BackendName,
+        tier: &Tier,
+    ) -> Result<Option<BackendObject>, BackendError> {
+        let resource_type = name.resource_type();
+        match resource_type {
+            ResourceType::Postgres => {
+                self.postgres(resource_type)?
+                    .reset_credentials(name, tier)
+                    .await
+            }
+            ResourceType::Redis | ResourceType::Namespace => {
+                self.namespaces(resource_type)?
+                    .reset_credentials(name, tier)
+                    .await
+            }
+        }
+    }
+
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
         let resource_type = name.resource_type();
         match resource_type {

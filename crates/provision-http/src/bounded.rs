@@ -108,6 +108,18 @@ impl<S: ResourceStore> ResourceStore for BoundedStore<S> {
             .await
     }
 
+    async fn record_while_active(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.bounded(
+            "record an audit event",
+            self.inner.record_while_active(id, audit),
+        )
+        .await
+    }
+
     async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
         self.bounded("read a resource", self.inner.get(id)).await
     }

@@ -207,6 +207,15 @@ impl<S: ResourceStore> ResourceStore for FaultyStore<S> {
         self.around(StoreStep::Record, self.inner.record(audit))
     }
 
+    /// Faults as [`StoreStep::Record`].
+    fn record_while_active(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.around(StoreStep::Record, self.inner.record_while_active(id, audit))
+    }
+
     fn get(
         &self,
         id: ResourceId,
@@ -262,6 +271,8 @@ impl<S> FaultyStore<S> {
 pub enum BackendStep {
     /// [`Backend::create`].
     Create,
+    /// [`Backend::reset_credentials`].
+    ResetCredentials,
     /// [`Backend::teardown`].
     Teardown,
     /// [`Backend::exists`].
@@ -274,6 +285,7 @@ impl BackendStep {
     const fn as_str(self) -> &'static str {
         match self {
             Self::Create => "backend.create",
+            Self::ResetCredentials => "backend.reset_credentials",
             Self::Teardown => "backend.teardown",
             Self::Exists => "backend.exists",
             Self::Protected => "backend.protected",
@@ -342,6 +354,18 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         tier: &Tier,
     ) -> impl Future<Output = Result<BackendObject, BackendError>> + Send {
         self.around(BackendStep::Create, name, self.inner.create(name, tier))
+    }
+
+    fn reset_credentials(
+        &self,
+        name: &BackendName,
+        tier: &Tier,
+    ) -> impl Future<Output = Result<Option<BackendObject>, BackendError>> + Send {
+        self.around(
+            BackendStep::ResetCredentials,
+            name,
+            self.inner.reset_credentials(name, tier),
+        )
     }
 
     fn teardown(

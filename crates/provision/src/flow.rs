@@ -40,6 +40,10 @@ pub enum RotateError {
     /// The backend could not reset them (the old ones may still work).
     #[error("could not reset the credentials")]
     Backend(#[source] BackendError),
+    /// The resource is active but its backend object does not exist (removed outside the
+    /// platform): nothing was created, rotated or audited.
+    #[error("the resource is active but its backend object does not exist; nothing was rotated")]
+    ObjectMissing,
     /// The rotation could not be recorded (the new password is shown to nobody).
     #[error("could not record the rotation")]
     Store(#[source] StoreError),
@@ -933,10 +937,14 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         }
     }
 
-    /// Issues new credentials for an active resource: the backend resets them (creating an
-    /// object that exists resets its password), then `resource.credentials_rotated` is recorded.
-    /// The new URL is returned only once that row is committed; a failure after the reset
-    /// leaves a password nobody holds, and calling again issues another.
+    /// Issues new credentials for an active resource: the backend resets them (it never
+    /// creates the object: a rotation racing a deprovision must not bring back what the
+    /// teardown removed), then `resource.credentials_rotated` is recorded while the resource
+    /// is still active, in a transaction that holds its row against a concurrent deprovision.
+    /// The new URL is returned only once that row is committed. A resource that stopped being
+    /// active meanwhile, or whose object is gone, answers [`RotateError::NotActive`] and
+    /// nothing is audited; a failure after the reset leaves a password nobody holds, and
+    /// calling again issues another.
     pub async fn rotate_credentials(
         &self,
         record: &ResourceRecord,
@@ -952,9 +960,9 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             | ResourceStatus::Deleted
             | ResourceStatus::Failed => return Err(RotateError::NotActive(record.status)),
         }
-        let object = self
+        let reset = self
             .backend
-            .create(&record.backend_name(), &record.tier)
+            .reset_credentials(&record.backend_name(), &record.tier)
             .await
             .map_err(RotateError::Backend)?;
         let mut audit = AuditEvent::new(AuditKind::ResourceCredentialsRotated, actor, now)
@@ -963,11 +971,48 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
         if let Some(request_id) = request_id {
             audit = audit.request(request_id);
         }
-        self.store
-            .record(&audit)
-            .await
-            .map_err(RotateError::Store)?;
-        Ok(object.connection_url)
+        let recorded = match reset {
+            Some(_) => self
+                .store
+                .record_while_active(record.id, &audit)
+                .await
+                .map_err(RotateError::Store)?,
+            None => false,
+        };
+        match reset {
+            Some(object) if recorded => Ok(object.connection_url),
+            Some(_) | None => {
+                let now_status = self
+                    .store
+                    .get(record.id)
+                    .await
+                    .map_err(RotateError::Store)?
+                    .map_or(ResourceStatus::Deleted, |current| current.status);
+                match now_status {
+                    ResourceStatus::Active => {
+                        tracing::error!(
+                            resource_id = %record.id,
+                            "an active resource's backend object does not exist; nothing was \
+                             rotated (the orphan sweep and the reconciler do not recreate it)"
+                        );
+                        Err(RotateError::ObjectMissing)
+                    }
+                    ResourceStatus::Pending
+                    | ResourceStatus::Paused
+                    | ResourceStatus::Suspended
+                    | ResourceStatus::Deleted
+                    | ResourceStatus::Failed => {
+                        tracing::warn!(
+                            resource_id = %record.id,
+                            status = now_status.as_str(),
+                            "a credential rotation found its resource no longer active; nothing \
+                             was audited and no password is shown"
+                        );
+                        Err(RotateError::NotActive(now_status))
+                    }
+                }
+            }
+        }
     }
 
     fn deprovision_audit(

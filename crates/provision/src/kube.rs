@@ -287,6 +287,33 @@ impl Backend for KubeNamespaceBackend {
         Ok(self.object(ns))
     }
 
+    /// A namespace holds no password: its address is answered while it exists, is the
+    /// platform's and is not being deleted; otherwise nothing. It is never created.
+    async fn reset_credentials(
+        &self,
+        name: &BackendName,
+        _tier: &Tier,
+    ) -> Result<Option<BackendObject>, BackendError> {
+        let (ns, _) = namespace_of(name)?;
+        let Some(existing) = self
+            .namespaces()
+            .get_metadata_opt(ns.expose())
+            .await
+            .map_err(|e| unavailable("read namespace", name, &e))?
+        else {
+            return Ok(None);
+        };
+        if !is_managed(&existing.metadata) {
+            return Err(BackendError::Foreign {
+                name: name.masked(),
+            });
+        }
+        if existing.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.object(ns)))
+    }
+
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {
         let (ns, _) = namespace_of(name)?;
         let namespaces = self.namespaces();
@@ -705,6 +732,40 @@ mod tests {
                 format!("{BASE}/api/v1/namespaces/{NS}")
             );
         }
+    }
+
+    /// A rotation never creates: an absent namespace, or one being deleted, answers nothing
+    /// after one metadata read (the fake fails the test on any create), and a live one of the
+    /// platform's answers its address.
+    #[tokio::test]
+    async fn resetting_credentials_never_creates_a_namespace() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut terminating = keel_metadata();
+        terminating["metadata"]["deletionTimestamp"] = json!("2026-01-12T10:00:00Z");
+        for (reply, expected) in [
+            (get_metadata(StatusCode::NOT_FOUND, not_found()), None),
+            (get_metadata(StatusCode::OK, terminating), None),
+            (
+                get_metadata(StatusCode::OK, keel_metadata()),
+                Some(format!("{BASE}/api/v1/namespaces/{NS}")),
+            ),
+        ] {
+            let answered = with_backend(vec![reply], async |backend| {
+                backend.reset_credentials(&name, &pro()).await
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                answered.map(|object| object.connection_url.expose().to_owned()),
+                expected
+            );
+        }
+        let foreign = with_backend(
+            vec![get_metadata(StatusCode::OK, foreign_metadata())],
+            async |backend| backend.reset_credentials(&name, &pro()).await,
+        )
+        .await;
+        assert_foreign(foreign);
     }
 
     #[tokio::test]

@@ -160,6 +160,16 @@ pub trait ResourceStore: Send + Sync {
     /// Records an audit event on its own (for a backend object no row owns).
     fn record(&self, audit: &AuditEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Records `audit` only while resource `id` is `active`, in one transaction that holds the
+    /// row against a concurrent deprovision until it commits; answers whether it was recorded.
+    /// A credential rotation is recorded this way, so it is never audited (nor its password
+    /// shown) for a resource a deprovision retired meanwhile.
+    fn record_while_active(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Reads a resource (soft-deleted ones included), without its secret.
     fn get(
         &self,
@@ -266,6 +276,15 @@ pub trait Backend: Send + Sync {
         name: &BackendName,
         tier: &Tier,
     ) -> impl Future<Output = Result<BackendObject, BackendError>> + Send;
+
+    /// Issues new credentials for the object if it exists and answers how it is now addressed;
+    /// `None` when it does not exist. It never creates the object: a rotation racing a
+    /// teardown must not bring back what the teardown removed, unowned and unbilled.
+    fn reset_credentials(
+        &self,
+        name: &BackendName,
+        tier: &Tier,
+    ) -> impl Future<Output = Result<Option<BackendObject>, BackendError>> + Send;
 
     /// Tears the object down; an absent object is success (so a retry is safe).
     fn teardown(&self, name: &BackendName)

@@ -324,6 +324,35 @@ impl ResourceStore for PgResourceStore {
             .map_err(audit_error)
     }
 
+    async fn record_while_active(
+        &self,
+        id: ResourceId,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::unavailable("record an audit row", e))?;
+        let active: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE id = $1 AND status = 'active' FOR SHARE)",
+        )
+        .bind(id.as_uuid())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| StoreError::unavailable("read a resource", e))?;
+        if !active {
+            return Ok(false);
+        }
+        keel_audit::postgres::insert(&mut tx, audit)
+            .await
+            .map_err(audit_error)?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::unavailable("commit an audit row", e))?;
+        Ok(true)
+    }
+
     async fn get(&self, id: ResourceId) -> Result<Option<ResourceRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, token, team_id, resource_type, tier, status, provider_resource_id, \
@@ -865,6 +894,84 @@ impl PgClusterBackend {
     }
 }
 
+impl PgClusterBackend {
+    /// A new password for the role of an existing database `name`, or `None` when the database
+    /// (or its role) is gone. Rotations of one role are serialized by a transaction-scoped
+    /// advisory lock, so concurrent ones each commit (the last one's password is the live one)
+    /// instead of failing on each other's update; the database is looked up inside that
+    /// transaction, and nothing is ever created.
+    async fn reset_database_password(
+        &self,
+        name: &DatabaseName,
+    ) -> Result<Option<BackendObject>, BackendError> {
+        let backend_name = BackendName::Database(name.clone());
+        let fail = |operation, e: &sqlx::Error| {
+            BackendError::unavailable(operation, &backend_name, redacted(e, name))
+        };
+        let role = RoleName::for_database(name);
+        let mut conn = self
+            .admin
+            .acquire()
+            .await
+            .map_err(|e| fail("get an admin connection for", &e))?;
+        let mut tx = sqlx::Connection::begin(&mut *conn)
+            .await
+            .map_err(|e| fail("begin resetting the credentials of", &e))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('keel-rotate:' || $1, 0))")
+            .bind(role.expose())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fail("serialize the credential resets of", &e))?;
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+        )
+        .bind(name.expose())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| fail("look up", &e))?;
+        match owner {
+            None => return Ok(None),
+            Some(owner) if owner != role.expose() => {
+                return Err(BackendError::Foreign {
+                    name: name.masked(),
+                });
+            }
+            Some(_) => {}
+        }
+        let password = generate_password();
+        let verifier = Verifier::compute(&password, &random_bytes::<16>(), ITERATIONS);
+        let alter = format!(
+            "ALTER ROLE \"{}\" WITH PASSWORD '{}'",
+            role.expose(),
+            verifier.expose()
+        );
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+            .execute(&mut *tx)
+            .await
+        {
+            drop(tx);
+            // Dropped by a teardown since the lookup: there is nothing to rotate.
+            let gone = sqlx::query_scalar::<_, bool>(ROLE_EXISTS)
+                .bind(role.expose())
+                .fetch_one(&mut *conn)
+                .await
+                .is_ok_and(|exists| !exists);
+            return if gone {
+                Ok(None)
+            } else {
+                Err(fail("reset the password of", &e))
+            };
+        }
+        tx.commit()
+            .await
+            .map_err(|e| fail("commit the new password of", &e))?;
+        Ok(Some(BackendObject {
+            provider_id: name.expose().to_owned(),
+            connection_url: self.connection_url(name, &password),
+        }))
+    }
+}
+
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("the operating system's random source is available");
@@ -950,6 +1057,15 @@ impl Backend for PgClusterBackend {
     async fn create(&self, name: &BackendName, tier: &Tier) -> Result<BackendObject, BackendError> {
         let db = database_of(name)?;
         self.create_database(db, tier).await
+    }
+
+    async fn reset_credentials(
+        &self,
+        name: &BackendName,
+        _tier: &Tier,
+    ) -> Result<Option<BackendObject>, BackendError> {
+        let db = database_of(name)?;
+        self.reset_database_password(db).await
     }
 
     async fn teardown(&self, name: &BackendName) -> Result<(), BackendError> {

@@ -8,6 +8,8 @@ use keel_provision::{
     DeprovisionTarget, Deprovisioned, TeardownStage, TokenDigest, new_token,
 };
 
+use keel_provision::ResourceStore as _;
+
 use super::{NOW, harness};
 
 fn cause(reason: DeprovisionReason) -> DeprovisionCause {
@@ -317,4 +319,97 @@ async fn a_legacy_database_named_by_its_token_is_still_torn_down_by_deprovision(
         "the legacy database is gone"
     );
     assert!(!h.role_exists(&legacy).await, "and its role");
+}
+
+/// A credential rotation that read its resource as active before a deprovision retired it and
+/// tore its database down never brings the database or its role back, never audits a rotation
+/// after the deprovision and shows no password: the backend resets credentials only of an
+/// object that exists, and the rotation is recorded only while the resource is active.
+#[tokio::test]
+async fn a_rotation_racing_a_deprovision_never_brings_the_database_back() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let id = provisioned.id();
+    let read_before = h
+        .provisioner
+        .store()
+        .get(id)
+        .await
+        .unwrap()
+        .expect("the resource is there");
+    h.provisioner
+        .deprovision(
+            DeprovisionTarget::Resource(id),
+            &cause(DeprovisionReason::CustomerRequest),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let rotated = h
+        .provisioner
+        .rotate_credentials(&read_before, Actor::parse("api").unwrap(), None, NOW)
+        .await;
+    assert!(
+        matches!(
+            rotated,
+            Err(keel_provision::RotateError::NotActive(
+                keel_provision::ResourceStatus::Deleted
+            ))
+        ),
+        "{rotated:?}"
+    );
+    let rows = h.rows().await;
+    assert!(!h.object_exists(&rows[0].name).await, "no database again");
+    assert!(!h.role_exists(&rows[0].name).await, "no role again");
+    assert!(
+        !h.audit_kinds()
+            .await
+            .contains(&AuditKind::ResourceCredentialsRotated),
+        "no rotation is audited for a retired resource"
+    );
+    h.assert_invariants().await;
+}
+
+/// Rotations of one resource at once each commit (none fails on another's update of the role)
+/// and each is audited; exactly one of the passwords they hand out, the last one set, works.
+#[tokio::test]
+async fn concurrent_rotations_each_commit_and_exactly_one_password_works() {
+    let h = harness().await;
+    let provisioned = h.provisioner.provision(h.request(), NOW).await.unwrap();
+    let record = h
+        .provisioner
+        .store()
+        .get(provisioned.id())
+        .await
+        .unwrap()
+        .unwrap();
+    let rotate = || {
+        h.provisioner
+            .rotate_credentials(&record, Actor::parse("api").unwrap(), None, NOW)
+    };
+    let (a, b, c, d, e, f) =
+        tokio::join!(rotate(), rotate(), rotate(), rotate(), rotate(), rotate());
+    let urls: Vec<String> = [a, b, c, d, e, f]
+        .into_iter()
+        .map(|rotated| rotated.expect("every rotation commits").expose().to_owned())
+        .collect();
+    let mut working = 0;
+    for url in &urls {
+        let options =
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url).unwrap();
+        if <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .is_ok()
+        {
+            working += 1;
+        }
+    }
+    assert_eq!(working, 1, "only the password set last works");
+    let rotated = h
+        .audit_kinds()
+        .await
+        .into_iter()
+        .filter(|k| *k == AuditKind::ResourceCredentialsRotated)
+        .count();
+    assert_eq!(rotated, 6);
 }
