@@ -85,8 +85,9 @@ struct KeyCreateArgs {
     /// An operator key: every team, and the operator and expired delete reasons.
     #[arg(long)]
     operator: bool,
-    /// Who holds the key and what for (shown in `keys list`).
-    #[arg(long, default_value = "", value_name = "TEXT")]
+    /// Who holds the key and what for (shown in `keys list`): at most 200 characters, no
+    /// control character.
+    #[arg(long, default_value = "", value_name = "TEXT", value_parser = parse_label)]
     label: String,
     /// The audit actor of the creation (e.g. operator:alice).
     #[arg(long, default_value = "operator:cli", value_parser = parse_actor, value_name = "ACTOR")]
@@ -269,14 +270,37 @@ struct ServeArgs {
         value_name = "TIER,…"
     )]
     tiers: Vec<String>,
-    /// Connections to the platform database.
+    /// Connections to the platform database (2 to 10,000): a POST holds one under its team's
+    /// quota lock while its reservation takes another, and at most half of them are held so.
     #[arg(
         long,
         env = "KEEL_PROVISION_MAX_CONNECTIONS",
         default_value_t = 16,
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(2..=10_000)
     )]
     max_connections: u32,
+}
+
+fn parse_label(s: &str) -> Result<String, String> {
+    keys::check_label(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// `text` with every control character shown as its escape (`\n`, `\u{1b}`), so a label
+/// another writer stored cannot break a line of `keys list` or pose as another.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let shown: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect()
 }
 
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
@@ -374,6 +398,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracker: tracker.clone(),
         deadline: Duration::from_secs(args.request_deadline_secs.max(1)),
         admission: Arc::new(tokio::sync::Semaphore::new(args.max_in_flight as usize)),
+        lock_holders: keel_provision_http::lock_holders_for(&pool),
         pool: pool.clone(),
         limits: Limits {
             requests_per_minute: args.rate_limit_per_minute,
@@ -399,7 +424,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         // Supervised: if it dies, stale `pending` rows are never settled again, so the API
         // drains and exits 1 to be restarted rather than serving on without it.
         keel_service::supervise::spawn("stale-pending reconciler", shutdown.clone(), async move {
-            reconcile::run(pool, &state.provisioner, config, stop).await;
+            reconcile::run(pool, &state.provisioner, &state.lock_holders, config, stop).await;
             Ok(())
         })
     };
@@ -473,7 +498,7 @@ async fn manage_keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                     team,
                     info.created_at.format(&format).unwrap_or_default(),
                     revoked,
-                    info.label
+                    printable(&info.label)
                 );
             }
         }

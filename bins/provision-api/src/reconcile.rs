@@ -45,11 +45,17 @@ pub enum Tick {
 /// mid-tick the lock goes with it and another replica may reconcile at the same time, which
 /// does no harm: each settlement's flip is conditional, and a teardown of an object another
 /// teardown removed succeeds.
+///
+/// The lock's connection is held under a permit of `holders` (the API's
+/// [`AppState::lock_holders`](keel_provision_http::AppState::lock_holders)): the tick
+/// needs more connections while it holds that one.
 pub async fn tick<S: ResourceStore, B: Backend>(
     pool: &PgPool,
     provisioner: &Provisioner<S, B>,
+    holders: &tokio::sync::Semaphore,
     config: ReconcileConfig,
 ) -> anyhow::Result<Tick> {
+    let _holder = holders.acquire().await?;
     let mut conn = pool.acquire().await?;
     let mut lock = sqlx::Connection::begin(&mut *conn).await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
@@ -91,11 +97,12 @@ pub async fn tick<S: ResourceStore, B: Backend>(
 pub async fn run<S: ResourceStore, B: Backend>(
     pool: PgPool,
     provisioner: &Provisioner<S, B>,
+    holders: &tokio::sync::Semaphore,
     config: ReconcileConfig,
     shutdown: CancellationToken,
 ) {
     loop {
-        match tick(&pool, provisioner, config).await {
+        match tick(&pool, provisioner, holders, config).await {
             Ok(Tick::Settled(0) | Tick::Skipped) => {}
             Ok(Tick::Settled(n)) => tracing::warn!(settled = n, "reconciled stale pending rows"),
             Err(e) => {
@@ -155,7 +162,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            tick(db.pool(), &provisioner, config).await.unwrap(),
+            tick(
+                db.pool(),
+                &provisioner,
+                &tokio::sync::Semaphore::new(1),
+                config
+            )
+            .await
+            .unwrap(),
             Tick::Skipped
         );
         let status: String = sqlx::query_scalar("SELECT status FROM resources")
@@ -169,7 +183,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            tick(db.pool(), &provisioner, config).await.unwrap(),
+            tick(
+                db.pool(),
+                &provisioner,
+                &tokio::sync::Semaphore::new(1),
+                config
+            )
+            .await
+            .unwrap(),
             Tick::Settled(1)
         );
         let (status, name): (String, String) =

@@ -173,3 +173,57 @@ async fn a_key_change_is_credited_only_to_a_named_operator() {
     .unwrap();
     assert_eq!((keys_made, audited), (0, 0));
 }
+
+/// Usage errors exit 64 before anything connects: a pool of fewer than two connections (a POST
+/// holds one while its reservation takes another), a label over 200 characters or with a
+/// control character (which would let a line of `keys list` pose as another).
+#[test]
+fn usage_errors_exit_64_before_connecting() {
+    let nowhere = "postgres://keel@127.0.0.1:1/nowhere";
+    for connections in ["0", "1", "10001"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-connections"])
+            .arg(connections)
+            .env("DATABASE_URL", nowhere)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run keel-provision-api");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{connections}: {stderr}");
+        assert!(stderr.contains("--max-connections"), "{stderr}");
+    }
+    for label in ["x".repeat(201), "evil\u{1b}[31m\nFAKE-LINE".to_owned()] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
+            .args(["keys", "create", "--operator", "--label", &label])
+            .env("DATABASE_URL", nowhere)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run keel-provision-api keys");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(out.stdout.is_empty(), "no key was made");
+        assert!(stderr.contains("--label"), "{stderr}");
+    }
+}
+
+/// A label another writer stored with control characters is listed with them escaped: no line
+/// of `keys list` can pose as another.
+#[tokio::test]
+async fn keys_list_escapes_control_characters_in_labels() {
+    let db = keel_testkit::database().await;
+    let (code, _, stderr) = keys(&db, &["create", "--operator", "--label", "plain"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    sqlx::query("UPDATE provision_api.api_keys SET label = $1")
+        .bind("evil\u{1b}[31m\nFAKE-LINE\r")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (code, listed, stderr) = keys(&db, &["list"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(
+        listed.contains("evil\\u{1b}[31m\\nFAKE-LINE\\r"),
+        "{listed}"
+    );
+    assert!(!listed.contains('\u{1b}'));
+}

@@ -82,6 +82,11 @@ pub struct AppState<S, B> {
     pub admission: Arc<tokio::sync::Semaphore>,
     /// The platform database: API keys, idempotency keys, listings and quotas.
     pub pool: PgPool,
+    /// Permits to hold one of `pool`'s connections while waiting for another (a team's quota
+    /// lock, held until its reservation is written; the stale-pending reconciler's lock, held
+    /// for its tick). At most half the pool ([`lock_holders_for`]): those who hold one connection
+    /// and wait for a second then always find one, however many POSTs arrive at once.
+    pub lock_holders: Arc<tokio::sync::Semaphore>,
     /// Rate limit, team quota, idempotency retention.
     pub limits: Limits,
     /// The per-key token buckets.
@@ -94,6 +99,7 @@ impl<S: ResourceStore, B: Backend> AppState<S, B> {
     /// under `https://keel.dev/docs/errors`. Every field is public: change what differs.
     pub fn new(provisioner: Provisioner<S, B>, pool: PgPool) -> Self {
         Self {
+            lock_holders: lock_holders_for(&pool),
             provisioner,
             docs: DocsBase::parse("https://keel.dev/docs/errors")
                 .expect("the default docs base is a short https URL"),
@@ -682,9 +688,25 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
             error_response(code, message, &request_id, &state.docs)
         }
     };
+    // Admission first: past the in-flight limit a POST is refused at once, before it waits for
+    // anything.
+    let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
+        state.provisioner.metrics().shed(resource_type);
+        tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
+        return refuse(
+            ErrorCode::TooManyProvisions,
+            "too many provisionings are in flight; nothing was reserved".to_owned(),
+        )
+        .await;
+    };
     // The team's quota lock is held from the count until the reservation is written, so
     // concurrent POSTs of one team cannot together pass its quota.
-    let quota = match tokio::time::timeout(state.deadline, lock_quota(&state.pool, team_id)).await {
+    let quota = match tokio::time::timeout(
+        state.deadline,
+        lock_quota(&state.pool, &state.lock_holders, team_id),
+    )
+    .await
+    {
         Ok(Ok((quota, live))) if live >= i64::from(state.limits.team_quota) => {
             quota.release().await;
             return refuse(
@@ -719,16 +741,6 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
         tier,
         request_id: request_id.clone(),
         actor: principal.actor(),
-    };
-    let Ok(permit) = Arc::clone(&state.admission).try_acquire_owned() else {
-        quota.release().await;
-        state.provisioner.metrics().shed(resource_type);
-        tracing::warn!(resource_type = %resource_type, "refused a provisioning: too many in flight");
-        return refuse(
-            ErrorCode::TooManyProvisions,
-            "too many provisionings are in flight; nothing was reserved".to_owned(),
-        )
-        .await;
     };
     let deadline = tokio::time::Instant::now() + state.deadline;
     // Its own tracked task, holding its admission permit to the end: a client that disconnects
@@ -871,13 +883,26 @@ async fn release(pool: &PgPool, slot: &Slot) {
     }
 }
 
+/// The permits of [`AppState::lock_holders`] for `pool`: half its connections, at least one.
+/// A pool of one connection cannot serve a holder (it waits for a second connection that never
+/// comes); `keel-provision-api` refuses fewer than two.
+pub fn lock_holders_for(pool: &PgPool) -> Arc<tokio::sync::Semaphore> {
+    let connections = usize::try_from(pool.options().get_max_connections()).unwrap_or(2);
+    Arc::new(tokio::sync::Semaphore::new((connections / 2).max(1)))
+}
+
 /// A team's quota lock: a transaction-scoped advisory lock, held from the count of the team's
-/// live resources until its reservation is written, then released by ending the transaction.
-struct QuotaLock(sqlx::Transaction<'static, sqlx::Postgres>);
+/// live resources until its reservation is written, then released by ending the transaction;
+/// with it, the permit of [`AppState::lock_holders`] its connection is held under.
+struct QuotaLock(
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 impl QuotaLock {
     async fn release(self) {
-        if let Err(e) = self.0.rollback().await {
+        let Self(tx, _holder) = self;
+        if let Err(e) = tx.rollback().await {
             // The connection is closed rather than returned, which ends the lock too.
             tracing::warn!(error = %ErrorChain(&e), "could not end a quota lock's transaction");
         }
@@ -886,9 +911,19 @@ impl QuotaLock {
 
 /// Takes `team`'s quota lock and counts its live resources (the quota counts these). Waits
 /// without holding a connection: a busy lock is tried again a moment later, so POSTs queued
-/// behind one team never take the connections its reservation needs.
-async fn lock_quota(pool: &PgPool, team: TeamId) -> Result<(QuotaLock, i64), sqlx::Error> {
+/// behind one team never take the connections its reservation needs; and a connection is held
+/// only under a permit of `holders`, so POSTs of many teams at once never hold every connection
+/// while each waits for another to write its reservation.
+async fn lock_quota(
+    pool: &PgPool,
+    holders: &Arc<tokio::sync::Semaphore>,
+    team: TeamId,
+) -> Result<(QuotaLock, i64), sqlx::Error> {
     loop {
+        let holder = Arc::clone(holders)
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
         let mut tx = pool.begin().await?;
         let locked: bool = sqlx::query_scalar(
             "SELECT pg_try_advisory_xact_lock(hashtext('keel-provision-quota'), hashtext($1))",
@@ -898,6 +933,7 @@ async fn lock_quota(pool: &PgPool, team: TeamId) -> Result<(QuotaLock, i64), sql
         .await?;
         if !locked {
             tx.rollback().await?;
+            drop(holder);
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
@@ -908,7 +944,7 @@ async fn lock_quota(pool: &PgPool, team: TeamId) -> Result<(QuotaLock, i64), sql
         .bind(team.as_uuid())
         .fetch_one(&mut *tx)
         .await?;
-        return Ok((QuotaLock(tx), live));
+        return Ok((QuotaLock(tx, holder), live));
     }
 }
 
@@ -1681,6 +1717,13 @@ mod tests {
     }
 
     async fn api_on(db: TestDatabase, limits: Limits) -> Api {
+        let pool = db.pool().clone();
+        api_on_pool(db, limits, pool).await
+    }
+
+    /// [`api_on`] whose store and handlers use `pool` (a smaller one, say) for the platform
+    /// database.
+    async fn api_on_pool(db: TestDatabase, limits: Limits, pool: PgPool) -> Api {
         let team = TeamId::from_uuid(db.team("pro").await);
         let mut registry = Registry::default();
         let metrics = ProvisionMetrics::register(&mut registry);
@@ -1691,7 +1734,7 @@ mod tests {
         let state = Arc::new(AppState {
             provisioner: Provisioner::new(
                 FaultyStore::new(BoundedStore::new(
-                    PgResourceStore::new(db.pool().clone()),
+                    PgResourceStore::new(pool.clone()),
                     std::time::Duration::from_secs(5),
                 )),
                 backends,
@@ -1702,7 +1745,8 @@ mod tests {
             tracker: TaskTracker::new(),
             deadline: std::time::Duration::from_secs(2),
             admission: Arc::new(tokio::sync::Semaphore::new(8)),
-            pool: db.pool().clone(),
+            lock_holders: lock_holders_for(&pool),
+            pool,
             limits,
             rate: RateLimiter::new(),
         });
@@ -2615,6 +2659,53 @@ mod tests {
         blocker.rollback().await.unwrap();
         let again = api.call("DELETE", &format!("/v1/resources/{id}"), "").await;
         assert_eq!(again.status, 200, "{}", again.body);
+    }
+
+    /// POSTs of many teams at once on a small pool all provision: a POST holds a connection
+    /// under its team's quota lock while its reservation takes another, and at most half the
+    /// pool is held so, so no burst can hold every connection while each waits for one more
+    /// (which answered 503 after the deadline for most of them).
+    #[tokio::test]
+    async fn a_burst_of_posts_from_many_teams_never_holds_every_connection() {
+        let db = keel_testkit::database().await;
+        let small = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(db.pool().connect_options().as_ref().clone())
+            .await
+            .unwrap();
+        let api = api_on_pool(db, Limits::default(), small).await;
+        let mut teams = Vec::new();
+        for _ in 0..8 {
+            let team = TeamId::from_uuid(api.db.team("pro").await);
+            teams.push((team, key_for(api.db.pool(), Scope::Team(team)).await));
+        }
+        let posts = teams.iter().map(|(team, key)| {
+            let body =
+                json!({"team_id": team.to_string(), "resource_type": "postgres", "tier": "pro"})
+                    .to_string();
+            let addr = api.addr;
+            let key = key.clone();
+            tokio::spawn(async move {
+                send(
+                    addr,
+                    Some(&key),
+                    "POST",
+                    "/v1/resources",
+                    "Content-Type: application/json\r\n",
+                    &body,
+                )
+                .await
+            })
+        });
+        let mut statuses = Vec::new();
+        for post in posts.collect::<Vec<_>>() {
+            let answer = post.await.unwrap();
+            statuses.push((answer.status, answer.body));
+        }
+        for (status, body) in &statuses {
+            assert_eq!(*status, 201, "{body}");
+        }
+        assert_eq!(api.provider_ids().await.len(), 8);
     }
 
     /// PROV-10: admission control. Past the in-flight limit a POST is refused with 503 and

@@ -191,6 +191,10 @@ pub enum KeyError {
     /// The label is longer than 200 characters.
     #[error("the label is longer than 200 characters")]
     LabelTooLong,
+    /// The label holds a control character (a line break, an escape sequence): it would let
+    /// one line of `keys list` pose as another.
+    #[error("the label holds a control character")]
+    LabelHasControlCharacter,
     /// The audit event could not be built.
     #[error("the audit event could not be built")]
     Audit(#[from] keel_audit::AuditFieldError),
@@ -227,6 +231,17 @@ pub struct KeyInfo {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
+/// Whether `label` may label a key: at most 200 characters, none of them a control character.
+pub fn check_label(label: &str) -> Result<(), KeyError> {
+    if label.chars().count() > 200 {
+        return Err(KeyError::LabelTooLong);
+    }
+    if label.chars().any(char::is_control) {
+        return Err(KeyError::LabelHasControlCharacter);
+    }
+    Ok(())
+}
+
 /// Creates a key of `scope`, recording `api_key.created` (by `actor`) in the same transaction.
 /// The returned [`ApiKey`] is the only copy of the secret.
 pub async fn create(
@@ -236,9 +251,7 @@ pub async fn create(
     actor: Actor,
     now: OffsetDateTime,
 ) -> Result<(KeyInfo, ApiKey), KeyError> {
-    if label.chars().count() > 200 {
-        return Err(KeyError::LabelTooLong);
-    }
+    check_label(label)?;
     let id = KeyId(random::<6>().iter().map(|b| format!("{b:02x}")).collect());
     let secret = URL_SAFE_NO_PAD.encode(random::<32>());
     let key = ApiKey(format!("{PREFIX}{id}_{secret}"));

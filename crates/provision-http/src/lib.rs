@@ -21,6 +21,6 @@ pub mod keys;
 pub mod limits;
 mod openapi;
 
-pub use api::{AppState, BODY_LIMIT, router, serve};
+pub use api::{AppState, BODY_LIMIT, lock_holders_for, router, serve};
 pub use keys::{KeyId, Principal, Scope};
 pub use limits::{Limits, RateLimiter};
