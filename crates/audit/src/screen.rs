@@ -250,6 +250,7 @@ struct Needles {
     openssh_key_base64: Finder<'static>,
     slack_hook: Finder<'static>,
     backend_name: Finder<'static>,
+    keel_api_key: Finder<'static>,
     url_scheme_separator: Finder<'static>,
     aws_key_prefixes: [Finder<'static>; 2],
 }
@@ -274,6 +275,7 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     openssh_key_base64: Finder::new("b3blbnnzac1rzxktdjeaaaaa"),
     slack_hook: Finder::new("hooks.slack.com/services/"),
     backend_name: Finder::new("instant-customer-"),
+    keel_api_key: Finder::new("keel_"),
     url_scheme_separator: Finder::new(":/"),
     aws_key_prefixes: [Finder::new("AKIA"), Finder::new("ASIA")],
 });
@@ -467,6 +469,23 @@ fn text_looks_secret(text: &str) -> bool {
     if has_token_shape(text) {
         return true;
     }
+    // Keel's own API keys: `keel_`, a 12-hex-digit id, `_`, then the secret.
+    if starts(&n.keel_api_key, &lower).any(|at| {
+        let rest = &lower[at + n.keel_api_key.needle().len()..];
+        let bytes = rest.as_bytes();
+        // Bytes 0..13 checked as ASCII first, so 13 is a character boundary.
+        is_word_start(&lower, at)
+            && bytes.len() > 13
+            && bytes[..12].iter().all(u8::is_ascii_hexdigit)
+            && bytes[12] == b'_'
+            && rest[13..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                .count()
+                >= 16
+    }) {
+        return true;
+    }
     // Keel's own backend names embed the whole customer token.
     if starts(&n.backend_name, &lower).any(|at| {
         lower[at + n.backend_name.needle().len()..]
@@ -550,9 +569,31 @@ mod tests {
             &n.openssh_key_base64,
             &n.slack_hook,
             &n.backend_name,
+            &n.keel_api_key,
             &n.url_scheme_separator,
         ]);
         all
+    }
+
+    /// Keel's own API keys (`keel_<12 hex>_<secret>`) are secrets wherever they appear, a
+    /// request id included; names that merely start with `keel_` are not, and text with
+    /// multi-byte characters right after the prefix is screened without a panic.
+    #[test]
+    fn keels_own_api_keys_look_secret() {
+        let key = format!("keel_0123456789ab_{}", "A1b2-_".repeat(8));
+        assert!(value_looks_secret(&key));
+        assert!(value_looks_secret(&format!("sent {key} by mistake")));
+        assert!(crate::RequestId::parse(&key).is_err());
+        for plain in [
+            "keel_installation",
+            "keel_orphan_sweep_periods",
+            "keel_0123456789ab",
+            "keel_0123456789ab_short",
+            "keel_éééééééééééééééééé",
+            "keel_0123456789aé_xxxxxxxxxxxxxxxxxxxxxxxx",
+        ] {
+            assert!(!value_looks_secret(plain), "{plain}");
+        }
     }
 
     /// The screen slices its text at the positions its searchers report, so every needle must

@@ -2708,6 +2708,40 @@ mod tests {
         assert_eq!(api.provider_ids().await.len(), 8);
     }
 
+    /// An API key sent as `X-Request-Id` (by mistake, or to plant it) is never taken as the
+    /// request id: the request gets a fresh one, and the key reaches no audit row.
+    #[tokio::test]
+    async fn an_api_key_sent_as_the_request_id_is_never_stored() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/resources HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\
+             X-Request-Id: {key}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len(),
+            key = api.key,
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        let created = Answer {
+            status: raw[9..12].parse().unwrap(),
+            head: String::new(),
+            body: raw.split_once("\r\n\r\n").unwrap().1.to_owned(),
+        };
+        assert_eq!(created.status, 201, "{}", created.body);
+        let stored: Vec<Option<String>> = sqlx::query_scalar("SELECT request_id FROM audit_events")
+            .fetch_all(api.db.pool())
+            .await
+            .unwrap();
+        assert!(!stored.is_empty());
+        for request_id in stored.iter().flatten() {
+            assert!(!request_id.contains(&api.key), "{request_id}");
+            assert!(!api.key.contains(request_id.as_str()), "{request_id}");
+        }
+    }
+
     /// PROV-10: admission control. Past the in-flight limit a POST is refused with 503 and
     /// `Retry-After` before anything is reserved, counted as `shed`; once a permit frees up the
     /// same POST provisions.
