@@ -655,6 +655,16 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
                 }
                 return envelope_response(&envelope);
             }
+            Ok(Ok(Claim::Unreadable)) => {
+                tracing::error!(
+                    "an Idempotency-Key holds an outcome this API never stores (another writer \
+                     changed provision_api.idempotency_keys); it was not replayed"
+                );
+                return fail(
+                    ErrorCode::Internal,
+                    "the stored outcome of this Idempotency-Key cannot be read; nothing was reserved",
+                );
+            }
             Ok(Ok(Claim::Mismatch)) => {
                 return fail(
                     ErrorCode::IdempotencyKeyReused,
@@ -3169,6 +3179,44 @@ mod tests {
                 (AuditKind::ResourceDeprovisioned, by_key),
             ]
         );
+    }
+
+    /// An outcome another writer put in an idempotency key (a status this API never stores, a
+    /// 201 whose id is not a resource id) is never replayed: the retry answers 500 in the error
+    /// format, with no `Location`, and nothing is reserved.
+    #[tokio::test]
+    async fn an_outcome_this_api_never_stores_is_never_replayed() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        let first = api
+            .call_raw("POST", "/v1/resources", &idempotent("odd-1"), &body)
+            .await;
+        assert_eq!(first.status, 201, "{}", first.body);
+        for (status, stored) in [
+            (101, json!({"id": "x", "ok": true})),
+            (999, json!({"ok": true})),
+            (500, json!({"ok": true})),
+            (201, json!({"id": "../../../evil.example.com/x"})),
+        ] {
+            sqlx::query(
+                "UPDATE provision_api.idempotency_keys SET response_status = $1, response_body = $2",
+            )
+            .bind(status)
+            .bind(&stored)
+            .execute(api.db.pool())
+            .await
+            .unwrap();
+            let again = api
+                .call_raw("POST", "/v1/resources", &idempotent("odd-1"), &body)
+                .await;
+            assert_envelope(&again, 500, "internal");
+            assert!(
+                !again.head.to_lowercase().contains("location:"),
+                "{status}: {}",
+                again.head
+            );
+        }
+        assert_eq!(api.count("SELECT count(*) FROM resources").await, 1);
     }
 
     /// PROV-3: ten concurrent POSTs with one Idempotency-Key make one resource and one

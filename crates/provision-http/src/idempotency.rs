@@ -69,6 +69,24 @@ pub enum Claim {
     },
     /// The key was used with other parameters.
     Mismatch,
+    /// The key holds an outcome this API never stores (only a 201 naming its resource is):
+    /// another writer changed it. It is not replayed.
+    Unreadable,
+}
+
+/// Whether a stored outcome is one [`complete`] writes: a 201 whose body is an object naming
+/// a resource id in its canonical form.
+fn replayable(status: i32, body: &serde_json::Value) -> bool {
+    status == 201
+        && body
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|id| {
+                id.parse::<ResourceId>()
+                    .ok()
+                    .filter(|r| r.to_string() == id)
+            })
+            .is_some()
 }
 
 /// A stored key: its fingerprint, resource, and outcome (status and body) once it has one.
@@ -132,10 +150,10 @@ pub async fn claim(
             return Ok(Claim::Mismatch);
         }
         return Ok(match (status, body) {
-            (Some(status), Some(body)) => Claim::Replay {
-                status: u16::try_from(status).unwrap_or(500),
-                body,
-            },
+            (Some(status), Some(body)) if replayable(status, &body) => {
+                Claim::Replay { status: 201, body }
+            }
+            (Some(_), Some(_)) => Claim::Unreadable,
             _ => Claim::InFlight {
                 resource_id: resource_id.map(ResourceId::from_uuid),
             },
