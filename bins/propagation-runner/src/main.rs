@@ -143,7 +143,7 @@ struct RunArgs {
     #[arg(long, env = "KEEL_KUBERNETES", value_enum, default_value_t = Kubernetes::Auto)]
     kubernetes: Kubernetes,
     /// The shared customer Postgres cluster for the role applier (defaults to --database-url;
-    /// either way the applier gets its own pool, sized to --batch-size).
+    /// either way the applier gets its own pool, of at most --cluster-max-connections).
     #[arg(
         long,
         env = "KEEL_CLUSTER_DATABASE_URL",
@@ -151,6 +151,12 @@ struct RunArgs {
         value_name = "URL"
     )]
     cluster_database_url: Option<DatabaseUrl>,
+    /// Connections the role applier opens to the shared customer cluster (1 to 1,000; default
+    /// 8): at most this many applies talk to it at once, whatever --batch-size is, so a large
+    /// batch never takes the connections the cluster's customers need. An apply that waits for
+    /// one past half its timeout is given back without spending an attempt.
+    #[arg(long, env = "KEEL_CLUSTER_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    cluster_max_connections: u32,
     /// Rows claimed per batch, which is also how many applies run at once.
     #[arg(long, env = "KEEL_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
@@ -322,19 +328,56 @@ fn runner_config(args: &RunArgs, worker: WorkerId) -> Result<RunnerConfig, Strin
     Ok(config)
 }
 
+/// The longest worker id given or taken from the host: a worker id is at most 64 characters,
+/// and the per-process suffix takes 7.
+const WORKER_BASE_MAX: usize = 57;
+
+fn worker_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+fn worker_base_is_valid(base: &str) -> bool {
+    (1..=WORKER_BASE_MAX).contains(&base.chars().count()) && base.chars().all(worker_char)
+}
+
+/// The worker id's base from the host name: its characters a worker id may hold, the last
+/// [`WORKER_BASE_MAX`] of them; `keel-runner-<pid>` when none is left.
+fn worker_base_from_host(hostname: Option<&str>) -> String {
+    let usable: Vec<char> = hostname
+        .unwrap_or("")
+        .chars()
+        .filter(|c| worker_char(*c))
+        .collect();
+    let tail: String = usable[usable.len().saturating_sub(WORKER_BASE_MAX)..]
+        .iter()
+        .collect();
+    if tail.is_empty() {
+        format!("keel-runner-{}", std::process::id())
+    } else {
+        tail
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let worker = args
-        .worker_id
-        .clone()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("keel-runner-{}", std::process::id()));
     // A per-process suffix keeps two processes in one pod (a `kubectl exec … run --once` beside
     // the running replica) from sharing an identity, which the completion fence relies on.
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
-    let worker = WorkerId::parse(&format!("{worker}-{suffix}")).context(
-        "--worker-id / KEEL_WORKER_ID / HOSTNAME is not a valid worker id \
-         (1 to 57 characters of [A-Za-z0-9._:-])",
-    )?;
+    let base = match &args.worker_id {
+        // Given: it must be a worker id as it is, or it is a usage error.
+        Some(given) if worker_base_is_valid(given) => given.clone(),
+        Some(_) => {
+            eprintln!(
+                "error: --worker-id / KEEL_WORKER_ID must be 1 to {WORKER_BASE_MAX} characters \
+                 of [A-Za-z0-9._:-] (a 7-character per-process suffix is added)"
+            );
+            return Ok(ExitCode::from(keel_service::EXIT_USAGE));
+        }
+        // Taken from the host: a pod name may be up to 63 characters, so its tail (where a
+        // pod's unique part is) is kept.
+        None => worker_base_from_host(std::env::var("HOSTNAME").ok().as_deref()),
+    };
+    let worker = WorkerId::parse(&format!("{base}-{suffix}"))
+        .context("the worker id made from the host name is not valid")?;
     // Before connecting: a lease that would not outlast an apply is a usage error.
     let config = match runner_config(&args, worker) {
         Ok(config) => config,
@@ -445,9 +488,10 @@ fn warn_when_wakeups_end(
 }
 
 async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {
-    // The role applier never shares the store's pool, and has a connection for every apply
-    // that can be in flight; waiting for one is bounded well inside the apply timeout, and an
-    // apply that could not get one is given back uncharged.
+    // The role applier never shares the store's pool, and opens at most
+    // --cluster-max-connections to the shared cluster (never more than a batch can use):
+    // waiting for one is bounded well inside the apply timeout, and an apply that could not get
+    // one is given back uncharged.
     let cluster_url = args
         .cluster_database_url
         .as_ref()
@@ -455,7 +499,7 @@ async fn build_applier(args: &RunArgs) -> anyhow::Result<Routed> {
     let acquire =
         Duration::from_secs(u64::from(args.apply_timeout_seconds.div_ceil(2)).clamp(1, 10));
     let cluster = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(args.batch_size.max(2))
+        .max_connections(args.cluster_max_connections.min(args.batch_size.max(2)))
         .min_connections(0)
         .acquire_timeout(acquire)
         .connect_lazy_with(
@@ -686,6 +730,27 @@ mod tests {
     use clap::CommandFactory;
 
     use super::Cli;
+
+    /// A pod name of up to 63 characters still makes a worker id: its tail (where a pod's
+    /// unique part is) is kept, characters a worker id cannot hold are left out, and an empty
+    /// or missing host name falls back to the process id.
+    #[test]
+    fn any_host_name_makes_a_worker_id() {
+        let long = format!("{}-7d9c5b6f4-x2k8p", "a".repeat(47));
+        assert_eq!(long.len(), 63);
+        let base = super::worker_base_from_host(Some(&long));
+        assert_eq!(base.len(), super::WORKER_BASE_MAX);
+        assert!(base.ends_with("-7d9c5b6f4-x2k8p"));
+        assert!(keel_propagation::WorkerId::parse(&format!("{base}-abcdef")).is_ok());
+        assert_eq!(super::worker_base_from_host(Some("runner 1/é")), "runner1");
+        for empty in [None, Some(""), Some("///")] {
+            assert!(super::worker_base_from_host(empty).starts_with("keel-runner-"));
+        }
+        assert!(super::worker_base_is_valid(&"w".repeat(57)));
+        assert!(!super::worker_base_is_valid(&"w".repeat(58)));
+        assert!(!super::worker_base_is_valid("bad id!"));
+        assert!(!super::worker_base_is_valid(""));
+    }
 
     fn flags_without_env(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
         for arg in command.get_arguments() {

@@ -73,6 +73,18 @@ fn a_flag_value_that_would_disable_or_overflow_the_work_is_a_usage_error() {
             &["--limit"][..],
         ),
         (
+            &["run", "--once", "--cluster-max-connections", "0"][..],
+            &["--cluster-max-connections"][..],
+        ),
+        (
+            &["run", "--once", "--worker-id", "bad id!"][..],
+            &["--worker-id"][..],
+        ),
+        (
+            &["run", "--once", "--worker-id", &"w".repeat(58)][..],
+            &["--worker-id"][..],
+        ),
+        (
             &[
                 "run",
                 "--once",
