@@ -37,6 +37,7 @@
 mod dispatch;
 mod webhook;
 
+use keel_service::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -447,21 +448,21 @@ async fn run_list(args: &ListArgs) -> anyhow::Result<ExitCode> {
                     let attributes: Vec<String> = event
                         .attributes()
                         .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
+                        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
                         .collect();
                     println!(
                         "{}  {}  {}  actor={}  team={}  resource={}  request={}  {}",
                         time(stored.recorded_at),
                         stored.id.0,
                         event.kind(),
-                        event.actor(),
+                        printable(event.actor().as_str()),
                         event
                             .team_id()
                             .map_or("-".to_owned(), |t| t.as_uuid().to_string()),
                         event
                             .resource_id()
                             .map_or("-".to_owned(), |r| r.as_uuid().to_string()),
-                        event.request_id().map_or("-", |r| r.as_str()),
+                        printable(event.request_id().map_or("-", |r| r.as_str())),
                         attributes.join(" "),
                     );
                 }
@@ -470,7 +471,7 @@ async fn run_list(args: &ListArgs) -> anyhow::Result<ExitCode> {
                 if args.json {
                     events.push(serde_json::json!({ "cursor": cursor, "error": e.to_string() }));
                 } else {
-                    println!("{cursor}  unreadable: {e}");
+                    println!("{cursor}  unreadable: {}", printable(&e.to_string()));
                 }
             }
         }
@@ -677,10 +678,10 @@ fn main() -> ExitCode {
                             "{}  {}  {}  audit row {}  {} attempts  last {}  dead since {}",
                             row.seq,
                             row.event_id,
-                            row.template,
+                            printable(&row.template),
                             row.audit_id,
                             row.attempts,
-                            row.last_outcome.as_deref().unwrap_or("-"),
+                            printable(row.last_outcome.as_deref().unwrap_or("-")),
                             when.as_deref().unwrap_or("-"),
                         );
                     }

@@ -435,3 +435,44 @@ fn a_flag_value_that_would_disable_or_overflow_the_work_is_a_usage_error() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stored audit row whose actor, request id or attribute holds a control character (history
+/// another writer put there is not screened again on read) is listed with it escaped: no line
+/// of `keel-audit list` can pose as another or drive the terminal.
+#[tokio::test]
+async fn list_escapes_control_characters_of_stored_rows() {
+    let db = keel_testkit::database().await;
+    sqlx::query(
+        "INSERT INTO audit_events (kind, actor, request_id, attributes, occurred_at) \
+         VALUES ('provision.created', $1, 'req-1', jsonb_build_object('note', $2::text), now())",
+    )
+    .bind("bob\n2026-12-02T12:00:00Z  9999  propagation.applied")
+    .bind("a\u{1b}[31mred")
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-audit"))
+        .arg("list")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("provision.created"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert!(rows[0].contains("actor=bob\\n2026-12-02"), "{stdout}");
+    assert!(rows[0].contains("note=a\\u{1b}[31mred"), "{stdout}");
+    assert!(!stdout.contains('\u{1b}'), "{stdout}");
+    assert!(
+        !stdout
+            .lines()
+            .any(|l| l.contains("propagation.applied") && !l.contains("actor="))
+    );
+}

@@ -9,6 +9,7 @@
 //! rows; if that housekeeping task dies, the runner drains and exits 1 (logged at ERROR), to be
 //! restarted. Every flag has an environment variable.
 
+use keel_service::text::printable;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -589,14 +590,14 @@ async fn dead_letters(cmd: DeadLetters) -> anyhow::Result<ExitCode> {
                     println!(
                         "{:<8} {:<16} {:<36} {:<10} {:<8} {:<20} {}",
                         l.id,
-                        l.kind,
+                        printable(&l.kind),
                         l.resource_id,
-                        l.resource_type,
-                        l.target_tier.as_deref().unwrap_or("-"),
+                        printable(&l.resource_type),
+                        printable(l.target_tier.as_deref().unwrap_or("-")),
                         l.dead_lettered_at.date().to_string()
                             + " "
                             + &l.dead_lettered_at.time().to_string(),
-                        l.last_error.as_deref().unwrap_or("-")
+                        printable(l.last_error.as_deref().unwrap_or("-"))
                     );
                 }
             }
@@ -690,12 +691,12 @@ async fn deferred(cmd: Deferred) -> anyhow::Result<ExitCode> {
                         "{:<8} {:<24} {:<16} {:<36} {:<10} {:<4} {:<20} {}",
                         r.id,
                         r.reason.as_str(),
-                        r.kind,
+                        printable(&r.kind),
                         r.resource_id,
-                        r.resource_type,
+                        printable(&r.resource_type),
                         r.payload_version,
                         r.created_at.date().to_string() + " " + &r.created_at.time().to_string(),
-                        r.last_error.as_deref().unwrap_or("-")
+                        printable(r.last_error.as_deref().unwrap_or("-"))
                     );
                 }
             }

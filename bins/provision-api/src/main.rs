@@ -288,21 +288,6 @@ fn parse_label(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `text` with every control character shown as its escape (`\n`, `\u{1b}`), so a label
-/// another writer stored cannot break a line of `keys list` or pose as another.
-fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let shown: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            shown
-        })
-        .collect()
-}
-
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
     SslMode::parse(s).ok_or_else(|| {
         let modes: Vec<&str> = SslMode::ALL.iter().map(|m| m.as_str()).collect();
@@ -498,7 +483,7 @@ async fn manage_keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                     team,
                     info.created_at.format(&format).unwrap_or_default(),
                     revoked,
-                    printable(&info.label)
+                    keel_service::text::printable(&info.label)
                 );
             }
         }

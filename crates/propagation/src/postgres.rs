@@ -288,13 +288,16 @@ impl RequeueReason {
     /// The longest reason accepted, in characters.
     pub const MAX_CHARS: usize = 200;
 
-    /// Checks `reason`: not blank, at most [`Self::MAX_CHARS`] characters, and nothing the audit
-    /// trail refuses to store (a value that looks like a secret).
+    /// Checks `reason`: not blank, at most [`Self::MAX_CHARS`] characters, no control character,
+    /// and nothing the audit trail refuses to store (a value that looks like a secret).
     pub fn parse(reason: &str) -> Result<Self, InvalidRequeueReason> {
         let reason = reason.trim();
         let chars = reason.chars().count();
         if chars == 0 || chars > Self::MAX_CHARS {
             return Err(InvalidRequeueReason::Length { chars });
+        }
+        if reason.chars().any(char::is_control) {
+            return Err(InvalidRequeueReason::ControlCharacter);
         }
         keel_audit::Attributes::new()
             .insert("reason", reason)
@@ -321,6 +324,10 @@ pub enum InvalidRequeueReason {
     /// The audit trail would not store it (for example, it looks like a secret).
     #[error("the requeue reason cannot be recorded: {0}")]
     Refused(String),
+    /// It holds a control character (a line break, an escape sequence), which would let one
+    /// line of an audit listing pose as another.
+    #[error("the requeue reason must not hold a control character (a line break, an escape)")]
+    ControlCharacter,
 }
 
 /// What a requeue did.

@@ -52,6 +52,7 @@ pub mod process;
 pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
+pub mod text;
 
 use std::future::Future;
 use std::process::ExitCode;

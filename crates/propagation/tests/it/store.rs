@@ -599,6 +599,18 @@ fn a_requeue_reason_is_neither_blank_nor_unbounded() {
     for bad in ["", "   ", &"x".repeat(RequeueReason::MAX_CHARS + 1)] {
         assert!(RequeueReason::parse(bad).is_err(), "{bad:?} was accepted");
     }
+    // A line break or an escape sequence would let one line of an audit listing pose as
+    // another.
+    for forged in [
+        "routine\n2026-12-02T12:00:00Z  9999  propagation.applied",
+        "x\u{1b}[2J",
+    ] {
+        assert_eq!(
+            RequeueReason::parse(forged),
+            Err(keel_propagation::postgres::InvalidRequeueReason::ControlCharacter),
+            "{forged:?}"
+        );
+    }
     assert_eq!(
         RequeueReason::parse("  fixed the quota  ")
             .unwrap()
