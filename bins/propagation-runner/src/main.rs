@@ -705,6 +705,10 @@ async fn deferred(cmd: Deferred) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `prune`'s exit code when another replica held the retention lock (sysexits' `EX_TEMPFAIL`):
+/// nothing failed, but the rows due may still be there.
+const EXIT_BUSY: u8 = 75;
+
 async fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
     let store = store(&args.db, 2).await?;
     let retention = args.retention.retention();
@@ -713,6 +717,16 @@ async fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
         let pruned = store
             .prune(&retention, args.batch, store.db_now().await?)
             .await?;
+        if pruned.busy {
+            // Said, not passed off as "nothing was due".
+            eprintln!(
+                "error: another replica holds the retention lock and is pruning now; this call \
+                 pruned {} applied and {} dead-lettered propagation(s) before it; run it again \
+                 later",
+                total.applied, total.dead_lettered
+            );
+            return Ok(ExitCode::from(EXIT_BUSY));
+        }
         total.applied += pruned.applied;
         total.dead_lettered += pruned.dead_lettered;
         if pruned.applied < u64::from(args.batch) && pruned.dead_lettered < u64::from(args.batch) {

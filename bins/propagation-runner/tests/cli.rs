@@ -319,6 +319,24 @@ async fn rows_this_build_cannot_run_are_listed_for_operators_and_left_pending() 
     assert_eq!(rows[0]["reason"], "unknown_kind");
     assert_eq!(rows[0]["kind"], "quota_resize");
 
+    // While another replica holds the retention lock, prune says so and exits 75 instead of
+    // reporting that nothing was due.
+    let mut other = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(keel_propagation::postgres::PRUNE_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let busy = runner(&["prune"], &url);
+    assert_eq!(busy.status.code(), Some(75));
+    assert!(stdout(&busy).is_empty());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("another replica holds the retention lock"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    other.rollback().await.unwrap();
+
     let pruned = runner(&["prune"], &url);
     assert_eq!(
         pruned.status.code(),

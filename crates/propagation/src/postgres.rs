@@ -57,7 +57,9 @@ pub const DEFER_RETRY: Duration = Duration::minutes(5);
 /// Advisory-lock keys for the single-flight maintenance passes.
 const RECONCILE_LOCK: i64 = 0x6b65_656c_7072_0001;
 const SETTLE_LOCK: i64 = 0x6b65_656c_7072_0002;
-const PRUNE_LOCK: i64 = 0x6b65_656c_7072_0003;
+/// The transaction-scoped advisory lock retention ([`PgPropagationStore::prune`]) holds while it
+/// deletes: one replica prunes at a time.
+pub const PRUNE_LOCK: i64 = 0x6b65_656c_7072_0003;
 
 fn defer_reason(s: &str) -> DeferReason {
     DeferReason::ALL
@@ -160,6 +162,9 @@ pub struct Pruned {
     pub applied: u64,
     /// Dead-lettered rows.
     pub dead_lettered: u64,
+    /// Another replica held the retention lock, so this call deleted nothing whatever was
+    /// due: the counts say nothing about what is left.
+    pub busy: bool,
 }
 
 fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -1297,7 +1302,8 @@ impl PgPropagationStore {
     /// Retention: deletes at most `batch` applied rows finished before `now - applied_for`
     /// and at most `batch` dead letters finished before `now - dead_lettered_for`. Pending rows
     /// and audit rows are never touched. Single-flight: while one replica prunes, the others'
-    /// calls return zeros at once. Call repeatedly until it returns fewer than `batch`.
+    /// calls return at once with nothing deleted and [`Pruned::busy`] set. Call repeatedly
+    /// until it returns fewer than `batch`.
     pub async fn prune(
         &self,
         retention: &Retention,
@@ -1311,7 +1317,10 @@ impl PgPropagationStore {
             .await
             .map_err(db("take the retention lock"))?;
         if !leader {
-            return Ok(Pruned::default());
+            return Ok(Pruned {
+                busy: true,
+                ..Pruned::default()
+            });
         }
         let applied = sqlx::query(
             "DELETE FROM pending_propagations WHERE id = ANY(ARRAY( \
@@ -1340,6 +1349,7 @@ impl PgPropagationStore {
         Ok(Pruned {
             applied,
             dead_lettered,
+            busy: false,
         })
     }
 
