@@ -791,6 +791,16 @@ async fn run_sealer(
                     tracing::info!("another sealer holds the lock; skipping this run");
                     break;
                 }
+                SealOutcome::KeyMismatch { checkpoint } => {
+                    tracing::error!(
+                        checkpoint,
+                        key_id = key.id(),
+                        "the seal key does not verify the newest checkpoint signed under its id: \
+                         the key was replaced under the same id; nothing was sealed. Give the new \
+                         key an id of its own (--seal-key-id) and keep the old one for verify"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
             }
         }
         drop(conn);

@@ -96,6 +96,13 @@ pub enum SealOutcome {
     UpToDate,
     /// Another sealer holds the lock; nothing was done.
     Busy,
+    /// The newest checkpoint signed under this key's id does not verify with this key: the key
+    /// was replaced under the same id. Nothing was sealed: signing on would leave every earlier
+    /// checkpoint of that id unverifiable. Give the new key an id of its own.
+    KeyMismatch {
+        /// The checkpoint this key cannot verify.
+        checkpoint: i64,
+    },
 }
 
 /// The first difference [`verify`] found between the rows and the chain.
@@ -254,7 +261,8 @@ fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> AuditSinkError 
 
 /// Seals up to `batch` rows of finished transactions after the last sealed one, then signs a
 /// checkpoint at the new end of the chain. Single-flight: a concurrent call returns
-/// [`SealOutcome::Busy`]. Run it as a role that may insert into `audit_seals` and
+/// [`SealOutcome::Busy`]. A key that cannot verify the newest checkpoint signed under its id
+/// seals nothing ([`SealOutcome::KeyMismatch`]). Run it as a role that may insert into `audit_seals` and
 /// `audit_checkpoints` (the owner, or one granted by `keel_schema::roles::grant_sealer_role`).
 pub async fn seal(
     conn: &mut PgConnection,
@@ -269,6 +277,19 @@ pub async fn seal(
             .map_err(store("take the sealer lock"))?;
     if !locked {
         return Ok(SealOutcome::Busy);
+    }
+    let signed: Option<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, row_hash, signature FROM audit_checkpoints WHERE key_id = $1 \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(key.id())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(store("read the last checkpoint of this key"))?;
+    if let Some((checkpoint, hash, signature)) = signed
+        && key.sign(checkpoint, &hash) != signature
+    {
+        return Ok(SealOutcome::KeyMismatch { checkpoint });
     }
     let last: Option<(i64, i64, i64, Vec<u8>)> = sqlx::query_as(
         "SELECT seq, txid::text::bigint, event_id, row_hash FROM audit_seals \

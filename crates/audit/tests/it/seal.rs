@@ -32,6 +32,9 @@ async fn sealed_trail() -> (RoleSplitDatabase, Vec<i64>) {
         match seal(&mut owner, &key(), 2).await.unwrap() {
             SealOutcome::Sealed { rows, .. } => sealed += rows,
             SealOutcome::UpToDate | SealOutcome::Busy => {}
+            SealOutcome::KeyMismatch { checkpoint } => {
+                panic!("the test key cannot verify checkpoint {checkpoint}")
+            }
         }
         if sealed == 3 {
             break;
@@ -228,4 +231,50 @@ async fn a_rotated_out_keys_earlier_checkpoints_do_not_fail_the_new_key() {
         matches!(old.tampering, Some(Tampering::Chain { seq: 4, .. })),
         "{old:?}"
     );
+}
+
+/// A different key under an id that already signed checkpoints seals nothing: signing on would
+/// leave every earlier checkpoint of that id unverifiable with either key. The trail still
+/// verifies with the original key, and the new key seals under an id of its own.
+#[tokio::test]
+async fn a_new_key_under_an_id_already_used_seals_nothing() {
+    let (db, _) = sealed_trail().await;
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 4))
+        .await
+        .unwrap();
+    drop(app);
+    let mut owner = db.owner().acquire().await.unwrap();
+    let (last, signed_before): (i64, i64) =
+        sqlx::query_as("SELECT max(seq), count(*) FROM audit_checkpoints")
+            .fetch_one(&mut *owner)
+            .await
+            .unwrap();
+    let impostor = SealKey::new("test-1", b"another key of at least 32 bytes".to_vec()).unwrap();
+    assert_eq!(
+        seal(&mut owner, &impostor, 10).await.unwrap(),
+        SealOutcome::KeyMismatch { checkpoint: last }
+    );
+    let (seals, checkpoints): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM audit_seals), (SELECT count(*) FROM audit_checkpoints)",
+    )
+    .fetch_one(&mut *owner)
+    .await
+    .unwrap();
+    assert_eq!(seals, 3, "nothing was sealed");
+    assert_eq!(checkpoints, signed_before, "nothing was signed");
+    let held = verify(&mut owner, &key(), None).await.unwrap();
+    assert_eq!(held.tampering, None, "{held:?}");
+    let own_id = SealKey::new("test-3", b"another key of at least 32 bytes".to_vec()).unwrap();
+    let mut sealed = 0;
+    for _ in 0..1200 {
+        if let SealOutcome::Sealed { rows, .. } = seal(&mut owner, &own_id, 10).await.unwrap() {
+            sealed += rows;
+        }
+        if sealed == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sealed, 1);
 }
