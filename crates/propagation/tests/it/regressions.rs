@@ -801,13 +801,14 @@ async fn retention_prunes_finished_rows_in_bounded_batches_and_keeps_audit_rows(
         store.reconcile(T0).await.unwrap().is_empty(),
         "single flight"
     );
+    let busy = store
+        .prune(&retention, 2, T0 + time::Duration::days(60))
+        .await
+        .unwrap();
     assert_eq!(
-        store
-            .prune(&retention, 2, T0 + time::Duration::days(60))
-            .await
-            .unwrap(),
-        keel_propagation::postgres::Pruned::default(),
-        "single flight"
+        (busy.applied, busy.dead_lettered, busy.busy),
+        (0, 0, true),
+        "single flight, and said"
     );
     other.rollback().await.unwrap();
     assert_eq!(
