@@ -2084,7 +2084,8 @@ impl Applier for PgRoleApplier {
             Ok(role) => role,
             Err(skip) => return Ok(skip),
         };
-        let role = role.expose();
+        let named = role;
+        let role = named.expose();
         let tier = propagation.payload.target_tier();
         let settings = self.settings.get(tier).ok_or_else(|| {
             ApplyError::new(format!("no role settings are configured for tier {tier}"))
@@ -2093,19 +2094,36 @@ impl Applier for PgRoleApplier {
             Ok(conn) => conn,
             Err(e) => return Err(self.no_connection(&e)),
         };
-        let current: Option<(i32, Option<Vec<String>>, bool)> = match sqlx::query_as(
-            "SELECT rolconnlimit, rolconfig, \
-                    (rolsuper OR rolreplication OR rolcreaterole OR rolbypassrls) \
-             FROM pg_roles WHERE rolname = $1",
-        )
-        .bind(role)
-        .fetch_optional(&mut *conn)
-        .await
-        {
-            Ok(current) => current,
-            Err(e) => return role_error("read the customer role", role, e),
+        // A legacy name carries the token: it is found by its token's digest, computed by the
+        // server, and changed by its oid, so neither the statements nor their parameters name
+        // it (a server that logs statements would log the token).
+        let read = if named.carries_token() {
+            sqlx::query_as(
+                "SELECT oid, rolconnlimit, rolconfig, \
+                        (rolsuper OR rolreplication OR rolcreaterole OR rolbypassrls) \
+                 FROM pg_roles \
+                 WHERE starts_with(rolname, $3) \
+                   AND left(encode(sha256(convert_to(substr(rolname, length($3) + 1), 'UTF8')), \
+                                   'hex'), length($1)) = $1 \
+                   AND length(rolname) = $2",
+            )
+            .bind(named.digest().as_str())
+            .bind(i32::try_from(role.len()).unwrap_or(i32::MAX))
+            .bind(keel_provision::DATABASE_PREFIX)
+        } else {
+            sqlx::query_as(
+                "SELECT oid, rolconnlimit, rolconfig, \
+                        (rolsuper OR rolreplication OR rolcreaterole OR rolbypassrls) \
+                 FROM pg_roles WHERE rolname = $1",
+            )
+            .bind(role)
         };
-        let Some((connection_limit, config, privileged)) = current else {
+        let current: Option<(sqlx::postgres::types::Oid, i32, Option<Vec<String>>, bool)> =
+            match read.fetch_optional(&mut *conn).await {
+                Ok(current) => current,
+                Err(e) => return role_error("read the customer role", role, e),
+            };
+        let Some((oid, connection_limit, config, privileged)) = current else {
             return Ok(role_missing(
                 "the customer role does not exist on the shared cluster",
             ));
@@ -2130,17 +2148,30 @@ impl Applier for PgRoleApplier {
             Ok(tx) => tx,
             Err(e) => return role_error("begin on the shared cluster", role, e),
         };
-        // Both values are integers formatted here; the role is parsed and quoted.
-        for statement in [
-            format!(
-                "ALTER ROLE {quoted} CONNECTION LIMIT {}",
-                settings.connection_limit
-            ),
-            format!(
-                "ALTER ROLE {quoted} SET statement_timeout = '{}ms'",
-                settings.statement_timeout_ms
-            ),
-        ] {
+        // Both values are integers formatted here; the role is parsed and quoted, or (a legacy
+        // name) looked up by its oid inside the block, so its name is never sent.
+        let statements = if named.carries_token() {
+            vec![format!(
+                "DO $keel$ DECLARE r text; BEGIN \
+                   SELECT rolname INTO STRICT r FROM pg_roles WHERE oid = {}; \
+                   EXECUTE format('ALTER ROLE %I CONNECTION LIMIT {}', r); \
+                   EXECUTE format('ALTER ROLE %I SET statement_timeout = %L', r, '{}ms'); \
+                 END $keel$",
+                oid.0, settings.connection_limit, settings.statement_timeout_ms
+            )]
+        } else {
+            vec![
+                format!(
+                    "ALTER ROLE {quoted} CONNECTION LIMIT {}",
+                    settings.connection_limit
+                ),
+                format!(
+                    "ALTER ROLE {quoted} SET statement_timeout = '{}ms'",
+                    settings.statement_timeout_ms
+                ),
+            ]
+        };
+        for statement in statements {
             if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(statement))
                 .execute(&mut *tx)
                 .await

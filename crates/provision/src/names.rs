@@ -303,6 +303,12 @@ impl RoleName {
     pub fn masked(&self) -> String {
         self.0.masked()
     }
+
+    /// Whether the name itself carries the customer's token (a legacy `cust_<token>`): it must
+    /// then never be sent in a statement's text or parameters, which a server may log.
+    pub fn carries_token(&self) -> bool {
+        self.0.legacy.is_some()
+    }
 }
 
 impl fmt::Debug for RoleName {

@@ -310,8 +310,9 @@ async fn a_legacy_role_named_by_its_token_is_changed_only_for_that_token() {
         .unwrap();
 }
 
-/// The applier addresses roles by provisioning's digest names: a cluster that logs every
-/// statement, every message and every connection logs no customer token.
+/// The applier addresses roles by provisioning's digest names, and a legacy role (whose name is
+/// `cust_<token>`) by its token's digest and its oid: a cluster that logs every statement, every
+/// message and every connection logs no customer token.
 #[tokio::test]
 async fn the_role_applier_names_no_token_in_the_server_log() {
     let settings = [
@@ -341,12 +342,40 @@ async fn the_role_applier_names_no_token_in_the_server_log() {
     .execute(&pool)
     .await
     .unwrap();
+    // A legacy role, named by its token: made here without its name in a logged statement.
+    let legacy_token = keel_provision::new_token();
+    let legacy = DatabaseName::legacy_for_token(&legacy_token)
+        .expose()
+        .to_owned();
+    let legacy_hex: String = legacy.bytes().map(|b| format!("{b:02x}")).collect();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN EXECUTE format('CREATE ROLE %I LOGIN CONNECTION LIMIT 5', \
+             convert_from(decode('{legacy_hex}', 'hex'), 'UTF8')); END $$"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
     let missing = keel_provision::new_token();
     let applier = PgRoleApplier::new(pool.clone(), TierRoleSettings::standard());
     assert_eq!(
         applier.apply(&propagation_of(&token, "pro")).await.unwrap(),
         ApplyOutcome::Applied
     );
+    assert_eq!(
+        applier
+            .apply(&propagation_for(Some(&legacy_token), Some(&legacy), "pro"))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    let legacy_limit: i32 = sqlx::query_scalar(
+        "SELECT rolconnlimit FROM pg_roles WHERE encode(convert_to(rolname, 'UTF8'), 'hex') = $1",
+    )
+    .bind(&legacy_hex)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(legacy_limit, 50, "the legacy role was changed");
     assert_eq!(
         applier.apply(&propagation_of(&token, "pro")).await.unwrap(),
         ApplyOutcome::Skipped(SkipReason::Legitimate(LegitimateSkip::AlreadyAtTarget))
@@ -365,7 +394,7 @@ async fn the_role_applier_names_no_token_in_the_server_log() {
         log.contains("ALTER ROLE") && log.contains(&role),
         "the server logged the applier's statements"
     );
-    for token in [&token, &missing] {
+    for token in [&token, &missing, &legacy_token] {
         assert!(
             !log.contains(token.expose()),
             "a customer token reached the server log"
