@@ -589,6 +589,22 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
             }
             Err(e) => {
                 tracing::error!(resource_type = %resource_type, error = %ErrorChain(&e), "could not reserve a resource; nothing was created");
+                // The reservation may have been written although its answer was lost (a deadline,
+                // a connection that ended after the commit): it is settled now, so no `pending`
+                // row the client never heard of holds the team's quota until the reconciler.
+                match self.store.abandon(new.id, None, now).await {
+                    Ok(Flip::Flipped) => tracing::warn!(
+                        resource_id = %new.id,
+                        "a reservation had been written although its answer was lost; it is marked failed"
+                    ),
+                    Ok(Flip::Found(_)) | Err(StoreError::ResourceNotFound) => {}
+                    Err(settle) => tracing::error!(
+                        resource_id = %new.id,
+                        error = %ErrorChain(&settle),
+                        "could not settle a reservation that may have been written; the \
+                         stale-pending reconciler settles it"
+                    ),
+                }
                 self.metrics.outcome(resource_type, Outcome::ReserveFailed);
                 Err(ProvisionError::Reserve(e))
             }

@@ -88,6 +88,24 @@ async fn reserve_failure_creates_nothing_and_answers_503() {
     assert_eq!(outcomes(&h, Outcome::ReserveFailed), 1);
 }
 
+/// A reservation that was written although its answer was lost (the store's deadline passed,
+/// the connection ended after the commit) is marked failed at once: no `pending` row the client
+/// never heard of is left to hold the team's quota until the reconciler, and nothing is created.
+#[tokio::test]
+async fn a_reservation_written_though_its_answer_was_lost_is_settled_at_once() {
+    let h = harness().await;
+    h.provisioner.store().fail_after(StoreStep::Reserve, 1);
+    let err = provision_err(&h).await;
+    assert!(matches!(err, ProvisionError::Reserve(_)), "{err}");
+    let rows = h.rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "failed");
+    assert!(rows[0].soft_deleted && !rows[0].has_url);
+    assert!(!h.object_exists(&rows[0].name).await);
+    assert_eq!(outcomes(&h, Outcome::ReserveFailed), 1);
+    h.assert_invariants().await;
+}
+
 #[tokio::test]
 async fn create_failure_soft_deletes_the_row_and_leaves_no_database() {
     let h = harness().await;
