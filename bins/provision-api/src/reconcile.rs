@@ -155,6 +155,7 @@ mod tests {
             older_than: Duration::from_secs(3600),
             interval: Duration::from_secs(60),
         };
+        let holders = tokio::sync::Semaphore::new(1);
         let mut other_replica = db.pool().acquire().await.unwrap();
         sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
             .bind(LOCK_NAME)
@@ -162,14 +163,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            tick(
-                db.pool(),
-                &provisioner,
-                &tokio::sync::Semaphore::new(1),
-                config
-            )
-            .await
-            .unwrap(),
+            tick(db.pool(), &provisioner, &holders, config)
+                .await
+                .unwrap(),
             Tick::Skipped
         );
         let status: String = sqlx::query_scalar("SELECT status FROM resources")
@@ -183,14 +179,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            tick(
-                db.pool(),
-                &provisioner,
-                &tokio::sync::Semaphore::new(1),
-                config
-            )
-            .await
-            .unwrap(),
+            tick(db.pool(), &provisioner, &holders, config)
+                .await
+                .unwrap(),
             Tick::Settled(1)
         );
         let (status, name): (String, String) =

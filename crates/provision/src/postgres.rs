@@ -36,7 +36,7 @@
 
 use keel_audit::{AuditEvent, ResourceId, ResourceType, TeamId, Tier, TierRoleSettings, Token};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, PgPool, Row as _};
+use sqlx::{ConnectOptions as _, PgConnection, PgPool, Row as _};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -848,13 +848,9 @@ impl PgClusterBackend {
         {
             return Err(fail("create the role of", &e));
         }
-        let owner: Option<String> = sqlx::query_scalar(
-            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
-        )
-        .bind(name.expose())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| fail("look up", &e))?;
+        let owner: Option<String> = database_owner(&mut conn, name)
+            .await
+            .map_err(|e| fail("look up", &e))?;
         match owner {
             Some(owner) if owner == role.expose() => {}
             Some(_) => {
@@ -922,13 +918,9 @@ impl PgClusterBackend {
             .execute(&mut *tx)
             .await
             .map_err(|e| fail("serialize the credential resets of", &e))?;
-        let owner: Option<String> = sqlx::query_scalar(
-            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
-        )
-        .bind(name.expose())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| fail("look up", &e))?;
+        let owner: Option<String> = database_owner(&mut tx, name)
+            .await
+            .map_err(|e| fail("look up", &e))?;
         match owner {
             None => return Ok(None),
             Some(owner) if owner != role.expose() => {
@@ -1040,6 +1032,17 @@ fn database_of(name: &BackendName) -> Result<&DatabaseName, BackendError> {
     }
 }
 
+/// The owner of database `name`, or `None` when there is no such database.
+async fn database_owner(
+    conn: &mut PgConnection,
+    name: &DatabaseName,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1")
+        .bind(name.expose())
+        .fetch_optional(conn)
+        .await
+}
+
 /// Whether a database of this name exists.
 const DATABASE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
 
@@ -1077,13 +1080,9 @@ impl Backend for PgClusterBackend {
             BackendError::unavailable("get an admin connection for", name, redacted(&e, db))
         })?;
         // Never drop a database under the platform's name that its customer role does not own.
-        let owner: Option<String> = sqlx::query_scalar(
-            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
-        )
-        .bind(db.expose())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
+        let owner: Option<String> = database_owner(&mut conn, db)
+            .await
+            .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
         if owner.is_some_and(|owner| owner != role.expose()) {
             return Err(BackendError::Foreign { name: db.masked() });
         }

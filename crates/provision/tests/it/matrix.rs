@@ -62,10 +62,22 @@ fn cases() -> Vec<(&'static str, Vec<Fault>, Expect)> {
             },
         ),
         (
-            // The row committed, its reply was lost: a pending row with no object, settled
-            // later by the reconciler; nothing was created.
+            // The row committed, its reply was lost: the flow marks that id failed at once;
+            // nothing was created.
             "reserve after",
             vec![s(Reserve, After, 1)],
+            Expect {
+                code: Some(ErrorCode::ProvisionFailed),
+                status: Some("failed"),
+                object: false,
+                audit: &[],
+            },
+        ),
+        (
+            // ... and when that flip fails too, the pending row with no object is left for
+            // the reconciler; nothing was created.
+            "reserve after, abandon before",
+            vec![s(Reserve, After, 1), s(Abandon, Before, 1)],
             Expect {
                 code: Some(ErrorCode::ProvisionFailed),
                 status: Some("pending"),
