@@ -328,7 +328,12 @@ macro_rules! diff_ctes {
 }
 
 /// Writes the diff: inserts new hours, updates changed ones in place, and deletes rated hours
-/// whose events are gone, that lost their price, or that left the money model's range. Only
+/// whose events are gone or that lost their price. An hour that left the money model's range
+/// keeps its last rated row (it is reported, never deleted unaudited). The groups of hours left
+/// unrated (unpriced, price lost, out of range) get their change marker back, written by this
+/// same statement and so never seen by its own consuming `DELETE`: every later run rates them
+/// again and pages until they are fixed, and once their hour leaves the routine window they are
+/// late usage awaiting a backfill. Only
 /// rows that differ from what is stored are written, new ones in key order (appending to the
 /// unique index instead of splitting pages at random). Plain statements, no `ON CONFLICT`: only
 /// the rater writes `rated_usage`, one rater at a time (single flight, fenced), so a row that
@@ -351,7 +356,12 @@ macro_rules! write_ctes {
            RETURNING 1 \
          ), removed AS ( \
            DELETE FROM rated_usage r USING diff d \
-           WHERE r.id = d.old_id AND d.what IN ('deleted', 'price_lost', 'out_of_range') \
+           WHERE r.id = d.old_id AND d.what IN ('deleted', 'price_lost') \
+           RETURNING 1 \
+         ), unresolved AS ( \
+           INSERT INTO rating_change (auth_id, meter, window_start) \
+           SELECT auth_id, meter, window_start FROM diff \
+           WHERE what IN ('unpriced', 'price_lost', 'out_of_range') \
            RETURNING 1 \
          )"
     };

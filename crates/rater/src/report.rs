@@ -131,13 +131,16 @@ pub struct LateUsage {
 }
 
 impl LateUsage {
-    /// The command that rates the late usage.
+    /// The command that rates the late usage: it runs as printed, with `--allow-long-span`
+    /// when the late hours span more than [`MAX_SPAN_DAYS`](crate::window::MAX_SPAN_DAYS).
     pub fn backfill_command(&self) -> String {
         let at = crate::window::rfc3339;
+        let long = self.until - self.since > time::Duration::days(crate::window::MAX_SPAN_DAYS);
         format!(
-            "keel-rater --backfill --since {} --until {}",
+            "keel-rater --backfill --since {} --until {}{}",
             at(self.since),
-            at(self.until)
+            at(self.until),
+            if long { " --allow-long-span" } else { "" }
         )
     }
 }
@@ -259,6 +262,44 @@ pub fn loss_attributes(
 
 #[cfg(test)]
 mod tests {
+
+    /// The printed backfill runs as printed: past the longest window accepted without it, it
+    /// carries `--allow-long-span`, and the window it names is accepted.
+    #[test]
+    fn the_printed_backfill_is_accepted_as_printed() {
+        use time::macros::datetime;
+        let late = |since, until| LateUsage {
+            events: 2,
+            hours: 2,
+            lowered: 0,
+            since,
+            until,
+        };
+        let short = late(
+            datetime!(2026-11-01 10:00 UTC),
+            datetime!(2026-11-27 11:00 UTC),
+        );
+        assert!(!short.backfill_command().contains("--allow-long-span"));
+        let long = late(
+            datetime!(2026-09-01 10:00 UTC),
+            datetime!(2026-11-27 11:00 UTC),
+        );
+        assert_eq!(
+            long.backfill_command(),
+            "keel-rater --backfill --since 2026-09-01T10:00:00Z --until 2026-11-27T11:00:00Z \
+             --allow-long-span"
+        );
+        assert!(
+            crate::resolve_window(
+                Some(long.since),
+                Some(long.until),
+                datetime!(2026-12-01 00:00 UTC),
+                true
+            )
+            .is_ok()
+        );
+    }
+
     use super::*;
     use time::macros::datetime;
 

@@ -254,3 +254,90 @@ async fn a_failed_run_keeps_its_markers() {
     let report = routine(&db).await.report.unwrap();
     assert_eq!(report.updated.count, 1);
 }
+
+async fn price_for(pool: &PgPool, meter: &str, unit: &str) {
+    sqlx::query(
+        "INSERT INTO prices (meter, effective_from, unit_price) \
+         VALUES ($1, '2026-01-01 00:00+00', $2::numeric)",
+    )
+    .bind(meter)
+    .bind(unit)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Usage left unrated (an hour with no price, an hour out of the money range) pages on every
+/// routine run until it is rated, never only on the first: the run that reports it gives its
+/// change marker back. An hour that goes out of range keeps its last rated row (never deleted
+/// without an audit row), and a price arriving later rates the unpriced hour.
+#[tokio::test]
+async fn usage_left_unrated_pages_on_every_run_until_it_is_rated() {
+    let db = keel_testkit::database().await;
+    price_for(db.pool(), "big", "999999").await;
+    let big = |id: &str, qty: &str| {
+        BillingEvent::new(
+            id,
+            "auth-big",
+            "big",
+            qty.parse::<Decimal>().unwrap(),
+            H0 + Duration::minutes(10),
+            NOW,
+        )
+        .unwrap()
+    };
+    ingest(db.pool(), &[big("b1", "1")]).await;
+    assert_eq!(routine(&db).await.exit, RaterExit::Clean);
+    let rated: String = sqlx::query_scalar("SELECT amount::text FROM rated_usage")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rated, "999999");
+
+    let unpriced = BillingEvent::new(
+        "g1",
+        "auth-gpu",
+        "gpu_seconds",
+        Decimal::from(60),
+        H0 + Duration::minutes(20),
+        NOW,
+    )
+    .unwrap();
+    ingest(db.pool(), &[unpriced, big("b2", "999999999999999")]).await;
+    for run in 1..=3 {
+        let outcome = routine(&db).await;
+        assert_eq!(outcome.exit, RaterExit::Attention, "run {run}");
+        let report = outcome.report.unwrap();
+        assert_eq!(
+            (report.unpriced.count, report.out_of_range.count),
+            (1, 1),
+            "run {run}"
+        );
+        let kept: Vec<String> = sqlx::query_scalar("SELECT amount::text FROM rated_usage")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(kept, ["999999"], "run {run}: the billed row is kept");
+    }
+
+    price_for(db.pool(), "gpu_seconds", "0.5").await;
+    sqlx::query("DELETE FROM billing_event WHERE event_id = 'b2'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let fixed = routine(&db).await;
+    assert_eq!(fixed.exit, RaterExit::Clean);
+    assert_eq!(routine(&db).await.exit, RaterExit::Clean);
+    let amounts: Vec<(String, String)> =
+        sqlx::query_as("SELECT meter, amount::text FROM rated_usage ORDER BY meter")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        amounts,
+        [
+            ("big".to_owned(), "999999".to_owned()),
+            ("gpu_seconds".to_owned(), "30".to_owned())
+        ]
+    );
+}
