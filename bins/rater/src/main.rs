@@ -173,6 +173,8 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     };
     keel_service::run(&cli.log, async move {
+        // First of all (a runtime is needed): from here on a signal is a stop the run records.
+        let stop = stop_signal();
         // No per-statement logging: sqlx's "slow statement" WARN would print the whole rating
         // statement on every large, healthy run; each day's duration is logged at INFO instead.
         let options = database_url.connect_options()?.disable_statement_logging();
@@ -190,7 +192,7 @@ fn main() -> ExitCode {
             now,
         };
         tracing::info!(window = %window, explicit, dry_run = args.dry_run, "rating");
-        let result = run_until(&pool, &lock_options, request, stop_signal()).await;
+        let result = run_until(&pool, &lock_options, request, stop).await;
         if let Some(url) = &push_url {
             let deadline = std::time::Duration::from_secs(args.push_metrics_timeout_secs);
             push_metrics(&pool, url, deadline).await;
@@ -213,26 +215,44 @@ impl PgConnectionProbe {
     }
 }
 
-/// Completes on SIGTERM (a Kubernetes deadline or drain) or Ctrl-C.
-async fn stop_signal() {
+/// Completes on SIGTERM (a Kubernetes deadline or drain) or Ctrl-C. The handlers are installed
+/// when this is called, not when the future is first polled: a signal that arrives while the
+/// run is still taking its lock is then a stop the run records, never the default disposition
+/// that kills the process (exit 143) with no ledger row.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let handlers = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            match handlers {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Some(mut term), None) => {
+                    term.recv().await;
+                }
+                (None, Some(mut int)) => {
+                    int.recv().await;
+                }
+                (None, None) => {
+                    let _ = tokio::signal::ctrl_c().await;
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -406,3 +406,50 @@ async fn the_log_format_may_precede_migrate_but_rating_flags_may_not() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGTERM while the run still waits to take its lock (the fence row is held by another
+/// session) is a stop the run records: exit 1, a ledger row that says so, nothing rated. The
+/// signal handlers are installed before anything connects, so the default disposition never
+/// kills the process (exit 143) with no ledger row.
+#[tokio::test]
+async fn sigterm_while_taking_the_lock_exits_1_with_a_ledger_row() {
+    let db = keel_testkit::database().await;
+    let mut blocker = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT * FROM rater_lease FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let child = spawn_keel_rater(&[], &db.url());
+    let mut waiting = false;
+    for _ in 0..400 {
+        waiting = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                            AND application_name = 'keel-rater-lock' \
+                            AND datname = current_database())",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(waiting, "the rater never waited on its lock");
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = child.wait_with_output().unwrap();
+    blocker.rollback().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("termination signal"), "{stderr}");
+    let rows: Vec<(Option<i16>, bool)> =
+        sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, [(Some(1), true)]);
+}

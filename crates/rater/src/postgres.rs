@@ -836,10 +836,21 @@ pub async fn run_until(
     request: RunRequest,
     stop: impl Future<Output = ()>,
 ) -> Result<RunOutcome, RaterError> {
+    let stop = std::pin::pin!(stop);
+    let mut stop = stop;
     if request.dry_run {
-        return dry_run(pool, request).await;
+        return tokio::select! {
+            result = dry_run(pool, request) => result,
+            () = &mut stop => Err(RaterError::Terminated { days: 0 }),
+        };
     }
-    let acquired = match SingleFlight::try_acquire(lock_options).await {
+    // A stop while the lock is being taken (it may wait on the fence row) is recorded like any
+    // run that reached the database and did nothing.
+    let acquiring = tokio::select! {
+        acquired = SingleFlight::try_acquire(lock_options) => acquired,
+        () = &mut stop => Err(RaterError::Terminated { days: 0 }),
+    };
+    let acquired = match acquiring {
         Ok(acquired) => acquired,
         Err(e) => {
             record_failed_start(pool, request, &e).await;
@@ -872,7 +883,7 @@ pub async fn run_until(
     let work = locked_work(lock, request, run_id, &mut days_committed);
     let result = tokio::select! {
         result = work => result,
-        () = stop => Err(RaterError::Terminated { days: 0 }),
+        () = &mut stop => Err(RaterError::Terminated { days: 0 }),
     };
     let result = match result {
         Err(RaterError::Terminated { .. }) => Err(RaterError::Terminated {
@@ -888,7 +899,7 @@ pub async fn run_until(
         ),
         Err(e) => (RaterExit::Error, Some(e.to_string()), 0),
     };
-    sqlx::query(
+    let closed = sqlx::query(
         "UPDATE rater_runs SET finished_at = now(), exit_code = $2, error = $3, late_events = $4 \
          WHERE id = $1",
     )
@@ -898,7 +909,14 @@ pub async fn run_until(
     .bind(i64::try_from(late).unwrap_or(i64::MAX))
     .execute(pool)
     .await
-    .map_err(db("record the run's outcome"))?;
+    .map_err(db("record the run's outcome"));
+    if let Err(unrecorded) = closed {
+        // The run's own error (the database went away under it, say) is what the operator
+        // needs; the ledger's is logged beside it, never in its place.
+        tracing::error!(error = %unrecorded, run_id, "could not close the run's ledger row");
+        result?;
+        return Err(unrecorded);
+    }
     let report = result?;
     Ok(RunOutcome {
         exit,
