@@ -556,11 +556,27 @@ pub async fn preview_window(
     report_from_rows(rows).map_err(db("read the rating report"))
 }
 
+/// Change markers for every rated hour before `$1` whose stored price is no longer its hour's
+/// price (the price with the latest `effective_from` at or before the hour), or whose hour has
+/// no price any more. Run when a routine run consumes a whole-window marker (a price changed).
+const REPRICED_BEFORE_WINDOW: &str = "INSERT INTO rating_change (auth_id, meter, window_start) \
+     SELECT r.auth_id, r.meter, r.window_start FROM rated_usage r \
+     LEFT JOIN LATERAL ( \
+       SELECT p.unit_price, p.currency FROM prices p \
+       WHERE p.meter = r.meter AND p.effective_from <= r.window_start \
+       ORDER BY p.effective_from DESC LIMIT 1 \
+     ) hp ON true \
+     WHERE r.window_start < $1 \
+       AND (hp.unit_price IS NULL \
+            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency))";
+
 /// Late usage among the change markers of hours before `$1`: per marked group, its events
 /// against its rated row (looked up per group, `OFFSET 0`, as in the changed-groups diff). A
 /// group whose events no longer match its rated row is late: they grew beyond it (or it has
 /// events and no rated row), or they went down or vanished under a rated row (`lowered`: the
-/// bill is too high until a backfill reconciles it). The others need nothing.
+/// bill is too high until a backfill reconciles it), or the rated row is no longer billed at
+/// its hour's price (a price changed, or went away, after the hour was rated). The others need
+/// nothing.
 macro_rules! late_judged {
     () => {
         "WITH keys AS ( \
@@ -569,7 +585,10 @@ macro_rules! late_judged {
            SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
                   coalesce(r.event_count, 0) AS rated_events, \
                   CASE WHEN r.id IS NULL THEN e.event_count > 0 \
-                       ELSE e.event_count <> r.event_count OR e.quantity <> r.quantity END AS late, \
+                       ELSE e.event_count <> r.event_count OR e.quantity <> r.quantity \
+                            OR hp.unit_price IS NULL \
+                            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency) \
+                  END AS late, \
                   r.id IS NOT NULL AND (e.event_count < r.event_count \
                                         OR e.quantity < r.quantity) AS lowered \
            FROM keys k \
@@ -580,10 +599,15 @@ macro_rules! late_judged {
                AND b.occurred_at >= k.window_start AND b.occurred_at < k.window_start + interval '1 hour' \
            ) e \
            LEFT JOIN LATERAL ( \
-             SELECT id, quantity, event_count FROM rated_usage u \
+             SELECT id, quantity, event_count, unit_price, currency FROM rated_usage u \
              WHERE u.auth_id = k.auth_id AND u.meter = k.meter AND u.window_start = k.window_start \
              OFFSET 0 \
            ) r ON true \
+           LEFT JOIN LATERAL ( \
+             SELECT p.unit_price, p.currency FROM prices p \
+             WHERE p.meter = k.meter AND p.effective_from <= k.window_start \
+             ORDER BY p.effective_from DESC LIMIT 1 \
+           ) hp ON true \
          )"
     };
 }
@@ -1000,6 +1024,14 @@ async fn locked_work(
                 .execute(&mut *tx)
                 .await
                 .map_err(db("consume the whole-window markers"))?;
+            // A price change reaches behind the window too: every rated hour before it that is
+            // no longer billed at its hour's price gets a change marker, so the late-usage check
+            // pages for it (and prints its backfill) on every run until it is re-rated.
+            sqlx::query(REPRICED_BEFORE_WINDOW)
+                .bind(request.window.start())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("mark rated hours a price change reached"))?;
         }
         if report.losses() > 0 {
             let kind = if request.explicit {

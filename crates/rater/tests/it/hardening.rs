@@ -815,3 +815,44 @@ async fn the_pushed_metrics_are_the_runs_that_finished_and_their_sums_never_over
         9_223_372_036_854_775_807.0
     );
 }
+
+/// A price change reaches hours rated before the routine window too: the routine run that
+/// consumes its whole-window marker marks every earlier rated hour no longer billed at its
+/// hour's price, and each run pages for it (late usage, with its backfill) until the backfill
+/// re-rates it.
+#[tokio::test]
+async fn a_price_change_behind_the_window_pages_until_it_is_backfilled() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    event(db.pool(), "e1", "acme", "1000", H0 + Duration::minutes(5)).await;
+    assert_eq!(go(&db, 1, true).await.exit, RaterExit::Clean);
+    let routine_run = || async {
+        run(db.pool(), &db.connect_options(), routine(12))
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        routine_run().await.exit,
+        RaterExit::Clean,
+        "nothing changed yet"
+    );
+    exec(db.pool(), "UPDATE prices SET unit_price = 0.002")
+        .await
+        .unwrap();
+    for attempt in 1..=2 {
+        let outcome = routine_run().await;
+        assert_eq!(outcome.exit, RaterExit::Attention, "run {attempt}");
+        let late = outcome.report.unwrap().late.expect("late usage");
+        assert_eq!((late.hours, late.since), (1, H0), "run {attempt}");
+        assert_eq!(
+            amounts(db.pool()).await,
+            [("acme".to_owned(), "1".to_owned())]
+        );
+    }
+    assert_eq!(go(&db, 1, true).await.exit, RaterExit::Clean);
+    assert_eq!(
+        amounts(db.pool()).await,
+        [("acme".to_owned(), "2".to_owned())]
+    );
+    assert_eq!(routine_run().await.exit, RaterExit::Clean);
+}
