@@ -72,6 +72,16 @@ impl fmt::Display for Rfc3339 {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WindowError {
+    /// The window would start before year 1 (UTC), which no stored time may (migration 0099).
+    #[error(
+        "the window would start at {}, before 0001-01-01T00:00:00Z, the earliest time a run can \
+         record; give a later --since or --until",
+        Rfc3339(*.start)
+    )]
+    BeforeYearOne {
+        /// Where it would start.
+        start: OffsetDateTime,
+    },
     /// `since` is not before `until`.
     #[error(
         "--since ({}) must be before the window's end ({}: --until, or the start of the current \
@@ -160,6 +170,9 @@ pub fn resolve_window(
         Some(since) => on_the_hour("since", since)?,
         None => end - Duration::hours(DEFAULT_HOURS),
     };
+    if start < time::macros::datetime!(0001-01-01 00:00 UTC) {
+        return Err(WindowError::BeforeYearOne { start });
+    }
     if start >= end {
         return Err(WindowError::Empty {
             since: start,
@@ -182,6 +195,27 @@ pub fn resolve_window(
 
 #[cfg(test)]
 mod tests {
+
+    /// A window that would start before year 1 is refused before anything connects: no stored
+    /// time may be earlier, so the run would fail after taking its lock, with no ledger row.
+    #[test]
+    fn a_window_before_year_one_is_refused() {
+        let now = time::macros::datetime!(2026-12-02 12:30 UTC);
+        let year_one = time::macros::datetime!(0001-01-01 00:00 UTC);
+        let err = resolve_window(None, Some(year_one), now, false).unwrap_err();
+        assert!(matches!(err, WindowError::BeforeYearOne { .. }), "{err:?}");
+        assert!(err.to_string().contains("0001-01-01T00:00:00Z"), "{err}");
+        assert!(
+            resolve_window(
+                Some(year_one),
+                Some(year_one + Duration::hours(1)),
+                now,
+                false
+            )
+            .is_ok()
+        );
+    }
+
     use super::*;
     use time::macros::datetime;
 
