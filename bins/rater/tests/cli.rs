@@ -29,6 +29,35 @@ fn spawn_keel_rater(args: &[&str], database_url: &str) -> std::process::Child {
         .expect("run keel-rater")
 }
 
+/// Polls `condition` (a boolean query) until it holds, for at most ten seconds; whether it did.
+async fn eventually(db: &keel_testkit::TestDatabase, condition: &'static str) -> bool {
+    for _ in 0..400 {
+        let holds: bool = sqlx::query_scalar(condition)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        if holds {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    false
+}
+
+/// Sends SIGTERM to `child` and waits for it: its exit code and standard error.
+fn terminate(child: std::process::Child) -> (Option<i32>, String) {
+    let signalled = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn usage_errors_exit_64_and_help_lists_the_exit_codes() {
     let cases: &[&[&str]] = &[
@@ -312,32 +341,18 @@ async fn sigterm_rolls_back_the_day_in_progress_and_closes_the_ledger_row() {
         .await
         .unwrap();
     let child = spawn_keel_rater(&[], &db.url());
-    let mut open = false;
-    for _ in 0..400 {
-        open = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM rater_runs WHERE finished_at IS NULL) \
-                AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                            AND application_name = 'keel-rater-lock' \
-                            AND datname = current_database())",
-        )
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        if open {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let open = eventually(
+        &db,
+        "SELECT EXISTS (SELECT 1 FROM rater_runs WHERE finished_at IS NULL) \
+            AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                        AND application_name = 'keel-rater-lock' \
+                        AND datname = current_database())",
+    )
+    .await;
     assert!(open, "the rater never reached its rating statement");
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let out = child.wait_with_output().unwrap();
+    let (code, stderr) = terminate(child);
     blocker.rollback().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("termination signal"), "{stderr}");
     let row: (Option<i16>, bool) =
         sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")
@@ -420,31 +435,17 @@ async fn sigterm_while_taking_the_lock_exits_1_with_a_ledger_row() {
         .await
         .unwrap();
     let child = spawn_keel_rater(&[], &db.url());
-    let mut waiting = false;
-    for _ in 0..400 {
-        waiting = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                            AND application_name = 'keel-rater-lock' \
-                            AND datname = current_database())",
-        )
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        if waiting {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let waiting = eventually(
+        &db,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                        AND application_name = 'keel-rater-lock' \
+                        AND datname = current_database())",
+    )
+    .await;
     assert!(waiting, "the rater never waited on its lock");
-    let signalled = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let out = child.wait_with_output().unwrap();
+    let (code, stderr) = terminate(child);
     blocker.rollback().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("termination signal"), "{stderr}");
     let rows: Vec<(Option<i16>, bool)> =
         sqlx::query_as("SELECT exit_code, finished_at IS NOT NULL FROM rater_runs")

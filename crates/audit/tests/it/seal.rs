@@ -80,6 +80,17 @@ async fn seal_until(owner: &mut sqlx::PgConnection, key: &SealKey, rows: u64) ->
     sealed
 }
 
+/// [`sealed_trail`] and a fourth row, written by the application role and not sealed yet.
+async fn sealed_trail_and_one_more_row() -> RoleSplitDatabase {
+    let (db, _) = sealed_trail().await;
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::PropagationApplied, 4))
+        .await
+        .unwrap();
+    drop(app);
+    db
+}
+
 async fn as_owner(db: &RoleSplitDatabase, sql: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(db.owner())
@@ -217,12 +228,7 @@ async fn a_checkpoint_under_another_key_id_is_never_skipped() {
 /// the new key's later checkpoints, so the trail still holds under the new key.
 #[tokio::test]
 async fn a_rotated_out_keys_earlier_checkpoints_do_not_fail_the_new_key() {
-    let (db, _) = sealed_trail().await;
-    let mut app = db.app().acquire().await.unwrap();
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 4))
-        .await
-        .unwrap();
-    drop(app);
+    let db = sealed_trail_and_one_more_row().await;
     let rotated = SealKey::new("test-2", b"the next seal key, 32 bytes long".to_vec()).unwrap();
     let mut owner = db.owner().acquire().await.unwrap();
     assert_eq!(seal_until(&mut owner, &rotated, 1).await, 1);
@@ -244,12 +250,7 @@ async fn a_rotated_out_keys_earlier_checkpoints_do_not_fail_the_new_key() {
 /// verifies with the original key, and the new key seals under an id of its own.
 #[tokio::test]
 async fn a_new_key_under_an_id_already_used_seals_nothing() {
-    let (db, _) = sealed_trail().await;
-    let mut app = db.app().acquire().await.unwrap();
-    insert(&mut app, &sample(AuditKind::PropagationApplied, 4))
-        .await
-        .unwrap();
-    drop(app);
+    let db = sealed_trail_and_one_more_row().await;
     let mut owner = db.owner().acquire().await.unwrap();
     let (last, signed_before): (i64, i64) =
         sqlx::query_as("SELECT max(seq), count(*) FROM audit_checkpoints")
