@@ -102,6 +102,21 @@ struct CorruptRow {
     what: &'static str,
 }
 
+/// Records `audit` in `tx` and commits it: the audit row commits with the state change the
+/// transaction made, or neither does.
+async fn record_and_commit(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    audit: &AuditEvent,
+    op: &'static str,
+) -> Result<(), StoreError> {
+    keel_audit::postgres::insert(&mut tx, audit)
+        .await
+        .map_err(audit_error)?;
+    tx.commit()
+        .await
+        .map_err(|e| StoreError::unavailable(op, e))
+}
+
 fn audit_error(e: keel_audit::AuditSinkError) -> StoreError {
     StoreError::unavailable("record the audit row", e)
 }
@@ -303,12 +318,7 @@ impl ResourceStore for PgResourceStore {
         if updated.rows_affected() != 1 {
             return Ok(false);
         }
-        keel_audit::postgres::insert(&mut tx, audit)
-            .await
-            .map_err(audit_error)?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::unavailable(op, e))?;
+        record_and_commit(tx, audit, op).await?;
         Ok(true)
     }
 
@@ -344,12 +354,7 @@ impl ResourceStore for PgResourceStore {
         if !active {
             return Ok(false);
         }
-        keel_audit::postgres::insert(&mut tx, audit)
-            .await
-            .map_err(audit_error)?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::unavailable("commit an audit row", e))?;
+        record_and_commit(tx, audit, "commit an audit row").await?;
         Ok(true)
     }
 
@@ -459,12 +464,7 @@ impl ResourceStore for PgResourceStore {
         if recorded {
             return Ok(OrphanRecord::AlreadyRecorded);
         }
-        keel_audit::postgres::insert(&mut tx, audit)
-            .await
-            .map_err(audit_error)?;
-        tx.commit()
-            .await
-            .map_err(|e| StoreError::unavailable(op, e))?;
+        record_and_commit(tx, audit, op).await?;
         Ok(OrphanRecord::Written)
     }
 }
