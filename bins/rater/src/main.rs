@@ -174,12 +174,17 @@ fn main() -> ExitCode {
     };
     keel_service::run(&cli.log, async move {
         // First of all (a runtime is needed): from here on a signal is a stop the run records.
-        let stop = stop_signal();
+        let mut stop = std::pin::pin!(stop_signal());
         // No per-statement logging: sqlx's "slow statement" WARN would print the whole rating
         // statement on every large, healthy run; each day's duration is logged at INFO instead.
         let options = database_url.connect_options()?.disable_statement_logging();
         // One direct connection first, so an unreachable database reports its cause at once.
-        PgConnectionProbe::check(&options).await?;
+        tokio::select! {
+            probed = PgConnectionProbe::check(&options) => probed?,
+            () = &mut stop => {
+                anyhow::bail!("stopped by a termination signal before connecting; nothing was rated")
+            }
+        }
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(std::time::Duration::from_secs(10))
@@ -192,7 +197,7 @@ fn main() -> ExitCode {
             now,
         };
         tracing::info!(window = %window, explicit, dry_run = args.dry_run, "rating");
-        let result = run_until(&pool, &lock_options, request, stop).await;
+        let result = run_until(&pool, &lock_options, request, &mut stop).await;
         if let Some(url) = &push_url {
             let deadline = std::time::Duration::from_secs(args.push_metrics_timeout_secs);
             push_metrics(&pool, url, deadline).await;

@@ -592,7 +592,19 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 // The reservation may have been written although its answer was lost (a deadline,
                 // a connection that ended after the commit): it is settled now, so no `pending`
                 // row the client never heard of holds the team's quota until the reconciler.
-                match self.store.abandon(new.id, None, now).await {
+                let audit = AuditEvent::new(AuditKind::ProvisionReconciled, request.actor, now)
+                    .team(request.team_id)
+                    .resource(new.id)
+                    .request(request.request_id)
+                    .attr("resource_type", resource_type.as_str())
+                    .and_then(|event| event.attr("tier", request.tier.as_str()))
+                    .and_then(|event| event.attr("failed_step", "reserve"))
+                    .and_then(|event| event.attr("reason", "reservation_reply_lost"))
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "could not build the settled reservation's audit row")
+                    })
+                    .ok();
+                match self.store.abandon(new.id, audit.as_ref(), now).await {
                     Ok(Flip::Flipped) => tracing::warn!(
                         resource_id = %new.id,
                         "a reservation had been written although its answer was lost; it is marked failed"

@@ -913,8 +913,9 @@ impl PgClusterBackend {
         let mut tx = sqlx::Connection::begin(&mut *conn)
             .await
             .map_err(|e| fail("begin resetting the credentials of", &e))?;
+        // Keyed on the token's digest, never on the name (a legacy name carries the token).
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('keel-rotate:' || $1, 0))")
-            .bind(role.expose())
+            .bind(role.digest().as_str())
             .execute(&mut *tx)
             .await
             .map_err(|e| fail("serialize the credential resets of", &e))?;

@@ -568,7 +568,10 @@ const REPRICED_BEFORE_WINDOW: &str = "INSERT INTO rating_change (auth_id, meter,
      ) hp ON true \
      WHERE r.window_start < $1 \
        AND (hp.unit_price IS NULL \
-            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency))";
+            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency)) \
+       AND NOT EXISTS (SELECT 1 FROM rating_change m \
+                       WHERE m.auth_id = r.auth_id AND m.meter = r.meter \
+                         AND m.window_start = r.window_start)";
 
 /// Late usage among the change markers of hours before `$1`: per marked group, its events
 /// against its rated row (looked up per group, `OFFSET 0`, as in the changed-groups diff). A
@@ -579,9 +582,46 @@ const REPRICED_BEFORE_WINDOW: &str = "INSERT INTO rating_change (auth_id, meter,
 /// nothing.
 macro_rules! late_judged {
     () => {
-        "WITH keys AS ( \
-           SELECT DISTINCT auth_id, meter, window_start FROM rating_change WHERE window_start < $1 \
-         ), judged AS ( \
+        concat!(
+            "WITH keys AS ( \
+               SELECT DISTINCT auth_id, meter, window_start FROM rating_change \
+               WHERE window_start < $1 \
+             )",
+            late_judged_from_keys!()
+        )
+    };
+}
+
+/// [`late_judged`] for the dry run: when `$2` (the run would take a price change's
+/// whole-window marker), the rated hours before `$1` that [`REPRICED_BEFORE_WINDOW`] would mark
+/// are judged too, as the real run judges them after marking them.
+macro_rules! late_judged_preview {
+    () => {
+        concat!(
+            "WITH keys AS ( \
+               SELECT DISTINCT auth_id, meter, window_start FROM ( \
+                 SELECT auth_id, meter, window_start FROM rating_change WHERE window_start < $1 \
+                 UNION ALL \
+                 SELECT r.auth_id, r.meter, r.window_start FROM rated_usage r \
+                 LEFT JOIN LATERAL ( \
+                   SELECT p.unit_price, p.currency FROM prices p \
+                   WHERE p.meter = r.meter AND p.effective_from <= r.window_start \
+                   ORDER BY p.effective_from DESC LIMIT 1 \
+                 ) hp ON true \
+                 WHERE $2 AND r.window_start < $1 \
+                   AND (hp.unit_price IS NULL \
+                        OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency)) \
+               ) marked \
+             )",
+            late_judged_from_keys!()
+        )
+    };
+}
+
+/// The judgement of [`late_judged`] over its `keys`.
+macro_rules! late_judged_from_keys {
+    () => {
+        ", judged AS ( \
            SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
                   coalesce(r.event_count, 0) AS rated_events, \
                   CASE WHEN r.id IS NULL THEN e.event_count > 0 \
@@ -634,8 +674,9 @@ pub const LATE_USAGE: &str = concat!(
     late_select!()
 );
 
-/// [`LATE_USAGE`] without consuming anything (the dry run).
-pub const LATE_USAGE_PREVIEW: &str = concat!(late_judged!(), late_select!());
+/// [`LATE_USAGE`] without consuming anything (the dry run); `$2`: whether the run would take a
+/// price change's whole-window marker (and so mark the rated hours it reaches first).
+pub const LATE_USAGE_PREVIEW: &str = concat!(late_judged_preview!(), late_select!());
 
 /// Finds late usage: change markers of hours before `before` (events ingested, changed or
 /// deleted after their hour left the routine window) whose events no longer match what is
@@ -650,10 +691,21 @@ pub async fn find_late_usage(
     before: OffsetDateTime,
     read_only: bool,
 ) -> Result<Option<LateUsage>, RaterError> {
-    let statement = if read_only {
-        LATE_USAGE_PREVIEW
-    } else {
-        LATE_USAGE
+    late_usage(conn, before, read_only.then_some(false)).await
+}
+
+/// [`find_late_usage`]; `preview` is `Some(reprices)` for the read-only preview, `reprices`
+/// saying whether the run previewed would take a price change's whole-window marker.
+async fn late_usage(
+    conn: &mut PgConnection,
+    before: OffsetDateTime,
+    preview: Option<bool>,
+) -> Result<Option<LateUsage>, RaterError> {
+    let query = match preview {
+        Some(reprices) => sqlx::query_as(LATE_USAGE_PREVIEW)
+            .bind(before)
+            .bind(reprices),
+        None => sqlx::query_as(LATE_USAGE).bind(before),
     };
     let row: (
         i64,
@@ -661,8 +713,7 @@ pub async fn find_late_usage(
         i64,
         Option<OffsetDateTime>,
         Option<OffsetDateTime>,
-    ) = sqlx::query_as(statement)
-        .bind(before)
+    ) = query
         .fetch_one(&mut *conn)
         .await
         .map_err(db("look for late usage"))?;
@@ -1151,7 +1202,14 @@ async fn dry_run(pool: &PgPool, request: RunRequest) -> Result<RunOutcome, Rater
         log_day(&report, day, request.explicit, true);
         total.absorb(report);
     }
-    total.late = find_late_usage(&mut tx, request.window.start(), true).await?;
+    // A routine run takes a pending price change's whole-window marker and marks the rated
+    // hours before its window that the change reaches; the preview judges those too.
+    let reprices = !request.explicit
+        && sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM rating_change_all)")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("look for a pending price change"))?;
+    total.late = late_usage(&mut tx, request.window.start(), Some(reprices)).await?;
     log_late(total.late.as_ref(), true);
     tx.rollback().await.map_err(db("end the dry run"))?;
     let would_exit = exit_code(total.losses(), request.explicit, total.has_anomaly());

@@ -62,15 +62,15 @@ fn cases() -> Vec<(&'static str, Vec<Fault>, Expect)> {
             },
         ),
         (
-            // The row committed, its reply was lost: the flow marks that id failed at once;
-            // nothing was created.
+            // The row committed, its reply was lost: the flow marks that id failed at once,
+            // audited; nothing was created.
             "reserve after",
             vec![s(Reserve, After, 1)],
             Expect {
                 code: Some(ErrorCode::ProvisionFailed),
                 status: Some("failed"),
                 object: false,
-                audit: &[],
+                audit: &[AuditKind::ProvisionReconciled],
             },
         ),
         (

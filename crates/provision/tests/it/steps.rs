@@ -102,6 +102,12 @@ async fn a_reservation_written_though_its_answer_was_lost_is_settled_at_once() {
     assert_eq!(rows[0].status, "failed");
     assert!(rows[0].soft_deleted && !rows[0].has_url);
     assert!(!h.object_exists(&rows[0].name).await);
+    assert_eq!(h.audit_kinds().await, [AuditKind::ProvisionReconciled]);
+    let audit = h.audit().await;
+    assert_eq!(
+        audit[0].attributes().get("reason"),
+        Some("reservation_reply_lost")
+    );
     assert_eq!(outcomes(&h, Outcome::ReserveFailed), 1);
     h.assert_invariants().await;
 }

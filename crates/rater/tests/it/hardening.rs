@@ -839,6 +839,19 @@ async fn a_price_change_behind_the_window_pages_until_it_is_backfilled() {
     exec(db.pool(), "UPDATE prices SET unit_price = 0.002")
         .await
         .unwrap();
+    // The dry run says so before any run has marked the hour.
+    let preview = run(
+        db.pool(),
+        &db.connect_options(),
+        RunRequest {
+            dry_run: true,
+            ..routine(12)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(preview.would_exit, RaterExit::Attention);
+    assert_eq!(preview.report.unwrap().late.map(|l| l.since), Some(H0));
     for attempt in 1..=2 {
         let outcome = routine_run().await;
         assert_eq!(outcome.exit, RaterExit::Attention, "run {attempt}");
