@@ -556,22 +556,54 @@ pub async fn preview_window(
     report_from_rows(rows).map_err(db("read the rating report"))
 }
 
+/// `hp`: the price of the hour that starts at `$at` for meter `$meter` (the price with the
+/// latest `effective_from` at or before it; one lookup by the `prices` key), to join to a row.
+macro_rules! hour_price {
+    ($meter:literal, $at:literal) => {
+        concat!(
+            " LEFT JOIN LATERAL ( \
+               SELECT p.unit_price, p.currency FROM prices p \
+               WHERE p.meter = ",
+            $meter,
+            " AND p.effective_from <= ",
+            $at,
+            " ORDER BY p.effective_from DESC LIMIT 1 \
+             ) hp ON true "
+        )
+    };
+}
+
+/// Whether the rated row `r` is no longer billed at its hour's price `hp` ([`hour_price`]):
+/// the price changed, or the hour has none any more.
+macro_rules! price_differs {
+    () => {
+        " (hp.unit_price IS NULL \
+           OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency)) "
+    };
+}
+
+/// The groups of the rated hours before `$1` that are no longer billed at their hour's price.
+macro_rules! repriced_hours {
+    () => {
+        concat!(
+            "SELECT r.auth_id, r.meter, r.window_start FROM rated_usage r",
+            hour_price!("r.meter", "r.window_start"),
+            "WHERE r.window_start < $1 AND",
+            price_differs!()
+        )
+    };
+}
+
 /// Change markers for every rated hour before `$1` whose stored price is no longer its hour's
-/// price (the price with the latest `effective_from` at or before the hour), or whose hour has
-/// no price any more. Run when a routine run consumes a whole-window marker (a price changed).
-const REPRICED_BEFORE_WINDOW: &str = "INSERT INTO rating_change (auth_id, meter, window_start) \
-     SELECT r.auth_id, r.meter, r.window_start FROM rated_usage r \
-     LEFT JOIN LATERAL ( \
-       SELECT p.unit_price, p.currency FROM prices p \
-       WHERE p.meter = r.meter AND p.effective_from <= r.window_start \
-       ORDER BY p.effective_from DESC LIMIT 1 \
-     ) hp ON true \
-     WHERE r.window_start < $1 \
-       AND (hp.unit_price IS NULL \
-            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency)) \
-       AND NOT EXISTS (SELECT 1 FROM rating_change m \
-                       WHERE m.auth_id = r.auth_id AND m.meter = r.meter \
-                         AND m.window_start = r.window_start)";
+/// price, or whose hour has no price any more, unless it is marked already. Run when a routine
+/// run consumes a whole-window marker (a price changed).
+const REPRICED_BEFORE_WINDOW: &str = concat!(
+    "INSERT INTO rating_change (auth_id, meter, window_start) ",
+    repriced_hours!(),
+    "AND NOT EXISTS (SELECT 1 FROM rating_change m \
+                     WHERE m.auth_id = r.auth_id AND m.meter = r.meter \
+                       AND m.window_start = r.window_start)"
+);
 
 /// Late usage among the change markers of hours before `$1`: per marked group, its events
 /// against its rated row (looked up per group, `OFFSET 0`, as in the changed-groups diff). A
@@ -601,16 +633,9 @@ macro_rules! late_judged_preview {
             "WITH keys AS ( \
                SELECT DISTINCT auth_id, meter, window_start FROM ( \
                  SELECT auth_id, meter, window_start FROM rating_change WHERE window_start < $1 \
-                 UNION ALL \
-                 SELECT r.auth_id, r.meter, r.window_start FROM rated_usage r \
-                 LEFT JOIN LATERAL ( \
-                   SELECT p.unit_price, p.currency FROM prices p \
-                   WHERE p.meter = r.meter AND p.effective_from <= r.window_start \
-                   ORDER BY p.effective_from DESC LIMIT 1 \
-                 ) hp ON true \
-                 WHERE $2 AND r.window_start < $1 \
-                   AND (hp.unit_price IS NULL \
-                        OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency)) \
+                 UNION ALL ",
+            repriced_hours!(),
+            "AND $2 \
                ) marked \
              )",
             late_judged_from_keys!()
@@ -621,34 +646,34 @@ macro_rules! late_judged_preview {
 /// The judgement of [`late_judged`] over its `keys`.
 macro_rules! late_judged_from_keys {
     () => {
-        ", judged AS ( \
-           SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
-                  coalesce(r.event_count, 0) AS rated_events, \
-                  CASE WHEN r.id IS NULL THEN e.event_count > 0 \
-                       ELSE e.event_count <> r.event_count OR e.quantity <> r.quantity \
-                            OR hp.unit_price IS NULL \
-                            OR (r.unit_price, r.currency) IS DISTINCT FROM (hp.unit_price, hp.currency) \
-                  END AS late, \
-                  r.id IS NOT NULL AND (e.event_count < r.event_count \
-                                        OR e.quantity < r.quantity) AS lowered \
-           FROM keys k \
-           CROSS JOIN LATERAL ( \
-             SELECT coalesce(sum(quantity), 0) AS quantity, count(*) AS event_count \
-             FROM billing_event b \
-             WHERE b.auth_id = k.auth_id AND b.meter = k.meter \
-               AND b.occurred_at >= k.window_start AND b.occurred_at < k.window_start + interval '1 hour' \
-           ) e \
-           LEFT JOIN LATERAL ( \
-             SELECT id, quantity, event_count, unit_price, currency FROM rated_usage u \
-             WHERE u.auth_id = k.auth_id AND u.meter = k.meter AND u.window_start = k.window_start \
-             OFFSET 0 \
-           ) r ON true \
-           LEFT JOIN LATERAL ( \
-             SELECT p.unit_price, p.currency FROM prices p \
-             WHERE p.meter = k.meter AND p.effective_from <= k.window_start \
-             ORDER BY p.effective_from DESC LIMIT 1 \
-           ) hp ON true \
-         )"
+        concat!(
+            ", judged AS ( \
+               SELECT k.auth_id, k.meter, k.window_start, e.event_count, \
+                      coalesce(r.event_count, 0) AS rated_events, \
+                      CASE WHEN r.id IS NULL THEN e.event_count > 0 \
+                           ELSE e.event_count <> r.event_count OR e.quantity <> r.quantity \
+                                OR",
+            price_differs!(),
+            "END AS late, \
+                      r.id IS NOT NULL AND (e.event_count < r.event_count \
+                                            OR e.quantity < r.quantity) AS lowered \
+               FROM keys k \
+               CROSS JOIN LATERAL ( \
+                 SELECT coalesce(sum(quantity), 0) AS quantity, count(*) AS event_count \
+                 FROM billing_event b \
+                 WHERE b.auth_id = k.auth_id AND b.meter = k.meter \
+                   AND b.occurred_at >= k.window_start \
+                   AND b.occurred_at < k.window_start + interval '1 hour' \
+               ) e \
+               LEFT JOIN LATERAL ( \
+                 SELECT id, quantity, event_count, unit_price, currency FROM rated_usage u \
+                 WHERE u.auth_id = k.auth_id AND u.meter = k.meter \
+                   AND u.window_start = k.window_start \
+                 OFFSET 0 \
+               ) r ON true",
+            hour_price!("k.meter", "k.window_start"),
+            ")"
+        )
     };
 }
 
