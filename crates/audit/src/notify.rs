@@ -622,6 +622,9 @@ pub async fn deliver_due(
     // moment it is sent (the database's clock when the batch was read, plus the time since),
     // so a receiver that refuses stale timestamps never refuses the end of a slow batch.
     let read_at = std::time::Instant::now();
+    if due.is_empty() {
+        return Ok(Vec::new());
+    }
     let sources = audit_rows_of(&mut *conn, &due).await?;
     let mut attempts = Vec::with_capacity(due.len());
     for row in due {
