@@ -65,19 +65,27 @@ async fn serve_refuses_a_tier_without_role_settings() {
     );
 }
 
-fn keys(db: &keel_testkit::TestDatabase, args: &[&str]) -> (Option<i32>, String, String) {
+/// Runs `keel-provision-api` with `args` against `database_url`: its exit code, standard
+/// output and standard error.
+fn api(args: &[&str], database_url: &str) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
-        .arg("keys")
         .args(args)
-        .env("DATABASE_URL", db.url())
+        .env("DATABASE_URL", database_url)
         .env("NO_COLOR", "1")
         .output()
-        .expect("run keel-provision-api keys");
+        .expect("run keel-provision-api");
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn keys(db: &keel_testkit::TestDatabase, args: &[&str]) -> (Option<i32>, String, String) {
+    let args: Vec<&str> = std::iter::once("keys")
+        .chain(args.iter().copied())
+        .collect();
+    api(&args, &db.url())
 }
 
 /// PROV-2: `keys create` prints the key once (only its hash is stored), `keys list` names it
@@ -181,27 +189,26 @@ async fn a_key_change_is_credited_only_to_a_named_operator() {
 fn usage_errors_exit_64_before_connecting() {
     let nowhere = "postgres://keel@127.0.0.1:1/nowhere";
     for connections in ["0", "1", "10001"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-connections"])
-            .arg(connections)
-            .env("DATABASE_URL", nowhere)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run keel-provision-api");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{connections}: {stderr}");
+        let (code, _, stderr) = api(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-connections",
+                connections,
+            ],
+            nowhere,
+        );
+        assert_eq!(code, Some(64), "{connections}: {stderr}");
         assert!(stderr.contains("--max-connections"), "{stderr}");
     }
     for label in ["x".repeat(201), "evil\u{1b}[31m\nFAKE-LINE".to_owned()] {
-        let out = Command::new(env!("CARGO_BIN_EXE_keel-provision-api"))
-            .args(["keys", "create", "--operator", "--label", &label])
-            .env("DATABASE_URL", nowhere)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run keel-provision-api keys");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{stderr}");
-        assert!(out.stdout.is_empty(), "no key was made");
+        let (code, stdout, stderr) = api(
+            &["keys", "create", "--operator", "--label", &label],
+            nowhere,
+        );
+        assert_eq!(code, Some(64), "{stderr}");
+        assert!(stdout.is_empty(), "no key was made");
         assert!(stderr.contains("--label"), "{stderr}");
     }
 }
