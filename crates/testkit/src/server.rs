@@ -23,11 +23,22 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The unprivileged account the server runs as when the caller is root.
 pub(crate) const UNPRIVILEGED_USER: &str = "postgres";
 
-/// Creates the cluster and then runs the server, both in the foreground of a small shell whose
-/// watcher is in place before `initdb` starts (FND-14): when the process that started it exits
-/// (for any reason, even SIGKILL) the pipe on its standard input closes, the watcher stops
-/// whichever of `initdb` and the server is running and removes the directory. Nothing is left
-/// running or on disk after a test run.
+/// Creates the cluster and then runs the server, both children of a small shell whose watcher
+/// is in place before `initdb` starts (FND-14): when the process that started it exits (for any
+/// reason, even SIGKILL) the pipe on its standard input closes and the watcher
+///
+/// 1. marks the run as stopping, so the shell starts no further step (no server after a cluster
+///    whose creation the stop request did not interrupt);
+/// 2. asks whichever child the shell last started (`$run/child.pid`) to stop, again every 0.2 s
+///    for as long as the shell lives: a pid not yet recorded, a child that ignored the request
+///    (`initdb` before it installs its signal handlers, where SIGINT is still ignored as in every
+///    background job of a non-interactive shell), or a server started just before the mark are
+///    all stopped in turn. SIGINT (a server's fast shutdown) for 10 s, then SIGQUIT, then
+///    SIGKILL from 20 s;
+/// 3. once the shell has exited (or is a zombie its parent has not reaped), removes the
+///    directory, trying again while something still writes in it.
+///
+/// Nothing is left running or on disk after a test run.
 ///
 /// The cluster requires a SCRAM password of every role on every connection, the `postgres`
 /// superuser included (FND-15): its password is read from `$run/pwfile`, which is removed once
@@ -39,24 +50,39 @@ const SUPERVISOR: &str = r#"
 exec 3<&0
 bin="$1"; run="$2"; port="$3"; shift 3
 data="$run/data"
+shell=$$
 (
     cat <&3 >/dev/null
-    stopped=
-    for round in 1 2; do
+    : >"$run/stopping"
+    asked=0
+    while stat=$(cat "/proc/$shell/stat" 2>/dev/null); do
+        state=${stat##*) }
+        case "${state%% *}" in Z|X|'') break ;; esac
         pid=$(cat "$run/child.pid" 2>/dev/null)
-        if [ -n "$pid" ] && [ "$pid" != "$stopped" ]; then
-            kill -INT "$pid" 2>/dev/null
-            while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-            stopped="$pid"
+        if [ -n "$pid" ]; then
+            if [ "$asked" -lt 50 ]; then signal=INT
+            elif [ "$asked" -lt 100 ]; then signal=QUIT
+            else signal=KILL
+            fi
+            kill -s "$signal" "$pid" 2>/dev/null
         fi
+        asked=$((asked + 1))
+        sleep 0.2
     done
-    rm -rf "$run"
+    tries=0
+    while [ -e "$run" ] && [ "$tries" -lt 100 ]; do
+        rm -rf "$run" 2>/dev/null || sleep 0.2
+        tries=$((tries + 1))
+    done
 ) &
 exec 3<&-
-"$bin/initdb" -D "$data" -U postgres -A scram-sha-256 --pwfile="$run/pwfile"     -E UTF8 --locale=C --no-sync </dev/null >"$run/initdb.log" 2>&1 &
+[ -e "$run/stopping" ] && exit 1
+"$bin/initdb" -D "$data" -U postgres -A scram-sha-256 --pwfile="$run/pwfile" \
+    -E UTF8 --locale=C --no-sync </dev/null >"$run/initdb.log" 2>&1 &
 echo $! >"$run/child.pid"
 wait $! || exit 1
 rm -f "$run/pwfile"
+[ -e "$run/stopping" ] && exit 1
 "$bin/postgres" -D "$data" -p "$port" -k "$run" -h 127.0.0.1 \
     -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
     -c max_connections=300 -c log_min_messages=warning "$@" \
@@ -138,34 +164,12 @@ impl PgServer {
         write_pwfile(&run_as, &run_dir, &password)?;
 
         let port = free_port()?;
-        let mut supervisor = run_as
-            .command(Path::new("sh"))
-            .args(["-c", SUPERVISOR, "keel-postgres"])
-            .arg(&bin_dir)
-            .arg(&run_dir)
-            .arg(port.to_string())
-            .args(
-                options
-                    .settings
-                    .iter()
-                    .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
-            )
-            .current_dir(&run_dir)
-            // A process group of its own: a signal to the test's group (Ctrl-C, or SIGKILL of a
-            // whole `cargo test`) does not take the watcher down with it; the closed lifeline
-            // stops initdb or the server and removes the directory (FND-14).
-            .process_group(0)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                let _ = fs::remove_dir_all(&run_dir);
-                HarnessError::io("start postgres", e)
-            })?;
-        let lifeline = supervisor.stdin.take().ok_or_else(|| {
-            HarnessError::io("start postgres", std::io::Error::other("no stdin pipe"))
-        })?;
+        let (supervisor, lifeline) =
+            spawn_supervisor(&run_as, &bin_dir, &run_dir, port, &options.settings).inspect_err(
+                |_| {
+                    let _ = fs::remove_dir_all(&run_dir);
+                },
+            )?;
 
         let admin = PgConnectOptions::new_without_pgpass()
             .host("127.0.0.1")
@@ -404,6 +408,48 @@ fn find_bin_dir_in(
         .pop()
         .map(|(_, bin)| bin)
         .ok_or(HarnessError::NoBinaries)
+}
+
+/// Starts [`SUPERVISOR`] for `run_dir` as `run_as`, in a process group of its own: a signal to
+/// the test's group (Ctrl-C, or SIGKILL of a whole `cargo test`) does not take the watcher down
+/// with it; the closed lifeline (the returned pipe, held for the server's life) stops `initdb`
+/// or the server and removes the directory (FND-14).
+fn spawn_supervisor(
+    run_as: &RunAs,
+    bin_dir: &Path,
+    run_dir: &Path,
+    port: u16,
+    settings: &[(String, String)],
+) -> Result<(Child, ChildStdin), HarnessError> {
+    let mut supervisor = run_as
+        .command(Path::new("sh"))
+        .args(["-c", SUPERVISOR, "keel-postgres"])
+        .arg(bin_dir)
+        .arg(run_dir)
+        .arg(port.to_string())
+        .args(
+            settings
+                .iter()
+                .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
+        )
+        .current_dir(run_dir)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| HarnessError::io("start postgres", e))?;
+    match supervisor.stdin.take() {
+        Some(lifeline) => Ok((supervisor, lifeline)),
+        None => {
+            let _ = supervisor.kill();
+            let _ = supervisor.wait();
+            Err(HarnessError::io(
+                "start postgres",
+                std::io::Error::other("no stdin pipe"),
+            ))
+        }
+    }
 }
 
 /// Whom to run the server as: ourselves, or (as root) the unprivileged `postgres` account.
@@ -733,6 +779,103 @@ mod tests {
         // The sweep still reads the process id out of the longer name.
         assert_eq!(sweep_stale_run_dirs(&scratch.0), 0);
         assert!(first.exists() && second.exists());
+    }
+
+    /// A fake `initdb` and `postgres` (Python, so that they can catch a signal that a
+    /// background job of a non-interactive shell starts with ignored, as the real programs do)
+    /// that record in `events` what they did.
+    fn fake_server_bin(scratch: &Scratch, initdb_body: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let bin = scratch.0.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let events = scratch.0.join("events");
+        let prelude = format!(
+            "#!/usr/bin/env python3\nimport os, signal, sys, time\n\
+             def note(what):\n    open({events:?}, 'a').write(what + '\\n')\n",
+            events = events.display().to_string()
+        );
+        let postgres = "note('server started')\n\
+             signal.signal(signal.SIGINT, lambda *_: sys.exit(0))\n\
+             while True:\n    time.sleep(0.05)\n";
+        for (name, body) in [("initdb", initdb_body), ("postgres", postgres)] {
+            let path = bin.join(name);
+            fs::write(&path, format!("{prelude}{body}")).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        (bin, events)
+    }
+
+    /// Runs the supervisor over the fake binaries, waits until `initdb` has begun, closes the
+    /// lifeline as a killed test process would, and answers whether the run directory was gone
+    /// within 30 s, with what the fakes recorded.
+    fn stop_during_initdb(initdb_body: &str) -> (bool, String) {
+        let scratch = Scratch::new(&format!(
+            "supervisor-{}",
+            NEXT_SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (bin, events) = fake_server_bin(&scratch, initdb_body);
+        let run = scratch.0.join("run");
+        fs::create_dir_all(&run).unwrap();
+        let (mut shell, lifeline) = spawn_supervisor(&RunAs::Me, &bin, &run, 1, &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains("initdb started")
+        {
+            assert!(Instant::now() < deadline, "the fake initdb never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(lifeline);
+        // The shell is not reaped meanwhile: the watcher must see it exit as a zombie.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let removed = !run.exists();
+        // Whatever the outcome, nothing of this run outlives the test: its whole process group
+        // (the shell, the watcher and the fakes) is killed.
+        if let Ok(group) = i32::try_from(shell.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = shell.wait();
+        (removed, fs::read_to_string(&events).unwrap_or_default())
+    }
+
+    static NEXT_SCRATCH: AtomicU32 = AtomicU32::new(0);
+
+    /// FND-14: a stop request that arrives while the cluster is being created, and that `initdb`
+    /// does not act on (it arrived before `initdb` caught signals), never lets the server start
+    /// once `initdb` finishes: the directory is removed and nothing runs in it.
+    #[test]
+    fn a_stop_during_initdb_never_lets_the_server_start_afterwards() {
+        let (removed, events) = stop_during_initdb(
+            "note('initdb started')\n\
+             signal.signal(signal.SIGINT, signal.SIG_IGN)\n\
+             os.makedirs(sys.argv[2])\n\
+             time.sleep(1)\n\
+             open(os.path.join(sys.argv[2], 'PG_VERSION'), 'w').write('15\\n')\n",
+        );
+        assert!(removed, "the run directory is left behind: {events}");
+        assert!(!events.contains("server started"), "{events}");
+    }
+
+    /// FND-14: a child that ignores the first stop request is asked again until it stops, and
+    /// only then is its directory removed: one request, lost, never leaves a cluster behind.
+    #[test]
+    fn a_child_that_ignores_the_first_stop_request_is_asked_again() {
+        let (removed, events) = stop_during_initdb(
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n\
+             note('initdb started')\n\
+             os.makedirs(sys.argv[2])\n\
+             time.sleep(0.6)\n\
+             signal.signal(signal.SIGINT, lambda *_: sys.exit(1))\n\
+             while True:\n    time.sleep(0.05)\n",
+        );
+        assert!(removed, "the run directory is left behind: {events}");
+        assert!(!events.contains("server started"), "{events}");
     }
 
     struct Scratch(PathBuf);
