@@ -286,7 +286,9 @@ pub trait Backend: Send + Sync {
         tier: &Tier,
     ) -> impl Future<Output = Result<Option<BackendObject>, BackendError>> + Send;
 
-    /// Tears the object down; an absent object is success (so a retry is safe).
+    /// Tears the object down; an absent object is success (so a retry is safe). The customer's
+    /// way in goes first (a database's role loses its login, password and sessions before
+    /// anything is dropped), so a teardown that fails half way never leaves a working login.
     fn teardown(&self, name: &BackendName)
     -> impl Future<Output = Result<(), BackendError>> + Send;
 

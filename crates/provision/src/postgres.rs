@@ -523,6 +523,29 @@ pub mod comment_keys {
     pub const PROTECT: &str = "keel.dev/protect";
 }
 
+/// The longest database `COMMENT` Keel reads, in bytes. Keel writes about 300; a database's
+/// owner (its customer) may write up to a gigabyte, which no read of the platform's carries into
+/// its process. A longer comment reads as none: its database carries no labels, annotations or
+/// marks (so it is never taken for one the platform made).
+pub const COMMENT_MAX_BYTES: i32 = 8192;
+
+/// SQL: the `COMMENT` of the database `d` (an alias of `pg_database`) when it is at most
+/// [`COMMENT_MAX_BYTES`] long, else NULL. The server reads it; only a bounded one is sent.
+pub fn bounded_database_comment_sql() -> String {
+    format!(
+        "(SELECT c FROM (SELECT shobj_description(d.oid, 'pg_database') AS c) AS s \
+           WHERE octet_length(c) <= {COMMENT_MAX_BYTES})"
+    )
+}
+
+/// SQL: whether the database `d` has a `COMMENT` longer than [`COMMENT_MAX_BYTES`].
+pub fn oversized_database_comment_sql() -> String {
+    format!(
+        "coalesce(octet_length(shobj_description(d.oid, 'pg_database')) > {COMMENT_MAX_BYTES}, \
+                  false)"
+    )
+}
+
 /// The `sslmode` written into every issued connection URL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::VariantArray)]
 pub enum SslMode {
@@ -736,6 +759,53 @@ impl PgClusterBackend {
         } else {
             Err(())
         }
+    }
+
+    /// Takes every way in away from the customer role of a database being torn down: no login,
+    /// no password, and each of its sessions on the whole cluster ended (waiting up to 5 s for
+    /// each, so that a session's temporary objects are gone before the role is dropped). A role
+    /// that is already gone is nothing to do; a concurrent teardown that drops it meanwhile is
+    /// not a failure.
+    async fn lock_out_role(
+        &self,
+        conn: &mut PgConnection,
+        role: &RoleName,
+        name: &BackendName,
+        db: &DatabaseName,
+    ) -> Result<(), BackendError> {
+        let exists: bool = sqlx::query_scalar(ROLE_EXISTS)
+            .bind(role.expose())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| {
+                BackendError::unavailable("look up the role of", name, redacted(&e, db))
+            })?;
+        if !exists {
+            return Ok(());
+        }
+        let lock_out = format!("ALTER ROLE \"{}\" NOLOGIN PASSWORD NULL", role.expose());
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(lock_out))
+            .execute(&mut *conn)
+            .await
+        {
+            return self
+                .gone_after_failed_drop(ROLE_EXISTS, role.expose(), name)
+                .await
+                .map_err(|()| {
+                    BackendError::unavailable("lock out the role of", name, redacted(&e, db))
+                });
+        }
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+              WHERE usename = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(role.expose())
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| {
+            BackendError::unavailable("end the sessions of the role of", name, redacted(&e, db))
+        })?;
+        Ok(())
     }
 
     /// Checks that the admin role may provision: superuser, or `CREATEROLE` and `CREATEDB`.
@@ -1087,6 +1157,10 @@ impl Backend for PgClusterBackend {
         if owner.is_some_and(|owner| owner != role.expose()) {
             return Err(BackendError::Foreign { name: db.masked() });
         }
+        // The customer's login goes first: were the role's drop to fail (an object it owns
+        // elsewhere on the cluster, a session's temporary table), a role that can still sign in
+        // with the password its customer holds must never outlive the database.
+        self.lock_out_role(&mut conn, &role, name, db).await?;
         // A drop that fails is a failure only while its object is still there: two teardowns
         // of one object may run at once (a provisioning's own compensation and the reconciler,
         // the chokepoint and the orphan sweep), and a `DROP ROLE` racing another fails with
@@ -1117,9 +1191,10 @@ impl Backend for PgClusterBackend {
 
     async fn protected(&self, name: &BackendName) -> Result<bool, BackendError> {
         let db = database_of(name)?;
-        let comment: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
-        )
+        let comment: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM pg_database d WHERE datname = $1",
+            bounded_database_comment_sql()
+        )))
         .bind(db.expose())
         .fetch_optional(&self.admin)
         .await
@@ -1130,10 +1205,10 @@ impl Backend for PgClusterBackend {
     async fn preflight(&self, name: &BackendName) -> Result<Preflight, BackendError> {
         let db = database_of(name)?;
         let role = RoleName::for_database(db);
-        let found: Option<(String, Option<String>)> = sqlx::query_as(
-            "SELECT pg_get_userbyid(datdba)::text, shobj_description(oid, 'pg_database') \
-               FROM pg_database WHERE datname = $1",
-        )
+        let found: Option<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_get_userbyid(datdba)::text, {} FROM pg_database d WHERE datname = $1",
+            bounded_database_comment_sql()
+        )))
         .bind(db.expose())
         .fetch_optional(&self.admin)
         .await

@@ -2,6 +2,7 @@
 //! protection and the reconciler (PROV-1, PROV-4, PROV-5, PROV-11, PROV-12, PROV-13, PROV-16,
 //! OPS-2), against real Postgres.
 
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use keel_audit::{Actor, AuditKind, RequestId, ResourceType, TeamId, Tier};
@@ -578,7 +579,8 @@ async fn a_teardown_that_races_another_teardown_of_its_object_succeeds() {
         for _ in 0..1000 {
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'DROP ROLE IF EXISTS%'",
+                 WHERE wait_event_type = 'Lock' \
+                   AND (query LIKE 'ALTER ROLE%' OR query LIKE 'DROP ROLE IF EXISTS%')",
             )
             .fetch_one(admin)
             .await
@@ -592,4 +594,105 @@ async fn a_teardown_that_races_another_teardown_of_its_object_succeeds() {
     });
     result.expect("a teardown that lost the race to another one reported a failure");
     assert!(!backend.exists(&name).await.unwrap());
+}
+
+/// The customer's database and a session of its role on another database of the cluster: a
+/// temporary table there (every role may make one in any database it can reach) is an object
+/// the role owns, which fails its `DROP ROLE`.
+async fn customer_session_elsewhere(
+    backend: &keel_provision::postgres::PgClusterBackend,
+    name: &BackendName,
+) -> PgConnection {
+    use keel_provision::Backend as _;
+    let object = backend
+        .create(name, &Tier::parse("pro").unwrap())
+        .await
+        .unwrap();
+    let options = sqlx::postgres::PgConnectOptions::from_str(object.connection_url.expose())
+        .unwrap()
+        .database("postgres");
+    let mut elsewhere = PgConnection::connect_with(&options).await.unwrap();
+    sqlx::query("CREATE TEMPORARY TABLE hold (i int)")
+        .execute(&mut elsewhere)
+        .await
+        .unwrap();
+    elsewhere
+}
+
+/// Whether role `role` exists, and whether it may sign in or has a password.
+async fn role_access(admin: &sqlx::PgPool, role: &str) -> Option<(bool, bool)> {
+    sqlx::query_as("SELECT rolcanlogin, rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1")
+        .bind(role)
+        .fetch_optional(admin)
+        .await
+        .unwrap()
+}
+
+/// A customer session on another database, holding a temporary table there, neither keeps its
+/// login past the teardown nor stops it: the role's sessions are ended before its drop, so the
+/// role is gone and the session with it.
+#[tokio::test]
+async fn a_customer_session_elsewhere_on_the_cluster_neither_keeps_its_login_nor_stops_the_teardown()
+ {
+    use keel_provision::Backend as _;
+
+    let h = harness().await;
+    let backend = h.provisioner.backend().inner();
+    let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    let mut elsewhere = customer_session_elsewhere(backend, &name).await;
+    backend
+        .teardown(&name)
+        .await
+        .expect("a customer's session on another database stopped the teardown");
+    assert_eq!(role_access(backend.admin_pool(), name.expose()).await, None);
+    assert!(!backend.exists(&name).await.unwrap());
+    assert!(
+        sqlx::query("SELECT 1")
+            .execute(&mut elsewhere)
+            .await
+            .is_err(),
+        "the customer's session outlived its role"
+    );
+}
+
+/// A customer role whose drop fails (an object it owns in another database) can no longer sign
+/// in with the password its customer holds: the teardown took its login and password before it
+/// dropped anything, and reports the failure.
+#[tokio::test]
+async fn a_role_whose_drop_fails_can_no_longer_sign_in() {
+    use keel_provision::Backend as _;
+
+    let h = harness().await;
+    let backend = h.provisioner.backend().inner();
+    let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    let object = backend
+        .create(&name, &Tier::parse("pro").unwrap())
+        .await
+        .unwrap();
+    let admin = backend.admin_pool();
+    let table = format!("keel_test_owned_{}", &name.digest().fingerprint());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE \"{table}\" (i int); ALTER TABLE \"{table}\" OWNER TO \"{}\"",
+        name.expose()
+    )))
+    .execute(admin)
+    .await
+    .unwrap();
+    let failed = backend.teardown(&name).await;
+    assert!(failed.is_err(), "the role's drop cannot succeed here");
+    assert_eq!(
+        role_access(admin, name.expose()).await,
+        Some((false, false)),
+        "the role outlived its database and can still sign in"
+    );
+    let options = sqlx::postgres::PgConnectOptions::from_str(object.connection_url.expose())
+        .unwrap()
+        .database("postgres");
+    assert!(PgConnection::connect_with(&options).await.is_err());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
+        .execute(admin)
+        .await
+        .unwrap();
+    backend.teardown(&name).await.unwrap();
+    assert_eq!(role_access(admin, name.expose()).await, None);
 }
