@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
-use keel_provision::postgres::comment_keys;
+use keel_provision::postgres::{
+    COMMENT_MAX_BYTES, bounded_database_comment_sql, comment_keys, oversized_database_comment_sql,
+};
 use keel_provision::{DATABASE_PREFIX, InstallationId, TokenDigest};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -176,9 +178,10 @@ impl LiveTokens for PgLiveTokens {
 /// Labels and annotations come from the database's `COMMENT` (a JSON document keel-provision
 /// writes: `{"labels": {…}, "annotations": {…}}`); an operator protects a database by adding
 /// `"keel.dev/protect": "true"` to its annotations. The creation time is the
-/// `keel.dev/created-at` annotation, else (when the role may call `pg_stat_file`) the time of
-/// the database's `PG_VERSION` file, else unknown — and an item of unknown age is never a
-/// candidate.
+/// earlier of the `keel.dev/created-at` annotation and (when the role may call `pg_stat_file`) the
+/// time of the database's `PG_VERSION` file, either one alone when the other is missing, else
+/// unknown — and an item of unknown age is never a candidate. A comment longer than
+/// [`COMMENT_MAX_BYTES`] is not read (its database carries no labels; logged at WARN).
 #[derive(Clone, Debug)]
 pub struct PgDatabaseInventory {
     admin: PgPool,
@@ -215,30 +218,50 @@ impl Inventory for PgDatabaseInventory {
         .fetch_one(&self.admin)
         .await
         .map_err(page_error)?;
-        let rows: Vec<(String, Option<String>, Option<OffsetDateTime>)> = sqlx::query_as(
-            "SELECT d.datname::text, shobj_description(d.oid, 'pg_database'), \
-                    CASE WHEN $2 THEN (pg_stat_file('base/' || d.oid || '/PG_VERSION', true)).modification END \
-               FROM pg_database d \
-              WHERE starts_with(d.datname, $1) \
-              ORDER BY d.datname",
-        )
+        // A comment is its database owner's (the customer's) to write, up to a gigabyte: only
+        // a bounded one is read, and a longer one is read as none (no labels: never reclaimed).
+        let rows: Vec<(String, Option<String>, bool, Option<OffsetDateTime>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT d.datname::text, {}, {}, \
+                        CASE WHEN $2 THEN (pg_stat_file('base/' || d.oid || '/PG_VERSION', true)).modification END \
+                   FROM pg_database d \
+                  WHERE starts_with(d.datname, $1) \
+                  ORDER BY d.datname",
+                bounded_database_comment_sql(),
+                oversized_database_comment_sql(),
+            )))
         .bind(DATABASE_PREFIX)
         .bind(can_stat)
         .fetch_all(&self.admin)
         .await
         .map_err(page_error)?;
+        let oversized = rows.iter().filter(|row| row.2).count();
+        if oversized > 0 {
+            tracing::warn!(
+                databases = oversized,
+                max_bytes = COMMENT_MAX_BYTES,
+                "customer databases whose COMMENT is longer than Keel reads: read as carrying no \
+                 labels, so never reclaimed (listed as unmanaged when orphaned)"
+            );
+        }
         Ok(rows
             .into_iter()
-            .map(|(name, comment, file_time)| {
+            .map(|(name, comment, _, file_time)| {
                 let comment: Comment = comment
                     .as_deref()
                     .and_then(|c| serde_json::from_str(c).ok())
                     .unwrap_or_default();
-                let created_at = comment
+                let annotated = comment
                     .annotations
                     .get(comment_keys::CREATED_AT)
-                    .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok())
-                    .or(file_time);
+                    .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok());
+                // The annotation is the database owner's to rewrite; the server's file is not.
+                // A creation time later than the file's (a customer's, to make the database
+                // look too young ever to be a candidate) gives way to the file's.
+                let created_at = match (annotated, file_time) {
+                    (Some(annotated), Some(file)) => Some(annotated.min(file)),
+                    (annotated, file) => annotated.or(file),
+                };
                 InventoryItem {
                     name,
                     created_at,

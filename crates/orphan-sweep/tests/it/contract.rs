@@ -97,6 +97,111 @@ async fn the_postgres_inventory_keeps_the_inventory_contract() {
     inventory_contract(&harness, OffsetDateTime::now_utc()).await;
 }
 
+/// Makes database `name` with `comment` (a JSON document) on the test's cluster.
+async fn database_with_comment(admin: &PgPool, name: &str, comment: &serde_json::Value) {
+    let name = quote_ident(name);
+    let comment = comment.to_string().replace('\'', "''");
+    for statement in [
+        format!("CREATE DATABASE {name}"),
+        format!("COMMENT ON DATABASE {name} IS '{comment}'"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(statement))
+            .execute(admin)
+            .await
+            .unwrap_or_else(|e| panic!("make a commented database: {e}"));
+    }
+}
+
+/// The listed item named `name`.
+async fn listed(inventory: &PgDatabaseInventory, name: &str) -> InventoryItem {
+    inventory
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|item| item.name == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
+}
+
+/// A database's COMMENT is its owner's (the customer's) to write, up to a gigabyte: the inventory
+/// never reads one longer than `COMMENT_MAX_BYTES` (its item carries no labels, so it is never
+/// taken for one the platform made, nor reclaimed), and reads the others as before.
+#[tokio::test]
+async fn a_database_comment_longer_than_keel_reads_is_never_read() {
+    let db = keel_testkit::database().await;
+    let admin = db.pool();
+    let inventory = PgDatabaseInventory::new(admin.clone());
+    let big = format!("{DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let small = format!("{DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let managed = |padding: usize| {
+        serde_json::json!({
+            "labels": { comment_keys::MANAGED_BY: "keel" },
+            "annotations": { "padding": "x".repeat(padding) },
+        })
+    };
+    let limit = usize::try_from(keel_provision::postgres::COMMENT_MAX_BYTES).unwrap();
+    database_with_comment(admin, &big, &managed(limit)).await;
+    database_with_comment(admin, &small, &managed(100)).await;
+    let big_item = listed(&inventory, &big).await;
+    let small_item = listed(&inventory, &small).await;
+    for name in [&big, &small] {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE {}",
+            quote_ident(name)
+        )))
+        .execute(admin)
+        .await
+        .unwrap();
+    }
+    assert!(
+        big_item.labels.is_empty() && big_item.annotations.is_empty(),
+        "an oversized comment was read"
+    );
+    assert_eq!(
+        small_item
+            .labels
+            .get(comment_keys::MANAGED_BY)
+            .map(String::as_str),
+        Some("keel")
+    );
+}
+
+/// The creation-time annotation is the database owner's to rewrite: one later than the server's
+/// own record of the database (its `PG_VERSION` file) gives way to it, so a customer cannot make
+/// an orphaned database look too young ever to be a candidate.
+#[tokio::test]
+async fn a_creation_time_later_than_the_servers_own_gives_way_to_it() {
+    let db = keel_testkit::database().await;
+    let admin = db.pool();
+    let inventory = PgDatabaseInventory::new(admin.clone());
+    let name = format!("{DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let before = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    database_with_comment(
+        admin,
+        &name,
+        &serde_json::json!({
+            "labels": { comment_keys::MANAGED_BY: "keel" },
+            "annotations": { comment_keys::CREATED_AT: "9999-12-31T00:00:00Z" },
+        }),
+    )
+    .await;
+    let item = listed(&inventory, &name).await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE {}",
+        quote_ident(&name)
+    )))
+    .execute(admin)
+    .await
+    .unwrap();
+    let created = item
+        .created_at
+        .expect("the server's file time is readable here");
+    assert!(
+        created >= before && created <= OffsetDateTime::now_utc(),
+        "the database's creation time is the customer's: {created}"
+    );
+}
+
 /// A status the platform adds after this build: the harness widens the status CHECK to allow it.
 const LATER_STATUS: &str = "restoring";
 
