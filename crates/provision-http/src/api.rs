@@ -1728,12 +1728,17 @@ mod tests {
 
     async fn api_on(db: TestDatabase, limits: Limits) -> Api {
         let pool = db.pool().clone();
-        api_on_pool(db, limits, pool).await
+        api_on_pool(db, limits, pool, std::time::Duration::from_secs(2)).await
     }
 
     /// [`api_on`] whose store and handlers use `pool` (a smaller one, say) for the platform
-    /// database.
-    async fn api_on_pool(db: TestDatabase, limits: Limits, pool: PgPool) -> Api {
+    /// database, with requests answered by `deadline`.
+    async fn api_on_pool(
+        db: TestDatabase,
+        limits: Limits,
+        pool: PgPool,
+        deadline: std::time::Duration,
+    ) -> Api {
         let team = TeamId::from_uuid(db.team("pro").await);
         let mut registry = Registry::default();
         let metrics = ProvisionMetrics::register(&mut registry);
@@ -1753,7 +1758,7 @@ mod tests {
             docs: DocsBase::parse("https://keel.dev/docs/errors").unwrap(),
             tiers: ["free", "pro"].into_iter().map(String::from).collect(),
             tracker: TaskTracker::new(),
-            deadline: std::time::Duration::from_secs(2),
+            deadline,
             admission: Arc::new(tokio::sync::Semaphore::new(8)),
             lock_holders: lock_holders_for(&pool),
             pool,
@@ -2683,7 +2688,15 @@ mod tests {
             .connect_with(db.pool().connect_options().as_ref().clone())
             .await
             .unwrap();
-        let api = api_on_pool(db, Limits::default(), small).await;
+        // A deadline no burst on a loaded machine reaches while it makes progress: only
+        // connections held while each waits for one more (which no deadline ends) fail it.
+        let api = api_on_pool(
+            db,
+            Limits::default(),
+            small,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
         let mut teams = Vec::new();
         for _ in 0..8 {
             let team = TeamId::from_uuid(api.db.team("pro").await);
