@@ -39,8 +39,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0   success (with --once: the tick ran cleanly, or the sweep is disabled)
   1   error (configuration, database; with --once: the tick failed and found zero candidates)
-  2   with --once: the tick ran but needs attention (a reclaim failed or was refused, or the
-      circuit breaker held reclaims back)
+  2   with --once: the tick ran but needs attention (a reclaim failed, was refused, or was
+      stopped by a shutdown or a lost period claim, or the circuit breaker held reclaims back)
   3   with --once: skipped, this period was already claimed (by another replica or run)
   64  usage error";
 

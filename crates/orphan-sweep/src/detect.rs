@@ -120,12 +120,16 @@ fn generic() -> Classified {
     }
 }
 
-/// Whether an item carries a `keel.dev/protect` annotation that protects: any value but
-/// `false` ([`keel_provision::protect_value_protects`]), so a misspelt mark fails closed.
+/// Whether an item carries a `keel.dev/protect` mark that protects, among its annotations or its
+/// labels (as the deprovision chokepoint reads it, so the review list says what an armed run
+/// would do): any value but `false` ([`keel_provision::protect_value_protects`]), so a misspelt
+/// mark fails closed.
 pub fn is_protected(item: &InventoryItem) -> bool {
-    item.annotations
-        .get(PROTECT_ANNOTATION)
-        .is_some_and(|v| protect_value_protects(v))
+    [&item.annotations, &item.labels].into_iter().any(|marks| {
+        marks
+            .get(PROTECT_ANNOTATION)
+            .is_some_and(|v| protect_value_protects(v))
+    })
 }
 
 /// Whether an item carries `app.kubernetes.io/managed-by=keel`.
@@ -484,6 +488,21 @@ mod tests {
         let mut item = item(name, 120, &[], false);
         item.labels.clear();
         item
+    }
+
+    /// A protect mark among an item's labels protects as one among its annotations does, as
+    /// the chokepoint reads a database comment: the review list never says `would_reclaim` of
+    /// what an armed run would be refused; `false` in either place protects nothing.
+    #[test]
+    fn a_protect_mark_among_the_labels_protects_as_the_chokepoint_reads_it() {
+        let mut labelled = item("cust_x", 120, &[(PROTECT_ANNOTATION, "true")], false);
+        assert!(is_protected(&labelled));
+        labelled
+            .labels
+            .insert(PROTECT_ANNOTATION.to_owned(), "false".to_owned());
+        assert!(!is_protected(&labelled));
+        assert!(is_protected(&item("cust_y", 120, &[], true)));
+        assert!(!is_protected(&item("cust_z", 120, &[], false)));
     }
 
     /// (case, item, source, expected: None = not a candidate, Some((kind, reclaimable))).

@@ -110,14 +110,17 @@ fn is_managed(metadata: &ObjectMeta) -> bool {
         .is_some_and(|value| value == MANAGED_BY)
 }
 
-/// Whether the object carries a `keel.dev/protect` annotation that protects (any value but
-/// `false`).
+/// Whether the object carries a `keel.dev/protect` mark that protects (any value but `false`),
+/// among its annotations or its labels, as a database's comment is read.
 fn is_protected(metadata: &ObjectMeta) -> bool {
-    metadata
-        .annotations
-        .as_ref()
-        .and_then(|annotations| annotations.get(PROTECT_ANNOTATION))
-        .is_some_and(|value| protect_value_protects(value))
+    [&metadata.annotations, &metadata.labels]
+        .into_iter()
+        .any(|marks| {
+            marks
+                .as_ref()
+                .and_then(|marks| marks.get(PROTECT_ANNOTATION))
+                .is_some_and(|value| protect_value_protects(value))
+        })
 }
 
 /// The namespace `name` names, or [`BackendError::Unsupported`] for a name this backend does
@@ -881,6 +884,31 @@ mod tests {
                 protected: true,
                 installation: Some("0c5a9a2e-9f1e-4a53-9d59-3b0a7c1e2f10".to_owned()),
             })
+        );
+    }
+
+    /// A protect mark among the namespace's labels protects as one among its annotations does
+    /// (as a database comment's is read), so no place an operator may put it fails open.
+    #[tokio::test]
+    async fn a_protect_mark_among_the_labels_protects_too() {
+        let name = namespace_name(ResourceType::Namespace);
+        let mut marked = keel_metadata();
+        marked["metadata"]["labels"][PROTECT_ANNOTATION] = json!("true");
+        let found = with_backend(
+            vec![get_metadata(StatusCode::OK, marked)],
+            async |backend| backend.preflight(&name).await,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                found,
+                Preflight::Present(ObjectFacts {
+                    protected: true,
+                    ..
+                })
+            ),
+            "{found:?}"
         );
     }
 
