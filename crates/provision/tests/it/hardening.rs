@@ -696,3 +696,45 @@ async fn a_role_whose_drop_fails_can_no_longer_sign_in() {
     backend.teardown(&name).await.unwrap();
     assert_eq!(role_access(admin, name.expose()).await, None);
 }
+
+/// OPS-2: the documented cluster admin (CREATEROLE and CREATEDB, not a superuser, not in
+/// `pg_signal_backend`) ends a customer role's sessions elsewhere on the cluster as a member of
+/// the role it created, so its teardown drops the database and the role as a superuser's does.
+#[tokio::test]
+async fn a_non_superuser_admin_ends_the_customer_sessions_elsewhere_and_drops_the_role() {
+    use keel_provision::Backend as _;
+
+    let h = harness().await;
+    let suffix = new_token();
+    let admin = format!("keel_admin_{}", &suffix.expose()[..12]);
+    let password = new_token();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD '{}'",
+        password.expose()
+    )))
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+    let backend = PgClusterBackend::new(
+        h.db.server()
+            .admin_options()
+            .username(&admin)
+            .password(password.expose()),
+        None,
+        2,
+    );
+    let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
+    let mut elsewhere = customer_session_elsewhere(&backend, &name).await;
+    backend
+        .teardown(&name)
+        .await
+        .expect("the admin could not end the customer's session or drop its role");
+    assert!(!backend.exists(&name).await.unwrap());
+    assert_eq!(role_access(h.db.pool(), name.expose()).await, None);
+    assert!(
+        sqlx::query("SELECT 1")
+            .execute(&mut elsewhere)
+            .await
+            .is_err()
+    );
+}
