@@ -324,6 +324,7 @@ impl ModelChokepoint {
             platform_made: object.managed,
             protected: object.marked,
             installation: object.stamp.map(|id| id.to_string()),
+            incarnation: None,
         };
         if let Some(refusal) = ReclaimRefusal::check(&standing, &facts) {
             return Err(ReclaimError::Refused(refusal));

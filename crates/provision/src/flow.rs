@@ -27,7 +27,7 @@ use crate::model::{
     BackendName, BackendObject, DeprovisionReason, ProvisionRequest, ResourceRecord, ResourceStatus,
 };
 use crate::ports::{Backend, BackendError, Flip, NewReservation, ResourceStore, StoreError};
-use crate::reclaim::{OrphanRecord, Preflight, ReclaimRefusal};
+use crate::reclaim::{OBJECT_ID_ATTRIBUTE, OrphanRecord, Preflight, ReclaimRefusal};
 use crate::secret::ConnectionUrl;
 
 /// Why [`Provisioner::rotate_credentials`] issued no credentials.
@@ -1187,6 +1187,9 @@ impl<S: ResourceStore, B: Backend> Provisioner<S, B> {
                 .attr("provider_id", name.masked())?
                 .attr("token_fingerprint", digest.fingerprint())?
                 .attr("installation", standing.installation.to_string())?;
+            if let Some(incarnation) = &facts.incarnation {
+                event = event.attr(OBJECT_ID_ATTRIBUTE, incarnation.as_str())?;
+            }
             if let Some(row) = &standing.row {
                 event = event.team(row.team_id).resource(row.id);
             }

@@ -387,6 +387,7 @@ impl Backend for KubeNamespaceBackend {
                 .as_ref()
                 .and_then(|labels| labels.get(INSTALLATION_LABEL))
                 .cloned(),
+            incarnation: found.metadata.uid.clone(),
         }))
     }
 
@@ -883,6 +884,7 @@ mod tests {
                 platform_made: true,
                 protected: true,
                 installation: Some("0c5a9a2e-9f1e-4a53-9d59-3b0a7c1e2f10".to_owned()),
+                incarnation: Some(UID.to_owned()),
             })
         );
     }

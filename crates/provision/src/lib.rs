@@ -123,8 +123,8 @@ pub use ports::{
     StalePage, StoreError,
 };
 pub use reclaim::{
-    INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,
-    Preflight, ReclaimRefusal, Stamp, protect_value_protects,
+    INSTALLATION_LABEL, InstallationId, OBJECT_ID_ATTRIBUTE, ObjectFacts, OrphanRecord,
+    OrphanStanding, OwnerRow, Preflight, ReclaimRefusal, Stamp, protect_value_protects,
 };
 pub use secret::{ConnectionUrl, Password};
 

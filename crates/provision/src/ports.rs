@@ -200,9 +200,11 @@ pub trait ResourceStore: Send + Sync {
         }
     }
 
-    /// Records `audit` about the orphan with `digest` at most once per audit kind (an object is
-    /// never audited twice for the same thing) and only while no live row owns the token, both
-    /// checked in the transaction that writes it. The default writes it unconditionally.
+    /// Records `audit` about the orphan with `digest` at most once per audit kind, refusal and
+    /// incarnation (its `object_id` attribute, when it has one: an object is never audited
+    /// twice for the same thing, and an object made again under the same name is another
+    /// object) and only while no live row owns the token, both checked in the transaction that
+    /// writes it. The default writes it unconditionally.
     fn record_orphan_event(
         &self,
         digest: &TokenDigest,
@@ -318,6 +320,7 @@ pub trait Backend: Send + Sync {
                 platform_made: true,
                 protected: self.protected(name).await?,
                 installation: None,
+                incarnation: None,
             }))
         }
     }

@@ -47,8 +47,8 @@ use crate::ports::{
     StalePage, StoreError,
 };
 use crate::reclaim::{
-    INSTALLATION_LABEL, InstallationId, ObjectFacts, OrphanRecord, OrphanStanding, OwnerRow,
-    Preflight, protect_value_protects,
+    INSTALLATION_LABEL, InstallationId, OBJECT_ID_ATTRIBUTE, ObjectFacts, OrphanRecord,
+    OrphanStanding, OwnerRow, Preflight, protect_value_protects,
 };
 use crate::scram::{ITERATIONS, Verifier};
 use crate::secret::{ConnectionUrl, Password};
@@ -449,11 +449,13 @@ impl ResourceStore for PgResourceStore {
                              WHERE token_digest = $1 AND status NOT IN ('deleted', 'failed')), \
                     EXISTS (SELECT 1 FROM audit_events \
                              WHERE kind = $2 AND attributes->>'token_fingerprint' = 'sha256:' || $1 \
-                               AND attributes->>'refusal' IS NOT DISTINCT FROM $3)",
+                               AND attributes->>'refusal' IS NOT DISTINCT FROM $3 \
+                               AND attributes->>'object_id' IS NOT DISTINCT FROM $4)",
         )
         .bind(digest.as_str())
         .bind(audit.kind().as_str())
         .bind(audit.attributes().get("refusal"))
+        .bind(audit.attributes().get(OBJECT_ID_ATTRIBUTE))
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| StoreError::unavailable(op, e))?;
@@ -1205,15 +1207,17 @@ impl Backend for PgClusterBackend {
     async fn preflight(&self, name: &BackendName) -> Result<Preflight, BackendError> {
         let db = database_of(name)?;
         let role = RoleName::for_database(db);
-        let found: Option<(String, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT pg_get_userbyid(datdba)::text, {} FROM pg_database d WHERE datname = $1",
-            bounded_database_comment_sql()
-        )))
-        .bind(db.expose())
-        .fetch_optional(&self.admin)
-        .await
-        .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
-        let Some((owner, comment)) = found else {
+        let found: Option<(String, Option<String>, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_get_userbyid(datdba)::text, {}, d.oid::text \
+                   FROM pg_database d WHERE datname = $1",
+                bounded_database_comment_sql()
+            )))
+            .bind(db.expose())
+            .fetch_optional(&self.admin)
+            .await
+            .map_err(|e| BackendError::unavailable("look up", name, redacted(&e, db)))?;
+        let Some((owner, comment, oid)) = found else {
             return Ok(Preflight::Absent);
         };
         let comment = comment.unwrap_or_default();
@@ -1222,6 +1226,7 @@ impl Backend for PgClusterBackend {
                 && comment_label(&comment, comment_keys::MANAGED_BY).as_deref() == Some("keel"),
             protected: is_protected(&comment),
             installation: comment_label(&comment, INSTALLATION_LABEL),
+            incarnation: Some(oid),
         }))
     }
 

@@ -20,6 +20,10 @@ use crate::model::ResourceStatus;
 /// object.
 pub const INSTALLATION_LABEL: &str = "keel.dev/installation";
 
+/// The orphan audit rows' attribute holding the reclaimed object's incarnation
+/// ([`ObjectFacts::incarnation`]): a database's oid, a namespace's uid. Not secret.
+pub const OBJECT_ID_ATTRIBUTE: &str = "object_id";
+
 /// An installation's identity: created once in its platform database, never changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstallationId(uuid::Uuid);
@@ -145,6 +149,11 @@ pub struct ObjectFacts {
     pub protected: bool,
     /// The installation stamp ([`INSTALLATION_LABEL`]), as written.
     pub installation: Option<String>,
+    /// The backend's own id of this incarnation of the object (a database's oid, a namespace's
+    /// uid), when it has one: an object made again under the same name after a reclaim is
+    /// another incarnation, whose reclaim is audited again (never taken for a retry of the
+    /// first one). `None` records reclaims once per token.
+    pub incarnation: Option<String>,
 }
 
 /// Why the chokepoint refused to reclaim an object. Closed: it labels audit rows.
@@ -250,6 +259,7 @@ mod tests {
             platform_made: made,
             protected,
             installation: stamp,
+            incarnation: None,
         };
         let theirs = Some(id(2).to_string());
         let mine = Some(ours.to_string());

@@ -276,3 +276,39 @@ async fn provisioning_stamps_the_installation_on_every_database() {
         .unwrap_err();
     assert!(err.to_string().contains("written once"), "{err}");
 }
+
+/// An object made again under a reclaimed object's name (an operator's restore, a re-applied
+/// manifest) is another object: its reclaim is audited again, never taken for a retry of the
+/// first one and torn down without a row. Each row names its incarnation (`object_id`).
+#[tokio::test]
+async fn an_object_made_again_under_a_reclaimed_name_is_audited_again() {
+    let h = harness().await;
+    let (name, _) = dead_orphan(&h).await;
+    let reclaim_once = async || {
+        let done = h
+            .provisioner
+            .deprovision(DeprovisionTarget::Orphan(name.clone()), &reclaim(), NOW)
+            .await
+            .unwrap();
+        assert_eq!(done, Deprovisioned::OrphanReclaimed);
+        assert!(!h.object_exists(&name).await);
+    };
+    reclaim_once().await;
+    h.provisioner
+        .backend()
+        .inner()
+        .create(&name, &keel_audit::Tier::parse("pro").unwrap())
+        .await
+        .unwrap();
+    reclaim_once().await;
+    let incarnations: Vec<Option<String>> = h
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.kind() == AuditKind::OrphanSweepReclaimed)
+        .map(|e| e.attributes().get("object_id").map(str::to_owned))
+        .collect();
+    assert_eq!(incarnations.len(), 2, "{incarnations:?}");
+    assert!(incarnations.iter().all(Option::is_some), "{incarnations:?}");
+    assert_ne!(incarnations[0], incarnations[1]);
+}
