@@ -43,6 +43,21 @@ fn parse_operator(s: &str) -> Result<keel_audit::Actor, String> {
     keel_audit::Actor::operator(s).map_err(|e| e.to_string())
 }
 
+/// One protection as a line of `protections list`: digest, time, who and why, tab-separated.
+/// Every text is shown with its control characters escaped: the table is a contract table
+/// other writers reach, and a line break or a terminal escape in it must not forge a line.
+fn listing_line(p: &keel_orphan_sweep::protections::Protection) -> String {
+    use keel_service::text::printable;
+    let format = time::format_description::well_known::Rfc3339;
+    format!(
+        "{}\t{}\t{}\t{}",
+        printable(&p.digest),
+        p.created_at.format(&format).unwrap_or_default(),
+        printable(&p.protected_by),
+        printable(&p.reason)
+    )
+}
+
 /// Runs one `protections` subcommand.
 pub async fn run(command: ProtectionsCommand) -> anyhow::Result<ExitCode> {
     use keel_orphan_sweep::protections;
@@ -50,18 +65,11 @@ pub async fn run(command: ProtectionsCommand) -> anyhow::Result<ExitCode> {
     match command {
         ProtectionsCommand::List(db) => {
             let pool = keel_service::connect(&db, "keel-orphan-sweep protections", 2).await?;
-            let format = time::format_description::well_known::Rfc3339;
             for p in protections::list(&pool)
                 .await
                 .context("could not list protections")?
             {
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    p.digest,
-                    p.created_at.format(&format).unwrap_or_default(),
-                    p.protected_by,
-                    p.reason
-                );
+                println!("{}", listing_line(&p));
             }
         }
         ProtectionsCommand::Protect(args) => {
@@ -90,4 +98,31 @@ pub async fn run(command: ProtectionsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reason or an actor another writer stored with a line break or a terminal escape is
+    /// listed on one line, its control characters escaped.
+    #[test]
+    fn a_protection_listed_is_one_line_whatever_its_row_holds() {
+        let planted = keel_orphan_sweep::protections::Protection {
+            digest: "ab".repeat(24),
+            reason: "ok\nabababababababababababababababababababababababab\t\u{1b}[2J".to_owned(),
+            protected_by: "operator:x\r".to_owned(),
+            created_at: time::macros::datetime!(2026-12-02 10:00 UTC),
+        };
+        let line = listing_line(&planted);
+        assert!(
+            !line.chars().any(|c| c.is_control() && c != '\t'),
+            "{line:?}"
+        );
+        assert_eq!(line.matches('\t').count(), 3, "{line:?}");
+        assert!(
+            line.ends_with("ok\\nabababababababababababababababababababababababab\\t\\u{1b}[2J"),
+            "{line:?}"
+        );
+    }
 }

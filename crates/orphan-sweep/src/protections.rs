@@ -26,8 +26,9 @@ pub struct Protection {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtectionError {
-    /// The reason is empty or longer than 200 characters.
-    #[error("give a reason of 1 to 200 characters")]
+    /// The reason is empty, longer than 200 characters, or holds a control character (a line
+    /// break or a terminal escape would forge lines of the listings that show it).
+    #[error("give a reason of 1 to 200 characters, without control characters")]
     BadReason,
     /// The audit row could not be built (the reason looks like a secret).
     #[error("the audit row could not be built: {0}")]
@@ -66,7 +67,7 @@ fn store<E: std::error::Error + Send + Sync + 'static>(
 fn checked_reason(reason: &str) -> Result<&str, ProtectionError> {
     let reason = reason.trim();
     let len = reason.chars().count();
-    if len == 0 || len > 200 {
+    if len == 0 || len > 200 || reason.chars().any(char::is_control) {
         return Err(ProtectionError::BadReason);
     }
     Ok(reason)
@@ -158,4 +159,32 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Protection>, ProtectionError> {
             created_at,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reason is 1 to 200 characters once trimmed, and never holds a control character: a
+    /// line break or a terminal escape in it would forge lines of the listings that show it.
+    #[test]
+    fn a_reason_is_one_to_two_hundred_printable_characters() {
+        assert_eq!(
+            checked_reason("  kept for the audit  ").unwrap(),
+            "kept for the audit"
+        );
+        assert!(checked_reason(&"r".repeat(200)).is_ok());
+        for refused in [
+            String::new(),
+            "   ".to_owned(),
+            "r".repeat(201),
+            "ok\nprotected  operator:admin".to_owned(),
+            "red\u{1b}[31m".to_owned(),
+        ] {
+            assert!(
+                matches!(checked_reason(&refused), Err(ProtectionError::BadReason)),
+                "{refused:?}"
+            );
+        }
+    }
 }
