@@ -76,13 +76,7 @@ impl InventoryHarness for PgHarness {
     }
 
     async fn remove(&self, name: &str) {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP DATABASE {}",
-            quote_ident(name)
-        )))
-        .execute(&self.admin)
-        .await
-        .unwrap_or_else(|e| panic!("drop a database: {e}"));
+        drop_database(&self.admin, name).await;
     }
 }
 
@@ -95,6 +89,17 @@ async fn the_postgres_inventory_keeps_the_inventory_contract() {
         admin: db.pool().clone(),
     };
     inventory_contract(&harness, OffsetDateTime::now_utc()).await;
+}
+
+/// Drops database `name` from the test's cluster.
+async fn drop_database(admin: &PgPool, name: &str) {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE {}",
+        quote_ident(name)
+    )))
+    .execute(admin)
+    .await
+    .unwrap_or_else(|e| panic!("drop a database: {e}"));
 }
 
 /// Makes database `name` with `comment` (a JSON document) on the test's cluster.
@@ -145,13 +150,7 @@ async fn a_database_comment_longer_than_keel_reads_is_never_read() {
     let big_item = listed(&inventory, &big).await;
     let small_item = listed(&inventory, &small).await;
     for name in [&big, &small] {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP DATABASE {}",
-            quote_ident(name)
-        )))
-        .execute(admin)
-        .await
-        .unwrap();
+        drop_database(admin, name).await;
     }
     assert!(
         big_item.labels.is_empty() && big_item.annotations.is_empty(),
@@ -186,13 +185,7 @@ async fn a_creation_time_later_than_the_servers_own_gives_way_to_it() {
     )
     .await;
     let item = listed(&inventory, &name).await;
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP DATABASE {}",
-        quote_ident(&name)
-    )))
-    .execute(admin)
-    .await
-    .unwrap();
+    drop_database(admin, &name).await;
     let created = item
         .created_at
         .expect("the server's file time is readable here");
