@@ -116,34 +116,38 @@ async fn a_new_role_carries_its_tiers_settings() {
     }
 }
 
+/// A cluster backend signed in as a new role `<prefix>_<random>` with `attributes` (e.g.
+/// `CREATEROLE CREATEDB`), not a superuser.
+async fn backend_as_new_role(
+    h: &super::Harness,
+    prefix: &str,
+    attributes: &str,
+) -> PgClusterBackend {
+    let role = format!("{prefix}_{}", &new_token().expose()[..12]);
+    let password = new_token();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN {attributes} PASSWORD '{}'",
+        password.expose()
+    )))
+    .execute(h.db.pool())
+    .await
+    .unwrap();
+    PgClusterBackend::new(
+        h.db.server()
+            .admin_options()
+            .username(&role)
+            .password(password.expose()),
+        None,
+        2,
+    )
+}
+
 /// OPS-2: the documented cluster admin (CREATEROLE + CREATEDB, not a superuser) can provision
 /// on the oldest supported PostgreSQL, and a role lacking a privilege is named at start-up.
 #[tokio::test]
 async fn a_non_superuser_createrole_createdb_admin_can_provision() {
     let h = harness().await;
-    let suffix = new_token();
-    let admin = format!("keel_admin_{}", &suffix.expose()[..12]);
-    let weak = format!("keel_weak_{}", &suffix.expose()[..12]);
-    let password = new_token();
-    let password = password.expose();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD '{password}'; \
-         CREATE ROLE {weak} LOGIN CREATEDB PASSWORD '{password}'"
-    )))
-    .execute(h.db.pool())
-    .await
-    .unwrap();
-    let as_role = |role: &str| {
-        PgClusterBackend::new(
-            h.db.server()
-                .admin_options()
-                .username(role)
-                .password(password),
-            None,
-            2,
-        )
-    };
-    let backend = as_role(&admin);
+    let backend = backend_as_new_role(&h, "keel_admin", "CREATEROLE CREATEDB").await;
     backend.check_privileges().await.unwrap();
     let provisioner = Provisioner::new(
         FaultyStore::new(PgResourceStore::new(h.db.pool().clone())),
@@ -160,7 +164,8 @@ async fn a_non_superuser_createrole_createdb_admin_can_provision() {
         )
         .await
         .unwrap();
-    let err = as_role(&weak).check_privileges().await.unwrap_err();
+    let weak = backend_as_new_role(&h, "keel_weak", "CREATEDB").await;
+    let err = weak.check_privileges().await.unwrap_err();
     assert!(matches!(err, PrivilegeError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("CREATEROLE"), "{err}");
     assert!(!err.to_string().contains("CREATEDB "), "{err}");
@@ -608,15 +613,23 @@ async fn customer_session_elsewhere(
         .create(name, &Tier::parse("pro").unwrap())
         .await
         .unwrap();
-    let options = sqlx::postgres::PgConnectOptions::from_str(object.connection_url.expose())
-        .unwrap()
-        .database("postgres");
-    let mut elsewhere = PgConnection::connect_with(&options).await.unwrap();
+    let mut elsewhere = PgConnection::connect_with(&on_postgres_database(&object))
+        .await
+        .unwrap();
     sqlx::query("CREATE TEMPORARY TABLE hold (i int)")
         .execute(&mut elsewhere)
         .await
         .unwrap();
     elsewhere
+}
+
+/// The customer's connection options for `object`, on the cluster's `postgres` database.
+fn on_postgres_database(
+    object: &keel_provision::BackendObject,
+) -> sqlx::postgres::PgConnectOptions {
+    sqlx::postgres::PgConnectOptions::from_str(object.connection_url.expose())
+        .unwrap()
+        .database("postgres")
 }
 
 /// Whether role `role` exists, and whether it may sign in or has a password.
@@ -685,10 +698,11 @@ async fn a_role_whose_drop_fails_can_no_longer_sign_in() {
         Some((false, false)),
         "the role outlived its database and can still sign in"
     );
-    let options = sqlx::postgres::PgConnectOptions::from_str(object.connection_url.expose())
-        .unwrap()
-        .database("postgres");
-    assert!(PgConnection::connect_with(&options).await.is_err());
+    assert!(
+        PgConnection::connect_with(&on_postgres_database(&object))
+            .await
+            .is_err()
+    );
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
         .execute(admin)
         .await
@@ -705,24 +719,7 @@ async fn a_non_superuser_admin_ends_the_customer_sessions_elsewhere_and_drops_th
     use keel_provision::Backend as _;
 
     let h = harness().await;
-    let suffix = new_token();
-    let admin = format!("keel_admin_{}", &suffix.expose()[..12]);
-    let password = new_token();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {admin} LOGIN CREATEROLE CREATEDB PASSWORD '{}'",
-        password.expose()
-    )))
-    .execute(h.db.pool())
-    .await
-    .unwrap();
-    let backend = PgClusterBackend::new(
-        h.db.server()
-            .admin_options()
-            .username(&admin)
-            .password(password.expose()),
-        None,
-        2,
-    );
+    let backend = backend_as_new_role(&h, "keel_admin", "CREATEROLE CREATEDB").await;
     let name = BackendName::for_resource(ResourceType::Postgres, &new_token());
     let mut elsewhere = customer_session_elsewhere(&backend, &name).await;
     backend
