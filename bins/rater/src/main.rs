@@ -117,8 +117,10 @@ struct RateArgs {
 }
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|e| format!("expected RFC 3339, e.g. 2026-11-20T00:00:00Z ({e})"))
+    let at = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| format!("expected RFC 3339, e.g. 2026-11-20T00:00:00Z ({e})"))?;
+    keel_audit::utc_in_range(at)
+        .ok_or_else(|| "out of range: a time must fall in the years 0001 to 9999 in UTC".to_owned())
 }
 
 /// Parses the command line: the rater's own flags cannot be combined with `migrate` (its

@@ -82,6 +82,16 @@ fn usage_errors_exit_64_and_help_lists_the_exit_codes() {
     );
     assert_eq!(off_the_hour.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&off_the_hour.stderr).contains("must be on a whole hour"));
+    // An instant UTC cannot hold (the year 10000 there) is a usage error, never a panic.
+    for flag in ["--since", "--until"] {
+        let past_9999 = keel_rater(
+            &["--backfill", flag, "9999-12-31T23:00:00-01:00"],
+            Some("postgres://x@127.0.0.1:1/none"),
+        );
+        let stderr = String::from_utf8_lossy(&past_9999.stderr);
+        assert_eq!(past_9999.status.code(), Some(64), "{flag}: {stderr}");
+        assert!(stderr.contains("out of range"), "{flag}: {stderr}");
+    }
     let help = keel_rater(&["--help"], None);
     assert_eq!(help.status.code(), Some(0));
     let help = String::from_utf8_lossy(&help.stdout);

@@ -415,9 +415,19 @@ pub struct AuditEvent {
     occurred_at: OffsetDateTime,
 }
 
-/// Truncates to whole microseconds in UTC.
+/// The instant `at` in UTC, when it falls in the years 1 to 9999 there: the range every
+/// timestamp column of Keel's schema accepts. `None` otherwise, and for an instant whose UTC
+/// date the `time` crate cannot hold at all (`9999-12-31T23:00:00-01:00` is in the year 10000
+/// in UTC), which the database driver would fail to bind. Parse a time from outside (a flag, a
+/// query parameter, a stored text) through this before using it.
+pub fn utc_in_range(at: OffsetDateTime) -> Option<OffsetDateTime> {
+    at.checked_to_offset(time::UtcOffset::UTC)
+        .filter(|utc| (1..=9999).contains(&utc.year()))
+}
+
+/// Truncates to whole microseconds in UTC (an instant UTC cannot hold keeps its own offset).
 fn normalize(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    let at = at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(at);
     let micros = at.nanosecond() / 1_000 * 1_000;
     at.replace_nanosecond(micros).unwrap_or(at)
 }
@@ -506,6 +516,34 @@ impl AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A time from outside is held to the schema's years 1 to 9999 in UTC, and one UTC cannot
+    /// hold at all is refused rather than panicking.
+    #[test]
+    fn a_time_outside_the_years_utc_and_the_schema_hold_is_refused() {
+        use time::macros::datetime;
+        let inside = datetime!(2026-11-30 23:30 -01:00);
+        assert_eq!(utc_in_range(inside), Some(datetime!(2026-12-01 00:30 UTC)));
+        assert_eq!(
+            utc_in_range(datetime!(9999-12-31 22:59:59 -01:00)),
+            Some(datetime!(9999-12-31 23:59:59 UTC))
+        );
+        assert_eq!(utc_in_range(datetime!(9999-12-31 23:00 -01:00)), None);
+        assert_eq!(utc_in_range(datetime!(0001-01-01 00:30 +01:00)), None);
+        assert_eq!(utc_in_range(datetime!(0000-06-01 00:00 UTC)), None);
+    }
+
+    /// An event stamped with an instant UTC cannot hold is built, never a panic.
+    #[test]
+    fn an_event_at_an_instant_utc_cannot_hold_never_panics() {
+        let at = time::macros::datetime!(9999-12-31 23:30 -01:00);
+        let event = AuditEvent::new(
+            AuditKind::ALL[0],
+            Actor::parse("operator:alice").unwrap(),
+            at,
+        );
+        assert_eq!(event.occurred_at(), at);
+    }
 
     /// LIB-13: a deserialized actor or request id passed the same rules as a parsed one.
     #[test]

@@ -51,6 +51,7 @@ mod tier;
 pub use event::{
     Actor, Attributes, AuditEvent, AuditFieldError, MASK_SUFFIX, MAX_ATTR_KEY_LEN,
     MAX_ATTR_VALUE_LEN, MAX_ATTRS, MAX_ID_LEN, RequestId, WITHHELD, looks_secret, mask,
+    utc_in_range,
 };
 pub use ids::{
     InvalidId, InvalidTier, InvalidToken, ResourceId, ResourceType, TOKEN_MAX_LEN, TOKEN_MIN_LEN,

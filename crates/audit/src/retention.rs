@@ -67,7 +67,7 @@ impl Month {
 
     /// The month `at` falls in (UTC).
     pub fn containing(at: OffsetDateTime) -> Self {
-        let at = at.to_offset(time::UtcOffset::UTC);
+        let at = at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(at);
         Self(at.date().replace_day(1).unwrap_or_else(|_| at.date()))
     }
 

@@ -36,7 +36,8 @@ pub fn query_value(text: &str) -> String {
 
 /// A time in RFC 3339, in UTC.
 pub fn time(at: OffsetDateTime) -> String {
-    at.to_offset(time::UtcOffset::UTC)
+    at.checked_to_offset(time::UtcOffset::UTC)
+        .unwrap_or(at)
         .format(&Rfc3339)
         .unwrap_or_else(|_| "-".to_owned())
 }

@@ -1120,7 +1120,14 @@ fn parse_audit_query(params: &HashMap<String, String>, limit: u32) -> Result<Lis
         value(name)
             .map(|v| {
                 OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-                    .map_err(|_| format!("{name} is an RFC 3339 time, e.g. 2026-01-31T00:00:00Z"))
+                    .ok()
+                    .and_then(keel_audit::utc_in_range)
+                    .ok_or_else(|| {
+                        format!(
+                            "{name} is an RFC 3339 time in the years 0001 to 9999 (UTC), \
+                             e.g. 2026-01-31T00:00:00Z"
+                        )
+                    })
             })
             .transpose()
     };

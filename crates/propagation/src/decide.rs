@@ -183,7 +183,7 @@ impl Transition {
 /// A time as audit attributes carry it: RFC 3339 in UTC, at microsecond precision (that of
 /// `occurred_at`), e.g. `2026-11-29T19:48:55.015059Z`.
 pub(crate) fn rfc3339_micros(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
+    let at = at.checked_to_offset(time::UtcOffset::UTC).unwrap_or(at);
     let at = at
         .replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
         .unwrap_or(at);

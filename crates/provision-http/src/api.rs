@@ -1179,6 +1179,9 @@ fn parse_cursor(cursor: &str) -> Option<(OffsetDateTime, uuid::Uuid)> {
     let (micros, id) = cursor.split_once('.')?;
     let micros: i128 = micros.parse().ok()?;
     let at = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()?;
+    // Only a time the schema can hold: one before the year 1 would reach the database and fail
+    // there, answered as an outage.
+    let at = keel_audit::utc_in_range(at)?;
     let id = uuid::Uuid::try_parse(id).ok()?;
     Some((at, id))
 }
@@ -3545,6 +3548,12 @@ mod tests {
             ("limit=0", "limit"),
             ("limit=x", "limit"),
             ("cursor=nope", "cursor"),
+            // About the year -5000: the database cannot hold it, so it is the client's error,
+            // not an outage to retry.
+            (
+                "cursor=-219951955440000000.0123456789abcdef0123456789abcdef",
+                "cursor",
+            ),
             ("colour=red", "colour"),
         ] {
             let answer = api.call("GET", &format!("/v1/resources?{query}"), "").await;

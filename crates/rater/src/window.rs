@@ -82,6 +82,18 @@ pub enum WindowError {
         /// Where it would start.
         start: OffsetDateTime,
     },
+    /// A bound falls outside the years 1 to 9999 in UTC (or outside what UTC can hold at all,
+    /// like `9999-12-31T23:00:00-01:00`): no stored time may.
+    #[error(
+        "--{flag} ({}) must fall in the years 0001 to 9999 in UTC",
+        Rfc3339(*.at)
+    )]
+    OutOfRange {
+        /// `since` or `until`.
+        flag: &'static str,
+        /// The bound given.
+        at: OffsetDateTime,
+    },
     /// `since` is not before `until`.
     #[error(
         "--since ({}) must be before the window's end ({}: --until, or the start of the current \
@@ -132,7 +144,7 @@ pub enum WindowError {
 
 /// The start of the hour `at` falls in, in UTC.
 fn floor_hour(at: OffsetDateTime) -> OffsetDateTime {
-    let at = at.to_offset(UtcOffset::UTC);
+    let at = at.checked_to_offset(UtcOffset::UTC).unwrap_or(at);
     at.replace_minute(0)
         .and_then(|t| t.replace_second(0))
         .and_then(|t| t.replace_nanosecond(0))
@@ -140,7 +152,7 @@ fn floor_hour(at: OffsetDateTime) -> OffsetDateTime {
 }
 
 fn on_the_hour(flag: &'static str, at: OffsetDateTime) -> Result<OffsetDateTime, WindowError> {
-    let utc = at.to_offset(UtcOffset::UTC);
+    let utc = keel_audit::utc_in_range(at).ok_or(WindowError::OutOfRange { flag, at })?;
     if floor_hour(utc) == utc {
         Ok(utc)
     } else {
@@ -218,6 +230,25 @@ mod tests {
 
     use super::*;
     use time::macros::datetime;
+
+    /// A bound whose UTC instant lies past the year 9999 (`9999-12-31T23:00:00-01:00`) is a
+    /// clear error naming the flag, never a panic converting it to UTC.
+    #[test]
+    fn a_bound_utc_cannot_hold_is_refused_with_its_flag() {
+        let now = datetime!(2026-12-02 12:30 UTC);
+        let past_9999 = datetime!(9999-12-31 23:00 -01:00);
+        let err = resolve_window(None, Some(past_9999), now, true).unwrap_err();
+        assert!(
+            matches!(err, WindowError::OutOfRange { flag: "until", .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("--until"), "{err}");
+        let err = resolve_window(Some(past_9999), None, now, true).unwrap_err();
+        assert!(
+            matches!(err, WindowError::OutOfRange { flag: "since", .. }),
+            "{err:?}"
+        );
+    }
 
     /// RATER-L1: messages printed `time`'s own format, named a flag the user did not pass,
     /// and said "spans 31 days, more than 31" for 31 days and an hour.

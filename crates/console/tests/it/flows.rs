@@ -679,6 +679,10 @@ async fn every_page_renders_for_an_operator_and_shows_no_token_or_connection_url
         "/audit?since=yesterday",
         "/audit?kind=nope",
         "/audit?after=1-2-3",
+        // An instant UTC cannot hold (the year 10000 there) is a bad request, never a panic
+        // binding it.
+        "/audit?until=9999-12-31T23:00:00-01:00",
+        "/audit?since=0001-01-01T00:30:00%2B01:00",
         "/resources/x",
     ] {
         assert_eq!(app.get(bad).await.status, 400, "{bad}");
