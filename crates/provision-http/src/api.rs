@@ -777,6 +777,16 @@ pub(crate) async fn create<S: ResourceStore + 'static, B: Backend + 'static>(
                                 tracing::error!(error = %ErrorChain(&e), "could not store an idempotency outcome");
                             }
                         }
+                        // A row left pending may hide a finalize that committed unheard: the
+                        // key stays in flight, naming its resource, until the abandoned-key
+                        // pass settles it by the row's fate (a 201 to replay, or released), so
+                        // a retry never creates a second live resource.
+                        Err(e) if e.fate_unsettled() => {
+                            tracing::warn!(
+                                "an idempotency key stays in flight until its attempt's \
+                                 reservation is settled"
+                            );
+                        }
                         Err(_) => release(&state.pool, slot).await,
                     }
                 }
@@ -3715,6 +3725,65 @@ mod tests {
             fresh, 0,
             "the re-claimed key is young, the replayed one settled"
         );
+    }
+
+    /// A finalize that committed but whose reply was lost, followed by a store that fails the
+    /// compensation's flip (a failover): the 503 cannot know whether the resource is live, so
+    /// the key stays in flight naming it, and the retry with that key never creates a second
+    /// live resource. Once the abandoned-key pass runs, the retry replays the live resource;
+    /// one that was paused meanwhile replays it with its status.
+    #[tokio::test]
+    async fn a_retry_after_a_finalize_committed_unheard_never_creates_a_second_resource() {
+        let api = api().await;
+        let body = api.create_body("postgres", "pro");
+        api.state
+            .provisioner
+            .store()
+            .fail_after(StoreStep::Activate, 1);
+        api.state.provisioner.store().fail(StoreStep::Abandon, 2);
+        let first = api
+            .call_raw("POST", "/v1/resources", &idempotent("agent-7"), &body)
+            .await;
+        assert_envelope(&first, 503, "provision_incomplete");
+        let id = first.json()["resource_id"].as_str().unwrap().to_owned();
+        let status: String = sqlx::query_scalar("SELECT status FROM resources WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(api.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(status, "active", "the finalize committed");
+
+        let retry = api
+            .call_raw("POST", "/v1/resources", &idempotent("agent-7"), &body)
+            .await;
+        assert_envelope(&retry, 409, "idempotency_key_in_use");
+        assert_eq!(retry.json()["resource_id"], id.as_str(), "{}", retry.body);
+        assert_eq!(api.count("SELECT count(*) FROM resources").await, 1);
+
+        sqlx::query("UPDATE resources SET status = 'paused' WHERE id = $1::uuid")
+            .bind(&id)
+            .execute(api.db.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE provision_api.idempotency_keys SET created_at = now() - interval '1 hour'",
+        )
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let settled =
+            idempotency::release_abandoned(api.db.pool(), std::time::Duration::from_secs(60))
+                .await
+                .unwrap();
+        assert_eq!(settled, 1);
+        let replayed = api
+            .call_raw("POST", "/v1/resources", &idempotent("agent-7"), &body)
+            .await;
+        assert_eq!(replayed.status, 201, "{}", replayed.body);
+        assert_eq!(replayed.json()["id"], id.as_str());
+        assert_eq!(replayed.json()["status"], "paused");
+        assert_eq!(header(&replayed, "idempotent-replayed"), Some("true"));
+        assert_eq!(api.count("SELECT count(*) FROM resources").await, 1);
     }
 
     /// Concurrent POSTs of one team cannot together pass its quota: with a quota of two, of

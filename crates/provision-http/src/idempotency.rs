@@ -7,8 +7,10 @@
 //! - the same key while the first is in flight answers `idempotency_key_in_use` (409);
 //! - the same key after a 201 replays that 201 (without the password, which is stored nowhere:
 //!   `POST /v1/resources/{id}/rotate-credentials` issues a new one);
-//! - an error releases the key (an error changed nothing to replay; a compensated 503 is never
-//!   stored), so a retry runs anew.
+//! - an error whose attempt is settled releases the key (an error changed nothing to replay; a
+//!   compensated 503 is never stored), so a retry runs anew; one whose reservation was left
+//!   `pending` (the store failed while compensating, so its finalize may have committed unheard)
+//!   keeps the key in flight until [`release_abandoned`] settles it by the row's fate.
 //!
 //! The claim is one `INSERT … ON CONFLICT`, so of concurrent requests with one key exactly one
 //! claims it. The outcome is written by the provisioning task itself, so a client that timed
@@ -215,8 +217,9 @@ pub async fn release(pool: &PgPool, slot: &Slot) -> Result<(), sqlx::Error> {
 }
 
 /// Settles keys still in flight after `older_than` (a crash or a shutdown cut their request
-/// short, or its outcome could not be written): one whose resource went `active` gets that
-/// resource's 201 to replay (without a password, like every replay); one that reserved nothing,
+/// short, its outcome could not be written, or its reservation was left `pending`): one whose
+/// resource went live (`active`, or since `paused` or `suspended`) gets that resource's 201 to
+/// replay, with its status (without a password, like every replay); one that reserved nothing,
 /// or whose reservation was settled `failed` or `deleted` by the reconciler, is released, so the
 /// retry runs anew. Either way the retry stops answering 409 until the key expires. Answers how
 /// many were settled.
@@ -229,10 +232,10 @@ pub async fn release_abandoned(
             SET response_status = 201, \
                 response_body = jsonb_build_object( \
                     'ok', true, 'id', r.id::text, 'team_id', r.team_id::text, \
-                    'resource_type', r.resource_type, 'tier', r.tier, 'status', 'active', \
+                    'resource_type', r.resource_type, 'tier', r.tier, 'status', r.status, \
                     'request_id', '', 'credentials', $2::text) \
            FROM resources r \
-          WHERE r.id = k.resource_id AND r.status = 'active' \
+          WHERE r.id = k.resource_id AND r.status IN ('active', 'paused', 'suspended') \
             AND k.response_status IS NULL \
             AND k.created_at < now() - make_interval(secs => $1)",
     )

@@ -28,7 +28,9 @@ pub enum ErrorCode {
     /// fully compensated: nothing was left behind and nothing is billed.
     ProvisionFailed,
     /// The attempt failed and its compensation is not finished (a teardown failed, or the row
-    /// could not be settled yet): the platform cleans it up; nothing is billed.
+    /// could not be settled yet, so the resource may even have been created): the platform
+    /// settles it; a retry with the same `Idempotency-Key` answers the resource if it was
+    /// created, and runs anew otherwise.
     ProvisionIncomplete,
     /// The resource is protected against deletion (`keel.dev/protect`).
     ResourceProtected,
@@ -260,9 +262,11 @@ impl ErrorCode {
                  Idempotency-Key. See {url}",
             ),
             ErrorCode::ProvisionIncomplete => Some(
-                "Tell the user the resource could not be created and the platform is still \
-                 cleaning up the attempt (nothing is billed); retry with exponential backoff, \
-                 starting at 30 seconds. See {url}",
+                "Tell the user the attempt failed and the platform is still settling what it \
+                 left (resource_id names the resource it reserved); retry with exponential \
+                 backoff, starting at 30 seconds, with the same Idempotency-Key: until the \
+                 attempt is settled the retry answers idempotency_key_in_use, then it answers \
+                 the resource if the attempt created it after all, or creates one anew. See {url}",
             ),
             ErrorCode::ResourceProtected => Some(
                 "Tell the user the resource is protected against deletion; ask them to remove \

@@ -347,6 +347,22 @@ impl ProvisionError {
         }
     }
 
+    /// Whether the reserved resource's fate is still open after this error: its row was left
+    /// `pending` (the store failed while compensating, so a finalize whose reply was lost may
+    /// have committed) or found live. While it holds, a retry of the same request must not
+    /// create another resource: it waits for the row to be settled, and answers the resource if
+    /// the row turned out live. Without a reservation, or with its row settled `failed` or
+    /// `deleted`, nothing of the attempt can be live.
+    pub fn fate_unsettled(&self) -> bool {
+        match self {
+            Self::TeamNotFound | Self::Unsupported(_) | Self::Reserve(_) => false,
+            Self::Failed { compensation, .. } => match compensation.row {
+                RowResult::SoftDeleted | RowResult::AlreadySettled => false,
+                RowResult::Live | RowResult::LeftPending => true,
+            },
+        }
+    }
+
     /// The reserved resource's id, when a reservation was written.
     pub fn resource_id(&self) -> Option<ResourceId> {
         match self {
