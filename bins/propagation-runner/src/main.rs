@@ -51,7 +51,8 @@ struct Cli {
 enum Command {
     /// Claim and apply due propagations until SIGTERM (the default), or once with --once.
     Run(RunArgs),
-    /// One entitlement-reconciler pass: enqueue a propagation for every drifted resource.
+    /// One entitlement-reconciler pass: enqueue a propagation for every drifted resource. Exits
+    /// 75 when another replica's pass holds the reconciler's lock (nothing was checked).
     Reconcile(DatabaseArgs),
     /// Inspect or requeue dead-lettered propagations.
     #[command(subcommand)]
@@ -560,7 +561,14 @@ fn report_json(report: &keel_propagation::runner::BatchReport) -> serde_json::Va
 
 async fn reconcile(db: DatabaseArgs) -> anyhow::Result<ExitCode> {
     let store = store(&db, 2).await?;
-    let enqueued = store.reconcile(store.db_now().await?).await?;
+    let Some(enqueued) = store.try_reconcile(store.db_now().await?).await? else {
+        // Said, not passed off as "no drift".
+        eprintln!(
+            "error: another replica holds the reconciler's lock and is reconciling now; this \
+             call checked nothing; run it again later"
+        );
+        return Ok(ExitCode::from(EXIT_BUSY));
+    };
     for (id, resource) in &enqueued {
         println!("enqueued propagation {id} for resource {resource}");
     }
@@ -705,8 +713,8 @@ async fn deferred(cmd: Deferred) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `prune`'s exit code when another replica held the retention lock (sysexits' `EX_TEMPFAIL`):
-/// nothing failed, but the rows due may still be there.
+/// The exit code of `prune` and `reconcile` when another replica held their lock (sysexits'
+/// `EX_TEMPFAIL`): nothing failed, but the work due may still be there.
 const EXIT_BUSY: u8 = 75;
 
 async fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {

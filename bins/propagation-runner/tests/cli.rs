@@ -337,6 +337,28 @@ async fn rows_this_build_cannot_run_are_listed_for_operators_and_left_pending() 
     );
     other.rollback().await.unwrap();
 
+    // So does reconcile, while another replica's pass holds the reconciler's lock: it checked
+    // nothing, which "0 drifted resource(s)" would hide.
+    let mut other = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(keel_propagation::postgres::RECONCILE_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let busy = runner(&["reconcile"], &url);
+    assert_eq!(busy.status.code(), Some(75));
+    assert!(stdout(&busy).is_empty(), "{}", stdout(&busy));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr)
+            .contains("another replica holds the reconciler's lock"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    other.rollback().await.unwrap();
+    let reconciled = runner(&["reconcile"], &url);
+    assert_eq!(reconciled.status.code(), Some(0));
+    assert!(stdout(&reconciled).contains("drifted resource(s) enqueued"));
+
     let pruned = runner(&["prune"], &url);
     assert_eq!(
         pruned.status.code(),

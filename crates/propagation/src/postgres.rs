@@ -54,8 +54,10 @@ pub const RECORD_LOCK_TIMEOUT: Duration = Duration::seconds(2);
 /// How long a row this build cannot read waits before it is offered to a runner again.
 pub const DEFER_RETRY: Duration = Duration::minutes(5);
 
-/// Advisory-lock keys for the single-flight maintenance passes.
-const RECONCILE_LOCK: i64 = 0x6b65_656c_7072_0001;
+/// The transaction-scoped advisory lock the entitlement reconciler
+/// ([`PgPropagationStore::reconcile`]) holds for its pass: one replica reconciles at a time.
+pub const RECONCILE_LOCK: i64 = 0x6b65_656c_7072_0001;
+/// The advisory lock of the pass that dead-letters rows no runner can read.
 const SETTLE_LOCK: i64 = 0x6b65_656c_7072_0002;
 /// The transaction-scoped advisory lock retention ([`PgPropagationStore::prune`]) holds while it
 /// deletes: one replica prunes at a time.
@@ -946,10 +948,22 @@ impl PgPropagationStore {
     /// *under the team's current tier change* (the same `teams.tier_epoch`) is left to
     /// operators (`dead-letters requeue`) rather than retried forever; any later tier change
     /// starts a new epoch, so an old dead letter never mutes a genuine change.
+    ///
+    /// A pass that found another replica's pass running answers an empty list, like a pass that
+    /// found no drift; [`PgPropagationStore::try_reconcile`] tells the two apart.
     pub async fn reconcile(
         &self,
         now: OffsetDateTime,
     ) -> Result<Vec<(PropagationId, ResourceId)>, StoreError> {
+        Ok(self.try_reconcile(now).await?.unwrap_or_default())
+    }
+
+    /// [`PgPropagationStore::reconcile`], answering `None` when another replica's pass held the
+    /// reconciler's lock, so this call checked nothing.
+    pub async fn try_reconcile(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Option<Vec<(PropagationId, ResourceId)>>, StoreError> {
         let types: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -958,7 +972,7 @@ impl PgPropagationStore {
             .await
             .map_err(db("take the reconciler lock"))?;
         if !leader {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let unreadable: i64 = sqlx::query_scalar(UNREADABLE_TIERS_SQL)
             .fetch_one(&mut *tx)
@@ -986,10 +1000,11 @@ impl PgPropagationStore {
                 .map_err(db("notify runners"))?;
         }
         tx.commit().await.map_err(db("commit a reconciler pass"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, resource)| (PropagationId(id), ResourceId::from_uuid(resource)))
-            .collect())
+        Ok(Some(
+            rows.into_iter()
+                .map(|(id, resource)| (PropagationId(id), ResourceId::from_uuid(resource)))
+                .collect(),
+        ))
     }
 
     /// Dead letters, newest first, optionally of one kind.
@@ -1092,7 +1107,8 @@ impl PgPropagationStore {
         // The rows are locked (`FOR UPDATE` above), so what the events were built from holds.
         let rows: Vec<(i64,)> = sqlx::query_as(
             "UPDATE pending_propagations SET status = 'pending', attempts = 0, next_attempt_at = $2, \
-                    dead_lettered_at = NULL, claimed_by = NULL, lease_expires_at = NULL, updated_at = $2 \
+                    dead_lettered_at = NULL, claimed_by = NULL, lease_expires_at = NULL, \
+                    deferred_since = NULL, updated_at = $2 \
              WHERE id = ANY($1) \
              RETURNING id",
         )
@@ -1604,7 +1620,8 @@ const RECORD_SQL: &str = "UPDATE pending_propagations p SET \
                                  THEN $7 END, \
                dead_lettered_at = CASE WHEN p.target_version = u.target \
                                         AND u.status = 'dead_lettered' THEN $7 END, \
-               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated_at = $7 \
+               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, \
+               deferred_since = NULL, updated_at = $7 \
              FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
                          $5::timestamptz[], $6::text[]) \
                   AS u(id, token, target, status, next_attempt_at, last_error) \

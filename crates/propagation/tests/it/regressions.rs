@@ -596,6 +596,75 @@ async fn every_dead_letter_is_counted_in_the_metric() {
     assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 4);
 }
 
+/// PROP-8: a row once deferred as unreadable and since repaired is no longer "unsupported":
+/// neither a retry after a readable claim nor a requeue of its dead letter leaves the old
+/// deferral behind for the next housekeeping pass to dead-letter it again with a false reason.
+#[tokio::test]
+async fn a_repaired_row_is_never_dead_lettered_again_as_unsupported() {
+    use keel_propagation::postgres::{RequeueReason, RequeueTarget};
+    let db = keel_testkit::database().await;
+    let (retried, reason) = unknown_rows(db.pool()).await[3];
+    assert_eq!(reason, DeferReason::UnreadablePayload);
+    let (requeued, _) = unknown_rows(db.pool()).await[3];
+    sqlx::query("DELETE FROM pending_propagations WHERE id <> ALL($1)")
+        .bind([retried.0, requeued.0])
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (runner, _) = default_runner(db.pool(), Arc::new(Recording::default()));
+    runner.run_batch(T0, &never()).await.unwrap();
+    let repair = |id: PropagationId| {
+        sqlx::query(
+            "UPDATE pending_propagations SET payload = '{\"target_tier\": \"pro\"}' WHERE id = $1",
+        )
+        .bind(id.0)
+        .execute(db.pool())
+    };
+    let store = store(db.pool());
+    let actor = Actor::system();
+    let grace = time::Duration::hours(1);
+
+    // Repaired within its grace, then claimed and read; its attempt fails and is retried.
+    repair(retried).await.unwrap();
+    let failing = Arc::new(Recording::answering(Err(ApplyError::new(
+        "connection refused by the customer's backend",
+    ))));
+    let (failing_runner, _) = default_runner(db.pool(), failing);
+    let report = failing_runner
+        .run_batch(T0 + time::Duration::minutes(10), &never())
+        .await
+        .unwrap();
+    assert_eq!(report.retried, 1);
+    let settled = store
+        .settle_unsupported(grace, &actor, T0 + time::Duration::hours(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled,
+        [(requeued, DeferReason::UnreadablePayload)],
+        "only the row still unreadable is settled"
+    );
+    assert_eq!(row(db.pool(), retried).await.status, "pending");
+
+    // Repaired after it was dead-lettered, and requeued by an operator.
+    repair(requeued).await.unwrap();
+    let reason = RequeueReason::parse("payload repaired").unwrap();
+    let t_requeue = T0 + time::Duration::hours(3);
+    store
+        .requeue(RequeueTarget::One(requeued), &actor, &reason, t_requeue)
+        .await
+        .unwrap();
+    let settled = store
+        .settle_unsupported(grace, &actor, t_requeue + time::Duration::minutes(1))
+        .await
+        .unwrap();
+    assert!(
+        settled.is_empty(),
+        "a repaired row settled again: {settled:?}"
+    );
+    assert_eq!(row(db.pool(), requeued).await.status, "pending");
+}
+
 /// PROP-10: one apply hanging holds only its own slot; rows enqueued meanwhile are claimed and
 /// applied.
 #[tokio::test]
