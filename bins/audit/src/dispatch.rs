@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_audit::notify::{
-    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due, ingest, lock_is_shared, try_lock,
+    DeliveryOutcome, NotifyKey, RetryPolicy, backlog, deliver_due_each, ingest, lock_is_shared,
+    try_lock,
 };
 use keel_audit::notify_metrics::NotifyMetrics as Metrics;
 use keel_service::shutdown::CancellationToken;
@@ -145,26 +146,38 @@ impl Dispatcher {
                 "took audit rows from the trail"
             );
         }
-        let attempts =
-            deliver_due(conn, &self.webhook, &self.key, &self.policy, self.batch).await?;
-        for attempt in &attempts {
-            metrics.count(attempt);
-            match attempt.outcome {
-                DeliveryOutcome::Delivered => {
-                    tracing::debug!(event_id = %attempt.event_id, template = %attempt.template, "delivered");
+        // Each attempt is counted and logged as soon as it is recorded: an error recording a
+        // later one (the connection lost mid-batch) must not lose a dead letter's alert, since
+        // a recorded dead letter is never due again.
+        let mut attempted = false;
+        let mut throttled = None;
+        deliver_due_each(
+            conn,
+            &self.webhook,
+            &self.key,
+            &self.policy,
+            self.batch,
+            |attempt| {
+                attempted = true;
+                throttled = throttled.max(attempt.retry_after);
+                metrics.count(&attempt);
+                match attempt.outcome {
+                    DeliveryOutcome::Delivered => {
+                        tracing::debug!(event_id = %attempt.event_id, template = %attempt.template, "delivered");
+                    }
+                    DeliveryOutcome::Retrying(class) => {
+                        tracing::info!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "delivery failed; will retry");
+                    }
+                    DeliveryOutcome::DeadLettered(class) => {
+                        tracing::error!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "notification dead-lettered");
+                    }
                 }
-                DeliveryOutcome::Retrying(class) => {
-                    tracing::info!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "delivery failed; will retry");
-                }
-                DeliveryOutcome::DeadLettered(class) => {
-                    tracing::error!(event_id = %attempt.event_id, template = %attempt.template, class = class.as_str(), "notification dead-lettered");
-                }
-            }
-        }
-        busy |= !attempts.is_empty();
+            },
+        )
+        .await?;
+        busy |= attempted;
         let left = backlog(conn).await?;
         metrics.backlog(&left);
-        let throttled = attempts.iter().filter_map(|a| a.retry_after).max();
         Ok(match (throttled, busy) {
             (Some(wait), _) => {
                 tracing::warn!(

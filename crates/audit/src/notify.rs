@@ -597,6 +597,11 @@ fn written_by_ingest(
 /// a receiver that asks to be left alone ([`WebhookReply::Throttled`]): its delivery is due
 /// again after the wait it asked for, and the rest of the batch is left due, unattempted, so
 /// the caller can pause for [`Attempt::retry_after`].
+///
+/// An error recording one attempt ends the batch and answers the error alone: the attempts
+/// recorded before it are committed (a dead letter among them is no longer due, so no later
+/// batch reports it again) but not answered. A caller that counts or alerts on them uses
+/// [`deliver_due_each`], which hands each attempt over as soon as it is recorded.
 pub async fn deliver_due(
     conn: &mut PgConnection,
     webhook: &impl Webhook,
@@ -604,6 +609,25 @@ pub async fn deliver_due(
     policy: &RetryPolicy,
     limit: u32,
 ) -> Result<Vec<Attempt>, AuditSinkError> {
+    let mut attempts = Vec::new();
+    deliver_due_each(conn, webhook, key, policy, limit, |attempt| {
+        attempts.push(attempt);
+    })
+    .await?;
+    Ok(attempts)
+}
+
+/// [`deliver_due`], handing each attempt to `recorded` as soon as its outcome and audit row are
+/// committed, so an error recording a later attempt of the batch never loses an earlier one
+/// (a dead letter whose alert counts it, say).
+pub async fn deliver_due_each(
+    conn: &mut PgConnection,
+    webhook: &impl Webhook,
+    key: &NotifyKey,
+    policy: &RetryPolicy,
+    limit: u32,
+    mut recorded: impl FnMut(Attempt),
+) -> Result<(), AuditSinkError> {
     let due: Vec<DueRow> = sqlx::query_as(
         "SELECT event_id, audit_id, recorded_at, kind, template, \
                 CASE WHEN octet_length(payload::text) <= $2 THEN payload::text END AS payload, \
@@ -623,10 +647,9 @@ pub async fn deliver_due(
     // so a receiver that refuses stale timestamps never refuses the end of a slow batch.
     let read_at = std::time::Instant::now();
     if due.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let sources = audit_rows_of(&mut *conn, &due).await?;
-    let mut attempts = Vec::with_capacity(due.len());
     for row in due {
         let source = sources.get(&row.audit_id);
         let row = row.checked(source);
@@ -672,7 +695,7 @@ pub async fn deliver_due(
             None => (DeliveryOutcome::DeadLettered(FailureClass::Malformed), None),
         };
         record(conn, &row, attempt, outcome, status, wait, policy).await?;
-        attempts.push(Attempt {
+        recorded(Attempt {
             event_id: row.event_id,
             template: row.template.to_owned(),
             outcome,
@@ -682,7 +705,7 @@ pub async fn deliver_due(
             break;
         }
     }
-    Ok(attempts)
+    Ok(())
 }
 
 /// The audit rows `due` names, by id, as they read now: each row is looked up by its id and the

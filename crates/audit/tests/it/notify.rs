@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use keel_audit::notify::{
     DeadLetterPage, DeliveryOutcome, FailureClass, NotifyKey, RetryPolicy, SignedNotification,
-    Webhook, WebhookReply, backlog, dead_letters, deliver_due, ingest, requeue, try_lock,
+    Webhook, WebhookReply, backlog, dead_letters, deliver_due, deliver_due_each, ingest, requeue,
+    try_lock,
 };
 use keel_audit::postgres::insert;
 use keel_audit::{Actor, AuditKind};
@@ -200,6 +201,80 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
             .await
             .unwrap();
     assert_eq!(audited_actor, "ops-alice");
+}
+
+/// A receiver that answers 503, and while the second request is with it the dispatcher's
+/// database connection is ended (a failover in the middle of a batch).
+struct CutsTheConnection {
+    admin: sqlx::PgPool,
+    dispatcher_pid: i32,
+    posts: Mutex<u32>,
+}
+
+impl Webhook for CutsTheConnection {
+    async fn post(&self, _: &SignedNotification) -> WebhookReply {
+        let post = {
+            let mut posts = self.posts.lock().unwrap();
+            *posts += 1;
+            *posts
+        };
+        if post == 2 {
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+                .bind(self.dispatcher_pid)
+                .fetch_one(&self.admin)
+                .await
+                .unwrap();
+            assert!(ended, "the dispatcher's connection was ended");
+        }
+        WebhookReply::Status(503)
+    }
+}
+
+/// A notification dead-lettered early in a batch is handed over (to be counted for its alert)
+/// as soon as it is recorded: an error recording a later one of the same batch never loses it,
+/// although it is no longer due and no later batch would report it.
+#[tokio::test]
+async fn a_dead_letter_recorded_before_a_failure_later_in_its_batch_is_still_reported() {
+    let db = keel_testkit::role_split_database().await;
+    let mut app = db.app().acquire().await.unwrap();
+    for n in 1..=2 {
+        insert(&mut app, &sample(AuditKind::ProvisionCreated, n))
+            .await
+            .unwrap();
+    }
+    ingest_all(&mut app, 2).await;
+    let dispatcher_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *app)
+        .await
+        .unwrap();
+    let receiver = CutsTheConnection {
+        admin: db.database().pool().clone(),
+        dispatcher_pid,
+        posts: Mutex::new(0),
+    };
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        base_backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+    };
+    let mut reported = Vec::new();
+    let result = deliver_due_each(&mut app, &receiver, &key(), &policy, 10, |attempt| {
+        reported.push(attempt);
+    })
+    .await;
+    assert!(result.is_err(), "the second attempt's record failed");
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(
+        reported[0].outcome,
+        DeliveryOutcome::DeadLettered(FailureClass::Status5xx)
+    );
+    let mut owner = db.owner().acquire().await.unwrap();
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM notification_deliveries ORDER BY seq")
+            .fetch_all(&mut *owner)
+            .await
+            .unwrap();
+    assert_eq!(states, ["dead", "pending"], "the first was recorded");
 }
 
 /// A receiver that answers 429 with a `Retry-After` of `wait`, and keeps every request.
