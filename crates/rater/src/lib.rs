@@ -4,8 +4,9 @@
 //! A rating run aggregates `billing_event` per (auth id, meter, UTC hour) over a window, prices
 //! it with the effective-dated `prices`, and compares the result with `rated_usage` hour by
 //! hour: new hours are inserted, changed hours updated, and hours whose events are gone, whose
-//! quantity or event count went down, or that lost their price are losses. A loss is a revenue
-//! change: on a routine run (the default trailing window) it means billed events vanished, so
+//! quantity, event count or amount went down (or whose currency changed), or that lost their
+//! price are losses. A loss is a revenue change: on a routine run (the default trailing window)
+//! it means billed events vanished or a price was cut under hours already billed, so
 //! the run logs ERROR and exits 2; on an explicit `--backfill` it is the convergence the
 //! operator asked for, so it logs INFO and exits 0 — see [`exit_code`]. Amounts follow the
 //! [`money`] model, so no stored value can fail a run.

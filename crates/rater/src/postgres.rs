@@ -310,7 +310,9 @@ macro_rules! diff_ctes {
                WHEN p.unit_price IS NULL THEN CASE WHEN c.id IS NULL THEN 'unpriced' ELSE 'price_lost' END \
                WHEN p.quantity >= 1e18 OR p.amount >= 1e18 THEN 'out_of_range' \
                WHEN c.id IS NULL THEN 'inserted' \
-               WHEN p.event_count < c.event_count OR p.quantity < c.quantity THEN 'lowered' \
+               WHEN p.event_count < c.event_count OR p.quantity < c.quantity \
+                    OR p.amount < c.amount OR p.currency IS DISTINCT FROM c.currency \
+                 THEN 'lowered' \
                WHEN (c.quantity, c.unit_price, c.amount, c.currency, c.event_count) \
                     IS DISTINCT FROM (p.quantity, p.unit_price, p.amount, p.currency, p.event_count) \
                  THEN 'updated' \

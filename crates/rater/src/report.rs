@@ -151,9 +151,11 @@ impl LateUsage {
 pub struct RateReport {
     /// Newly rated hours.
     pub inserted: Changes,
-    /// Rated hours whose quantity, count, price or amount went up or was repriced.
+    /// Rated hours whose quantity, count or amount went up, or that were repriced without their
+    /// amount going down.
     pub updated: Changes,
-    /// Rated hours whose quantity or event count went down: billed events vanished.
+    /// Rated hours whose quantity, event count or amount went down, or whose currency changed:
+    /// billed events vanished, or a price cut (or a currency change) took effect under them.
     pub lowered: Changes,
     /// Rated hours whose events are all gone: the reconcile deletions.
     pub deleted: Changes,

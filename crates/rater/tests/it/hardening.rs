@@ -281,6 +281,63 @@ async fn an_event_ingested_after_its_hour_left_the_window_is_rated_or_flagged() 
     assert_eq!(fourth.exit, RaterExit::Clean, "{:?}", fourth.report);
 }
 
+/// A price cut, or a change of currency, taking effect inside the routine window lowers (or
+/// makes incomparable) the bill of hours already rated there: like lowered usage it pages
+/// (exit 2, a `rater.reconcile_deleted` row with old -> new), where it was rated as a silent
+/// update. A price rise is an update, and quiet.
+#[tokio::test]
+async fn a_price_cut_inside_the_window_pages_like_lowered_usage() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    event(db.pool(), "e1", "acme", "1000", H0 + Duration::minutes(5)).await;
+    event(db.pool(), "e2", "acme", "1000", H0 + Duration::minutes(65)).await;
+    assert_eq!(go(&db, 2, false).await.exit, RaterExit::Clean);
+
+    // A rise from the second hour on: an update, no page.
+    exec(
+        db.pool(),
+        "INSERT INTO prices (meter, effective_from, unit_price) \
+         VALUES ('requests', '2026-11-20T01:00:00Z', 0.002)",
+    )
+    .await
+    .unwrap();
+    let raised = go(&db, 2, false).await;
+    assert_eq!(raised.exit, RaterExit::Clean);
+    let report = raised.report.unwrap();
+    assert_eq!((report.updated.count, report.lowered.count), (1, 0));
+
+    // A cut from the first hour on, and a currency change of the second: both page.
+    exec(
+        db.pool(),
+        "INSERT INTO prices (meter, effective_from, unit_price) \
+         VALUES ('requests', '2026-11-20T00:00:00Z', 0.0001)",
+    )
+    .await
+    .unwrap();
+    exec(
+        db.pool(),
+        "UPDATE prices SET currency = 'EUR' WHERE effective_from = '2026-11-20T01:00:00Z'",
+    )
+    .await
+    .unwrap();
+    let cut = go(&db, 2, false).await;
+    assert_eq!(cut.exit, RaterExit::Attention);
+    let report = cut.report.unwrap();
+    assert_eq!(report.lowered.count, 2, "{report:?}");
+    let audit = audit_rows(db.pool()).await;
+    let (kind, attributes) = audit.last().unwrap();
+    assert_eq!(kind, "rater.reconcile_deleted");
+    let lowered = attributes["lowered"].as_str().unwrap();
+    assert!(
+        lowered.contains("= 1 USD -> 1000 units/1 events = 0.1 USD"),
+        "{lowered}"
+    );
+    assert!(
+        lowered.contains("= 2 USD -> 1000 units/1 events = 2 EUR"),
+        "{lowered}"
+    );
+}
+
 /// Usage lowered or deleted in an hour before the window pages like late growth: the bill of a
 /// rated hour whose events went down (or vanished) is too high, so the run exits 2 naming the
 /// backfill, keeps the markers and pages until the backfill reconciles the hours.
