@@ -27,7 +27,8 @@ Exit codes:
   0   clean (a dry run that succeeded)
   1   error (configuration, database, lost single-flight lock, stopped by a signal)
   2   attention: an anomaly (unpriced or out-of-range hours, late usage), or a routine run
-      lowered or removed previously rated usage (page someone)
+      lowered or removed previously rated usage (page someone); also when the run failed after
+      committing such a loss, or took over one an earlier run committed and never reported
   3   skipped: another rater holds the single-flight lock; nothing was rated
   64  usage error";
 
@@ -204,7 +205,17 @@ fn main() -> ExitCode {
             let deadline = std::time::Duration::from_secs(args.push_metrics_timeout_secs);
             push_metrics(&pool, url, deadline).await;
         }
-        let outcome = result.context("the rating run failed")?;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            // Committed losses page however the run ended: the error is logged as every failure
+            // is, and the exit is 2, not 1.
+            Err(e) if e.exit() == keel_rater::RaterExit::Attention => {
+                let e = anyhow::Error::new(e).context("the rating run failed");
+                tracing::error!(error = keel_service::error_chain(&e), "failed");
+                return Ok(ExitCode::from(keel_rater::RaterExit::Attention.code()));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("the rating run failed")),
+        };
         print(&outcome, window, explicit, args.dry_run, args.output)?;
         Ok(ExitCode::from(outcome.exit.code()))
     })

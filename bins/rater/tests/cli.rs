@@ -122,6 +122,56 @@ async fn a_routine_run_on_an_empty_database_exits_0_and_prints_json() {
     assert_eq!(doc["report"]["unchanged"], 0);
 }
 
+/// The exit-code contract for losses a routine run commits and then cannot report: a run whose
+/// ledger row cannot be closed after it lowered a rated hour exits 2, not 1; the next run takes
+/// the open row over and pages for it again (exit 2), and the one after is clean.
+#[tokio::test]
+async fn committed_losses_page_even_when_the_run_cannot_close_its_ledger_row() {
+    let db = keel_testkit::database().await;
+    for sql in [
+        "INSERT INTO prices (meter, effective_from, unit_price) \
+         VALUES ('requests', '2020-01-01Z', 0.001)",
+        "INSERT INTO billing_event (event_id, auth_id, meter, quantity, occurred_at) VALUES \
+         ('e1', 'acme', 'requests', 10, date_trunc('hour', now()) - interval '3 hours'), \
+         ('e2', 'acme', 'requests', 5, date_trunc('hour', now()) - interval '3 hours')",
+    ] {
+        sqlx::query(sql).execute(db.pool()).await.unwrap();
+    }
+    let routine = || keel_rater(&[], Some(&db.url()));
+    let code = |out: &Output| {
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code(&routine()).0, Some(0));
+    for sql in [
+        "DELETE FROM billing_event WHERE event_id = 'e1'",
+        "CREATE FUNCTION refuse_close() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'the ledger refuses'; END $$",
+        "CREATE TRIGGER refuse_close BEFORE UPDATE ON rater_runs FOR EACH ROW \
+         WHEN (NEW.finished_at IS NOT NULL) EXECUTE FUNCTION refuse_close()",
+    ] {
+        sqlx::query(sql).execute(db.pool()).await.unwrap();
+    }
+    let (exit, stderr) = code(&routine());
+    assert_eq!(exit, Some(2), "{stderr}");
+    assert!(stderr.contains("the ledger refuses"), "{stderr}");
+    assert!(stderr.contains("1 lost rated hour"), "{stderr}");
+    sqlx::query("DROP TRIGGER refuse_close ON rater_runs")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (exit, stderr) = code(&routine());
+    assert_eq!(
+        exit,
+        Some(2),
+        "the next run pages for the open row: {stderr}"
+    );
+    let (exit, stderr) = code(&routine());
+    assert_eq!(exit, Some(0), "reported once: {stderr}");
+}
+
 #[tokio::test]
 async fn migrate_applies_the_schema_from_the_environment_and_logs_no_secret() {
     let db = keel_testkit::empty_database().await;

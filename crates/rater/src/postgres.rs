@@ -107,6 +107,39 @@ pub enum RaterError {
         /// Days committed before the signal.
         days: u32,
     },
+    /// A routine run failed after it had committed losses (rated hours deleted, lowered or
+    /// priced away, with their audit rows), its own or those of an earlier run that ended
+    /// before it could report them. They page: [`RaterError::exit`] is
+    /// [`RaterExit::Attention`], never the quieter [`RaterExit::Error`].
+    #[error(
+        "{source}; before that the run had committed {losses} lost rated hour(s) (deleted, \
+         lowered or priced away), which must be looked at before the next invoice"
+    )]
+    FailedAfterLosses {
+        /// The lost rated hours committed.
+        losses: u64,
+        /// Why the run failed.
+        #[source]
+        source: Box<RaterError>,
+    },
+}
+
+impl RaterError {
+    /// How a run that failed with this error exits: [`RaterExit::Attention`] when it had
+    /// committed losses that page, [`RaterExit::Error`] otherwise.
+    pub fn exit(&self) -> RaterExit {
+        match self {
+            Self::FailedAfterLosses { .. } => RaterExit::Attention,
+            Self::Database { .. }
+            | Self::Audit(_)
+            | Self::AuditField(_)
+            | Self::EventIdConflict { .. }
+            | Self::Fenced
+            | Self::PoolerDetected
+            | Self::UnlockFailed
+            | Self::Terminated { .. } => RaterExit::Error,
+        }
+    }
 }
 
 fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> RaterError {
@@ -981,43 +1014,54 @@ pub async fn run_until(
     .await
     .map_err(db("record the run"))?;
 
-    let mut days_committed = 0u32;
-    let work = locked_work(lock, request, run_id, &mut days_committed);
+    let mut committed = Committed::default();
+    let work = locked_work(lock, request, run_id, &mut committed);
     let result = tokio::select! {
         result = work => result,
         () = &mut stop => Err(RaterError::Terminated { days: 0 }),
     };
     let result = match result {
         Err(RaterError::Terminated { .. }) => Err(RaterError::Terminated {
-            days: days_committed,
+            days: committed.days,
+        }),
+        other => other,
+    };
+    // Losses a routine run committed (its own, or an earlier run's it took over) page however
+    // the run ends: their audit rows are in, their hours are no longer marked, and no later run
+    // would find them again.
+    let result = match result {
+        Err(source) if committed.losses > 0 => Err(RaterError::FailedAfterLosses {
+            losses: committed.losses,
+            source: Box::new(source),
         }),
         other => other,
     };
     let (exit, error, late) = match &result {
-        Ok(report) => (
-            exit_code(report.losses(), request.explicit, report.has_anomaly()),
-            None,
-            report.late.as_ref().map_or(0, |l| l.events),
-        ),
-        Err(e) => (RaterExit::Error, Some(e.to_string()), 0),
+        Ok(report) => {
+            let own = exit_code(report.losses(), request.explicit, report.has_anomaly());
+            let exit = if committed.losses > 0 {
+                RaterExit::Attention
+            } else {
+                own
+            };
+            (exit, None, report.late.as_ref().map_or(0, |l| l.events))
+        }
+        Err(e) => (e.exit(), Some(e.to_string()), 0),
     };
-    let closed = sqlx::query(
-        "UPDATE rater_runs SET finished_at = now(), exit_code = $2, error = $3, late_events = $4 \
-         WHERE id = $1",
-    )
-    .bind(run_id)
-    .bind(i16::from(exit.code()))
-    .bind(error)
-    .bind(i64::try_from(late).unwrap_or(i64::MAX))
-    .execute(pool)
-    .await
-    .map_err(db("record the run's outcome"));
+    let closed = close_ledger(pool, run_id, exit, error, late, &committed.taken_over).await;
     if let Err(unrecorded) = closed {
         // The run's own error (the database went away under it, say) is what the operator
         // needs; the ledger's is logged beside it, never in its place.
         tracing::error!(error = %unrecorded, run_id, "could not close the run's ledger row");
         result?;
-        return Err(unrecorded);
+        return Err(if committed.losses > 0 {
+            RaterError::FailedAfterLosses {
+                losses: committed.losses,
+                source: Box::new(unrecorded),
+            }
+        } else {
+            unrecorded
+        });
     }
     let report = result?;
     Ok(RunOutcome {
@@ -1064,14 +1108,102 @@ async fn record_skipped(pool: &PgPool, request: RunRequest) -> Result<i64, Rater
     .map_err(db("record the skipped run"))
 }
 
+/// What a run has committed so far, kept outside its work so that a failure or a stop part way
+/// still knows it.
+#[derive(Default)]
+struct Committed {
+    /// Days committed.
+    days: u32,
+    /// Lost rated hours that page (a routine run's own, and those of the runs it took over).
+    losses: u64,
+    /// Earlier routine runs that ended before they finished with losses committed, whose
+    /// losses this run reports; their ledger rows are closed with this run's.
+    taken_over: Vec<i64>,
+}
+
+/// Closes the run's ledger row with `exit`, and in the same transaction the rows of the runs
+/// it took over (so a run that cannot close its own row leaves theirs for the next run too).
+async fn close_ledger(
+    pool: &PgPool,
+    run_id: i64,
+    exit: RaterExit,
+    error: Option<String>,
+    late: u64,
+    taken_over: &[i64],
+) -> Result<(), RaterError> {
+    let mut tx = pool.begin().await.map_err(db("record the run's outcome"))?;
+    sqlx::query(
+        "UPDATE rater_runs SET finished_at = now(), exit_code = $2, error = $3, late_events = $4 \
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(i16::from(exit.code()))
+    .bind(error)
+    .bind(i64::try_from(late).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await
+    .map_err(db("record the run's outcome"))?;
+    if !taken_over.is_empty() {
+        sqlx::query(
+            "UPDATE rater_runs SET finished_at = now(), exit_code = $2, \
+                    error = 'ended before it finished, after committing losses; run ' || $3 || \
+                            ' reported them' \
+             WHERE id = ANY($1) AND finished_at IS NULL",
+        )
+        .bind(taken_over)
+        .bind(i16::from(RaterExit::Attention.code()))
+        .bind(run_id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("close the ledger rows of the runs taken over"))?;
+    }
+    tx.commit().await.map_err(db("record the run's outcome"))
+}
+
+/// A routine run's first step under the lock: earlier routine runs whose ledger row is still
+/// open (none can be running while this run holds the lock: each opens its row once it holds
+/// it) ended before they finished, killed or unable to close their row. Those that had
+/// committed losses never paged for them; this run takes them over.
+async fn take_over_unreported_losses(
+    conn: &mut PgConnection,
+    run_id: i64,
+    committed: &mut Committed,
+) -> Result<(), RaterError> {
+    let unreported: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, deleted, lowered FROM rater_runs \
+          WHERE id <> $1 AND finished_at IS NULL AND NOT explicit_window AND NOT dry_run \
+            AND (deleted > 0 OR lowered > 0) \
+          ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("read earlier runs that ended before they finished"))?;
+    for (id, deleted, lowered) in unreported {
+        let losses = u64::try_from(deleted.saturating_add(lowered)).unwrap_or(0);
+        tracing::error!(
+            run_id = id,
+            losses,
+            "an earlier routine run ended before it finished (killed, or its ledger row could not \
+             be closed) after committing losses it never paged for; this run reports them"
+        );
+        committed.losses = committed.losses.saturating_add(losses);
+        committed.taken_over.push(id);
+    }
+    Ok(())
+}
+
 async fn locked_work(
     mut lock: SingleFlight,
     request: RunRequest,
     run_id: i64,
-    days_committed: &mut u32,
+    committed: &mut Committed,
 ) -> Result<RateReport, RaterError> {
     let (pid, fence) = (lock.pid, lock.fence);
     let days = request.window.days();
+    if !request.explicit {
+        take_over_unreported_losses(lock.connection(), run_id, committed).await?;
+    }
     let scope = rating_scope(lock.connection(), request.explicit).await?;
     match &scope {
         Scope::Changed => tracing::info!("rating the groups whose events changed"),
@@ -1147,7 +1279,10 @@ async fn locked_work(
         tx.commit()
             .await
             .map_err(db("commit a rating transaction"))?;
-        *days_committed += 1;
+        committed.days += 1;
+        if !request.explicit {
+            committed.losses = committed.losses.saturating_add(report.losses());
+        }
         tracing::info!(
             day = i + 1,
             of = days.len(),

@@ -338,6 +338,111 @@ async fn a_price_cut_inside_the_window_pages_like_lowered_usage() {
     );
 }
 
+/// The newest ledger row's exit code and error.
+async fn last_run(pool: &PgPool) -> (Option<i16>, Option<String>) {
+    sqlx::query_as("SELECT exit_code, error FROM rater_runs ORDER BY id DESC LIMIT 1")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// A routine run that committed a loss (its day's audit row and rated rows are in, its change
+/// marker consumed) and then failed on a later day pages for it: exit 2, never the quieter
+/// exit 1 whose next run finds nothing left to report.
+#[tokio::test]
+async fn a_routine_run_failing_after_it_committed_a_loss_still_pages() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    event(db.pool(), "e1", "acme", "10", H0 + Duration::minutes(5)).await;
+    event(db.pool(), "e2", "acme", "5", H0 + Duration::minutes(50)).await;
+    let options = db.connect_options();
+    let routine_run = || run(db.pool(), &options, routine(0));
+    assert_eq!(routine_run().await.unwrap().exit, RaterExit::Clean);
+    // The first day loses an event; the second day's rating fails.
+    exec(db.pool(), "DELETE FROM billing_event WHERE event_id = 'e1'")
+        .await
+        .unwrap();
+    event(db.pool(), "e3", "acme", "1", H0 + Duration::hours(30)).await;
+    for ddl in [
+        "CREATE FUNCTION fail_second_day() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'the second day fails'; END $$",
+        "CREATE TRIGGER fail_second_day BEFORE INSERT ON rated_usage FOR EACH ROW \
+         WHEN (NEW.window_start >= '2026-11-21T00:00:00Z') EXECUTE FUNCTION fail_second_day()",
+    ] {
+        exec(db.pool(), ddl).await.unwrap();
+    }
+    let err = routine_run().await.unwrap_err();
+    assert_eq!(err.exit(), RaterExit::Attention, "{err}");
+    assert!(
+        matches!(&err, RaterError::FailedAfterLosses { losses: 1, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("the second day fails"), "{err}");
+    let (code, error) = last_run(db.pool()).await;
+    assert_eq!(code, Some(2));
+    assert!(error.unwrap().contains("1 lost rated hour"));
+    assert_eq!(
+        audit_rows(db.pool()).await.last().unwrap().0,
+        "rater.reconcile_deleted"
+    );
+
+    // Once the failure is gone, the next run rates the second day, and has no loss to report.
+    exec(db.pool(), "DROP TRIGGER fail_second_day ON rated_usage")
+        .await
+        .unwrap();
+    let next = routine_run().await.unwrap();
+    assert_eq!(next.exit, RaterExit::Clean);
+    assert_eq!(next.report.unwrap().inserted.count, 1);
+}
+
+/// A routine run killed after it committed a loss (its ledger row left open) never paged for
+/// it: the next routine run takes it over, pages (exit 2) and closes the dead run's row naming
+/// itself; the run after that is quiet again.
+#[tokio::test]
+async fn a_loss_committed_by_a_run_that_was_killed_is_paged_by_the_next_run() {
+    let db = keel_testkit::database().await;
+    base_price(db.pool()).await;
+    event(db.pool(), "e1", "acme", "10", H0 + Duration::minutes(5)).await;
+    event(db.pool(), "e2", "acme", "5", H0 + Duration::minutes(50)).await;
+    let routine_run = || async {
+        run(db.pool(), &db.connect_options(), routine(0))
+            .await
+            .unwrap()
+    };
+    assert_eq!(routine_run().await.exit, RaterExit::Clean);
+    exec(db.pool(), "DELETE FROM billing_event WHERE event_id = 'e1'")
+        .await
+        .unwrap();
+    let killed = routine_run().await;
+    assert_eq!(killed.exit, RaterExit::Attention);
+    // What a SIGKILL after the day's commit leaves: the day is in, the row never closed.
+    let killed_id = killed.run_id.unwrap();
+    sqlx::query("UPDATE rater_runs SET finished_at = NULL, exit_code = NULL WHERE id = $1")
+        .bind(killed_id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    let next = routine_run().await;
+    assert_eq!(next.exit, RaterExit::Attention, "the dead run's loss pages");
+    let next_id = next.run_id.unwrap();
+    let (code, error): (Option<i16>, Option<String>) =
+        sqlx::query_as("SELECT exit_code, error FROM rater_runs WHERE id = $1")
+            .bind(killed_id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(code, Some(2));
+    assert!(
+        error
+            .unwrap()
+            .contains(&format!("run {next_id} reported them")),
+        "the dead run's row names the run that reported it"
+    );
+    assert_eq!(last_run(db.pool()).await.0, Some(2));
+    assert_eq!(routine_run().await.exit, RaterExit::Clean, "reported once");
+}
+
 /// Usage lowered or deleted in an hour before the window pages like late growth: the bill of a
 /// rated hour whose events went down (or vanished) is too high, so the run exits 2 naming the
 /// backfill, keeps the markers and pages until the backfill reconciles the hours.
