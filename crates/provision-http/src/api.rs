@@ -187,10 +187,15 @@ fn with_envelopes(router: Router, docs: DocsBase) -> Router {
     };
     let panicked = move |_: Box<dyn Any + Send + 'static>| {
         tracing::error!("a request handler panicked");
+        // The id the request's span (and so the log line above) carries, which support is
+        // told to look for; a fresh one only outside a request's span.
+        let id = REQUEST_ID
+            .try_with(RequestId::clone)
+            .unwrap_or_else(|_| fresh_request_id());
         error_response(
             ErrorCode::Internal,
             "the request failed unexpectedly",
-            &fresh_request_id(),
+            &id,
             &docs,
         )
     };
@@ -200,6 +205,12 @@ fn with_envelopes(router: Router, docs: DocsBase) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(in_request_span))
+}
+
+tokio::task_local! {
+    /// The id of the request being handled, set by [`in_request_span`]: what a panic's
+    /// envelope names.
+    static REQUEST_ID: RequestId;
 }
 
 /// Runs a request inside a `request` span carrying its `request_id`, `method`, `route` (the
@@ -224,7 +235,10 @@ async fn in_request_span(mut request: axum::extract::Request, next: Next) -> Res
         route = route.as_str(),
         key_id = tracing::field::Empty,
     );
-    next.run(request).instrument(span).await
+    REQUEST_ID
+        .scope(id, next.run(request))
+        .instrument(span)
+        .await
 }
 
 /// Authenticates the request's API key, applies its rate limit, and hands the handlers its
@@ -1417,6 +1431,21 @@ pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
                 .with_resource(id),
             );
         }
+        // Not an outage: this replica has no backend for the resource's type, or its object
+        // is not the platform's. A retry meets the same answer.
+        Ok(Err(
+            e @ RotateError::Backend(
+                keel_provision::BackendError::Unsupported(_)
+                | keel_provision::BackendError::Foreign { .. },
+            ),
+        )) => {
+            tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not rotate credentials");
+            return fail(
+                ErrorCode::Internal,
+                "this deployment cannot rotate this resource's credentials (no backend for its \
+                 type here, or its object is not the platform's); nothing was rotated",
+            );
+        }
         Ok(Err(e @ RotateError::Backend(_))) => {
             tracing::error!(resource_id = %id, error = %ErrorChain(&e), "could not rotate credentials");
             return fail(
@@ -1436,7 +1465,9 @@ pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
             // Shown only once recorded: a rotation nobody audited never hands out a password.
             return fail(
                 ErrorCode::BackendUnavailable,
-                "the rotation could not be recorded; send the request again for new credentials",
+                "the credentials were reset but the rotation could not be recorded, so the new \
+                 ones are shown to nobody and the old ones may no longer work; send the request \
+                 again for new credentials",
             );
         }
         // `RotateError` is non-exhaustive: a failure mode this build does not know is a failed
@@ -1452,7 +1483,8 @@ pub(crate) async fn rotate<S: ResourceStore, B: Backend>(
             tracing::error!(resource_id = %id, "rotating credentials exceeded the request deadline");
             return fail(
                 ErrorCode::BackendUnavailable,
-                "rotating the credentials took too long; send the request again for new ones",
+                "rotating the credentials took too long; the old ones may no longer work: send \
+                 the request again for new ones",
             );
         }
     };
@@ -2247,7 +2279,10 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, panicking).await.unwrap() });
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream
-            .write_all(b"GET /panic HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
+            .write_all(
+                b"GET /panic HTTP/1.1\r\nHost: keel\r\nX-Request-Id: my-req-1\r\n\
+                  Connection: close\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut raw = String::new();
@@ -2258,6 +2293,8 @@ mod tests {
             "{raw}"
         );
         assert!(raw.contains("\"error\":\"internal\""), "{raw}");
+        // The id support is told to quote is the request's own, the one its log lines carry.
+        assert!(raw.contains("\"request_id\":\"my-req-1\""), "{raw}");
     }
 
     /// A writer that keeps what the JSON subscriber writes.
@@ -2415,6 +2452,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(status, "active", "nothing was changed");
+    }
+
+    /// A rotation this deployment can never perform (no backend here for the resource's
+    /// type) is a 500 without retry advice, not a 503 to retry forever; a rotation whose reset
+    /// went through but could not be recorded says the old password may no longer work.
+    #[tokio::test]
+    async fn a_rotation_that_cannot_succeed_or_was_not_recorded_says_so() {
+        let api = api().await;
+        let id = uuid::Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO resources (id, token, team_id, resource_type, tier, status, \
+                                    provider_resource_id, connection_url) \
+             VALUES ($1, $2, $3, 'namespace', 'pro', 'active', 'x', 'y')",
+        )
+        .bind(id)
+        .bind(format!("tok{}", uuid::Uuid::new_v4().simple()))
+        .bind(api.team.as_uuid())
+        .execute(api.db.pool())
+        .await
+        .unwrap();
+        let answer = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_envelope(&answer, 500, "internal");
+        assert!(!answer.head.to_lowercase().contains("retry-after"));
+
+        let created = api
+            .call("POST", "/v1/resources", &api.create_body("postgres", "pro"))
+            .await;
+        let id = created.json()["id"].as_str().unwrap().to_owned();
+        api.state.provisioner.store().fail(StoreStep::Record, 1);
+        let unrecorded = api
+            .call(
+                "POST",
+                &format!("/v1/resources/{id}/rotate-credentials"),
+                "",
+            )
+            .await;
+        assert_envelope(&unrecorded, 503, "backend_unavailable");
+        assert!(
+            unrecorded.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("the old ones may no longer work"),
+            "{}",
+            unrecorded.body
+        );
     }
 
     /// PROV-8: only a JSON body creates anything; a cross-site "simple request" cannot.
