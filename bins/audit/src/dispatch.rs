@@ -134,6 +134,7 @@ impl Dispatcher {
         if ingested.unreadable > 0 {
             tracing::warn!(
                 unreadable = ingested.unreadable,
+                first_audit_id = ingested.first_unreadable,
                 "skipped audit rows this build cannot read (a kind from a newer release, or a row \
                  written outside Keel); a customer notification among them is not queued"
             );

@@ -290,6 +290,9 @@ pub struct Ingested {
     pub queued: u64,
     /// Rows this build cannot read (a kind a newer release wrote); skipped, and counted.
     pub unreadable: u64,
+    /// The `audit_events.id` of the first of them, where the notification cursor must go back
+    /// to (just before it) for a build that reads them to queue them.
+    pub first_unreadable: Option<i64>,
 }
 
 fn store(operation: &'static str) -> impl FnOnce(sqlx::Error) -> AuditSinkError {
@@ -376,9 +379,17 @@ pub async fn ingest(conn: &mut PgConnection, limit: u32) -> Result<Ingested, Aud
     let mut done = Ingested::default();
     for row in rows {
         done.read += 1;
-        let Ok(stored) = row else {
-            done.unreadable += 1;
-            continue;
+        let stored = match row {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Named, so an operator can queue it again once a build that reads it runs
+                // (see the KeelNotificationRowsSkipped runbook).
+                if done.first_unreadable.is_none() {
+                    done.first_unreadable = e.corrupt_row().map(|id| id.0);
+                }
+                done.unreadable += 1;
+                continue;
+            }
         };
         let event = &stored.event;
         let Some(template) = template_of(event.kind()) else {

@@ -203,6 +203,60 @@ async fn a_failing_receiver_is_retried_then_dead_lettered_and_a_requeue_delivers
     assert_eq!(audited_actor, "ops-alice");
 }
 
+/// A row this build cannot read is skipped (one stuck row never holds up the others) but named:
+/// the pass reports the first one's id, and moving the cursor back to just before it, as the
+/// runbook says, reads the rows after it again without queueing any notification twice.
+#[tokio::test]
+async fn a_row_this_build_cannot_read_is_named_and_reading_again_queues_nothing_twice() {
+    let db = keel_testkit::role_split_database().await;
+    let mut owner = db.owner().acquire().await.unwrap();
+    let unknown: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_events (kind, actor, occurred_at, recorded_at) \
+         VALUES ('resource.teleported', 'system', now(), now()) RETURNING id",
+    )
+    .fetch_one(&mut *owner)
+    .await
+    .unwrap();
+    let mut app = db.app().acquire().await.unwrap();
+    insert(&mut app, &sample(AuditKind::ProvisionCreated, 1))
+        .await
+        .unwrap();
+    let mut skipped = None;
+    let mut queued = 0;
+    for _ in 0..1200 {
+        let pass = ingest(&mut app, 100).await.unwrap();
+        queued += pass.queued;
+        skipped = skipped.or(pass.first_unreadable);
+        if queued >= 1 && skipped.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((queued, skipped), (1, Some(unknown)));
+
+    // The runbook's recovery: the cursor goes back to just before the skipped row.
+    sqlx::query(
+        "UPDATE notification_cursor SET txid = (SELECT txid::text::bigint FROM audit_events \
+                                                 WHERE id = $1), audit_id = $1 - 1 \
+          WHERE name = 'customer-notifications'",
+    )
+    .bind(unknown)
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    let again = ingest(&mut app, 100).await.unwrap();
+    assert_eq!(
+        (again.read, again.queued, again.first_unreadable),
+        (2, 0, Some(unknown)),
+        "both rows read again, nothing queued twice"
+    );
+    let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM notification_deliveries")
+        .fetch_one(&mut *owner)
+        .await
+        .unwrap();
+    assert_eq!(deliveries, 1);
+}
+
 /// A receiver that answers 503, and while the second request is with it the dispatcher's
 /// database connection is ended (a failover in the middle of a batch).
 struct CutsTheConnection {
