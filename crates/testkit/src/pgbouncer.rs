@@ -4,7 +4,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::PgConnectOptions;
@@ -24,13 +24,29 @@ fn pgbouncer_binary() -> PathBuf {
         .unwrap_or_else(|| panic!("{INSTALL}"))
 }
 
-/// A throwaway PgBouncer, killed (by its own pid) and its directory removed when dropped.
+/// Runs PgBouncer (`$1` its binary, `$2` its configuration) until its lifeline, this shell's
+/// standard input, closes: when the `Bouncer` is dropped, or when the test process dies however
+/// it dies (SIGKILL included; the kernel closes the pipe). Then it stops PgBouncer (SIGTERM, its
+/// immediate shutdown), waits for it and removes the directory (`$3`), which holds the server
+/// superuser's password.
+const WATCHER: &str = r#"
+"$1" "$2" </dev/null >/dev/null 2>&1 &
+child=$!
+cat >/dev/null
+kill -TERM "$child" 2>/dev/null
+wait "$child" 2>/dev/null
+rm -rf "$3"
+"#;
+
+/// A throwaway PgBouncer, stopped and its directory removed when dropped, or when the test
+/// process dies: it runs under a watcher shell that holds a lifeline to this process.
 ///
 /// It authenticates its clients (SCRAM, against a userlist holding the server's superuser and
 /// its password) and logs in to the server with that password: nothing on the machine reaches
 /// the database through it without the password (FND-15).
 pub struct Bouncer {
-    child: Child,
+    watcher: Child,
+    lifeline: Option<ChildStdin>,
     dir: PathBuf,
     port: u16,
     password: String,
@@ -38,8 +54,10 @@ pub struct Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Closing the lifeline stops PgBouncer and removes the directory; the watcher exits
+        // once both are done.
+        drop(self.lifeline.take());
+        let _ = self.watcher.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -104,20 +122,28 @@ impl Bouncer {
         let ini = dir.join("pgbouncer.ini");
         std::fs::write(&ini, config).unwrap();
         private(&ini, 0o600);
-        let mut command = Command::new(binary);
+        let mut command = Command::new("sh");
         command
+            .args(["-c", WATCHER, "keel-pgbouncer"])
+            .arg(&binary)
             .arg(&ini)
-            .stdin(Stdio::null())
+            .arg(&dir)
+            // Its own process group: a Ctrl-C to the test's group leaves the watcher to clean
+            // up once the lifeline closes.
+            .process_group(0)
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(user) = &owner {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
-        let child = command
+        let mut watcher = command
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL} ({e})"));
+        let lifeline = watcher.stdin.take();
         let bouncer = Bouncer {
-            child,
+            watcher,
+            lifeline,
             dir,
             port,
             password,

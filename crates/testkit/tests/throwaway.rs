@@ -128,6 +128,83 @@ fn a_test_process_killed_during_initdb_leaves_no_directory_behind() {
     );
 }
 
+const BOUNCER_CHILD: &str = "KEEL_TESTKIT_START_BOUNCER_AND_WAIT";
+
+/// A throwaway PgBouncer of a test process killed outright (SIGKILL, no `Drop`) stops, and its
+/// directory (which holds the server superuser's password) is removed: its watcher's lifeline
+/// to the test process closes with it.
+///
+/// The test runs itself as the process to kill: with `KEEL_TESTKIT_START_BOUNCER_AND_WAIT`
+/// set, it starts a server and a PgBouncer in front of it and waits to be killed.
+#[test]
+fn a_test_process_killed_outright_leaves_no_pooler_running() {
+    if std::env::var_os(BOUNCER_CHILD).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let server = keel_testkit::PgServer::start_throwaway().unwrap();
+            let _bouncer =
+                keel_testkit::pgbouncer::Bouncer::start(&server.admin_options(), "postgres").await;
+            std::thread::sleep(Duration::from_secs(600));
+        });
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_test_process_killed_outright_leaves_no_pooler_running",
+            "--test-threads=1",
+        ])
+        .env(BOUNCER_CHILD, "1")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("keel-pgbouncer-{}-", child.id());
+    // Wait until the pooler runs and has written its pid.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (dir, pid) = loop {
+        let found = std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .find_map(|e| {
+                let pid = std::fs::read_to_string(e.path().join("pgbouncer.pid")).ok()?;
+                Some((e.path(), pid.trim().parse::<u32>().ok()?))
+            });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child never started PgBouncer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    assert!(proc.exists(), "PgBouncer {pid} runs");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (proc.exists() || dir.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let running = proc.exists();
+    if running {
+        // Leave nothing behind whatever the outcome.
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(!running, "PgBouncer {pid} outlived the killed test process");
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+}
+
 /// FND-15: the throwaway PgBouncer's password file and configuration (both carry the server
 /// superuser's password) are readable by the account it runs as alone: its directory is 0700 and
 /// its files 0600, and it still reaches the server through them.
