@@ -262,11 +262,9 @@ impl ErrorCode {
                  Idempotency-Key. See {url}",
             ),
             ErrorCode::ProvisionIncomplete => Some(
-                "Tell the user the attempt failed and the platform is still settling what it \
-                 left (resource_id names the resource it reserved); retry with exponential \
-                 backoff, starting at 30 seconds, with the same Idempotency-Key: until the \
-                 attempt is settled the retry answers idempotency_key_in_use, then it answers \
-                 the resource if the attempt created it after all, or creates one anew. See {url}",
+                "Tell the user the attempt failed and is being settled; retry from 30 seconds \
+                 with backoff and the same Idempotency-Key, which answers the resource if it was \
+                 created after all. See {url}",
             ),
             ErrorCode::ResourceProtected => Some(
                 "Tell the user the resource is protected against deletion; ask them to remove \

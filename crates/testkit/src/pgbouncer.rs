@@ -26,14 +26,15 @@ fn pgbouncer_binary() -> PathBuf {
 
 /// Runs PgBouncer (`$1` its binary, `$2` its configuration) until its lifeline, this shell's
 /// standard input, closes: when the `Bouncer` is dropped, or when the test process dies however
-/// it dies (SIGKILL included; the kernel closes the pipe). Then it stops PgBouncer (SIGTERM, its
-/// immediate shutdown), waits for it and removes the directory (`$3`), which holds the server
+/// it dies (SIGKILL included; the kernel closes the pipe). Then it kills PgBouncer (SIGKILL: a
+/// throwaway pooler has nothing to flush, and newer releases' SIGTERM waits for every client),
+/// waits for it and removes the directory (`$3`), which holds the server
 /// superuser's password.
 const WATCHER: &str = r#"
 "$1" "$2" </dev/null >/dev/null 2>&1 &
 child=$!
 cat >/dev/null
-kill -TERM "$child" 2>/dev/null
+kill -KILL "$child" 2>/dev/null
 wait "$child" 2>/dev/null
 rm -rf "$3"
 "#;
